@@ -1,0 +1,276 @@
+"""The ``sockstack`` command: ``serve``, ``call`` and ``ping``.
+
+Exit codes: 0 success; 1 the server answered with an error; 2 bad usage; 3 no connection, lost
+connection or timeout. Errors are one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+from typing import Any
+
+from sockstack.errors import CallError, RemoteError, SockstackError
+from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM
+from sockstack.protocol.frames import DEFAULT_MAX_FRAME
+from sockstack.rpc.blocking import connect
+from sockstack.rpc.server import Server, ServerLimits
+from sockstack.transport.loop import run
+from sockstack.transport.tcp import StreamLimits
+from sockstack.transport.urls import DEFAULT_TCP_PORT, DEFAULT_UDP_PORT, parse_endpoint
+
+__all__ = ["main"]
+
+_DEFAULT_LIMITS = ServerLimits()
+EXIT_OK, EXIT_REMOTE, EXIT_USAGE, EXIT_CONNECTION = 0, 1, 2, 3
+log = logging.getLogger("sockstack")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def parse_value(text: str) -> Any:
+    """A command-line argument: JSON when it parses (``3``, ``true``, ``[1,2]``), else the string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def format_result(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value.hex()
+    return json.dumps(value, ensure_ascii=False, default=repr)
+
+
+def load_service(spec: str) -> object:
+    """``module:Class`` (module importable from the current directory) -> a service instance."""
+    module_name, colon, attr = spec.partition(":")
+    if not colon or not module_name or not attr:
+        raise _UsageError(f"service {spec!r}: expected module:Class, e.g. demo_service:Calculator")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise _UsageError(f"cannot import {module_name!r}: {exc}") from None
+    try:
+        obj = getattr(module, attr)
+    except AttributeError:
+        raise _UsageError(f"module {module_name!r} has no {attr!r}") from None
+    return obj() if isinstance(obj, type) else obj
+
+
+# ------------------------------------------------------------------------------------ serve
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    if args.service:
+        service = load_service(args.service)
+    else:
+        from sockstack.demo import Demo
+
+        service = Demo()
+    tcp, udp = args.tcp or [], args.udp or []
+    if not tcp and not udp:
+        tcp, udp = [f"127.0.0.1:{DEFAULT_TCP_PORT}"], [f"127.0.0.1:{DEFAULT_UDP_PORT}"]
+    limits = ServerLimits(
+        stream=StreamLimits(
+            max_frame=args.max_frame,
+            handshake_timeout=args.handshake_timeout or None,
+            keepalive_interval=args.keepalive or None,
+            keepalive_timeout=args.keepalive or 20.0,
+        ),
+        max_in_flight=args.max_in_flight,
+        max_datagram=args.max_datagram,
+        drain_timeout=args.drain_timeout,
+    )
+    try:
+        server = Server(service, tcp=tcp, udp=udp, limits=limits, expose_errors=not args.hide_errors)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    try:
+        await server.start()
+    except OSError as exc:
+        print(f"sockstack: error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CONNECTION
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda s=sig: _on_signal(server, s))
+    name = type(server.service).__name__
+    for ep in server.endpoints:
+        print(f"serving {name} on {ep}", flush=True)
+    first = server.endpoints[0]
+    print(f"try: sockstack call {first} {_example_call(server)}   (Ctrl-C stops)", flush=True)
+    await server.serve_forever()
+    return EXIT_OK
+
+
+def _example_call(server: Server) -> str:
+    handlers = server.dispatcher.handlers
+    if "add" in handlers:
+        return "add 2 3"
+    return next(iter(sorted(handlers)))
+
+
+def _on_signal(server: Server, sig: int) -> None:
+    log.info("%s received: draining and stopping", signal.Signals(sig).name)
+    asyncio.get_running_loop().create_task(server.shutdown())
+
+
+# ------------------------------------------------------------------------------ call, ping
+
+
+def _call(args: argparse.Namespace) -> int:
+    kwargs = {}
+    for item in args.kw or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise _UsageError(f"--kw {item!r}: expected KEY=VALUE")
+        kwargs[key] = parse_value(value)
+    values = [parse_value(a) for a in args.args]
+    with connect(args.url, timeout=args.timeout, codec=args.codec) as client:
+        result = client.request(args.method, values, kwargs)
+    print(format_result(result))
+    return EXIT_OK
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    idx = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
+    return sorted_values[idx]
+
+
+def _ping(args: argparse.Namespace) -> int:
+    if args.count < 1:
+        raise _UsageError("--count must be at least 1")
+    rtts: list[float] = []
+    lost = 0
+    with connect(args.url, timeout=args.timeout) as client:
+        for _ in range(args.count):
+            try:
+                rtts.append(client.ping())
+            except CallError as exc:
+                if args.url.startswith("tcp"):
+                    raise
+                lost += 1
+                last = exc
+    if not rtts:
+        raise last
+    rtts.sort()
+    us = [r * 1e6 for r in rtts]
+    print(
+        f"{args.count} pings to {args.url}, {lost} lost: "
+        f"min {us[0]:.1f} µs, p50 {_percentile(us, 0.5):.1f} µs, "
+        f"p99 {_percentile(us, 0.99):.1f} µs, max {us[-1]:.1f} µs"
+    )
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------- parsing
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sockstack",
+        description="Client/server over TCP and UDP sockets: serve a service, call it, ping it.",
+    )
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser(
+        "serve",
+        help="serve a service over TCP and/or UDP",
+        description="Serve a service (module:Class; the built-in demo when omitted) until "
+        "SIGINT/SIGTERM, which drain in-flight requests before exiting. Without --tcp/--udp: "
+        f"tcp 127.0.0.1:{DEFAULT_TCP_PORT} and udp 127.0.0.1:{DEFAULT_UDP_PORT}.",
+    )
+    s.add_argument("service", nargs="?", help="module:Class, importable from the current directory")
+    s.add_argument("--tcp", action="append", metavar="HOST:PORT",
+                   help="TCP endpoint, repeatable ([::1]:5050 for IPv6; port 0 picks one)")
+    s.add_argument("--udp", action="append", metavar="HOST:PORT", help="UDP endpoint, repeatable")
+    s.add_argument("--max-frame", type=int, default=DEFAULT_MAX_FRAME,
+                   help="largest frame (meta + body) accepted, bytes (default 1 MiB)")
+    s.add_argument("--max-datagram", type=int, default=DEFAULT_MAX_DATAGRAM,
+                   help="largest UDP frame accepted or sent, bytes (default 65507)")
+    s.add_argument("--max-in-flight", type=int, default=_DEFAULT_LIMITS.max_in_flight,
+                   help="requests running at once per TCP connection before the server stops "
+                   "reading it (default 1024)")
+    s.add_argument("--handshake-timeout", type=float, default=10.0,
+                   help="seconds a new TCP connection has to send HELLO; 0 disables (default 10)")
+    s.add_argument("--keepalive", type=float, default=20.0,
+                   help="PING a silent connection after this many seconds, close it if no answer "
+                   "in as many again; 0 disables (default 20)")
+    s.add_argument("--drain-timeout", type=float, default=_DEFAULT_LIMITS.drain_timeout,
+                   help="seconds to finish in-flight requests on shutdown (default 10)")
+    s.add_argument("--hide-errors", action="store_true",
+                   help="send clients only the type of unexpected exceptions, not their message")
+
+    c = sub.add_parser(
+        "call",
+        help="call a method and print its result",
+        description="Call METHOD on the server at URL. Each ARG is parsed as JSON when it parses "
+        "(3, true, [1,2], \"text\"), else taken as a string.",
+    )
+    c.add_argument("url", help="tcp://host:port or udp://host:port")
+    c.add_argument("method")
+    c.add_argument("args", nargs="*", metavar="ARG")
+    c.add_argument("--kw", action="append", metavar="KEY=VALUE", help="keyword argument, repeatable")
+    c.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    c.add_argument("--codec", default="msgpack", choices=["msgpack", "json"],
+                   help="presentation codec (default msgpack)")
+
+    g = sub.add_parser(
+        "ping",
+        help="measure round-trip times with PING/PONG",
+        description="Send PING frames one after the other and print min/p50/p99/max round-trip "
+        "time. Over UDP a lost ping is counted, not retried.",
+    )
+    g.add_argument("url", help="tcp://host:port or udp://host:port")
+    g.add_argument("--count", type=int, default=10, help="number of pings (default 10)")
+    g.add_argument("--timeout", type=float, default=2.0, help="seconds per ping (default 2)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "serve":
+            return run(_serve(args))
+        if args.url:
+            parse_endpoint(args.url)
+        return _call(args) if args.command == "call" else _ping(args)
+    except _UsageError as exc:
+        print(f"sockstack: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except RemoteError as exc:
+        print(f"sockstack: remote error: {exc}", file=sys.stderr)
+        return EXIT_REMOTE
+    except (ValueError, SockstackError) as exc:
+        is_usage = isinstance(exc, ValueError) and not isinstance(exc, CallError)
+        print(f"sockstack: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if is_usage else EXIT_CONNECTION
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""The one exception hierarchy of sockstack, and the numeric codes that go on the wire.
+
+Every exception sockstack raises derives from :class:`SockstackError`::
+
+    SockstackError
+    ├── ProtocolError(code, message)      a frame or session rule was broken
+    │   ├── LocalProtocolError            ... by us (misuse of the API: a bug in the caller)
+    │   └── RemoteProtocolError           ... by the peer (bad bytes on the wire)
+    │       └── FrameTooLarge(size, limit)
+    ├── CodecError                        a value could not be encoded or decoded
+    ├── InvalidURL (also ValueError)      "tcp://host:port" could not be parsed
+    └── CallError                         a call produced no result
+        ├── CallTimeout(method, timeout)  no answer within the call's timeout
+        ├── RemoteError(type, message)    the server answered with an ERROR frame
+        ├── ConnectError                  no connection could be made: the call did NOT run
+        └── ConnectionLost                the connection dropped: the call MAY OR MAY NOT have run
+            └── ConnectionClosed(code, reason)  ... because the peer sent CLOSE
+
+:class:`ErrorCode` lists the codes carried by ERROR and CLOSE frames (docs/PROTOCOL.md §6).
+Codes 1000-1999 concern a whole connection (CLOSE), codes 2000-2999 one request (ERROR).
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "CallError",
+    "CallTimeout",
+    "CodecError",
+    "ConnectError",
+    "ConnectionClosed",
+    "ConnectionLost",
+    "ErrorCode",
+    "FrameTooLarge",
+    "InvalidURL",
+    "LocalProtocolError",
+    "ProtocolError",
+    "RemoteError",
+    "RemoteProtocolError",
+    "SockstackError",
+]
+
+
+class ErrorCode(enum.IntEnum):
+    """Codes of ERROR and CLOSE frames. Stable: new codes are added, none is renumbered."""
+
+    # -- connection level (CLOSE) --
+    NORMAL = 1000
+    """Orderly close requested by the application."""
+    GOING_AWAY = 1001
+    """The server is shutting down (after answering what it had accepted)."""
+    PROTOCOL_ERROR = 1002
+    """Malformed frame, bad magic, message type not allowed in this state."""
+    UNSUPPORTED_VERSION = 1003
+    """No protocol version in common."""
+    FRAME_TOO_LARGE = 1004
+    """A frame's declared size is above the receiver's limit."""
+    HANDSHAKE_TIMEOUT = 1005
+    """No HELLO within the handshake timeout."""
+    IDLE_TIMEOUT = 1006
+    """Nothing received within the idle timeout."""
+    TOO_MANY_CONNECTIONS = 1007
+    """The server is at its connection limit."""
+    AUTH_FAILED = 1008
+    """Missing or wrong credentials."""
+    INTERNAL_ERROR = 1009
+    """The peer hit a bug; the connection cannot continue."""
+
+    # -- request level (ERROR) --
+    UNKNOWN_METHOD = 2000
+    """The service has no method of that name."""
+    BAD_ARGUMENTS = 2001
+    """The arguments do not fit the method's signature."""
+    APPLICATION_ERROR = 2002
+    """The method raised an exception; its type and message travel with the code."""
+    DECODE_ERROR = 2003
+    """The body could not be decoded with the codec the header names."""
+    UNSUPPORTED_CODEC = 2004
+    """The header names a codec the receiver does not have."""
+    UNKNOWN_TYPE = 2005
+    """The message type is not known (framing is intact, so the connection stays open)."""
+    SHUTTING_DOWN = 2006
+    """The server is draining and accepts no new requests."""
+    RESULT_NOT_ENCODABLE = 2007
+    """The method returned a value the request's codec cannot represent."""
+    DATAGRAM_TOO_LARGE = 2008
+    """A datagram is above the receiver's limit."""
+
+    @classmethod
+    def describe(cls, code: int) -> str:
+        """``"NAME (code)"`` for a known code, ``"code N"`` for an unknown one."""
+        try:
+            return f"{cls(code).name} ({code})"
+        except ValueError:
+            return f"code {code}"
+
+
+class SockstackError(Exception):
+    """Base class of every exception raised by sockstack."""
+
+
+class ProtocolError(SockstackError):
+    """A rule of the wire protocol was broken. ``code`` is the ErrorCode sent or received."""
+
+    def __init__(self, message: str, code: int = ErrorCode.PROTOCOL_ERROR) -> None:
+        super().__init__(message)
+        self.code = int(code)
+        self.message = message
+
+
+class LocalProtocolError(ProtocolError):
+    """This side tried to do something the protocol forbids (a bug in the calling code)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes that break the protocol."""
+
+
+class FrameTooLarge(RemoteProtocolError):
+    """A frame header declared more bytes than the limit allows; rejected before reading them."""
+
+    def __init__(self, size: int, limit: int, code: int = ErrorCode.FRAME_TOO_LARGE) -> None:
+        super().__init__(f"frame of {size} bytes exceeds the limit of {limit} bytes", code)
+        self.size = size
+        self.limit = limit
+
+
+class CodecError(SockstackError):
+    """A value could not be encoded, or a body decoded, by the chosen codec."""
+
+
+class InvalidURL(SockstackError, ValueError):
+    """An endpoint URL such as ``tcp://127.0.0.1:5050`` could not be parsed."""
+
+
+class CallError(SockstackError):
+    """A remote call produced no result."""
+
+
+class CallTimeout(CallError, TimeoutError):
+    """No answer arrived within the call's timeout. The call may or may not have run."""
+
+    def __init__(self, method: str, timeout: float, detail: str = "") -> None:
+        extra = f" ({detail})" if detail else ""
+        super().__init__(f"call {method!r} got no answer within {timeout:g} s{extra}")
+        self.method = method
+        self.timeout = timeout
+
+
+class RemoteError(CallError):
+    """The server answered the call with an ERROR frame.
+
+    ``type`` is the remote exception's type name (e.g. ``"ZeroDivisionError"``) or the name of a
+    protocol error code (e.g. ``"UNKNOWN_METHOD"``); ``message`` is its text; ``code`` the
+    :class:`ErrorCode`. No remote traceback is ever sent.
+    """
+
+    def __init__(self, type: str, message: str, code: int = ErrorCode.APPLICATION_ERROR) -> None:
+        super().__init__(f"{type}: {message}" if message else type)
+        self.type = type
+        self.message = message
+        self.code = int(code)
+
+
+class ConnectError(CallError, ConnectionError):
+    """No connection to the server could be made. The call did not run."""
+
+
+class ConnectionLost(CallError, ConnectionError):
+    """The connection dropped while the call was in flight: it MAY OR MAY NOT have run."""
+
+
+class ConnectionClosed(ConnectionLost):
+    """The peer closed the connection with a CLOSE frame (``code``, ``reason``)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(
+            f"connection closed by peer: {ErrorCode.describe(code)}"
+            + (f": {reason}" if reason else "")
+            + "; calls in flight may or may not have run"
+        )
+        self.code = int(code)
+        self.reason = reason

@@ -1,0 +1,107 @@
+"""Presentation layer: codecs turn application values into body bytes and back.
+
+The codec of a body travels in every frame header (one byte), so a server answers each request in
+the codec it was asked in, and a UDP datagram needs no handshake. Codecs are data-only: neither
+msgpack nor JSON can name a class to instantiate, which is why pickle is not offered.
+
+==  =========  =====================================================================
+id  name       values
+==  =========  =====================================================================
+0   raw        ``bytes`` only, sent as they are (no encoding cost, no structure)
+1   msgpack    nil, bool, int (64-bit), float, str, bytes, array, map — the default
+2   json       as msgpack but no bytes; UTF-8 JSON text, compact separators
+==  =========  =====================================================================
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+import msgpack
+
+from sockstack.errors import CodecError
+
+__all__ = ["CODECS", "JSON", "MSGPACK", "RAW", "Codec", "get_codec"]
+
+
+class Codec(Protocol):
+    id: int
+    name: str
+    structured: bool
+    """False for ``raw``: a body is one bytes value, not an encoded array or map."""
+
+    def encode(self, value: Any) -> bytes: ...
+
+    def decode(self, data: bytes) -> Any: ...
+
+
+class RawCodec:
+    id = 0
+    name = "raw"
+    structured = False
+
+    def encode(self, value: Any) -> bytes:
+        if isinstance(value, bytes | bytearray | memoryview):
+            return bytes(value)
+        if value is None:
+            return b""
+        raise CodecError(f"the raw codec carries bytes only, not {type(value).__name__}")
+
+    def decode(self, data: bytes) -> Any:
+        return data
+
+
+class MsgpackCodec:
+    id = 1
+    name = "msgpack"
+    structured = True
+
+    def encode(self, value: Any) -> bytes:
+        try:
+            # packb builds a Packer per call: safe from any thread, and the C Packer is cheap.
+            return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise CodecError(f"msgpack cannot encode this value: {exc}") from None
+
+    def decode(self, data: bytes) -> Any:
+        try:
+            # strict_map_key=False: maps with int keys are legal msgpack; ext types are refused.
+            return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+        except Exception as exc:  # msgpack raises several unrelated types on bad input
+            raise CodecError(f"body is not valid msgpack: {type(exc).__name__}: {exc}") from None
+
+
+class JsonCodec:
+    id = 2
+    name = "json"
+    structured = True
+
+    _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+    def encode(self, value: Any) -> bytes:
+        try:
+            return self._encoder.encode(value).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise CodecError(f"JSON cannot encode this value: {exc}") from None
+
+    def decode(self, data: bytes) -> Any:
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise CodecError(f"body is not valid UTF-8 JSON: {exc}") from None
+
+
+RAW = RawCodec()
+MSGPACK = MsgpackCodec()
+JSON = JsonCodec()
+CODECS: dict[int, Codec] = {c.id: c for c in (RAW, MSGPACK, JSON)}
+_BY_NAME: dict[str, Codec] = {c.name: c for c in CODECS.values()}
+
+
+def get_codec(codec: int | str) -> Codec:
+    """The codec with that id or name; ``CodecError`` if there is none."""
+    found = CODECS.get(codec) if isinstance(codec, int) else _BY_NAME.get(codec)
+    if found is None:
+        raise CodecError(f"unknown codec {codec!r}; known: {', '.join(_BY_NAME)}")
+    return found

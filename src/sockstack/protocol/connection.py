@@ -1,0 +1,404 @@
+"""Session layer: one stream connection as a sans-I/O state machine (docs/PROTOCOL.md §4).
+
+Bytes in, events out; calls in, bytes out. No sockets, no asyncio, no clock: time is passed in
+(``handle_timer(now)``) and the connection says when it next needs it (``next_timer()``)::
+
+    conn = Connection(Role.SERVER, now=0.0)
+    events = conn.receive_data(b"SK...")       # -> [Hello(...), Request(...), ...]
+    conn.send_response(7, 42)
+    transport.write(conn.data_to_send())
+    if conn.close_expected(): transport.close()
+
+States and the messages each accepts (anything else closes the session with PROTOCOL_ERROR)::
+
+    server  AWAIT_HELLO --HELLO--> OPEN --CLOSE sent--> CLOSING --CLOSE received--> CLOSED
+    client  HELLO_SENT --WELCOME-> OPEN        (a client may send REQUESTs before WELCOME)
+    OPEN accepts: every type the peer's role may send (messages.MESSAGE_SPECS), PING is
+    answered with PONG here, CLOSE is answered with CLOSE and ends the session.
+
+Errors the peer caused are answered here — an ERROR frame when framing survived (bad body,
+unknown type), a CLOSE frame when it did not (bad magic, oversized frame) — and reported as a
+:class:`ProtocolViolation` event so the adapter logs them exactly once.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sockstack.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from sockstack.protocol.codecs import MSGPACK, Codec
+from sockstack.protocol.frames import (
+    DEFAULT_MAX_FRAME,
+    DEFAULT_MAX_META,
+    HEADER_SIZE,
+    PROTOCOL_VERSION,
+    FrameDecoder,
+    MessageType,
+)
+from sockstack.protocol.messages import (
+    MESSAGE_SPECS,
+    Close,
+    Error,
+    Hello,
+    Ping,
+    Role,
+    Welcome,
+    encode_close,
+    encode_error,
+    encode_hello,
+    encode_ping,
+    encode_pong,
+    encode_request,
+    encode_response,
+    encode_welcome,
+)
+
+__all__ = [
+    "DEFAULT_HANDSHAKE_TIMEOUT",
+    "DEFAULT_KEEPALIVE_INTERVAL",
+    "DEFAULT_KEEPALIVE_TIMEOUT",
+    "Connection",
+    "ConnectionTerminated",
+    "HandshakeComplete",
+    "ProtocolViolation",
+    "State",
+]
+
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # websockets' open_timeout
+DEFAULT_KEEPALIVE_INTERVAL = 20.0  # websockets' ping_interval: PING after 20 s of silence
+DEFAULT_KEEPALIVE_TIMEOUT = 20.0  # websockets' ping_timeout: dead 20 s after an unanswered PING
+SUPPORTED_VERSIONS = (PROTOCOL_VERSION, PROTOCOL_VERSION)
+
+
+class State(enum.Enum):
+    AWAIT_HELLO = "await_hello"
+    HELLO_SENT = "hello_sent"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeComplete:
+    version: int
+    peer_agent: str
+    peer_max_frame: int = DEFAULT_MAX_FRAME
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionTerminated:
+    """The session is over. ``code`` is None when the stream ended without a CLOSE frame."""
+
+    code: int | None
+    reason: str
+    by_peer: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolViolation:
+    """The peer broke the protocol; this side already answered with ERROR or CLOSE ``code``."""
+
+    code: int
+    message: str
+    request_id: int = 0
+    fatal: bool = False
+
+
+_HANDSHAKE_STATES = (State.AWAIT_HELLO, State.HELLO_SENT)
+
+
+class Connection:
+    """A sockstack session over a byte stream, for either role."""
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        now: float = 0.0,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        max_meta: int = DEFAULT_MAX_META,
+        handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+        keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL,
+        keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
+        agent: str = "sockstack-py/1",
+        hello_extensions: Sequence[tuple[int, bytes]] = (),
+    ) -> None:
+        self.role = role
+        self.max_frame = max_frame
+        self.agent = agent
+        self._peer_role = Role.SERVER if role is Role.CLIENT else Role.CLIENT
+        self._decoder = FrameDecoder(max_frame, max_meta)
+        self._out: list[bytes] = []
+        self._handshake_deadline = now + handshake_timeout if handshake_timeout else None
+        self._keepalive_interval = keepalive_interval
+        self._keepalive_timeout = keepalive_timeout
+        self._next_tick: float | None = None
+        self._activity = False
+        self._ping_outstanding = False
+        self._ping_id = 0
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.version = PROTOCOL_VERSION
+        self.peer_max_frame = DEFAULT_MAX_FRAME
+        if role is Role.CLIENT:
+            self.state = State.HELLO_SENT
+            hello = Hello(*SUPPORTED_VERSIONS, max_frame, agent, tuple(hello_extensions))
+            self._out.append(encode_hello(hello))
+        else:
+            self.state = State.AWAIT_HELLO
+
+    # ------------------------------------------------------------------ output side
+
+    def data_to_send(self) -> bytes:
+        """Everything queued for the peer since the last call, as one buffer (one write)."""
+        if not self._out:
+            return b""
+        data = b"".join(self._out)
+        self._out.clear()
+        return data
+
+    def close_expected(self) -> bool:
+        """True once the session is over: flush ``data_to_send()`` and close the transport."""
+        return self.state is State.CLOSED
+
+    def _check_can_send(self) -> bool:
+        if self.state is State.OPEN or (self.state is State.HELLO_SENT and self.role is Role.CLIENT):
+            return True
+        if self.state in (State.CLOSING, State.CLOSED):
+            return False
+        raise LocalProtocolError(f"cannot send in state {self.state.value}")
+
+    def send_request(
+        self,
+        request_id: int,
+        method: str,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        codec: Codec = MSGPACK,
+    ) -> None:
+        if self.role is not Role.CLIENT:
+            raise LocalProtocolError("only a client sends REQUEST")
+        if not self._check_can_send():
+            raise LocalProtocolError(f"cannot send a request: session is {self.state.value}")
+        self._out.append(self._fit(encode_request(request_id, method, args, kwargs, codec)))
+
+    def send_response(self, request_id: int, result: Any, codec: Codec = MSGPACK) -> bool:
+        """Queue a RESPONSE; False (nothing queued) if the session already ended.
+        Raises :class:`CodecError` if the result cannot be encoded (nothing queued)."""
+        if not self._check_can_send():
+            return False
+        self._out.append(self._fit(encode_response(request_id, result, codec)))
+        return True
+
+    def _fit(self, data: bytes) -> bytes:
+        """Refuse locally what the peer would reject: its limit, from HELLO/WELCOME."""
+        size = len(data) - HEADER_SIZE
+        if size > self.peer_max_frame:
+            raise LocalProtocolError(
+                f"frame of {size} bytes exceeds the peer's limit of {self.peer_max_frame} bytes",
+                ErrorCode.FRAME_TOO_LARGE,
+            )
+        return data
+
+    def send_error(self, request_id: int, code: int, type: str = "", message: str = "") -> bool:
+        if not self._check_can_send():
+            return False
+        self._out.append(encode_error(request_id, code, type, message))
+        return True
+
+    def send_ping(self, request_id: int, payload: bytes = b"") -> None:
+        if not self._check_can_send():
+            raise LocalProtocolError(f"cannot ping: session is {self.state.value}")
+        self._out.append(encode_ping(request_id, payload))
+
+    def send_close(self, code: int = ErrorCode.NORMAL, reason: str = "") -> None:
+        """Start an orderly close; the session ends when the peer's CLOSE arrives (or EOF)."""
+        if self.state in (State.CLOSING, State.CLOSED):
+            return
+        self._out.append(encode_close(code, reason))
+        self.close_code, self.close_reason = code, reason
+        self.state = State.CLOSING
+
+    def _fail(self, code: int, message: str, events: list[Any]) -> None:
+        """Close at once because the peer broke the protocol (no CLOSE reply is awaited)."""
+        events.append(ProtocolViolation(code, message, 0, fatal=True))
+        if self.state is not State.CLOSED:
+            self._out.append(encode_close(code, message))
+            self.close_code, self.close_reason = code, message
+            self.state = State.CLOSED
+            events.append(ConnectionTerminated(code, message, by_peer=False))
+
+    # ------------------------------------------------------------------ input side
+
+    def receive_data(self, data: bytes) -> list[Any]:
+        """Feed bytes from the stream; returns the events they complete, in order."""
+        if self.state is State.CLOSED:
+            return []
+        self._activity = True
+        events: list[Any] = []
+        try:
+            frames = self._decoder.feed(data)
+        except RemoteProtocolError as exc:
+            frames = []
+            error: RemoteProtocolError | None = exc
+        else:
+            error = None
+        specs = MESSAGE_SPECS
+        peer = self._peer_role
+        for frame in frames:
+            if self.state is State.CLOSED:
+                break
+            t = frame.type
+            spec = specs.get(t)
+            if spec is None:
+                msg = f"unknown message type 0x{t:02x}"
+                events.append(ProtocolViolation(ErrorCode.UNKNOWN_TYPE, msg, frame.request_id))
+                self._out.append(
+                    encode_error(frame.request_id, ErrorCode.UNKNOWN_TYPE, "UNKNOWN_TYPE", msg)
+                )
+                continue
+            if peer not in spec.sent_by:
+                self._fail(
+                    ErrorCode.PROTOCOL_ERROR,
+                    f"{MessageType(t).name} may not be sent by a {peer.value}",
+                    events,
+                )
+                break
+            try:
+                msg_obj = spec.decode(frame)
+            except RemoteProtocolError as exc:
+                if exc.code >= 2000:  # request-level: answer ERROR, keep the session
+                    events.append(ProtocolViolation(exc.code, exc.message, frame.request_id))
+                    if self.role is Role.CLIENT:
+                        events.append(
+                            Error(frame.request_id, exc.code, ErrorCode(exc.code).name, exc.message)
+                        )
+                    elif self.state is State.OPEN:
+                        self._out.append(
+                            encode_error(
+                                frame.request_id, exc.code, ErrorCode(exc.code).name, exc.message
+                            )
+                        )
+                    continue
+                self._fail(exc.code, exc.message, events)
+                break
+            if self.state is State.OPEN or self.state is State.CLOSING:
+                if t == MessageType.PING:
+                    if self.state is State.OPEN:
+                        self._out.append(encode_pong(msg_obj.request_id, msg_obj.payload))
+                    continue
+                if t == MessageType.CLOSE:
+                    self._on_close(msg_obj, events)
+                    break
+                if t == MessageType.HELLO or t == MessageType.WELCOME:
+                    self._fail(ErrorCode.PROTOCOL_ERROR, "handshake message on an open session", events)
+                    break
+                if t == MessageType.PONG:
+                    self._ping_outstanding = False
+                events.append(msg_obj)
+            else:
+                self._handshake(t, msg_obj, events)
+        if error is not None and self.state is not State.CLOSED:
+            self._fail(error.code, error.message, events)
+        return events
+
+    def _handshake(self, t: int, msg: Any, events: list[Any]) -> None:
+        if t == MessageType.CLOSE:
+            self._on_close(msg, events)
+        elif self.state is State.AWAIT_HELLO and t == MessageType.HELLO:
+            hello: Hello = msg
+            lo, hi = SUPPORTED_VERSIONS
+            if hello.max_version < lo or hello.min_version > hi:
+                self._fail(
+                    ErrorCode.UNSUPPORTED_VERSION,
+                    f"client speaks versions {hello.min_version}..{hello.max_version}, "
+                    f"server {lo}..{hi}",
+                    events,
+                )
+                return
+            self.version = min(hello.max_version, hi)
+            self.peer_max_frame = hello.max_frame
+            self._out.append(
+                encode_welcome(Welcome(self.version, (1, 2, 0), self.max_frame, self.agent))
+            )
+            self._open()
+            events.append(HandshakeComplete(self.version, hello.agent, hello.max_frame))
+            events.append(hello)  # extensions (e.g. credentials) are the application's to read
+        elif self.state is State.HELLO_SENT and t == MessageType.WELCOME:
+            welcome: Welcome = msg
+            self.version = welcome.version
+            self.peer_max_frame = welcome.max_frame
+            self._open()
+            events.append(HandshakeComplete(welcome.version, welcome.agent, welcome.max_frame))
+        else:
+            expected = "HELLO" if self.state is State.AWAIT_HELLO else "WELCOME"
+            name = MessageType(t).name if t in MessageType._value2member_map_ else hex(t)
+            self._fail(ErrorCode.PROTOCOL_ERROR, f"expected {expected}, got {name}", events)
+
+    def _open(self) -> None:
+        self.state = State.OPEN
+        self._handshake_deadline = None
+        self._next_tick = None  # armed by the next handle_timer
+
+    def _on_close(self, close: Close, events: list[Any]) -> None:
+        if self.state is not State.CLOSING:
+            self._out.append(encode_close(ErrorCode.NORMAL, ""))
+            self.close_code, self.close_reason = close.code, close.reason
+            self.state = State.CLOSED
+            events.append(ConnectionTerminated(close.code, close.reason, by_peer=True))
+        else:
+            self.state = State.CLOSED
+            events.append(ConnectionTerminated(self.close_code, self.close_reason, by_peer=False))
+
+    def receive_eof(self) -> list[Any]:
+        """The stream ended. Returns ConnectionTerminated unless the session had already ended."""
+        if self.state is State.CLOSED:
+            return []
+        was_closing = self.state is State.CLOSING
+        self.state = State.CLOSED
+        if was_closing:  # we asked to close; EOF is the peer's (terse) agreement
+            return [ConnectionTerminated(self.close_code, self.close_reason, by_peer=False)]
+        return [ConnectionTerminated(None, "connection lost without CLOSE", by_peer=True)]
+
+    # ------------------------------------------------------------------ time
+
+    def next_timer(self, now: float) -> float | None:
+        """When ``handle_timer`` must next be called (absolute time), or None for never."""
+        if self.state in _HANDSHAKE_STATES:
+            return self._handshake_deadline
+        if self.state is State.OPEN and self._keepalive_interval:
+            if self._next_tick is None:
+                self._next_tick = now + self._keepalive_interval
+                self._activity = False
+            return self._next_tick
+        return None
+
+    def handle_timer(self, now: float) -> list[Any]:
+        """Run the timers due at ``now``: handshake timeout and keepalive."""
+        events: list[Any] = []
+        if self.state in _HANDSHAKE_STATES:
+            if self._handshake_deadline is not None and now >= self._handshake_deadline:
+                self._fail(ErrorCode.HANDSHAKE_TIMEOUT, "no handshake within the timeout", events)
+            return events
+        if self.state is not State.OPEN or not self._keepalive_interval:
+            return events
+        if self._next_tick is None:
+            self.next_timer(now)
+            return events
+        if now < self._next_tick:
+            return events
+        if self._activity:
+            self._activity = False
+            self._ping_outstanding = False
+            self._next_tick = now + self._keepalive_interval
+        elif not self._ping_outstanding:
+            self._ping_id = (self._ping_id % 0xFFFFFFFF) + 1
+            self._out.append(encode_ping(self._ping_id, b"keepalive"))
+            self._ping_outstanding = True
+            self._next_tick = now + self._keepalive_timeout
+        else:
+            self._fail(ErrorCode.IDLE_TIMEOUT, "peer did not answer keepalive PING", events)
+        return events

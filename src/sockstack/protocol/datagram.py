@@ -1,0 +1,370 @@
+"""Sans-I/O UDP endpoints: one frame per datagram, retries and de-duplication (PROTOCOL.md §5).
+
+UDP has no session: no HELLO is required, every REQUEST names its codec, and each side keeps only
+what makes retries safe.
+
+* :class:`DatagramClient` retransmits a REQUEST with the *same* request id until an answer or the
+  call's deadline; ``next_timer()`` / ``handle_timer(now)`` drive it (the adapter owns the clock).
+* :class:`DatagramServer` remembers each answer in a :class:`ReplyCache` keyed by
+  (peer address, request id): a retransmission of a request still running is dropped, one of a
+  request already answered gets the remembered answer again. A retried call thus runs once.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sockstack.errors import CodecError, ErrorCode, LocalProtocolError, RemoteProtocolError
+from sockstack.protocol.codecs import MSGPACK, Codec
+from sockstack.protocol.connection import ProtocolViolation
+from sockstack.protocol.frames import (
+    DEFAULT_MAX_META,
+    HEADER_SIZE,
+    MessageType,
+    parse_datagram,
+)
+from sockstack.protocol.messages import (
+    MESSAGE_SPECS,
+    Error,
+    Hello,
+    Ping,
+    Pong,
+    Request,
+    Role,
+    Welcome,
+    decode_message,
+    encode_error,
+    encode_ping,
+    encode_pong,
+    encode_request,
+    encode_response,
+    encode_welcome,
+)
+
+__all__ = [
+    "DEFAULT_MAX_DATAGRAM",
+    "DEFAULT_REPLY_CACHE_BYTES",
+    "DEFAULT_REPLY_CACHE_ENTRIES",
+    "DEFAULT_REPLY_WINDOW",
+    "CallExpired",
+    "DatagramClient",
+    "DatagramServer",
+    "ReplyCache",
+    "RetryPolicy",
+]
+
+DEFAULT_MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4; see PROTOCOL.md §5 on MTU
+DEFAULT_REPLY_WINDOW = 120.0  # as JetStream's 2-minute de-duplication window
+DEFAULT_REPLY_CACHE_ENTRIES = 100_000
+DEFAULT_REPLY_CACHE_BYTES = 64 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Retransmit after ``initial`` s, then ``factor`` times longer each time up to ``max_interval``
+    (with +-``jitter`` spread), until the call's own deadline."""
+
+    initial: float = 0.05
+    factor: float = 2.0
+    max_interval: float = 1.0
+    jitter: float = 0.1
+
+    def interval(self, attempt: int, rng: random.Random) -> float:
+        base = min(self.initial * self.factor**attempt, self.max_interval)
+        return base * (1.0 + self.jitter * (2.0 * rng.random() - 1.0))
+
+
+@dataclass(frozen=True, slots=True)
+class CallExpired:
+    """Event: no answer to ``request_id`` by its deadline, after ``attempts`` transmissions."""
+
+    request_id: int
+    attempts: int
+
+
+class _Pending:
+    __slots__ = ("attempts", "data", "deadline", "next_send")
+
+    def __init__(self, data: bytes, deadline: float, next_send: float) -> None:
+        self.data = data
+        self.deadline = deadline
+        self.next_send = next_send
+        self.attempts = 1
+
+
+def _parse(data: bytes, max_datagram: int) -> tuple[Any, ProtocolViolation | None, int]:
+    """(message or None, violation or None, request id when the header was readable)."""
+    try:
+        frame = parse_datagram(data, max_datagram, DEFAULT_MAX_META)
+    except RemoteProtocolError as exc:
+        return None, ProtocolViolation(exc.code, exc.message, 0, fatal=True), -1
+    try:
+        return decode_message(frame), None, frame.request_id
+    except RemoteProtocolError as exc:
+        return None, ProtocolViolation(exc.code, exc.message, frame.request_id), frame.request_id
+
+
+class DatagramClient:
+    """Client side of request/response over datagrams, with bounded retransmission."""
+
+    def __init__(
+        self,
+        *,
+        max_datagram: int = DEFAULT_MAX_DATAGRAM,
+        retry: RetryPolicy | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.max_datagram = max_datagram
+        self.retry = retry or RetryPolicy()
+        self._rng = random.Random(seed)
+        self._pending: dict[int, _Pending] = {}
+        self._timers: list[tuple[float, int]] = []
+        self._out: list[bytes] = []
+
+    def new_request_id(self, last: int) -> int:
+        """Ids start at a random point so that a restarted client on a reused port does not
+        collide with its predecessor's entries in the server's reply cache."""
+        if last == 0:
+            return self._rng.randrange(1, 0xFFFFFFFF)
+        return last % 0xFFFFFFFF + 1
+
+    def send_request(
+        self,
+        request_id: int,
+        method: str,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        codec: Codec = MSGPACK,
+        *,
+        now: float,
+        timeout: float,
+    ) -> None:
+        """Queue a REQUEST datagram and track it until an answer or ``now + timeout``.
+        Raises :class:`LocalProtocolError` (code DATAGRAM_TOO_LARGE) before sending anything
+        if it would not fit in one datagram."""
+        data = encode_request(request_id, method, args, kwargs, codec)
+        if len(data) - HEADER_SIZE > self.max_datagram:
+            raise LocalProtocolError(
+                f"request of {len(data) - HEADER_SIZE} bytes exceeds the datagram limit of "
+                f"{self.max_datagram} bytes (use TCP for large payloads)",
+                ErrorCode.DATAGRAM_TOO_LARGE,
+            )
+        nxt = now + self.retry.interval(0, self._rng)
+        self._pending[request_id] = _Pending(data, now + timeout, nxt)
+        heapq.heappush(self._timers, (min(nxt, now + timeout), request_id))
+        self._out.append(data)
+
+    def send_ping(self, request_id: int, payload: bytes = b"") -> None:
+        """Queue a PING (not retransmitted: a lost ping is what ping measures)."""
+        self._out.append(encode_ping(request_id, payload))
+
+    def cancel(self, request_id: int) -> None:
+        self._pending.pop(request_id, None)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def datagrams_to_send(self) -> list[bytes]:
+        out, self._out = self._out, []
+        return out
+
+    def receive_datagram(self, data: bytes) -> list[Any]:
+        """Returns [Response | Error | Pong | Welcome] for an answer to a pending call, or a
+        ProtocolViolation for garbage; answers to unknown or finished ids are ignored."""
+        msg, violation, rid = _parse(data, self.max_datagram)
+        if violation is not None:
+            if rid > 0 and rid in self._pending and violation.code >= 2000:
+                del self._pending[rid]
+                return [violation, Error(rid, violation.code, ErrorCode(violation.code).name,
+                                         violation.message)]
+            return [violation]
+        if isinstance(msg, Welcome):
+            return [msg]
+        rid = getattr(msg, "request_id", 0)
+        if isinstance(msg, Ping | Hello | Request):
+            return []  # a client serves nothing
+        if isinstance(msg, Pong):
+            return [msg]
+        if self._pending.pop(rid, None) is None:
+            return []  # a duplicate answer, or one that came after the deadline
+        return [msg]
+
+    def next_timer(self) -> float | None:
+        timers = self._timers
+        while timers:
+            when, rid = timers[0]
+            p = self._pending.get(rid)
+            if p is not None and when == min(p.next_send, p.deadline):
+                return when
+            heapq.heappop(timers)  # stale: answered, cancelled, or rescheduled
+        return None
+
+    def handle_timer(self, now: float) -> list[CallExpired]:
+        """Retransmit what is due; returns a CallExpired for each call past its deadline."""
+        expired: list[CallExpired] = []
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            when, rid = heapq.heappop(timers)
+            p = self._pending.get(rid)
+            if p is None or when != min(p.next_send, p.deadline):
+                continue
+            if now >= p.deadline:
+                del self._pending[rid]
+                expired.append(CallExpired(rid, p.attempts))
+                continue
+            self._out.append(p.data)
+            p.next_send = now + self.retry.interval(p.attempts, self._rng)
+            p.attempts += 1
+            heapq.heappush(timers, (min(p.next_send, p.deadline), rid))
+        return expired
+
+
+class ReplyCache:
+    """Answers remembered per (peer, request id) for ``window`` seconds, bounded in entries and
+    bytes (oldest evicted first). ``None`` as the stored answer means "still running"."""
+
+    def __init__(
+        self,
+        window: float = DEFAULT_REPLY_WINDOW,
+        max_entries: int = DEFAULT_REPLY_CACHE_ENTRIES,
+        max_bytes: int = DEFAULT_REPLY_CACHE_BYTES,
+    ) -> None:
+        self.window = window
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Hashable, tuple[float, bytes | None]] = OrderedDict()
+        self._bytes = 0
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, key: Hashable, now: float) -> tuple[bool, bytes | None]:
+        """(seen, answer): seen is False for a new request, answer is None while it runs."""
+        self._expire(now)
+        entry = self._entries.get(key)
+        if entry is None:
+            return False, None
+        return True, entry[1]
+
+    def begin(self, key: Hashable, now: float) -> None:
+        self._entries[key] = (now + self.window, None)
+        self._trim()
+
+    def complete(self, key: Hashable, answer: bytes, now: float) -> None:
+        old = self._entries.pop(key, None)
+        if old is not None and old[1] is not None:
+            self._bytes -= len(old[1])
+        self._entries[key] = (now + self.window, answer)
+        self._bytes += len(answer)
+        self._trim()
+
+    def _expire(self, now: float) -> None:
+        entries = self._entries
+        while entries:
+            key, (deadline, answer) = next(iter(entries.items()))
+            if deadline > now:
+                break
+            entries.popitem(last=False)
+            if answer is not None:
+                self._bytes -= len(answer)
+
+    def _trim(self) -> None:
+        entries = self._entries
+        while entries and (len(entries) > self.max_entries or self._bytes > self.max_bytes):
+            _, (_, answer) = entries.popitem(last=False)
+            self.evicted += 1
+            if answer is not None:
+                self._bytes -= len(answer)
+
+
+class DatagramServer:
+    """Server side over datagrams: parses, answers control messages, de-duplicates requests."""
+
+    def __init__(
+        self,
+        *,
+        max_datagram: int = DEFAULT_MAX_DATAGRAM,
+        reply_cache: ReplyCache | None = None,
+        agent: str = "sockstack-py/1",
+    ) -> None:
+        self.max_datagram = max_datagram
+        self.cache = reply_cache or ReplyCache()
+        self.agent = agent
+        self._out: list[tuple[bytes, Any]] = []
+        self.duplicates = 0
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Any]]:
+        out, self._out = self._out, []
+        return out
+
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> list[Any]:
+        """Returns [Request] for a new request to run, [ProtocolViolation] for bad input (and
+        queues an ERROR where the header was readable), or [] when this side answered itself."""
+        msg, violation, rid = _parse(data, self.max_datagram)
+        if violation is not None:
+            if rid >= 0:  # the header was ours: say what was wrong with it
+                self._out.append(
+                    (encode_error(rid, violation.code, ErrorCode(violation.code).name,
+                                  violation.message), addr)
+                )
+            return [violation]
+        t = type(msg)
+        if t is Request:
+            key = (addr, rid)
+            seen, answer = self.cache.lookup(key, now)
+            if seen:
+                self.duplicates += 1
+                if answer is not None:
+                    self._out.append((answer, addr))
+                return []
+            self.cache.begin(key, now)
+            return [msg]
+        if t is Ping:
+            self._out.append((encode_pong(msg.request_id, msg.payload), addr))
+            return []
+        if t is Hello:
+            self._out.append((encode_welcome(Welcome(1, (1, 2, 0), self.max_datagram, self.agent)), addr))
+            return []
+        spec = MESSAGE_SPECS.get(data[3])
+        if spec is not None and Role.CLIENT not in spec.sent_by:
+            name = MessageType(data[3]).name
+            v = ProtocolViolation(ErrorCode.PROTOCOL_ERROR, f"{name} is not sent to a server", rid)
+            return [v]
+        return [msg]  # a registered type for a later module (e.g. PUB over UDP)
+
+    def _answer(self, addr: Any, request_id: int, data: bytes, now: float) -> None:
+        self.cache.complete((addr, request_id), data, now)
+        self._out.append((data, addr))
+
+    def send_response(
+        self, addr: Any, request_id: int, result: Any, codec: Codec, now: float
+    ) -> None:
+        """Queue and remember the answer. A result that does not encode, or does not fit one
+        datagram, is answered with an ERROR instead (codes RESULT_NOT_ENCODABLE, DATAGRAM_TOO_LARGE)."""
+        try:
+            data = encode_response(request_id, result, codec)
+        except CodecError as exc:
+            data = encode_error(
+                request_id, ErrorCode.RESULT_NOT_ENCODABLE, "RESULT_NOT_ENCODABLE", str(exc)
+            )
+        if len(data) - HEADER_SIZE > self.max_datagram:
+            data = encode_error(
+                request_id,
+                ErrorCode.DATAGRAM_TOO_LARGE,
+                "DATAGRAM_TOO_LARGE",
+                f"result of {len(data) - HEADER_SIZE} bytes exceeds the datagram limit of "
+                f"{self.max_datagram} bytes (use TCP for large payloads)",
+            )
+        self._answer(addr, request_id, data, now)
+
+    def send_error(
+        self, addr: Any, request_id: int, code: int, type: str, message: str, now: float
+    ) -> None:
+        self._answer(addr, request_id, encode_error(request_id, code, type, message), now)

@@ -1,0 +1,189 @@
+"""Framing layer: one frame = a 16-byte header, a meta section and a body (docs/PROTOCOL.md §2).
+
+::
+
+    offset size field
+    0      2    magic      b"SK" (0x53 0x4B)
+    2      1    version    protocol version (1)
+    3      1    type       MessageType
+    4      1    flags      per-type bits; unknown bits are ignored by receivers
+    5      1    codec      Codec id of the body (0 raw, 1 msgpack, 2 json)
+    6      2    meta_len   length of the meta section, big-endian u16
+    8      4    request_id big-endian u32, 0 when the frame belongs to no request
+    12     4    body_len   length of the body, big-endian u32
+
+On a stream (TCP, TLS) frames follow each other; the header's two lengths delimit them. On UDP one
+datagram carries exactly one frame, and its size must equal 16 + meta_len + body_len.
+
+This module owns bytes <-> :class:`Frame` only. It knows nothing of sockets, sessions or codecs.
+The size limit is a required argument of every reader and is checked on the header, before any
+payload byte is buffered.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+from sockstack.errors import ErrorCode, FrameTooLarge, RemoteProtocolError
+
+__all__ = [
+    "DEFAULT_MAX_FRAME",
+    "DEFAULT_MAX_META",
+    "HEADER",
+    "HEADER_SIZE",
+    "MAGIC",
+    "PROTOCOL_VERSION",
+    "Frame",
+    "FrameDecoder",
+    "MessageType",
+    "encode_frame",
+    "parse_datagram",
+]
+
+MAGIC = b"SK"
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">2sBBBBHII")
+HEADER_SIZE = HEADER.size  # 16
+DEFAULT_MAX_FRAME = 1 << 20  # 1 MiB of meta + body, as websockets' max_size and NATS' max payload
+DEFAULT_MAX_META = 4096  # 4 KiB, as NATS' control line: method names and topics are short
+
+_U16_MAX = 0xFFFF
+_U32_MAX = 0xFFFFFFFF
+
+
+class MessageType(enum.IntEnum):
+    """Message types. Ranges are reserved so that each later pattern adds types, not a rewrite:
+    0x01-0x0F session and RPC, 0x10-0x1F publish/subscribe, 0x20-0x2F remote objects,
+    0x30-0x3F edge relays, 0x40-0x4F gateway."""
+
+    HELLO = 0x01
+    WELCOME = 0x02
+    REQUEST = 0x03
+    RESPONSE = 0x04
+    ERROR = 0x05
+    PING = 0x06
+    PONG = 0x07
+    CLOSE = 0x08
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One frame as it travels. ``type`` is an int so that unknown types can still be reported."""
+
+    type: int
+    request_id: int = 0
+    flags: int = 0
+    codec: int = 0
+    meta: bytes = b""
+    body: bytes = b""
+    version: int = PROTOCOL_VERSION
+
+    def serialize(self) -> bytes:
+        return encode_frame(
+            self.type, self.request_id, self.meta, self.body, self.flags, self.codec, self.version
+        )
+
+
+def encode_frame(
+    type: int,
+    request_id: int,
+    meta: bytes,
+    body: bytes,
+    flags: int = 0,
+    codec: int = 0,
+    version: int = PROTOCOL_VERSION,
+) -> bytes:
+    """Serialize one frame. Raises ``ValueError`` when a field does not fit its width."""
+    if len(meta) > _U16_MAX:
+        raise ValueError(f"meta section of {len(meta)} bytes does not fit in u16")
+    if not 0 <= request_id <= _U32_MAX:
+        raise ValueError(f"request id {request_id} does not fit in u32")
+    return HEADER.pack(MAGIC, version, type, flags, codec, len(meta), request_id, len(body)) + meta + body
+
+
+def _check_header(
+    magic: bytes, version: int, meta_len: int, body_len: int, max_frame: int, max_meta: int
+) -> None:
+    if magic != MAGIC:
+        raise RemoteProtocolError(f"bad magic {magic.hex()}, expected {MAGIC.hex()}")
+    if version != PROTOCOL_VERSION:
+        raise RemoteProtocolError(
+            f"unsupported protocol version {version} (this side speaks {PROTOCOL_VERSION})",
+            ErrorCode.UNSUPPORTED_VERSION,
+        )
+    if meta_len > max_meta:
+        raise FrameTooLarge(meta_len, max_meta)
+    if meta_len + body_len > max_frame:
+        raise FrameTooLarge(meta_len + body_len, max_frame)
+
+
+class FrameDecoder:
+    """Incremental decoder for a byte stream. Feed it any split of the stream; it returns every
+    complete frame and keeps the rest. After it raises, the stream is unusable (framing is lost)
+    and every later call raises the same error."""
+
+    __slots__ = ("_buf", "_error", "max_frame", "max_meta")
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, max_meta: int = DEFAULT_MAX_META) -> None:
+        self.max_frame = max_frame
+        self.max_meta = max_meta
+        self._buf = bytearray()
+        self._error: RemoteProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held that do not yet form a complete frame (at most 16 + max_frame)."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        if self._error is not None:
+            raise self._error
+        buf = self._buf
+        buf += data
+        frames: list[Frame] = []
+        pos = 0
+        end = len(buf)
+        unpack = HEADER.unpack_from
+        try:
+            while end - pos >= HEADER_SIZE:
+                magic, version, type_, flags, codec, meta_len, rid, body_len = unpack(buf, pos)
+                if (
+                    magic != MAGIC
+                    or version != PROTOCOL_VERSION
+                    or meta_len > self.max_meta
+                    or meta_len + body_len > self.max_frame
+                ):
+                    _check_header(magic, version, meta_len, body_len, self.max_frame, self.max_meta)
+                start = pos + HEADER_SIZE
+                stop = start + meta_len + body_len
+                if stop > end:
+                    break
+                meta = bytes(buf[start : start + meta_len]) if meta_len else b""
+                body = bytes(buf[start + meta_len : stop])
+                frames.append(Frame(type_, rid, flags, codec, meta, body, version))
+                pos = stop
+        except RemoteProtocolError as exc:
+            self._error = exc
+            buf.clear()
+            raise
+        if pos:
+            del buf[:pos]
+        return frames
+
+
+def parse_datagram(data: bytes, max_size: int, max_meta: int = DEFAULT_MAX_META) -> Frame:
+    """Parse one datagram that must hold exactly one frame; ``max_size`` bounds meta + body."""
+    if len(data) < HEADER_SIZE:
+        raise RemoteProtocolError(f"datagram of {len(data)} bytes is shorter than the 16-byte header")
+    magic, version, type_, flags, codec, meta_len, rid, body_len = HEADER.unpack_from(data)
+    _check_header(magic, version, meta_len, body_len, max_size, max_meta)
+    if HEADER_SIZE + meta_len + body_len != len(data):
+        raise RemoteProtocolError(
+            f"datagram of {len(data)} bytes does not match its header "
+            f"({HEADER_SIZE} + {meta_len} + {body_len})"
+        )
+    meta = bytes(data[HEADER_SIZE : HEADER_SIZE + meta_len])
+    body = bytes(data[HEADER_SIZE + meta_len :])
+    return Frame(type_, rid, flags, codec, meta, body, version)

@@ -1,0 +1,368 @@
+"""Session and application messages: typed values <-> frames (docs/PROTOCOL.md §3-§5).
+
+Each message is a small frozen dataclass; :func:`decode_message` turns a :class:`Frame` into one,
+and each ``encode_*`` function turns fields into wire bytes. Control messages (HELLO, WELCOME,
+ERROR, PING, PONG, CLOSE) have fixed binary layouts that need no codec; REQUEST and RESPONSE
+bodies are encoded with the codec named in the header.
+
+Later patterns (publish/subscribe, remote objects, edge relays) register their own types with
+:func:`register_message`, so the session layer routes them without being rewritten.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sockstack.errors import CodecError, ErrorCode, LocalProtocolError, RemoteProtocolError
+from sockstack.protocol.codecs import CODECS, MSGPACK, Codec
+from sockstack.protocol.frames import (
+    DEFAULT_MAX_FRAME,
+    PROTOCOL_VERSION,
+    Frame,
+    MessageType,
+    encode_frame,
+)
+
+__all__ = [
+    "FLAG_KWARGS",
+    "Close",
+    "Error",
+    "Hello",
+    "Message",
+    "Ping",
+    "Pong",
+    "Request",
+    "Response",
+    "Role",
+    "Welcome",
+    "decode_message",
+    "encode_close",
+    "encode_error",
+    "encode_hello",
+    "encode_ping",
+    "encode_pong",
+    "encode_request",
+    "encode_response",
+    "encode_welcome",
+    "register_message",
+]
+
+FLAG_KWARGS = 0x01
+"""REQUEST flag: the body is ``[positional array, named map]`` instead of a positional array."""
+
+_U8 = struct.Struct(">B")
+_U16 = struct.Struct(">H")
+_HELLO = struct.Struct(">BBI")
+_WELCOME = struct.Struct(">BI")
+_EXT = struct.Struct(">BH")
+MAX_PING_PAYLOAD = 125  # PING/PONG payloads are for correlation and timing, not data
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Client -> server, first frame on a stream: the versions it speaks and optional extensions."""
+
+    min_version: int = PROTOCOL_VERSION
+    max_version: int = PROTOCOL_VERSION
+    max_frame: int = DEFAULT_MAX_FRAME
+    agent: str = ""
+    extensions: tuple[tuple[int, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """Server -> client: the chosen version, the server's codecs and its frame limit."""
+
+    version: int = PROTOCOL_VERSION
+    codecs: tuple[int, ...] = (1, 2, 0)
+    max_frame: int = DEFAULT_MAX_FRAME
+    agent: str = ""
+    extensions: tuple[tuple[int, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    request_id: int
+    method: str
+    args: Sequence[Any] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    codec: int = MSGPACK.id
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    request_id: int
+    result: Any = None
+    codec: int = MSGPACK.id
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """ERROR frame: the request ``request_id`` (0: none) failed with ``code``."""
+
+    request_id: int
+    code: int
+    type: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    request_id: int
+    payload: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    request_id: int
+    payload: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    code: int = ErrorCode.NORMAL
+    reason: str = ""
+
+
+Message = Hello | Welcome | Request | Response | Error | Ping | Pong | Close
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _utf8(text: str, what: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise LocalProtocolError(f"{what} is not valid text: {exc}") from None
+
+
+def _encode_extensions(extensions: Sequence[tuple[int, bytes]]) -> bytes:
+    return b"".join(_EXT.pack(t, len(v)) + v for t, v in extensions)
+
+
+def encode_hello(hello: Hello) -> bytes:
+    body = _HELLO.pack(hello.min_version, hello.max_version, hello.max_frame) + _encode_extensions(
+        hello.extensions
+    )
+    # Sent with the lowest version it speaks in the header, so an older server can read it.
+    return encode_frame(
+        MessageType.HELLO, 0, _utf8(hello.agent, "agent"), body, version=hello.min_version
+    )
+
+
+def encode_welcome(welcome: Welcome) -> bytes:
+    body = (
+        _U8.pack(welcome.version)
+        + _U8.pack(len(welcome.codecs))
+        + bytes(welcome.codecs)
+        + struct.pack(">I", welcome.max_frame)
+        + _encode_extensions(welcome.extensions)
+    )
+    return encode_frame(MessageType.WELCOME, 0, _utf8(welcome.agent, "agent"), body)
+
+
+def encode_request(
+    request_id: int,
+    method: str,
+    args: Sequence[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+    codec: Codec = MSGPACK,
+) -> bytes:
+    """REQUEST bytes. Raises :class:`CodecError` (nothing is sent) if the arguments don't encode."""
+    flags = 0
+    if codec.structured:
+        if kwargs:
+            body = codec.encode([list(args), kwargs])
+            flags = FLAG_KWARGS
+        else:
+            body = codec.encode(args if isinstance(args, list) else list(args))
+    else:
+        if kwargs or len(args) != 1:
+            raise CodecError("the raw codec carries exactly one bytes argument and no keywords")
+        body = codec.encode(args[0])
+    return encode_frame(
+        MessageType.REQUEST, request_id, _utf8(method, "method name"), body, flags, codec.id
+    )
+
+
+def encode_response(request_id: int, result: Any, codec: Codec = MSGPACK) -> bytes:
+    """RESPONSE bytes. Raises :class:`CodecError` if the result doesn't encode."""
+    return encode_frame(MessageType.RESPONSE, request_id, b"", codec.encode(result), 0, codec.id)
+
+
+def encode_error(request_id: int, code: int, type: str = "", message: str = "") -> bytes:
+    body = _U16.pack(code) + message.encode("utf-8", "replace")
+    return encode_frame(MessageType.ERROR, request_id, type.encode("utf-8", "replace"), body)
+
+
+def encode_ping(request_id: int, payload: bytes = b"") -> bytes:
+    if len(payload) > MAX_PING_PAYLOAD:
+        raise LocalProtocolError(f"PING payload of {len(payload)} bytes > {MAX_PING_PAYLOAD}")
+    return encode_frame(MessageType.PING, request_id, b"", payload)
+
+
+def encode_pong(request_id: int, payload: bytes = b"") -> bytes:
+    return encode_frame(MessageType.PONG, request_id, b"", payload)
+
+
+def encode_close(code: int = ErrorCode.NORMAL, reason: str = "") -> bytes:
+    return encode_frame(MessageType.CLOSE, 0, b"", _U16.pack(code) + reason.encode("utf-8", "replace"))
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _text(data: bytes, what: str, code: int = ErrorCode.PROTOCOL_ERROR) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RemoteProtocolError(f"{what} is not valid UTF-8", code) from None
+
+
+def _decode_extensions(data: bytes) -> tuple[tuple[int, bytes], ...]:
+    out = []
+    pos = 0
+    while pos < len(data):
+        if len(data) - pos < _EXT.size:
+            raise RemoteProtocolError("truncated extension header")
+        ext_type, ext_len = _EXT.unpack_from(data, pos)
+        pos += _EXT.size
+        if len(data) - pos < ext_len:
+            raise RemoteProtocolError(f"extension {ext_type} declares {ext_len} bytes, has fewer")
+        out.append((ext_type, bytes(data[pos : pos + ext_len])))
+        pos += ext_len
+    return tuple(out)
+
+
+def _decode_hello(f: Frame) -> Hello:
+    if len(f.body) < _HELLO.size:
+        raise RemoteProtocolError(f"HELLO body shorter than {_HELLO.size} bytes")
+    lo, hi, max_frame = _HELLO.unpack_from(f.body)
+    if lo > hi or lo == 0:
+        raise RemoteProtocolError(f"HELLO version range {lo}..{hi} is empty")
+    return Hello(lo, hi, max_frame, _text(f.meta, "agent"), _decode_extensions(f.body[_HELLO.size :]))
+
+
+def _decode_welcome(f: Frame) -> Welcome:
+    body = f.body
+    if len(body) < 2 or len(body) < 2 + body[1] + 4:
+        raise RemoteProtocolError("WELCOME body truncated")
+    n = body[1]
+    codecs = tuple(body[2 : 2 + n])
+    (max_frame,) = struct.unpack_from(">I", body, 2 + n)
+    exts = _decode_extensions(body[6 + n :])
+    return Welcome(body[0], codecs, max_frame, _text(f.meta, "agent"), exts)
+
+
+def request_codec(f: Frame) -> Codec:
+    codec = CODECS.get(f.codec)
+    if codec is None:
+        raise RemoteProtocolError(f"unknown codec id {f.codec}", ErrorCode.UNSUPPORTED_CODEC)
+    return codec
+
+
+def _decode_request(f: Frame) -> Request:
+    codec = request_codec(f)
+    method = _text(f.meta, "method name", ErrorCode.DECODE_ERROR)
+    if not codec.structured:
+        return Request(f.request_id, method, (f.body,), {}, codec.id)
+    try:
+        value = codec.decode(f.body)
+    except CodecError as exc:
+        raise RemoteProtocolError(str(exc), ErrorCode.DECODE_ERROR) from None
+    if f.flags & FLAG_KWARGS:
+        if not (
+            isinstance(value, list)
+            and len(value) == 2
+            and isinstance(value[0], list)
+            and isinstance(value[1], dict)
+            and all(isinstance(k, str) for k in value[1])
+        ):
+            raise RemoteProtocolError(
+                "REQUEST with the KWARGS flag must carry [array, map of string keys]",
+                ErrorCode.DECODE_ERROR,
+            )
+        return Request(f.request_id, method, value[0], value[1], codec.id)
+    if not isinstance(value, list):
+        raise RemoteProtocolError("REQUEST body must be an array of arguments", ErrorCode.DECODE_ERROR)
+    return Request(f.request_id, method, value, {}, codec.id)
+
+
+def _decode_response(f: Frame) -> Response:
+    codec = request_codec(f)
+    try:
+        return Response(f.request_id, codec.decode(f.body), codec.id)
+    except CodecError as exc:
+        raise RemoteProtocolError(str(exc), ErrorCode.DECODE_ERROR) from None
+
+
+def _decode_error(f: Frame) -> Error:
+    if len(f.body) < 2:
+        raise RemoteProtocolError("ERROR body shorter than 2 bytes")
+    (code,) = _U16.unpack_from(f.body)
+    return Error(
+        f.request_id,
+        code,
+        f.meta.decode("utf-8", "replace"),
+        f.body[2:].decode("utf-8", "replace"),
+    )
+
+
+def _decode_ping(f: Frame) -> Ping:
+    if len(f.body) > MAX_PING_PAYLOAD:
+        raise RemoteProtocolError(f"PING payload of {len(f.body)} bytes > {MAX_PING_PAYLOAD}")
+    return Ping(f.request_id, f.body)
+
+
+def _decode_close(f: Frame) -> Close:
+    if len(f.body) < 2:
+        raise RemoteProtocolError("CLOSE body shorter than 2 bytes")
+    (code,) = _U16.unpack_from(f.body)
+    return Close(code, f.body[2:].decode("utf-8", "replace"))
+
+
+@dataclass(frozen=True, slots=True)
+class MessageSpec:
+    """How a message type is decoded, and which role may send it on an open session."""
+
+    decode: Callable[[Frame], Any]
+    sent_by: frozenset[Role]
+
+
+_BOTH = frozenset({Role.CLIENT, Role.SERVER})
+MESSAGE_SPECS: dict[int, MessageSpec] = {
+    MessageType.HELLO: MessageSpec(_decode_hello, frozenset({Role.CLIENT})),
+    MessageType.WELCOME: MessageSpec(_decode_welcome, frozenset({Role.SERVER})),
+    MessageType.REQUEST: MessageSpec(_decode_request, frozenset({Role.CLIENT})),
+    MessageType.RESPONSE: MessageSpec(_decode_response, frozenset({Role.SERVER})),
+    MessageType.ERROR: MessageSpec(_decode_error, _BOTH),
+    MessageType.PING: MessageSpec(_decode_ping, _BOTH),
+    MessageType.PONG: MessageSpec(lambda f: Pong(f.request_id, f.body), _BOTH),
+    MessageType.CLOSE: MessageSpec(_decode_close, _BOTH),
+}
+
+
+def register_message(type_: int, decode: Callable[[Frame], Any], sent_by: frozenset[Role]) -> None:
+    """Add a message type (e.g. publish/subscribe's SUB, PUB, MSG) to the session's routing."""
+    if type_ in MESSAGE_SPECS:
+        raise ValueError(f"message type 0x{type_:02x} is already registered")
+    MESSAGE_SPECS[type_] = MessageSpec(decode, sent_by)
+
+
+def decode_message(frame: Frame) -> Any:
+    """Decode a frame of a registered type. Raises :class:`RemoteProtocolError` whose ``code``
+    says what was wrong (``UNKNOWN_TYPE``, ``DECODE_ERROR``, ``UNSUPPORTED_CODEC``...)."""
+    spec = MESSAGE_SPECS.get(frame.type)
+    if spec is None:
+        raise RemoteProtocolError(f"unknown message type 0x{frame.type:02x}", ErrorCode.UNKNOWN_TYPE)
+    return spec.decode(frame)

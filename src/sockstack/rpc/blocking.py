@@ -1,0 +1,359 @@
+"""The blocking client, for scripts: plain ``socket`` calls driving the same sans-I/O core::
+
+    with connect("tcp://127.0.0.1:5050") as c:
+        assert c.call("add", 2, 3) == 5
+
+One call at a time per client (a lock makes it safe to share between threads). TCP: a lost
+connection fails the call in flight with :class:`ConnectionLost`, and the next call reconnects
+(with backoff, within its own timeout). UDP: retransmission with the same request id until the
+call's timeout; the server runs a retried call once.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import threading
+import time
+from typing import Any
+
+from sockstack.errors import (
+    CallTimeout,
+    ConnectError,
+    ConnectionClosed,
+    ConnectionLost,
+    ErrorCode,
+    RemoteError,
+)
+from sockstack.protocol.codecs import Codec, get_codec
+from sockstack.protocol.connection import Connection, ConnectionTerminated, State
+from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, DatagramClient, RetryPolicy
+from sockstack.protocol.frames import DEFAULT_MAX_FRAME
+from sockstack.protocol.messages import Error, Pong, Response, Role
+from sockstack.rpc.client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, Backoff
+from sockstack.transport.urls import Endpoint, parse_endpoint
+
+__all__ = ["Client", "connect"]
+
+_RECV = 256 * 1024
+
+
+def _remote_error(ev: Error) -> RemoteError:
+    return RemoteError(ev.type or ErrorCode.describe(ev.code), ev.message, ev.code)
+
+
+class _TCP:
+    def __init__(self, ep: Endpoint, client: Client) -> None:
+        self.ep = ep
+        self.client = client
+        self.sock: socket.socket | None = None
+        self.core: Connection | None = None
+        self.next_id = 0
+        self.ever_connected = False
+
+    def _connect(self, deadline: float) -> None:
+        timeout = max(0.001, min(self.client.connect_timeout, deadline - time.monotonic()))
+        try:
+            sock = socket.create_connection((self.ep.host, self.ep.port), timeout=timeout)
+        except OSError as exc:
+            raise ConnectError(f"{self.ep}: {exc.strerror or exc}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        core = Connection(Role.CLIENT, max_frame=self.client.max_frame, keepalive_interval=None,
+                          handshake_timeout=None)
+        self.sock, self.core = sock, core
+        try:
+            sock.sendall(core.data_to_send())
+            while core.state is State.HELLO_SENT:
+                for ev in self._read(deadline, "HELLO"):
+                    if type(ev) is ConnectionTerminated:
+                        raise ConnectError(f"{self.ep}: refused: {ev.reason} "
+                                           f"[{ErrorCode.describe(ev.code or 0)}]")
+        except (ConnectionLost, CallTimeout, OSError) as exc:
+            self.drop()
+            raise ConnectError(f"{self.ep}: handshake failed: {exc}".replace(f": {self.ep}:", ":")) from None
+        except ConnectError:
+            self.drop()
+            raise
+        self.ever_connected = True
+
+    def drop(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            finally:
+                self.sock, self.core = None, None
+
+    def ensure(self, deadline: float, method: str, timeout: float) -> None:
+        if self.sock is not None:
+            self._poll_idle()
+        if self.sock is not None:
+            return
+        if not self.ever_connected:
+            self._connect(deadline)
+            return
+        attempt = 0
+        last = ""
+        while True:
+            try:
+                self._connect(deadline)
+                return
+            except ConnectError as exc:
+                last = str(exc)
+            delay = self.client.backoff.delay(attempt)
+            attempt += 1
+            if time.monotonic() + delay >= deadline:
+                raise CallTimeout(method, timeout, f"not connected: {last}")
+            time.sleep(delay)  # reconnect backoff, bounded by the call's deadline
+
+    def _poll_idle(self) -> None:
+        """Handle what arrived while idle (keepalive PINGs, a CLOSE) before reusing the socket."""
+        sock, core = self.sock, self.core
+        assert sock is not None and core is not None
+        while True:
+            r, _, _ = select.select([sock], [], [], 0)
+            if not r:
+                break
+            try:
+                data = sock.recv(_RECV)
+            except OSError:
+                data = b""
+            events = core.receive_data(data) if data else core.receive_eof()
+            out = core.data_to_send()
+            if out:
+                try:
+                    sock.sendall(out)
+                except OSError:
+                    pass
+            if not data or core.close_expected():
+                self.drop()
+                return
+
+    def _read(self, deadline: float, method: str) -> list[Any]:
+        """Read once; returns the events. The socket is dropped if the session ended."""
+        sock, core = self.sock, self.core
+        assert sock is not None and core is not None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise CallTimeout(method, self.client.timeout)
+        sock.settimeout(remaining)
+        try:
+            data = sock.recv(_RECV)
+        except TimeoutError:
+            raise CallTimeout(method, self.client.timeout) from None
+        except OSError as exc:
+            self.drop()
+            raise ConnectionLost(f"{self.ep}: {exc}; the call may or may not have run") from None
+        events = core.receive_data(data) if data else core.receive_eof()
+        out = core.data_to_send()
+        if out:
+            try:
+                sock.sendall(out)
+            except OSError:
+                pass
+        if core.close_expected():
+            self.drop()
+        return events
+
+    @staticmethod
+    def _terminated(events: list[Any], ep: Endpoint) -> None:
+        for ev in events:
+            if type(ev) is ConnectionTerminated:
+                if ev.by_peer and ev.code is not None:
+                    raise ConnectionClosed(ev.code, ev.reason)
+                raise ConnectionLost(f"{ep}: {ev.reason}; the call may or may not have run")
+
+    def exchange(
+        self, method: str, send: Any, timeout: float, deadline: float
+    ) -> Any:
+        self.ensure(deadline, method, timeout)
+        core, sock = self.core, self.sock
+        assert core is not None and sock is not None
+        self.next_id = self.next_id % 0xFFFFFFFF + 1
+        rid = self.next_id
+        send(core, rid)
+        try:
+            sock.sendall(core.data_to_send())
+        except OSError as exc:
+            self.drop()
+            raise ConnectionLost(f"{self.ep}: {exc}; the call may or may not have run") from None
+        while True:
+            try:
+                events = self._read(deadline, method)
+            except CallTimeout:
+                raise CallTimeout(method, timeout) from None
+            for ev in events:
+                t = type(ev)
+                if t is Response and ev.request_id == rid:
+                    return ev.result
+                if t is Error and ev.request_id == rid:
+                    raise _remote_error(ev)
+                if t is Pong and ev.request_id == rid:
+                    return None
+            self._terminated(events, self.ep)
+
+    def close(self) -> None:
+        if self.sock is not None and self.core is not None:
+            try:
+                self.core.send_close(ErrorCode.NORMAL, "")
+                self.sock.sendall(self.core.data_to_send())
+            except OSError:
+                pass
+        self.drop()
+
+
+class _UDP:
+    def __init__(self, ep: Endpoint, client: Client) -> None:
+        self.ep = ep
+        self.client = client
+        self.core = DatagramClient(max_datagram=client.max_datagram, retry=client.retry)
+        family = socket.AF_INET6 if ep.is_ipv6 else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            self.sock.connect((ep.host, ep.port))
+        except OSError as exc:
+            self.sock.close()
+            raise ConnectError(f"{ep}: {exc.strerror or exc}") from None
+        self.last_id = 0
+        self.last_error = ""
+
+    def _send_out(self) -> None:
+        for data in self.core.datagrams_to_send():
+            try:
+                self.sock.send(data)
+            except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP: retry later
+                self.last_error = exc.strerror or str(exc)
+
+    def exchange(self, method: str, rid: int, timeout: float, deadline: float, *,
+                 track: bool = True) -> Any:
+        self._send_out()
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                self.core.cancel(rid)
+                detail = f"last error: {self.last_error}" if self.last_error else ""
+                raise CallTimeout(method, timeout, detail)
+            nxt = self.core.next_timer() if track else None
+            wait = max(0.0, min(deadline, nxt if nxt is not None else deadline) - now)
+            r, _, _ = select.select([self.sock], [], [], wait)
+            if not r:
+                for ev in self.core.handle_timer(time.monotonic()):
+                    if ev.request_id == rid:
+                        raise CallTimeout(method, timeout, f"{ev.attempts} datagrams sent")
+                self._send_out()
+                continue
+            try:
+                data = self.sock.recv(65536)
+            except OSError as exc:
+                if exc.errno == errno.ECONNREFUSED:
+                    self.last_error = "connection refused (no server on that port?)"
+                    continue
+                raise
+            for ev in self.core.receive_datagram(data):
+                t = type(ev)
+                if getattr(ev, "request_id", None) != rid:
+                    continue
+                if t is Response:
+                    return ev.result
+                if t is Error:
+                    raise _remote_error(ev)
+                if t is Pong:
+                    return None
+
+    def new_id(self) -> int:
+        self.last_id = self.core.new_request_id(self.last_id)
+        return self.last_id
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Client:
+    """A blocking client. Create it with :func:`connect`."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        codec: str = "msgpack",
+        backoff: Backoff | None = None,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        retry: RetryPolicy | None = None,
+        max_datagram: int = DEFAULT_MAX_DATAGRAM,
+    ) -> None:
+        self.endpoint = parse_endpoint(url)
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.codec: Codec = get_codec(codec)
+        self.backoff = backoff or Backoff()
+        self.max_frame = max_frame
+        self.retry = retry
+        self.max_datagram = max_datagram
+        self._lock = threading.Lock()
+        self._impl: _TCP | _UDP
+        if self.endpoint.scheme == "udp":
+            self._impl = _UDP(self.endpoint, self)
+        else:
+            self._impl = _TCP(self.endpoint, self)
+            self._impl.ensure(time.monotonic() + connect_timeout, "connect", connect_timeout)
+
+    def call(self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        """Call ``method`` and wait for its result (``timeout`` is the call's own timeout)."""
+        return self.request(method, args, kwargs, timeout=timeout)
+
+    def request(
+        self,
+        method: str,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        timeout = self.timeout if timeout is None else timeout
+        with self._lock:
+            deadline = time.monotonic() + timeout
+            impl = self._impl
+            if isinstance(impl, _UDP):
+                rid = impl.new_id()
+                impl.core.send_request(rid, method, args, kwargs or None, self.codec,
+                                       now=time.monotonic(), timeout=timeout)
+                return impl.exchange(method, rid, timeout, deadline)
+            return impl.exchange(
+                method,
+                lambda core, rid: core.send_request(rid, method, args, kwargs or None, self.codec),
+                timeout,
+                deadline,
+            )
+
+    def ping(self, timeout: float | None = None) -> float:
+        """Round-trip time of one PING/PONG in seconds."""
+        timeout = self.timeout if timeout is None else timeout
+        with self._lock:
+            start = time.monotonic()
+            deadline = start + timeout
+            impl = self._impl
+            if isinstance(impl, _UDP):
+                rid = impl.new_id()
+                impl.core.send_ping(rid)
+                impl.exchange("PING", rid, timeout, deadline, track=False)
+            else:
+                impl.exchange("PING", lambda core, rid: core.send_ping(rid), timeout, deadline)
+            return time.monotonic() - start
+
+    def close(self) -> None:
+        with self._lock:
+            self._impl.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(url: str, **options: Any) -> Client:
+    """A blocking :class:`Client` for ``tcp://host:port`` or ``udp://host:port``; TCP connects
+    (and completes the handshake) now and raises :class:`ConnectError` if it cannot."""
+    return Client(url, **options)

@@ -1,0 +1,518 @@
+"""The asyncio client, over TCP or UDP, with the same calls::
+
+    async with AsyncClient("tcp://127.0.0.1:5050") as c:
+        assert await c.call("add", 2, 3) == 5
+        results = await asyncio.gather(*(c.call("add", i, i) for i in range(1000)))
+
+Many calls share one connection (pipelining), matched by request id. Each call has a timeout
+(:class:`CallTimeout`). Over TCP, a dropped connection fails every call in flight at once with
+:class:`ConnectionLost` ("may or may not have run") and the client reconnects in the background
+with jittered exponential backoff; a call made meanwhile waits for the reconnect within its own
+timeout. Over UDP, a call is retransmitted with the same request id until answered or timed out;
+the server's reply cache makes sure it runs once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from sockstack.errors import (
+    CallTimeout,
+    ConnectError,
+    ConnectionClosed,
+    ConnectionLost,
+    ErrorCode,
+    RemoteError,
+)
+from sockstack.protocol.codecs import Codec, get_codec
+from sockstack.protocol.connection import (
+    ConnectionTerminated,
+    HandshakeComplete,
+    ProtocolViolation,
+    State,
+)
+from sockstack.protocol.datagram import (
+    DEFAULT_MAX_DATAGRAM,
+    CallExpired,
+    DatagramClient,
+    RetryPolicy,
+)
+from sockstack.protocol.messages import Error, Pong, Response, Role
+from sockstack.transport.tcp import StreamLimits, StreamProtocol
+from sockstack.transport.udp import DatagramEndpoint
+from sockstack.transport.urls import Endpoint, parse_endpoint
+
+__all__ = ["DEFAULT_TIMEOUT", "AsyncClient", "Backoff"]
+
+log = logging.getLogger("sockstack.client")
+_SENDABLE = (State.OPEN, State.HELLO_SENT)
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Reconnect delays: ``initial * factor**attempt`` capped at ``max_delay``, each scaled by a
+    random factor in [0.5, 1] so that many clients do not reconnect in lockstep."""
+
+    initial: float = 0.05
+    factor: float = 2.0
+    max_delay: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.initial * self.factor**attempt, self.max_delay) * random.uniform(0.5, 1.0)
+
+
+def outcome_error(ev: Error, method: str) -> RemoteError:
+    return RemoteError(ev.type or ErrorCode.describe(ev.code), ev.message, ev.code)
+
+
+class _Pending:
+    __slots__ = ("fut", "method", "timeout")
+
+    def __init__(self, fut: asyncio.Future[Any], method: str, timeout: float = 0.0) -> None:
+        self.fut = fut
+        self.method = method
+        self.timeout = timeout
+
+
+class _TCPStream(StreamProtocol):
+    role = Role.CLIENT
+
+    def __init__(self, channel: _TCPChannel) -> None:
+        super().__init__(channel.limits)
+        self.channel = channel
+        self.welcome: asyncio.Future[None] = self.loop.create_future()
+        self.terminated: ConnectionTerminated | None = None
+
+    def handle_events(self, events: list[Any]) -> None:
+        pending = self.channel.pending
+        for ev in events:
+            t = type(ev)
+            if t is Response:
+                p = pending.pop(ev.request_id, None)
+                if p is not None and not p.fut.done():
+                    p.fut.set_result(ev.result)
+            elif t is Error:
+                p = pending.pop(ev.request_id, None)
+                if p is not None and not p.fut.done():
+                    p.fut.set_exception(outcome_error(ev, p.method))
+                elif ev.request_id == 0:
+                    log.warning("server %s reported: %s %s", self.peer, ev.type, ev.message)
+            elif t is Pong:
+                p = pending.pop(ev.request_id, None)
+                if p is not None and not p.fut.done():
+                    p.fut.set_result(self.loop.time())
+            elif t is HandshakeComplete:
+                if not self.welcome.done():
+                    self.welcome.set_result(None)
+            elif t is ConnectionTerminated:
+                self.terminated = ev
+            elif t is ProtocolViolation:
+                self.log_violation(ev)
+
+    def can_send(self) -> bool:
+        core = self.core
+        return core is not None and core.state in _SENDABLE and not self.transport.is_closing()  # type: ignore[union-attr]
+
+    def on_lost(self, exc: Exception | None) -> None:
+        self.channel._on_lost(self, exc)
+
+
+class _TCPChannel:
+    def __init__(self, ep: Endpoint, client: AsyncClient) -> None:
+        self.ep = ep
+        self.client = client
+        self.limits = client.stream_limits
+        self.loop = asyncio.get_running_loop()
+        self.pending: dict[int, _Pending] = {}
+        self.stream: _TCPStream | None = None
+        self.connected = asyncio.Event()
+        self.closed = False
+        self.last_error: str = ""
+        self._next_id = 0
+        self._reconnect_task: asyncio.Task[None] | None = None
+
+    async def connect_once(self, timeout: float) -> None:
+        stream: _TCPStream | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                _, stream = await self.loop.create_connection(
+                    lambda: _TCPStream(self), self.ep.host, self.ep.port
+                )
+                await asyncio.shield(stream.welcome)
+        except TimeoutError:
+            if stream is not None:
+                stream.abort()
+            raise ConnectError(f"{self.ep}: no connection and handshake within {timeout:g} s") from None
+        except OSError as exc:
+            raise ConnectError(f"{self.ep}: {exc.strerror or exc}") from None
+        except ConnectionLost as exc:  # closed during the handshake (version, auth...)
+            raise ConnectError(f"{self.ep}: {exc}") from None
+        self.stream = stream
+        self.last_error = ""
+        self.connected.set()
+
+    def _on_lost(self, stream: _TCPStream, exc: Exception | None) -> None:
+        term = stream.terminated
+        if term is not None and term.code is not None and term.by_peer:
+            error: ConnectionLost = ConnectionClosed(term.code, term.reason)
+        elif term is not None and term.code is not None:
+            error = ConnectionLost(
+                f"{self.ep}: connection closed ({ErrorCode.describe(term.code)}: {term.reason}); "
+                "calls in flight may or may not have run"
+            )
+        else:
+            detail = f": {exc}" if exc else ""
+            error = ConnectionLost(
+                f"{self.ep}: connection lost{detail}; calls in flight may or may not have run"
+            )
+        if not stream.welcome.done():
+            stream.welcome.set_exception(error)
+            stream.welcome.exception()  # retrieved: connect_once reports it
+        if stream is not self.stream:
+            return
+        self.stream = None
+        self.connected.clear()
+        self.last_error = str(error)
+        pending, self.pending = self.pending, {}
+        for p in pending.values():
+            if not p.fut.done():
+                p.fut.set_exception(error)
+        if not self.closed and self.client.reconnect:
+            log.info("%s; reconnecting", error)
+            self.last_error = "reconnecting after: " + self.last_error
+            self._reconnect_task = self.loop.create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        attempt = 0
+        while not self.closed:
+            try:
+                await self.connect_once(self.client.connect_timeout)
+                log.info("reconnected to %s", self.ep)
+                return
+            except ConnectError as exc:
+                self.last_error = str(exc)
+            await asyncio.sleep(self.client.backoff.delay(attempt))  # backoff between attempts
+            attempt += 1
+
+    def _new_id(self) -> int:
+        rid = self._next_id
+        while True:
+            rid = rid % 0xFFFFFFFF + 1
+            if rid not in self.pending:
+                self._next_id = rid
+                return rid
+
+    async def _wait_connected(self, method: str, timeout: float, deadline: float) -> _TCPStream:
+        """The current stream once it can carry a request, waiting for a reconnect if needed."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                while True:
+                    if self.closed:
+                        raise ConnectError("client is closed")
+                    stream = self.stream
+                    if stream is not None and stream.can_send():
+                        return stream
+                    if stream is not None:  # closing: wait until it is gone, then reconnect
+                        await asyncio.shield(stream.closed)
+                        continue
+                    if not self.client.reconnect:
+                        raise ConnectionLost(self.last_error or f"{self.ep}: not connected")
+                    await self.connected.wait()
+        except TimeoutError:
+            raise CallTimeout(method, timeout, f"not connected: {self.last_error}") from None
+
+    async def call(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None,
+        timeout: float, codec: Codec
+    ) -> Any:
+        stream = self.stream
+        loop = self.loop
+        deadline = loop.time() + timeout
+        if stream is None or not stream.can_send():
+            stream = await self._wait_connected(method, timeout, deadline)
+        rid = self._new_id()
+        assert stream.core is not None
+        stream.core.send_request(rid, method, args, kwargs, codec)  # CodecError: nothing sent
+        fut = loop.create_future()
+        self.pending[rid] = _Pending(fut, method)
+        stream.flush()
+        handle = loop.call_at(deadline, self._expire, rid, timeout)
+        try:
+            return await fut
+        finally:
+            handle.cancel()
+
+    def _expire(self, rid: int, timeout: float) -> None:
+        p = self.pending.pop(rid, None)
+        if p is not None and not p.fut.done():
+            p.fut.set_exception(CallTimeout(p.method, timeout))
+
+    async def ping(self, timeout: float) -> float:
+        loop = self.loop
+        deadline = loop.time() + timeout
+        stream = self.stream
+        if stream is None or not stream.can_send():
+            stream = await self._wait_connected("PING", timeout, deadline)
+        rid = self._new_id()
+        assert stream.core is not None
+        fut = loop.create_future()
+        self.pending[rid] = _Pending(fut, "PING")
+        start = loop.time()
+        stream.core.send_ping(rid, b"")
+        stream.flush()
+        handle = loop.call_at(deadline, self._expire, rid, timeout)
+        try:
+            end = await fut
+        finally:
+            handle.cancel()
+        return float(end - start)
+
+    async def close(self) -> None:
+        self.closed = True
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+        stream = self.stream
+        if stream is not None and stream.core is not None:
+            stream.core.send_close(ErrorCode.NORMAL, "")
+            stream.flush()
+            try:
+                async with asyncio.timeout(self.client.close_timeout):
+                    await asyncio.shield(stream.closed)
+            except TimeoutError:
+                stream.abort()
+
+
+class _UDPEndpoint(DatagramEndpoint):
+    side = "client"
+
+    def __init__(self, channel: _UDPChannel) -> None:
+        super().__init__()
+        self.channel = channel
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.channel._on_datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        self.channel.last_error = f"{type(exc).__name__}: {exc}"
+
+
+class _UDPChannel:
+    def __init__(self, ep: Endpoint, client: AsyncClient) -> None:
+        self.ep = ep
+        self.client = client
+        self.loop = asyncio.get_running_loop()
+        self.core = DatagramClient(max_datagram=client.max_datagram, retry=client.retry)
+        self.pending: dict[int, _Pending] = {}
+        self.endpoint: _UDPEndpoint | None = None
+        self.last_error = ""
+        self._last_id = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when: float | None = None
+        self._ping_start: dict[int, float] = {}
+
+    async def connect_once(self, timeout: float) -> None:
+        family = socket.AF_INET6 if self.ep.is_ipv6 else socket.AF_INET
+        try:
+            _, self.endpoint = await self.loop.create_datagram_endpoint(
+                lambda: _UDPEndpoint(self), remote_addr=(self.ep.host, self.ep.port), family=family
+            )
+        except OSError as exc:
+            raise ConnectError(f"{self.ep}: {exc.strerror or exc}") from None
+
+    def _new_id(self) -> int:
+        rid = self.core.new_request_id(self._last_id)
+        while rid in self.pending:
+            rid = self.core.new_request_id(rid)
+        self._last_id = rid
+        return rid
+
+    def _flush(self) -> None:
+        ep = self.endpoint
+        if ep is None or ep.transport is None:
+            return
+        for data in self.core.datagrams_to_send():
+            ep.transport.sendto(data)
+        self._arm()
+
+    def _arm(self) -> None:
+        when = self.core.next_timer()
+        if when == self._timer_when:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_when = when
+        self._timer = None if when is None else self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_when = None
+        for ev in self.core.handle_timer(self.loop.time()):
+            self._expired(ev)
+        self._flush()
+
+    def _expired(self, ev: CallExpired) -> None:
+        p = self.pending.pop(ev.request_id, None)
+        if p is not None and not p.fut.done():
+            detail = f"{ev.attempts} datagrams sent"
+            if self.last_error:
+                detail += f"; last error: {self.last_error}"
+            p.fut.set_exception(CallTimeout(p.method, p.timeout, detail))
+
+    def _on_datagram(self, data: bytes, addr: Any) -> None:
+        for ev in self.core.receive_datagram(data):
+            t = type(ev)
+            if t is Response:
+                p = self.pending.pop(ev.request_id, None)
+                if p is not None and not p.fut.done():
+                    p.fut.set_result(ev.result)
+            elif t is Error:
+                p = self.pending.pop(ev.request_id, None)
+                if p is not None and not p.fut.done():
+                    p.fut.set_exception(outcome_error(ev, p.method))
+            elif t is Pong:
+                p = self.pending.pop(ev.request_id, None)
+                if p is not None and not p.fut.done():
+                    p.fut.set_result(self.loop.time())
+            elif t is ProtocolViolation and self.endpoint is not None:
+                self.endpoint.log_violation(ev, addr)
+
+    async def call(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None,
+        timeout: float, codec: Codec
+    ) -> Any:
+        if self.endpoint is None:
+            raise ConnectError("client is closed")
+        rid = self._new_id()
+        now = self.loop.time()
+        # DATAGRAM_TOO_LARGE and CodecError are raised here, before anything is sent.
+        self.core.send_request(rid, method, args, kwargs, codec, now=now, timeout=timeout)
+        fut = self.loop.create_future()
+        self.pending[rid] = _Pending(fut, method, timeout)
+        self._flush()
+        try:
+            return await fut
+        finally:
+            if rid in self.pending:  # cancelled by the caller
+                del self.pending[rid]
+                self.core.cancel(rid)
+
+    async def ping(self, timeout: float) -> float:
+        if self.endpoint is None:
+            raise ConnectError("client is closed")
+        rid = self._new_id()
+        fut = self.loop.create_future()
+        self.pending[rid] = _Pending(fut, "PING")
+        start = self.loop.time()
+        self.core.send_ping(rid)
+        self._flush()
+        try:
+            async with asyncio.timeout(timeout):
+                end = await fut
+        except TimeoutError:
+            raise CallTimeout("PING", timeout, "lost or no server") from None
+        finally:
+            self.pending.pop(rid, None)
+        return float(end - start)
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for p in self.pending.values():
+            if not p.fut.done():
+                p.fut.set_exception(ConnectError("client closed"))
+        self.pending.clear()
+        if self.endpoint is not None and self.endpoint.transport is not None:
+            self.endpoint.transport.close()
+        self.endpoint = None
+
+
+class AsyncClient:
+    """An asyncio client for ``tcp://host:port`` or ``udp://host:port``.
+
+    ``timeout`` is the default per-call timeout; ``codec`` one of "msgpack" (default), "json",
+    "raw". TCP: ``reconnect`` (default True) with ``backoff``. UDP: ``retry`` policy and
+    ``max_datagram`` (requests above it are refused locally, before sending).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        close_timeout: float = 2.0,
+        codec: str = "msgpack",
+        reconnect: bool = True,
+        backoff: Backoff | None = None,
+        stream_limits: StreamLimits | None = None,
+        retry: RetryPolicy | None = None,
+        max_datagram: int = DEFAULT_MAX_DATAGRAM,
+    ) -> None:
+        self.endpoint = parse_endpoint(url)
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.close_timeout = close_timeout
+        self.codec = get_codec(codec)
+        self.reconnect = reconnect
+        self.backoff = backoff or Backoff()
+        self.stream_limits = stream_limits or StreamLimits()
+        self.retry = retry
+        self.max_datagram = max_datagram
+        self._channel: _TCPChannel | _UDPChannel | None = None
+
+    async def connect(self) -> AsyncClient:
+        """Connect (TCP: and complete the handshake). Raises :class:`ConnectError`."""
+        if self._channel is None:
+            channel: _TCPChannel | _UDPChannel
+            if self.endpoint.scheme == "udp":
+                channel = _UDPChannel(self.endpoint, self)
+            else:
+                channel = _TCPChannel(self.endpoint, self)
+            await channel.connect_once(self.connect_timeout)
+            self._channel = channel
+        return self
+
+    async def call(self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        """Call ``method`` with positional and keyword arguments; ``timeout`` is reserved for the
+        call's own timeout (use :meth:`request` for a remote parameter named ``timeout``)."""
+        return await self.request(method, args, kwargs, timeout=timeout)
+
+    async def request(
+        self,
+        method: str,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        channel = self._channel
+        if channel is None:
+            raise ConnectError("client is not connected: use `async with` or await connect()")
+        return await channel.call(
+            method, tuple(args), kwargs or None, self.timeout if timeout is None else timeout,
+            self.codec,
+        )
+
+    async def ping(self, timeout: float | None = None) -> float:
+        """Round-trip time of one PING/PONG, in seconds."""
+        if self._channel is None:
+            raise ConnectError("client is not connected")
+        return await self._channel.ping(self.timeout if timeout is None else timeout)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            channel, self._channel = self._channel, None
+            await channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

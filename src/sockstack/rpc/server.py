@@ -1,0 +1,320 @@
+"""The RPC server: one service on any mix of TCP and UDP endpoints, with graceful drain.
+
+::
+
+    server = Server(Calculator(), tcp=["127.0.0.1:5050"], udp=["127.0.0.1:5051"])
+    await server.start()            # binds; server.endpoints has the real ports (port 0 works)
+    await server.serve_forever()    # until shutdown() — SIGINT/SIGTERM call it in `sockstack serve`
+
+Shutdown stops accepting, answers every request already accepted (up to ``drain_timeout``),
+refuses new ones with SHUTTING_DOWN, then closes each connection with CLOSE GOING_AWAY.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sockstack.errors import CodecError, ErrorCode, LocalProtocolError
+from sockstack.protocol.codecs import CODECS
+from sockstack.protocol.connection import ConnectionTerminated, ProtocolViolation
+from sockstack.protocol.datagram import (
+    DEFAULT_MAX_DATAGRAM,
+    DEFAULT_REPLY_CACHE_BYTES,
+    DEFAULT_REPLY_CACHE_ENTRIES,
+    DEFAULT_REPLY_WINDOW,
+    DatagramServer,
+    ReplyCache,
+)
+from sockstack.protocol.messages import Request, Role
+from sockstack.rpc.dispatch import DEFAULT_MAX_WORKERS, Dispatcher, Outcome
+from sockstack.transport.tcp import StreamLimits, StreamProtocol
+from sockstack.transport.udp import DatagramEndpoint
+from sockstack.transport.urls import Endpoint, parse_endpoint
+
+__all__ = ["Server", "ServerLimits"]
+
+log = logging.getLogger("sockstack.server")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """Every limit of a server, with its default (README "Limits")."""
+
+    stream: StreamLimits = StreamLimits()
+    max_in_flight: int = 1024
+    """Requests running at once per TCP connection; above it the server stops reading that
+    connection (backpressure) instead of queueing without bound."""
+    max_datagram: int = DEFAULT_MAX_DATAGRAM
+    reply_window: float = DEFAULT_REPLY_WINDOW
+    reply_cache_entries: int = DEFAULT_REPLY_CACHE_ENTRIES
+    reply_cache_bytes: int = DEFAULT_REPLY_CACHE_BYTES
+    drain_timeout: float = 10.0
+    close_timeout: float = 2.0
+    backlog: int = 100
+    max_workers: int = DEFAULT_MAX_WORKERS
+
+
+class _RPCStream(StreamProtocol):
+    role = Role.SERVER
+
+    def __init__(self, server: Server) -> None:
+        super().__init__(server.limits.stream)
+        self.server = server
+        self.dispatcher = server.dispatcher
+        self.in_flight = 0
+        self._read_paused = False
+
+    def on_open(self) -> None:
+        self.server._streams.add(self)
+
+    def on_lost(self, exc: Exception | None) -> None:
+        self.server._streams.discard(self)
+
+    def handle_events(self, events: list[Any]) -> None:
+        for ev in events:
+            t = type(ev)
+            if t is Request:
+                self._on_request(ev)
+            elif t is ProtocolViolation:
+                self.log_violation(ev)
+            elif t is ConnectionTerminated and ev.by_peer and ev.code is None and self.in_flight:
+                log.info("client %s went away with %d calls in flight", self.peer, self.in_flight)
+
+    def _on_request(self, req: Request) -> None:
+        core = self.core
+        assert core is not None
+        if self.server.draining:
+            core.send_error(req.request_id, ErrorCode.SHUTTING_DOWN, "SHUTTING_DOWN",
+                            "server is shutting down")
+            return
+        outcome = self.dispatcher.dispatch(req)
+        if type(outcome) is tuple:
+            self._answer(req, outcome)
+            return
+        self.in_flight += 1
+        self.server._in_flight += 1
+        if self.in_flight >= self.server.limits.max_in_flight and not self._read_paused:
+            assert self.transport is not None
+            self._read_paused = True
+            self.transport.pause_reading()
+        self.loop.create_task(self._finish(req, outcome))  # type: ignore[arg-type]
+
+    async def _finish(self, req: Request, pending: Awaitable[Outcome]) -> None:
+        try:
+            outcome = await pending
+        finally:
+            self.in_flight -= 1
+            self.server._request_done()
+        self._answer(req, outcome)
+        self.flush()
+        if self._read_paused and self.in_flight < self.server.limits.max_in_flight // 2:
+            self._read_paused = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def _answer(self, req: Request, outcome: Outcome) -> None:
+        core = self.core
+        assert core is not None
+        ok, value = outcome
+        if ok:
+            try:
+                core.send_response(req.request_id, value, CODECS[req.codec])
+                return
+            except CodecError as exc:
+                value = (ErrorCode.RESULT_NOT_ENCODABLE, "RESULT_NOT_ENCODABLE", str(exc))
+            except LocalProtocolError as exc:  # a result larger than the peer's frame limit
+                value = (exc.code, ErrorCode(exc.code).name, exc.message)
+            log.warning("method %r: %s", req.method, value[2])
+        core.send_error(req.request_id, *value)
+
+
+class _RPCDatagram(DatagramEndpoint):
+    def __init__(self, server: Server) -> None:
+        super().__init__()
+        self.server = server
+        lim = server.limits
+        self.core = DatagramServer(
+            max_datagram=lim.max_datagram,
+            reply_cache=ReplyCache(lim.reply_window, lim.reply_cache_entries, lim.reply_cache_bytes),
+        )
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        core = self.core
+        now = self.loop.time()
+        for ev in core.receive_datagram(data, addr, now):
+            if type(ev) is Request:
+                self._on_request(ev, addr, now)
+            elif type(ev) is ProtocolViolation:
+                self.log_violation(ev, addr)
+        self.send_all(core.datagrams_to_send())
+
+    def _on_request(self, req: Request, addr: Any, now: float) -> None:
+        if self.server.draining:
+            self.core.send_error(addr, req.request_id, ErrorCode.SHUTTING_DOWN, "SHUTTING_DOWN",
+                                 "server is shutting down", now)
+            return
+        outcome = self.server.dispatcher.dispatch(req)
+        if type(outcome) is tuple:
+            self._answer(req, addr, outcome, now)
+            return
+        self.server._in_flight += 1
+        self.loop.create_task(self._finish(req, addr, outcome))  # type: ignore[arg-type]
+
+    async def _finish(self, req: Request, addr: Any, pending: Awaitable[Outcome]) -> None:
+        try:
+            outcome = await pending
+        finally:
+            self.server._request_done()
+        self._answer(req, addr, outcome, self.loop.time())
+        self.send_all(self.core.datagrams_to_send())
+
+    def _answer(self, req: Request, addr: Any, outcome: Outcome, now: float) -> None:
+        ok, value = outcome
+        if ok:
+            self.core.send_response(addr, req.request_id, value, CODECS[req.codec], now)
+        else:
+            self.core.send_error(addr, req.request_id, *value, now)
+
+
+class Server:
+    """Serves one service over TCP and UDP endpoints. Use as ``async with Server(...)``."""
+
+    def __init__(
+        self,
+        service: object,
+        *,
+        tcp: Iterable[str | Endpoint] = (),
+        udp: Iterable[str | Endpoint] = (),
+        limits: ServerLimits | None = None,
+        expose_errors: bool = True,
+        reuse_port: bool = False,
+    ) -> None:
+        self.limits = limits or ServerLimits()
+        self.dispatcher = Dispatcher(
+            service, expose_errors=expose_errors, max_workers=self.limits.max_workers
+        )
+        self._tcp = [e if isinstance(e, Endpoint) else parse_endpoint(e, "tcp") for e in tcp]
+        self._udp = [e if isinstance(e, Endpoint) else parse_endpoint(e, "udp") for e in udp]
+        if not self._tcp and not self._udp:
+            raise ValueError("a server needs at least one TCP or UDP endpoint")
+        self.reuse_port = reuse_port
+        self.endpoints: list[Endpoint] = []
+        self.draining = False
+        self._listeners: list[asyncio.Server] = []
+        self._datagrams: list[_RPCDatagram] = []
+        self._streams: set[_RPCStream] = set()
+        self._in_flight = 0
+        self._idle: asyncio.Event | None = None
+        self._stopped: asyncio.Event | None = None
+
+    @property
+    def service(self) -> object:
+        return self.dispatcher.service
+
+    def _request_done(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        try:
+            for ep in self._tcp:
+                srv = await loop.create_server(
+                    lambda: _RPCStream(self),
+                    ep.host,
+                    ep.port,
+                    backlog=self.limits.backlog,
+                    reuse_address=True,
+                    reuse_port=self.reuse_port or None,
+                )
+                self._listeners.append(srv)
+                for sock in srv.sockets:
+                    host, port = sock.getsockname()[:2]
+                    self.endpoints.append(Endpoint("tcp", host, port))
+            for ep in self._udp:
+                family = socket.AF_INET6 if ep.is_ipv6 else socket.AF_INET
+                transport, proto = await loop.create_datagram_endpoint(
+                    lambda: _RPCDatagram(self),
+                    local_addr=(ep.host, ep.port),
+                    family=family,
+                    reuse_port=self.reuse_port or None,
+                )
+                self._datagrams.append(proto)
+                host, port = transport.get_extra_info("sockname")[:2]
+                self.endpoints.append(Endpoint("udp", host, port))
+        except BaseException:
+            await self._close_endpoints()
+            raise
+        for ep in self.endpoints:
+            log.info("serving %s on %s", type(self.service).__name__, ep)
+
+    def endpoint(self, scheme: str) -> Endpoint:
+        """The first bound endpoint of a scheme (handy with port 0)."""
+        for ep in self.endpoints:
+            if ep.scheme == scheme:
+                return ep
+        raise LookupError(f"no {scheme} endpoint")
+
+    async def serve_forever(self) -> None:
+        assert self._stopped is not None, "call start() first"
+        await self._stopped.wait()
+
+    async def _close_endpoints(self) -> None:
+        for srv in self._listeners:
+            srv.close()
+        for dg in self._datagrams:
+            if dg.transport is not None:
+                dg.transport.close()
+        self._listeners.clear()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, answer accepted requests, close every connection. Idempotent."""
+        if self.draining:
+            if self._stopped is not None:
+                await self._stopped.wait()
+            return
+        self.draining = True
+        for srv in self._listeners:
+            srv.close()  # no new connections; existing ones keep going
+        if self._in_flight:
+            log.info("draining %d requests in flight", self._in_flight)
+            self._idle = asyncio.Event()
+            try:
+                async with asyncio.timeout(self.limits.drain_timeout):
+                    await self._idle.wait()
+            except TimeoutError:
+                log.warning("%d requests still running after %.1f s; closing anyway",
+                            self._in_flight, self.limits.drain_timeout)
+        for dg in self._datagrams:
+            if dg.transport is not None:
+                dg.transport.close()
+        streams = list(self._streams)
+        for s in streams:
+            if s.core is not None:
+                s.core.send_close(ErrorCode.GOING_AWAY, "server shutting down")
+                s.flush()
+        if streams:
+            done, pending = await asyncio.wait(
+                [s.closed for s in streams], timeout=self.limits.close_timeout
+            )
+            for s in streams:
+                if not s.closed.done():
+                    s.abort()
+        self.dispatcher.shutdown()
+        if self._stopped is not None:
+            self._stopped.set()
+        log.info("server stopped")
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()

@@ -1,0 +1,216 @@
+"""asyncio stream adapter: moves bytes between a TCP transport and a sans-I/O :class:`Connection`.
+
+:class:`StreamProtocol` owns everything that is the same for every pattern on a stream: the core,
+its timers (handshake timeout, keepalive) driven by the loop's clock, one ``write`` per batch of
+output, flow control (``pause_writing``), and logging each protocol violation once. Subclasses
+(the RPC server and client, later the pub/sub broker) implement only ``handle_events``.
+
+asyncio's Protocol API was chosen over streams because it hands us whole ``data_received``
+chunks with no extra buffering or task switch per message (docs/PERFORMANCE.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sockstack.errors import ErrorCode
+from sockstack.protocol.connection import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_KEEPALIVE_INTERVAL,
+    DEFAULT_KEEPALIVE_TIMEOUT,
+    Connection,
+    ProtocolViolation,
+)
+from sockstack.protocol.frames import DEFAULT_MAX_FRAME
+from sockstack.protocol.messages import Role
+
+__all__ = ["StreamLimits", "StreamProtocol", "format_peer"]
+
+log = logging.getLogger("sockstack.transport")
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLimits:
+    """Per-connection limits of a stream endpoint; every field is documented in the README."""
+
+    max_frame: int = DEFAULT_MAX_FRAME
+    handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT
+    keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
+    write_high_water: int = 64 * 1024
+    """Bytes buffered in the transport before ``pause_writing``: the server then stops reading
+    that connection until the peer catches up."""
+
+
+def format_peer(addr: Any) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(addr)
+
+
+class StreamProtocol(asyncio.Protocol):
+    """Base adapter between one stream transport and one :class:`Connection` core."""
+
+    role: Role = Role.SERVER
+
+    def __init__(self, limits: StreamLimits | None = None) -> None:
+        self.limits = limits or StreamLimits()
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.core: Connection | None = None
+        self.peer = "?"
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when: float | None = None
+        self._timer_state: object = None
+        self.write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self.closed = self.loop.create_future()
+
+    # ---------------------------------------------------------------- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.peer = format_peer(transport.get_extra_info("peername"))
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Requests are small and latency-bound: never wait for Nagle's coalescing.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=self.limits.write_high_water)
+        lim = self.limits
+        self.core = Connection(
+            self.role,
+            now=self.loop.time(),
+            max_frame=lim.max_frame,
+            handshake_timeout=lim.handshake_timeout,
+            keepalive_interval=lim.keepalive_interval,
+            keepalive_timeout=lim.keepalive_timeout,
+            **self.core_options(),
+        )
+        self.on_open()
+        self.flush()
+        self.arm_timer()
+
+    def core_options(self) -> dict[str, Any]:
+        return {}
+
+    def on_open(self) -> None:
+        """Hook: the transport is up and the core exists (the client's HELLO is queued)."""
+
+    def data_received(self, data: bytes) -> None:
+        core = self.core
+        assert core is not None
+        events = core.receive_data(data)
+        if events:
+            self.handle_events(events)
+        self.flush()
+        if core.state is not self._timer_state:  # handshake done, or closing: timers change
+            self.arm_timer()
+
+    def eof_received(self) -> bool | None:
+        assert self.core is not None
+        events = self.core.receive_eof()
+        if events:
+            self.handle_events(events)
+        return False  # let asyncio close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.core is not None:
+            events = self.core.receive_eof()
+            if events:
+                self.handle_events(events)
+        for w in self._drain_waiters:
+            if not w.done():
+                w.set_exception(ConnectionResetError("connection lost"))
+        self._drain_waiters.clear()
+        self.on_lost(exc)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def on_lost(self, exc: Exception | None) -> None:
+        """Hook: the transport is gone."""
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for w in self._drain_waiters:
+            if not w.done():
+                w.set_result(None)
+        self._drain_waiters.clear()
+
+    async def wait_drained(self) -> None:
+        """Return once the transport's write buffer is below its high-water mark."""
+        if not self.write_paused:
+            return
+        fut = self.loop.create_future()
+        self._drain_waiters.append(fut)
+        await fut
+
+    # ---------------------------------------------------------------- core plumbing
+
+    def handle_events(self, events: list[Any]) -> None:
+        """Override: react to the core's events. Call super() for violations' logging."""
+        for ev in events:
+            if type(ev) is ProtocolViolation:
+                self.log_violation(ev)
+
+    def log_violation(self, ev: ProtocolViolation) -> None:
+        log.warning(
+            "%s %s: %s [%s]%s",
+            self.role.value,
+            self.peer,
+            ev.message,
+            ErrorCode.describe(ev.code),
+            "; connection closed" if ev.fatal else "",
+        )
+
+    def flush(self) -> None:
+        """Write what the core queued (one write per batch) and close when the core says so."""
+        core = self.core
+        transport = self.transport
+        if core is None or transport is None:
+            return
+        data = core.data_to_send()
+        if data and not transport.is_closing():
+            transport.write(data)
+        if core.close_expected() and not transport.is_closing():
+            transport.close()
+
+    def arm_timer(self) -> None:
+        core = self.core
+        if core is None:
+            return
+        self._timer_state = core.state
+        when = core.next_timer(self.loop.time())
+        if when == self._timer_when:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_when = when
+        self._timer = None if when is None else self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_when = None
+        core = self.core
+        if core is None:
+            return
+        events = core.handle_timer(self.loop.time())
+        if events:
+            self.handle_events(events)
+        self.flush()
+        self.arm_timer()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()

@@ -1,0 +1,66 @@
+"""Endpoint addresses: ``tcp://127.0.0.1:5050``, ``udp://[::1]:5051``, or ``host:port``."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from sockstack.errors import InvalidURL
+
+__all__ = ["DEFAULT_TCP_PORT", "DEFAULT_UDP_PORT", "SCHEMES", "Endpoint", "parse_endpoint"]
+
+SCHEMES = ("tcp", "udp")
+DEFAULT_TCP_PORT = 5050  # above 5000, as the course notes advise for our own services
+DEFAULT_UDP_PORT = 5051
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def is_ipv6(self) -> bool:
+        return ":" in self.host
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if self.is_ipv6 else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+def parse_endpoint(text: str, default_scheme: str | None = None) -> Endpoint:
+    """Parse ``scheme://host:port`` (IPv6 hosts in brackets). ``default_scheme`` allows a bare
+    ``host:port`` or ``:port``; a missing host means 127.0.0.1."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        if default_scheme is None:
+            raise InvalidURL(f"{text!r}: expected scheme://host:port, e.g. tcp://127.0.0.1:5050")
+        scheme, rest = default_scheme, text
+    scheme = scheme.lower()
+    if scheme not in SCHEMES:
+        raise InvalidURL(f"{text!r}: unknown scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+    rest = rest.rstrip("/")
+    if rest.startswith("["):
+        host, bracket, port_text = rest[1:].partition("]")
+        if not bracket or not port_text.startswith(":"):
+            raise InvalidURL(f"{text!r}: IPv6 addresses are written [addr]:port")
+        port_text = port_text[1:]
+        try:
+            ipaddress.IPv6Address(host.split("%")[0])
+        except ValueError:
+            raise InvalidURL(f"{text!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, colon, port_text = rest.rpartition(":")
+        if not colon:
+            raise InvalidURL(f"{text!r}: missing :port")
+        if ":" in host:
+            raise InvalidURL(f"{text!r}: write IPv6 addresses in brackets, e.g. tcp://[::1]:5050")
+    host = host or "127.0.0.1"
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise InvalidURL(f"{text!r}: port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise InvalidURL(f"{text!r}: port {port} is outside 0-65535")
+    return Endpoint(scheme, host, port)
