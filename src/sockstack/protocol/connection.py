@@ -245,7 +245,7 @@ class Connection:
             frames = []
             error: RemoteProtocolError | None = exc
         else:
-            error = None
+            error = self._decoder.error  # framing broke after the frames returned
         specs = MESSAGE_SPECS
         peer = self._peer_role
         for frame in frames:
@@ -372,7 +372,6 @@ class Connection:
         if self.state is State.OPEN and self._keepalive_interval:
             if self._next_tick is None:
                 self._next_tick = now + self._keepalive_interval
-                self._activity = False
             return self._next_tick
         return None
 

@@ -24,7 +24,9 @@ from sockstack.protocol.codecs import MSGPACK, Codec
 from sockstack.protocol.connection import ProtocolViolation
 from sockstack.protocol.frames import (
     DEFAULT_MAX_META,
+    HEADER,
     HEADER_SIZE,
+    MAGIC,
     MessageType,
     parse_datagram,
 )
@@ -102,7 +104,10 @@ def _parse(data: bytes, max_datagram: int) -> tuple[Any, ProtocolViolation | Non
     try:
         frame = parse_datagram(data, max_datagram, DEFAULT_MAX_META)
     except RemoteProtocolError as exc:
-        return None, ProtocolViolation(exc.code, exc.message, 0, fatal=True), -1
+        # A header with our magic is answered (it names a request id); anything else is not,
+        # so that garbage from a spoofed address is never reflected.
+        rid = HEADER.unpack_from(data)[6] if len(data) >= HEADER_SIZE and data[:2] == MAGIC else -1
+        return None, ProtocolViolation(exc.code, exc.message, max(rid, 0), fatal=True), rid
     try:
         return decode_message(frame), None, frame.request_id
     except RemoteProtocolError as exc:

@@ -121,8 +121,9 @@ def _check_header(
 
 class FrameDecoder:
     """Incremental decoder for a byte stream. Feed it any split of the stream; it returns every
-    complete frame and keeps the rest. After it raises, the stream is unusable (framing is lost)
-    and every later call raises the same error."""
+    complete frame and keeps the rest. When framing breaks (bad magic, oversized length), the
+    frames completed before the bad header are still returned and ``error`` is set; the call
+    raises only when it has no frame to return, and every later call raises the same error."""
 
     __slots__ = ("_buf", "_error", "max_frame", "max_meta")
 
@@ -131,6 +132,11 @@ class FrameDecoder:
         self.max_meta = max_meta
         self._buf = bytearray()
         self._error: RemoteProtocolError | None = None
+
+    @property
+    def error(self) -> RemoteProtocolError | None:
+        """Why framing broke, or None while the stream is sound."""
+        return self._error
 
     @property
     def buffered(self) -> int:
@@ -167,7 +173,9 @@ class FrameDecoder:
         except RemoteProtocolError as exc:
             self._error = exc
             buf.clear()
-            raise
+            if not frames:
+                raise
+            return frames
         if pos:
             del buf[:pos]
         return frames

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import socket
 from dataclasses import dataclass
@@ -66,6 +67,10 @@ class Backoff:
 
     def delay(self, attempt: int) -> float:
         return min(self.initial * self.factor**attempt, self.max_delay) * random.uniform(0.5, 1.0)
+
+
+def _os_error(exc: OSError) -> str:
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 def outcome_error(ev: Error, method: str) -> RemoteError:
@@ -151,7 +156,7 @@ class _TCPChannel:
                 stream.abort()
             raise ConnectError(f"{self.ep}: no connection and handshake within {timeout:g} s") from None
         except OSError as exc:
-            raise ConnectError(f"{self.ep}: {exc.strerror or exc}") from None
+            raise ConnectError(f"{self.ep}: {_os_error(exc)}") from None
         except ConnectionLost as exc:  # closed during the handshake (version, auth...)
             raise ConnectError(f"{self.ep}: {exc}") from None
         self.stream = stream
@@ -324,7 +329,7 @@ class _UDPChannel:
                 lambda: _UDPEndpoint(self), remote_addr=(self.ep.host, self.ep.port), family=family
             )
         except OSError as exc:
-            raise ConnectError(f"{self.ep}: {exc.strerror or exc}") from None
+            raise ConnectError(f"{self.ep}: {_os_error(exc)}") from None
 
     def _new_id(self) -> int:
         rid = self.core.new_request_id(self._last_id)

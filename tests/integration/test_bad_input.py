@@ -1,0 +1,172 @@
+"""Bad input against a live server: each gets a clear ERROR or CLOSE with a code, is logged
+once, and leaves the server serving a well-behaved client connected beside it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from sockstack import AsyncClient, ErrorCode, Server, ServerLimits, StreamLimits
+from sockstack.protocol.frames import HEADER, MAGIC, FrameDecoder, MessageType, encode_frame
+from sockstack.protocol.messages import (
+    Close,
+    Error,
+    Hello,
+    Response,
+    Welcome,
+    decode_message,
+    encode_hello,
+    encode_request,
+)
+from tests.conftest import Probe, timeout
+
+HELLO = encode_hello(Hello())
+
+
+@pytest.fixture
+async def small_server(probe: Probe) -> AsyncIterator[Server]:
+    limits = ServerLimits(stream=StreamLimits(max_frame=4096, handshake_timeout=timeout(0.5)),
+                          max_datagram=1200)
+    async with Server(probe, tcp=["127.0.0.1:0"], udp=["127.0.0.1:0"], limits=limits) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def bystander(small_server: Server) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(str(small_server.endpoint("tcp")), timeout=timeout(5)) as c:
+        assert await c.call("add", 1, 1) == 2
+        yield c
+
+
+async def exchange(server: Server, data: bytes, *, then_eof: bool = False) -> list[Any]:
+    """Send raw bytes on a new connection; return every message until the server closes it
+    (or 1 s of silence, for cases where the connection must stay open)."""
+    ep = server.endpoint("tcp")
+    reader, writer = await asyncio.open_connection(ep.host, ep.port)
+    writer.write(data)
+    if then_eof:
+        writer.write_eof()
+    dec = FrameDecoder()
+    out: list[Any] = []
+    try:
+        while True:
+            chunk = await asyncio.wait_for(reader.read(65536), timeout(1))
+            if not chunk:
+                break
+            out += [decode_message(f) for f in dec.feed(chunk)]
+    except TimeoutError:
+        out.append("open")
+    writer.close()
+    return out
+
+
+def violations(caplog: pytest.LogCaptureFixture, code: ErrorCode) -> int:
+    return sum(1 for r in caplog.records if r.levelno == logging.WARNING and code.name in r.message)
+
+
+CASES = [
+    ("bad-magic", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", ErrorCode.PROTOCOL_ERROR),
+    ("wrong-version", encode_frame(MessageType.HELLO, 0, b"", b"\x09\x09\x00\x00\x10\x00",
+                                   version=9), ErrorCode.UNSUPPORTED_VERSION),
+    ("no-common-version", encode_frame(MessageType.HELLO, 0, b"", b"\x02\x03\x00\x10\x00\x00"),
+     ErrorCode.UNSUPPORTED_VERSION),
+    ("request-before-hello", encode_request(1, "add", [1, 2]), ErrorCode.PROTOCOL_ERROR),
+    ("oversized-length", HELLO + HEADER.pack(MAGIC, 1, 3, 0, 1, 0, 1, 2**32 - 1),
+     ErrorCode.FRAME_TOO_LARGE),
+    ("just-over-limit", HELLO + HEADER.pack(MAGIC, 1, 3, 0, 1, 0, 1, 4097),
+     ErrorCode.FRAME_TOO_LARGE),
+    ("response-from-client", HELLO + encode_frame(MessageType.RESPONSE, 1, b"", b"\xc0", 0, 1),
+     ErrorCode.PROTOCOL_ERROR),
+    ("truncated-hello-then-silence", HELLO[:10], ErrorCode.HANDSHAKE_TIMEOUT),
+    ("silence", b"", ErrorCode.HANDSHAKE_TIMEOUT),
+]
+
+
+@pytest.mark.parametrize(("name", "data", "code"), CASES, ids=[c[0] for c in CASES])
+async def test_fatal_input_closes_with_code(
+    small_server: Server, bystander: AsyncClient, caplog: pytest.LogCaptureFixture,
+    name: str, data: bytes, code: ErrorCode,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    out = await exchange(small_server, data)
+    assert out and isinstance(out[-1], Close), out
+    assert out[-1].code == code and out[-1].reason
+    assert violations(caplog, code) == 1
+    assert await bystander.call("add", 2, 2) == 4
+
+
+NON_FATAL = [
+    ("unknown-type", encode_frame(0x7F, 9, b"", b"x"), ErrorCode.UNKNOWN_TYPE),
+    ("undecodable-body", encode_frame(MessageType.REQUEST, 9, b"add", b"\xc1", 0, 1),
+     ErrorCode.DECODE_ERROR),
+    ("unknown-codec", encode_frame(MessageType.REQUEST, 9, b"add", b"\x90", 0, 99),
+     ErrorCode.UNSUPPORTED_CODEC),
+    ("unknown-method", encode_request(9, "no_such_method", []), ErrorCode.UNKNOWN_METHOD),
+    ("wrong-arguments", encode_request(9, "add", [1, 2, 3]), ErrorCode.BAD_ARGUMENTS),
+]
+
+
+@pytest.mark.parametrize(("name", "data", "code"), NON_FATAL, ids=[c[0] for c in NON_FATAL])
+async def test_request_level_input_gets_error_and_connection_survives(
+    small_server: Server, bystander: AsyncClient, caplog: pytest.LogCaptureFixture,
+    name: str, data: bytes, code: ErrorCode,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    out = await exchange(small_server, HELLO + data + encode_request(10, "add", [3, 4]))
+    assert isinstance(out[0], Welcome)
+    assert isinstance(out[1], Error) and out[1].request_id == 9 and out[1].code == code
+    assert out[2] == Response(10, 7, 1)  # the same connection still serves
+    assert out[-1] == "open"
+    if code < ErrorCode.UNKNOWN_METHOD or code > ErrorCode.BAD_ARGUMENTS:
+        assert violations(caplog, code) == 1  # protocol-level errors are logged once
+    assert await bystander.call("add", 2, 2) == 4
+
+
+async def test_truncated_frame_then_eof(small_server: Server, bystander: AsyncClient) -> None:
+    out = await exchange(small_server, HELLO + encode_request(1, "add", [1, 2])[:-3], then_eof=True)
+    assert isinstance(out[0], Welcome) and "open" not in out
+    assert await bystander.call("add", 2, 2) == 4
+
+
+class _Datagrams(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.queue.put_nowait(data)
+
+
+async def test_garbage_datagrams(small_server: Server, bystander: AsyncClient,
+                                 caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    ep = small_server.endpoint("udp")
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.create_datagram_endpoint(
+        _Datagrams, remote_addr=(ep.host, ep.port)
+    )
+    try:
+        rnd = random.Random(7)
+        for _ in range(200):  # bounded: random bytes, never a valid frame (no magic)
+            transport.sendto(b"\x00" + rnd.randbytes(rnd.randint(0, 300)))
+        transport.sendto(encode_frame(MessageType.REQUEST, 5, b"add", b"\xc1", 0, 1))
+        transport.sendto(encode_frame(MessageType.REQUEST, 6, b"add", b"x" * 2000, 0, 1))
+        transport.sendto(encode_request(8, "add", [1, 2]))
+        answers = []
+        for _ in range(3):
+            data = await asyncio.wait_for(proto.queue.get(), timeout(5))
+            answers += [decode_message(f) for f in FrameDecoder(1 << 20).feed(data)]
+    finally:
+        transport.close()
+    by_id = {a.request_id: a for a in answers}
+    assert by_id[5].code == ErrorCode.DECODE_ERROR
+    assert by_id[6].code == ErrorCode.FRAME_TOO_LARGE  # 2000 > max_datagram 1200, header read
+    assert by_id[8] == Response(8, 3, 1)
+    assert violations(caplog, ErrorCode.PROTOCOL_ERROR) == 200
+    async with AsyncClient(str(ep), timeout=timeout(5)) as c:
+        assert await c.call("add", 2, 2) == 4
+    assert await bystander.call("add", 2, 2) == 4

@@ -1,0 +1,69 @@
+"""Presentation layer: every codec round-trips the values it claims and refuses the rest."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sockstack.errors import CodecError
+from sockstack.protocol.codecs import JSON, MSGPACK, RAW, get_codec
+
+scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=20)
+floats = st.floats(allow_nan=False, allow_infinity=False)
+json_values = st.recursive(
+    scalars | floats,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+msgpack_values = st.recursive(
+    scalars | floats | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=8) | st.integers(0, 100), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(msgpack_values)
+def test_msgpack_round_trip(value: object) -> None:
+    assert MSGPACK.decode(MSGPACK.encode(value)) == value
+
+
+@given(json_values)
+def test_json_round_trip(value: object) -> None:
+    out = JSON.decode(JSON.encode(value))
+    assert out == value or (isinstance(value, float) and math.isclose(out, value))
+
+
+@given(st.binary(max_size=100))
+def test_raw_round_trip(value: bytes) -> None:
+    assert RAW.decode(RAW.encode(value)) == value
+
+
+def test_refusals_are_codec_errors() -> None:
+    with pytest.raises(CodecError):
+        MSGPACK.encode(object())
+    with pytest.raises(CodecError):
+        MSGPACK.encode(2**64)
+    with pytest.raises(CodecError):
+        JSON.encode(b"bytes")
+    with pytest.raises(CodecError):
+        JSON.encode(float("nan"))
+    with pytest.raises(CodecError):
+        RAW.encode("text")
+    with pytest.raises(CodecError):
+        MSGPACK.decode(b"\xc1")  # reserved byte: never valid msgpack
+    with pytest.raises(CodecError):
+        MSGPACK.decode(b"\x92\x01")  # truncated array
+    with pytest.raises(CodecError):
+        JSON.decode(b"\xff{")
+    with pytest.raises(CodecError, match="unknown codec"):
+        get_codec("pickle")
+
+
+def test_codec_lookup_by_name_and_id() -> None:
+    assert get_codec("msgpack") is MSGPACK and get_codec(1) is MSGPACK
+    assert get_codec("json") is JSON and get_codec(2) is JSON
+    assert get_codec("raw") is RAW and get_codec(0) is RAW

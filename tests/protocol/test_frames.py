@@ -1,0 +1,121 @@
+"""Framing: round trips, split-read invariance, limits checked on the header."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sockstack.errors import ErrorCode, FrameTooLarge, RemoteProtocolError
+from sockstack.protocol.frames import (
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    Frame,
+    FrameDecoder,
+    encode_frame,
+    parse_datagram,
+)
+
+frames = st.builds(
+    Frame,
+    type=st.integers(0, 255),
+    request_id=st.integers(0, 2**32 - 1),
+    flags=st.integers(0, 255),
+    codec=st.integers(0, 255),
+    meta=st.binary(max_size=64),
+    body=st.binary(max_size=512),
+)
+
+
+@given(frames)
+def test_round_trip(frame: Frame) -> None:
+    data = frame.serialize()
+    assert len(data) == HEADER_SIZE + len(frame.meta) + len(frame.body)
+    assert FrameDecoder().feed(data) == [frame]
+    assert parse_datagram(data, 1 << 20) == frame
+
+
+@given(st.lists(frames, max_size=8), st.randoms(use_true_random=False))
+def test_split_read_invariance(items: list[Frame], rnd: random.Random) -> None:
+    stream = b"".join(f.serialize() for f in items)
+    whole = FrameDecoder().feed(stream)
+    assert whole == items
+    bytewise: list[Frame] = []
+    dec = FrameDecoder()
+    for i in range(len(stream)):
+        bytewise += dec.feed(stream[i : i + 1])
+    assert bytewise == items
+    assert dec.buffered == 0
+    chunks: list[Frame] = []
+    dec = FrameDecoder()
+    pos = 0
+    while pos < len(stream):
+        step = rnd.randint(1, 40)
+        chunks += dec.feed(stream[pos : pos + step])
+        pos += step
+    assert chunks == items
+
+
+def test_empty_and_exactly_max_payload() -> None:
+    limit = 1000
+    empty = Frame(3, 1)
+    exact = Frame(3, 2, meta=b"m" * 10, body=b"b" * (limit - 10))
+    dec = FrameDecoder(max_frame=limit)
+    assert dec.feed(empty.serialize() + exact.serialize()) == [empty, exact]
+
+
+@pytest.mark.parametrize("declared", [1001, 2**32 - 1])
+def test_oversized_length_rejected_from_header(declared: int) -> None:
+    # Only the 16-byte header is fed: the limit must trip before any payload is buffered.
+    header = HEADER.pack(MAGIC, 1, 3, 0, 1, 0, 7, declared)
+    dec = FrameDecoder(max_frame=1000)
+    with pytest.raises(FrameTooLarge) as info:
+        dec.feed(header)
+    assert info.value.size == declared and info.value.limit == 1000
+    assert str(declared) in str(info.value) and "1000" in str(info.value)
+    assert info.value.code == ErrorCode.FRAME_TOO_LARGE
+    assert dec.buffered == 0
+    with pytest.raises(FrameTooLarge):  # the stream stays failed
+        dec.feed(b"")
+
+
+def test_oversized_meta_rejected() -> None:
+    header = HEADER.pack(MAGIC, 1, 3, 0, 1, 5000, 7, 0)
+    with pytest.raises(FrameTooLarge):
+        FrameDecoder(max_meta=4096).feed(header)
+
+
+def test_bad_magic_and_version() -> None:
+    with pytest.raises(RemoteProtocolError, match="bad magic") as info:
+        FrameDecoder().feed(b"GET / HTTP/1.1\r\n\r\n")
+    assert info.value.code == ErrorCode.PROTOCOL_ERROR
+    with pytest.raises(RemoteProtocolError) as info:
+        FrameDecoder().feed(encode_frame(3, 1, b"", b"", version=9))
+    assert info.value.code == ErrorCode.UNSUPPORTED_VERSION
+
+
+def test_datagram_must_match_header() -> None:
+    data = encode_frame(3, 1, b"m", b"body")
+    with pytest.raises(RemoteProtocolError, match="does not match"):
+        parse_datagram(data + b"x", 1000)
+    with pytest.raises(RemoteProtocolError, match="does not match"):
+        parse_datagram(data[:-1], 1000)
+    with pytest.raises(RemoteProtocolError, match="shorter than the 16-byte header"):
+        parse_datagram(data[:5], 1000)
+    with pytest.raises(FrameTooLarge):
+        parse_datagram(data, 4)
+
+
+@settings(max_examples=2000)
+@given(st.binary(max_size=200))
+def test_garbage_only_yields_frames_or_protocol_errors(data: bytes) -> None:
+    dec = FrameDecoder(max_frame=128)
+    try:
+        out = dec.feed(data)
+    except RemoteProtocolError:
+        return
+    assert all(isinstance(f, Frame) for f in out)
+    assert dec.buffered <= HEADER_SIZE + 128
