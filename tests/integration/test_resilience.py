@@ -22,6 +22,7 @@ from sockstack.transport.urls import Endpoint
 from tests.conftest import Probe, timeout, url
 
 FAST = Backoff(initial=0.01, factor=2.0, max_delay=0.2)
+QUICK_CLOSE = ServerLimits(close_timeout=0.2)  # idle blocking clients never answer CLOSE
 
 
 async def test_drop_fails_every_call_in_flight_at_once(server: Server, probe: Probe) -> None:
@@ -42,13 +43,13 @@ async def test_drop_fails_every_call_in_flight_at_once(server: Server, probe: Pr
 
 
 async def restart_on(ep: Endpoint, probe: Probe) -> Server:
-    srv = Server(probe, tcp=[Endpoint("tcp", ep.host, ep.port)])
+    srv = Server(probe, tcp=[Endpoint("tcp", ep.host, ep.port)], limits=QUICK_CLOSE)
     await srv.start()
     return srv
 
 
 async def test_reconnect_after_server_restart(probe: Probe) -> None:
-    first = Server(probe, tcp=["127.0.0.1:0"])
+    first = Server(probe, tcp=["127.0.0.1:0"], limits=QUICK_CLOSE)
     await first.start()
     ep = first.endpoint("tcp")
     async with AsyncClient(str(ep), timeout=timeout(10), backoff=FAST) as c:
@@ -70,7 +71,7 @@ async def test_reconnect_after_server_restart(probe: Probe) -> None:
 
 
 async def test_blocking_client_reconnects(probe: Probe) -> None:
-    first = Server(probe, tcp=["127.0.0.1:0"])
+    first = Server(probe, tcp=["127.0.0.1:0"], limits=QUICK_CLOSE)
     await first.start()
     ep = first.endpoint("tcp")
     client = await asyncio.to_thread(connect, str(ep), timeout=timeout(10), backoff=FAST)

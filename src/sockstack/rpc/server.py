@@ -67,7 +67,7 @@ class _RPCStream(StreamProtocol):
         self.server = server
         self.dispatcher = server.dispatcher
         self.in_flight = 0
-        self._read_paused = False
+        self._read_paused = False  # paused because too many requests are running
 
     def on_open(self) -> None:
         self.server._streams.add(self)
@@ -99,9 +99,8 @@ class _RPCStream(StreamProtocol):
         self.in_flight += 1
         self.server._in_flight += 1
         if self.in_flight >= self.server.limits.max_in_flight and not self._read_paused:
-            assert self.transport is not None
             self._read_paused = True
-            self.transport.pause_reading()
+            self._update_reading()
         self.loop.create_task(self._finish(req, outcome))  # type: ignore[arg-type]
 
     async def _finish(self, req: Request, pending: Awaitable[Outcome]) -> None:
@@ -114,8 +113,28 @@ class _RPCStream(StreamProtocol):
         self.flush()
         if self._read_paused and self.in_flight < self.server.limits.max_in_flight // 2:
             self._read_paused = False
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.resume_reading()
+            self._update_reading()
+
+    # Backpressure: stop reading a connection while too many of its requests run, or while its
+    # answers pile up unread in the write buffer (the peer does not read). Reading resumes when
+    # both have cleared, so a client cannot make the server queue without bound.
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._read_paused or self.write_paused:
+            if transport.is_reading():
+                transport.pause_reading()
+        elif not transport.is_reading():
+            transport.resume_reading()
 
     def _answer(self, req: Request, outcome: Outcome) -> None:
         core = self.core

@@ -1,0 +1,83 @@
+"""The `sockstack` command as a user runs it: real subprocesses, real sockets."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.cli.conftest import Proc, free_port, run
+
+
+@pytest.mark.parametrize("sub", [[], ["serve"], ["call"], ["ping"]])
+def test_help(sub: list[str]) -> None:
+    out = run(["sockstack", *sub, "--help"])
+    assert out.returncode == 0
+    assert "usage: sockstack" in out.stdout
+    if sub:
+        assert sub[0] in out.stdout.splitlines()[0]
+
+
+def test_call_and_ping_both_transports(demo_server: tuple[str, str]) -> None:
+    for url in demo_server:
+        out = run(["sockstack", "call", url, "add", "2", "3"])
+        assert (out.returncode, out.stdout) == (0, "5\n")
+        out = run(["sockstack", "call", url, "echo", "hello world"])
+        assert out.stdout == "hello world\n"
+        out = run(["sockstack", "call", url, "echo", '{"a": [1, true, null]}'])
+        assert out.stdout == '{"a": [1, true, null]}\n'
+        out = run(["sockstack", "ping", url, "--count", "20"])
+        assert out.returncode == 0 and "20 pings" in out.stdout and "p99" in out.stdout
+
+
+def test_key_value_store_shared_across_transports(demo_server: tuple[str, str]) -> None:
+    tcp, udp = demo_server
+    assert run(["sockstack", "call", udp, "set", "room", "21.5"]).stdout == "true\n"
+    assert run(["sockstack", "call", tcp, "get", "room"]).stdout == "21.5\n"
+    assert run(["sockstack", "call", tcp, "get", "nothing", "--kw", "default=0"]).stdout == "0\n"
+
+
+def test_exit_codes_and_one_line_errors(demo_server: tuple[str, str]) -> None:
+    tcp, _ = demo_server
+    out = run(["sockstack", "call", tcp, "nope"])
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        "sockstack: remote error: UNKNOWN_METHOD: no method 'nope'"
+    ]
+    out = run(["sockstack", "call", tcp, "add", "1"])
+    assert out.returncode == 1 and "BAD_ARGUMENTS" in out.stderr
+    out = run(["sockstack", "call", "tcp://127.0.0.1", "add"])
+    assert out.returncode == 2 and "missing :port" in out.stderr
+    out = run(["sockstack", "call", f"tcp://127.0.0.1:{free_port()}", "add", "1", "2"])
+    assert out.returncode == 3 and len(out.stderr.strip().splitlines()) == 1
+    assert "refused" in out.stderr
+    out = run(["sockstack", "call", tcp, "sleep", "5", "--timeout", "0.2"])
+    assert out.returncode == 3 and "got no answer within 0.2 s" in out.stderr
+    out = run(["sockstack", "serve", "no_such_module:X"])
+    assert out.returncode == 2 and "cannot import" in out.stderr
+
+
+def test_serve_a_user_module_and_drain_on_sigterm(tmp_path: Path) -> None:
+    (tmp_path / "slow_service.py").write_text(
+        "import asyncio\n"
+        "from sockstack import Service, method\n"
+        "class Slow(Service):\n"
+        "    @method\n"
+        "    async def slow(self, x):\n"
+        "        print('started', x, flush=True)\n"
+        "        await asyncio.sleep(0.5)\n"
+        "        return x * 2\n"
+    )
+    proc = Proc(["sockstack", "serve", "slow_service:Slow", "--tcp", "127.0.0.1:0"], cwd=tmp_path)
+    try:
+        url = proc.wait_line(r"serving Slow on (tcp://\S+)").group(1)
+        caller = Proc(["sockstack", "call", url, "slow", "21"])
+        proc.wait_line(r"^started 21$")  # the call is running on the server: now stop it
+        proc.popen.send_signal(signal.SIGTERM)
+        assert caller.wait_line(r"^\d+$").group(0) == "42"  # answered despite the shutdown
+        assert caller.wait() == 0
+    finally:
+        code = proc.stop(signal.SIGTERM)
+    assert code == 0
+    assert "server stopped" in proc.stderr()
