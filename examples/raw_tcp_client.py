@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The course notes' TCP client, with nothing but the standard ``socket`` module.
 
-    socket -> connect -> sendall -> recv -> close
+socket -> connect -> sendall -> recv -> close
 
-    python examples/raw_tcp_client.py --port 5060 hello
+python examples/raw_tcp_client.py --port 5060 hello
 """
 
 from __future__ import annotations

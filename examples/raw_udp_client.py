@@ -32,7 +32,9 @@ def main() -> None:
             try:
                 data, _ = sock.recvfrom(65535)  # read
             except TimeoutError:
-                print(f"no answer within {args.timeout} s (datagram or answer lost)", file=sys.stderr)
+                print(
+                    f"no answer within {args.timeout} s (datagram or answer lost)", file=sys.stderr
+                )
                 sys.exit(1)
             print(data.decode())
     finally:

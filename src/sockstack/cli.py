@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib
 import json
 import logging
@@ -38,7 +39,7 @@ class _UsageError(Exception):
 
 
 def parse_value(text: str) -> Any:
-    """A command-line argument: JSON when it parses (``3``, ``true``, ``[1,2]``), else the string."""
+    """A command-line argument: JSON when it parses (``3``, ``true``, ``[1,2]``), else a string."""
     try:
         return json.loads(text)
     except ValueError:
@@ -99,7 +100,9 @@ async def _serve(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
     )
     try:
-        server = Server(service, tcp=tcp, udp=udp, limits=limits, expose_errors=not args.hide_errors)
+        server = Server(
+            service, tcp=tcp, udp=udp, limits=limits, expose_errors=not args.hide_errors
+        )
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
     try:
@@ -109,7 +112,7 @@ async def _serve(args: argparse.Namespace) -> int:
         return EXIT_CONNECTION
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda s=sig: _on_signal(server, s))
+        loop.add_signal_handler(sig, functools.partial(_on_signal, server, sig))
     name = type(server.service).__name__
     for ep in server.endpoints:
         print(f"serving {name} on {ep}", flush=True)
@@ -198,39 +201,76 @@ def build_parser() -> argparse.ArgumentParser:
         f"tcp 127.0.0.1:{DEFAULT_TCP_PORT} and udp 127.0.0.1:{DEFAULT_UDP_PORT}.",
     )
     s.add_argument("service", nargs="?", help="module:Class, importable from the current directory")
-    s.add_argument("--tcp", action="append", metavar="HOST:PORT",
-                   help="TCP endpoint, repeatable ([::1]:5050 for IPv6; port 0 picks one)")
+    s.add_argument(
+        "--tcp",
+        action="append",
+        metavar="HOST:PORT",
+        help="TCP endpoint, repeatable ([::1]:5050 for IPv6; port 0 picks one)",
+    )
     s.add_argument("--udp", action="append", metavar="HOST:PORT", help="UDP endpoint, repeatable")
-    s.add_argument("--max-frame", type=int, default=DEFAULT_MAX_FRAME,
-                   help="largest frame (meta + body) accepted, bytes (default 1 MiB)")
-    s.add_argument("--max-datagram", type=int, default=DEFAULT_MAX_DATAGRAM,
-                   help="largest UDP frame accepted or sent, bytes (default 65507)")
-    s.add_argument("--max-in-flight", type=int, default=_DEFAULT_LIMITS.max_in_flight,
-                   help="requests running at once per TCP connection before the server stops "
-                   "reading it (default 1024)")
-    s.add_argument("--handshake-timeout", type=float, default=10.0,
-                   help="seconds a new TCP connection has to send HELLO; 0 disables (default 10)")
-    s.add_argument("--keepalive", type=float, default=20.0,
-                   help="PING a silent connection after this many seconds, close it if no answer "
-                   "in as many again; 0 disables (default 20)")
-    s.add_argument("--drain-timeout", type=float, default=_DEFAULT_LIMITS.drain_timeout,
-                   help="seconds to finish in-flight requests on shutdown (default 10)")
-    s.add_argument("--hide-errors", action="store_true",
-                   help="send clients only the type of unexpected exceptions, not their message")
+    s.add_argument(
+        "--max-frame",
+        type=int,
+        default=DEFAULT_MAX_FRAME,
+        help="largest frame (meta + body) accepted, bytes (default 1 MiB)",
+    )
+    s.add_argument(
+        "--max-datagram",
+        type=int,
+        default=DEFAULT_MAX_DATAGRAM,
+        help="largest UDP frame accepted or sent, bytes (default 65507)",
+    )
+    s.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=_DEFAULT_LIMITS.max_in_flight,
+        help="requests running at once per TCP connection before the server stops "
+        "reading it (default 1024)",
+    )
+    s.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a new TCP connection has to send HELLO; 0 disables (default 10)",
+    )
+    s.add_argument(
+        "--keepalive",
+        type=float,
+        default=20.0,
+        help="PING a silent connection after this many seconds, close it if no answer "
+        "in as many again; 0 disables (default 20)",
+    )
+    s.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=_DEFAULT_LIMITS.drain_timeout,
+        help="seconds to finish in-flight requests on shutdown (default 10)",
+    )
+    s.add_argument(
+        "--hide-errors",
+        action="store_true",
+        help="send clients only the type of unexpected exceptions, not their message",
+    )
 
     c = sub.add_parser(
         "call",
         help="call a method and print its result",
         description="Call METHOD on the server at URL. Each ARG is parsed as JSON when it parses "
-        "(3, true, [1,2], \"text\"), else taken as a string.",
+        '(3, true, [1,2], "text"), else taken as a string.',
     )
     c.add_argument("url", help="tcp://host:port or udp://host:port")
     c.add_argument("method")
     c.add_argument("args", nargs="*", metavar="ARG")
-    c.add_argument("--kw", action="append", metavar="KEY=VALUE", help="keyword argument, repeatable")
+    c.add_argument(
+        "--kw", action="append", metavar="KEY=VALUE", help="keyword argument, repeatable"
+    )
     c.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
-    c.add_argument("--codec", default="msgpack", choices=["msgpack", "json"],
-                   help="presentation codec (default msgpack)")
+    c.add_argument(
+        "--codec",
+        default="msgpack",
+        choices=["msgpack", "json"],
+        help="presentation codec (default msgpack)",
+    )
 
     g = sub.add_parser(
         "ping",

@@ -94,9 +94,12 @@ class Proc:
         return "".join(self.err_lines)
 
 
-def run(args: list[str], cwd: Path | None = None, seconds: float = 30.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, cwd=cwd, env=env(), capture_output=True, text=True,
-                          timeout=timeout(seconds))
+def run(
+    args: list[str], cwd: Path | None = None, seconds: float = 30.0
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout(seconds)
+    )
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:

@@ -28,8 +28,17 @@ def test_raw_udp_pair() -> None:
 
 def test_raw_udp_client_reports_loss() -> None:
     port = str(free_port(socket.SOCK_DGRAM))
-    out = run([sys.executable, str(EX / "raw_udp_client.py"), "--port", port, "--timeout", "0.2",
-               "anyone?"])
+    out = run(
+        [
+            sys.executable,
+            str(EX / "raw_udp_client.py"),
+            "--port",
+            port,
+            "--timeout",
+            "0.2",
+            "anyone?",
+        ]
+    )
     assert out.returncode == 1 and "no answer" in out.stderr
 
 

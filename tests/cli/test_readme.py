@@ -34,7 +34,8 @@ def blocks(lang: str) -> list[str]:
 def test_setup_commands_are_the_two_make_targets() -> None:
     first = blocks("")[0]
     assert [line.split()[:2] for line in first.strip().splitlines()] == [
-        ["make", "run"], ["make", "test"]
+        ["make", "run"],
+        ["make", "test"],
     ]
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^run:", makefile, re.M) and re.search(r"^test:", makefile, re.M)

@@ -30,8 +30,9 @@ HELLO = encode_hello(Hello())
 
 @pytest.fixture
 async def small_server(probe: Probe) -> AsyncIterator[Server]:
-    limits = ServerLimits(stream=StreamLimits(max_frame=4096, handshake_timeout=timeout(0.5)),
-                          max_datagram=1200)
+    limits = ServerLimits(
+        stream=StreamLimits(max_frame=4096, handshake_timeout=timeout(0.5)), max_datagram=1200
+    )
     async with Server(probe, tcp=["127.0.0.1:0"], udp=["127.0.0.1:0"], limits=limits) as srv:
         yield srv
 
@@ -71,17 +72,32 @@ def violations(caplog: pytest.LogCaptureFixture, code: ErrorCode) -> int:
 
 CASES = [
     ("bad-magic", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", ErrorCode.PROTOCOL_ERROR),
-    ("wrong-version", encode_frame(MessageType.HELLO, 0, b"", b"\x09\x09\x00\x00\x10\x00",
-                                   version=9), ErrorCode.UNSUPPORTED_VERSION),
-    ("no-common-version", encode_frame(MessageType.HELLO, 0, b"", b"\x02\x03\x00\x10\x00\x00"),
-     ErrorCode.UNSUPPORTED_VERSION),
+    (
+        "wrong-version",
+        encode_frame(MessageType.HELLO, 0, b"", b"\x09\x09\x00\x00\x10\x00", version=9),
+        ErrorCode.UNSUPPORTED_VERSION,
+    ),
+    (
+        "no-common-version",
+        encode_frame(MessageType.HELLO, 0, b"", b"\x02\x03\x00\x10\x00\x00"),
+        ErrorCode.UNSUPPORTED_VERSION,
+    ),
     ("request-before-hello", encode_request(1, "add", [1, 2]), ErrorCode.PROTOCOL_ERROR),
-    ("oversized-length", HELLO + HEADER.pack(MAGIC, 1, 3, 0, 1, 0, 1, 2**32 - 1),
-     ErrorCode.FRAME_TOO_LARGE),
-    ("just-over-limit", HELLO + HEADER.pack(MAGIC, 1, 3, 0, 1, 0, 1, 4097),
-     ErrorCode.FRAME_TOO_LARGE),
-    ("response-from-client", HELLO + encode_frame(MessageType.RESPONSE, 1, b"", b"\xc0", 0, 1),
-     ErrorCode.PROTOCOL_ERROR),
+    (
+        "oversized-length",
+        HELLO + HEADER.pack(MAGIC, 1, 3, 0, 1, 0, 1, 2**32 - 1),
+        ErrorCode.FRAME_TOO_LARGE,
+    ),
+    (
+        "just-over-limit",
+        HELLO + HEADER.pack(MAGIC, 1, 3, 0, 1, 0, 1, 4097),
+        ErrorCode.FRAME_TOO_LARGE,
+    ),
+    (
+        "response-from-client",
+        HELLO + encode_frame(MessageType.RESPONSE, 1, b"", b"\xc0", 0, 1),
+        ErrorCode.PROTOCOL_ERROR,
+    ),
     ("truncated-hello-then-silence", HELLO[:10], ErrorCode.HANDSHAKE_TIMEOUT),
     ("silence", b"", ErrorCode.HANDSHAKE_TIMEOUT),
 ]
@@ -89,8 +105,12 @@ CASES = [
 
 @pytest.mark.parametrize(("name", "data", "code"), CASES, ids=[c[0] for c in CASES])
 async def test_fatal_input_closes_with_code(
-    small_server: Server, bystander: AsyncClient, caplog: pytest.LogCaptureFixture,
-    name: str, data: bytes, code: ErrorCode,
+    small_server: Server,
+    bystander: AsyncClient,
+    caplog: pytest.LogCaptureFixture,
+    name: str,
+    data: bytes,
+    code: ErrorCode,
 ) -> None:
     caplog.set_level(logging.WARNING)
     out = await exchange(small_server, data)
@@ -102,10 +122,16 @@ async def test_fatal_input_closes_with_code(
 
 NON_FATAL = [
     ("unknown-type", encode_frame(0x7F, 9, b"", b"x"), ErrorCode.UNKNOWN_TYPE),
-    ("undecodable-body", encode_frame(MessageType.REQUEST, 9, b"add", b"\xc1", 0, 1),
-     ErrorCode.DECODE_ERROR),
-    ("unknown-codec", encode_frame(MessageType.REQUEST, 9, b"add", b"\x90", 0, 99),
-     ErrorCode.UNSUPPORTED_CODEC),
+    (
+        "undecodable-body",
+        encode_frame(MessageType.REQUEST, 9, b"add", b"\xc1", 0, 1),
+        ErrorCode.DECODE_ERROR,
+    ),
+    (
+        "unknown-codec",
+        encode_frame(MessageType.REQUEST, 9, b"add", b"\x90", 0, 99),
+        ErrorCode.UNSUPPORTED_CODEC,
+    ),
     ("unknown-method", encode_request(9, "no_such_method", []), ErrorCode.UNKNOWN_METHOD),
     ("wrong-arguments", encode_request(9, "add", [1, 2, 3]), ErrorCode.BAD_ARGUMENTS),
 ]
@@ -113,8 +139,12 @@ NON_FATAL = [
 
 @pytest.mark.parametrize(("name", "data", "code"), NON_FATAL, ids=[c[0] for c in NON_FATAL])
 async def test_request_level_input_gets_error_and_connection_survives(
-    small_server: Server, bystander: AsyncClient, caplog: pytest.LogCaptureFixture,
-    name: str, data: bytes, code: ErrorCode,
+    small_server: Server,
+    bystander: AsyncClient,
+    caplog: pytest.LogCaptureFixture,
+    name: str,
+    data: bytes,
+    code: ErrorCode,
 ) -> None:
     caplog.set_level(logging.WARNING)
     out = await exchange(small_server, HELLO + data + encode_request(10, "add", [3, 4]))
@@ -141,8 +171,9 @@ class _Datagrams(asyncio.DatagramProtocol):
         self.queue.put_nowait(data)
 
 
-async def test_garbage_datagrams(small_server: Server, bystander: AsyncClient,
-                                 caplog: pytest.LogCaptureFixture) -> None:
+async def test_garbage_datagrams(
+    small_server: Server, bystander: AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING)
     ep = small_server.endpoint("udp")
     loop = asyncio.get_running_loop()

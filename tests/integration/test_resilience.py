@@ -109,8 +109,12 @@ async def test_blocking_client_call_in_flight_fails_on_close(probe: Probe) -> No
 async def test_shutdown_answers_in_flight_then_refuses(probe: Probe, scheme: str) -> None:
     probe.gate = asyncio.Event()
     probe.entered = asyncio.Event()
-    srv = Server(probe, tcp=["127.0.0.1:0"], udp=["127.0.0.1:0"],
-                 limits=ServerLimits(drain_timeout=timeout(10)))
+    srv = Server(
+        probe,
+        tcp=["127.0.0.1:0"],
+        udp=["127.0.0.1:0"],
+        limits=ServerLimits(drain_timeout=timeout(10)),
+    )
     await srv.start()
     async with AsyncClient(url(srv, scheme), timeout=timeout(10), reconnect=False) as c:
         in_flight = asyncio.ensure_future(c.call("wait", "drain"))
@@ -132,4 +136,3 @@ async def test_thread_blocked_handlers_do_not_block_the_loop(server: Server, pro
         assert await c.call("add", 1, 1) == 2  # the loop answers while 4 threads are blocked
         probe.release.set()
         assert await asyncio.gather(*blocked) == [True] * 4
-

@@ -15,13 +15,17 @@ scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text
 floats = st.floats(allow_nan=False, allow_infinity=False)
 json_values = st.recursive(
     scalars | floats,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=20,
 )
 msgpack_values = st.recursive(
     scalars | floats | st.binary(max_size=20),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(max_size=8) | st.integers(0, 100), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=8) | st.integers(0, 100), inner, max_size=4)
+    ),
     max_leaves=20,
 )
 

@@ -129,8 +129,9 @@ def test_unknown_type_answered_with_error_and_session_survives() -> None:
     server.data_to_send()
     events = server.receive_data(encode_frame(0x7E, 5, b"", b"?") + encode_request(6, "m", []))
     assert types(events) == [ProtocolViolation, Request]
-    assert sent_frames(server) == [Error(5, ErrorCode.UNKNOWN_TYPE, "UNKNOWN_TYPE",
-                                         "unknown message type 0x7e")]
+    assert sent_frames(server) == [
+        Error(5, ErrorCode.UNKNOWN_TYPE, "UNKNOWN_TYPE", "unknown message type 0x7e")
+    ]
     assert server.state is State.OPEN
 
 
@@ -171,16 +172,24 @@ def test_frames_before_a_bad_header_are_still_delivered() -> None:
     client, server = pair()
     client.send_request(1, "a", [])
     events = server.receive_data(client.data_to_send() + b"JUNKJUNKJUNKJUNK")
-    assert types(events) == [HandshakeComplete, Hello, Request, ProtocolViolation,
-                             ConnectionTerminated]
+    assert types(events) == [
+        HandshakeComplete,
+        Hello,
+        Request,
+        ProtocolViolation,
+        ConnectionTerminated,
+    ]
 
 
 def test_unsupported_version_in_hello() -> None:
     server = Connection(Role.SERVER)
-    events = server.receive_data(encode_hello(Hello(1, 1, 1 << 20)).replace(b"\x01\x01", b"\x02\x03", 1))
+    events = server.receive_data(
+        encode_hello(Hello(1, 1, 1 << 20)).replace(b"\x01\x01", b"\x02\x03", 1)
+    )
     # header version 1 stays readable; the body asks for versions 2..3 only
-    assert any(isinstance(e, ProtocolViolation) and e.code == ErrorCode.UNSUPPORTED_VERSION
-               for e in events)
+    assert any(
+        isinstance(e, ProtocolViolation) and e.code == ErrorCode.UNSUPPORTED_VERSION for e in events
+    )
     assert server.close_expected()
 
 
@@ -216,8 +225,9 @@ def test_keepalive_pings_then_closes_silent_peer() -> None:
     assert ping.__class__.__name__ == "Ping"
     assert server.next_timer(40.0) == 60.0
     events = server.handle_timer(60.0)
-    assert events[-1] == ConnectionTerminated(ErrorCode.IDLE_TIMEOUT,
-                                              "peer did not answer keepalive PING", False)
+    assert events[-1] == ConnectionTerminated(
+        ErrorCode.IDLE_TIMEOUT, "peer did not answer keepalive PING", False
+    )
 
 
 def test_keepalive_pong_keeps_session() -> None:

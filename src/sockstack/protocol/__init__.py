@@ -17,7 +17,13 @@ from sockstack.protocol.connection import (
     ProtocolViolation,
     State,
 )
-from sockstack.protocol.datagram import CallExpired, DatagramClient, DatagramServer, ReplyCache, RetryPolicy
+from sockstack.protocol.datagram import (
+    CallExpired,
+    DatagramClient,
+    DatagramServer,
+    ReplyCache,
+    RetryPolicy,
+)
 from sockstack.protocol.frames import (
     DEFAULT_MAX_FRAME,
     HEADER_SIZE,

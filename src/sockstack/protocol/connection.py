@@ -43,7 +43,6 @@ from sockstack.protocol.messages import (
     Close,
     Error,
     Hello,
-    Ping,
     Role,
     Welcome,
     encode_close,
@@ -165,7 +164,9 @@ class Connection:
         return self.state is State.CLOSED
 
     def _check_can_send(self) -> bool:
-        if self.state is State.OPEN or (self.state is State.HELLO_SENT and self.role is Role.CLIENT):
+        if self.state is State.OPEN or (
+            self.state is State.HELLO_SENT and self.role is Role.CLIENT
+        ):
             return True
         if self.state in (State.CLOSING, State.CLOSED):
             return False
@@ -249,7 +250,7 @@ class Connection:
         specs = MESSAGE_SPECS
         peer = self._peer_role
         for frame in frames:
-            if self.state is State.CLOSED:
+            if self._is_closed():
                 break
             t = frame.type
             spec = specs.get(t)
@@ -294,16 +295,22 @@ class Connection:
                     self._on_close(msg_obj, events)
                     break
                 if t == MessageType.HELLO or t == MessageType.WELCOME:
-                    self._fail(ErrorCode.PROTOCOL_ERROR, "handshake message on an open session", events)
+                    self._fail(
+                        ErrorCode.PROTOCOL_ERROR, "handshake message on an open session", events
+                    )
                     break
                 if t == MessageType.PONG:
                     self._ping_outstanding = False
                 events.append(msg_obj)
             else:
                 self._handshake(t, msg_obj, events)
-        if error is not None and self.state is not State.CLOSED:
+        if error is not None and not self._is_closed():
             self._fail(error.code, error.message, events)
         return events
+
+    def _is_closed(self) -> bool:
+        # A method, not an inline test: handlers called in the loop change the state.
+        return self.state is State.CLOSED
 
     def _handshake(self, t: int, msg: Any, events: list[Any]) -> None:
         if t == MessageType.CLOSE:

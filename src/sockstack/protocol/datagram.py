@@ -186,8 +186,10 @@ class DatagramClient:
         if violation is not None:
             if rid > 0 and rid in self._pending and violation.code >= 2000:
                 del self._pending[rid]
-                return [violation, Error(rid, violation.code, ErrorCode(violation.code).name,
-                                         violation.message)]
+                return [
+                    violation,
+                    Error(rid, violation.code, ErrorCode(violation.code).name, violation.message),
+                ]
             return [violation]
         if isinstance(msg, Welcome):
             return [msg]
@@ -273,7 +275,7 @@ class ReplyCache:
     def _expire(self, now: float) -> None:
         entries = self._entries
         while entries:
-            key, (deadline, answer) = next(iter(entries.items()))
+            _, (deadline, answer) = next(iter(entries.items()))
             if deadline > now:
                 break
             entries.popitem(last=False)
@@ -316,8 +318,12 @@ class DatagramServer:
         if violation is not None:
             if rid >= 0:  # the header was ours: say what was wrong with it
                 self._out.append(
-                    (encode_error(rid, violation.code, ErrorCode(violation.code).name,
-                                  violation.message), addr)
+                    (
+                        encode_error(
+                            rid, violation.code, ErrorCode(violation.code).name, violation.message
+                        ),
+                        addr,
+                    )
                 )
             return [violation]
         t = type(msg)
@@ -335,7 +341,9 @@ class DatagramServer:
             self._out.append((encode_pong(msg.request_id, msg.payload), addr))
             return []
         if t is Hello:
-            self._out.append((encode_welcome(Welcome(1, (1, 2, 0), self.max_datagram, self.agent)), addr))
+            self._out.append(
+                (encode_welcome(Welcome(1, (1, 2, 0), self.max_datagram, self.agent)), addr)
+            )
             return []
         spec = MESSAGE_SPECS.get(data[3])
         if spec is not None and Role.CLIENT not in spec.sent_by:
@@ -352,7 +360,7 @@ class DatagramServer:
         self, addr: Any, request_id: int, result: Any, codec: Codec, now: float
     ) -> None:
         """Queue and remember the answer. A result that does not encode, or does not fit one
-        datagram, is answered with an ERROR instead (codes RESULT_NOT_ENCODABLE, DATAGRAM_TOO_LARGE)."""
+        datagram, is answered with an ERROR instead (RESULT_NOT_ENCODABLE, DATAGRAM_TOO_LARGE)."""
         try:
             data = encode_response(request_id, result, codec)
         except CodecError as exc:

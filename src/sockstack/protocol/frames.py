@@ -100,7 +100,11 @@ def encode_frame(
         raise ValueError(f"meta section of {len(meta)} bytes does not fit in u16")
     if not 0 <= request_id <= _U32_MAX:
         raise ValueError(f"request id {request_id} does not fit in u32")
-    return HEADER.pack(MAGIC, version, type, flags, codec, len(meta), request_id, len(body)) + meta + body
+    return (
+        HEADER.pack(MAGIC, version, type, flags, codec, len(meta), request_id, len(body))
+        + meta
+        + body
+    )
 
 
 def _check_header(
@@ -127,7 +131,9 @@ class FrameDecoder:
 
     __slots__ = ("_buf", "_error", "max_frame", "max_meta")
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, max_meta: int = DEFAULT_MAX_META) -> None:
+    def __init__(
+        self, max_frame: int = DEFAULT_MAX_FRAME, max_meta: int = DEFAULT_MAX_META
+    ) -> None:
         self.max_frame = max_frame
         self.max_meta = max_meta
         self._buf = bytearray()
@@ -184,7 +190,9 @@ class FrameDecoder:
 def parse_datagram(data: bytes, max_size: int, max_meta: int = DEFAULT_MAX_META) -> Frame:
     """Parse one datagram that must hold exactly one frame; ``max_size`` bounds meta + body."""
     if len(data) < HEADER_SIZE:
-        raise RemoteProtocolError(f"datagram of {len(data)} bytes is shorter than the 16-byte header")
+        raise RemoteProtocolError(
+            f"datagram of {len(data)} bytes is shorter than the 16-byte header"
+        )
     magic, version, type_, flags, codec, meta_len, rid, body_len = HEADER.unpack_from(data)
     _check_header(magic, version, meta_len, body_len, max_size, max_meta)
     if HEADER_SIZE + meta_len + body_len != len(data):

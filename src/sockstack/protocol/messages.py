@@ -216,7 +216,9 @@ def encode_pong(request_id: int, payload: bytes = b"") -> bytes:
 
 
 def encode_close(code: int = ErrorCode.NORMAL, reason: str = "") -> bytes:
-    return encode_frame(MessageType.CLOSE, 0, b"", _U16.pack(code) + reason.encode("utf-8", "replace"))
+    return encode_frame(
+        MessageType.CLOSE, 0, b"", _U16.pack(code) + reason.encode("utf-8", "replace")
+    )
 
 
 # --------------------------------------------------------------------------- decoding
@@ -250,7 +252,9 @@ def _decode_hello(f: Frame) -> Hello:
     lo, hi, max_frame = _HELLO.unpack_from(f.body)
     if lo > hi or lo == 0:
         raise RemoteProtocolError(f"HELLO version range {lo}..{hi} is empty")
-    return Hello(lo, hi, max_frame, _text(f.meta, "agent"), _decode_extensions(f.body[_HELLO.size :]))
+    return Hello(
+        lo, hi, max_frame, _text(f.meta, "agent"), _decode_extensions(f.body[_HELLO.size :])
+    )
 
 
 def _decode_welcome(f: Frame) -> Welcome:
@@ -294,7 +298,9 @@ def _decode_request(f: Frame) -> Request:
             )
         return Request(f.request_id, method, value[0], value[1], codec.id)
     if not isinstance(value, list):
-        raise RemoteProtocolError("REQUEST body must be an array of arguments", ErrorCode.DECODE_ERROR)
+        raise RemoteProtocolError(
+            "REQUEST body must be an array of arguments", ErrorCode.DECODE_ERROR
+        )
     return Request(f.request_id, method, value, {}, codec.id)
 
 
@@ -364,5 +370,7 @@ def decode_message(frame: Frame) -> Any:
     says what was wrong (``UNKNOWN_TYPE``, ``DECODE_ERROR``, ``UNSUPPORTED_CODEC``...)."""
     spec = MESSAGE_SPECS.get(frame.type)
     if spec is None:
-        raise RemoteProtocolError(f"unknown message type 0x{frame.type:02x}", ErrorCode.UNKNOWN_TYPE)
+        raise RemoteProtocolError(
+            f"unknown message type 0x{frame.type:02x}", ErrorCode.UNKNOWN_TYPE
+        )
     return spec.decode(frame)

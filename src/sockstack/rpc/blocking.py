@@ -59,19 +59,26 @@ class _TCP:
         except OSError as exc:
             raise ConnectError(f"{self.ep}: {exc.strerror or exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        core = Connection(Role.CLIENT, max_frame=self.client.max_frame, keepalive_interval=None,
-                          handshake_timeout=None)
+        core = Connection(
+            Role.CLIENT,
+            max_frame=self.client.max_frame,
+            keepalive_interval=None,
+            handshake_timeout=None,
+        )
         self.sock, self.core = sock, core
         try:
             sock.sendall(core.data_to_send())
             while core.state is State.HELLO_SENT:
                 for ev in self._read(deadline, "HELLO"):
                     if type(ev) is ConnectionTerminated:
-                        raise ConnectError(f"{self.ep}: refused: {ev.reason} "
-                                           f"[{ErrorCode.describe(ev.code or 0)}]")
+                        raise ConnectError(
+                            f"{self.ep}: refused: {ev.reason} [{ErrorCode.describe(ev.code or 0)}]"
+                        )
         except (ConnectionLost, CallTimeout, OSError) as exc:
             self.drop()
-            raise ConnectError(f"{self.ep}: handshake failed: {exc}".replace(f": {self.ep}:", ":")) from None
+            raise ConnectError(
+                f"{self.ep}: handshake failed: {exc}".replace(f": {self.ep}:", ":")
+            ) from None
         except ConnectError:
             self.drop()
             raise
@@ -118,7 +125,8 @@ class _TCP:
                 data = sock.recv(_RECV)
             except OSError:
                 data = b""
-            events = core.receive_data(data) if data else core.receive_eof()
+            # Only the core's side effects matter here: PONGs queued, CLOSE answered.
+            core.receive_data(data) if data else core.receive_eof()
             out = core.data_to_send()
             if out:
                 try:
@@ -163,9 +171,7 @@ class _TCP:
                     raise ConnectionClosed(ev.code, ev.reason)
                 raise ConnectionLost(f"{ep}: {ev.reason}; the call may or may not have run")
 
-    def exchange(
-        self, method: str, send: Any, timeout: float, deadline: float
-    ) -> Any:
+    def exchange(self, method: str, send: Any, timeout: float, deadline: float) -> Any:
         self.ensure(deadline, method, timeout)
         core, sock = self.core, self.sock
         assert core is not None and sock is not None
@@ -224,8 +230,9 @@ class _UDP:
             except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP: retry later
                 self.last_error = exc.strerror or str(exc)
 
-    def exchange(self, method: str, rid: int, timeout: float, deadline: float, *,
-                 track: bool = True) -> Any:
+    def exchange(
+        self, method: str, rid: int, timeout: float, deadline: float, *, track: bool = True
+    ) -> Any:
         self._send_out()
         while True:
             now = time.monotonic()
@@ -317,8 +324,15 @@ class Client:
             impl = self._impl
             if isinstance(impl, _UDP):
                 rid = impl.new_id()
-                impl.core.send_request(rid, method, args, kwargs or None, self.codec,
-                                       now=time.monotonic(), timeout=timeout)
+                impl.core.send_request(
+                    rid,
+                    method,
+                    args,
+                    kwargs or None,
+                    self.codec,
+                    now=time.monotonic(),
+                    timeout=timeout,
+                )
                 return impl.exchange(method, rid, timeout, deadline)
             return impl.exchange(
                 method,

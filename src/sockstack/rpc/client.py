@@ -154,7 +154,9 @@ class _TCPChannel:
         except TimeoutError:
             if stream is not None:
                 stream.abort()
-            raise ConnectError(f"{self.ep}: no connection and handshake within {timeout:g} s") from None
+            raise ConnectError(
+                f"{self.ep}: no connection and handshake within {timeout:g} s"
+            ) from None
         except OSError as exc:
             raise ConnectError(f"{self.ep}: {_os_error(exc)}") from None
         except ConnectionLost as exc:  # closed during the handshake (version, auth...)
@@ -234,8 +236,12 @@ class _TCPChannel:
             raise CallTimeout(method, timeout, f"not connected: {self.last_error}") from None
 
     async def call(
-        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None,
-        timeout: float, codec: Codec
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+        timeout: float,
+        codec: Codec,
     ) -> Any:
         stream = self.stream
         loop = self.loop
@@ -389,8 +395,12 @@ class _UDPChannel:
                 self.endpoint.log_violation(ev, addr)
 
     async def call(
-        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None,
-        timeout: float, codec: Codec
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+        timeout: float,
+        codec: Codec,
     ) -> Any:
         if self.endpoint is None:
             raise ConnectError("client is closed")
@@ -484,7 +494,9 @@ class AsyncClient:
             self._channel = channel
         return self
 
-    async def call(self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+    async def call(
+        self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any
+    ) -> Any:
         """Call ``method`` with positional and keyword arguments; ``timeout`` is reserved for the
         call's own timeout (use :meth:`request` for a remote parameter named ``timeout``)."""
         return await self.request(method, args, kwargs, timeout=timeout)
@@ -501,7 +513,10 @@ class AsyncClient:
         if channel is None:
             raise ConnectError("client is not connected: use `async with` or await connect()")
         return await channel.call(
-            method, tuple(args), kwargs or None, self.timeout if timeout is None else timeout,
+            method,
+            tuple(args),
+            kwargs or None,
+            self.timeout if timeout is None else timeout,
             self.codec,
         )
 

@@ -45,7 +45,7 @@ log = logging.getLogger("sockstack.server")
 class ServerLimits:
     """Every limit of a server, with its default (README "Limits")."""
 
-    stream: StreamLimits = StreamLimits()
+    stream: StreamLimits = StreamLimits()  # noqa: RUF009 (frozen, so sharing it is safe)
     max_in_flight: int = 1024
     """Requests running at once per TCP connection; above it the server stops reading that
     connection (backpressure) instead of queueing without bound."""
@@ -89,8 +89,9 @@ class _RPCStream(StreamProtocol):
         core = self.core
         assert core is not None
         if self.server.draining:
-            core.send_error(req.request_id, ErrorCode.SHUTTING_DOWN, "SHUTTING_DOWN",
-                            "server is shutting down")
+            core.send_error(
+                req.request_id, ErrorCode.SHUTTING_DOWN, "SHUTTING_DOWN", "server is shutting down"
+            )
             return
         outcome = self.dispatcher.dispatch(req)
         if type(outcome) is tuple:
@@ -149,7 +150,8 @@ class _RPCStream(StreamProtocol):
             except LocalProtocolError as exc:  # a result larger than the peer's frame limit
                 value = (exc.code, ErrorCode(exc.code).name, exc.message)
             log.warning("method %r: %s", req.method, value[2])
-        core.send_error(req.request_id, *value)
+        code, type_name, message = value
+        core.send_error(req.request_id, code, type_name, message)
 
 
 class _RPCDatagram(DatagramEndpoint):
@@ -159,7 +161,9 @@ class _RPCDatagram(DatagramEndpoint):
         lim = server.limits
         self.core = DatagramServer(
             max_datagram=lim.max_datagram,
-            reply_cache=ReplyCache(lim.reply_window, lim.reply_cache_entries, lim.reply_cache_bytes),
+            reply_cache=ReplyCache(
+                lim.reply_window, lim.reply_cache_entries, lim.reply_cache_bytes
+            ),
         )
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
@@ -174,8 +178,14 @@ class _RPCDatagram(DatagramEndpoint):
 
     def _on_request(self, req: Request, addr: Any, now: float) -> None:
         if self.server.draining:
-            self.core.send_error(addr, req.request_id, ErrorCode.SHUTTING_DOWN, "SHUTTING_DOWN",
-                                 "server is shutting down", now)
+            self.core.send_error(
+                addr,
+                req.request_id,
+                ErrorCode.SHUTTING_DOWN,
+                "SHUTTING_DOWN",
+                "server is shutting down",
+                now,
+            )
             return
         outcome = self.server.dispatcher.dispatch(req)
         if type(outcome) is tuple:
@@ -197,7 +207,8 @@ class _RPCDatagram(DatagramEndpoint):
         if ok:
             self.core.send_response(addr, req.request_id, value, CODECS[req.codec], now)
         else:
-            self.core.send_error(addr, req.request_id, *value, now)
+            code, type_name, message = value
+            self.core.send_error(addr, req.request_id, code, type_name, message, now)
 
 
 class Server:
@@ -309,8 +320,11 @@ class Server:
                 async with asyncio.timeout(self.limits.drain_timeout):
                     await self._idle.wait()
             except TimeoutError:
-                log.warning("%d requests still running after %.1f s; closing anyway",
-                            self._in_flight, self.limits.drain_timeout)
+                log.warning(
+                    "%d requests still running after %.1f s; closing anyway",
+                    self._in_flight,
+                    self.limits.drain_timeout,
+                )
         for dg in self._datagrams:
             if dg.transport is not None:
                 dg.transport.close()
@@ -320,9 +334,7 @@ class Server:
                 s.core.send_close(ErrorCode.GOING_AWAY, "server shutting down")
                 s.flush()
         if streams:
-            done, pending = await asyncio.wait(
-                [s.closed for s in streams], timeout=self.limits.close_timeout
-            )
+            await asyncio.wait([s.closed for s in streams], timeout=self.limits.close_timeout)
             for s in streams:
                 if not s.closed.done():
                     s.abort()

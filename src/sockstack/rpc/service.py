@@ -22,7 +22,7 @@ One definition serves every transport (TCP, UDP, and later TLS and HTTP).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
@@ -83,7 +83,7 @@ class Handler:
     max_positional: int  # -1: unbounded (*args)
     accepts_kwargs: bool
 
-    def check_arguments(self, args: list[Any] | tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    def check_arguments(self, args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
         """None when the arguments fit the signature, else a message saying why not."""
         if not kwargs and not self.accepts_kwargs:
             n = len(args)

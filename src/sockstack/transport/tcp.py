@@ -81,7 +81,7 @@ class StreamProtocol(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # Requests are small and latency-bound: never wait for Nagle's coalescing.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.set_write_buffer_limits(high=self.limits.write_high_water)
+        self.transport.set_write_buffer_limits(high=self.limits.write_high_water)
         lim = self.limits
         self.core = Connection(
             self.role,
