@@ -30,7 +30,7 @@ test: $(VENV)/.installed-dev
 	PYTHONASYNCIODEBUG=1 $(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check src tests examples
+	$(BIN)/ruff check src tests examples bench
 	$(BIN)/mypy
 
 clean:

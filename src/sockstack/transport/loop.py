@@ -1,4 +1,4 @@
-"""Event loop choice: uvloop when installed (faster I/O, measured in docs/PERFORMANCE.md),
+"""Event loop choice: uvloop when installed (faster I/O, see bench/transport_choice.py),
 otherwise the standard asyncio loop. ``SOCKSTACK_LOOP=asyncio`` forces the standard one."""
 
 from __future__ import annotations

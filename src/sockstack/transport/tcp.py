@@ -6,7 +6,8 @@ output, flow control (``pause_writing``), and logging each protocol violation on
 (the RPC server and client, later the pub/sub broker) implement only ``handle_events``.
 
 asyncio's Protocol API was chosen over streams because it hands us whole ``data_received``
-chunks with no extra buffering or task switch per message (docs/PERFORMANCE.md).
+chunks with no extra buffering or task switch per message: twice the round trips of streams on
+the standard loop (bench/transport_choice.py, figures in the README).
 """
 
 from __future__ import annotations
