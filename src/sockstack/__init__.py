@@ -31,7 +31,7 @@ from sockstack.errors import (
 )
 from sockstack.rpc.blocking import Client, connect
 from sockstack.rpc.client import AsyncClient, Backoff
-from sockstack.rpc.server import Server, ServerLimits
+from sockstack.rpc.server import Server, ServerLimits, serve
 from sockstack.rpc.service import Service, ServiceError, method
 from sockstack.transport.loop import run
 from sockstack.transport.tcp import StreamLimits
@@ -65,4 +65,5 @@ __all__ = [
     "connect",
     "method",
     "run",
+    "serve",
 ]

@@ -7,14 +7,11 @@ connection or timeout. Errors are one line on stderr.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import functools
 import importlib
 import json
 import logging
 import math
 import os
-import signal
 import sys
 from typing import Any
 
@@ -110,15 +107,12 @@ async def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"sockstack: error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_CONNECTION
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, functools.partial(_on_signal, server, sig))
     name = type(server.service).__name__
     for ep in server.endpoints:
         print(f"serving {name} on {ep}", flush=True)
     first = server.endpoints[0]
     print(f"try: sockstack call {first} {_example_call(server)}   (Ctrl-C stops)", flush=True)
-    await server.serve_forever()
+    await server.run(handle_signals=True)
     return EXIT_OK
 
 
@@ -127,11 +121,6 @@ def _example_call(server: Server) -> str:
     if "add" in handlers:
         return "add 2 3"
     return next(iter(sorted(handlers)))
-
-
-def _on_signal(server: Server, sig: int) -> None:
-    log.info("%s received: draining and stopping", signal.Signals(sig).name)
-    asyncio.get_running_loop().create_task(server.shutdown())
 
 
 # ------------------------------------------------------------------------------ call, ping

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,29 @@ def test_serve_a_user_module_and_drain_on_sigterm(tmp_path: Path) -> None:
         code = proc.stop(signal.SIGTERM)
     assert code == 0
     assert "server stopped" in proc.stderr()
+
+
+def test_serve_function_runs_until_sigterm(tmp_path: Path) -> None:
+    script = tmp_path / "app.py"
+    script.write_text(
+        "import logging, sys\n"
+        "from sockstack import Service, method, serve\n"
+        "class Hi(Service):\n"
+        "    @method\n"
+        "    def hi(self, name):\n"
+        "        return f'hi {name}'\n"
+        "if __name__ == '__main__':\n"
+        "    logging.basicConfig(stream=sys.stdout, level=logging.DEBUG)\n"
+        "    serve(Hi(), tcp=['127.0.0.1:0'], udp=['127.0.0.1:0'])\n"
+        "    print('stopped', flush=True)\n"
+    )
+    proc = Proc([sys.executable, str(script)], cwd=tmp_path)
+    try:
+        url = proc.wait_line(r"serving Hi on (tcp://\S+)").group(1)
+        assert run(["sockstack", "call", url, "hi", "you"]).stdout == "hi you\n"
+        proc.popen.send_signal(signal.SIGTERM)
+        proc.wait_line("^stopped$")  # serve() returned after the drain
+        assert proc.wait() == 0
+    finally:
+        if proc.popen.poll() is None:
+            proc.stop(signal.SIGKILL)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from sockstack.transport.tcp import StreamLimits, StreamProtocol
 from sockstack.transport.udp import DatagramEndpoint
 from sockstack.transport.urls import Endpoint, parse_endpoint
 
-__all__ = ["Server", "ServerLimits"]
+__all__ = ["Server", "ServerLimits", "serve"]
 
 log = logging.getLogger("sockstack.server")
 
@@ -240,6 +241,7 @@ class Server:
         self._streams: set[_RPCStream] = set()
         self._in_flight = 0
         self._idle: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._stopped: asyncio.Event | None = None
 
     @property
@@ -283,7 +285,7 @@ class Server:
             await self._close_endpoints()
             raise
         for ep in self.endpoints:
-            log.info("serving %s on %s", type(self.service).__name__, ep)
+            log.debug("serving %s on %s", type(self.service).__name__, ep)
 
     def endpoint(self, scheme: str) -> Endpoint:
         """The first bound endpoint of a scheme (handy with port 0)."""
@@ -295,6 +297,28 @@ class Server:
     async def serve_forever(self) -> None:
         assert self._stopped is not None, "call start() first"
         await self._stopped.wait()
+
+    async def run(self, *, handle_signals: bool = True) -> None:
+        """Start, serve until :meth:`shutdown` — or, with ``handle_signals``, until SIGINT or
+        SIGTERM, which drain in-flight requests before returning."""
+        if self._stopped is None:
+            await self.start()
+        if handle_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            await self.serve_forever()
+        finally:
+            if handle_signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        log.info("%s received: draining and stopping", signal.Signals(sig).name)
+        task = asyncio.get_running_loop().create_task(self.shutdown())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _close_endpoints(self) -> None:
         for srv in self._listeners:
@@ -349,3 +373,24 @@ class Server:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.shutdown()
+
+
+def serve(
+    service: object,
+    *,
+    tcp: Iterable[str | Endpoint] = (),
+    udp: Iterable[str | Endpoint] = (),
+    limits: ServerLimits | None = None,
+    expose_errors: bool = True,
+) -> None:
+    """Serve ``service`` until SIGINT/SIGTERM (blocking; uvloop when installed)::
+
+    serve(Calculator(), tcp=["127.0.0.1:5050"], udp=["127.0.0.1:5051"])
+    """
+    from sockstack.transport.loop import run
+
+    async def main() -> None:
+        server = Server(service, tcp=tcp, udp=udp, limits=limits, expose_errors=expose_errors)
+        await server.run()
+
+    run(main())
