@@ -15,6 +15,7 @@ the server's reply cache makes sure it runs once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -287,8 +288,11 @@ class _TCPChannel:
 
     async def close(self) -> None:
         self.closed = True
-        if self._reconnect_task is not None:
-            self._reconnect_task.cancel()
+        task, self._reconnect_task = self._reconnect_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         stream = self.stream
         if stream is not None and stream.core is not None:
             stream.core.send_close(ErrorCode.NORMAL, "")
