@@ -98,7 +98,12 @@ async def _serve(args: argparse.Namespace) -> int:
     )
     try:
         server = Server(
-            service, tcp=tcp, udp=udp, limits=limits, expose_errors=not args.hide_errors
+            service,
+            tcp=tcp,
+            udp=udp,
+            limits=limits,
+            expose_errors=not args.hide_errors,
+            reuse_port=args.reuse_port,
         )
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
@@ -114,6 +119,30 @@ async def _serve(args: argparse.Namespace) -> int:
     print(f"try: sockstack call {first} {_example_call(server)}   (Ctrl-C stops)", flush=True)
     await server.run(handle_signals=True)
     return EXIT_OK
+
+
+def _serve_workers(args: argparse.Namespace) -> int:
+    from sockstack.rpc.workers import run_workers
+
+    if args.service:
+        load_service(args.service)  # fail here, once, rather than in every worker
+    tcp, udp = args.tcp or [], args.udp or []
+    if not tcp and not udp:
+        tcp, udp = [f"127.0.0.1:{DEFAULT_TCP_PORT}"], [f"127.0.0.1:{DEFAULT_UDP_PORT}"]
+    worker_args = ["--log-level", args.log_level, "serve"]
+    if args.service:
+        worker_args.append(args.service)
+    worker_args += [
+        f"--max-frame={args.max_frame}",
+        f"--max-datagram={args.max_datagram}",
+        f"--max-in-flight={args.max_in_flight}",
+        f"--handshake-timeout={args.handshake_timeout}",
+        f"--keepalive={args.keepalive}",
+        f"--drain-timeout={args.drain_timeout}",
+    ]
+    if args.hide_errors:
+        worker_args.append("--hide-errors")
+    return run_workers(worker_args, tcp, udp, args.workers)
 
 
 def _example_call(server: Server) -> str:
@@ -236,6 +265,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to finish in-flight requests on shutdown (default 10)",
     )
     s.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the ports with SO_REUSEPORT, to use several cores "
+        "(default 1)",
+    )
+    s.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="bind with SO_REUSEPORT so that several processes serve the same port",
+    )
+    s.add_argument(
         "--hide-errors",
         action="store_true",
         help="send clients only the type of unexpected exceptions, not their message",
@@ -270,6 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("url", help="tcp://host:port or udp://host:port")
     g.add_argument("--count", type=int, default=10, help="number of pings (default 10)")
     g.add_argument("--timeout", type=float, default=2.0, help="seconds per ping (default 2)")
+    b = sub.add_parser(
+        "bench",
+        help="benchmark sockstack side by side with raw sockets and peer libraries",
+        description="Run the benchmark suite (see docs/PERFORMANCE.md): tables on the terminal, "
+        "JSON, Markdown and a PNG chart under --out. Peers that are not installed are skipped "
+        "and listed; `make bench` installs them.",
+    )
+    from sockstack.bench import add_arguments
+
+    add_arguments(b)
     return p
 
 
@@ -283,7 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command == "serve":
+            if args.workers > 1:
+                return _serve_workers(args)
+            if args.workers < 1:
+                raise _UsageError("--workers must be at least 1")
             return run(_serve(args))
+        if args.command == "bench":
+            from sockstack.bench import run as run_bench
+
+            return run_bench(args)
         if args.url:
             parse_endpoint(args.url)
         return _call(args) if args.command == "call" else _ping(args)

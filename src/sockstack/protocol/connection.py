@@ -28,21 +28,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
+
 from sockstack.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from sockstack.protocol.codecs import MSGPACK, Codec
 from sockstack.protocol.frames import (
     DEFAULT_MAX_FRAME,
     DEFAULT_MAX_META,
+    HEADER,
     HEADER_SIZE,
+    MAGIC,
     PROTOCOL_VERSION,
     FrameDecoder,
     MessageType,
 )
 from sockstack.protocol.messages import (
+    FLAG_KWARGS,
     MESSAGE_SPECS,
     Close,
     Error,
     Hello,
+    Request,
+    Response,
     Role,
     Welcome,
     encode_close,
@@ -107,6 +114,11 @@ class ProtocolViolation:
 
 
 _HANDSHAKE_STATES = (State.AWAIT_HELLO, State.HELLO_SENT)
+_REQUEST = int(MessageType.REQUEST)
+_RESPONSE = int(MessageType.RESPONSE)
+_unpackb = msgpack.unpackb
+_METHOD_BYTES: dict[str, bytes] = {}
+_pack_header = HEADER.pack
 
 
 class Connection:
@@ -129,6 +141,7 @@ class Connection:
         self.max_frame = max_frame
         self.agent = agent
         self._peer_role = Role.SERVER if role is Role.CLIENT else Role.CLIENT
+        self._fast_type = _RESPONSE if role is Role.CLIENT else _REQUEST
         self._decoder = FrameDecoder(max_frame, max_meta)
         self._out: list[bytes] = []
         self._handshake_deadline = now + handshake_timeout if handshake_timeout else None
@@ -182,16 +195,36 @@ class Connection:
     ) -> None:
         if self.role is not Role.CLIENT:
             raise LocalProtocolError("only a client sends REQUEST")
-        if not self._check_can_send():
+        if self.state is not State.OPEN and not self._check_can_send():
             raise LocalProtocolError(f"cannot send a request: session is {self.state.value}")
-        self._out.append(self._fit(encode_request(request_id, method, args, kwargs, codec)))
+        meta = _METHOD_BYTES.get(method)
+        if kwargs or not codec.structured or meta is None:
+            self._out.append(self._fit(encode_request(request_id, method, args, kwargs, codec)))
+            if meta is None and len(_METHOD_BYTES) < 4096:
+                _METHOD_BYTES[method] = method.encode("utf-8")  # names repeat: encode once
+            return
+        body = codec.encode(args if type(args) is list else list(args))
+        if len(meta) + len(body) > self.peer_max_frame:
+            self._fit(encode_request(request_id, method, args, kwargs, codec))  # raises
+        self._out += (
+            _pack_header(MAGIC, 1, _REQUEST, 0, codec.id, len(meta), request_id, len(body)),
+            meta,
+            body,
+        )
 
     def send_response(self, request_id: int, result: Any, codec: Codec = MSGPACK) -> bool:
         """Queue a RESPONSE; False (nothing queued) if the session already ended.
         Raises :class:`CodecError` if the result cannot be encoded (nothing queued)."""
-        if not self._check_can_send():
+        if self.state is not State.OPEN and not self._check_can_send():
             return False
-        self._out.append(self._fit(encode_response(request_id, result, codec)))
+        body = codec.encode(result)
+        if len(body) > self.peer_max_frame:
+            self._fit(encode_response(request_id, result, codec))  # raises with the sizes
+        # Header and body are queued apart: data_to_send joins them once, with the batch.
+        self._out += (
+            _pack_header(MAGIC, 1, _RESPONSE, 0, codec.id, 0, request_id, len(body)),
+            body,
+        )
         return True
 
     def _fit(self, data: bytes) -> bytes:
@@ -249,10 +282,31 @@ class Connection:
             error = self._decoder.error  # framing broke after the frames returned
         specs = MESSAGE_SPECS
         peer = self._peer_role
+        fast = self._fast_type
         for frame in frames:
             if self._is_closed():
                 break
             t = frame.type
+            # Fast path for the bulk of the traffic: a msgpack REQUEST (server) or RESPONSE
+            # (client) on an open session. Anything unusual falls through to the general path,
+            # which decodes again and reports the exact error.
+            if t == fast and frame.codec == 1 and self.state is State.OPEN:
+                try:
+                    value = _unpackb(frame.body, raw=False, strict_map_key=False)
+                except Exception:
+                    pass
+                else:
+                    if t == _RESPONSE:
+                        events.append(Response(frame.request_id, value, 1))
+                        continue
+                    if type(value) is list and not frame.flags & FLAG_KWARGS:
+                        try:
+                            method = frame.meta.decode()
+                        except UnicodeDecodeError:
+                            pass
+                        else:
+                            events.append(Request(frame.request_id, method, value, {}, 1))
+                            continue
             spec = specs.get(t)
             if spec is None:
                 msg = f"unknown message type 0x{t:02x}"

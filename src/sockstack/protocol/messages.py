@@ -1,6 +1,7 @@
 """Session and application messages: typed values <-> frames (docs/PROTOCOL.md §3-§5).
 
-Each message is a small frozen dataclass; :func:`decode_message` turns a :class:`Frame` into one,
+Each message is a small slotted dataclass (read-only by convention: frozen ones cost 4x more to
+build, and one is built per message); :func:`decode_message` turns a :class:`Frame` into one,
 and each ``encode_*`` function turns fields into wire bytes. Control messages (HELLO, WELCOME,
 ERROR, PING, PONG, CLOSE) have fixed binary layouts that need no codec; REQUEST and RESPONSE
 bodies are encoded with the codec named in the header.
@@ -67,7 +68,7 @@ class Role(enum.Enum):
     SERVER = "server"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Hello:
     """Client -> server, first frame on a stream: the versions it speaks and optional extensions."""
 
@@ -78,7 +79,7 @@ class Hello:
     extensions: tuple[tuple[int, bytes], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Welcome:
     """Server -> client: the chosen version, the server's codecs and its frame limit."""
 
@@ -89,7 +90,7 @@ class Welcome:
     extensions: tuple[tuple[int, bytes], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
     request_id: int
     method: str
@@ -98,14 +99,14 @@ class Request:
     codec: int = MSGPACK.id
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Response:
     request_id: int
     result: Any = None
     codec: int = MSGPACK.id
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Error:
     """ERROR frame: the request ``request_id`` (0: none) failed with ``code``."""
 
@@ -115,19 +116,19 @@ class Error:
     message: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ping:
     request_id: int
     payload: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Pong:
     request_id: int
     payload: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Close:
     code: int = ErrorCode.NORMAL
     reason: str = ""
@@ -337,7 +338,7 @@ def _decode_close(f: Frame) -> Close:
     return Close(code, f.body[2:].decode("utf-8", "replace"))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MessageSpec:
     """How a message type is decoded, and which role may send it on an open session."""
 

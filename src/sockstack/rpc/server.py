@@ -76,6 +76,38 @@ class _RPCStream(StreamProtocol):
     def on_lost(self, exc: Exception | None) -> None:
         self.server._streams.discard(self)
 
+    def data_received(self, data: bytes) -> None:
+        # The hot path, flattened: decode every complete frame of this read, answer inline
+        # methods at once, and send all answers with one write.
+        core = self.core
+        assert core is not None
+        events = core.receive_data(data)
+        if events:
+            dispatch = self.dispatcher.dispatch
+            draining = self.server.draining
+            for ev in events:
+                if type(ev) is Request and not draining:
+                    outcome = dispatch(ev)
+                    if type(outcome) is tuple:
+                        if outcome[0]:
+                            try:
+                                core.send_response(ev.request_id, outcome[1], CODECS[ev.codec])
+                                continue
+                            except (CodecError, LocalProtocolError):
+                                pass
+                        self._answer(ev, outcome)
+                    else:
+                        self._start(ev, outcome)  # type: ignore[arg-type]
+                else:
+                    self.handle_events([ev])
+        out = core.data_to_send()
+        transport = self.transport
+        if out and transport is not None:
+            transport.write(out)
+        if core.state is not self._timer_state:
+            self.flush()
+            self.arm_timer()
+
     def handle_events(self, events: list[Any]) -> None:
         for ev in events:
             t = type(ev)
@@ -98,12 +130,15 @@ class _RPCStream(StreamProtocol):
         if type(outcome) is tuple:
             self._answer(req, outcome)
             return
+        self._start(req, outcome)  # type: ignore[arg-type]
+
+    def _start(self, req: Request, pending: Awaitable[Outcome]) -> None:
         self.in_flight += 1
         self.server._in_flight += 1
         if self.in_flight >= self.server.limits.max_in_flight and not self._read_paused:
             self._read_paused = True
             self._update_reading()
-        self.loop.create_task(self._finish(req, outcome))  # type: ignore[arg-type]
+        self.loop.create_task(self._finish(req, pending))
 
     async def _finish(self, req: Request, pending: Awaitable[Outcome]) -> None:
         try:

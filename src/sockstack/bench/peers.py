@@ -1,0 +1,170 @@
+"""Echo servers of the baselines and peer libraries, each a process the bench starts and stops.
+
+    python -m sockstack.bench.peers NAME [--port 0] [--nats URL]
+
+Each prints ``listening PORT`` on stdout once it serves, and echoes a 64-byte (or any) payload.
+Every server does the minimum its library needs, so the comparison is with what a user would
+write, not with a strawman: the framed uvloop echo decodes all complete frames per
+``data_received`` and answers with one write, as sockstack does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import struct
+import sys
+from typing import Any
+
+LENGTH = struct.Struct(">I")
+
+
+def _ready(port: int) -> None:
+    print(f"listening {port}", flush=True)
+
+
+class FramedEcho(asyncio.Protocol):
+    """Length-prefixed echo: the ceiling for a Python framed protocol on this loop."""
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.buf = bytearray()
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        out = []
+        pos = 0
+        end = len(buf)
+        while end - pos >= 4:
+            (n,) = LENGTH.unpack_from(buf, pos)
+            if end - pos - 4 < n:
+                break
+            out.append(bytes(buf[pos : pos + 4 + n]))
+            pos += 4 + n
+        if pos:
+            del buf[:pos]
+        if out:
+            self.transport.write(b"".join(out))
+
+
+async def _uvloop_echo(port: int) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(FramedEcho, "127.0.0.1", port)
+    _ready(server.sockets[0].getsockname()[1])
+    await server.serve_forever()
+
+
+def uvloop_echo(port: int) -> None:
+    import uvloop
+
+    uvloop.run(_uvloop_echo(port))
+
+
+def zmq_rep(port: int) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.REP)
+    port = sock.bind_to_random_port("tcp://127.0.0.1") if port == 0 else port
+    _ready(port)
+    while True:
+        sock.send(sock.recv())
+
+
+def zmq_router(port: int) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1") if port == 0 else port
+    _ready(port)
+    while True:
+        sock.send_multipart(sock.recv_multipart())
+
+
+def grpc_server(port: int) -> None:
+    from concurrent import futures
+
+    import grpc
+
+    def echo(request: bytes, context: Any) -> bytes:
+        return request
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    _ready(port)
+    server.wait_for_termination()
+
+
+def pyro_server(port: int) -> None:
+    import Pyro5.api
+
+    @Pyro5.api.expose
+    class Echo:
+        def echo(self, value: Any) -> Any:
+            return value
+
+    daemon = Pyro5.api.Daemon(host="127.0.0.1", port=port)
+    uri = daemon.register(Echo, "echo")
+    _ready(int(uri.port))
+    daemon.requestLoop()
+
+
+async def _nats_responder(url: str) -> None:
+    import nats
+
+    nc = await nats.connect(url)
+
+    async def handler(msg: Any) -> None:
+        await msg.respond(msg.data)
+
+    await nc.subscribe("bench.echo", cb=handler)
+    await nc.flush()
+    _ready(0)
+    await asyncio.Event().wait()
+
+
+def nats_responder(url: str) -> None:
+    import uvloop
+
+    uvloop.run(_nats_responder(url))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Echo servers for the benchmark baselines.")
+    p.add_argument(
+        "name", choices=["uvloop-echo", "zmq-rep", "zmq-router", "grpc", "pyro", "nats-responder"]
+    )
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--nats", default="nats://127.0.0.1:4222")
+    args = p.parse_args(argv)
+    try:
+        if args.name == "uvloop-echo":
+            uvloop_echo(args.port)
+        elif args.name == "zmq-rep":
+            zmq_rep(args.port)
+        elif args.name == "zmq-router":
+            zmq_router(args.port)
+        elif args.name == "grpc":
+            grpc_server(args.port)
+        elif args.name == "pyro":
+            pyro_server(args.port)
+        else:
+            nats_responder(args.nats)
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

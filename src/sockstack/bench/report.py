@@ -1,0 +1,341 @@
+"""Bench output: a rich table on the terminal, and JSON, Markdown and a PNG chart on disk.
+
+Absolute figures drift on shared machines; the targets are ratios between rows of one run.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sockstack.bench.harness import Result
+from sockstack.bench.runner import Run
+from sockstack.bench.scenarios import CDF_POINTS
+
+__all__ = ["Target", "targets", "write_all"]
+
+SS = "sockstack"
+
+
+@dataclass(frozen=True)
+class Target:
+    what: str
+    ratio: float | None
+    goal: float
+    higher_is_better: bool = True
+
+    @property
+    def met(self) -> bool | None:
+        if self.ratio is None:
+            return None
+        return self.ratio >= self.goal if self.higher_is_better else self.ratio <= self.goal
+
+
+def _find(
+    results: Iterable[Result], scenario: str, system: str, placement: str | None = None
+) -> Result | None:
+    for r in results:
+        if (
+            r.scenario == scenario
+            and r.system == system
+            and (placement is None or r.placement == placement)
+        ):
+            return r
+    return None
+
+
+def _ratio(a: Result | None, b: Result | None) -> float | None:
+    if a is None or b is None or not b.rate:
+        return None
+    return round(a.rate / b.rate, 2)
+
+
+def targets(run: Run) -> list[Target]:
+    """The issue's targets, as ratios between rows of this run."""
+    res = run.results
+    out: list[Target] = []
+    seq = "sequential TCP 64 B"
+    for placement in ("same core", "two cores"):
+        ss = _find(res, seq, SS, placement)
+        for peer, goal in (
+            ("asyncio+uvloop framed echo", 0.75),
+            ("pyzmq REQ/REP", 2.0),
+            ("Pyro5", 3.0),
+            ("gRPC sync unary", 8.0),
+        ):
+            out.append(
+                Target(
+                    f"{seq}, {placement}: sockstack / {peer}",
+                    _ratio(ss, _find(res, seq, peer, placement)),
+                    goal,
+                )
+            )
+    out.append(
+        Target(
+            f"{seq}, same core: sockstack / C echo",
+            _ratio(
+                _find(res, seq, SS, "same core"),
+                _find(res, seq, "C echo (kernel limit)", "same core"),
+            ),
+            0.5,
+        )
+    )
+    udp = "sequential UDP 64 B"
+    for placement in ("same core", "two cores"):
+        out.append(
+            Target(
+                f"{udp}, {placement}: sockstack / raw UDP socket",
+                _ratio(
+                    _find(res, udp, "sockstack UDP", placement),
+                    _find(res, udp, "raw UDP socket (examples/)", placement),
+                ),
+                0.6,
+            )
+        )
+    pipe = next((r.scenario for r in res if r.scenario.startswith("pipelined")), "pipelined")
+    out.append(
+        Target(
+            f"{pipe}: sockstack / pyzmq DEALER/ROUTER",
+            _ratio(_find(res, pipe, SS), _find(res, pipe, "pyzmq DEALER/ROUTER")),
+            1.0,
+        )
+    )
+    conc = next((r.scenario for r in res if r.scenario.endswith("concurrent clients")), "")
+    out.append(
+        Target(
+            f"{conc or '100 concurrent clients'}: --workers 2 / --workers 1",
+            _ratio(
+                _find(res, conc, "sockstack --workers 2"), _find(res, conc, "sockstack --workers 1")
+            ),
+            1.6,
+        )
+    )
+    big = "TCP payload 1 MiB"
+    out.append(
+        Target(
+            f"{big}: sockstack / raw socket MB/s",
+            _ratio(_find(res, big, SS), _find(res, big, "raw socket (examples/)")),
+            0.8,
+        )
+    )
+    mem = _find(res, "idle-memory", SS)
+    per = mem.extra.get("bytes_per_idle_connection") if mem else None
+    out.append(
+        Target(
+            "memory per idle TCP connection, KiB",
+            None if per is None else round(per / 1024, 2),
+            10.0,
+            higher_is_better=False,
+        )
+    )
+    return out
+
+
+def _fmt(v: Any, digits: int = 0) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+COLUMNS = (
+    "system",
+    "placement",
+    "calls/s",
+    "MB/s",
+    "p50 µs",
+    "p99 µs",
+    "p99.9 µs",
+    "CPU s / M calls",
+    "server peak RSS MiB",
+)
+
+
+def _row(r: Result) -> list[str]:
+    return [
+        r.system,
+        r.placement,
+        _fmt(r.rate),
+        _fmt(r.mb_per_s, 1),
+        _fmt(r.p50_us, 1),
+        _fmt(r.p99_us, 1),
+        _fmt(r.p999_us, 1),
+        _fmt(r.cpu_s_per_m, 1),
+        _fmt(r.peak_rss_mb, 1),
+    ]
+
+
+def _scenarios(run: Run) -> list[str]:
+    seen: list[str] = []
+    for r in run.results:
+        if r.scenario not in seen and r.scenario != "idle-memory":
+            seen.append(r.scenario)
+    return seen
+
+
+def print_tables(run: Run) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for scenario in _scenarios(run):
+        table = Table(title=scenario, title_justify="left")
+        for i, col in enumerate(COLUMNS):
+            table.add_column(col, justify="left" if i < 2 else "right")
+        for r in run.results:
+            if r.scenario == scenario:
+                table.add_row(*_row(r), style="bold green" if r.system.startswith(SS) else None)
+        console.print(table)
+    t = Table(title="targets (ratios in this run)", title_justify="left")
+    for col in ("target", "measured", "goal", "met"):
+        t.add_column(col)
+    for tg in targets(run):
+        met = {True: "[green]yes[/]", False: "[red]no[/]", None: "-"}[tg.met]
+        t.add_row(
+            tg.what, _fmt(tg.ratio, 2), ("≥ " if tg.higher_is_better else "≤ ") + str(tg.goal), met
+        )
+    console.print(t)
+    for name, why in run.skipped.items():
+        console.print(f"[yellow]skipped[/] {name}: {why}")
+
+
+def markdown(run: Run) -> str:
+    lines = [
+        f"# sockstack benchmark ({'quick' if run.quick else 'full'} run)",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(run.started))}, "
+        f"{platform.machine()}, Python {platform.python_version()}, "
+        f"{_cpus()} CPUs. Sequential rows: one client, one connection, 64-byte payload, "
+        "one call after the other; MB/s counts the payload one way.",
+        "",
+    ]
+    lines += ["## Targets", "", "| target | measured | goal | met |", "|---|---|---|---|"]
+    for tg in targets(run):
+        met = {True: "yes", False: "**no**", None: "-"}[tg.met]
+        lines.append(
+            f"| {tg.what} | {_fmt(tg.ratio, 2)} | {'≥' if tg.higher_is_better else '≤'} "
+            f"{tg.goal} | {met} |"
+        )
+    for scenario in _scenarios(run):
+        lines += [
+            "",
+            f"## {scenario}",
+            "",
+            "| " + " | ".join(COLUMNS) + " |",
+            "|" + "---|" * len(COLUMNS),
+        ]
+        for r in run.results:
+            if r.scenario == scenario:
+                lines.append("| " + " | ".join(_row(r)) + " |")
+    mem = _find(run.results, "idle-memory", SS)
+    if mem:
+        lines += [
+            "",
+            "## Memory",
+            "",
+            f"{mem.note}: {mem.extra['bytes_per_idle_connection']:,} bytes per idle connection.",
+        ]
+    if run.skipped:
+        lines += ["", "## Skipped", ""] + [f"- {k}: {v}" for k, v in run.skipped.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+def chart(run: Run, path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib not installed: no chart"
+    seq = [r for r in run.results if r.scenario == "sequential TCP 64 B"]
+    if not seq:
+        return "no sequential TCP results: no chart"
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 6))
+    for r in seq:
+        if r.placement == "same core" and "cdf_us" in r.extra:
+            ax1.plot(
+                r.extra["cdf_us"],
+                [q / 100 for q in CDF_POINTS],
+                marker=".",
+                label=r.system,
+                linewidth=2.5 if r.system == SS else 1.2,
+            )
+    ax1.set_xscale("log")
+    ax1.set_xlabel("round-trip latency, µs (log)")
+    ax1.set_ylabel("fraction of calls")
+    ax1.set_title("Latency CDF, sequential TCP 64 B, same core")
+    ax1.grid(True, alpha=0.3)
+    ax1.legend(fontsize=8)
+    names = list(dict.fromkeys(r.system for r in seq))
+    width = 0.4
+    for i, placement in enumerate(("same core", "two cores")):
+        rates = [
+            next((r.rate for r in seq if r.system == n and r.placement == placement), 0) / 1000
+            for n in names
+        ]
+        ax2.barh([y + i * width for y in range(len(names))], rates, height=width, label=placement)
+    ax2.set_yticks([y + width / 2 for y in range(len(names))], names, fontsize=8)
+    ax2.invert_yaxis()
+    ax2.set_xlabel("thousand calls/s")
+    ax2.set_title("Throughput, sequential TCP 64 B")
+    ax2.legend()
+    ax2.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def write_all(run: Run, out_dir: Path, readme: Path | None = None) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    data = {
+        "quick": run.quick,
+        "started": run.started,
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "results": [r.as_dict() for r in run.results],
+        "targets": [
+            {"target": t.what, "measured": t.ratio, "goal": t.goal, "met": t.met}
+            for t in targets(run)
+        ],
+        "skipped": run.skipped,
+    }
+    (out_dir / "latest.json").write_text(json.dumps(data, indent=2) + "\n")
+    md = markdown(run)
+    (out_dir / "latest.md").write_text(md)
+    written += [out_dir / "latest.json", out_dir / "latest.md"]
+    problem = chart(run, out_dir / "latest.png")
+    if problem is None:
+        written.append(out_dir / "latest.png")
+    else:
+        run.skipped["chart"] = problem
+    if readme is not None and readme.exists():
+        text = readme.read_text()
+        start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+        if start in text and end in text:
+            body = md.split("\n", 2)[2]  # drop the title line
+            new = (
+                text.split(start)[0]
+                + start
+                + "\n"
+                + body.replace("## ", "#### ")
+                + end
+                + text.split(end, 1)[1]
+            )
+            readme.write_text(new)
+            written.append(readme)
+    return written

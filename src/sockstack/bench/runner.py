@@ -1,0 +1,302 @@
+"""Runs every scenario in one process, so all figures come from the same machine and minute."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sockstack.bench import scenarios as sc
+from sockstack.bench.harness import Result, Server, SkipSystem, pin, stats
+
+__all__ = ["Run", "run_all"]
+
+
+@dataclass
+class Run:
+    quick: bool
+    results: list[Result] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    cdf: dict[str, list[float]] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class System:
+    name: str
+    start: Callable[[set[int]], Server]
+    client: Callable[[Server, bytes], Any]
+    is_async: bool = False
+
+
+def _ss_url(s: Server, scheme: str = "tcp") -> str:
+    port = s.extra["udp_port"] if scheme == "udp" else s.port
+    return f"{scheme}://127.0.0.1:{port}"
+
+
+SEQ_TCP = [
+    System(
+        "C echo (kernel limit)",
+        lambda c: sc.start_c_echo("tcp", c),
+        lambda s, p: sc.framed_client(s.port, p),
+    ),
+    System(
+        "raw socket (examples/)",
+        lambda c: sc.start_example("raw_tcp_server.py", c),
+        lambda s, p: sc.framed_client(s.port, p),
+    ),
+    System(
+        "asyncio+uvloop framed echo",
+        lambda c: sc.start_peer("uvloop-echo", c),
+        lambda s, p: sc.framed_client(s.port, p),
+    ),
+    System("sockstack", sc.start_sockstack, lambda s, p: sc.sockstack_client(_ss_url(s), p)),
+    System(
+        "pyzmq REQ/REP",
+        lambda c: sc.start_peer("zmq-rep", c, "zmq"),
+        lambda s, p: sc.zmq_client(s.port, p),
+    ),
+    System(
+        "gRPC sync unary",
+        lambda c: sc.start_peer("grpc", c, "grpc"),
+        lambda s, p: sc.grpc_client(s.port, p),
+    ),
+    System(
+        "gRPC aio unary",
+        lambda c: sc.start_peer("grpc", c, "grpc"),
+        lambda s, p: sc.grpc_aio(s.port, p),
+        is_async=True,
+    ),
+    System(
+        "Pyro5", lambda c: sc.start_peer("pyro", c, "Pyro5"), lambda s, p: sc.pyro_client(s.port, p)
+    ),
+    System(
+        "NATS request/reply (nats-py)",
+        sc.start_nats,
+        lambda s, p: sc.nats_async(s.port, p),
+        is_async=True,
+    ),
+    System("Redis ECHO (redis-py)", sc.start_redis, lambda s, p: sc.redis_client(s.port, p)),
+]
+
+SEQ_UDP = [
+    System(
+        "C echo UDP (kernel limit)",
+        lambda c: sc.start_c_echo("udp", c),
+        lambda s, p: sc.udp_client(s.port, p),
+    ),
+    System(
+        "raw UDP socket (examples/)",
+        lambda c: sc.start_example("raw_udp_server.py", c),
+        lambda s, p: sc.udp_client(s.port, p),
+    ),
+    System(
+        "sockstack UDP", sc.start_sockstack, lambda s, p: sc.sockstack_client(_ss_url(s, "udp"), p)
+    ),
+]
+
+
+def _measure(
+    run: Run,
+    scenario: str,
+    system: System,
+    placement: sc.Placement,
+    budget: sc.Budget,
+    payload: int,
+) -> None:
+    key = f"{scenario} / {system.name}"
+    try:
+        server = system.start(placement[1])
+    except SkipSystem as exc:
+        run.skipped[system.name] = str(exc)
+        run.log(f"  skip {system.name}: {exc}")
+        return
+    data = b"x" * payload
+    try:
+        if system.is_async:
+            r = sc.measure_async(
+                scenario,
+                system.name,
+                placement,
+                server,
+                lambda: system.client(server, data),
+                budget,
+                payload,
+            )
+        else:
+            r = sc.measure_sync(
+                scenario,
+                system.name,
+                placement,
+                server,
+                lambda: system.client(server, data),
+                budget,
+                payload,
+            )
+    except SkipSystem as exc:
+        run.skipped[system.name] = str(exc)
+        return
+    except Exception as exc:  # a peer that breaks must not end the whole run
+        run.skipped[system.name] = f"failed: {type(exc).__name__}: {exc}"
+        run.log(f"  {key}: failed: {exc}")
+        return
+    finally:
+        server.stop()
+    run.results.append(r)
+    run.log(f"  {key} [{placement[0]}]: {r.rate:,.0f} calls/s, p50 {r.p50_us} µs")
+
+
+def seq_tcp(run: Run, budget: sc.Budget, only: str) -> None:
+    for placement in (sc.SAME, sc.SPLIT):
+        for system in SEQ_TCP:
+            if only and only not in system.name.lower():
+                continue
+            _measure(run, "sequential TCP 64 B", system, placement, budget, 64)
+
+
+def seq_udp(run: Run, budget: sc.Budget, only: str) -> None:
+    for placement in (sc.SAME, sc.SPLIT):
+        for system in SEQ_UDP:
+            if only and only not in system.name.lower():
+                continue
+            _measure(run, "sequential UDP 64 B", system, placement, budget, 64)
+
+
+def payloads(run: Run, budget: sc.Budget, only: str) -> None:
+    systems = [SEQ_TCP[1], SEQ_TCP[3]]
+    for size in (64, 1024, 64 * 1024, 1024 * 1024):
+        scale = max(1, size // 4096)
+        b = sc.Budget(max(200, budget.count // scale), budget.cap, 0, 0, 0)
+        for system in systems:
+            if only and only not in system.name.lower():
+                continue
+            _measure(run, f"TCP payload {_size(size)}", system, sc.SPLIT, b, size)
+
+
+def _size(n: int) -> str:
+    return f"{n // 1048576} MiB" if n >= 1048576 else f"{n // 1024} KiB" if n >= 1024 else f"{n} B"
+
+
+def pipelined(run: Run, budget: sc.Budget, only: str, window: int = 1000) -> None:
+    scenario = f"pipelined TCP 64 B, window {window}"
+    payload = b"x" * 64
+    cases: list[
+        tuple[str, Callable[[set[int]], Server], Callable[[Server], tuple[list[int], float]]]
+    ] = [
+        (
+            "asyncio+uvloop framed echo",
+            lambda c: sc.start_peer("uvloop-echo", c),
+            lambda s: sc.run_async(sc._pipelined_framed(s.port, payload, budget.pipelined, window)),
+        ),
+        (
+            "pyzmq DEALER/ROUTER",
+            lambda c: sc.start_peer("zmq-router", c, "zmq"),
+            lambda s: sc._pipelined_zmq(s.port, payload, budget.pipelined, window),
+        ),
+        (
+            "sockstack",
+            sc.start_sockstack,
+            lambda s: sc.run_async(
+                sc._pipelined_sockstack(_ss_url(s), payload, budget.pipelined, window)
+            ),
+        ),
+    ]
+    for name, start, go in cases:
+        if only and only not in name.lower():
+            continue
+        try:
+            server = start(sc.SPLIT[1])
+        except SkipSystem as exc:
+            run.skipped[name] = str(exc)
+            continue
+        try:
+            pin(sc.SPLIT[2])
+            cpu0, scpu0 = time.process_time(), server.cpu_seconds()
+            lat, seconds = go(server)
+            cpu = time.process_time() - cpu0 + server.cpu_seconds() - scpu0
+        finally:
+            server.stop()
+        p50, p99, p999 = stats(lat) if lat else (None, None, None)
+        r = Result(
+            scenario,
+            name,
+            sc.SPLIT[0],
+            budget.pipelined,
+            seconds,
+            64,
+            p50,
+            p99,
+            p999,
+            round(cpu / budget.pipelined * 1e6, 1),
+            round(server.rss_bytes() / 2**20, 1),
+        )
+        run.results.append(r)
+        run.log(f"  {scenario} / {name}: {r.rate:,.0f} calls/s")
+
+
+def concurrency(run: Run, budget: sc.Budget, only: str, clients: int = 100) -> None:
+    if only and only not in "sockstack":
+        return
+    scenario = f"{clients} concurrent clients"
+    for workers in (1, 2):
+        server = sc.start_sockstack(sc.BOTH[1], workers=workers)
+        try:
+            pin(sc.BOTH[2])
+            cpu0, scpu0 = time.process_time(), server.cpu_seconds()
+            seconds = sc.run_async(
+                sc._concurrent(server.port, b"x" * 64, clients, budget.concurrent)
+            )
+            cpu = time.process_time() - cpu0 + server.cpu_seconds() - scpu0
+        finally:
+            server.stop()
+        r = Result(
+            scenario,
+            f"sockstack --workers {workers}",
+            sc.BOTH[0],
+            budget.concurrent,
+            seconds,
+            64,
+            cpu_s_per_m=round(cpu / budget.concurrent * 1e6, 1),
+            peak_rss_mb=round(server.rss_bytes() / 2**20, 1),
+        )
+        run.results.append(r)
+        run.log(f"  {scenario} / {r.system}: {r.rate:,.0f} calls/s")
+
+
+def memory(run: Run, budget: sc.Budget, only: str) -> None:
+    if only and only not in "sockstack":
+        return
+    r = sc.idle_memory(budget.idle_connections)
+    run.results.append(r)
+    run.log(f"  idle memory: {r.extra['bytes_per_idle_connection']} bytes per connection")
+
+
+SCENARIOS: dict[str, Callable[[Run, sc.Budget, str], None]] = {
+    "seq-tcp": seq_tcp,
+    "seq-udp": seq_udp,
+    "pipelined": pipelined,
+    "concurrency": concurrency,
+    "payload": payloads,
+    "memory": memory,
+}
+
+
+def run_all(
+    quick: bool,
+    scenarios: list[str] | None = None,
+    only: str = "",
+    log: Callable[[str], None] = print,
+) -> Run:
+    run = Run(quick, log=log)
+    budget = sc.Budget.make(quick)
+    saved = os.sched_getaffinity(0)
+    try:
+        for name in scenarios or list(SCENARIOS):
+            log(f"{name}:")
+            SCENARIOS[name](run, budget, only.lower())
+    finally:
+        os.sched_setaffinity(0, saved)
+    return run

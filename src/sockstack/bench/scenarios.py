@@ -1,0 +1,668 @@
+"""The benchmark scenarios: which systems run, under which CPU placement, measured how.
+
+Every system's server is a separate process pinned with ``os.sched_setaffinity``; the client
+loop runs in the bench process, pinned too. A wake-up across cores costs ~40 µs on these 2-core
+virtual machines, so sequential scenarios run under both placements and report them apart:
+
+- ``same core``: server and client on CPU 0 (no cross-core wake-ups: the kernel-limit case);
+- ``two cores``: server on CPU 0, client on CPU 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sockstack.bench.harness import (
+    Result,
+    Server,
+    SkipSystem,
+    free_port,
+    pin,
+    python,
+    spawn,
+    stats,
+    timed_loop,
+    wait_port,
+)
+
+LENGTH = struct.Struct(">I")
+MAX_FRAME = 4 << 20  # room for the 1 MiB payload scenario plus headers
+SAME = ("same core", {0}, {0})
+SPLIT = ("two cores", {0}, {1})
+BOTH = ("two cores, unpinned", {0, 1}, {0, 1})
+Placement = tuple[str, set[int], set[int]]
+ROOT = Path(__file__).resolve().parents[3]
+CDF_POINTS = (1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9)
+
+
+@dataclass
+class Budget:
+    count: int
+    cap: float
+    pipelined: int
+    concurrent: int
+    idle_connections: int
+
+    @classmethod
+    def make(cls, quick: bool) -> Budget:
+        if quick:
+            return cls(
+                count=4000, cap=0.3, pipelined=20_000, concurrent=40_000, idle_connections=1000
+            )
+        return cls(
+            count=60_000, cap=1.5, pipelined=200_000, concurrent=300_000, idle_connections=5000
+        )
+
+
+def _need(module: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise SkipSystem(f"python package {module!r} not installed (make bench installs it)")
+
+
+# ------------------------------------------------------------------------------ servers
+
+
+def start_sockstack(cpus: set[int], workers: int = 1) -> Server:
+    proc, _ = spawn(
+        [
+            python(),
+            "-m",
+            "sockstack.cli",
+            "--log-level",
+            "WARNING",
+            "serve",
+            "--tcp",
+            "127.0.0.1:0",
+            "--udp",
+            "127.0.0.1:0",
+            "--keepalive",
+            "0",
+            "--workers",
+            str(workers),
+            f"--max-frame={MAX_FRAME}",
+        ],
+        cpus,
+        ready=r"udp://127\.0\.0\.1:(\d+)",
+    )
+    # The TCP line comes first; read it back from the listening sockets' ports.
+    srv = Server("sockstack", [proc])
+    srv.extra["udp_port"] = _ss_port(proc, socket.SOCK_DGRAM)
+    srv.port = _ss_port(proc, socket.SOCK_STREAM)
+    return srv
+
+
+def _ss_port(proc: subprocess.Popen[bytes], kind: int) -> int:
+    """The port a process (or its workers) bound, from /proc/net."""
+    pids = [proc.pid, *_all_children(proc.pid)]
+    inodes: set[str] = set()
+    for pid in pids:
+        fd_dir = Path(f"/proc/{pid}/fd")
+        for fd in fd_dir.iterdir() if fd_dir.exists() else []:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    table = "tcp" if kind == socket.SOCK_STREAM else "udp"
+    for line in Path(f"/proc/{proc.pid}/net/{table}").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[9] in inodes and (table == "udp" or f[3] == "0A"):
+            return int(f[1].split(":")[1], 16)
+    raise SkipSystem(f"sockstack server has no {table} socket")
+
+
+def _all_children(pid: int) -> list[int]:
+    try:
+        kids = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return kids + [g for k in kids for g in _all_children(k)]
+
+
+def start_example(script: str, cpus: set[int]) -> Server:
+    path = ROOT / "examples" / script
+    if not path.exists():
+        raise SkipSystem(f"{path} not found (run the bench from a source checkout)")
+    proc, m = spawn([python(), str(path), "--port", "0"], cpus, ready=r"listening on \S+:(\d+)")
+    assert m is not None
+    return Server(script, [proc], int(m.group(1)))
+
+
+def start_peer(name: str, cpus: set[int], module: str | None = None, **kw: str) -> Server:
+    if module:
+        _need(module)
+    extra = [f"--{k}={v}" for k, v in kw.items()]
+    proc, m = spawn([python(), "-m", "sockstack.bench.peers", name, *extra], cpus)
+    assert m is not None
+    return Server(name, [proc], int(m.group(1)))
+
+
+_CECHO: Path | None = None
+
+
+def c_echo_binary() -> Path:
+    global _CECHO
+    if _CECHO is None:
+        cc = shutil.which("gcc") or shutil.which("cc")
+        if cc is None:
+            raise SkipSystem("no C compiler (gcc) on this machine")
+        out = Path(tempfile.mkdtemp(prefix="sockstack-bench-")) / "cecho"
+        src = Path(__file__).with_name("cecho.c")
+        subprocess.run([cc, "-O2", "-o", str(out), str(src)], check=True)
+        _CECHO = out
+    return _CECHO
+
+
+def start_c_echo(kind: str, cpus: set[int]) -> Server:
+    proc, m = spawn([str(c_echo_binary()), kind, "0"], cpus)
+    assert m is not None
+    return Server(f"c-echo-{kind}", [proc], int(m.group(1)))
+
+
+def start_redis(cpus: set[int]) -> Server:
+    port = free_port()
+    proc, _ = spawn(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+        ],
+        cpus,
+        ready=None,
+    )
+    wait_port(port)
+    return Server("redis", [proc], port)
+
+
+def start_nats(cpus: set[int]) -> Server:
+    _need("nats")
+    port = free_port()
+    proc, _ = spawn(["nats-server", "-a", "127.0.0.1", "-p", str(port)], cpus, ready=None)
+    srv = Server("nats", [proc], port)
+    try:
+        wait_port(port)
+        responder, _ = spawn(
+            [
+                python(),
+                "-m",
+                "sockstack.bench.peers",
+                "nats-responder",
+                f"--nats=nats://127.0.0.1:{port}",
+            ],
+            cpus,
+        )
+    except BaseException:
+        srv.stop()
+        raise
+    srv.procs.append(responder)
+    return srv
+
+
+# ------------------------------------------------------------------------------ clients
+# Each returns (call, close): a blocking call doing one round trip with ``payload``.
+
+Sync = tuple[Callable[[], object], Callable[[], None]]
+
+
+def framed_client(port: int, payload: bytes) -> Sync:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    msg = LENGTH.pack(len(payload)) + payload
+    want = len(msg)
+    recv_into = sock.recv_into
+    buf = bytearray(want)
+    view = memoryview(buf)
+
+    def call() -> None:
+        sock.sendall(msg)
+        got = 0
+        while got < want:
+            n = recv_into(view[got:])
+            if not n:
+                raise ConnectionError("server closed")
+            got += n
+
+    return call, sock.close
+
+
+def udp_client(port: int, payload: bytes) -> Sync:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.connect(("127.0.0.1", port))
+    sock.settimeout(2.0)
+
+    def call() -> None:
+        sock.send(payload)
+        sock.recv(65536)
+
+    return call, sock.close
+
+
+def sockstack_client(url: str, payload: bytes) -> Sync:
+    from sockstack.rpc.blocking import connect
+
+    client = connect(url, timeout=10.0, max_frame=MAX_FRAME)
+    call = client.call
+    return (lambda: call("echo", payload)), client.close
+
+
+def zmq_client(port: int, payload: bytes) -> Sync:
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.REQ)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+
+    def call() -> None:
+        sock.send(payload)
+        sock.recv()
+
+    def close() -> None:
+        sock.close(linger=0)
+        ctx.term()
+
+    return call, close
+
+
+def grpc_client(port: int, payload: bytes) -> Sync:
+    import grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = channel.unary_unary("/bench.Echo/Echo")
+    return (lambda: stub(payload, timeout=10)), channel.close
+
+
+def pyro_client(port: int, payload: bytes) -> Sync:
+    import Pyro5.api
+
+    proxy = Pyro5.api.Proxy(f"PYRO:echo@127.0.0.1:{port}")
+    proxy._pyroBind()
+    return (lambda: proxy.echo(payload)), proxy._pyroRelease
+
+
+def redis_client(port: int, payload: bytes) -> Sync:
+    import redis
+
+    r = redis.Redis(host="127.0.0.1", port=port)
+    return (lambda: r.echo(payload)), r.close
+
+
+# Async clients: (setup -> async call, async close), timed inside one event loop.
+Async = tuple[Callable[[], Awaitable[object]], Callable[[], Awaitable[None]]]
+
+
+async def nats_async(port: int, payload: bytes) -> Async:
+    import nats
+
+    nc = await nats.connect(f"nats://127.0.0.1:{port}")
+    return (lambda: nc.request("bench.echo", payload, timeout=10)), nc.close
+
+
+async def grpc_aio(port: int, payload: bytes) -> Async:
+    import grpc
+
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = channel.unary_unary("/bench.Echo/Echo")
+    return (lambda: stub(payload, timeout=10)), channel.close
+
+
+async def timed_loop_async(
+    call: Callable[[], Awaitable[object]], count: int, cap: float, warmup: int = 200
+) -> tuple[list[int], float]:
+    for _ in range(warmup):
+        await call()
+    lat: list[int] = []
+    now = time.perf_counter_ns
+    start = t = now()
+    stop_at = start + int(cap * 1e9)
+    for _ in range(count):
+        await call()
+        t2 = now()
+        lat.append(t2 - t)
+        t = t2
+        if t2 > stop_at:
+            break
+    return lat, (t - start) / 1e9
+
+
+def run_async(coro: Awaitable[Any]) -> Any:
+    import uvloop
+
+    return uvloop.run(coro)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------ measuring
+
+
+def measure_sync(
+    scenario: str,
+    system: str,
+    placement: Placement,
+    server: Server,
+    make: Callable[[], Sync],
+    budget: Budget,
+    payload: int,
+) -> Result:
+    pin(placement[2])
+    call, close = make()
+    try:
+        cpu0, scpu0 = time.process_time(), server.cpu_seconds()
+        lat, seconds = timed_loop(call, budget.count, budget.cap)
+        cpu = time.process_time() - cpu0 + server.cpu_seconds() - scpu0
+    finally:
+        close()
+    return _result(scenario, system, placement, server, lat, seconds, cpu, payload)
+
+
+def measure_async(
+    scenario: str,
+    system: str,
+    placement: Placement,
+    server: Server,
+    make: Callable[[], Awaitable[Async]],
+    budget: Budget,
+    payload: int,
+) -> Result:
+    pin(placement[2])
+
+    async def go() -> tuple[list[int], float, float]:
+        call, close = await make()
+        try:
+            cpu0, scpu0 = time.process_time(), server.cpu_seconds()
+            lat, seconds = await timed_loop_async(call, budget.count, budget.cap)
+            return lat, seconds, time.process_time() - cpu0 + server.cpu_seconds() - scpu0
+        finally:
+            await close()
+
+    lat, seconds, cpu = run_async(go())
+    return _result(scenario, system, placement, server, lat, seconds, cpu, payload)
+
+
+def _result(
+    scenario: str,
+    system: str,
+    placement: Placement,
+    server: Server,
+    lat: list[int],
+    seconds: float,
+    cpu: float,
+    payload: int,
+) -> Result:
+    p50, p99, p999 = stats(lat)
+    calls = len(lat)
+    r = Result(
+        scenario,
+        system,
+        placement[0],
+        calls,
+        seconds,
+        payload,
+        p50,
+        p99,
+        p999,
+        round(cpu / calls * 1e6, 1) if calls else None,
+        round(server.rss_bytes() / 2**20, 1),
+    )
+    if lat:
+        s = sorted(lat)
+        r.extra["cdf_us"] = [
+            round(s[min(calls - 1, int(q / 100 * calls))] / 1000, 1) for q in CDF_POINTS
+        ]
+    return r
+
+
+# ------------------------------------------------------------------------------ pipelined
+
+
+async def _pipelined_sockstack(
+    url: str, payload: bytes, total: int, window: int
+) -> tuple[list[int], float]:
+    from sockstack.rpc.client import AsyncClient
+
+    async with AsyncClient(url, timeout=60) as c:
+        await asyncio.gather(*(c.call("echo", payload) for _ in range(window)))  # warm-up
+        lat: list[int] = []
+        remaining = total
+        now = time.perf_counter_ns
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                t = now()
+                await c.call("echo", payload)
+                lat.append(now() - t)
+
+        start = now()
+        await asyncio.gather(*(worker() for _ in range(window)))
+        return lat, (now() - start) / 1e9
+
+
+class _Blaster(asyncio.Protocol):
+    """Keeps ``window`` length-prefixed echoes in flight; counts answers by size."""
+
+    def __init__(self, msg: bytes, total: int, window: int, done: asyncio.Future[None]) -> None:
+        self.msg, self.total, self.window, self.done = msg, total, window, done
+        self.sent = self.received_bytes = 0
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        first = min(self.window, self.total)
+        self.transport.write(self.msg * first)
+        self.sent = first
+
+    def data_received(self, data: bytes) -> None:
+        before = self.received_bytes // len(self.msg)
+        self.received_bytes += len(data)
+        got = self.received_bytes // len(self.msg)
+        more = min(got - before, self.total - self.sent)
+        if more > 0:
+            self.transport.write(self.msg * more)
+            self.sent += more
+        if got >= self.total and not self.done.done():
+            self.done.set_result(None)
+
+
+async def _pipelined_framed(
+    port: int, payload: bytes, total: int, window: int
+) -> tuple[list[int], float]:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    msg = LENGTH.pack(len(payload)) + payload
+    start = time.perf_counter_ns()
+    transport, _ = await loop.create_connection(
+        lambda: _Blaster(msg, total, window, done), "127.0.0.1", port
+    )
+    await asyncio.wait_for(done, 120)
+    transport.close()
+    return [], (time.perf_counter_ns() - start) / 1e9
+
+
+def _pipelined_zmq(port: int, payload: bytes, total: int, window: int) -> tuple[list[int], float]:
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        start = time.perf_counter_ns()
+        sent = 0
+        for _ in range(min(window, total)):
+            sock.send(payload)
+            sent += 1
+        for _ in range(total):
+            sock.recv()
+            if sent < total:
+                sock.send(payload)
+                sent += 1
+        return [], (time.perf_counter_ns() - start) / 1e9
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+class _Loader(asyncio.Protocol):
+    """One connection of the load generator: HELLO, then ``depth`` pre-encoded echo requests
+    in flight; answers are counted by size, so the generator costs little per call."""
+
+    def __init__(
+        self,
+        hello: bytes,
+        req: bytes,
+        resp_len: int,
+        welcome_len: int,
+        depth: int,
+        shared: dict[str, Any],
+    ) -> None:
+        self.hello, self.req, self.resp_len, self.welcome_len = hello, req, resp_len, welcome_len
+        self.depth, self.shared = depth, shared
+        self.got = 0
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.write(self.hello + self.req * self.depth)
+        self.shared["sent"] += self.depth
+
+    def data_received(self, data: bytes) -> None:
+        sh = self.shared
+        before = max(0, self.got - self.welcome_len) // self.resp_len
+        self.got += len(data)
+        answered = max(0, self.got - self.welcome_len) // self.resp_len - before
+        sh["done"] += answered
+        more = min(answered, sh["total"] - sh["sent"])
+        if more > 0:
+            self.transport.write(self.req * more)
+            sh["sent"] += more
+        if sh["done"] >= sh["total"] and not sh["future"].done():
+            sh["future"].set_result(None)
+
+
+async def _concurrent(port: int, payload: bytes, clients: int, total: int, depth: int = 8) -> float:
+    from sockstack.protocol.messages import (
+        Hello,
+        Welcome,
+        encode_hello,
+        encode_request,
+        encode_response,
+        encode_welcome,
+    )
+
+    hello = encode_hello(Hello(agent="bench"))
+    req = encode_request(1, "echo", [payload])
+    resp_len = len(encode_response(1, payload))
+    welcome_len = len(encode_welcome(Welcome(1, (1, 2, 0), 1 << 20, "sockstack-py/1")))
+    loop = asyncio.get_running_loop()
+    shared: dict[str, Any] = {"sent": 0, "done": 0, "total": total, "future": loop.create_future()}
+    transports = []
+    start = time.perf_counter_ns()
+    for _ in range(clients):
+        t, _ = await loop.create_connection(
+            lambda: _Loader(hello, req, resp_len, welcome_len, depth, shared), "127.0.0.1", port
+        )
+        transports.append(t)
+    await asyncio.wait_for(shared["future"], 120)
+    seconds = (time.perf_counter_ns() - start) / 1e9
+    for t in transports:
+        t.close()
+    return seconds
+
+
+# --------------------------------------------------------------------------- idle memory
+
+
+async def _hold_idle(port: int, n: int) -> list[Any]:
+    from sockstack.protocol.messages import Hello, encode_hello
+
+    hello = encode_hello(Hello(agent="bench"))
+    loop = asyncio.get_running_loop()
+    opened: list[Any] = []
+
+    class Idle(asyncio.Protocol):
+        def __init__(self, fut: asyncio.Future[None]) -> None:
+            self.fut = fut
+
+        def connection_made(self, transport: Any) -> None:
+            transport.write(hello)
+
+        def data_received(self, data: bytes) -> None:
+            if not self.fut.done():
+                self.fut.set_result(None)  # WELCOME: the server holds a session for us
+
+    for base in range(0, n, 250):
+        futs = []
+        for _ in range(min(250, n - base)):
+            fut = loop.create_future()
+            t, _ = await loop.create_connection(lambda f=fut: Idle(f), "127.0.0.1", port)  # type: ignore[misc]
+            opened.append(t)
+            futs.append(fut)
+        await asyncio.wait_for(asyncio.gather(*futs), 60)
+    return opened
+
+
+def idle_memory(n: int) -> Result:
+    """Server RSS growth per idle, handshaken TCP connection."""
+    srv = start_sockstack({0})
+    try:
+        pin({1})
+        before = srv.rss_bytes("VmRSS")
+
+        async def go() -> float:
+            opened = await _hold_idle(srv.port, n)
+            await asyncio.sleep(0.5)  # let the server settle its buffers before sampling RSS
+            after = srv.rss_bytes("VmRSS")
+            for t in opened:
+                t.close()
+            return (after - before) / n
+
+        per_conn = run_async(go())
+    finally:
+        srv.stop()
+    r = Result(
+        "idle-memory",
+        "sockstack",
+        "two cores",
+        n,
+        0.0,
+        0,
+        peak_rss_mb=round(srv.extra.get("peak", 0) / 2**20, 1) or None,
+    )
+    r.extra["bytes_per_idle_connection"] = round(per_conn)
+    r.note = f"{n} idle connections; RSS growth / connection"
+    return r
+
+
+__all__ = [
+    "BOTH",
+    "CDF_POINTS",
+    "SAME",
+    "SPLIT",
+    "Budget",
+    "idle_memory",
+    "measure_async",
+    "measure_sync",
+]
