@@ -39,6 +39,8 @@ from sockstack.transport.urls import Endpoint, parse_endpoint
 __all__ = ["Client", "connect"]
 
 _RECV = 256 * 1024
+# Reads go into one preallocated buffer per connection: sock.recv(256 KiB) would allocate (and
+# mmap/mremap/munmap, above glibc's mmap threshold) a fresh 256 KiB object on every call.
 
 
 def _remote_error(ev: Error) -> RemoteError:
@@ -61,6 +63,8 @@ class _TCP:
         self.ever_connected = False
         self._sock_timeout = 0.0
         self._poller: select.poll | None = None
+        self._buf = bytearray(_RECV)
+        self._view = memoryview(self._buf)
 
     def _set_timeout(self, seconds: float) -> None:
         assert self.sock is not None
@@ -191,7 +195,7 @@ class _TCP:
             raise CallTimeout(method, self.client.timeout)
         self._fit_timeout(remaining)
         try:
-            data = sock.recv(_RECV)
+            n = sock.recv_into(self._buf)
         except BlockingIOError:  # SO_RCVTIMEO expired
             if time.monotonic() >= deadline:
                 raise CallTimeout(method, self.client.timeout) from None
@@ -199,7 +203,7 @@ class _TCP:
         except OSError as exc:
             self.drop()
             raise ConnectionLost(f"{self.ep}: {exc}; the call may or may not have run") from None
-        events = core.receive_data(data) if data else core.receive_eof()
+        events = core.receive_data(self._view[:n].tobytes()) if n else core.receive_eof()
         out = core.data_to_send()
         if out:
             try:
@@ -280,6 +284,17 @@ class _UDP:
             raise ConnectError(f"{ep}: {exc.strerror or exc}") from None
         self.last_id = 0
         self.last_error = ""
+        self._sock_timeout = 0.0
+
+    def _fit_timeout(self, wait: float) -> None:
+        """SO_RCVTIMEO, re-armed only when off by more than 10 % (see _TCP)."""
+        t = self._sock_timeout
+        if wait < t * 0.9 or wait > t * 1.1:
+            wait = max(wait, 0.001)
+            sec = int(wait)
+            tv = struct.pack("@ll", sec, int((wait - sec) * 1e6))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            self._sock_timeout = wait
 
     def _send_out(self) -> None:
         for data in self.core.datagrams_to_send():
@@ -300,15 +315,17 @@ class _UDP:
                 raise CallTimeout(method, timeout, detail)
             nxt = self.core.next_timer() if track else None
             wait = max(0.0, min(deadline, nxt if nxt is not None else deadline) - now)
-            r, _, _ = select.select([self.sock], [], [], wait)
-            if not r:
-                for ev in self.core.handle_timer(time.monotonic()):
-                    if ev.request_id == rid:
-                        raise CallTimeout(method, timeout, f"{ev.attempts} datagrams sent")
-                self._send_out()
-                continue
+            self._fit_timeout(wait)
             try:
                 data = self.sock.recv(65536)
+            except BlockingIOError:  # SO_RCVTIMEO: a retransmission (or the deadline) is due
+                for ev in self.core.handle_timer(time.monotonic()):
+                    if ev.request_id == rid:
+                        raise CallTimeout(
+                            method, timeout, f"{ev.attempts} datagrams sent"
+                        ) from None
+                self._send_out()
+                continue
             except OSError as exc:
                 if exc.errno == errno.ECONNREFUSED:
                     self.last_error = "connection refused (no server on that port?)"
