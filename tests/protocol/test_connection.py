@@ -268,3 +268,43 @@ def test_state_sweep(inputs: list[str], role: Role) -> None:
         if any(isinstance(e, ProtocolViolation) and e.fatal for e in events):
             assert conn.state is State.CLOSED
         conn.data_to_send()
+
+
+def _open_pair() -> tuple[Connection, Connection]:
+    client, server = pair(keepalive_interval=None)
+    pump(client, server)
+    pump(server, client)
+    return client, server
+
+
+@settings(max_examples=500)
+@given(
+    st.sampled_from([MessageType.REQUEST, MessageType.RESPONSE, 0x55]),
+    st.integers(0, 3),
+    st.sampled_from([0, 1, 2, 9]),
+    st.binary(max_size=8) | st.sampled_from([b"add", b"\xff"]),
+    st.binary(max_size=16) | st.sampled_from([b"\x92\x01\x02", b"\x05", b"\x90", b"\xc1"]),
+    st.integers(-2, 2),
+)
+def test_receive_single_agrees_with_receive_data(
+    type_: int, flags: int, codec: int, meta: bytes, body: bytes, trim: int
+) -> None:
+    """The fast path returns exactly what the general path would, or declines untouched."""
+    frame = encode_frame(type_, 7, meta, body, flags, codec)
+    data = frame[: len(frame) + trim] if trim < 0 else frame + b"\x00" * trim
+    for role_index in (0, 1):  # the client's fast path takes RESPONSE, the server's REQUEST
+        conn = _open_pair()[role_index]
+        single = conn.receive_single(data)
+        if single is None:
+            continue
+        general = _open_pair()[role_index].receive_data(data)
+        assert general == [single]
+
+
+def test_receive_single_declines_when_bytes_are_buffered() -> None:
+    _, server = _open_pair()
+    req = encode_request(1, "add", [1, 2])
+    assert server.receive_single(req) == Request(1, "add", [1, 2], {}, 1)
+    assert server.receive_data(req[:5]) == []
+    assert server.receive_single(req) is None  # a partial frame is waiting: order matters
+    assert server.receive_data(req[5:]) == [Request(1, "add", [1, 2], {}, 1)]

@@ -203,7 +203,14 @@ class _TCP:
         except OSError as exc:
             self.drop()
             raise ConnectionLost(f"{self.ep}: {exc}; the call may or may not have run") from None
-        events = core.receive_data(self._view[:n].tobytes()) if n else core.receive_eof()
+        if n:
+            view = self._view[:n]
+            single = core.receive_single(view)  # the common case: one whole RESPONSE
+            if single is not None:
+                return [single]
+            events = core.receive_data(view.tobytes())
+        else:
+            events = core.receive_eof()
         out = core.data_to_send()
         if out:
             try:

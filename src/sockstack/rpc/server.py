@@ -81,7 +81,8 @@ class _RPCStream(StreamProtocol):
         # methods at once, and send all answers with one write.
         core = self.core
         assert core is not None
-        events = core.receive_data(data)
+        single = core.receive_single(data)  # the common case: one whole REQUEST per read
+        events = core.receive_data(data) if single is None else [single]
         if events:
             dispatch = self.dispatcher.dispatch
             draining = self.server.draining
