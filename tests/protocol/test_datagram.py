@@ -152,3 +152,31 @@ def test_any_datagram_yields_events_or_violations(data: bytes) -> None:
     client = DatagramClient(max_datagram=200)
     for ev in client.receive_datagram(data):
         assert isinstance(ev, ProtocolViolation | Welcome | Pong)
+
+
+@given(
+    st.sampled_from([3, 4]),
+    st.integers(0, 2),
+    st.sampled_from([0, 1, 2]),
+    st.binary(max_size=6) | st.just(b"add"),
+    st.binary(max_size=12) | st.sampled_from([b"\x92\x01\x02", b"\x90", b"\x05"]),
+)
+def test_fast_paths_agree_with_general_decoding(
+    type_: int, flags: int, codec: int, meta: bytes, body: bytes
+) -> None:
+    data = encode_frame(type_, 9, meta, body, flags, codec)
+    try:
+        expected = decode_message(parse_datagram(data, 65507))
+    except Exception:
+        expected = None
+    server = DatagramServer()
+    got = [
+        e for e in server.receive_datagram(data, ADDR, 0.0) if not isinstance(e, ProtocolViolation)
+    ]
+    if type_ == 3:
+        assert got == ([expected] if expected is not None else [])
+    client = DatagramClient()
+    client.send_request(9, "m", [], now=0.0, timeout=1.0)
+    got = [e for e in client.receive_datagram(data) if isinstance(e, Response)]
+    if type_ == 4 and isinstance(expected, Response):
+        assert got == [expected]

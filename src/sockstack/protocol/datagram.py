@@ -19,6 +19,8 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
+
 from sockstack.errors import CodecError, ErrorCode, LocalProtocolError, RemoteProtocolError
 from sockstack.protocol.codecs import MSGPACK, Codec
 from sockstack.protocol.connection import ProtocolViolation
@@ -37,6 +39,7 @@ from sockstack.protocol.messages import (
     Ping,
     Pong,
     Request,
+    Response,
     Role,
     Welcome,
     decode_message,
@@ -44,7 +47,6 @@ from sockstack.protocol.messages import (
     encode_ping,
     encode_pong,
     encode_request,
-    encode_response,
     encode_welcome,
 )
 
@@ -59,6 +61,12 @@ __all__ = [
     "ReplyCache",
     "RetryPolicy",
 ]
+
+_REQUEST = int(MessageType.REQUEST)
+_RESPONSE = int(MessageType.RESPONSE)
+_unpack_header = HEADER.unpack_from
+_pack_header = HEADER.pack
+_unpackb = msgpack.unpackb
 
 DEFAULT_MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4; see PROTOCOL.md §5 on MTU
 DEFAULT_REPLY_WINDOW = 120.0  # as JetStream's 2-minute de-duplication window
@@ -182,6 +190,26 @@ class DatagramClient:
     def receive_datagram(self, data: bytes) -> list[Any]:
         """Returns [Response | Error | Pong | Welcome] for an answer to a pending call, or a
         ProtocolViolation for garbage; answers to unknown or finished ids are ignored."""
+        if len(data) >= HEADER_SIZE:  # fast path: a well-formed msgpack RESPONSE
+            magic, version, t, _, codec, meta_len, rid, body_len = _unpack_header(data)
+            if (
+                t == _RESPONSE
+                and codec == 1
+                and magic == MAGIC
+                and version == 1
+                and HEADER_SIZE + meta_len + body_len == len(data)
+                and meta_len + body_len <= self.max_datagram
+            ):
+                try:
+                    value = _unpackb(
+                        data[HEADER_SIZE + meta_len :], raw=False, strict_map_key=False
+                    )
+                except Exception:
+                    pass
+                else:
+                    if self._pending.pop(rid, None) is None:
+                        return []
+                    return [Response(rid, value, 1)]
         msg, violation, rid = _parse(data, self.max_datagram)
         if violation is not None:
             if rid > 0 and rid in self._pending and violation.code >= 2000:
@@ -248,13 +276,15 @@ class ReplyCache:
         self._entries: OrderedDict[Hashable, tuple[float, bytes | None]] = OrderedDict()
         self._bytes = 0
         self.evicted = 0
+        self._next_expiry = 0.0
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def lookup(self, key: Hashable, now: float) -> tuple[bool, bytes | None]:
         """(seen, answer): seen is False for a new request, answer is None while it runs."""
-        self._expire(now)
+        if now >= self._next_expiry:
+            self._expire(now)
         entry = self._entries.get(key)
         if entry is None:
             return False, None
@@ -262,21 +292,31 @@ class ReplyCache:
 
     def begin(self, key: Hashable, now: float) -> None:
         self._entries[key] = (now + self.window, None)
-        self._trim()
+        if len(self._entries) > self.max_entries:
+            self._trim()
 
     def complete(self, key: Hashable, answer: bytes, now: float) -> None:
-        old = self._entries.pop(key, None)
-        if old is not None and old[1] is not None:
-            self._bytes -= len(old[1])
-        self._entries[key] = (now + self.window, answer)
+        entries = self._entries
+        old = entries.get(key)
+        if old is not None:
+            if old[1] is not None:
+                self._bytes -= len(old[1])
+            entries.move_to_end(key)
+        entries[key] = (now + self.window, answer)
         self._bytes += len(answer)
-        self._trim()
+        if self._bytes > self.max_bytes or len(entries) > self.max_entries:
+            self._trim()
 
     def _expire(self, now: float) -> None:
+        # Entries sit in deadline order (each insert or completion goes to the end with the
+        # latest deadline), so expiry pops from the front and stops at the first live one; the
+        # next check is due when that one expires.
         entries = self._entries
+        self._next_expiry = now + self.window
         while entries:
             _, (deadline, answer) = next(iter(entries.items()))
             if deadline > now:
+                self._next_expiry = deadline
                 break
             entries.popitem(last=False)
             if answer is not None:
@@ -314,6 +354,28 @@ class DatagramServer:
     def receive_datagram(self, data: bytes, addr: Any, now: float) -> list[Any]:
         """Returns [Request] for a new request to run, [ProtocolViolation] for bad input (and
         queues an ERROR where the header was readable), or [] when this side answered itself."""
+        if len(data) >= HEADER_SIZE:  # fast path: a well-formed msgpack REQUEST
+            magic, version, t, flags, codec, meta_len, rid, body_len = _unpack_header(data)
+            if (
+                t == _REQUEST
+                and codec == 1
+                and not flags
+                and magic == MAGIC
+                and version == 1
+                and HEADER_SIZE + meta_len + body_len == len(data)
+                and meta_len <= DEFAULT_MAX_META
+                and meta_len + body_len <= self.max_datagram
+            ):
+                try:
+                    value = _unpackb(
+                        data[HEADER_SIZE + meta_len :], raw=False, strict_map_key=False
+                    )
+                    method = str(data[HEADER_SIZE : HEADER_SIZE + meta_len], "utf-8")
+                except Exception:
+                    pass
+                else:
+                    if type(value) is list:
+                        return self._request(Request(rid, method, value, {}, 1), addr, now)
         msg, violation, rid = _parse(data, self.max_datagram)
         if violation is not None:
             if rid >= 0:  # the header was ours: say what was wrong with it
@@ -328,15 +390,7 @@ class DatagramServer:
             return [violation]
         t = type(msg)
         if t is Request:
-            key = (addr, rid)
-            seen, answer = self.cache.lookup(key, now)
-            if seen:
-                self.duplicates += 1
-                if answer is not None:
-                    self._out.append((answer, addr))
-                return []
-            self.cache.begin(key, now)
-            return [msg]
+            return self._request(msg, addr, now)
         if t is Ping:
             self._out.append((encode_pong(msg.request_id, msg.payload), addr))
             return []
@@ -352,6 +406,17 @@ class DatagramServer:
             return [v]
         return [msg]  # a registered type for a later module (e.g. PUB over UDP)
 
+    def _request(self, msg: Request, addr: Any, now: float) -> list[Any]:
+        key = (addr, msg.request_id)
+        seen, answer = self.cache.lookup(key, now)
+        if seen:
+            self.duplicates += 1
+            if answer is not None:
+                self._out.append((answer, addr))
+            return []
+        self.cache.begin(key, now)
+        return [msg]
+
     def _answer(self, addr: Any, request_id: int, data: bytes, now: float) -> None:
         self.cache.complete((addr, request_id), data, now)
         self._out.append((data, addr))
@@ -362,7 +427,8 @@ class DatagramServer:
         """Queue and remember the answer. A result that does not encode, or does not fit one
         datagram, is answered with an ERROR instead (RESULT_NOT_ENCODABLE, DATAGRAM_TOO_LARGE)."""
         try:
-            data = encode_response(request_id, result, codec)
+            body = codec.encode(result)
+            data = _pack_header(MAGIC, 1, _RESPONSE, 0, codec.id, 0, request_id, len(body)) + body
         except CodecError as exc:
             data = encode_error(
                 request_id, ErrorCode.RESULT_NOT_ENCODABLE, "RESULT_NOT_ENCODABLE", str(exc)
