@@ -44,7 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from sockstack.bench.report import print_tables, write_all
     from sockstack.bench.runner import run_all
+    from sockstack.transport.memory import tune_malloc
 
+    # The bench process runs every client: tune it as `sockstack serve` tunes servers, so all
+    # clients (raw sockets and peers included) allocate on equal terms.
+    tune_malloc()
     t0 = time.monotonic()
     result = run_all(args.quick, args.scenario, args.only)
     print_tables(result)

@@ -49,6 +49,8 @@ HEADER_SIZE = HEADER.size  # 16
 DEFAULT_MAX_FRAME = 1 << 20  # 1 MiB of meta + body, as websockets' max_size and NATS' max payload
 DEFAULT_MAX_META = 4096  # 4 KiB, as NATS' control line: method names and topics are short
 
+_LENGTHS = struct.Struct(">HII")  # meta_len, request_id, body_len at offset 6
+_GATHER_ABOVE = 64 * 1024
 _U16_MAX = 0xFFFF
 _U32_MAX = 0xFFFFFFFF
 
@@ -131,7 +133,7 @@ class FrameDecoder:
     frames completed before the bad header are still returned and ``error`` is set; the call
     raises only when it has no frame to return, and every later call raises the same error."""
 
-    __slots__ = ("_buf", "_error", "max_frame", "max_meta")
+    __slots__ = ("_buf", "_error", "_have", "_need", "_parts", "max_frame", "max_meta")
 
     def __init__(
         self, max_frame: int = DEFAULT_MAX_FRAME, max_meta: int = DEFAULT_MAX_META
@@ -139,6 +141,11 @@ class FrameDecoder:
         self.max_frame = max_frame
         self.max_meta = max_meta
         self._buf = bytearray()
+        # A large frame is gathered as a list of chunks and joined once when complete, instead
+        # of growing (and re-copying) one buffer read by read.
+        self._parts: list[bytes] = []
+        self._have = 0
+        self._need = 0
         self._error: RemoteProtocolError | None = None
 
     @property
@@ -149,11 +156,18 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes held that do not yet form a complete frame (at most 16 + max_frame)."""
-        return len(self._buf)
+        return len(self._buf) + self._have
 
     def feed(self, data: bytes) -> list[Frame]:
         if self._error is not None:
             raise self._error
+        if self._need:
+            self._parts.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return []
+            data = b"".join(self._parts)
+            self._parts, self._have, self._need = [], 0, 0
         buf = self._buf
         # Common case: nothing left over from the last read, so parse ``data`` in place (no copy
         # into the buffer); only an incomplete tail is kept.
@@ -193,6 +207,14 @@ class FrameDecoder:
             if not frames:
                 raise
             return frames
+        if end - pos >= HEADER_SIZE:  # an incomplete frame whose header was checked above
+            meta_len, _, body_len = _LENGTHS.unpack_from(src, pos + 6)
+            total = HEADER_SIZE + meta_len + body_len
+            if total >= _GATHER_ABOVE:
+                self._parts = [bytes(src[pos:end])]
+                self._have, self._need = end - pos, total
+                buf.clear()
+                return frames
         if src is buf:
             if pos:
                 del buf[:pos]
