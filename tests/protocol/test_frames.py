@@ -121,10 +121,11 @@ def test_garbage_only_yields_frames_or_protocol_errors(data: bytes) -> None:
     assert dec.buffered <= HEADER_SIZE + 128
 
 
-@settings(max_examples=50)
-@given(st.integers(64 * 1024, 300 * 1024), st.randoms(use_true_random=False))
-def test_large_frames_gathered_across_reads(size: int, rnd: random.Random) -> None:
+@pytest.mark.parametrize("seed", range(20))
+def test_large_frames_gathered_across_reads(seed: int) -> None:
     """Frames above 64 KiB are collected as chunks and joined once; any split still works."""
+    rnd = random.Random(seed)
+    size = rnd.randint(64 * 1024 - 100, 300 * 1024)
     big = Frame(3, 1, meta=b"m", body=(bytes(range(256)) * (size // 256 + 1))[:size])
     small = Frame(4, 2, body=b"after")
     stream = big.serialize() + small.serialize()
