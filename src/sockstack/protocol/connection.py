@@ -114,6 +114,7 @@ class ProtocolViolation:
 
 
 _HANDSHAKE_STATES = (State.AWAIT_HELLO, State.HELLO_SENT)
+_CLOSED: State = State.CLOSED  # compared by identity in loops whose body may close the session
 _REQUEST = int(MessageType.REQUEST)
 _RESPONSE = int(MessageType.RESPONSE)
 _unpackb = msgpack.unpackb
@@ -285,7 +286,7 @@ class Connection:
         peer = self._peer_role
         fast = self._fast_type
         for frame in frames:
-            if self._is_closed():
+            if self.state is _CLOSED:
                 break
             t = frame.type
             # Fast path for the bulk of the traffic: a msgpack REQUEST (server) or RESPONSE

@@ -178,6 +178,7 @@ class FrameDecoder:
         else:
             src = data
         frames: list[Frame] = []
+        is_bytes = type(src) is bytes
         pos = 0
         end = len(src)
         unpack = HEADER.unpack_from
@@ -197,9 +198,14 @@ class FrameDecoder:
                 stop = mid + body_len
                 if stop > end:
                     break
-                frames.append(
-                    Frame(type_, rid, flags, codec, bytes(src[start:mid]), bytes(src[mid:stop]))
-                )
+                if is_bytes:  # slicing bytes already gives bytes
+                    frames.append(
+                        Frame(type_, rid, flags, codec, src[start:mid], src[mid:stop])  # type: ignore[arg-type]
+                    )
+                else:
+                    frames.append(
+                        Frame(type_, rid, flags, codec, bytes(src[start:mid]), bytes(src[mid:stop]))
+                    )
                 pos = stop
         except RemoteProtocolError as exc:
             self._error = exc

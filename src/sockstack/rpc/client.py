@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import os
 import random
 import socket
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +72,10 @@ class Backoff:
         return min(self.initial * self.factor**attempt, self.max_delay) * random.uniform(0.5, 1.0)
 
 
+async def _fail(exc: Exception) -> Any:
+    raise exc
+
+
 def _os_error(exc: OSError) -> str:
     return os.strerror(exc.errno) if exc.errno else str(exc)
 
@@ -79,12 +85,13 @@ def outcome_error(ev: Error, method: str) -> RemoteError:
 
 
 class _Pending:
-    __slots__ = ("fut", "method", "timeout")
+    __slots__ = ("deadline", "fut", "method", "timeout")
 
     def __init__(self, fut: asyncio.Future[Any], method: str, timeout: float = 0.0) -> None:
         self.fut = fut
         self.method = method
         self.timeout = timeout
+        self.deadline = 0.0
 
 
 class _TCPStream(StreamProtocol):
@@ -143,6 +150,10 @@ class _TCPChannel:
         self.last_error: str = ""
         self._next_id = 0
         self._reconnect_task: asyncio.Task[None] | None = None
+        self._flush_scheduled = False
+        self._deadlines: list[tuple[float, int]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
 
     async def connect_once(self, timeout: float) -> None:
         stream: _TCPStream | None = None
@@ -253,13 +264,49 @@ class _TCPChannel:
         assert stream.core is not None
         stream.core.send_request(rid, method, args, kwargs, codec)  # CodecError: nothing sent
         fut = loop.create_future()
-        self.pending[rid] = _Pending(fut, method)
-        stream.flush()
-        handle = loop.call_at(deadline, self._expire, rid, timeout)
+        p = self.pending[rid] = _Pending(fut, method, timeout)
+        p.deadline = deadline
+        if not self._flush_scheduled:
+            # Requests made in the same loop iteration leave in one write.
+            self._flush_scheduled = True
+            loop.call_soon(self._flush, stream)
+        heapq.heappush(self._deadlines, (deadline, rid))
+        if self._timer_at is None or deadline < self._timer_at:
+            self._arm(deadline)
         try:
             return await fut
         finally:
-            handle.cancel()
+            if self.pending.get(rid) is p:  # cancelled by the caller
+                del self.pending[rid]
+
+    def _flush(self, stream: _TCPStream) -> None:
+        self._flush_scheduled = False
+        stream.flush()
+
+    # One timer for all calls: a heap of (deadline, id), the timer set at the earliest. Answered
+    # calls leave stale heap entries that are skipped when they come up.
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        now = self.loop.time()
+        heap = self._deadlines
+        pending = self.pending
+        while heap and heap[0][0] <= now:
+            deadline, rid = heapq.heappop(heap)
+            p = pending.get(rid)
+            if p is not None and p.deadline == deadline:
+                del pending[rid]
+                if not p.fut.done():
+                    p.fut.set_exception(CallTimeout(p.method, p.timeout))
+        if not pending:
+            heap.clear()
+        elif heap:
+            self._arm(heap[0][0])
 
     def _expire(self, rid: int, timeout: float) -> None:
         p = self.pending.pop(rid, None)
@@ -288,6 +335,8 @@ class _TCPChannel:
 
     async def close(self) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
         task, self._reconnect_task = self._reconnect_task, None
         if task is not None and not task.done():
             task.cancel()
@@ -498,27 +547,30 @@ class AsyncClient:
             self._channel = channel
         return self
 
-    async def call(
+    def call(
         self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any
-    ) -> Any:
-        """Call ``method`` with positional and keyword arguments; ``timeout`` is reserved for the
-        call's own timeout (use :meth:`request` for a remote parameter named ``timeout``)."""
-        return await self.request(method, args, kwargs, timeout=timeout)
+    ) -> Coroutine[Any, Any, Any]:
+        """Call ``method`` with positional and keyword arguments; await the result.
+        ``timeout`` is reserved for the call's own timeout (use :meth:`request` for a remote
+        parameter named ``timeout``)."""
+        # A plain function returning the channel's coroutine: one coroutine layer less per call.
+        return self.request(method, args, kwargs, timeout=timeout)
 
-    async def request(
+    def request(
         self,
         method: str,
         args: tuple[Any, ...] | list[Any] = (),
         kwargs: dict[str, Any] | None = None,
         *,
         timeout: float | None = None,
-    ) -> Any:
+    ) -> Coroutine[Any, Any, Any]:
+        """Like :meth:`call`, with the arguments as a sequence and a mapping."""
         channel = self._channel
         if channel is None:
-            raise ConnectError("client is not connected: use `async with` or await connect()")
-        return await channel.call(
+            return _fail(ConnectError("client is not connected: use `async with` or connect()"))
+        return channel.call(
             method,
-            tuple(args),
+            args if type(args) is tuple else tuple(args),
             kwargs or None,
             self.timeout if timeout is None else timeout,
             self.codec,
