@@ -4,11 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 HOST_PORTS ?= --tcp 127.0.0.1:5050 --udp 127.0.0.1:5051
 
-.PHONY: run test lint typecheck clean help
+.PHONY: run test bench bench-quick bench-deps lint typecheck clean help
 
 help:
 	@echo "make run   - create .venv, install, serve the demo on tcp 5050 / udp 5051"
 	@echo "make test  - create .venv, install dev dependencies, run the whole test suite"
+	@echo "make bench - install the peers (pyzmq, gRPC, NATS, Redis...) and run the benchmarks"
 	@echo "make lint  - ruff and mypy"
 
 $(BIN)/python:
@@ -28,6 +29,26 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	PYTHONASYNCIODEBUG=1 $(BIN)/python -m pytest
+
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(VENV)/.installed $(VENV)/.installed-dev $@
+
+# Debian packages for the peer servers; skipped (and reported by the bench) where apt is absent
+# or we are not root. RUNLEVEL=1 keeps the packages' own services from starting.
+bench-deps: $(VENV)/.installed-bench
+	@missing=""; for b in redis-server nats-server gcc; do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && RUNLEVEL=1 apt-get install -y -qq --no-install-recommends redis-server nats-server gcc >/dev/null; \
+	  else echo "not installing$$missing (needs root and apt): the bench will skip them"; fi; \
+	fi
+
+bench: bench-deps
+	$(BIN)/sockstack bench --readme README.md
+
+bench-quick: bench-deps
+	$(BIN)/sockstack bench --quick
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests examples bench

@@ -174,6 +174,12 @@ class Connection:
         self._out.clear()
         return data
 
+    def buffers_to_send(self) -> list[bytes]:
+        """Like :meth:`data_to_send`, as the list of queued pieces (header, meta, body...), for a
+        gathering write (``sendmsg``, ``writelines``) that spares copying large bodies."""
+        out, self._out = self._out, []
+        return out
+
     def close_expected(self) -> bool:
         """True once the session is over: flush ``data_to_send()`` and close the transport."""
         return self.state is State.CLOSED

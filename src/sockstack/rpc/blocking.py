@@ -39,6 +39,7 @@ from sockstack.transport.urls import Endpoint, parse_endpoint
 __all__ = ["Client", "connect"]
 
 _RECV = 256 * 1024
+_GATHER_ABOVE = 64 * 1024
 # Reads go into one preallocated buffer per connection: sock.recv(256 KiB) would allocate (and
 # mmap/mremap/munmap, above glibc's mmap threshold) a fresh 256 KiB object on every call.
 
@@ -186,6 +187,20 @@ class _TCP:
             self.drop()
             raise ConnectionLost(f"{self.ep}: {exc}; the call may or may not have run") from None
 
+    def _sendmsg(self, pieces: list[bytes], method: str) -> None:
+        assert self.sock is not None
+        total = sum(len(p) for p in pieces)
+        try:
+            sent = self.sock.sendmsg(pieces)
+            if sent < total:  # finish what the kernel did not take at once
+                self.sock.sendall(memoryview(b"".join(pieces))[sent:])
+        except BlockingIOError:
+            self.drop()
+            raise CallTimeout(method, self._sock_timeout, "server not reading") from None
+        except OSError as exc:
+            self.drop()
+            raise ConnectionLost(f"{self.ep}: {exc}; the call may or may not have run") from None
+
     def _read(self, deadline: float, method: str) -> list[Any]:
         """Read once; returns the events. The socket is dropped if the session ended."""
         sock, core = self.sock, self.core
@@ -247,7 +262,11 @@ class _TCP:
             core.send_ping(rid)
         else:
             core.send_request(rid, method, args, kwargs, codec)
-        self._send(core.data_to_send(), method)
+        pieces = core.buffers_to_send()
+        if len(pieces) == 3 and len(pieces[2]) > _GATHER_ABOVE:
+            self._sendmsg(pieces, method)  # header, meta, body: no copy of a large body
+        else:
+            self._send(b"".join(pieces), method)
         while True:
             try:
                 events = self._read(deadline, method)

@@ -101,10 +101,13 @@ class _RPCStream(StreamProtocol):
                         self._start(ev, outcome)  # type: ignore[arg-type]
                 else:
                     self.handle_events([ev])
-        out = core.data_to_send()
+        out = core.buffers_to_send()
         transport = self.transport
         if out and transport is not None:
-            transport.write(out)
+            if len(out) == 2 and len(out[1]) > 65536:
+                transport.writelines(out)  # one large answer: header and body without a join
+            else:
+                transport.write(b"".join(out))
         if core.state is not self._timer_state:
             self.flush()
             self.arm_timer()
