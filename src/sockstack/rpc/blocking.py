@@ -34,7 +34,7 @@ from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, DatagramClient, Re
 from sockstack.protocol.frames import DEFAULT_MAX_FRAME
 from sockstack.protocol.messages import Error, Pong, Response, Role
 from sockstack.rpc.client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, Backoff
-from sockstack.transport.urls import Endpoint, parse_endpoint
+from sockstack.transport.urls import Endpoint, parse_endpoints
 
 __all__ = ["Client", "connect"]
 
@@ -55,8 +55,9 @@ class _TCP:
     socket timeouts, which poll() before every recv: one system call per read instead of two.
     """
 
-    def __init__(self, ep: Endpoint, client: Client) -> None:
-        self.ep = ep
+    def __init__(self, eps: list[Endpoint], client: Client) -> None:
+        self.eps = eps
+        self._index = 0
         self.client = client
         self.sock: socket.socket | None = None
         self.core: Connection | None = None
@@ -83,7 +84,25 @@ class _TCP:
         if remaining < t * 0.9 or remaining > t * 1.1:
             self._set_timeout(remaining)
 
+    @property
+    def ep(self) -> Endpoint:
+        return self.eps[self._index]
+
     def _connect(self, deadline: float) -> None:
+        """Connect to the current server, else to the next ones in the list (failover)."""
+        errors = []
+        start = self._index
+        for i in range(len(self.eps)):
+            self._index = (start + i) % len(self.eps)
+            try:
+                self._connect_one(deadline)
+                return
+            except ConnectError as exc:
+                errors.append(str(exc))
+        self._index = start
+        raise ConnectError("; ".join(errors))
+
+    def _connect_one(self, deadline: float) -> None:
         timeout = max(0.001, min(self.client.connect_timeout, deadline - time.monotonic()))
         try:
             sock = socket.create_connection((self.ep.host, self.ep.port), timeout=timeout)
@@ -381,7 +400,7 @@ class Client:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
@@ -391,7 +410,8 @@ class Client:
         retry: RetryPolicy | None = None,
         max_datagram: int = DEFAULT_MAX_DATAGRAM,
     ) -> None:
-        self.endpoint = parse_endpoint(url)
+        self.endpoints = parse_endpoints(url)
+        self.endpoint = self.endpoints[0]
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.codec: Codec = get_codec(codec)
@@ -404,7 +424,7 @@ class Client:
         if self.endpoint.scheme == "udp":
             self._impl = _UDP(self.endpoint, self)
         else:
-            self._impl = _TCP(self.endpoint, self)
+            self._impl = _TCP(self.endpoints, self)
             self._impl.ensure(time.monotonic() + connect_timeout, "connect", connect_timeout)
 
     def call(self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
@@ -463,7 +483,7 @@ class Client:
         self.close()
 
 
-def connect(url: str, **options: Any) -> Client:
+def connect(url: str | Sequence[str], **options: Any) -> Client:
     """A blocking :class:`Client` for ``tcp://host:port`` or ``udp://host:port``; TCP connects
     (and completes the handshake) now and raises :class:`ConnectError` if it cannot."""
     return Client(url, **options)

@@ -21,7 +21,7 @@ import logging
 import os
 import random
 import socket
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +49,7 @@ from sockstack.protocol.datagram import (
 from sockstack.protocol.messages import Error, Pong, Response, Role
 from sockstack.transport.tcp import StreamLimits, StreamProtocol
 from sockstack.transport.udp import DatagramEndpoint
-from sockstack.transport.urls import Endpoint, parse_endpoint
+from sockstack.transport.urls import Endpoint, parse_endpoints
 
 __all__ = ["DEFAULT_TIMEOUT", "AsyncClient", "Backoff"]
 
@@ -138,8 +138,9 @@ class _TCPStream(StreamProtocol):
 
 
 class _TCPChannel:
-    def __init__(self, ep: Endpoint, client: AsyncClient) -> None:
-        self.ep = ep
+    def __init__(self, eps: list[Endpoint], client: AsyncClient) -> None:
+        self.eps = eps
+        self._index = 0
         self.client = client
         self.limits = client.stream_limits
         self.loop = asyncio.get_running_loop()
@@ -155,27 +156,47 @@ class _TCPChannel:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
 
+    @property
+    def ep(self) -> Endpoint:
+        return self.eps[self._index]
+
     async def connect_once(self, timeout: float) -> None:
+        """Connect to the current server, else to the next ones in the list (failover)."""
+        errors = []
+        n = len(self.eps)
+        for i in range(n):
+            index = (self._index + i) % n
+            try:
+                stream = await self._connect_to(self.eps[index], timeout)
+            except ConnectError as exc:
+                errors.append(str(exc))
+                continue
+            if index != self._index:
+                log.warning("failing over from %s to %s", self.ep, self.eps[index])
+            self._index = index
+            self.stream = stream
+            self.last_error = ""
+            self.connected.set()
+            return
+        raise ConnectError("; ".join(errors))
+
+    async def _connect_to(self, ep: Endpoint, timeout: float) -> _TCPStream:
         stream: _TCPStream | None = None
         try:
             async with asyncio.timeout(timeout):
                 _, stream = await self.loop.create_connection(
-                    lambda: _TCPStream(self), self.ep.host, self.ep.port
+                    lambda: _TCPStream(self), ep.host, ep.port
                 )
                 await asyncio.shield(stream.welcome)
         except TimeoutError:
             if stream is not None:
                 stream.abort()
-            raise ConnectError(
-                f"{self.ep}: no connection and handshake within {timeout:g} s"
-            ) from None
+            raise ConnectError(f"{ep}: no connection and handshake within {timeout:g} s") from None
         except OSError as exc:
-            raise ConnectError(f"{self.ep}: {_os_error(exc)}") from None
+            raise ConnectError(f"{ep}: {_os_error(exc)}") from None
         except ConnectionLost as exc:  # closed during the handshake (version, auth...)
-            raise ConnectError(f"{self.ep}: {exc}") from None
-        self.stream = stream
-        self.last_error = ""
-        self.connected.set()
+            raise ConnectError(f"{ep}: {exc}") from None
+        return stream
 
     def _on_lost(self, stream: _TCPStream, exc: Exception | None) -> None:
         term = stream.terminated
@@ -504,6 +525,9 @@ class _UDPChannel:
 class AsyncClient:
     """An asyncio client for ``tcp://host:port`` or ``udp://host:port``.
 
+    ``url`` may list several TCP servers (``"tcp://a:5050,tcp://b:5050"`` or a list): the client
+    uses the first that answers and, when its connection drops, reconnects to the same server or
+    else fails over to the next ones in order.
     ``timeout`` is the default per-call timeout; ``codec`` one of "msgpack" (default), "json",
     "raw". TCP: ``reconnect`` (default True) with ``backoff``. UDP: ``retry`` policy and
     ``max_datagram`` (requests above it are refused locally, before sending).
@@ -511,7 +535,7 @@ class AsyncClient:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
@@ -523,7 +547,8 @@ class AsyncClient:
         retry: RetryPolicy | None = None,
         max_datagram: int = DEFAULT_MAX_DATAGRAM,
     ) -> None:
-        self.endpoint = parse_endpoint(url)
+        self.endpoints = parse_endpoints(url)
+        self.endpoint = self.endpoints[0]
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.close_timeout = close_timeout
@@ -542,7 +567,7 @@ class AsyncClient:
             if self.endpoint.scheme == "udp":
                 channel = _UDPChannel(self.endpoint, self)
             else:
-                channel = _TCPChannel(self.endpoint, self)
+                channel = _TCPChannel(self.endpoints, self)
             await channel.connect_once(self.connect_timeout)
             self._channel = channel
         return self

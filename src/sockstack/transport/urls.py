@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sockstack.errors import InvalidURL
 
-__all__ = ["DEFAULT_TCP_PORT", "DEFAULT_UDP_PORT", "SCHEMES", "Endpoint", "parse_endpoint"]
+__all__ = [
+    "DEFAULT_TCP_PORT",
+    "DEFAULT_UDP_PORT",
+    "SCHEMES",
+    "Endpoint",
+    "parse_endpoint",
+    "parse_endpoints",
+]
 
 SCHEMES = ("tcp", "udp")
 DEFAULT_TCP_PORT = 5050  # above 5000, as the course notes advise for our own services
@@ -64,3 +72,18 @@ def parse_endpoint(text: str, default_scheme: str | None = None) -> Endpoint:
     if not 0 <= port <= 65535:
         raise InvalidURL(f"{text!r}: port {port} is outside 0-65535")
     return Endpoint(scheme, host, port)
+
+
+def parse_endpoints(urls: str | Sequence[str]) -> list[Endpoint]:
+    """One URL, a comma-separated list, or a sequence: the servers a client may use, in order
+    of preference (failover). All must share one scheme; UDP takes a single server."""
+    items = [u.strip() for u in urls.split(",")] if isinstance(urls, str) else list(urls)
+    eps = [parse_endpoint(u) for u in items if u]
+    if not eps:
+        raise InvalidURL("no server URL given")
+    schemes = {e.scheme for e in eps}
+    if len(schemes) > 1:
+        raise InvalidURL(f"{urls!r}: mixed schemes {sorted(schemes)}; use one")
+    if len(eps) > 1 and eps[0].scheme == "udp":
+        raise InvalidURL(f"{urls!r}: failover lists are for TCP; a UDP client talks to one server")
+    return eps
