@@ -323,6 +323,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("url", help="tcp://host:port or udp://host:port")
     g.add_argument("--count", type=int, default=10, help="number of pings (default 10)")
     g.add_argument("--timeout", type=float, default=2.0, help="seconds per ping (default 2)")
+    i = sub.add_parser(
+        "inspect",
+        help="bytes on the wire per layer for one call, TCP and UDP side by side",
+        description="Make one real echo call (to URL, or to a demo server started on loopback) "
+        "and print the bytes each layer adds: Ethernet, IP, TCP (with the timestamps option "
+        "Linux sends) or UDP, optionally TLS, the sockstack frame header, the method name, the "
+        "codec, and the payload; with the efficiency (payload / total) and the effect of "
+        "pipelining several frames per segment.",
+    )
+    i.add_argument("url", nargs="?", help="tcp://host:port of a server with an echo method")
+    i.add_argument("--payload", type=int, default=64, help="bytes echoed (default 64)")
+    i.add_argument("--ipv6", action="store_true", help="count IPv6 headers instead of IPv4")
+    i.add_argument("--tls", action="store_true", help="add a TLS 1.3 record per message")
+    i.add_argument("--mtu", type=int, default=1500, help="link MTU (default 1500, Ethernet)")
+
     b = sub.add_parser(
         "bench",
         help="benchmark sockstack side by side with raw sockets and peer libraries",
@@ -351,6 +366,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.workers < 1:
                 raise _UsageError("--workers must be at least 1")
             return run(_serve(args))
+        if args.command == "inspect":
+            from sockstack.overhead import capture_exchange, render
+
+            if args.payload < 0:
+                raise _UsageError("--payload must be 0 or more")
+            render(
+                capture_exchange(args.url, args.payload), ipv6=args.ipv6, tls=args.tls, mtu=args.mtu
+            )
+            return EXIT_OK
         if args.command == "bench":
             from sockstack.bench import run as run_bench
 
