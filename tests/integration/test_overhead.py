@@ -65,10 +65,12 @@ def test_transport_figures_match_a_loopback_capture() -> None:
 
     def pump() -> None:
         deadline = time.monotonic() + timeout(20)
-        while not stop.is_set() and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             try:
                 pkt = sniff.recv(65535)
             except TimeoutError:
+                if stop.is_set():
+                    break  # the exchange is over and everything captured has been read
                 continue
             if len(pkt) < 14 + 20 or pkt[12:14] != b"\x08\x00" or pkt[14 + 9] != 6:
                 continue  # not IPv4/TCP

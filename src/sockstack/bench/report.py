@@ -205,7 +205,8 @@ def print_tables(run: Run) -> None:
         console.print(f"[yellow]skipped[/] {name}: {why}")
 
 
-def markdown(run: Run) -> str:
+def markdown(run: Run, scenarios: list[str] | None = None) -> str:
+    """The run as Markdown: targets, then one table per scenario (all, or those named)."""
     lines = [
         f"# sockstack benchmark ({'quick' if run.quick else 'full'} run)",
         "",
@@ -223,6 +224,8 @@ def markdown(run: Run) -> str:
             f"{tg.goal} | {met} |"
         )
     for scenario in _scenarios(run):
+        if scenarios is not None and scenario not in scenarios:
+            continue
         lines += [
             "",
             f"## {scenario}",
@@ -234,14 +237,14 @@ def markdown(run: Run) -> str:
             if r.scenario == scenario:
                 lines.append("| " + " | ".join(_row(r)) + " |")
     mem = _find(run.results, "idle-memory", SS)
-    if mem:
+    if mem and scenarios is None:
         lines += [
             "",
             "## Memory",
             "",
             f"{mem.note}: {mem.extra['bytes_per_idle_connection']:,} bytes per idle connection.",
         ]
-    if run.skipped:
+    if run.skipped and scenarios is None:
         lines += ["", "## Skipped", ""] + [f"- {k}: {v}" for k, v in run.skipped.items()]
     return "\n".join(lines) + "\n"
 
@@ -327,7 +330,8 @@ def write_all(run: Run, out_dir: Path, readme: Path | None = None) -> list[Path]
         text = readme.read_text()
         start, end = "<!-- bench:start -->", "<!-- bench:end -->"
         if start in text and end in text:
-            body = md.split("\n", 2)[2]  # drop the title line
+            # The README carries the targets and the headline table; the rest is in latest.md.
+            body = markdown(run, ["sequential TCP 64 B"]).split("\n", 2)[2]  # drop the title
             new = (
                 text.split(start)[0]
                 + start

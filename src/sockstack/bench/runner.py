@@ -217,6 +217,7 @@ def pipelined(run: Run, budget: sc.Budget, only: str, window: int = 1000) -> Non
             cpu0, scpu0 = time.process_time(), server.cpu_seconds()
             lat, seconds = go(server)
             cpu = time.process_time() - cpu0 + server.cpu_seconds() - scpu0
+            rss = server.rss_bytes()
         finally:
             server.stop()
         p50, p99, p999 = stats(lat) if lat else (None, None, None)
@@ -231,7 +232,7 @@ def pipelined(run: Run, budget: sc.Budget, only: str, window: int = 1000) -> Non
             p99,
             p999,
             round(cpu / budget.pipelined * 1e6, 1),
-            round(server.rss_bytes() / 2**20, 1),
+            round(rss / 2**20, 1),
         )
         run.results.append(r)
         run.log(f"  {scenario} / {name}: {r.rate:,.0f} calls/s")
@@ -250,6 +251,7 @@ def concurrency(run: Run, budget: sc.Budget, only: str, clients: int = 100) -> N
                 sc._concurrent(server.port, b"x" * 64, clients, budget.concurrent)
             )
             cpu = time.process_time() - cpu0 + server.cpu_seconds() - scpu0
+            rss = server.rss_bytes()
         finally:
             server.stop()
         r = Result(
@@ -260,7 +262,7 @@ def concurrency(run: Run, budget: sc.Budget, only: str, clients: int = 100) -> N
             seconds,
             64,
             cpu_s_per_m=round(cpu / budget.concurrent * 1e6, 1),
-            peak_rss_mb=round(server.rss_bytes() / 2**20, 1),
+            peak_rss_mb=round(rss / 2**20, 1),
         )
         run.results.append(r)
         run.log(f"  {scenario} / {r.system}: {r.rate:,.0f} calls/s")

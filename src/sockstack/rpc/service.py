@@ -82,6 +82,9 @@ class Handler:
     min_positional: int
     max_positional: int  # -1: unbounded (*args)
     accepts_kwargs: bool
+    simple: bool = False
+    """A synchronous method with a fixed number of positional parameters (none keyword-only):
+    its arguments are checked by counting alone."""
 
     def check_arguments(self, args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
         """None when the arguments fit the signature, else a message saying why not."""
@@ -117,15 +120,17 @@ def _make_handler(name: str, func: Callable[..., Any], inline: bool) -> Handler:
             accepts_kwargs = True
     if any(p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in sig.parameters.values()):
         min_pos = 1 << 30  # required keyword-only args: never take the fast path
+    is_async = inspect.iscoroutinefunction(func)
     return Handler(
         name,
         func,
-        inspect.iscoroutinefunction(func),
+        is_async,
         inline,
         sig,
         min_pos,
         max_pos if max_pos >= 0 else -1,
         accepts_kwargs,
+        simple=not is_async and max_pos >= 0 and not accepts_kwargs,
     )
 
 
