@@ -34,6 +34,7 @@ from sockstack.rpc.client import AsyncClient, Backoff
 from sockstack.rpc.server import Server, ServerLimits, serve
 from sockstack.rpc.service import Service, ServiceError, method
 from sockstack.transport.loop import run
+from sockstack.transport.memory import tune_malloc
 from sockstack.transport.tcp import StreamLimits
 
 __version__ = "0.1.0"
@@ -66,4 +67,5 @@ __all__ = [
     "method",
     "run",
     "serve",
+    "tune_malloc",
 ]

@@ -177,3 +177,20 @@ async def test_ipv6(probe: Probe, scheme: str) -> None:
                 return c.call("add", 1, 2)  # type: ignore[no-any-return]
 
         assert await asyncio.to_thread(blocking_call) == 3
+
+
+async def test_large_bytes_go_out_by_reference_and_arrive_whole(server: Server) -> None:
+    """Bytes above 64 KiB are written from the caller's buffer (gathering writes) both ways;
+    mixed with small calls in flight on one connection, every answer is intact and in place."""
+    a, b = bytes(range(256)) * 400, b"\xff" * 200_000  # 102,400 and 200,000 bytes
+    async with AsyncClient(url(server, "tcp"), timeout=timeout(10)) as c:
+        results = await asyncio.gather(
+            c.call("add", a, b), c.call("add", 1, 2), c.call("echo", b), c.call("add", [a], [1])
+        )
+    assert results == [a + b, 3, b, [a, 1]]
+
+    def blocking() -> list[object]:  # in a thread: the server runs on this test's loop
+        with connect(url(server, "tcp"), timeout=timeout(10)) as bc:
+            return [bc.call("add", a, b), bc.call("echo", a), bc.call("add", 2, 2)]
+
+    assert await asyncio.to_thread(blocking) == [a + b, a, 4]

@@ -5,11 +5,19 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sockstack.errors import CodecError
-from sockstack.protocol.codecs import JSON, MSGPACK, RAW, get_codec
+from sockstack.protocol.codecs import (
+    BIG_BYTES,
+    JSON,
+    MSGPACK,
+    RAW,
+    get_codec,
+    msgpack_bin_header,
+    msgpack_parts,
+)
 
 scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=20)
 floats = st.floats(allow_nan=False, allow_infinity=False)
@@ -71,3 +79,37 @@ def test_codec_lookup_by_name_and_id() -> None:
     assert get_codec("msgpack") is MSGPACK and get_codec(1) is MSGPACK
     assert get_codec("json") is JSON and get_codec(2) is JSON
     assert get_codec("raw") is RAW and get_codec(0) is RAW
+
+
+_small = st.one_of(
+    st.none(), st.integers(-(2**63), 2**63 - 1), st.text(max_size=20), st.binary(max_size=50)
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    items=st.lists(
+        st.one_of(_small, st.integers(BIG_BYTES + 1, BIG_BYTES + 3000).map(lambda n: b"b" * n)),
+        max_size=20,
+    ),
+    pad=st.integers(0, 70_000),
+)
+def test_msgpack_parts_join_to_the_plain_encoding(items: list[object], pad: int) -> None:
+    """Large bytes go out by reference; the pieces are byte-identical to the plain encoding."""
+    items = items + [None] * pad if pad > 65_530 else items  # array headers of every width
+    parts = msgpack_parts(items, True)
+    if not any(type(x) is bytes and len(x) > BIG_BYTES for x in items):
+        assert parts is None
+        return
+    assert parts is not None
+    assert b"".join(parts) == MSGPACK.encode(items)
+    assert MSGPACK.decode(b"".join(parts)) == items
+
+
+@pytest.mark.parametrize("n", [0, 255, 256, 65_535, 65_536, BIG_BYTES + 1, 1 << 20])
+def test_msgpack_bin_header_matches_msgpack(n: int) -> None:
+    value = b"v" * n
+    assert msgpack_bin_header(n) + value == MSGPACK.encode(value)
+    assert msgpack_parts(value, False) == (
+        [msgpack_bin_header(n), value] if n > BIG_BYTES else None
+    )

@@ -126,19 +126,32 @@ def test_large_frames_gathered_across_reads(seed: int) -> None:
     """Frames above 64 KiB are collected as chunks and joined once; any split still works."""
     rnd = random.Random(seed)
     size = rnd.randint(64 * 1024 - 100, 300 * 1024)
-    big = Frame(3, 1, meta=b"m", body=(bytes(range(256)) * (size // 256 + 1))[:size])
+    meta = bytes(rnd.randrange(256) for _ in range(rnd.randint(0, 300)))
+    big = Frame(3, 1, meta=meta, body=(bytes(range(256)) * (size // 256 + 1))[:size])
     small = Frame(4, 2, body=b"after")
-    stream = big.serialize() + small.serialize()
+    stream = big.serialize() + small.serialize() + big.serialize()
     dec = FrameDecoder(max_frame=1 << 20)
     out: list[Frame] = []
     pos = 0
     while pos < len(stream):
-        step = rnd.randint(1, 70_000)
+        step = rnd.choice((rnd.randint(1, 40), rnd.randint(1, 70_000)))
         out += dec.feed(stream[pos : pos + step])
         assert dec.buffered <= HEADER_SIZE + (1 << 20)
         pos += step
-    assert out == [big, small]
+    assert out == [big, small, big]
     assert dec.buffered == 0
+
+
+def test_large_frame_followed_by_garbage_in_the_same_read() -> None:
+    """The frame completed before broken framing is delivered; the error comes on the next call."""
+    big = Frame(3, 1, body=b"x" * 100_000)
+    data = big.serialize()
+    dec = FrameDecoder(max_frame=1 << 20)
+    assert dec.feed(data[:1000]) == []
+    assert dec.feed(data[1000:] + b"GARBAGE-GARBAGE-GARBAGE") == [big]
+    assert dec.error is not None
+    with pytest.raises(RemoteProtocolError):
+        dec.feed(b"more")
 
 
 def test_malloc_tuning_is_harmless() -> None:

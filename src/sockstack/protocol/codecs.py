@@ -23,7 +23,17 @@ import msgpack
 
 from sockstack.errors import CodecError
 
-__all__ = ["CODECS", "JSON", "MSGPACK", "RAW", "Codec", "get_codec"]
+__all__ = [
+    "BIG_BYTES",
+    "CODECS",
+    "JSON",
+    "MSGPACK",
+    "RAW",
+    "Codec",
+    "get_codec",
+    "msgpack_bin_header",
+    "msgpack_parts",
+]
 
 
 class Codec(Protocol):
@@ -90,6 +100,60 @@ class MsgpackCodec:
             return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
         except Exception as exc:  # msgpack raises several unrelated types on bad input
             raise CodecError(f"body is not valid msgpack: {type(exc).__name__}: {exc}") from None
+
+
+BIG_BYTES = 64 * 1024
+"""Bytes values above this size are sent by reference (a gathering write), not copied."""
+
+
+def msgpack_bin_header(n: int) -> bytes:
+    if n < 0x100:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 0x10000:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 0x10000:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def msgpack_parts(value: Any, is_array: bool) -> list[bytes] | None:
+    """The msgpack encoding of ``value`` as pieces that leave large ``bytes`` uncopied.
+
+    ``value`` is a bytes value (``is_array`` False) or a list of values (``is_array`` True) whose
+    top-level bytes items above :data:`BIG_BYTES` become pieces of their own; the pieces join to
+    exactly ``MSGPACK.encode(value)``. None when nothing is large enough to be worth it (the caller
+    then encodes as usual). A 1 MiB body thus costs no user-space copy on the way out.
+    """
+    if not is_array:
+        if type(value) is bytes and len(value) > BIG_BYTES:
+            return [msgpack_bin_header(len(value)), value]
+        return None
+    for item in value:
+        if type(item) is bytes and len(item) > BIG_BYTES:
+            break
+    else:
+        return None
+    parts: list[bytes] = []
+    small: list[Any] = []
+    head = _array_header(len(value))
+    for item in value:
+        if type(item) is bytes and len(item) > BIG_BYTES:
+            parts.append(
+                head + b"".join(MSGPACK.encode(x) for x in small) + msgpack_bin_header(len(item))
+            )
+            parts.append(item)
+            head, small = b"", []
+        else:
+            small.append(item)
+    if small:
+        parts.append(b"".join(MSGPACK.encode(x) for x in small))
+    return parts
 
 
 class JsonCodec:

@@ -31,7 +31,7 @@ from typing import Any
 import msgpack
 
 from sockstack.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from sockstack.protocol.codecs import MSGPACK, Codec
+from sockstack.protocol.codecs import BIG_BYTES, MSGPACK, Codec, msgpack_bin_header, msgpack_parts
 from sockstack.protocol.frames import (
     DEFAULT_MAX_FRAME,
     DEFAULT_MAX_META,
@@ -211,7 +211,19 @@ class Connection:
             if meta is None and len(_METHOD_BYTES) < 4096:
                 _METHOD_BYTES[method] = method.encode("utf-8")  # names repeat: encode once
             return
-        body = codec.encode(args if type(args) is list else list(args))
+        items = args if type(args) is list else list(args)
+        parts = msgpack_parts(items, True) if codec is MSGPACK else None
+        if parts is not None:
+            size = sum(map(len, parts))
+            if len(meta) + size > self.peer_max_frame:
+                self._fit(encode_request(request_id, method, args, kwargs, codec))  # raises
+            self._out.append(
+                _pack_header(MAGIC, 1, _REQUEST, 0, codec.id, len(meta), request_id, size)
+            )
+            self._out.append(meta)
+            self._out += parts
+            return
+        body = codec.encode(items)
         if len(meta) + len(body) > self.peer_max_frame:
             self._fit(encode_request(request_id, method, args, kwargs, codec))  # raises
         self._out += (
@@ -225,6 +237,17 @@ class Connection:
         Raises :class:`CodecError` if the result cannot be encoded (nothing queued)."""
         if self.state is not State.OPEN and not self._check_can_send():
             return False
+        if type(result) is bytes and len(result) > BIG_BYTES and codec is MSGPACK:
+            head = msgpack_bin_header(len(result))  # the result's bytes go out uncopied
+            size = len(head) + len(result)
+            if size > self.peer_max_frame:
+                self._fit(encode_response(request_id, result, codec))  # raises with the sizes
+            self._out += (
+                _pack_header(MAGIC, 1, _RESPONSE, 0, codec.id, 0, request_id, size),
+                head,
+                result,
+            )
+            return True
         body = codec.encode(result)
         if len(body) > self.peer_max_frame:
             self._fit(encode_response(request_id, result, codec))  # raises with the sizes

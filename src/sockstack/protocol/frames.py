@@ -166,8 +166,7 @@ class FrameDecoder:
             self._have += len(data)
             if self._have < self._need:
                 return []
-            data = b"".join(self._parts)
-            self._parts, self._have, self._need = [], 0, 0
+            return self._gathered()
         buf = self._buf
         # Common case: nothing left over from the last read, so parse ``data`` in place (no copy
         # into the buffer); only an incomplete tail is kept.
@@ -226,6 +225,33 @@ class FrameDecoder:
                 del buf[:pos]
         elif pos < end:
             buf += data[pos:]
+        return frames
+
+    def _gathered(self) -> list[Frame]:
+        """The large frame being gathered is complete: build it with one copy of its body (not a
+        join of the whole frame and then a slice of it), then parse what followed it."""
+        parts, extra = self._parts, self._have - self._need
+        self._parts, self._have, self._need = [], 0, 0
+        rest = b""
+        if extra:
+            last = parts[-1]
+            parts[-1], rest = last[: len(last) - extra], last[len(last) - extra :]
+        first = parts[0]
+        _, _, type_, flags, codec, meta_len, rid, _ = HEADER.unpack_from(first, 0)
+        head = HEADER_SIZE + meta_len
+        if len(first) < head:  # the meta itself was split (a tiny first read): join it all
+            joined = b"".join(parts)
+            meta, body = joined[HEADER_SIZE:head], joined[head:]
+        else:
+            meta = bytes(first[HEADER_SIZE:head])
+            parts[0] = first[head:]
+            body = b"".join(parts)
+        frames = [Frame(type_, rid, flags, codec, meta, body)]
+        if rest:
+            try:
+                frames += self.feed(rest)
+            except RemoteProtocolError:
+                pass  # self.error is set: the next call raises it
         return frames
 
 

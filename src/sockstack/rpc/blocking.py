@@ -282,8 +282,8 @@ class _TCP:
         else:
             core.send_request(rid, method, args, kwargs, codec)
         pieces = core.buffers_to_send()
-        if len(pieces) == 3 and len(pieces[2]) > _GATHER_ABOVE:
-            self._sendmsg(pieces, method)  # header, meta, body: no copy of a large body
+        if len(pieces) > 3 or len(pieces[-1]) > _GATHER_ABOVE:
+            self._sendmsg(pieces, method)  # header, meta, body pieces: no copy of a large body
         else:
             self._send(b"".join(pieces), method)
         while True:

@@ -104,8 +104,8 @@ class _RPCStream(StreamProtocol):
         out = core.buffers_to_send()
         transport = self.transport
         if out and transport is not None:
-            if len(out) == 2 and len(out[1]) > 65536:
-                transport.writelines(out)  # one large answer: header and body without a join
+            if len(out[-1]) > 65536:
+                transport.writelines(out)  # a large answer: header and body without a join
             else:
                 transport.write(b"".join(out))
         if core.state is not self._timer_state:
