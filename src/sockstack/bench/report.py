@@ -213,7 +213,12 @@ def markdown(run: Run, scenarios: list[str] | None = None) -> str:
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(run.started))}, "
         f"{platform.machine()}, Python {platform.python_version()}, "
         f"{_cpus()} CPUs. Sequential rows: one client, one connection, 64-byte payload, "
-        "one call after the other; MB/s counts the payload one way.",
+        "one call after the other; MB/s counts the payload one way. "
+        + (
+            f"Each row is the median of {run.rounds} interleaved rounds."
+            if run.rounds > 1
+            else "One round per row."
+        ),
         "",
     ]
     lines += ["## Targets", "", "| target | measured | goal | met |", "|---|---|---|---|"]

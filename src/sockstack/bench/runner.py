@@ -22,6 +22,7 @@ class Run:
     cdf: dict[str, list[float]] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     log: Callable[[str], None] = print
+    rounds: int = 1
 
 
 @dataclass
@@ -106,14 +107,14 @@ def _measure(
     placement: sc.Placement,
     budget: sc.Budget,
     payload: int,
-) -> None:
+) -> Result | None:
     key = f"{scenario} / {system.name}"
     try:
         server = system.start(placement[1])
     except SkipSystem as exc:
         run.skipped[system.name] = str(exc)
         run.log(f"  skip {system.name}: {exc}")
-        return
+        return None
     data = b"x" * payload
     try:
         if system.is_async:
@@ -138,42 +139,66 @@ def _measure(
             )
     except SkipSystem as exc:
         run.skipped[system.name] = str(exc)
-        return
+        return None
     except Exception as exc:  # a peer that breaks must not end the whole run
         run.skipped[system.name] = f"failed: {type(exc).__name__}: {exc}"
         run.log(f"  {key}: failed: {exc}")
-        return
+        return None
     finally:
         server.stop()
-    run.results.append(r)
     run.log(f"  {key} [{placement[0]}]: {r.rate:,.0f} calls/s, p50 {r.p50_us} µs")
+    return r
+
+
+def median_round(rounds: list[Result]) -> Result:
+    """The round with the median rate; every round's rate is kept in ``extra``."""
+    ordered = sorted(rounds, key=lambda r: r.rate)
+    pick = ordered[(len(ordered) - 1) // 2]
+    if len(rounds) > 1:
+        pick.extra["round_calls_per_s"] = [round(r.rate, 1) for r in rounds]
+    return pick
+
+
+def _compare(
+    run: Run,
+    scenario: str,
+    systems: list[System],
+    placement: sc.Placement,
+    budget: sc.Budget,
+    payload: int,
+    only: str,
+) -> None:
+    """Each system once per round, rounds interleaved; the median round of each goes in."""
+    chosen = [s for s in systems if not (only and only not in s.name.lower())]
+    rounds: dict[str, list[Result]] = {s.name: [] for s in chosen}
+    for _ in range(budget.rounds):
+        for system in chosen:
+            if system.name in run.skipped:
+                continue
+            r = _measure(run, scenario, system, placement, budget, payload)
+            if r is not None:
+                rounds[system.name].append(r)
+    for system in chosen:
+        if rounds[system.name]:
+            run.results.append(median_round(rounds[system.name]))
 
 
 def seq_tcp(run: Run, budget: sc.Budget, only: str) -> None:
     for placement in (sc.SAME, sc.SPLIT):
-        for system in SEQ_TCP:
-            if only and only not in system.name.lower():
-                continue
-            _measure(run, "sequential TCP 64 B", system, placement, budget, 64)
+        _compare(run, "sequential TCP 64 B", SEQ_TCP, placement, budget, 64, only)
 
 
 def seq_udp(run: Run, budget: sc.Budget, only: str) -> None:
     for placement in (sc.SAME, sc.SPLIT):
-        for system in SEQ_UDP:
-            if only and only not in system.name.lower():
-                continue
-            _measure(run, "sequential UDP 64 B", system, placement, budget, 64)
+        _compare(run, "sequential UDP 64 B", SEQ_UDP, placement, budget, 64, only)
 
 
 def payloads(run: Run, budget: sc.Budget, only: str) -> None:
     systems = [SEQ_TCP[1], SEQ_TCP[3]]
     for size in (64, 1024, 64 * 1024, 1024 * 1024):
         scale = max(1, size // 4096)
-        b = sc.Budget(max(200, budget.count // scale), budget.cap, 0, 0, 0)
-        for system in systems:
-            if only and only not in system.name.lower():
-                continue
-            _measure(run, f"TCP payload {_size(size)}", system, sc.SPLIT, b, size)
+        b = sc.Budget(max(200, budget.count // scale), budget.cap, 0, 0, 0, budget.rounds)
+        _compare(run, f"TCP payload {_size(size)}", systems, sc.SPLIT, b, size, only)
 
 
 def _size(n: int) -> str:
@@ -204,68 +229,78 @@ def pipelined(run: Run, budget: sc.Budget, only: str, window: int = 1000) -> Non
             ),
         ),
     ]
-    for name, start, go in cases:
-        if only and only not in name.lower():
-            continue
-        try:
-            server = start(sc.SPLIT[1])
-        except SkipSystem as exc:
-            run.skipped[name] = str(exc)
-            continue
-        try:
-            pin(sc.SPLIT[2])
-            cpu0, scpu0 = time.process_time(), server.cpu_seconds()
-            lat, seconds = go(server)
-            cpu = time.process_time() - cpu0 + server.cpu_seconds() - scpu0
-            rss = server.rss_bytes()
-        finally:
-            server.stop()
-        p50, p99, p999 = stats(lat) if lat else (None, None, None)
-        r = Result(
-            scenario,
-            name,
-            sc.SPLIT[0],
-            budget.pipelined,
-            seconds,
-            64,
-            p50,
-            p99,
-            p999,
-            round(cpu / budget.pipelined * 1e6, 1),
-            round(rss / 2**20, 1),
-        )
-        run.results.append(r)
-        run.log(f"  {scenario} / {name}: {r.rate:,.0f} calls/s")
+    chosen = [c for c in cases if not (only and only not in c[0].lower())]
+    rounds: dict[str, list[Result]] = {name: [] for name, _, _ in chosen}
+    for _ in range(budget.rounds):
+        for name, start, go in chosen:
+            if name in run.skipped:
+                continue
+            try:
+                server = start(sc.SPLIT[1])
+            except SkipSystem as exc:
+                run.skipped[name] = str(exc)
+                continue
+            try:
+                pin(sc.SPLIT[2])
+                cpu0, scpu0 = time.process_time(), server.cpu_seconds()
+                lat, seconds = go(server)
+                cpu = time.process_time() - cpu0 + server.cpu_seconds() - scpu0
+                rss = server.rss_bytes()
+            finally:
+                server.stop()
+            p50, p99, p999 = stats(lat) if lat else (None, None, None)
+            r = Result(
+                scenario,
+                name,
+                sc.SPLIT[0],
+                budget.pipelined,
+                seconds,
+                64,
+                p50,
+                p99,
+                p999,
+                round(cpu / budget.pipelined * 1e6, 1),
+                round(rss / 2**20, 1),
+            )
+            rounds[name].append(r)
+            run.log(f"  {scenario} / {name}: {r.rate:,.0f} calls/s")
+    for name, _, _ in chosen:
+        if rounds[name]:
+            run.results.append(median_round(rounds[name]))
 
 
 def concurrency(run: Run, budget: sc.Budget, only: str, clients: int = 100) -> None:
     if only and only not in "sockstack":
         return
     scenario = f"{clients} concurrent clients"
-    for workers in (1, 2):
-        server = sc.start_sockstack(sc.BOTH[1], workers=workers)
-        try:
-            pin(sc.BOTH[2])
-            cpu0, scpu0 = time.process_time(), server.cpu_seconds()
-            seconds = sc.run_async(
-                sc._concurrent(server.port, b"x" * 64, clients, budget.concurrent)
+    rounds: dict[int, list[Result]] = {1: [], 2: []}
+    for _ in range(budget.rounds):
+        for workers in (1, 2):
+            server = sc.start_sockstack(sc.BOTH[1], workers=workers)
+            try:
+                pin(sc.BOTH[2])
+                cpu0, scpu0 = time.process_time(), server.cpu_seconds()
+                seconds = sc.run_async(
+                    sc._concurrent(server.port, b"x" * 64, clients, budget.concurrent)
+                )
+                cpu = time.process_time() - cpu0 + server.cpu_seconds() - scpu0
+                rss = server.rss_bytes()
+            finally:
+                server.stop()
+            r = Result(
+                scenario,
+                f"sockstack --workers {workers}",
+                sc.BOTH[0],
+                budget.concurrent,
+                seconds,
+                64,
+                cpu_s_per_m=round(cpu / budget.concurrent * 1e6, 1),
+                peak_rss_mb=round(rss / 2**20, 1),
             )
-            cpu = time.process_time() - cpu0 + server.cpu_seconds() - scpu0
-            rss = server.rss_bytes()
-        finally:
-            server.stop()
-        r = Result(
-            scenario,
-            f"sockstack --workers {workers}",
-            sc.BOTH[0],
-            budget.concurrent,
-            seconds,
-            64,
-            cpu_s_per_m=round(cpu / budget.concurrent * 1e6, 1),
-            peak_rss_mb=round(rss / 2**20, 1),
-        )
-        run.results.append(r)
-        run.log(f"  {scenario} / {r.system}: {r.rate:,.0f} calls/s")
+            rounds[workers].append(r)
+            run.log(f"  {scenario} / {r.system}: {r.rate:,.0f} calls/s")
+    for workers in (1, 2):
+        run.results.append(median_round(rounds[workers]))
 
 
 def memory(run: Run, budget: sc.Budget, only: str) -> None:
@@ -294,6 +329,7 @@ def run_all(
 ) -> Run:
     run = Run(quick, log=log)
     budget = sc.Budget.make(quick)
+    run.rounds = budget.rounds
     saved = os.sched_getaffinity(0)
     try:
         for name in scenarios or list(SCENARIOS):

@@ -54,6 +54,9 @@ class Budget:
     pipelined: int
     concurrent: int
     idle_connections: int
+    rounds: int = 1
+    """Rounds per comparison, interleaved (A B C, A B C, ...); each row keeps its median round.
+    Interleaving spreads a noisy minute on a shared VM over every system alike."""
 
     @classmethod
     def make(cls, quick: bool) -> Budget:
@@ -62,7 +65,12 @@ class Budget:
                 count=4000, cap=0.3, pipelined=20_000, concurrent=40_000, idle_connections=1000
             )
         return cls(
-            count=60_000, cap=1.5, pipelined=200_000, concurrent=300_000, idle_connections=5000
+            count=40_000,
+            cap=0.8,
+            pipelined=150_000,
+            concurrent=200_000,
+            idle_connections=5000,
+            rounds=3,
         )
 
 

@@ -114,6 +114,7 @@ class ProtocolViolation:
 
 
 _HANDSHAKE_STATES = (State.AWAIT_HELLO, State.HELLO_SENT)
+_OPEN: State = State.OPEN
 _CLOSED: State = State.CLOSED  # compared by identity in loops whose body may close the session
 _REQUEST = int(MessageType.REQUEST)
 _RESPONSE = int(MessageType.RESPONSE)
@@ -144,6 +145,7 @@ class Connection:
         self.agent = agent
         self._peer_role = Role.SERVER if role is Role.CLIENT else Role.CLIENT
         self._fast_type = _RESPONSE if role is Role.CLIENT else _REQUEST
+        self._fast_limit = HEADER_SIZE + max_frame  # receive_single: whole frames up to this
         self._decoder = FrameDecoder(max_frame, max_meta)
         self._out: list[bytes] = []
         self._handshake_deadline = now + handshake_timeout if handshake_timeout else None
@@ -231,6 +233,47 @@ class Connection:
             meta,
             body,
         )
+
+    def request_frame(
+        self, request_id: int, method: str, args: Sequence[Any]
+    ) -> list[bytes] | None:
+        """Fast path for a client adapter: a msgpack REQUEST with positional arguments, encoded
+        and returned as the pieces of one frame to write at once (nothing is queued). None when
+        the general :meth:`send_request` is needed: session not open, output already queued, a
+        method name not seen before, or a frame over the peer's limit.
+        Raises :class:`CodecError` if the arguments cannot be encoded."""
+        if self.state is not _OPEN or self._out:
+            return None
+        meta = _METHOD_BYTES.get(method)
+        if meta is None:
+            return None
+        items = args if type(args) is list else list(args)
+        body = MSGPACK.encode(items)
+        size = len(meta) + len(body)
+        if size > BIG_BYTES:
+            if size > self.peer_max_frame:
+                return None
+            parts = msgpack_parts(items, True)  # large bytes inside: send them uncopied
+            if parts is not None:
+                head = _pack_header(MAGIC, 1, _REQUEST, 0, 1, len(meta), request_id, len(body))
+                return [head, meta, *parts]
+        return [
+            _pack_header(MAGIC, 1, _REQUEST, 0, 1, len(meta), request_id, len(body)) + meta + body
+        ]
+
+    def response_frame(self, request_id: int, result: Any) -> bytes | None:
+        """Fast path for a server adapter: a msgpack RESPONSE returned as one frame to write at
+        once (nothing is queued). None when the general :meth:`send_response` is needed: session
+        not open, output already queued, large bytes, or a frame over the peer's limit.
+        Raises :class:`CodecError` if the result cannot be encoded."""
+        if self.state is not _OPEN or self._out:
+            return None
+        if type(result) is bytes and len(result) > BIG_BYTES:
+            return None
+        body = MSGPACK.encode(result)
+        if len(body) > BIG_BYTES and len(body) > self.peer_max_frame:
+            return None
+        return _pack_header(MAGIC, 1, _RESPONSE, 0, 1, 0, request_id, len(body)) + body
 
     def send_response(self, request_id: int, result: Any, codec: Codec = MSGPACK) -> bool:
         """Queue a RESPONSE; False (nothing queued) if the session already ended.
@@ -401,26 +444,27 @@ class Connection:
         ``receive_data`` would have produced. Otherwise returns None *having consumed nothing*:
         feed the same bytes to ``receive_data``. ``data`` may be a memoryview (no copy).
         """
-        if self.state is not State.OPEN or len(data) < HEADER_SIZE or self._decoder.buffered:
+        n = len(data)
+        if self.state is not _OPEN or n < 16 or self._decoder.buffered:
             return None
         magic, version, t, flags, codec, meta_len, rid, body_len = _unpack_header(data)
         if (
-            t != self._fast_type
+            16 + meta_len + body_len != n
+            or t != self._fast_type
             or codec != 1
             or flags
             or magic != MAGIC
             or version != 1
-            or HEADER_SIZE + meta_len + body_len != len(data)
             or meta_len > self._decoder.max_meta
-            or meta_len + body_len > self.max_frame
+            or n > self._fast_limit
         ):
             return None
         try:
-            value = _unpackb(data[HEADER_SIZE + meta_len :], raw=False, strict_map_key=False)
+            value = _unpackb(data[16 + meta_len :], raw=False, strict_map_key=False)
             if t == _REQUEST:
                 if type(value) is not list:
                     return None
-                method = str(data[HEADER_SIZE : HEADER_SIZE + meta_len], "utf-8")
+                method = str(data[16 : 16 + meta_len], "utf-8")
         except Exception:
             return None
         self._activity = True

@@ -28,7 +28,7 @@ from sockstack.errors import (
     ErrorCode,
     RemoteError,
 )
-from sockstack.protocol.codecs import Codec, get_codec
+from sockstack.protocol.codecs import MSGPACK, Codec, get_codec
 from sockstack.protocol.connection import Connection, ConnectionTerminated, State
 from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, DatagramClient, RetryPolicy
 from sockstack.protocol.frames import DEFAULT_MAX_FRAME
@@ -77,13 +77,6 @@ class _TCP:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self._sock_timeout = seconds
 
-    def _fit_timeout(self, remaining: float) -> None:
-        # Re-arm only when the remaining time is off by more than 10 %: a steady per-call
-        # timeout costs no extra system call.
-        t = self._sock_timeout
-        if remaining < t * 0.9 or remaining > t * 1.1:
-            self._set_timeout(remaining)
-
     @property
     def ep(self) -> Endpoint:
         return self.eps[self._index]
@@ -121,7 +114,8 @@ class _TCP:
         try:
             self._send(core.data_to_send(), "HELLO")
             while core.state is State.HELLO_SENT:
-                for ev in self._read(deadline, "HELLO"):
+                n = self._recv(deadline, "HELLO")
+                for ev in self._events(n) if n >= 0 else []:
                     if type(ev) is ConnectionTerminated:
                         raise ConnectError(
                             f"{self.ep}: refused: {ev.reason} [{ErrorCode.describe(ev.code or 0)}]"
@@ -220,23 +214,32 @@ class _TCP:
             self.drop()
             raise ConnectionLost(f"{self.ep}: {exc}; the call may or may not have run") from None
 
-    def _read(self, deadline: float, method: str) -> list[Any]:
-        """Read once; returns the events. The socket is dropped if the session ended."""
-        sock, core = self.sock, self.core
-        assert sock is not None and core is not None
+    def _recv(self, deadline: float, method: str) -> int:
+        """One read into the connection's buffer: bytes read (0 at end of stream), or -1 when the
+        socket's timeout expired before the call's deadline."""
+        sock = self.sock
+        assert sock is not None
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise CallTimeout(method, self.client.timeout)
-        self._fit_timeout(remaining)
+        t = self._sock_timeout
+        if remaining < t * 0.9 or remaining > t * 1.1:
+            self._set_timeout(remaining)  # re-armed only when off by more than 10 %
         try:
-            n = sock.recv_into(self._buf)
+            return sock.recv_into(self._buf)
         except BlockingIOError:  # SO_RCVTIMEO expired
             if time.monotonic() >= deadline:
                 raise CallTimeout(method, self.client.timeout) from None
-            return []
+            return -1
         except OSError as exc:
             self.drop()
             raise ConnectionLost(f"{self.ep}: {exc}; the call may or may not have run") from None
+
+    def _events(self, n: int) -> list[Any]:
+        """The events of ``n`` bytes just read (0: end of stream). The socket is dropped if the
+        session ended."""
+        sock, core = self.sock, self.core
+        assert sock is not None and core is not None
         if n:
             view = self._view[:n]
             single = core.receive_single(view)  # the common case: one whole RESPONSE
@@ -273,24 +276,45 @@ class _TCP:
         ping: bool = False,
     ) -> Any:
         deadline = time.monotonic() + timeout
-        self.ensure(deadline, method, timeout)
+        if self.sock is None or self._poller.poll(0):  # type: ignore[union-attr]
+            self.ensure(deadline, method, timeout)  # (re)connect, or read what came unasked
         core = self.core
         assert core is not None
         self.next_id = rid = self.next_id % 0xFFFFFFFF + 1
-        if ping:
-            core.send_ping(rid)
-        else:
-            core.send_request(rid, method, args, kwargs, codec)
-        pieces = core.buffers_to_send()
+        pieces = None
+        if not ping and kwargs is None and codec is MSGPACK:
+            pieces = core.request_frame(rid, method, args)  # the common case, in one piece
+            if pieces is not None and len(pieces) == 1:
+                self._send(pieces[0], method)
+                try:
+                    n = self._recv(deadline, method)
+                except CallTimeout:
+                    raise CallTimeout(method, timeout) from None
+                if n > 0:
+                    single = core.receive_single(self._view[:n])
+                    if type(single) is Response and single.request_id == rid:
+                        return single.result
+                    events = [single] if single is not None else self._events(n)
+                else:
+                    events = self._events(n) if n == 0 else []
+                return self._finish(events, rid, deadline, method, timeout)
+        if pieces is None:
+            if ping:
+                core.send_ping(rid)
+            else:
+                core.send_request(rid, method, args, kwargs, codec)
+            pieces = core.buffers_to_send()
         if len(pieces) > 3 or len(pieces[-1]) > _GATHER_ABOVE:
             self._sendmsg(pieces, method)  # header, meta, body pieces: no copy of a large body
         else:
             self._send(b"".join(pieces), method)
+        return self._finish([], rid, deadline, method, timeout)
+
+    def _finish(
+        self, events: list[Any], rid: int, deadline: float, method: str, timeout: float
+    ) -> Any:
+        """Handle ``events`` and read on until the answer to ``rid`` (or the end) comes."""
         while True:
-            try:
-                events = self._read(deadline, method)
-            except CallTimeout:
-                raise CallTimeout(method, timeout) from None
             for ev in events:
                 t = type(ev)
                 if t is Response and ev.request_id == rid:
@@ -304,6 +328,11 @@ class _TCP:
                 raise ConnectionLost(
                     f"{self.ep}: connection lost; the call may or may not have run"
                 )
+            try:
+                n = self._recv(deadline, method)
+            except CallTimeout:
+                raise CallTimeout(method, timeout) from None
+            events = self._events(n) if n >= 0 else []
 
     def close(self) -> None:
         if self.sock is not None and self.core is not None:
@@ -429,7 +458,13 @@ class Client:
 
     def call(self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Call ``method`` and wait for its result (``timeout`` is the call's own timeout)."""
-        return self.request(method, args, kwargs, timeout=timeout)
+        impl = self._impl
+        if kwargs or type(impl) is not _TCP:
+            return self.request(method, args, kwargs, timeout=timeout)
+        with self._lock:  # the common case without the extra layer
+            return impl.call(
+                method, args, None, self.codec, self.timeout if timeout is None else timeout
+            )
 
     def request(
         self,

@@ -82,23 +82,30 @@ class _RPCStream(StreamProtocol):
         core = self.core
         assert core is not None
         single = core.receive_single(data)  # the common case: one whole REQUEST per read
-        events = core.receive_data(data) if single is None else [single]
+        if single is not None and not self.server.draining:
+            outcome = self.dispatcher.dispatch(single)  # type: ignore[arg-type]
+            if type(outcome) is tuple and outcome[0]:
+                try:
+                    frame = core.response_frame(single.request_id, outcome[1])
+                except CodecError:
+                    frame = None
+                transport = self.transport
+                if frame is not None and transport is not None:
+                    transport.write(frame)  # answered inline: one frame, one write
+                    if core.state is not self._timer_state:
+                        self.flush()
+                        self.arm_timer()
+                    return
+            events: list[Any] = []
+            self._outcome(single, outcome)  # type: ignore[arg-type]
+        else:
+            events = core.receive_data(data) if single is None else [single]
         if events:
             dispatch = self.dispatcher.dispatch
             draining = self.server.draining
             for ev in events:
                 if type(ev) is Request and not draining:
-                    outcome = dispatch(ev)
-                    if type(outcome) is tuple:
-                        if outcome[0]:
-                            try:
-                                core.send_response(ev.request_id, outcome[1], CODECS[ev.codec])
-                                continue
-                            except (CodecError, LocalProtocolError):
-                                pass
-                        self._answer(ev, outcome)
-                    else:
-                        self._start(ev, outcome)  # type: ignore[arg-type]
+                    self._outcome(ev, dispatch(ev))
                 else:
                     self.handle_events([ev])
         out = core.buffers_to_send()
@@ -111,6 +118,19 @@ class _RPCStream(StreamProtocol):
         if core.state is not self._timer_state:
             self.flush()
             self.arm_timer()
+
+    def _outcome(self, req: Request, outcome: Outcome | Awaitable[Outcome]) -> None:
+        """Queue the answer to a dispatched request, or start the method that will give it."""
+        if type(outcome) is tuple:
+            if outcome[0]:
+                try:
+                    self.core.send_response(req.request_id, outcome[1], CODECS[req.codec])  # type: ignore[union-attr]
+                    return
+                except (CodecError, LocalProtocolError):
+                    pass
+            self._answer(req, outcome)
+        else:
+            self._start(req, outcome)  # type: ignore[arg-type]
 
     def handle_events(self, events: list[Any]) -> None:
         for ev in events:
