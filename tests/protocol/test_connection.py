@@ -297,7 +297,7 @@ def test_receive_single_agrees_with_receive_data(
         single = conn.receive_single(data)
         if single is None:
             continue
-        general = _open_pair()[role_index].receive_data(data)
+        general = _open_pair()[role_index]._receive(data)  # the general path alone
         assert general == [single]
 
 
@@ -308,3 +308,32 @@ def test_receive_single_declines_when_bytes_are_buffered() -> None:
     assert server.receive_data(req[:5]) == []
     assert server.receive_single(req) is None  # a partial frame is waiting: order matters
     assert server.receive_data(req[5:]) == [Request(1, "add", [1, 2], {}, 1)]
+
+
+_frames = st.builds(
+    encode_frame,
+    st.sampled_from([MessageType.REQUEST, MessageType.RESPONSE, MessageType.PING, 0x55]),
+    st.integers(0, 9),
+    st.binary(max_size=8) | st.sampled_from([b"add", b"\xff"]),
+    st.binary(max_size=16) | st.sampled_from([b"\x92\x01\x02", b"\x05", b"\x90", b"\xc1"]),
+    st.sampled_from([0, 0, 1]),
+    st.sampled_from([1, 1, 1, 0, 2]),
+)
+
+
+@settings(max_examples=400)
+@given(st.lists(_frames, max_size=8), st.binary(max_size=20))
+def test_batch_fast_path_agrees_with_byte_by_byte(frames: list[bytes], tail: bytes) -> None:
+    """A batch read at once (fast path) gives the same events and output as the same bytes fed
+    one at a time (general path only)."""
+    stream = b"".join(frames) + tail
+    for role_index in (0, 1):
+        fast = _open_pair()[role_index]
+        slow = _open_pair()[role_index]
+        got = fast.receive_data(stream)
+        want: list[Any] = []
+        for i in range(len(stream)):
+            want += slow.receive_data(stream[i : i + 1])
+        assert got == want
+        assert fast.data_to_send() == slow.data_to_send()
+        assert fast.state is slow.state

@@ -343,6 +343,51 @@ class Connection:
 
     def receive_data(self, data: bytes) -> list[Any]:
         """Feed bytes from the stream; returns the events they complete, in order."""
+        if self.state is not _OPEN or self._decoder.buffered:
+            return self._receive(data)
+        # Fast path for a batch of whole msgpack REQUESTs (server) or RESPONSEs (client) parsed
+        # straight from ``data``, without Frame objects; the first frame that is anything else
+        # (or incomplete) and all that follows go through the general path.
+        events: list[Any] = []
+        n = len(data)
+        pos = 0
+        fast, limit, max_meta = self._fast_type, self._fast_limit, self._decoder.max_meta
+        is_response = fast == _RESPONSE
+        unpack = _unpack_header
+        while n - pos >= 16:
+            magic, version, t, flags, codec, meta_len, rid, body_len = unpack(data, pos)
+            mid = pos + 16 + meta_len
+            end = mid + body_len
+            if (
+                end > n
+                or t != fast
+                or codec != 1
+                or flags
+                or magic != MAGIC
+                or version != 1
+                or meta_len > max_meta
+                or end - pos > limit
+            ):
+                break
+            try:
+                value = _unpackb(data[mid:end], raw=False, strict_map_key=False)
+                if is_response:
+                    events.append(Response(rid, value, 1))
+                else:
+                    if type(value) is not list:
+                        break
+                    events.append(Request(rid, str(data[pos + 16 : mid], "utf-8"), value, {}, 1))
+            except Exception:
+                break
+            pos = end
+        if pos:
+            self._activity = True
+            if pos == n:
+                return events
+            return events + self._receive(data[pos:])
+        return self._receive(data)
+
+    def _receive(self, data: bytes) -> list[Any]:
         if self.state is State.CLOSED:
             return []
         self._activity = True
