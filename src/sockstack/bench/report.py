@@ -105,7 +105,7 @@ def targets(run: Run) -> list[Target]:
             1.0,
         )
     )
-    conc = next((r.scenario for r in res if r.scenario.endswith("concurrent clients")), "")
+    conc = next((r.scenario for r in res if "concurrent clients" in r.scenario), "")
     out.append(
         Target(
             f"{conc or '100 concurrent clients'}: --workers 2 / --workers 1",

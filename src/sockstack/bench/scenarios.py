@@ -68,7 +68,7 @@ class Budget:
             count=40_000,
             cap=0.8,
             pipelined=150_000,
-            concurrent=200_000,
+            concurrent=600_000,
             idle_connections=5000,
             rounds=3,
         )
@@ -570,7 +570,9 @@ class _Loader(asyncio.Protocol):
             sh["future"].set_result(None)
 
 
-async def _concurrent(port: int, payload: bytes, clients: int, total: int, depth: int = 8) -> float:
+async def _concurrent(
+    port: int, payload: bytes, clients: int, total: int, depth: int = 32
+) -> float:
     from sockstack.protocol.messages import (
         Hello,
         Welcome,

@@ -66,6 +66,7 @@ _REQUEST = int(MessageType.REQUEST)
 _RESPONSE = int(MessageType.RESPONSE)
 _unpack_header = HEADER.unpack_from
 _pack_header = HEADER.pack
+_METHOD_BYTES: dict[str, bytes] = {}
 _unpackb = msgpack.unpackb
 
 DEFAULT_MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4; see PROTOCOL.md §5 on MTU
@@ -172,6 +173,34 @@ class DatagramClient:
         heapq.heappush(self._timers, (min(nxt, now + timeout), request_id))
         self._out.append(data)
 
+    def request_datagram(
+        self, request_id: int, method: str, args: Sequence[Any], *, now: float, timeout: float
+    ) -> bytes:
+        """Like :meth:`send_request` for a msgpack call with positional arguments, returning
+        the datagram to send at once instead of queueing it (the fast path of a blocking
+        client). Raises like :meth:`send_request`."""
+        meta = _METHOD_BYTES.get(method)
+        if meta is None:
+            meta = method.encode("utf-8")
+            if len(_METHOD_BYTES) < 4096:
+                _METHOD_BYTES[method] = meta
+        body = MSGPACK.encode(args if type(args) is list else list(args))
+        size = len(meta) + len(body)
+        if size > self.max_datagram or len(meta) > DEFAULT_MAX_META:
+            self.send_request(request_id, method, args, None, MSGPACK, now=now, timeout=timeout)
+            return self._out.pop()  # (raises first, with the exact reason)
+        data = (
+            _pack_header(MAGIC, 1, _REQUEST, 0, 1, len(meta), request_id, len(body)) + meta + body
+        )
+        r = self.retry
+        nxt = now + min(r.initial, r.max_interval) * (
+            1.0 + r.jitter * (2.0 * self._rng.random() - 1.0)
+        )
+        deadline = now + timeout
+        self._pending[request_id] = _Pending(data, deadline, nxt)
+        heapq.heappush(self._timers, (nxt if nxt < deadline else deadline, request_id))
+        return data
+
     def send_ping(self, request_id: int, payload: bytes = b"") -> None:
         """Queue a PING (not retransmitted: a lost ping is what ping measures)."""
         self._out.append(encode_ping(request_id, payload))
@@ -187,7 +216,7 @@ class DatagramClient:
         out, self._out = self._out, []
         return out
 
-    def receive_datagram(self, data: bytes) -> list[Any]:
+    def receive_datagram(self, data: bytes | memoryview) -> list[Any]:
         """Returns [Response | Error | Pong | Welcome] for an answer to a pending call, or a
         ProtocolViolation for garbage; answers to unknown or finished ids are ignored."""
         if len(data) >= HEADER_SIZE:  # fast path: a well-formed msgpack RESPONSE
@@ -210,7 +239,7 @@ class DatagramClient:
                     if self._pending.pop(rid, None) is None:
                         return []
                     return [Response(rid, value, 1)]
-        msg, violation, rid = _parse(data, self.max_datagram)
+        msg, violation, rid = _parse(bytes(data), self.max_datagram)
         if violation is not None:
             if rid > 0 and rid in self._pending and violation.code >= 2000:
                 del self._pending[rid]

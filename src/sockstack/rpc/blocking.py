@@ -359,11 +359,27 @@ class _UDP:
         self.last_id = 0
         self.last_error = ""
         self._sock_timeout = 0.0
+        self._buf = bytearray(65536)
+        self._view = memoryview(self._buf)
+
+    def call_positional(self, method: str, args: Sequence[Any], timeout: float) -> Any:
+        """The common case: a msgpack call with positional arguments."""
+        now = time.monotonic()
+        rid = self.new_id()
+        data = self.core.request_datagram(rid, method, args, now=now, timeout=timeout)
+        try:
+            self.sock.send(data)
+        except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP: the retry resends
+            self.last_error = exc.strerror or str(exc)
+        return self.exchange(method, rid, timeout, now + timeout)
 
     def _fit_timeout(self, wait: float) -> None:
-        """SO_RCVTIMEO, re-armed only when off by more than 10 % (see _TCP)."""
+        """SO_RCVTIMEO, re-armed only when it would wake more than 10 % late or more than twice
+        too early: the retransmission waits are jittered, and a system call per call to follow
+        the jitter exactly would cost more than waking a little early (a spurious wake-up just
+        loops) or retransmitting a few milliseconds late."""
         t = self._sock_timeout
-        if wait < t * 0.9 or wait > t * 1.1:
+        if t > wait * 1.1 or t < wait * 0.5:
             wait = max(wait, 0.001)
             sec = int(wait)
             tv = struct.pack("@ll", sec, int((wait - sec) * 1e6))
@@ -391,7 +407,7 @@ class _UDP:
             wait = max(0.0, min(deadline, nxt if nxt is not None else deadline) - now)
             self._fit_timeout(wait)
             try:
-                data = self.sock.recv(65536)
+                n = self.sock.recv_into(self._buf)
             except BlockingIOError:  # SO_RCVTIMEO: a retransmission (or the deadline) is due
                 for ev in self.core.handle_timer(time.monotonic()):
                     if ev.request_id == rid:
@@ -405,7 +421,7 @@ class _UDP:
                     self.last_error = "connection refused (no server on that port?)"
                     continue
                 raise
-            for ev in self.core.receive_datagram(data):
+            for ev in self.core.receive_datagram(self._view[:n]):
                 t = type(ev)
                 if getattr(ev, "request_id", None) != rid:
                     continue
@@ -459,12 +475,13 @@ class Client:
     def call(self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Call ``method`` and wait for its result (``timeout`` is the call's own timeout)."""
         impl = self._impl
-        if kwargs or type(impl) is not _TCP:
+        if kwargs or self.codec is not MSGPACK:
             return self.request(method, args, kwargs, timeout=timeout)
         with self._lock:  # the common case without the extra layer
-            return impl.call(
-                method, args, None, self.codec, self.timeout if timeout is None else timeout
-            )
+            t = self.timeout if timeout is None else timeout
+            if isinstance(impl, _TCP):
+                return impl.call(method, args, None, MSGPACK, t)
+            return impl.call_positional(method, args, t)
 
     def request(
         self,
