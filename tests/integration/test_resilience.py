@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
+from typing import Any
 
 import pytest
 
@@ -136,3 +139,56 @@ async def test_thread_blocked_handlers_do_not_block_the_loop(server: Server, pro
         assert await c.call("add", 1, 1) == 2  # the loop answers while 4 threads are blocked
         probe.release.set()
         assert await asyncio.gather(*blocked) == [True] * 4
+
+
+def test_blocking_client_timeout_inside_a_large_frame_keeps_the_stream_in_step() -> None:
+    """A call that times out while a large answer is half read leaves the connection usable:
+    the rest of that answer is consumed (and ignored) and the next call gets its own answer."""
+    from sockstack.protocol.frames import FrameDecoder
+    from sockstack.protocol.messages import Welcome, encode_response, encode_welcome
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    go_on = threading.Event()
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(timeout(10))
+                dec = FrameDecoder()
+                frames: list[Any] = []
+
+                def next_frame() -> Any:
+                    while not frames:
+                        data = conn.recv(65536)
+                        assert data, "client went away"
+                        frames.extend(dec.feed(data))
+                    return frames.pop(0)
+
+                next_frame()  # HELLO
+                conn.sendall(encode_welcome(Welcome(1, (1, 2, 0), 1 << 20, "test")))
+                first = next_frame()
+                big = encode_response(first.request_id, b"z" * 300_000)
+                conn.sendall(big[:100_000])  # half an answer, then silence
+                assert go_on.wait(timeout(10))
+                conn.sendall(big[100_000:])
+                second = next_frame()
+                conn.sendall(encode_response(second.request_id, "second"))
+        except BaseException as exc:  # reported by the test thread
+            errors.append(exc)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        with connect(f"tcp://127.0.0.1:{port}", timeout=timeout(10)) as client:
+            with pytest.raises(CallTimeout):
+                client.call("echo", 1, timeout=0.3)
+            go_on.set()
+            assert client.call("echo", 2) == "second"
+    finally:
+        go_on.set()
+        server.join(timeout(10))
+        listener.close()
+    assert not errors, errors

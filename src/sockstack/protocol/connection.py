@@ -182,6 +182,11 @@ class Connection:
         out, self._out = self._out, []
         return out
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received that do not yet form a complete frame."""
+        return self._decoder.buffered
+
     def close_expected(self) -> bool:
         """True once the session is over: flush ``data_to_send()`` and close the transport."""
         return self.state is State.CLOSED
@@ -248,15 +253,18 @@ class Connection:
         if meta is None:
             return None
         items = args if type(args) is list else list(args)
-        body = MSGPACK.encode(items)
-        size = len(meta) + len(body)
-        if size > BIG_BYTES:
-            if size > self.peer_max_frame:
-                return None
-            parts = msgpack_parts(items, True)  # large bytes inside: send them uncopied
-            if parts is not None:
-                head = _pack_header(MAGIC, 1, _REQUEST, 0, 1, len(meta), request_id, len(body))
+        for item in items:
+            if type(item) is bytes and len(item) > BIG_BYTES:
+                parts = msgpack_parts(items, True)  # large bytes inside: send them uncopied
+                assert parts is not None
+                size = sum(map(len, parts))
+                if len(meta) + size > self.peer_max_frame:
+                    return None
+                head = _pack_header(MAGIC, 1, _REQUEST, 0, 1, len(meta), request_id, size)
                 return [head, meta, *parts]
+        body = MSGPACK.encode(items)
+        if len(meta) + len(body) > self.peer_max_frame:
+            return None
         return [
             _pack_header(MAGIC, 1, _REQUEST, 0, 1, len(meta), request_id, len(body)) + meta + body
         ]

@@ -31,7 +31,7 @@ from sockstack.errors import (
 from sockstack.protocol.codecs import MSGPACK, Codec, get_codec
 from sockstack.protocol.connection import Connection, ConnectionTerminated, State
 from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, DatagramClient, RetryPolicy
-from sockstack.protocol.frames import DEFAULT_MAX_FRAME
+from sockstack.protocol.frames import DEFAULT_MAX_FRAME, HEADER_SIZE, MAGIC
 from sockstack.protocol.messages import Error, Pong, Response, Role
 from sockstack.rpc.client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, Backoff
 from sockstack.transport.urls import Endpoint, parse_endpoints
@@ -40,6 +40,7 @@ __all__ = ["Client", "connect"]
 
 _RECV = 256 * 1024
 _GATHER_ABOVE = 64 * 1024
+_LARGE = struct.Struct(">2s4xHII")  # magic, meta_len, request id, body_len of a frame header
 # Reads go into one preallocated buffer per connection: sock.recv(256 KiB) would allocate (and
 # mmap/mremap/munmap, above glibc's mmap threshold) a fresh 256 KiB object on every call.
 
@@ -67,6 +68,7 @@ class _TCP:
         self._poller: select.poll | None = None
         self._buf = bytearray(_RECV)
         self._view = memoryview(self._buf)
+        self._limit = HEADER_SIZE + client.max_frame  # the largest frame read whole
 
     def _set_timeout(self, seconds: float) -> None:
         assert self.sock is not None
@@ -214,9 +216,9 @@ class _TCP:
             self.drop()
             raise ConnectionLost(f"{self.ep}: {exc}; the call may or may not have run") from None
 
-    def _recv(self, deadline: float, method: str) -> int:
-        """One read into the connection's buffer: bytes read (0 at end of stream), or -1 when the
-        socket's timeout expired before the call's deadline."""
+    def _recv(self, deadline: float, method: str, into: memoryview | None = None) -> int:
+        """One read into the connection's buffer (or ``into``): bytes read (0 at end of stream),
+        or -1 when the socket's timeout expired before the call's deadline."""
         sock = self.sock
         assert sock is not None
         remaining = deadline - time.monotonic()
@@ -226,7 +228,7 @@ class _TCP:
         if remaining < t * 0.9 or remaining > t * 1.1:
             self._set_timeout(remaining)  # re-armed only when off by more than 10 %
         try:
-            return sock.recv_into(self._buf)
+            return sock.recv_into(self._buf if into is None else into)
         except BlockingIOError:  # SO_RCVTIMEO expired
             if time.monotonic() >= deadline:
                 raise CallTimeout(method, self.client.timeout) from None
@@ -235,19 +237,55 @@ class _TCP:
             self.drop()
             raise ConnectionLost(f"{self.ep}: {exc}; the call may or may not have run") from None
 
-    def _events(self, n: int) -> list[Any]:
+    def _events(self, n: int, deadline: float = 0.0, method: str = "") -> list[Any]:
         """The events of ``n`` bytes just read (0: end of stream). The socket is dropped if the
-        session ended."""
-        sock, core = self.sock, self.core
-        assert sock is not None and core is not None
+        session ended. With a ``deadline``, a large frame begun in these bytes is read whole,
+        straight into its own buffer."""
+        core = self.core
+        assert core is not None
         if n:
             view = self._view[:n]
             single = core.receive_single(view)  # the common case: one whole RESPONSE
             if single is not None:
                 return [single]
-            events = core.receive_data(view.tobytes())
-        else:
-            events = core.receive_eof()
+            if deadline and n >= HEADER_SIZE and not core.buffered:
+                magic, meta_len, _, body_len = _LARGE.unpack_from(view)
+                total = HEADER_SIZE + meta_len + body_len
+                if magic == MAGIC and n < total and _GATHER_ABOVE < total <= self._limit:
+                    return self._large(view, total, deadline, method)
+            return self._feed(view.tobytes())
+        return self._feed(None)
+
+    def _large(self, first: memoryview, total: int, deadline: float, method: str) -> list[Any]:
+        """Read the rest of a large frame into one buffer and decode it from there: no copies
+        of the chunks and no join (the kernel writes where the frame will be decoded)."""
+        core = self.core
+        assert core is not None
+        frame = bytearray(total)
+        view = memoryview(frame)
+        have = len(first)
+        view[:have] = first
+        try:
+            while have < total:
+                n = self._recv(deadline, method, view[have:])
+                if n == 0:
+                    return self._feed(bytes(frame[:have])) + self._feed(None)
+                if n > 0:
+                    have += n
+        except BaseException:
+            if self.sock is not None:
+                core.receive_data(bytes(frame[:have]))  # keep the stream in step for later
+            raise
+        single = core.receive_single(view)
+        if single is not None:
+            return [single]
+        return self._feed(bytes(frame))
+
+    def _feed(self, data: bytes | None) -> list[Any]:
+        """Bytes read (None: end of stream) through the general path."""
+        sock, core = self.sock, self.core
+        assert sock is not None and core is not None
+        events = core.receive_data(data) if data is not None else core.receive_eof()
         out = core.data_to_send()
         if out:
             try:
@@ -294,7 +332,7 @@ class _TCP:
                     single = core.receive_single(self._view[:n])
                     if type(single) is Response and single.request_id == rid:
                         return single.result
-                    events = [single] if single is not None else self._events(n)
+                    events = [single] if single is not None else self._events(n, deadline, method)
                 else:
                     events = self._events(n) if n == 0 else []
                 return self._finish(events, rid, deadline, method, timeout)
@@ -332,7 +370,7 @@ class _TCP:
                 n = self._recv(deadline, method)
             except CallTimeout:
                 raise CallTimeout(method, timeout) from None
-            events = self._events(n) if n >= 0 else []
+            events = self._events(n, deadline, method) if n >= 0 else []
 
     def close(self) -> None:
         if self.sock is not None and self.core is not None:
