@@ -180,3 +180,28 @@ def test_fast_paths_agree_with_general_decoding(
     got = [e for e in client.receive_datagram(data) if isinstance(e, Response)]
     if type_ == 4 and isinstance(expected, Response):
         assert got == [expected]
+
+
+@pytest.mark.parametrize(
+    ("method", "args"), [("add", [1, 2]), ("add", (1, 2)), ("échø", [b"x" * 100, None, {"k": 1}])]
+)
+def test_request_datagram_is_send_request_without_the_queue(method: str, args: object) -> None:
+    """The blocking client's fast path sends the same bytes and keeps the same schedule."""
+    fast = DatagramClient(retry=NO_JITTER, seed=1)
+    slow = DatagramClient(retry=NO_JITTER, seed=1)
+    data = fast.request_datagram(9, method, args, now=0.0, timeout=0.25)  # type: ignore[arg-type]
+    slow.send_request(9, method, args, now=0.0, timeout=0.25)  # type: ignore[arg-type]
+    assert [data] == slow.datagrams_to_send() and fast.datagrams_to_send() == []
+    for now in (0.1, 0.25):  # one retransmission, then the deadline
+        assert fast.next_timer() == slow.next_timer() == now
+        assert fast.handle_timer(now) == slow.handle_timer(now)
+        assert fast.datagrams_to_send() == slow.datagrams_to_send()
+    assert fast.in_flight == slow.in_flight == 0
+
+
+def test_request_datagram_refuses_what_does_not_fit() -> None:
+    client = DatagramClient(max_datagram=100)
+    with pytest.raises(LocalProtocolError) as info:
+        client.request_datagram(1, "echo", [b"x" * 200], now=0.0, timeout=1.0)
+    assert info.value.code == ErrorCode.DATAGRAM_TOO_LARGE
+    assert client.in_flight == 0 and client.datagrams_to_send() == []
