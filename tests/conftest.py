@@ -80,6 +80,12 @@ class Probe(Service):
         return n
 
     @method
+    async def blob(self, size: int) -> bytes:
+        """``size`` bytes, answered from a task (the path of async and threaded methods)."""
+        await asyncio.sleep(0)
+        return b"b" * size
+
+    @method
     def block(self, seconds: float) -> bool:
         """Blocks a worker thread until released by the test (bounded by ``seconds``)."""
         return self.release.wait(seconds)

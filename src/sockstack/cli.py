@@ -95,8 +95,10 @@ async def _serve(args: argparse.Namespace) -> int:
             handshake_timeout=args.handshake_timeout or None,
             keepalive_interval=args.keepalive or None,
             keepalive_timeout=args.keepalive or 20.0,
+            max_outbound=args.max_outbound,
         ),
         max_in_flight=args.max_in_flight,
+        max_connections=args.max_connections,
         max_datagram=args.max_datagram,
         drain_timeout=args.drain_timeout,
     )
@@ -140,6 +142,8 @@ def _serve_workers(args: argparse.Namespace) -> int:
         f"--max-frame={args.max_frame}",
         f"--max-datagram={args.max_datagram}",
         f"--max-in-flight={args.max_in_flight}",
+        f"--max-connections={args.max_connections}",
+        f"--max-outbound={args.max_outbound}",
         f"--handshake-timeout={args.handshake_timeout}",
         f"--keepalive={args.keepalive}",
         f"--drain-timeout={args.drain_timeout}",
@@ -250,6 +254,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=_DEFAULT_LIMITS.max_in_flight,
         help="requests running at once per TCP connection before the server stops "
         "reading it (default 1024)",
+    )
+    s.add_argument(
+        "--max-connections",
+        type=int,
+        default=_DEFAULT_LIMITS.max_connections,
+        help="TCP connections open at once; more are refused with CLOSE TOO_MANY_CONNECTIONS "
+        "(default 10000; `ulimit -n` applies too)",
+    )
+    s.add_argument(
+        "--max-outbound",
+        type=int,
+        default=_DEFAULT_LIMITS.stream.max_outbound,
+        help="unsent bytes per connection (answers its client does not read) before the "
+        "connection is reset; at least twice --max-frame (default 8 MiB)",
     )
     s.add_argument(
         "--handshake-timeout",

@@ -31,8 +31,9 @@ from sockstack.protocol.datagram import (
     DatagramServer,
     ReplyCache,
 )
-from sockstack.protocol.messages import Request, Role
+from sockstack.protocol.messages import Request, Role, encode_close
 from sockstack.rpc.dispatch import DEFAULT_MAX_WORKERS, Dispatcher, Outcome
+from sockstack.transport.ratelog import RateLimitedLog
 from sockstack.transport.tcp import StreamLimits, StreamProtocol
 from sockstack.transport.udp import DatagramEndpoint
 from sockstack.transport.urls import Endpoint, parse_endpoint
@@ -58,6 +59,9 @@ class ServerLimits:
     close_timeout: float = 2.0
     backlog: int = 100
     max_workers: int = DEFAULT_MAX_WORKERS
+    max_connections: int = 10_000
+    """TCP connections open at once; one more is answered with CLOSE TOO_MANY_CONNECTIONS and
+    closed. (The process's file descriptor limit applies too: ``ulimit -n``.)"""
 
 
 class _RPCStream(StreamProtocol):
@@ -69,9 +73,26 @@ class _RPCStream(StreamProtocol):
         self.dispatcher = server.dispatcher
         self.in_flight = 0
         self._read_paused = False  # paused because too many requests are running
+        self.refused = False  # over the connection limit: CLOSE sent, nothing read
 
     def on_open(self) -> None:
-        self.server._streams.add(self)
+        server = self.server
+        self.bad_log = server.bad_log
+        if len(server._streams) >= server.limits.max_connections:
+            self.refused = True
+            server.bad_log.warning(
+                "refusing %s: %d connections open (limit %d) [%s]",
+                self.peer,
+                len(server._streams),
+                server.limits.max_connections,
+                ErrorCode.describe(ErrorCode.TOO_MANY_CONNECTIONS),
+            )
+            transport = self.transport
+            assert transport is not None
+            transport.write(encode_close(ErrorCode.TOO_MANY_CONNECTIONS, "too many connections"))
+            transport.close()
+            return
+        server._streams.add(self)
 
     def on_lost(self, exc: Exception | None) -> None:
         self.server._streams.discard(self)
@@ -81,6 +102,8 @@ class _RPCStream(StreamProtocol):
         # methods at once, and send all answers with one write.
         core = self.core
         assert core is not None
+        if self.refused:
+            return
         single = core.receive_single(data)  # the common case: one whole REQUEST per read
         if single is not None and not self.server.draining:
             outcome = self.dispatcher.dispatch(single)  # type: ignore[arg-type]
@@ -92,6 +115,8 @@ class _RPCStream(StreamProtocol):
                 transport = self.transport
                 if frame is not None and transport is not None:
                     transport.write(frame)  # answered inline: one frame, one write
+                    if self.write_paused and self.check_outbound():
+                        return
                     if core.state is not self._timer_state:
                         self.flush()
                         self.arm_timer()
@@ -115,6 +140,8 @@ class _RPCStream(StreamProtocol):
                 transport.writelines(out)  # a large answer: header and body without a join
             else:
                 transport.write(b"".join(out))
+            if self.write_paused and self.check_outbound():
+                return
         if core.state is not self._timer_state:
             self.flush()
             self.arm_timer()
@@ -298,6 +325,7 @@ class Server:
         self._listeners: list[asyncio.Server] = []
         self._datagrams: list[_RPCDatagram] = []
         self._streams: set[_RPCStream] = set()
+        self.bad_log = RateLimitedLog(logging.getLogger("sockstack.transport"))
         self._in_flight = 0
         self._idle: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[None]] = set()

@@ -28,6 +28,7 @@ from sockstack.protocol.connection import (
 )
 from sockstack.protocol.frames import DEFAULT_MAX_FRAME
 from sockstack.protocol.messages import Role
+from sockstack.transport.ratelog import RateLimitedLog
 
 __all__ = ["StreamLimits", "StreamProtocol", "format_peer"]
 
@@ -45,6 +46,19 @@ class StreamLimits:
     write_high_water: int = 64 * 1024
     """Bytes buffered in the transport before ``pause_writing``: the server then stops reading
     that connection until the peer catches up."""
+    max_outbound: int = 8 << 20
+    """Hard bound on a connection's unsent bytes (answers the peer does not read). Above it, and
+    above twice ``max_frame``, the connection is reset: the answers still queued are lost."""
+
+
+class _PlainLog:
+    @staticmethod
+    def warning(msg: str, *args: Any) -> bool:
+        log.warning(msg, *args)
+        return True
+
+
+_plain = _PlainLog()
 
 
 def format_peer(addr: Any) -> str:
@@ -71,6 +85,8 @@ class StreamProtocol(asyncio.Protocol):
         self.write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self.closed = self.loop.create_future()
+        self.bad_log: RateLimitedLog | None = None  # shared by a server's connections
+        self._outbound_limit = max(self.limits.max_outbound, 2 * self.limits.max_frame)
 
     # ---------------------------------------------------------------- asyncio callbacks
 
@@ -142,6 +158,25 @@ class StreamProtocol(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.write_paused = True
 
+    def check_outbound(self) -> bool:
+        """After a write while paused: reset the connection if its unsent bytes are above the
+        hard bound (the peer does not read). True when the connection was reset."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
+        size = transport.get_write_buffer_size()
+        if size <= self._outbound_limit:
+            return False
+        (self.bad_log or _plain).warning(
+            "%s %s: %d bytes unsent (limit %d): the peer does not read; connection reset",
+            self.role.value,
+            self.peer,
+            size,
+            self._outbound_limit,
+        )
+        transport.abort()
+        return True
+
     def resume_writing(self) -> None:
         self.write_paused = False
         for w in self._drain_waiters:
@@ -166,7 +201,7 @@ class StreamProtocol(asyncio.Protocol):
                 self.log_violation(ev)
 
     def log_violation(self, ev: ProtocolViolation) -> None:
-        log.warning(
+        (self.bad_log or _plain).warning(
             "%s %s: %s [%s]%s",
             self.role.value,
             self.peer,
@@ -184,6 +219,8 @@ class StreamProtocol(asyncio.Protocol):
         data = core.data_to_send()
         if data and not transport.is_closing():
             transport.write(data)
+            if self.write_paused and self.check_outbound():
+                return
         if core.close_expected() and not transport.is_closing():
             transport.close()
 

@@ -1,7 +1,8 @@
 """asyncio datagram adapter: moves datagrams between a UDP socket and a sans-I/O datagram core.
 
 :class:`DatagramEndpoint` owns what every datagram pattern shares: the transport, sending what
-the core queued, and logging each bad datagram once. The RPC server and client subclass it.
+the core queued, and logging each bad datagram once (rate-limited: a flood is summarised). The
+RPC server and client subclass it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, cast
 
 from sockstack.errors import ErrorCode
 from sockstack.protocol.connection import ProtocolViolation
+from sockstack.transport.ratelog import RateLimitedLog
 from sockstack.transport.tcp import format_peer
 
 __all__ = ["DatagramEndpoint"]
@@ -27,6 +29,9 @@ class DatagramEndpoint(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self.closed = self.loop.create_future()
         self.bad_datagrams = 0
+        self.bad_log = RateLimitedLog(
+            log
+        )  # a flood of garbage is summarised, not logged per packet
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement DatagramTransport without subclassing it.
@@ -45,7 +50,7 @@ class DatagramEndpoint(asyncio.DatagramProtocol):
 
     def log_violation(self, ev: ProtocolViolation, addr: Any) -> None:
         self.bad_datagrams += 1
-        log.warning(
+        self.bad_log.warning(
             "udp %s %s: %s [%s]",
             self.side,
             format_peer(addr),
