@@ -33,6 +33,7 @@ from sockstack.rpc.blocking import Client, connect
 from sockstack.rpc.client import AsyncClient, Backoff
 from sockstack.rpc.server import Server, ServerLimits, serve
 from sockstack.rpc.service import Service, ServiceError, method
+from sockstack.transport import tls
 from sockstack.transport.loop import run
 from sockstack.transport.memory import tune_malloc
 from sockstack.transport.tcp import StreamLimits
@@ -67,5 +68,6 @@ __all__ = [
     "method",
     "run",
     "serve",
+    "tls",
     "tune_malloc",
 ]

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import ssl
 import sys
 from typing import Any
 
@@ -86,9 +87,10 @@ async def _serve(args: argparse.Namespace) -> int:
         from sockstack.demo import Demo
 
         service = Demo()
-    tcp, udp = args.tcp or [], args.udp or []
-    if not tcp and not udp:
+    tcp, udp, tls = args.tcp or [], args.udp or [], args.tls or []
+    if not tcp and not udp and not tls:
         tcp, udp = [f"127.0.0.1:{DEFAULT_TCP_PORT}"], [f"127.0.0.1:{DEFAULT_UDP_PORT}"]
+    tls_context = _server_tls(args)
     limits = ServerLimits(
         stream=StreamLimits(
             max_frame=args.max_frame,
@@ -107,6 +109,8 @@ async def _serve(args: argparse.Namespace) -> int:
             service,
             tcp=tcp,
             udp=udp,
+            tls=tls,
+            tls_context=tls_context,
             limits=limits,
             expose_errors=not args.hide_errors,
             reuse_port=args.reuse_port,
@@ -127,14 +131,30 @@ async def _serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _server_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if not args.tls:
+        if args.cert or args.client_ca:
+            raise _UsageError("--cert/--key/--client-ca need a --tls endpoint")
+        return None
+    if not args.cert:
+        raise _UsageError("--tls needs --cert (and --key unless the key is in the cert file)")
+    from sockstack.transport.tls import server_context
+
+    try:
+        return server_context(args.cert, args.key, client_ca=args.client_ca)
+    except (OSError, ValueError) as exc:
+        raise _UsageError(f"TLS files: {exc}") from None
+
+
 def _serve_workers(args: argparse.Namespace) -> int:
     from sockstack.rpc.workers import run_workers
 
     if args.service:
         load_service(args.service)  # fail here, once, rather than in every worker
-    tcp, udp = args.tcp or [], args.udp or []
-    if not tcp and not udp:
+    tcp, udp, tls = args.tcp or [], args.udp or [], args.tls or []
+    if not tcp and not udp and not tls:
         tcp, udp = [f"127.0.0.1:{DEFAULT_TCP_PORT}"], [f"127.0.0.1:{DEFAULT_UDP_PORT}"]
+    _server_tls(args)  # check the files once, here
     worker_args = ["--log-level", args.log_level, "serve"]
     if args.service:
         worker_args.append(args.service)
@@ -148,11 +168,18 @@ def _serve_workers(args: argparse.Namespace) -> int:
         f"--keepalive={args.keepalive}",
         f"--drain-timeout={args.drain_timeout}",
     ]
+    for flag, value in (
+        ("--cert", args.cert),
+        ("--key", args.key),
+        ("--client-ca", args.client_ca),
+    ):
+        if value:
+            worker_args.append(f"{flag}={value}")
     if args.hide_errors:
         worker_args.append("--hide-errors")
     if args.no_malloc_tuning:
         worker_args.append("--no-malloc-tuning")
-    return run_workers(worker_args, tcp, udp, args.workers)
+    return run_workers(worker_args, tcp, udp, args.workers, tls=tls)
 
 
 def _example_call(server: Server) -> str:
@@ -165,6 +192,22 @@ def _example_call(server: Server) -> str:
 # ------------------------------------------------------------------------------ call, ping
 
 
+def _client_options(args: argparse.Namespace) -> dict[str, Any]:
+    """TLS (and later credential) options shared by call and ping."""
+    if not args.url.startswith("tls"):
+        if args.ca or args.cert:
+            raise _UsageError("--ca/--cert/--key are for tls:// URLs")
+        return {}
+    from sockstack.transport.tls import client_context
+
+    if args.key and not args.cert:
+        raise _UsageError("--key needs --cert")
+    try:
+        return {"tls": client_context(args.ca, cert=args.cert, key=args.key)}
+    except (OSError, ValueError) as exc:
+        raise _UsageError(f"TLS files: {exc}") from None
+
+
 def _call(args: argparse.Namespace) -> int:
     kwargs = {}
     for item in args.kw or []:
@@ -173,7 +216,9 @@ def _call(args: argparse.Namespace) -> int:
             raise _UsageError(f"--kw {item!r}: expected KEY=VALUE")
         kwargs[key] = parse_value(value)
     values = [parse_value(a) for a in args.args]
-    with connect(args.url, timeout=args.timeout, codec=args.codec) as client:
+    with connect(
+        args.url, timeout=args.timeout, codec=args.codec, **_client_options(args)
+    ) as client:
         result = client.request(args.method, values, kwargs)
     print(format_result(result))
     return EXIT_OK
@@ -189,12 +234,12 @@ def _ping(args: argparse.Namespace) -> int:
         raise _UsageError("--count must be at least 1")
     rtts: list[float] = []
     lost = 0
-    with connect(args.url, timeout=args.timeout) as client:
+    with connect(args.url, timeout=args.timeout, **_client_options(args)) as client:
         for _ in range(args.count):
             try:
                 rtts.append(client.ping())
             except CallError as exc:
-                if args.url.startswith("tcp"):
+                if not args.url.startswith("udp"):
                     raise
                 lost += 1
                 last = exc
@@ -236,6 +281,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="TCP endpoint, repeatable ([::1]:5050 for IPv6; port 0 picks one)",
     )
     s.add_argument("--udp", action="append", metavar="HOST:PORT", help="UDP endpoint, repeatable")
+    s.add_argument(
+        "--tls",
+        action="append",
+        metavar="HOST:PORT",
+        help="TLS-over-TCP endpoint, repeatable (needs --cert and --key)",
+    )
+    s.add_argument("--cert", metavar="FILE", help="server certificate chain, PEM (for --tls)")
+    s.add_argument("--key", metavar="FILE", help="private key of --cert, PEM")
+    s.add_argument(
+        "--client-ca",
+        metavar="FILE",
+        help="require client certificates signed by this CA, PEM (mutual TLS)",
+    )
     s.add_argument(
         "--max-frame",
         type=int,
@@ -318,7 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Call METHOD on the server at URL. Each ARG is parsed as JSON when it parses "
         '(3, true, [1,2], "text"), else taken as a string.',
     )
-    c.add_argument("url", help="tcp://host:port or udp://host:port")
+    c.add_argument("url", help="tcp://host:port, tls://host:port or udp://host:port")
+    c.add_argument(
+        "--ca", metavar="FILE", help="tls://: trust this CA (PEM) instead of the system's"
+    )
+    c.add_argument("--cert", metavar="FILE", help="tls://: client certificate, PEM (mutual TLS)")
+    c.add_argument("--key", metavar="FILE", help="tls://: private key of --cert, PEM")
     c.add_argument("method")
     c.add_argument("args", nargs="*", metavar="ARG")
     c.add_argument(
@@ -338,7 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Send PING frames one after the other and print min/p50/p99/max round-trip "
         "time. Over UDP a lost ping is counted, not retried.",
     )
-    g.add_argument("url", help="tcp://host:port or udp://host:port")
+    g.add_argument("url", help="tcp://host:port, tls://host:port or udp://host:port")
+    g.add_argument(
+        "--ca", metavar="FILE", help="tls://: trust this CA (PEM) instead of the system's"
+    )
+    g.add_argument("--cert", metavar="FILE", help="tls://: client certificate, PEM (mutual TLS)")
+    g.add_argument("--key", metavar="FILE", help="tls://: private key of --cert, PEM")
     g.add_argument("--count", type=int, default=10, help="number of pings (default 10)")
     g.add_argument("--timeout", type=float, default=2.0, help="seconds per ping (default 2)")
     i = sub.add_parser(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -33,7 +34,8 @@ from sockstack.protocol.connection import Connection, ConnectionTerminated, Stat
 from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, DatagramClient, RetryPolicy
 from sockstack.protocol.frames import DEFAULT_MAX_FRAME, HEADER_SIZE, MAGIC
 from sockstack.protocol.messages import Error, Pong, Response, Role
-from sockstack.rpc.client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, Backoff
+from sockstack.rpc.client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, Backoff, tls_reason
+from sockstack.transport.tls import client_context
 from sockstack.transport.urls import Endpoint, parse_endpoints
 
 __all__ = ["Client", "connect"]
@@ -69,6 +71,7 @@ class _TCP:
         self._buf = bytearray(_RECV)
         self._view = memoryview(self._buf)
         self._limit = HEADER_SIZE + client.max_frame  # the largest frame read whole
+        self._tls = eps[0].scheme == "tls"
 
     def _set_timeout(self, seconds: float) -> None:
         assert self.sock is not None
@@ -104,6 +107,16 @@ class _TCP:
         except OSError as exc:
             raise ConnectError(f"{self.ep}: {exc.strerror or exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ep.scheme == "tls":
+            assert self.client.tls is not None
+            try:  # the handshake runs under the connect timeout still set on the socket
+                sock = self.client.tls.wrap_socket(sock, server_hostname=self.ep.host)
+            except ssl.SSLError as exc:
+                sock.close()
+                raise ConnectError(f"{self.ep}: TLS: {tls_reason(exc)}") from None
+            except OSError as exc:
+                sock.close()
+                raise ConnectError(f"{self.ep}: TLS handshake: {exc.strerror or exc}") from None
         sock.settimeout(None)
         core = Connection(
             Role.CLIENT,
@@ -195,7 +208,7 @@ class _TCP:
         assert self.sock is not None
         try:
             self.sock.sendall(data)
-        except BlockingIOError:  # SO_SNDTIMEO: the server stopped reading
+        except (BlockingIOError, ssl.SSLWantWriteError):  # SO_SNDTIMEO: server not reading
             self.drop()
             raise CallTimeout(method, self._sock_timeout, "server not reading") from None
         except OSError as exc:
@@ -204,6 +217,9 @@ class _TCP:
 
     def _sendmsg(self, pieces: list[bytes], method: str) -> None:
         assert self.sock is not None
+        if isinstance(self.sock, ssl.SSLSocket):  # TLS encrypts a copy anyway: no sendmsg
+            self._send(b"".join(pieces), method)
+            return
         total = sum(len(p) for p in pieces)
         try:
             sent = self.sock.sendmsg(pieces)
@@ -229,7 +245,7 @@ class _TCP:
             self._set_timeout(remaining)  # re-armed only when off by more than 10 %
         try:
             return sock.recv_into(self._buf if into is None else into)
-        except BlockingIOError:  # SO_RCVTIMEO expired
+        except (BlockingIOError, ssl.SSLWantReadError):  # SO_RCVTIMEO expired
             if time.monotonic() >= deadline:
                 raise CallTimeout(method, self.client.timeout) from None
             return -1
@@ -314,7 +330,11 @@ class _TCP:
         ping: bool = False,
     ) -> Any:
         deadline = time.monotonic() + timeout
-        if self.sock is None or self._poller.poll(0):  # type: ignore[union-attr]
+        if (
+            self.sock is None
+            or self._poller.poll(0)  # type: ignore[union-attr]
+            or (self._tls and self.sock.pending())  # type: ignore[attr-defined]
+        ):
             self.ensure(deadline, method, timeout)  # (re)connect, or read what came unasked
         core = self.core
         assert core is not None
@@ -492,9 +512,12 @@ class Client:
         max_frame: int = DEFAULT_MAX_FRAME,
         retry: RetryPolicy | None = None,
         max_datagram: int = DEFAULT_MAX_DATAGRAM,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.endpoints = parse_endpoints(url)
         self.endpoint = self.endpoints[0]
+        # tls:// URLs: the given context, else one that verifies against the system's CAs.
+        self.tls = tls if tls is not None or self.endpoint.scheme != "tls" else client_context()
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.codec: Codec = get_codec(codec)

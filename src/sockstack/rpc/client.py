@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import socket
+import ssl
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,7 @@ from sockstack.protocol.datagram import (
 )
 from sockstack.protocol.messages import Error, Pong, Response, Role
 from sockstack.transport.tcp import StreamLimits, StreamProtocol
+from sockstack.transport.tls import client_context
 from sockstack.transport.udp import DatagramEndpoint
 from sockstack.transport.urls import Endpoint, parse_endpoints
 
@@ -74,6 +76,12 @@ class Backoff:
 
 async def _fail(exc: Exception) -> Any:
     raise exc
+
+
+def tls_reason(exc: ssl.SSLError) -> str:
+    """What went wrong in a TLS handshake, in words (the verify message when there is one)."""
+    detail = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+    return f"{exc.reason}: {detail}" if exc.reason and detail != exc.reason else str(detail)
 
 
 def _os_error(exc: OSError) -> str:
@@ -184,14 +192,21 @@ class _TCPChannel:
         stream: _TCPStream | None = None
         try:
             async with asyncio.timeout(timeout):
+                tls = self.client.tls if ep.scheme == "tls" else None
                 _, stream = await self.loop.create_connection(
-                    lambda: _TCPStream(self), ep.host, ep.port
+                    lambda: _TCPStream(self),
+                    ep.host,
+                    ep.port,
+                    ssl=tls,
+                    server_hostname=ep.host if tls is not None else None,
                 )
                 await asyncio.shield(stream.welcome)
         except TimeoutError:
             if stream is not None:
                 stream.abort()
             raise ConnectError(f"{ep}: no connection and handshake within {timeout:g} s") from None
+        except ssl.SSLError as exc:  # before OSError: its errno means nothing here
+            raise ConnectError(f"{ep}: TLS: {tls_reason(exc)}") from None
         except OSError as exc:
             raise ConnectError(f"{ep}: {_os_error(exc)}") from None
         except ConnectionLost as exc:  # closed during the handshake (version, auth...)
@@ -546,12 +561,15 @@ class AsyncClient:
         stream_limits: StreamLimits | None = None,
         retry: RetryPolicy | None = None,
         max_datagram: int = DEFAULT_MAX_DATAGRAM,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.endpoints = parse_endpoints(url)
         self.endpoint = self.endpoints[0]
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.close_timeout = close_timeout
+        # tls:// URLs: the given context, else one that verifies against the system's CAs.
+        self.tls = tls if tls is not None or self.endpoint.scheme != "tls" else client_context()
         self.codec = get_codec(codec)
         self.reconnect = reconnect
         self.backoff = backoff or Backoff()

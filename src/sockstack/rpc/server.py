@@ -16,6 +16,7 @@ import asyncio
 import logging
 import signal
 import socket
+import ssl
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -299,7 +300,7 @@ class _RPCDatagram(DatagramEndpoint):
 
 
 class Server:
-    """Serves one service over TCP and UDP endpoints. Use as ``async with Server(...)``."""
+    """Serves one service over TCP, TLS and UDP endpoints. Use as ``async with Server(...)``."""
 
     def __init__(
         self,
@@ -307,6 +308,8 @@ class Server:
         *,
         tcp: Iterable[str | Endpoint] = (),
         udp: Iterable[str | Endpoint] = (),
+        tls: Iterable[str | Endpoint] = (),
+        tls_context: ssl.SSLContext | None = None,
         limits: ServerLimits | None = None,
         expose_errors: bool = True,
         reuse_port: bool = False,
@@ -317,8 +320,12 @@ class Server:
         )
         self._tcp = [e if isinstance(e, Endpoint) else parse_endpoint(e, "tcp") for e in tcp]
         self._udp = [e if isinstance(e, Endpoint) else parse_endpoint(e, "udp") for e in udp]
-        if not self._tcp and not self._udp:
-            raise ValueError("a server needs at least one TCP or UDP endpoint")
+        self._tls = [e if isinstance(e, Endpoint) else parse_endpoint(e, "tls") for e in tls]
+        if not self._tcp and not self._udp and not self._tls:
+            raise ValueError("a server needs at least one TCP, TLS or UDP endpoint")
+        if self._tls and tls_context is None:
+            raise ValueError("TLS endpoints need tls_context (sockstack.tls.server_context)")
+        self.tls_context = tls_context
         self.reuse_port = reuse_port
         self.endpoints: list[Endpoint] = []
         self.draining = False
@@ -344,7 +351,8 @@ class Server:
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         try:
-            for ep in self._tcp:
+            for ep in self._tcp + self._tls:
+                tls = ep.scheme == "tls"
                 srv = await loop.create_server(
                     lambda: _RPCStream(self),
                     ep.host,
@@ -352,11 +360,16 @@ class Server:
                     backlog=self.limits.backlog,
                     reuse_address=True,
                     reuse_port=self.reuse_port or None,
+                    ssl=self.tls_context if tls else None,
+                    # The TLS handshake counts against the same budget as HELLO (slowloris).
+                    ssl_handshake_timeout=(self.limits.stream.handshake_timeout or 60.0)
+                    if tls
+                    else None,
                 )
                 self._listeners.append(srv)
                 for sock in srv.sockets:
                     host, port = sock.getsockname()[:2]
-                    self.endpoints.append(Endpoint("tcp", host, port))
+                    self.endpoints.append(Endpoint(ep.scheme, host, port))
             for ep in self._udp:
                 family = socket.AF_INET6 if ep.is_ipv6 else socket.AF_INET
                 transport, proto = await loop.create_datagram_endpoint(
@@ -467,6 +480,8 @@ def serve(
     *,
     tcp: Iterable[str | Endpoint] = (),
     udp: Iterable[str | Endpoint] = (),
+    tls: Iterable[str | Endpoint] = (),
+    tls_context: ssl.SSLContext | None = None,
     limits: ServerLimits | None = None,
     expose_errors: bool = True,
 ) -> None:
@@ -477,7 +492,15 @@ def serve(
     from sockstack.transport.loop import run
 
     async def main() -> None:
-        server = Server(service, tcp=tcp, udp=udp, limits=limits, expose_errors=expose_errors)
+        server = Server(
+            service,
+            tcp=tcp,
+            udp=udp,
+            tls=tls,
+            tls_context=tls_context,
+            limits=limits,
+            expose_errors=expose_errors,
+        )
         await server.run()
 
     run(main())

@@ -52,14 +52,16 @@ def run_workers(
     udp: Sequence[str],
     workers: int,
     ready_timeout: float = 30.0,
+    tls: Sequence[str] = (),
 ) -> int:
     """Run ``workers`` copies of ``sockstack serve`` (``worker_args`` without endpoints)."""
     held: list[socket.socket] = []
     eps: list[Endpoint] = []
-    for text, kind in [(t, socket.SOCK_STREAM) for t in tcp] + [
-        (u, socket.SOCK_DGRAM) for u in udp
-    ]:
-        scheme = "tcp" if kind == socket.SOCK_STREAM else "udp"
+    for text, kind, scheme in (
+        [(t, socket.SOCK_STREAM, "tcp") for t in tcp]
+        + [(t, socket.SOCK_STREAM, "tls") for t in tls]
+        + [(u, socket.SOCK_DGRAM, "udp") for u in udp]
+    ):
         ep, sock = _reserve(parse_endpoint(text, scheme), kind)
         eps.append(ep)
         if sock is not None:

@@ -1,4 +1,5 @@
-"""Endpoint addresses: ``tcp://127.0.0.1:5050``, ``udp://[::1]:5051``, or ``host:port``."""
+"""Endpoint addresses: ``tcp://127.0.0.1:5050``, ``tls://host:5443``, ``udp://[::1]:5051``, or
+``host:port``."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ __all__ = [
     "parse_endpoints",
 ]
 
-SCHEMES = ("tcp", "udp")
+SCHEMES = ("tcp", "tls", "udp")
 DEFAULT_TCP_PORT = 5050  # above 5000, as the course notes advise for our own services
 DEFAULT_UDP_PORT = 5051
 
@@ -27,6 +28,11 @@ class Endpoint:
     scheme: str
     host: str
     port: int
+
+    @property
+    def is_stream(self) -> bool:
+        """TCP, with or without TLS."""
+        return self.scheme != "udp"
 
     @property
     def is_ipv6(self) -> bool:
