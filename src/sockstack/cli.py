@@ -114,6 +114,7 @@ async def _serve(args: argparse.Namespace) -> int:
             limits=limits,
             expose_errors=not args.hide_errors,
             reuse_port=args.reuse_port,
+            secret=load_secret(args),
         )
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
@@ -168,10 +169,12 @@ def _serve_workers(args: argparse.Namespace) -> int:
         f"--keepalive={args.keepalive}",
         f"--drain-timeout={args.drain_timeout}",
     ]
+    load_secret(args)  # check it once, here; workers read the same file or environment
     for flag, value in (
         ("--cert", args.cert),
         ("--key", args.key),
         ("--client-ca", args.client_ca),
+        ("--secret-file", args.secret_file),
     ):
         if value:
             worker_args.append(f"{flag}={value}")
@@ -192,18 +195,38 @@ def _example_call(server: Server) -> str:
 # ------------------------------------------------------------------------------ call, ping
 
 
+SECRET_ENV = "SOCKSTACK_SECRET"
+
+
+def load_secret(args: argparse.Namespace) -> bytes | None:
+    """The shared secret from --secret-file, else from $SOCKSTACK_SECRET, else None. Never from
+    a command-line value: those show in `ps` and in shell history."""
+    if args.secret_file:
+        try:
+            with open(args.secret_file, "rb") as f:
+                secret = f.read().strip()
+        except OSError as exc:
+            raise _UsageError(f"--secret-file: {exc.strerror or exc}") from None
+        if not secret:
+            raise _UsageError(f"--secret-file {args.secret_file}: the file is empty")
+        return secret
+    value = os.environ.get(SECRET_ENV, "")
+    return value.encode() if value else None
+
+
 def _client_options(args: argparse.Namespace) -> dict[str, Any]:
-    """TLS (and later credential) options shared by call and ping."""
+    """TLS and credential options shared by call and ping."""
+    secret = load_secret(args)
     if not args.url.startswith("tls"):
         if args.ca or args.cert:
             raise _UsageError("--ca/--cert/--key are for tls:// URLs")
-        return {}
+        return {"secret": secret}
     from sockstack.transport.tls import client_context
 
     if args.key and not args.cert:
         raise _UsageError("--key needs --cert")
     try:
-        return {"tls": client_context(args.ca, cert=args.cert, key=args.key)}
+        return {"tls": client_context(args.ca, cert=args.cert, key=args.key), "secret": secret}
     except (OSError, ValueError) as exc:
         raise _UsageError(f"TLS files: {exc}") from None
 
@@ -295,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="require client certificates signed by this CA, PEM (mutual TLS)",
     )
     s.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help="shared secret every client must present (TCP: in HELLO; UDP: HMAC on every "
+        "datagram), read from FILE (else from $SOCKSTACK_SECRET)",
+    )
+    s.add_argument(
         "--max-frame",
         type=int,
         default=DEFAULT_MAX_FRAME,
@@ -382,6 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--cert", metavar="FILE", help="tls://: client certificate, PEM (mutual TLS)")
     c.add_argument("--key", metavar="FILE", help="tls://: private key of --cert, PEM")
+    c.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help="shared secret of the server, read from FILE (else from $SOCKSTACK_SECRET)",
+    )
     c.add_argument("method")
     c.add_argument("args", nargs="*", metavar="ARG")
     c.add_argument(
@@ -407,6 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--cert", metavar="FILE", help="tls://: client certificate, PEM (mutual TLS)")
     g.add_argument("--key", metavar="FILE", help="tls://: private key of --cert, PEM")
+    g.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help="shared secret of the server, read from FILE (else from $SOCKSTACK_SECRET)",
+    )
     g.add_argument("--count", type=int, default=10, help="number of pings (default 10)")
     g.add_argument("--timeout", type=float, default=2.0, help="seconds per ping (default 2)")
     i = sub.add_parser(

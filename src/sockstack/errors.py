@@ -86,6 +86,9 @@ class ErrorCode(enum.IntEnum):
     """The method returned a value the request's codec cannot represent."""
     DATAGRAM_TOO_LARGE = 2008
     """A datagram is above the receiver's limit."""
+    UNAUTHENTICATED = 2009
+    """A datagram without a valid MAC, outside the replay window, or replayed (UDP with a
+    shared secret)."""
 
     @classmethod
     def describe(cls, code: int) -> str:

@@ -24,7 +24,7 @@ unknown type), a CLOSE frame when it did not (bad magic, oversized frame) — an
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,8 +139,12 @@ class Connection:
         keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
         agent: str = "sockstack-py/1",
         hello_extensions: Sequence[tuple[int, bytes]] = (),
+        authenticate: Callable[[Hello], bool] | None = None,
     ) -> None:
         self.role = role
+        # Server: decides on the client's HELLO (e.g. a token extension) before anything else
+        # is answered; False ends the session with CLOSE AUTH_FAILED and nothing is served.
+        self._authenticate = authenticate
         self.max_frame = max_frame
         self.agent = agent
         self._peer_role = Role.SERVER if role is Role.CLIENT else Role.CLIENT
@@ -542,6 +546,9 @@ class Connection:
                     f"server {lo}..{hi}",
                     events,
                 )
+                return
+            if self._authenticate is not None and not self._authenticate(hello):
+                self._fail(ErrorCode.AUTH_FAILED, "missing or wrong credentials", events)
                 return
             self.version = min(hello.max_version, hi)
             self.peer_max_frame = hello.max_frame

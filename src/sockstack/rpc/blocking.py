@@ -29,6 +29,7 @@ from sockstack.errors import (
     ErrorCode,
     RemoteError,
 )
+from sockstack.protocol.auth import AuthFailure, DatagramAuth, token_extension, unsealed_refusal
 from sockstack.protocol.codecs import MSGPACK, Codec, get_codec
 from sockstack.protocol.connection import Connection, ConnectionTerminated, State
 from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, DatagramClient, RetryPolicy
@@ -118,11 +119,13 @@ class _TCP:
                 sock.close()
                 raise ConnectError(f"{self.ep}: TLS handshake: {exc.strerror or exc}") from None
         sock.settimeout(None)
+        secret = self.client.secret
         core = Connection(
             Role.CLIENT,
             max_frame=self.client.max_frame,
             keepalive_interval=None,
             handshake_timeout=None,
+            hello_extensions=[token_extension(secret)] if secret is not None else (),
         )
         self.sock, self.core = sock, core
         self._set_timeout(timeout)
@@ -419,16 +422,35 @@ class _UDP:
         self._sock_timeout = 0.0
         self._buf = bytearray(65536)
         self._view = memoryview(self._buf)
+        secret = client.secret
+        self.auth = DatagramAuth(secret) if secret is not None else None
+
+    def _send_datagram(self, data: bytes) -> None:
+        if self.auth is not None:
+            data = self.auth.seal(data, time.time())
+        try:
+            self.sock.send(data)
+        except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP: the retry resends
+            self.last_error = exc.strerror or str(exc)
+
+    def _incoming(self, n: int) -> bytes | memoryview | None:
+        """The frame in ``n`` bytes received, or None for a datagram that is not authentic."""
+        if self.auth is None:
+            return self._view[:n]
+        data = bytes(self._view[:n])
+        try:
+            return self.auth.open(data, time.time(), track=False)
+        except AuthFailure as exc:
+            if unsealed_refusal(data):
+                return data
+            self.last_error = f"dropped a datagram: {exc.reason}"
+            return None
 
     def call_positional(self, method: str, args: Sequence[Any], timeout: float) -> Any:
         """The common case: a msgpack call with positional arguments."""
         now = time.monotonic()
         rid = self.new_id()
-        data = self.core.request_datagram(rid, method, args, now=now, timeout=timeout)
-        try:
-            self.sock.send(data)
-        except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP: the retry resends
-            self.last_error = exc.strerror or str(exc)
+        self._send_datagram(self.core.request_datagram(rid, method, args, now=now, timeout=timeout))
         return self.exchange(method, rid, timeout, now + timeout)
 
     def _fit_timeout(self, wait: float) -> None:
@@ -446,10 +468,7 @@ class _UDP:
 
     def _send_out(self) -> None:
         for data in self.core.datagrams_to_send():
-            try:
-                self.sock.send(data)
-            except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP: retry later
-                self.last_error = exc.strerror or str(exc)
+            self._send_datagram(data)
 
     def exchange(
         self, method: str, rid: int, timeout: float, deadline: float, *, track: bool = True
@@ -479,7 +498,10 @@ class _UDP:
                     self.last_error = "connection refused (no server on that port?)"
                     continue
                 raise
-            for ev in self.core.receive_datagram(self._view[:n]):
+            frame = self._incoming(n)
+            if frame is None:
+                continue
+            for ev in self.core.receive_datagram(frame):
                 t = type(ev)
                 if getattr(ev, "request_id", None) != rid:
                     continue
@@ -513,7 +535,9 @@ class Client:
         retry: RetryPolicy | None = None,
         max_datagram: int = DEFAULT_MAX_DATAGRAM,
         tls: ssl.SSLContext | None = None,
+        secret: bytes | None = None,
     ) -> None:
+        self.secret = secret
         self.endpoints = parse_endpoints(url)
         self.endpoint = self.endpoints[0]
         # tls:// URLs: the given context, else one that verifies against the system's CAs.

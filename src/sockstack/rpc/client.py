@@ -22,6 +22,7 @@ import os
 import random
 import socket
 import ssl
+import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ from sockstack.errors import (
     ErrorCode,
     RemoteError,
 )
+from sockstack.protocol.auth import AuthFailure, DatagramAuth, token_extension, unsealed_refusal
 from sockstack.protocol.codecs import Codec, get_codec
 from sockstack.protocol.connection import (
     ConnectionTerminated,
@@ -110,6 +112,10 @@ class _TCPStream(StreamProtocol):
         self.channel = channel
         self.welcome: asyncio.Future[None] = self.loop.create_future()
         self.terminated: ConnectionTerminated | None = None
+
+    def core_options(self) -> dict[str, Any]:
+        secret = self.channel.client.secret
+        return {} if secret is None else {"hello_extensions": [token_extension(secret)]}
 
     def handle_events(self, events: list[Any]) -> None:
         pending = self.channel.pending
@@ -416,6 +422,8 @@ class _UDPChannel:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when: float | None = None
         self._ping_start: dict[int, float] = {}
+        secret = client.secret
+        self.auth = DatagramAuth(secret) if secret is not None else None
 
     async def connect_once(self, timeout: float) -> None:
         family = socket.AF_INET6 if self.ep.is_ipv6 else socket.AF_INET
@@ -437,8 +445,9 @@ class _UDPChannel:
         ep = self.endpoint
         if ep is None or ep.transport is None:
             return
+        auth = self.auth
         for data in self.core.datagrams_to_send():
-            ep.transport.sendto(data)
+            ep.transport.sendto(data if auth is None else auth.seal(data, time.time()))
         self._arm()
 
     def _arm(self) -> None:
@@ -466,6 +475,13 @@ class _UDPChannel:
             p.fut.set_exception(CallTimeout(p.method, p.timeout, detail))
 
     def _on_datagram(self, data: bytes, addr: Any) -> None:
+        if self.auth is not None:
+            try:
+                data = self.auth.open(data, time.time(), track=False)
+            except AuthFailure as exc:
+                if not unsealed_refusal(data):
+                    self.last_error = f"dropped a datagram: {exc.reason}"
+                    return
         for ev in self.core.receive_datagram(data):
             t = type(ev)
             if t is Response:
@@ -562,7 +578,9 @@ class AsyncClient:
         retry: RetryPolicy | None = None,
         max_datagram: int = DEFAULT_MAX_DATAGRAM,
         tls: ssl.SSLContext | None = None,
+        secret: bytes | None = None,
     ) -> None:
+        self.secret = secret
         self.endpoints = parse_endpoints(url)
         self.endpoint = self.endpoints[0]
         self.timeout = timeout

@@ -17,11 +17,18 @@ import logging
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from sockstack.errors import CodecError, ErrorCode, LocalProtocolError
+from sockstack.protocol.auth import (
+    DEFAULT_REPLAY_WINDOW,
+    AuthFailure,
+    DatagramAuth,
+    token_checker,
+)
 from sockstack.protocol.codecs import CODECS
 from sockstack.protocol.connection import ConnectionTerminated, ProtocolViolation
 from sockstack.protocol.datagram import (
@@ -32,10 +39,11 @@ from sockstack.protocol.datagram import (
     DatagramServer,
     ReplyCache,
 )
-from sockstack.protocol.messages import Request, Role, encode_close
+from sockstack.protocol.frames import HEADER_SIZE, MAGIC
+from sockstack.protocol.messages import Request, Role, encode_close, encode_error
 from sockstack.rpc.dispatch import DEFAULT_MAX_WORKERS, Dispatcher, Outcome
 from sockstack.transport.ratelog import RateLimitedLog
-from sockstack.transport.tcp import StreamLimits, StreamProtocol
+from sockstack.transport.tcp import StreamLimits, StreamProtocol, format_peer
 from sockstack.transport.udp import DatagramEndpoint
 from sockstack.transport.urls import Endpoint, parse_endpoint
 
@@ -60,6 +68,8 @@ class ServerLimits:
     close_timeout: float = 2.0
     backlog: int = 100
     max_workers: int = DEFAULT_MAX_WORKERS
+    replay_window: float = DEFAULT_REPLAY_WINDOW
+    """With a secret: seconds a sealed datagram is valid either side of this server's clock."""
     max_connections: int = 10_000
     """TCP connections open at once; one more is answered with CLOSE TOO_MANY_CONNECTIONS and
     closed. (The process's file descriptor limit applies too: ``ulimit -n``.)"""
@@ -75,6 +85,10 @@ class _RPCStream(StreamProtocol):
         self.in_flight = 0
         self._read_paused = False  # paused because too many requests are running
         self.refused = False  # over the connection limit: CLOSE sent, nothing read
+
+    def core_options(self) -> dict[str, Any]:
+        secret = self.server.secret
+        return {} if secret is None else {"authenticate": token_checker(secret)}
 
     def on_open(self) -> None:
         server = self.server
@@ -257,12 +271,46 @@ class _RPCDatagram(DatagramEndpoint):
     def datagram_received(self, data: bytes, addr: Any) -> None:
         core = self.core
         now = self.loop.time()
+        auth = self.server.datagram_auth
+        if auth is not None:
+            try:
+                data = auth.open(data, time.time())
+            except AuthFailure as exc:
+                self._unauthenticated(data, addr, exc.reason)
+                return
         for ev in core.receive_datagram(data, addr, now):
             if type(ev) is Request:
                 self._on_request(ev, addr, now)
             elif type(ev) is ProtocolViolation:
                 self.log_violation(ev, addr)
         self.send_all(core.datagrams_to_send())
+
+    def _unauthenticated(self, data: bytes, addr: Any, reason: str) -> None:
+        """Log it (rate-limited), and answer ERROR UNAUTHENTICATED, unsealed, when the datagram
+        names a request and the answer is no larger than it (never an amplifier)."""
+        self.bad_datagrams += 1
+        self.bad_log.warning(
+            "udp server %s: %s [%s]",
+            format_peer(addr),
+            reason,
+            ErrorCode.describe(ErrorCode.UNAUTHENTICATED),
+        )
+        if len(data) < HEADER_SIZE or data[:2] != MAGIC:
+            return
+        rid = int.from_bytes(data[8:12], "big")
+        if rid == 0:
+            return
+        reply = encode_error(rid, ErrorCode.UNAUTHENTICATED, "UNAUTHENTICATED", "")
+        transport = self.transport
+        if len(reply) <= len(data) and transport is not None and not transport.is_closing():
+            transport.sendto(reply, addr)
+
+    def send_all(self, datagrams: list[tuple[bytes, Any]]) -> None:
+        auth = self.server.datagram_auth
+        if auth is not None:
+            now = time.time()
+            datagrams = [(auth.seal(d, now), a) for d, a in datagrams]
+        super().send_all(datagrams)
 
     def _on_request(self, req: Request, addr: Any, now: float) -> None:
         if self.server.draining:
@@ -313,8 +361,14 @@ class Server:
         limits: ServerLimits | None = None,
         expose_errors: bool = True,
         reuse_port: bool = False,
+        secret: bytes | None = None,
     ) -> None:
         self.limits = limits or ServerLimits()
+        # A shared secret: required in every TCP/TLS HELLO, and on every UDP datagram (HMAC).
+        self.secret = secret
+        self.datagram_auth = (
+            DatagramAuth(secret, window=self.limits.replay_window) if secret is not None else None
+        )
         self.dispatcher = Dispatcher(
             service, expose_errors=expose_errors, max_workers=self.limits.max_workers
         )
@@ -484,6 +538,7 @@ def serve(
     tls_context: ssl.SSLContext | None = None,
     limits: ServerLimits | None = None,
     expose_errors: bool = True,
+    secret: bytes | None = None,
 ) -> None:
     """Serve ``service`` until SIGINT/SIGTERM (blocking; uvloop when installed)::
 
@@ -500,6 +555,7 @@ def serve(
             tls_context=tls_context,
             limits=limits,
             expose_errors=expose_errors,
+            secret=secret,
         )
         await server.run()
 
