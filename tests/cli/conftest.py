@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def env() -> dict[str, str]:
+def _env() -> dict[str, str]:
     e = dict(os.environ)
     e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
     e["PYTHONUNBUFFERED"] = "1"
@@ -33,7 +33,7 @@ class Proc:
 
     def __init__(self, args: list[str], cwd: Path | None = None) -> None:
         self.popen = subprocess.Popen(
-            args, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            args, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
@@ -95,10 +95,15 @@ class Proc:
 
 
 def run(
-    args: list[str], cwd: Path | None = None, seconds: float = 30.0
+    args: list[str],
+    cwd: Path | None = None,
+    seconds: float = 30.0,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
+    full = _env()
+    full.update(env or {})
     return subprocess.run(
-        args, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout(seconds)
+        args, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout(seconds)
     )
 
 

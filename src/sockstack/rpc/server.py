@@ -300,7 +300,7 @@ class _RPCDatagram(DatagramEndpoint):
         rid = int.from_bytes(data[8:12], "big")
         if rid == 0:
             return
-        reply = encode_error(rid, ErrorCode.UNAUTHENTICATED, "UNAUTHENTICATED", "")
+        reply = encode_error(rid, ErrorCode.UNAUTHENTICATED)  # 18 bytes: the code alone
         transport = self.transport
         if len(reply) <= len(data) and transport is not None and not transport.is_closing():
             transport.sendto(reply, addr)
