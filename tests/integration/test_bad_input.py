@@ -205,3 +205,99 @@ async def test_garbage_datagrams(
     async with AsyncClient(str(ep), timeout=timeout(5)) as c:
         assert await c.call("add", 2, 2) == 4
     assert await bystander.call("add", 2, 2) == 4
+
+
+def _mutations(rnd: random.Random, n: int) -> list[bytes]:
+    """``n`` malformed frames, mutated from valid ones: flipped bytes, truncations, random
+    header fields, lengths that lie, and plain garbage."""
+    valid = [
+        encode_request(1, "add", [1, 2]),
+        encode_request(2, "kw", [1], {"scale": 2}),
+        encode_frame(MessageType.PING, 3, b"", b"hi"),
+        encode_frame(MessageType.REQUEST, 4, b"echo", b"\x91\xc4\x03abc", 0, 1),
+        HELLO,
+    ]
+    out = []
+    for _ in range(n):
+        frame = bytearray(rnd.choice(valid))
+        op = rnd.randrange(5)
+        if op == 0:
+            for _ in range(rnd.randint(1, 4)):
+                frame[rnd.randrange(len(frame))] = rnd.randrange(256)
+        elif op == 1:
+            frame = frame[: rnd.randrange(len(frame))]
+        elif op == 2:  # random type, flags, codec
+            frame[3], frame[4], frame[5] = rnd.randrange(256), rnd.randrange(256), rnd.randrange(8)
+        elif op == 3:  # lengths that lie (within the limit, so the stream waits or misparses)
+            frame[6:8] = rnd.randrange(0, 64).to_bytes(2, "big")
+            frame[12:16] = rnd.randrange(0, 200).to_bytes(4, "big")
+        else:
+            frame = bytearray(rnd.randbytes(rnd.randint(1, 60)))
+        out.append(bytes(frame))
+    return out
+
+
+async def test_ten_thousand_malformed_frames_and_datagrams(
+    small_server: Server, bystander: AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """10,000 malformed frames over TCP and 10,000 malformed datagrams, while well-behaved
+    clients keep calling on both transports: every call of theirs succeeds, nothing crashes."""
+    caplog.set_level(logging.WARNING)
+    rnd = random.Random(1234)
+    ep_tcp, ep_udp = small_server.endpoint("tcp"), small_server.endpoint("udp")
+    stop = asyncio.Event()
+    served = {"tcp": 0, "udp": 0}
+
+    async def well_behaved() -> None:
+        async with AsyncClient(str(ep_udp), timeout=timeout(5)) as udp:
+            while not stop.is_set():  # bounded by the abuse below, which sets stop
+                assert await bystander.call("add", 2, 2) == 4
+                served["tcp"] += 1
+                assert await udp.call("add", 3, 3) == 6
+                served["udp"] += 1
+
+    async def abuse_tcp() -> int:
+        sent = 0
+        frames = _mutations(rnd, 10_000)
+        for i in range(0, len(frames), 100):  # 100 connections, 100 frames each
+            batch = frames[i : i + 100]
+            reader, writer = await asyncio.open_connection(ep_tcp.host, ep_tcp.port)
+            prefix = HELLO if i % 200 == 0 else b""  # half after a valid HELLO
+            writer.write(prefix + b"".join(batch))
+            writer.write_eof()
+            sent += len(batch)
+            try:
+                async with asyncio.timeout(timeout(5)):
+                    while await reader.read(65536):
+                        pass
+            finally:
+                writer.close()
+        return sent
+
+    async def abuse_udp() -> int:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            asyncio.DatagramProtocol, remote_addr=(ep_udp.host, ep_udp.port)
+        )
+        try:
+            for i, data in enumerate(_mutations(rnd, 10_000)):
+                transport.sendto(data)
+                if i % 50 == 0:
+                    await asyncio.sleep(0)  # let the server (same loop) read
+        finally:
+            transport.close()
+        return 10_000
+
+    calls = asyncio.ensure_future(well_behaved())
+    try:
+        sent = await asyncio.gather(abuse_tcp(), abuse_udp())
+    finally:
+        stop.set()
+    await asyncio.wait_for(calls, timeout(10))
+    assert sent == [10_000, 10_000]
+    assert served["tcp"] > 0 and served["udp"] > 0
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors[0].getMessage()
+    assert await bystander.call("add", 5, 5) == 10
+    async with AsyncClient(str(ep_udp), timeout=timeout(5)) as again:
+        assert await again.call("add", 1, 1) == 2
