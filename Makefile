@@ -4,12 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 HOST_PORTS ?= --tcp 127.0.0.1:5050 --udp 127.0.0.1:5051
 
-.PHONY: run test bench bench-quick bench-deps lint typecheck clean help
+.PHONY: run test bench bench-quick bench-deps fuzz lint typecheck clean help
 
 help:
 	@echo "make run   - create .venv, install, serve the demo on tcp 5050 / udp 5051"
 	@echo "make test  - create .venv, install dev dependencies, run the whole test suite"
 	@echo "make bench - install the peers (pyzmq, gRPC, NATS, Redis...) and run the benchmarks"
+	@echo "make fuzz  - fuzz the protocol core with atheris (FUZZ_RUNS=200000, bounded)"
 	@echo "make lint  - ruff and mypy"
 
 $(BIN)/python:
@@ -44,6 +45,11 @@ bench-deps: $(VENV)/.installed-bench
 	  else echo "not installing$$missing (needs root and apt): the bench will skip them"; fi; \
 	fi
 
+FUZZ_RUNS ?= 200000
+fuzz: $(VENV)/.installed-dev
+	mkdir -p .fuzz-corpus
+	$(BIN)/python fuzz/fuzz_session.py -runs=$(FUZZ_RUNS) -max_len=1024 .fuzz-corpus
+
 bench: bench-deps
 	$(BIN)/sockstack bench --readme README.md
 
@@ -51,7 +57,7 @@ bench-quick: bench-deps
 	$(BIN)/sockstack bench --quick
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check src tests examples bench
+	$(BIN)/ruff check src tests examples bench fuzz
 	$(BIN)/mypy
 
 clean:

@@ -15,12 +15,12 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_check() -> None:
-    out = run(str(BIN / "ruff"), "check", "src", "tests", "examples", "bench")
+    out = run(str(BIN / "ruff"), "check", "src", "tests", "examples", "bench", "fuzz")
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_ruff_format() -> None:
-    out = run(str(BIN / "ruff"), "format", "--check", "src", "tests", "examples", "bench")
+    out = run(str(BIN / "ruff"), "format", "--check", "src", "tests", "examples", "bench", "fuzz")
     assert out.returncode == 0, out.stdout + out.stderr
 
 
