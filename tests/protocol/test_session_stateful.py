@@ -58,7 +58,7 @@ class Session(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ rules
 
-    @rule(args=st.lists(st.integers() | st.text(max_size=5), max_size=3))
+    @rule(args=st.lists(st.integers(-(2**63), 2**64 - 1) | st.text(max_size=5), max_size=3))
     def client_request(self, args: list[Any]) -> None:
         try:
             self.client.send_request(self.next_id, "m", args)
