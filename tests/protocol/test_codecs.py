@@ -113,3 +113,31 @@ def test_msgpack_bin_header_matches_msgpack(n: int) -> None:
     assert msgpack_parts(value, False) == (
         [msgpack_bin_header(n), value] if n > BIG_BYTES else None
     )
+
+
+def test_msgpack_extension_types_are_refused() -> None:
+    import msgpack
+
+    with pytest.raises(CodecError, match="extension type 5"):
+        MSGPACK.decode(msgpack.packb([1, msgpack.ExtType(5, b"obj")]))
+
+
+def test_extension_types_on_the_wire_get_decode_error() -> None:
+    """Every decoding path (batch, single frame, general) refuses them the same way."""
+    import msgpack
+
+    from sockstack.protocol.connection import Connection
+    from sockstack.protocol.frames import MessageType, encode_frame
+    from sockstack.protocol.messages import Error, Role
+
+    body = msgpack.packb([msgpack.ExtType(5, b"obj")])
+    frame = encode_frame(MessageType.REQUEST, 9, b"m", body, 0, 1)
+    for feed in ("receive_data", "receive_single"):
+        client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+        server.receive_data(client.data_to_send())
+        client.receive_data(server.data_to_send())
+        if feed == "receive_single":
+            assert server.receive_single(frame) is None  # declined: the general path reports
+        server.receive_data(frame)
+        (err,) = client.receive_data(server.data_to_send())
+        assert isinstance(err, Error) and err.code == 2003, err  # DECODE_ERROR

@@ -69,6 +69,12 @@ class RawCodec:
 _PACK_BUF = 8192
 
 
+def refuse_ext(code: int, data: bytes) -> Any:
+    """msgpack ``ext_hook``: extension types are application-defined objects; refuse them so
+    that a body is only ever plain data (nil, bool, numbers, str, bytes, arrays, maps)."""
+    raise ValueError(f"msgpack extension type {code} is not accepted")
+
+
 class MsgpackCodec:
     id = 1
     name = "msgpack"
@@ -97,7 +103,9 @@ class MsgpackCodec:
     def decode(self, data: bytes) -> Any:
         try:
             # strict_map_key=False: maps with int keys are legal msgpack; ext types are refused.
-            return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+            return msgpack.unpackb(
+                data, raw=False, strict_map_key=False, use_list=True, ext_hook=refuse_ext
+            )
         except Exception as exc:  # msgpack raises several unrelated types on bad input
             raise CodecError(f"body is not valid msgpack: {type(exc).__name__}: {exc}") from None
 

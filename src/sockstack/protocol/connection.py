@@ -31,7 +31,14 @@ from typing import Any
 import msgpack
 
 from sockstack.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from sockstack.protocol.codecs import BIG_BYTES, MSGPACK, Codec, msgpack_bin_header, msgpack_parts
+from sockstack.protocol.codecs import (
+    BIG_BYTES,
+    MSGPACK,
+    Codec,
+    msgpack_bin_header,
+    msgpack_parts,
+    refuse_ext,
+)
 from sockstack.protocol.frames import (
     DEFAULT_MAX_FRAME,
     DEFAULT_MAX_META,
@@ -382,7 +389,9 @@ class Connection:
             ):
                 break
             try:
-                value = _unpackb(data[mid:end], raw=False, strict_map_key=False)
+                value = _unpackb(
+                    data[mid:end], raw=False, strict_map_key=False, ext_hook=refuse_ext
+                )
                 if is_response:
                     events.append(Response(rid, value, 1))
                 else:
@@ -423,7 +432,9 @@ class Connection:
             # which decodes again and reports the exact error.
             if t == fast and frame.codec == 1 and self.state is State.OPEN:
                 try:
-                    value = _unpackb(frame.body, raw=False, strict_map_key=False)
+                    value = _unpackb(
+                        frame.body, raw=False, strict_map_key=False, ext_hook=refuse_ext
+                    )
                 except Exception:
                     pass
                 else:
@@ -517,7 +528,9 @@ class Connection:
         ):
             return None
         try:
-            value = _unpackb(data[16 + meta_len :], raw=False, strict_map_key=False)
+            value = _unpackb(
+                data[16 + meta_len :], raw=False, strict_map_key=False, ext_hook=refuse_ext
+            )
             if t == _REQUEST:
                 if type(value) is not list:
                     return None

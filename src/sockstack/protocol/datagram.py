@@ -22,7 +22,7 @@ from typing import Any
 import msgpack
 
 from sockstack.errors import CodecError, ErrorCode, LocalProtocolError, RemoteProtocolError
-from sockstack.protocol.codecs import MSGPACK, Codec
+from sockstack.protocol.codecs import MSGPACK, Codec, refuse_ext
 from sockstack.protocol.connection import ProtocolViolation
 from sockstack.protocol.frames import (
     DEFAULT_MAX_META,
@@ -231,7 +231,10 @@ class DatagramClient:
             ):
                 try:
                     value = _unpackb(
-                        data[HEADER_SIZE + meta_len :], raw=False, strict_map_key=False
+                        data[HEADER_SIZE + meta_len :],
+                        raw=False,
+                        strict_map_key=False,
+                        ext_hook=refuse_ext,
                     )
                 except Exception:
                     pass
@@ -397,7 +400,10 @@ class DatagramServer:
             ):
                 try:
                     value = _unpackb(
-                        data[HEADER_SIZE + meta_len :], raw=False, strict_map_key=False
+                        data[HEADER_SIZE + meta_len :],
+                        raw=False,
+                        strict_map_key=False,
+                        ext_hook=refuse_ext,
                     )
                     method = str(data[HEADER_SIZE : HEADER_SIZE + meta_len], "utf-8")
                 except Exception:
