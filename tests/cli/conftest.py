@@ -31,9 +31,13 @@ def _env() -> dict[str, str]:
 class Proc:
     """A subprocess whose stdout lines can be awaited with a timeout; ended by its PID."""
 
-    def __init__(self, args: list[str], cwd: Path | None = None) -> None:
+    def __init__(
+        self, args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None
+    ) -> None:
+        full = _env()
+        full.update(env or {})
         self.popen = subprocess.Popen(
-            args, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            args, cwd=cwd, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []

@@ -71,15 +71,18 @@ def test_serve_a_user_module_and_drain_on_sigterm(tmp_path: Path) -> None:
         "        return x * 2\n"
     )
     proc = Proc(["sockstack", "serve", "slow_service:Slow", "--tcp", "127.0.0.1:0"], cwd=tmp_path)
+    signalled = False
     try:
         url = proc.wait_line(r"serving Slow on (tcp://\S+)").group(1)
         caller = Proc(["sockstack", "call", url, "slow", "21"])
         proc.wait_line(r"^started 21$")  # the call is running on the server: now stop it
         proc.popen.send_signal(signal.SIGTERM)
+        signalled = True
         assert caller.wait_line(r"^\d+$").group(0) == "42"  # answered despite the shutdown
         assert caller.wait() == 0
     finally:
-        code = proc.stop(signal.SIGTERM)
+        # One SIGTERM only: a second one could land after the handlers are gone, mid-exit.
+        code = proc.wait() if signalled else proc.stop(signal.SIGTERM)
     assert code == 0
     assert "server stopped" in proc.stderr()
 
