@@ -141,11 +141,57 @@ def nats_responder(url: str) -> None:
     uvloop.run(_nats_responder(url))
 
 
+def tls_echo(port: int, cert: str) -> None:
+    """Blocking length-prefixed echo over the standard library's TLS: the raw-socket baseline
+    for the TLS rows (one connection at a time, as the benchmark uses it)."""
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert)
+    listener = socket.create_server(("127.0.0.1", port))
+    _ready(listener.getsockname()[1])
+    while True:
+        raw, _ = listener.accept()
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            with ctx.wrap_socket(raw, server_side=True) as conn:
+                while True:
+                    head = _recv_exactly(conn, 4)
+                    if head is None:
+                        break
+                    body = _recv_exactly(conn, LENGTH.unpack(head)[0])
+                    if body is None:
+                        break
+                    conn.sendall(head + body)
+        except (OSError, ssl.SSLError):
+            continue
+
+
+def _recv_exactly(conn: Any, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = conn.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Echo servers for the benchmark baselines.")
     p.add_argument(
-        "name", choices=["uvloop-echo", "zmq-rep", "zmq-router", "grpc", "pyro", "nats-responder"]
+        "name",
+        choices=[
+            "uvloop-echo",
+            "zmq-rep",
+            "zmq-router",
+            "grpc",
+            "pyro",
+            "nats-responder",
+            "tls-echo",
+        ],
     )
+    p.add_argument("--cert", help="tls-echo: certificate chain and key, PEM")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--nats", default="nats://127.0.0.1:4222")
     args = p.parse_args(argv)
@@ -160,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
             grpc_server(args.port)
         elif args.name == "pyro":
             pyro_server(args.port)
+        elif args.name == "tls-echo":
+            tls_echo(args.port, args.cert)
         else:
             nats_responder(args.nats)
     except KeyboardInterrupt:

@@ -183,6 +183,25 @@ def _compare(
             run.results.append(median_round(rounds[system.name]))
 
 
+SEQ_TLS = [
+    System(
+        "raw TLS socket (ssl module)",
+        sc.start_tls_echo,
+        lambda s, p: sc.tls_framed_client(s.port, p),
+    ),
+    System(
+        "sockstack TLS",
+        lambda c: sc.start_sockstack(c, tls=True),
+        lambda s, p: sc.sockstack_tls_client(s.port, p),
+    ),
+]
+
+
+def seq_tls(run: Run, budget: sc.Budget, only: str) -> None:
+    for placement in (sc.SAME, sc.SPLIT):
+        _compare(run, "sequential TLS 64 B", SEQ_TLS, placement, budget, 64, only)
+
+
 def seq_tcp(run: Run, budget: sc.Budget, only: str) -> None:
     for placement in (sc.SAME, sc.SPLIT):
         _compare(run, "sequential TCP 64 B", SEQ_TCP, placement, budget, 64, only)
@@ -317,6 +336,7 @@ def memory(run: Run, budget: sc.Budget, only: str) -> None:
 SCENARIOS: dict[str, Callable[[Run, sc.Budget, str], None]] = {
     "seq-tcp": seq_tcp,
     "seq-udp": seq_udp,
+    "seq-tls": seq_tls,
     "pipelined": pipelined,
     "concurrency": concurrency,
     "payload": payloads,

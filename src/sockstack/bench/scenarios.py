@@ -82,7 +82,27 @@ def _need(module: str) -> None:
 # ------------------------------------------------------------------------------ servers
 
 
-def start_sockstack(cpus: set[int], workers: int = 1) -> Server:
+_PKI: dict[str, Path] = {}
+
+
+def bench_pki() -> dict[str, Path]:
+    """Throwaway TLS files for the TLS rows: a CA and a certificate for 127.0.0.1 (trustme)."""
+    if not _PKI:
+        _need("trustme")
+        import trustme
+
+        d = Path(tempfile.mkdtemp(prefix="sockstack-bench-tls-"))
+        ca = trustme.CA()
+        ca.cert_pem.write_to_path(str(d / "ca.pem"))
+        ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+            str(d / "server.pem")
+        )
+        _PKI.update(ca=d / "ca.pem", server=d / "server.pem")
+    return _PKI
+
+
+def start_sockstack(cpus: set[int], workers: int = 1, tls: bool = False) -> Server:
+    stream = ["--tls", "127.0.0.1:0", "--cert", str(bench_pki()["server"])] if tls else []
     proc, _ = spawn(
         [
             python(),
@@ -91,8 +111,7 @@ def start_sockstack(cpus: set[int], workers: int = 1) -> Server:
             "--log-level",
             "WARNING",
             "serve",
-            "--tcp",
-            "127.0.0.1:0",
+            *(stream or ["--tcp", "127.0.0.1:0"]),
             "--udp",
             "127.0.0.1:0",
             "--keepalive",
@@ -147,6 +166,47 @@ def start_example(script: str, cpus: set[int]) -> Server:
     proc, m = spawn([python(), str(path), "--port", "0"], cpus, ready=r"listening on \S+:(\d+)")
     assert m is not None
     return Server(script, [proc], int(m.group(1)))
+
+
+def start_tls_echo(cpus: set[int]) -> Server:
+    return start_peer("tls-echo", cpus, cert=str(bench_pki()["server"]))
+
+
+def _tls_client_context() -> Any:
+    import ssl
+
+    return ssl.create_default_context(cafile=str(bench_pki()["ca"]))
+
+
+def tls_framed_client(port: int, payload: bytes) -> Sync:
+    raw = socket.create_connection(("127.0.0.1", port))
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock = _tls_client_context().wrap_socket(raw, server_hostname="127.0.0.1")
+    msg = LENGTH.pack(len(payload)) + payload
+    want = len(msg)
+    buf = bytearray(want)
+    view = memoryview(buf)
+
+    def call() -> None:
+        sock.sendall(msg)
+        got = 0
+        while got < want:
+            n = sock.recv_into(view[got:])
+            if not n:
+                raise ConnectionError("server closed")
+            got += n
+
+    return call, sock.close
+
+
+def sockstack_tls_client(port: int, payload: bytes) -> Sync:
+    from sockstack.rpc.blocking import connect
+
+    client = connect(
+        f"tls://127.0.0.1:{port}", tls=_tls_client_context(), max_frame=MAX_FRAME, timeout=10
+    )
+    call = client.call
+    return (lambda: call("echo", payload)), client.close
 
 
 def start_peer(name: str, cpus: set[int], module: str | None = None, **kw: str) -> Server:
