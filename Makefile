@@ -26,7 +26,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	touch $(VENV)/.installed $@
 
 run: $(VENV)/.installed
-	$(BIN)/sockstack serve $(HOST_PORTS)
+	$(BIN)/sockstack serve --broker $(HOST_PORTS)
 
 test: $(VENV)/.installed-dev
 	PYTHONASYNCIODEBUG=1 $(BIN)/python -m pytest

@@ -16,14 +16,20 @@ import ssl
 import sys
 from typing import Any
 
-from sockstack.errors import CallError, RemoteError, SockstackError
+from sockstack.errors import CallError, CallTimeout, RemoteError, SockstackError
 from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM
 from sockstack.protocol.frames import DEFAULT_MAX_FRAME
 from sockstack.rpc.blocking import connect
 from sockstack.rpc.server import Server, ServerLimits
 from sockstack.transport.loop import run
 from sockstack.transport.tcp import StreamLimits
-from sockstack.transport.urls import DEFAULT_TCP_PORT, DEFAULT_UDP_PORT, parse_endpoint
+from sockstack.transport.urls import (
+    DEFAULT_BROKER_TCP_PORT,
+    DEFAULT_BROKER_UDP_PORT,
+    DEFAULT_TCP_PORT,
+    DEFAULT_UDP_PORT,
+    parse_endpoint,
+)
 
 __all__ = ["main"]
 
@@ -81,7 +87,12 @@ async def _serve(args: argparse.Namespace) -> int:
         from sockstack.transport.memory import tune_malloc
 
         tune_malloc()
-    if args.service:
+    service: object
+    if args.command == "broker":
+        from sockstack.rpc.service import Service
+
+        service = Service()
+    elif args.service:
         service = load_service(args.service)
     else:
         from sockstack.demo import Demo
@@ -89,7 +100,13 @@ async def _serve(args: argparse.Namespace) -> int:
         service = Demo()
     tcp, udp, tls = args.tcp or [], args.udp or [], args.tls or []
     if not tcp and not udp and not tls:
-        tcp, udp = [f"127.0.0.1:{DEFAULT_TCP_PORT}"], [f"127.0.0.1:{DEFAULT_UDP_PORT}"]
+        if args.command == "broker":
+            tcp, udp = (
+                [f"127.0.0.1:{DEFAULT_BROKER_TCP_PORT}"],
+                [f"127.0.0.1:{DEFAULT_BROKER_UDP_PORT}"],
+            )
+        else:
+            tcp, udp = [f"127.0.0.1:{DEFAULT_TCP_PORT}"], [f"127.0.0.1:{DEFAULT_UDP_PORT}"]
     tls_context = _server_tls(args)
     limits = ServerLimits(
         stream=StreamLimits(
@@ -115,6 +132,7 @@ async def _serve(args: argparse.Namespace) -> int:
             expose_errors=not args.hide_errors,
             reuse_port=args.reuse_port,
             secret=load_secret(args),
+            broker=args.broker,
         )
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
@@ -123,11 +141,20 @@ async def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"sockstack: error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_CONNECTION
-    name = type(server.service).__name__
+    name = "broker" if args.command == "broker" else type(server.service).__name__
+    if server.broker is not None and args.command != "broker":
+        name += " and the broker"
     for ep in server.endpoints:
         print(f"serving {name} on {ep}", flush=True)
     first = server.endpoints[0]
-    print(f"try: sockstack call {first} {_example_call(server)}   (Ctrl-C stops)", flush=True)
+    if args.command == "broker":
+        print(
+            f"try: sockstack sub {first} 'sensors.>'   and   sockstack pub {first} "
+            "sensors.room1.temp 21.5   (Ctrl-C stops)",
+            flush=True,
+        )
+    else:
+        print(f"try: sockstack call {first} {_example_call(server)}   (Ctrl-C stops)", flush=True)
     await server.run(handle_signals=True)
     return EXIT_OK
 
@@ -231,6 +258,40 @@ def _client_options(args: argparse.Namespace) -> dict[str, Any]:
         raise _UsageError(f"TLS files: {exc}") from None
 
 
+def _add_client_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("url", help="tcp://host:port, tls://host:port or udp://host:port")
+    p.add_argument(
+        "--ca", metavar="FILE", help="tls://: trust this CA (PEM) instead of the system's"
+    )
+    p.add_argument("--cert", metavar="FILE", help="tls://: client certificate, PEM (mutual TLS)")
+    p.add_argument("--key", metavar="FILE", help="tls://: private key of --cert, PEM")
+    p.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help="shared secret of the server, read from FILE (else from $SOCKSTACK_SECRET)",
+    )
+
+
+def _pub(args: argparse.Namespace) -> int:
+    with connect(args.url, timeout=args.timeout, **_client_options(args)) as client:
+        client.publish(args.topic, parse_value(args.value), qos=args.qos, retain=args.retain)
+    return EXIT_OK
+
+
+def _sub(args: argparse.Namespace) -> int:
+    with connect(args.url, **_client_options(args)) as client:
+        sub = client.subscribe(args.pattern, group=args.group, qos=args.qos)
+        seen = 0
+        while not args.count or seen < args.count:
+            try:
+                msg = sub.get(timeout=args.timeout or 365 * 86400.0)
+            except CallTimeout:
+                break
+            print(f"{msg.topic} {json.dumps(msg.value, default=repr)}", flush=True)
+            seen += 1
+    return EXIT_OK
+
+
 def _call(args: argparse.Namespace) -> int:
     kwargs = {}
     for item in args.kw or []:
@@ -289,8 +350,115 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    # Options shared by `serve` and `broker`.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--tcp",
+        action="append",
+        metavar="HOST:PORT",
+        help="TCP endpoint, repeatable ([::1]:5050 for IPv6; port 0 picks one)",
+    )
+    common.add_argument(
+        "--udp", action="append", metavar="HOST:PORT", help="UDP endpoint, repeatable"
+    )
+    common.add_argument(
+        "--tls",
+        action="append",
+        metavar="HOST:PORT",
+        help="TLS-over-TCP endpoint, repeatable (needs --cert and --key)",
+    )
+    common.add_argument("--cert", metavar="FILE", help="server certificate chain, PEM (for --tls)")
+    common.add_argument("--key", metavar="FILE", help="private key of --cert, PEM")
+    common.add_argument(
+        "--client-ca",
+        metavar="FILE",
+        help="require client certificates signed by this CA, PEM (mutual TLS)",
+    )
+    common.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help="shared secret every client must present (TCP: in HELLO; UDP: HMAC on every "
+        "datagram), read from FILE (else from $SOCKSTACK_SECRET)",
+    )
+    common.add_argument(
+        "--max-frame",
+        type=int,
+        default=DEFAULT_MAX_FRAME,
+        help="largest frame (meta + body) accepted, bytes (default 1 MiB)",
+    )
+    common.add_argument(
+        "--max-datagram",
+        type=int,
+        default=DEFAULT_MAX_DATAGRAM,
+        help="largest UDP frame accepted or sent, bytes (default 65507)",
+    )
+    common.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=_DEFAULT_LIMITS.max_in_flight,
+        help="requests running at once per TCP connection before the server stops "
+        "reading it (default 1024)",
+    )
+    common.add_argument(
+        "--max-connections",
+        type=int,
+        default=_DEFAULT_LIMITS.max_connections,
+        help="TCP connections open at once; more are refused with CLOSE TOO_MANY_CONNECTIONS "
+        "(default 10000; `ulimit -n` applies too)",
+    )
+    common.add_argument(
+        "--max-outbound",
+        type=int,
+        default=_DEFAULT_LIMITS.stream.max_outbound,
+        help="unsent bytes per connection (answers its client does not read) before the "
+        "connection is reset; at least twice --max-frame (default 8 MiB)",
+    )
+    common.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a new TCP connection has to send HELLO; 0 disables (default 10)",
+    )
+    common.add_argument(
+        "--keepalive",
+        type=float,
+        default=20.0,
+        help="PING a silent connection after this many seconds, close it if no answer "
+        "in as many again; 0 disables (default 20)",
+    )
+    common.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=_DEFAULT_LIMITS.drain_timeout,
+        help="seconds to finish in-flight requests on shutdown (default 10)",
+    )
+    common.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the ports with SO_REUSEPORT, to use several cores "
+        "(default 1)",
+    )
+    common.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="bind with SO_REUSEPORT so that several processes serve the same port",
+    )
+    common.add_argument(
+        "--no-malloc-tuning",
+        action="store_true",
+        help="keep glibc's default malloc thresholds (by default large frames reuse heap "
+        "memory instead of fresh pages: faster, keeps up to 64 MiB of freed memory)",
+    )
+    common.add_argument(
+        "--hide-errors",
+        action="store_true",
+        help="send clients only the type of unexpected exceptions, not their message",
+    )
+
     s = sub.add_parser(
         "serve",
+        parents=[common],
         help="serve a service over TCP and/or UDP",
         description="Serve a service (module:Class; the built-in demo when omitted) until "
         "SIGINT/SIGTERM, which drain in-flight requests before exiting. Without --tcp/--udp: "
@@ -298,105 +466,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("service", nargs="?", help="module:Class, importable from the current directory")
     s.add_argument(
-        "--tcp",
-        action="append",
-        metavar="HOST:PORT",
-        help="TCP endpoint, repeatable ([::1]:5050 for IPv6; port 0 picks one)",
-    )
-    s.add_argument("--udp", action="append", metavar="HOST:PORT", help="UDP endpoint, repeatable")
-    s.add_argument(
-        "--tls",
-        action="append",
-        metavar="HOST:PORT",
-        help="TLS-over-TCP endpoint, repeatable (needs --cert and --key)",
-    )
-    s.add_argument("--cert", metavar="FILE", help="server certificate chain, PEM (for --tls)")
-    s.add_argument("--key", metavar="FILE", help="private key of --cert, PEM")
-    s.add_argument(
-        "--client-ca",
-        metavar="FILE",
-        help="require client certificates signed by this CA, PEM (mutual TLS)",
-    )
-    s.add_argument(
-        "--secret-file",
-        metavar="FILE",
-        help="shared secret every client must present (TCP: in HELLO; UDP: HMAC on every "
-        "datagram), read from FILE (else from $SOCKSTACK_SECRET)",
-    )
-    s.add_argument(
-        "--max-frame",
-        type=int,
-        default=DEFAULT_MAX_FRAME,
-        help="largest frame (meta + body) accepted, bytes (default 1 MiB)",
-    )
-    s.add_argument(
-        "--max-datagram",
-        type=int,
-        default=DEFAULT_MAX_DATAGRAM,
-        help="largest UDP frame accepted or sent, bytes (default 65507)",
-    )
-    s.add_argument(
-        "--max-in-flight",
-        type=int,
-        default=_DEFAULT_LIMITS.max_in_flight,
-        help="requests running at once per TCP connection before the server stops "
-        "reading it (default 1024)",
-    )
-    s.add_argument(
-        "--max-connections",
-        type=int,
-        default=_DEFAULT_LIMITS.max_connections,
-        help="TCP connections open at once; more are refused with CLOSE TOO_MANY_CONNECTIONS "
-        "(default 10000; `ulimit -n` applies too)",
-    )
-    s.add_argument(
-        "--max-outbound",
-        type=int,
-        default=_DEFAULT_LIMITS.stream.max_outbound,
-        help="unsent bytes per connection (answers its client does not read) before the "
-        "connection is reset; at least twice --max-frame (default 8 MiB)",
-    )
-    s.add_argument(
-        "--handshake-timeout",
-        type=float,
-        default=10.0,
-        help="seconds a new TCP connection has to send HELLO; 0 disables (default 10)",
-    )
-    s.add_argument(
-        "--keepalive",
-        type=float,
-        default=20.0,
-        help="PING a silent connection after this many seconds, close it if no answer "
-        "in as many again; 0 disables (default 20)",
-    )
-    s.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=_DEFAULT_LIMITS.drain_timeout,
-        help="seconds to finish in-flight requests on shutdown (default 10)",
-    )
-    s.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="server processes sharing the ports with SO_REUSEPORT, to use several cores "
-        "(default 1)",
-    )
-    s.add_argument(
-        "--reuse-port",
+        "--broker",
         action="store_true",
-        help="bind with SO_REUSEPORT so that several processes serve the same port",
+        help="also host the publish/subscribe broker on the same ports",
     )
-    s.add_argument(
-        "--no-malloc-tuning",
-        action="store_true",
-        help="keep glibc's default malloc thresholds (by default large frames reuse heap "
-        "memory instead of fresh pages: faster, keeps up to 64 MiB of freed memory)",
+    k = sub.add_parser(
+        "broker",
+        parents=[common],
+        help="run a publish/subscribe broker",
+        description="Run the publish/subscribe broker alone until SIGINT/SIGTERM. Without "
+        f"--tcp/--udp: tcp 127.0.0.1:{DEFAULT_BROKER_TCP_PORT} and udp "
+        f"127.0.0.1:{DEFAULT_BROKER_UDP_PORT}. Subscribers need TCP (or TLS); UDP takes QoS 0 "
+        "publishes.",
     )
-    s.add_argument(
-        "--hide-errors",
-        action="store_true",
-        help="send clients only the type of unexpected exceptions, not their message",
+    k.set_defaults(service=None, broker=True)
+
+    pb = sub.add_parser(
+        "pub",
+        help="publish a message",
+        description="Publish VALUE (JSON when it parses, else a string) to TOPIC.",
+    )
+    _add_client_arguments(pb)
+    pb.add_argument("topic")
+    pb.add_argument("value")
+    pb.add_argument("--qos", type=int, choices=[0, 1], default=0, help="0 (default) or 1")
+    pb.add_argument("--retain", action="store_true", help="keep as the topic's last message")
+    pb.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+
+    sb = sub.add_parser(
+        "sub",
+        help="subscribe and print messages",
+        description="Subscribe to PATTERN (* is one token, > the rest) and print one line per "
+        "message: the topic, a space, the value as JSON. Stops after --count messages or "
+        "--timeout seconds without one.",
+    )
+    _add_client_arguments(sb)
+    sb.add_argument("pattern")
+    sb.add_argument("--group", help="queue group: members share the messages")
+    sb.add_argument("--qos", type=int, choices=[0, 1], default=0, help="0 (default) or 1")
+    sb.add_argument("--count", type=int, default=0, help="stop after N messages (0: never)")
+    sb.add_argument(
+        "--timeout", type=float, default=0.0, help="stop after this many seconds of silence"
     )
 
     c = sub.add_parser(
@@ -485,7 +595,11 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        if args.command == "serve":
+        if args.command in ("serve", "broker"):
+            if args.broker and args.workers > 1:
+                raise _UsageError(
+                    "the broker keeps its subscriptions in one process: no --workers with it"
+                )
             if args.workers > 1:
                 return _serve_workers(args)
             if args.workers < 1:
@@ -506,6 +620,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_bench(args)
         if args.url:
             parse_endpoint(args.url)
+        if args.command == "pub":
+            return _pub(args)
+        if args.command == "sub":
+            return _sub(args)
         return _call(args) if args.command == "call" else _ping(args)
     except _UsageError as exc:
         print(f"sockstack: error: {exc}", file=sys.stderr)

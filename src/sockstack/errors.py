@@ -66,6 +66,8 @@ class ErrorCode(enum.IntEnum):
     """Missing or wrong credentials."""
     INTERNAL_ERROR = 1009
     """The peer hit a bug; the connection cannot continue."""
+    SLOW_CONSUMER = 1010
+    """A subscriber fell behind beyond its limits, with the ``disconnect`` policy."""
 
     # -- request level (ERROR) --
     UNKNOWN_METHOD = 2000
@@ -86,6 +88,14 @@ class ErrorCode(enum.IntEnum):
     """The method returned a value the request's codec cannot represent."""
     DATAGRAM_TOO_LARGE = 2008
     """A datagram is above the receiver's limit."""
+    BAD_TOPIC = 2010
+    """An invalid topic or pattern, or a wildcard in a published topic."""
+    UNKNOWN_DELIVERY = 2011
+    """An ACK for a delivery id the broker is not waiting for."""
+    UNKNOWN_SUBSCRIPTION = 2012
+    """UNSUB of a subscription id that is not subscribed, or SUB of one already in use."""
+    PAYLOAD_TOO_LARGE = 2013
+    """A published payload above the broker's limit."""
     UNAUTHENTICATED = 2009
     """A datagram without a valid MAC, outside the replay window, or replayed (UDP with a
     shared secret)."""

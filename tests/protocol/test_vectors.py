@@ -29,6 +29,18 @@ from sockstack.protocol.messages import (
     encode_response,
     encode_welcome,
 )
+from sockstack.protocol.pubsub import (
+    Ack,
+    Msg,
+    Pub,
+    Sub,
+    Unsub,
+    encode_ack,
+    encode_msg,
+    encode_pub,
+    encode_sub,
+    encode_unsub,
+)
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
 
@@ -75,6 +87,14 @@ EXPECTED: dict[str, tuple[bytes, Any]] = {
     "ping": (encode_ping(7, b"hi"), Ping(7, b"hi")),
     "pong": (encode_pong(7, b"hi"), Pong(7, b"hi")),
     "close": (encode_close(1001, "bye"), Close(1001, "bye")),
+    "sub": (encode_sub(7, "sensors.>", {"qos": 1}), Sub(7, "sensors.>", {"qos": 1})),
+    "unsub": (encode_unsub(7), Unsub(7)),
+    "pub": (
+        encode_pub("a.b", bytes.fromhex("cb4035800000000000"), 9, 1, retain=True),
+        Pub(9, "a.b", bytes.fromhex("cb4035800000000000"), 1, True),
+    ),
+    "msg": (encode_msg(3, 7, b"a.b", b"\x15"), Msg(3, 7, "a.b", b"\x15", 1, False, False)),
+    "ack": (encode_ack(3), Ack(3)),
 }
 
 

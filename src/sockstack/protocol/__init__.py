@@ -7,6 +7,8 @@ Layers, bottom up (docs/PROTOCOL.md):
 - :mod:`.messages` — message layouts: HELLO, WELCOME, REQUEST, RESPONSE, ERROR, PING, PONG, CLOSE.
 - :mod:`.connection` — session over a stream: handshake, keepalive, close, as a state machine.
 - :mod:`.datagram` — request/response over datagrams: retries and de-duplication.
+- :mod:`.pubsub` — publish/subscribe messages: SUB, UNSUB, PUB, MSG, ACK.
+- :mod:`.auth` — shared-secret authentication of handshakes and datagrams.
 """
 
 from sockstack.protocol.codecs import CODECS, JSON, MSGPACK, RAW, Codec, get_codec
@@ -46,6 +48,7 @@ from sockstack.protocol.messages import (
     Welcome,
     decode_message,
 )
+from sockstack.protocol.pubsub import Ack, Msg, Pub, Sub, Unsub  # registers the pub/sub types
 
 __all__ = [
     "CODECS",
@@ -55,6 +58,7 @@ __all__ = [
     "MSGPACK",
     "PROTOCOL_VERSION",
     "RAW",
+    "Ack",
     "CallExpired",
     "Close",
     "Codec",
@@ -68,15 +72,19 @@ __all__ = [
     "HandshakeComplete",
     "Hello",
     "MessageType",
+    "Msg",
     "Ping",
     "Pong",
     "ProtocolViolation",
+    "Pub",
     "ReplyCache",
     "Request",
     "Response",
     "RetryPolicy",
     "Role",
     "State",
+    "Sub",
+    "Unsub",
     "Welcome",
     "decode_message",
     "encode_frame",

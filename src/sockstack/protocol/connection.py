@@ -336,6 +336,14 @@ class Connection:
         self._out.append(encode_error(request_id, code, type, message))
         return True
 
+    def send_message(self, frame: bytes) -> None:
+        """Queue an already-encoded frame of an extension type (e.g. SUB, PUB, ACK from
+        :mod:`sockstack.protocol.pubsub`). Raises :class:`LocalProtocolError` when the session
+        cannot send, or when the frame is over the peer's limit."""
+        if self.state is not State.OPEN and not self._check_can_send():
+            raise LocalProtocolError(f"cannot send: session is {self.state.value}")
+        self._out.append(self._fit(frame))
+
     def send_ping(self, request_id: int, payload: bytes = b"") -> None:
         if not self._check_can_send():
             raise LocalProtocolError(f"cannot ping: session is {self.state.value}")

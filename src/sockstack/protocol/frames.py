@@ -68,6 +68,11 @@ class MessageType(enum.IntEnum):
     PING = 0x06
     PONG = 0x07
     CLOSE = 0x08
+    SUB = 0x10
+    UNSUB = 0x11
+    PUB = 0x12
+    MSG = 0x13
+    ACK = 0x14
 
 
 @dataclass(slots=True)

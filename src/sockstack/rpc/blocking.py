@@ -11,6 +11,7 @@ call's timeout; the server runs a retried call once.
 
 from __future__ import annotations
 
+import collections
 import errno
 import select
 import socket
@@ -18,7 +19,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from sockstack.errors import (
@@ -30,12 +31,20 @@ from sockstack.errors import (
     RemoteError,
 )
 from sockstack.protocol.auth import AuthFailure, DatagramAuth, token_extension, unsealed_refusal
-from sockstack.protocol.codecs import MSGPACK, Codec, get_codec
+from sockstack.protocol.codecs import CODECS, MSGPACK, Codec, get_codec
 from sockstack.protocol.connection import Connection, ConnectionTerminated, State
 from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, DatagramClient, RetryPolicy
 from sockstack.protocol.frames import DEFAULT_MAX_FRAME, HEADER_SIZE, MAGIC
 from sockstack.protocol.messages import Error, Pong, Response, Role
-from sockstack.rpc.client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, Backoff, tls_reason
+from sockstack.protocol.pubsub import Msg, encode_ack, encode_pub, encode_sub, encode_unsub
+from sockstack.pubsub.topics import validate_topic
+from sockstack.rpc.client import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    Backoff,
+    Message,
+    tls_reason,
+)
 from sockstack.transport.tls import client_context
 from sockstack.transport.urls import Endpoint, parse_endpoints
 
@@ -73,6 +82,7 @@ class _TCP:
         self._view = memoryview(self._buf)
         self._limit = HEADER_SIZE + client.max_frame  # the largest frame read whole
         self._tls = eps[0].scheme == "tls"
+        self.inbox: dict[int, collections.deque[Msg]] = {}  # published messages, by subscription
 
     def _set_timeout(self, seconds: float) -> None:
         assert self.sock is not None
@@ -386,8 +396,12 @@ class _TCP:
     def _finish(
         self, events: list[Any], rid: int, deadline: float, method: str, timeout: float
     ) -> Any:
-        """Handle ``events`` and read on until the answer to ``rid`` (or the end) comes."""
+        """Handle ``events`` and read on until the answer to ``rid`` (or the end) comes.
+        Published messages that arrive meanwhile wait in the inbox of their subscription."""
         while True:
+            for ev in events:
+                if type(ev) is Msg:
+                    self.inbox.setdefault(ev.sid, collections.deque()).append(ev)
             for ev in events:
                 t = type(ev)
                 if t is Response and ev.request_id == rid:
@@ -406,6 +420,47 @@ class _TCP:
             except CallTimeout:
                 raise CallTimeout(method, timeout) from None
             events = self._events(n, deadline, method) if n >= 0 else []
+
+    # ------------------------------------------------------------------ publish/subscribe
+
+    def exchange_frame(self, frame: Callable[[int], bytes], what: str, timeout: float) -> int:
+        """Send the frame built for a fresh id and wait for its RESPONSE; returns the id."""
+        deadline = time.monotonic() + timeout
+        self.ensure(deadline, what, timeout)
+        assert self.core is not None
+        self.next_id = rid = self.next_id % 0xFFFFFFFF + 1
+        self.core.send_message(frame(rid))
+        self._send(self.core.data_to_send(), what)
+        self._finish([], rid, deadline, what, timeout)
+        return rid
+
+    def send_frame(self, frame: bytes, what: str, timeout: float) -> None:
+        """Send a frame that gets no answer (QoS 0 PUB, ACK)."""
+        self.ensure(time.monotonic() + timeout, what, timeout)
+        assert self.core is not None
+        self.core.send_message(frame)
+        self._send(self.core.data_to_send(), what)
+
+    def next_message(self, sid: int, timeout: float) -> Msg:
+        """The next message for subscription ``sid``, reading the socket as needed."""
+        box = self.inbox.setdefault(sid, collections.deque())
+        deadline = time.monotonic() + timeout
+        what = f"messages for subscription {sid}"
+        while not box:
+            if self.sock is None:
+                raise ConnectionLost(f"{self.ep}: connection lost; subscriptions are gone")
+            try:
+                n = self._recv(deadline, what)
+            except CallTimeout:
+                raise CallTimeout(what, timeout) from None
+            events = self._events(n, deadline, what) if n >= 0 else []
+            for ev in events:
+                if type(ev) is Msg:
+                    self.inbox.setdefault(ev.sid, collections.deque()).append(ev)
+            self._terminated(events, self.ep)
+            if self.sock is None and not box:
+                raise ConnectionLost(f"{self.ep}: connection lost; subscriptions are gone")
+        return box.popleft()
 
     def close(self) -> None:
         if self.sock is not None and self.core is not None:
@@ -606,6 +661,72 @@ class Client:
                 return impl.exchange(method, rid, timeout, deadline)
             return impl.call(method, args, kwargs or None, self.codec, timeout)
 
+    def publish(
+        self,
+        topic: str,
+        value: Any,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        """Publish ``value`` (encoded with the client's codec) to ``topic``. QoS 0 returns once
+        sent (over UDP too); QoS 1 once the broker has accepted it."""
+        if qos not in (0, 1):
+            raise ValueError("qos must be 0 or 1")
+        validate_topic(topic)  # TopicError (a ValueError) here rather than an ERROR later
+        payload = self.codec.encode(value)
+        t = self.timeout if timeout is None else timeout
+        with self._lock:
+            impl = self._impl
+            if isinstance(impl, _UDP):
+                if qos:
+                    raise ConnectError("QoS 1 needs a tcp:// or tls:// broker URL")
+                impl._send_datagram(encode_pub(topic, payload, 0, self.codec.id, retain))
+            elif qos:
+                impl.exchange_frame(
+                    lambda rid: encode_pub(topic, payload, rid, self.codec.id, retain),
+                    "PUB " + topic,
+                    t,
+                )
+            else:
+                impl.send_frame(encode_pub(topic, payload, 0, self.codec.id, retain), "PUB", t)
+
+    def subscribe(
+        self,
+        pattern: str,
+        *,
+        group: str | None = None,
+        qos: int = 0,
+        policy: str | None = None,
+        max_msgs: int | None = None,
+        max_bytes: int | None = None,
+        timeout: float | None = None,
+    ) -> BlockingSubscription:
+        """Subscribe (``*`` one token, ``>`` the rest); returns once the broker has it. Read
+        with ``sub.get(timeout)`` or ``for msg in sub``."""
+        options = {
+            k: v
+            for k, v in (
+                ("group", group),
+                ("qos", qos or None),
+                ("policy", policy),
+                ("max_msgs", max_msgs),
+                ("max_bytes", max_bytes),
+            )
+            if v is not None
+        }
+        impl = self._impl
+        if not isinstance(impl, _TCP):
+            raise ConnectError("subscribe needs a tcp:// or tls:// broker URL")
+        with self._lock:
+            sid = impl.exchange_frame(
+                lambda rid: encode_sub(rid, pattern, options),
+                "SUB " + pattern,
+                self.timeout if timeout is None else timeout,
+            )
+        return BlockingSubscription(self, sid, pattern)
+
     def ping(self, timeout: float | None = None) -> float:
         """Round-trip time of one PING/PONG in seconds."""
         timeout = self.timeout if timeout is None else timeout
@@ -630,6 +751,40 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class BlockingSubscription:
+    """Messages of one subscription, read from the blocking client's connection."""
+
+    def __init__(self, client: Client, sid: int, pattern: str) -> None:
+        self.client = client
+        self.sid = sid
+        self.pattern = pattern
+
+    def get(self, timeout: float | None = None) -> Message:
+        """The next message (QoS 1: acknowledged as it is returned); CallTimeout if none."""
+        client = self.client
+        impl = client._impl
+        assert isinstance(impl, _TCP)
+        with client._lock:
+            msg = impl.next_message(self.sid, client.timeout if timeout is None else timeout)
+            if msg.delivery_id:
+                impl.send_frame(encode_ack(msg.delivery_id), "ACK", client.timeout)
+        return Message(
+            msg.topic, CODECS[msg.codec].decode(msg.payload), msg.retained, msg.redelivered
+        )
+
+    def __iter__(self) -> Iterator[Message]:
+        while True:
+            yield self.get()
+
+    def unsubscribe(self) -> None:
+        client = self.client
+        impl = client._impl
+        assert isinstance(impl, _TCP)
+        with client._lock:
+            impl.inbox.pop(self.sid, None)
+            impl.send_frame(encode_unsub(self.sid), "UNSUB", client.timeout)
 
 
 def connect(url: str | Sequence[str], **options: Any) -> Client:

@@ -15,20 +15,23 @@ the server's reply cache makes sure it runs once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import heapq
+import inspect
 import logging
 import os
 import random
 import socket
 import ssl
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sockstack.errors import (
     CallTimeout,
+    CodecError,
     ConnectError,
     ConnectionClosed,
     ConnectionLost,
@@ -36,7 +39,7 @@ from sockstack.errors import (
     RemoteError,
 )
 from sockstack.protocol.auth import AuthFailure, DatagramAuth, token_extension, unsealed_refusal
-from sockstack.protocol.codecs import Codec, get_codec
+from sockstack.protocol.codecs import CODECS, Codec, get_codec
 from sockstack.protocol.connection import (
     ConnectionTerminated,
     HandshakeComplete,
@@ -50,6 +53,8 @@ from sockstack.protocol.datagram import (
     RetryPolicy,
 )
 from sockstack.protocol.messages import Error, Pong, Response, Role
+from sockstack.protocol.pubsub import Msg, encode_ack, encode_pub, encode_sub, encode_unsub
+from sockstack.pubsub.topics import validate_topic
 from sockstack.transport.tcp import StreamLimits, StreamProtocol
 from sockstack.transport.tls import client_context
 from sockstack.transport.udp import DatagramEndpoint
@@ -140,6 +145,8 @@ class _TCPStream(StreamProtocol):
                     self.welcome.set_result(None)
             elif t is ConnectionTerminated:
                 self.terminated = ev
+            elif t is Msg:
+                self.channel._on_msg(ev)
             elif t is ProtocolViolation:
                 self.log_violation(ev)
 
@@ -169,6 +176,7 @@ class _TCPChannel:
         self._deadlines: list[tuple[float, int]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self.subscriptions: dict[int, Subscription] = {}
 
     @property
     def ep(self) -> Endpoint:
@@ -256,6 +264,7 @@ class _TCPChannel:
             try:
                 await self.connect_once(self.client.connect_timeout)
                 log.info("reconnected to %s", self.ep)
+                self._resubscribe()
                 return
             except ConnectError as exc:
                 self.last_error = str(exc)
@@ -355,6 +364,92 @@ class _TCPChannel:
         if p is not None and not p.fut.done():
             p.fut.set_exception(CallTimeout(p.method, timeout))
 
+    # ------------------------------------------------------------------ publish/subscribe
+
+    async def _exchange(self, frame: Callable[[int], bytes], what: str, timeout: float) -> int:
+        """Send the frame built for a fresh id and wait for its RESPONSE; returns the id."""
+        loop = self.loop
+        deadline = loop.time() + timeout
+        stream = self.stream
+        if stream is None or not stream.can_send():
+            stream = await self._wait_connected(what, timeout, deadline)
+        rid = self._new_id()
+        assert stream.core is not None
+        fut = loop.create_future()
+        self.pending[rid] = _Pending(fut, what, timeout)
+        try:
+            stream.core.send_message(frame(rid))
+            stream.flush()
+            async with asyncio.timeout_at(deadline):
+                await fut
+        except TimeoutError:
+            raise CallTimeout(what, timeout) from None
+        finally:
+            self.pending.pop(rid, None)
+        return rid
+
+    async def publish(
+        self, topic: str, payload: bytes, codec: int, qos: int, retain: bool, timeout: float
+    ) -> None:
+        if qos == 1:
+            await self._exchange(
+                lambda rid: encode_pub(topic, payload, rid, codec, retain), "PUB " + topic, timeout
+            )
+            return
+        stream = self.stream
+        if stream is None or not stream.can_send():
+            stream = await self._wait_connected("PUB " + topic, timeout, self.loop.time() + timeout)
+        assert stream.core is not None
+        stream.core.send_message(encode_pub(topic, payload, 0, codec, retain))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush, stream)
+
+    async def subscribe(self, sub: Subscription, timeout: float) -> None:
+        def frame(sid: int) -> bytes:
+            sub.sid = sid
+            self.subscriptions[sid] = sub  # before the answer: retained messages follow it
+            return encode_sub(sid, sub.pattern, sub.options)
+
+        try:
+            await self._exchange(frame, "SUB " + sub.pattern, timeout)
+        except BaseException:
+            self.subscriptions.pop(sub.sid, None)
+            raise
+
+    async def unsubscribe(self, sub: Subscription, timeout: float) -> None:
+        if self.subscriptions.pop(sub.sid, None) is None:
+            return
+        stream = self.stream
+        if stream is not None and stream.can_send() and stream.core is not None:
+            stream.core.send_message(encode_unsub(sub.sid))
+            stream.flush()
+
+    def _resubscribe(self) -> None:
+        """After a reconnect: the (new) broker knows none of our subscriptions; send them all
+        again under the same ids. Their answers have no waiter and are ignored."""
+        stream = self.stream
+        if stream is None or stream.core is None or not self.subscriptions:
+            return
+        for sid, sub in self.subscriptions.items():
+            stream.core.send_message(encode_sub(sid, sub.pattern, sub.options))
+        stream.flush()
+        log.info("resubscribed %d subscriptions", len(self.subscriptions))
+
+    def _on_msg(self, msg: Msg) -> None:
+        sub = self.subscriptions.get(msg.sid)
+        if sub is None:
+            return  # unsubscribed meanwhile
+        sub._arrive(msg)
+
+    def ack(self, delivery_id: int) -> None:
+        stream = self.stream
+        if stream is not None and stream.can_send() and stream.core is not None:
+            stream.core.send_message(encode_ack(delivery_id))
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self.loop.call_soon(self._flush, stream)
+
     async def ping(self, timeout: float) -> float:
         loop = self.loop
         deadline = loop.time() + timeout
@@ -440,6 +535,14 @@ class _UDPChannel:
             rid = self.core.new_request_id(rid)
         self._last_id = rid
         return rid
+
+    def publish(self, topic: str, payload: bytes, codec: int, retain: bool) -> None:
+        """QoS 0 over UDP: one PUB datagram, no answer."""
+        ep = self.endpoint
+        if ep is None or ep.transport is None:
+            raise ConnectError("client is closed")
+        data = encode_pub(topic, payload, 0, codec, retain)
+        ep.transport.sendto(data if self.auth is None else self.auth.seal(data, time.time()))
 
     def _flush(self) -> None:
         ep = self.endpoint
@@ -553,6 +656,110 @@ class _UDPChannel:
         self.endpoint = None
 
 
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One published message, as a subscriber receives it."""
+
+    topic: str
+    value: Any
+    """The payload, decoded with the codec it was published in."""
+    retained: bool = False
+    """Delivered from the topic's retained store on subscribing."""
+    redelivered: bool = False
+    """QoS 1: sent again because the first delivery was not acknowledged in time."""
+
+
+class Subscription:
+    """A live subscription: iterate it (``async for msg in sub``), or give ``callback``.
+
+    At QoS 1 each message is acknowledged once the application has it: when the iterator
+    returns it, or when the callback returns. Messages wait in a client-side queue of at most
+    ``max_pending``; beyond that the oldest are dropped and counted in ``dropped``.
+    """
+
+    def __init__(
+        self,
+        channel: _TCPChannel,
+        pattern: str,
+        options: dict[str, Any],
+        callback: Callable[[Message], Any] | None,
+        max_pending: int,
+    ) -> None:
+        self._channel = channel
+        self.pattern = pattern
+        self.options = options
+        self.sid = 0
+        self.callback = callback
+        self.max_pending = max_pending
+        self.dropped = 0
+        self.received = 0
+        self._queue: collections.deque[tuple[Message, int]] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+
+    def _arrive(self, msg: Msg) -> None:
+        try:
+            value = CODECS[msg.codec].decode(msg.payload)
+        except (KeyError, CodecError) as exc:
+            log.warning("message on %s not decodable: %s", msg.topic, exc)
+            if msg.delivery_id:
+                self._channel.ack(msg.delivery_id)  # never redeliver what cannot be read
+            return
+        self.received += 1
+        message = Message(msg.topic, value, msg.retained, msg.redelivered)
+        if self.callback is not None:
+            result = self.callback(message)
+            if inspect.isawaitable(result):
+                task = asyncio.ensure_future(result)
+                if msg.delivery_id:
+                    delivery_id = msg.delivery_id
+
+                    def acked(_task: asyncio.Future[Any]) -> None:
+                        self._channel.ack(delivery_id)
+
+                    task.add_done_callback(acked)
+                return
+            if msg.delivery_id:
+                self._channel.ack(msg.delivery_id)
+            return
+        if len(self._queue) >= self.max_pending:
+            self._queue.popleft()
+            self.dropped += 1
+        self._queue.append((message, msg.delivery_id))
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self, timeout: float | None = None) -> Message:
+        """The next message; :class:`CallTimeout` after ``timeout`` seconds without one."""
+        while not self._queue:
+            if self._closed:
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._waiter
+            except TimeoutError:
+                raise CallTimeout(f"messages on {self.pattern}", timeout or 0.0) from None
+            finally:
+                self._waiter = None
+        message, delivery_id = self._queue.popleft()
+        if delivery_id:
+            self._channel.ack(delivery_id)
+        return message
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self
+
+    async def __anext__(self) -> Message:
+        return await self.get()
+
+    async def unsubscribe(self, timeout: float = 5.0) -> None:
+        self._closed = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        await self._channel.unsubscribe(self, timeout)
+
+
 class AsyncClient:
     """An asyncio client for ``tcp://host:port`` or ``udp://host:port``.
 
@@ -636,6 +843,68 @@ class AsyncClient:
             self.timeout if timeout is None else timeout,
             self.codec,
         )
+
+    def _tcp(self) -> _TCPChannel:
+        channel = self._channel
+        if channel is None:
+            raise ConnectError("client is not connected: use `async with` or connect()")
+        if not isinstance(channel, _TCPChannel):
+            raise ConnectError("subscribe and QoS 1 need a tcp:// or tls:// broker URL")
+        return channel
+
+    async def publish(
+        self,
+        topic: str,
+        value: Any,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        """Publish ``value`` (encoded with the client's codec) to ``topic``. QoS 0 returns at
+        once (over UDP too); QoS 1 returns once the broker has accepted the message."""
+        if qos not in (0, 1):
+            raise ValueError("qos must be 0 or 1")
+        validate_topic(topic)  # TopicError (a ValueError) here rather than an ERROR later
+        payload = self.codec.encode(value)
+        t = self.timeout if timeout is None else timeout
+        channel = self._channel
+        if isinstance(channel, _UDPChannel):
+            if qos:
+                raise ConnectError("QoS 1 needs a tcp:// or tls:// broker URL")
+            channel.publish(topic, payload, self.codec.id, retain)
+            return
+        await self._tcp().publish(topic, payload, self.codec.id, qos, retain, t)
+
+    async def subscribe(
+        self,
+        pattern: str,
+        *,
+        group: str | None = None,
+        qos: int = 0,
+        policy: str | None = None,
+        max_msgs: int | None = None,
+        max_bytes: int | None = None,
+        callback: Callable[[Message], Any] | None = None,
+        max_pending: int = 100_000,
+        timeout: float | None = None,
+    ) -> Subscription:
+        """Subscribe to a pattern (``*`` one token, ``>`` the rest). Returns once the broker
+        has the subscription, so anything published after that is delivered to it."""
+        options: dict[str, Any] = {}
+        for key, v in (
+            ("group", group),
+            ("qos", qos or None),
+            ("policy", policy),
+            ("max_msgs", max_msgs),
+            ("max_bytes", max_bytes),
+        ):
+            if v is not None:
+                options[key] = v
+        channel = self._tcp()
+        sub = Subscription(channel, pattern, options, callback, max_pending)
+        await channel.subscribe(sub, self.timeout if timeout is None else timeout)
+        return sub
 
     async def ping(self, timeout: float | None = None) -> float:
         """Round-trip time of one PING/PONG, in seconds."""

@@ -33,11 +33,12 @@ class Dispatcher:
         *,
         expose_errors: bool = True,
         max_workers: int = DEFAULT_MAX_WORKERS,
+        allow_empty: bool = False,
     ) -> None:
         if isinstance(service, type):
             service = service()
         self.service = service
-        self.handlers: dict[str, Handler] = collect_handlers(service)
+        self.handlers: dict[str, Handler] = collect_handlers(service, allow_empty)
         self.expose_errors = expose_errors
         self.max_workers = max_workers
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sockstack.errors import CodecError, ErrorCode, LocalProtocolError
+from sockstack.errors import CodecError, ErrorCode, LocalProtocolError, RemoteProtocolError
 from sockstack.protocol.auth import (
     DEFAULT_REPLAY_WINDOW,
     AuthFailure,
@@ -39,15 +39,21 @@ from sockstack.protocol.datagram import (
     DatagramServer,
     ReplyCache,
 )
-from sockstack.protocol.frames import HEADER_SIZE, MAGIC
-from sockstack.protocol.messages import Request, Role, encode_close, encode_error
+from sockstack.protocol.frames import HEADER_SIZE, MAGIC, parse_datagram
+from sockstack.protocol.messages import Request, Role, decode_message, encode_close, encode_error
+from sockstack.protocol.pubsub import Ack, Pub, Sub, Unsub
+from sockstack.pubsub.broker import Broker, BrokerError
 from sockstack.rpc.dispatch import DEFAULT_MAX_WORKERS, Dispatcher, Outcome
+from sockstack.rpc.service import _make_handler as make_handler
 from sockstack.transport.ratelog import RateLimitedLog
 from sockstack.transport.tcp import StreamLimits, StreamProtocol, format_peer
 from sockstack.transport.udp import DatagramEndpoint
 from sockstack.transport.urls import Endpoint, parse_endpoint
 
 __all__ = ["Server", "ServerLimits", "serve"]
+
+_PUBSUB = (Sub, Unsub, Pub, Ack)
+_PUB_TYPE = 0x12
 
 log = logging.getLogger("sockstack.server")
 
@@ -85,6 +91,9 @@ class _RPCStream(StreamProtocol):
         self.in_flight = 0
         self._read_paused = False  # paused because too many requests are running
         self.refused = False  # over the connection limit: CLOSE sent, nothing read
+        self._bout: list[bytes] = []  # broker messages for this subscriber, not yet written
+        self._bout_bytes = 0
+        self._bout_scheduled = False
 
     def core_options(self) -> dict[str, Any]:
         secret = self.server.secret
@@ -111,6 +120,8 @@ class _RPCStream(StreamProtocol):
 
     def on_lost(self, exc: Exception | None) -> None:
         self.server._streams.discard(self)
+        if self.server.broker is not None:
+            self.server.broker.peer_gone(self)
 
     def data_received(self, data: bytes) -> None:
         # The hot path, flattened: decode every complete frame of this read, answer inline
@@ -179,10 +190,86 @@ class _RPCStream(StreamProtocol):
             t = type(ev)
             if t is Request:
                 self._on_request(ev)
+            elif t in _PUBSUB:
+                self._on_pubsub(ev)
             elif t is ProtocolViolation:
                 self.log_violation(ev)
             elif t is ConnectionTerminated and ev.by_peer and ev.code is None and self.in_flight:
                 log.info("client %s went away with %d calls in flight", self.peer, self.in_flight)
+
+    # ---------------------------------------------------------------- publish/subscribe
+
+    def _on_pubsub(self, ev: Sub | Unsub | Pub | Ack) -> None:
+        core = self.core
+        assert core is not None
+        broker = self.server.broker
+        rid = (
+            ev.request_id
+            if type(ev) is Pub
+            else getattr(ev, "sid", 0) or getattr(ev, "delivery_id", 0)
+        )
+        if broker is None:
+            core.send_error(rid, ErrorCode.UNKNOWN_TYPE, "UNKNOWN_TYPE", "no broker on this server")
+            return
+        try:
+            if type(ev) is Pub:
+                broker.publish(ev.topic, ev.payload, ev.codec, ev.retain)
+                if ev.request_id:
+                    core.send_response(ev.request_id, None)  # QoS 1: accepted
+            elif type(ev) is Sub:
+                sub = broker.subscribe(self, ev.sid, ev.pattern, ev.options)
+                core.send_response(ev.sid, None)  # before the retained messages that follow
+                broker.deliver_retained(sub)
+            elif type(ev) is Ack:
+                broker.ack(self, ev.delivery_id)
+            elif type(ev) is Unsub:
+                broker.unsubscribe(self, ev.sid)
+                core.send_response(ev.sid, None)
+        except BrokerError as exc:
+            self.bad_log.warning(  # type: ignore[union-attr]
+                "client %s: %s [%s]", self.peer, exc.message, ErrorCode.describe(exc.code)
+            )
+            core.send_error(rid, exc.code, ErrorCode(exc.code).name, exc.message)
+
+    def broker_writable(self) -> bool:
+        transport = self.transport
+        return (
+            not self.write_paused
+            and self._bout_bytes < self.limits.write_high_water
+            and transport is not None
+            and not transport.is_closing()
+        )
+
+    def broker_write(self, data: bytes) -> None:
+        self._bout.append(data)
+        self._bout_bytes += len(data)
+        if not self._bout_scheduled:
+            # Messages for this subscriber in the same loop iteration leave in one write.
+            self._bout_scheduled = True
+            self.loop.call_soon(self._broker_flush)
+
+    def _broker_flush(self) -> None:
+        self._bout_scheduled = False
+        out, self._bout, self._bout_bytes = self._bout, [], 0
+        transport = self.transport
+        if not out or transport is None or transport.is_closing():
+            return
+        transport.write(b"".join(out))
+        if self.write_paused:
+            self.check_outbound()
+        elif self.server.broker is not None:
+            self.server.broker.peer_writable(self)  # room again: what its subscriptions queued
+
+    def broker_close(self, code: int, reason: str) -> None:
+        core, transport = self.core, self.transport
+        if core is None or transport is None or transport.is_closing():
+            return
+        self.bad_log.warning("client %s: %s [%s]", self.peer, reason, ErrorCode.describe(code))  # type: ignore[union-attr]
+        self._bout.clear()
+        core.send_close(code, reason)
+        self.flush()
+        # A subscriber that does not read would not read the CLOSE either: cut it off.
+        self.loop.call_later(self.server.limits.close_timeout, transport.abort)
 
     def _on_request(self, req: Request) -> None:
         core = self.core
@@ -228,6 +315,8 @@ class _RPCStream(StreamProtocol):
     def resume_writing(self) -> None:
         super().resume_writing()
         self._update_reading()
+        if self.server.broker is not None:
+            self.server.broker.peer_writable(self)
 
     def _update_reading(self) -> None:
         transport = self.transport
@@ -278,12 +367,26 @@ class _RPCDatagram(DatagramEndpoint):
             except AuthFailure as exc:
                 self._unauthenticated(data, addr, exc.reason)
                 return
+        if len(data) >= HEADER_SIZE and data[3] == _PUB_TYPE and self.server.broker is not None:
+            self._publish_datagram(data, addr)
+            return
         for ev in core.receive_datagram(data, addr, now):
             if type(ev) is Request:
                 self._on_request(ev, addr, now)
             elif type(ev) is ProtocolViolation:
                 self.log_violation(ev, addr)
         self.send_all(core.datagrams_to_send())
+
+    def _publish_datagram(self, data: bytes, addr: Any) -> None:
+        """QoS 0 over UDP: a PUB datagram is routed and never answered."""
+        broker = self.server.broker
+        assert broker is not None
+        try:
+            pub = decode_message(parse_datagram(data, self.server.limits.max_datagram))
+            broker.publish(pub.topic, pub.payload, pub.codec, pub.retain)
+        except (RemoteProtocolError, BrokerError) as exc:
+            self.bad_datagrams += 1
+            self.bad_log.warning("udp server %s: PUB refused: %s", format_peer(addr), exc)
 
     def _unauthenticated(self, data: bytes, addr: Any, reason: str) -> None:
         """Log it (rate-limited), and answer ERROR UNAUTHENTICATED, unsealed, when the datagram
@@ -362,16 +465,29 @@ class Server:
         expose_errors: bool = True,
         reuse_port: bool = False,
         secret: bytes | None = None,
+        broker: Broker | bool = False,
     ) -> None:
         self.limits = limits or ServerLimits()
+        # Publish/subscribe on the same ports (SUB, PUB, MSG, ACK next to REQUEST).
+        self.broker: Broker | None = (
+            broker if isinstance(broker, Broker) else Broker() if broker else None
+        )
+        self._broker_timer: asyncio.TimerHandle | None = None
         # A shared secret: required in every TCP/TLS HELLO, and on every UDP datagram (HMAC).
         self.secret = secret
         self.datagram_auth = (
             DatagramAuth(secret, window=self.limits.replay_window) if secret is not None else None
         )
         self.dispatcher = Dispatcher(
-            service, expose_errors=expose_errors, max_workers=self.limits.max_workers
+            service,
+            expose_errors=expose_errors,
+            max_workers=self.limits.max_workers,
+            allow_empty=self.broker is not None,  # a broker alone serves no methods of its own
         )
+        if self.broker is not None:
+            self.dispatcher.handlers["broker.stats"] = make_handler(
+                "broker.stats", self.broker.stats, inline=True
+            )
         self._tcp = [e if isinstance(e, Endpoint) else parse_endpoint(e, "tcp") for e in tcp]
         self._udp = [e if isinstance(e, Endpoint) else parse_endpoint(e, "udp") for e in udp]
         self._tls = [e if isinstance(e, Endpoint) else parse_endpoint(e, "tls") for e in tls]
@@ -401,9 +517,16 @@ class Server:
         if self._in_flight == 0 and self._idle is not None:
             self._idle.set()
 
+    def _broker_tick(self) -> None:
+        if self.broker is not None and not self.draining:
+            self.broker.tick()
+            self._broker_timer = asyncio.get_running_loop().call_later(1.0, self._broker_tick)
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
+        if self.broker is not None:
+            self._broker_timer = loop.call_later(1.0, self._broker_tick)
         try:
             for ep in self._tcp + self._tls:
                 tls = ep.scheme == "tls"
@@ -503,6 +626,8 @@ class Server:
                     self._in_flight,
                     self.limits.drain_timeout,
                 )
+        if self._broker_timer is not None:
+            self._broker_timer.cancel()
         for dg in self._datagrams:
             if dg.transport is not None:
                 dg.transport.close()

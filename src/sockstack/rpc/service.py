@@ -134,7 +134,7 @@ def _make_handler(name: str, func: Callable[..., Any], inline: bool) -> Handler:
     )
 
 
-def collect_handlers(service: object) -> dict[str, Handler]:
+def collect_handlers(service: object, allow_empty: bool = False) -> dict[str, Handler]:
     """The ``@method`` handlers of a service instance, by wire name."""
     handlers: dict[str, Handler] = {}
     for attr in dir(type(service)):
@@ -147,6 +147,6 @@ def collect_handlers(service: object) -> dict[str, Handler]:
         if wire in handlers:
             raise ValueError(f"two methods are exposed as {wire!r}")
         handlers[wire] = _make_handler(wire, bound, opts.inline)
-    if not handlers:
+    if not handlers and not allow_empty:
         raise ValueError(f"{type(service).__name__} exposes no @method")
     return handlers

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from sockstack.errors import InvalidURL
 
 __all__ = [
+    "DEFAULT_BROKER_TCP_PORT",
+    "DEFAULT_BROKER_UDP_PORT",
     "DEFAULT_TCP_PORT",
     "DEFAULT_UDP_PORT",
     "SCHEMES",
@@ -21,6 +23,8 @@ __all__ = [
 SCHEMES = ("tcp", "tls", "udp")
 DEFAULT_TCP_PORT = 5050  # above 5000, as the course notes advise for our own services
 DEFAULT_UDP_PORT = 5051
+DEFAULT_BROKER_TCP_PORT = 5052
+DEFAULT_BROKER_UDP_PORT = 5053
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,23 @@
+"""Publish/subscribe on the sockstack protocol: topics and their index, the broker, and the
+clients' subscribe/publish (in sockstack.rpc.client and sockstack.rpc.blocking)."""
+
+from sockstack.pubsub.broker import Broker, BrokerError, BrokerLimits, SubOptions
+from sockstack.pubsub.topics import (
+    SubscriptionIndex,
+    TopicError,
+    matches,
+    validate_pattern,
+    validate_topic,
+)
+
+__all__ = [
+    "Broker",
+    "BrokerError",
+    "BrokerLimits",
+    "SubOptions",
+    "SubscriptionIndex",
+    "TopicError",
+    "matches",
+    "validate_pattern",
+    "validate_topic",
+]
