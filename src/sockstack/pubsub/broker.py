@@ -362,6 +362,7 @@ class Broker:
                     "policy": s.options.policy,
                     "pending": len(s.pending),
                     "pending_bytes": s.pending_bytes,
+                    "delivered": s.delivered,
                     "dropped": s.dropped,
                 }
                 for s in subs

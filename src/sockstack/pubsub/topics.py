@@ -99,6 +99,7 @@ class SubscriptionIndex(Generic[T]):
     def __init__(self) -> None:
         self._root: _Node[T] = _Node()
         self._patterns: dict[T, list[str]] = {}
+        self.last_visits = 0
 
     def __len__(self) -> int:
         return len(self._patterns)
@@ -152,8 +153,10 @@ class SubscriptionIndex(Generic[T]):
         out: list[T] = []
         n = len(topic_tokens)
         stack: list[tuple[_Node[T], int]] = [(self._root, 0)]
+        visits = 0
         while stack:
             node, i = stack.pop()
+            visits += 1
             if node.tail and i < n:
                 out.extend(node.tail)
             if i == n:
@@ -164,6 +167,7 @@ class SubscriptionIndex(Generic[T]):
                 stack.append((child, i + 1))
             if node.star is not None:
                 stack.append((node.star, i + 1))
+        self.last_visits = visits  # trie nodes this match looked at (for tests and stats)
         return out
 
     def subscribers(self) -> Iterable[T]:
