@@ -72,3 +72,51 @@ def test_quickstart(tmp_path: Path) -> None:
         assert out.returncode == 0, out.stderr
     finally:
         assert server.stop() == 0
+
+
+def test_pubsub_quickstart(tmp_path: Path) -> None:
+    commands = [c for c in blocks("shell")[0].strip().splitlines() if c.startswith("sockstack ")]
+    client_src = blocks("python")[2]
+    tcp_port, udp_port = str(free_port()), str(free_port(socket.SOCK_DGRAM))
+
+    def ports(text: str) -> str:
+        return text.replace("5052", tcp_port).replace("5053", udp_port)
+
+    assert commands[0].startswith("sockstack broker")
+    broker = Proc(shlex.split(ports(commands[0])), cwd=tmp_path)
+    try:
+        broker.wait_line(rf"serving broker on udp://127\.0\.0\.1:{udp_port}")
+        sub_cmd, _, _ = commands[1].partition("#")
+        subscriber = Proc(shlex.split(ports(sub_cmd)), cwd=tmp_path)
+        try:
+            # `sub` returns from subscribe() before it prints anything: wait for the broker to
+            # have it, then publish.
+            _wait_for_subscription(ports(f"tcp://127.0.0.1:{tcp_port}"))
+            for line in commands[2:]:
+                out = run(shlex.split(ports(line.partition("#")[0])), cwd=tmp_path)
+                assert out.returncode == 0, out.stderr
+            subscriber.wait_line(r"^sensors\.room1\.temp 21\.5$")
+            subscriber.wait_line(r"^sensors\.room2\.temp 19$")
+            assert subscriber.wait() == 0  # --count 2: done
+        finally:
+            subscriber.stop()
+        script = tmp_path / "pubsub.py"
+        script.write_text(ports(client_src))
+        out = run([sys.executable, str(script)], cwd=tmp_path, seconds=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "sensors.room1.temp 21.5"
+    finally:
+        assert broker.stop() == 0
+
+
+def _wait_for_subscription(url: str) -> None:
+    import time
+
+    from sockstack import connect
+    from tests.conftest import timeout
+
+    deadline = time.monotonic() + timeout(10)
+    with connect(url) as c:
+        while c.call("broker.stats")["subscriptions"] < 1:  # bounded by the deadline
+            assert time.monotonic() < deadline, "the subscriber never subscribed"
+            time.sleep(0.01)
