@@ -38,10 +38,10 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 # Debian packages for the peer servers; skipped (and reported by the bench) where apt is absent
 # or we are not root. RUNLEVEL=1 keeps the packages' own services from starting.
 bench-deps: $(VENV)/.installed-bench
-	@missing=""; for b in redis-server nats-server gcc; do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
+	@missing=""; for b in redis-server nats-server mosquitto gcc; do command -v $$b >/dev/null || [ -x /usr/sbin/$$b ] || missing="$$missing $$b"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && RUNLEVEL=1 apt-get install -y -qq --no-install-recommends redis-server nats-server gcc >/dev/null; \
+	    apt-get update -qq && RUNLEVEL=1 apt-get install -y -qq --no-install-recommends redis-server nats-server mosquitto gcc >/dev/null; \
 	  else echo "not installing$$missing (needs root and apt): the bench will skip them"; fi; \
 	fi
 

@@ -312,12 +312,22 @@ def test_receive_single_declines_when_bytes_are_buffered() -> None:
 
 _frames = st.builds(
     encode_frame,
-    st.sampled_from([MessageType.REQUEST, MessageType.RESPONSE, MessageType.PING, 0x55]),
+    st.sampled_from(
+        [
+            MessageType.REQUEST,
+            MessageType.RESPONSE,
+            MessageType.PING,
+            MessageType.PUB,
+            MessageType.MSG,
+            MessageType.SUB,
+            0x55,
+        ]
+    ),
     st.integers(0, 9),
-    st.binary(max_size=8) | st.sampled_from([b"add", b"\xff"]),
+    st.binary(max_size=8) | st.sampled_from([b"add", b"\xff", b"\x00\x00\x00\x07a.b", b"\x00"]),
     st.binary(max_size=16) | st.sampled_from([b"\x92\x01\x02", b"\x05", b"\x90", b"\xc1"]),
-    st.sampled_from([0, 0, 1]),
-    st.sampled_from([1, 1, 1, 0, 2]),
+    st.sampled_from([0, 0, 1, 4, 8, 12, 2]),
+    st.sampled_from([1, 1, 1, 0, 2, 3]),
 )
 
 

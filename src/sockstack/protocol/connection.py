@@ -24,6 +24,7 @@ unknown type), a CLOSE frame when it did not (bad magic, oversized frame) — an
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,7 @@ from sockstack.protocol.messages import (
     encode_response,
     encode_welcome,
 )
+from sockstack.protocol.pubsub import Msg, Pub
 
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
@@ -124,6 +126,10 @@ _HANDSHAKE_STATES = (State.AWAIT_HELLO, State.HELLO_SENT)
 _OPEN: State = State.OPEN
 _CLOSED: State = State.CLOSED  # compared by identity in loops whose body may close the session
 _REQUEST = int(MessageType.REQUEST)
+_PUB = int(MessageType.PUB)
+_MSG = int(MessageType.MSG)
+_PUBSUB_FLAGS = 0x04 | 0x08  # RETAIN/RETAINED, REDELIVERED
+_SID = struct.Struct(">I")
 _RESPONSE = int(MessageType.RESPONSE)
 _unpackb = msgpack.unpackb
 _METHOD_BYTES: dict[str, bytes] = {}
@@ -380,11 +386,40 @@ class Connection:
         pos = 0
         fast, limit, max_meta = self._fast_type, self._fast_limit, self._decoder.max_meta
         is_response = fast == _RESPONSE
+        relay = _MSG if is_response else _PUB
         unpack = _unpack_header
         while n - pos >= 16:
             magic, version, t, flags, codec, meta_len, rid, body_len = unpack(data, pos)
             mid = pos + 16 + meta_len
             end = mid + body_len
+            if t == relay and end <= n and magic == MAGIC and version == 1 and codec < 3:
+                # Publish/subscribe traffic: MSG to a client, PUB to a server, opaque payloads.
+                if meta_len > max_meta or end - pos > limit or flags & ~_PUBSUB_FLAGS:
+                    break
+                try:
+                    if is_response:
+                        if meta_len < 4:
+                            break
+                        topic = str(data[pos + 20 : mid], "utf-8")
+                        sid = _SID.unpack_from(data, pos + 16)[0]
+                        events.append(
+                            Msg(
+                                rid,
+                                sid,
+                                topic,
+                                data[mid:end],
+                                codec,
+                                bool(flags & 4),
+                                bool(flags & 8),
+                            )
+                        )
+                    else:
+                        topic = str(data[pos + 16 : mid], "utf-8")
+                        events.append(Pub(rid, topic, data[mid:end], codec, bool(flags & 4)))
+                except UnicodeDecodeError:
+                    break
+                pos = end
+                continue
             if (
                 end > n
                 or t != fast

@@ -145,6 +145,7 @@ class Broker:
         self.retained: dict[str, tuple[bytes, bytes, int]] = {}
         self._peers: dict[Peer, dict[int, Subscription]] = {}
         self._group_turn: dict[str, int] = {}
+        self._topics: dict[str, tuple[list[str], bytes]] = {}  # validated topics
         self._ids = itertools.count(1)
         self.counters = {
             "published": 0,
@@ -200,11 +201,16 @@ class Broker:
                 ErrorCode.PAYLOAD_TOO_LARGE,
                 f"payload of {len(payload)} bytes above the broker's {self.limits.max_payload}",
             )
-        try:
-            tokens = validate_topic(topic)
-        except TopicError as exc:
-            raise BrokerError(ErrorCode.BAD_TOPIC, str(exc)) from None
-        topic_b = topic.encode()
+        cached = self._topics.get(topic)
+        if cached is None:
+            try:
+                tokens = validate_topic(topic)
+            except TopicError as exc:
+                raise BrokerError(ErrorCode.BAD_TOPIC, str(exc)) from None
+            if len(self._topics) >= 10_000:
+                self._topics.clear()  # bounded: topics repeat, so the cache refills at once
+            cached = self._topics[topic] = (tokens, topic.encode())
+        tokens, topic_b = cached
         if retain:
             if not payload:
                 self.retained.pop(topic, None)  # an empty retained message clears the topic

@@ -20,6 +20,7 @@ __all__ = [
     "MAX_TOPIC_BYTES",
     "SubscriptionIndex",
     "TopicError",
+    "check_topic",
     "matches",
     "validate_pattern",
     "validate_topic",
@@ -59,6 +60,20 @@ def validate_topic(topic: str) -> list[str]:
         if "*" in t or ">" in t:
             raise TopicError(f"topic {topic!r}: wildcards are for subscriptions, not publishing")
     return tokens
+
+
+_CHECKED: dict[str, None] = {}
+
+
+def check_topic(topic: str) -> None:
+    """:func:`validate_topic` with a bounded memory of topics already found valid (publishers
+    repeat their topics: this makes the check a dictionary lookup)."""
+    if topic in _CHECKED:
+        return
+    validate_topic(topic)
+    if len(_CHECKED) >= 10_000:
+        _CHECKED.clear()
+    _CHECKED[topic] = None
 
 
 def validate_pattern(pattern: str) -> list[str]:

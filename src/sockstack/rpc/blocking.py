@@ -37,7 +37,7 @@ from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, DatagramClient, Re
 from sockstack.protocol.frames import DEFAULT_MAX_FRAME, HEADER_SIZE, MAGIC
 from sockstack.protocol.messages import Error, Pong, Response, Role
 from sockstack.protocol.pubsub import Msg, encode_ack, encode_pub, encode_sub, encode_unsub
-from sockstack.pubsub.topics import validate_topic
+from sockstack.pubsub.topics import check_topic
 from sockstack.rpc.client import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -674,7 +674,7 @@ class Client:
         sent (over UDP too); QoS 1 once the broker has accepted it."""
         if qos not in (0, 1):
             raise ValueError("qos must be 0 or 1")
-        validate_topic(topic)  # TopicError (a ValueError) here rather than an ERROR later
+        check_topic(topic)  # TopicError (a ValueError) here rather than an ERROR later
         payload = self.codec.encode(value)
         t = self.timeout if timeout is None else timeout
         with self._lock:

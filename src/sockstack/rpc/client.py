@@ -54,7 +54,7 @@ from sockstack.protocol.datagram import (
 )
 from sockstack.protocol.messages import Error, Pong, Response, Role
 from sockstack.protocol.pubsub import Msg, encode_ack, encode_pub, encode_sub, encode_unsub
-from sockstack.pubsub.topics import validate_topic
+from sockstack.pubsub.topics import check_topic
 from sockstack.transport.tcp import StreamLimits, StreamProtocol
 from sockstack.transport.tls import client_context
 from sockstack.transport.udp import DatagramEndpoint
@@ -865,7 +865,7 @@ class AsyncClient:
         once (over UDP too); QoS 1 returns once the broker has accepted the message."""
         if qos not in (0, 1):
             raise ValueError("qos must be 0 or 1")
-        validate_topic(topic)  # TopicError (a ValueError) here rather than an ERROR later
+        check_topic(topic)  # TopicError (a ValueError) here rather than an ERROR later
         payload = self.codec.encode(value)
         t = self.timeout if timeout is None else timeout
         channel = self._channel
