@@ -123,6 +123,26 @@ def targets(run: Run) -> list[Target]:
             0.8,
         )
     )
+    for subs in ("1 subscriber", "10 subscribers"):
+        scenario = f"pub/sub 64 B, 1 publisher to {subs}"
+        ss = _find(res, scenario, SS)
+        for peer, goal in (
+            ("NATS (nats-server + nats-py)", 1.0),
+            ("Redis pub/sub (redis-py)", 2.0),
+        ):
+            out.append(
+                Target(
+                    f"{scenario}: sockstack / {peer}", _ratio(ss, _find(res, scenario, peer)), goal
+                )
+            )
+        out.append(
+            Target(
+                f"{scenario}: sockstack messages lost (QoS 0, TCP)",
+                None if ss is None else float(ss.extra.get("loss", 0)),
+                0.0,
+                higher_is_better=False,
+            )
+        )
     mem = _find(res, "idle-memory", SS)
     per = mem.extra.get("bytes_per_idle_connection") if mem else None
     out.append(
@@ -241,6 +261,9 @@ def markdown(run: Run, scenarios: list[str] | None = None) -> str:
         for r in run.results:
             if r.scenario == scenario:
                 lines.append("| " + " | ".join(_row(r)) + " |")
+        notes = [r for r in run.results if r.scenario == scenario and "loss" in r.extra]
+        if notes:
+            lines += [""] + [f"- {r.system}: {r.note}" for r in notes]
     mem = _find(run.results, "idle-memory", SS)
     if mem and scenarios is None:
         lines += [

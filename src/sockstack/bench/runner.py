@@ -333,6 +333,14 @@ def memory(run: Run, budget: sc.Budget, only: str) -> None:
     run.log(f"  idle memory: {r.extra['bytes_per_idle_connection']} bytes per connection")
 
 
+def pubsub(run: Run, budget: sc.Budget, only: str) -> None:
+    from sockstack.bench.pubsub import run_pubsub
+
+    results, skipped = run_pubsub(budget.rounds == 1, only, run.log)
+    run.results += results
+    run.skipped.update(skipped)
+
+
 SCENARIOS: dict[str, Callable[[Run, sc.Budget, str], None]] = {
     "seq-tcp": seq_tcp,
     "seq-udp": seq_udp,
@@ -341,6 +349,7 @@ SCENARIOS: dict[str, Callable[[Run, sc.Budget, str], None]] = {
     "concurrency": concurrency,
     "payload": payloads,
     "memory": memory,
+    "pubsub": pubsub,
 }
 
 

@@ -376,8 +376,16 @@ class Connection:
 
     def receive_data(self, data: bytes) -> list[Any]:
         """Feed bytes from the stream; returns the events they complete, in order."""
-        if self.state is not _OPEN or self._decoder.buffered:
+        if self.state is not _OPEN:
             return self._receive(data)
+        if self._decoder.buffered:
+            # A frame began in the previous read (the usual case under load: reads end
+            # mid-frame). Unless it is a large frame being gathered, take its bytes back and
+            # parse it with the rest on the fast path.
+            tail = self._decoder.take_partial()
+            if tail is None:
+                return self._receive(data)
+            data = tail + data
         # Fast path for a batch of whole msgpack REQUESTs (server) or RESPONSEs (client) parsed
         # straight from ``data``, without Frame objects; the first frame that is anything else
         # (or incomplete) and all that follows go through the general path.

@@ -163,6 +163,16 @@ class FrameDecoder:
         """Bytes held that do not yet form a complete frame (at most 16 + max_frame)."""
         return len(self._buf) + self._have
 
+    def take_partial(self) -> bytes | None:
+        """Hand back the bytes of an incomplete frame held from earlier reads (and forget them),
+        so that the caller can parse them with what follows; None while a large frame is being
+        gathered (feed that one) or after framing broke."""
+        if self._need or self._error is not None:
+            return None
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
     def feed(self, data: bytes) -> list[Frame]:
         if self._error is not None:
             raise self._error

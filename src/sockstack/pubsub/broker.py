@@ -65,10 +65,11 @@ class BrokerLimits:
 
     max_payload: int = 1_000_000
     """Bytes of one published payload (NATS's default max_payload is 1 MB)."""
-    max_msgs: int = 10_000
+    max_msgs: int = 500_000
     """Default per-subscription queue bound, in messages, while the subscriber is not reading."""
-    max_bytes: int = 8 << 20
-    """Default per-subscription queue bound, in bytes."""
+    max_bytes: int = 32 << 20
+    """Default per-subscription queue bound, in bytes (Redis bounds a pub/sub client's output
+    at 32 MB; NATS at 64 MB)."""
     max_inflight: int = 1000
     """QoS 1: unacknowledged messages per subscription."""
     ack_wait: float = 5.0
@@ -85,8 +86,8 @@ class SubOptions:
     group: str | None = None
     qos: int = 0
     policy: str = "drop-oldest"
-    max_msgs: int = 10_000
-    max_bytes: int = 8 << 20
+    max_msgs: int = 500_000
+    max_bytes: int = 32 << 20
 
     @classmethod
     def parse(cls, raw: dict[str, Any], limits: BrokerLimits) -> SubOptions:
