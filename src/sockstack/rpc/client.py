@@ -874,6 +874,15 @@ class AsyncClient:
                 raise ConnectError("QoS 1 needs a tcp:// or tls:// broker URL")
             channel.publish(topic, payload, self.codec.id, retain)
             return
+        if not qos and type(channel) is _TCPChannel:
+            stream = channel.stream
+            if stream is not None and stream.core is not None and stream.can_send():
+                # QoS 0 while connected, inlined: queue the frame, one write per loop turn.
+                stream.core.send_message(encode_pub(topic, payload, 0, self.codec.id, retain))
+                if not channel._flush_scheduled:
+                    channel._flush_scheduled = True
+                    channel.loop.call_soon(channel._flush, stream)
+                return
         await self._tcp().publish(topic, payload, self.codec.id, qos, retain, t)
 
     async def subscribe(

@@ -154,9 +154,16 @@ class _RPCStream(StreamProtocol):
         if events:
             dispatch = self.dispatcher.dispatch
             draining = self.server.draining
+            broker = self.server.broker
             for ev in events:
-                if type(ev) is Request and not draining:
+                t = type(ev)
+                if t is Request and not draining:
                     self._outcome(ev, dispatch(ev))
+                elif t is Pub and broker is not None and not ev.request_id:
+                    try:  # QoS 0 publishing, the bulk of pub/sub traffic: straight to the broker
+                        broker.publish(ev.topic, ev.payload, ev.codec, ev.retain)
+                    except BrokerError:
+                        self._on_pubsub(ev)  # again, for the ERROR and the log line
                 else:
                     self.handle_events([ev])
         out = core.buffers_to_send()
