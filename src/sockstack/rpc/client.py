@@ -690,6 +690,10 @@ class Subscription:
         self.options = options
         self.sid = 0
         self.callback = callback
+        # A plain function's result is not checked for awaitables per message (costly).
+        self._async_callback = callback is not None and not (
+            inspect.isfunction(callback) and not inspect.iscoroutinefunction(callback)
+        )
         self.max_pending = max_pending
         self.dropped = 0
         self.received = 0
@@ -709,7 +713,7 @@ class Subscription:
         message = Message(msg.topic, value, msg.retained, msg.redelivered)
         if self.callback is not None:
             result = self.callback(message)
-            if inspect.isawaitable(result):
+            if self._async_callback and inspect.isawaitable(result):
                 task = asyncio.ensure_future(result)
                 if msg.delivery_id:
                     delivery_id = msg.delivery_id

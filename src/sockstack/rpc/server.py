@@ -239,12 +239,16 @@ class _RPCStream(StreamProtocol):
             core.send_error(rid, exc.code, ErrorCode(exc.code).name, exc.message)
 
     def broker_writable(self) -> bool:
+        # Measured, not only the pause flag: the transport may report its pause a little late,
+        # and a subscriber's backlog must stay in its bounded queue, not in the transport.
         transport = self.transport
+        high = self.limits.write_high_water
         return (
             not self.write_paused
-            and self._bout_bytes < self.limits.write_high_water
+            and self._bout_bytes < high
             and transport is not None
             and not transport.is_closing()
+            and transport.get_write_buffer_size() < high
         )
 
     def broker_write(self, data: bytes) -> None:
@@ -264,7 +268,7 @@ class _RPCStream(StreamProtocol):
         transport.write(b"".join(out))
         if self.write_paused:
             self.check_outbound()
-        elif self.server.broker is not None:
+        elif self.server.broker is not None and self.broker_writable():
             self.server.broker.peer_writable(self)  # room again: what its subscriptions queued
 
     def broker_close(self, code: int, reason: str) -> None:
