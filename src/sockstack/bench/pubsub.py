@@ -417,27 +417,40 @@ def measure(
 
 
 def run_pubsub(
-    quick: bool, only: str, log: Callable[[str], None]
+    quick: bool, only: str, log: Callable[[str], None], rounds: int = 1
 ) -> tuple[list[Result], dict[str, str]]:
+    """Every system, ``rounds`` times interleaved (A B C, A B C...); each row is the median."""
     import importlib.util
+
+    from sockstack.bench.runner import median_round
 
     results: list[Result] = []
     skipped: dict[str, str] = {}
     for subs, count in ((1, 20_000 if quick else 200_000), (10, 2_000 if quick else 30_000)):
+        chosen = []
         for name, system, start, module in SYSTEMS:
             if only and only not in name.lower():
                 continue
             if module and importlib.util.find_spec(module) is None:
                 skipped[name] = f"python package {module!r} not installed (make bench installs it)"
                 continue
-            try:
-                r = measure(name, system, start, subs, count)
-            except SkipSystem as exc:
-                skipped[name] = str(exc)
-                log(f"  skip {name}: {exc}")
-                continue
-            results.append(r)
-            log(f"  {r.scenario} / {name}: {r.rate:,.0f} msg/s delivered, {r.note}")
+            chosen.append((name, system, start))
+        runs: dict[str, list[Result]] = {name: [] for name, _, _ in chosen}
+        for _ in range(rounds):
+            for name, system, start in chosen:
+                if name in skipped:
+                    continue
+                try:
+                    r = measure(name, system, start, subs, count)
+                except SkipSystem as exc:
+                    skipped[name] = str(exc)
+                    log(f"  skip {name}: {exc}")
+                    continue
+                runs[name].append(r)
+                log(f"  {r.scenario} / {name}: {r.rate:,.0f} msg/s delivered, {r.note}")
+        for name, _, _ in chosen:
+            if runs[name]:
+                results.append(median_round(runs[name]))
     return results, skipped
 
 

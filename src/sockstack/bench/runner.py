@@ -336,7 +336,7 @@ def memory(run: Run, budget: sc.Budget, only: str) -> None:
 def pubsub(run: Run, budget: sc.Budget, only: str) -> None:
     from sockstack.bench.pubsub import run_pubsub
 
-    results, skipped = run_pubsub(budget.rounds == 1, only, run.log)
+    results, skipped = run_pubsub(budget.rounds == 1, only, run.log, budget.rounds)
     run.results += results
     run.skipped.update(skipped)
 
