@@ -150,3 +150,24 @@ def test_peer_gone_removes_everything() -> None:
     broker.subscribe(peer, 2, "b", {"group": "g"})
     broker.peer_gone(peer)
     assert broker.stats()["subscriptions"] == 0 and len(broker.index) == 0
+
+
+def test_broker_wide_bound_on_queued_bytes() -> None:
+    """Each subscription within its own bound, but together over the broker's: the policy of
+    the subscription that would queue more applies, and the total stays under the cap."""
+    broker = Broker(BrokerLimits(max_pending_total=1000))
+    slow = [FakePeer() for _ in range(3)]
+    for i, p in enumerate(slow):
+        p.writable = False
+        broker.subscribe(p, i + 1, "t", {"policy": "drop-oldest"})
+    for _ in range(100):
+        broker.publish("t", b"x" * 50)
+        assert broker.pending_total <= 1000
+    stats = broker.stats()
+    assert stats["pending_bytes"] <= 1000 and stats["dropped"] > 0
+    broker.peer_gone(slow[0])
+    assert broker.pending_total == sum(s["pending_bytes"] for s in broker.stats()["slow"])
+    for p in slow[1:]:
+        p.writable = True
+        broker.peer_writable(p)
+    assert broker.pending_total == 0

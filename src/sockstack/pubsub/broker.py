@@ -79,6 +79,10 @@ class BrokerLimits:
     max_retained: int = 10_000
     """Topics with a retained message; more are refused with an ERROR."""
     max_subscriptions_per_peer: int = 10_000
+    max_pending_total: int = 512 << 20
+    """Bytes queued for all slow subscribers together; past it, each subscription that would
+    queue more applies its own policy (so the broker's memory is bounded, not only each
+    subscription's)."""
 
 
 @dataclass(slots=True)
@@ -147,6 +151,7 @@ class Broker:
         self._peers: dict[Peer, dict[int, Subscription]] = {}
         self._group_turn: dict[str, int] = {}
         self._topics: dict[str, tuple[list[str], bytes]] = {}  # validated topics
+        self.pending_total = 0  # bytes queued for all subscriptions
         self._ids = itertools.count(1)
         self.counters = {
             "published": 0,
@@ -187,11 +192,17 @@ class Broker:
         sub = self._peers.get(peer, {}).pop(sid, None)
         if sub is None:
             raise BrokerError(ErrorCode.UNKNOWN_SUBSCRIPTION, f"no subscription {sid}")
-        self.index.remove(sub)
+        self._forget(sub)
 
     def peer_gone(self, peer: Peer) -> None:
         for sub in self._peers.pop(peer, {}).values():
-            self.index.remove(sub)
+            self._forget(sub)
+
+    def _forget(self, sub: Subscription) -> None:
+        self.index.remove(sub)
+        self.pending_total -= sub.pending_bytes
+        sub.pending.clear()
+        sub.pending_bytes = 0
 
     # ------------------------------------------------------------------ publishing
 
@@ -254,7 +265,14 @@ class Broker:
             self._send(sub, topic_b, payload, codec, flags)
             return
         size = len(payload) + len(topic_b)
-        if len(sub.pending) >= opts.max_msgs or sub.pending_bytes + size > opts.max_bytes:
+        total_cap = self.limits.max_pending_total
+        if (
+            len(sub.pending) >= opts.max_msgs
+            or sub.pending_bytes + size > opts.max_bytes
+            or self.pending_total + size > total_cap
+        ):
+            # Over this subscription's bound, or over the broker's for all subscriptions
+            # together: the subscription's own policy decides.
             if opts.policy == "drop-newest":
                 self._drop(sub, 1)
                 return
@@ -262,16 +280,21 @@ class Broker:
                 self._disconnect_slow(sub)
                 return
             while sub.pending and (
-                len(sub.pending) >= opts.max_msgs or sub.pending_bytes + size > opts.max_bytes
+                len(sub.pending) >= opts.max_msgs
+                or sub.pending_bytes + size > opts.max_bytes
+                or self.pending_total + size > total_cap
             ):
                 old = sub.pending.popleft()
-                sub.pending_bytes -= len(old[0]) + len(old[1])
+                freed = len(old[0]) + len(old[1])
+                sub.pending_bytes -= freed
+                self.pending_total -= freed
                 self._drop(sub, 1)
-            if size > opts.max_bytes:
+            if size > opts.max_bytes or self.pending_total + size > total_cap:
                 self._drop(sub, 1)
                 return
         sub.pending.append((topic_b, payload, codec, flags))
         sub.pending_bytes += size
+        self.pending_total += size
 
     def _send(
         self, sub: Subscription, topic_b: bytes, payload: bytes, codec: int, flags: int
@@ -292,12 +315,13 @@ class Broker:
 
     def _disconnect_slow(self, sub: Subscription) -> None:
         peer = sub.peer
+        behind = len(sub.pending)
         self.counters["slow_consumers_disconnected"] += 1
-        self._drop(sub, 1 + len(sub.pending))
+        self._drop(sub, 1 + behind)
         self.peer_gone(peer)
         peer.broker_close(
             ErrorCode.SLOW_CONSUMER,
-            f"subscription {sub.sid} ({sub.pattern}) fell behind by {len(sub.pending)} messages",
+            f"subscription {sub.sid} ({sub.pattern}) fell behind by {behind} messages",
         )
 
     # ------------------------------------------------------------------ flow
@@ -316,6 +340,7 @@ class Broker:
         ):
             topic_b, payload, codec, flags = sub.pending.popleft()
             sub.pending_bytes -= len(topic_b) + len(payload)
+            self.pending_total -= len(topic_b) + len(payload)
             self._send(sub, topic_b, payload, codec, flags)
 
     def ack(self, peer: Peer, delivery_id: int) -> None:
@@ -361,6 +386,7 @@ class Broker:
             "connections": len(self._peers),
             "retained": len(self.retained),
             "pending": sum(len(s.pending) for s in subs),
+            "pending_bytes": self.pending_total,
             "inflight": sum(len(s.inflight) for s in subs),
             "slow": [
                 {
