@@ -569,6 +569,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("url", nargs="?", help="tcp://host:port of a server with an echo method")
     i.add_argument("--payload", type=int, default=64, help="bytes echoed (default 64)")
+    i.add_argument(
+        "--publish",
+        metavar="TOPIC",
+        help="measure a publish to TOPIC and the MSG a subscriber gets, instead of a call "
+        "(URL, if given, must be a broker)",
+    )
     i.add_argument("--ipv6", action="store_true", help="count IPv6 headers instead of IPv4")
     i.add_argument("--tls", action="store_true", help="add a TLS 1.3 record per message")
     i.add_argument("--mtu", type=int, default=1500, help="link MTU (default 1500, Ethernet)")
@@ -610,9 +616,13 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.payload < 0:
                 raise _UsageError("--payload must be 0 or more")
-            render(
-                capture_exchange(args.url, args.payload), ipv6=args.ipv6, tls=args.tls, mtu=args.mtu
-            )
+            if args.publish:
+                from sockstack.overhead import capture_publish
+
+                ex = capture_publish(args.url, args.payload, args.publish)
+            else:
+                ex = capture_exchange(args.url, args.payload)
+            render(ex, ipv6=args.ipv6, tls=args.tls, mtu=args.mtu)
             return EXIT_OK
         if args.command == "bench":
             from sockstack.bench import run as run_bench

@@ -51,6 +51,10 @@ class Exchange:
     request_body: int
     response_frame: int
     response_body: int
+    response_meta: int = 0
+    kind: str = "call"
+    """"call": REQUEST and RESPONSE of echo; "publish": a PUB and the MSG it becomes."""
+    topic: str = ""
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,74 @@ async def _capture_tcp(host: str, port: int, payload: bytes) -> tuple[int, int, 
     )
 
 
+async def _capture_publish(
+    host: str, port: int, payload: bytes, topic: str
+) -> tuple[int, int, int, int, int, int]:
+    """Subscribe on one connection, publish on another, measure the PUB and the MSG."""
+    from sockstack.protocol.codecs import MSGPACK
+    from sockstack.protocol.pubsub import encode_pub, encode_sub
+
+    sreader, swriter = await asyncio.open_connection(host, port)
+    _, pwriter = await asyncio.open_connection(host, port)
+    dec = FrameDecoder(max_frame=64 << 20)
+    frames: list[Frame] = []
+
+    async def until(n: int) -> None:
+        while len(frames) < n:
+            chunk = await asyncio.wait_for(sreader.read(1 << 20), 10)
+            if not chunk:
+                raise ConnectionError("the broker closed the connection")
+            frames.extend(dec.feed(chunk))
+
+    try:
+        swriter.write(encode_hello(Hello(agent="inspect")) + encode_sub(1, topic))
+        await until(2)  # WELCOME, then the SUB's RESPONSE: the broker has the subscription
+        if frames[1].type != 4:
+            raise RuntimeError(f"not a broker, or the topic was refused: {frames[1]}")
+        body = MSGPACK.encode(payload)
+        pub = encode_pub(topic, body, request_id=1)  # QoS 1: the broker answers once routed
+        pwriter.write(encode_hello(Hello(agent="inspect")) + pub)
+        await until(3)
+    finally:
+        swriter.close()
+        pwriter.close()
+    msg = frames[2]
+    meta_len = len(topic.encode())
+    return (
+        len(pub),
+        meta_len,
+        len(body),
+        HEADER_SIZE + len(msg.meta) + len(msg.body),
+        len(msg.body),
+        len(msg.meta),
+    )
+
+
+def capture_publish(url: str | None, payload_size: int, topic: str) -> Exchange:
+    """Publish one message (QoS 1, TCP) to a subscriber of ``topic`` and measure the PUB and
+    the MSG. Without ``url``, a broker is started on loopback for the purpose."""
+    payload = b"x" * payload_size
+
+    async def go() -> tuple[int, int, int, int, int, int]:
+        if url:
+            from sockstack.transport.urls import parse_endpoint
+
+            ep = parse_endpoint(url)
+            return await _capture_publish(ep.host, ep.port, payload, topic)
+        from sockstack.rpc.server import Server, ServerLimits
+        from sockstack.rpc.service import Service
+        from sockstack.transport.tcp import StreamLimits
+
+        logging.getLogger("sockstack.server").setLevel(logging.WARNING)
+        limits = ServerLimits(stream=StreamLimits(max_frame=64 << 20))
+        async with Server(Service(), tcp=["127.0.0.1:0"], limits=limits, broker=True) as srv:
+            ep = srv.endpoint("tcp")
+            return await _capture_publish(ep.host, ep.port, payload, topic)
+
+    pub, meta, pub_body, msg, msg_body, msg_meta = asyncio.run(go())
+    return Exchange(payload_size, pub, meta, pub_body, msg, msg_body, msg_meta, "publish", topic)
+
+
 def capture_exchange(url: str | None, payload_size: int) -> Exchange:
     """Run one real echo call (TCP) and measure its frames. Without ``url``, a demo server is
     started on loopback for the purpose."""
@@ -194,15 +266,22 @@ def render(ex: Exchange, *, ipv6: bool = False, tls: bool = False, mtu: int = MT
     from rich.table import Table
 
     console = Console()
-    for direction, frame, meta, body in (
-        ("request", ex.request_frame, ex.request_meta, ex.request_body),
-        ("response", ex.response_frame, 0, ex.response_body),
+    if ex.kind == "publish":
+        what = f"publish to {ex.topic} ({ex.payload} bytes)"
+        directions = (
+            ("PUB, publisher to broker", "topic"),
+            ("MSG, broker to subscriber", "subscription id + topic"),
+        )
+    else:
+        what = f"echo({ex.payload} bytes)"
+        directions = (("request", "method name"), ("response", "method name"))
+    for (direction, meta_name), frame, meta, body in (
+        (directions[0], ex.request_frame, ex.request_meta, ex.request_body),
+        (directions[1], ex.response_frame, ex.response_meta, ex.response_body),
     ):
         tcp = layers(frame, meta, body, ex.payload, "tcp", ipv6=ipv6, tls=tls, mtu=mtu)
         udp = layers(frame, meta, body, ex.payload, "udp", ipv6=ipv6, mtu=mtu)
-        t = Table(
-            title=f"{direction} of echo({ex.payload} bytes): bytes per layer", title_justify="left"
-        )
+        t = Table(title=f"{direction} of {what}: bytes per layer", title_justify="left")
         t.add_column("layer")
         t.add_column(tcp.transport.upper(), justify="right")
         t.add_column("UDP", justify="right")
@@ -212,7 +291,7 @@ def render(ex: Exchange, *, ipv6: bool = False, tls: bool = False, mtu: int = MT
             ("TCP (timestamps option) / UDP", tcp.l4, udp.l4),
             ("TLS 1.3 record", tcp.tls, 0),
             ("sockstack frame header", tcp.frame_header, udp.frame_header),
-            ("sockstack meta (method name)", tcp.meta, udp.meta),
+            (f"sockstack meta ({meta_name})", tcp.meta, udp.meta),
             ("codec (msgpack) overhead", tcp.codec, udp.codec),
             ("payload", tcp.payload, udp.payload),
         ]
@@ -227,8 +306,9 @@ def render(ex: Exchange, *, ipv6: bool = False, tls: bool = False, mtu: int = MT
             style="bold",
         )
         console.print(t)
-    pipe = Table(title="pipelining: requests sharing TCP segments", title_justify="left")
-    for col in ("frames per segment", "bytes per request", "efficiency"):
+    unit = "publishes" if ex.kind == "publish" else "requests"
+    pipe = Table(title=f"pipelining: {unit} sharing TCP segments", title_justify="left")
+    for col in ("frames per segment", f"bytes per {unit[:-1]}", "efficiency"):
         pipe.add_column(col, justify="right")
     for n in (1, 10, 100):
         lay = layers(
@@ -247,4 +327,10 @@ def render(ex: Exchange, *, ipv6: bool = False, tls: bool = False, mtu: int = MT
     console.print(
         "Sizes of the sockstack frame, meta and codec come from a real exchange; the lower "
         "layers are Linux's defaults on Ethernet (see `sockstack inspect --help`)."
+        + (
+            " UDP columns: the same frame as a datagram (UDP carries publishes; subscribers "
+            "receive over TCP)."
+            if ex.kind == "publish"
+            else ""
+        )
     )

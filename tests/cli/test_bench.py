@@ -38,3 +38,11 @@ def test_inspect_command() -> None:
     assert out.returncode == 0, out.stderr
     assert "efficiency (payload / total)" in out.stdout
     assert "40.8%" in out.stdout  # 64 / 157 for a TCP request: the model in the docs
+
+
+def test_inspect_publish() -> None:
+    out = run(["sockstack", "inspect", "--publish", "sensors.room1.temp", "--payload", "64"])
+    assert out.returncode == 0, out.stderr
+    assert "sockstack meta (topic)" in out.stdout and "subscription id + topic" in out.stdout
+    # PUB: 18 Ethernet + 20 IPv4 + 32 TCP + 16 header + 18 topic + 2 msgpack + 64 = 170 bytes
+    assert "37.6%" in out.stdout
