@@ -96,6 +96,8 @@ class ErrorCode(enum.IntEnum):
     """UNSUB of a subscription id that is not subscribed, or SUB of one already in use."""
     PAYLOAD_TOO_LARGE = 2013
     """A published payload above the broker's limit."""
+    OVERLOADED = 2014
+    """UDP: too many requests running; this one did not run (call again later)."""
     UNAUTHENTICATED = 2009
     """A datagram without a valid MAC, outside the replay window, or replayed (UDP with a
     shared secret)."""

@@ -189,3 +189,33 @@ async def test_answers_piling_up_beyond_the_hard_bound_reset_the_connection(
         async with AsyncClient(str(ep), timeout=timeout(5)) as bystander:
             assert await bystander.call("add", 1, 2) == 3
         writer.close()
+
+
+async def test_udp_requests_beyond_the_in_flight_bound_are_refused(probe: Probe) -> None:
+    """UDP has no connection to stop reading: past max_udp_in_flight, slow methods are refused
+    with ERROR OVERLOADED (they do not run), and the ones running finish normally."""
+    from sockstack import RemoteError
+
+    probe.gate = asyncio.Event()
+    probe.entered = asyncio.Event()
+    limits = ServerLimits(max_udp_in_flight=2)
+    async with Server(probe, udp=["127.0.0.1:0"], limits=limits) as srv:
+        async with AsyncClient(str(srv.endpoint("udp")), timeout=timeout(5)) as c:
+            first = [asyncio.ensure_future(c.call("wait", "held")) for _ in range(2)]
+            await eventually_runs(probe, "held", 2)
+            refused = await asyncio.gather(
+                *(c.call("wait", "extra") for _ in range(3)), return_exceptions=True
+            )
+            assert all(
+                isinstance(r, RemoteError) and r.code == ErrorCode.OVERLOADED for r in refused
+            ), refused
+            assert "extra" not in probe.runs  # refused calls never ran
+            assert await c.call("add", 1, 1) == 2  # inline methods are not held back
+            probe.gate.set()
+            assert sorted(await asyncio.gather(*first)) == [1, 2]
+
+
+async def eventually_runs(probe: Probe, key: str, n: int) -> None:
+    async with asyncio.timeout(timeout(5)):
+        while probe.runs.get(key, 0) < n:  # bounded by the timeout
+            await asyncio.sleep(0.01)

@@ -76,6 +76,9 @@ class ServerLimits:
     max_workers: int = DEFAULT_MAX_WORKERS
     replay_window: float = DEFAULT_REPLAY_WINDOW
     """With a secret: seconds a sealed datagram is valid either side of this server's clock."""
+    max_udp_in_flight: int = 1024
+    """Requests running at once per UDP endpoint (threaded and async methods); more are
+    answered with ERROR OVERLOADED and do not run."""
     max_connections: int = 10_000
     """TCP connections open at once; one more is answered with CLOSE TOO_MANY_CONNECTIONS and
     closed. (The process's file descriptor limit applies too: ``ulimit -n``.)"""
@@ -360,6 +363,7 @@ class _RPCDatagram(DatagramEndpoint):
     def __init__(self, server: Server) -> None:
         super().__init__()
         self.server = server
+        self.in_flight = 0  # requests running in tasks or threads, from any client
         lim = server.limits
         self.core = DatagramServer(
             max_datagram=lim.max_datagram,
@@ -437,17 +441,38 @@ class _RPCDatagram(DatagramEndpoint):
                 now,
             )
             return
-        outcome = self.server.dispatcher.dispatch(req)
+        dispatcher = self.server.dispatcher
+        if self.in_flight >= self.server.limits.max_udp_in_flight:
+            handler = dispatcher.handlers.get(req.method)
+            if handler is not None and (handler.is_async or not handler.inline):
+                # UDP has no connection to stop reading: past the bound, refuse out loud (the
+                # request did not run; the client may call again later).
+                self.core.send_error(
+                    addr,
+                    req.request_id,
+                    ErrorCode.OVERLOADED,
+                    "OVERLOADED",
+                    f"{self.in_flight} UDP requests running (limit "
+                    f"{self.server.limits.max_udp_in_flight})",
+                    now,
+                )
+                self.bad_log.warning(
+                    "udp server %s: refused %r: overloaded", format_peer(addr), req.method
+                )
+                return
+        outcome = dispatcher.dispatch(req)
         if type(outcome) is tuple:
             self._answer(req, addr, outcome, now)
             return
         self.server._in_flight += 1
+        self.in_flight += 1
         self.loop.create_task(self._finish(req, addr, outcome))  # type: ignore[arg-type]
 
     async def _finish(self, req: Request, addr: Any, pending: Awaitable[Outcome]) -> None:
         try:
             outcome = await pending
         finally:
+            self.in_flight -= 1
             self.server._request_done()
         self._answer(req, addr, outcome, self.loop.time())
         self.send_all(self.core.datagrams_to_send())
