@@ -515,17 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Call METHOD on the server at URL. Each ARG is parsed as JSON when it parses "
         '(3, true, [1,2], "text"), else taken as a string.',
     )
-    c.add_argument("url", help="tcp://host:port, tls://host:port or udp://host:port")
-    c.add_argument(
-        "--ca", metavar="FILE", help="tls://: trust this CA (PEM) instead of the system's"
-    )
-    c.add_argument("--cert", metavar="FILE", help="tls://: client certificate, PEM (mutual TLS)")
-    c.add_argument("--key", metavar="FILE", help="tls://: private key of --cert, PEM")
-    c.add_argument(
-        "--secret-file",
-        metavar="FILE",
-        help="shared secret of the server, read from FILE (else from $SOCKSTACK_SECRET)",
-    )
+    _add_client_arguments(c)
     c.add_argument("method")
     c.add_argument("args", nargs="*", metavar="ARG")
     c.add_argument(
@@ -545,17 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Send PING frames one after the other and print min/p50/p99/max round-trip "
         "time. Over UDP a lost ping is counted, not retried.",
     )
-    g.add_argument("url", help="tcp://host:port, tls://host:port or udp://host:port")
-    g.add_argument(
-        "--ca", metavar="FILE", help="tls://: trust this CA (PEM) instead of the system's"
-    )
-    g.add_argument("--cert", metavar="FILE", help="tls://: client certificate, PEM (mutual TLS)")
-    g.add_argument("--key", metavar="FILE", help="tls://: private key of --cert, PEM")
-    g.add_argument(
-        "--secret-file",
-        metavar="FILE",
-        help="shared secret of the server, read from FILE (else from $SOCKSTACK_SECRET)",
-    )
+    _add_client_arguments(g)
     g.add_argument("--count", type=int, default=10, help="number of pings (default 10)")
     g.add_argument("--timeout", type=float, default=2.0, help="seconds per ping (default 2)")
     i = sub.add_parser(

@@ -39,6 +39,7 @@ __all__ = [
     "encode_pub",
     "encode_sub",
     "encode_unsub",
+    "sub_options",
 ]
 
 FLAG_RETAIN = 0x04
@@ -96,6 +97,27 @@ def _frame(type_: int, rid: int, meta: bytes, body: bytes, flags: int = 0, codec
     return _pack_header(MAGIC, PROTOCOL_VERSION, type_, flags, codec, len(meta), rid, len(body)) + (
         meta + body
     )
+
+
+def sub_options(
+    group: str | None = None,
+    qos: int = 0,
+    policy: str | None = None,
+    max_msgs: int | None = None,
+    max_bytes: int | None = None,
+) -> dict[str, Any]:
+    """The SUB options map, with only what differs from the broker's defaults."""
+    options: dict[str, Any] = {}
+    for key, value in (
+        ("group", group),
+        ("qos", qos or None),
+        ("policy", policy),
+        ("max_msgs", max_msgs),
+        ("max_bytes", max_bytes),
+    ):
+        if value is not None:
+            options[key] = value
+    return options
 
 
 def encode_sub(sid: int, pattern: str, options: dict[str, Any] | None = None) -> bytes:

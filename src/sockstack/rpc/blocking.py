@@ -36,7 +36,14 @@ from sockstack.protocol.connection import Connection, ConnectionTerminated, Stat
 from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, DatagramClient, RetryPolicy
 from sockstack.protocol.frames import DEFAULT_MAX_FRAME, HEADER_SIZE, MAGIC
 from sockstack.protocol.messages import Error, Pong, Response, Role
-from sockstack.protocol.pubsub import Msg, encode_ack, encode_pub, encode_sub, encode_unsub
+from sockstack.protocol.pubsub import (
+    Msg,
+    encode_ack,
+    encode_pub,
+    encode_sub,
+    encode_unsub,
+    sub_options,
+)
 from sockstack.pubsub.topics import check_topic
 from sockstack.rpc.client import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -705,17 +712,7 @@ class Client:
     ) -> BlockingSubscription:
         """Subscribe (``*`` one token, ``>`` the rest); returns once the broker has it. Read
         with ``sub.get(timeout)`` or ``for msg in sub``."""
-        options = {
-            k: v
-            for k, v in (
-                ("group", group),
-                ("qos", qos or None),
-                ("policy", policy),
-                ("max_msgs", max_msgs),
-                ("max_bytes", max_bytes),
-            )
-            if v is not None
-        }
+        options = sub_options(group, qos, policy, max_msgs, max_bytes)
         impl = self._impl
         if not isinstance(impl, _TCP):
             raise ConnectError("subscribe needs a tcp:// or tls:// broker URL")

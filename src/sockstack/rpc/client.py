@@ -53,7 +53,14 @@ from sockstack.protocol.datagram import (
     RetryPolicy,
 )
 from sockstack.protocol.messages import Error, Pong, Response, Role
-from sockstack.protocol.pubsub import Msg, encode_ack, encode_pub, encode_sub, encode_unsub
+from sockstack.protocol.pubsub import (
+    Msg,
+    encode_ack,
+    encode_pub,
+    encode_sub,
+    encode_unsub,
+    sub_options,
+)
 from sockstack.pubsub.topics import check_topic
 from sockstack.transport.tcp import StreamLimits, StreamProtocol
 from sockstack.transport.tls import client_context
@@ -904,16 +911,7 @@ class AsyncClient:
     ) -> Subscription:
         """Subscribe to a pattern (``*`` one token, ``>`` the rest). Returns once the broker
         has the subscription, so anything published after that is delivered to it."""
-        options: dict[str, Any] = {}
-        for key, v in (
-            ("group", group),
-            ("qos", qos or None),
-            ("policy", policy),
-            ("max_msgs", max_msgs),
-            ("max_bytes", max_bytes),
-        ):
-            if v is not None:
-                options[key] = v
+        options = sub_options(group, qos, policy, max_msgs, max_bytes)
         channel = self._tcp()
         sub = Subscription(channel, pattern, options, callback, max_pending)
         await channel.subscribe(sub, self.timeout if timeout is None else timeout)
