@@ -416,6 +416,39 @@ def measure(
     return r
 
 
+def index_match(n_subs: int, lookups: int) -> tuple[Result, Result]:
+    """Matches per second with ``n_subs`` subscriptions: the trie index against a scan of every
+    pattern (what a broker without an index would do), in this process."""
+    from sockstack.pubsub.topics import SubscriptionIndex, matches
+
+    index: SubscriptionIndex[int] = SubscriptionIndex()
+    patterns = [f"dev.{i}.temp" if i % 10 else f"dev.{i}.*" for i in range(n_subs)]
+    for i, pattern in enumerate(patterns):
+        index.add(i, pattern)
+    topics = [f"dev.{i * 7919 % n_subs}.temp" for i in range(lookups)]
+    start = time.perf_counter()
+    for topic in topics:
+        index.match(topic.split("."))
+    indexed = time.perf_counter() - start
+    scan_lookups = max(1, lookups // max(1, n_subs // 10))  # the scan is slow: fewer lookups
+    start = time.perf_counter()
+    for topic in topics[:scan_lookups]:
+        [p for p in patterns if matches(p, topic)]
+    scanned = time.perf_counter() - start
+    scenario = "pub/sub topic match, in-process"
+    return (
+        Result(scenario, f"trie index, {n_subs:,} subscriptions", "one core", lookups, indexed, 0),
+        Result(
+            scenario,
+            f"scan of every pattern, {n_subs:,} subscriptions",
+            "one core",
+            scan_lookups,
+            scanned,
+            0,
+        ),
+    )
+
+
 def run_pubsub(
     quick: bool, only: str, log: Callable[[str], None], rounds: int = 1
 ) -> tuple[list[Result], dict[str, str]]:
@@ -426,6 +459,14 @@ def run_pubsub(
 
     results: list[Result] = []
     skipped: dict[str, str] = {}
+    if not only or only in "sockstack":
+        for n_subs in (10, 1_000, 10_000):
+            pair = index_match(n_subs, 20_000 if quick else 100_000)
+            results += pair
+            log(
+                f"  topic match, {n_subs:,} subscriptions: index {pair[0].rate:,.0f}/s, "
+                f"scan {pair[1].rate:,.0f}/s"
+            )
     for subs, count in ((1, 20_000 if quick else 200_000), (10, 2_000 if quick else 30_000)):
         chosen = []
         for name, system, start, module in SYSTEMS:
