@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import queue
+import shutil
+import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 
@@ -101,3 +105,83 @@ def test_transport_figures_match_a_loopback_capture() -> None:
     # (On `lo` a capture sees each packet twice, as sent and as received; the server's CLOSE
     # GOING_AWAY at its shutdown is captured too.)
     assert {hello + ex.request_frame, welcome + ex.response_frame} <= {p for _, _, p in seen}
+
+
+@pytest.mark.skipif(
+    shutil.which("tshark") is None or not _can_capture(),
+    reason="tshark not installed (make test installs it where root and apt are available) "
+    "or no capture permission",
+)
+def test_transport_figures_match_a_tshark_capture() -> None:
+    """The same check with tshark (Wireshark's dissectors) reading live traffic on `lo`."""
+    hello = len(encode_hello(Hello(agent="inspect")))
+    welcome = len(encode_welcome(Welcome(1, (1, 2, 0), 64 << 20, "sockstack-py/1")))
+    cap = subprocess.Popen(
+        [
+            "tshark",
+            "-l",
+            "-i",
+            "lo",
+            "-f",
+            "tcp",
+            "-Y",
+            "tcp.len > 0",
+            "-T",
+            "fields",
+            "-e",
+            "ip.hdr_len",
+            "-e",
+            "tcp.hdr_len",
+            "-e",
+            "tcp.len",
+            "-e",
+            "tcp.payload",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    rows: queue.Queue[str] = queue.Queue()
+    started = threading.Event()
+
+    def pump_rows() -> None:
+        assert cap.stdout is not None
+        for line in cap.stdout:
+            rows.put(line)
+
+    def pump_log() -> None:
+        assert cap.stderr is not None
+        for line in cap.stderr:
+            if "Capture started" in line:  # (after "Capturing on": the capture is live)
+                started.set()
+
+    readers = [threading.Thread(target=f, daemon=True) for f in (pump_rows, pump_log)]
+    for r in readers:
+        r.start()
+    seen: set[int] = set()
+    try:
+        started.wait(timeout(5))  # older tshark may not say it: the retries below cover that
+        for _ in range(3):  # bounded
+            ex = capture_exchange(None, 64)
+            want = {hello + ex.request_frame, welcome + ex.response_frame}
+            deadline = time.monotonic() + timeout(2)
+            while not want <= seen and time.monotonic() < deadline:
+                try:
+                    row = rows.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                ip_len, tcp_len, payload_len, payload = row.rstrip("\n").split("\t")
+                if payload.replace(":", "").startswith("534b"):  # "SK": a sockstack segment
+                    assert (int(ip_len), int(tcp_len)) == (IPV4, TCP_HEADER)
+                    seen.add(int(payload_len))
+            if want <= seen:
+                break
+    finally:
+        cap.send_signal(signal.SIGINT)  # ours, by PID
+        cap.wait(timeout(20))
+        for r in readers:
+            r.join(timeout(5))
+        for pipe in (cap.stdout, cap.stderr):
+            if pipe is not None:
+                pipe.close()
+    assert want <= seen, seen
