@@ -751,7 +751,13 @@ class Client:
 
 
 class BlockingSubscription:
-    """Messages of one subscription, read from the blocking client's connection."""
+    """Messages of one subscription, read from the blocking client's connection.
+
+    There is no background thread: messages are read from the socket when ``get()`` (or another
+    call on the same client) runs. A program that stops calling ``get()`` stops reading, and the
+    broker then treats it as a slow consumer (bounded queue, the subscription's policy). Use
+    :class:`~sockstack.AsyncClient` to receive while doing other work.
+    """
 
     def __init__(self, client: Client, sid: int, pattern: str) -> None:
         self.client = client
