@@ -29,8 +29,9 @@ from sockstack.errors import (
     RemoteProtocolError,
     SockstackError,
 )
-from sockstack.rpc.blocking import Client, connect
-from sockstack.rpc.client import AsyncClient, Backoff
+from sockstack.pubsub import Broker, BrokerLimits
+from sockstack.rpc.blocking import BlockingSubscription, Client, connect
+from sockstack.rpc.client import AsyncClient, Backoff, Message, Subscription
 from sockstack.rpc.server import Server, ServerLimits, serve
 from sockstack.rpc.service import Service, ServiceError, method
 from sockstack.transport import tls
@@ -43,6 +44,9 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncClient",
     "Backoff",
+    "BlockingSubscription",
+    "Broker",
+    "BrokerLimits",
     "CallError",
     "CallTimeout",
     "Client",
@@ -54,6 +58,7 @@ __all__ = [
     "FrameTooLarge",
     "InvalidURL",
     "LocalProtocolError",
+    "Message",
     "ProtocolError",
     "RemoteError",
     "RemoteProtocolError",
@@ -63,6 +68,7 @@ __all__ = [
     "ServiceError",
     "SockstackError",
     "StreamLimits",
+    "Subscription",
     "__version__",
     "connect",
     "method",
