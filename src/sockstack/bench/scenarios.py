@@ -179,24 +179,7 @@ def _tls_client_context() -> Any:
 
 
 def tls_framed_client(port: int, payload: bytes) -> Sync:
-    raw = socket.create_connection(("127.0.0.1", port))
-    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock = _tls_client_context().wrap_socket(raw, server_hostname="127.0.0.1")
-    msg = LENGTH.pack(len(payload)) + payload
-    want = len(msg)
-    buf = bytearray(want)
-    view = memoryview(buf)
-
-    def call() -> None:
-        sock.sendall(msg)
-        got = 0
-        while got < want:
-            n = sock.recv_into(view[got:])
-            if not n:
-                raise ConnectionError("server closed")
-            got += n
-
-    return call, sock.close
+    return framed_client(port, payload, tls=True)
 
 
 def sockstack_tls_client(port: int, payload: bytes) -> Sync:
@@ -293,9 +276,11 @@ def start_nats(cpus: set[int]) -> Server:
 Sync = tuple[Callable[[], object], Callable[[], None]]
 
 
-def framed_client(port: int, payload: bytes) -> Sync:
+def framed_client(port: int, payload: bytes, tls: bool = False) -> Sync:
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls:
+        sock = _tls_client_context().wrap_socket(sock, server_hostname="127.0.0.1")
     msg = LENGTH.pack(len(payload)) + payload
     want = len(msg)
     recv_into = sock.recv_into

@@ -20,6 +20,7 @@ Delivery, per subscription:
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -142,8 +143,6 @@ class Broker:
     def __init__(
         self, limits: BrokerLimits | None = None, clock: Callable[[], float] | None = None
     ) -> None:
-        import time
-
         self.limits = limits or BrokerLimits()
         self.clock = clock or time.monotonic
         self.index: SubscriptionIndex[Subscription] = SubscriptionIndex()

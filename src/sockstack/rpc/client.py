@@ -403,11 +403,22 @@ class _TCPChannel:
                 lambda rid: encode_pub(topic, payload, rid, codec, retain), "PUB " + topic, timeout
             )
             return
+        if not self.publish_now(topic, payload, codec, retain):
+            await self._wait_connected("PUB " + topic, timeout, self.loop.time() + timeout)
+            self.publish_now(topic, payload, codec, retain)
+
+    def publish_now(self, topic: str, payload: bytes, codec: int, retain: bool) -> bool:
+        """QoS 0: queue the PUB on the open stream (False, nothing queued, when there is none)."""
         stream = self.stream
-        if stream is None or not stream.can_send():
-            stream = await self._wait_connected("PUB " + topic, timeout, self.loop.time() + timeout)
+        if stream is None or stream.core is None or not stream.can_send():
+            return False
+        self._send_soon(stream, encode_pub(topic, payload, 0, codec, retain))
+        return True
+
+    def _send_soon(self, stream: _TCPStream, frame: bytes) -> None:
+        """Queue a frame; everything queued in one loop iteration leaves in one write."""
         assert stream.core is not None
-        stream.core.send_message(encode_pub(topic, payload, 0, codec, retain))
+        stream.core.send_message(frame)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush, stream)
@@ -452,10 +463,7 @@ class _TCPChannel:
     def ack(self, delivery_id: int) -> None:
         stream = self.stream
         if stream is not None and stream.can_send() and stream.core is not None:
-            stream.core.send_message(encode_ack(delivery_id))
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                self.loop.call_soon(self._flush, stream)
+            self._send_soon(stream, encode_ack(delivery_id))
 
     async def ping(self, timeout: float) -> float:
         loop = self.loop
@@ -886,14 +894,8 @@ class AsyncClient:
             channel.publish(topic, payload, self.codec.id, retain)
             return
         if not qos and type(channel) is _TCPChannel:
-            stream = channel.stream
-            if stream is not None and stream.core is not None and stream.can_send():
-                # QoS 0 while connected, inlined: queue the frame, one write per loop turn.
-                stream.core.send_message(encode_pub(topic, payload, 0, self.codec.id, retain))
-                if not channel._flush_scheduled:
-                    channel._flush_scheduled = True
-                    channel.loop.call_soon(channel._flush, stream)
-                return
+            if channel.publish_now(topic, payload, self.codec.id, retain):
+                return  # QoS 0 while connected: no coroutine layer below this one
         await self._tcp().publish(topic, payload, self.codec.id, qos, retain, t)
 
     async def subscribe(

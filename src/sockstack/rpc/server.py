@@ -44,7 +44,7 @@ from sockstack.protocol.messages import Request, Role, decode_message, encode_cl
 from sockstack.protocol.pubsub import Ack, Pub, Sub, Unsub
 from sockstack.pubsub.broker import Broker, BrokerError
 from sockstack.rpc.dispatch import DEFAULT_MAX_WORKERS, Dispatcher, Outcome
-from sockstack.rpc.service import _make_handler as make_handler
+from sockstack.rpc.service import make_handler
 from sockstack.transport.ratelog import RateLimitedLog
 from sockstack.transport.tcp import StreamLimits, StreamProtocol, format_peer
 from sockstack.transport.udp import DatagramEndpoint
@@ -165,8 +165,8 @@ class _RPCStream(StreamProtocol):
                 elif t is Pub and broker is not None and not ev.request_id:
                     try:  # QoS 0 publishing, the bulk of pub/sub traffic: straight to the broker
                         broker.publish(ev.topic, ev.payload, ev.codec, ev.retain)
-                    except BrokerError:
-                        self._on_pubsub(ev)  # again, for the ERROR and the log line
+                    except BrokerError as exc:
+                        self._refuse_pubsub(0, exc)
                 else:
                     self.handle_events([ev])
         out = core.buffers_to_send()
@@ -236,10 +236,14 @@ class _RPCStream(StreamProtocol):
                 broker.unsubscribe(self, ev.sid)
                 core.send_response(ev.sid, None)
         except BrokerError as exc:
-            self.bad_log.warning(  # type: ignore[union-attr]
-                "client %s: %s [%s]", self.peer, exc.message, ErrorCode.describe(exc.code)
-            )
-            core.send_error(rid, exc.code, ErrorCode(exc.code).name, exc.message)
+            self._refuse_pubsub(rid, exc)
+
+    def _refuse_pubsub(self, rid: int, exc: BrokerError) -> None:
+        self.bad_log.warning(  # type: ignore[union-attr]
+            "client %s: %s [%s]", self.peer, exc.message, ErrorCode.describe(exc.code)
+        )
+        assert self.core is not None
+        self.core.send_error(rid, exc.code, ErrorCode(exc.code).name, exc.message)
 
     def broker_writable(self) -> bool:
         # Measured, not only the pause flag: the transport may report its pause a little late,

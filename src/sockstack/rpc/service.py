@@ -99,7 +99,7 @@ class Handler:
         return None
 
 
-def _make_handler(name: str, func: Callable[..., Any], inline: bool) -> Handler:
+def make_handler(name: str, func: Callable[..., Any], inline: bool) -> Handler:
     try:  # resolve string annotations so error messages read "a: int", not "a: 'int'"
         sig = inspect.signature(func, eval_str=True)
     except Exception:
@@ -146,7 +146,7 @@ def collect_handlers(service: object, allow_empty: bool = False) -> dict[str, Ha
         wire = opts.name or attr
         if wire in handlers:
             raise ValueError(f"two methods are exposed as {wire!r}")
-        handlers[wire] = _make_handler(wire, bound, opts.inline)
+        handlers[wire] = make_handler(wire, bound, opts.inline)
     if not handlers and not allow_empty:
         raise ValueError(f"{type(service).__name__} exposes no @method")
     return handlers
