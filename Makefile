@@ -61,10 +61,10 @@ fuzz: $(VENV)/.installed-dev
 	$(BIN)/python fuzz/fuzz_session.py -runs=$(FUZZ_RUNS) -max_len=1024 .fuzz-corpus
 
 bench: bench-deps
-	$(BIN)/sockstack bench --readme README.md
+	$(BIN)/python -m bench --readme README.md
 
 bench-quick: bench-deps
-	$(BIN)/sockstack bench --quick
+	$(BIN)/python -m bench --quick
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests examples bench fuzz

@@ -9,10 +9,13 @@ Define a service once, serve it over TCP and UDP, call it from asyncio or blocki
         def add(self, a: int, b: int) -> int:
             return a + b
 
-Architecture (one folder per layer): ``protocol/`` is the sans-I/O core (framing, codecs,
-session); ``transport/`` the asyncio socket adapters; ``rpc/`` services, server and clients.
+Architecture (docs/ARCHITECTURE.md): ``protocol/`` is the sans-I/O core that owns the wire;
+``asyncio/`` and ``sync/`` are the I/O adapters (clients); ``host/`` is the server every pattern
+plugs into; ``rpc/`` and ``pubsub/`` are patterns; ``transport/`` holds URLs, TLS and the loop.
 """
 
+from sockstack.asyncio.client import AsyncClient, Backoff, Message, Subscription
+from sockstack.asyncio.stream import StreamLimits
 from sockstack.errors import (
     CallError,
     CallTimeout,
@@ -29,19 +32,21 @@ from sockstack.errors import (
     RemoteProtocolError,
     SockstackError,
 )
+from sockstack.host.pattern import Pattern
+from sockstack.host.server import Server, ServerLimits, serve
 from sockstack.pubsub import Broker, BrokerLimits
-from sockstack.rpc.blocking import BlockingSubscription, Client, connect
-from sockstack.rpc.client import AsyncClient, Backoff, Message, Subscription
-from sockstack.rpc.server import Server, ServerLimits, serve
+from sockstack.pubsub.pattern import PubSub
+from sockstack.rpc.pattern import RPC
 from sockstack.rpc.service import Service, ServiceError, method
+from sockstack.sync.client import BlockingSubscription, Client, connect
 from sockstack.transport import tls
 from sockstack.transport.loop import run
 from sockstack.transport.memory import tune_malloc
-from sockstack.transport.tcp import StreamLimits
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "RPC",
     "AsyncClient",
     "Backoff",
     "BlockingSubscription",
@@ -59,7 +64,9 @@ __all__ = [
     "InvalidURL",
     "LocalProtocolError",
     "Message",
+    "Pattern",
     "ProtocolError",
+    "PubSub",
     "RemoteError",
     "RemoteProtocolError",
     "Server",

@@ -11,7 +11,10 @@ import pytest
 from tests.cli.conftest import Proc, free_port, run
 
 
-@pytest.mark.parametrize("sub", [[], ["serve"], ["call"], ["ping"]])
+@pytest.mark.parametrize(
+    "sub",
+    [[], ["serve"], ["broker"], ["pub"], ["sub"], ["call"], ["ping"], ["inspect"]],
+)
 def test_help(sub: list[str]) -> None:
     out = run(["sockstack", *sub, "--help"])
     assert out.returncode == 0

@@ -1,5 +1,5 @@
 """Load: one server process holding 5,000 concurrent TCP connections, each doing calls.
-(The benchmark reports memory per idle connection at the same scale: `sockstack bench`.)"""
+(The benchmark reports memory per idle connection at the same scale: `make bench`.)"""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from sockstack.overhead import (
+from sockstack.cli.inspect import (
     ETHERNET,
     IPV4,
     TCP_HEADER,

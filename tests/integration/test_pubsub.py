@@ -12,12 +12,23 @@ import pytest
 
 from sockstack import AsyncClient, CallTimeout, ErrorCode, RemoteError, Server, connect
 from sockstack.protocol.frames import FrameDecoder
-from sockstack.protocol.messages import Close, Error, Hello, Response, decode_message, encode_hello
-from sockstack.protocol.pubsub import Msg, encode_ack, encode_pub, encode_sub
+from sockstack.protocol.messages import (
+    CORE_MESSAGES,
+    Close,
+    Error,
+    Hello,
+    Response,
+    decode_message,
+    encode_hello,
+)
+from sockstack.protocol.registry import Registry
 from sockstack.pubsub import Broker, BrokerLimits
+from sockstack.pubsub.messages import PUBSUB_MESSAGES, Msg, encode_ack, encode_pub, encode_sub
 from sockstack.rpc.service import Service
 from sockstack.transport.urls import Endpoint
 from tests.conftest import timeout
+
+REGISTRY = Registry([CORE_MESSAGES, PUBSUB_MESSAGES])
 
 
 async def eventually(cond: Callable[[], bool], seconds: float = 5.0) -> None:
@@ -107,7 +118,7 @@ async def test_qos1_redelivers_until_acked(broker_server: Server) -> None:
     async def pump() -> None:
         while chunk := await reader.read(65536):
             for f in dec.feed(chunk):
-                inbox.put_nowait(decode_message(f))
+                inbox.put_nowait(decode_message(f, REGISTRY))
 
     task = asyncio.ensure_future(pump())
     try:
@@ -161,7 +172,7 @@ async def test_bad_input_gets_clear_errors_and_others_are_unaffected(
         got: list[Any] = []
         async with asyncio.timeout(timeout(5)):
             while len(got) < 4:
-                got += [decode_message(f) for f in dec.feed(await reader.read(65536))]
+                got += [decode_message(f, REGISTRY) for f in dec.feed(await reader.read(65536))]
         writer.close()
         codes = [
             (type(m).__name__, getattr(m, "code", None), getattr(m, "request_id", None))
@@ -186,7 +197,7 @@ async def _raw_subscriber(ep: Endpoint, options: dict[str, Any]) -> tuple[socket
     dec = FrameDecoder()
     seen: list[Any] = []
     while not any(isinstance(m, Response) for m in seen):
-        seen += [decode_message(f) for f in dec.feed(sock.recv(4096))]
+        seen += [decode_message(f, REGISTRY) for f in dec.feed(sock.recv(4096))]
     return sock, 1
 
 
@@ -236,7 +247,7 @@ async def test_slow_consumer_policies_bound_memory(broker_server: Server, policy
             msgs: list[Any] = []
             try:
                 while data := slow.recv(65536):
-                    msgs += [decode_message(f) for f in dec.feed(data)]
+                    msgs += [decode_message(f, REGISTRY) for f in dec.feed(data)]
             except (ConnectionError, TimeoutError):
                 pass
             closes = [m for m in msgs if isinstance(m, Close)]

@@ -19,6 +19,7 @@ from sockstack.protocol.connection import (
 )
 from sockstack.protocol.frames import HEADER, MAGIC, FrameDecoder, MessageType, encode_frame
 from sockstack.protocol.messages import (
+    CORE_MESSAGES,
     Close,
     Error,
     Hello,
@@ -30,6 +31,8 @@ from sockstack.protocol.messages import (
     encode_hello,
     encode_request,
 )
+from sockstack.protocol.registry import Registry
+from sockstack.pubsub.messages import PUBSUB_MESSAGES, PubSubType
 
 
 def pair(**kw: Any) -> tuple[Connection, Connection]:
@@ -270,8 +273,13 @@ def test_state_sweep(inputs: list[str], role: Role) -> None:
         conn.data_to_send()
 
 
+# Sessions that also speak a pattern's messages (publish/subscribe's PUB and MSG have fast
+# decoders), so the fast paths of registered patterns are compared with the general path too.
+_WITH_PUBSUB = Registry([CORE_MESSAGES, PUBSUB_MESSAGES])
+
+
 def _open_pair() -> tuple[Connection, Connection]:
-    client, server = pair(keepalive_interval=None)
+    client, server = pair(keepalive_interval=None, registry=_WITH_PUBSUB)
     pump(client, server)
     pump(server, client)
     return client, server
@@ -317,9 +325,9 @@ _frames = st.builds(
             MessageType.REQUEST,
             MessageType.RESPONSE,
             MessageType.PING,
-            MessageType.PUB,
-            MessageType.MSG,
-            MessageType.SUB,
+            PubSubType.PUB,
+            PubSubType.MSG,
+            PubSubType.SUB,
             0x55,
         ]
     ),

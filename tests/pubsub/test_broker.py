@@ -8,25 +8,27 @@ import pytest
 
 from sockstack.errors import ErrorCode
 from sockstack.protocol.frames import FrameDecoder
-from sockstack.protocol.messages import decode_message
-from sockstack.protocol.pubsub import Msg
+from sockstack.protocol.registry import Registry
 from sockstack.pubsub import Broker, BrokerError, BrokerLimits
+from sockstack.pubsub.messages import PUBSUB_MESSAGES, Msg
+
+_REGISTRY = Registry([PUBSUB_MESSAGES])
 
 
 class FakePeer:
     def __init__(self) -> None:
-        self.writable = True
+        self.can_write = True
         self.frames: list[Msg] = []
         self.closed: tuple[int, str] | None = None
         self._dec = FrameDecoder()
 
-    def broker_write(self, data: bytes) -> None:
-        self.frames += [decode_message(f) for f in self._dec.feed(data)]
+    def write_soon(self, data: bytes) -> None:
+        self.frames += [_REGISTRY.decode(f) for f in self._dec.feed(data)]
 
-    def broker_writable(self) -> bool:
-        return self.writable
+    def writable(self) -> bool:
+        return self.can_write
 
-    def broker_close(self, code: int, reason: str) -> None:
+    def close_slow(self, code: int, reason: str) -> None:
         self.closed = (code, reason)
 
     def values(self) -> list[bytes]:
@@ -52,12 +54,12 @@ def payloads(n: int) -> list[bytes]:
 def test_drop_policies_keep_the_right_messages(policy: str, kept: list[int]) -> None:
     broker = Broker()
     slow = FakePeer()
-    slow.writable = False
+    slow.can_write = False
     broker.subscribe(slow, 1, "t", {"policy": policy, "max_msgs": 3})
     for p in payloads(10):
         broker.publish("t", p)
     assert slow.frames == []
-    slow.writable = True
+    slow.can_write = True
     broker.peer_writable(slow)
     assert slow.values() == [str(i).encode() for i in kept]
     assert broker.stats()["dropped"] == 7
@@ -66,7 +68,7 @@ def test_drop_policies_keep_the_right_messages(policy: str, kept: list[int]) -> 
 def test_byte_bound_and_disconnect_policy() -> None:
     broker = Broker()
     slow = FakePeer()
-    slow.writable = False
+    slow.can_write = False
     broker.subscribe(slow, 1, "t", {"policy": "disconnect", "max_bytes": 100})
     broker.publish("t", b"x" * 60)
     assert slow.closed is None
@@ -158,7 +160,7 @@ def test_broker_wide_bound_on_queued_bytes() -> None:
     broker = Broker(BrokerLimits(max_pending_total=1000))
     slow = [FakePeer() for _ in range(3)]
     for i, p in enumerate(slow):
-        p.writable = False
+        p.can_write = False
         broker.subscribe(p, i + 1, "t", {"policy": "drop-oldest"})
     for _ in range(100):
         broker.publish("t", b"x" * 50)
@@ -168,6 +170,6 @@ def test_broker_wide_bound_on_queued_bytes() -> None:
     broker.peer_gone(slow[0])
     assert broker.pending_total == sum(s["pending_bytes"] for s in broker.stats()["slow"])
     for p in slow[1:]:
-        p.writable = True
+        p.can_write = True
         broker.peer_writable(p)
     assert broker.pending_total == 0

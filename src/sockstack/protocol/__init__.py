@@ -4,27 +4,32 @@ Layers, bottom up (docs/PROTOCOL.md):
 
 - :mod:`.frames` — framing: the 16-byte header, stream decoder, datagram parser.
 - :mod:`.codecs` — presentation: msgpack (default), JSON, raw bytes.
+- :mod:`.events` — the typed events and messages the core reports (one union, :data:`Event`).
+- :mod:`.registry` — which message types a session decodes; the one hook patterns add theirs by.
 - :mod:`.messages` — message layouts: HELLO, WELCOME, REQUEST, RESPONSE, ERROR, PING, PONG, CLOSE.
 - :mod:`.connection` — session over a stream: handshake, keepalive, close, as a state machine.
 - :mod:`.datagram` — request/response over datagrams: retries and de-duplication.
-- :mod:`.pubsub` — publish/subscribe messages: SUB, UNSUB, PUB, MSG, ACK.
+- :mod:`.calls` — the client's calls: request ids, deadlines, matching answers, failover, backoff.
 - :mod:`.auth` — shared-secret authentication of handshakes and datagrams.
+
+This package imports no pattern: publish/subscribe's messages live in :mod:`sockstack.pubsub`.
 """
 
 from sockstack.protocol.codecs import CODECS, JSON, MSGPACK, RAW, Codec, get_codec
-from sockstack.protocol.connection import (
-    Connection,
-    ConnectionTerminated,
-    HandshakeComplete,
-    ProtocolViolation,
-    State,
-)
+from sockstack.protocol.connection import Connection, State
 from sockstack.protocol.datagram import (
     CallExpired,
     DatagramClient,
     DatagramServer,
     ReplyCache,
     RetryPolicy,
+)
+from sockstack.protocol.events import (
+    ConnectionTerminated,
+    Event,
+    HandshakeComplete,
+    PatternMessage,
+    ProtocolViolation,
 )
 from sockstack.protocol.frames import (
     DEFAULT_MAX_FRAME,
@@ -48,7 +53,7 @@ from sockstack.protocol.messages import (
     Welcome,
     decode_message,
 )
-from sockstack.protocol.pubsub import Ack, Msg, Pub, Sub, Unsub  # registers the pub/sub types
+from sockstack.protocol.registry import MessageSet, MessageSpec, Registry
 
 __all__ = [
     "CODECS",
@@ -58,7 +63,6 @@ __all__ = [
     "MSGPACK",
     "PROTOCOL_VERSION",
     "RAW",
-    "Ack",
     "CallExpired",
     "Close",
     "Codec",
@@ -67,24 +71,25 @@ __all__ = [
     "DatagramClient",
     "DatagramServer",
     "Error",
+    "Event",
     "Frame",
     "FrameDecoder",
     "HandshakeComplete",
     "Hello",
+    "MessageSet",
+    "MessageSpec",
     "MessageType",
-    "Msg",
+    "PatternMessage",
     "Ping",
     "Pong",
     "ProtocolViolation",
-    "Pub",
+    "Registry",
     "ReplyCache",
     "Request",
     "Response",
     "RetryPolicy",
     "Role",
     "State",
-    "Sub",
-    "Unsub",
     "Welcome",
     "decode_message",
     "encode_frame",

@@ -24,9 +24,7 @@ unknown type), a CLOSE frame when it did not (bad magic, oversized frame) — an
 from __future__ import annotations
 
 import enum
-import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -40,26 +38,35 @@ from sockstack.protocol.codecs import (
     msgpack_parts,
     refuse_ext,
 )
+from sockstack.protocol.events import (
+    Close,
+    ConnectionTerminated,
+    Error,
+    Event,
+    HandshakeComplete,
+    Hello,
+    Message,
+    Ping,
+    ProtocolViolation,
+    Request,
+    Response,
+    Role,
+    Welcome,
+)
 from sockstack.protocol.frames import (
     DEFAULT_MAX_FRAME,
     DEFAULT_MAX_META,
-    HEADER,
     HEADER_SIZE,
     MAGIC,
     PROTOCOL_VERSION,
     FrameDecoder,
     MessageType,
+    pack_header,
+    read_header,
 )
 from sockstack.protocol.messages import (
+    CORE_MESSAGES,
     FLAG_KWARGS,
-    MESSAGE_SPECS,
-    Close,
-    Error,
-    Hello,
-    Request,
-    Response,
-    Role,
-    Welcome,
     encode_close,
     encode_error,
     encode_hello,
@@ -69,7 +76,7 @@ from sockstack.protocol.messages import (
     encode_response,
     encode_welcome,
 )
-from sockstack.protocol.pubsub import Msg, Pub
+from sockstack.protocol.registry import Registry
 
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
@@ -96,45 +103,49 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-@dataclass(frozen=True, slots=True)
-class HandshakeComplete:
-    version: int
-    peer_agent: str
-    peer_max_frame: int = DEFAULT_MAX_FRAME
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionTerminated:
-    """The session is over. ``code`` is None when the stream ended without a CLOSE frame."""
-
-    code: int | None
-    reason: str
-    by_peer: bool
-
-
-@dataclass(frozen=True, slots=True)
-class ProtocolViolation:
-    """The peer broke the protocol; this side already answered with ERROR or CLOSE ``code``."""
-
-    code: int
-    message: str
-    request_id: int = 0
-    fatal: bool = False
-
-
 _HANDSHAKE_STATES = (State.AWAIT_HELLO, State.HELLO_SENT)
 _OPEN: State = State.OPEN
 _CLOSED: State = State.CLOSED  # compared by identity in loops whose body may close the session
 _REQUEST = int(MessageType.REQUEST)
-_PUB = int(MessageType.PUB)
-_MSG = int(MessageType.MSG)
-_PUBSUB_FLAGS = 0x04 | 0x08  # RETAIN/RETAINED, REDELIVERED
-_SID = struct.Struct(">I")
 _RESPONSE = int(MessageType.RESPONSE)
 _unpackb = msgpack.unpackb
 _METHOD_BYTES: dict[str, bytes] = {}
-_pack_header = HEADER.pack
-_unpack_header = HEADER.unpack_from
+_pack_header = pack_header
+_unpack_header = read_header
+_CORE_REGISTRY = Registry([CORE_MESSAGES])
+
+# The session's transitions, as data. Each entry: (state, message type) -> what happens. In OPEN
+# and CLOSING every other type the peer's role may send is delivered to the adapter as an event;
+# in the handshake states anything not listed closes the session with PROTOCOL_ERROR.
+_DELIVER, _HELLO, _WELCOME, _PING, _PONG, _CLOSE, _REFUSE = range(7)
+_HELLO_T, _WELCOME_T = int(MessageType.HELLO), int(MessageType.WELCOME)
+_PING_T, _PONG_T, _CLOSE_T = int(MessageType.PING), int(MessageType.PONG), int(MessageType.CLOSE)
+TRANSITIONS: dict[State, dict[int, int]] = {
+    State.AWAIT_HELLO: {_HELLO_T: _HELLO, _CLOSE_T: _CLOSE},  # -> OPEN (WELCOME sent) / CLOSED
+    State.HELLO_SENT: {_WELCOME_T: _WELCOME, _CLOSE_T: _CLOSE},  # -> OPEN / CLOSED
+    State.OPEN: {  # PING answered here; CLOSE answered and -> CLOSED
+        _PING_T: _PING,
+        _PONG_T: _PONG,
+        _CLOSE_T: _CLOSE,
+        _HELLO_T: _REFUSE,
+        _WELCOME_T: _REFUSE,
+    },
+    State.CLOSING: {  # our CLOSE is out: the peer's CLOSE -> CLOSED; PINGs go unanswered
+        _PING_T: _PING,
+        _PONG_T: _PONG,
+        _CLOSE_T: _CLOSE,
+        _HELLO_T: _REFUSE,
+        _WELCOME_T: _REFUSE,
+    },
+    State.CLOSED: {},
+}
+_DEFAULT_ACTION = {
+    State.AWAIT_HELLO: _REFUSE,
+    State.HELLO_SENT: _REFUSE,
+    State.OPEN: _DELIVER,
+    State.CLOSING: _DELIVER,
+    State.CLOSED: _REFUSE,
+}
 
 
 class Connection:
@@ -153,14 +164,19 @@ class Connection:
         agent: str = "sockstack-py/1",
         hello_extensions: Sequence[tuple[int, bytes]] = (),
         authenticate: Callable[[Hello], bool] | None = None,
+        registry: Registry | None = None,
     ) -> None:
         self.role = role
+        # The message types this session decodes: the core's, plus those of the patterns the
+        # host (or client) registered. Shared, so a pattern added later is seen here too.
+        self.registry = registry if registry is not None else _CORE_REGISTRY
         # Server: decides on the client's HELLO (e.g. a token extension) before anything else
         # is answered; False ends the session with CLOSE AUTH_FAILED and nothing is served.
         self._authenticate = authenticate
         self.max_frame = max_frame
         self.agent = agent
         self._peer_role = Role.SERVER if role is Role.CLIENT else Role.CLIENT
+        self._fast_ext = self.registry.fast_from(self._peer_role)  # e.g. PUB (server), MSG
         self._fast_type = _RESPONSE if role is Role.CLIENT else _REQUEST
         self._fast_limit = HEADER_SIZE + max_frame  # receive_single: whole frames up to this
         self._decoder = FrameDecoder(max_frame, max_meta)
@@ -241,9 +257,7 @@ class Connection:
             size = sum(map(len, parts))
             if len(meta) + size > self.peer_max_frame:
                 self._fit(encode_request(request_id, method, args, kwargs, codec))  # raises
-            self._out.append(
-                _pack_header(MAGIC, 1, _REQUEST, 0, codec.id, len(meta), request_id, size)
-            )
+            self._out.append(_pack_header(_REQUEST, 0, codec.id, len(meta), request_id, size))
             self._out.append(meta)
             self._out += parts
             return
@@ -251,7 +265,7 @@ class Connection:
         if len(meta) + len(body) > self.peer_max_frame:
             self._fit(encode_request(request_id, method, args, kwargs, codec))  # raises
         self._out += (
-            _pack_header(MAGIC, 1, _REQUEST, 0, codec.id, len(meta), request_id, len(body)),
+            _pack_header(_REQUEST, 0, codec.id, len(meta), request_id, len(body)),
             meta,
             body,
         )
@@ -277,14 +291,12 @@ class Connection:
                 size = sum(map(len, parts))
                 if len(meta) + size > self.peer_max_frame:
                     return None
-                head = _pack_header(MAGIC, 1, _REQUEST, 0, 1, len(meta), request_id, size)
+                head = _pack_header(_REQUEST, 0, 1, len(meta), request_id, size)
                 return [head, meta, *parts]
         body = MSGPACK.encode(items)
         if len(meta) + len(body) > self.peer_max_frame:
             return None
-        return [
-            _pack_header(MAGIC, 1, _REQUEST, 0, 1, len(meta), request_id, len(body)) + meta + body
-        ]
+        return [_pack_header(_REQUEST, 0, 1, len(meta), request_id, len(body)) + meta + body]
 
     def response_frame(self, request_id: int, result: Any) -> bytes | None:
         """Fast path for a server adapter: a msgpack RESPONSE returned as one frame to write at
@@ -298,7 +310,7 @@ class Connection:
         body = MSGPACK.encode(result)
         if len(body) > BIG_BYTES and len(body) > self.peer_max_frame:
             return None
-        return _pack_header(MAGIC, 1, _RESPONSE, 0, 1, 0, request_id, len(body)) + body
+        return _pack_header(_RESPONSE, 0, 1, 0, request_id, len(body)) + body
 
     def send_response(self, request_id: int, result: Any, codec: Codec = MSGPACK) -> bool:
         """Queue a RESPONSE; False (nothing queued) if the session already ended.
@@ -311,7 +323,7 @@ class Connection:
             if size > self.peer_max_frame:
                 self._fit(encode_response(request_id, result, codec))  # raises with the sizes
             self._out += (
-                _pack_header(MAGIC, 1, _RESPONSE, 0, codec.id, 0, request_id, size),
+                _pack_header(_RESPONSE, 0, codec.id, 0, request_id, size),
                 head,
                 result,
             )
@@ -321,7 +333,7 @@ class Connection:
             self._fit(encode_response(request_id, result, codec))  # raises with the sizes
         # Header and body are queued apart: data_to_send joins them once, with the batch.
         self._out += (
-            _pack_header(MAGIC, 1, _RESPONSE, 0, codec.id, 0, request_id, len(body)),
+            _pack_header(_RESPONSE, 0, codec.id, 0, request_id, len(body)),
             body,
         )
         return True
@@ -344,7 +356,7 @@ class Connection:
 
     def send_message(self, frame: bytes) -> None:
         """Queue an already-encoded frame of an extension type (e.g. SUB, PUB, ACK from
-        :mod:`sockstack.protocol.pubsub`). Raises :class:`LocalProtocolError` when the session
+        :mod:`sockstack.pubsub.messages`). Raises :class:`LocalProtocolError` when the session
         cannot send, or when the frame is over the peer's limit."""
         if self.state is not State.OPEN and not self._check_can_send():
             raise LocalProtocolError(f"cannot send: session is {self.state.value}")
@@ -363,7 +375,7 @@ class Connection:
         self.close_code, self.close_reason = code, reason
         self.state = State.CLOSING
 
-    def _fail(self, code: int, message: str, events: list[Any]) -> None:
+    def _fail(self, code: int, message: str, events: list[Event]) -> None:
         """Close at once because the peer broke the protocol (no CLOSE reply is awaited)."""
         events.append(ProtocolViolation(code, message, 0, fatal=True))
         if self.state is not State.CLOSED:
@@ -374,7 +386,7 @@ class Connection:
 
     # ------------------------------------------------------------------ input side
 
-    def receive_data(self, data: bytes) -> list[Any]:
+    def receive_data(self, data: bytes) -> list[Event]:
         """Feed bytes from the stream; returns the events they complete, in order."""
         if self.state is not _OPEN:
             return self._receive(data)
@@ -386,58 +398,41 @@ class Connection:
             if tail is None:
                 return self._receive(data)
             data = tail + data
-        # Fast path for a batch of whole msgpack REQUESTs (server) or RESPONSEs (client) parsed
-        # straight from ``data``, without Frame objects; the first frame that is anything else
-        # (or incomplete) and all that follows go through the general path.
-        events: list[Any] = []
+        # Fast path for a batch of whole frames parsed straight from ``data``, without Frame
+        # objects: msgpack REQUESTs (server) or RESPONSEs (client), and the types a pattern gave
+        # a fast decoder (PUB, MSG). The first frame that is anything else, incomplete, or that
+        # a fast decoder declines, and all that follows, go through the general path, which
+        # checks everything again and reports the exact error.
+        events: list[Event] = []
         n = len(data)
         pos = 0
         fast, limit, max_meta = self._fast_type, self._fast_limit, self._decoder.max_meta
         is_response = fast == _RESPONSE
-        relay = _MSG if is_response else _PUB
+        ext = self._fast_ext
         unpack = _unpack_header
         while n - pos >= 16:
             magic, version, t, flags, codec, meta_len, rid, body_len = unpack(data, pos)
             mid = pos + 16 + meta_len
             end = mid + body_len
-            if t == relay and end <= n and magic == MAGIC and version == 1 and codec < 3:
-                # Publish/subscribe traffic: MSG to a client, PUB to a server, opaque payloads.
-                if meta_len > max_meta or end - pos > limit or flags & ~_PUBSUB_FLAGS:
-                    break
-                try:
-                    if is_response:
-                        if meta_len < 4:
-                            break
-                        topic = str(data[pos + 20 : mid], "utf-8")
-                        sid = _SID.unpack_from(data, pos + 16)[0]
-                        events.append(
-                            Msg(
-                                rid,
-                                sid,
-                                topic,
-                                data[mid:end],
-                                codec,
-                                bool(flags & 4),
-                                bool(flags & 8),
-                            )
-                        )
-                    else:
-                        topic = str(data[pos + 16 : mid], "utf-8")
-                        events.append(Pub(rid, topic, data[mid:end], codec, bool(flags & 4)))
-                except UnicodeDecodeError:
-                    break
-                pos = end
-                continue
             if (
                 end > n
-                or t != fast
-                or codec != 1
-                or flags
                 or magic != MAGIC
                 or version != 1
                 or meta_len > max_meta
-                or end - pos > limit
+                or end - pos > limit  # meta + body against max_frame, as the decoder does
             ):
+                break
+            if t != fast:
+                decode = ext.get(t)
+                if decode is None:
+                    break
+                ev = decode(data, pos + 16, mid, end, flags, codec, rid)
+                if ev is None:
+                    break
+                events.append(ev)
+                pos = end
+                continue
+            if codec != 1 or flags:
                 break
             try:
                 value = _unpackb(
@@ -459,11 +454,11 @@ class Connection:
             return events + self._receive(data[pos:])
         return self._receive(data)
 
-    def _receive(self, data: bytes) -> list[Any]:
+    def _receive(self, data: bytes) -> list[Event]:
         if self.state is State.CLOSED:
             return []
         self._activity = True
-        events: list[Any] = []
+        events: list[Event] = []
         try:
             frames = self._decoder.feed(data)
         except RemoteProtocolError as exc:
@@ -471,7 +466,7 @@ class Connection:
             error: RemoteProtocolError | None = exc
         else:
             error = self._decoder.error  # framing broke after the frames returned
-        specs = MESSAGE_SPECS
+        specs = self.registry.specs
         peer = self._peer_role
         fast = self._fast_type
         for frame in frames:
@@ -511,7 +506,7 @@ class Connection:
             if peer not in spec.sent_by:
                 self._fail(
                     ErrorCode.PROTOCOL_ERROR,
-                    f"{MessageType(t).name} may not be sent by a {peer.value}",
+                    f"{spec.name} may not be sent by a {peer.value}",
                     events,
                 )
                 break
@@ -533,27 +528,43 @@ class Connection:
                     continue
                 self._fail(exc.code, exc.message, events)
                 break
-            if self.state is State.OPEN or self.state is State.CLOSING:
-                if t == MessageType.PING:
-                    if self.state is State.OPEN:
-                        self._out.append(encode_pong(msg_obj.request_id, msg_obj.payload))
-                    continue
-                if t == MessageType.CLOSE:
-                    self._on_close(msg_obj, events)
-                    break
-                if t == MessageType.HELLO or t == MessageType.WELCOME:
-                    self._fail(
-                        ErrorCode.PROTOCOL_ERROR, "handshake message on an open session", events
-                    )
-                    break
-                if t == MessageType.PONG:
-                    self._ping_outstanding = False
-                events.append(msg_obj)
-            else:
-                self._handshake(t, msg_obj, events)
+            if not self._transition(t, spec.name, msg_obj, events):
+                break
         if error is not None and not self._is_closed():
             self._fail(error.code, error.message, events)
         return events
+
+    def _transition(self, t: int, name: str, msg: Message, events: list[Event]) -> bool:
+        """Apply :data:`TRANSITIONS` to one decoded message; False when the session ended."""
+        state = self.state
+        action = TRANSITIONS[state].get(t, _DEFAULT_ACTION[state])
+        if action is _DELIVER:
+            events.append(msg)
+        elif action is _PING:
+            assert isinstance(msg, Ping)
+            if state is State.OPEN:
+                self._out.append(encode_pong(msg.request_id, msg.payload))
+        elif action is _PONG:
+            self._ping_outstanding = False
+            events.append(msg)
+        elif action is _CLOSE:
+            assert isinstance(msg, Close)
+            self._on_close(msg, events)
+            return False
+        elif action is _HELLO:
+            assert isinstance(msg, Hello)
+            self._on_hello(msg, events)
+        elif action is _WELCOME:
+            assert isinstance(msg, Welcome)
+            self._on_welcome(msg, events)
+        elif state is State.OPEN or state is State.CLOSING:
+            self._fail(ErrorCode.PROTOCOL_ERROR, "handshake message on an open session", events)
+            return False
+        else:
+            expected = "HELLO" if state is State.AWAIT_HELLO else "WELCOME"
+            self._fail(ErrorCode.PROTOCOL_ERROR, f"expected {expected}, got {name}", events)
+            return False
+        return not self._is_closed()
 
     def receive_single(self, data: bytes | memoryview) -> Request | Response | None:
         """Fast path for the bulk of the traffic, used by adapters before ``receive_data``.
@@ -597,48 +608,40 @@ class Connection:
         # A method, not an inline test: handlers called in the loop change the state.
         return self.state is State.CLOSED
 
-    def _handshake(self, t: int, msg: Any, events: list[Any]) -> None:
-        if t == MessageType.CLOSE:
-            self._on_close(msg, events)
-        elif self.state is State.AWAIT_HELLO and t == MessageType.HELLO:
-            hello: Hello = msg
-            lo, hi = SUPPORTED_VERSIONS
-            if hello.max_version < lo or hello.min_version > hi:
-                self._fail(
-                    ErrorCode.UNSUPPORTED_VERSION,
-                    f"client speaks versions {hello.min_version}..{hello.max_version}, "
-                    f"server {lo}..{hi}",
-                    events,
-                )
-                return
-            if self._authenticate is not None and not self._authenticate(hello):
-                self._fail(ErrorCode.AUTH_FAILED, "missing or wrong credentials", events)
-                return
-            self.version = min(hello.max_version, hi)
-            self.peer_max_frame = hello.max_frame
-            self._out.append(
-                encode_welcome(Welcome(self.version, (1, 2, 0), self.max_frame, self.agent))
+    def _on_hello(self, hello: Hello, events: list[Event]) -> None:
+        lo, hi = SUPPORTED_VERSIONS
+        if hello.max_version < lo or hello.min_version > hi:
+            self._fail(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"client speaks versions {hello.min_version}..{hello.max_version}, "
+                f"server {lo}..{hi}",
+                events,
             )
-            self._open()
-            events.append(HandshakeComplete(self.version, hello.agent, hello.max_frame))
-            events.append(hello)  # extensions (e.g. credentials) are the application's to read
-        elif self.state is State.HELLO_SENT and t == MessageType.WELCOME:
-            welcome: Welcome = msg
-            self.version = welcome.version
-            self.peer_max_frame = welcome.max_frame
-            self._open()
-            events.append(HandshakeComplete(welcome.version, welcome.agent, welcome.max_frame))
-        else:
-            expected = "HELLO" if self.state is State.AWAIT_HELLO else "WELCOME"
-            name = MessageType(t).name if t in MessageType._value2member_map_ else hex(t)
-            self._fail(ErrorCode.PROTOCOL_ERROR, f"expected {expected}, got {name}", events)
+            return
+        if self._authenticate is not None and not self._authenticate(hello):
+            self._fail(ErrorCode.AUTH_FAILED, "missing or wrong credentials", events)
+            return
+        self.version = min(hello.max_version, hi)
+        self.peer_max_frame = hello.max_frame
+        self._out.append(
+            encode_welcome(Welcome(self.version, (1, 2, 0), self.max_frame, self.agent))
+        )
+        self._open()
+        events.append(HandshakeComplete(self.version, hello.agent, hello.max_frame))
+        events.append(hello)  # extensions (e.g. credentials) are the application's to read
+
+    def _on_welcome(self, welcome: Welcome, events: list[Event]) -> None:
+        self.version = welcome.version
+        self.peer_max_frame = welcome.max_frame
+        self._open()
+        events.append(HandshakeComplete(welcome.version, welcome.agent, welcome.max_frame))
 
     def _open(self) -> None:
         self.state = State.OPEN
         self._handshake_deadline = None
         self._next_tick = None  # armed by the next handle_timer
 
-    def _on_close(self, close: Close, events: list[Any]) -> None:
+    def _on_close(self, close: Close, events: list[Event]) -> None:
         if self.state is not State.CLOSING:
             self._out.append(encode_close(ErrorCode.NORMAL, ""))
             self.close_code, self.close_reason = close.code, close.reason
@@ -648,7 +651,7 @@ class Connection:
             self.state = State.CLOSED
             events.append(ConnectionTerminated(self.close_code, self.close_reason, by_peer=False))
 
-    def receive_eof(self) -> list[Any]:
+    def receive_eof(self) -> list[Event]:
         """The stream ended. Returns ConnectionTerminated unless the session had already ended."""
         if self.state is State.CLOSED:
             return []
@@ -670,9 +673,9 @@ class Connection:
             return self._next_tick
         return None
 
-    def handle_timer(self, now: float) -> list[Any]:
+    def handle_timer(self, now: float) -> list[Event]:
         """Run the timers due at ``now``: handshake timeout and keepalive."""
-        events: list[Any] = []
+        events: list[Event] = []
         if self.state in _HANDSHAKE_STATES:
             if self._handshake_deadline is not None and now >= self._handshake_deadline:
                 self._fail(ErrorCode.HANDSHAKE_TIMEOUT, "no handshake within the timeout", events)

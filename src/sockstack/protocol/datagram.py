@@ -23,32 +23,39 @@ import msgpack
 
 from sockstack.errors import CodecError, ErrorCode, LocalProtocolError, RemoteProtocolError
 from sockstack.protocol.codecs import MSGPACK, Codec, refuse_ext
-from sockstack.protocol.connection import ProtocolViolation
-from sockstack.protocol.frames import (
-    DEFAULT_MAX_META,
-    HEADER,
-    HEADER_SIZE,
-    MAGIC,
-    MessageType,
-    parse_datagram,
-)
-from sockstack.protocol.messages import (
-    MESSAGE_SPECS,
+from sockstack.protocol.events import (
     Error,
+    Event,
     Hello,
+    Message,
     Ping,
     Pong,
+    ProtocolViolation,
     Request,
     Response,
     Role,
     Welcome,
-    decode_message,
+)
+from sockstack.protocol.frames import (
+    DEFAULT_MAX_META,
+    HEADER_SIZE,
+    MAGIC,
+    MessageType,
+    pack_header,
+    parse_datagram,
+    peek_request_id,
+    peek_type,
+    read_header,
+)
+from sockstack.protocol.messages import (
+    CORE_MESSAGES,
     encode_error,
     encode_ping,
     encode_pong,
     encode_request,
     encode_welcome,
 )
+from sockstack.protocol.registry import Registry
 
 __all__ = [
     "DEFAULT_MAX_DATAGRAM",
@@ -64,8 +71,9 @@ __all__ = [
 
 _REQUEST = int(MessageType.REQUEST)
 _RESPONSE = int(MessageType.RESPONSE)
-_unpack_header = HEADER.unpack_from
-_pack_header = HEADER.pack
+_unpack_header = read_header
+_pack_header = pack_header
+_CORE_REGISTRY = Registry([CORE_MESSAGES])
 _METHOD_BYTES: dict[str, bytes] = {}
 _unpackb = msgpack.unpackb
 
@@ -108,17 +116,20 @@ class _Pending:
         self.attempts = 1
 
 
-def _parse(data: bytes, max_datagram: int) -> tuple[Any, ProtocolViolation | None, int]:
+def _parse(
+    data: bytes, max_datagram: int, registry: Registry
+) -> tuple[Message | None, ProtocolViolation | None, int]:
     """(message or None, violation or None, request id when the header was readable)."""
     try:
         frame = parse_datagram(data, max_datagram, DEFAULT_MAX_META)
     except RemoteProtocolError as exc:
         # A header with our magic is answered (it names a request id); anything else is not,
         # so that garbage from a spoofed address is never reflected.
-        rid = HEADER.unpack_from(data)[6] if len(data) >= HEADER_SIZE and data[:2] == MAGIC else -1
+        peeked = peek_request_id(data)
+        rid = -1 if peeked is None else peeked
         return None, ProtocolViolation(exc.code, exc.message, max(rid, 0), fatal=True), rid
     try:
-        return decode_message(frame), None, frame.request_id
+        return registry.decode(frame), None, frame.request_id
     except RemoteProtocolError as exc:
         return None, ProtocolViolation(exc.code, exc.message, frame.request_id), frame.request_id
 
@@ -132,8 +143,10 @@ class DatagramClient:
         max_datagram: int = DEFAULT_MAX_DATAGRAM,
         retry: RetryPolicy | None = None,
         seed: int | None = None,
+        registry: Registry | None = None,
     ) -> None:
         self.max_datagram = max_datagram
+        self.registry = registry if registry is not None else _CORE_REGISTRY
         self.retry = retry or RetryPolicy()
         self._rng = random.Random(seed)
         self._pending: dict[int, _Pending] = {}
@@ -189,9 +202,7 @@ class DatagramClient:
         if size > self.max_datagram or len(meta) > DEFAULT_MAX_META:
             self.send_request(request_id, method, args, None, MSGPACK, now=now, timeout=timeout)
             return self._out.pop()  # (raises first, with the exact reason)
-        data = (
-            _pack_header(MAGIC, 1, _REQUEST, 0, 1, len(meta), request_id, len(body)) + meta + body
-        )
+        data = _pack_header(_REQUEST, 0, 1, len(meta), request_id, len(body)) + meta + body
         r = self.retry
         nxt = now + min(r.initial, r.max_interval) * (
             1.0 + r.jitter * (2.0 * self._rng.random() - 1.0)
@@ -216,7 +227,7 @@ class DatagramClient:
         out, self._out = self._out, []
         return out
 
-    def receive_datagram(self, data: bytes | memoryview) -> list[Any]:
+    def receive_datagram(self, data: bytes | memoryview) -> list[Event]:
         """Returns [Response | Error | Pong | Welcome] for an answer to a pending call, or a
         ProtocolViolation for garbage; answers to unknown or finished ids are ignored."""
         if len(data) >= HEADER_SIZE:  # fast path: a well-formed msgpack RESPONSE
@@ -242,7 +253,7 @@ class DatagramClient:
                     if self._pending.pop(rid, None) is None:
                         return []
                     return [Response(rid, value, 1)]
-        msg, violation, rid = _parse(bytes(data), self.max_datagram)
+        msg, violation, rid = _parse(bytes(data), self.max_datagram, self.registry)
         if violation is not None:
             if rid > 0 and rid in self._pending and violation.code >= 2000:
                 del self._pending[rid]
@@ -251,16 +262,13 @@ class DatagramClient:
                     Error(rid, violation.code, ErrorCode(violation.code).name, violation.message),
                 ]
             return [violation]
-        if isinstance(msg, Welcome):
+        if isinstance(msg, Welcome | Pong):
             return [msg]
-        rid = getattr(msg, "request_id", 0)
-        if isinstance(msg, Ping | Hello | Request):
-            return []  # a client serves nothing
-        if isinstance(msg, Pong):
+        if isinstance(msg, Response | Error):
+            if self._pending.pop(msg.request_id, None) is None:
+                return []  # a duplicate answer, or one that came after the deadline
             return [msg]
-        if self._pending.pop(rid, None) is None:
-            return []  # a duplicate answer, or one that came after the deadline
-        return [msg]
+        return []  # a client serves nothing, and nothing else answers a call
 
     def next_timer(self) -> float | None:
         timers = self._timers
@@ -372,8 +380,10 @@ class DatagramServer:
         max_datagram: int = DEFAULT_MAX_DATAGRAM,
         reply_cache: ReplyCache | None = None,
         agent: str = "sockstack-py/1",
+        registry: Registry | None = None,
     ) -> None:
         self.max_datagram = max_datagram
+        self.registry = registry if registry is not None else _CORE_REGISTRY
         self.cache = reply_cache or ReplyCache()
         self.agent = agent
         self._out: list[tuple[bytes, Any]] = []
@@ -383,7 +393,7 @@ class DatagramServer:
         out, self._out = self._out, []
         return out
 
-    def receive_datagram(self, data: bytes, addr: Any, now: float) -> list[Any]:
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> list[Event]:
         """Returns [Request] for a new request to run, [ProtocolViolation] for bad input (and
         queues an ERROR where the header was readable), or [] when this side answered itself."""
         if len(data) >= HEADER_SIZE:  # fast path: a well-formed msgpack REQUEST
@@ -411,7 +421,7 @@ class DatagramServer:
                 else:
                     if type(value) is list:
                         return self._request(Request(rid, method, value, {}, 1), addr, now)
-        msg, violation, rid = _parse(data, self.max_datagram)
+        msg, violation, rid = _parse(data, self.max_datagram, self.registry)
         if violation is not None:
             if rid >= 0:  # the header was ours: say what was wrong with it
                 self._out.append(
@@ -423,25 +433,27 @@ class DatagramServer:
                     )
                 )
             return [violation]
-        t = type(msg)
-        if t is Request:
+        assert msg is not None  # no violation: the datagram decoded
+        if isinstance(msg, Request):
             return self._request(msg, addr, now)
-        if t is Ping:
+        if isinstance(msg, Ping):
             self._out.append((encode_pong(msg.request_id, msg.payload), addr))
             return []
-        if t is Hello:
+        if isinstance(msg, Hello):
             self._out.append(
                 (encode_welcome(Welcome(1, (1, 2, 0), self.max_datagram, self.agent)), addr)
             )
             return []
-        spec = MESSAGE_SPECS.get(data[3])
+        t_ = peek_type(data)
+        spec = self.registry.specs.get(t_) if t_ is not None else None
         if spec is not None and Role.CLIENT not in spec.sent_by:
-            name = MessageType(data[3]).name
-            v = ProtocolViolation(ErrorCode.PROTOCOL_ERROR, f"{name} is not sent to a server", rid)
+            v = ProtocolViolation(
+                ErrorCode.PROTOCOL_ERROR, f"{spec.name} is not sent to a server", rid
+            )
             return [v]
-        return [msg]  # a registered type for a later module (e.g. PUB over UDP)
+        return [msg]  # a pattern's message (e.g. PUB over UDP): the host routes it
 
-    def _request(self, msg: Request, addr: Any, now: float) -> list[Any]:
+    def _request(self, msg: Request, addr: Any, now: float) -> list[Event]:
         key = (addr, msg.request_id)
         seen, answer = self.cache.lookup(key, now)
         if seen:
@@ -463,7 +475,7 @@ class DatagramServer:
         datagram, is answered with an ERROR instead (RESULT_NOT_ENCODABLE, DATAGRAM_TOO_LARGE)."""
         try:
             body = codec.encode(result)
-            data = _pack_header(MAGIC, 1, _RESPONSE, 0, codec.id, 0, request_id, len(body)) + body
+            data = _pack_header(_RESPONSE, 0, codec.id, 0, request_id, len(body)) + body
         except CodecError as exc:
             data = encode_error(
                 request_id, ErrorCode.RESULT_NOT_ENCODABLE, "RESULT_NOT_ENCODABLE", str(exc)

@@ -23,6 +23,7 @@ payload byte is buffered.
 from __future__ import annotations
 
 import enum
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -38,8 +39,14 @@ __all__ = [
     "Frame",
     "FrameDecoder",
     "MessageType",
+    "declared_size",
     "encode_frame",
+    "pack_header",
     "parse_datagram",
+    "peek_request_id",
+    "peek_type",
+    "read_header",
+    "with_flags",
 ]
 
 MAGIC = b"SK"
@@ -50,15 +57,63 @@ DEFAULT_MAX_FRAME = 1 << 20  # 1 MiB of meta + body, as websockets' max_size and
 DEFAULT_MAX_META = 4096  # 4 KiB, as NATS' control line: method names and topics are short
 
 _LENGTHS = struct.Struct(">HII")  # meta_len, request_id, body_len at offset 6
+_TYPE_OFFSET = 3
+_FLAGS_OFFSET = 4
+_REQUEST_ID = struct.Struct(">I")
+_REQUEST_ID_OFFSET = 8
+
+# The header codecs every other module uses (the hot paths included), so that this module stays
+# the only one that knows the layout. Both are C-level callables (a ``struct`` method and a
+# ``functools.partial`` of one): no Python frame per frame.
+pack_header = functools.partial(HEADER.pack, MAGIC, PROTOCOL_VERSION)
+"""``pack_header(type, flags, codec, meta_len, request_id, body_len) -> bytes``: a version-1
+header."""
+read_header = HEADER.unpack_from
+"""``read_header(data, offset=0) -> (magic, version, type, flags, codec, meta_len, request_id,
+body_len)``; the caller checks magic and version (:data:`MAGIC`, :data:`PROTOCOL_VERSION`)."""
 _GATHER_ABOVE = 64 * 1024
 _U16_MAX = 0xFFFF
 _U32_MAX = 0xFFFFFFFF
 
 
+def peek_type(data: bytes | bytearray | memoryview) -> int | None:
+    """The message type of the frame ``data`` starts with, or None if it is no sockstack frame
+    (too short, or not our magic). Reads nothing else."""
+    if len(data) < HEADER_SIZE or data[:2] != MAGIC:
+        return None
+    return data[_TYPE_OFFSET]
+
+
+def peek_request_id(data: bytes | bytearray | memoryview) -> int | None:
+    """The request id of the frame ``data`` starts with, or None if it is no sockstack frame."""
+    if len(data) < HEADER_SIZE or data[:2] != MAGIC:
+        return None
+    rid: int = _REQUEST_ID.unpack_from(data, _REQUEST_ID_OFFSET)[0]
+    return rid
+
+
+def declared_size(data: bytes | bytearray | memoryview) -> int | None:
+    """Header + meta + body as the header at the start of ``data`` declares them (unchecked
+    against any limit), or None if ``data`` starts with no sockstack header."""
+    if len(data) < HEADER_SIZE or data[:2] != MAGIC:
+        return None
+    meta_len, _, body_len = _LENGTHS.unpack_from(data, 6)
+    size: int = HEADER_SIZE + meta_len + body_len
+    return size
+
+
+def with_flags(frame: bytes, flags: int) -> bytes:
+    """A copy of an encoded frame with ``flags`` set in its header (e.g. REDELIVERED)."""
+    out = bytearray(frame)
+    out[_FLAGS_OFFSET] |= flags
+    return bytes(out)
+
+
 class MessageType(enum.IntEnum):
-    """Message types. Ranges are reserved so that each later pattern adds types, not a rewrite:
-    0x01-0x0F session and RPC, 0x10-0x1F publish/subscribe, 0x20-0x2F remote objects,
-    0x30-0x3F edge relays, 0x40-0x4F gateway."""
+    """The core's message types (session and calls, range 0x01-0x0F). The other ranges are
+    reserved for patterns, which define their types in their own folder and register them
+    (:mod:`sockstack.protocol.registry`): 0x10-0x1F publish/subscribe, 0x20-0x2F remote objects,
+    0x30-0x3F edge relays, 0x40-0x4F gateway, 0x50-0xEF free, 0xF0-0xFF private use."""
 
     HELLO = 0x01
     WELCOME = 0x02
@@ -68,11 +123,6 @@ class MessageType(enum.IntEnum):
     PING = 0x06
     PONG = 0x07
     CLOSE = 0x08
-    SUB = 0x10
-    UNSUB = 0x11
-    PUB = 0x12
-    MSG = 0x13
-    ACK = 0x14
 
 
 @dataclass(slots=True)

@@ -6,29 +6,36 @@ and each ``encode_*`` function turns fields into wire bytes. Control messages (H
 ERROR, PING, PONG, CLOSE) have fixed binary layouts that need no codec; REQUEST and RESPONSE
 bodies are encoded with the codec named in the header.
 
-Later patterns (publish/subscribe, remote objects, edge relays) register their own types with
-:func:`register_message`, so the session layer routes them without being rewritten.
+The message classes themselves are in :mod:`.events`; this module is their wire form.
+:data:`CORE_MESSAGES` is the core's :class:`~sockstack.protocol.registry.MessageSet` (types
+0x01-0x0F); patterns add theirs to a :class:`~sockstack.protocol.registry.Registry` (see there).
 """
 
 from __future__ import annotations
 
-import enum
 import struct
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 from sockstack.errors import CodecError, ErrorCode, LocalProtocolError, RemoteProtocolError
 from sockstack.protocol.codecs import CODECS, MSGPACK, Codec
-from sockstack.protocol.frames import (
-    DEFAULT_MAX_FRAME,
-    PROTOCOL_VERSION,
-    Frame,
-    MessageType,
-    encode_frame,
+from sockstack.protocol.events import (
+    Close,
+    Error,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Request,
+    Response,
+    Role,
+    Welcome,
 )
+from sockstack.protocol.frames import Frame, MessageType, encode_frame
+from sockstack.protocol.registry import BOTH, MessageSet, MessageSpec, Registry
 
 __all__ = [
+    "CORE_MESSAGES",
     "FLAG_KWARGS",
     "Close",
     "Error",
@@ -49,7 +56,7 @@ __all__ = [
     "encode_request",
     "encode_response",
     "encode_welcome",
-    "register_message",
+    "request_codec",
 ]
 
 FLAG_KWARGS = 0x01
@@ -61,80 +68,6 @@ _HELLO = struct.Struct(">BBI")
 _WELCOME = struct.Struct(">BI")
 _EXT = struct.Struct(">BH")
 MAX_PING_PAYLOAD = 125  # PING/PONG payloads are for correlation and timing, not data
-
-
-class Role(enum.Enum):
-    CLIENT = "client"
-    SERVER = "server"
-
-
-@dataclass(slots=True)
-class Hello:
-    """Client -> server, first frame on a stream: the versions it speaks and optional extensions."""
-
-    min_version: int = PROTOCOL_VERSION
-    max_version: int = PROTOCOL_VERSION
-    max_frame: int = DEFAULT_MAX_FRAME
-    agent: str = ""
-    extensions: tuple[tuple[int, bytes], ...] = ()
-
-
-@dataclass(slots=True)
-class Welcome:
-    """Server -> client: the chosen version, the server's codecs and its frame limit."""
-
-    version: int = PROTOCOL_VERSION
-    codecs: tuple[int, ...] = (1, 2, 0)
-    max_frame: int = DEFAULT_MAX_FRAME
-    agent: str = ""
-    extensions: tuple[tuple[int, bytes], ...] = ()
-
-
-@dataclass(slots=True)
-class Request:
-    request_id: int
-    method: str
-    args: Sequence[Any] = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    codec: int = MSGPACK.id
-
-
-@dataclass(slots=True)
-class Response:
-    request_id: int
-    result: Any = None
-    codec: int = MSGPACK.id
-
-
-@dataclass(slots=True)
-class Error:
-    """ERROR frame: the request ``request_id`` (0: none) failed with ``code``."""
-
-    request_id: int
-    code: int
-    type: str = ""
-    message: str = ""
-
-
-@dataclass(slots=True)
-class Ping:
-    request_id: int
-    payload: bytes = b""
-
-
-@dataclass(slots=True)
-class Pong:
-    request_id: int
-    payload: bytes = b""
-
-
-@dataclass(slots=True)
-class Close:
-    code: int = ErrorCode.NORMAL
-    reason: str = ""
-
-
-Message = Hello | Welcome | Request | Response | Error | Ping | Pong | Close
 
 
 # --------------------------------------------------------------------------- encoding
@@ -331,6 +264,10 @@ def _decode_ping(f: Frame) -> Ping:
     return Ping(f.request_id, f.body)
 
 
+def _decode_pong(f: Frame) -> Pong:
+    return Pong(f.request_id, f.body)
+
+
 def _decode_close(f: Frame) -> Close:
     if len(f.body) < 2:
         raise RemoteProtocolError("CLOSE body shorter than 2 bytes")
@@ -338,40 +275,28 @@ def _decode_close(f: Frame) -> Close:
     return Close(code, f.body[2:].decode("utf-8", "replace"))
 
 
-@dataclass(slots=True)
-class MessageSpec:
-    """How a message type is decoded, and which role may send it on an open session."""
+CORE_MESSAGES = MessageSet(
+    "session",
+    0x01,
+    0x0F,
+    (
+        MessageSpec(MessageType.HELLO, "HELLO", _decode_hello, frozenset({Role.CLIENT})),
+        MessageSpec(MessageType.WELCOME, "WELCOME", _decode_welcome, frozenset({Role.SERVER})),
+        MessageSpec(MessageType.REQUEST, "REQUEST", _decode_request, frozenset({Role.CLIENT})),
+        MessageSpec(MessageType.RESPONSE, "RESPONSE", _decode_response, frozenset({Role.SERVER})),
+        MessageSpec(MessageType.ERROR, "ERROR", _decode_error, BOTH),
+        MessageSpec(MessageType.PING, "PING", _decode_ping, BOTH),
+        MessageSpec(MessageType.PONG, "PONG", _decode_pong, BOTH),
+        MessageSpec(MessageType.CLOSE, "CLOSE", _decode_close, BOTH),
+    ),
+)
+"""The session and call messages every sockstack session speaks (docs/PROTOCOL.md §3)."""
 
-    decode: Callable[[Frame], Any]
-    sent_by: frozenset[Role]
-
-
-_BOTH = frozenset({Role.CLIENT, Role.SERVER})
-MESSAGE_SPECS: dict[int, MessageSpec] = {
-    MessageType.HELLO: MessageSpec(_decode_hello, frozenset({Role.CLIENT})),
-    MessageType.WELCOME: MessageSpec(_decode_welcome, frozenset({Role.SERVER})),
-    MessageType.REQUEST: MessageSpec(_decode_request, frozenset({Role.CLIENT})),
-    MessageType.RESPONSE: MessageSpec(_decode_response, frozenset({Role.SERVER})),
-    MessageType.ERROR: MessageSpec(_decode_error, _BOTH),
-    MessageType.PING: MessageSpec(_decode_ping, _BOTH),
-    MessageType.PONG: MessageSpec(lambda f: Pong(f.request_id, f.body), _BOTH),
-    MessageType.CLOSE: MessageSpec(_decode_close, _BOTH),
-}
-
-
-def register_message(type_: int, decode: Callable[[Frame], Any], sent_by: frozenset[Role]) -> None:
-    """Add a message type (e.g. publish/subscribe's SUB, PUB, MSG) to the session's routing."""
-    if type_ in MESSAGE_SPECS:
-        raise ValueError(f"message type 0x{type_:02x} is already registered")
-    MESSAGE_SPECS[type_] = MessageSpec(decode, sent_by)
+_CORE_ONLY = Registry([CORE_MESSAGES])
 
 
-def decode_message(frame: Frame) -> Any:
-    """Decode a frame of a registered type. Raises :class:`RemoteProtocolError` whose ``code``
-    says what was wrong (``UNKNOWN_TYPE``, ``DECODE_ERROR``, ``UNSUPPORTED_CODEC``...)."""
-    spec = MESSAGE_SPECS.get(frame.type)
-    if spec is None:
-        raise RemoteProtocolError(
-            f"unknown message type 0x{frame.type:02x}", ErrorCode.UNKNOWN_TYPE
-        )
-    return spec.decode(frame)
+def decode_message(frame: Frame, registry: Registry | None = None) -> Message:
+    """Decode a frame of a type in ``registry`` (default: the core's types alone). Raises
+    :class:`RemoteProtocolError` whose ``code`` says what was wrong (``UNKNOWN_TYPE``,
+    ``DECODE_ERROR``, ``UNSUPPORTED_CODEC``...)."""
+    return (registry or _CORE_ONLY).decode(frame)

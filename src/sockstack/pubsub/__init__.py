@@ -1,5 +1,5 @@
 """Publish/subscribe on the sockstack protocol: topics and their index, the broker, and the
-clients' subscribe/publish (in sockstack.rpc.client and sockstack.rpc.blocking)."""
+clients' subscribe/publish (in sockstack.asyncio.client and sockstack.sync.client)."""
 
 from sockstack.pubsub.broker import Broker, BrokerError, BrokerLimits, SubOptions
 from sockstack.pubsub.topics import (

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sockstack.errors import ErrorCode
-from sockstack.protocol.pubsub import FLAG_REDELIVERED, FLAG_RETAIN, encode_msg
+from sockstack.protocol.frames import with_flags
+from sockstack.pubsub.messages import FLAG_REDELIVERED, FLAG_RETAIN, encode_msg
 from sockstack.pubsub.topics import SubscriptionIndex, TopicError, matches, validate_topic
 
 __all__ = [
@@ -55,9 +56,9 @@ class BrokerError(Exception):
 class Peer(Protocol):
     """What the broker needs from a subscriber's connection."""
 
-    def broker_write(self, data: bytes) -> None: ...
-    def broker_writable(self) -> bool: ...
-    def broker_close(self, code: int, reason: str) -> None: ...
+    def write_soon(self, data: bytes) -> None: ...
+    def writable(self) -> bool: ...
+    def close_slow(self, code: int, reason: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +259,7 @@ class Broker:
         opts = sub.options
         if (
             not sub.pending
-            and sub.peer.broker_writable()
+            and sub.peer.writable()
             and (opts.qos == 0 or len(sub.inflight) < self.limits.max_inflight)
         ):
             self._send(sub, topic_b, payload, codec, flags)
@@ -304,7 +305,7 @@ class Broker:
             sub.inflight[did] = (frame, self.clock() + self.limits.ack_wait, 1)
         else:
             frame = encode_msg(0, sub.sid, topic_b, payload, codec, flags)
-        sub.peer.broker_write(frame)
+        sub.peer.write_soon(frame)
         sub.delivered += 1
         self.counters["delivered"] += 1
 
@@ -318,7 +319,7 @@ class Broker:
         self.counters["slow_consumers_disconnected"] += 1
         self._drop(sub, 1 + behind)
         self.peer_gone(peer)
-        peer.broker_close(
+        peer.close_slow(
             ErrorCode.SLOW_CONSUMER,
             f"subscription {sub.sid} ({sub.pattern}) fell behind by {behind} messages",
         )
@@ -334,7 +335,7 @@ class Broker:
         peer = sub.peer
         while (
             sub.pending
-            and peer.broker_writable()
+            and peer.writable()
             and (sub.options.qos == 0 or len(sub.inflight) < self.limits.max_inflight)
         ):
             topic_b, payload, codec, flags = sub.pending.popleft()
@@ -364,12 +365,10 @@ class Broker:
                         sub.expired += 1
                         self.counters["expired"] += 1
                         continue
-                    if not sub.peer.broker_writable():
+                    if not sub.peer.writable():
                         continue
-                    again = bytearray(frame)
-                    again[4] |= FLAG_REDELIVERED
                     sub.inflight[did] = (frame, now + lim.ack_wait, sends + 1)
-                    sub.peer.broker_write(bytes(again))
+                    sub.peer.write_soon(with_flags(frame, FLAG_REDELIVERED))
                     sub.redelivered += 1
                     self.counters["redelivered"] += 1
                 if sub.pending:

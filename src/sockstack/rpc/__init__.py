@@ -1,8 +1,8 @@
-"""Client/server request-response (the seed's main pattern) on the protocol core.
+"""RPC, the seed's main pattern: a service's methods called over TCP or UDP.
 
 - :mod:`.service` — ``Service`` and ``@method``: the one service definition.
-- :mod:`.dispatch` — request -> outcome: lookup, argument check, thread pool or loop.
-- :mod:`.server` — ``Server``: a service on TCP and UDP endpoints, graceful drain.
-- :mod:`.client` — ``AsyncClient`` (asyncio), TCP with reconnect, UDP with retries.
-- :mod:`.blocking` — ``connect()``: the blocking client, plain sockets on the same core.
+- :mod:`.pattern` — ``RPC(service)``: the pattern that serves it on the host.
+
+The server is the pattern-neutral host (:mod:`sockstack.host`); the clients are the I/O
+adapters (:mod:`sockstack.asyncio`, :mod:`sockstack.sync`).
 """

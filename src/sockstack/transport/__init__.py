@@ -1,7 +1,8 @@
-"""Transport adapters: move bytes between real sockets and the sans-I/O core.
+"""What every I/O adapter shares, below the protocol: addresses, TLS, the event loop.
 
 - :mod:`.urls` — endpoint addresses (``tcp://host:port``, ``udp://[::1]:port``).
+- :mod:`.tls` — TLS contexts (verification on, TLS 1.2 minimum).
 - :mod:`.loop` — uvloop when installed.
-- :mod:`.tcp` — asyncio Protocol adapters for streams (server and client side).
-- :mod:`.udp` — asyncio DatagramProtocol adapters (server and client side).
+- :mod:`.memory` — malloc tuning for many connections.
+- :mod:`.ratelog` — rate-limited logging of bad input.
 """

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sockstack.bench.harness import (
+from bench.harness import (
     Result,
     Server,
     SkipSystem,
@@ -43,7 +43,7 @@ SAME = ("same core", {0}, {0})
 SPLIT = ("two cores", {0}, {1})
 BOTH = ("two cores, unpinned", {0, 1}, {0, 1})
 Placement = tuple[str, set[int], set[int]]
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[1]  # the repository: bench/ sits at its root
 CDF_POINTS = (1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9)
 
 
@@ -183,7 +183,7 @@ def tls_framed_client(port: int, payload: bytes) -> Sync:
 
 
 def sockstack_tls_client(port: int, payload: bytes) -> Sync:
-    from sockstack.rpc.blocking import connect
+    from sockstack.sync.client import connect
 
     client = connect(
         f"tls://127.0.0.1:{port}", tls=_tls_client_context(), max_frame=MAX_FRAME, timeout=10
@@ -196,7 +196,7 @@ def start_peer(name: str, cpus: set[int], module: str | None = None, **kw: str) 
     if module:
         _need(module)
     extra = [f"--{k}={v}" for k, v in kw.items()]
-    proc, m = spawn([python(), "-m", "sockstack.bench.peers", name, *extra], cpus)
+    proc, m = spawn([python(), "-m", "bench.peers", name, *extra], cpus)
     assert m is not None
     return Server(name, [proc], int(m.group(1)))
 
@@ -257,7 +257,7 @@ def start_nats(cpus: set[int]) -> Server:
             [
                 python(),
                 "-m",
-                "sockstack.bench.peers",
+                "bench.peers",
                 "nats-responder",
                 f"--nats=nats://127.0.0.1:{port}",
             ],
@@ -312,7 +312,7 @@ def udp_client(port: int, payload: bytes) -> Sync:
 
 
 def sockstack_client(url: str, payload: bytes) -> Sync:
-    from sockstack.rpc.blocking import connect
+    from sockstack.sync.client import connect
 
     client = connect(url, timeout=10.0, max_frame=MAX_FRAME)
     call = client.call
@@ -490,7 +490,7 @@ def _result(
 async def _pipelined_sockstack(
     url: str, payload: bytes, total: int, window: int
 ) -> tuple[list[int], float]:
-    from sockstack.rpc.client import AsyncClient
+    from sockstack.asyncio.client import AsyncClient
 
     async with AsyncClient(url, timeout=60) as c:
         await asyncio.gather(*(c.call("echo", payload) for _ in range(window)))  # warm-up

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sockstack.bench.harness import Result
-from sockstack.bench.runner import Run
-from sockstack.bench.scenarios import CDF_POINTS
+from bench.harness import Result
+from bench.runner import Run
+from bench.scenarios import CDF_POINTS
 
 __all__ = ["Target", "targets", "write_all"]
 

@@ -1,8 +1,9 @@
 """The benchmark suite: sockstack side by side with raw sockets and peer libraries, one run.
 
-``sockstack bench [--quick]`` (or ``make bench``, which also installs the peers) measures every
-scenario, prints the tables, and writes ``latest.json``, ``latest.md`` and ``latest.png`` under
-``bench/results/``.
+``python -m bench [--quick]`` from the repository root (or ``make bench``, which also installs
+the peers) measures every scenario, prints the tables, and writes ``latest.json``, ``latest.md``
+and ``latest.png`` under ``bench/results/``. A repository tool, not part of the installed
+package: it needs the ``bench`` extra (rich, matplotlib, the peers).
 
 - :mod:`.harness` — starting pinned server processes, sampling CPU and memory, timing loops.
 - :mod:`.peers` — the baseline and peer echo servers (uvloop, pyzmq, gRPC, Pyro5, NATS responder).
@@ -21,7 +22,7 @@ __all__ = ["main"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from sockstack.bench.runner import SCENARIOS
+    from bench.runner import SCENARIOS
 
     p.add_argument("--quick", action="store_true", help="small counts: under a minute")
     p.add_argument(
@@ -42,8 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sockstack.bench.report import print_tables, write_all
-    from sockstack.bench.runner import run_all
+    from bench.report import print_tables, write_all
+    from bench.runner import run_all
     from sockstack.transport.memory import tune_malloc
 
     # The bench process runs every client: tune it as `sockstack serve` tunes servers, so all
@@ -58,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="sockstack bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Run the benchmark suite (see docs/PERFORMANCE.md): tables on the terminal, "
+        "JSON, Markdown and a PNG chart under --out. Peers that are not installed are skipped "
+        "and listed; `make bench` installs them.",
+    )
     add_arguments(p)
     return run(p.parse_args(argv))

@@ -29,6 +29,8 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sockstack.asyncio.datagram import DatagramEndpoint
+from sockstack.asyncio.stream import StreamLimits, StreamProtocol
 from sockstack.errors import (
     CallTimeout,
     CodecError,
@@ -52,8 +54,10 @@ from sockstack.protocol.datagram import (
     DatagramClient,
     RetryPolicy,
 )
-from sockstack.protocol.messages import Error, Pong, Response, Role
-from sockstack.protocol.pubsub import (
+from sockstack.protocol.messages import CORE_MESSAGES, Error, Pong, Response, Role
+from sockstack.protocol.registry import Registry
+from sockstack.pubsub.messages import (
+    PUBSUB_MESSAGES,
     Msg,
     encode_ack,
     encode_pub,
@@ -62,9 +66,7 @@ from sockstack.protocol.pubsub import (
     sub_options,
 )
 from sockstack.pubsub.topics import check_topic
-from sockstack.transport.tcp import StreamLimits, StreamProtocol
 from sockstack.transport.tls import client_context
-from sockstack.transport.udp import DatagramEndpoint
 from sockstack.transport.urls import Endpoint, parse_endpoints
 
 __all__ = ["DEFAULT_TIMEOUT", "AsyncClient", "Backoff"]
@@ -127,7 +129,10 @@ class _TCPStream(StreamProtocol):
 
     def core_options(self) -> dict[str, Any]:
         secret = self.channel.client.secret
-        return {} if secret is None else {"hello_extensions": [token_extension(secret)]}
+        options: dict[str, Any] = {"registry": self.channel.client.registry}
+        if secret is not None:
+            options["hello_extensions"] = [token_extension(secret)]
+        return options
 
     def handle_events(self, events: list[Any]) -> None:
         pending = self.channel.pending
@@ -821,6 +826,7 @@ class AsyncClient:
         self.retry = retry
         self.max_datagram = max_datagram
         self._channel: _TCPChannel | _UDPChannel | None = None
+        self.registry = Registry([CORE_MESSAGES, PUBSUB_MESSAGES])
 
     async def connect(self) -> AsyncClient:
         """Connect (TCP: and complete the handshake). Raises :class:`ConnectError`."""

@@ -1,5 +1,6 @@
 """Process control and measurement for the benchmarks: start a server pinned to CPUs, wait for
-it, sample its CPU time and peak memory, time a client loop, stop the server by its PID."""
+it, sample its CPU time and peak memory, time a client loop, stop the server by its PID; the
+median of interleaved rounds (shared by the request/response and pub/sub runners)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ __all__ = [
     "Result",
     "Server",
     "free_port",
+    "median_round",
     "pin",
     "spawn",
     "stats",
@@ -223,6 +225,15 @@ def stats(latencies_ns: list[int]) -> tuple[float, float, float]:
         return round(s[min(n - 1, int(p * n))] / 1000, 1)
 
     return q(0.5), q(0.99), q(0.999)
+
+
+def median_round(rounds: list[Result]) -> Result:
+    """The round with the median rate; every round's rate is kept in ``extra``."""
+    ordered = sorted(rounds, key=lambda r: r.rate)
+    pick = ordered[(len(ordered) - 1) // 2]
+    if len(rounds) > 1:
+        pick.extra["round_calls_per_s"] = [round(r.rate, 1) for r in rounds]
+    return pick
 
 
 def timed_loop(

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sockstack.bench import scenarios as sc
-from sockstack.bench.harness import Result, Server, SkipSystem, pin, stats
+from bench import scenarios as sc
+from bench.harness import Result, Server, SkipSystem, median_round, pin, stats
 
 __all__ = ["Run", "run_all"]
 
@@ -148,15 +148,6 @@ def _measure(
         server.stop()
     run.log(f"  {key} [{placement[0]}]: {r.rate:,.0f} calls/s, p50 {r.p50_us} µs")
     return r
-
-
-def median_round(rounds: list[Result]) -> Result:
-    """The round with the median rate; every round's rate is kept in ``extra``."""
-    ordered = sorted(rounds, key=lambda r: r.rate)
-    pick = ordered[(len(ordered) - 1) // 2]
-    if len(rounds) > 1:
-        pick.extra["round_calls_per_s"] = [round(r.rate, 1) for r in rounds]
-    return pick
 
 
 def _compare(
@@ -334,7 +325,7 @@ def memory(run: Run, budget: sc.Budget, only: str) -> None:
 
 
 def pubsub(run: Run, budget: sc.Budget, only: str) -> None:
-    from sockstack.bench.pubsub import run_pubsub
+    from bench.pubsub import run_pubsub
 
     results, skipped = run_pubsub(budget.rounds == 1, only, run.log, budget.rounds)
     run.results += results

@@ -1,4 +1,5 @@
-"""Publish/subscribe messages (types 0x10-0x14): layouts, encoders, decoders, registration.
+"""Publish/subscribe messages (types 0x10-0x14): layouts, encoders, decoders, and
+:data:`PUBSUB_MESSAGES`, the set the host and the clients add to their sessions' registry.
 
 Byte layouts (docs/PROTOCOL.md §4.1):
 
@@ -17,21 +18,24 @@ Byte layouts (docs/PROTOCOL.md §4.1):
 
 from __future__ import annotations
 
+import enum
 import struct
-from dataclasses import dataclass
 from typing import Any
 
 from sockstack.errors import CodecError, ErrorCode, RemoteProtocolError
 from sockstack.protocol.codecs import MSGPACK
-from sockstack.protocol.frames import HEADER, MAGIC, PROTOCOL_VERSION, Frame, MessageType
-from sockstack.protocol.messages import Role, register_message
+from sockstack.protocol.events import PatternMessage, Role, message
+from sockstack.protocol.frames import Frame, pack_header
+from sockstack.protocol.registry import MessageSet, MessageSpec
 
 __all__ = [
     "FLAG_REDELIVERED",
     "FLAG_RETAIN",
+    "PUBSUB_MESSAGES",
     "Ack",
     "Msg",
     "Pub",
+    "PubSubType",
     "Sub",
     "Unsub",
     "encode_ack",
@@ -42,34 +46,45 @@ __all__ = [
     "sub_options",
 ]
 
+
+class PubSubType(enum.IntEnum):
+    """Publish/subscribe's message types, in the range 0x10-0x1F PROTOCOL.md reserves for it."""
+
+    SUB = 0x10
+    UNSUB = 0x11
+    PUB = 0x12
+    MSG = 0x13
+    ACK = 0x14
+
+
 FLAG_RETAIN = 0x04
 """PUB: keep as the topic's retained message. MSG: delivered from the retained store."""
 FLAG_REDELIVERED = 0x08
 _SID = struct.Struct(">I")
-_pack_header = HEADER.pack
+_FAST_FLAGS = FLAG_RETAIN | FLAG_REDELIVERED  # frames with other flags take the general path
 _SUB, _UNSUB, _PUB, _MSG, _ACK = (
-    int(MessageType.SUB),
-    int(MessageType.UNSUB),
-    int(MessageType.PUB),
-    int(MessageType.MSG),
-    int(MessageType.ACK),
+    int(PubSubType.SUB),
+    int(PubSubType.UNSUB),
+    int(PubSubType.PUB),
+    int(PubSubType.MSG),
+    int(PubSubType.ACK),
 )
 
 
-@dataclass(slots=True)
-class Sub:
+@message
+class Sub(PatternMessage):
     sid: int
     pattern: str
     options: dict[str, Any]
 
 
-@dataclass(slots=True)
-class Unsub:
+@message
+class Unsub(PatternMessage):
     sid: int
 
 
-@dataclass(slots=True)
-class Pub:
+@message
+class Pub(PatternMessage):
     request_id: int
     topic: str
     payload: bytes
@@ -77,8 +92,8 @@ class Pub:
     retain: bool = False
 
 
-@dataclass(slots=True)
-class Msg:
+@message
+class Msg(PatternMessage):
     delivery_id: int
     sid: int
     topic: str
@@ -88,15 +103,13 @@ class Msg:
     redelivered: bool = False
 
 
-@dataclass(slots=True)
-class Ack:
+@message
+class Ack(PatternMessage):
     delivery_id: int
 
 
 def _frame(type_: int, rid: int, meta: bytes, body: bytes, flags: int = 0, codec: int = 1) -> bytes:
-    return _pack_header(MAGIC, PROTOCOL_VERSION, type_, flags, codec, len(meta), rid, len(body)) + (
-        meta + body
-    )
+    return pack_header(type_, flags, codec, len(meta), rid, len(body)) + (meta + body)
 
 
 def sub_options(
@@ -144,9 +157,7 @@ def encode_msg(
 ) -> bytes:
     """``topic`` already UTF-8 (the broker encodes it once per publish, not per subscriber)."""
     meta = _SID.pack(sid) + topic
-    return _pack_header(
-        MAGIC, PROTOCOL_VERSION, _MSG, flags, codec, len(meta), delivery_id, len(payload)
-    ) + (meta + payload)
+    return pack_header(_MSG, flags, codec, len(meta), delivery_id, len(payload)) + (meta + payload)
 
 
 def encode_ack(delivery_id: int) -> bytes:
@@ -195,9 +206,60 @@ def _decode_msg(f: Frame) -> Msg:
     )
 
 
+def _fast_pub(
+    data: bytes, meta: int, body: int, end: int, flags: int, codec: int, rid: int
+) -> Pub | None:
+    """PUB straight from the receive buffer (the bulk of a broker's input)."""
+    if flags & ~_FAST_FLAGS or codec > 2:
+        return None
+    try:
+        topic = str(data[meta:body], "utf-8")
+    except UnicodeDecodeError:
+        return None
+    return Pub(rid, topic, data[body:end], codec, bool(flags & FLAG_RETAIN))
+
+
+def _fast_msg(
+    data: bytes, meta: int, body: int, end: int, flags: int, codec: int, rid: int
+) -> Msg | None:
+    """MSG straight from the receive buffer (the bulk of a subscriber's input)."""
+    if flags & ~_FAST_FLAGS or codec > 2 or body - meta < 4:
+        return None
+    try:
+        topic = str(data[meta + 4 : body], "utf-8")
+    except UnicodeDecodeError:
+        return None
+    sid: int = _SID.unpack_from(data, meta)[0]
+    return Msg(
+        rid,
+        sid,
+        topic,
+        data[body:end],
+        codec,
+        bool(flags & FLAG_RETAIN),
+        bool(flags & FLAG_REDELIVERED),
+    )
+
+
+def _decode_unsub(f: Frame) -> Unsub:
+    return Unsub(f.request_id)
+
+
+def _decode_ack(f: Frame) -> Ack:
+    return Ack(f.request_id)
+
+
 _CLIENT = frozenset({Role.CLIENT})
-register_message(MessageType.SUB, _decode_sub, _CLIENT)
-register_message(MessageType.UNSUB, lambda f: Unsub(f.request_id), _CLIENT)
-register_message(MessageType.PUB, _decode_pub, _CLIENT)
-register_message(MessageType.MSG, _decode_msg, frozenset({Role.SERVER}))
-register_message(MessageType.ACK, lambda f: Ack(f.request_id), _CLIENT)
+PUBSUB_MESSAGES = MessageSet(
+    "pubsub",
+    0x10,
+    0x1F,
+    (
+        MessageSpec(PubSubType.SUB, "SUB", _decode_sub, _CLIENT, cls=Sub),
+        MessageSpec(PubSubType.UNSUB, "UNSUB", _decode_unsub, _CLIENT, cls=Unsub),
+        MessageSpec(PubSubType.PUB, "PUB", _decode_pub, _CLIENT, _fast_pub, Pub),
+        MessageSpec(PubSubType.MSG, "MSG", _decode_msg, frozenset({Role.SERVER}), _fast_msg, Msg),
+        MessageSpec(PubSubType.ACK, "ACK", _decode_ack, _CLIENT, cls=Ack),
+    ),
+)
+"""Publish/subscribe's messages (range 0x10-0x1F), to add to a session registry."""

@@ -1,6 +1,6 @@
 """Echo servers of the baselines and peer libraries, each a process the bench starts and stops.
 
-    python -m sockstack.bench.peers NAME [--port 0] [--nats URL]
+    python -m bench.peers NAME [--port 0] [--nats URL]
 
 Each prints ``listening PORT`` on stdout once it serves, and echoes a 64-byte (or any) payload.
 Every server does the minimum its library needs, so the comparison is with what a user would

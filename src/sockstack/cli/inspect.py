@@ -19,19 +19,36 @@ TLS 1.3 record             5 + 17  per record: header, AEAD tag and inner conten
 
 A message larger than one segment is split: each segment pays the lower headers again. With
 pipelining, many small frames share one segment and its headers.
+
+The tables print with rich when it is installed, else as plain text with the same rows and
+figures: the runtime does not depend on rich.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import math
 from dataclasses import dataclass
 
+from sockstack.cli.common import EXIT_OK, UsageError
 from sockstack.protocol.frames import HEADER_SIZE, Frame, FrameDecoder
 from sockstack.protocol.messages import Hello, encode_hello, encode_request
 
-__all__ = ["Exchange", "Layers", "capture_exchange", "layers", "render"]
+__all__ = [
+    "Exchange",
+    "Layers",
+    "TextTable",
+    "add_parser",
+    "capture_exchange",
+    "capture_publish",
+    "layers",
+    "plain_text",
+    "render",
+    "run_inspect",
+    "tables",
+]
 
 ETHERNET = 14 + 4
 IPV4, IPV6 = 20, 40
@@ -173,7 +190,7 @@ async def _capture_publish(
 ) -> tuple[int, int, int, int, int, int]:
     """Subscribe on one connection, publish on another, measure the PUB and the MSG."""
     from sockstack.protocol.codecs import MSGPACK
-    from sockstack.protocol.pubsub import encode_pub, encode_sub
+    from sockstack.pubsub.messages import encode_pub, encode_sub
 
     sreader, swriter = await asyncio.open_connection(host, port)
     _, pwriter = await asyncio.open_connection(host, port)
@@ -222,13 +239,13 @@ def capture_publish(url: str | None, payload_size: int, topic: str) -> Exchange:
 
             ep = parse_endpoint(url)
             return await _capture_publish(ep.host, ep.port, payload, topic)
-        from sockstack.rpc.server import Server, ServerLimits
-        from sockstack.rpc.service import Service
-        from sockstack.transport.tcp import StreamLimits
+        from sockstack.asyncio.stream import StreamLimits
+        from sockstack.host.server import Server, ServerLimits
+        from sockstack.pubsub.pattern import PubSub
 
         logging.getLogger("sockstack.server").setLevel(logging.WARNING)
         limits = ServerLimits(stream=StreamLimits(max_frame=64 << 20))
-        async with Server(Service(), tcp=["127.0.0.1:0"], limits=limits, broker=True) as srv:
+        async with Server(patterns=[PubSub()], tcp=["127.0.0.1:0"], limits=limits) as srv:
             ep = srv.endpoint("tcp")
             return await _capture_publish(ep.host, ep.port, payload, topic)
 
@@ -247,9 +264,9 @@ def capture_exchange(url: str | None, payload_size: int) -> Exchange:
 
             ep = parse_endpoint(url)
             return await _capture_tcp(ep.host, ep.port, payload)
+        from sockstack.asyncio.stream import StreamLimits
         from sockstack.demo import Demo
-        from sockstack.rpc.server import Server, ServerLimits
-        from sockstack.transport.tcp import StreamLimits
+        from sockstack.host.server import Server, ServerLimits
 
         logging.getLogger("sockstack.server").setLevel(logging.WARNING)  # a helper, not news
         limits = ServerLimits(stream=StreamLimits(max_frame=64 << 20))
@@ -261,11 +278,21 @@ def capture_exchange(url: str | None, payload_size: int) -> Exchange:
     return Exchange(payload_size, req, meta, req_body, resp, resp_body)
 
 
-def render(ex: Exchange, *, ipv6: bool = False, tls: bool = False, mtu: int = MTU) -> None:
-    from rich.console import Console
-    from rich.table import Table
+@dataclass(frozen=True)
+class TextTable:
+    """A table as text cells: what ``render`` prints, with rich when it is installed."""
 
-    console = Console()
+    title: str
+    columns: tuple[str, ...]
+    right: tuple[bool, ...]  # right-justified columns
+    rows: tuple[tuple[tuple[str, ...], bool], ...]  # (cells, bold)
+
+
+def tables(
+    ex: Exchange, *, ipv6: bool = False, tls: bool = False, mtu: int = MTU
+) -> tuple[list[TextTable], str]:
+    """The tables ``sockstack inspect`` prints (each direction, then pipelining), and the note
+    that follows them."""
     if ex.kind == "publish":
         what = f"publish to {ex.topic} ({ex.payload} bytes)"
         directions = (
@@ -275,16 +302,13 @@ def render(ex: Exchange, *, ipv6: bool = False, tls: bool = False, mtu: int = MT
     else:
         what = f"echo({ex.payload} bytes)"
         directions = (("request", "method name"), ("response", "method name"))
+    out: list[TextTable] = []
     for (direction, meta_name), frame, meta, body in (
         (directions[0], ex.request_frame, ex.request_meta, ex.request_body),
         (directions[1], ex.response_frame, ex.response_meta, ex.response_body),
     ):
         tcp = layers(frame, meta, body, ex.payload, "tcp", ipv6=ipv6, tls=tls, mtu=mtu)
         udp = layers(frame, meta, body, ex.payload, "udp", ipv6=ipv6, mtu=mtu)
-        t = Table(title=f"{direction} of {what}: bytes per layer", title_justify="left")
-        t.add_column("layer")
-        t.add_column(tcp.transport.upper(), justify="right")
-        t.add_column("UDP", justify="right")
         rows = [
             ("Ethernet header + FCS", tcp.ethernet, udp.ethernet),
             (f"IPv{6 if ipv6 else 4}", tcp.ip, udp.ip),
@@ -295,21 +319,29 @@ def render(ex: Exchange, *, ipv6: bool = False, tls: bool = False, mtu: int = MT
             ("codec (msgpack) overhead", tcp.codec, udp.codec),
             ("payload", tcp.payload, udp.payload),
         ]
-        for name, via_tcp, via_udp in rows:
-            t.add_row(name, f"{via_tcp:,}", f"{via_udp:,}")
-        t.add_row("total", f"{tcp.total:,}", f"{udp.total:,}", style="bold")
-        t.add_row("packets", str(tcp.packets), str(udp.packets))
-        t.add_row(
-            "efficiency (payload / total)",
-            f"{tcp.efficiency:.1%}",
-            f"{udp.efficiency:.1%}",
-            style="bold",
+        cells = [((name, f"{via_tcp:,}", f"{via_udp:,}"), False) for name, via_tcp, via_udp in rows]
+        cells.append((("total", f"{tcp.total:,}", f"{udp.total:,}"), True))
+        cells.append((("packets", str(tcp.packets), str(udp.packets)), False))
+        cells.append(
+            (
+                (
+                    "efficiency (payload / total)",
+                    f"{tcp.efficiency:.1%}",
+                    f"{udp.efficiency:.1%}",
+                ),
+                True,
+            )
         )
-        console.print(t)
+        out.append(
+            TextTable(
+                f"{direction} of {what}: bytes per layer",
+                ("layer", tcp.transport.upper(), "UDP"),
+                (False, True, True),
+                tuple(cells),
+            )
+        )
     unit = "publishes" if ex.kind == "publish" else "requests"
-    pipe = Table(title=f"pipelining: {unit} sharing TCP segments", title_justify="left")
-    for col in ("frames per segment", f"bytes per {unit[:-1]}", "efficiency"):
-        pipe.add_column(col, justify="right")
+    pipe = []
     for n in (1, 10, 100):
         lay = layers(
             ex.request_frame,
@@ -322,9 +354,16 @@ def render(ex: Exchange, *, ipv6: bool = False, tls: bool = False, mtu: int = MT
             mtu=mtu,
             frames_per_packet=n,
         )
-        pipe.add_row(str(n), f"{lay.total:,}", f"{lay.efficiency:.1%}")
-    console.print(pipe)
-    console.print(
+        pipe.append(((str(n), f"{lay.total:,}", f"{lay.efficiency:.1%}"), False))
+    out.append(
+        TextTable(
+            f"pipelining: {unit} sharing TCP segments",
+            ("frames per segment", f"bytes per {unit[:-1]}", "efficiency"),
+            (True, True, True),
+            tuple(pipe),
+        )
+    )
+    note = (
         "Sizes of the sockstack frame, meta and codec come from a real exchange; the lower "
         "layers are Linux's defaults on Ethernet (see `sockstack inspect --help`)."
         + (
@@ -334,3 +373,79 @@ def render(ex: Exchange, *, ipv6: bool = False, tls: bool = False, mtu: int = MT
             else ""
         )
     )
+    return out, note
+
+
+def plain_text(table: TextTable) -> str:
+    """``table`` as aligned plain text: the output when rich is not installed."""
+    widths = [
+        max(len(table.columns[i]), *(len(cells[i]) for cells, _ in table.rows))
+        for i in range(len(table.columns))
+    ]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(
+            c.rjust(w) if right else c.ljust(w)
+            for c, w, right in zip(cells, widths, table.right, strict=True)
+        ).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([table.title, line(table.columns), rule, *(line(c) for c, _ in table.rows)])
+
+
+def render(ex: Exchange, *, ipv6: bool = False, tls: bool = False, mtu: int = MTU) -> None:
+    """Print the tables: with rich when it is installed (the bench extra), else as plain text
+    with the same rows and figures. The runtime does not depend on rich."""
+    out, note = tables(ex, ipv6=ipv6, tls=tls, mtu=mtu)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        for t in out:
+            print(plain_text(t), end="\n\n")
+        print(note)
+        return
+    console = Console()
+    for t in out:
+        rt = Table(title=t.title, title_justify="left")
+        for column, right in zip(t.columns, t.right, strict=True):
+            rt.add_column(column, justify="right" if right else "left")
+        for cells, bold in t.rows:
+            rt.add_row(*cells, style="bold" if bold else None)
+        console.print(rt)
+    console.print(note)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """``sockstack inspect``: one real exchange, measured and printed."""
+    if args.payload < 0:
+        raise UsageError("--payload must be 0 or more")
+    if args.publish:
+        ex = capture_publish(args.url, args.payload, args.publish)
+    else:
+        ex = capture_exchange(args.url, args.payload)
+    render(ex, ipv6=args.ipv6, tls=args.tls, mtu=args.mtu)
+    return EXIT_OK
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    i = sub.add_parser(
+        "inspect",
+        help="bytes on the wire per layer for one call, TCP and UDP side by side",
+        description="Make one real echo call (to URL, or to a demo server started on loopback) "
+        "and print the bytes each layer adds: Ethernet, IP, TCP (with the timestamps option "
+        "Linux sends) or UDP, optionally TLS, the sockstack frame header, the method name, the "
+        "codec, and the payload; with the efficiency (payload / total) and the effect of "
+        "pipelining several frames per segment.",
+    )
+    i.add_argument("url", nargs="?", help="tcp://host:port of a server with an echo method")
+    i.add_argument("--payload", type=int, default=64, help="bytes echoed (default 64)")
+    i.add_argument(
+        "--publish",
+        metavar="TOPIC",
+        help="measure a publish to TOPIC and the MSG a subscriber gets, instead of a call "
+        "(URL, if given, must be a broker)",
+    )
+    i.add_argument("--ipv6", action="store_true", help="count IPv6 headers instead of IPv4")
+    i.add_argument("--tls", action="store_true", help="add a TLS 1.3 record per message")
+    i.add_argument("--mtu", type=int, default=1500, help="link MTU (default 1500, Ethernet)")

@@ -1,10 +1,19 @@
-"""The RPC server: one service on any mix of TCP and UDP endpoints, with graceful drain.
+"""The host: one server for every pattern, on any mix of TCP, TLS and UDP endpoints.
 
 ::
 
-    server = Server(Calculator(), tcp=["127.0.0.1:5050"], udp=["127.0.0.1:5051"])
+    server = Server(patterns=[RPC(Calculator()), PubSub()], tcp=["127.0.0.1:5050"],
+                    udp=["127.0.0.1:5051"])
     await server.start()            # binds; server.endpoints has the real ports (port 0 works)
     await server.serve_forever()    # until shutdown() — SIGINT/SIGTERM call it in `sockstack serve`
+
+``Server(service)`` and ``Server(service, broker=True)`` are shorthands for
+``patterns=[RPC(service)]`` and ``[RPC(service), PubSub()]``.
+
+The host owns what every pattern shares: endpoints, the handshake and authentication (the
+secret is checked before anything else is parsed), limits, backpressure, one dispatcher for the
+methods every pattern serves (REQUEST), drain and shutdown. Messages of a pattern's own types
+are routed to it (:mod:`sockstack.host.pattern`); the host imports no pattern.
 
 Shutdown stops accepting, answers every request already accepted (up to ``drain_timeout``),
 refuses new ones with SHUTTING_DOWN, then closes each connection with CLOSE GOING_AWAY.
@@ -18,11 +27,15 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sockstack.errors import CodecError, ErrorCode, LocalProtocolError, RemoteProtocolError
+from sockstack.asyncio.datagram import DatagramEndpoint
+from sockstack.asyncio.stream import StreamLimits, StreamProtocol, format_peer
+from sockstack.errors import CodecError, ErrorCode, LocalProtocolError
+from sockstack.host.dispatch import DEFAULT_MAX_WORKERS, Dispatcher, Outcome
+from sockstack.host.pattern import Pattern
 from sockstack.protocol.auth import (
     DEFAULT_REPLAY_WINDOW,
     AuthFailure,
@@ -30,7 +43,6 @@ from sockstack.protocol.auth import (
     token_checker,
 )
 from sockstack.protocol.codecs import CODECS
-from sockstack.protocol.connection import ConnectionTerminated, ProtocolViolation
 from sockstack.protocol.datagram import (
     DEFAULT_MAX_DATAGRAM,
     DEFAULT_REPLY_CACHE_BYTES,
@@ -39,21 +51,23 @@ from sockstack.protocol.datagram import (
     DatagramServer,
     ReplyCache,
 )
-from sockstack.protocol.frames import HEADER_SIZE, MAGIC, parse_datagram
-from sockstack.protocol.messages import Request, Role, decode_message, encode_close, encode_error
-from sockstack.protocol.pubsub import Ack, Pub, Sub, Unsub
-from sockstack.pubsub.broker import Broker, BrokerError
-from sockstack.rpc.dispatch import DEFAULT_MAX_WORKERS, Dispatcher, Outcome
-from sockstack.rpc.service import make_handler
+from sockstack.protocol.events import (
+    ConnectionTerminated,
+    Event,
+    PatternMessage,
+    ProtocolViolation,
+    Request,
+    Role,
+)
+from sockstack.protocol.frames import peek_request_id, peek_type
+from sockstack.protocol.messages import CORE_MESSAGES, encode_close, encode_error
+from sockstack.protocol.registry import Registry
 from sockstack.transport.ratelog import RateLimitedLog
-from sockstack.transport.tcp import StreamLimits, StreamProtocol, format_peer
-from sockstack.transport.udp import DatagramEndpoint
 from sockstack.transport.urls import Endpoint, parse_endpoint
 
 __all__ = ["Server", "ServerLimits", "serve"]
 
-_PUBSUB = (Sub, Unsub, Pub, Ack)
-_PUB_TYPE = 0x12
+StreamRoute = Callable[[Any, PatternMessage], None]
 
 log = logging.getLogger("sockstack.server")
 
@@ -84,23 +98,30 @@ class ServerLimits:
     closed. (The process's file descriptor limit applies too: ``ulimit -n``.)"""
 
 
-class _RPCStream(StreamProtocol):
+class _HostStream(StreamProtocol):
+    """One stream connection of the host: the hot path for calls, routing for patterns."""
+
     role = Role.SERVER
 
     def __init__(self, server: Server) -> None:
         super().__init__(server.limits.stream)
         self.server = server
         self.dispatcher = server.dispatcher
+        self.routes = server._stream_routes
+        self.state: dict[str, Any] = {}  # per-connection state of the patterns, by name
         self.in_flight = 0
         self._read_paused = False  # paused because too many requests are running
         self.refused = False  # over the connection limit: CLOSE sent, nothing read
-        self._bout: list[bytes] = []  # broker messages for this subscriber, not yet written
-        self._bout_bytes = 0
-        self._bout_scheduled = False
+        self._soon: list[bytes] = []  # frames from patterns for this peer, not yet written
+        self._soon_bytes = 0
+        self._soon_scheduled = False
 
     def core_options(self) -> dict[str, Any]:
         secret = self.server.secret
-        return {} if secret is None else {"authenticate": token_checker(secret)}
+        options: dict[str, Any] = {"registry": self.server.registry}
+        if secret is not None:
+            options["authenticate"] = token_checker(secret)
+        return options
 
     def on_open(self) -> None:
         server = self.server
@@ -123,19 +144,20 @@ class _RPCStream(StreamProtocol):
 
     def on_lost(self, exc: Exception | None) -> None:
         self.server._streams.discard(self)
-        if self.server.broker is not None:
-            self.server.broker.peer_gone(self)
+        for pattern in self.server.patterns:
+            pattern.connection_lost(self)
 
     def data_received(self, data: bytes) -> None:
         # The hot path, flattened: decode every complete frame of this read, answer inline
-        # methods at once, and send all answers with one write.
+        # methods at once, route pattern messages, and send all answers with one write.
         core = self.core
         assert core is not None
         if self.refused:
             return
         single = core.receive_single(data)  # the common case: one whole REQUEST per read
-        if single is not None and not self.server.draining:
-            outcome = self.dispatcher.dispatch(single)  # type: ignore[arg-type]
+        events: list[Event]
+        if single is not None and type(single) is Request and not self.server.draining:
+            outcome = self.dispatcher.dispatch(single)
             if type(outcome) is tuple and outcome[0]:
                 try:
                     frame = core.response_frame(single.request_id, outcome[1])
@@ -150,23 +172,23 @@ class _RPCStream(StreamProtocol):
                         self.flush()
                         self.arm_timer()
                     return
-            events: list[Any] = []
-            self._outcome(single, outcome)  # type: ignore[arg-type]
+            events = []
+            self._outcome(single, outcome)
         else:
             events = core.receive_data(data) if single is None else [single]
         if events:
             dispatch = self.dispatcher.dispatch
             draining = self.server.draining
-            broker = self.server.broker
+            routes = self.routes
             for ev in events:
                 t = type(ev)
                 if t is Request and not draining:
+                    assert isinstance(ev, Request)
                     self._outcome(ev, dispatch(ev))
-                elif t is Pub and broker is not None and not ev.request_id:
-                    try:  # QoS 0 publishing, the bulk of pub/sub traffic: straight to the broker
-                        broker.publish(ev.topic, ev.payload, ev.codec, ev.retain)
-                    except BrokerError as exc:
-                        self._refuse_pubsub(0, exc)
+                    continue
+                route = routes.get(t)
+                if route is not None:
+                    route(self, ev)  # type: ignore[arg-type]  # routes are keyed by this class
                 else:
                     self.handle_events([ev])
         out = core.buffers_to_send()
@@ -184,110 +206,88 @@ class _RPCStream(StreamProtocol):
 
     def _outcome(self, req: Request, outcome: Outcome | Awaitable[Outcome]) -> None:
         """Queue the answer to a dispatched request, or start the method that will give it."""
-        if type(outcome) is tuple:
+        if isinstance(outcome, tuple):
             if outcome[0]:
+                core = self.core
+                assert core is not None
                 try:
-                    self.core.send_response(req.request_id, outcome[1], CODECS[req.codec])  # type: ignore[union-attr]
+                    core.send_response(req.request_id, outcome[1], CODECS[req.codec])
                     return
                 except (CodecError, LocalProtocolError):
                     pass
             self._answer(req, outcome)
         else:
-            self._start(req, outcome)  # type: ignore[arg-type]
+            self._start(req, outcome)
 
-    def handle_events(self, events: list[Any]) -> None:
+    def handle_events(self, events: Sequence[Event]) -> None:
         for ev in events:
-            t = type(ev)
-            if t is Request:
+            if isinstance(ev, Request):
                 self._on_request(ev)
-            elif t in _PUBSUB:
-                self._on_pubsub(ev)
-            elif t is ProtocolViolation:
+            elif isinstance(ev, PatternMessage):
+                route = self.routes.get(type(ev))
+                if route is not None:
+                    route(self, ev)
+            elif isinstance(ev, ProtocolViolation):
                 self.log_violation(ev)
-            elif t is ConnectionTerminated and ev.by_peer and ev.code is None and self.in_flight:
+            elif (
+                isinstance(ev, ConnectionTerminated)
+                and ev.by_peer
+                and ev.code is None
+                and self.in_flight
+            ):
                 log.info("client %s went away with %d calls in flight", self.peer, self.in_flight)
 
-    # ---------------------------------------------------------------- publish/subscribe
+    # ---------------------------------------------------------------- for patterns (Peer)
 
-    def _on_pubsub(self, ev: Sub | Unsub | Pub | Ack) -> None:
-        core = self.core
-        assert core is not None
-        broker = self.server.broker
-        rid = (
-            ev.request_id
-            if type(ev) is Pub
-            else getattr(ev, "sid", 0) or getattr(ev, "delivery_id", 0)
-        )
-        if broker is None:
-            core.send_error(rid, ErrorCode.UNKNOWN_TYPE, "UNKNOWN_TYPE", "no broker on this server")
-            return
-        try:
-            if type(ev) is Pub:
-                broker.publish(ev.topic, ev.payload, ev.codec, ev.retain)
-                if ev.request_id:
-                    core.send_response(ev.request_id, None)  # QoS 1: accepted
-            elif type(ev) is Sub:
-                sub = broker.subscribe(self, ev.sid, ev.pattern, ev.options)
-                core.send_response(ev.sid, None)  # before the retained messages that follow
-                broker.deliver_retained(sub)
-            elif type(ev) is Ack:
-                broker.ack(self, ev.delivery_id)
-            elif type(ev) is Unsub:
-                broker.unsubscribe(self, ev.sid)
-                core.send_response(ev.sid, None)
-        except BrokerError as exc:
-            self._refuse_pubsub(rid, exc)
-
-    def _refuse_pubsub(self, rid: int, exc: BrokerError) -> None:
-        self.bad_log.warning(  # type: ignore[union-attr]
-            "client %s: %s [%s]", self.peer, exc.message, ErrorCode.describe(exc.code)
-        )
-        assert self.core is not None
-        self.core.send_error(rid, exc.code, ErrorCode(exc.code).name, exc.message)
-
-    def broker_writable(self) -> bool:
+    def writable(self) -> bool:
         # Measured, not only the pause flag: the transport may report its pause a little late,
-        # and a subscriber's backlog must stay in its bounded queue, not in the transport.
+        # and a pattern's backlog (a subscriber's queue) must stay in its own bounded queue,
+        # not in the transport.
         transport = self.transport
         high = self.limits.write_high_water
         return (
             not self.write_paused
-            and self._bout_bytes < high
+            and self._soon_bytes < high
             and transport is not None
             and not transport.is_closing()
             and transport.get_write_buffer_size() < high
         )
 
-    def broker_write(self, data: bytes) -> None:
-        self._bout.append(data)
-        self._bout_bytes += len(data)
-        if not self._bout_scheduled:
-            # Messages for this subscriber in the same loop iteration leave in one write.
-            self._bout_scheduled = True
-            self.loop.call_soon(self._broker_flush)
+    def write_soon(self, data: bytes) -> None:
+        self._soon.append(data)
+        self._soon_bytes += len(data)
+        if not self._soon_scheduled:
+            # Frames for this peer in the same loop iteration leave in one write.
+            self._soon_scheduled = True
+            self.loop.call_soon(self._write_soon_now)
 
-    def _broker_flush(self) -> None:
-        self._bout_scheduled = False
-        out, self._bout, self._bout_bytes = self._bout, [], 0
+    def _write_soon_now(self) -> None:
+        self._soon_scheduled = False
+        out, self._soon, self._soon_bytes = self._soon, [], 0
         transport = self.transport
         if not out or transport is None or transport.is_closing():
             return
         transport.write(b"".join(out))
         if self.write_paused:
             self.check_outbound()
-        elif self.server.broker is not None and self.broker_writable():
-            self.server.broker.peer_writable(self)  # room again: what its subscriptions queued
+        elif self.writable():
+            for pattern in self.server._on_writable:
+                pattern.connection_writable(self)  # room again: what it queued for this peer
 
-    def broker_close(self, code: int, reason: str) -> None:
+    def close_slow(self, code: int, reason: str) -> None:
         core, transport = self.core, self.transport
         if core is None or transport is None or transport.is_closing():
             return
-        self.bad_log.warning("client %s: %s [%s]", self.peer, reason, ErrorCode.describe(code))  # type: ignore[union-attr]
-        self._bout.clear()
+        self.server.bad_log.warning(
+            "client %s: %s [%s]", self.peer, reason, ErrorCode.describe(code)
+        )
+        self._soon.clear()
         core.send_close(code, reason)
         self.flush()
-        # A subscriber that does not read would not read the CLOSE either: cut it off.
+        # A peer that does not read would not read the CLOSE either: cut it off.
         self.loop.call_later(self.server.limits.close_timeout, transport.abort)
+
+    # ---------------------------------------------------------------- calls
 
     def _on_request(self, req: Request) -> None:
         core = self.core
@@ -298,10 +298,10 @@ class _RPCStream(StreamProtocol):
             )
             return
         outcome = self.dispatcher.dispatch(req)
-        if type(outcome) is tuple:
+        if isinstance(outcome, tuple):
             self._answer(req, outcome)
             return
-        self._start(req, outcome)  # type: ignore[arg-type]
+        self._start(req, outcome)
 
     def _start(self, req: Request, pending: Awaitable[Outcome]) -> None:
         self.in_flight += 1
@@ -333,8 +333,8 @@ class _RPCStream(StreamProtocol):
     def resume_writing(self) -> None:
         super().resume_writing()
         self._update_reading()
-        if self.server.broker is not None:
-            self.server.broker.peer_writable(self)
+        for pattern in self.server._on_writable:
+            pattern.connection_writable(self)
 
     def _update_reading(self) -> None:
         transport = self.transport
@@ -363,7 +363,9 @@ class _RPCStream(StreamProtocol):
         core.send_error(req.request_id, code, type_name, message)
 
 
-class _RPCDatagram(DatagramEndpoint):
+class _HostDatagram(DatagramEndpoint):
+    """One UDP endpoint of the host: calls through the datagram core, pattern datagrams routed."""
+
     def __init__(self, server: Server) -> None:
         super().__init__()
         self.server = server
@@ -374,6 +376,7 @@ class _RPCDatagram(DatagramEndpoint):
             reply_cache=ReplyCache(
                 lim.reply_window, lim.reply_cache_entries, lim.reply_cache_bytes
             ),
+            registry=server.registry,
         )
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
@@ -386,26 +389,28 @@ class _RPCDatagram(DatagramEndpoint):
             except AuthFailure as exc:
                 self._unauthenticated(data, addr, exc.reason)
                 return
-        if len(data) >= HEADER_SIZE and data[3] == _PUB_TYPE and self.server.broker is not None:
-            self._publish_datagram(data, addr)
-            return
+        routes = self.server._datagram_routes
+        if routes:
+            pattern = routes.get(peek_type(data))  # type: ignore[arg-type]  # None: no route
+            if pattern is not None:
+                pattern.datagram_received(self, data, addr)
+                return
         for ev in core.receive_datagram(data, addr, now):
-            if type(ev) is Request:
+            if isinstance(ev, Request):
                 self._on_request(ev, addr, now)
-            elif type(ev) is ProtocolViolation:
+            elif isinstance(ev, ProtocolViolation):
                 self.log_violation(ev, addr)
         self.send_all(core.datagrams_to_send())
 
-    def _publish_datagram(self, data: bytes, addr: Any) -> None:
-        """QoS 0 over UDP: a PUB datagram is routed and never answered."""
-        broker = self.server.broker
-        assert broker is not None
-        try:
-            pub = decode_message(parse_datagram(data, self.server.limits.max_datagram))
-            broker.publish(pub.topic, pub.payload, pub.codec, pub.retain)
-        except (RemoteProtocolError, BrokerError) as exc:
-            self.bad_datagrams += 1
-            self.bad_log.warning("udp server %s: PUB refused: %s", format_peer(addr), exc)
+    # ---------------------------------------------------------------- for patterns (DatagramPeer)
+
+    def send_datagram(self, data: bytes, addr: Any) -> None:
+        self.send_all([(data, addr)])
+
+    def count_bad(self) -> None:
+        self.bad_datagrams += 1
+
+    # ---------------------------------------------------------------- calls
 
     def _unauthenticated(self, data: bytes, addr: Any, reason: str) -> None:
         """Log it (rate-limited), and answer ERROR UNAUTHENTICATED, unsealed, when the datagram
@@ -417,10 +422,8 @@ class _RPCDatagram(DatagramEndpoint):
             reason,
             ErrorCode.describe(ErrorCode.UNAUTHENTICATED),
         )
-        if len(data) < HEADER_SIZE or data[:2] != MAGIC:
-            return
-        rid = int.from_bytes(data[8:12], "big")
-        if rid == 0:
+        rid = peek_request_id(data)
+        if not rid:  # not our header, or a datagram that names no request
             return
         reply = encode_error(rid, ErrorCode.UNAUTHENTICATED)  # 18 bytes: the code alone
         transport = self.transport
@@ -491,12 +494,18 @@ class _RPCDatagram(DatagramEndpoint):
 
 
 class Server:
-    """Serves one service over TCP, TLS and UDP endpoints. Use as ``async with Server(...)``."""
+    """The host: patterns served over TCP, TLS and UDP endpoints. ``async with Server(...)``.
+
+    ``patterns`` are the patterns it serves (each a :class:`~sockstack.host.pattern.Pattern`);
+    ``service`` (an object with ``@method``s) adds ``RPC(service)`` and ``broker`` (True or a
+    :class:`~sockstack.pubsub.Broker`) adds ``PubSub(broker)``, in front of them.
+    """
 
     def __init__(
         self,
-        service: object,
+        service: object | None = None,
         *,
+        patterns: Iterable[Pattern] = (),
         tcp: Iterable[str | Endpoint] = (),
         udp: Iterable[str | Endpoint] = (),
         tls: Iterable[str | Endpoint] = (),
@@ -505,29 +514,27 @@ class Server:
         expose_errors: bool = True,
         reuse_port: bool = False,
         secret: bytes | None = None,
-        broker: Broker | bool = False,
+        broker: object = False,
     ) -> None:
         self.limits = limits or ServerLimits()
-        # Publish/subscribe on the same ports (SUB, PUB, MSG, ACK next to REQUEST).
-        self.broker: Broker | None = (
-            broker if isinstance(broker, Broker) else Broker() if broker else None
-        )
-        self._broker_timer: asyncio.TimerHandle | None = None
+        self.patterns: list[Pattern] = [*shorthand_patterns(service, broker), *patterns]
+        if not self.patterns:
+            raise ValueError("a server needs a service or at least one pattern")
         # A shared secret: required in every TCP/TLS HELLO, and on every UDP datagram (HMAC).
         self.secret = secret
         self.datagram_auth = (
             DatagramAuth(secret, window=self.limits.replay_window) if secret is not None else None
         )
         self.dispatcher = Dispatcher(
-            service,
-            expose_errors=expose_errors,
-            max_workers=self.limits.max_workers,
-            allow_empty=self.broker is not None,  # a broker alone serves no methods of its own
+            expose_errors=expose_errors, max_workers=self.limits.max_workers
         )
-        if self.broker is not None:
-            self.dispatcher.handlers["broker.stats"] = make_handler(
-                "broker.stats", self.broker.stats, inline=True
-            )
+        self.registry = Registry([CORE_MESSAGES])
+        self._stream_routes: dict[type, StreamRoute] = {}
+        self._datagram_routes: dict[int, Pattern] = {}
+        self._on_writable: list[Pattern] = []
+        names: set[str] = set()
+        for pattern in self.patterns:
+            self._register(pattern, names)
         self._tcp = [e if isinstance(e, Endpoint) else parse_endpoint(e, "tcp") for e in tcp]
         self._udp = [e if isinstance(e, Endpoint) else parse_endpoint(e, "udp") for e in udp]
         self._tls = [e if isinstance(e, Endpoint) else parse_endpoint(e, "tls") for e in tls]
@@ -540,38 +547,71 @@ class Server:
         self.endpoints: list[Endpoint] = []
         self.draining = False
         self._listeners: list[asyncio.Server] = []
-        self._datagrams: list[_RPCDatagram] = []
-        self._streams: set[_RPCStream] = set()
+        self._datagrams: list[_HostDatagram] = []
+        self._streams: set[_HostStream] = set()
         self.bad_log = RateLimitedLog(logging.getLogger("sockstack.transport"))
         self._in_flight = 0
         self._idle: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped: asyncio.Event | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def _register(self, pattern: Pattern, names: set[str]) -> None:
+        """Plug one pattern in: its message types, routes, methods and hooks."""
+        if pattern.name in names:
+            raise ValueError(f"two patterns are named {pattern.name!r}")
+        names.add(pattern.name)
+        if pattern.messages is not None:
+            self.registry.add(pattern.messages)  # refuses a range another pattern owns
+            for spec in pattern.messages.specs:
+                if spec.cls is not None and Role.CLIENT in spec.sent_by:
+                    self._stream_routes[spec.cls] = pattern.stream_message
+        for t in pattern.datagram_types:
+            if t in self._datagram_routes:
+                raise ValueError(f"{pattern.name}: datagram type 0x{t:02x} is already routed")
+            self._datagram_routes[t] = pattern
+        self.dispatcher.add(pattern.methods(), pattern.name)
+        if type(pattern).connection_writable is not Pattern.connection_writable:
+            self._on_writable.append(pattern)
+
+    def pattern(self, name: str) -> Pattern:
+        """The registered pattern called ``name``."""
+        for p in self.patterns:
+            if p.name == name:
+                return p
+        raise LookupError(f"no pattern {name!r} on this server")
 
     @property
     def service(self) -> object:
-        return self.dispatcher.service
+        """The service of the first pattern that serves one (``RPC``), else None."""
+        for p in self.patterns:
+            service = getattr(p, "service", None)
+            if service is not None:
+                return service
+        return None
+
+    @property
+    def broker(self) -> Any:
+        """The broker of the first pattern that has one (``PubSub``), else None."""
+        for p in self.patterns:
+            broker = getattr(p, "broker", None)
+            if broker is not None:
+                return broker
+        return None
 
     def _request_done(self) -> None:
         self._in_flight -= 1
         if self._in_flight == 0 and self._idle is not None:
             self._idle.set()
 
-    def _broker_tick(self) -> None:
-        if self.broker is not None and not self.draining:
-            self.broker.tick()
-            self._broker_timer = asyncio.get_running_loop().call_later(1.0, self._broker_tick)
-
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        if self.broker is not None:
-            self._broker_timer = loop.call_later(1.0, self._broker_tick)
         try:
             for ep in self._tcp + self._tls:
                 tls = ep.scheme == "tls"
                 srv = await loop.create_server(
-                    lambda: _RPCStream(self),
+                    lambda: _HostStream(self),
                     ep.host,
                     ep.port,
                     backlog=self.limits.backlog,
@@ -590,7 +630,7 @@ class Server:
             for ep in self._udp:
                 family = socket.AF_INET6 if ep.is_ipv6 else socket.AF_INET
                 transport, proto = await loop.create_datagram_endpoint(
-                    lambda: _RPCDatagram(self),
+                    lambda: _HostDatagram(self),
                     local_addr=(ep.host, ep.port),
                     family=family,
                     reuse_port=self.reuse_port or None,
@@ -601,8 +641,18 @@ class Server:
         except BaseException:
             await self._close_endpoints()
             raise
+        for pattern in self.patterns:
+            pattern.start(self)
         for ep in self.endpoints:
-            log.debug("serving %s on %s", type(self.service).__name__, ep)
+            log.debug("serving %s on %s", self.name, ep)
+
+    @property
+    def name(self) -> str:
+        """What it serves, for logs: the service's class name, else the patterns' names."""
+        service = self.service
+        if service is not None:
+            return type(service).__name__
+        return "+".join(p.name for p in self.patterns)
 
     def endpoint(self, scheme: str) -> Endpoint:
         """The first bound endpoint of a scheme (handy with port 0)."""
@@ -666,8 +716,8 @@ class Server:
                     self._in_flight,
                     self.limits.drain_timeout,
                 )
-        if self._broker_timer is not None:
-            self._broker_timer.cancel()
+        for pattern in self.patterns:
+            pattern.stop()
         for dg in self._datagrams:
             if dg.transport is not None:
                 dg.transport.close()
@@ -694,9 +744,28 @@ class Server:
         await self.shutdown()
 
 
+def shorthand_patterns(service: object | None, broker: object = False) -> list[Pattern]:
+    """The patterns ``Server(service, broker=...)`` stands for: ``RPC(service)`` when a service
+    is given, ``PubSub(broker)`` when ``broker`` is a Broker or True. The one place the host
+    names a pattern, imported here only when asked for."""
+    patterns: list[Pattern] = []
+    with_broker = broker is not False and broker is not None
+    if service is not None:
+        from sockstack.rpc.pattern import RPC
+
+        # An empty service beside a broker is allowed, as it always was: the broker serves.
+        patterns.append(RPC(service, allow_empty=with_broker))
+    if with_broker:
+        from sockstack.pubsub.pattern import PubSub
+
+        patterns.append(PubSub(None if broker is True else broker))  # type: ignore[arg-type]
+    return patterns
+
+
 def serve(
-    service: object,
+    service: object | None = None,
     *,
+    patterns: Iterable[Pattern] = (),
     tcp: Iterable[str | Endpoint] = (),
     udp: Iterable[str | Endpoint] = (),
     tls: Iterable[str | Endpoint] = (),
@@ -704,8 +773,10 @@ def serve(
     limits: ServerLimits | None = None,
     expose_errors: bool = True,
     secret: bytes | None = None,
+    broker: object = False,
 ) -> None:
-    """Serve ``service`` until SIGINT/SIGTERM (blocking; uvloop when installed)::
+    """Serve ``service`` (and/or ``patterns``) until SIGINT/SIGTERM (blocking; uvloop when
+    installed)::
 
     serve(Calculator(), tcp=["127.0.0.1:5050"], udp=["127.0.0.1:5051"])
     """
@@ -714,6 +785,7 @@ def serve(
     async def main() -> None:
         server = Server(
             service,
+            patterns=patterns,
             tcp=tcp,
             udp=udp,
             tls=tls,
@@ -721,6 +793,7 @@ def serve(
             limits=limits,
             expose_errors=expose_errors,
             secret=secret,
+            broker=broker,
         )
         await server.run()
 

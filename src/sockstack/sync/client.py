@@ -22,6 +22,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from sockstack.asyncio.client import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    Backoff,
+    Message,
+    tls_reason,
+)
 from sockstack.errors import (
     CallTimeout,
     ConnectError,
@@ -35,8 +42,10 @@ from sockstack.protocol.codecs import CODECS, MSGPACK, Codec, get_codec
 from sockstack.protocol.connection import Connection, ConnectionTerminated, State
 from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, DatagramClient, RetryPolicy
 from sockstack.protocol.frames import DEFAULT_MAX_FRAME, HEADER_SIZE, MAGIC
-from sockstack.protocol.messages import Error, Pong, Response, Role
-from sockstack.protocol.pubsub import (
+from sockstack.protocol.messages import CORE_MESSAGES, Error, Pong, Response, Role
+from sockstack.protocol.registry import Registry
+from sockstack.pubsub.messages import (
+    PUBSUB_MESSAGES,
     Msg,
     encode_ack,
     encode_pub,
@@ -45,13 +54,6 @@ from sockstack.protocol.pubsub import (
     sub_options,
 )
 from sockstack.pubsub.topics import check_topic
-from sockstack.rpc.client import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_TIMEOUT,
-    Backoff,
-    Message,
-    tls_reason,
-)
 from sockstack.transport.tls import client_context
 from sockstack.transport.urls import Endpoint, parse_endpoints
 
@@ -139,6 +141,7 @@ class _TCP:
         secret = self.client.secret
         core = Connection(
             Role.CLIENT,
+            registry=self.client.registry,
             max_frame=self.client.max_frame,
             keepalive_interval=None,
             handshake_timeout=None,
@@ -624,6 +627,7 @@ class Client:
         self.retry = retry
         self.max_datagram = max_datagram
         self._lock = threading.Lock()
+        self.registry = Registry([CORE_MESSAGES, PUBSUB_MESSAGES])
         self._impl: _TCP | _UDP
         if self.endpoint.scheme == "udp":
             self._impl = _UDP(self.endpoint, self)

@@ -8,8 +8,8 @@ counts messages until it has them all or hears nothing for 2 s, and prints its c
 time of its last message. Delivered messages/s = all messages received / (last receipt - start
 of publishing); loss = published x subscribers - received.
 
-    python -m sockstack.bench.pubsub sub --system sockstack --port 5052 --count 1000
-    python -m sockstack.bench.pubsub pub --system sockstack --port 5052 --count 1000
+    python -m bench.pubsub sub --system sockstack --port 5052 --count 1000
+    python -m bench.pubsub pub --system sockstack --port 5052 --count 1000
 """
 
 from __future__ import annotations
@@ -24,7 +24,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sockstack.bench.harness import Result, Server, SkipSystem, free_port, python, spawn, wait_port
+from bench.harness import (
+    Result,
+    Server,
+    SkipSystem,
+    free_port,
+    median_round,
+    python,
+    spawn,
+    wait_port,
+)
 
 __all__ = ["SYSTEMS", "run_pubsub"]
 
@@ -41,7 +50,7 @@ def _report(received: int, last: float) -> None:
 
 
 async def _ss_sub(port: int, count: int) -> None:
-    from sockstack.rpc.client import AsyncClient
+    from sockstack.asyncio.client import AsyncClient
 
     received = 0
     last = 0.0
@@ -73,7 +82,7 @@ async def _wait_done(done: asyncio.Event, last: Callable[[], float]) -> None:
 
 
 async def _ss_pub(port: int, count: int) -> None:
-    from sockstack.rpc.client import AsyncClient
+    from sockstack.asyncio.client import AsyncClient
 
     async with AsyncClient(f"tcp://127.0.0.1:{port}", timeout=30) as c:
         for i in range(count):
@@ -296,7 +305,7 @@ def _start_nats(cpus: set[int]) -> Server:
 
 
 def _start_redis(cpus: set[int]) -> Server:
-    from sockstack.bench.scenarios import start_redis
+    from bench.scenarios import start_redis
 
     return start_redis(cpus)
 
@@ -330,7 +339,7 @@ def _client(role: str, system: str, port: int, count: int) -> subprocess.Popen[s
         [
             python(),
             "-m",
-            "sockstack.bench.pubsub",
+            "bench.pubsub",
             role,
             "--system",
             system,
@@ -455,8 +464,6 @@ def run_pubsub(
     """Every system, ``rounds`` times interleaved (A B C, A B C...); each row is the median."""
     import importlib.util
 
-    from sockstack.bench.runner import median_round
-
     results: list[Result] = []
     skipped: dict[str, str] = {}
     if not only or only in "sockstack":
@@ -496,7 +503,7 @@ def run_pubsub(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Pub/sub benchmark clients (run by sockstack bench).")
+    p = argparse.ArgumentParser(description="Pub/sub benchmark clients (run by python -m bench).")
     p.add_argument("role", choices=["sub", "pub"])
     p.add_argument("--system", choices=sorted(PROGRAMS), required=True)
     p.add_argument("--port", type=int, required=True)

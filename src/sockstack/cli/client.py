@@ -1,0 +1,99 @@
+"""``sockstack call`` and ``sockstack ping``: call a method and print its result; PING/PONG
+round-trip times."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from sockstack.cli.common import (
+    EXIT_OK,
+    UsageError,
+    add_client_arguments,
+    client_options,
+    format_result,
+    parse_value,
+)
+from sockstack.errors import CallError
+from sockstack.sync.client import connect
+
+__all__ = ["add_parsers", "run_call", "run_ping"]
+
+
+def run_call(args: argparse.Namespace) -> int:
+    kwargs = {}
+    for item in args.kw or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UsageError(f"--kw {item!r}: expected KEY=VALUE")
+        kwargs[key] = parse_value(value)
+    values = [parse_value(a) for a in args.args]
+    with connect(
+        args.url, timeout=args.timeout, codec=args.codec, **client_options(args)
+    ) as client:
+        result = client.request(args.method, values, kwargs)
+    print(format_result(result))
+    return EXIT_OK
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    idx = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
+    return sorted_values[idx]
+
+
+def run_ping(args: argparse.Namespace) -> int:
+    if args.count < 1:
+        raise UsageError("--count must be at least 1")
+    rtts: list[float] = []
+    lost = 0
+    with connect(args.url, timeout=args.timeout, **client_options(args)) as client:
+        for _ in range(args.count):
+            try:
+                rtts.append(client.ping())
+            except CallError as exc:
+                if not args.url.startswith("udp"):
+                    raise
+                lost += 1
+                last = exc
+    if not rtts:
+        raise last
+    rtts.sort()
+    us = [r * 1e6 for r in rtts]
+    print(
+        f"{args.count} pings to {args.url}, {lost} lost: "
+        f"min {us[0]:.1f} µs, p50 {_percentile(us, 0.5):.1f} µs, "
+        f"p99 {_percentile(us, 0.99):.1f} µs, max {us[-1]:.1f} µs"
+    )
+    return EXIT_OK
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    c = sub.add_parser(
+        "call",
+        help="call a method and print its result",
+        description="Call METHOD on the server at URL. Each ARG is parsed as JSON when it parses "
+        '(3, true, [1,2], "text"), else taken as a string.',
+    )
+    add_client_arguments(c)
+    c.add_argument("method")
+    c.add_argument("args", nargs="*", metavar="ARG")
+    c.add_argument(
+        "--kw", action="append", metavar="KEY=VALUE", help="keyword argument, repeatable"
+    )
+    c.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    c.add_argument(
+        "--codec",
+        default="msgpack",
+        choices=["msgpack", "json"],
+        help="presentation codec (default msgpack)",
+    )
+
+    g = sub.add_parser(
+        "ping",
+        help="measure round-trip times with PING/PONG",
+        description="Send PING frames one after the other and print min/p50/p99/max round-trip "
+        "time. Over UDP a lost ping is counted, not retried.",
+    )
+    add_client_arguments(g)
+    g.add_argument("--count", type=int, default=10, help="number of pings (default 10)")
+    g.add_argument("--timeout", type=float, default=2.0, help="seconds per ping (default 2)")

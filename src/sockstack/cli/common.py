@@ -1,0 +1,96 @@
+"""What the ``sockstack`` commands share: exit codes, usage errors, argument values, the shared
+secret, and the options of the commands that connect to a server (call, ping, pub, sub)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+__all__ = [
+    "EXIT_CONNECTION",
+    "EXIT_OK",
+    "EXIT_REMOTE",
+    "EXIT_USAGE",
+    "SECRET_ENV",
+    "UsageError",
+    "add_client_arguments",
+    "client_options",
+    "format_result",
+    "load_secret",
+    "parse_value",
+]
+
+EXIT_OK, EXIT_REMOTE, EXIT_USAGE, EXIT_CONNECTION = 0, 1, 2, 3
+SECRET_ENV = "SOCKSTACK_SECRET"
+
+
+class UsageError(Exception):
+    """Bad usage: printed as one line on stderr, exit code 2."""
+
+
+def parse_value(text: str) -> Any:
+    """A command-line argument: JSON when it parses (``3``, ``true``, ``[1,2]``), else a string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def format_result(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value.hex()
+    return json.dumps(value, ensure_ascii=False, default=repr)
+
+
+def load_secret(args: argparse.Namespace) -> bytes | None:
+    """The shared secret from --secret-file, else from $SOCKSTACK_SECRET, else None. Never from
+    a command-line value: those show in `ps` and in shell history."""
+    if args.secret_file:
+        try:
+            with open(args.secret_file, "rb") as f:
+                secret = f.read().strip()
+        except OSError as exc:
+            raise UsageError(f"--secret-file: {exc.strerror or exc}") from None
+        if not secret:
+            raise UsageError(f"--secret-file {args.secret_file}: the file is empty")
+        return secret
+    value = os.environ.get(SECRET_ENV, "")
+    return value.encode() if value else None
+
+
+def client_options(args: argparse.Namespace) -> dict[str, Any]:
+    """TLS and credential options shared by call and ping."""
+    secret = load_secret(args)
+    if not args.url.startswith("tls"):
+        if args.ca or args.cert:
+            raise UsageError("--ca/--cert/--key are for tls:// URLs")
+        return {"secret": secret}
+    from sockstack.transport.tls import client_context
+
+    if args.key and not args.cert:
+        raise UsageError("--key needs --cert")
+    try:
+        return {"tls": client_context(args.ca, cert=args.cert, key=args.key), "secret": secret}
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"TLS files: {exc}") from None
+
+
+def add_client_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("url", help="tcp://host:port, tls://host:port or udp://host:port")
+    p.add_argument(
+        "--ca", metavar="FILE", help="tls://: trust this CA (PEM) instead of the system's"
+    )
+    p.add_argument("--cert", metavar="FILE", help="tls://: client certificate, PEM (mutual TLS)")
+    p.add_argument("--key", metavar="FILE", help="tls://: private key of --cert, PEM")
+    p.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help="shared secret of the server, read from FILE (else from $SOCKSTACK_SECRET)",
+    )

@@ -1,0 +1,329 @@
+"""``sockstack serve`` and ``sockstack broker``: a service, the broker, or both, on TCP, TLS and
+UDP endpoints; ``--workers N`` processes sharing the ports."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import ssl
+import sys
+
+from sockstack.asyncio.stream import StreamLimits
+from sockstack.cli.common import EXIT_CONNECTION, EXIT_OK, UsageError, load_secret
+from sockstack.host.pattern import Pattern
+from sockstack.host.server import Server, ServerLimits
+from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM
+from sockstack.protocol.frames import DEFAULT_MAX_FRAME
+from sockstack.pubsub.pattern import PubSub
+from sockstack.rpc.pattern import RPC
+from sockstack.transport.loop import run
+from sockstack.transport.urls import (
+    DEFAULT_BROKER_TCP_PORT,
+    DEFAULT_BROKER_UDP_PORT,
+    DEFAULT_TCP_PORT,
+    DEFAULT_UDP_PORT,
+)
+
+__all__ = ["add_parsers", "load_service", "run_serve"]
+
+_DEFAULT_LIMITS = ServerLimits()
+
+
+def load_service(spec: str) -> object:
+    """``module:Class`` (module importable from the current directory) -> a service instance."""
+    module_name, colon, attr = spec.partition(":")
+    if not colon or not module_name or not attr:
+        raise UsageError(f"service {spec!r}: expected module:Class, e.g. demo_service:Calculator")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"cannot import {module_name!r}: {exc}") from None
+    try:
+        obj = getattr(module, attr)
+    except AttributeError:
+        raise UsageError(f"module {module_name!r} has no {attr!r}") from None
+    return obj() if isinstance(obj, type) else obj
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    if not args.no_malloc_tuning:
+        from sockstack.transport.memory import tune_malloc
+
+        tune_malloc()
+    # The server is built as every server is: a host with the patterns it serves.
+    patterns: list[Pattern] = []
+    if args.command != "broker":
+        if args.service:
+            service = load_service(args.service)
+        else:
+            from sockstack.demo import Demo
+
+            service = Demo()
+        patterns.append(RPC(service))
+    if args.command == "broker" or args.broker:
+        patterns.append(PubSub())
+    tcp, udp, tls = args.tcp or [], args.udp or [], args.tls or []
+    if not tcp and not udp and not tls:
+        if args.command == "broker":
+            tcp, udp = (
+                [f"127.0.0.1:{DEFAULT_BROKER_TCP_PORT}"],
+                [f"127.0.0.1:{DEFAULT_BROKER_UDP_PORT}"],
+            )
+        else:
+            tcp, udp = [f"127.0.0.1:{DEFAULT_TCP_PORT}"], [f"127.0.0.1:{DEFAULT_UDP_PORT}"]
+    tls_context = _server_tls(args)
+    limits = ServerLimits(
+        stream=StreamLimits(
+            max_frame=args.max_frame,
+            handshake_timeout=args.handshake_timeout or None,
+            keepalive_interval=args.keepalive or None,
+            keepalive_timeout=args.keepalive or 20.0,
+            max_outbound=args.max_outbound,
+        ),
+        max_in_flight=args.max_in_flight,
+        max_connections=args.max_connections,
+        max_datagram=args.max_datagram,
+        drain_timeout=args.drain_timeout,
+    )
+    try:
+        server = Server(
+            patterns=patterns,
+            tcp=tcp,
+            udp=udp,
+            tls=tls,
+            tls_context=tls_context,
+            limits=limits,
+            expose_errors=not args.hide_errors,
+            reuse_port=args.reuse_port,
+            secret=load_secret(args),
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        await server.start()
+    except OSError as exc:
+        print(f"sockstack: error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CONNECTION
+    name = "broker" if args.command == "broker" else type(server.service).__name__
+    if server.broker is not None and args.command != "broker":
+        name += " and the broker"
+    for ep in server.endpoints:
+        print(f"serving {name} on {ep}", flush=True)
+    first = server.endpoints[0]
+    if args.command == "broker":
+        print(
+            f"try: sockstack sub {first} 'sensors.>'   and   sockstack pub {first} "
+            "sensors.room1.temp 21.5   (Ctrl-C stops)",
+            flush=True,
+        )
+    else:
+        print(f"try: sockstack call {first} {_example_call(server)}   (Ctrl-C stops)", flush=True)
+    await server.run(handle_signals=True)
+    return EXIT_OK
+
+
+def _server_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if not args.tls:
+        if args.cert or args.client_ca:
+            raise UsageError("--cert/--key/--client-ca need a --tls endpoint")
+        return None
+    if not args.cert:
+        raise UsageError("--tls needs --cert (and --key unless the key is in the cert file)")
+    from sockstack.transport.tls import server_context
+
+    try:
+        return server_context(args.cert, args.key, client_ca=args.client_ca)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"TLS files: {exc}") from None
+
+
+def _serve_workers(args: argparse.Namespace) -> int:
+    from sockstack.host.workers import run_workers
+
+    if args.service:
+        load_service(args.service)  # fail here, once, rather than in every worker
+    tcp, udp, tls = args.tcp or [], args.udp or [], args.tls or []
+    if not tcp and not udp and not tls:
+        tcp, udp = [f"127.0.0.1:{DEFAULT_TCP_PORT}"], [f"127.0.0.1:{DEFAULT_UDP_PORT}"]
+    _server_tls(args)  # check the files once, here
+    worker_args = ["--log-level", args.log_level, "serve"]
+    if args.service:
+        worker_args.append(args.service)
+    worker_args += [
+        f"--max-frame={args.max_frame}",
+        f"--max-datagram={args.max_datagram}",
+        f"--max-in-flight={args.max_in_flight}",
+        f"--max-connections={args.max_connections}",
+        f"--max-outbound={args.max_outbound}",
+        f"--handshake-timeout={args.handshake_timeout}",
+        f"--keepalive={args.keepalive}",
+        f"--drain-timeout={args.drain_timeout}",
+    ]
+    load_secret(args)  # check it once, here; workers read the same file or environment
+    for flag, value in (
+        ("--cert", args.cert),
+        ("--key", args.key),
+        ("--client-ca", args.client_ca),
+        ("--secret-file", args.secret_file),
+    ):
+        if value:
+            worker_args.append(f"{flag}={value}")
+    if args.hide_errors:
+        worker_args.append("--hide-errors")
+    if args.no_malloc_tuning:
+        worker_args.append("--no-malloc-tuning")
+    return run_workers(worker_args, tcp, udp, args.workers, tls=tls)
+
+
+def _example_call(server: Server) -> str:
+    handlers = server.dispatcher.handlers
+    if "add" in handlers:
+        return "add 2 3"
+    return next(iter(sorted(handlers)))
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """``serve`` or ``broker``: one process on the event loop, or ``--workers`` processes."""
+    if args.broker and args.workers > 1:
+        raise UsageError("the broker keeps its subscriptions in one process: no --workers with it")
+    if args.workers > 1:
+        return _serve_workers(args)
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    return run(_serve(args))
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # Options shared by `serve` and `broker`.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--tcp",
+        action="append",
+        metavar="HOST:PORT",
+        help="TCP endpoint, repeatable ([::1]:5050 for IPv6; port 0 picks one)",
+    )
+    common.add_argument(
+        "--udp", action="append", metavar="HOST:PORT", help="UDP endpoint, repeatable"
+    )
+    common.add_argument(
+        "--tls",
+        action="append",
+        metavar="HOST:PORT",
+        help="TLS-over-TCP endpoint, repeatable (needs --cert and --key)",
+    )
+    common.add_argument("--cert", metavar="FILE", help="server certificate chain, PEM (for --tls)")
+    common.add_argument("--key", metavar="FILE", help="private key of --cert, PEM")
+    common.add_argument(
+        "--client-ca",
+        metavar="FILE",
+        help="require client certificates signed by this CA, PEM (mutual TLS)",
+    )
+    common.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help="shared secret every client must present (TCP: in HELLO; UDP: HMAC on every "
+        "datagram), read from FILE (else from $SOCKSTACK_SECRET)",
+    )
+    common.add_argument(
+        "--max-frame",
+        type=int,
+        default=DEFAULT_MAX_FRAME,
+        help="largest frame (meta + body) accepted, bytes (default 1 MiB)",
+    )
+    common.add_argument(
+        "--max-datagram",
+        type=int,
+        default=DEFAULT_MAX_DATAGRAM,
+        help="largest UDP frame accepted or sent, bytes (default 65507)",
+    )
+    common.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=_DEFAULT_LIMITS.max_in_flight,
+        help="requests running at once per TCP connection before the server stops "
+        "reading it (default 1024)",
+    )
+    common.add_argument(
+        "--max-connections",
+        type=int,
+        default=_DEFAULT_LIMITS.max_connections,
+        help="TCP connections open at once; more are refused with CLOSE TOO_MANY_CONNECTIONS "
+        "(default 10000; `ulimit -n` applies too)",
+    )
+    common.add_argument(
+        "--max-outbound",
+        type=int,
+        default=_DEFAULT_LIMITS.stream.max_outbound,
+        help="unsent bytes per connection (answers its client does not read) before the "
+        "connection is reset; at least twice --max-frame (default 8 MiB)",
+    )
+    common.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a new TCP connection has to send HELLO; 0 disables (default 10)",
+    )
+    common.add_argument(
+        "--keepalive",
+        type=float,
+        default=20.0,
+        help="PING a silent connection after this many seconds, close it if no answer "
+        "in as many again; 0 disables (default 20)",
+    )
+    common.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=_DEFAULT_LIMITS.drain_timeout,
+        help="seconds to finish in-flight requests on shutdown (default 10)",
+    )
+    common.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the ports with SO_REUSEPORT, to use several cores "
+        "(default 1)",
+    )
+    common.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="bind with SO_REUSEPORT so that several processes serve the same port",
+    )
+    common.add_argument(
+        "--no-malloc-tuning",
+        action="store_true",
+        help="keep glibc's default malloc thresholds (by default large frames reuse heap "
+        "memory instead of fresh pages: faster, keeps up to 64 MiB of freed memory)",
+    )
+    common.add_argument(
+        "--hide-errors",
+        action="store_true",
+        help="send clients only the type of unexpected exceptions, not their message",
+    )
+
+    s = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="serve a service over TCP and/or UDP",
+        description="Serve a service (module:Class; the built-in demo when omitted) until "
+        "SIGINT/SIGTERM, which drain in-flight requests before exiting. Without --tcp/--udp: "
+        f"tcp 127.0.0.1:{DEFAULT_TCP_PORT} and udp 127.0.0.1:{DEFAULT_UDP_PORT}.",
+    )
+    s.add_argument("service", nargs="?", help="module:Class, importable from the current directory")
+    s.add_argument(
+        "--broker",
+        action="store_true",
+        help="also host the publish/subscribe broker on the same ports",
+    )
+    k = sub.add_parser(
+        "broker",
+        parents=[common],
+        help="run a publish/subscribe broker",
+        description="Run the publish/subscribe broker alone until SIGINT/SIGTERM. Without "
+        f"--tcp/--udp: tcp 127.0.0.1:{DEFAULT_BROKER_TCP_PORT} and udp "
+        f"127.0.0.1:{DEFAULT_BROKER_UDP_PORT}. Subscribers need TCP (or TLS); UDP takes QoS 0 "
+        "publishes.",
+    )
+    k.set_defaults(service=None, broker=True)

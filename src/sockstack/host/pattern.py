@@ -1,0 +1,122 @@
+"""What a pattern is to the host: the one interface RPC, publish/subscribe and later patterns
+(remote objects, the HTTP gateway, edge relays) plug into.
+
+A pattern is a folder with a subclass of :class:`Pattern`, registered on one host::
+
+    server = Server(patterns=[RPC(Calculator()), PubSub(Broker())], tcp=["127.0.0.1:5050"])
+
+The host owns endpoints (TCP, TLS, UDP), the handshake and authentication, limits,
+backpressure, drain and shutdown. A pattern says what it adds:
+
+- :attr:`Pattern.messages` — its message types (a :class:`~sockstack.protocol.registry.MessageSet`
+  in the range docs/PROTOCOL.md reserves for it), added to every session's registry. Messages of
+  these types arriving on a stream go to :meth:`Pattern.stream_message`.
+- :meth:`Pattern.methods` — methods it serves over REQUEST (``broker.stats``), next to the
+  other patterns' methods in the host's one :class:`~sockstack.host.dispatch.Dispatcher`.
+- :attr:`Pattern.datagram_types` — message types it takes whole from UDP
+  (:meth:`Pattern.datagram_received`), after the host checked the datagram's seal.
+- hooks for the life of a connection and of the host (:meth:`start`, :meth:`stop`,
+  :meth:`connection_lost`, :meth:`connection_writable`).
+
+What a pattern sees of a connection is :class:`Peer`; per-connection state a pattern keeps
+lives in ``peer.state[pattern.name]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sockstack.protocol.events import PatternMessage
+from sockstack.protocol.registry import MessageSet
+
+if TYPE_CHECKING:
+    from sockstack.host.dispatch import Handler
+    from sockstack.host.server import ServerLimits
+    from sockstack.protocol.connection import Connection
+    from sockstack.transport.ratelog import RateLimitedLog
+
+__all__ = ["DatagramPeer", "HostContext", "Pattern", "Peer"]
+
+
+class Peer(Protocol):
+    """One stream connection, as a pattern sees it."""
+
+    peer: str
+    """The remote address, for logs."""
+    core: Connection | None
+    """The session core: ``send_response``, ``send_error``, ``send_message`` queue frames."""
+    state: dict[str, Any]
+    """Per-connection state, one entry per pattern that keeps some (key: the pattern's name)."""
+
+    def flush(self) -> None:
+        """Write what the core queued now (otherwise it leaves with the current batch)."""
+
+    def write_soon(self, data: bytes) -> None:
+        """Queue encoded frames; everything queued in one loop iteration leaves in one write."""
+
+    def writable(self) -> bool:
+        """True while the connection's unsent bytes are below its high-water mark."""
+
+    def close_slow(self, code: int, reason: str) -> None:
+        """Close a peer that does not read: CLOSE ``code``, then cut it off after a delay."""
+
+
+class DatagramPeer(Protocol):
+    """One UDP endpoint of the host, as a pattern sees it."""
+
+    bad_log: RateLimitedLog
+
+    def send_datagram(self, data: bytes, addr: Any) -> None:
+        """Send one datagram (sealed when the host has a secret)."""
+
+    def count_bad(self) -> None:
+        """Count a refused datagram in the endpoint's statistics."""
+
+
+class HostContext(Protocol):
+    """What the host offers a pattern when it starts."""
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None: ...
+    @property
+    def bad_log(self) -> RateLimitedLog: ...
+    @property
+    def draining(self) -> bool: ...
+    @property
+    def limits(self) -> ServerLimits: ...
+
+
+class Pattern:
+    """Base class of patterns. Override what the pattern uses; every hook has a default."""
+
+    name: str = "pattern"
+    """Unique on a host; also the key of the pattern's per-connection state."""
+    messages: MessageSet | None = None
+    """The message types it adds to the sessions (None: it uses REQUEST alone)."""
+    datagram_types: frozenset[int] = frozenset()
+    """Message types of datagrams handed whole to :meth:`datagram_received`."""
+
+    def methods(self) -> Mapping[str, Handler]:
+        """Methods it serves over REQUEST, by wire name."""
+        return {}
+
+    def start(self, host: HostContext) -> None:
+        """The host is up (called on its event loop): start timers here."""
+
+    def stop(self) -> None:
+        """The host is shutting down: cancel timers, release resources."""
+
+    def stream_message(self, peer: Peer, msg: PatternMessage) -> None:
+        """A message of one of its types arrived on a stream (already decoded, and sent by the
+        role the type allows). Answer through ``peer.core``."""
+
+    def datagram_received(self, endpoint: DatagramPeer, data: bytes, addr: Any) -> None:
+        """A datagram of one of :attr:`datagram_types` arrived (its seal, if any, checked)."""
+
+    def connection_lost(self, peer: Peer) -> None:
+        """A stream connection is gone: forget what the pattern kept for it."""
+
+    def connection_writable(self, peer: Peer) -> None:
+        """A connection's write buffer went below its high-water mark again."""

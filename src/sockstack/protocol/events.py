@@ -1,0 +1,175 @@
+"""The typed events of the protocol core: what ``receive_data`` and ``receive_datagram`` return.
+
+Every event is a small immutable value. Messages (one per frame) and session events (the
+handshake ended, the session ended, the peer broke a rule) together form :data:`Event`, a union
+a type checker can follow::
+
+    for ev in conn.receive_data(data):
+        match ev:
+            case Request(): ...
+            case ConnectionTerminated(): ...
+
+Patterns (publish/subscribe, remote objects...) add messages of their own: each is a subclass
+of :class:`PatternMessage`, registered with its type on a
+:class:`~sockstack.protocol.registry.Registry`.
+
+Messages are declared with :func:`message`: frozen for the type checker, plain slotted classes at
+run time, because a frozen dataclass costs about 4x more to build (440 ns against 120 ns for a
+REQUEST on the machines we measure) and one is built per message on the hot path.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, dataclass_transform
+
+from sockstack.errors import ErrorCode
+from sockstack.protocol.frames import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
+
+__all__ = [
+    "Close",
+    "ConnectionTerminated",
+    "Error",
+    "Event",
+    "HandshakeComplete",
+    "Hello",
+    "Message",
+    "PatternMessage",
+    "Ping",
+    "Pong",
+    "ProtocolViolation",
+    "Request",
+    "Response",
+    "Role",
+    "Welcome",
+    "message",
+]
+
+_T = TypeVar("_T")
+
+
+@dataclass_transform(frozen_default=True, field_specifiers=(field,))
+def message(cls: type[_T]) -> type[_T]:
+    """Declare a message class: read-only to the type checker, cheap to build at run time."""
+    return dataclass(slots=True)(cls)
+
+
+class Role(enum.Enum):
+    """Which end of a session: a message type says which role may send it."""
+
+    CLIENT = "client"
+    SERVER = "server"
+
+
+# --------------------------------------------------------------------------- session events
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeComplete:
+    version: int
+    peer_agent: str
+    peer_max_frame: int = DEFAULT_MAX_FRAME
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionTerminated:
+    """The session is over. ``code`` is None when the stream ended without a CLOSE frame."""
+
+    code: int | None
+    reason: str
+    by_peer: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolViolation:
+    """The peer broke the protocol; this side already answered with ERROR or CLOSE ``code``."""
+
+    code: int
+    message: str
+    request_id: int = 0
+    fatal: bool = False
+
+
+# --------------------------------------------------------------------------- core messages
+
+
+@message
+class Hello:
+    """Client -> server, first frame on a stream: the versions it speaks and optional extensions."""
+
+    min_version: int = PROTOCOL_VERSION
+    max_version: int = PROTOCOL_VERSION
+    max_frame: int = DEFAULT_MAX_FRAME
+    agent: str = ""
+    extensions: tuple[tuple[int, bytes], ...] = ()
+
+
+@message
+class Welcome:
+    """Server -> client: the chosen version, the server's codecs and its frame limit."""
+
+    version: int = PROTOCOL_VERSION
+    codecs: tuple[int, ...] = (1, 2, 0)
+    max_frame: int = DEFAULT_MAX_FRAME
+    agent: str = ""
+    extensions: tuple[tuple[int, bytes], ...] = ()
+
+
+@message
+class Request:
+    request_id: int
+    method: str
+    args: Sequence[Any] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    codec: int = 1
+
+
+@message
+class Response:
+    request_id: int
+    result: Any = None
+    codec: int = 1
+
+
+@message
+class Error:
+    """ERROR frame: the request ``request_id`` (0: none) failed with ``code``."""
+
+    request_id: int
+    code: int
+    type: str = ""
+    message: str = ""
+
+
+@message
+class Ping:
+    request_id: int
+    payload: bytes = b""
+
+
+@message
+class Pong:
+    request_id: int
+    payload: bytes = b""
+
+
+@message
+class Close:
+    code: int = ErrorCode.NORMAL
+    reason: str = ""
+
+
+class PatternMessage:
+    """Base class of the messages a pattern registers (SUB, PUB, MSG...): the core routes them
+    to the pattern without knowing their fields."""
+
+    __slots__ = ()
+
+
+Message = Hello | Welcome | Request | Response | Error | Ping | Pong | Close | PatternMessage
+"""One decoded frame."""
+
+Event = Message | HandshakeComplete | ConnectionTerminated | ProtocolViolation
+"""Anything the core reports to its adapter."""

@@ -1,0 +1,124 @@
+"""Publish/subscribe as a pattern on the host: SUB, UNSUB, PUB and ACK routed to a broker.
+
+::
+
+    Server(patterns=[RPC(Calculator()), PubSub(Broker())], tcp=["127.0.0.1:5050"])
+
+It adds the message types 0x10-0x1F (:data:`~sockstack.pubsub.messages.PUBSUB_MESSAGES`), the
+``broker.stats`` method, QoS 0 PUB datagrams over UDP (never answered), the broker's once-a-second
+tick (QoS 1 redelivery), and forgets a connection's subscriptions when it goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+from sockstack.asyncio.stream import format_peer
+from sockstack.errors import ErrorCode, RemoteProtocolError
+from sockstack.host.dispatch import Handler, make_handler
+from sockstack.host.pattern import DatagramPeer, HostContext, Pattern, Peer
+from sockstack.protocol.events import PatternMessage
+from sockstack.protocol.frames import parse_datagram
+from sockstack.protocol.registry import Registry
+from sockstack.pubsub.broker import Broker, BrokerError
+from sockstack.pubsub.messages import PUBSUB_MESSAGES, Ack, Pub, PubSubType, Sub, Unsub
+
+__all__ = ["PubSub"]
+
+TICK = 1.0  # seconds between QoS 1 redelivery checks
+_ONLY_PUBSUB = Registry([PUBSUB_MESSAGES])  # decodes the PUB datagrams handed to this pattern
+
+
+class PubSub(Pattern):
+    """Host ``broker`` (a new :class:`Broker` with default limits when None)."""
+
+    name = "pubsub"
+    messages = PUBSUB_MESSAGES
+    datagram_types = frozenset({int(PubSubType.PUB)})
+
+    def __init__(self, broker: Broker | None = None) -> None:
+        self.broker = broker if broker is not None else Broker()
+        self._host: HostContext | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._max_datagram = 65507
+
+    def methods(self) -> Mapping[str, Handler]:
+        return {"broker.stats": make_handler("broker.stats", self.broker.stats, inline=True)}
+
+    # ------------------------------------------------------------------ life
+
+    def start(self, host: HostContext) -> None:
+        self._host = host
+        self._max_datagram = host.limits.max_datagram
+        assert host.loop is not None
+        self._timer = host.loop.call_later(TICK, self._tick)
+
+    def _tick(self) -> None:
+        host = self._host
+        if host is not None and host.loop is not None and not host.draining:
+            self.broker.tick()
+            self._timer = host.loop.call_later(TICK, self._tick)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def connection_lost(self, peer: Peer) -> None:
+        self.broker.peer_gone(peer)
+
+    def connection_writable(self, peer: Peer) -> None:
+        self.broker.peer_writable(peer)
+
+    # ------------------------------------------------------------------ messages
+
+    def stream_message(self, peer: Peer, msg: PatternMessage) -> None:
+        broker = self.broker
+        if type(msg) is Pub and not msg.request_id:
+            try:  # QoS 0 publishing, the bulk of pub/sub traffic: straight to the broker
+                broker.publish(msg.topic, msg.payload, msg.codec, msg.retain)
+            except BrokerError as exc:
+                self._refuse(peer, 0, exc)
+            return
+        core = peer.core
+        assert core is not None
+        rid = 0
+        try:
+            if isinstance(msg, Pub):
+                rid = msg.request_id
+                broker.publish(msg.topic, msg.payload, msg.codec, msg.retain)
+                core.send_response(rid, None)  # QoS 1: accepted
+            elif isinstance(msg, Sub):
+                rid = msg.sid
+                sub = broker.subscribe(peer, msg.sid, msg.pattern, msg.options)
+                core.send_response(msg.sid, None)  # before the retained messages that follow
+                broker.deliver_retained(sub)
+            elif isinstance(msg, Ack):
+                rid = msg.delivery_id
+                broker.ack(peer, msg.delivery_id)
+            elif isinstance(msg, Unsub):
+                rid = msg.sid
+                broker.unsubscribe(peer, msg.sid)
+                core.send_response(msg.sid, None)
+        except BrokerError as exc:
+            self._refuse(peer, rid, exc)
+
+    def _refuse(self, peer: Peer, rid: int, exc: BrokerError) -> None:
+        if self._host is not None:
+            self._host.bad_log.warning(
+                "client %s: %s [%s]", peer.peer, exc.message, ErrorCode.describe(exc.code)
+            )
+        assert peer.core is not None
+        peer.core.send_error(rid, exc.code, ErrorCode(exc.code).name, exc.message)
+
+    def datagram_received(self, endpoint: DatagramPeer, data: bytes, addr: Any) -> None:
+        """QoS 0 over UDP: a PUB datagram is routed and never answered."""
+        try:
+            pub = _ONLY_PUBSUB.decode(parse_datagram(data, self._max_datagram))
+            assert isinstance(pub, Pub)
+            self.broker.publish(pub.topic, pub.payload, pub.codec, pub.retain)
+        except (RemoteProtocolError, BrokerError) as exc:
+            endpoint.count_bad()
+            endpoint.bad_log.warning("udp server %s: PUB refused: %s", format_peer(addr), exc)
