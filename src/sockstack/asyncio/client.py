@@ -10,118 +10,92 @@ Many calls share one connection (pipelining), matched by request id. Each call h
 with jittered exponential backoff; a call made meanwhile waits for the reconnect within its own
 timeout. Over UDP, a call is retransmitted with the same request id until answered or timed out;
 the server's reply cache makes sure it runs once.
+
+This module is an I/O adapter: request ids, deadlines, matching answers, failover order and
+backoff are the sans-I/O :mod:`sockstack.protocol.calls`, shared with the blocking client.
+Patterns reach a connection through :class:`StreamChannel`'s small API (``exchange``,
+``send_soon``, ``routes``, ``on_reconnect``): publish/subscribe's client side is
+:mod:`sockstack.pubsub.client`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import heapq
-import inspect
 import logging
 import os
-import random
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from sockstack.asyncio.datagram import DatagramEndpoint
 from sockstack.asyncio.stream import StreamLimits, StreamProtocol
-from sockstack.errors import (
-    CallTimeout,
-    CodecError,
-    ConnectError,
-    ConnectionClosed,
-    ConnectionLost,
-    ErrorCode,
-    RemoteError,
-)
+from sockstack.errors import CallTimeout, ConnectError, ConnectionClosed, ConnectionLost, ErrorCode
 from sockstack.protocol.auth import AuthFailure, DatagramAuth, token_extension, unsealed_refusal
-from sockstack.protocol.codecs import CODECS, Codec, get_codec
-from sockstack.protocol.connection import (
+from sockstack.protocol.calls import Backoff, Calls, Failover, PendingCall, outcome
+from sockstack.protocol.codecs import Codec, get_codec
+from sockstack.protocol.connection import State
+from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, DatagramClient, RetryPolicy
+from sockstack.protocol.events import (
     ConnectionTerminated,
+    Error,
+    Event,
     HandshakeComplete,
+    PatternMessage,
+    Pong,
     ProtocolViolation,
-    State,
+    Response,
+    Role,
 )
-from sockstack.protocol.datagram import (
-    DEFAULT_MAX_DATAGRAM,
-    CallExpired,
-    DatagramClient,
-    RetryPolicy,
-)
-from sockstack.protocol.messages import CORE_MESSAGES, Error, Pong, Response, Role
+from sockstack.protocol.messages import CORE_MESSAGES
 from sockstack.protocol.registry import Registry
-from sockstack.pubsub.messages import (
-    PUBSUB_MESSAGES,
-    Msg,
-    encode_ack,
-    encode_pub,
-    encode_sub,
-    encode_unsub,
-    sub_options,
-)
-from sockstack.pubsub.topics import check_topic
-from sockstack.transport.tls import client_context
+from sockstack.pubsub.client import AsyncPubSub, Message, Subscription
+from sockstack.transport.tls import client_context, tls_reason
 from sockstack.transport.urls import Endpoint, parse_endpoints
 
-__all__ = ["DEFAULT_TIMEOUT", "AsyncClient", "Backoff"]
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_TIMEOUT",
+    "AsyncClient",
+    "Backoff",
+    "Message",
+    "StreamChannel",
+    "Subscription",
+]
 
 log = logging.getLogger("sockstack.client")
 _SENDABLE = (State.OPEN, State.HELLO_SENT)
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Reconnect delays: ``initial * factor**attempt`` capped at ``max_delay``, each scaled by a
-    random factor in [0.5, 1] so that many clients do not reconnect in lockstep."""
-
-    initial: float = 0.05
-    factor: float = 2.0
-    max_delay: float = 5.0
-
-    def delay(self, attempt: int) -> float:
-        return min(self.initial * self.factor**attempt, self.max_delay) * random.uniform(0.5, 1.0)
+Waiter = asyncio.Future[Any]
+Route = Callable[[Any], None]
 
 
 async def _fail(exc: Exception) -> Any:
     raise exc
 
 
-def tls_reason(exc: ssl.SSLError) -> str:
-    """What went wrong in a TLS handshake, in words (the verify message when there is one)."""
-    detail = getattr(exc, "verify_message", None) or exc.reason or str(exc)
-    return f"{exc.reason}: {detail}" if exc.reason and detail != exc.reason else str(detail)
-
-
 def _os_error(exc: OSError) -> str:
     return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
-def outcome_error(ev: Error, method: str) -> RemoteError:
-    return RemoteError(ev.type or ErrorCode.describe(ev.code), ev.message, ev.code)
-
-
-class _Pending:
-    __slots__ = ("deadline", "fut", "method", "timeout")
-
-    def __init__(self, fut: asyncio.Future[Any], method: str, timeout: float = 0.0) -> None:
-        self.fut = fut
-        self.method = method
-        self.timeout = timeout
-        self.deadline = 0.0
+def _settle(call: PendingCall[Waiter] | None, ev: Response | Error | Pong) -> None:
+    """Hand an answer to the future of the call it answers (if that call still waits)."""
+    if call is not None and not call.waiter.done():
+        ok, value = outcome(ev)
+        if ok:
+            call.waiter.set_result(value)
+        else:
+            call.waiter.set_exception(value)
 
 
 class _TCPStream(StreamProtocol):
     role = Role.CLIENT
 
-    def __init__(self, channel: _TCPChannel) -> None:
+    def __init__(self, channel: StreamChannel) -> None:
         super().__init__(channel.limits)
         self.channel = channel
         self.welcome: asyncio.Future[None] = self.loop.create_future()
@@ -134,85 +108,92 @@ class _TCPStream(StreamProtocol):
             options["hello_extensions"] = [token_extension(secret)]
         return options
 
-    def handle_events(self, events: list[Any]) -> None:
-        pending = self.channel.pending
+    def handle_events(self, events: Sequence[Event]) -> None:
+        take = self.channel.calls.take
         for ev in events:
-            t = type(ev)
-            if t is Response:
-                p = pending.pop(ev.request_id, None)
-                if p is not None and not p.fut.done():
-                    p.fut.set_result(ev.result)
-            elif t is Error:
-                p = pending.pop(ev.request_id, None)
-                if p is not None and not p.fut.done():
-                    p.fut.set_exception(outcome_error(ev, p.method))
-                elif ev.request_id == 0:
+            if type(ev) is Response or type(ev) is Error:
+                call = take(ev)
+                if call is not None:
+                    _settle(call, ev)
+                elif type(ev) is Error and ev.request_id == 0:
                     log.warning("server %s reported: %s %s", self.peer, ev.type, ev.message)
-            elif t is Pong:
-                p = pending.pop(ev.request_id, None)
-                if p is not None and not p.fut.done():
-                    p.fut.set_result(self.loop.time())
-            elif t is HandshakeComplete:
+            elif isinstance(ev, PatternMessage):
+                route = self.channel.routes.get(type(ev))
+                if route is not None:
+                    route(ev)
+            elif type(ev) is Pong:
+                call = take(ev)
+                if call is not None and not call.waiter.done():
+                    call.waiter.set_result(self.loop.time())
+            elif type(ev) is HandshakeComplete:
                 if not self.welcome.done():
                     self.welcome.set_result(None)
-            elif t is ConnectionTerminated:
+            elif type(ev) is ConnectionTerminated:
                 self.terminated = ev
-            elif t is Msg:
-                self.channel._on_msg(ev)
-            elif t is ProtocolViolation:
+            elif type(ev) is ProtocolViolation:
                 self.log_violation(ev)
 
     def can_send(self) -> bool:
-        core = self.core
-        return core is not None and core.state in _SENDABLE and not self.transport.is_closing()  # type: ignore[union-attr]
+        core, transport = self.core, self.transport
+        return (
+            core is not None
+            and core.state in _SENDABLE
+            and transport is not None
+            and not transport.is_closing()
+        )
 
     def on_lost(self, exc: Exception | None) -> None:
         self.channel._on_lost(self, exc)
 
 
-class _TCPChannel:
+class StreamChannel:
+    """The client's TCP/TLS side: one connection at a time, reconnecting, failing over.
+
+    What patterns use: :meth:`exchange` (a frame of theirs that gets a RESPONSE),
+    :meth:`send_soon` (a frame that gets none), ``routes`` (their message class -> handler),
+    ``on_reconnect`` (callbacks after a reconnect) and ``state`` (their per-client state)."""
+
+    kind = "stream"
+
     def __init__(self, eps: list[Endpoint], client: AsyncClient) -> None:
-        self.eps = eps
-        self._index = 0
+        self.failover: Failover[Endpoint] = Failover(eps)
         self.client = client
         self.limits = client.stream_limits
         self.loop = asyncio.get_running_loop()
-        self.pending: dict[int, _Pending] = {}
+        self.calls: Calls[Waiter] = Calls()
         self.stream: _TCPStream | None = None
         self.connected = asyncio.Event()
         self.closed = False
         self.last_error: str = ""
-        self._next_id = 0
+        self.routes: dict[type, Route] = {}
+        self.on_reconnect: list[Callable[[], None]] = []
+        self.state: dict[str, Any] = {}
         self._reconnect_task: asyncio.Task[None] | None = None
         self._flush_scheduled = False
-        self._deadlines: list[tuple[float, int]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self.subscriptions: dict[int, Subscription] = {}
 
     @property
     def ep(self) -> Endpoint:
-        return self.eps[self._index]
+        return self.failover.current
 
     async def connect_once(self, timeout: float) -> None:
         """Connect to the current server, else to the next ones in the list (failover)."""
         errors = []
-        n = len(self.eps)
-        for i in range(n):
-            index = (self._index + i) % n
+        for index, ep in self.failover.attempts():
             try:
-                stream = await self._connect_to(self.eps[index], timeout)
+                stream = await self._connect_to(ep, timeout)
             except ConnectError as exc:
                 errors.append(str(exc))
                 continue
-            if index != self._index:
-                log.warning("failing over from %s to %s", self.ep, self.eps[index])
-            self._index = index
+            previous = self.failover.connected(index)
+            if previous is not None:
+                log.warning("failing over from %s to %s", previous, ep)
             self.stream = stream
             self.last_error = ""
             self.connected.set()
             return
-        raise ConnectError("; ".join(errors))
+        raise Failover.all_failed(errors)
 
     async def _connect_to(self, ep: Endpoint, timeout: float) -> _TCPStream:
         stream: _TCPStream | None = None
@@ -261,10 +242,9 @@ class _TCPChannel:
         self.stream = None
         self.connected.clear()
         self.last_error = str(error)
-        pending, self.pending = self.pending, {}
-        for p in pending.values():
-            if not p.fut.done():
-                p.fut.set_exception(error)
+        for call in self.calls.drain():
+            if not call.waiter.done():
+                call.waiter.set_exception(error)
         if not self.closed and self.client.reconnect:
             log.info("%s; reconnecting", error)
             self.last_error = "reconnecting after: " + self.last_error
@@ -276,20 +256,13 @@ class _TCPChannel:
             try:
                 await self.connect_once(self.client.connect_timeout)
                 log.info("reconnected to %s", self.ep)
-                self._resubscribe()
+                for callback in self.on_reconnect:
+                    callback()
                 return
             except ConnectError as exc:
                 self.last_error = str(exc)
             await asyncio.sleep(self.client.backoff.delay(attempt))  # backoff between attempts
             attempt += 1
-
-    def _new_id(self) -> int:
-        rid = self._next_id
-        while True:
-            rid = rid % 0xFFFFFFFF + 1
-            if rid not in self.pending:
-                self._next_id = rid
-                return rid
 
     async def _wait_connected(self, method: str, timeout: float, deadline: float) -> _TCPStream:
         """The current stream once it can carry a request, waiting for a reconnect if needed."""
@@ -320,34 +293,32 @@ class _TCPChannel:
     ) -> Any:
         stream = self.stream
         loop = self.loop
-        deadline = loop.time() + timeout
+        now = loop.time()
         if stream is None or not stream.can_send():
-            stream = await self._wait_connected(method, timeout, deadline)
-        rid = self._new_id()
-        assert stream.core is not None
-        stream.core.send_request(rid, method, args, kwargs, codec)  # CodecError: nothing sent
-        fut = loop.create_future()
-        p = self.pending[rid] = _Pending(fut, method, timeout)
-        p.deadline = deadline
+            stream = await self._wait_connected(method, timeout, now + timeout)
+        calls = self.calls
+        rid = calls.new_id()
+        core = stream.core
+        assert core is not None
+        core.send_request(rid, method, args, kwargs, codec)  # CodecError: nothing sent
+        call = calls.start(method, timeout, now, loop.create_future(), rid)
         if not self._flush_scheduled:
             # Requests made in the same loop iteration leave in one write.
             self._flush_scheduled = True
             loop.call_soon(self._flush, stream)
-        heapq.heappush(self._deadlines, (deadline, rid))
-        if self._timer_at is None or deadline < self._timer_at:
-            self._arm(deadline)
+        if self._timer_at is None or call.deadline < self._timer_at:
+            self._arm(call.deadline)
         try:
-            return await fut
+            return await call.waiter
         finally:
-            if self.pending.get(rid) is p:  # cancelled by the caller
-                del self.pending[rid]
+            if calls.pending.get(rid) is call:  # cancelled by the caller
+                calls.forget(rid)
 
     def _flush(self, stream: _TCPStream) -> None:
         self._flush_scheduled = False
         stream.flush()
 
-    # One timer for all calls: a heap of (deadline, id), the timer set at the earliest. Answered
-    # calls leave stale heap entries that are skipped when they come up.
+    # One timer for all calls, set at the earliest deadline the call core reports.
     def _arm(self, when: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -356,138 +327,74 @@ class _TCPChannel:
 
     def _on_timer(self) -> None:
         self._timer = self._timer_at = None
-        now = self.loop.time()
-        heap = self._deadlines
-        pending = self.pending
-        while heap and heap[0][0] <= now:
-            deadline, rid = heapq.heappop(heap)
-            p = pending.get(rid)
-            if p is not None and p.deadline == deadline:
-                del pending[rid]
-                if not p.fut.done():
-                    p.fut.set_exception(CallTimeout(p.method, p.timeout))
-        if not pending:
-            heap.clear()
-        elif heap:
-            self._arm(heap[0][0])
+        for call in self.calls.expire(self.loop.time()):
+            if not call.waiter.done():
+                call.waiter.set_exception(call.expired())
+        nxt = self.calls.next_deadline()
+        if nxt is not None:
+            self._arm(nxt)
 
-    def _expire(self, rid: int, timeout: float) -> None:
-        p = self.pending.pop(rid, None)
-        if p is not None and not p.fut.done():
-            p.fut.set_exception(CallTimeout(p.method, timeout))
+    # ------------------------------------------------------------------ for patterns
 
-    # ------------------------------------------------------------------ publish/subscribe
-
-    async def _exchange(self, frame: Callable[[int], bytes], what: str, timeout: float) -> int:
-        """Send the frame built for a fresh id and wait for its RESPONSE; returns the id."""
+    async def exchange(self, frame: Callable[[int], bytes], what: str, timeout: float) -> int:
+        """Send the frame built for a fresh id and wait for its RESPONSE; returns the id.
+        Raises :class:`CallTimeout`, or :class:`RemoteError` for an ERROR answer."""
         loop = self.loop
-        deadline = loop.time() + timeout
+        now = loop.time()
+        deadline = now + timeout
         stream = self.stream
         if stream is None or not stream.can_send():
             stream = await self._wait_connected(what, timeout, deadline)
-        rid = self._new_id()
-        assert stream.core is not None
-        fut = loop.create_future()
-        self.pending[rid] = _Pending(fut, what, timeout)
+        core = stream.core
+        assert core is not None
+        call = self.calls.start(what, timeout, now, loop.create_future())
         try:
-            stream.core.send_message(frame(rid))
+            core.send_message(frame(call.request_id))
             stream.flush()
             async with asyncio.timeout_at(deadline):
-                await fut
+                await call.waiter
         except TimeoutError:
-            raise CallTimeout(what, timeout) from None
+            raise call.expired() from None
         finally:
-            self.pending.pop(rid, None)
-        return rid
+            self.calls.forget(call.request_id)
+        return call.request_id
 
-    async def publish(
-        self, topic: str, payload: bytes, codec: int, qos: int, retain: bool, timeout: float
-    ) -> None:
-        if qos == 1:
-            await self._exchange(
-                lambda rid: encode_pub(topic, payload, rid, codec, retain), "PUB " + topic, timeout
-            )
-            return
-        if not self.publish_now(topic, payload, codec, retain):
-            await self._wait_connected("PUB " + topic, timeout, self.loop.time() + timeout)
-            self.publish_now(topic, payload, codec, retain)
-
-    def publish_now(self, topic: str, payload: bytes, codec: int, retain: bool) -> bool:
-        """QoS 0: queue the PUB on the open stream (False, nothing queued, when there is none)."""
+    def send_soon(self, frame: bytes) -> bool:
+        """Queue a frame that gets no answer on the open stream (False, nothing queued, when
+        there is none); everything queued in one loop iteration leaves in one write."""
         stream = self.stream
-        if stream is None or stream.core is None or not stream.can_send():
+        if stream is None or not stream.can_send():
             return False
-        self._send_soon(stream, encode_pub(topic, payload, 0, codec, retain))
-        return True
-
-    def _send_soon(self, stream: _TCPStream, frame: bytes) -> None:
-        """Queue a frame; everything queued in one loop iteration leaves in one write."""
-        assert stream.core is not None
-        stream.core.send_message(frame)
+        core = stream.core
+        assert core is not None
+        core.send_message(frame)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush, stream)
+        return True
 
-    async def subscribe(self, sub: Subscription, timeout: float) -> None:
-        def frame(sid: int) -> bytes:
-            sub.sid = sid
-            self.subscriptions[sid] = sub  # before the answer: retained messages follow it
-            return encode_sub(sid, sub.pattern, sub.options)
-
-        try:
-            await self._exchange(frame, "SUB " + sub.pattern, timeout)
-        except BaseException:
-            self.subscriptions.pop(sub.sid, None)
-            raise
-
-    async def unsubscribe(self, sub: Subscription, timeout: float) -> None:
-        if self.subscriptions.pop(sub.sid, None) is None:
-            return
-        stream = self.stream
-        if stream is not None and stream.can_send() and stream.core is not None:
-            stream.core.send_message(encode_unsub(sub.sid))
-            stream.flush()
-
-    def _resubscribe(self) -> None:
-        """After a reconnect: the (new) broker knows none of our subscriptions; send them all
-        again under the same ids. Their answers have no waiter and are ignored."""
-        stream = self.stream
-        if stream is None or stream.core is None or not self.subscriptions:
-            return
-        for sid, sub in self.subscriptions.items():
-            stream.core.send_message(encode_sub(sid, sub.pattern, sub.options))
-        stream.flush()
-        log.info("resubscribed %d subscriptions", len(self.subscriptions))
-
-    def _on_msg(self, msg: Msg) -> None:
-        sub = self.subscriptions.get(msg.sid)
-        if sub is None:
-            return  # unsubscribed meanwhile
-        sub._arrive(msg)
-
-    def ack(self, delivery_id: int) -> None:
-        stream = self.stream
-        if stream is not None and stream.can_send() and stream.core is not None:
-            self._send_soon(stream, encode_ack(delivery_id))
+    async def wait_connected(self, what: str, timeout: float) -> None:
+        """Return once the stream can carry a frame (reconnecting if needed), within timeout."""
+        await self._wait_connected(what, timeout, self.loop.time() + timeout)
 
     async def ping(self, timeout: float) -> float:
         loop = self.loop
-        deadline = loop.time() + timeout
+        start = loop.time()
         stream = self.stream
         if stream is None or not stream.can_send():
-            stream = await self._wait_connected("PING", timeout, deadline)
-        rid = self._new_id()
-        assert stream.core is not None
-        fut = loop.create_future()
-        self.pending[rid] = _Pending(fut, "PING")
-        start = loop.time()
-        stream.core.send_ping(rid, b"")
+            stream = await self._wait_connected("PING", timeout, start + timeout)
+        core = stream.core
+        assert core is not None
+        call = self.calls.start("PING", timeout, start, loop.create_future())
+        core.send_ping(call.request_id, b"")
         stream.flush()
-        handle = loop.call_at(deadline, self._expire, rid, timeout)
         try:
-            end = await fut
+            async with asyncio.timeout_at(call.deadline):
+                end = await call.waiter
+        except TimeoutError:
+            raise call.expired() from None
         finally:
-            handle.cancel()
+            self.calls.forget(call.request_id)
         return float(end - start)
 
     async def close(self) -> None:
@@ -513,7 +420,7 @@ class _TCPChannel:
 class _UDPEndpoint(DatagramEndpoint):
     side = "client"
 
-    def __init__(self, channel: _UDPChannel) -> None:
+    def __init__(self, channel: DatagramChannel) -> None:
         super().__init__()
         self.channel = channel
 
@@ -524,19 +431,23 @@ class _UDPEndpoint(DatagramEndpoint):
         self.channel.last_error = f"{type(exc).__name__}: {exc}"
 
 
-class _UDPChannel:
+class DatagramChannel:
+    """The client's UDP side: the datagram core retransmits, the call core matches answers."""
+
+    kind = "datagram"
+
     def __init__(self, ep: Endpoint, client: AsyncClient) -> None:
         self.ep = ep
         self.client = client
         self.loop = asyncio.get_running_loop()
-        self.core = DatagramClient(max_datagram=client.max_datagram, retry=client.retry)
-        self.pending: dict[int, _Pending] = {}
+        self.core = DatagramClient(
+            max_datagram=client.max_datagram, retry=client.retry, registry=client.registry
+        )
+        self.calls: Calls[Waiter] = Calls()
         self.endpoint: _UDPEndpoint | None = None
         self.last_error = ""
-        self._last_id = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when: float | None = None
-        self._ping_start: dict[int, float] = {}
         secret = client.secret
         self.auth = DatagramAuth(secret) if secret is not None else None
 
@@ -549,19 +460,11 @@ class _UDPChannel:
         except OSError as exc:
             raise ConnectError(f"{self.ep}: {_os_error(exc)}") from None
 
-    def _new_id(self) -> int:
-        rid = self.core.new_request_id(self._last_id)
-        while rid in self.pending:
-            rid = self.core.new_request_id(rid)
-        self._last_id = rid
-        return rid
-
-    def publish(self, topic: str, payload: bytes, codec: int, retain: bool) -> None:
-        """QoS 0 over UDP: one PUB datagram, no answer."""
+    def send_datagram(self, data: bytes) -> None:
+        """Send one datagram that gets no answer (sealed when the client has a secret)."""
         ep = self.endpoint
         if ep is None or ep.transport is None:
             raise ConnectError("client is closed")
-        data = encode_pub(topic, payload, 0, codec, retain)
         ep.transport.sendto(data if self.auth is None else self.auth.seal(data, time.time()))
 
     def _flush(self) -> None:
@@ -586,16 +489,13 @@ class _UDPChannel:
         self._timer = None
         self._timer_when = None
         for ev in self.core.handle_timer(self.loop.time()):
-            self._expired(ev)
+            call = self.calls.forget(ev.request_id)
+            if call is not None and not call.waiter.done():
+                detail = f"{ev.attempts} datagrams sent"
+                if self.last_error:
+                    detail += f"; last error: {self.last_error}"
+                call.waiter.set_exception(call.expired(detail))
         self._flush()
-
-    def _expired(self, ev: CallExpired) -> None:
-        p = self.pending.pop(ev.request_id, None)
-        if p is not None and not p.fut.done():
-            detail = f"{ev.attempts} datagrams sent"
-            if self.last_error:
-                detail += f"; last error: {self.last_error}"
-            p.fut.set_exception(CallTimeout(p.method, p.timeout, detail))
 
     def _on_datagram(self, data: bytes, addr: Any) -> None:
         if self.auth is not None:
@@ -606,20 +506,13 @@ class _UDPChannel:
                     self.last_error = f"dropped a datagram: {exc.reason}"
                     return
         for ev in self.core.receive_datagram(data):
-            t = type(ev)
-            if t is Response:
-                p = self.pending.pop(ev.request_id, None)
-                if p is not None and not p.fut.done():
-                    p.fut.set_result(ev.result)
-            elif t is Error:
-                p = self.pending.pop(ev.request_id, None)
-                if p is not None and not p.fut.done():
-                    p.fut.set_exception(outcome_error(ev, p.method))
-            elif t is Pong:
-                p = self.pending.pop(ev.request_id, None)
-                if p is not None and not p.fut.done():
-                    p.fut.set_result(self.loop.time())
-            elif t is ProtocolViolation and self.endpoint is not None:
+            if type(ev) is Response or type(ev) is Error:
+                _settle(self.calls.take(ev), ev)
+            elif type(ev) is Pong:
+                call = self.calls.take(ev)
+                if call is not None and not call.waiter.done():
+                    call.waiter.set_result(self.loop.time())
+            elif type(ev) is ProtocolViolation and self.endpoint is not None:
                 self.endpoint.log_violation(ev, addr)
 
     async def call(
@@ -632,159 +525,47 @@ class _UDPChannel:
     ) -> Any:
         if self.endpoint is None:
             raise ConnectError("client is closed")
-        rid = self._new_id()
+        calls = self.calls
+        rid = calls.new_id()
         now = self.loop.time()
         # DATAGRAM_TOO_LARGE and CodecError are raised here, before anything is sent.
         self.core.send_request(rid, method, args, kwargs, codec, now=now, timeout=timeout)
-        fut = self.loop.create_future()
-        self.pending[rid] = _Pending(fut, method, timeout)
+        call = calls.start(method, timeout, now, self.loop.create_future(), rid)
         self._flush()
         try:
-            return await fut
+            return await call.waiter
         finally:
-            if rid in self.pending:  # cancelled by the caller
-                del self.pending[rid]
+            if calls.forget(rid) is not None:  # cancelled by the caller
                 self.core.cancel(rid)
 
     async def ping(self, timeout: float) -> float:
         if self.endpoint is None:
             raise ConnectError("client is closed")
-        rid = self._new_id()
-        fut = self.loop.create_future()
-        self.pending[rid] = _Pending(fut, "PING")
         start = self.loop.time()
-        self.core.send_ping(rid)
+        call = self.calls.start("PING", timeout, start, self.loop.create_future())
+        self.core.send_ping(call.request_id)
         self._flush()
         try:
             async with asyncio.timeout(timeout):
-                end = await fut
+                end = await call.waiter
         except TimeoutError:
-            raise CallTimeout("PING", timeout, "lost or no server") from None
+            raise call.expired("lost or no server") from None
         finally:
-            self.pending.pop(rid, None)
+            self.calls.forget(call.request_id)
         return float(end - start)
 
     async def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        for p in self.pending.values():
-            if not p.fut.done():
-                p.fut.set_exception(ConnectError("client closed"))
-        self.pending.clear()
+        for call in self.calls.drain():
+            if not call.waiter.done():
+                call.waiter.set_exception(ConnectError("client closed"))
         if self.endpoint is not None and self.endpoint.transport is not None:
             self.endpoint.transport.close()
         self.endpoint = None
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One published message, as a subscriber receives it."""
-
-    topic: str
-    value: Any
-    """The payload, decoded with the codec it was published in."""
-    retained: bool = False
-    """Delivered from the topic's retained store on subscribing."""
-    redelivered: bool = False
-    """QoS 1: sent again because the first delivery was not acknowledged in time."""
-
-
-class Subscription:
-    """A live subscription: iterate it (``async for msg in sub``), or give ``callback``.
-
-    At QoS 1 each message is acknowledged once the application has it: when the iterator
-    returns it, or when the callback returns. Messages wait in a client-side queue of at most
-    ``max_pending``; beyond that the oldest are dropped and counted in ``dropped``.
-    """
-
-    def __init__(
-        self,
-        channel: _TCPChannel,
-        pattern: str,
-        options: dict[str, Any],
-        callback: Callable[[Message], Any] | None,
-        max_pending: int,
-    ) -> None:
-        self._channel = channel
-        self.pattern = pattern
-        self.options = options
-        self.sid = 0
-        self.callback = callback
-        # A plain function's result is not checked for awaitables per message (costly).
-        self._async_callback = callback is not None and not (
-            inspect.isfunction(callback) and not inspect.iscoroutinefunction(callback)
-        )
-        self.max_pending = max_pending
-        self.dropped = 0
-        self.received = 0
-        self._queue: collections.deque[tuple[Message, int]] = collections.deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self._closed = False
-
-    def _arrive(self, msg: Msg) -> None:
-        try:
-            value = CODECS[msg.codec].decode(msg.payload)
-        except (KeyError, CodecError) as exc:
-            log.warning("message on %s not decodable: %s", msg.topic, exc)
-            if msg.delivery_id:
-                self._channel.ack(msg.delivery_id)  # never redeliver what cannot be read
-            return
-        self.received += 1
-        message = Message(msg.topic, value, msg.retained, msg.redelivered)
-        if self.callback is not None:
-            result = self.callback(message)
-            if self._async_callback and inspect.isawaitable(result):
-                task = asyncio.ensure_future(result)
-                if msg.delivery_id:
-                    delivery_id = msg.delivery_id
-
-                    def acked(_task: asyncio.Future[Any]) -> None:
-                        self._channel.ack(delivery_id)
-
-                    task.add_done_callback(acked)
-                return
-            if msg.delivery_id:
-                self._channel.ack(msg.delivery_id)
-            return
-        if len(self._queue) >= self.max_pending:
-            self._queue.popleft()
-            self.dropped += 1
-        self._queue.append((message, msg.delivery_id))
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def get(self, timeout: float | None = None) -> Message:
-        """The next message; :class:`CallTimeout` after ``timeout`` seconds without one."""
-        while not self._queue:
-            if self._closed:
-                raise StopAsyncIteration
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._waiter
-            except TimeoutError:
-                raise CallTimeout(f"messages on {self.pattern}", timeout or 0.0) from None
-            finally:
-                self._waiter = None
-        message, delivery_id = self._queue.popleft()
-        if delivery_id:
-            self._channel.ack(delivery_id)
-        return message
-
-    def __aiter__(self) -> AsyncIterator[Message]:
-        return self
-
-    async def __anext__(self) -> Message:
-        return await self.get()
-
-    async def unsubscribe(self, timeout: float = 5.0) -> None:
-        self._closed = True
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-        await self._channel.unsubscribe(self, timeout)
-
-
-class AsyncClient:
+class AsyncClient(AsyncPubSub):
     """An asyncio client for ``tcp://host:port`` or ``udp://host:port``.
 
     ``url`` may list several TCP servers (``"tcp://a:5050,tcp://b:5050"`` or a list): the client
@@ -793,6 +574,7 @@ class AsyncClient:
     ``timeout`` is the default per-call timeout; ``codec`` one of "msgpack" (default), "json",
     "raw". TCP: ``reconnect`` (default True) with ``backoff``. UDP: ``retry`` policy and
     ``max_datagram`` (requests above it are refused locally, before sending).
+    Publish/subscribe (``publish``, ``subscribe``) comes from :class:`AsyncPubSub`.
     """
 
     def __init__(
@@ -825,17 +607,19 @@ class AsyncClient:
         self.stream_limits = stream_limits or StreamLimits()
         self.retry = retry
         self.max_datagram = max_datagram
-        self._channel: _TCPChannel | _UDPChannel | None = None
-        self.registry = Registry([CORE_MESSAGES, PUBSUB_MESSAGES])
+        # The message types this client's sessions decode; a pattern's client side adds its
+        # own (publish/subscribe adds MSG when the client first subscribes).
+        self.registry = Registry([CORE_MESSAGES])
+        self._channel: StreamChannel | DatagramChannel | None = None
 
     async def connect(self) -> AsyncClient:
         """Connect (TCP: and complete the handshake). Raises :class:`ConnectError`."""
         if self._channel is None:
-            channel: _TCPChannel | _UDPChannel
+            channel: StreamChannel | DatagramChannel
             if self.endpoint.scheme == "udp":
-                channel = _UDPChannel(self.endpoint, self)
+                channel = DatagramChannel(self.endpoint, self)
             else:
-                channel = _TCPChannel(self.endpoints, self)
+                channel = StreamChannel(self.endpoints, self)
             await channel.connect_once(self.connect_timeout)
             self._channel = channel
         return self
@@ -869,61 +653,19 @@ class AsyncClient:
             self.codec,
         )
 
-    def _tcp(self) -> _TCPChannel:
+    def stream_channel(self, what: str) -> StreamChannel:
+        """The TCP/TLS channel, for patterns that need a connection (ConnectError if none)."""
         channel = self._channel
         if channel is None:
             raise ConnectError("client is not connected: use `async with` or connect()")
-        if not isinstance(channel, _TCPChannel):
-            raise ConnectError("subscribe and QoS 1 need a tcp:// or tls:// broker URL")
+        if not isinstance(channel, StreamChannel):
+            raise ConnectError(f"{what} needs a tcp:// or tls:// URL")
         return channel
 
-    async def publish(
-        self,
-        topic: str,
-        value: Any,
-        *,
-        qos: int = 0,
-        retain: bool = False,
-        timeout: float | None = None,
-    ) -> None:
-        """Publish ``value`` (encoded with the client's codec) to ``topic``. QoS 0 returns at
-        once (over UDP too); QoS 1 returns once the broker has accepted the message."""
-        if qos not in (0, 1):
-            raise ValueError("qos must be 0 or 1")
-        check_topic(topic)  # TopicError (a ValueError) here rather than an ERROR later
-        payload = self.codec.encode(value)
-        t = self.timeout if timeout is None else timeout
-        channel = self._channel
-        if isinstance(channel, _UDPChannel):
-            if qos:
-                raise ConnectError("QoS 1 needs a tcp:// or tls:// broker URL")
-            channel.publish(topic, payload, self.codec.id, retain)
-            return
-        if not qos and type(channel) is _TCPChannel:
-            if channel.publish_now(topic, payload, self.codec.id, retain):
-                return  # QoS 0 while connected: no coroutine layer below this one
-        await self._tcp().publish(topic, payload, self.codec.id, qos, retain, t)
-
-    async def subscribe(
-        self,
-        pattern: str,
-        *,
-        group: str | None = None,
-        qos: int = 0,
-        policy: str | None = None,
-        max_msgs: int | None = None,
-        max_bytes: int | None = None,
-        callback: Callable[[Message], Any] | None = None,
-        max_pending: int = 100_000,
-        timeout: float | None = None,
-    ) -> Subscription:
-        """Subscribe to a pattern (``*`` one token, ``>`` the rest). Returns once the broker
-        has the subscription, so anything published after that is delivered to it."""
-        options = sub_options(group, qos, policy, max_msgs, max_bytes)
-        channel = self._tcp()
-        sub = Subscription(channel, pattern, options, callback, max_pending)
-        await channel.subscribe(sub, self.timeout if timeout is None else timeout)
-        return sub
+    @property
+    def channel(self) -> StreamChannel | DatagramChannel | None:
+        """The connected channel (None before :meth:`connect`)."""
+        return self._channel
 
     async def ping(self, timeout: float | None = None) -> float:
         """Round-trip time of one PING/PONG, in seconds."""

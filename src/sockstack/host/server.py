@@ -67,7 +67,8 @@ from sockstack.transport.urls import Endpoint, parse_endpoint
 
 __all__ = ["Server", "ServerLimits", "serve"]
 
-StreamRoute = Callable[[Any, PatternMessage], None]
+StreamRoute = Callable[[Any, Any], None]
+"""A pattern's ``stream_message``, called with (connection, message) for its message classes."""
 
 log = logging.getLogger("sockstack.server")
 
@@ -188,7 +189,7 @@ class _HostStream(StreamProtocol):
                     continue
                 route = routes.get(t)
                 if route is not None:
-                    route(self, ev)  # type: ignore[arg-type]  # routes are keyed by this class
+                    route(self, ev)
                 else:
                     self.handle_events([ev])
         out = core.buffers_to_send()
@@ -391,7 +392,8 @@ class _HostDatagram(DatagramEndpoint):
                 return
         routes = self.server._datagram_routes
         if routes:
-            pattern = routes.get(peek_type(data))  # type: ignore[arg-type]  # None: no route
+            t = peek_type(data)
+            pattern = routes.get(t) if t is not None else None
             if pattern is not None:
                 pattern.datagram_received(self, data, addr)
                 return
@@ -468,12 +470,12 @@ class _HostDatagram(DatagramEndpoint):
                 )
                 return
         outcome = dispatcher.dispatch(req)
-        if type(outcome) is tuple:
+        if isinstance(outcome, tuple):
             self._answer(req, addr, outcome, now)
             return
         self.server._in_flight += 1
         self.in_flight += 1
-        self.loop.create_task(self._finish(req, addr, outcome))  # type: ignore[arg-type]
+        self.loop.create_task(self._finish(req, addr, outcome))
 
     async def _finish(self, req: Request, addr: Any, pending: Awaitable[Outcome]) -> None:
         try:
@@ -756,9 +758,10 @@ def shorthand_patterns(service: object | None, broker: object = False) -> list[P
         # An empty service beside a broker is allowed, as it always was: the broker serves.
         patterns.append(RPC(service, allow_empty=with_broker))
     if with_broker:
+        from sockstack.pubsub.broker import Broker
         from sockstack.pubsub.pattern import PubSub
 
-        patterns.append(PubSub(None if broker is True else broker))  # type: ignore[arg-type]
+        patterns.append(PubSub(broker if isinstance(broker, Broker) else None))
     return patterns
 
 

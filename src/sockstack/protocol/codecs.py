@@ -93,7 +93,7 @@ class MsgpackCodec:
                 use_bin_type=True, autoreset=True, buf_size=_PACK_BUF
             )
         try:
-            return packer.pack(value)  # type: ignore[no-any-return]
+            return packer.pack(value)  # type: ignore[no-any-return]  # msgpack ships no type stubs
         except (TypeError, ValueError, OverflowError) as exc:
             self._local.packer = msgpack.Packer(
                 use_bin_type=True, autoreset=True, buf_size=_PACK_BUF

@@ -26,6 +26,7 @@ import enum
 import functools
 import struct
 from dataclasses import dataclass
+from typing import cast
 
 from sockstack.errors import ErrorCode, FrameTooLarge, RemoteProtocolError
 
@@ -243,6 +244,7 @@ class FrameDecoder:
             src = data
         frames: list[Frame] = []
         is_bytes = type(src) is bytes
+        bsrc = cast(bytes, src)  # read only where is_bytes holds
         pos = 0
         end = len(src)
         unpack = HEADER.unpack_from
@@ -263,9 +265,7 @@ class FrameDecoder:
                 if stop > end:
                     break
                 if is_bytes:  # slicing bytes already gives bytes
-                    frames.append(
-                        Frame(type_, rid, flags, codec, src[start:mid], src[mid:stop])  # type: ignore[arg-type]
-                    )
+                    frames.append(Frame(type_, rid, flags, codec, bsrc[start:mid], bsrc[mid:stop]))
                 else:
                     frames.append(
                         Frame(type_, rid, flags, codec, bytes(src[start:mid]), bytes(src[mid:stop]))

@@ -11,7 +11,6 @@ call's timeout; the server runs a retried call once.
 
 from __future__ import annotations
 
-import collections
 import errno
 import select
 import socket
@@ -19,71 +18,66 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from sockstack.asyncio.client import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_TIMEOUT,
-    Backoff,
-    Message,
-    tls_reason,
-)
+from sockstack.asyncio.client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT
 from sockstack.errors import (
     CallTimeout,
     ConnectError,
     ConnectionClosed,
     ConnectionLost,
     ErrorCode,
-    RemoteError,
 )
 from sockstack.protocol.auth import AuthFailure, DatagramAuth, token_extension, unsealed_refusal
-from sockstack.protocol.codecs import CODECS, MSGPACK, Codec, get_codec
-from sockstack.protocol.connection import Connection, ConnectionTerminated, State
+from sockstack.protocol.calls import Backoff, Calls, Failover
+from sockstack.protocol.codecs import MSGPACK, Codec, get_codec
+from sockstack.protocol.connection import Connection, State
 from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, DatagramClient, RetryPolicy
-from sockstack.protocol.frames import DEFAULT_MAX_FRAME, HEADER_SIZE, MAGIC
-from sockstack.protocol.messages import CORE_MESSAGES, Error, Pong, Response, Role
-from sockstack.protocol.registry import Registry
-from sockstack.pubsub.messages import (
-    PUBSUB_MESSAGES,
-    Msg,
-    encode_ack,
-    encode_pub,
-    encode_sub,
-    encode_unsub,
-    sub_options,
+from sockstack.protocol.events import (
+    ConnectionTerminated,
+    Event,
+    PatternMessage,
+    Response,
+    Role,
 )
-from sockstack.pubsub.topics import check_topic
-from sockstack.transport.tls import client_context
+from sockstack.protocol.frames import DEFAULT_MAX_FRAME, HEADER_SIZE, declared_size
+from sockstack.protocol.messages import CORE_MESSAGES
+from sockstack.protocol.registry import Registry
+from sockstack.pubsub.client import BlockingPubSub, BlockingSubscription
+from sockstack.transport.tls import client_context, tls_reason
 from sockstack.transport.urls import Endpoint, parse_endpoints
 
-__all__ = ["Client", "connect"]
+__all__ = ["BlockingSubscription", "Client", "DatagramConnection", "StreamConnection", "connect"]
 
 _RECV = 256 * 1024
 _GATHER_ABOVE = 64 * 1024
-_LARGE = struct.Struct(">2s4xHII")  # magic, meta_len, request id, body_len of a frame header
 # Reads go into one preallocated buffer per connection: sock.recv(256 KiB) would allocate (and
 # mmap/mremap/munmap, above glibc's mmap threshold) a fresh 256 KiB object on every call.
+Route = Callable[[Any], None]
 
 
-def _remote_error(ev: Error) -> RemoteError:
-    return RemoteError(ev.type or ErrorCode.describe(ev.code), ev.message, ev.code)
-
-
-class _TCP:
-    """One blocking TCP connection driving a :class:`Connection` core.
+class StreamConnection:
+    """One blocking TCP/TLS connection driving a :class:`Connection` core.
 
     Timeouts use the kernel's SO_RCVTIMEO/SO_SNDTIMEO on a blocking socket rather than Python's
     socket timeouts, which poll() before every recv: one system call per read instead of two.
+
+    What patterns use: :meth:`exchange` (a frame that gets a RESPONSE), :meth:`send_frame` (one
+    that gets none), :meth:`read_until`, ``routes`` (message class -> handler, called for
+    messages read during any call) and ``state`` (their per-connection state).
     """
 
+    kind = "stream"
+
     def __init__(self, eps: list[Endpoint], client: Client) -> None:
-        self.eps = eps
-        self._index = 0
+        self.failover: Failover[Endpoint] = Failover(eps)
         self.client = client
         self.sock: socket.socket | None = None
         self.core: Connection | None = None
-        self.next_id = 0
+        self.calls: Calls[None] = Calls()
+        self.routes: dict[type, Route] = {}
+        self.state: dict[str, Any] = {}
         self.ever_connected = False
         self._sock_timeout = 0.0
         self._poller: select.poll | None = None
@@ -91,7 +85,6 @@ class _TCP:
         self._view = memoryview(self._buf)
         self._limit = HEADER_SIZE + client.max_frame  # the largest frame read whole
         self._tls = eps[0].scheme == "tls"
-        self.inbox: dict[int, collections.deque[Msg]] = {}  # published messages, by subscription
 
     def _set_timeout(self, seconds: float) -> None:
         assert self.sock is not None
@@ -104,39 +97,38 @@ class _TCP:
 
     @property
     def ep(self) -> Endpoint:
-        return self.eps[self._index]
+        return self.failover.current
 
     def _connect(self, deadline: float) -> None:
         """Connect to the current server, else to the next ones in the list (failover)."""
         errors = []
-        start = self._index
-        for i in range(len(self.eps)):
-            self._index = (start + i) % len(self.eps)
+        for index, ep in self.failover.attempts():
             try:
-                self._connect_one(deadline)
-                return
+                self._connect_one(ep, deadline)
             except ConnectError as exc:
                 errors.append(str(exc))
-        self._index = start
-        raise ConnectError("; ".join(errors))
+                continue
+            self.failover.connected(index)
+            return
+        raise Failover.all_failed(errors)
 
-    def _connect_one(self, deadline: float) -> None:
+    def _connect_one(self, ep: Endpoint, deadline: float) -> None:
         timeout = max(0.001, min(self.client.connect_timeout, deadline - time.monotonic()))
         try:
-            sock = socket.create_connection((self.ep.host, self.ep.port), timeout=timeout)
+            sock = socket.create_connection((ep.host, ep.port), timeout=timeout)
         except OSError as exc:
-            raise ConnectError(f"{self.ep}: {exc.strerror or exc}") from None
+            raise ConnectError(f"{ep}: {exc.strerror or exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.ep.scheme == "tls":
+        if ep.scheme == "tls":
             assert self.client.tls is not None
             try:  # the handshake runs under the connect timeout still set on the socket
-                sock = self.client.tls.wrap_socket(sock, server_hostname=self.ep.host)
+                sock = self.client.tls.wrap_socket(sock, server_hostname=ep.host)
             except ssl.SSLError as exc:
                 sock.close()
-                raise ConnectError(f"{self.ep}: TLS: {tls_reason(exc)}") from None
+                raise ConnectError(f"{ep}: TLS: {tls_reason(exc)}") from None
             except OSError as exc:
                 sock.close()
-                raise ConnectError(f"{self.ep}: TLS handshake: {exc.strerror or exc}") from None
+                raise ConnectError(f"{ep}: TLS handshake: {exc.strerror or exc}") from None
         sock.settimeout(None)
         secret = self.client.secret
         core = Connection(
@@ -156,13 +148,11 @@ class _TCP:
                 for ev in self._events(n) if n >= 0 else []:
                     if type(ev) is ConnectionTerminated:
                         raise ConnectError(
-                            f"{self.ep}: refused: {ev.reason} [{ErrorCode.describe(ev.code or 0)}]"
+                            f"{ep}: refused: {ev.reason} [{ErrorCode.describe(ev.code or 0)}]"
                         )
         except (ConnectionLost, CallTimeout, OSError) as exc:
             self.drop()
-            raise ConnectError(
-                f"{self.ep}: handshake failed: {exc}".replace(f": {self.ep}:", ":")
-            ) from None
+            raise ConnectError(f"{ep}: handshake failed: {exc}".replace(f": {ep}:", ":")) from None
         except ConnectError:
             self.drop()
             raise
@@ -288,9 +278,8 @@ class _TCP:
             if single is not None:
                 return [single]
             if deadline and n >= HEADER_SIZE and not core.buffered:
-                magic, meta_len, _, body_len = _LARGE.unpack_from(view)
-                total = HEADER_SIZE + meta_len + body_len
-                if magic == MAGIC and n < total and _GATHER_ABOVE < total <= self._limit:
+                total = declared_size(view)
+                if total is not None and n < total and _GATHER_ABOVE < total <= self._limit:
                     return self._large(view, total, deadline, method)
             return self._feed(view.tobytes())
         return self._feed(None)
@@ -336,7 +325,7 @@ class _TCP:
         return events
 
     @staticmethod
-    def _terminated(events: list[Any], ep: Endpoint) -> None:
+    def _terminated(events: list[Event], ep: Endpoint) -> None:
         for ev in events:
             if type(ev) is ConnectionTerminated:
                 if ev.by_peer and ev.code is not None:
@@ -352,74 +341,81 @@ class _TCP:
         timeout: float,
         ping: bool = False,
     ) -> Any:
-        deadline = time.monotonic() + timeout
+        now = time.monotonic()
+        deadline = now + timeout
         sock = self.sock
+        poller = self._poller
         if (
             sock is None
-            or self._poller.poll(0)  # type: ignore[union-attr]
-            or (self._tls and sock.pending())  # type: ignore[attr-defined]
+            or poller is None
+            or poller.poll(0)
+            or (self._tls and isinstance(sock, ssl.SSLSocket) and sock.pending())
         ):
             self.ensure(deadline, method, timeout)  # (re)connect, or read what came unasked
             sock = self.sock
         core = self.core
         assert core is not None and sock is not None
-        self.next_id = rid = self.next_id % 0xFFFFFFFF + 1
-        pieces = None
-        if not ping and kwargs is None and codec is MSGPACK:
-            pieces = core.request_frame(rid, method, args)  # the common case, in one piece
-            if pieces is not None and len(pieces) == 1:
-                self._send(pieces[0], method)
-                # The first read, inlined (_recv without its call and clock reading: the time
-                # left is still about ``timeout``).
-                t = self._sock_timeout
-                if timeout < t * 0.9 or timeout > t * 1.1:
-                    self._set_timeout(timeout)
-                try:
-                    n = sock.recv_into(self._buf)
-                except (BlockingIOError, ssl.SSLWantReadError):  # SO_RCVTIMEO expired
-                    n = -1
-                except OSError as exc:
-                    self.drop()
-                    raise ConnectionLost(
-                        f"{self.ep}: {exc}; the call may or may not have run"
-                    ) from None
-                if n > 0:
-                    single = core.receive_single(self._view[:n])
-                    if type(single) is Response and single.request_id == rid:
-                        return single.result
-                    events = [single] if single is not None else self._events(n, deadline, method)
+        calls = self.calls
+        rid = calls.start(method, timeout, now, None, timed=False).request_id
+        try:
+            pieces = None
+            if not ping and kwargs is None and codec is MSGPACK:
+                pieces = core.request_frame(rid, method, args)  # the common case, in one piece
+                if pieces is not None and len(pieces) == 1:
+                    self._send(pieces[0], method)
+                    # The first read, inlined (_recv without its call and clock reading: the
+                    # time left is still about ``timeout``).
+                    t = self._sock_timeout
+                    if timeout < t * 0.9 or timeout > t * 1.1:
+                        self._set_timeout(timeout)
+                    try:
+                        n = sock.recv_into(self._buf)
+                    except (BlockingIOError, ssl.SSLWantReadError):  # SO_RCVTIMEO expired
+                        n = -1
+                    except OSError as exc:
+                        self.drop()
+                        raise ConnectionLost(
+                            f"{self.ep}: {exc}; the call may or may not have run"
+                        ) from None
+                    if n > 0:
+                        single = core.receive_single(self._view[:n])
+                        if type(single) is Response and calls.answers(single, rid):
+                            return single.result
+                        if single is not None:
+                            events: list[Event] = [single]
+                        else:
+                            events = self._events(n, deadline, method)
+                    else:
+                        events = self._events(n) if n == 0 else []
+                    return self._finish(events, rid, deadline, method, timeout)
+            if pieces is None:
+                if ping:
+                    core.send_ping(rid)
                 else:
-                    events = self._events(n) if n == 0 else []
-                return self._finish(events, rid, deadline, method, timeout)
-        if pieces is None:
-            if ping:
-                core.send_ping(rid)
+                    core.send_request(rid, method, args, kwargs, codec)
+                pieces = core.buffers_to_send()
+            if len(pieces) > 3 or len(pieces[-1]) > _GATHER_ABOVE:
+                self._sendmsg(pieces, method)  # header, meta, body pieces: no copy of the body
             else:
-                core.send_request(rid, method, args, kwargs, codec)
-            pieces = core.buffers_to_send()
-        if len(pieces) > 3 or len(pieces[-1]) > _GATHER_ABOVE:
-            self._sendmsg(pieces, method)  # header, meta, body pieces: no copy of a large body
-        else:
-            self._send(b"".join(pieces), method)
-        return self._finish([], rid, deadline, method, timeout)
+                self._send(b"".join(pieces), method)
+            return self._finish([], rid, deadline, method, timeout)
+        finally:
+            calls.forget(rid)  # answered, failed or timed out: a late answer is ignored
 
     def _finish(
-        self, events: list[Any], rid: int, deadline: float, method: str, timeout: float
+        self, events: list[Event], rid: int, deadline: float, method: str, timeout: float
     ) -> Any:
         """Handle ``events`` and read on until the answer to ``rid`` (or the end) comes.
-        Published messages that arrive meanwhile wait in the inbox of their subscription."""
+        Pattern messages that arrive meanwhile go to their routes (e.g. a subscription's
+        inbox); answers are matched to calls by request id alone."""
         while True:
-            for ev in events:
-                if type(ev) is Msg:
-                    self.inbox.setdefault(ev.sid, collections.deque()).append(ev)
-            for ev in events:
-                t = type(ev)
-                if t is Response and ev.request_id == rid:
-                    return ev.result
-                if t is Error and ev.request_id == rid:
-                    raise _remote_error(ev)
-                if t is Pong and ev.request_id == rid:
-                    return None
+            self._route(events)
+            result = self.calls.settle(events, rid)
+            if result is not None:
+                ok, value = result
+                if ok:
+                    return value
+                raise value
             self._terminated(events, self.ep)
             if self.sock is None:  # ended without a CLOSE frame
                 raise ConnectionLost(
@@ -431,17 +427,30 @@ class _TCP:
                 raise CallTimeout(method, timeout) from None
             events = self._events(n, deadline, method) if n >= 0 else []
 
-    # ------------------------------------------------------------------ publish/subscribe
+    def _route(self, events: list[Event]) -> None:
+        routes = self.routes
+        for ev in events:
+            if isinstance(ev, PatternMessage):
+                route = routes.get(type(ev))
+                if route is not None:
+                    route(ev)
 
-    def exchange_frame(self, frame: Callable[[int], bytes], what: str, timeout: float) -> int:
-        """Send the frame built for a fresh id and wait for its RESPONSE; returns the id."""
-        deadline = time.monotonic() + timeout
+    # ------------------------------------------------------------------ for patterns
+
+    def exchange(self, frame: Callable[[int], bytes], what: str, timeout: float) -> int:
+        """Send the frame built for a fresh id and wait for its RESPONSE; returns the id.
+        Raises :class:`CallTimeout`, or :class:`RemoteError` for an ERROR answer."""
+        now = time.monotonic()
+        deadline = now + timeout
         self.ensure(deadline, what, timeout)
         assert self.core is not None
-        self.next_id = rid = self.next_id % 0xFFFFFFFF + 1
-        self.core.send_message(frame(rid))
-        self._send(self.core.data_to_send(), what)
-        self._finish([], rid, deadline, what, timeout)
+        rid = self.calls.start(what, timeout, now, None, timed=False).request_id
+        try:
+            self.core.send_message(frame(rid))
+            self._send(self.core.data_to_send(), what)
+            self._finish([], rid, deadline, what, timeout)
+        finally:
+            self.calls.forget(rid)
         return rid
 
     def send_frame(self, frame: bytes, what: str, timeout: float) -> None:
@@ -451,26 +460,19 @@ class _TCP:
         self.core.send_message(frame)
         self._send(self.core.data_to_send(), what)
 
-    def next_message(self, sid: int, timeout: float) -> Msg:
-        """The next message for subscription ``sid``, reading the socket as needed."""
-        box = self.inbox.setdefault(sid, collections.deque())
+    def read_until(self, done: Callable[[], bool], timeout: float, what: str) -> None:
+        """Read (routing what arrives) until ``done()`` holds. Raises :class:`CallTimeout`, or
+        :class:`ConnectionLost` when the connection ends first."""
         deadline = time.monotonic() + timeout
-        what = f"messages for subscription {sid}"
-        while not box:
+        while not done():
             if self.sock is None:
-                raise ConnectionLost(f"{self.ep}: connection lost; subscriptions are gone")
-            try:
-                n = self._recv(deadline, what)
-            except CallTimeout:
-                raise CallTimeout(what, timeout) from None
+                raise ConnectionLost(f"{self.ep}: connection lost")
+            n = self._recv(deadline, what)
             events = self._events(n, deadline, what) if n >= 0 else []
-            for ev in events:
-                if type(ev) is Msg:
-                    self.inbox.setdefault(ev.sid, collections.deque()).append(ev)
+            self._route(events)
             self._terminated(events, self.ep)
-            if self.sock is None and not box:
-                raise ConnectionLost(f"{self.ep}: connection lost; subscriptions are gone")
-        return box.popleft()
+            if self.sock is None and not done():
+                raise ConnectionLost(f"{self.ep}: connection lost")
 
     def close(self) -> None:
         if self.sock is not None and self.core is not None:
@@ -482,11 +484,19 @@ class _TCP:
         self.drop()
 
 
-class _UDP:
+class DatagramConnection:
+    """The blocking client's UDP socket: the datagram core retransmits, the call core matches
+    answers to the call waiting."""
+
+    kind = "datagram"
+
     def __init__(self, ep: Endpoint, client: Client) -> None:
         self.ep = ep
         self.client = client
-        self.core = DatagramClient(max_datagram=client.max_datagram, retry=client.retry)
+        self.core = DatagramClient(
+            max_datagram=client.max_datagram, retry=client.retry, registry=client.registry
+        )
+        self.calls: Calls[None] = Calls()
         family = socket.AF_INET6 if ep.is_ipv6 else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -502,7 +512,8 @@ class _UDP:
         secret = client.secret
         self.auth = DatagramAuth(secret) if secret is not None else None
 
-    def _send_datagram(self, data: bytes) -> None:
+    def send_datagram(self, data: bytes) -> None:
+        """Send one datagram (sealed when the client has a secret)."""
         if self.auth is not None:
             data = self.auth.seal(data, time.time())
         try:
@@ -527,7 +538,7 @@ class _UDP:
         """The common case: a msgpack call with positional arguments."""
         now = time.monotonic()
         rid = self.new_id()
-        self._send_datagram(self.core.request_datagram(rid, method, args, now=now, timeout=timeout))
+        self.send_datagram(self.core.request_datagram(rid, method, args, now=now, timeout=timeout))
         return self.exchange(method, rid, timeout, now + timeout)
 
     def _fit_timeout(self, wait: float) -> None:
@@ -545,11 +556,20 @@ class _UDP:
 
     def _send_out(self) -> None:
         for data in self.core.datagrams_to_send():
-            self._send_datagram(data)
+            self.send_datagram(data)
 
     def exchange(
         self, method: str, rid: int, timeout: float, deadline: float, *, track: bool = True
     ) -> Any:
+        """Send what the core queued for call ``rid`` and wait for its answer, retransmitting
+        when the core says so (``track``), until ``deadline``."""
+        self.calls.start(method, timeout, deadline - timeout, None, rid, timed=False)
+        try:
+            return self._exchange(method, rid, timeout, deadline, track)
+        finally:
+            self.calls.forget(rid)
+
+    def _exchange(self, method: str, rid: int, timeout: float, deadline: float, track: bool) -> Any:
         self._send_out()
         while True:
             now = time.monotonic()
@@ -578,16 +598,12 @@ class _UDP:
             frame = self._incoming(n)
             if frame is None:
                 continue
-            for ev in self.core.receive_datagram(frame):
-                t = type(ev)
-                if getattr(ev, "request_id", None) != rid:
-                    continue
-                if t is Response:
-                    return ev.result
-                if t is Error:
-                    raise _remote_error(ev)
-                if t is Pong:
-                    return None
+            result = self.calls.settle(self.core.receive_datagram(frame), rid)
+            if result is not None:
+                ok, value = result
+                if ok:
+                    return value
+                raise value
 
     def new_id(self) -> int:
         self.last_id = self.core.new_request_id(self.last_id)
@@ -597,8 +613,9 @@ class _UDP:
         self.sock.close()
 
 
-class Client:
-    """A blocking client. Create it with :func:`connect`."""
+class Client(BlockingPubSub):
+    """A blocking client. Create it with :func:`connect`. Publish/subscribe (``publish``,
+    ``subscribe``) comes from :class:`BlockingPubSub`."""
 
     def __init__(
         self,
@@ -626,25 +643,35 @@ class Client:
         self.max_frame = max_frame
         self.retry = retry
         self.max_datagram = max_datagram
-        self._lock = threading.Lock()
-        self.registry = Registry([CORE_MESSAGES, PUBSUB_MESSAGES])
-        self._impl: _TCP | _UDP
+        self.lock = threading.Lock()
+        """One call at a time: held while a call (or a pattern's exchange) uses the socket."""
+        # The message types this client's session decodes; a pattern's client side adds its
+        # own (publish/subscribe adds MSG when the client first subscribes).
+        self.registry = Registry([CORE_MESSAGES])
+        self.connection: StreamConnection | DatagramConnection
         if self.endpoint.scheme == "udp":
-            self._impl = _UDP(self.endpoint, self)
+            self.connection = DatagramConnection(self.endpoint, self)
         else:
-            self._impl = _TCP(self.endpoints, self)
-            self._impl.ensure(time.monotonic() + connect_timeout, "connect", connect_timeout)
+            self.connection = StreamConnection(self.endpoints, self)
+            self.connection.ensure(time.monotonic() + connect_timeout, "connect", connect_timeout)
+
+    def stream_connection(self, what: str) -> StreamConnection:
+        """The TCP/TLS connection, for patterns that need one (ConnectError over UDP)."""
+        conn = self.connection
+        if not isinstance(conn, StreamConnection):
+            raise ConnectError(f"{what} needs a tcp:// or tls:// URL")
+        return conn
 
     def call(self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Call ``method`` and wait for its result (``timeout`` is the call's own timeout)."""
-        impl = self._impl
+        conn = self.connection
         if kwargs or self.codec is not MSGPACK:
             return self.request(method, args, kwargs, timeout=timeout)
-        with self._lock:  # the common case without the extra layer
+        with self.lock:  # the common case without the extra layer
             t = self.timeout if timeout is None else timeout
-            if isinstance(impl, _TCP):
-                return impl.call(method, args, None, MSGPACK, t)
-            return impl.call_positional(method, args, t)
+            if isinstance(conn, StreamConnection):
+                return conn.call(method, args, None, MSGPACK, t)
+            return conn.call_positional(method, args, t)
 
     def request(
         self,
@@ -655,12 +682,12 @@ class Client:
         timeout: float | None = None,
     ) -> Any:
         timeout = self.timeout if timeout is None else timeout
-        with self._lock:
+        with self.lock:
             deadline = time.monotonic() + timeout
-            impl = self._impl
-            if isinstance(impl, _UDP):
-                rid = impl.new_id()
-                impl.core.send_request(
+            conn = self.connection
+            if isinstance(conn, DatagramConnection):
+                rid = conn.new_id()
+                conn.core.send_request(
                     rid,
                     method,
                     args,
@@ -669,129 +696,33 @@ class Client:
                     now=time.monotonic(),
                     timeout=timeout,
                 )
-                return impl.exchange(method, rid, timeout, deadline)
-            return impl.call(method, args, kwargs or None, self.codec, timeout)
-
-    def publish(
-        self,
-        topic: str,
-        value: Any,
-        *,
-        qos: int = 0,
-        retain: bool = False,
-        timeout: float | None = None,
-    ) -> None:
-        """Publish ``value`` (encoded with the client's codec) to ``topic``. QoS 0 returns once
-        sent (over UDP too); QoS 1 once the broker has accepted it."""
-        if qos not in (0, 1):
-            raise ValueError("qos must be 0 or 1")
-        check_topic(topic)  # TopicError (a ValueError) here rather than an ERROR later
-        payload = self.codec.encode(value)
-        t = self.timeout if timeout is None else timeout
-        with self._lock:
-            impl = self._impl
-            if isinstance(impl, _UDP):
-                if qos:
-                    raise ConnectError("QoS 1 needs a tcp:// or tls:// broker URL")
-                impl._send_datagram(encode_pub(topic, payload, 0, self.codec.id, retain))
-            elif qos:
-                impl.exchange_frame(
-                    lambda rid: encode_pub(topic, payload, rid, self.codec.id, retain),
-                    "PUB " + topic,
-                    t,
-                )
-            else:
-                impl.send_frame(encode_pub(topic, payload, 0, self.codec.id, retain), "PUB", t)
-
-    def subscribe(
-        self,
-        pattern: str,
-        *,
-        group: str | None = None,
-        qos: int = 0,
-        policy: str | None = None,
-        max_msgs: int | None = None,
-        max_bytes: int | None = None,
-        timeout: float | None = None,
-    ) -> BlockingSubscription:
-        """Subscribe (``*`` one token, ``>`` the rest); returns once the broker has it. Read
-        with ``sub.get(timeout)`` or ``for msg in sub``."""
-        options = sub_options(group, qos, policy, max_msgs, max_bytes)
-        impl = self._impl
-        if not isinstance(impl, _TCP):
-            raise ConnectError("subscribe needs a tcp:// or tls:// broker URL")
-        with self._lock:
-            sid = impl.exchange_frame(
-                lambda rid: encode_sub(rid, pattern, options),
-                "SUB " + pattern,
-                self.timeout if timeout is None else timeout,
-            )
-        return BlockingSubscription(self, sid, pattern)
+                return conn.exchange(method, rid, timeout, deadline)
+            return conn.call(method, args, kwargs or None, self.codec, timeout)
 
     def ping(self, timeout: float | None = None) -> float:
         """Round-trip time of one PING/PONG in seconds."""
         timeout = self.timeout if timeout is None else timeout
-        with self._lock:
+        with self.lock:
             start = time.monotonic()
             deadline = start + timeout
-            impl = self._impl
-            if isinstance(impl, _UDP):
-                rid = impl.new_id()
-                impl.core.send_ping(rid)
-                impl.exchange("PING", rid, timeout, deadline, track=False)
+            conn = self.connection
+            if isinstance(conn, DatagramConnection):
+                rid = conn.new_id()
+                conn.core.send_ping(rid)
+                conn.exchange("PING", rid, timeout, deadline, track=False)
             else:
-                impl.call("PING", (), None, self.codec, timeout, ping=True)
+                conn.call("PING", (), None, self.codec, timeout, ping=True)
             return time.monotonic() - start
 
     def close(self) -> None:
-        with self._lock:
-            self._impl.close()
+        with self.lock:
+            self.connection.close()
 
     def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class BlockingSubscription:
-    """Messages of one subscription, read from the blocking client's connection.
-
-    There is no background thread: messages are read from the socket when ``get()`` (or another
-    call on the same client) runs. A program that stops calling ``get()`` stops reading, and the
-    broker then treats it as a slow consumer (bounded queue, the subscription's policy). Use
-    :class:`~sockstack.AsyncClient` to receive while doing other work.
-    """
-
-    def __init__(self, client: Client, sid: int, pattern: str) -> None:
-        self.client = client
-        self.sid = sid
-        self.pattern = pattern
-
-    def get(self, timeout: float | None = None) -> Message:
-        """The next message (QoS 1: acknowledged as it is returned); CallTimeout if none."""
-        client = self.client
-        impl = client._impl
-        assert isinstance(impl, _TCP)
-        with client._lock:
-            msg = impl.next_message(self.sid, client.timeout if timeout is None else timeout)
-            if msg.delivery_id:
-                impl.send_frame(encode_ack(msg.delivery_id), "ACK", client.timeout)
-        return Message(
-            msg.topic, CODECS[msg.codec].decode(msg.payload), msg.retained, msg.redelivered
-        )
-
-    def __iter__(self) -> Iterator[Message]:
-        while True:
-            yield self.get()
-
-    def unsubscribe(self) -> None:
-        client = self.client
-        impl = client._impl
-        assert isinstance(impl, _TCP)
-        with client._lock:
-            impl.inbox.pop(self.sid, None)
-            impl.send_frame(encode_unsub(self.sid), "UNSUB", client.timeout)
 
 
 def connect(url: str | Sequence[str], **options: Any) -> Client:

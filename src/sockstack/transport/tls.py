@@ -10,7 +10,7 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-__all__ = ["client_context", "server_context"]
+__all__ = ["client_context", "server_context", "tls_reason"]
 
 PathLike = str | Path
 
@@ -44,3 +44,9 @@ def client_context(
     if cert is not None:
         ctx.load_cert_chain(str(cert), str(key) if key is not None else None)
     return ctx
+
+
+def tls_reason(exc: ssl.SSLError) -> str:
+    """What went wrong in a TLS handshake, in words (the verify message when there is one)."""
+    detail = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+    return f"{exc.reason}: {detail}" if exc.reason and detail != exc.reason else str(detail)

@@ -1,0 +1,230 @@
+"""A client's calls, sans-I/O: request ids, deadlines, matching answers, failover and backoff.
+
+Both clients (:mod:`sockstack.asyncio.client`, :mod:`sockstack.sync.client`) keep their calls
+here and differ only in how they wait: the asyncio client parks a future in each
+:class:`PendingCall` (its ``waiter``), the blocking client reads its socket until
+:meth:`Calls.settle` says its own call is answered. Time is an argument (``now``), never read.
+
+- :class:`Calls` — the calls in flight on one connection or socket: ids that never collide with
+  a call still waiting, a deadline per call, and answers matched *by request id* only, so a
+  late answer to a call that timed out is never taken for the next call's.
+- :func:`outcome` — RESPONSE -> result, ERROR -> :class:`RemoteError`, PONG -> None.
+- :class:`Failover` — the order in which a client tries its servers.
+- :class:`Backoff` — jittered exponential delays between reconnect attempts.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from sockstack.errors import CallTimeout, ConnectError, ErrorCode, RemoteError
+from sockstack.protocol.events import Error, Pong, Response
+
+__all__ = [
+    "Answer",
+    "Backoff",
+    "Calls",
+    "Failover",
+    "PendingCall",
+    "outcome",
+    "remote_error",
+]
+
+W = TypeVar("W")
+E = TypeVar("E")
+Answer = Response | Error | Pong
+"""The messages that end a call."""
+
+_MAX_ID = 0xFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Reconnect delays: ``initial * factor**attempt`` capped at ``max_delay``, each scaled by a
+    random factor in [0.5, 1] so that many clients do not reconnect in lockstep."""
+
+    initial: float = 0.05
+    factor: float = 2.0
+    max_delay: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.initial * self.factor**attempt, self.max_delay) * random.uniform(0.5, 1.0)
+
+
+def remote_error(ev: Error) -> RemoteError:
+    """The exception an ERROR answer raises in the caller."""
+    return RemoteError(ev.type or ErrorCode.describe(ev.code), ev.message, ev.code)
+
+
+def outcome(ev: Answer) -> tuple[bool, Any]:
+    """``(True, result)`` for a RESPONSE (None for a PONG), ``(False, RemoteError)`` for ERROR."""
+    if type(ev) is Response:
+        return True, ev.result
+    if type(ev) is Error:
+        return False, remote_error(ev)
+    return True, None
+
+
+class PendingCall(Generic[W]):
+    """One call waiting for its answer. ``waiter`` is the adapter's (a future, or None)."""
+
+    __slots__ = ("deadline", "method", "request_id", "timeout", "waiter")
+
+    def __init__(
+        self, request_id: int, method: str, timeout: float, deadline: float, waiter: W
+    ) -> None:
+        self.request_id = request_id
+        self.method = method
+        self.timeout = timeout
+        self.deadline = deadline
+        self.waiter = waiter
+
+    def expired(self, detail: str = "") -> CallTimeout:
+        return CallTimeout(self.method, self.timeout, detail)
+
+
+class Calls(Generic[W]):
+    """The calls in flight on one connection (or UDP socket)."""
+
+    __slots__ = ("_deadlines", "_last_id", "pending")
+
+    def __init__(self) -> None:
+        self.pending: dict[int, PendingCall[W]] = {}
+        self._last_id = 0
+        # (deadline, id) of every call, the earliest first; entries of calls answered meanwhile
+        # are skipped when they come up (cheaper than removing them from the heap).
+        self._deadlines: list[tuple[float, int]] = []
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def new_id(self) -> int:
+        """The next request id, 1..2^32-1, never one of a call still waiting."""
+        rid = self._last_id
+        pending = self.pending
+        while True:
+            rid = rid % _MAX_ID + 1
+            if rid not in pending:
+                self._last_id = rid
+                return rid
+
+    def start(
+        self,
+        method: str,
+        timeout: float,
+        now: float,
+        waiter: W,
+        request_id: int = 0,
+        *,
+        timed: bool = True,
+    ) -> PendingCall[W]:
+        """Register a call (with a fresh id unless ``request_id`` is given); its deadline is
+        ``now + timeout``. ``timed=False``: the caller enforces the deadline itself (a blocking
+        read with a timeout), so :meth:`expire` need not track it."""
+        rid = request_id or self.new_id()
+        deadline = now + timeout
+        call = self.pending[rid] = PendingCall(rid, method, timeout, deadline, waiter)
+        if timed:
+            heapq.heappush(self._deadlines, (deadline, rid))
+        return call
+
+    def take(self, ev: Answer) -> PendingCall[W] | None:
+        """The call ``ev`` answers, now no longer pending; None for an answer to no call waiting
+        (a duplicate, or one that came after the call's deadline): ignore it."""
+        return self.pending.pop(ev.request_id, None)
+
+    def answers(self, ev: Answer, request_id: int) -> bool:
+        """True when ``ev`` answers the call ``request_id`` (which is then no longer pending).
+        An answer to another id is consumed as :meth:`take` does, and is not this call's."""
+        call = self.pending.pop(ev.request_id, None)
+        return call is not None and call.request_id == request_id
+
+    def settle(self, events: Sequence[Any], request_id: int) -> tuple[bool, Any] | None:
+        """For a caller waiting on ``request_id`` alone: the outcome if ``events`` hold its
+        answer, else None. Answers to other ids are matched (and dropped) as :meth:`take` does."""
+        found: tuple[bool, Any] | None = None
+        for ev in events:
+            if type(ev) is Response or type(ev) is Error or type(ev) is Pong:
+                call = self.pending.pop(ev.request_id, None)
+                if call is not None and call.request_id == request_id:
+                    found = outcome(ev)
+        return found
+
+    def forget(self, request_id: int) -> PendingCall[W] | None:
+        """Drop a call the caller gave up on (cancelled, or its deadline passed)."""
+        call = self.pending.pop(request_id, None)
+        if not self.pending:
+            self._deadlines.clear()
+        return call
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of a call still waiting, or None."""
+        heap, pending = self._deadlines, self.pending
+        while heap:
+            deadline, rid = heap[0]
+            call = pending.get(rid)
+            if call is not None and call.deadline == deadline:
+                return deadline
+            heapq.heappop(heap)
+        return None
+
+    def expire(self, now: float) -> list[PendingCall[W]]:
+        """The calls whose deadline has passed at ``now``, removed: fail each with
+        :meth:`PendingCall.expired`."""
+        heap, pending = self._deadlines, self.pending
+        out: list[PendingCall[W]] = []
+        while heap and heap[0][0] <= now:
+            deadline, rid = heapq.heappop(heap)
+            call = pending.get(rid)
+            if call is not None and call.deadline == deadline:
+                del pending[rid]
+                out.append(call)
+        if not pending:
+            heap.clear()
+        return out
+
+    def drain(self) -> list[PendingCall[W]]:
+        """Every call still waiting, removed (the connection is gone: fail them all)."""
+        calls = list(self.pending.values())
+        self.pending.clear()
+        self._deadlines.clear()
+        return calls
+
+
+class Failover(Generic[E]):
+    """The servers a client may use, in the order it tries them: the one it used last first,
+    then the others in list order. It stays on whichever answered."""
+
+    __slots__ = ("endpoints", "index")
+
+    def __init__(self, endpoints: Sequence[E]) -> None:
+        if not endpoints:
+            raise ValueError("no endpoint to connect to")
+        self.endpoints = list(endpoints)
+        self.index = 0
+
+    @property
+    def current(self) -> E:
+        return self.endpoints[self.index]
+
+    def attempts(self) -> Iterator[tuple[int, E]]:
+        """(index, endpoint) to try, in order; call :meth:`connected` with the one that worked."""
+        n = len(self.endpoints)
+        for i in range(n):
+            index = (self.index + i) % n
+            yield index, self.endpoints[index]
+
+    def connected(self, index: int) -> E | None:
+        """Record the server that answered; returns the one it fails over *from*, if any."""
+        previous = self.endpoints[self.index] if index != self.index else None
+        self.index = index
+        return previous
+
+    @staticmethod
+    def all_failed(errors: Sequence[str]) -> ConnectError:
+        """The error when no server could be reached: every server's reason, in order."""
+        return ConnectError("; ".join(errors))

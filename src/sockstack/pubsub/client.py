@@ -1,0 +1,442 @@
+"""Publish/subscribe's client side, for both I/O adapters.
+
+:class:`AsyncPubSub` and :class:`BlockingPubSub` give :class:`~sockstack.AsyncClient` and
+:class:`~sockstack.Client` their ``publish`` and ``subscribe`` methods. They use only what the
+adapters offer every pattern (``exchange`` a frame for a RESPONSE, ``send_soon`` a frame with no
+answer, ``routes`` for incoming message classes, ``on_reconnect``, per-client ``state``), and
+add publish/subscribe's messages to the client's registry when first used.
+
+What is the same for both flavours (checking a publish, the SUB options, decoding a delivered
+message) is written once, here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+from sockstack.errors import CallTimeout, CodecError, ConnectError, ConnectionLost
+from sockstack.protocol.codecs import CODECS, Codec
+from sockstack.protocol.registry import Registry
+from sockstack.pubsub.messages import (
+    PUBSUB_MESSAGES,
+    Msg,
+    encode_ack,
+    encode_pub,
+    encode_sub,
+    encode_unsub,
+    sub_options,
+)
+from sockstack.pubsub.topics import check_topic
+
+if TYPE_CHECKING:
+    from sockstack.asyncio.client import DatagramChannel, StreamChannel
+    from sockstack.sync.client import DatagramConnection, StreamConnection
+
+__all__ = [
+    "AsyncPubSub",
+    "BlockingPubSub",
+    "BlockingSubscription",
+    "Message",
+    "Subscription",
+    "prepare_publish",
+]
+
+log = logging.getLogger("sockstack.client")
+_STATE = "pubsub"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One published message, as a subscriber receives it."""
+
+    topic: str
+    value: Any
+    """The payload, decoded with the codec it was published in."""
+    retained: bool = False
+    """Delivered from the topic's retained store on subscribing."""
+    redelivered: bool = False
+    """QoS 1: sent again because the first delivery was not acknowledged in time."""
+
+
+def prepare_publish(topic: str, value: Any, qos: int, codec: Codec) -> bytes:
+    """Check a publish before anything is sent; returns the encoded payload. Raises
+    ``ValueError`` for a bad QoS, :class:`TopicError` (a ValueError) for a bad topic, and
+    :class:`CodecError` for a value the codec cannot encode."""
+    if qos not in (0, 1):
+        raise ValueError("qos must be 0 or 1")
+    check_topic(topic)  # here rather than an ERROR from the broker later
+    return codec.encode(value)
+
+
+def _decode(msg: Msg) -> Message:
+    """Raises KeyError (unknown codec) or CodecError."""
+    return Message(msg.topic, CODECS[msg.codec].decode(msg.payload), msg.retained, msg.redelivered)
+
+
+def _use_pubsub(registry: Registry) -> None:
+    registry.add(PUBSUB_MESSAGES)  # idempotent: MSG is decoded from now on
+
+
+# ---------------------------------------------------------------------------- asyncio
+
+
+class Subscription:
+    """A live subscription: iterate it (``async for msg in sub``), or give ``callback``.
+
+    At QoS 1 each message is acknowledged once the application has it: when the iterator
+    returns it, or when the callback returns. Messages wait in a client-side queue of at most
+    ``max_pending``; beyond that the oldest are dropped and counted in ``dropped``.
+    """
+
+    def __init__(
+        self,
+        channel: StreamChannel,
+        pattern: str,
+        options: dict[str, Any],
+        callback: Callable[[Message], Any] | None,
+        max_pending: int,
+    ) -> None:
+        self._channel = channel
+        self.pattern = pattern
+        self.options = options
+        self.sid = 0
+        self.callback = callback
+        # A plain function's result is not checked for awaitables per message (costly).
+        self._async_callback = callback is not None and not (
+            inspect.isfunction(callback) and not inspect.iscoroutinefunction(callback)
+        )
+        self.max_pending = max_pending
+        self.dropped = 0
+        self.received = 0
+        self._queue: collections.deque[tuple[Message, int]] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+
+    def _ack(self, delivery_id: int) -> None:
+        self._channel.send_soon(encode_ack(delivery_id))
+
+    def _arrive(self, msg: Msg) -> None:
+        try:
+            message = _decode(msg)
+        except (KeyError, CodecError) as exc:
+            log.warning("message on %s not decodable: %s", msg.topic, exc)
+            if msg.delivery_id:
+                self._ack(msg.delivery_id)  # never redeliver what cannot be read
+            return
+        self.received += 1
+        if self.callback is not None:
+            result = self.callback(message)
+            if self._async_callback and inspect.isawaitable(result):
+                task = asyncio.ensure_future(result)
+                if msg.delivery_id:
+                    delivery_id = msg.delivery_id
+
+                    def acked(_task: asyncio.Future[Any]) -> None:
+                        self._ack(delivery_id)
+
+                    task.add_done_callback(acked)
+                return
+            if msg.delivery_id:
+                self._ack(msg.delivery_id)
+            return
+        if len(self._queue) >= self.max_pending:
+            self._queue.popleft()
+            self.dropped += 1
+        self._queue.append((message, msg.delivery_id))
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self, timeout: float | None = None) -> Message:
+        """The next message; :class:`CallTimeout` after ``timeout`` seconds without one."""
+        while not self._queue:
+            if self._closed:
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._waiter
+            except TimeoutError:
+                raise CallTimeout(f"messages on {self.pattern}", timeout or 0.0) from None
+            finally:
+                self._waiter = None
+        message, delivery_id = self._queue.popleft()
+        if delivery_id:
+            self._ack(delivery_id)
+        return message
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self
+
+    async def __anext__(self) -> Message:
+        return await self.get()
+
+    async def unsubscribe(self, timeout: float = 5.0) -> None:
+        self._closed = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        _AsyncState.of(self._channel).unsubscribe(self)
+
+
+class _AsyncState:
+    """Publish/subscribe's state on one asyncio channel: its live subscriptions by id."""
+
+    def __init__(self, channel: StreamChannel) -> None:
+        self.channel = channel
+        self.subscriptions: dict[int, Subscription] = {}
+        _use_pubsub(channel.client.registry)
+        channel.routes[Msg] = self.on_msg
+        channel.on_reconnect.append(self.resubscribe)
+
+    @classmethod
+    def of(cls, channel: StreamChannel) -> _AsyncState:
+        state = channel.state.get(_STATE)
+        if state is None:
+            state = channel.state[_STATE] = cls(channel)
+        assert isinstance(state, _AsyncState)
+        return state
+
+    def on_msg(self, msg: Msg) -> None:
+        sub = self.subscriptions.get(msg.sid)
+        if sub is not None:  # else: unsubscribed meanwhile
+            sub._arrive(msg)
+
+    async def subscribe(self, sub: Subscription, timeout: float) -> None:
+        def frame(sid: int) -> bytes:
+            sub.sid = sid
+            self.subscriptions[sid] = sub  # before the answer: retained messages follow it
+            return encode_sub(sid, sub.pattern, sub.options)
+
+        try:
+            await self.channel.exchange(frame, "SUB " + sub.pattern, timeout)
+        except BaseException:
+            self.subscriptions.pop(sub.sid, None)
+            raise
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        if self.subscriptions.pop(sub.sid, None) is not None:
+            self.channel.send_soon(encode_unsub(sub.sid))
+
+    def resubscribe(self) -> None:
+        """After a reconnect: the (new) broker knows none of our subscriptions; send them all
+        again under the same ids. Their answers have no waiter and are ignored."""
+        for sid, sub in self.subscriptions.items():
+            self.channel.send_soon(encode_sub(sid, sub.pattern, sub.options))
+        if self.subscriptions:
+            log.info("resubscribed %d subscriptions", len(self.subscriptions))
+
+
+class AsyncPubSub:
+    """``publish`` and ``subscribe`` for :class:`~sockstack.AsyncClient`."""
+
+    codec: Codec
+    timeout: float
+
+    if TYPE_CHECKING:
+
+        @property
+        def channel(self) -> StreamChannel | DatagramChannel | None: ...
+        def stream_channel(self, what: str) -> StreamChannel: ...
+
+    async def publish(
+        self,
+        topic: str,
+        value: Any,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        """Publish ``value`` (encoded with the client's codec) to ``topic``. QoS 0 returns at
+        once (over UDP too); QoS 1 returns once the broker has accepted the message."""
+        payload = prepare_publish(topic, value, qos, self.codec)
+        codec = self.codec.id
+        channel = self.channel
+        if not qos and channel is not None:
+            frame = encode_pub(topic, payload, 0, codec, retain)
+            if channel.kind == "stream":
+                if cast("StreamChannel", channel).send_soon(frame):
+                    return  # QoS 0 while connected: queued for this loop iteration's write
+            else:
+                cast("DatagramChannel", channel).send_datagram(frame)
+                return
+        stream = self.stream_channel("QoS 1")
+        t = self.timeout if timeout is None else timeout
+        if qos:
+            await stream.exchange(
+                lambda rid: encode_pub(topic, payload, rid, codec, retain), "PUB " + topic, t
+            )
+            return
+        await stream.wait_connected("PUB " + topic, t)
+        stream.send_soon(encode_pub(topic, payload, 0, codec, retain))
+
+    async def subscribe(
+        self,
+        pattern: str,
+        *,
+        group: str | None = None,
+        qos: int = 0,
+        policy: str | None = None,
+        max_msgs: int | None = None,
+        max_bytes: int | None = None,
+        callback: Callable[[Message], Any] | None = None,
+        max_pending: int = 100_000,
+        timeout: float | None = None,
+    ) -> Subscription:
+        """Subscribe to a pattern (``*`` one token, ``>`` the rest). Returns once the broker
+        has the subscription, so anything published after that is delivered to it."""
+        options = sub_options(group, qos, policy, max_msgs, max_bytes)
+        channel = self.stream_channel("subscribe")
+        sub = Subscription(channel, pattern, options, callback, max_pending)
+        await _AsyncState.of(channel).subscribe(sub, self.timeout if timeout is None else timeout)
+        return sub
+
+
+# ---------------------------------------------------------------------------- blocking
+
+
+class BlockingPubSub:
+    """``publish`` and ``subscribe`` for the blocking :class:`~sockstack.Client`."""
+
+    codec: Codec
+    timeout: float
+    lock: threading.Lock
+
+    if TYPE_CHECKING:
+
+        @property
+        def connection(self) -> StreamConnection | DatagramConnection: ...
+        def stream_connection(self, what: str) -> StreamConnection: ...
+
+    def publish(
+        self,
+        topic: str,
+        value: Any,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        """Publish ``value`` (encoded with the client's codec) to ``topic``. QoS 0 returns once
+        sent (over UDP too); QoS 1 once the broker has accepted it."""
+        payload = prepare_publish(topic, value, qos, self.codec)
+        codec = self.codec.id
+        t = self.timeout if timeout is None else timeout
+        with self.lock:
+            conn = self.connection
+            if conn.kind == "datagram":
+                if qos:
+                    raise ConnectError("QoS 1 needs a tcp:// or tls:// broker URL")
+                cast("DatagramConnection", conn).send_datagram(
+                    encode_pub(topic, payload, 0, codec, retain)
+                )
+                return
+            stream = cast("StreamConnection", conn)
+            if qos:
+                stream.exchange(
+                    lambda rid: encode_pub(topic, payload, rid, codec, retain), "PUB " + topic, t
+                )
+            else:
+                stream.send_frame(encode_pub(topic, payload, 0, codec, retain), "PUB", t)
+
+    def subscribe(
+        self,
+        pattern: str,
+        *,
+        group: str | None = None,
+        qos: int = 0,
+        policy: str | None = None,
+        max_msgs: int | None = None,
+        max_bytes: int | None = None,
+        timeout: float | None = None,
+    ) -> BlockingSubscription:
+        """Subscribe (``*`` one token, ``>`` the rest); returns once the broker has it. Read
+        with ``sub.get(timeout)`` or ``for msg in sub``."""
+        options = sub_options(group, qos, policy, max_msgs, max_bytes)
+        conn = self.stream_connection("subscribe")
+        with self.lock:
+            inbox = _BlockingState.of(conn).inbox
+            sid = conn.exchange(
+                lambda rid: encode_sub(rid, pattern, options),
+                "SUB " + pattern,
+                self.timeout if timeout is None else timeout,
+            )
+            inbox.setdefault(sid, collections.deque())
+        return BlockingSubscription(self, sid, pattern)
+
+
+class _BlockingState:
+    """Publish/subscribe's state on one blocking connection: messages waiting, by
+    subscription (they arrive while any call reads the socket)."""
+
+    def __init__(self, conn: StreamConnection) -> None:
+        self.inbox: dict[int, collections.deque[Msg]] = {}
+        _use_pubsub(conn.client.registry)
+        conn.routes[Msg] = self.on_msg
+
+    @classmethod
+    def of(cls, conn: StreamConnection) -> _BlockingState:
+        state = conn.state.get(_STATE)
+        if state is None:
+            state = conn.state[_STATE] = cls(conn)
+        assert isinstance(state, _BlockingState)
+        return state
+
+    def on_msg(self, msg: Msg) -> None:
+        box = self.inbox.get(msg.sid)
+        if box is not None:  # else: unsubscribed meanwhile
+            box.append(msg)
+
+
+class BlockingSubscription:
+    """Messages of one subscription, read from the blocking client's connection.
+
+    There is no background thread: messages are read from the socket when ``get()`` (or another
+    call on the same client) runs. A program that stops calling ``get()`` stops reading, and the
+    broker then treats it as a slow consumer (bounded queue, the subscription's policy). Use
+    :class:`~sockstack.AsyncClient` to receive while doing other work.
+    """
+
+    def __init__(self, client: BlockingPubSub, sid: int, pattern: str) -> None:
+        self.client = client
+        self.sid = sid
+        self.pattern = pattern
+
+    def get(self, timeout: float | None = None) -> Message:
+        """The next message (QoS 1: acknowledged as it is returned); CallTimeout if none."""
+        client = self.client
+        t = client.timeout if timeout is None else timeout
+        conn = client.stream_connection("subscribe")
+        what = f"messages for subscription {self.sid}"
+        with client.lock:
+            box = _BlockingState.of(conn).inbox.setdefault(self.sid, collections.deque())
+            if not box:
+                try:
+                    conn.read_until(lambda: bool(box), t, what)
+                except CallTimeout:
+                    raise CallTimeout(what, t) from None
+                except ConnectionLost:
+                    raise ConnectionLost(
+                        f"{conn.ep}: connection lost; subscriptions are gone"
+                    ) from None
+            msg = box.popleft()
+            if msg.delivery_id:
+                conn.send_frame(encode_ack(msg.delivery_id), "ACK", client.timeout)
+        return _decode(msg)
+
+    def __iter__(self) -> Iterator[Message]:
+        while True:
+            yield self.get()
+
+    def unsubscribe(self) -> None:
+        client = self.client
+        conn = client.stream_connection("subscribe")
+        with client.lock:
+            _BlockingState.of(conn).inbox.pop(self.sid, None)
+            conn.send_frame(encode_unsub(self.sid), "UNSUB", client.timeout)
