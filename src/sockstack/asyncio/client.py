@@ -336,9 +336,12 @@ class StreamChannel:
 
     # ------------------------------------------------------------------ for patterns
 
-    async def exchange(self, frame: Callable[[int], bytes], what: str, timeout: float) -> int:
-        """Send the frame built for a fresh id and wait for its RESPONSE; returns the id.
-        Raises :class:`CallTimeout`, or :class:`RemoteError` for an ERROR answer."""
+    async def exchange(
+        self, frame: Callable[[int], bytes], what: str, timeout: float
+    ) -> tuple[int, Any]:
+        """Send the frame ``frame(request_id)`` builds for a fresh id and wait for the RESPONSE
+        to it; returns (request id, result). Raises :class:`CallTimeout`, or
+        :class:`RemoteError` for an ERROR answer."""
         loop = self.loop
         now = loop.time()
         deadline = now + timeout
@@ -352,12 +355,12 @@ class StreamChannel:
             core.send_message(frame(call.request_id))
             stream.flush()
             async with asyncio.timeout_at(deadline):
-                await call.waiter
+                result = await call.waiter
         except TimeoutError:
             raise call.expired() from None
         finally:
             self.calls.forget(call.request_id)
-        return call.request_id
+        return call.request_id, result
 
     def send_soon(self, frame: bytes) -> bool:
         """Queue a frame that gets no answer on the open stream (False, nothing queued, when

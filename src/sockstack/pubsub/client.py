@@ -362,7 +362,7 @@ class BlockingPubSub:
         conn = self.stream_connection("subscribe")
         with self.lock:
             inbox = _BlockingState.of(conn).inbox
-            sid = conn.exchange(
+            sid, _ = conn.exchange(
                 lambda rid: encode_sub(rid, pattern, options),
                 "SUB " + pattern,
                 self.timeout if timeout is None else timeout,

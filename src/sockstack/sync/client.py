@@ -437,9 +437,10 @@ class StreamConnection:
 
     # ------------------------------------------------------------------ for patterns
 
-    def exchange(self, frame: Callable[[int], bytes], what: str, timeout: float) -> int:
-        """Send the frame built for a fresh id and wait for its RESPONSE; returns the id.
-        Raises :class:`CallTimeout`, or :class:`RemoteError` for an ERROR answer."""
+    def exchange(self, frame: Callable[[int], bytes], what: str, timeout: float) -> tuple[int, Any]:
+        """Send the frame ``frame(request_id)`` builds for a fresh id and wait for the RESPONSE
+        to it; returns (request id, result). Raises :class:`CallTimeout`, or
+        :class:`RemoteError` for an ERROR answer."""
         now = time.monotonic()
         deadline = now + timeout
         self.ensure(deadline, what, timeout)
@@ -448,10 +449,10 @@ class StreamConnection:
         try:
             self.core.send_message(frame(rid))
             self._send(self.core.data_to_send(), what)
-            self._finish([], rid, deadline, what, timeout)
+            result = self._finish([], rid, deadline, what, timeout)
         finally:
             self.calls.forget(rid)
-        return rid
+        return rid, result
 
     def send_frame(self, frame: bytes, what: str, timeout: float) -> None:
         """Send a frame that gets no answer (QoS 0 PUB, ACK)."""
