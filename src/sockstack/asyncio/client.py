@@ -32,10 +32,11 @@ from typing import Any
 
 from sockstack.asyncio.datagram import DatagramEndpoint
 from sockstack.asyncio.stream import StreamLimits, StreamProtocol
+from sockstack.asyncio.timer import CoreTimer
 from sockstack.errors import CallTimeout, ConnectError, ConnectionClosed, ConnectionLost, ErrorCode
 from sockstack.protocol.auth import AuthFailure, DatagramAuth, token_extension, unsealed_refusal
 from sockstack.protocol.calls import Backoff, Calls, Failover, PendingCall, outcome
-from sockstack.protocol.codecs import Codec, get_codec
+from sockstack.protocol.codecs import Codec
 from sockstack.protocol.connection import State
 from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, DatagramClient, RetryPolicy
 from sockstack.protocol.events import (
@@ -49,11 +50,10 @@ from sockstack.protocol.events import (
     Response,
     Role,
 )
-from sockstack.protocol.messages import CORE_MESSAGES
-from sockstack.protocol.registry import Registry
 from sockstack.pubsub.client import AsyncPubSub, Message, Subscription
-from sockstack.transport.tls import client_context, tls_reason
-from sockstack.transport.urls import Endpoint, parse_endpoints
+from sockstack.transport.settings import ClientSettings
+from sockstack.transport.tls import tls_reason
+from sockstack.transport.urls import Endpoint
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -170,8 +170,7 @@ class StreamChannel:
         self.state: dict[str, Any] = {}
         self._reconnect_task: asyncio.Task[None] | None = None
         self._flush_scheduled = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._timer = CoreTimer(self.loop, self._on_timer)  # the earliest call deadline
 
     @property
     def ep(self) -> Endpoint:
@@ -306,8 +305,9 @@ class StreamChannel:
             # Requests made in the same loop iteration leave in one write.
             self._flush_scheduled = True
             loop.call_soon(self._flush, stream)
-        if self._timer_at is None or call.deadline < self._timer_at:
-            self._arm(call.deadline)
+        when = self._timer.when
+        if when is None or call.deadline < when:
+            self._timer.set(call.deadline)
         try:
             return await call.waiter
         finally:
@@ -319,20 +319,11 @@ class StreamChannel:
         stream.flush()
 
     # One timer for all calls, set at the earliest deadline the call core reports.
-    def _arm(self, when: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = when
-        self._timer = self.loop.call_at(when, self._on_timer)
-
     def _on_timer(self) -> None:
-        self._timer = self._timer_at = None
         for call in self.calls.expire(self.loop.time()):
             if not call.waiter.done():
                 call.waiter.set_exception(call.expired())
-        nxt = self.calls.next_deadline()
-        if nxt is not None:
-            self._arm(nxt)
+        self._timer.set(self.calls.next_deadline())
 
     # ------------------------------------------------------------------ for patterns
 
@@ -402,8 +393,7 @@ class StreamChannel:
 
     async def close(self) -> None:
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
+        self._timer.cancel()
         task, self._reconnect_task = self._reconnect_task, None
         if task is not None and not task.done():
             task.cancel()
@@ -449,8 +439,7 @@ class DatagramChannel:
         self.calls: Calls[Waiter] = Calls()
         self.endpoint: _UDPEndpoint | None = None
         self.last_error = ""
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_when: float | None = None
+        self._timer = CoreTimer(self.loop, self._on_timer)  # retransmissions and deadlines
         secret = client.secret
         self.auth = DatagramAuth(secret) if secret is not None else None
 
@@ -477,20 +466,9 @@ class DatagramChannel:
         auth = self.auth
         for data in self.core.datagrams_to_send():
             ep.transport.sendto(data if auth is None else auth.seal(data, time.time()))
-        self._arm()
-
-    def _arm(self) -> None:
-        when = self.core.next_timer()
-        if when == self._timer_when:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_when = when
-        self._timer = None if when is None else self.loop.call_at(when, self._on_timer)
+        self._timer.set(self.core.next_timer())
 
     def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_when = None
         for ev in self.core.handle_timer(self.loop.time()):
             call = self.calls.forget(ev.request_id)
             if call is not None and not call.waiter.done():
@@ -558,8 +536,7 @@ class DatagramChannel:
         return float(end - start)
 
     async def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        self._timer.cancel()
         for call in self.calls.drain():
             if not call.waiter.done():
                 call.waiter.set_exception(ConnectError("client closed"))
@@ -568,7 +545,7 @@ class DatagramChannel:
         self.endpoint = None
 
 
-class AsyncClient(AsyncPubSub):
+class AsyncClient(ClientSettings, AsyncPubSub):
     """An asyncio client for ``tcp://host:port`` or ``udp://host:port``.
 
     ``url`` may list several TCP servers (``"tcp://a:5050,tcp://b:5050"`` or a list): the client
@@ -596,23 +573,20 @@ class AsyncClient(AsyncPubSub):
         tls: ssl.SSLContext | None = None,
         secret: bytes | None = None,
     ) -> None:
-        self.secret = secret
-        self.endpoints = parse_endpoints(url)
-        self.endpoint = self.endpoints[0]
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
+        self._configure(
+            url,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            codec=codec,
+            backoff=backoff,
+            retry=retry,
+            max_datagram=max_datagram,
+            tls=tls,
+            secret=secret,
+        )
         self.close_timeout = close_timeout
-        # tls:// URLs: the given context, else one that verifies against the system's CAs.
-        self.tls = tls if tls is not None or self.endpoint.scheme != "tls" else client_context()
-        self.codec = get_codec(codec)
         self.reconnect = reconnect
-        self.backoff = backoff or Backoff()
         self.stream_limits = stream_limits or StreamLimits()
-        self.retry = retry
-        self.max_datagram = max_datagram
-        # The message types this client's sessions decode; a pattern's client side adds its
-        # own (publish/subscribe adds MSG when the client first subscribes).
-        self.registry = Registry([CORE_MESSAGES])
         self._channel: StreamChannel | DatagramChannel | None = None
 
     async def connect(self) -> AsyncClient:

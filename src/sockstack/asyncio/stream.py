@@ -18,6 +18,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, cast
 
+from sockstack.asyncio.timer import CoreTimer
 from sockstack.errors import ErrorCode
 from sockstack.protocol.connection import (
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -79,8 +80,7 @@ class StreamProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.core: Connection | None = None
         self.peer = "?"
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_when: float | None = None
+        self._timer = CoreTimer(self.loop, self._on_timer)
         self._timer_state: object = None
         self.write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -137,9 +137,7 @@ class StreamProtocol(asyncio.Protocol):
         return False  # let asyncio close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
         if self.core is not None:
             events = self.core.receive_eof()
             if events:
@@ -229,17 +227,9 @@ class StreamProtocol(asyncio.Protocol):
         if core is None:
             return
         self._timer_state = core.state
-        when = core.next_timer(self.loop.time())
-        if when == self._timer_when:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_when = when
-        self._timer = None if when is None else self.loop.call_at(when, self._on_timer)
+        self._timer.set(core.next_timer(self.loop.time()))
 
     def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_when = None
         core = self.core
         if core is None:
             return

@@ -19,7 +19,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sockstack.errors import CallTimeout, CodecError, ConnectError, ConnectionLost
 from sockstack.protocol.codecs import CODECS, Codec
@@ -78,6 +78,18 @@ def prepare_publish(topic: str, value: Any, qos: int, codec: Codec) -> bytes:
 def _decode(msg: Msg) -> Message:
     """Raises KeyError (unknown codec) or CodecError."""
     return Message(msg.topic, CODECS[msg.codec].decode(msg.payload), msg.retained, msg.redelivered)
+
+
+T = TypeVar("T")
+
+
+def _state_of(states: dict[str, Any], make: Callable[[], T], cls: type[T]) -> T:
+    """This pattern's state on a channel or connection, made on first use."""
+    state = states.get(_STATE)
+    if state is None:
+        state = states[_STATE] = make()
+    assert isinstance(state, cls)
+    return state
 
 
 def _use_pubsub(registry: Registry) -> None:
@@ -196,11 +208,7 @@ class _AsyncState:
 
     @classmethod
     def of(cls, channel: StreamChannel) -> _AsyncState:
-        state = channel.state.get(_STATE)
-        if state is None:
-            state = channel.state[_STATE] = cls(channel)
-        assert isinstance(state, _AsyncState)
-        return state
+        return _state_of(channel.state, lambda: cls(channel), cls)
 
     def on_msg(self, msg: Msg) -> None:
         sub = self.subscriptions.get(msg.sid)
@@ -382,11 +390,7 @@ class _BlockingState:
 
     @classmethod
     def of(cls, conn: StreamConnection) -> _BlockingState:
-        state = conn.state.get(_STATE)
-        if state is None:
-            state = conn.state[_STATE] = cls(conn)
-        assert isinstance(state, _BlockingState)
-        return state
+        return _state_of(conn.state, lambda: cls(conn), cls)
 
     def on_msg(self, msg: Msg) -> None:
         box = self.inbox.get(msg.sid)

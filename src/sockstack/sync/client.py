@@ -31,7 +31,7 @@ from sockstack.errors import (
 )
 from sockstack.protocol.auth import AuthFailure, DatagramAuth, token_extension, unsealed_refusal
 from sockstack.protocol.calls import Backoff, Calls, Failover
-from sockstack.protocol.codecs import MSGPACK, Codec, get_codec
+from sockstack.protocol.codecs import MSGPACK, Codec
 from sockstack.protocol.connection import Connection, State
 from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, DatagramClient, RetryPolicy
 from sockstack.protocol.events import (
@@ -42,11 +42,10 @@ from sockstack.protocol.events import (
     Role,
 )
 from sockstack.protocol.frames import DEFAULT_MAX_FRAME, HEADER_SIZE, declared_size
-from sockstack.protocol.messages import CORE_MESSAGES
-from sockstack.protocol.registry import Registry
 from sockstack.pubsub.client import BlockingPubSub, BlockingSubscription
-from sockstack.transport.tls import client_context, tls_reason
-from sockstack.transport.urls import Endpoint, parse_endpoints
+from sockstack.transport.settings import ClientSettings
+from sockstack.transport.tls import tls_reason
+from sockstack.transport.urls import Endpoint
 
 __all__ = ["BlockingSubscription", "Client", "DatagramConnection", "StreamConnection", "connect"]
 
@@ -614,7 +613,7 @@ class DatagramConnection:
         self.sock.close()
 
 
-class Client(BlockingPubSub):
+class Client(ClientSettings, BlockingPubSub):
     """A blocking client. Create it with :func:`connect`. Publish/subscribe (``publish``,
     ``subscribe``) comes from :class:`BlockingPubSub`."""
 
@@ -632,23 +631,20 @@ class Client(BlockingPubSub):
         tls: ssl.SSLContext | None = None,
         secret: bytes | None = None,
     ) -> None:
-        self.secret = secret
-        self.endpoints = parse_endpoints(url)
-        self.endpoint = self.endpoints[0]
-        # tls:// URLs: the given context, else one that verifies against the system's CAs.
-        self.tls = tls if tls is not None or self.endpoint.scheme != "tls" else client_context()
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
-        self.codec: Codec = get_codec(codec)
-        self.backoff = backoff or Backoff()
+        self._configure(
+            url,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            codec=codec,
+            backoff=backoff,
+            retry=retry,
+            max_datagram=max_datagram,
+            tls=tls,
+            secret=secret,
+        )
         self.max_frame = max_frame
-        self.retry = retry
-        self.max_datagram = max_datagram
         self.lock = threading.Lock()
         """One call at a time: held while a call (or a pattern's exchange) uses the socket."""
-        # The message types this client's session decodes; a pattern's client side adds its
-        # own (publish/subscribe adds MSG when the client first subscribes).
-        self.registry = Registry([CORE_MESSAGES])
         self.connection: StreamConnection | DatagramConnection
         if self.endpoint.scheme == "udp":
             self.connection = DatagramConnection(self.endpoint, self)

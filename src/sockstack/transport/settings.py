@@ -1,0 +1,60 @@
+"""What both clients (asyncio and blocking) are configured with, set in one place."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Sequence
+
+from sockstack.protocol.calls import Backoff
+from sockstack.protocol.codecs import Codec, get_codec
+from sockstack.protocol.datagram import RetryPolicy
+from sockstack.protocol.messages import CORE_MESSAGES
+from sockstack.protocol.registry import Registry
+from sockstack.transport.tls import client_context
+from sockstack.transport.urls import Endpoint, parse_endpoints
+
+__all__ = ["ClientSettings"]
+
+
+class ClientSettings:
+    """The options every client shares; each client's ``__init__`` documents them."""
+
+    endpoints: list[Endpoint]
+    endpoint: Endpoint
+    timeout: float
+    connect_timeout: float
+    codec: Codec
+    backoff: Backoff
+    retry: RetryPolicy | None
+    max_datagram: int
+    tls: ssl.SSLContext | None
+    secret: bytes | None
+    registry: Registry
+
+    def _configure(
+        self,
+        url: str | Sequence[str],
+        *,
+        timeout: float,
+        connect_timeout: float,
+        codec: str,
+        backoff: Backoff | None,
+        retry: RetryPolicy | None,
+        max_datagram: int,
+        tls: ssl.SSLContext | None,
+        secret: bytes | None,
+    ) -> None:
+        self.secret = secret
+        self.endpoints = parse_endpoints(url)
+        self.endpoint = self.endpoints[0]
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        # tls:// URLs: the given context, else one that verifies against the system's CAs.
+        self.tls = tls if tls is not None or self.endpoint.scheme != "tls" else client_context()
+        self.codec = get_codec(codec)
+        self.backoff = backoff or Backoff()
+        self.retry = retry
+        self.max_datagram = max_datagram
+        # The message types this client's sessions decode; a pattern's client side adds its
+        # own (publish/subscribe adds MSG when the client first subscribes).
+        self.registry = Registry([CORE_MESSAGES])
