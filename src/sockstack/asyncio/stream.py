@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -27,8 +28,8 @@ from sockstack.protocol.connection import (
     Connection,
     ProtocolViolation,
 )
+from sockstack.protocol.events import Event, Role
 from sockstack.protocol.frames import DEFAULT_MAX_FRAME
-from sockstack.protocol.messages import Role
 from sockstack.transport.ratelog import RateLimitedLog
 
 __all__ = ["StreamLimits", "StreamProtocol", "format_peer"]
@@ -192,7 +193,7 @@ class StreamProtocol(asyncio.Protocol):
 
     # ---------------------------------------------------------------- core plumbing
 
-    def handle_events(self, events: list[Any]) -> None:
+    def handle_events(self, events: Sequence[Event]) -> None:
         """Override: react to the core's events. Call super() for violations' logging."""
         for ev in events:
             if type(ev) is ProtocolViolation:

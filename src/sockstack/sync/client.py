@@ -265,7 +265,7 @@ class StreamConnection:
             self.drop()
             raise ConnectionLost(f"{self.ep}: {exc}; the call may or may not have run") from None
 
-    def _events(self, n: int, deadline: float = 0.0, method: str = "") -> list[Any]:
+    def _events(self, n: int, deadline: float = 0.0, method: str = "") -> list[Event]:
         """The events of ``n`` bytes just read (0: end of stream). The socket is dropped if the
         session ended. With a ``deadline``, a large frame begun in these bytes is read whole,
         straight into its own buffer."""
@@ -283,7 +283,7 @@ class StreamConnection:
             return self._feed(view.tobytes())
         return self._feed(None)
 
-    def _large(self, first: memoryview, total: int, deadline: float, method: str) -> list[Any]:
+    def _large(self, first: memoryview, total: int, deadline: float, method: str) -> list[Event]:
         """Read the rest of a large frame into one buffer and decode it from there: no copies
         of the chunks and no join (the kernel writes where the frame will be decoded)."""
         core = self.core
@@ -308,7 +308,7 @@ class StreamConnection:
             return [single]
         return self._feed(bytes(frame))
 
-    def _feed(self, data: bytes | None) -> list[Any]:
+    def _feed(self, data: bytes | None) -> list[Event]:
         """Bytes read (None: end of stream) through the general path."""
         sock, core = self.sock, self.core
         assert sock is not None and core is not None
