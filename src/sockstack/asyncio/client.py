@@ -111,11 +111,15 @@ class _TCPStream(StreamProtocol):
     def handle_events(self, events: Sequence[Event]) -> None:
         take = self.channel.calls.take
         for ev in events:
-            if type(ev) is Response or type(ev) is Error:
+            if type(ev) is Response:  # the bulk of the traffic: no outcome tuple on this path
+                call = take(ev)
+                if call is not None and not call.waiter.done():
+                    call.waiter.set_result(ev.result)
+            elif type(ev) is Error:
                 call = take(ev)
                 if call is not None:
                     _settle(call, ev)
-                elif type(ev) is Error and ev.request_id == 0:
+                elif ev.request_id == 0:
                     log.warning("server %s reported: %s %s", self.peer, ev.type, ev.message)
             elif isinstance(ev, PatternMessage):
                 route = self.channel.routes.get(type(ev))

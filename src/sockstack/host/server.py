@@ -182,12 +182,10 @@ class _HostStream(StreamProtocol):
             draining = self.server.draining
             routes = self.routes
             for ev in events:
-                t = type(ev)
-                if t is Request and not draining:
-                    assert isinstance(ev, Request)
+                if type(ev) is Request and not draining:
                     self._outcome(ev, dispatch(ev))
                     continue
-                route = routes.get(t)
+                route = routes.get(type(ev))
                 if route is not None:
                     route(self, ev)
                 else:
