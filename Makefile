@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 HOST_PORTS ?= --tcp 127.0.0.1:5050 --udp 127.0.0.1:5051
 
-.PHONY: run test test-deps bench bench-quick bench-deps fuzz lint typecheck clean help
+.PHONY: run test test-deps bench bench-quick bench-deps fuzz lint typecheck mutate clean help
 
 help:
 	@echo "make run   - create .venv, install, serve the demo on tcp 5050 / udp 5051"
@@ -12,6 +12,7 @@ help:
 	@echo "make bench - install the peers (pyzmq, gRPC, NATS, Redis...) and run the benchmarks"
 	@echo "make fuzz  - fuzz the protocol core with atheris (FUZZ_RUNS=200000, bounded)"
 	@echo "make lint  - ruff and mypy"
+	@echo "make mutate - mutation testing of the protocol core and dispatcher (mutmut; slow)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -66,9 +67,23 @@ bench: bench-deps
 bench-quick: bench-deps
 	$(BIN)/python -m bench --quick
 
+$(VENV)/.installed-mutate: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev,mutate]'
+	touch $(VENV)/.installed $(VENV)/.installed-dev $@
+
+# Mutation testing ([tool.mutmut] in pyproject.toml): the protocol core (frames, connection,
+# datagram, messages, auth) and rpc/dispatch.py, against tests/protocol and tests/rpc only.
+# Too slow for `make test` (every mutant reruns its tests); it resumes where it stopped. Narrow it
+# with MUTANTS, a mutant name pattern: make mutate MUTANTS='sockstack.protocol.auth*'.
+# Then `.venv/bin/mutmut results` lists the survivors, `.venv/bin/mutmut show NAME` one diff.
+MUTANTS ?=
+MUTATE_JOBS ?= 2
+mutate: $(VENV)/.installed-mutate
+	$(BIN)/mutmut run --max-children $(MUTATE_JOBS) $(MUTANTS)
+
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests examples bench fuzz
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache mutants

@@ -190,6 +190,13 @@ class TCPFaultProxy:
             self.resets += 1
         self._pairs.clear()
 
+    async def reset_and_wait(self) -> None:
+        """:meth:`reset`, then wait until the proxy's sockets are closed: their RSTs are sent
+        (and on loopback, delivered) when this returns."""
+        writers = [w for pair in self._pairs for w in pair]
+        self.reset()
+        await asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
+
     def stall(self, stalled: bool = True) -> None:
         """Hold every byte in both directions (True) or let them flow again (False)."""
         if stalled:

@@ -4,6 +4,8 @@ reordering UDP; TCP connections reset or stalled mid-call."""
 from __future__ import annotations
 
 import asyncio
+import select
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -124,7 +126,14 @@ async def test_tcp_stall_times_out_then_recovers(server: Server) -> None:
         await proxy.close()
 
 
-async def test_blocking_client_survives_a_reset(server: Server) -> None:
+def _readable(sock: socket.socket | None) -> bool:
+    """The socket has something to report (data, end of stream, or a reset)."""
+    return sock is None or bool(select.select([sock], [], [], 0)[0])
+
+
+async def test_blocking_client_survives_a_reset_between_calls(server: Server) -> None:
+    """A reset that arrives while the client is idle is seen before the next request goes out:
+    the client reconnects and that call is served, transparently."""
     ep = server.endpoint("tcp")
     proxy = await TCPFaultProxy((ep.host, ep.port)).start()
     try:
@@ -133,16 +142,43 @@ async def test_blocking_client_survives_a_reset(server: Server) -> None:
         )
         try:
             assert await asyncio.to_thread(bc.call, "add", 1, 1) == 2
-            proxy.reset()
-            # The reset is seen before the next request goes out, or as a lost call: either
-            # way the client reconnects and the following call is served.
-            try:
-                assert await asyncio.to_thread(bc.call, "add", 2, 2) == 4
-            except ConnectionLost:
-                pass
+            await asyncio.wait_for(proxy.reset_and_wait(), timeout(5))
+            sock = bc.connection.sock  # the client's connection: the reset has reached it
+            async with asyncio.timeout(timeout(5)):
+                while not _readable(sock):
+                    await asyncio.sleep(0.001)
+            assert await asyncio.to_thread(bc.call, "add", 2, 2) == 4
             assert await asyncio.to_thread(bc.call, "add", 3, 3) == 6
-            assert proxy.connections == 2
+            assert proxy.connections == 2 and proxy.resets == 1
         finally:
+            bc.close()
+    finally:
+        await proxy.close()
+
+
+async def test_blocking_client_call_in_flight_fails_on_a_reset(
+    server: Server, probe: Probe
+) -> None:
+    """A reset during a call fails that call at once (it may or may not have run); the next
+    call reconnects and is served."""
+    probe.gate = asyncio.Event()
+    probe.entered = asyncio.Event()
+    ep = server.endpoint("tcp")
+    proxy = await TCPFaultProxy((ep.host, ep.port)).start()
+    try:
+        bc = await asyncio.to_thread(
+            connect, f"tcp://127.0.0.1:{proxy.port}", timeout=timeout(30), backoff=FAST
+        )
+        try:
+            in_flight = asyncio.ensure_future(asyncio.to_thread(bc.call, "wait", "reset"))
+            await asyncio.wait_for(probe.entered.wait(), timeout(5))  # it runs on the server
+            await asyncio.wait_for(proxy.reset_and_wait(), timeout(5))
+            with pytest.raises(ConnectionLost, match="may or may not have run"):
+                await asyncio.wait_for(in_flight, timeout(5))  # at once, not at its timeout
+            assert await asyncio.to_thread(bc.call, "add", 2, 2) == 4
+            assert proxy.connections == 2 and proxy.resets == 1
+        finally:
+            probe.gate.set()
             bc.close()
     finally:
         await proxy.close()

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from sockstack import AsyncClient, CallTimeout, ErrorCode, RemoteError, Server, connect
+from sockstack import AsyncClient, ErrorCode, RemoteError, Server, connect
 from sockstack.protocol.frames import FrameDecoder
 from sockstack.protocol.messages import (
     CORE_MESSAGES,
@@ -71,6 +71,8 @@ async def test_fan_out_to_ten_subscribers_loses_nothing_at_qos1(broker_server: S
 
 
 async def test_queue_group_balances(broker_server: Server) -> None:
+    """Each message goes to one member of the group, in turn: 300 messages, 100 each, every
+    third one; a subscriber outside the group gets them all."""
     url = tcp(broker_server)
     async with AsyncClient(url) as a, AsyncClient(url) as b, AsyncClient(url) as c:
         members = [await x.subscribe("jobs.*", group="workers") for x in (a, b, c)]
@@ -78,33 +80,58 @@ async def test_queue_group_balances(broker_server: Server) -> None:
         async with AsyncClient(url) as pub:
             for i in range(300):
                 await pub.publish("jobs.new", i, qos=1)
-        shares = []
-        seen: list[int] = []
+            for i in range(300, 303):  # one marker more per member: what came before is all
+                await pub.publish("jobs.end", i, qos=1)
+        received: list[list[int]] = []
         for m in members:
-            n = 100  # round-robin: exactly a third each
-            shares.append(n)
-            seen += [(await m.get(timeout(5))).value for _ in range(n)]
-        assert sorted(seen) == list(range(300))
-        for m in members:
-            with pytest.raises(CallTimeout):
-                await m.get(0.2)  # nothing more: each message went to one member
-        assert [(await everyone.get(timeout(5))).value for _ in range(300)] == list(range(300))
+            values: list[int] = []
+            for _ in range(302):  # bounded: 100 messages and a marker expected
+                values.append((await m.get(timeout(5))).value)
+                if values[-1] >= 300:
+                    break
+            received.append(values)
+        shares = [len(v) - 1 for v in received]
+        assert shares == [100, 100, 100]
+        assert sorted(v for values in received for v in values[:-1]) == list(range(300))
+        for values in received:  # in turn: each member got one residue class, the marker too
+            assert len({v % 3 for v in values}) == 1, values[:10]
+        assert [(await everyone.get(timeout(5))).value for _ in range(303)] == list(range(303))
 
 
 async def test_retained_message_is_delivered_on_subscribe(broker_server: Server) -> None:
     url = tcp(broker_server)
+    broker = broker_server.broker
+    assert broker is not None
+
+    async def first(sub: Any) -> tuple[str, Any, bool]:
+        msg = await sub.get(timeout(5))
+        return (msg.topic, msg.value, msg.retained)
+
     async with AsyncClient(url) as pub, AsyncClient(url) as sub_c:
         await pub.publish("home.door", "open", retain=True, qos=1)
         await pub.publish("home.door", "closed", retain=True, qos=1)  # the last one is kept
         await pub.publish("home.light", "on", qos=1)  # not retained
         sub = await sub_c.subscribe("home.*")
-        first = await sub.get(timeout(5))
-        assert (first.topic, first.value, first.retained) == ("home.door", "closed", True)
+        assert await first(sub) == ("home.door", "closed", True)
         await pub.publish("home.light", "off", qos=1)
-        live = await sub.get(timeout(5))
-        assert (live.topic, live.value, live.retained) == ("home.light", "off", False)
-        await pub.publish("home.door", b"", retain=True, qos=1)  # a msgpack b"" is not empty...
-        assert broker_server.broker.retained  # type: ignore[union-attr]
+        # Retained messages come right after the SUB's answer: the next one is live, so
+        # "home.light" "on" was not retained.
+        assert await first(sub) == ("home.light", "off", False)
+        assert set(broker.retained) == {"home.door"}
+        # A msgpack b"" is a payload (c4 00), not an empty message: it is retained.
+        await pub.publish("home.door", b"", retain=True, qos=1)
+        assert await first(sub) == ("home.door", b"", False)  # live to those subscribed
+        late = await sub_c.subscribe("home.door")
+        assert await first(late) == ("home.door", b"", True)  # retained for those who come
+        # An empty payload (nothing at all, raw codec) clears the topic's retained message.
+        async with AsyncClient(url, codec="raw") as raw:
+            await raw.publish("home.door", b"", retain=True, qos=1)
+        assert await first(sub) == ("home.door", b"", False)
+        assert await first(late) == ("home.door", b"", False)
+        assert broker.retained == {}
+        after = await sub_c.subscribe("home.*")
+        await pub.publish("home.light", "dim", qos=1)
+        assert await first(after) == ("home.light", "dim", False)  # nothing retained came first
 
 
 async def test_qos1_redelivers_until_acked(broker_server: Server) -> None:
@@ -201,6 +228,22 @@ async def _raw_subscriber(ep: Endpoint, options: dict[str, Any]) -> tuple[socket
     return sock, 1
 
 
+def _read_until_close(sock: socket.socket) -> list[Any]:
+    """What the server sends until its CLOSE, or the end of the connection (bounded)."""
+    sock.settimeout(timeout(5))
+    dec = FrameDecoder()
+    msgs: list[Any] = []
+    try:
+        while not any(isinstance(m, Close) for m in msgs):
+            data = sock.recv(65536)
+            if not data:
+                break
+            msgs += [decode_message(f, REGISTRY) for f in dec.feed(data)]
+    except (ConnectionError, TimeoutError):
+        pass  # the caller asserts what arrived
+    return msgs
+
+
 @pytest.mark.parametrize("policy", ["drop-oldest", "drop-newest", "disconnect"])
 async def test_slow_consumer_policies_bound_memory(broker_server: Server, policy: str) -> None:
     ep = broker_server.endpoint("tcp")
@@ -209,6 +252,7 @@ async def test_slow_consumer_policies_bound_memory(broker_server: Server, policy
     slow, _ = await asyncio.to_thread(
         lambda: asyncio.run(_raw_subscriber(ep, {"policy": policy, "max_msgs": 50}))
     )
+    slow_reader: asyncio.Future[list[Any]] | None = None
     try:
         async with (
             AsyncClient(tcp(broker_server)) as fast_c,
@@ -218,8 +262,16 @@ async def test_slow_consumer_policies_bound_memory(broker_server: Server, policy
             payload = b"p" * 1000
             for i in range(3000):  # ~3 MB towards a subscriber that reads nothing
                 await pub.publish("flood.x", [i, payload])
-                if i % 100 == 0:
-                    await asyncio.sleep(0)  # let the broker write
+                if i % 100 == 99:
+                    # A round trip on the publisher's connection: the broker has routed (and
+                    # written or queued) every message published before it.
+                    await pub.ping(timeout(5))
+                    if slow_reader is None and broker.stats()["slow_consumers_disconnected"]:
+                        # Disconnected: its CLOSE is on its way; read it now, before the
+                        # server cuts off a subscriber that still does not read.
+                        slow_reader = asyncio.ensure_future(
+                            asyncio.to_thread(_read_until_close, slow)
+                        )
             # The fast subscriber is not slowed by the slow one: it gets all 3000.
             got = [(await fast.get(timeout(10))).value[0] for _ in range(3000)]
             assert got == list(range(3000))
@@ -242,16 +294,12 @@ async def test_slow_consumer_policies_bound_memory(broker_server: Server, policy
             ]
             assert max(stream_buffers) <= 1 << 20  # bounded: no unbounded queue anywhere
         if policy == "disconnect":
-            slow.settimeout(timeout(5))
-            dec = FrameDecoder()
-            msgs: list[Any] = []
-            try:
-                while data := slow.recv(65536):
-                    msgs += [decode_message(f, REGISTRY) for f in dec.feed(data)]
-            except (ConnectionError, TimeoutError):
-                pass
+            assert slow_reader is not None
+            msgs = await asyncio.wait_for(slow_reader, timeout(10))
             closes = [m for m in msgs if isinstance(m, Close)]
             assert closes and closes[-1].code == ErrorCode.SLOW_CONSUMER
+        else:
+            assert slow_reader is None
     finally:
         slow.close()
 

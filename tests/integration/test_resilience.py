@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import pytest
 
@@ -26,6 +27,7 @@ from tests.conftest import Probe, timeout, url
 
 FAST = Backoff(initial=0.01, factor=2.0, max_delay=0.2)
 QUICK_CLOSE = ServerLimits(close_timeout=0.2)  # idle blocking clients never answer CLOSE
+T = TypeVar("T")
 
 
 async def test_drop_fails_every_call_in_flight_at_once(server: Server, probe: Probe) -> None:
@@ -45,6 +47,21 @@ async def test_drop_fails_every_call_in_flight_at_once(server: Server, probe: Pr
         assert await c.call("add", 1, 2, timeout=timeout(5)) == 3
 
 
+def started_call(coro: Coroutine[Any, Any, T]) -> tuple[asyncio.Future[T], asyncio.Event]:
+    """Run ``coro`` in a task, and an event set once it has run up to its first wait.
+
+    The event is set just before the coroutine starts, in the task's first step, which goes on
+    until the coroutine waits: so once the event's waiter resumes, the coroutine has started
+    and either finished or is waiting (instead of hoping one ``sleep(0)`` was enough)."""
+    started = asyncio.Event()
+
+    async def run() -> T:
+        started.set()
+        return await coro
+
+    return asyncio.ensure_future(run()), started
+
+
 async def restart_on(ep: Endpoint, probe: Probe) -> Server:
     srv = Server(probe, tcp=[Endpoint("tcp", ep.host, ep.port)], limits=QUICK_CLOSE)
     await srv.start()
@@ -59,8 +76,8 @@ async def test_reconnect_after_server_restart(probe: Probe) -> None:
         assert await c.call("add", 1, 1) == 2
         await first.shutdown()  # clients get CLOSE GOING_AWAY
         # A call made while the server is down waits for the reconnect within its timeout.
-        pending = asyncio.ensure_future(c.call("add", 2, 2))
-        await asyncio.sleep(0)  # let the call start waiting before the server comes back
+        pending, started = started_call(c.call("add", 2, 2))
+        await asyncio.wait_for(started.wait(), timeout(5))  # it is waiting, the server is down
         assert not pending.done()
         second = await restart_on(ep, probe)
         try:
@@ -122,8 +139,9 @@ async def test_shutdown_answers_in_flight_then_refuses(probe: Probe, scheme: str
     async with AsyncClient(url(srv, scheme), timeout=timeout(10), reconnect=False) as c:
         in_flight = asyncio.ensure_future(c.call("wait", "drain"))
         await asyncio.wait_for(probe.entered.wait(), timeout(5))
-        stopping = asyncio.ensure_future(srv.shutdown())
-        await asyncio.sleep(0)
+        stopping, started = started_call(srv.shutdown())
+        await asyncio.wait_for(started.wait(), timeout(5))
+        assert srv.draining  # shutdown has begun: it drains the call in flight
         with pytest.raises(RemoteError) as info:  # accepted no more
             await c.call("add", 1, 1)
         assert info.value.code == ErrorCode.SHUTTING_DOWN

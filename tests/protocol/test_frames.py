@@ -154,7 +154,73 @@ def test_large_frame_followed_by_garbage_in_the_same_read() -> None:
         dec.feed(b"more")
 
 
-def test_malloc_tuning_is_harmless() -> None:
+class _FakeMallopt:
+    """glibc's mallopt as ctypes shows it: records its calls, answers ``result``."""
+
+    def __init__(self, result: int) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.result = result
+        self.argtypes: list[object] = []
+
+    def __call__(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return self.result
+
+
+class _FakeLibc:
+    def __init__(self, result: int) -> None:
+        self.mallopt = _FakeMallopt(result)
+        self.calls = self.mallopt.calls
+
+
+def test_malloc_tuning_sets_both_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes
+    import ctypes.util
+
+    from sockstack.transport import memory
+
+    libc = _FakeLibc(1)
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libc.so.6")
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: libc)
+    assert memory.tune_malloc() is True
+    # M_MMAP_THRESHOLD (-3) and M_TRIM_THRESHOLD (-1), with the documented defaults
+    assert libc.calls == [(-3, 16 << 20), (-1, 64 << 20)]
+    assert libc.mallopt.argtypes == [ctypes.c_int, ctypes.c_int]  # ints, not Python objects
+    libc.calls.clear()
+    assert memory.tune_malloc(1 << 20, 2 << 20) is True
+    assert libc.calls == [(-3, 1 << 20), (-1, 2 << 20)]
+
+
+@pytest.mark.parametrize("failure", ["refused", "no-libc", "not-loadable", "no-mallopt"])
+def test_malloc_tuning_reports_when_it_cannot(
+    monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    import ctypes
+    import ctypes.util
+
+    from sockstack.transport import memory
+
+    libc = _FakeLibc(0)  # glibc's mallopt returns 0 when it refuses a value
+
+    def load(name: str) -> object:
+        if failure == "not-loadable":
+            raise OSError("cannot load")
+        if failure == "no-mallopt":
+            return object()
+        return libc
+
+    monkeypatch.setattr(
+        ctypes.util, "find_library", lambda name: None if failure == "no-libc" else "libc.so.6"
+    )
+    monkeypatch.setattr(ctypes, "CDLL", load)
+    assert memory.tune_malloc() is False
+    assert libc.calls == ([(-3, 16 << 20)] if failure == "refused" else [])
+
+
+def test_malloc_tuning_applies_on_glibc() -> None:
+    import platform
+
     from sockstack.transport.memory import tune_malloc
 
-    assert tune_malloc() in (True, False)  # glibc: applied; elsewhere: a no-op
+    # glibc accepts both thresholds; elsewhere the tuning is a no-op that says so
+    assert tune_malloc() is (platform.libc_ver()[0] == "glibc")
