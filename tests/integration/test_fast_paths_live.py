@@ -383,23 +383,12 @@ ANSWERS: list[tuple[str, str, list[Any], Callable[[int], Any]]] = [
     ),
 ]
 
-KNOWN_DIVERGENCE = pytest.mark.xfail(
-    strict=True,
-    reason="response_frame (the inline answer's fast path) checks the peer's max_frame only "
-    "above 64 KiB: the 5,019-byte RESPONSE goes out and the client must close the session",
-)
-
 
 def _answer_params() -> list[Any]:
     params = []
     for name, meth, args, want in ANSWERS:
         for mode in ("one-write", "pipelined", "behind-a-ping"):
-            marks = (
-                [KNOWN_DIVERGENCE]
-                if (name, mode) == ("result-above-the-client-limit", "one-write")
-                else []
-            )
-            params.append(pytest.param(meth, args, want, mode, id=f"{name}-{mode}", marks=marks))
+            params.append(pytest.param(meth, args, want, mode, id=f"{name}-{mode}"))
     return params
 
 

@@ -741,18 +741,10 @@ def test_response_senders_refuse_what_does_not_encode(send: Callable[..., bytes]
     assert conn.data_to_send() == b""
 
 
-SMALL_RESULT_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="response_frame checks the peer's max_frame only for bodies above 64 KiB: a small "
-    "result above a small peer limit goes out, and the peer closes the session (FRAME_TOO_LARGE) "
-    "where send_response refuses it locally and the server answers ERROR instead",
-)
-
-
 @pytest.mark.parametrize(
     ("send", "result"),
     [
-        pytest.param(response_fast, b"x" * 5000, marks=SMALL_RESULT_BUG),
+        (response_fast, b"x" * 5000),
         (response_slow, b"x" * 5000),
         (response_fast, b"x" * 70_000),
         (response_slow, b"x" * 70_000),

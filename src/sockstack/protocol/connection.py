@@ -308,7 +308,7 @@ class Connection:
         if type(result) is bytes and len(result) > BIG_BYTES:
             return None
         body = MSGPACK.encode(result)
-        if len(body) > BIG_BYTES and len(body) > self.peer_max_frame:
+        if len(body) > self.peer_max_frame:  # the general path refuses it with the sizes
             return None
         return _pack_header(_RESPONSE, 0, 1, 0, request_id, len(body)) + body
 
