@@ -50,7 +50,7 @@ def _report(received: int, last: float) -> None:
 
 
 async def _ss_sub(port: int, count: int) -> None:
-    from sockstack.asyncio.client import AsyncClient
+    from sockstack import AsyncClient
 
     received = 0
     last = 0.0
@@ -82,7 +82,7 @@ async def _wait_done(done: asyncio.Event, last: Callable[[], float]) -> None:
 
 
 async def _ss_pub(port: int, count: int) -> None:
-    from sockstack.asyncio.client import AsyncClient
+    from sockstack import AsyncClient
 
     async with AsyncClient(f"tcp://127.0.0.1:{port}", timeout=30) as c:
         for i in range(count):

@@ -183,7 +183,7 @@ def tls_framed_client(port: int, payload: bytes) -> Sync:
 
 
 def sockstack_tls_client(port: int, payload: bytes) -> Sync:
-    from sockstack.sync.client import connect
+    from sockstack import connect
 
     client = connect(
         f"tls://127.0.0.1:{port}", tls=_tls_client_context(), max_frame=MAX_FRAME, timeout=10
@@ -312,7 +312,7 @@ def udp_client(port: int, payload: bytes) -> Sync:
 
 
 def sockstack_client(url: str, payload: bytes) -> Sync:
-    from sockstack.sync.client import connect
+    from sockstack import connect
 
     client = connect(url, timeout=10.0, max_frame=MAX_FRAME)
     call = client.call
@@ -490,7 +490,7 @@ def _result(
 async def _pipelined_sockstack(
     url: str, payload: bytes, total: int, window: int
 ) -> tuple[list[int], float]:
-    from sockstack.asyncio.client import AsyncClient
+    from sockstack import AsyncClient
 
     async with AsyncClient(url, timeout=60) as c:
         await asyncio.gather(*(c.call("echo", payload) for _ in range(window)))  # warm-up

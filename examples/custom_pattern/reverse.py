@@ -51,7 +51,7 @@ REVERSE_MESSAGES = MessageSet(
     0x5F,
     (MessageSpec(REVERSE, "REVERSE", _decode, frozenset({Role.CLIENT}), cls=ReverseRequest),),
 )
-_ONLY_REVERSE = Registry([REVERSE_MESSAGES])
+_ONLY_REVERSE = Registry([REVERSE_MESSAGES], frozen=True)
 
 
 class Reverse(Pattern):

@@ -14,8 +14,8 @@ Architecture (docs/ARCHITECTURE.md): ``protocol/`` is the sans-I/O core that own
 plugs into; ``rpc/`` and ``pubsub/`` are patterns; ``transport/`` holds URLs, TLS and the loop.
 """
 
-from sockstack.asyncio.client import AsyncClient, Backoff, Message, Subscription
 from sockstack.asyncio.stream import StreamLimits
+from sockstack.clients import AsyncClient, Client, connect
 from sockstack.errors import (
     CallError,
     CallTimeout,
@@ -34,11 +34,12 @@ from sockstack.errors import (
 )
 from sockstack.host.pattern import Pattern
 from sockstack.host.server import Server, ServerLimits, serve
+from sockstack.protocol.calls import Backoff
 from sockstack.pubsub import Broker, BrokerLimits
+from sockstack.pubsub.client import BlockingSubscription, Message, Subscription
 from sockstack.pubsub.pattern import PubSub
 from sockstack.rpc.pattern import RPC
 from sockstack.rpc.service import Service, ServiceError, method
-from sockstack.sync.client import BlockingSubscription, Client, connect
 from sockstack.transport import tls
 from sockstack.transport.loop import run
 from sockstack.transport.memory import tune_malloc

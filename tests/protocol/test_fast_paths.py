@@ -777,6 +777,15 @@ class DCase:
     max_datagram: int = MAX_DATAGRAM
 
 
+def _no_larger(data: bytes, rid: int, code: int, message: str) -> list[bytes]:
+    """The ERROR a datagram gets: in full, else the code alone, else nothing, whichever first
+    is no larger than the datagram (the server never amplifies)."""
+    for reply in (encode_error(rid, code, ErrorCode(code).name, message), encode_error(rid, code)):
+        if len(reply) <= len(data):
+            return [reply]
+    return []
+
+
 def _dgram_refusal(
     name: str, data: bytes, rid: int, code: int, message: str = "", **kw: Any
 ) -> DCase:
@@ -785,7 +794,7 @@ def _dgram_refusal(
         name,
         data,
         [ProtocolViolation(code, message, rid)],
-        [encode_error(rid, code, ErrorCode(code).name, message)],
+        _no_larger(data, rid, code, message),
         **kw,
     )
 
@@ -796,7 +805,7 @@ def _dgram_fatal(name: str, data: bytes, rid: int, code: int, message: str, **kw
         name,
         data,
         [ProtocolViolation(code, message, rid, True)],
-        [encode_error(rid, code, ErrorCode(code).name, message)],
+        _no_larger(data, rid, code, message),
         **kw,
     )
 

@@ -28,7 +28,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, Self
 
 from sockstack.asyncio.datagram import DatagramEndpoint
 from sockstack.asyncio.stream import StreamLimits, StreamProtocol
@@ -50,8 +50,7 @@ from sockstack.protocol.events import (
     Response,
     Role,
 )
-from sockstack.pubsub.client import AsyncPubSub, Message, Subscription
-from sockstack.transport.settings import ClientSettings
+from sockstack.transport.settings import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, ClientSettings
 from sockstack.transport.tls import tls_reason
 from sockstack.transport.urls import Endpoint
 
@@ -60,15 +59,12 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "AsyncClient",
     "Backoff",
-    "Message",
+    "DatagramChannel",
     "StreamChannel",
-    "Subscription",
 ]
 
 log = logging.getLogger("sockstack.client")
 _SENDABLE = (State.OPEN, State.HELLO_SENT)
-DEFAULT_TIMEOUT = 10.0
-DEFAULT_CONNECT_TIMEOUT = 5.0
 
 Waiter = asyncio.Future[Any]
 Route = Callable[[Any], None]
@@ -345,7 +341,7 @@ class StreamChannel:
             stream = await self._wait_connected(what, timeout, deadline)
         core = stream.core
         assert core is not None
-        call = self.calls.start(what, timeout, now, loop.create_future())
+        call = self.calls.start(what, timeout, now, loop.create_future(), timed=False)
         try:
             core.send_message(frame(call.request_id))
             stream.flush()
@@ -383,7 +379,7 @@ class StreamChannel:
             stream = await self._wait_connected("PING", timeout, start + timeout)
         core = stream.core
         assert core is not None
-        call = self.calls.start("PING", timeout, start, loop.create_future())
+        call = self.calls.start("PING", timeout, start, loop.create_future(), timed=False)
         core.send_ping(call.request_id, b"")
         stream.flush()
         try:
@@ -397,7 +393,7 @@ class StreamChannel:
 
     async def close(self) -> None:
         self.closed = True
-        self._timer.cancel()
+        self._timer.close()
         task, self._reconnect_task = self._reconnect_task, None
         if task is not None and not task.done():
             task.cancel()
@@ -440,7 +436,9 @@ class DatagramChannel:
         self.core = DatagramClient(
             max_datagram=client.max_datagram, retry=client.retry, registry=client.registry
         )
-        self.calls: Calls[Waiter] = Calls()
+        # Ids start at a random point, as the datagram core's own do: a restarted client on a
+        # reused port never meets its predecessor's answers in the server's reply cache.
+        self.calls: Calls[Waiter] = Calls(first_id=self.core.new_request_id(0))
         self.endpoint: _UDPEndpoint | None = None
         self.last_error = ""
         self._timer = CoreTimer(self.loop, self._on_timer)  # retransmissions and deadlines
@@ -515,7 +513,8 @@ class DatagramChannel:
         now = self.loop.time()
         # DATAGRAM_TOO_LARGE and CodecError are raised here, before anything is sent.
         self.core.send_request(rid, method, args, kwargs, codec, now=now, timeout=timeout)
-        call = calls.start(method, timeout, now, self.loop.create_future(), rid)
+        # The datagram core owns this call's deadline (it retransmits until then).
+        call = calls.start(method, timeout, now, self.loop.create_future(), rid, timed=False)
         self._flush()
         try:
             return await call.waiter
@@ -527,7 +526,7 @@ class DatagramChannel:
         if self.endpoint is None:
             raise ConnectError("client is closed")
         start = self.loop.time()
-        call = self.calls.start("PING", timeout, start, self.loop.create_future())
+        call = self.calls.start("PING", timeout, start, self.loop.create_future(), timed=False)
         self.core.send_ping(call.request_id)
         self._flush()
         try:
@@ -540,7 +539,7 @@ class DatagramChannel:
         return float(end - start)
 
     async def close(self) -> None:
-        self._timer.cancel()
+        self._timer.close()
         for call in self.calls.drain():
             if not call.waiter.done():
                 call.waiter.set_exception(ConnectError("client closed"))
@@ -549,7 +548,7 @@ class DatagramChannel:
         self.endpoint = None
 
 
-class AsyncClient(ClientSettings, AsyncPubSub):
+class AsyncClient(ClientSettings):
     """An asyncio client for ``tcp://host:port`` or ``udp://host:port``.
 
     ``url`` may list several TCP servers (``"tcp://a:5050,tcp://b:5050"`` or a list): the client
@@ -558,7 +557,7 @@ class AsyncClient(ClientSettings, AsyncPubSub):
     ``timeout`` is the default per-call timeout; ``codec`` one of "msgpack" (default), "json",
     "raw". TCP: ``reconnect`` (default True) with ``backoff``. UDP: ``retry`` policy and
     ``max_datagram`` (requests above it are refused locally, before sending).
-    Publish/subscribe (``publish``, ``subscribe``) comes from :class:`AsyncPubSub`.
+    ``sockstack.AsyncClient`` adds the patterns' client methods (``publish``, ``subscribe``).
     """
 
     def __init__(
@@ -593,7 +592,7 @@ class AsyncClient(ClientSettings, AsyncPubSub):
         self.stream_limits = stream_limits or StreamLimits()
         self._channel: StreamChannel | DatagramChannel | None = None
 
-    async def connect(self) -> AsyncClient:
+    async def connect(self) -> Self:
         """Connect (TCP: and complete the handshake). Raises :class:`ConnectError`."""
         if self._channel is None:
             channel: StreamChannel | DatagramChannel
@@ -659,8 +658,9 @@ class AsyncClient(ClientSettings, AsyncPubSub):
             channel, self._channel = self._channel, None
             await channel.close()
 
-    async def __aenter__(self) -> AsyncClient:
-        return await self.connect()
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()

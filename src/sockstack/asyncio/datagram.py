@@ -11,10 +11,10 @@ import asyncio
 import logging
 from typing import Any, cast
 
-from sockstack.asyncio.stream import format_peer
 from sockstack.errors import ErrorCode
 from sockstack.protocol.connection import ProtocolViolation
 from sockstack.transport.ratelog import RateLimitedLog
+from sockstack.transport.urls import format_peer
 
 __all__ = ["DatagramEndpoint"]
 

@@ -31,8 +31,9 @@ from sockstack.protocol.connection import (
 from sockstack.protocol.events import Event, Role
 from sockstack.protocol.frames import DEFAULT_MAX_FRAME
 from sockstack.transport.ratelog import RateLimitedLog
+from sockstack.transport.urls import format_peer
 
-__all__ = ["StreamLimits", "StreamProtocol", "format_peer"]
+__all__ = ["StreamLimits", "StreamProtocol", "format_peer"]  # format_peer: re-exported
 
 log = logging.getLogger("sockstack.transport")
 
@@ -61,13 +62,6 @@ class _PlainLog:
 
 
 _plain = _PlainLog()
-
-
-def format_peer(addr: Any) -> str:
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        host, port = addr[0], addr[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(addr)
 
 
 class StreamProtocol(asyncio.Protocol):
@@ -138,7 +132,7 @@ class StreamProtocol(asyncio.Protocol):
         return False  # let asyncio close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._timer.cancel()
+        self._timer.close()
         if self.core is not None:
             events = self.core.receive_eof()
             if events:

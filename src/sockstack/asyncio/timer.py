@@ -38,3 +38,13 @@ class CoreTimer:
 
     def cancel(self) -> None:
         self.set(None)
+
+    def close(self) -> None:
+        """Cancel for good and let go of the callback: its owner (a connection) holds this
+        timer, so keeping the bound method would keep a reference cycle alive after close."""
+        self.set(None)
+        self._callback = _nothing
+
+
+def _nothing() -> None:
+    pass

@@ -14,8 +14,8 @@ from sockstack.cli.common import (
     format_result,
     parse_value,
 )
+from sockstack.clients import connect
 from sockstack.errors import CallError
-from sockstack.sync.client import connect
 
 __all__ = ["add_parsers", "run_call", "run_ping"]
 

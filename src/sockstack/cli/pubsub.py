@@ -6,8 +6,8 @@ import argparse
 import json
 
 from sockstack.cli.common import EXIT_OK, add_client_arguments, client_options, parse_value
+from sockstack.clients import connect
 from sockstack.errors import CallTimeout
-from sockstack.sync.client import connect
 
 __all__ = ["add_parsers", "run_pub", "run_sub"]
 

@@ -62,7 +62,7 @@ async def _serve(args: argparse.Namespace) -> int:
             from sockstack.demo import Demo
 
             service = Demo()
-        patterns.append(RPC(service))
+        patterns.append(RPC(service, allow_empty=args.broker))
     if args.command == "broker" or args.broker:
         patterns.append(PubSub())
     tcp, udp, tls = args.tcp or [], args.udp or [], args.tls or []

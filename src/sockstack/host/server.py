@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sockstack.asyncio.datagram import DatagramEndpoint
-from sockstack.asyncio.stream import StreamLimits, StreamProtocol, format_peer
+from sockstack.asyncio.stream import StreamLimits, StreamProtocol
 from sockstack.errors import CodecError, ErrorCode, LocalProtocolError
 from sockstack.host.dispatch import DEFAULT_MAX_WORKERS, Dispatcher, Outcome
 from sockstack.host.pattern import Pattern
@@ -63,7 +63,7 @@ from sockstack.protocol.frames import peek_request_id, peek_type
 from sockstack.protocol.messages import CORE_MESSAGES, encode_close, encode_error
 from sockstack.protocol.registry import Registry
 from sockstack.transport.ratelog import RateLimitedLog
-from sockstack.transport.urls import Endpoint, parse_endpoint
+from sockstack.transport.urls import Endpoint, format_peer, parse_endpoint
 
 __all__ = ["Server", "ServerLimits", "serve"]
 
@@ -517,7 +517,11 @@ class Server:
         broker: object = False,
     ) -> None:
         self.limits = limits or ServerLimits()
-        self.patterns: list[Pattern] = [*shorthand_patterns(service, broker), *patterns]
+        patterns = list(patterns)
+        self.patterns: list[Pattern] = [
+            *shorthand_patterns(service, broker, with_others=bool(patterns)),
+            *patterns,
+        ]
         if not self.patterns:
             raise ValueError("a server needs a service or at least one pattern")
         # A shared secret: required in every TCP/TLS HELLO, and on every UDP datagram (HMAC).
@@ -561,14 +565,22 @@ class Server:
         if pattern.name in names:
             raise ValueError(f"two patterns are named {pattern.name!r}")
         names.add(pattern.name)
+        own: set[int] = set()
         if pattern.messages is not None:
             self.registry.add(pattern.messages)  # refuses a range another pattern owns
             for spec in pattern.messages.specs:
-                if spec.cls is not None and Role.CLIENT in spec.sent_by:
-                    self._stream_routes[spec.cls] = pattern.stream_message
+                own.add(spec.type)
+                if Role.CLIENT not in spec.sent_by:
+                    continue
+                if spec.cls is None:  # decoded, then dropped for want of a route: refuse now
+                    raise ValueError(
+                        f"{pattern.name}: {spec.name} is sent by clients but names no message "
+                        "class (MessageSpec.cls) to route it by"
+                    )
+                self._stream_routes[spec.cls] = pattern.stream_message
         for t in pattern.datagram_types:
-            if t in self._datagram_routes:
-                raise ValueError(f"{pattern.name}: datagram type 0x{t:02x} is already routed")
+            if t not in own:  # e.g. claiming REQUEST would bypass the reply cache and limits
+                raise ValueError(f"{pattern.name}: datagram type 0x{t:02x} is not one of its own")
             self._datagram_routes[t] = pattern
         self.dispatcher.add(pattern.methods(), pattern.name)
         if type(pattern).connection_writable is not Pattern.connection_writable:
@@ -607,6 +619,8 @@ class Server:
     async def start(self) -> None:
         loop = self.loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
+        for pattern in self.patterns:  # ready before the first connection can reach it
+            pattern.start(self)
         try:
             for ep in self._tcp + self._tls:
                 tls = ep.scheme == "tls"
@@ -640,9 +654,9 @@ class Server:
                 self.endpoints.append(Endpoint("udp", host, port))
         except BaseException:
             await self._close_endpoints()
+            for pattern in self.patterns:
+                pattern.stop()
             raise
-        for pattern in self.patterns:
-            pattern.start(self)
         for ep in self.endpoints:
             log.debug("serving %s on %s", self.name, ep)
 
@@ -744,17 +758,20 @@ class Server:
         await self.shutdown()
 
 
-def shorthand_patterns(service: object | None, broker: object = False) -> list[Pattern]:
+def shorthand_patterns(
+    service: object | None, broker: object = False, *, with_others: bool = False
+) -> list[Pattern]:
     """The patterns ``Server(service, broker=...)`` stands for: ``RPC(service)`` when a service
-    is given, ``PubSub(broker)`` when ``broker`` is a Broker or True. The one place the host
+    is given, ``PubSub(broker)`` when ``broker`` is a Broker or true. The one place the host
     names a pattern, imported here only when asked for."""
     patterns: list[Pattern] = []
-    with_broker = broker is not False and broker is not None
+    with_broker = bool(broker)
     if service is not None:
         from sockstack.rpc.pattern import RPC
 
-        # An empty service beside a broker is allowed, as it always was: the broker serves.
-        patterns.append(RPC(service, allow_empty=with_broker))
+        # A service with no methods is allowed beside other patterns (they serve), as it always
+        # was beside a broker; alone it is a mistake.
+        patterns.append(RPC(service, allow_empty=with_broker or with_others))
     if with_broker:
         from sockstack.pubsub.broker import Broker
         from sockstack.pubsub.pattern import PubSub

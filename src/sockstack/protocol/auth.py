@@ -23,7 +23,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from sockstack.errors import ErrorCode
-from sockstack.protocol.frames import HEADER_SIZE, MAGIC, MessageType
+from sockstack.protocol.frames import (
+    HEADER_SIZE,
+    MAGIC,
+    MessageType,
+    peek_flags,
+    read_header,
+    with_flags,
+)
 from sockstack.protocol.messages import Hello
 
 __all__ = [
@@ -47,7 +54,6 @@ DEFAULT_REPLAY_WINDOW = 30.0
 included). A UDP call's retransmissions are sealed anew, so calls may last longer."""
 DEFAULT_MAX_SEEN = 200_000
 _TS = struct.Struct(">Q")
-_FLAGS_OFFSET = 4
 _ERROR = int(MessageType.ERROR)
 
 
@@ -105,18 +111,17 @@ class DatagramAuth:
     def seal(self, frame: bytes, now: float) -> bytes:
         """``frame`` (one whole frame) with FLAG_AUTH set and the trailer appended; ``now`` is
         wall-clock time in seconds (``time.time()``)."""
-        head = bytearray(frame[:HEADER_SIZE])
-        head[_FLAGS_OFFSET] |= FLAG_AUTH
-        signed = bytes(head) + frame[HEADER_SIZE:] + _TS.pack(int(now * 1000))
+        signed = with_flags(frame, FLAG_AUTH) + _TS.pack(int(now * 1000))
         return signed + self._mac(signed)
 
     def open(self, datagram: bytes, now: float, track: bool = True) -> bytes:
         """The frame inside a sealed datagram (FLAG_AUTH cleared, trailer removed), or
         :class:`AuthFailure`. ``track`` records the MAC to refuse replays (servers)."""
         n = len(datagram)
-        if n < HEADER_SIZE + TRAILER_SIZE or datagram[:2] != MAGIC:
+        flags = peek_flags(datagram)
+        if n < HEADER_SIZE + TRAILER_SIZE or flags is None:
             raise AuthFailure("not a sealed frame")
-        if not datagram[_FLAGS_OFFSET] & FLAG_AUTH:
+        if not flags & FLAG_AUTH:
             raise AuthFailure("no authentication (FLAG_AUTH clear)")
         mac = datagram[n - MAC_SIZE :]
         if not hmac.compare_digest(mac, self._mac(datagram[: n - MAC_SIZE])):
@@ -133,17 +138,17 @@ class DatagramAuth:
             while seen and (len(seen) >= self.max_seen or next(iter(seen.values())) < forget):
                 seen.popitem(last=False)
             seen[mac] = now
-        head = bytearray(datagram[:HEADER_SIZE])
-        head[_FLAGS_OFFSET] &= ~FLAG_AUTH & 0xFF
-        return bytes(head) + datagram[HEADER_SIZE : n - TRAILER_SIZE]
+        return with_flags(memoryview(datagram)[: n - TRAILER_SIZE], 0, clear=FLAG_AUTH)
 
 
 def unsealed_refusal(datagram: bytes) -> bool:
     """Client side: True for the one unsealed datagram a client with a secret accepts, a
     server's ERROR UNAUTHENTICATED (the server cannot seal it for a client whose secret it
     does not share). It carries no result, so forging one can only fail a call."""
-    if len(datagram) < HEADER_SIZE + 2 or datagram[:2] != MAGIC or datagram[3] != _ERROR:
+    if len(datagram) < HEADER_SIZE + 2:
         return False
-    meta_len = int.from_bytes(datagram[6:8], "big")
+    magic, _, type_, _, _, meta_len, _, _ = read_header(datagram)
+    if magic != MAGIC or type_ != _ERROR:
+        return False
     code = datagram[HEADER_SIZE + meta_len : HEADER_SIZE + meta_len + 2]
     return int.from_bytes(code, "big") == ErrorCode.UNAUTHENTICATED

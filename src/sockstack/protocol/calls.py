@@ -92,9 +92,14 @@ class Calls(Generic[W]):
 
     __slots__ = ("_deadlines", "_last_id", "pending")
 
-    def __init__(self) -> None:
+    def __init__(self, first_id: int = 1) -> None:
+        """``first_id``: where ids start (UDP clients start at a random point, so that a
+        restarted client on a reused port never meets its predecessor's answers in the
+        server's reply cache)."""
+        if not 1 <= first_id <= _MAX_ID:
+            raise ValueError(f"first_id {first_id} is not a request id (1..{_MAX_ID})")
         self.pending: dict[int, PendingCall[W]] = {}
-        self._last_id = 0
+        self._last_id = first_id - 1
         # (deadline, id) of every call, the earliest first; entries of calls answered meanwhile
         # are skipped when they come up (cheaper than removing them from the heap).
         self._deadlines: list[tuple[float, int]] = []
@@ -127,10 +132,23 @@ class Calls(Generic[W]):
         read with a timeout), so :meth:`expire` need not track it."""
         rid = request_id or self.new_id()
         deadline = now + timeout
-        call = self.pending[rid] = PendingCall(rid, method, timeout, deadline, waiter)
+        pending = self.pending
+        call = pending[rid] = PendingCall(rid, method, timeout, deadline, waiter)
         if timed:
-            heapq.heappush(self._deadlines, (deadline, rid))
+            heap = self._deadlines
+            heapq.heappush(heap, (deadline, rid))
+            if len(heap) > 2 * len(pending) + 64:
+                self._compact()
         return call
+
+    def _compact(self) -> None:
+        """Drop the heap entries of calls answered meanwhile: the heap stays within about twice
+        the calls waiting, whatever the rate of calls and their timeouts."""
+        pending = self.pending
+        self._deadlines = [
+            (d, rid) for d, rid in self._deadlines if (c := pending.get(rid)) and c.deadline == d
+        ]
+        heapq.heapify(self._deadlines)
 
     def take(self, ev: Answer) -> PendingCall[W] | None:
         """The call ``ev`` answers, now no longer pending; None for an answer to no call waiting

@@ -112,7 +112,7 @@ _unpackb = msgpack.unpackb
 _METHOD_BYTES: dict[str, bytes] = {}
 _pack_header = pack_header
 _unpack_header = read_header
-_CORE_REGISTRY = Registry([CORE_MESSAGES])
+_CORE_REGISTRY = Registry([CORE_MESSAGES], frozen=True)
 
 # The session's transitions, as data. Each entry: (state, message type) -> what happens. In OPEN
 # and CLOSING every other type the peer's role may send is delivered to the adapter as an event;
@@ -410,14 +410,15 @@ class Connection:
         is_response = fast == _RESPONSE
         ext = self._fast_ext
         unpack = _unpack_header
-        while n - pos >= 16:
+        hsize, version_1 = HEADER_SIZE, PROTOCOL_VERSION  # locals: as cheap as literals
+        while n - pos >= hsize:
             magic, version, t, flags, codec, meta_len, rid, body_len = unpack(data, pos)
-            mid = pos + 16 + meta_len
+            mid = pos + hsize + meta_len
             end = mid + body_len
             if (
                 end > n
                 or magic != MAGIC
-                or version != 1
+                or version != version_1
                 or meta_len > max_meta
                 or end - pos > limit  # meta + body against max_frame, as the decoder does
             ):
@@ -426,7 +427,7 @@ class Connection:
                 decode = ext.get(t)
                 if decode is None:
                     break
-                ev = decode(data, pos + 16, mid, end, flags, codec, rid)
+                ev = decode(data, pos + hsize, mid, end, flags, codec, rid)
                 if ev is None:
                     break
                 events.append(ev)
@@ -443,7 +444,8 @@ class Connection:
                 else:
                     if type(value) is not list:
                         break
-                    events.append(Request(rid, str(data[pos + 16 : mid], "utf-8"), value, {}, 1))
+                    method = str(data[pos + hsize : mid], "utf-8")
+                    events.append(Request(rid, method, value, {}, 1))
             except Exception:
                 break
             pos = end
@@ -575,28 +577,28 @@ class Connection:
         feed the same bytes to ``receive_data``. ``data`` may be a memoryview (no copy).
         """
         n = len(data)
-        if self.state is not _OPEN or n < 16 or self._decoder.buffered:
+        if self.state is not _OPEN or n < HEADER_SIZE or self._decoder.buffered:
             return None
         magic, version, t, flags, codec, meta_len, rid, body_len = _unpack_header(data)
         if (
-            16 + meta_len + body_len != n
+            HEADER_SIZE + meta_len + body_len != n
             or t != self._fast_type
             or codec != 1
             or flags
             or magic != MAGIC
-            or version != 1
+            or version != PROTOCOL_VERSION
             or meta_len > self._decoder.max_meta
             or n > self._fast_limit
         ):
             return None
         try:
             value = _unpackb(
-                data[16 + meta_len :], raw=False, strict_map_key=False, ext_hook=refuse_ext
+                data[HEADER_SIZE + meta_len :], raw=False, strict_map_key=False, ext_hook=refuse_ext
             )
             if t == _REQUEST:
                 if type(value) is not list:
                     return None
-                method = str(data[16 : 16 + meta_len], "utf-8")
+                method = str(data[HEADER_SIZE : HEADER_SIZE + meta_len], "utf-8")
         except Exception:
             return None
         self._activity = True

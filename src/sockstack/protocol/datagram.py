@@ -40,6 +40,7 @@ from sockstack.protocol.frames import (
     DEFAULT_MAX_META,
     HEADER_SIZE,
     MAGIC,
+    PROTOCOL_VERSION,
     MessageType,
     pack_header,
     parse_datagram,
@@ -73,7 +74,7 @@ _REQUEST = int(MessageType.REQUEST)
 _RESPONSE = int(MessageType.RESPONSE)
 _unpack_header = read_header
 _pack_header = pack_header
-_CORE_REGISTRY = Registry([CORE_MESSAGES])
+_CORE_REGISTRY = Registry([CORE_MESSAGES], frozen=True)
 _METHOD_BYTES: dict[str, bytes] = {}
 _unpackb = msgpack.unpackb
 
@@ -236,7 +237,7 @@ class DatagramClient:
                 t == _RESPONSE
                 and codec == 1
                 and magic == MAGIC
-                and version == 1
+                and version == PROTOCOL_VERSION
                 and HEADER_SIZE + meta_len + body_len == len(data)
                 and meta_len + body_len <= self.max_datagram
             ):
@@ -403,7 +404,7 @@ class DatagramServer:
                 and codec == 1
                 and not flags
                 and magic == MAGIC
-                and version == 1
+                and version == PROTOCOL_VERSION
                 and HEADER_SIZE + meta_len + body_len == len(data)
                 and meta_len <= DEFAULT_MAX_META
                 and meta_len + body_len <= self.max_datagram
@@ -424,14 +425,15 @@ class DatagramServer:
         msg, violation, rid = _parse(data, self.max_datagram, self.registry)
         if violation is not None:
             if rid >= 0:  # the header was ours: say what was wrong with it
-                self._out.append(
-                    (
-                        encode_error(
-                            rid, violation.code, ErrorCode(violation.code).name, violation.message
-                        ),
-                        addr,
-                    )
+                reply = encode_error(
+                    rid, violation.code, ErrorCode(violation.code).name, violation.message
                 )
+                if len(reply) > len(data):
+                    # Never answer with more bytes than came in (a spoofed source would make
+                    # this server an amplifier): the code alone (18 bytes), if even that fits.
+                    reply = encode_error(rid, violation.code)
+                if len(reply) <= len(data):
+                    self._out.append((reply, addr))
             return [violation]
         assert msg is not None  # no violation: the datagram decoded
         if isinstance(msg, Request):

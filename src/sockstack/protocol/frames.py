@@ -44,6 +44,7 @@ __all__ = [
     "encode_frame",
     "pack_header",
     "parse_datagram",
+    "peek_flags",
     "peek_request_id",
     "peek_type",
     "read_header",
@@ -103,10 +104,18 @@ def declared_size(data: bytes | bytearray | memoryview) -> int | None:
     return size
 
 
-def with_flags(frame: bytes, flags: int) -> bytes:
-    """A copy of an encoded frame with ``flags`` set in its header (e.g. REDELIVERED)."""
+def peek_flags(data: bytes | bytearray | memoryview) -> int | None:
+    """The flags of the frame ``data`` starts with, or None if it is no sockstack frame."""
+    if len(data) < HEADER_SIZE or data[:2] != MAGIC:
+        return None
+    return data[_FLAGS_OFFSET]
+
+
+def with_flags(frame: bytes | bytearray | memoryview, flags: int, clear: int = 0) -> bytes:
+    """A copy of an encoded frame with ``flags`` set and ``clear`` cleared in its header
+    (e.g. REDELIVERED on a redelivery, the AUTH flag when a datagram is sealed or opened)."""
     out = bytearray(frame)
-    out[_FLAGS_OFFSET] |= flags
+    out[_FLAGS_OFFSET] = (out[_FLAGS_OFFSET] | flags) & ~clear & 0xFF
     return bytes(out)
 
 

@@ -292,7 +292,7 @@ CORE_MESSAGES = MessageSet(
 )
 """The session and call messages every sockstack session speaks (docs/PROTOCOL.md §3)."""
 
-_CORE_ONLY = Registry([CORE_MESSAGES])
+_CORE_ONLY = Registry([CORE_MESSAGES], frozen=True)
 
 
 def decode_message(frame: Frame, registry: Registry | None = None) -> Message:

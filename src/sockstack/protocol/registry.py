@@ -69,15 +69,18 @@ class Registry:
     """The message types a session decodes. Shared by every session of a host (or client):
     a set added later is seen by the sessions already open."""
 
-    __slots__ = ("_fast", "_sets", "specs")
+    __slots__ = ("_fast", "_frozen", "_sets", "specs")
 
-    def __init__(self, sets: Iterable[MessageSet] = ()) -> None:
+    def __init__(self, sets: Iterable[MessageSet] = (), *, frozen: bool = False) -> None:
+        """``frozen``: refuse later additions (the defaults sessions share when given none)."""
         self.specs: dict[int, MessageSpec] = {}
         self._sets: list[MessageSet] = []
         # Fast decoders by the role of the peer that sends them: a session looks up its peer's.
         self._fast: dict[Role, dict[int, FastDecode]] = {Role.CLIENT: {}, Role.SERVER: {}}
+        self._frozen = False
         for s in sets:
             self.add(s)
+        self._frozen = frozen
 
     @property
     def sets(self) -> tuple[MessageSet, ...]:
@@ -88,6 +91,11 @@ class Registry:
         overlaps another's is refused (two patterns cannot own one type)."""
         if mset in self._sets:
             return
+        if self._frozen:
+            raise ValueError(
+                f"cannot add {mset.name}: this registry is shared and frozen (give the session "
+                "a Registry of its own)"
+            )
         for other in self._sets:
             if mset.first <= other.last and other.first <= mset.last:
                 raise ValueError(

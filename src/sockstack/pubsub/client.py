@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from sockstack.errors import CallTimeout, CodecError, ConnectError, ConnectionLost
+from sockstack.errors import CallTimeout, CodecError, ConnectError, ConnectionClosed, ConnectionLost
 from sockstack.protocol.codecs import CODECS, Codec
 from sockstack.protocol.registry import Registry
 from sockstack.pubsub.messages import (
@@ -370,12 +370,23 @@ class BlockingPubSub:
         conn = self.stream_connection("subscribe")
         with self.lock:
             inbox = _BlockingState.of(conn).inbox
-            sid, _ = conn.exchange(
-                lambda rid: encode_sub(rid, pattern, options),
-                "SUB " + pattern,
-                self.timeout if timeout is None else timeout,
-            )
-            inbox.setdefault(sid, collections.deque())
+            made: list[int] = []
+
+            def frame(rid: int) -> bytes:
+                # The box exists before SUB leaves: retained messages follow its answer, and
+                # may arrive in the same read.
+                inbox[rid] = collections.deque()
+                made.append(rid)
+                return encode_sub(rid, pattern, options)
+
+            try:
+                sid, _ = conn.exchange(
+                    frame, "SUB " + pattern, self.timeout if timeout is None else timeout
+                )
+            except BaseException:
+                for rid in made:
+                    inbox.pop(rid, None)
+                raise
         return BlockingSubscription(self, sid, pattern)
 
 
@@ -425,6 +436,8 @@ class BlockingSubscription:
                     conn.read_until(lambda: bool(box), t, what)
                 except CallTimeout:
                     raise CallTimeout(what, t) from None
+                except ConnectionClosed:
+                    raise  # the broker's CLOSE, with its code (SLOW_CONSUMER, GOING_AWAY...)
                 except ConnectionLost:
                     raise ConnectionLost(
                         f"{conn.ep}: connection lost; subscriptions are gone"

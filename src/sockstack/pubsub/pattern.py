@@ -15,7 +15,6 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from sockstack.asyncio.stream import format_peer
 from sockstack.errors import ErrorCode, RemoteProtocolError
 from sockstack.host.dispatch import Handler, make_handler
 from sockstack.host.pattern import DatagramPeer, HostContext, Pattern, Peer
@@ -24,11 +23,14 @@ from sockstack.protocol.frames import parse_datagram
 from sockstack.protocol.registry import Registry
 from sockstack.pubsub.broker import Broker, BrokerError
 from sockstack.pubsub.messages import PUBSUB_MESSAGES, Ack, Pub, PubSubType, Sub, Unsub
+from sockstack.transport.urls import format_peer
 
 __all__ = ["PubSub"]
 
 TICK = 1.0  # seconds between QoS 1 redelivery checks
-_ONLY_PUBSUB = Registry([PUBSUB_MESSAGES])  # decodes the PUB datagrams handed to this pattern
+_ONLY_PUBSUB = Registry(
+    [PUBSUB_MESSAGES], frozen=True
+)  # decodes the PUB datagrams handed to this pattern
 
 
 class PubSub(Pattern):

@@ -19,9 +19,8 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Self
 
-from sockstack.asyncio.client import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT
 from sockstack.errors import (
     CallTimeout,
     ConnectError,
@@ -42,12 +41,11 @@ from sockstack.protocol.events import (
     Role,
 )
 from sockstack.protocol.frames import DEFAULT_MAX_FRAME, HEADER_SIZE, declared_size
-from sockstack.pubsub.client import BlockingPubSub, BlockingSubscription
-from sockstack.transport.settings import ClientSettings
+from sockstack.transport.settings import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, ClientSettings
 from sockstack.transport.tls import tls_reason
 from sockstack.transport.urls import Endpoint
 
-__all__ = ["BlockingSubscription", "Client", "DatagramConnection", "StreamConnection", "connect"]
+__all__ = ["Client", "DatagramConnection", "StreamConnection", "connect"]
 
 _RECV = 256 * 1024
 _GATHER_ABOVE = 64 * 1024
@@ -613,9 +611,9 @@ class DatagramConnection:
         self.sock.close()
 
 
-class Client(ClientSettings, BlockingPubSub):
-    """A blocking client. Create it with :func:`connect`. Publish/subscribe (``publish``,
-    ``subscribe``) comes from :class:`BlockingPubSub`."""
+class Client(ClientSettings):
+    """A blocking client. Create it with :func:`connect`. ``sockstack.Client`` adds the
+    patterns' client methods (``publish``, ``subscribe``)."""
 
     def __init__(
         self,
@@ -715,7 +713,7 @@ class Client(ClientSettings, BlockingPubSub):
         with self.lock:
             self.connection.close()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

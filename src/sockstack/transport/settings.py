@@ -13,7 +13,12 @@ from sockstack.protocol.registry import Registry
 from sockstack.transport.tls import client_context
 from sockstack.transport.urls import Endpoint, parse_endpoints
 
-__all__ = ["ClientSettings"]
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "DEFAULT_TIMEOUT", "ClientSettings"]
+
+DEFAULT_TIMEOUT = 10.0
+"""Seconds a call may take, by default, in either client."""
+DEFAULT_CONNECT_TIMEOUT = 5.0
+"""Seconds to connect (and, over TCP, complete the handshake), by default."""
 
 
 class ClientSettings:

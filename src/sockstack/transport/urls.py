@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sockstack.errors import InvalidURL
 
@@ -16,6 +17,7 @@ __all__ = [
     "DEFAULT_UDP_PORT",
     "SCHEMES",
     "Endpoint",
+    "format_peer",
     "parse_endpoint",
     "parse_endpoints",
 ]
@@ -97,3 +99,10 @@ def parse_endpoints(urls: str | Sequence[str]) -> list[Endpoint]:
     if len(eps) > 1 and eps[0].scheme == "udp":
         raise InvalidURL(f"{urls!r}: failover lists are for TCP; a UDP client talks to one server")
     return eps
+
+
+def format_peer(addr: Any) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(addr)
