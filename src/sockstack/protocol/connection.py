@@ -13,7 +13,7 @@ States and the messages each accepts (anything else closes the session with PROT
 
     server  AWAIT_HELLO --HELLO--> OPEN --CLOSE sent--> CLOSING --CLOSE received--> CLOSED
     client  HELLO_SENT --WELCOME-> OPEN        (a client may send REQUESTs before WELCOME)
-    OPEN accepts: every type the peer's role may send (messages.MESSAGE_SPECS), PING is
+    OPEN accepts: every type the peer's role may send (the session's registry), PING is
     answered with PONG here, CLOSE is answered with CLOSE and ends the session.
 
 Errors the peer caused are answered here — an ERROR frame when framing survived (bad body,

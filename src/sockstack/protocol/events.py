@@ -1,6 +1,6 @@
 """The typed events of the protocol core: what ``receive_data`` and ``receive_datagram`` return.
 
-Every event is a small immutable value. Messages (one per frame) and session events (the
+Every event is a small read-only value. Messages (one per frame) and session events (the
 handshake ended, the session ended, the peer broke a rule) together form :data:`Event`, a union
 a type checker can follow::
 
@@ -15,7 +15,9 @@ of :class:`PatternMessage`, registered with its type on a
 
 Messages are declared with :func:`message`: frozen for the type checker, plain slotted classes at
 run time, because a frozen dataclass costs about 4x more to build (440 ns against 120 ns for a
-REQUEST on the machines we measure) and one is built per message on the hot path.
+REQUEST on the machines we measure) and one is built per message on the hot path. So a message
+is read-only by contract (mypy refuses an assignment), not enforced at run time, and it is not
+hashable (its fields may hold lists and maps): compare messages, do not put them in sets.
 """
 
 from __future__ import annotations
