@@ -107,3 +107,22 @@ def test_backoff_is_bounded_and_jittered() -> None:
     assert all(0.05 <= d <= 1.0 for d in delays)
     assert 0.05 <= b.delay(0) <= 0.1 and 0.5 <= b.delay(9) <= 1.0
     assert len({b.delay(3) for _ in range(20)}) > 1  # jitter: clients do not move in lockstep
+
+
+def test_one_call_at_a_time_matches_by_request_id_only() -> None:
+    from sockstack.protocol.calls import OneCall
+
+    one = OneCall(first_id=0xFFFFFFFF)
+    first = one.begin()
+    one.end()  # timed out: its answer may still come
+    second = one.begin()
+    assert (first, second) == (0xFFFFFFFF, 1)  # wraps, 0 skipped
+    assert not one.answers(Response(first, "late"))  # never the next call's
+    assert one.settle([Response(first, "late"), Error(7, 2001)]) is None
+    assert one.settle([Pong(second, b"")]) == (True, None)
+    assert one.current == 0 and not one.answers(Response(0, "x"))  # nothing waits
+    assert one.begin(request_id=42) == 42  # an id chosen elsewhere (the UDP core's)
+    ok, exc = one.settle([Error(42, 2002, "APPLICATION_ERROR", "boom")]) or (True, None)
+    assert not ok and isinstance(exc, RemoteError)
+    with pytest.raises(ValueError):
+        OneCall(first_id=0)

@@ -3,11 +3,13 @@
 Both clients (:mod:`sockstack.asyncio.client`, :mod:`sockstack.sync.client`) keep their calls
 here and differ only in how they wait: the asyncio client parks a future in each
 :class:`PendingCall` (its ``waiter``), the blocking client reads its socket until
-:meth:`Calls.settle` says its own call is answered. Time is an argument (``now``), never read.
+:meth:`OneCall.settle` says its own call is answered. Time is an argument (``now``), never read.
 
 - :class:`Calls` — the calls in flight on one connection or socket: ids that never collide with
   a call still waiting, a deadline per call, and answers matched *by request id* only, so a
   late answer to a call that timed out is never taken for the next call's.
+- :class:`OneCall` — the same rules for a caller with one call out at a time (the blocking
+  client), without the table: the blocking call's hot path stays as cheap as it was.
 - :func:`outcome` — RESPONSE -> result, ERROR -> :class:`RemoteError`, PONG -> None.
 - :class:`Failover` — the order in which a client tries its servers.
 - :class:`Backoff` — jittered exponential delays between reconnect attempts.
@@ -29,6 +31,7 @@ __all__ = [
     "Backoff",
     "Calls",
     "Failover",
+    "OneCall",
     "PendingCall",
     "outcome",
     "remote_error",
@@ -211,6 +214,47 @@ class Calls(Generic[W]):
         self.pending.clear()
         self._deadlines.clear()
         return calls
+
+
+class OneCall:
+    """Ids and matching for a caller with one call out at a time (the blocking client): the
+    same rules as :class:`Calls` (ids 1..2^32-1; an answer is a call's only by its request id,
+    so a late answer to a call that timed out never reaches the next), without a table."""
+
+    __slots__ = ("_last_id", "current")
+
+    def __init__(self, first_id: int = 1) -> None:
+        if not 1 <= first_id <= _MAX_ID:
+            raise ValueError(f"first_id {first_id} is not a request id (1..{_MAX_ID})")
+        self._last_id = first_id - 1
+        self.current = 0
+        """The id of the call waiting (0: none)."""
+
+    def begin(self, request_id: int = 0) -> int:
+        """Start the call (with the next id unless ``request_id`` is given); returns its id."""
+        if not request_id:
+            request_id = self._last_id = self._last_id % _MAX_ID + 1
+        self.current = request_id
+        return request_id
+
+    def answers(self, ev: Answer) -> bool:
+        """True when ``ev`` answers the call waiting (which then ends)."""
+        if ev.request_id == self.current != 0:
+            self.current = 0
+            return True
+        return False
+
+    def settle(self, events: Sequence[Any]) -> tuple[bool, Any] | None:
+        """The outcome of the call waiting if ``events`` hold its answer, else None."""
+        for ev in events:
+            if (type(ev) is Response or type(ev) is Error or type(ev) is Pong) and self.answers(ev):
+                return outcome(ev)
+        return None
+
+    def end(self) -> None:
+        """The caller stopped waiting (answered, failed or timed out): a later answer to that
+        id is not any call's."""
+        self.current = 0
 
 
 class Failover(Generic[E]):

@@ -29,7 +29,7 @@ from sockstack.errors import (
     ErrorCode,
 )
 from sockstack.protocol.auth import AuthFailure, DatagramAuth, token_extension, unsealed_refusal
-from sockstack.protocol.calls import Backoff, Calls, Failover
+from sockstack.protocol.calls import Backoff, Failover, OneCall
 from sockstack.protocol.codecs import MSGPACK, Codec
 from sockstack.protocol.connection import Connection, State
 from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, DatagramClient, RetryPolicy
@@ -72,7 +72,7 @@ class StreamConnection:
         self.client = client
         self.sock: socket.socket | None = None
         self.core: Connection | None = None
-        self.calls: Calls[None] = Calls()
+        self.calls = OneCall()
         self.routes: dict[type, Route] = {}
         self.state: dict[str, Any] = {}
         self.ever_connected = False
@@ -353,7 +353,7 @@ class StreamConnection:
         core = self.core
         assert core is not None and sock is not None
         calls = self.calls
-        rid = calls.start(method, timeout, now, None, timed=False).request_id
+        rid = calls.begin()
         try:
             pieces = None
             if not ping and kwargs is None and codec is MSGPACK:
@@ -376,7 +376,7 @@ class StreamConnection:
                         ) from None
                     if n > 0:
                         single = core.receive_single(self._view[:n])
-                        if type(single) is Response and calls.answers(single, rid):
+                        if type(single) is Response and calls.answers(single):
                             return single.result
                         if single is not None:
                             events: list[Event] = [single]
@@ -397,7 +397,7 @@ class StreamConnection:
                 self._send(b"".join(pieces), method)
             return self._finish([], rid, deadline, method, timeout)
         finally:
-            calls.forget(rid)  # answered, failed or timed out: a late answer is ignored
+            calls.end()  # answered, failed or timed out: a late answer is nobody's
 
     def _finish(
         self, events: list[Event], rid: int, deadline: float, method: str, timeout: float
@@ -407,7 +407,7 @@ class StreamConnection:
         inbox); answers are matched to calls by request id alone."""
         while True:
             self._route(events)
-            result = self.calls.settle(events, rid)
+            result = self.calls.settle(events)
             if result is not None:
                 ok, value = result
                 if ok:
@@ -442,13 +442,13 @@ class StreamConnection:
         deadline = now + timeout
         self.ensure(deadline, what, timeout)
         assert self.core is not None
-        rid = self.calls.start(what, timeout, now, None, timed=False).request_id
+        rid = self.calls.begin()
         try:
             self.core.send_message(frame(rid))
             self._send(self.core.data_to_send(), what)
             result = self._finish([], rid, deadline, what, timeout)
         finally:
-            self.calls.forget(rid)
+            self.calls.end()
         return rid, result
 
     def send_frame(self, frame: bytes, what: str, timeout: float) -> None:
@@ -494,7 +494,7 @@ class DatagramConnection:
         self.core = DatagramClient(
             max_datagram=client.max_datagram, retry=client.retry, registry=client.registry
         )
-        self.calls: Calls[None] = Calls()
+        self.calls = OneCall()
         family = socket.AF_INET6 if ep.is_ipv6 else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -561,11 +561,11 @@ class DatagramConnection:
     ) -> Any:
         """Send what the core queued for call ``rid`` and wait for its answer, retransmitting
         when the core says so (``track``), until ``deadline``."""
-        self.calls.start(method, timeout, deadline - timeout, None, rid, timed=False)
+        self.calls.begin(rid)  # the datagram core chose the id (random first id)
         try:
             return self._exchange(method, rid, timeout, deadline, track)
         finally:
-            self.calls.forget(rid)
+            self.calls.end()
 
     def _exchange(self, method: str, rid: int, timeout: float, deadline: float, track: bool) -> Any:
         self._send_out()
@@ -596,7 +596,7 @@ class DatagramConnection:
             frame = self._incoming(n)
             if frame is None:
                 continue
-            result = self.calls.settle(self.core.receive_datagram(frame), rid)
+            result = self.calls.settle(self.core.receive_datagram(frame))
             if result is not None:
                 ok, value = result
                 if ok:
