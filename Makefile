@@ -72,7 +72,8 @@ $(VENV)/.installed-mutate: pyproject.toml | $(BIN)/python
 	touch $(VENV)/.installed $(VENV)/.installed-dev $@
 
 # Mutation testing ([tool.mutmut] in pyproject.toml): the protocol core (frames, connection,
-# datagram, messages, auth) and rpc/dispatch.py, against tests/protocol and tests/rpc only.
+# datagram, messages, auth, calls, registry) and host/dispatch.py, against tests/protocol and
+# tests/rpc only.
 # Too slow for `make test` (every mutant reruns its tests); it resumes where it stopped. Narrow it
 # with MUTANTS, a mutant name pattern: make mutate MUTANTS='sockstack.protocol.auth*'.
 # Then `.venv/bin/mutmut results` lists the survivors, `.venv/bin/mutmut show NAME` one diff.
