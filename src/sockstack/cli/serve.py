@@ -12,7 +12,7 @@ import sys
 from sockstack.asyncio.stream import StreamLimits
 from sockstack.cli.common import EXIT_CONNECTION, EXIT_OK, UsageError, load_secret
 from sockstack.host.pattern import Pattern
-from sockstack.host.server import Server, ServerLimits
+from sockstack.host.server import Server, ServerLimits, refuse_unprotected
 from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM
 from sockstack.protocol.frames import DEFAULT_MAX_FRAME
 from sockstack.pubsub.pattern import PubSub
@@ -23,6 +23,7 @@ from sockstack.transport.urls import (
     DEFAULT_BROKER_UDP_PORT,
     DEFAULT_TCP_PORT,
     DEFAULT_UDP_PORT,
+    parse_endpoint,
 )
 
 __all__ = ["add_parsers", "load_service", "run_serve"]
@@ -99,6 +100,7 @@ async def _serve(args: argparse.Namespace) -> int:
             expose_errors=not args.hide_errors,
             reuse_port=args.reuse_port,
             secret=load_secret(args),
+            insecure=args.insecure,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -162,7 +164,15 @@ def _serve_workers(args: argparse.Namespace) -> int:
         f"--keepalive={args.keepalive}",
         f"--drain-timeout={args.drain_timeout}",
     ]
-    load_secret(args)  # check it once, here; workers read the same file or environment
+    # Checked once, here (workers read the same file or environment), and so is exposure.
+    try:
+        refuse_unprotected(
+            [parse_endpoint(t, "tcp") for t in tcp] + [parse_endpoint(u, "udp") for u in udp],
+            load_secret(args),
+            args.insecure,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     for flag, value in (
         ("--cert", args.cert),
         ("--key", args.key),
@@ -173,6 +183,8 @@ def _serve_workers(args: argparse.Namespace) -> int:
             worker_args.append(f"{flag}={value}")
     if args.hide_errors:
         worker_args.append("--hide-errors")
+    if args.insecure:
+        worker_args.append("--insecure")
     if args.no_malloc_tuning:
         worker_args.append("--no-malloc-tuning")
     return run_workers(worker_args, tcp, udp, args.workers, tls=tls)
@@ -285,6 +297,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         default=1,
         help="server processes sharing the ports with SO_REUSEPORT, to use several cores "
         "(default 1)",
+    )
+    common.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plain TCP/UDP endpoints on a non-loopback address without a secret "
+        "(refused by default: anyone who can reach the address could call every method)",
     )
     common.add_argument(
         "--reuse-port",

@@ -63,9 +63,9 @@ from sockstack.protocol.frames import peek_request_id, peek_type
 from sockstack.protocol.messages import CORE_MESSAGES, encode_close, encode_error
 from sockstack.protocol.registry import Registry
 from sockstack.transport.ratelog import RateLimitedLog
-from sockstack.transport.urls import Endpoint, format_peer, parse_endpoint
+from sockstack.transport.urls import Endpoint, format_peer, is_loopback_host, parse_endpoint
 
-__all__ = ["Server", "ServerLimits", "serve"]
+__all__ = ["Server", "ServerLimits", "refuse_unprotected", "serve"]
 
 StreamRoute = Callable[[Any, Any], None]
 """A pattern's ``stream_message``, called with (connection, message) for its message classes."""
@@ -515,6 +515,7 @@ class Server:
         reuse_port: bool = False,
         secret: bytes | None = None,
         broker: object = False,
+        insecure: bool = False,
     ) -> None:
         self.limits = limits or ServerLimits()
         patterns = list(patterns)
@@ -546,6 +547,7 @@ class Server:
             raise ValueError("a server needs at least one TCP, TLS or UDP endpoint")
         if self._tls and tls_context is None:
             raise ValueError("TLS endpoints need tls_context (sockstack.tls.server_context)")
+        refuse_unprotected(self._tcp + self._udp, secret, insecure)
         self.tls_context = tls_context
         self.reuse_port = reuse_port
         self.endpoints: list[Endpoint] = []
@@ -758,6 +760,22 @@ class Server:
         await self.shutdown()
 
 
+def refuse_unprotected(
+    endpoints: Iterable[Endpoint], secret: bytes | None, insecure: bool = False
+) -> None:
+    """Raise ``ValueError`` for plain TCP/UDP endpoints on an address other machines can reach
+    when there is no secret (as Mosquitto 2 and Redis's protected mode: no silent open door).
+    TLS endpoints, loopback addresses, a secret or ``insecure`` pass."""
+    exposed = [e for e in endpoints if e.scheme != "tls" and not is_loopback_host(e.host)]
+    if exposed and secret is None and not insecure:
+        raise ValueError(
+            f"refusing to serve {', '.join(map(str, exposed))} without a secret: anyone who "
+            "can reach that address could call every method and publish. Give a secret "
+            "(--secret-file or SOCKSTACK_SECRET; secret= in Python), serve tls:// endpoints "
+            "instead, or bind to 127.0.0.1; --insecure (insecure=True) allows it"
+        )
+
+
 def shorthand_patterns(
     service: object | None, broker: object = False, *, with_others: bool = False
 ) -> list[Pattern]:
@@ -792,6 +810,7 @@ def serve(
     expose_errors: bool = True,
     secret: bytes | None = None,
     broker: object = False,
+    insecure: bool = False,
 ) -> None:
     """Serve ``service`` (and/or ``patterns``) until SIGINT/SIGTERM (blocking; uvloop when
     installed)::
@@ -812,6 +831,7 @@ def serve(
             expose_errors=expose_errors,
             secret=secret,
             broker=broker,
+            insecure=insecure,
         )
         await server.run()
 

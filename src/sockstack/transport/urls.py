@@ -18,6 +18,7 @@ __all__ = [
     "SCHEMES",
     "Endpoint",
     "format_peer",
+    "is_loopback_host",
     "parse_endpoint",
     "parse_endpoints",
 ]
@@ -106,3 +107,14 @@ def format_peer(addr: Any) -> str:
         host, port = addr[0], addr[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
     return str(addr)
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, "localhost"). Other
+    names are not resolved (that would need DNS): they count as reachable from the network."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
