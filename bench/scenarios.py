@@ -119,6 +119,9 @@ def start_sockstack(cpus: set[int], workers: int = 1, tls: bool = False) -> Serv
             "--workers",
             str(workers),
             f"--max-frame={MAX_FRAME}",
+            # All the bench's clients share one address (loopback): lift the per-address limits.
+            "--max-connections-per-address=100000",
+            "--max-handshakes-per-address=100000",
         ],
         cpus,
         ready=r"udp://127\.0\.0\.1:(\d+)",

@@ -219,3 +219,44 @@ async def eventually_runs(probe: Probe, key: str, n: int) -> None:
     async with asyncio.timeout(timeout(5)):
         while probe.runs.get(key, 0) < n:  # bounded by the timeout
             await asyncio.sleep(0.01)
+
+
+async def test_one_address_cannot_take_every_connection_slot() -> None:
+    """Issue 10 item 4: per-address limits beside the global one (connections, handshakes)."""
+    limits = ServerLimits(
+        max_connections=100, max_connections_per_address=3, max_handshakes_per_address=2
+    )
+    async with Server(Probe(), tcp=["127.0.0.1:0"], limits=limits) as srv:
+        ep = srv.endpoint("tcp")
+        # Two connections that never send HELLO fill this address's handshake budget.
+        idle = [await asyncio.open_connection(ep.host, ep.port) for _ in range(2)]
+        try:
+            reader, writer = await asyncio.open_connection(ep.host, ep.port)
+            data = await asyncio.wait_for(reader.read(1024), timeout(5))
+            (close,) = FrameDecoder().feed(data)
+            assert decode_message(close) == Close(
+                ErrorCode.TOO_MANY_CONNECTIONS, "too many handshakes in progress from your address"
+            )
+            writer.close()
+            waiting = [st.closed for st in srv._streams]  # the two idle ones, accepted first
+        finally:
+            for _, w in idle:
+                w.close()
+        await asyncio.wait_for(asyncio.gather(*waiting), timeout(5))
+        assert srv._handshaking == {}
+        # Handshaken connections count against the per-address limit.
+        clients = [AsyncClient(str(ep), reconnect=False) for _ in range(3)]
+        for c in clients:
+            await c.connect()
+        try:
+            with pytest.raises(ConnectError, match="from your address"):
+                await AsyncClient(str(ep), reconnect=False).connect()
+            assert await clients[0].call("add", 1, 2) == 3  # the ones let in are served
+            waiting = [st.closed for st in srv._streams]
+        finally:
+            for c in clients:
+                await c.close()
+        await asyncio.wait_for(asyncio.gather(*waiting), timeout(5))
+        assert srv._by_address == {} and srv._handshaking == {}
+        async with AsyncClient(str(ep)) as c:  # slots are given back
+            assert await c.call("add", 2, 2) == 4

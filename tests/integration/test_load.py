@@ -74,6 +74,9 @@ async def test_five_thousand_connections_each_calling() -> None:
             "60",
             "--keepalive",
             "0",
+            # Every client here shares one address (loopback): lift the per-address limits.
+            f"--max-connections-per-address={N}",
+            f"--max-handshakes-per-address={N}",
         ],
         env={"PYTHONASYNCIODEBUG": ""},  # a load test: asyncio's debug mode is for the others
     )

@@ -86,6 +86,8 @@ async def _serve(args: argparse.Namespace) -> int:
         ),
         max_in_flight=args.max_in_flight,
         max_connections=args.max_connections,
+        max_connections_per_address=args.max_connections_per_address,
+        max_handshakes_per_address=args.max_handshakes_per_address,
         max_datagram=args.max_datagram,
         drain_timeout=args.drain_timeout,
     )
@@ -159,6 +161,8 @@ def _serve_workers(args: argparse.Namespace) -> int:
         f"--max-datagram={args.max_datagram}",
         f"--max-in-flight={args.max_in_flight}",
         f"--max-connections={args.max_connections}",
+        f"--max-connections-per-address={args.max_connections_per_address}",
+        f"--max-handshakes-per-address={args.max_handshakes_per_address}",
         f"--max-outbound={args.max_outbound}",
         f"--handshake-timeout={args.handshake_timeout}",
         f"--keepalive={args.keepalive}",
@@ -264,6 +268,20 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         default=_DEFAULT_LIMITS.max_connections,
         help="TCP connections open at once; more are refused with CLOSE TOO_MANY_CONNECTIONS "
         "(default 10000; `ulimit -n` applies too)",
+    )
+    common.add_argument(
+        "--max-connections-per-address",
+        type=int,
+        default=_DEFAULT_LIMITS.max_connections_per_address,
+        help="TCP connections open at once from one IP address; one more is refused "
+        f"(default {_DEFAULT_LIMITS.max_connections_per_address:,})",
+    )
+    common.add_argument(
+        "--max-handshakes-per-address",
+        type=int,
+        default=_DEFAULT_LIMITS.max_handshakes_per_address,
+        help="connections from one IP address still in the HELLO handshake; one more is "
+        f"refused (default {_DEFAULT_LIMITS.max_handshakes_per_address})",
     )
     common.add_argument(
         "--max-outbound",

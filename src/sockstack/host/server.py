@@ -54,6 +54,7 @@ from sockstack.protocol.datagram import (
 from sockstack.protocol.events import (
     ConnectionTerminated,
     Event,
+    HandshakeComplete,
     PatternMessage,
     ProtocolViolation,
     Request,
@@ -66,6 +67,16 @@ from sockstack.transport.ratelog import RateLimitedLog
 from sockstack.transport.urls import Endpoint, format_peer, is_loopback_host, parse_endpoint
 
 __all__ = ["Server", "ServerLimits", "refuse_unprotected", "serve"]
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    """One less for ``key``; the entry goes at zero (the table holds live addresses only)."""
+    n = counts.get(key, 0) - 1
+    if n > 0:
+        counts[key] = n
+    else:
+        counts.pop(key, None)
+
 
 StreamRoute = Callable[[Any, Any], None]
 """A pattern's ``stream_message``, called with (connection, message) for its message classes."""
@@ -97,6 +108,13 @@ class ServerLimits:
     max_connections: int = 10_000
     """TCP connections open at once; one more is answered with CLOSE TOO_MANY_CONNECTIONS and
     closed. (The process's file descriptor limit applies too: ``ulimit -n``.)"""
+    max_connections_per_address: int = 1_000
+    """TCP connections open at once from one IP address (a tenth of ``max_connections``): one
+    client cannot take every slot. One more gets CLOSE TOO_MANY_CONNECTIONS."""
+    max_handshakes_per_address: int = 64
+    """Connections from one IP address that have not completed the HELLO handshake yet (each
+    is closed at ``handshake_timeout`` anyway): a slowloris from one address holds at most this
+    many. One more gets CLOSE TOO_MANY_CONNECTIONS."""
 
 
 class _HostStream(StreamProtocol):
@@ -113,6 +131,8 @@ class _HostStream(StreamProtocol):
         self.in_flight = 0
         self._read_paused = False  # paused because too many requests are running
         self.refused = False  # over the connection limit: CLOSE sent, nothing read
+        self.address = "?"  # the peer's IP address, the key of the per-address limits
+        self._handshaking = False
         self._soon: list[bytes] = []  # frames from patterns for this peer, not yet written
         self._soon_bytes = 0
         self._soon_scheduled = False
@@ -126,26 +146,54 @@ class _HostStream(StreamProtocol):
 
     def on_open(self) -> None:
         server = self.server
+        lim = server.limits
         self.bad_log = server.bad_log
-        if len(server._streams) >= server.limits.max_connections:
-            self.refused = True
-            server.bad_log.warning(
-                "refusing %s: %d connections open (limit %d) [%s]",
-                self.peer,
-                len(server._streams),
-                server.limits.max_connections,
-                ErrorCode.describe(ErrorCode.TOO_MANY_CONNECTIONS),
-            )
-            transport = self.transport
-            assert transport is not None
-            transport.write(encode_close(ErrorCode.TOO_MANY_CONNECTIONS, "too many connections"))
-            transport.close()
+        transport = self.transport
+        assert transport is not None
+        peername = transport.get_extra_info("peername")
+        address = self.address = str(peername[0]) if isinstance(peername, tuple) else "?"
+        if len(server._streams) >= lim.max_connections:
+            why = f"{len(server._streams)} connections open (limit {lim.max_connections})"
+            self._refuse(why, "too many connections")
+            return
+        if server._by_address.get(address, 0) >= lim.max_connections_per_address:
+            why = f"{lim.max_connections_per_address} connections from {address} (limit)"
+            self._refuse(why, "too many connections from your address")
+            return
+        if server._handshaking.get(address, 0) >= lim.max_handshakes_per_address:
+            why = f"{lim.max_handshakes_per_address} handshakes in progress from {address} (limit)"
+            self._refuse(why, "too many handshakes in progress from your address")
             return
         server._streams.add(self)
+        server._by_address[address] = server._by_address.get(address, 0) + 1
+        server._handshaking[address] = server._handshaking.get(address, 0) + 1
+        self._handshaking = True
+
+    def _refuse(self, why: str, reason: str) -> None:
+        self.refused = True
+        self.server.bad_log.warning(
+            "refusing %s: %s [%s]",
+            self.peer,
+            why,
+            ErrorCode.describe(ErrorCode.TOO_MANY_CONNECTIONS),
+        )
+        transport = self.transport
+        assert transport is not None
+        transport.write(encode_close(ErrorCode.TOO_MANY_CONNECTIONS, reason))
+        transport.close()
+
+    def _handshake_done(self) -> None:
+        if self._handshaking:
+            self._handshaking = False
+            _decrement(self.server._handshaking, self.address)
 
     def on_lost(self, exc: Exception | None) -> None:
-        self.server._streams.discard(self)
-        for pattern in self.server.patterns:
+        server = self.server
+        if self in server._streams:
+            server._streams.discard(self)
+            _decrement(server._by_address, self.address)
+            self._handshake_done()
+        for pattern in server.patterns:
             pattern.connection_lost(self)
 
     def data_received(self, data: bytes) -> None:
@@ -228,6 +276,8 @@ class _HostStream(StreamProtocol):
                     route(self, ev)
             elif isinstance(ev, ProtocolViolation):
                 self.log_violation(ev)
+            elif isinstance(ev, HandshakeComplete):
+                self._handshake_done()
             elif (
                 isinstance(ev, ConnectionTerminated)
                 and ev.by_peer
@@ -555,6 +605,8 @@ class Server:
         self._listeners: list[asyncio.Server] = []
         self._datagrams: list[_HostDatagram] = []
         self._streams: set[_HostStream] = set()
+        self._by_address: dict[str, int] = {}  # open connections per IP address
+        self._handshaking: dict[str, int] = {}  # connections per IP address awaiting HELLO
         self.bad_log = RateLimitedLog(logging.getLogger("sockstack.transport"))
         self._in_flight = 0
         self._idle: asyncio.Event | None = None
