@@ -68,6 +68,11 @@ class ErrorCode(enum.IntEnum):
     """The peer hit a bug; the connection cannot continue."""
     SLOW_CONSUMER = 1010
     """A subscriber fell behind beyond its limits, with the ``disconnect`` policy."""
+    FRAME_TIMEOUT = 1015
+    """A frame began but did not arrive whole within the receiver's frame timeout."""
+    BUSY = 1016
+    """The server holds as many bytes of unfinished frames as it allows; this connection's
+    would go beyond it."""
 
     # -- request level (ERROR) --
     UNKNOWN_METHOD = 2000

@@ -37,6 +37,9 @@ __all__ = ["StreamLimits", "StreamProtocol", "format_peer"]  # format_peer: re-e
 
 log = logging.getLogger("sockstack.transport")
 
+LINGER = 2.0
+"""Seconds a connection closed for misbehaving gets to read its CLOSE before it is cut off."""
+
 
 @dataclass(frozen=True, slots=True)
 class StreamLimits:
@@ -52,6 +55,10 @@ class StreamLimits:
     max_outbound: int = 8 << 20
     """Hard bound on a connection's unsent bytes (answers the peer does not read). Above it, and
     above twice ``max_frame``, the connection is reset: the answers still queued are lost."""
+    frame_timeout: float | None = 30.0
+    """Seconds a frame may take to arrive once its first byte has: a peer trickling a large
+    frame a byte at a time holds its buffer at most this long (CLOSE FRAME_TIMEOUT). None: no
+    bound."""
 
 
 class _PlainLog:
@@ -76,6 +83,11 @@ class StreamProtocol(asyncio.Protocol):
         self.core: Connection | None = None
         self.peer = "?"
         self._timer = CoreTimer(self.loop, self._on_timer)
+        self._rx = 0  # bytes received through receive_data (offsets of unfinished frames)
+        self._held = 0  # bytes of an unfinished frame held by the core, as last seen
+        self._partial_start = -1
+        self._partial_timer: asyncio.TimerHandle | None = None
+        self._cut = False  # close_now ran: reading stopped, the connection is on its way out
         self._timer_state: object = None
         self.write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -120,9 +132,78 @@ class StreamProtocol(asyncio.Protocol):
         events = core.receive_data(data)
         if events:
             self.handle_events(events)
+        self.track_partial(len(data))
         self.flush()
         if core.state is not self._timer_state:  # handshake done, or closing: timers change
             self.arm_timer()
+
+    # ---------------------------------------------------------------- unfinished frames
+
+    def track_partial(self, n: int) -> None:
+        """After a read of ``n`` bytes went through ``receive_data``: note an unfinished frame
+        (where it started, when), so that it must arrive whole within ``frame_timeout``, and
+        report the bytes it holds (:meth:`partial_changed`). A read that ``receive_single``
+        took whole leaves nothing unfinished, so the fast path needs no call here."""
+        core = self.core
+        assert core is not None
+        if self._cut:
+            return  # closed for misbehaving (close_now): nothing it sends counts any more
+        self._rx += n
+        held = core.buffered
+        if held != self._held:
+            self.partial_changed(held - self._held)
+            self._held = held
+        if not held:
+            self._partial_start = -1
+            return
+        start = self._rx - held  # stream offset of the unfinished frame
+        if start != self._partial_start:  # a new frame: its clock starts now
+            self._partial_start = start
+            timeout = self.limits.frame_timeout
+            if timeout is not None:
+                if self._partial_timer is not None:
+                    self._partial_timer.cancel()
+                self._partial_timer = self.loop.call_later(timeout, self._partial_expired, start)
+
+    def partial_changed(self, delta: int) -> None:
+        """Hook: the bytes this connection holds for an unfinished frame changed by ``delta``."""
+
+    def _partial_expired(self, start: int) -> None:
+        self._partial_timer = None
+        core = self.core
+        if core is None or start != self._partial_start or not core.buffered:
+            return  # that frame arrived meanwhile
+        (self.bad_log or _plain).warning(
+            "%s %s: a frame of which %d bytes arrived was not whole after %g s [%s]",
+            self.role.value,
+            self.peer,
+            core.buffered,
+            self.limits.frame_timeout,
+            ErrorCode.describe(ErrorCode.FRAME_TIMEOUT),
+        )
+        self.close_now(ErrorCode.FRAME_TIMEOUT, "frame not received in time")
+
+    def close_now(self, code: int, reason: str) -> None:
+        """CLOSE ``code``, stop reading and let go of the unfinished frame's bytes at once, then
+        cut the connection after ``LINGER`` seconds (a peer that trickles or floods would not
+        read an orderly close in time; closing at once would reset the CLOSE away)."""
+        core, transport = self.core, self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._held:
+            self.partial_changed(-self._held)  # counted as freed now: the peer gets no more in
+            self._held = 0
+        self._partial_start = -1
+        self._cut = True
+        transport.pause_reading()
+        if core is not None:
+            core.send_close(code, reason)
+            data = core.data_to_send()
+            if data:
+                transport.write(data)
+        if transport.can_write_eof():
+            transport.write_eof()  # CLOSE, then FIN: the peer reads both before any reset
+        self.loop.call_later(LINGER, transport.abort)
 
     def eof_received(self) -> bool | None:
         assert self.core is not None
@@ -133,6 +214,12 @@ class StreamProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._timer.close()
+        if self._partial_timer is not None:
+            self._partial_timer.cancel()
+            self._partial_timer = None
+        if self._held:
+            self.partial_changed(-self._held)
+            self._held = 0
         if self.core is not None:
             events = self.core.receive_eof()
             if events:

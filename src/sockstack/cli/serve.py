@@ -83,11 +83,13 @@ async def _serve(args: argparse.Namespace) -> int:
             keepalive_interval=args.keepalive or None,
             keepalive_timeout=args.keepalive or 20.0,
             max_outbound=args.max_outbound,
+            frame_timeout=args.frame_timeout or None,
         ),
         max_in_flight=args.max_in_flight,
         max_connections=args.max_connections,
         max_connections_per_address=args.max_connections_per_address,
         max_handshakes_per_address=args.max_handshakes_per_address,
+        max_partial_bytes=args.max_partial_bytes,
         max_datagram=args.max_datagram,
         drain_timeout=args.drain_timeout,
     )
@@ -163,6 +165,8 @@ def _serve_workers(args: argparse.Namespace) -> int:
         f"--max-connections={args.max_connections}",
         f"--max-connections-per-address={args.max_connections_per_address}",
         f"--max-handshakes-per-address={args.max_handshakes_per_address}",
+        f"--max-partial-bytes={args.max_partial_bytes}",
+        f"--frame-timeout={args.frame_timeout}",
         f"--max-outbound={args.max_outbound}",
         f"--handshake-timeout={args.handshake_timeout}",
         f"--keepalive={args.keepalive}",
@@ -282,6 +286,20 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         default=_DEFAULT_LIMITS.max_handshakes_per_address,
         help="connections from one IP address still in the HELLO handshake; one more is "
         f"refused (default {_DEFAULT_LIMITS.max_handshakes_per_address})",
+    )
+    common.add_argument(
+        "--max-partial-bytes",
+        type=int,
+        default=_DEFAULT_LIMITS.max_partial_bytes,
+        help="bytes held for unfinished frames over all connections; a connection that would "
+        f"go beyond gets CLOSE BUSY (default {_DEFAULT_LIMITS.max_partial_bytes:,})",
+    )
+    common.add_argument(
+        "--frame-timeout",
+        type=float,
+        default=_DEFAULT_LIMITS.stream.frame_timeout,
+        help="seconds a frame may take to arrive once it has begun; 0 for no bound "
+        f"(default {_DEFAULT_LIMITS.stream.frame_timeout:g})",
     )
     common.add_argument(
         "--max-outbound",

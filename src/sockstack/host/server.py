@@ -111,6 +111,10 @@ class ServerLimits:
     max_connections_per_address: int = 1_000
     """TCP connections open at once from one IP address (a tenth of ``max_connections``): one
     client cannot take every slot. One more gets CLOSE TOO_MANY_CONNECTIONS."""
+    max_partial_bytes: int = 256 << 20
+    """Bytes held for unfinished frames (begun, not yet whole) over all connections: a
+    connection whose frame would take the total beyond it gets CLOSE BUSY. Each connection holds
+    at most ``stream.max_frame`` and for at most ``stream.frame_timeout`` seconds."""
     max_handshakes_per_address: int = 64
     """Connections from one IP address that have not completed the HELLO handshake yet (each
     is closed at ``handshake_timeout`` anyway): a slowloris from one address holds at most this
@@ -169,6 +173,20 @@ class _HostStream(StreamProtocol):
         server._handshaking[address] = server._handshaking.get(address, 0) + 1
         self._handshaking = True
 
+    def partial_changed(self, delta: int) -> None:
+        server = self.server
+        server._partial_bytes += delta
+        limit = server.limits.max_partial_bytes
+        if delta > 0 and server._partial_bytes > limit:
+            server.bad_log.warning(
+                "client %s: its unfinished frame would take the server past %d bytes held for "
+                "unfinished frames [%s]",
+                self.peer,
+                limit,
+                ErrorCode.describe(ErrorCode.BUSY),
+            )
+            self.close_now(ErrorCode.BUSY, "server holds too many unfinished frames")
+
     def _refuse(self, why: str, reason: str) -> None:
         self.refused = True
         self.server.bad_log.warning(
@@ -223,8 +241,11 @@ class _HostStream(StreamProtocol):
                     return
             events = []
             self._outcome(single, outcome)
+        elif single is None:
+            events = core.receive_data(data)
+            self.track_partial(len(data))  # a frame begun here must end within frame_timeout
         else:
-            events = core.receive_data(data) if single is None else [single]
+            events = [single]
         if events:
             dispatch = self.dispatcher.dispatch
             draining = self.server.draining
@@ -607,6 +628,7 @@ class Server:
         self._streams: set[_HostStream] = set()
         self._by_address: dict[str, int] = {}  # open connections per IP address
         self._handshaking: dict[str, int] = {}  # connections per IP address awaiting HELLO
+        self._partial_bytes = 0  # held for unfinished frames, all connections together
         self.bad_log = RateLimitedLog(logging.getLogger("sockstack.transport"))
         self._in_flight = 0
         self._idle: asyncio.Event | None = None
