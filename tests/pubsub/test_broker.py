@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from sockstack.errors import ErrorCode
 from sockstack.protocol.frames import FrameDecoder
 from sockstack.protocol.registry import Registry
 from sockstack.pubsub import Broker, BrokerError, BrokerLimits
+from sockstack.pubsub.broker import INFLIGHT_OVERHEAD, QUEUED_OVERHEAD, RETAINED_OVERHEAD
 from sockstack.pubsub.messages import PUBSUB_MESSAGES, Msg
 
 _REGISTRY = Registry([PUBSUB_MESSAGES])
@@ -69,10 +71,11 @@ def test_byte_bound_and_disconnect_policy() -> None:
     broker = Broker()
     slow = FakePeer()
     slow.can_write = False
-    broker.subscribe(slow, 1, "t", {"policy": "disconnect", "max_bytes": 100})
+    one = 60 + 1 + QUEUED_OVERHEAD  # payload, topic, and what holding it costs
+    broker.subscribe(slow, 1, "t", {"policy": "disconnect", "max_bytes": one + one // 2})
     broker.publish("t", b"x" * 60)
     assert slow.closed is None
-    broker.publish("t", b"x" * 60)  # 120 bytes queued would pass the 100-byte bound
+    broker.publish("t", b"x" * 60)  # two queued would pass the bound
     assert slow.closed is not None and slow.closed[0] == ErrorCode.SLOW_CONSUMER
     assert broker.stats()["subscriptions"] == 0  # the peer's subscriptions are gone
     assert broker.publish("t", b"y") == 0
@@ -164,12 +167,204 @@ def test_broker_wide_bound_on_queued_bytes() -> None:
         broker.subscribe(p, i + 1, "t", {"policy": "drop-oldest"})
     for _ in range(100):
         broker.publish("t", b"x" * 50)
-        assert broker.pending_total <= 1000
+        assert broker.held_total <= 1000
     stats = broker.stats()
-    assert stats["pending_bytes"] <= 1000 and stats["dropped"] > 0
+    assert stats["held_bytes"] <= 1000 and stats["dropped"] > 0
+    assert stats["held_bytes"] == stats["pending_bytes"] + stats["pending"] * QUEUED_OVERHEAD
     broker.peer_gone(slow[0])
-    assert broker.pending_total == sum(s["pending_bytes"] for s in broker.stats()["slow"])
+    assert broker.held_total == sum(s["held_bytes"] for s in broker.stats()["slow"])
     for p in slow[1:]:
         p.can_write = True
         broker.peer_writable(p)
-    assert broker.pending_total == 0
+    assert broker.held_total == 0
+
+
+# --------------------------------------------------------------------------- issue 10: memory
+# The byte bounds count what holding a message costs, not only its payload: a bound in payload
+# bytes let 100,000 empty messages per subscription take ~9 MB each while counting ~100 KB.
+
+
+def test_overheads_cover_the_objects_an_entry_holds() -> None:
+    """The documented overheads are at least what sys.getsizeof reports for the objects behind
+    one entry, beyond the bytes already counted (the RSS side is
+    tests/integration/test_broker_memory.py)."""
+
+    def header(obj: bytes | str) -> int:  # what a bytes or str object costs beyond its data
+        return sys.getsizeof(obj) - len(obj)
+
+    topic, payload, frame = b"t", b"x" * 10, b"f" * 40
+    slot = 8  # a pointer: a deque slot, or each of a dict entry's hash, key and value
+    queued = sys.getsizeof((topic, payload, 1, 0)) + slot + header(payload) + header(topic)
+    assert QUEUED_OVERHEAD >= queued
+    delivery_id, due = 2**31, 1.5
+    inflight = sys.getsizeof((frame, due, 1)) + sys.getsizeof(due) + sys.getsizeof(delivery_id)
+    inflight += header(frame) + 3 * slot
+    assert INFLIGHT_OVERHEAD >= inflight
+    retained = sys.getsizeof((topic, payload, 1)) + header("t") + header(topic)
+    retained += header(payload) + 3 * slot
+    assert RETAINED_OVERHEAD >= retained
+
+
+def test_empty_messages_count_against_the_byte_bounds() -> None:
+    """Empty payloads: the per-subscription and broker-wide bounds hold in charged bytes, so the
+    number of queued entries is bounded by bytes / overhead, not by max_msgs."""
+    per_sub = 100 * (1 + QUEUED_OVERHEAD)
+    broker = Broker(BrokerLimits(max_bytes=per_sub, max_pending_total=3 * per_sub))
+    slow = [FakePeer() for _ in range(5)]
+    for i, p in enumerate(slow):
+        p.can_write = False
+        broker.subscribe(p, i + 1, "t", {})
+    for _ in range(1000):
+        broker.publish("t", b"")
+    stats = broker.stats()
+    assert stats["pending"] <= 300  # 3 subscriptions' worth for 5 subscriptions together
+    assert stats["held_bytes"] <= 3 * per_sub
+    assert all(s["pending"] <= 100 and s["held_bytes"] <= per_sub for s in stats["slow"])
+    assert stats["held_bytes"] == stats["pending"] * (1 + QUEUED_OVERHEAD)
+    assert stats["dropped"] == 5000 - stats["pending"]
+
+
+def test_qos1_in_flight_frames_count_in_the_byte_bounds() -> None:
+    """A QoS 1 subscriber that reads but never acknowledges: the frames kept for redelivery are
+    charged to its bound (not only max_inflight), the overflow queues then drops; ACKs free the
+    bytes and the queue flows again."""
+    payload = b"p" * 1000
+    per_msg = len(payload) + 1 + 20 + INFLIGHT_OVERHEAD  # MSG frame (header + sid) + overhead
+    broker = Broker(BrokerLimits(max_bytes=10 * per_msg))
+    peer = FakePeer()
+    sub = broker.subscribe(peer, 1, "t", {"qos": 1})
+    for _ in range(100):
+        broker.publish("t", payload)
+    stats = broker.stats()
+    assert stats["inflight"] == 10 and len(peer.frames) == 10  # the bound, not max_inflight
+    assert stats["inflight_bytes"] == 10 * per_msg
+    assert stats["held_bytes"] == sub.held <= 10 * per_msg
+    assert stats["pending"] == 0 and stats["dropped"] == 90  # no room to queue either
+    for m in peer.frames[:5]:
+        broker.ack(peer, m.delivery_id)
+    assert broker.stats()["held_bytes"] == 5 * per_msg
+    broker.publish("t", b"q" * 1000)
+    assert len(peer.frames) == 11 and broker.stats()["inflight"] == 6
+    broker.peer_gone(peer)
+    assert broker.held_total == 0
+
+
+def test_qos1_counts_in_the_broker_wide_bound_and_flushes_after_acks() -> None:
+    clock = Clock()
+    payload = b"p" * 100
+    per_msg = len(payload) + 1 + 20 + INFLIGHT_OVERHEAD
+    broker = Broker(
+        BrokerLimits(max_pending_total=20 * per_msg, ack_wait=1.0, max_deliveries=1),
+        clock=clock,
+    )
+    peers = [FakePeer() for _ in range(4)]
+    for i, p in enumerate(peers):
+        broker.subscribe(p, i + 1, "t", {"qos": 1})
+    for _ in range(50):
+        broker.publish("t", payload)
+        assert broker.held_total <= 20 * per_msg + 4 * (QUEUED_OVERHEAD + 1 + 100)
+    assert broker.stats()["inflight"] <= 20
+    clock.now = 2.0
+    broker.tick()  # one send only: every in-flight message is given up, and its bytes freed
+    assert broker.stats()["inflight"] == 0 and broker.held_total == 0
+    assert broker.stats()["expired"] > 0
+
+
+def test_one_message_may_always_be_in_flight() -> None:
+    """A bound smaller than one message slows a QoS 1 subscription to one at a time; it never
+    stops it."""
+    broker = Broker()
+    peer = FakePeer()
+    broker.subscribe(peer, 1, "t", {"qos": 1, "max_bytes": 100, "policy": "drop-newest"})
+    broker.publish("t", b"x" * 500)
+    broker.publish("t", b"y" * 500)  # no room in flight or in the queue: dropped
+    assert peer.values() == [b"x" * 500]
+    broker.ack(peer, peer.frames[0].delivery_id)
+    broker.publish("t", b"z" * 500)
+    assert peer.values() == [b"x" * 500, b"z" * 500]
+    assert broker.stats()["dropped"] == 1
+
+
+def test_qos1_queue_moves_in_flight_within_the_bound() -> None:
+    """Messages queued while the peer could not write go in flight as it drains, only as far as
+    the byte bound allows; acks let the rest through, all in order."""
+    payload = b"p" * 200
+    per_msg = len(payload) + 1 + 20 + INFLIGHT_OVERHEAD
+    queued = len(payload) + 1 + QUEUED_OVERHEAD
+    bound = 6 * queued + (per_msg - queued)  # 6 queued fit, and room to move one in flight
+    broker = Broker(BrokerLimits(max_bytes=bound))
+    peer = FakePeer()
+    peer.can_write = False
+    broker.subscribe(peer, 1, "t", {"qos": 1})
+    for i in range(6):
+        broker.publish("t", b"%03d" % i + payload[3:])
+    assert broker.stats()["pending"] == 6
+    peer.can_write = True
+    broker.peer_writable(peer)
+    sent = len(peer.frames)
+    assert 1 <= sent < 6  # in flight replaces queued: the frame costs more than the entry
+    assert broker.held_total <= bound
+    acked: set[int] = set()
+    for _ in range(6):  # each round acknowledges what arrived, which lets more through
+        for m in [m for m in peer.frames if m.delivery_id not in acked]:
+            acked.add(m.delivery_id)
+            broker.ack(peer, m.delivery_id)
+    assert [m.payload[:3] for m in peer.frames] == [b"%03d" % i for i in range(6)]
+    assert broker.held_total == 0 and broker.stats()["inflight"] == 0
+
+
+def test_retained_store_is_bounded_in_bytes() -> None:
+    """Refused whole beyond max_retained_bytes, with a clear message and a counter; replacing and
+    clearing free bytes; the count bound still holds."""
+    per = 1000 + 2 * 3 + RETAINED_OVERHEAD  # topics "t.N" for N < 10
+    broker = Broker(BrokerLimits(max_retained_bytes=5 * per))
+    peer = FakePeer()
+    broker.subscribe(peer, 1, "t.*", {})
+    for i in range(5):
+        broker.publish(f"t.{i}", b"r" * 1000, retain=True)
+    assert broker.stats()["retained_bytes"] == 5 * per
+    with pytest.raises(BrokerError) as info:
+        broker.publish("t.5", b"r" * 1000, retain=True)
+    assert info.value.code == ErrorCode.PAYLOAD_TOO_LARGE
+    assert "max_retained_bytes" in info.value.message and str(5 * per) in info.value.message
+    assert len(peer.frames) == 5  # the refused message was not routed either
+    broker.publish("t.0", b"s" * 900, retain=True)  # replacing with less fits
+    assert broker.stats()["retained_bytes"] == 5 * per - 100
+    with pytest.raises(BrokerError):
+        broker.publish("t.1", b"s" * 1101, retain=True)  # replacing with more than fits
+    broker.publish("t.1", b"", retain=True)  # clearing frees it
+    broker.publish("t.5", b"r" * 1000, retain=True)
+    stats = broker.stats()
+    assert stats["retained"] == 5 and stats["retained_bytes"] == 5 * per - 100
+    assert stats["retained_refused"] == 2
+    small = Broker(BrokerLimits(max_retained=2))
+    small.publish("a", b"1", retain=True)
+    small.publish("b", b"1", retain=True)
+    with pytest.raises(BrokerError) as info:
+        small.publish("c", b"1", retain=True)
+    assert "max_retained" in info.value.message
+    small.publish("a", b"2", retain=True)  # an existing topic may always be replaced
+
+
+def test_one_message_in_flight_still_respects_the_broker_wide_bound() -> None:
+    """The one-in-flight allowance is per subscription: many QoS 1 subscriptions that never
+    acknowledge cannot each hold a message beyond the broker's bound."""
+    per_msg = 1000 + 1 + 20 + INFLIGHT_OVERHEAD
+    broker = Broker(BrokerLimits(max_pending_total=5 * per_msg))
+    peers = [FakePeer() for _ in range(20)]
+    for i, p in enumerate(peers):
+        broker.subscribe(p, i + 1, "t", {"qos": 1, "max_bytes": 100})
+    broker.publish("t", b"x" * 1000)
+    assert sum(len(p.frames) for p in peers) == 5
+    assert broker.held_total <= 5 * per_msg and broker.stats()["dropped"] == 15
+
+
+def test_group_turns_are_bounded() -> None:
+    broker = Broker()
+    peer = FakePeer()
+    for i in range(10_050):
+        broker.subscribe(peer, 1, "t", {"group": f"g{i}"})
+        broker.publish("t", b"x")
+        broker.unsubscribe(peer, 1)
+    assert len(broker._group_turn) <= 10_000
+    assert len(peer.frames) == 10_050

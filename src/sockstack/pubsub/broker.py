@@ -15,6 +15,14 @@ Delivery, per subscription:
   (flag REDELIVERED) every ``ack_wait`` seconds, at most ``max_deliveries`` times; at most
   ``max_inflight`` wait at once, the rest queue. At least once while the subscriber stays
   connected; nothing is persisted across broker restarts.
+
+Memory, counted as what it really costs (issue 10): a queued message is charged its payload and
+topic bytes plus :data:`QUEUED_OVERHEAD` (the Python objects that hold it), a QoS 1 message
+waiting for its ACK its MSG frame plus :data:`INFLIGHT_OVERHEAD`. Both count against the
+subscription's ``max_bytes`` and the broker's ``max_pending_total``, so these byte bounds bound
+the process's memory even for empty messages (500,000 queued empty messages are ~45 MB of
+objects, not ~2 MB of topics). The retained store is charged the same way (payload, topic twice,
+:data:`RETAINED_OVERHEAD`) against ``max_retained_bytes``.
 """
 
 from __future__ import annotations
@@ -32,7 +40,10 @@ from sockstack.pubsub.messages import FLAG_REDELIVERED, FLAG_RETAIN, encode_msg
 from sockstack.pubsub.topics import SubscriptionIndex, TopicError, matches, validate_topic
 
 __all__ = [
+    "INFLIGHT_OVERHEAD",
     "POLICIES",
+    "QUEUED_OVERHEAD",
+    "RETAINED_OVERHEAD",
     "Broker",
     "BrokerError",
     "BrokerLimits",
@@ -42,6 +53,28 @@ __all__ = [
 ]
 
 POLICIES = ("drop-oldest", "drop-newest", "disconnect")
+
+# What an entry costs beyond its payload and topic bytes, measured on CPython 3.11 (64-bit) with
+# sys.getsizeof and the process's RSS for a million entries (tests/pubsub/test_broker.py checks
+# the sys.getsizeof part, tests/integration/test_broker_memory.py the RSS). Rounded up: a bound
+# that undercounts is no bound.
+QUEUED_OVERHEAD = 192
+"""A queued message: its (topic, payload, codec, flags) tuple (72 B, 80 allocated), its deque
+slot (8 B), and the headers of its payload's and its topic's bytes objects when they are not
+shared with other entries (33 B each, up to 48 allocated; a topic's bytes are shared until the
+topic cache is renewed). Measured: 79-89 B per entry of RSS with shared payloads, 124 B with
+100-byte payloads of their own."""
+INFLIGHT_OVERHEAD = 256
+"""A QoS 1 message waiting for its ACK: its MSG frame's bytes object header (33 B), the
+(frame, due, sends) tuple (64 B), the due time (a float, 24 B), the delivery id (an int, 32 B)
+and its dict entry. Measured: 210-241 B per entry of RSS beyond the frame's length."""
+RETAINED_OVERHEAD = 320
+"""A retained message, beyond its payload and twice its topic (the key string and the topic's
+bytes): the (topic, payload, codec) tuple (64 B), the string, bytes and payload headers
+(49 + 33 + 33 B, each rounded up to 16) and its dict entry (32 B, up to 3x just after the table
+grows). Measured: ~190 B per topic of RSS beyond the topic and payload bytes."""
+_MSG_EXTRA = 20  # a MSG frame beyond topic + payload: the 16-byte header and the 4-byte sid
+_INFLIGHT_EXTRA = _MSG_EXTRA + INFLIGHT_OVERHEAD  # charged for a message in flight, beyond its data
 
 
 class BrokerError(Exception):
@@ -70,21 +103,29 @@ class BrokerLimits:
     max_msgs: int = 500_000
     """Default per-subscription queue bound, in messages, while the subscriber is not reading."""
     max_bytes: int = 32 << 20
-    """Default per-subscription queue bound, in bytes (Redis bounds a pub/sub client's output
-    at 32 MB; NATS at 64 MB)."""
+    """Default per-subscription bound, in bytes, on what the broker holds for it: queued
+    messages (payload + topic + :data:`QUEUED_OVERHEAD` each) and, at QoS 1, messages waiting
+    for their ACK (frame + :data:`INFLIGHT_OVERHEAD` each; one may always be in flight). Redis
+    bounds a pub/sub client's output at 32 MB; NATS at 64 MB."""
     max_inflight: int = 1000
-    """QoS 1: unacknowledged messages per subscription."""
+    """QoS 1: unacknowledged messages per subscription (their bytes count in ``max_bytes``)."""
     ack_wait: float = 5.0
     """QoS 1: seconds before an unacknowledged message is sent again."""
     max_deliveries: int = 5
     """QoS 1: sends of one message before it is given up (counted as expired)."""
     max_retained: int = 10_000
     """Topics with a retained message; more are refused with an ERROR."""
+    max_retained_bytes: int = 64 << 20
+    """Bytes of the retained store: payload + twice the topic + :data:`RETAINED_OVERHEAD` per
+    topic. A retained publish that would pass it is refused whole (ERROR PAYLOAD_TOO_LARGE,
+    counted as ``retained_refused`` in :meth:`Broker.stats`); replacing or clearing a topic's
+    message frees its bytes. 64 MiB (the demo store's bound too); ``retained_bytes`` in stats."""
     max_subscriptions_per_peer: int = 10_000
     max_pending_total: int = 512 << 20
-    """Bytes queued for all slow subscribers together; past it, each subscription that would
-    queue more applies its own policy (so the broker's memory is bounded, not only each
-    subscription's)."""
+    """Bytes held for all subscriptions together, queued and QoS 1 in flight, each message
+    charged with its overhead (:data:`QUEUED_OVERHEAD`, :data:`INFLIGHT_OVERHEAD`); past it,
+    each subscription that would hold more applies its own policy (so the broker's memory is
+    bounded, not only each subscription's). ``held_bytes`` in :meth:`Broker.stats`."""
 
 
 @dataclass(slots=True)
@@ -129,6 +170,10 @@ class Subscription:
     pending: deque[tuple[bytes, bytes, int, int]] = field(default_factory=deque)
     """Messages waiting for the peer to read: (topic, payload, codec, flags)."""
     pending_bytes: int = 0
+    """Payload and topic bytes of the queued messages."""
+    held: int = 0
+    """Bytes charged against ``max_bytes``: queued messages and in-flight frames, each with its
+    overhead (:data:`QUEUED_OVERHEAD`, :data:`INFLIGHT_OVERHEAD`)."""
     inflight: dict[int, tuple[bytes, float, int]] = field(default_factory=dict)
     """QoS 1: delivery id -> (frame, when to send again, sends so far)."""
     delivered: int = 0
@@ -148,10 +193,11 @@ class Broker:
         self.clock = clock or time.monotonic
         self.index: SubscriptionIndex[Subscription] = SubscriptionIndex()
         self.retained: dict[str, tuple[bytes, bytes, int]] = {}
+        self.retained_bytes = 0  # charged against max_retained_bytes
         self._peers: dict[Peer, dict[int, Subscription]] = {}
         self._group_turn: dict[str, int] = {}
         self._topics: dict[str, tuple[list[str], bytes]] = {}  # validated topics
-        self.pending_total = 0  # bytes queued for all subscriptions
+        self.held_total = 0  # bytes held for all subscriptions (queued + in flight, charged)
         self._ids = itertools.count(1)
         self.counters = {
             "published": 0,
@@ -160,6 +206,7 @@ class Broker:
             "redelivered": 0,
             "expired": 0,
             "slow_consumers_disconnected": 0,
+            "retained_refused": 0,
         }
 
     # ------------------------------------------------------------------ subscriptions
@@ -200,9 +247,11 @@ class Broker:
 
     def _forget(self, sub: Subscription) -> None:
         self.index.remove(sub)
-        self.pending_total -= sub.pending_bytes
+        self.held_total -= sub.held
         sub.pending.clear()
+        sub.inflight.clear()
         sub.pending_bytes = 0
+        sub.held = 0
 
     # ------------------------------------------------------------------ publishing
 
@@ -224,12 +273,7 @@ class Broker:
             cached = self._topics[topic] = (tokens, topic.encode())
         tokens, topic_b = cached
         if retain:
-            if not payload:
-                self.retained.pop(topic, None)  # an empty retained message clears the topic
-            elif topic in self.retained or len(self.retained) < self.limits.max_retained:
-                self.retained[topic] = (topic_b, payload, codec)
-            else:
-                raise BrokerError(ErrorCode.PAYLOAD_TOO_LARGE, "retained store is full")
+            self._retain(topic, topic_b, payload, codec)
         self.counters["published"] += 1
         matched = self.index.match(tokens)
         if not matched:
@@ -246,30 +290,75 @@ class Broker:
                     groups = {}
                 groups.setdefault(group, []).append(sub)
         if groups:
+            turns = self._group_turn
             for group, members in groups.items():
-                turn = self._group_turn.get(group, 0)
-                self._group_turn[group] = turn + 1
+                turn = turns.get(group)
+                if turn is None:
+                    turn = 0
+                    if len(turns) >= 10_000:
+                        turns.clear()  # bounded: names of groups long gone would pile up
+                turns[group] = turn + 1
                 self._deliver(members[turn % len(members)], topic_b, payload, codec, 0)
                 n += 1
         return n
+
+    def _retain(self, topic: str, topic_b: bytes, payload: bytes, codec: int) -> None:
+        """Keep (or, for an empty payload, clear) the topic's retained message, within the
+        store's bounds in topics and bytes; raise :class:`BrokerError` beyond them."""
+        old = self.retained.get(topic)
+        freed = 0 if old is None else len(old[1]) + 2 * len(old[0]) + RETAINED_OVERHEAD
+        if not payload:  # an empty retained message clears the topic
+            if old is not None:
+                del self.retained[topic]
+                self.retained_bytes -= freed
+            return
+        lim = self.limits
+        if old is None and len(self.retained) >= lim.max_retained:
+            self.counters["retained_refused"] += 1
+            raise BrokerError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"retained store is full: {len(self.retained)} topics, the broker's "
+                f"max_retained; clear one (publish an empty retained message) first",
+            )
+        cost = len(payload) + 2 * len(topic_b) + RETAINED_OVERHEAD
+        if self.retained_bytes - freed + cost > lim.max_retained_bytes:
+            self.counters["retained_refused"] += 1
+            raise BrokerError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"retained store is full: {self.retained_bytes - freed} of the broker's "
+                f"{lim.max_retained_bytes} bytes (max_retained_bytes) in use, this message "
+                f"needs {cost}; clear topics (publish an empty retained message) first",
+            )
+        self.retained[topic] = (topic_b, payload, codec)
+        self.retained_bytes += cost - freed
 
     def _deliver(
         self, sub: Subscription, topic_b: bytes, payload: bytes, codec: int, flags: int
     ) -> None:
         opts = sub.options
-        if (
-            not sub.pending
-            and sub.peer.writable()
-            and (opts.qos == 0 or len(sub.inflight) < self.limits.max_inflight)
-        ):
-            self._send(sub, topic_b, payload, codec, flags)
-            return
+        if not sub.pending and sub.peer.writable():
+            if opts.qos == 0:
+                self._send(sub, topic_b, payload, codec, flags)
+                return
+            # QoS 1: in flight within the broker-wide byte bound, and within max_inflight and
+            # the subscription's byte bound, except that one message may always be in flight
+            # (a bound smaller than a message slows a subscription, never stops it).
+            inflight = sub.inflight
+            lim = self.limits
+            more = len(payload) + len(topic_b) + _INFLIGHT_EXTRA
+            if self.held_total + more <= lim.max_pending_total and (
+                not inflight
+                or (len(inflight) < lim.max_inflight and sub.held + more <= opts.max_bytes)
+            ):
+                self._send(sub, topic_b, payload, codec, flags)
+                return
         size = len(payload) + len(topic_b)
+        cost = size + QUEUED_OVERHEAD
         total_cap = self.limits.max_pending_total
         if (
             len(sub.pending) >= opts.max_msgs
-            or sub.pending_bytes + size > opts.max_bytes
-            or self.pending_total + size > total_cap
+            or sub.held + cost > opts.max_bytes
+            or self.held_total + cost > total_cap
         ):
             # Over this subscription's bound, or over the broker's for all subscriptions
             # together: the subscription's own policy decides.
@@ -281,20 +370,40 @@ class Broker:
                 return
             while sub.pending and (
                 len(sub.pending) >= opts.max_msgs
-                or sub.pending_bytes + size > opts.max_bytes
-                or self.pending_total + size > total_cap
+                or sub.held + cost > opts.max_bytes
+                or self.held_total + cost > total_cap
             ):
                 old = sub.pending.popleft()
-                freed = len(old[0]) + len(old[1])
-                sub.pending_bytes -= freed
-                self.pending_total -= freed
+                data = len(old[0]) + len(old[1])
+                sub.pending_bytes -= data
+                sub.held -= data + QUEUED_OVERHEAD
+                self.held_total -= data + QUEUED_OVERHEAD
                 self._drop(sub, 1)
-            if size > opts.max_bytes or self.pending_total + size > total_cap:
+            if sub.held + cost > opts.max_bytes or self.held_total + cost > total_cap:
+                # Still no room (one message above the bound, or in-flight frames hold it):
+                # the newest goes.
                 self._drop(sub, 1)
                 return
         sub.pending.append((topic_b, payload, codec, flags))
         sub.pending_bytes += size
-        self.pending_total += size
+        sub.held += cost
+        self.held_total += cost
+
+    def _may_send(self, sub: Subscription, size: int, queued: int) -> bool:
+        """QoS 1: may the first queued message (``size`` payload + topic bytes, charged
+        ``queued`` while it waits) go in flight now? Within ``max_inflight``, and the frame
+        within the subscription's and the broker's byte bounds; always when nothing is in
+        flight (the message is charged already: moving it adds a few bytes, and refusing would
+        leave a subscription stuck while the broker is full)."""
+        if len(sub.inflight) >= self.limits.max_inflight:
+            return False
+        if not sub.inflight:
+            return True
+        more = size + _INFLIGHT_EXTRA - queued
+        return (
+            sub.held + more <= sub.options.max_bytes
+            and self.held_total + more <= self.limits.max_pending_total
+        )
 
     def _send(
         self, sub: Subscription, topic_b: bytes, payload: bytes, codec: int, flags: int
@@ -303,11 +412,20 @@ class Broker:
             did = next(self._ids) & 0xFFFFFFFF or next(self._ids)
             frame = encode_msg(did, sub.sid, topic_b, payload, codec, flags)
             sub.inflight[did] = (frame, self.clock() + self.limits.ack_wait, 1)
+            cost = len(frame) + INFLIGHT_OVERHEAD
+            sub.held += cost
+            self.held_total += cost
         else:
             frame = encode_msg(0, sub.sid, topic_b, payload, codec, flags)
         sub.peer.write_soon(frame)
         sub.delivered += 1
         self.counters["delivered"] += 1
+
+    def _settled(self, sub: Subscription, frame: bytes) -> None:
+        """An in-flight frame was acknowledged or given up: its bytes are free."""
+        cost = len(frame) + INFLIGHT_OVERHEAD
+        sub.held -= cost
+        self.held_total -= cost
 
     def _drop(self, sub: Subscription, n: int) -> None:
         sub.dropped += n
@@ -315,13 +433,17 @@ class Broker:
 
     def _disconnect_slow(self, sub: Subscription) -> None:
         peer = sub.peer
-        behind = len(sub.pending)
+        behind, unacked = len(sub.pending), len(sub.inflight)
+        held, total = sub.held, self.held_total
         self.counters["slow_consumers_disconnected"] += 1
         self._drop(sub, 1 + behind)
         self.peer_gone(peer)
         peer.close_slow(
             ErrorCode.SLOW_CONSUMER,
-            f"subscription {sub.sid} ({sub.pattern}) fell behind by {behind} messages",
+            f"subscription {sub.sid} ({sub.pattern}) fell behind by {behind} messages"
+            + (f" and {unacked} unacknowledged" if unacked else "")
+            + f" ({held} bytes held of its {sub.options.max_bytes}; {total} of the broker's"
+            f" {self.limits.max_pending_total} for all subscriptions)",
         )
 
     # ------------------------------------------------------------------ flow
@@ -333,19 +455,24 @@ class Broker:
 
     def _flush(self, sub: Subscription) -> None:
         peer = sub.peer
-        while (
-            sub.pending
-            and peer.writable()
-            and (sub.options.qos == 0 or len(sub.inflight) < self.limits.max_inflight)
-        ):
-            topic_b, payload, codec, flags = sub.pending.popleft()
-            sub.pending_bytes -= len(topic_b) + len(payload)
-            self.pending_total -= len(topic_b) + len(payload)
+        pending = sub.pending
+        qos = sub.options.qos
+        while pending and peer.writable():
+            topic_b, payload, codec, flags = pending[0]
+            data = len(topic_b) + len(payload)
+            if qos and not self._may_send(sub, data, data + QUEUED_OVERHEAD):
+                break
+            pending.popleft()
+            sub.pending_bytes -= data
+            sub.held -= data + QUEUED_OVERHEAD
+            self.held_total -= data + QUEUED_OVERHEAD
             self._send(sub, topic_b, payload, codec, flags)
 
     def ack(self, peer: Peer, delivery_id: int) -> None:
         for sub in self._peers.get(peer, {}).values():
-            if sub.inflight.pop(delivery_id, None) is not None:
+            entry = sub.inflight.pop(delivery_id, None)
+            if entry is not None:
+                self._settled(sub, entry[0])
                 if sub.pending:
                     self._flush(sub)
                 return
@@ -362,6 +489,7 @@ class Broker:
                         continue
                     if sends >= lim.max_deliveries:
                         del sub.inflight[did]
+                        self._settled(sub, frame)
                         sub.expired += 1
                         self.counters["expired"] += 1
                         continue
@@ -377,15 +505,25 @@ class Broker:
     # ------------------------------------------------------------------ stats
 
     def stats(self) -> dict[str, Any]:
+        """Counters since start, and what the broker holds now. ``pending_bytes`` is the
+        payload and topic bytes of queued messages; ``inflight_bytes`` the QoS 1 frames waiting
+        for an ACK, with their overhead; ``held_bytes`` both, as charged against
+        ``max_pending_total`` (queued messages with their overhead); ``retained_bytes`` the
+        retained store, as charged against ``max_retained_bytes``."""
         subs = [s for subs in self._peers.values() for s in subs.values()]
         return {
             **self.counters,
             "subscriptions": len(subs),
             "connections": len(self._peers),
             "retained": len(self.retained),
+            "retained_bytes": self.retained_bytes,
             "pending": sum(len(s.pending) for s in subs),
-            "pending_bytes": self.pending_total,
+            "pending_bytes": sum(s.pending_bytes for s in subs),
             "inflight": sum(len(s.inflight) for s in subs),
+            "inflight_bytes": sum(
+                len(f) + INFLIGHT_OVERHEAD for s in subs for f, _, _ in s.inflight.values()
+            ),
+            "held_bytes": self.held_total,
             "slow": [
                 {
                     "sid": s.sid,
@@ -393,6 +531,8 @@ class Broker:
                     "policy": s.options.policy,
                     "pending": len(s.pending),
                     "pending_bytes": s.pending_bytes,
+                    "inflight": len(s.inflight),
+                    "held_bytes": s.held,
                     "delivered": s.delivered,
                     "dropped": s.dropped,
                 }
