@@ -33,6 +33,7 @@ from sockstack.protocol import (
     Error,
     Frame,
     FrameDecoder,
+    HandshakeComplete,
     Hello,
     Pong,
     ProtocolViolation,
@@ -195,6 +196,7 @@ def _refused(name: str, role: Role, data: bytes, rid: int, code: int, message: s
 
 
 S, C = Role.SERVER, Role.CLIENT
+ID_0 = "REQUEST with request id 0: a request's id is non-zero"  # PROTOCOL.md §4
 BAD_UTF8 = b"\xff\xfe"
 
 TEXT_ARGS = ["é", {"k": ["v", b"b"]}, {1: "int key"}]  # str stays str, bytes bytes, int keys
@@ -267,6 +269,12 @@ SERVER_CASES = [
         Request(9, "blob", (b"\x00\xff",), {}, 0),
     ),
     _refused("unknown-codec", S, request(9, b"add", packb([]), codec=9), 9, 2004),
+    # PROTOCOL.md §4: a REQUEST's id is non-zero; id 0 gets ERROR DECODE_ERROR (id 0), on every
+    # path (the msgpack one is what every fast path would take but for its id).
+    _refused("request-id-0", S, request(0, b"add", packb([2, 3])), 0, 2003, ID_0),
+    _refused("request-id-0-json", S, request(0, b"add", b"[2,3]", codec=2), 0, 2003, ID_0),
+    _refused("request-id-0-kwargs", S, request(0, b"kw", packb([[4], {}]), 1), 0, 2003, ID_0),
+    _refused("request-id-0-raw", S, request(0, b"blob", b"\x00", codec=0), 0, 2003, ID_0),
     _fatal(
         "bad-magic",
         S,
@@ -411,7 +419,15 @@ BATCH_CASES = [
         "server-batch",
         [
             _by_name[n]
-            for n in ("request", "bad-utf8-method", "kwargs-flag", "pub", "json", "request")
+            for n in (
+                "request",
+                "bad-utf8-method",
+                "kwargs-flag",
+                "request-id-0",
+                "pub",
+                "json",
+                "request",
+            )
         ],
     ),
     _batch_case(
@@ -614,6 +630,143 @@ LARGE_PATHS = [
 @pytest.mark.parametrize("case", LARGE_CASES, ids=lambda c: c.name)
 def test_large_frames_on_every_path(case: Case, path: Path) -> None:
     test_session_paths_give_the_required_events(case, path)
+
+
+# ------------------------------------------------------------------------------ handshake
+# The first frames of a server session (PROTOCOL.md §5.1), through every split of the stream:
+# the HELLO's size is checked on its header, its extensions counted before they are decoded,
+# any version range holding 1 gets version 1, a tiny max_frame is refused, and anything but
+# HELLO first is refused from its header.
+
+DEFAULT_LIMIT = 1 << 20  # the server's frame limit in these cases (a HELLO may take 4,096)
+
+
+def hello_bytes(
+    lo: int = 1,
+    hi: int = 1,
+    max_frame: int = DEFAULT_LIMIT,
+    exts: tuple[tuple[int, bytes], ...] = (),
+    agent: bytes = b"",
+) -> bytes:
+    body = bytes([lo, hi]) + max_frame.to_bytes(4, "big")
+    body += b"".join(bytes([t]) + len(v).to_bytes(2, "big") + v for t, v in exts)
+    return encode_frame(MessageType.HELLO, 0, agent, body)
+
+
+def _welcomed(
+    name: str, data: bytes, hello: Hello, *after: Any, sent_after: tuple[Any, ...] = ()
+) -> Case:
+    events = [HandshakeComplete(1, hello.agent, hello.max_frame), hello, *after]
+    welcome = Welcome(1, (1, 2, 0), DEFAULT_LIMIT, "sockstack-py/1")
+    return Case(name, S, data, events, [welcome, *sent_after], max_frame=DEFAULT_LIMIT)
+
+
+_PAD = ((2, b"p" * 4000), (7, b""))  # 4,006 bytes of extensions
+_ID_0 = request(0, b"add", packb([2, 3]))
+HANDSHAKE_CASES = [
+    _welcomed("hello", hello_bytes(), Hello()),
+    _welcomed("hello-versions-0-255", hello_bytes(0, 255), Hello(0, 255)),
+    _welcomed("hello-versions-0-1", hello_bytes(0, 1), Hello(0, 1)),
+    _welcomed(
+        "hello-at-the-size-limit",  # 84 + 6 + 4,006 = 4,096 bytes of meta + body
+        hello_bytes(exts=_PAD, agent=b"a" * 84),
+        Hello(agent="a" * 84, extensions=_PAD),
+    ),
+    _welcomed(
+        "hello-16-extensions",
+        hello_bytes(exts=((9, b"x"),) * 16),
+        Hello(extensions=((9, b"x"),) * 16),
+    ),
+    _welcomed("hello-max-frame-512", hello_bytes(max_frame=512), Hello(max_frame=512)),
+    _welcomed(
+        "hello-then-request",
+        hello_bytes() + request(1, b"add", packb([2, 3])),
+        Hello(),
+        Request(1, "add", [2, 3], {}, 1),
+    ),
+    _welcomed(
+        "hello-then-request-id-0",
+        hello_bytes() + _ID_0,
+        Hello(),
+        *refused(S, 0, 2003, ID_0)[0],
+        sent_after=tuple(refused(S, 0, 2003, ID_0)[1]),
+    ),
+    _fatal(
+        "hello-one-byte-over-the-size-limit",
+        S,
+        hello_bytes(exts=_PAD, agent=b"a" * 85),
+        fatal(ErrorCode.FRAME_TOO_LARGE, "HELLO of 4097 bytes exceeds the limit of 4096 bytes"),
+        max_frame=DEFAULT_LIMIT,
+    ),
+    _fatal(
+        "hello-of-30000-extensions",  # the attack of issue 10, scaled down
+        S,
+        hello_bytes(exts=((2, b""),) * 30_000),
+        fatal(ErrorCode.FRAME_TOO_LARGE, "HELLO of 90006 bytes exceeds the limit of 4096 bytes"),
+        max_frame=DEFAULT_LIMIT,
+    ),
+    _fatal(
+        "hello-17-extensions",
+        S,
+        hello_bytes(exts=((9, b"x"),) * 17),
+        fatal(ErrorCode.FRAME_TOO_LARGE, "HELLO carries more than 16 extensions"),
+        max_frame=DEFAULT_LIMIT,
+    ),
+    *(
+        _fatal(
+            f"hello-max-frame-{n}",
+            S,
+            hello_bytes(max_frame=n),
+            fatal(
+                ErrorCode.PROTOCOL_ERROR,
+                f"HELLO announces max_frame {n}, below the minimum of 512 bytes",
+            ),
+            max_frame=DEFAULT_LIMIT,
+        )
+        for n in (0, 1, 16, 511)
+    ),
+    _fatal(
+        "hello-empty-version-range",
+        S,
+        hello_bytes(2, 1),
+        fatal(ErrorCode.UNSUPPORTED_VERSION, "HELLO version range 2..1 is empty"),
+        max_frame=DEFAULT_LIMIT,
+    ),
+    _fatal(
+        "hello-versions-without-1",
+        S,
+        hello_bytes(2, 255),
+        fatal(ErrorCode.UNSUPPORTED_VERSION, "client speaks versions 2..255, server 1..1"),
+        max_frame=DEFAULT_LIMIT,
+    ),
+    _fatal(
+        "request-first",
+        S,
+        request(1, b"add", args_of_size(2000)),
+        fatal(ErrorCode.PROTOCOL_ERROR, "expected HELLO, got REQUEST"),
+        max_frame=DEFAULT_LIMIT,
+    ),
+    _fatal(
+        "unknown-type-first",
+        S,
+        encode_frame(0x55, 1, b"", b"?"),
+        fatal(ErrorCode.PROTOCOL_ERROR, "expected HELLO, got type 0x55"),
+        max_frame=DEFAULT_LIMIT,
+    ),
+]
+HANDSHAKE_PATHS = [p for p in STREAM_PATHS if not p.behind_ping]  # a PING first is refused
+
+
+@pytest.mark.parametrize("path", HANDSHAKE_PATHS, ids=lambda p: p.name)
+@pytest.mark.parametrize("case", HANDSHAKE_CASES, ids=lambda c: c.name)
+def test_handshake_paths_give_the_required_events(case: Case, path: Path) -> None:
+    conn = Connection(Role.SERVER, max_frame=case.max_frame, keepalive_interval=None)
+    assert path.feed(conn, case.data) == case.events
+    assert sent_frames(conn, path) == case.sent
+    assert conn.state is (State.CLOSED if case.closed else State.OPEN)
+    assert conn.buffered == 0
+    if not case.closed:
+        assert path.feed(conn, request(99, b"add", packb([1]))) == [Request(99, "add", [1], {}, 1)]
 
 
 # ------------------------------------------------------------------------------ stream senders
@@ -823,11 +976,34 @@ DATAGRAM_CASES = [
         [Request(1, "échø", TEXT_ARGS, {}, 1)],
     ),
     _dgram_refusal("request-id-0-bad-body", request(0, b"add", b"\xc1"), 0, 2003),
+    _dgram_refusal("request-id-0", request(0, b"add", packb([2, 3])), 0, 2003, ID_0),
+    _dgram_refusal("request-id-0-json", request(0, b"add", b"[2,3]", codec=2), 0, 2003, ID_0),
     DCase(
         "hello",
         encode_hello(Hello()),
         [],
         [encode_welcome(Welcome(1, (1, 2, 0), MAX_DATAGRAM, "sockstack-py/1"))],
+    ),
+    DCase(  # PROTOCOL.md §5.1: any range holding 1 gets version 1
+        "hello-versions-0-255",
+        hello_bytes(0, 255),
+        [],
+        [encode_welcome(Welcome(1, (1, 2, 0), MAX_DATAGRAM, "sockstack-py/1"))],
+    ),
+    _dgram_refusal(
+        "hello-17-extensions",
+        hello_bytes(exts=((9, b"x"),) * 17),
+        0,
+        ErrorCode.FRAME_TOO_LARGE,
+        "HELLO carries more than 16 extensions",
+    ),
+    _dgram_refusal(
+        "hello-over-its-size-limit",
+        hello_bytes(exts=((9, b"x" * 4088),)),
+        0,
+        ErrorCode.FRAME_TOO_LARGE,
+        "HELLO of 4097 bytes exceeds the limit of 4096 bytes",
+        max_datagram=65507,
     ),
     DCase("ping", encode_ping(6, b"t"), [], [encode_pong(6, b"t")]),
     DCase(

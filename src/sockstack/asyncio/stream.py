@@ -30,6 +30,7 @@ from sockstack.protocol.connection import (
 )
 from sockstack.protocol.events import Event, Role
 from sockstack.protocol.frames import DEFAULT_MAX_FRAME
+from sockstack.protocol.messages import MIN_MAX_FRAME
 from sockstack.transport.ratelog import RateLimitedLog
 from sockstack.transport.urls import format_peer
 
@@ -59,6 +60,12 @@ class StreamLimits:
     """Seconds a frame may take to arrive once its first byte has: a peer trickling a large
     frame a byte at a time holds its buffer at most this long (CLOSE FRAME_TIMEOUT). None: no
     bound."""
+
+    def __post_init__(self) -> None:
+        if self.max_frame < MIN_MAX_FRAME:  # refused here, not on every connection
+            raise ValueError(
+                f"max_frame {self.max_frame} is below the protocol's minimum of {MIN_MAX_FRAME}"
+            )
 
 
 class _PlainLog:

@@ -58,17 +58,26 @@ _ERROR = int(MessageType.ERROR)
 
 
 def token_extension(secret: bytes) -> tuple[int, bytes]:
-    """The HELLO extension that carries ``secret``."""
+    """The HELLO extension that carries ``secret``. A HELLO is at most 4,096 bytes
+    (docs/PROTOCOL.md §5.1): a longer secret is refused by the server (CLOSE FRAME_TOO_LARGE)."""
     return (EXT_TOKEN, secret)
 
 
 def token_checker(secret: bytes) -> Callable[[Hello], bool]:
     """A HELLO check for :class:`~sockstack.protocol.connection.Connection`'s ``authenticate``:
-    True when the HELLO carries exactly ``secret`` (compared in constant time)."""
+    True when the HELLO carries exactly one token extension, equal to ``secret``.
+
+    The session calls it first, before versions and limits are looked at; what it reads is
+    bounded by the HELLO's limits (4,096 bytes, 16 extensions, checked before decoding). Both
+    sides are hashed to 32 bytes and compared with ``hmac.compare_digest``, so the time taken
+    depends neither on where the tokens differ nor on the secret's length."""
+    want = hashlib.sha256(secret).digest()
 
     def check(hello: Hello) -> bool:
-        given = next((v for t, v in hello.extensions if t == EXT_TOKEN), None)
-        return given is not None and hmac.compare_digest(given, secret)
+        tokens = [v for t, v in hello.extensions if t == EXT_TOKEN]
+        given = hashlib.sha256(tokens[0] if tokens else b"").digest()
+        ok = hmac.compare_digest(given, want)  # computed even without a token: same work
+        return ok and len(tokens) == 1
 
     return check
 

@@ -67,6 +67,8 @@ from sockstack.protocol.frames import (
 from sockstack.protocol.messages import (
     CORE_MESSAGES,
     FLAG_KWARGS,
+    MAX_HELLO_SIZE,
+    MIN_MAX_FRAME,
     encode_close,
     encode_error,
     encode_hello,
@@ -75,6 +77,7 @@ from sockstack.protocol.messages import (
     encode_request,
     encode_response,
     encode_welcome,
+    hello_too_large,
 )
 from sockstack.protocol.registry import Registry
 
@@ -113,6 +116,15 @@ _METHOD_BYTES: dict[str, bytes] = {}
 _pack_header = pack_header
 _unpack_header = read_header
 _CORE_REGISTRY = Registry([CORE_MESSAGES], frozen=True)
+
+
+def _cut(text: str, size: int) -> str:
+    """``text`` cut to at most ``size`` bytes of UTF-8 (never inside a character)."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= size:
+        return text
+    return data[: max(size, 0)].decode("utf-8", "ignore")
+
 
 # The session's transitions, as data. Each entry: (state, message type) -> what happens. In OPEN
 # and CLOSING every other type the peer's role may send is delivered to the adapter as an event;
@@ -166,6 +178,10 @@ class Connection:
         authenticate: Callable[[Hello], bool] | None = None,
         registry: Registry | None = None,
     ) -> None:
+        if max_frame < MIN_MAX_FRAME:
+            raise ValueError(
+                f"max_frame {max_frame} is below the protocol's minimum of {MIN_MAX_FRAME} bytes"
+            )
         self.role = role
         # The message types this session decodes: the core's, plus those of the patterns the
         # host (or client) registered. Shared, so a pattern added later is seen here too.
@@ -192,6 +208,9 @@ class Connection:
         self.close_reason = ""
         self.version = PROTOCOL_VERSION
         self.peer_max_frame = DEFAULT_MAX_FRAME
+        # Server: the first frame's header is checked as soon as it has arrived (before its body
+        # is buffered): a HELLO is small (MAX_HELLO_SIZE), and nothing else may come first.
+        self._first_header = role is Role.SERVER
         if role is Role.CLIENT:
             self.state = State.HELLO_SENT
             hello = Hello(*SUPPORTED_VERSIONS, max_frame, agent, tuple(hello_extensions))
@@ -349,10 +368,25 @@ class Connection:
         return data
 
     def send_error(self, request_id: int, code: int, type: str = "", message: str = "") -> bool:
+        """Queue an ERROR; its texts are cut if the whole would exceed the peer's limit."""
         if not self._check_can_send():
             return False
-        self._out.append(encode_error(request_id, code, type, message))
+        self._out.append(self._error_frame(request_id, code, type, message))
         return True
+
+    def _error_frame(self, request_id: int, code: int, type: str, message: str) -> bytes:
+        data = encode_error(request_id, code, type, message)
+        if len(data) - HEADER_SIZE <= self.peer_max_frame:
+            return data
+        type_ = _cut(type, 128)  # peer_max_frame >= MIN_MAX_FRAME: the code always fits
+        room = self.peer_max_frame - 2 - len(type_.encode("utf-8", "replace"))
+        return encode_error(request_id, code, type_, _cut(message, room))
+
+    def _close_frame(self, code: int, reason: str) -> bytes:
+        data = encode_close(code, reason)
+        if len(data) - HEADER_SIZE <= self.peer_max_frame:
+            return data
+        return encode_close(code, _cut(reason, self.peer_max_frame - 2))
 
     def send_message(self, frame: bytes) -> None:
         """Queue an already-encoded frame of an extension type (e.g. SUB, PUB, ACK from
@@ -371,7 +405,7 @@ class Connection:
         """Start an orderly close; the session ends when the peer's CLOSE arrives (or EOF)."""
         if self.state in (State.CLOSING, State.CLOSED):
             return
-        self._out.append(encode_close(code, reason))
+        self._out.append(self._close_frame(code, reason))
         self.close_code, self.close_reason = code, reason
         self.state = State.CLOSING
 
@@ -379,7 +413,7 @@ class Connection:
         """Close at once because the peer broke the protocol (no CLOSE reply is awaited)."""
         events.append(ProtocolViolation(code, message, 0, fatal=True))
         if self.state is not State.CLOSED:
-            self._out.append(encode_close(code, message))
+            self._out.append(self._close_frame(code, message))
             self.close_code, self.close_reason = code, message
             self.state = State.CLOSED
             events.append(ConnectionTerminated(code, message, by_peer=False))
@@ -433,7 +467,7 @@ class Connection:
                 events.append(ev)
                 pos = end
                 continue
-            if codec != 1 or flags:
+            if codec != 1 or flags or not rid:  # request id 0: the general path refuses it
                 break
             try:
                 value = _unpackb(
@@ -461,6 +495,10 @@ class Connection:
             return []
         self._activity = True
         events: list[Event] = []
+        if self._first_header:
+            data = self._check_first_header(data, events)
+            if self.state is _CLOSED:
+                return events
         try:
             frames = self._decoder.feed(data)
         except RemoteProtocolError as exc:
@@ -478,7 +516,7 @@ class Connection:
             # Fast path for the bulk of the traffic: a msgpack REQUEST (server) or RESPONSE
             # (client) on an open session. Anything unusual falls through to the general path,
             # which decodes again and reports the exact error.
-            if t == fast and frame.codec == 1 and self.state is State.OPEN:
+            if t == fast and frame.codec == 1 and frame.request_id and self.state is State.OPEN:
                 try:
                     value = _unpackb(
                         frame.body, raw=False, strict_map_key=False, ext_hook=refuse_ext
@@ -502,7 +540,7 @@ class Connection:
                 msg = f"unknown message type 0x{t:02x}"
                 events.append(ProtocolViolation(ErrorCode.UNKNOWN_TYPE, msg, frame.request_id))
                 self._out.append(
-                    encode_error(frame.request_id, ErrorCode.UNKNOWN_TYPE, "UNKNOWN_TYPE", msg)
+                    self._error_frame(frame.request_id, ErrorCode.UNKNOWN_TYPE, "UNKNOWN_TYPE", msg)
                 )
                 continue
             if peer not in spec.sent_by:
@@ -523,7 +561,7 @@ class Connection:
                         )
                     elif self.state is State.OPEN:
                         self._out.append(
-                            encode_error(
+                            self._error_frame(
                                 frame.request_id, exc.code, ErrorCode(exc.code).name, exc.message
                             )
                         )
@@ -535,6 +573,40 @@ class Connection:
         if error is not None and not self._is_closed():
             self._fail(error.code, error.message, events)
         return events
+
+    def _check_first_header(self, data: bytes, events: list[Event]) -> bytes:
+        """Server, awaiting HELLO: check the first frame's header as soon as it is whole, before
+        any of its body is buffered. A HELLO (or CLOSE) above MAX_HELLO_SIZE, and any other type
+        (PROTOCOL.md §5.1: HELLO or CLOSE first), end the session from the header alone. Returns
+        the bytes to decode: ``data`` behind the few header bytes held from earlier reads."""
+        tail = self._decoder.take_partial()  # < 16 bytes: the header was incomplete until now
+        if tail:
+            data = tail + data
+        if len(data) < HEADER_SIZE:
+            return data
+        self._first_header = False
+        magic, version, t, _, _, meta_len, _, body_len = _unpack_header(data)
+        if magic != MAGIC or version != PROTOCOL_VERSION:
+            return data  # the decoder refuses it, saying why
+        size = meta_len + body_len
+        if t == _HELLO_T:
+            if size > MAX_HELLO_SIZE:
+                exc = hello_too_large(size)
+                self._fail(exc.code, exc.message, events)
+            return data
+        if t == _CLOSE_T:
+            if size > MAX_HELLO_SIZE:
+                self._fail(
+                    ErrorCode.FRAME_TOO_LARGE,
+                    f"CLOSE of {size} bytes before HELLO exceeds the limit of {MAX_HELLO_SIZE} "
+                    "bytes",
+                    events,
+                )
+            return data
+        spec = self.registry.specs.get(t)
+        name = spec.name if spec is not None else f"type 0x{t:02x}"
+        self._fail(ErrorCode.PROTOCOL_ERROR, f"expected HELLO, got {name}", events)
+        return data
 
     def _transition(self, t: int, name: str, msg: Message, events: list[Event]) -> bool:
         """Apply :data:`TRANSITIONS` to one decoded message; False when the session ended."""
@@ -589,6 +661,7 @@ class Connection:
             or version != PROTOCOL_VERSION
             or meta_len > self._decoder.max_meta
             or n > self._fast_limit
+            or not rid  # request id 0: the general path refuses it
         ):
             return None
         try:
@@ -611,7 +684,20 @@ class Connection:
         return self.state is State.CLOSED
 
     def _on_hello(self, hello: Hello, events: list[Event]) -> None:
+        # The secret first: a peer without it learns nothing else (not even which versions or
+        # limits this server accepts). The HELLO it sent is bounded already (MAX_HELLO_SIZE
+        # checked on the header, at most MAX_HELLO_EXTENSIONS extensions decoded).
+        if self._authenticate is not None and not self._authenticate(hello):
+            self._fail(ErrorCode.AUTH_FAILED, "missing or wrong credentials", events)
+            return
         lo, hi = SUPPORTED_VERSIONS
+        if hello.min_version > hello.max_version:
+            self._fail(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"HELLO version range {hello.min_version}..{hello.max_version} is empty",
+                events,
+            )
+            return
         if hello.max_version < lo or hello.min_version > hi:
             self._fail(
                 ErrorCode.UNSUPPORTED_VERSION,
@@ -620,8 +706,13 @@ class Connection:
                 events,
             )
             return
-        if self._authenticate is not None and not self._authenticate(hello):
-            self._fail(ErrorCode.AUTH_FAILED, "missing or wrong credentials", events)
+        if hello.max_frame < MIN_MAX_FRAME:
+            self._fail(
+                ErrorCode.PROTOCOL_ERROR,
+                f"HELLO announces max_frame {hello.max_frame}, below the minimum of "
+                f"{MIN_MAX_FRAME} bytes",
+                events,
+            )
             return
         self.version = min(hello.max_version, hi)
         self.peer_max_frame = hello.max_frame
@@ -633,6 +724,22 @@ class Connection:
         events.append(hello)  # extensions (e.g. credentials) are the application's to read
 
     def _on_welcome(self, welcome: Welcome, events: list[Event]) -> None:
+        lo, hi = SUPPORTED_VERSIONS
+        if not lo <= welcome.version <= hi:
+            self._fail(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"server chose version {welcome.version}, client speaks {lo}..{hi}",
+                events,
+            )
+            return
+        if welcome.max_frame < MIN_MAX_FRAME:
+            self._fail(
+                ErrorCode.PROTOCOL_ERROR,
+                f"WELCOME announces max_frame {welcome.max_frame}, below the minimum of "
+                f"{MIN_MAX_FRAME} bytes",
+                events,
+            )
+            return
         self.version = welcome.version
         self.peer_max_frame = welcome.max_frame
         self._open()

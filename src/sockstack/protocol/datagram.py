@@ -403,6 +403,7 @@ class DatagramServer:
                 t == _REQUEST
                 and codec == 1
                 and not flags
+                and rid  # request id 0: the general path refuses it
                 and magic == MAGIC
                 and version == PROTOCOL_VERSION
                 and HEADER_SIZE + meta_len + body_len == len(data)

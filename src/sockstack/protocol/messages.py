@@ -37,6 +37,9 @@ from sockstack.protocol.registry import BOTH, MessageSet, MessageSpec, Registry
 __all__ = [
     "CORE_MESSAGES",
     "FLAG_KWARGS",
+    "MAX_HELLO_EXTENSIONS",
+    "MAX_HELLO_SIZE",
+    "MIN_MAX_FRAME",
     "Close",
     "Error",
     "Hello",
@@ -56,6 +59,7 @@ __all__ = [
     "encode_request",
     "encode_response",
     "encode_welcome",
+    "hello_too_large",
     "request_codec",
 ]
 
@@ -68,6 +72,18 @@ _HELLO = struct.Struct(">BBI")
 _WELCOME = struct.Struct(">BI")
 _EXT = struct.Struct(">BH")
 MAX_PING_PAYLOAD = 125  # PING/PONG payloads are for correlation and timing, not data
+
+# Handshake limits (docs/PROTOCOL.md §5.1), the same on every server: a HELLO is read before the
+# peer is authenticated, so what it may cost is bounded before any of it is parsed.
+MAX_HELLO_SIZE = 4096
+"""Largest HELLO (meta + body), in bytes: refused from its header, before its body is read. As
+NATS' 4 KiB control line; a HELLO needs 6 bytes, an agent name and a secret."""
+MAX_HELLO_EXTENSIONS = 16
+"""Most extensions a HELLO or WELCOME may carry (one type is defined today: the secret)."""
+MIN_MAX_FRAME = 512
+"""Smallest ``max_frame`` a side may announce. Every control frame fits in it (a PONG carries at
+most 125 bytes; ERROR and CLOSE texts are cut to the peer's limit), so the rule "never send above
+the peer's limit" can always be kept; a HELLO or WELCOME announcing less ends the session."""
 
 
 # --------------------------------------------------------------------------- encoding
@@ -88,9 +104,10 @@ def encode_hello(hello: Hello) -> bytes:
     body = _HELLO.pack(hello.min_version, hello.max_version, hello.max_frame) + _encode_extensions(
         hello.extensions
     )
-    # Sent with the lowest version it speaks in the header, so an older server can read it.
+    # Sent with the lowest version it speaks in the header, so an older server can read it
+    # (there is no version 0: a range from 0 starts at 1).
     return encode_frame(
-        MessageType.HELLO, 0, _utf8(hello.agent, "agent"), body, version=hello.min_version
+        MessageType.HELLO, 0, _utf8(hello.agent, "agent"), body, version=max(hello.min_version, 1)
     )
 
 
@@ -165,10 +182,15 @@ def _text(data: bytes, what: str, code: int = ErrorCode.PROTOCOL_ERROR) -> str:
         raise RemoteProtocolError(f"{what} is not valid UTF-8", code) from None
 
 
-def _decode_extensions(data: bytes) -> tuple[tuple[int, bytes], ...]:
-    out = []
+def _decode_extensions(data: bytes, what: str) -> tuple[tuple[int, bytes], ...]:
+    out: list[tuple[int, bytes]] = []
     pos = 0
     while pos < len(data):
+        if len(out) == MAX_HELLO_EXTENSIONS:  # refused before the next one is even read
+            raise RemoteProtocolError(
+                f"{what} carries more than {MAX_HELLO_EXTENSIONS} extensions",
+                ErrorCode.FRAME_TOO_LARGE,
+            )
         if len(data) - pos < _EXT.size:
             raise RemoteProtocolError("truncated extension header")
         ext_type, ext_len = _EXT.unpack_from(data, pos)
@@ -180,14 +202,30 @@ def _decode_extensions(data: bytes) -> tuple[tuple[int, bytes], ...]:
     return tuple(out)
 
 
+def hello_too_large(size: int) -> RemoteProtocolError:
+    """The refusal of a HELLO of ``size`` bytes (meta + body) above :data:`MAX_HELLO_SIZE`."""
+    return RemoteProtocolError(
+        f"HELLO of {size} bytes exceeds the limit of {MAX_HELLO_SIZE} bytes",
+        ErrorCode.FRAME_TOO_LARGE,
+    )
+
+
 def _decode_hello(f: Frame) -> Hello:
+    # Bounded before anything is parsed (a stream session checks the size from the header
+    # already; a datagram is checked here): at most MAX_HELLO_SIZE bytes and
+    # MAX_HELLO_EXTENSIONS extensions are ever looked at before the secret is checked.
+    size = len(f.meta) + len(f.body)
+    if size > MAX_HELLO_SIZE:
+        raise hello_too_large(size)
     if len(f.body) < _HELLO.size:
         raise RemoteProtocolError(f"HELLO body shorter than {_HELLO.size} bytes")
-    lo, hi, max_frame = _HELLO.unpack_from(f.body)
-    if lo > hi or lo == 0:
-        raise RemoteProtocolError(f"HELLO version range {lo}..{hi} is empty")
+    lo, hi, max_frame = _HELLO.unpack_from(f.body)  # versions and limits: the session's to check
     return Hello(
-        lo, hi, max_frame, _text(f.meta, "agent"), _decode_extensions(f.body[_HELLO.size :])
+        lo,
+        hi,
+        max_frame,
+        _text(f.meta, "agent"),
+        _decode_extensions(f.body[_HELLO.size :], "HELLO"),
     )
 
 
@@ -198,7 +236,7 @@ def _decode_welcome(f: Frame) -> Welcome:
     n = body[1]
     codecs = tuple(body[2 : 2 + n])
     (max_frame,) = struct.unpack_from(">I", body, 2 + n)
-    exts = _decode_extensions(body[6 + n :])
+    exts = _decode_extensions(body[6 + n :], "WELCOME")
     return Welcome(body[0], codecs, max_frame, _text(f.meta, "agent"), exts)
 
 
@@ -210,6 +248,10 @@ def request_codec(f: Frame) -> Codec:
 
 
 def _decode_request(f: Frame) -> Request:
+    if not f.request_id:  # 0 names no request: its answer could not be matched to a call
+        raise RemoteProtocolError(
+            "REQUEST with request id 0: a request's id is non-zero", ErrorCode.DECODE_ERROR
+        )
     codec = request_codec(f)
     method = _text(f.meta, "method name", ErrorCode.DECODE_ERROR)
     if not codec.structured:

@@ -41,6 +41,7 @@ from sockstack.protocol.events import (
     Role,
 )
 from sockstack.protocol.frames import DEFAULT_MAX_FRAME, HEADER_SIZE, declared_size
+from sockstack.protocol.messages import MIN_MAX_FRAME
 from sockstack.transport.settings import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, ClientSettings
 from sockstack.transport.tls import tls_reason
 from sockstack.transport.urls import Endpoint
@@ -640,6 +641,10 @@ class Client(ClientSettings):
             tls=tls,
             secret=secret,
         )
+        if max_frame < MIN_MAX_FRAME:
+            raise ValueError(
+                f"max_frame {max_frame} is below the protocol's minimum of {MIN_MAX_FRAME}"
+            )
         self.max_frame = max_frame
         self.lock = threading.Lock()
         """One call at a time: held while a call (or a pattern's exchange) uses the socket."""
