@@ -27,6 +27,7 @@ import os
 import socket
 import ssl
 import time
+import weakref
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Self
 
@@ -51,7 +52,7 @@ from sockstack.protocol.events import (
     Role,
 )
 from sockstack.transport.settings import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, ClientSettings
-from sockstack.transport.tls import tls_reason
+from sockstack.transport.tls import handshake_failure, handshake_lost, tls_reason
 from sockstack.transport.urls import Endpoint
 
 __all__ = [
@@ -91,9 +92,10 @@ def _settle(call: PendingCall[Waiter] | None, ev: Response | Error | Pong) -> No
 class _TCPStream(StreamProtocol):
     role = Role.CLIENT
 
-    def __init__(self, channel: StreamChannel) -> None:
+    def __init__(self, channel: StreamChannel, ep: Endpoint) -> None:
         super().__init__(channel.limits)
         self.channel = channel
+        self.ep = ep
         self.welcome: asyncio.Future[None] = self.loop.create_future()
         self.terminated: ConnectionTerminated | None = None
 
@@ -200,7 +202,7 @@ class StreamChannel:
             async with asyncio.timeout(timeout):
                 tls = self.client.tls if ep.scheme == "tls" else None
                 _, stream = await self.loop.create_connection(
-                    lambda: _TCPStream(self),
+                    lambda: _TCPStream(self, ep),
                     ep.host,
                     ep.port,
                     ssl=tls,
@@ -213,14 +215,33 @@ class StreamChannel:
             raise ConnectError(f"{ep}: no connection and handshake within {timeout:g} s") from None
         except ssl.SSLError as exc:  # before OSError: its errno means nothing here
             raise ConnectError(f"{ep}: TLS: {tls_reason(exc)}") from None
+        except ConnectError as exc:  # (an OSError too) ended before WELCOME: refused, no cert...
+            raise ConnectError(f"{ep}: {exc}") from None
+        except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as exc:
+            if ep.scheme == "tls":  # during the TLS handshake, without an alert
+                raise ConnectError(f"{ep}: {handshake_lost(exc)}") from None
+            raise ConnectError(f"{ep}: {_os_error(exc)}") from None
         except OSError as exc:
             raise ConnectError(f"{ep}: {_os_error(exc)}") from None
-        except ConnectionLost as exc:  # closed during the handshake (version, auth...)
-            raise ConnectError(f"{ep}: {exc}") from None
         return stream
 
     def _on_lost(self, stream: _TCPStream, exc: Exception | None) -> None:
         term = stream.terminated
+        if not stream.welcome.done():
+            # Ended before WELCOME: no call went out on this connection (calls wait for
+            # connect_once to finish), so this is a ConnectError saying what is likely wrong.
+            tls = stream.ep.scheme == "tls"
+            if isinstance(exc, ssl.SSLError):  # e.g. an alert after the handshake (TLS 1.3)
+                why = f"TLS: {tls_reason(exc)}"
+            elif term is not None and term.code is not None:
+                why = handshake_failure(term.code, term.reason, term.by_peer, tls=tls)
+            else:
+                why = handshake_failure(None, "", True, tls=tls)
+                if exc is not None:
+                    why += f" ({exc})"
+            stream.welcome.set_exception(ConnectError(why))
+            stream.welcome.exception()  # retrieved: connect_once reports it
+            return
         if term is not None and term.code is not None and term.by_peer:
             error: ConnectionLost = ConnectionClosed(term.code, term.reason)
         elif term is not None and term.code is not None:
@@ -233,9 +254,6 @@ class StreamChannel:
             error = ConnectionLost(
                 f"{self.ep}: connection lost{detail}; calls in flight may or may not have run"
             )
-        if not stream.welcome.done():
-            stream.welcome.set_exception(error)
-            stream.welcome.exception()  # retrieved: connect_once reports it
         if stream is not self.stream:
             return
         self.stream = None
@@ -276,8 +294,11 @@ class StreamChannel:
                     if stream is not None:  # closing: wait until it is gone, then reconnect
                         await asyncio.shield(stream.closed)
                         continue
-                    if not self.client.reconnect:
-                        raise ConnectionLost(self.last_error or f"{self.ep}: not connected")
+                    if not self.client.reconnect:  # this call was not sent: it did not run
+                        raise ConnectError(
+                            f"{self.ep}: not connected (the connection ended and reconnect is "
+                            "off); the call was not sent"
+                        )
                     await self.connected.wait()
         except TimeoutError:
             raise CallTimeout(method, timeout, f"not connected: {self.last_error}") from None
@@ -548,6 +569,63 @@ class DatagramChannel:
         self.endpoint = None
 
 
+def _forked_error(pid: int) -> ConnectError:
+    """What a forked child's copy of a client connected in process ``pid`` raises."""
+    return ConnectError(
+        f"this client was connected in process {pid}, and an event loop and its connections "
+        "do not survive os.fork(): call `await client.connect()` in this process (inside its "
+        "own event loop) to connect anew, or create a new AsyncClient"
+    )
+
+
+def _release(transport: asyncio.BaseTransport | None) -> None:
+    """In a forked child: this process's copy of the transport's socket is pointed at
+    /dev/null, so the child no longer holds the parent's connection open, and nothing the
+    inherited loop might still run (a queued write, a keepalive) reaches the parent's peer.
+    The descriptor number stays valid, so no later close can hit an unrelated file."""
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    fd = sock.fileno() if sock is not None else -1
+    if fd < 0:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(null, fd, inheritable=False)
+    finally:
+        os.close(null)
+
+
+def _orphan(channel: StreamChannel | DatagramChannel) -> None:
+    """In a forked child: make the parent's channel inert there (no reconnect, no timer, no
+    socket of the parent's), without sending anything."""
+    if isinstance(channel, StreamChannel):
+        channel.closed = True  # no reconnect from this process
+        channel._timer.close()
+        stream = channel.stream
+        _release(stream.transport if stream is not None else None)
+    else:
+        channel._timer.close()  # no retransmission of the parent's calls from here
+        endpoint = channel.endpoint
+        _release(endpoint.transport if endpoint is not None else None)
+
+
+_connected: weakref.WeakSet[AsyncClient] = weakref.WeakSet()
+"""Every client of this process connected at least once: a forked child disowns their
+channels."""
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_connected):
+        try:
+            client._after_fork()
+        except Exception:  # a hook must not raise; that client's calls still refuse
+            pass
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class AsyncClient(ClientSettings):
     """An asyncio client for ``tcp://host:port`` or ``udp://host:port``.
 
@@ -591,9 +669,14 @@ class AsyncClient(ClientSettings):
         self.reconnect = reconnect
         self.stream_limits = stream_limits or StreamLimits()
         self._channel: StreamChannel | DatagramChannel | None = None
+        self._pid = os.getpid()
+        self._forked_from = 0
+        """In a forked child: the pid of the process this client was connected in (its
+        channel stays there: ``_channel`` is None here until :meth:`connect`)."""
 
     async def connect(self) -> Self:
-        """Connect (TCP: and complete the handshake). Raises :class:`ConnectError`."""
+        """Connect (TCP: and complete the handshake). Raises :class:`ConnectError`. In a
+        forked child, connects anew a client that was connected in the parent."""
         if self._channel is None:
             channel: StreamChannel | DatagramChannel
             if self.endpoint.scheme == "udp":
@@ -602,7 +685,24 @@ class AsyncClient(ClientSettings):
                 channel = StreamChannel(self.endpoints, self)
             await channel.connect_once(self.connect_timeout)
             self._channel = channel
+            self._pid = os.getpid()
+            self._forked_from = 0
+            _connected.add(self)
         return self
+
+    def _after_fork(self) -> None:
+        """In a forked child: refuse to use the parent's channel (see the module's notes)."""
+        channel = self._channel
+        if channel is None:
+            return
+        self._channel = None
+        self._forked_from = self._pid
+        _orphan(channel)
+
+    def _not_connected(self, detail: str = ": use `async with` or connect()") -> ConnectError:
+        if self._forked_from:
+            return _forked_error(self._forked_from)
+        return ConnectError(f"client is not connected{detail}")
 
     def call(
         self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any
@@ -624,7 +724,7 @@ class AsyncClient(ClientSettings):
         """Like :meth:`call`, with the arguments as a sequence and a mapping."""
         channel = self._channel
         if channel is None:
-            return _fail(ConnectError("client is not connected: use `async with` or connect()"))
+            return _fail(self._not_connected())
         return channel.call(
             method,
             args if type(args) is tuple else tuple(args),
@@ -637,20 +737,21 @@ class AsyncClient(ClientSettings):
         """The TCP/TLS channel, for patterns that need a connection (ConnectError if none)."""
         channel = self._channel
         if channel is None:
-            raise ConnectError("client is not connected: use `async with` or connect()")
+            raise self._not_connected()
         if not isinstance(channel, StreamChannel):
             raise ConnectError(f"{what} needs a tcp:// or tls:// URL")
         return channel
 
     @property
     def channel(self) -> StreamChannel | DatagramChannel | None:
-        """The connected channel (None before :meth:`connect`)."""
+        """The connected channel (None before :meth:`connect`, and in a forked child until
+        :meth:`connect`)."""
         return self._channel
 
     async def ping(self, timeout: float | None = None) -> float:
         """Round-trip time of one PING/PONG, in seconds."""
         if self._channel is None:
-            raise ConnectError("client is not connected")
+            raise self._not_connected("")
         return await self._channel.ping(self.timeout if timeout is None else timeout)
 
     async def close(self) -> None:

@@ -7,17 +7,26 @@ One call at a time per client (a lock makes it safe to share between threads). T
 connection fails the call in flight with :class:`ConnectionLost`, and the next call reconnects
 (with backoff, within its own timeout). UDP: retransmission with the same request id until the
 call's timeout; the server runs a retried call once.
+
+After ``os.fork()`` a client is safe to use in both processes: the child's copy lets go of the
+parent's connection (its copy of the socket is closed, nothing is sent on it, so the parent's
+session stays open) and its next call connects afresh; over UDP the child gets a new socket (a
+new source port) and new random request ids, so the server's reply cache never answers one
+process with the other's results. This happens in an ``os.register_at_fork`` hook: the calls
+themselves check nothing.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import select
 import socket
 import ssl
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Self
 
@@ -43,7 +52,7 @@ from sockstack.protocol.events import (
 from sockstack.protocol.frames import DEFAULT_MAX_FRAME, HEADER_SIZE, declared_size
 from sockstack.protocol.messages import MIN_MAX_FRAME
 from sockstack.transport.settings import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, ClientSettings
-from sockstack.transport.tls import tls_reason
+from sockstack.transport.tls import handshake_failure, handshake_lost, tls_reason
 from sockstack.transport.urls import Endpoint
 
 __all__ = ["Client", "DatagramConnection", "StreamConnection", "connect"]
@@ -124,6 +133,9 @@ class StreamConnection:
             except ssl.SSLError as exc:
                 sock.close()
                 raise ConnectError(f"{ep}: TLS: {tls_reason(exc)}") from None
+            except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as exc:
+                sock.close()
+                raise ConnectError(f"{ep}: {handshake_lost(exc)}") from None
             except OSError as exc:
                 sock.close()
                 raise ConnectError(f"{ep}: TLS handshake: {exc.strerror or exc}") from None
@@ -140,23 +152,47 @@ class StreamConnection:
         self.sock, self.core = sock, core
         self._set_timeout(timeout)
         try:
-            self._send(core.data_to_send(), "HELLO")
-            while core.state is State.HELLO_SENT:
-                n = self._recv(deadline, "HELLO")
-                for ev in self._events(n) if n >= 0 else []:
-                    if type(ev) is ConnectionTerminated:
-                        raise ConnectError(
-                            f"{ep}: refused: {ev.reason} [{ErrorCode.describe(ev.code or 0)}]"
-                        )
-        except (ConnectionLost, CallTimeout, OSError) as exc:
-            self.drop()
-            raise ConnectError(f"{ep}: handshake failed: {exc}".replace(f": {ep}:", ":")) from None
-        except ConnectError:
+            self._hello(ep, deadline)
+        except BaseException:
             self.drop()
             raise
         self.ever_connected = True
         self._poller = select.poll()
         self._poller.register(sock, select.POLLIN)
+
+    def _hello(self, ep: Endpoint, deadline: float) -> None:
+        """Send HELLO and read until WELCOME. Every failure is a :class:`ConnectError` (no call
+        was sent) saying what is most likely wrong."""
+        sock, core = self.sock, self.core
+        assert sock is not None and core is not None
+        tls = ep.scheme == "tls"
+        try:
+            sock.sendall(core.data_to_send())
+            while core.state is State.HELLO_SENT:
+                try:
+                    n = sock.recv_into(self._buf)
+                except (BlockingIOError, ssl.SSLWantReadError):  # SO_RCVTIMEO expired
+                    left = deadline - time.monotonic()
+                    if left > 0:
+                        self._set_timeout(left)
+                        continue
+                    raise ConnectError(
+                        f"{ep}: no answer to HELLO in time: is it a sockstack server?"
+                        + ("" if tls else " If it expects TLS, use a tls:// URL")
+                    ) from None
+                for ev in self._events(n):
+                    if type(ev) is ConnectionTerminated:
+                        why = handshake_failure(ev.code, ev.reason, ev.by_peer, tls=tls)
+                        raise ConnectError(f"{ep}: {why}")
+                if self.sock is None:  # ended by the core without a terminating event
+                    raise ConnectError(f"{ep}: {handshake_failure(None, '', True, tls=tls)}")
+        except ConnectError:  # an OSError too
+            raise
+        except ssl.SSLError as exc:  # an alert after the client's handshake (TLS 1.3)
+            raise ConnectError(f"{ep}: TLS: {tls_reason(exc)}") from None
+        except OSError as exc:  # reset, broken pipe...
+            why = handshake_failure(None, "", True, tls=tls)
+            raise ConnectError(f"{ep}: {why} ({exc.strerror or exc})") from None
 
     def drop(self) -> None:
         if self.sock is not None:
@@ -473,6 +509,20 @@ class StreamConnection:
             if self.sock is None and not done():
                 raise ConnectionLost(f"{self.ep}: connection lost")
 
+    def after_fork(self) -> None:
+        """In a forked child: let go of the parent's session without a byte sent on it (no
+        CLOSE, no shutdown: closing this process's copy of the socket leaves the parent's
+        open, and dropping a TLS socket sends no close_notify). The next call connects anew."""
+        sock = self.sock
+        self.sock, self.core, self._poller = None, None, None
+        self.calls = OneCall()
+        self._sock_timeout = 0.0
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
     def close(self) -> None:
         if self.sock is not None and self.core is not None:
             try:
@@ -496,13 +546,7 @@ class DatagramConnection:
             max_datagram=client.max_datagram, retry=client.retry, registry=client.registry
         )
         self.calls = OneCall()
-        family = socket.AF_INET6 if ep.is_ipv6 else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            self.sock.connect((ep.host, ep.port))
-        except OSError as exc:
-            self.sock.close()
-            raise ConnectError(f"{ep}: {exc.strerror or exc}") from None
+        self.sock = self._open()
         self.last_id = 0
         self.last_error = ""
         self._sock_timeout = 0.0
@@ -510,6 +554,39 @@ class DatagramConnection:
         self._view = memoryview(self._buf)
         secret = client.secret
         self.auth = DatagramAuth(secret) if secret is not None else None
+
+    def _open(self) -> socket.socket:
+        """A UDP socket connected to the server (a new source port each time)."""
+        ep = self.ep
+        sock = socket.socket(socket.AF_INET6 if ep.is_ipv6 else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.connect((ep.host, ep.port))
+        except OSError as exc:
+            sock.close()
+            raise ConnectError(f"{ep}: {exc.strerror or exc}") from None
+        return sock
+
+    def after_fork(self) -> None:
+        """In a forked child: a socket of its own (a new source port) and a new datagram core
+        (request ids from a fresh random start, drawn from os.urandom; none of the parent's
+        retransmissions), so the server's reply cache, keyed by address and request id, never
+        answers this process with the parent's results. The parent's socket is untouched."""
+        client = self.client
+        old = self.sock
+        self.core = DatagramClient(
+            max_datagram=client.max_datagram, retry=client.retry, registry=client.registry
+        )
+        self.calls = OneCall()
+        self.last_id = 0
+        self._sock_timeout = 0.0
+        if old.fileno() < 0:  # closed before the fork: stays closed
+            return
+        try:
+            self.sock = self._open()
+            self.last_error = ""
+        except ConnectError as exc:  # calls fail with it (EBADF on the closed socket)
+            self.last_error = f"no socket after fork: {exc}"
+        old.close()
 
     def send_datagram(self, data: bytes) -> None:
         """Send one datagram (sealed when the client has a secret)."""
@@ -593,6 +670,10 @@ class DatagramConnection:
                 if exc.errno == errno.ECONNREFUSED:
                     self.last_error = "connection refused (no server on that port?)"
                     continue
+                if exc.errno == errno.EBADF:  # closed, or no socket could be made after fork
+                    self.core.cancel(rid)
+                    detail = self.last_error or "client is closed"
+                    raise ConnectError(f"{self.ep}: {detail}") from None
                 raise
             frame = self._incoming(n)
             if frame is None:
@@ -648,6 +729,7 @@ class Client(ClientSettings):
         self.max_frame = max_frame
         self.lock = threading.Lock()
         """One call at a time: held while a call (or a pattern's exchange) uses the socket."""
+        _clients.add(self)  # so that a forked child's copy lets go of this process's session
         self.connection: StreamConnection | DatagramConnection
         if self.endpoint.scheme == "udp":
             self.connection = DatagramConnection(self.endpoint, self)
@@ -718,11 +800,35 @@ class Client(ClientSettings):
         with self.lock:
             self.connection.close()
 
+    def _after_fork(self) -> None:
+        """In a forked child (the only thread there): a lock of its own (a thread of the parent
+        may have held this one at the fork, and it does not exist here), and a connection of
+        its own from the next call on."""
+        self.lock = threading.Lock()
+        connection = getattr(self, "connection", None)  # None while __init__ still connects
+        if connection is not None:
+            connection.after_fork()
+
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+"""Every live blocking client of this process: a forked child resets its copies."""
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_clients):
+        try:
+            client._after_fork()
+        except Exception:  # a hook must not raise; that client's next call reports the trouble
+            pass
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def connect(url: str | Sequence[str], **options: Any) -> Client:
