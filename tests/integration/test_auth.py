@@ -138,7 +138,7 @@ class _Raw:
 
 
 async def test_forged_replayed_and_stale_datagrams_never_run(guarded: Server, probe: Probe) -> None:
-    auth = DatagramAuth(SECRET)
+    auth = DatagramAuth(SECRET, epoch=guarded.datagram_auth.epoch)  # sealed for its epoch
     a, b = _Raw(guarded), _Raw(guarded)
     try:
 

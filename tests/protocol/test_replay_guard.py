@@ -7,14 +7,28 @@ clock runs ahead) and a replay may come up to ``window`` after it. So it stays a
 two windows, and the server must remember its MAC for that long: at every moment it would
 still pass the time check, a second copy must be refused as a replay, whatever other traffic
 arrived in between.
+
+A guard lives in one process's memory, so each is bound to an epoch: a datagram sealed for one
+process is refused by every other (a restarted server, another worker), which remembers nothing
+of it. And when a guard must forget a MAC early (it is full), its floor refuses the datagram
+instead: nothing it forgot is accepted again, whatever the load and even if the clock steps
+back.
 """
 
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sockstack.protocol import MessageType, encode_frame
-from sockstack.protocol.auth import TRAILER_SIZE, AuthFailure, DatagramAuth, unsealed_refusal
+from sockstack.protocol.auth import (
+    NO_EPOCH,
+    TRAILER_SIZE,
+    AuthFailure,
+    DatagramAuth,
+    unsealed_refusal,
+)
 from sockstack.protocol.messages import encode_error, encode_ping, encode_request
 
 WINDOW = 30.0
@@ -150,3 +164,81 @@ def test_the_smallest_sealed_datagram_opens_and_anything_shorter_is_refused() ->
 )
 def test_the_one_unsealed_datagram_a_client_accepts(datagram: bytes, accepted: bool) -> None:
     assert unsealed_refusal(datagram) is accepted
+
+
+def test_a_datagram_accepted_by_one_process_is_refused_by_every_other_at_every_moment() -> None:
+    """A restart or another worker: a new guard (new epoch, empty memory) refuses it during
+    its whole life, without having seen it."""
+    first = DatagramAuth(b"k", window=WINDOW)
+    datagram = sealed(first, 1, SEALED)
+    first.open(datagram, SEALED)
+    for now in steps(SEALED - WINDOW, SEALED + WINDOW, 2.5):
+        other = DatagramAuth(b"k", window=WINDOW)  # as after a restart, or in another worker
+        with pytest.raises(AuthFailure, match="another server epoch"):
+            other.open(datagram, now)
+        assert len(other._seen) == 0
+
+
+def test_a_datagram_sealed_for_no_epoch_runs_nowhere() -> None:
+    client = DatagramAuth(b"k", window=WINDOW, epoch=NO_EPOCH)
+    datagram = sealed(client, 1, SEALED)
+    for _ in range(3):
+        with pytest.raises(AuthFailure, match="another server epoch"):
+            DatagramAuth(b"k", window=WINDOW).open(datagram, SEALED)
+
+
+def test_the_floor_holds_when_the_clock_steps_back() -> None:
+    """Forgotten because the clock went past its life, then the clock steps back into it: the
+    datagram is refused by the floor (the time check alone would accept it)."""
+    auth = DatagramAuth(b"k", window=WINDOW)
+    datagram = sealed(auth, 1, SEALED)
+    auth.open(datagram, SEALED)
+    later = SEALED + WINDOW + 1.0
+    auth.open(sealed(auth, 2, later), later)  # traffic after its life: its MAC is forgotten
+    assert len(auth._seen) == 1 and auth.floor_ms == int(SEALED * 1000)
+    with pytest.raises(AuthFailure, match="replay guard has forgotten"):
+        auth.open(datagram, SEALED)  # the clock stepped back 31 s
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 6),
+    st.lists(
+        st.tuples(st.booleans(), st.integers(0, 40), st.integers(-40, 40)), min_size=1, max_size=60
+    ),
+)
+def test_no_datagram_is_ever_accepted_twice(
+    max_seen: int, ops: list[tuple[bool, int, int]]
+) -> None:
+    """Whatever the order of fresh datagrams and replays, the clock (which may step back) and
+    a guard far too small for the traffic: each datagram is accepted at most once."""
+    auth = DatagramAuth(b"k", window=WINDOW, max_seen=max_seen)
+    sent: list[bytes] = []
+    accepted: set[bytes] = set()
+    for i, (replay, arrival, skew) in enumerate(ops):
+        now = SEALED + arrival
+        if replay and sent:
+            datagram = sent[arrival % len(sent)]
+        else:
+            datagram = sealed(auth, i + 1, now + skew)
+            sent.append(datagram)
+        try:
+            auth.open(datagram, now)
+        except AuthFailure:
+            continue
+        assert datagram not in accepted
+        accepted.add(datagram)
+    assert len(auth._seen) <= max_seen
+
+
+@pytest.mark.parametrize("max_seen", [1000, 100])
+def test_fresh_traffic_is_accepted_whether_the_guard_has_room_or_not(max_seen: int) -> None:
+    """20 datagrams a second, each sealed when it arrives: 600 are fresh at once. With room
+    they are remembered while fresh; without, the earliest sealed are forgotten first, so the
+    floor stays behind the clock and every fresh datagram is accepted."""
+    auth = DatagramAuth(b"k", window=WINDOW, max_seen=max_seen)
+    for i in range(2000):
+        now = SEALED + i / 20
+        auth.open(sealed(auth, i + 1, now), now)
+    assert len(auth._seen) == min(max_seen, 601)
+    assert int(SEALED * 1000) < auth.floor_ms < int(now * 1000)

@@ -104,7 +104,7 @@ EXPECTED: dict[str, tuple[bytes, Any]] = {
 
 
 def test_every_vector_is_documented_and_every_documented_vector_is_tested() -> None:
-    assert sorted(doc_vectors()) == sorted([*EXPECTED, "sealed-request"])
+    assert sorted(doc_vectors()) == sorted([*EXPECTED, "sealed-request", "sealed-refusal"])
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -124,12 +124,34 @@ def test_every_message_type_has_a_vector() -> None:
 
 
 def test_sealed_datagram_vector() -> None:
-    """§6.1: the documented sealed REQUEST is what seal() produces for secret "k" at the
-    documented time, and opens back to the request-msgpack frame."""
+    """§6.1: the documented sealed REQUEST is what seal() produces for secret "k", the
+    documented epoch and time, and opens back to the request-msgpack frame."""
     from sockstack.protocol.auth import DatagramAuth
 
     vectors = doc_vectors()
     sealed = vectors["sealed-request"]
-    auth = DatagramAuth(b"k")
+    auth = DatagramAuth(b"k", epoch=bytes.fromhex("3c91e70a5d28b4f6"))
     assert auth.seal(vectors["request-msgpack"], 1_700_000_000.0).hex(" ") == sealed.hex(" ")
     assert auth.open(sealed, 1_700_000_010.0) == vectors["request-msgpack"]
+
+
+def test_sealed_refusal_vector() -> None:
+    """§6.1: a server with another epoch refuses the documented sealed REQUEST with exactly the
+    documented sealed ERROR (its epoch, the refused datagram's time), which a client opens."""
+    import pytest
+
+    from sockstack.protocol.auth import NO_EPOCH, AuthFailure, DatagramAuth, refusal_of
+
+    vectors = doc_vectors()
+    restarted = DatagramAuth(b"k", epoch=bytes.fromhex("a71462c90e8b3fd5"))
+    with pytest.raises(AuthFailure) as info:
+        restarted.open(vectors["sealed-request"], 1_700_000_010.0)
+    assert info.value.answer is not None
+    assert info.value.answer.hex(" ") == vectors["sealed-refusal"].hex(" ")
+    client = DatagramAuth(b"k", epoch=NO_EPOCH)
+    frame = client.open(vectors["sealed-refusal"], 1_700_000_010.0, track=False)
+    assert decode_message(parse_datagram(frame, 1 << 20), REGISTRY) == Error(1, 2009, "", "")
+    assert refusal_of(vectors["sealed-refusal"], frame) == (
+        bytes.fromhex("a71462c90e8b3fd5"),
+        1_700_000_000_000,
+    )

@@ -24,8 +24,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import socket
 import ssl
+import struct
 import time
 import weakref
 from collections.abc import Callable, Coroutine, Sequence
@@ -34,8 +36,23 @@ from typing import Any, Self
 from sockstack.asyncio.datagram import DatagramEndpoint
 from sockstack.asyncio.stream import StreamLimits, StreamProtocol
 from sockstack.asyncio.timer import CoreTimer
-from sockstack.errors import CallTimeout, ConnectError, ConnectionClosed, ConnectionLost, ErrorCode
-from sockstack.protocol.auth import AuthFailure, DatagramAuth, token_extension, unsealed_refusal
+from sockstack.errors import (
+    CallError,
+    CallTimeout,
+    ConnectError,
+    ConnectionClosed,
+    ConnectionLost,
+    ErrorCode,
+)
+from sockstack.protocol.auth import (
+    NO_EPOCH,
+    AuthFailure,
+    DatagramAuth,
+    refusal_of,
+    token_extension,
+    trailer_of,
+    unsealed_refusal,
+)
 from sockstack.protocol.calls import Backoff, Calls, Failover, PendingCall, outcome
 from sockstack.protocol.codecs import Codec
 from sockstack.protocol.connection import State
@@ -51,6 +68,7 @@ from sockstack.protocol.events import (
     Response,
     Role,
 )
+from sockstack.protocol.frames import MessageType
 from sockstack.transport.settings import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, ClientSettings
 from sockstack.transport.tls import handshake_failure, handshake_lost, tls_reason
 from sockstack.transport.urls import Endpoint
@@ -69,6 +87,12 @@ _SENDABLE = (State.OPEN, State.HELLO_SENT)
 
 Waiter = asyncio.Future[Any]
 Route = Callable[[Any], None]
+_REQUEST_ID = struct.Struct(">I")
+_TYPE = 3  # offset of the message type in a frame
+_ERROR = int(MessageType.ERROR)
+_PONG = int(MessageType.PONG)
+_MAX_HELD_BYTES = 1 << 20  # datagrams without answer held while a UDP client learns the epoch
+_rng = random.Random()
 
 
 async def _fail(exc: Exception) -> Any:
@@ -446,7 +470,14 @@ class _UDPEndpoint(DatagramEndpoint):
 
 
 class DatagramChannel:
-    """The client's UDP side: the datagram core retransmits, the call core matches answers."""
+    """The client's UDP side: the datagram core retransmits, the call core matches answers.
+
+    With a secret, every datagram is sealed for the server's epoch (PROTOCOL.md §6.1), learned
+    from the server: a call sealed for an epoch the server does not have (none yet, or a
+    restarted server's old one) is refused with the server's epoch, and sent again for it when
+    nothing of it can have run, else failed with :class:`ConnectionLost` ("may or may not have
+    run", as a TCP call in flight when its server dies). Each call keeps the epoch of its first
+    datagram (its pin) for its retransmissions, so no two server processes both accept a call."""
 
     kind = "datagram"
 
@@ -464,7 +495,13 @@ class DatagramChannel:
         self.last_error = ""
         self._timer = CoreTimer(self.loop, self._on_timer)  # retransmissions and deadlines
         secret = client.secret
-        self.auth = DatagramAuth(secret) if secret is not None else None
+        self.auth = DatagramAuth(secret, epoch=NO_EPOCH) if secret is not None else None
+        # With a secret: each call's pin, (epoch, time in ms of its first datagram sealed for
+        # it); datagrams that get no answer, held until the epoch is known; the task learning it.
+        self._pins: dict[int, tuple[bytes, int]] = {}
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._probe: asyncio.Task[None] | None = None
 
     async def connect_once(self, timeout: float) -> None:
         family = socket.AF_INET6 if self.ep.is_ipv6 else socket.AF_INET
@@ -476,19 +513,41 @@ class DatagramChannel:
             raise ConnectError(f"{self.ep}: {_os_error(exc)}") from None
 
     def send_datagram(self, data: bytes) -> None:
-        """Send one datagram that gets no answer (sealed when the client has a secret)."""
+        """Send one datagram that gets no answer (sealed when the client has a secret). With a
+        secret and no epoch known yet, it is held until a PING has told the epoch (nothing
+        would come back to tell it)."""
         ep = self.endpoint
         if ep is None or ep.transport is None:
             raise ConnectError("client is closed")
-        ep.transport.sendto(data if self.auth is None else self.auth.seal(data, time.time()))
+        auth = self.auth
+        if auth is None:
+            ep.transport.sendto(data)
+        elif auth.epoch != NO_EPOCH:
+            ep.transport.sendto(auth.seal(data, time.time()))
+        elif self._held_bytes + len(data) <= _MAX_HELD_BYTES:
+            self._held.append(data)
+            self._held_bytes += len(data)
+            self._learn_epoch()
+        else:
+            self.last_error = "a datagram was dropped: too many held while learning the epoch"
 
     def _flush(self) -> None:
         ep = self.endpoint
         if ep is None or ep.transport is None:
             return
         auth = self.auth
-        for data in self.core.datagrams_to_send():
-            ep.transport.sendto(data if auth is None else auth.seal(data, time.time()))
+        if auth is None:
+            for data in self.core.datagrams_to_send():
+                ep.transport.sendto(data)
+        else:
+            ms = int(time.time() * 1000)
+            pins = self._pins
+            for data in self.core.datagrams_to_send():
+                rid = _REQUEST_ID.unpack_from(data, 8)[0]
+                pin = pins.get(rid)
+                if pin is None:
+                    pin = pins[rid] = (auth.epoch, ms)
+                ep.transport.sendto(auth.seal_ms(data, ms, pin[0]))
         self._timer.set(self.core.next_timer())
 
     def _on_timer(self) -> None:
@@ -502,13 +561,22 @@ class DatagramChannel:
         self._flush()
 
     def _on_datagram(self, data: bytes, addr: Any) -> None:
-        if self.auth is not None:
+        auth = self.auth
+        if auth is not None:
             try:
-                data = self.auth.open(data, time.time(), track=False)
+                frame = auth.open(data, time.time(), track=False)
             except AuthFailure as exc:
                 if not unsealed_refusal(data):
                     self.last_error = f"dropped a datagram: {exc.reason}"
                     return
+                # Refused without the server's epoch (its answer would have been longer than
+                # what we sent): learn the epoch anew before the next datagram that needs it.
+                auth.epoch = NO_EPOCH
+            else:
+                t = frame[_TYPE]
+                if (t == _ERROR or t == _PONG) and self._epoch_news(data, frame):
+                    return
+                data = frame
         for ev in self.core.receive_datagram(data):
             if type(ev) is Response or type(ev) is Error:
                 _settle(self.calls.take(ev), ev)
@@ -518,6 +586,90 @@ class DatagramChannel:
                     call.waiter.set_result(self.loop.time())
             elif type(ev) is ProtocolViolation and self.endpoint is not None:
                 self.endpoint.log_violation(ev, addr)
+
+    def _epoch_news(self, data: bytes, frame: bytes) -> bool:
+        """What a sealed PONG or ERROR UNAUTHENTICATED says of the server's epoch; True when
+        the datagram was an epoch refusal (handled here, not an answer)."""
+        auth = self.auth
+        assert auth is not None
+        refusal = refusal_of(data, frame)
+        if refusal is None:
+            if frame[_TYPE] == _PONG:
+                self._epoch_is(trailer_of(data)[0])
+            return False
+        epoch, refused_ms = refusal
+        self._epoch_is(epoch)
+        rid = _REQUEST_ID.unpack_from(frame, 8)[0]
+        pin = self._pins.get(rid)
+        if pin is None or pin[0] == epoch:
+            return True  # not a call of ours, or a datagram sent before its last re-send
+        if pin[0] == NO_EPOCH or pin[1] == refused_ms:
+            # Nothing of it can have run: no server accepts NO_EPOCH, and the refused datagram
+            # is the first sealed for its epoch. Send it again, sealed for the new epoch.
+            del self._pins[rid]
+            if self.core.resend(rid):
+                self._flush()
+            return True
+        # An earlier datagram went to the old epoch's process, which may have run it.
+        call = self.calls.forget(rid)
+        self.core.cancel(rid)
+        del self._pins[rid]
+        if call is not None and not call.waiter.done():
+            call.waiter.set_exception(
+                ConnectionLost(
+                    f"{self.ep}: the server restarted (new epoch) while {call.method!r} was "
+                    "in flight: it may or may not have run"
+                )
+            )
+        return True
+
+    def _epoch_is(self, epoch: bytes) -> None:
+        """The server's epoch, from an authentic datagram: held datagrams go out now."""
+        auth = self.auth
+        assert auth is not None
+        auth.epoch = epoch
+        if self._held:
+            self._send_held()
+
+    def _send_held(self) -> None:
+        held, self._held, self._held_bytes = self._held, [], 0
+        ep = self.endpoint
+        auth = self.auth
+        if ep is None or ep.transport is None or auth is None:
+            return
+        now = time.time()
+        for data in held:
+            ep.transport.sendto(auth.seal(data, now))
+
+    def _learn_epoch(self) -> asyncio.Task[None]:
+        """The task that PINGs the server until it knows the epoch (one at a time)."""
+        if self._probe is None or self._probe.done():
+            self._probe = self.loop.create_task(self._ping_for_epoch())
+        return self._probe
+
+    async def _ping_for_epoch(self) -> None:
+        auth = self.auth
+        assert auth is not None
+        deadline = self.loop.time() + self.client.timeout
+        attempt = 0
+        try:
+            while auth.epoch == NO_EPOCH:
+                remaining = deadline - self.loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    await self.ping(min(remaining, self.core.retry.interval(attempt, _rng)))
+                except CallTimeout:
+                    attempt += 1
+        except CallError as exc:  # closed meanwhile, or refused (not our secret)
+            self.last_error = str(exc)
+        finally:
+            if self._held and auth.epoch == NO_EPOCH:
+                self.last_error = (
+                    f"{len(self._held)} datagram(s) dropped: no answer from the server to "
+                    "learn its epoch"
+                )
+                self._held, self._held_bytes = [], 0
 
     async def call(
         self,
@@ -529,6 +681,13 @@ class DatagramChannel:
     ) -> Any:
         if self.endpoint is None:
             raise ConnectError("client is closed")
+        auth = self.auth
+        if auth is not None and auth.epoch == NO_EPOCH and not codec.structured:
+            # A raw request may be shorter than the refusal that would tell the epoch (which
+            # is never longer than what it answers): learn the epoch first, within the timeout.
+            start = self.loop.time()
+            await asyncio.wait([self._learn_epoch()], timeout=timeout)
+            timeout = max(0.0, timeout - (self.loop.time() - start))
         calls = self.calls
         rid = calls.new_id()
         now = self.loop.time()
@@ -542,6 +701,8 @@ class DatagramChannel:
         finally:
             if calls.forget(rid) is not None:  # cancelled by the caller
                 self.core.cancel(rid)
+            if auth is not None:
+                self._pins.pop(rid, None)
 
     async def ping(self, timeout: float) -> float:
         if self.endpoint is None:
@@ -557,10 +718,15 @@ class DatagramChannel:
             raise call.expired("lost or no server") from None
         finally:
             self.calls.forget(call.request_id)
+            self._pins.pop(call.request_id, None)
         return float(end - start)
 
     async def close(self) -> None:
         self._timer.close()
+        if self._probe is not None and not self._probe.done():
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
         for call in self.calls.drain():
             if not call.waiter.done():
                 call.waiter.set_exception(ConnectError("client closed"))

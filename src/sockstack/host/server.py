@@ -40,6 +40,7 @@ from sockstack.protocol.auth import (
     DEFAULT_REPLAY_WINDOW,
     AuthFailure,
     DatagramAuth,
+    EpochMismatch,
     token_checker,
 )
 from sockstack.protocol.codecs import CODECS
@@ -440,6 +441,7 @@ class _HostDatagram(DatagramEndpoint):
         super().__init__()
         self.server = server
         self.in_flight = 0  # requests running in tasks or threads, from any client
+        self.epoch_refusals = 0  # datagrams sealed for another epoch (PROTOCOL.md §6.1)
         lim = server.limits
         self.core = DatagramServer(
             max_datagram=lim.max_datagram,
@@ -457,7 +459,7 @@ class _HostDatagram(DatagramEndpoint):
             try:
                 data = auth.open(data, time.time())
             except AuthFailure as exc:
-                self._unauthenticated(data, addr, exc.reason)
+                self._unauthenticated(data, addr, exc)
                 return
         routes = self.server._datagram_routes
         if routes:
@@ -483,22 +485,36 @@ class _HostDatagram(DatagramEndpoint):
 
     # ---------------------------------------------------------------- calls
 
-    def _unauthenticated(self, data: bytes, addr: Any, reason: str) -> None:
-        """Log it (rate-limited), and answer ERROR UNAUTHENTICATED, unsealed, when the datagram
-        names a request and the answer is no larger than it (never an amplifier)."""
-        self.bad_datagrams += 1
-        self.bad_log.warning(
-            "udp server %s: %s [%s]",
-            format_peer(addr),
-            reason,
-            ErrorCode.describe(ErrorCode.UNAUTHENTICATED),
-        )
+    def _unauthenticated(self, data: bytes, addr: Any, exc: AuthFailure) -> None:
+        """Count and log it, and answer ERROR UNAUTHENTICATED, never with more bytes than came
+        in (never an amplifier): the sealed refusal naming this server's epoch when the datagram
+        was authentic (``exc.answer``: sealed for another epoch, or a copy), else unsealed, the
+        code alone (18 bytes), when it names a request (PROTOCOL.md §6.1)."""
+        if isinstance(exc, EpochMismatch):
+            # Each new client's first datagram, and each client's first after a restart (or a
+            # datagram captured on its way to another process): routine, so not logged loudly.
+            self.epoch_refusals += 1
+            log.debug("udp server %s: %s", format_peer(addr), exc.reason)
+        else:
+            self.bad_datagrams += 1
+            self.bad_log.warning(
+                "udp server %s: %s [%s]",
+                format_peer(addr),
+                exc.reason,
+                ErrorCode.describe(ErrorCode.UNAUTHENTICATED),
+            )
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        answer = exc.answer
+        if answer is not None and len(answer) <= len(data):
+            transport.sendto(answer, addr)
+            return
         rid = peek_request_id(data)
         if not rid:  # not our header, or a datagram that names no request
             return
         reply = encode_error(rid, ErrorCode.UNAUTHENTICATED)  # 18 bytes: the code alone
-        transport = self.transport
-        if len(reply) <= len(data) and transport is not None and not transport.is_closing():
+        if len(reply) <= len(data):
             transport.sendto(reply, addr)
 
     def send_all(self, datagrams: list[tuple[bytes, Any]]) -> None:

@@ -5,6 +5,12 @@ by their (source, destination) 4-tuple, so one UDP client always reaches the sam
 its retransmissions meet the same reply cache. Python runs one thread of bytecode at a time per
 process; processes are how a server uses more than one core.
 
+With a secret, each worker draws its own epoch and accepts only datagrams sealed for it
+(PROTOCOL.md §6.1): its replay guard is in its own memory, and a captured datagram replayed from
+another source port, which the kernel may hand to another worker, is refused there. A client
+learns its worker's epoch from the first refusal, and again if the kernel moves its address to
+another worker (when one exits). The workers share no guard, so they need no coordination.
+
 The supervisor (this module) binds nothing itself except to pick free ports when port 0 is
 asked for; it starts the workers, waits until each serves, prints the endpoints, forwards
 SIGINT/SIGTERM to them and exits when they all have (non-zero if any failed).

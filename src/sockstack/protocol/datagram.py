@@ -220,6 +220,17 @@ class DatagramClient:
     def cancel(self, request_id: int) -> None:
         self._pending.pop(request_id, None)
 
+    def resend(self, request_id: int) -> bool:
+        """Queue call ``request_id``'s datagram again, now (the adapter seals it anew, e.g. for
+        a restarted server's epoch: PROTOCOL.md §6.1); its retransmissions go on as planned.
+        False when the call is not pending any more."""
+        p = self._pending.get(request_id)
+        if p is None:
+            return False
+        self._out.append(p.data)
+        p.attempts += 1
+        return True
+
     @property
     def in_flight(self) -> int:
         return len(self._pending)

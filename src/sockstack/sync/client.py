@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import select
 import socket
 import ssl
@@ -37,20 +38,31 @@ from sockstack.errors import (
     ConnectionLost,
     ErrorCode,
 )
-from sockstack.protocol.auth import AuthFailure, DatagramAuth, token_extension, unsealed_refusal
-from sockstack.protocol.calls import Backoff, Failover, OneCall
+from sockstack.protocol.auth import (
+    NO_EPOCH,
+    REFUSAL_SIZE,
+    TRAILER_SIZE,
+    AuthFailure,
+    DatagramAuth,
+    refusal_of,
+    token_extension,
+    trailer_of,
+    unsealed_refusal,
+)
+from sockstack.protocol.calls import Backoff, Failover, OneCall, remote_error
 from sockstack.protocol.codecs import MSGPACK, Codec
 from sockstack.protocol.connection import Connection, State
 from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, DatagramClient, RetryPolicy
 from sockstack.protocol.events import (
     ConnectionTerminated,
+    Error,
     Event,
     PatternMessage,
     Response,
     Role,
 )
-from sockstack.protocol.frames import DEFAULT_MAX_FRAME, HEADER_SIZE, declared_size
-from sockstack.protocol.messages import MIN_MAX_FRAME
+from sockstack.protocol.frames import DEFAULT_MAX_FRAME, HEADER_SIZE, MessageType, declared_size
+from sockstack.protocol.messages import MIN_MAX_FRAME, encode_ping
 from sockstack.transport.settings import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, ClientSettings
 from sockstack.transport.tls import handshake_failure, handshake_lost, tls_reason
 from sockstack.transport.urls import Endpoint
@@ -62,6 +74,12 @@ _GATHER_ABOVE = 64 * 1024
 # Reads go into one preallocated buffer per connection: sock.recv(256 KiB) would allocate (and
 # mmap/mremap/munmap, above glibc's mmap threshold) a fresh 256 KiB object on every call.
 Route = Callable[[Any], None]
+_REQUEST_ID = struct.Struct(">I")
+_TYPE = 3  # offset of the message type in a frame
+_ERROR = int(MessageType.ERROR)
+_PONG = int(MessageType.PONG)
+_PING = int(MessageType.PING)
+_rng = random.Random()
 
 
 class StreamConnection:
@@ -535,7 +553,13 @@ class StreamConnection:
 
 class DatagramConnection:
     """The blocking client's UDP socket: the datagram core retransmits, the call core matches
-    answers to the call waiting."""
+    answers to the call waiting.
+
+    With a secret, every datagram is sealed for the server's epoch (PROTOCOL.md §6.1), learned
+    from the server: a call sealed for an epoch the server does not have (none yet, or a
+    restarted server's old one) is refused with the server's epoch, and sent again for it when
+    nothing of it can have run, else failed with :class:`ConnectionLost` ("may or may not have
+    run"). A call's retransmissions keep the epoch of its first datagram (its pin)."""
 
     kind = "datagram"
 
@@ -553,7 +577,11 @@ class DatagramConnection:
         self._buf = bytearray(65536)
         self._view = memoryview(self._buf)
         secret = client.secret
-        self.auth = DatagramAuth(secret) if secret is not None else None
+        self.auth = DatagramAuth(secret, epoch=NO_EPOCH) if secret is not None else None
+        # The pin of the call in flight: the epoch its first datagram was sealed for, and the
+        # time (ms) of that datagram (0: nothing sent yet). Reset by new_id().
+        self._pin_epoch = NO_EPOCH
+        self._pin_ms = 0
 
     def _open(self) -> socket.socket:
         """A UDP socket connected to the server (a new source port each time)."""
@@ -589,32 +617,142 @@ class DatagramConnection:
         old.close()
 
     def send_datagram(self, data: bytes) -> None:
-        """Send one datagram (sealed when the client has a secret)."""
-        if self.auth is not None:
-            data = self.auth.seal(data, time.time())
+        """Send one datagram that gets no answer (sealed when the client has a secret: first
+        the refusals that came meanwhile are read, which tell of a restarted server's epoch,
+        and when no epoch is known yet a PING learns it, within the connect timeout)."""
+        auth = self.auth
+        if auth is not None:
+            self._read_waiting()
+            if auth.epoch == NO_EPOCH:
+                wait = self.client.connect_timeout
+                if not self._ping_for_epoch(time.monotonic() + wait):
+                    detail = f": {self.last_error}" if self.last_error else ""
+                    raise ConnectError(
+                        f"{self.ep}: no answer within {wait:g} s to learn the server's epoch, "
+                        f"so nothing was sent{detail}"
+                    )
+            data = auth.seal(data, time.time())
+        self._send(data)
+
+    def _send(self, data: bytes) -> None:
         try:
             self.sock.send(data)
         except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP: the retry resends
             self.last_error = exc.strerror or str(exc)
 
+    def _send_call(self, data: bytes) -> None:
+        """Send a datagram of the call in flight, sealed for its pin."""
+        auth = self.auth
+        if auth is not None:
+            ms = int(time.time() * 1000)
+            if not self._pin_ms:
+                self._pin_epoch = auth.epoch
+                self._pin_ms = ms
+            data = auth.seal_ms(data, ms, self._pin_epoch)
+        self._send(data)
+
     def _incoming(self, n: int) -> bytes | memoryview | None:
-        """The frame in ``n`` bytes received, or None for a datagram that is not authentic."""
-        if self.auth is None:
+        """The frame in ``n`` bytes received, or None for a datagram that is not authentic or
+        that only told the server's epoch. Raises :class:`ConnectionLost` when it says the call
+        in flight may have run in a server process that is gone."""
+        auth = self.auth
+        if auth is None:
             return self._view[:n]
         data = bytes(self._view[:n])
         try:
-            return self.auth.open(data, time.time(), track=False)
+            frame = auth.open(data, time.time(), track=False)
         except AuthFailure as exc:
             if unsealed_refusal(data):
+                auth.epoch = NO_EPOCH  # refused without the epoch: learn it anew when needed
                 return data
             self.last_error = f"dropped a datagram: {exc.reason}"
             return None
+        t = frame[_TYPE]
+        if t == _ERROR:
+            refusal = refusal_of(data, frame)
+            if refusal is not None:
+                self._refused(frame, *refusal)
+                return None
+        elif t == _PONG:
+            auth.epoch = trailer_of(data)[0]
+        return frame
+
+    def _refused(self, frame: bytes, epoch: bytes, refused_ms: int) -> None:
+        """A datagram sealed for an epoch the server does not have was refused: learn the
+        epoch; send the call in flight again if nothing of it can have run."""
+        assert self.auth is not None
+        self.auth.epoch = epoch
+        rid = _REQUEST_ID.unpack_from(frame, 8)[0]
+        if rid == 0 or rid != self.calls.current or not self._pin_ms:
+            return  # not the call in flight
+        if self._pin_epoch == epoch:
+            return  # a datagram sent before the call's last re-send
+        if self._pin_epoch == NO_EPOCH or self._pin_ms == refused_ms:
+            # No server accepts NO_EPOCH, and the refused datagram is the first sealed for
+            # its epoch: nothing of the call ran. Send it again, sealed for the new epoch.
+            self._pin_ms = 0
+            if self.core.resend(rid):
+                self._send_out()
+            return
+        self.core.cancel(rid)
+        raise ConnectionLost(
+            f"{self.ep}: the server restarted (new epoch) while the call was in flight: it may "
+            "or may not have run"
+        )
+
+    def _read_waiting(self) -> None:
+        """Read what arrived since the last call, without waiting (answers that came too late,
+        refusals that tell of a new epoch)."""
+        while True:
+            try:
+                n = self.sock.recv_into(self._buf, 0, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # an ICMP error reported late
+                self.last_error = exc.strerror or str(exc)
+                return
+            self._incoming(n)
+
+    def _ping_for_epoch(self, deadline: float) -> bool:
+        """PING until a PONG tells the server's epoch (retransmitting as calls do), or until
+        ``deadline``; True when the epoch is known. An unsealed refusal (the server does not
+        share our secret) raises :class:`RemoteError` at once."""
+        auth = self.auth
+        assert auth is not None
+        attempt = 0
+        rid = self.new_id()
+        while auth.epoch == NO_EPOCH:
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            self._send(auth.seal(encode_ping(rid), time.time()))
+            until = min(deadline, now + self.core.retry.interval(attempt, _rng))
+            attempt += 1
+            while auth.epoch == NO_EPOCH:
+                wait = until - time.monotonic()
+                if wait <= 0:
+                    break
+                self._fit_timeout(wait)
+                try:
+                    n = self.sock.recv_into(self._buf)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.ECONNREFUSED:
+                        raise
+                    self.last_error = "connection refused (no server on that port?)"
+                    continue
+                frame = self._incoming(n)
+                if frame is not None and unsealed_refusal(frame):
+                    if _REQUEST_ID.unpack_from(frame, 8)[0] == rid:
+                        raise remote_error(Error(rid, ErrorCode.UNAUTHENTICATED, "", ""))
+        return True
 
     def call_positional(self, method: str, args: Sequence[Any], timeout: float) -> Any:
         """The common case: a msgpack call with positional arguments."""
         now = time.monotonic()
         rid = self.new_id()
-        self.send_datagram(self.core.request_datagram(rid, method, args, now=now, timeout=timeout))
+        self._send_call(self.core.request_datagram(rid, method, args, now=now, timeout=timeout))
         return self.exchange(method, rid, timeout, now + timeout)
 
     def _fit_timeout(self, wait: float) -> None:
@@ -632,13 +770,27 @@ class DatagramConnection:
 
     def _send_out(self) -> None:
         for data in self.core.datagrams_to_send():
-            self.send_datagram(data)
+            self._send_call(data)
 
     def exchange(
         self, method: str, rid: int, timeout: float, deadline: float, *, track: bool = True
     ) -> Any:
         """Send what the core queued for call ``rid`` and wait for its answer, retransmitting
         when the core says so (``track``), until ``deadline``."""
+        auth = self.auth
+        if auth is not None and auth.epoch == NO_EPOCH and not self._pin_ms:
+            out = self.core.datagrams_to_send()
+            if any(len(d) + TRAILER_SIZE < REFUSAL_SIZE and d[_TYPE] != _PING for d in out):
+                # Shorter than the refusal that would tell the epoch (never longer than what
+                # it answers): learn the epoch first.
+                try:
+                    self._ping_for_epoch(deadline)
+                except BaseException:
+                    self.core.cancel(rid)
+                    raise
+            self._pin_ms = 0
+            for data in out:
+                self._send_call(data)
         self.calls.begin(rid)  # the datagram core chose the id (random first id)
         try:
             return self._exchange(method, rid, timeout, deadline, track)
@@ -687,6 +839,7 @@ class DatagramConnection:
 
     def new_id(self) -> int:
         self.last_id = self.core.new_request_id(self.last_id)
+        self._pin_ms = 0
         return self.last_id
 
     def close(self) -> None:
