@@ -195,7 +195,9 @@ async def test_garbage_datagrams(
         transport.close()
     by_id = {a.request_id: a for a in answers}
     assert by_id[5].code == ErrorCode.DECODE_ERROR
-    assert by_id[6].code == ErrorCode.FRAME_TOO_LARGE  # 2000 > max_datagram 1200, header read
+    assert (
+        by_id[6].code == ErrorCode.DATAGRAM_TOO_LARGE
+    )  # 2000 > max_datagram 1200: a request-level code over UDP
     assert by_id[8] == Response(8, 3, 1)
     # Each bad datagram is counted; the log takes the first 20 and then summarises the flood.
     (endpoint,) = small_server._datagrams

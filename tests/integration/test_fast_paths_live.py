@@ -170,13 +170,13 @@ UDP_REFUSALS = [
     (  # a 2,000-byte datagram at max_datagram 1,200
         "2000-byte-request",
         request(3, b"echo", args_of_size(1980)),
-        ErrorCode.FRAME_TOO_LARGE,
+        ErrorCode.DATAGRAM_TOO_LARGE,  # over UDP, the request-level code (PROTOCOL.md §6)
         "echo",
     ),
     (  # the body alone (300) fits: meta + body (4,300) does not
         "long-name-request",
         request(3, LONG_NAME.encode(), args_of_size(300)),
-        ErrorCode.FRAME_TOO_LARGE,
+        ErrorCode.DATAGRAM_TOO_LARGE,
         "long",
     ),
     (
@@ -224,9 +224,20 @@ async def test_udp_refusals_reach_the_server_and_nothing_runs(
 
 
 async def test_udp_request_at_the_limit_runs(small: Server, counted: Counted) -> None:
-    datagram = request(5, b"echo", args_of_size(MAX_DATAGRAM - 4))  # meta + body: 1,200
+    datagram = request(5, b"echo", args_of_size(MAX_DATAGRAM - 20))  # 1,200 bytes whole
+    assert len(datagram) == MAX_DATAGRAM
     answer = await udp_exchange(small, datagram)
-    assert answer == Response(5, b"x" * (MAX_DATAGRAM - 8), 1)
+    assert answer == Response(5, b"x" * (MAX_DATAGRAM - 24), 1)
+    assert counted.runs == {"echo": 1}
+
+
+async def test_udp_answer_over_the_limit_becomes_an_error(small: Server, counted: Counted) -> None:
+    """Issue 10 item 11: the limit counts the whole datagram; an answer that would not fit is
+    an ERROR, never a send the OS refuses while the client retries to its timeout."""
+    datagram = request(5, b"echo", args_of_size(MAX_DATAGRAM - 4))  # meta + body: 1,200
+    answer = await udp_exchange(small, datagram)  # the echo would be 1,211 bytes whole
+    assert isinstance(answer, Error) and answer.code == ErrorCode.DATAGRAM_TOO_LARGE
+    assert "1211 bytes exceeds the limit of 1200" in answer.message
     assert counted.runs == {"echo": 1}
 
 
@@ -548,3 +559,18 @@ async def test_blocking_client_never_returns_a_late_answer_to_the_next_call(
             for ev in service.release.values():
                 ev.set()
             client.close()
+
+
+async def test_sealed_udp_answer_counts_its_trailer(counted: Counted) -> None:
+    """With a secret the seal adds a trailer: an answer that fits unsealed but not sealed is an
+    ERROR (DATAGRAM_TOO_LARGE), not a datagram the OS refuses while the client times out."""
+    from sockstack import AsyncClient, RemoteError
+
+    limits = ServerLimits(max_datagram=1200)
+    async with Server(counted, udp=["127.0.0.1:0"], limits=limits, secret=b"k" * 32) as srv:
+        url = str(srv.endpoint("udp"))
+        async with AsyncClient(url, secret=b"k" * 32, timeout=timeout(5)) as client:
+            assert await client.call("echo", b"x" * 1100) == b"x" * 1100  # fits sealed
+            with pytest.raises(RemoteError) as info:
+                await client.call("echo", b"x" * 1170)  # 1,189 bytes unsealed, 1,221 sealed
+            assert info.value.code == ErrorCode.DATAGRAM_TOO_LARGE

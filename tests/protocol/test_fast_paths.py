@@ -50,6 +50,7 @@ from sockstack.protocol import DatagramClient as _DatagramClient
 from sockstack.protocol import DatagramServer as _DatagramServer
 from sockstack.protocol import MessageType as _CoreType
 from sockstack.protocol import decode_message as _decode_message
+from sockstack.protocol.datagram import datagram_error_code
 from sockstack.protocol.messages import (
     CORE_MESSAGES,
     encode_error,
@@ -932,7 +933,9 @@ class DCase:
 
 def _no_larger(data: bytes, rid: int, code: int, message: str) -> list[bytes]:
     """The ERROR a datagram gets: in full, else the code alone, else nothing, whichever first
-    is no larger than the datagram (the server never amplifies)."""
+    is no larger than the datagram (the server never amplifies); a CLOSE-level code becomes
+    the request-level one UDP carries (PROTOCOL.md §6)."""
+    code = datagram_error_code(code)
     for reply in (encode_error(rid, code, ErrorCode(code).name, message), encode_error(rid, code)):
         if len(reply) <= len(data):
             return [reply]
@@ -1219,7 +1222,7 @@ DATAGRAM_SENDERS = [datagram_request_fast, datagram_request_slow]
 @pytest.mark.parametrize("send", DATAGRAM_SENDERS, ids=lambda f: f.__name__)
 @pytest.mark.parametrize(
     ("method", "args"),
-    [("add", [2, 3]), ("échø", [None, {"k": 1}]), ("m" * 700, [b"x" * 496])],
+    [("add", [2, 3]), ("échø", [None, {"k": 1}]), ("m" * 684, [b"x" * 496])],  # 1,200 whole
     ids=["small", "unicode", "at-the-limit"],
 )
 def test_datagram_senders_send_the_same_bytes(

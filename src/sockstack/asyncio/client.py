@@ -46,6 +46,7 @@ from sockstack.errors import (
 )
 from sockstack.protocol.auth import (
     NO_EPOCH,
+    TRAILER_SIZE,
     AuthFailure,
     DatagramAuth,
     refusal_of,
@@ -486,7 +487,10 @@ class DatagramChannel:
         self.client = client
         self.loop = asyncio.get_running_loop()
         self.core = DatagramClient(
-            max_datagram=client.max_datagram, retry=client.retry, registry=client.registry
+            max_datagram=client.max_datagram,
+            retry=client.retry,
+            registry=client.registry,
+            overhead=TRAILER_SIZE if client.secret is not None else 0,  # the seal's trailer
         )
         # Ids start at a random point, as the datagram core's own do: a restarted client on a
         # reused port never meets its predecessor's answers in the server's reply cache.

@@ -38,6 +38,7 @@ from sockstack.host.dispatch import DEFAULT_MAX_WORKERS, Dispatcher, Outcome
 from sockstack.host.pattern import Pattern
 from sockstack.protocol.auth import (
     DEFAULT_REPLAY_WINDOW,
+    TRAILER_SIZE,
     AuthFailure,
     DatagramAuth,
     EpochMismatch,
@@ -449,6 +450,7 @@ class _HostDatagram(DatagramEndpoint):
                 lim.reply_window, lim.reply_cache_entries, lim.reply_cache_bytes
             ),
             registry=server.registry,
+            overhead=TRAILER_SIZE if server.datagram_auth is not None else 0,
         )
 
     def datagram_received(self, data: bytes, addr: Any) -> None:

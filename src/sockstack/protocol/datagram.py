@@ -68,6 +68,7 @@ __all__ = [
     "DatagramServer",
     "ReplyCache",
     "RetryPolicy",
+    "datagram_error_code",
 ]
 
 _REQUEST = int(MessageType.REQUEST)
@@ -117,6 +118,19 @@ class _Pending:
         self.attempts = 1
 
 
+def datagram_error_code(code: int) -> int:
+    """The request-level code an ERROR carries over UDP for a datagram the receiver refused.
+    Codes 1000-1999 belong to CLOSE, which ends a session UDP does not have (PROTOCOL.md §7):
+    an oversized datagram is DATAGRAM_TOO_LARGE, any other framing fault DECODE_ERROR."""
+    if code < 2000:
+        return (
+            ErrorCode.DATAGRAM_TOO_LARGE
+            if code == ErrorCode.FRAME_TOO_LARGE
+            else (ErrorCode.DECODE_ERROR)
+        )
+    return code
+
+
 def _parse(
     data: bytes, max_datagram: int, registry: Registry
 ) -> tuple[Message | None, ProtocolViolation | None, int]:
@@ -145,8 +159,12 @@ class DatagramClient:
         retry: RetryPolicy | None = None,
         seed: int | None = None,
         registry: Registry | None = None,
+        overhead: int = 0,
     ) -> None:
+        """``max_datagram``: the largest datagram sent, whole (header, meta, body and the
+        ``overhead`` the adapter adds after encoding, e.g. a seal's trailer)."""
         self.max_datagram = max_datagram
+        self.overhead = overhead
         self.registry = registry if registry is not None else _CORE_REGISTRY
         self.retry = retry or RetryPolicy()
         self._rng = random.Random(seed)
@@ -176,9 +194,9 @@ class DatagramClient:
         Raises :class:`LocalProtocolError` (code DATAGRAM_TOO_LARGE) before sending anything
         if it would not fit in one datagram."""
         data = encode_request(request_id, method, args, kwargs, codec)
-        if len(data) - HEADER_SIZE > self.max_datagram:
+        if len(data) + self.overhead > self.max_datagram:
             raise LocalProtocolError(
-                f"request of {len(data) - HEADER_SIZE} bytes exceeds the datagram limit of "
+                f"a datagram of {len(data) + self.overhead} bytes exceeds the limit of "
                 f"{self.max_datagram} bytes (use TCP for large payloads)",
                 ErrorCode.DATAGRAM_TOO_LARGE,
             )
@@ -199,7 +217,7 @@ class DatagramClient:
             if len(_METHOD_BYTES) < 4096:
                 _METHOD_BYTES[method] = meta
         body = MSGPACK.encode(args if type(args) is list else list(args))
-        size = len(meta) + len(body)
+        size = HEADER_SIZE + len(meta) + len(body) + self.overhead  # the whole datagram
         if size > self.max_datagram or len(meta) > DEFAULT_MAX_META:
             self.send_request(request_id, method, args, None, MSGPACK, now=now, timeout=timeout)
             return self._out.pop()  # (raises first, with the exact reason)
@@ -393,8 +411,13 @@ class DatagramServer:
         reply_cache: ReplyCache | None = None,
         agent: str = "sockstack-py/1",
         registry: Registry | None = None,
+        overhead: int = 0,
     ) -> None:
+        """``max_datagram``: the largest datagram sent, whole (header, meta, body and the
+        ``overhead`` the adapter adds after encoding, e.g. a seal's trailer); a larger answer is
+        replaced by ERROR DATAGRAM_TOO_LARGE, never left for the OS to refuse in silence."""
         self.max_datagram = max_datagram
+        self.overhead = overhead
         self.registry = registry if registry is not None else _CORE_REGISTRY
         self.cache = reply_cache or ReplyCache()
         self.agent = agent
@@ -437,13 +460,12 @@ class DatagramServer:
         msg, violation, rid = _parse(data, self.max_datagram, self.registry)
         if violation is not None:
             if rid >= 0:  # the header was ours: say what was wrong with it
-                reply = encode_error(
-                    rid, violation.code, ErrorCode(violation.code).name, violation.message
-                )
+                code = datagram_error_code(violation.code)
+                reply = encode_error(rid, code, ErrorCode(code).name, violation.message)
                 if len(reply) > len(data):
                     # Never answer with more bytes than came in (a spoofed source would make
                     # this server an amplifier): the code alone (18 bytes), if even that fits.
-                    reply = encode_error(rid, violation.code)
+                    reply = encode_error(rid, code)
                 if len(reply) <= len(data):
                     self._out.append((reply, addr))
             return [violation]
@@ -494,12 +516,12 @@ class DatagramServer:
             data = encode_error(
                 request_id, ErrorCode.RESULT_NOT_ENCODABLE, "RESULT_NOT_ENCODABLE", str(exc)
             )
-        if len(data) - HEADER_SIZE > self.max_datagram:
+        if len(data) + self.overhead > self.max_datagram:
             data = encode_error(
                 request_id,
                 ErrorCode.DATAGRAM_TOO_LARGE,
                 "DATAGRAM_TOO_LARGE",
-                f"result of {len(data) - HEADER_SIZE} bytes exceeds the datagram limit of "
+                f"a result datagram of {len(data) + self.overhead} bytes exceeds the limit of "
                 f"{self.max_datagram} bytes (use TCP for large payloads)",
             )
         self._answer(addr, request_id, data, now)

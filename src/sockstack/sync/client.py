@@ -567,7 +567,10 @@ class DatagramConnection:
         self.ep = ep
         self.client = client
         self.core = DatagramClient(
-            max_datagram=client.max_datagram, retry=client.retry, registry=client.registry
+            max_datagram=client.max_datagram,
+            retry=client.retry,
+            registry=client.registry,
+            overhead=TRAILER_SIZE if client.secret is not None else 0,  # the seal's trailer
         )
         self.calls = OneCall()
         self.sock = self._open()
@@ -602,7 +605,10 @@ class DatagramConnection:
         client = self.client
         old = self.sock
         self.core = DatagramClient(
-            max_datagram=client.max_datagram, retry=client.retry, registry=client.registry
+            max_datagram=client.max_datagram,
+            retry=client.retry,
+            registry=client.registry,
+            overhead=TRAILER_SIZE if client.secret is not None else 0,  # the seal's trailer
         )
         self.calls = OneCall()
         self.last_id = 0
