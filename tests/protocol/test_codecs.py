@@ -12,6 +12,7 @@ from sockstack.errors import CodecError
 from sockstack.protocol.codecs import (
     BIG_BYTES,
     JSON,
+    MAX_CONTAINER,
     MSGPACK,
     RAW,
     get_codec,
@@ -103,7 +104,19 @@ def test_msgpack_parts_join_to_the_plain_encoding(items: list[object], pad: int)
         return
     assert parts is not None
     assert b"".join(parts) == MSGPACK.encode(items)
-    assert MSGPACK.decode(b"".join(parts)) == items
+    if len(items) <= MAX_CONTAINER:
+        assert MSGPACK.decode(b"".join(parts)) == items
+    else:  # an array that long is refused from its header (issue 10 item 5)
+        with pytest.raises(CodecError, match="max_array_len"):
+            MSGPACK.decode(b"".join(parts))
+
+
+def test_containers_above_the_element_bound_are_refused_from_their_header() -> None:
+    ok = {f"k{i}": i for i in range(MAX_CONTAINER)}
+    assert MSGPACK.decode(MSGPACK.encode(ok)) == ok
+    for value in ({**ok, "one more": 0}, [0] * (MAX_CONTAINER + 1), [[0] * (MAX_CONTAINER + 1)]):
+        with pytest.raises(CodecError, match="exceeds max_"):
+            MSGPACK.decode(MSGPACK.encode(value))
 
 
 @pytest.mark.parametrize("n", [0, 255, 256, 65_535, 65_536, BIG_BYTES + 1, 1 << 20])

@@ -54,6 +54,8 @@ class Handler:
     simple: bool = False
     """A synchronous method with a fixed number of positional parameters (none keyword-only):
     its arguments are checked by counting alone."""
+    max_keywords: int = -1
+    """Keyword arguments it can take at most (its named parameters), -1 with ``**kwargs``."""
 
     def check_arguments(self, args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
         """None when the arguments fit the signature, else a message saying why not."""
@@ -61,6 +63,12 @@ class Handler:
             n = len(args)
             if n >= self.min_positional and (self.max_positional < 0 or n <= self.max_positional):
                 return None  # the common case, without building a BoundArguments
+        if len(kwargs) > self.max_keywords >= 0:
+            # Refused by counting: binding 90,000 keywords would cost ~25 ms on the event loop.
+            return (
+                f"{self.name}{self.signature}: {len(kwargs)} keyword arguments for at most "
+                f"{self.max_keywords} parameters"
+            )
         try:
             self.signature.bind(*args, **kwargs)
         except TypeError as exc:
@@ -100,6 +108,9 @@ def make_handler(name: str, func: Callable[..., Any], inline: bool) -> Handler:
         max_pos if max_pos >= 0 else -1,
         accepts_kwargs,
         simple=not is_async and max_pos >= 0 and not accepts_kwargs,
+        max_keywords=-1
+        if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+        else sum(p.kind is not p.VAR_POSITIONAL for p in sig.parameters.values()),
     )
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "BIG_BYTES",
     "CODECS",
     "JSON",
+    "MAX_CONTAINER",
     "MSGPACK",
     "RAW",
     "Codec",
@@ -69,6 +70,12 @@ class RawCodec:
 _PACK_BUF = 8192
 
 
+MAX_CONTAINER = 65_536
+"""Elements in one msgpack array or map of a body. A larger one is refused (DECODE_ERROR) from its
+header, before any of its elements is decoded: a 1 MiB body of 90,000 keys would otherwise hold
+the event loop ~60 ms per frame. Every decoding path passes it (the fast paths too)."""
+
+
 def refuse_ext(code: int, data: bytes) -> Any:
     """msgpack ``ext_hook``: extension types are application-defined objects; refuse them so
     that a body is only ever plain data (nil, bool, numbers, str, bytes, arrays, maps)."""
@@ -104,7 +111,13 @@ class MsgpackCodec:
         try:
             # strict_map_key=False: maps with int keys are legal msgpack; ext types are refused.
             return msgpack.unpackb(
-                data, raw=False, strict_map_key=False, use_list=True, ext_hook=refuse_ext
+                data,
+                raw=False,
+                strict_map_key=False,
+                use_list=True,
+                ext_hook=refuse_ext,
+                max_array_len=MAX_CONTAINER,
+                max_map_len=MAX_CONTAINER,
             )
         except Exception as exc:  # msgpack raises several unrelated types on bad input
             raise CodecError(f"body is not valid msgpack: {type(exc).__name__}: {exc}") from None

@@ -32,6 +32,7 @@ import msgpack
 from sockstack.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from sockstack.protocol.codecs import (
     BIG_BYTES,
+    MAX_CONTAINER,
     MSGPACK,
     Codec,
     msgpack_bin_header,
@@ -112,6 +113,7 @@ _CLOSED: State = State.CLOSED  # compared by identity in loops whose body may cl
 _REQUEST = int(MessageType.REQUEST)
 _RESPONSE = int(MessageType.RESPONSE)
 _unpackb = msgpack.unpackb
+_MAXC = MAX_CONTAINER  # elements in one array or map (codecs.py)
 _METHOD_BYTES: dict[str, bytes] = {}
 _pack_header = pack_header
 _unpack_header = read_header
@@ -471,7 +473,12 @@ class Connection:
                 break
             try:
                 value = _unpackb(
-                    data[mid:end], raw=False, strict_map_key=False, ext_hook=refuse_ext
+                    data[mid:end],
+                    raw=False,
+                    strict_map_key=False,
+                    ext_hook=refuse_ext,
+                    max_array_len=_MAXC,
+                    max_map_len=_MAXC,
                 )
                 if is_response:
                     events.append(Response(rid, value, 1))
@@ -519,7 +526,12 @@ class Connection:
             if t == fast and frame.codec == 1 and frame.request_id and self.state is State.OPEN:
                 try:
                     value = _unpackb(
-                        frame.body, raw=False, strict_map_key=False, ext_hook=refuse_ext
+                        frame.body,
+                        raw=False,
+                        strict_map_key=False,
+                        ext_hook=refuse_ext,
+                        max_array_len=_MAXC,
+                        max_map_len=_MAXC,
                     )
                 except Exception:
                     pass
@@ -666,7 +678,12 @@ class Connection:
             return None
         try:
             value = _unpackb(
-                data[HEADER_SIZE + meta_len :], raw=False, strict_map_key=False, ext_hook=refuse_ext
+                data[HEADER_SIZE + meta_len :],
+                raw=False,
+                strict_map_key=False,
+                ext_hook=refuse_ext,
+                max_array_len=_MAXC,
+                max_map_len=_MAXC,
             )
             if t == _REQUEST:
                 if type(value) is not list:

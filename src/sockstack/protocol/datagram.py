@@ -22,7 +22,7 @@ from typing import Any
 import msgpack
 
 from sockstack.errors import CodecError, ErrorCode, LocalProtocolError, RemoteProtocolError
-from sockstack.protocol.codecs import MSGPACK, Codec, refuse_ext
+from sockstack.protocol.codecs import MAX_CONTAINER, MSGPACK, Codec, refuse_ext
 from sockstack.protocol.events import (
     Error,
     Event,
@@ -78,6 +78,7 @@ _pack_header = pack_header
 _CORE_REGISTRY = Registry([CORE_MESSAGES], frozen=True)
 _METHOD_BYTES: dict[str, bytes] = {}
 _unpackb = msgpack.unpackb
+_MAXC = MAX_CONTAINER  # elements in one array or map (codecs.py)
 
 DEFAULT_MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4; see PROTOCOL.md §5 on MTU
 DEFAULT_REPLY_WINDOW = 120.0  # as JetStream's 2-minute de-duplication window
@@ -276,6 +277,8 @@ class DatagramClient:
                         raw=False,
                         strict_map_key=False,
                         ext_hook=refuse_ext,
+                        max_array_len=_MAXC,
+                        max_map_len=_MAXC,
                     )
                 except Exception:
                     pass
@@ -450,6 +453,8 @@ class DatagramServer:
                         raw=False,
                         strict_map_key=False,
                         ext_hook=refuse_ext,
+                        max_array_len=_MAXC,
+                        max_map_len=_MAXC,
                     )
                     method = str(data[HEADER_SIZE : HEADER_SIZE + meta_len], "utf-8")
                 except Exception:
