@@ -160,3 +160,14 @@ async def test_blocking_subscription_reports_the_brokers_close_code() -> None:
         assert info.value.code == ErrorCode.GOING_AWAY
     finally:
         await asyncio.to_thread(client.close)
+
+
+async def test_a_server_can_start_again_on_its_ports_at_once() -> None:
+    first = Server(Probe(), tcp=["127.0.0.1:0"], udp=["127.0.0.1:0"])
+    await first.start()
+    tcp, udp = first.endpoint("tcp"), first.endpoint("udp")
+    await first.shutdown()
+    again = Server(Probe(), tcp=[f"127.0.0.1:{tcp.port}"], udp=[f"127.0.0.1:{udp.port}"])
+    async with again:  # no EADDRINUSE: shutdown waited for its sockets to close
+        async with AsyncClient(str(again.endpoint("udp"))) as client:
+            assert await client.call("add", 1, 1) == 2

@@ -839,6 +839,16 @@ class Server:
             for s in streams:
                 if not s.closed.done():
                     s.abort()
+        # The UDP sockets are closed by the loop a turn later: wait, so that a server started
+        # again in this process can bind the same ports at once.
+        closing = [dg.closed for dg in self._datagrams if not dg.closed.done()]
+        if closing:
+            await asyncio.wait(closing, timeout=self.limits.close_timeout)
+        for srv in self._listeners:
+            try:
+                await asyncio.wait_for(srv.wait_closed(), self.limits.close_timeout)
+            except TimeoutError:
+                pass  # closed anyway; only its bookkeeping lags
         self.dispatcher.shutdown()
         if self._stopped is not None:
             self._stopped.set()
