@@ -80,6 +80,10 @@ def _decrement(counts: dict[str, int], key: str) -> None:
         counts.pop(key, None)
 
 
+SLICE = 0.005
+"""Seconds of work on one read's events before the rest waits for the next loop turn."""
+_clock = time.perf_counter
+
 StreamRoute = Callable[[Any, Any], None]
 """A pattern's ``stream_message``, called with (connection, message) for its message classes."""
 
@@ -137,6 +141,9 @@ class _HostStream(StreamProtocol):
         self.in_flight = 0
         self._read_paused = False  # paused because too many requests are running
         self.refused = False  # over the connection limit: CLOSE sent, nothing read
+        # Events of a read not handled yet (see _run), and where to go on from.
+        self._backlog: tuple[list[Event], int] | None = None
+        self._later: list[bytes] = []
         self.address = "?"  # the peer's IP address, the key of the per-address limits
         self._handshaking = False
         self._soon: list[bytes] = []  # frames from patterns for this peer, not yet written
@@ -223,6 +230,9 @@ class _HostStream(StreamProtocol):
         assert core is not None
         if self.refused:
             return
+        if self._backlog is not None:  # a read delivered after pause_reading (TLS may): in order
+            self._later.append(data)
+            return
         single = core.receive_single(data)  # the common case: one whole REQUEST per read
         events: list[Event]
         if single is not None and type(single) is Request and not self.server.draining:
@@ -249,18 +259,7 @@ class _HostStream(StreamProtocol):
         else:
             events = [single]
         if events:
-            dispatch = self.dispatcher.dispatch
-            draining = self.server.draining
-            routes = self.routes
-            for ev in events:
-                if type(ev) is Request and not draining:
-                    self._outcome(ev, dispatch(ev))
-                    continue
-                route = routes.get(type(ev))
-                if route is not None:
-                    route(self, ev)
-                else:
-                    self.handle_events([ev])
+            self._run(events, 0)
         out = core.buffers_to_send()
         transport = self.transport
         if out and transport is not None:
@@ -273,6 +272,46 @@ class _HostStream(StreamProtocol):
         if core.state is not self._timer_state:
             self.flush()
             self.arm_timer()
+
+    def _run(self, events: list[Event], i: int) -> None:
+        """Handle ``events[i:]``. A read can carry thousands of frames (a flood of PUBs, each
+        fanned out to many subscribers): after ``SLICE`` seconds of work the rest waits for the
+        next loop turn, with reading paused, so that one connection never holds the loop for
+        long while others wait (their reads are handled in between)."""
+        dispatch = self.dispatcher.dispatch
+        draining = self.server.draining
+        routes = self.routes
+        n = len(events)
+        deadline = _clock() + SLICE
+        while i < n:
+            ev = events[i]
+            i += 1
+            if type(ev) is Request and not draining:
+                self._outcome(ev, dispatch(ev))
+            else:
+                route = routes.get(type(ev))
+                if route is not None:
+                    route(self, ev)
+                else:
+                    self.handle_events([ev])
+            if not i & 15 and i < n and _clock() > deadline:
+                self._backlog = (events, i)
+                self._update_reading()
+                self.loop.call_soon(self._run_backlog)
+                return
+
+    def _run_backlog(self) -> None:
+        backlog, self._backlog = self._backlog, None
+        transport = self.transport
+        if backlog is None or transport is None or transport.is_closing():
+            return
+        self._run(*backlog)
+        self.flush()
+        if self._backlog is None:
+            later, self._later = self._later, []
+            for data in later:
+                self.data_received(data)
+            self._update_reading()  # caught up: read again (unless other backpressure holds)
 
     def _outcome(self, req: Request, outcome: Outcome | Awaitable[Outcome]) -> None:
         """Queue the answer to a dispatched request, or start the method that will give it."""
@@ -412,7 +451,7 @@ class _HostStream(StreamProtocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if self._read_paused or self.write_paused:
+        if self._read_paused or self.write_paused or self._backlog is not None:
             if transport.is_reading():
                 transport.pause_reading()
         elif not transport.is_reading():

@@ -1,0 +1,43 @@
+"""A connection whose read carries a lot of work (a burst of PUBs, each fanned out to many
+subscribers) does not hold the event loop until it is all done: after a slice of work the rest
+waits a loop turn, and other connections are served in between (issue 10: the broker stopped
+answering under a publish flood fanned out to 200 subscriptions)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sockstack import AsyncClient, Broker, PubSub, Server
+from sockstack.pubsub.client import Message
+from tests.conftest import timeout
+
+SUBSCRIPTIONS = 200
+BURST = 2000  # one write, one read: 400,000 deliveries of work
+
+
+async def test_a_burst_of_fan_out_work_is_sliced_and_others_are_served() -> None:
+    async with Server(patterns=[PubSub(Broker())], tcp=["127.0.0.1:0"]) as srv:
+        url = str(srv.endpoint("tcp"))
+        first = asyncio.Event()
+        got = 0
+
+        def on_message(_msg: Message) -> None:
+            nonlocal got
+            got += 1
+            first.set()
+
+        async with AsyncClient(url) as subs, AsyncClient(url) as pub, AsyncClient(url) as good:
+            for _ in range(SUBSCRIPTIONS):
+                await subs.subscribe("flood", callback=on_message, max_pending=1 << 20)
+            for i in range(BURST):  # queued in one loop turn: they leave in one write
+                await pub.publish("flood", i)
+            await asyncio.wait_for(first.wait(), timeout(30))
+            # Deliveries are written only when the work of a read yields the loop. Before
+            # slicing, the first message came once the whole burst was published; now a good
+            # client is answered while most of the burst is still to do.
+            stats = await good.call("broker.stats", timeout=timeout(10))
+            assert stats["published"] < BURST, stats["published"]
+            await pub.ping(timeout=timeout(60))  # everything before the PING was read
+            async with asyncio.timeout(timeout(60)):
+                while (await good.call("broker.stats"))["published"] < BURST:
+                    await asyncio.sleep(0.05)  # bounded poll: the broker has no event for it
