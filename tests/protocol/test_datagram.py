@@ -108,7 +108,12 @@ def test_reply_cache_window_and_bounds() -> None:
 def test_server_answers_control_messages_itself() -> None:
     server = DatagramServer(max_datagram=1200)
     assert server.receive_datagram(encode_ping(3, b"t"), ADDR, 0.0) == []
-    assert server.receive_datagram(encode_hello(Hello()), ADDR, 0.0) == []
+    assert (
+        server.receive_datagram(
+            encode_hello(Hello(agent="padded to ask for the WELCOME")), ADDR, 0.0
+        )
+        == []
+    )
     (pong, _), (welcome, _) = server.datagrams_to_send()
     assert decode_message(parse_datagram(pong, 1200)) == Pong(3, b"t")
     w = decode_message(parse_datagram(welcome, 1200))
@@ -242,3 +247,11 @@ def test_request_datagram_refuses_what_does_not_fit() -> None:
         client.request_datagram(1, "echo", [b"x" * 200], now=0.0, timeout=1.0)
     assert info.value.code == ErrorCode.DATAGRAM_TOO_LARGE
     assert client.in_flight == 0 and client.datagrams_to_send() == []
+
+
+def test_a_small_hello_gets_no_larger_welcome() -> None:
+    """A spoofed 22-byte HELLO must not make the server send a 39-byte WELCOME (amplifier)."""
+    server = DatagramServer(max_datagram=1200)
+    hello = encode_hello(Hello())
+    assert server.receive_datagram(hello, ADDR, 0.0) == []
+    assert all(len(d) <= len(hello) for d, _ in server.datagrams_to_send())

@@ -981,15 +981,21 @@ DATAGRAM_CASES = [
     _dgram_refusal("request-id-0-bad-body", request(0, b"add", b"\xc1"), 0, 2003),
     _dgram_refusal("request-id-0", request(0, b"add", packb([2, 3])), 0, 2003, ID_0),
     _dgram_refusal("request-id-0-json", request(0, b"add", b"[2,3]", codec=2), 0, 2003, ID_0),
-    DCase(
+    DCase(  # the WELCOME would be larger than this 22-byte HELLO: no answer (no amplifier)
         "hello",
         encode_hello(Hello()),
+        [],
+        [],
+    ),
+    DCase(  # a HELLO padded to ask gets the WELCOME, no larger than it
+        "hello-padded",
+        encode_hello(Hello(agent="x" * 40)),
         [],
         [encode_welcome(Welcome(1, (1, 2, 0), MAX_DATAGRAM, "sockstack-py/1"))],
     ),
     DCase(  # PROTOCOL.md §5.1: any range holding 1 gets version 1
         "hello-versions-0-255",
-        hello_bytes(0, 255),
+        hello_bytes(0, 255, agent=b"x" * 40),
         [],
         [encode_welcome(Welcome(1, (1, 2, 0), MAX_DATAGRAM, "sockstack-py/1"))],
     ),

@@ -80,7 +80,7 @@ def _decrement(counts: dict[str, int], key: str) -> None:
         counts.pop(key, None)
 
 
-SLICE = 0.005
+SLICE = 0.02
 """Seconds of work on one read's events before the rest waits for the next loop turn."""
 _clock = time.perf_counter
 
@@ -275,7 +275,8 @@ class _HostStream(StreamProtocol):
 
     def _run(self, events: list[Event], i: int) -> None:
         """Handle ``events[i:]``. A read can carry thousands of frames (a flood of PUBs, each
-        fanned out to many subscribers): after ``SLICE`` seconds of work the rest waits for the
+        fanned out to many subscribers): after ``SLICE`` seconds of work (checked every 64
+        events) the rest waits for the
         next loop turn, with reading paused, so that one connection never holds the loop for
         long while others wait (their reads are handled in between)."""
         dispatch = self.dispatcher.dispatch
@@ -294,7 +295,7 @@ class _HostStream(StreamProtocol):
                     route(self, ev)
                 else:
                     self.handle_events([ev])
-            if not i & 15 and i < n and _clock() > deadline:
+            if not i & 63 and i < n and _clock() > deadline:
                 self._backlog = (events, i)
                 self._update_reading()
                 self.loop.call_soon(self._run_backlog)

@@ -481,9 +481,14 @@ class DatagramServer:
             self._out.append((encode_pong(msg.request_id, msg.payload), addr))
             return []
         if isinstance(msg, Hello):
-            self._out.append(
-                (encode_welcome(Welcome(1, (1, 2, 0), self.max_datagram, self.agent)), addr)
-            )
+            # Answered only with no more bytes than it carried (a spoofed HELLO must not make
+            # this server an amplifier): without the agent text if need be, else not at all. A
+            # client that wants the WELCOME pads its HELLO's agent.
+            for agent in (self.agent, ""):
+                welcome = encode_welcome(Welcome(1, (1, 2, 0), self.max_datagram, agent))
+                if len(welcome) <= len(data):
+                    self._out.append((welcome, addr))
+                    break
             return []
         t_ = peek_type(data)
         spec = self.registry.specs.get(t_) if t_ is not None else None

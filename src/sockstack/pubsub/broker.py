@@ -102,7 +102,7 @@ class BrokerLimits:
     """Bytes of one published payload (NATS's default max_payload is 1 MB)."""
     max_msgs: int = 500_000
     """Default per-subscription queue bound, in messages, while the subscriber is not reading."""
-    max_bytes: int = 32 << 20
+    max_bytes: int = 64 << 20
     """Default per-subscription bound, in bytes, on what the broker holds for it: queued
     messages (payload + topic + :data:`QUEUED_OVERHEAD` each) and, at QoS 1, messages waiting
     for their ACK (frame + :data:`INFLIGHT_OVERHEAD` each; one may always be in flight). Redis
@@ -134,7 +134,7 @@ class SubOptions:
     qos: int = 0
     policy: str = "drop-oldest"
     max_msgs: int = 500_000
-    max_bytes: int = 32 << 20
+    max_bytes: int = 64 << 20
 
     @classmethod
     def parse(cls, raw: dict[str, Any], limits: BrokerLimits) -> SubOptions:
