@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from sockstack import AsyncClient, Broker, PubSub, Server
+from sockstack import AsyncClient, Broker, PubSub, Server, ServerLimits
 from sockstack.pubsub.client import Message
 from tests.conftest import timeout
 
@@ -16,7 +16,9 @@ BURST = 2000  # one write, one read: 400,000 deliveries of work
 
 
 async def test_a_burst_of_fan_out_work_is_sliced_and_others_are_served() -> None:
-    async with Server(patterns=[PubSub(Broker())], tcp=["127.0.0.1:0"]) as srv:
+    # A 1 ms slice: the burst spans a hundred slices whatever the machine's speed.
+    limits = ServerLimits(work_slice=0.001)
+    async with Server(patterns=[PubSub(Broker())], tcp=["127.0.0.1:0"], limits=limits) as srv:
         url = str(srv.endpoint("tcp"))
         first = asyncio.Event()
         got = 0

@@ -80,8 +80,6 @@ def _decrement(counts: dict[str, int], key: str) -> None:
         counts.pop(key, None)
 
 
-SLICE = 0.02
-"""Seconds of work on one read's events before the rest waits for the next loop turn."""
 _clock = time.perf_counter
 
 StreamRoute = Callable[[Any, Any], None]
@@ -117,6 +115,10 @@ class ServerLimits:
     max_connections_per_address: int = 1_000
     """TCP connections open at once from one IP address (a tenth of ``max_connections``): one
     client cannot take every slot. One more gets CLOSE TOO_MANY_CONNECTIONS."""
+    work_slice: float = 0.02
+    """Seconds of work on one read's events (a burst of PUBs fanned out to many subscribers)
+    before the rest waits a loop turn with that connection's reading paused: other connections
+    are served in between, and the busy peer is slowed by TCP backpressure."""
     max_partial_bytes: int = 256 << 20
     """Bytes held for unfinished frames (begun, not yet whole) over all connections: a
     connection whose frame would take the total beyond it gets CLOSE BUSY. Each connection holds
@@ -275,15 +277,15 @@ class _HostStream(StreamProtocol):
 
     def _run(self, events: list[Event], i: int) -> None:
         """Handle ``events[i:]``. A read can carry thousands of frames (a flood of PUBs, each
-        fanned out to many subscribers): after ``SLICE`` seconds of work (checked every 64
-        events) the rest waits for the
+        fanned out to many subscribers): after ``limits.work_slice`` seconds of work (checked
+        every 16 events) the rest waits for the
         next loop turn, with reading paused, so that one connection never holds the loop for
         long while others wait (their reads are handled in between)."""
         dispatch = self.dispatcher.dispatch
         draining = self.server.draining
         routes = self.routes
         n = len(events)
-        deadline = _clock() + SLICE
+        deadline = _clock() + self.server.limits.work_slice
         while i < n:
             ev = events[i]
             i += 1
@@ -295,7 +297,7 @@ class _HostStream(StreamProtocol):
                     route(self, ev)
                 else:
                     self.handle_events([ev])
-            if not i & 63 and i < n and _clock() > deadline:
+            if not i & 15 and i < n and _clock() > deadline:
                 self._backlog = (events, i)
                 self._update_reading()
                 self.loop.call_soon(self._run_backlog)
