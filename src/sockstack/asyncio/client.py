@@ -46,9 +46,7 @@ from sockstack.errors import (
 )
 from sockstack.protocol.auth import (
     NO_EPOCH,
-    TRAILER_SIZE,
     AuthFailure,
-    DatagramAuth,
     refusal_of,
     token_extension,
     trailer_of,
@@ -57,7 +55,7 @@ from sockstack.protocol.auth import (
 from sockstack.protocol.calls import Backoff, Calls, Failover, PendingCall, outcome
 from sockstack.protocol.codecs import Codec
 from sockstack.protocol.connection import State
-from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, DatagramClient, RetryPolicy
+from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, RetryPolicy
 from sockstack.protocol.events import (
     ConnectionTerminated,
     Error,
@@ -486,20 +484,14 @@ class DatagramChannel:
         self.ep = ep
         self.client = client
         self.loop = asyncio.get_running_loop()
-        self.core = DatagramClient(
-            max_datagram=client.max_datagram,
-            retry=client.retry,
-            registry=client.registry,
-            overhead=TRAILER_SIZE if client.secret is not None else 0,  # the seal's trailer
-        )
+        self.core = client.datagram_core()
         # Ids start at a random point, as the datagram core's own do: a restarted client on a
         # reused port never meets its predecessor's answers in the server's reply cache.
         self.calls: Calls[Waiter] = Calls(first_id=self.core.new_request_id(0))
         self.endpoint: _UDPEndpoint | None = None
         self.last_error = ""
         self._timer = CoreTimer(self.loop, self._on_timer)  # retransmissions and deadlines
-        secret = client.secret
-        self.auth = DatagramAuth(secret, epoch=NO_EPOCH) if secret is not None else None
+        self.auth = client.datagram_auth()
         # With a secret: each call's pin, (epoch, time in ms of its first datagram sealed for
         # it); datagrams that get no answer, held until the epoch is known; the task learning it.
         self._pins: dict[int, tuple[bytes, int]] = {}

@@ -43,7 +43,6 @@ from sockstack.protocol.auth import (
     REFUSAL_SIZE,
     TRAILER_SIZE,
     AuthFailure,
-    DatagramAuth,
     refusal_of,
     token_extension,
     trailer_of,
@@ -52,7 +51,7 @@ from sockstack.protocol.auth import (
 from sockstack.protocol.calls import Backoff, Failover, OneCall, remote_error
 from sockstack.protocol.codecs import MSGPACK, Codec
 from sockstack.protocol.connection import Connection, State
-from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, DatagramClient, RetryPolicy
+from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, RetryPolicy
 from sockstack.protocol.events import (
     ConnectionTerminated,
     Error,
@@ -566,12 +565,7 @@ class DatagramConnection:
     def __init__(self, ep: Endpoint, client: Client) -> None:
         self.ep = ep
         self.client = client
-        self.core = DatagramClient(
-            max_datagram=client.max_datagram,
-            retry=client.retry,
-            registry=client.registry,
-            overhead=TRAILER_SIZE if client.secret is not None else 0,  # the seal's trailer
-        )
+        self.core = client.datagram_core()
         self.calls = OneCall()
         self.sock = self._open()
         self.last_id = 0
@@ -579,8 +573,7 @@ class DatagramConnection:
         self._sock_timeout = 0.0
         self._buf = bytearray(65536)
         self._view = memoryview(self._buf)
-        secret = client.secret
-        self.auth = DatagramAuth(secret, epoch=NO_EPOCH) if secret is not None else None
+        self.auth = client.datagram_auth()
         # The pin of the call in flight: the epoch its first datagram was sealed for, and the
         # time (ms) of that datagram (0: nothing sent yet). Reset by new_id().
         self._pin_epoch = NO_EPOCH
@@ -604,12 +597,7 @@ class DatagramConnection:
         answers this process with the parent's results. The parent's socket is untouched."""
         client = self.client
         old = self.sock
-        self.core = DatagramClient(
-            max_datagram=client.max_datagram,
-            retry=client.retry,
-            registry=client.registry,
-            overhead=TRAILER_SIZE if client.secret is not None else 0,  # the seal's trailer
-        )
+        self.core = client.datagram_core()
         self.calls = OneCall()
         self.last_id = 0
         self._sock_timeout = 0.0

@@ -5,9 +5,10 @@ from __future__ import annotations
 import ssl
 from collections.abc import Sequence
 
+from sockstack.protocol.auth import NO_EPOCH, TRAILER_SIZE, DatagramAuth
 from sockstack.protocol.calls import Backoff
 from sockstack.protocol.codecs import Codec, get_codec
-from sockstack.protocol.datagram import RetryPolicy
+from sockstack.protocol.datagram import DatagramClient, RetryPolicy
 from sockstack.protocol.messages import CORE_MESSAGES
 from sockstack.protocol.registry import Registry
 from sockstack.transport.tls import client_context
@@ -63,3 +64,18 @@ class ClientSettings:
         # The message types this client's sessions decode; a pattern's client side adds its
         # own (publish/subscribe adds MSG when the client first subscribes).
         self.registry = Registry([CORE_MESSAGES])
+
+    def datagram_core(self) -> DatagramClient:
+        """A fresh UDP core with this client's limits (the seal's trailer counted with a
+        secret): one per socket, and a new one in a forked child."""
+        return DatagramClient(
+            max_datagram=self.max_datagram,
+            retry=self.retry,
+            registry=self.registry,
+            overhead=TRAILER_SIZE if self.secret is not None else 0,
+        )
+
+    def datagram_auth(self) -> DatagramAuth | None:
+        """The seal for this client's datagrams (None without a secret); the server's epoch is
+        learnt from its first answer (PROTOCOL.md §6.1)."""
+        return None if self.secret is None else DatagramAuth(self.secret, epoch=NO_EPOCH)
