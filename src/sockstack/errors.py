@@ -5,8 +5,11 @@ Every exception sockstack raises derives from :class:`SockstackError`::
     SockstackError
     ├── ProtocolError(code, message)      a frame or session rule was broken
     │   ├── LocalProtocolError            ... by us (misuse of the API: a bug in the caller)
+    │   │   └── TopicError (also ValueError)  a topic or pattern breaks PROTOCOL.md §4.1
     │   └── RemoteProtocolError           ... by the peer (bad bytes on the wire)
-    │       └── FrameTooLarge(size, limit)
+    │       ├── FrameTooLarge(size, limit)
+    │       └── AuthFailure(reason)       a datagram is not authentic (protocol/auth.py)
+    ├── BrokerError(code, message)        the broker refuses a request (pubsub/broker.py)
     ├── CodecError                        a value could not be encoded or decoded
     ├── InvalidURL (also ValueError)      "tcp://host:port" could not be parsed
     └── CallError                         a call produced no result
@@ -16,7 +19,7 @@ Every exception sockstack raises derives from :class:`SockstackError`::
         └── ConnectionLost                the connection dropped: the call MAY OR MAY NOT have run
             └── ConnectionClosed(code, reason)  ... because the peer sent CLOSE
 
-:class:`ErrorCode` lists the codes carried by ERROR and CLOSE frames (docs/PROTOCOL.md §6).
+:class:`ErrorCode` lists the codes carried by ERROR and CLOSE frames (docs/PROTOCOL.md §7).
 Codes 1000-1999 concern a whole connection (CLOSE), codes 2000-2999 one request (ERROR).
 """
 
@@ -39,6 +42,7 @@ __all__ = [
     "RemoteError",
     "RemoteProtocolError",
     "SockstackError",
+    "TopicError",
 ]
 
 
@@ -100,9 +104,14 @@ class ErrorCode(enum.IntEnum):
     UNKNOWN_SUBSCRIPTION = 2012
     """UNSUB of a subscription id that is not subscribed, or SUB of one already in use."""
     PAYLOAD_TOO_LARGE = 2013
-    """A published payload above the broker's limit."""
+    """A published payload above the broker's limit (``max_payload``)."""
     OVERLOADED = 2014
     """UDP: too many requests running; this one did not run (call again later)."""
+    TOO_MANY_SUBSCRIPTIONS = 2015
+    """SUB beyond the broker's subscriptions per connection (``max_subscriptions_per_peer``)."""
+    RETAINED_STORE_FULL = 2016
+    """A retained publish the broker's retained store has no room for (topics or bytes); it was
+    neither retained nor delivered."""
     UNAUTHENTICATED = 2009
     """A datagram without a valid MAC, outside the replay window, or replayed (UDP with a
     shared secret)."""
@@ -144,6 +153,15 @@ class FrameTooLarge(RemoteProtocolError):
         super().__init__(f"frame of {size} bytes exceeds the limit of {limit} bytes", code)
         self.size = size
         self.limit = limit
+
+
+class TopicError(LocalProtocolError, ValueError):
+    """An invalid topic or pattern (PROTOCOL.md §4.1); the message says why. Raised by the
+    clients before anything is sent (``publish``, ``subscribe``), with ``code`` BAD_TOPIC, the
+    code the broker answers the same mistake with. Also a ``ValueError``, as it always was."""
+
+    def __init__(self, message: str, code: int = ErrorCode.BAD_TOPIC) -> None:
+        super().__init__(message, code)
 
 
 class CodecError(SockstackError):

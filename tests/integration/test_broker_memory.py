@@ -267,7 +267,7 @@ def test_unacknowledged_qos1_frames_count_in_the_byte_bound() -> None:
 def test_retained_store_is_bounded_in_bytes() -> None:
     """`sockstack broker` with its defaults: 160 topics x 1 MB retained. Before the fix all were
     kept (10,000 topics allowed, ~10 GB): +160 MB of RSS. Now the 64 MiB byte bound refuses the
-    rest with PAYLOAD_TOO_LARGE and says why."""
+    rest with RETAINED_STORE_FULL and says why."""
     proc, port = start(["sockstack", "broker", "--tcp", "127.0.0.1:0"], "broker")
     pub = Raw(port)
     try:
@@ -288,7 +288,7 @@ def test_retained_store_is_bounded_in_bytes() -> None:
         grown = rss(proc) - before
         assert grown < 96 * MiB, f"RSS grew {grown / MiB:.1f} MiB, {kept} retained messages kept"
         assert 60 <= kept <= 67 and len(refused) == 160 - kept
-        assert {e.code for e in refused} == {ErrorCode.PAYLOAD_TOO_LARGE}
+        assert {e.code for e in refused} == {ErrorCode.RETAINED_STORE_FULL}
         assert "max_retained_bytes" in refused[0].message
         stats = pub.stats()
         assert stats["retained"] == kept and stats["retained_bytes"] <= 64 * MiB

@@ -148,6 +148,21 @@ def test_refusals_have_codes(call: Any, code: int) -> None:
     assert info.value.code == code
 
 
+def test_too_many_subscriptions_has_its_own_code() -> None:
+    broker = Broker(BrokerLimits(max_subscriptions_per_peer=2))
+    peer = FakePeer()
+    broker.subscribe(peer, 1, "a", {})
+    broker.subscribe(peer, 2, "b", {})
+    with pytest.raises(BrokerError) as info:
+        broker.subscribe(peer, 3, "c", {})
+    assert info.value.code == ErrorCode.TOO_MANY_SUBSCRIPTIONS == 2015
+    assert "max_subscriptions_per_peer" in info.value.message
+    with pytest.raises(BrokerError) as info:
+        broker.subscribe(peer, 2, "c", {})  # an id in use is still that
+    assert info.value.code == ErrorCode.UNKNOWN_SUBSCRIPTION
+    broker.subscribe(FakePeer(), 1, "c", {})  # per connection: another peer may
+
+
 def test_peer_gone_removes_everything() -> None:
     broker = Broker()
     peer = FakePeer()
@@ -325,7 +340,7 @@ def test_retained_store_is_bounded_in_bytes() -> None:
     assert broker.stats()["retained_bytes"] == 5 * per
     with pytest.raises(BrokerError) as info:
         broker.publish("t.5", b"r" * 1000, retain=True)
-    assert info.value.code == ErrorCode.PAYLOAD_TOO_LARGE
+    assert info.value.code == ErrorCode.RETAINED_STORE_FULL == 2016
     assert "max_retained_bytes" in info.value.message and str(5 * per) in info.value.message
     assert len(peer.frames) == 5  # the refused message was not routed either
     broker.publish("t.0", b"s" * 900, retain=True)  # replacing with less fits
@@ -343,6 +358,7 @@ def test_retained_store_is_bounded_in_bytes() -> None:
     with pytest.raises(BrokerError) as info:
         small.publish("c", b"1", retain=True)
     assert "max_retained" in info.value.message
+    assert info.value.code == ErrorCode.RETAINED_STORE_FULL
     small.publish("a", b"2", retain=True)  # an existing topic may always be replaced
 
 

@@ -36,7 +36,7 @@ import struct
 from collections.abc import Callable
 from heapq import heappop, heappush
 
-from sockstack.errors import ErrorCode
+from sockstack.errors import ErrorCode, RemoteProtocolError
 from sockstack.protocol.frames import (
     HEADER_SIZE,
     MAGIC,
@@ -114,8 +114,9 @@ def token_checker(secret: bytes) -> Callable[[Hello], bool]:
     return check
 
 
-class AuthFailure(Exception):
-    """A datagram that is not authentic: ``reason`` says why (for the log, not for the peer).
+class AuthFailure(RemoteProtocolError):
+    """A datagram that is not authentic (code UNAUTHENTICATED): ``reason`` says why (for the
+    log, not for the peer).
     ``answer``, when set, is the sealed refusal to send back (an authentic datagram sealed for
     another epoch, or a copy of one already accepted): it names the server's epoch and the
     refused datagram's time, and is never longer than the datagram it answers."""
@@ -123,7 +124,7 @@ class AuthFailure(Exception):
     code = ErrorCode.UNAUTHENTICATED
 
     def __init__(self, reason: str, answer: bytes | None = None) -> None:
-        super().__init__(reason)
+        super().__init__(reason, ErrorCode.UNAUTHENTICATED)
         self.reason = reason
         self.answer = answer
 

@@ -34,10 +34,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sockstack.errors import ErrorCode
+from sockstack.errors import ErrorCode, SockstackError, TopicError
 from sockstack.protocol.frames import with_flags
 from sockstack.pubsub.messages import FLAG_REDELIVERED, FLAG_RETAIN, encode_msg
-from sockstack.pubsub.topics import SubscriptionIndex, TopicError, matches, validate_topic
+from sockstack.pubsub.topics import SubscriptionIndex, matches, validate_topic
 
 __all__ = [
     "INFLIGHT_OVERHEAD",
@@ -77,8 +77,8 @@ _MSG_EXTRA = 20  # a MSG frame beyond topic + payload: the 16-byte header and th
 _INFLIGHT_EXTRA = _MSG_EXTRA + INFLIGHT_OVERHEAD  # charged for a message in flight, beyond its data
 
 
-class BrokerError(Exception):
-    """A request the broker refuses: ``code`` goes back in an ERROR."""
+class BrokerError(SockstackError):
+    """A request the broker refuses: ``code`` (an :class:`ErrorCode`) goes back in an ERROR."""
 
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
@@ -114,13 +114,14 @@ class BrokerLimits:
     max_deliveries: int = 5
     """QoS 1: sends of one message before it is given up (counted as expired)."""
     max_retained: int = 10_000
-    """Topics with a retained message; more are refused with an ERROR."""
+    """Topics with a retained message; more are refused (ERROR RETAINED_STORE_FULL)."""
     max_retained_bytes: int = 64 << 20
     """Bytes of the retained store: payload + twice the topic + :data:`RETAINED_OVERHEAD` per
-    topic. A retained publish that would pass it is refused whole (ERROR PAYLOAD_TOO_LARGE,
+    topic. A retained publish that would pass it is refused whole (ERROR RETAINED_STORE_FULL,
     counted as ``retained_refused`` in :meth:`Broker.stats`); replacing or clearing a topic's
     message frees its bytes. 64 MiB (the demo store's bound too); ``retained_bytes`` in stats."""
     max_subscriptions_per_peer: int = 10_000
+    """Subscriptions of one connection; a SUB beyond is refused (ERROR TOO_MANY_SUBSCRIPTIONS)."""
     max_pending_total: int = 512 << 20
     """Bytes held for all subscriptions together, queued and QoS 1 in flight, each message
     charged with its overhead (:data:`QUEUED_OVERHEAD`, :data:`INFLIGHT_OVERHEAD`); past it,
@@ -217,7 +218,11 @@ class Broker:
         if sid in subs:
             raise BrokerError(ErrorCode.UNKNOWN_SUBSCRIPTION, f"subscription id {sid} in use")
         if len(subs) >= self.limits.max_subscriptions_per_peer:
-            raise BrokerError(ErrorCode.UNKNOWN_SUBSCRIPTION, "too many subscriptions")
+            raise BrokerError(
+                ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                f"too many subscriptions: this connection has {len(subs)}, the broker's "
+                "max_subscriptions_per_peer",
+            )
         options = SubOptions.parse(raw, self.limits)
         sub = Subscription(peer, sid, pattern, options)
         try:
@@ -316,7 +321,7 @@ class Broker:
         if old is None and len(self.retained) >= lim.max_retained:
             self.counters["retained_refused"] += 1
             raise BrokerError(
-                ErrorCode.PAYLOAD_TOO_LARGE,
+                ErrorCode.RETAINED_STORE_FULL,
                 f"retained store is full: {len(self.retained)} topics, the broker's "
                 f"max_retained; clear one (publish an empty retained message) first",
             )
@@ -324,7 +329,7 @@ class Broker:
         if self.retained_bytes - freed + cost > lim.max_retained_bytes:
             self.counters["retained_refused"] += 1
             raise BrokerError(
-                ErrorCode.PAYLOAD_TOO_LARGE,
+                ErrorCode.RETAINED_STORE_FULL,
                 f"retained store is full: {self.retained_bytes - freed} of the broker's "
                 f"{lim.max_retained_bytes} bytes (max_retained_bytes) in use, this message "
                 f"needs {cost}; clear topics (publish an empty retained message) first",

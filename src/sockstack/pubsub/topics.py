@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 from typing import Generic, TypeVar
 
+from sockstack.errors import TopicError
+
 __all__ = [
     "MAX_TOKENS",
     "MAX_TOPIC_BYTES",
@@ -31,10 +33,6 @@ MAX_TOKENS = 32
 _BAD_CHARS = frozenset(" \t\r\n\x00")
 
 T = TypeVar("T", bound=Hashable)
-
-
-class TopicError(ValueError):
-    """An invalid topic or pattern; the message says why."""
 
 
 def _tokens(text: str, what: str) -> list[str]:
