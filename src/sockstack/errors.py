@@ -100,7 +100,8 @@ class ErrorCode(enum.IntEnum):
     BAD_TOPIC = 2010
     """An invalid topic or pattern, or a wildcard in a published topic."""
     UNKNOWN_DELIVERY = 2011
-    """An ACK for a delivery id the broker is not waiting for."""
+    """An ACK for a delivery id the broker is not waiting for. Sent with request id 0: it
+    answers no request (PROTOCOL.md §4.1), and a client never ends a call on it."""
     UNKNOWN_SUBSCRIPTION = 2012
     """UNSUB of a subscription id that is not subscribed, or SUB of one already in use."""
     PAYLOAD_TOO_LARGE = 2013

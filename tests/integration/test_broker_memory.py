@@ -195,10 +195,10 @@ def test_empty_messages_to_slow_subscribers_stay_within_the_byte_bounds(
         normal.subscribe(1, "done")
         pub = Raw(port)
         conns.append(pub)
-        pub.sock.sendall(encode_pub("t", b"") * 1000)  # warm-up: transport buffers fill
+        pub.sock.sendall(encode_pub("t", b"", codec=0) * 1000)  # warm-up: buffers fill
         pub.stats()
         before = rss(proc)
-        batch = encode_pub("t", b"") * 10_000
+        batch = encode_pub("t", b"", codec=0) * 10_000  # empty raw messages (codec 0)
         for _ in range(publishes // 10_000):
             pub.sock.sendall(batch)
         stats = pub.stats()  # every publish above has been routed

@@ -123,12 +123,22 @@ async def test_retained_message_is_delivered_on_subscribe(broker_server: Server)
         assert await first(sub) == ("home.door", b"", False)  # live to those subscribed
         late = await sub_c.subscribe("home.door")
         assert await first(late) == ("home.door", b"", True)  # retained for those who come
-        # An empty payload (nothing at all, raw codec) clears the topic's retained message.
+        # clear_retained (an empty RETAIN publish) clears the topic's retained message, and is
+        # not a message (PROTOCOL.md §4.1): those subscribed get nothing for it, so what they
+        # get next is the live marker published after it.
+        await pub.clear_retained("home.door")
+        assert broker.retained == {}
+        await pub.publish("home.door", "marker", qos=1)  # not retained
+        assert await first(sub) == ("home.door", "marker", False)
+        assert await first(late) == ("home.door", "marker", False)
+        # A raw client's empty value with retain=True is the same clear (the wire cannot tell).
+        await pub.publish("home.door", "again", retain=True, qos=1)
+        assert await first(sub) == ("home.door", "again", False)
         async with AsyncClient(url, codec="raw") as raw:
             await raw.publish("home.door", b"", retain=True, qos=1)
-        assert await first(sub) == ("home.door", b"", False)
-        assert await first(late) == ("home.door", b"", False)
         assert broker.retained == {}
+        await pub.publish("home.door", "marker 2", qos=1)
+        assert await first(sub) == ("home.door", "marker 2", False)
         after = await sub_c.subscribe("home.*")
         await pub.publish("home.light", "dim", qos=1)
         assert await first(after) == ("home.light", "dim", False)  # nothing retained came first
@@ -207,7 +217,7 @@ async def test_bad_input_gets_clear_errors_and_others_are_unaffected(
         ]
         assert codes == [
             ("Error", ErrorCode.BAD_TOPIC, 3),
-            ("Error", ErrorCode.UNKNOWN_DELIVERY, 999),
+            ("Error", ErrorCode.UNKNOWN_DELIVERY, 0),  # an ACK is not a request: id 0
             ("Response", None, 4),
         ]
         msg = await watch.get(timeout(5))

@@ -62,7 +62,17 @@ from sockstack.protocol.messages import (
     encode_welcome,
 )
 from sockstack.protocol.registry import Registry
-from sockstack.pubsub.messages import PUBSUB_MESSAGES, Msg, Pub, PubSubType, encode_msg, encode_pub
+from sockstack.pubsub.messages import (
+    PUBSUB_MESSAGES,
+    Ack,
+    Msg,
+    Pub,
+    PubSubType,
+    Sub,
+    Unsub,
+    encode_msg,
+    encode_pub,
+)
 
 # Every core here also speaks publish/subscribe, whose PUB and MSG have fast decoders: their fast
 # paths are fed the same cases as the general path.
@@ -83,6 +93,7 @@ class MessageType:
         _CoreType.CLOSE,
     )
     PUB, MSG, SUB = PubSubType.PUB, PubSubType.MSG, PubSubType.SUB
+    UNSUB, ACK = PubSubType.UNSUB, PubSubType.ACK
 
 
 class Connection(_Connection):
@@ -314,11 +325,85 @@ SERVER_CASES = [
         encode_frame(MessageType.PUB, 0, b"a.b", b"p", 0x04 | UNKNOWN_FLAG, 1),
         Pub(0, "a.b", b"p", 1, True),
     ),
+    # PROTOCOL.md §4.1: a PUB's payload is in the header's codec, one the broker has (else
+    # subscribers could not decode it); an empty body is passed on (the broker decides: RETAIN
+    # clears, raw is b"", msgpack/JSON refused).
+    _refused("pub-codec-3", S, encode_frame(MessageType.PUB, 0, b"a.b", b"p", 0, 3), 0, 2004),
+    _refused(
+        "pub-codec-3-qos1", S, encode_frame(MessageType.PUB, 12, b"a.b", b"p", 0, 3), 12, 2004
+    ),
+    _accepted("pub-json", S, encode_pub("a.b", b"21.5", 10, 2), Pub(10, "a.b", b"21.5", 2, False)),
+    _accepted("pub-raw", S, encode_pub("a.b", b"\x00", 0, 0), Pub(0, "a.b", b"\x00", 0, False)),
+    _accepted("pub-clear", S, encode_pub("a.b", b"", 11, 0, True), Pub(11, "a.b", b"", 0, True)),
+    _accepted("pub-empty-msgpack", S, encode_pub("a.b", b""), Pub(0, "a.b", b"", 1, False)),
+    # SUB options in the header's codec; no body: no options, whatever the codec byte.
     _accepted(
-        "pub-codec-3",
+        "sub-msgpack",
         S,
-        encode_frame(MessageType.PUB, 0, b"a.b", b"p", 0, 3),
-        Pub(0, "a.b", b"p", 3, False),
+        encode_frame(MessageType.SUB, 7, b"s.>", packb({"qos": 1}), 0, 1),
+        Sub(7, "s.>", {"qos": 1}, 1),
+    ),
+    _accepted(
+        "sub-json",
+        S,
+        encode_frame(MessageType.SUB, 7, b"s.>", b'{"qos":1}', 0, 2),
+        Sub(7, "s.>", {"qos": 1}, 2),
+    ),
+    _accepted(
+        "sub-empty-map-msgpack",
+        S,
+        encode_frame(MessageType.SUB, 7, b"s.>", b"\x80", 0, 1),
+        Sub(7, "s.>", {}, 1),
+    ),
+    _accepted(
+        "sub-empty-map-json",
+        S,
+        encode_frame(MessageType.SUB, 7, b"s.>", b"{}", 0, 2),
+        Sub(7, "s.>", {}, 2),
+    ),
+    *(
+        _accepted(
+            f"sub-no-body-codec-{codec}",
+            S,
+            encode_frame(MessageType.SUB, 7, b"s.>", b"", 0, codec),
+            Sub(7, "s.>", {}, codec),
+        )
+        for codec in (0, 1, 2, 9)
+    ),
+    _refused(
+        "sub-json-options-sent-as-msgpack",
+        S,
+        encode_frame(MessageType.SUB, 7, b"s.>", b'{"qos":1}', 0, 1),
+        7,
+        2003,
+    ),
+    _refused(
+        "sub-options-raw", S, encode_frame(MessageType.SUB, 7, b"s.>", b"\x80", 0, 0), 7, 2003
+    ),
+    _refused(
+        "sub-options-codec-9", S, encode_frame(MessageType.SUB, 7, b"s.>", b"{}", 0, 9), 7, 2004
+    ),
+    _refused(
+        "sub-options-json-array", S, encode_frame(MessageType.SUB, 7, b"s.>", b"[]", 0, 2), 7, 2003
+    ),
+    # UNSUB and ACK have no body: codec 0 is sent, and any codec byte accepted (old peers: 1).
+    *(
+        _accepted(
+            f"unsub-codec-{codec}",
+            S,
+            encode_frame(MessageType.UNSUB, 7, b"", b"", 0, codec),
+            Unsub(7, codec),
+        )
+        for codec in (0, 1, 2, 9)
+    ),
+    *(
+        _accepted(
+            f"ack-codec-{codec}",
+            S,
+            encode_frame(MessageType.ACK, 3, b"", b"", 0, codec),
+            Ack(3),
+        )
+        for codec in (0, 1, 2, 9)
     ),
     _refused(
         "pub-bad-utf8-topic",

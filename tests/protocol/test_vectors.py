@@ -92,14 +92,25 @@ EXPECTED: dict[str, tuple[bytes, Any]] = {
     "ping": (encode_ping(7, b"hi"), Ping(7, b"hi")),
     "pong": (encode_pong(7, b"hi"), Pong(7, b"hi")),
     "close": (encode_close(1001, "bye"), Close(1001, "bye")),
-    "sub": (encode_sub(7, "sensors.>", {"qos": 1}), Sub(7, "sensors.>", {"qos": 1})),
-    "unsub": (encode_unsub(7), Unsub(7)),
+    "sub": (encode_sub(7, "sensors.>", {"qos": 1}), Sub(7, "sensors.>", {"qos": 1}, 1)),
+    "response-nil-msgpack": (encode_response(7, None), Response(7, None, 1)),
+    "sub-json": (encode_sub(8, "sensors.>", {"qos": 1}, 2), Sub(8, "sensors.>", {"qos": 1}, 2)),
+    "sub-no-options": (encode_sub(9, "a.b"), Sub(9, "a.b", {}, 0)),
+    "response-nil-raw": (encode_response(9, None, RAW), Response(9, b"", 0)),
+    "unsub": (encode_unsub(7), Unsub(7, 0)),
     "pub": (
         encode_pub("a.b", bytes.fromhex("cb4035800000000000"), 9, 1, retain=True),
         Pub(9, "a.b", bytes.fromhex("cb4035800000000000"), 1, True),
     ),
+    "pub-json": (encode_pub("a.b", b"21.5", 10, 2), Pub(10, "a.b", b"21.5", 2, False)),
+    "response-nil-json": (encode_response(10, None, JSON), Response(10, None, 2)),
+    "pub-clear": (encode_pub("a.b", b"", 11, 0, retain=True), Pub(11, "a.b", b"", 0, True)),
     "msg": (encode_msg(3, 7, b"a.b", b"\x15"), Msg(3, 7, "a.b", b"\x15", 1, False, False)),
     "ack": (encode_ack(3), Ack(3)),
+    "error-unknown-delivery": (
+        encode_error(0, 2011, "UNKNOWN_DELIVERY", "no delivery 3 awaits an ACK on this connection"),
+        Error(0, 2011, "UNKNOWN_DELIVERY", "no delivery 3 awaits an ACK on this connection"),
+    ),
 }
 
 
@@ -116,6 +127,18 @@ def test_vector(name: str) -> None:
     assert decode_message(frame, REGISTRY) == message
     datagram = parse_datagram(wire, 1 << 20)  # the same bytes as a datagram
     assert decode_message(datagram, REGISTRY) == message
+
+
+@pytest.mark.parametrize("name", ["unsub", "ack"])
+def test_unsub_and_ack_of_old_peers_with_codec_1_decode_the_same(name: str) -> None:
+    """PROTOCOL.md §4.1: UNSUB and ACK have no body; codec 0 is sent, and the codec byte 1 that
+    earlier revisions showed (and older peers send) is accepted: same message, codec aside."""
+    wire = bytearray(doc_vectors()[name])
+    assert wire[5] == 0
+    wire[5] = 1
+    (frame,) = FrameDecoder().feed(bytes(wire))
+    expected = EXPECTED[name][1]
+    assert decode_message(frame, REGISTRY) == (Unsub(7, 1) if name == "unsub" else expected)
 
 
 def test_every_message_type_has_a_vector() -> None:

@@ -125,8 +125,34 @@ def test_retained_store_and_clearing() -> None:
     sub = broker.subscribe(peer, 1, "a.*", {})
     assert broker.deliver_retained(sub) == 2
     assert sorted(peer.values()) == [b"2", b"3"] and all(m.retained for m in peer.frames)
+    before = broker.stats()["published"]
     broker.publish("a.b", b"", retain=True)  # empty payload clears the topic
     assert list(broker.retained) == ["a.c"]
+    # A clear is not a message: nothing goes to those subscribed (PROTOCOL.md §4.1), whatever
+    # the codec byte; it counts as published; clearing a topic with nothing retained is fine.
+    assert len(peer.frames) == 2
+    assert broker.publish("a.c", b"", codec=2, retain=True) == 0
+    assert broker.publish("a.nothing", b"", codec=0, retain=True) == 0
+    assert broker.retained == {} and broker.retained_bytes == 0
+    assert len(peer.frames) == 2 and broker.stats()["published"] == before + 3
+    with pytest.raises(BrokerError) as info:
+        broker.publish("a.*", b"", retain=True)  # a clear's topic is checked like any other
+    assert info.value.code == ErrorCode.BAD_TOPIC
+
+
+@pytest.mark.parametrize("codec", [1, 2])
+def test_an_empty_payload_is_a_message_only_in_the_raw_codec(codec: int) -> None:
+    """Without RETAIN, an empty body in msgpack or JSON is no value: refused (DECODE_ERROR),
+    not delivered to subscribers who could not decode it; in the raw codec it is b""."""
+    broker = Broker()
+    peer = FakePeer()
+    broker.subscribe(peer, 1, "t", {})
+    with pytest.raises(BrokerError) as info:
+        broker.publish("t", b"", codec=codec)
+    assert info.value.code == ErrorCode.DECODE_ERROR and "raw codec" in info.value.message
+    assert peer.frames == []
+    assert broker.publish("t", b"", codec=0) == 1
+    assert [(m.payload, m.codec) for m in peer.frames] == [(b"", 0)]
 
 
 @pytest.mark.parametrize(
@@ -139,6 +165,9 @@ def test_retained_store_and_clearing() -> None:
         (lambda b, p: b.subscribe(p, 3, "a", {"nope": 1}), ErrorCode.DECODE_ERROR),
         (lambda b, p: b.subscribe(p, 4, "a", {"max_msgs": 10**9}), ErrorCode.DECODE_ERROR),
         (lambda b, p: b.unsubscribe(p, 77), ErrorCode.UNKNOWN_SUBSCRIPTION),
+        (lambda b, p: b.subscribe(p, 5, "a", {"qos": True}), ErrorCode.DECODE_ERROR),
+        (lambda b, p: b.subscribe(p, 6, "a", {"qos": 1.0}), ErrorCode.DECODE_ERROR),
+        (lambda b, p: b.ack(p, 1), ErrorCode.UNKNOWN_DELIVERY),
     ],
 )
 def test_refusals_have_codes(call: Any, code: int) -> None:
@@ -161,6 +190,28 @@ def test_too_many_subscriptions_has_its_own_code() -> None:
         broker.subscribe(peer, 2, "c", {})  # an id in use is still that
     assert info.value.code == ErrorCode.UNKNOWN_SUBSCRIPTION
     broker.subscribe(FakePeer(), 1, "c", {})  # per connection: another peer may
+
+
+def test_delivery_ids_wrap_skipping_zero_and_the_ids_in_flight() -> None:
+    """PROTOCOL.md §4.1: a delivery id is non-zero and not reused on a connection while its
+    delivery awaits an ACK, also once the broker's counter has gone past 2^32 - 1."""
+    broker = Broker()
+    peer, other = FakePeer(), FakePeer()
+    broker.subscribe(peer, 1, "t", {"qos": 1})
+    broker.subscribe(other, 1, "u", {"qos": 1})
+    broker._ids = iter([1, 2, 0xFFFFFFFF, 1 << 32, (1 << 32) + 1, (1 << 32) + 2, (1 << 32) + 3])
+    broker.publish("t", b"a")  # id 1, in flight on peer
+    broker.publish("u", b"b")  # id 2, in flight on other
+    broker.publish("t", b"c")  # 2^32 - 1
+    broker.publish("t", b"d")  # 2^32 -> 0: skipped; 1: in flight on peer, skipped; 2: free here
+    assert [m.delivery_id for m in peer.frames] == [1, 0xFFFFFFFF, 2]
+    assert [m.delivery_id for m in other.frames] == [2]  # the same id on another connection
+    with pytest.raises(BrokerError) as info:
+        broker.ack(other, 0xFFFFFFFF)  # an ACK settles a delivery of its own connection only
+    assert info.value.code == ErrorCode.UNKNOWN_DELIVERY
+    broker.ack(peer, 2)
+    broker.ack(other, 2)
+    assert broker.stats()["inflight"] == 2  # 1 and 2^32 - 1, on peer
 
 
 def test_peer_gone_removes_everything() -> None:
@@ -230,7 +281,7 @@ def test_empty_messages_count_against_the_byte_bounds() -> None:
         p.can_write = False
         broker.subscribe(p, i + 1, "t", {})
     for _ in range(1000):
-        broker.publish("t", b"")
+        broker.publish("t", b"", codec=0)  # empty raw messages
     stats = broker.stats()
     assert stats["pending"] <= 300  # 3 subscriptions' worth for 5 subscriptions together
     assert stats["held_bytes"] <= 3 * per_sub

@@ -11,6 +11,10 @@ here and differ only in how they wait: the asyncio client parks a future in each
 - :class:`OneCall` — the same rules for a caller with one call out at a time (the blocking
   client), without the table: the blocking call's hot path stays as cheap as it was.
 - :func:`outcome` — RESPONSE -> result, ERROR -> :class:`RemoteError`, PONG -> None.
+
+An ERROR with code UNKNOWN_DELIVERY is never an answer: it refuses an ACK (publish/subscribe),
+whose id is a delivery id the broker chose, not one of our request ids (PROTOCOL.md §4.1; this
+broker sends it with request id 0, an older one with the delivery id). No call ends on it.
 - :class:`Failover` — the order in which a client tries its servers.
 - :class:`Backoff` — jittered exponential delays between reconnect attempts.
 """
@@ -43,6 +47,11 @@ Answer = Response | Error | Pong
 """The messages that end a call."""
 
 _MAX_ID = 0xFFFFFFFF
+_NOT_AN_ANSWER = int(ErrorCode.UNKNOWN_DELIVERY)  # refuses an ACK, answers no request
+
+
+def _not_an_answer(ev: Answer) -> bool:
+    return type(ev) is Error and ev.code == _NOT_AN_ANSWER
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,12 +164,17 @@ class Calls(Generic[W]):
 
     def take(self, ev: Answer) -> PendingCall[W] | None:
         """The call ``ev`` answers, now no longer pending; None for an answer to no call waiting
-        (a duplicate, or one that came after the call's deadline): ignore it."""
+        (a duplicate, or one that came after the call's deadline), or for an ERROR that answers
+        no call (UNKNOWN_DELIVERY): ignore it."""
+        if type(ev) is Error and ev.code == _NOT_AN_ANSWER:
+            return None
         return self.pending.pop(ev.request_id, None)
 
     def answers(self, ev: Answer, request_id: int) -> bool:
         """True when ``ev`` answers the call ``request_id`` (which is then no longer pending).
         An answer to another id is consumed as :meth:`take` does, and is not this call's."""
+        if _not_an_answer(ev):
+            return False
         call = self.pending.pop(ev.request_id, None)
         return call is not None and call.request_id == request_id
 
@@ -170,6 +184,8 @@ class Calls(Generic[W]):
         found: tuple[bool, Any] | None = None
         for ev in events:
             if type(ev) is Response or type(ev) is Error or type(ev) is Pong:
+                if _not_an_answer(ev):
+                    continue
                 call = self.pending.pop(ev.request_id, None)
                 if call is not None and call.request_id == request_id:
                     found = outcome(ev)
@@ -240,6 +256,8 @@ class OneCall:
     def answers(self, ev: Answer) -> bool:
         """True when ``ev`` answers the call waiting (which then ends)."""
         if ev.request_id == self.current != 0:
+            if type(ev) is Error and ev.code == _NOT_AN_ANSWER:
+                return False
             self.current = 0
             return True
         return False

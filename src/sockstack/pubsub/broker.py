@@ -16,6 +16,13 @@ Delivery, per subscription:
   ``max_inflight`` wait at once, the rest queue. At least once while the subscriber stays
   connected; nothing is persisted across broker restarts.
 
+A message is delivered at the QoS of the subscription (live and retained alike), whatever the
+QoS it was published with: the publisher's QoS covers publisher -> broker (is the PUB
+acknowledged), the subscription's broker -> subscriber. Delivery ids (QoS 1) come from one
+counter for the whole broker, so no id is reused on a connection while its delivery awaits an
+ACK (after 2^32 deliveries the counter wraps and skips the ids still in flight there); an ACK
+settles a delivery of its own connection only.
+
 Memory, counted as what it really costs (issue 10): a queued message is charged its payload and
 topic bytes plus :data:`QUEUED_OVERHEAD` (the Python objects that hold it), a QoS 1 message
 waiting for its ACK its MSG frame plus :data:`INFLIGHT_OVERHEAD`. Both count against the
@@ -149,7 +156,7 @@ class SubOptions:
         max_bytes = raw.get("max_bytes", limits.max_bytes)
         if group is not None and (not isinstance(group, str) or not group or len(group) > 256):
             raise BrokerError(ErrorCode.DECODE_ERROR, "group must be a non-empty string")
-        if qos not in (0, 1):
+        if type(qos) is not int or qos not in (0, 1):  # not True/False, not 1.0
             raise BrokerError(ErrorCode.DECODE_ERROR, "qos must be 0 or 1")
         if policy not in POLICIES:
             raise BrokerError(ErrorCode.DECODE_ERROR, f"policy must be one of {POLICIES}")
@@ -261,22 +268,29 @@ class Broker:
     # ------------------------------------------------------------------ publishing
 
     def publish(self, topic: str, payload: bytes, codec: int = 1, retain: bool = False) -> int:
-        """Route one message; returns how many subscriptions it went to."""
-        if len(payload) > self.limits.max_payload:
+        """Route one message; returns how many subscriptions it went to.
+
+        An empty ``payload`` with ``retain`` clears the topic's retained message and goes to
+        no subscriber (it is not a message). Without ``retain``, an empty payload is a message
+        only in the raw codec (0, the empty bytes value); in msgpack or JSON it is no value at
+        all and is refused (DECODE_ERROR) rather than delivered undecodable
+        (PROTOCOL.md §4.1)."""
+        if not payload:
+            if retain:
+                self._clear(topic)
+                return 0
+            if codec:
+                raise BrokerError(
+                    ErrorCode.DECODE_ERROR,
+                    f"empty payload in codec {codec}: not a value (an empty payload is a "
+                    "message only in the raw codec 0; with RETAIN it clears the topic)",
+                )
+        elif len(payload) > self.limits.max_payload:
             raise BrokerError(
                 ErrorCode.PAYLOAD_TOO_LARGE,
                 f"payload of {len(payload)} bytes above the broker's {self.limits.max_payload}",
             )
-        cached = self._topics.get(topic)
-        if cached is None:
-            try:
-                tokens = validate_topic(topic)
-            except TopicError as exc:
-                raise BrokerError(ErrorCode.BAD_TOPIC, str(exc)) from None
-            if len(self._topics) >= 10_000:
-                self._topics.clear()  # bounded: topics repeat, so the cache refills at once
-            cached = self._topics[topic] = (tokens, topic.encode())
-        tokens, topic_b = cached
+        tokens, topic_b = self._topic(topic)
         if retain:
             self._retain(topic, topic_b, payload, codec)
         self.counters["published"] += 1
@@ -307,23 +321,42 @@ class Broker:
                 n += 1
         return n
 
+    def _topic(self, topic: str) -> tuple[list[str], bytes]:
+        """A published topic's tokens and UTF-8 bytes, validated once and cached."""
+        cached = self._topics.get(topic)
+        if cached is None:
+            try:
+                tokens = validate_topic(topic)
+            except TopicError as exc:
+                raise BrokerError(ErrorCode.BAD_TOPIC, str(exc)) from None
+            if len(self._topics) >= 10_000:
+                self._topics.clear()  # bounded: topics repeat, so the cache refills at once
+            cached = self._topics[topic] = (tokens, topic.encode())
+        return cached
+
+    def _clear(self, topic: str) -> None:
+        """An empty retained publish: forget the topic's retained message (if any). Counted as
+        published, delivered to no one."""
+        self._topic(topic)  # a bad topic is refused, as for any publish
+        self.counters["published"] += 1
+        old = self.retained.pop(topic, None)
+        if old is not None:
+            self.retained_bytes -= len(old[1]) + 2 * len(old[0]) + RETAINED_OVERHEAD
+
     def _retain(self, topic: str, topic_b: bytes, payload: bytes, codec: int) -> None:
-        """Keep (or, for an empty payload, clear) the topic's retained message, within the
-        store's bounds in topics and bytes; raise :class:`BrokerError` beyond them."""
+        """Keep ``payload`` (not empty) as the topic's retained message, within the store's
+        bounds in topics and bytes; raise :class:`BrokerError` RETAINED_STORE_FULL beyond
+        them (nothing is retained or delivered then)."""
         old = self.retained.get(topic)
         freed = 0 if old is None else len(old[1]) + 2 * len(old[0]) + RETAINED_OVERHEAD
-        if not payload:  # an empty retained message clears the topic
-            if old is not None:
-                del self.retained[topic]
-                self.retained_bytes -= freed
-            return
         lim = self.limits
         if old is None and len(self.retained) >= lim.max_retained:
             self.counters["retained_refused"] += 1
             raise BrokerError(
                 ErrorCode.RETAINED_STORE_FULL,
                 f"retained store is full: {len(self.retained)} topics, the broker's "
-                f"max_retained; clear one (publish an empty retained message) first",
+                f"max_retained; clear one (clear_retained(topic): an empty retained publish) "
+                "first",
             )
         cost = len(payload) + 2 * len(topic_b) + RETAINED_OVERHEAD
         if self.retained_bytes - freed + cost > lim.max_retained_bytes:
@@ -332,7 +365,8 @@ class Broker:
                 ErrorCode.RETAINED_STORE_FULL,
                 f"retained store is full: {self.retained_bytes - freed} of the broker's "
                 f"{lim.max_retained_bytes} bytes (max_retained_bytes) in use, this message "
-                f"needs {cost}; clear topics (publish an empty retained message) first",
+                f"needs {cost}; clear topics (clear_retained(topic): an empty retained "
+                "publish) first",
             )
         self.retained[topic] = (topic_b, payload, codec)
         self.retained_bytes += cost - freed
@@ -414,7 +448,9 @@ class Broker:
         self, sub: Subscription, topic_b: bytes, payload: bytes, codec: int, flags: int
     ) -> None:
         if sub.options.qos:
-            did = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+            did = next(self._ids)
+            if did > 0xFFFFFFFF:
+                did = self._wrapped_id(sub.peer, did)
             frame = encode_msg(did, sub.sid, topic_b, payload, codec, flags)
             sub.inflight[did] = (frame, self.clock() + self.limits.ack_wait, 1)
             cost = len(frame) + INFLIGHT_OVERHEAD
@@ -425,6 +461,18 @@ class Broker:
         sub.peer.write_soon(frame)
         sub.delivered += 1
         self.counters["delivered"] += 1
+
+    def _wrapped_id(self, peer: Peer, did: int) -> int:
+        """A delivery id once the counter has passed 2^32 - 1: the next u32 that is not 0 and
+        not awaiting an ACK on ``peer``'s connection (PROTOCOL.md §4.1). Ends: a connection
+        has at most ``max_subscriptions_per_peer * max_inflight`` ids in flight, far fewer
+        than 2^32."""
+        subs = self._peers.get(peer, {}).values()
+        while True:
+            did &= 0xFFFFFFFF
+            if did and not any(did in s.inflight for s in subs):
+                return did
+            did = next(self._ids)
 
     def _settled(self, sub: Subscription, frame: bytes) -> None:
         """An in-flight frame was acknowledged or given up: its bytes are free."""
@@ -481,7 +529,10 @@ class Broker:
                 if sub.pending:
                     self._flush(sub)
                 return
-        raise BrokerError(ErrorCode.UNKNOWN_DELIVERY, f"no delivery {delivery_id} awaits an ACK")
+        raise BrokerError(
+            ErrorCode.UNKNOWN_DELIVERY,
+            f"no delivery {delivery_id} awaits an ACK on this connection",
+        )
 
     def tick(self) -> None:
         """Send again what was not acknowledged in time (call about once a second)."""

@@ -8,6 +8,12 @@ add publish/subscribe's messages to the client's registry when first used.
 
 What is the same for both flavours (checking a publish, the SUB options, decoding a delivered
 message) is written once, here.
+
+Codecs: a publish goes in the client's codec; SUB options in the client's codec when it is
+msgpack or JSON (msgpack for a raw client), a SUB without options, UNSUB and ACK with no body
+and codec 0. ``clear_retained(topic)`` sends what clears a topic's retained message (an empty
+RETAIN publish, codec 0), which no codec's ``publish`` can (an encoded value is never empty,
+except the raw codec's ``b""``, which with ``retain=True`` clears too).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sockstack.errors import CallTimeout, CodecError, ConnectError, ConnectionClosed, ConnectionLost
-from sockstack.protocol.codecs import CODECS, Codec
+from sockstack.protocol.codecs import CODECS, RAW, Codec
 from sockstack.protocol.registry import Registry
 from sockstack.pubsub.messages import (
     PUBSUB_MESSAGES,
@@ -75,6 +81,11 @@ def prepare_publish(topic: str, value: Any, qos: int, codec: Codec) -> bytes:
     return codec.encode(value)
 
 
+def sub_codec(codec: Codec) -> int:
+    """The codec SUB options go in: the client's if structured (msgpack, JSON), else msgpack."""
+    return codec.id if codec.structured else 1
+
+
 def _decode(msg: Msg) -> Message:
     """Raises KeyError (unknown codec) or CodecError."""
     return Message(msg.topic, CODECS[msg.codec].decode(msg.payload), msg.retained, msg.redelivered)
@@ -114,10 +125,12 @@ class Subscription:
         options: dict[str, Any],
         callback: Callable[[Message], Any] | None,
         max_pending: int,
+        codec: int = 1,
     ) -> None:
         self._channel = channel
         self.pattern = pattern
         self.options = options
+        self._codec = codec  # of the SUB's options
         self.sid = 0
         self.callback = callback
         # A plain function's result is not checked for awaitables per message (costly).
@@ -219,7 +232,7 @@ class _AsyncState:
         def frame(sid: int) -> bytes:
             sub.sid = sid
             self.subscriptions[sid] = sub  # before the answer: retained messages follow it
-            return encode_sub(sid, sub.pattern, sub.options)
+            return encode_sub(sid, sub.pattern, sub.options, sub._codec)
 
         try:
             await self.channel.exchange(frame, "SUB " + sub.pattern, timeout)
@@ -235,7 +248,7 @@ class _AsyncState:
         """After a reconnect: the (new) broker knows none of our subscriptions; send them all
         again under the same ids. Their answers have no waiter and are ignored."""
         for sid, sub in self.subscriptions.items():
-            self.channel.send_soon(encode_sub(sid, sub.pattern, sub.options))
+            self.channel.send_soon(encode_sub(sid, sub.pattern, sub.options, sub._codec))
         if self.subscriptions:
             log.info("resubscribed %d subscriptions", len(self.subscriptions))
 
@@ -265,6 +278,35 @@ class AsyncPubSub:
         once (over UDP too); QoS 1 returns once the broker has accepted the message."""
         payload = prepare_publish(topic, value, qos, self.codec)
         codec = self.codec.id
+        channel = self.channel
+        if not qos and channel is not None and channel.kind == "stream":
+            # QoS 0 while connected, the bulk of publishing: queued for this loop iteration's
+            # write, without another coroutine.
+            if cast("StreamChannel", channel).send_soon(
+                encode_pub(topic, payload, 0, codec, retain)
+            ):
+                return
+        await self._publish(topic, payload, codec, qos, retain, timeout)
+
+    async def clear_retained(
+        self, topic: str, *, qos: int = 1, timeout: float | None = None
+    ) -> None:
+        """Clear ``topic``'s retained message: later subscribers get none, and nothing is
+        delivered to those subscribed now (an empty RETAIN publish, PROTOCOL.md §4.1). At QoS
+        1 (the default) it returns once the broker has done it; clearing a topic with nothing
+        retained is not an error."""
+        prepare_publish(topic, None, qos, RAW)
+        await self._publish(topic, b"", 0, qos, True, timeout)
+
+    async def _publish(
+        self,
+        topic: str,
+        payload: bytes,
+        codec: int,
+        qos: int,
+        retain: bool,
+        timeout: float | None,
+    ) -> None:
         channel = self.channel
         if not qos and channel is not None:
             frame = encode_pub(topic, payload, 0, codec, retain)
@@ -301,7 +343,7 @@ class AsyncPubSub:
         has the subscription, so anything published after that is delivered to it."""
         options = sub_options(group, qos, policy, max_msgs, max_bytes)
         channel = self.stream_channel("subscribe")
-        sub = Subscription(channel, pattern, options, callback, max_pending)
+        sub = Subscription(channel, pattern, options, callback, max_pending, sub_codec(self.codec))
         await _AsyncState.of(channel).subscribe(sub, self.timeout if timeout is None else timeout)
         return sub
 
@@ -334,7 +376,25 @@ class BlockingPubSub:
         """Publish ``value`` (encoded with the client's codec) to ``topic``. QoS 0 returns once
         sent (over UDP too); QoS 1 once the broker has accepted it."""
         payload = prepare_publish(topic, value, qos, self.codec)
-        codec = self.codec.id
+        self._publish(topic, payload, self.codec.id, qos, retain, timeout)
+
+    def clear_retained(self, topic: str, *, qos: int = 1, timeout: float | None = None) -> None:
+        """Clear ``topic``'s retained message: later subscribers get none, and nothing is
+        delivered to those subscribed now (an empty RETAIN publish, PROTOCOL.md §4.1). At QoS
+        1 (the default) it returns once the broker has done it; clearing a topic with nothing
+        retained is not an error."""
+        prepare_publish(topic, None, qos, RAW)
+        self._publish(topic, b"", 0, qos, True, timeout)
+
+    def _publish(
+        self,
+        topic: str,
+        payload: bytes,
+        codec: int,
+        qos: int,
+        retain: bool,
+        timeout: float | None,
+    ) -> None:
         t = self.timeout if timeout is None else timeout
         with self.lock:
             conn = self.connection
@@ -367,6 +427,7 @@ class BlockingPubSub:
         """Subscribe (``*`` one token, ``>`` the rest); returns once the broker has it. Read
         with ``sub.get(timeout)`` or ``for msg in sub``."""
         options = sub_options(group, qos, policy, max_msgs, max_bytes)
+        codec = sub_codec(self.codec)
         conn = self.stream_connection("subscribe")
         with self.lock:
             inbox = _BlockingState.of(conn).inbox
@@ -377,7 +438,7 @@ class BlockingPubSub:
                 # may arrive in the same read.
                 inbox[rid] = collections.deque()
                 made.append(rid)
-                return encode_sub(rid, pattern, options)
+                return encode_sub(rid, pattern, options, codec)
 
             try:
                 sid, _ = conn.exchange(

@@ -4,16 +4,19 @@
 Byte layouts (docs/PROTOCOL.md §4.1):
 
 - SUB (client): ``request_id`` = subscription id (non-zero, chosen by the client); meta = the
-  pattern, UTF-8; body = options, a msgpack map (may be empty). Answered with RESPONSE (same
-  id) once the broker has the subscription, or ERROR.
-- UNSUB (client): ``request_id`` = subscription id. Answered with RESPONSE or ERROR.
-- PUB (client): ``request_id`` 0 = QoS 0 (no answer); non-zero = QoS 1 (RESPONSE once the
-  broker has accepted it). meta = topic; body = the payload, opaque to the broker, in the codec
-  the header names. Flag 0x04 RETAIN: keep it as the topic's last message.
+  pattern, UTF-8; body = options, a map in the header's codec (msgpack or JSON), or no bytes
+  at all (then the codec byte is ignored; 0 is sent). Answered with RESPONSE (same id, result
+  nil in the SUB's codec) once the broker has the subscription, or ERROR.
+- UNSUB (client): ``request_id`` = subscription id; no body, codec 0 sent, any accepted.
+  Answered with RESPONSE (nil, in the UNSUB's codec) or ERROR.
+- PUB (client): ``request_id`` 0 = QoS 0 (no answer); non-zero = QoS 1 (RESPONSE, nil in the
+  PUB's codec, once the broker has accepted it). meta = topic; body = the payload, opaque to
+  the broker, in the codec the header names (one the broker has: else UNSUPPORTED_CODEC).
+  Flag 0x04 RETAIN: keep it as the topic's last message; an empty RETAIN body clears it.
 - MSG (broker): ``request_id`` = delivery id, 0 at QoS 0 (else ACK it); meta = subscription id
   (u32) then the topic; body and codec as published. Flags: 0x04 RETAINED (from the retained
   store), 0x08 REDELIVERED.
-- ACK (client): ``request_id`` = delivery id. Nothing else.
+- ACK (client): ``request_id`` = delivery id; no body, codec 0 sent, any accepted.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import struct
 from typing import Any
 
 from sockstack.errors import CodecError, ErrorCode, RemoteProtocolError
-from sockstack.protocol.codecs import MSGPACK
+from sockstack.protocol.codecs import CODECS
 from sockstack.protocol.events import PatternMessage, Role, message
 from sockstack.protocol.frames import Frame, pack_header
 from sockstack.protocol.registry import MessageSet, MessageSpec
@@ -76,11 +79,15 @@ class Sub(PatternMessage):
     sid: int
     pattern: str
     options: dict[str, Any]
+    codec: int = 1
+    """The header's codec byte: the options' codec (when there are options) and the answer's."""
 
 
 @message
 class Unsub(PatternMessage):
     sid: int
+    codec: int = 0
+    """The header's codec byte (there is no body): the answer's codec when the broker has it."""
 
 
 @message
@@ -108,7 +115,7 @@ class Ack(PatternMessage):
     delivery_id: int
 
 
-def _frame(type_: int, rid: int, meta: bytes, body: bytes, flags: int = 0, codec: int = 1) -> bytes:
+def _frame(type_: int, rid: int, meta: bytes, body: bytes, flags: int = 0, codec: int = 0) -> bytes:
     return pack_header(type_, flags, codec, len(meta), rid, len(body)) + (meta + body)
 
 
@@ -133,11 +140,20 @@ def sub_options(
     return options
 
 
-def encode_sub(sid: int, pattern: str, options: dict[str, Any] | None = None) -> bytes:
-    return _frame(_SUB, sid, pattern.encode(), MSGPACK.encode(options) if options else b"")
+def encode_sub(
+    sid: int, pattern: str, options: dict[str, Any] | None = None, codec: int = 1
+) -> bytes:
+    """SUB with ``options`` encoded in ``codec`` (1 msgpack, 2 JSON); without options, no body
+    and codec 0 (PROTOCOL.md §4.1)."""
+    if not options:
+        return _frame(_SUB, sid, pattern.encode(), b"")
+    if codec not in (1, 2):
+        raise CodecError(f"SUB options are a map: msgpack (1) or JSON (2), not codec {codec}")
+    return _frame(_SUB, sid, pattern.encode(), CODECS[codec].encode(options), 0, codec)
 
 
 def encode_unsub(sid: int) -> bytes:
+    """UNSUB: no body, codec 0."""
     return _frame(_UNSUB, sid, b"", b"")
 
 
@@ -161,6 +177,7 @@ def encode_msg(
 
 
 def encode_ack(delivery_id: int) -> bytes:
+    """ACK: no body, codec 0."""
     return _frame(_ACK, delivery_id, b"", b"")
 
 
@@ -172,20 +189,31 @@ def _text(data: bytes, what: str) -> str:
 
 
 def _decode_sub(f: Frame) -> Sub:
+    """Options in the header's codec; no body: no options, whatever the codec byte says."""
     if f.request_id == 0:
         raise RemoteProtocolError("SUB needs a non-zero subscription id", ErrorCode.DECODE_ERROR)
     options: Any = {}
     if f.body:
+        codec = CODECS.get(f.codec)
+        if codec is None:
+            raise RemoteProtocolError(f"unknown codec id {f.codec}", ErrorCode.UNSUPPORTED_CODEC)
+        if not codec.structured:
+            raise RemoteProtocolError(
+                "SUB options are a map, in msgpack (codec 1) or JSON (codec 2), not raw",
+                ErrorCode.DECODE_ERROR,
+            )
         try:
-            options = MSGPACK.decode(f.body)
+            options = codec.decode(f.body)
         except CodecError as exc:
             raise RemoteProtocolError(str(exc), ErrorCode.DECODE_ERROR) from None
         if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
             raise RemoteProtocolError("SUB options must be a map", ErrorCode.DECODE_ERROR)
-    return Sub(f.request_id, _text(f.meta, "pattern"), options)
+    return Sub(f.request_id, _text(f.meta, "pattern"), options, f.codec)
 
 
 def _decode_pub(f: Frame) -> Pub:
+    if f.codec not in CODECS:  # subscribers could not decode it (PROTOCOL.md §3, §4.1)
+        raise RemoteProtocolError(f"unknown codec id {f.codec}", ErrorCode.UNSUPPORTED_CODEC)
     return Pub(f.request_id, _text(f.meta, "topic"), f.body, f.codec, bool(f.flags & FLAG_RETAIN))
 
 
@@ -242,11 +270,11 @@ def _fast_msg(
 
 
 def _decode_unsub(f: Frame) -> Unsub:
-    return Unsub(f.request_id)
+    return Unsub(f.request_id, f.codec)  # any codec byte: there is no body to decode
 
 
 def _decode_ack(f: Frame) -> Ack:
-    return Ack(f.request_id)
+    return Ack(f.request_id)  # any codec byte (old peers send 1): there is no body
 
 
 _CLIENT = frozenset({Role.CLIENT})

@@ -7,6 +7,12 @@
 It adds the message types 0x10-0x1F (:data:`~sockstack.pubsub.messages.PUBSUB_MESSAGES`), the
 ``broker.stats`` method, QoS 0 PUB datagrams over UDP (never answered), the broker's once-a-second
 tick (QoS 1 redelivery), and forgets a connection's subscriptions when it goes.
+
+SUB, UNSUB and QoS 1 PUB are answered with RESPONSE (result nil) in the codec of the frame they
+answer (msgpack ``c0``, JSON ``null``, raw: no bytes; a codec byte the broker does not have, on
+a frame without a body: raw), or with ERROR. A bad ACK gets ERROR UNKNOWN_DELIVERY with request
+id 0: an ACK is not a request, and its delivery id (the broker's) must not be taken for a
+request id of the client's (PROTOCOL.md §4.1).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 from sockstack.errors import ErrorCode, RemoteProtocolError
 from sockstack.host.dispatch import Handler, make_handler
 from sockstack.host.pattern import DatagramPeer, HostContext, Pattern, Peer
+from sockstack.protocol.codecs import CODECS, RAW
 from sockstack.protocol.events import PatternMessage
 from sockstack.protocol.frames import parse_datagram
 from sockstack.protocol.registry import Registry
@@ -86,24 +93,24 @@ class PubSub(Pattern):
             return
         core = peer.core
         assert core is not None
-        rid = 0
+        rid = 0  # an ACK's refusal keeps 0: it answers no request
         try:
             if isinstance(msg, Pub):
                 rid = msg.request_id
                 broker.publish(msg.topic, msg.payload, msg.codec, msg.retain)
-                core.send_response(rid, None)  # QoS 1: accepted
+                core.send_response(rid, None, CODECS[msg.codec])  # QoS 1: accepted
             elif isinstance(msg, Sub):
                 rid = msg.sid
                 sub = broker.subscribe(peer, msg.sid, msg.pattern, msg.options)
-                core.send_response(msg.sid, None)  # before the retained messages that follow
+                # Answered before the retained messages that follow it.
+                core.send_response(msg.sid, None, CODECS.get(msg.codec, RAW))
                 broker.deliver_retained(sub)
             elif isinstance(msg, Ack):
-                rid = msg.delivery_id
                 broker.ack(peer, msg.delivery_id)
             elif isinstance(msg, Unsub):
                 rid = msg.sid
                 broker.unsubscribe(peer, msg.sid)
-                core.send_response(msg.sid, None)
+                core.send_response(msg.sid, None, CODECS.get(msg.codec, RAW))
         except BrokerError as exc:
             self._refuse(peer, rid, exc)
 
