@@ -290,7 +290,8 @@ class Broker:
                 ErrorCode.PAYLOAD_TOO_LARGE,
                 f"payload of {len(payload)} bytes above the broker's {self.limits.max_payload}",
             )
-        tokens, topic_b = self._topic(topic)
+        cached = self._topics.get(topic)  # the common case inline: no call per publish
+        tokens, topic_b = cached if cached is not None else self._topic(topic)
         if retain:
             self._retain(topic, topic_b, payload, codec)
         self.counters["published"] += 1
