@@ -453,3 +453,31 @@ async def test_retained_store_full_has_its_own_code_and_nothing_is_delivered() -
             assert [(m.topic, m.value) for m in got] == [("s.a", 1), ("s.m", "marker")]  # no s.b
             assert set(broker.retained) == {"s.a"}
             assert broker.stats()["retained_refused"] == 1
+
+
+async def test_udp_pub_datagrams_follow_the_same_codec_rules() -> None:
+    """§4.1 over UDP: a PUB datagram in a codec the broker does not have, or with an empty
+    msgpack body, is dropped (never answered); an empty RETAIN datagram clears without being
+    delivered; the next good datagram is what the subscriber gets."""
+    async with Server(Probe(), tcp=["127.0.0.1:0"], udp=["127.0.0.1:0"], broker=True) as srv:
+        broker = srv.broker
+        assert broker is not None
+        udp = srv.endpoint("udp")
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            asyncio.DatagramProtocol, remote_addr=(udp.host, udp.port)
+        )
+        try:
+            async with AsyncClient(tcp(srv), timeout=timeout(5)) as c:
+                watch = await c.subscribe("u.>")
+                await c.publish("u.kept", "old", qos=1, retain=True)
+                assert (await watch.get(timeout(5))).value == "old"
+                transport.sendto(encode_frame(PubSubType.PUB, 0, b"u.a", b"\x01", 0, 3))
+                transport.sendto(encode_pub("u.b", b"", 0, 1))
+                transport.sendto(encode_pub("u.kept", b"", 0, 0, retain=True))  # a clear
+                transport.sendto(encode_pub("u.c", b"\x07", 0, 1))
+                msg = await watch.get(timeout(5))
+                assert (msg.topic, msg.value) == ("u.c", 7)  # nothing of the three before it
+                assert broker.retained == {}
+        finally:
+            transport.close()

@@ -254,7 +254,7 @@ class _AsyncState:
 
 
 class AsyncPubSub:
-    """``publish`` and ``subscribe`` for :class:`~sockstack.AsyncClient`."""
+    """``publish``, ``clear_retained`` and ``subscribe`` for :class:`~sockstack.AsyncClient`."""
 
     codec: Codec
     timeout: float
@@ -352,7 +352,8 @@ class AsyncPubSub:
 
 
 class BlockingPubSub:
-    """``publish`` and ``subscribe`` for the blocking :class:`~sockstack.Client`."""
+    """``publish``, ``clear_retained`` and ``subscribe`` for the blocking
+    :class:`~sockstack.Client`."""
 
     codec: Codec
     timeout: float
