@@ -7,7 +7,8 @@ HOST_PORTS ?= --tcp 127.0.0.1:5050 --udp 127.0.0.1:5051
 .PHONY: run test test-deps bench bench-quick bench-deps fuzz lint typecheck mutate clean help
 
 help:
-	@echo "make run   - create .venv, install, serve the demo on tcp 5050 / udp 5051"
+	@echo "make run   - create .venv, install, serve the demo and the broker on tcp 5050 / udp 5051,"
+	@echo "            printing its methods and commands to try (Ctrl-C stops)"
 	@echo "make test  - create .venv, install dev dependencies, run the whole test suite"
 	@echo "make bench - install the peers (pyzmq, gRPC, NATS, Redis...) and run the benchmarks"
 	@echo "make fuzz  - fuzz the protocol core with atheris (FUZZ_RUNS=200000, bounded)"

@@ -14,6 +14,9 @@ Architecture (docs/ARCHITECTURE.md): ``protocol/`` is the sans-I/O core that own
 plugs into; ``rpc/`` and ``pubsub/`` are patterns; ``transport/`` holds URLs, TLS and the loop.
 """
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _distribution_version
+
 from sockstack.asyncio.stream import StreamLimits
 from sockstack.clients import AsyncClient, Client, connect
 from sockstack.errors import (
@@ -44,7 +47,10 @@ from sockstack.transport import tls
 from sockstack.transport.loop import run
 from sockstack.transport.memory import tune_malloc
 
-__version__ = "0.1.0"
+try:  # one place for the version: the package metadata (pyproject.toml's [project] version)
+    __version__ = _distribution_version("sockstack")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "RPC",

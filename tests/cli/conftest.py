@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import queue
 import re
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,15 +31,29 @@ def _env() -> dict[str, str]:
 
 
 class Proc:
-    """A subprocess whose stdout lines can be awaited with a timeout; ended by its PID."""
+    """A subprocess whose stdout lines can be awaited with a timeout; ended by its PID. With
+    ``group=True`` it leads a process group of its own, and :meth:`stop` signals that group
+    (``make run`` and ``bash -c`` lines have children that a signal to the PID alone misses,
+    as a terminal's Ctrl-C reaches the whole foreground group)."""
 
     def __init__(
-        self, args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None
+        self,
+        args: list[str],
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+        group: bool = False,
     ) -> None:
         full = _env()
         full.update(env or {})
+        self.group = group
         self.popen = subprocess.Popen(
-            args, cwd=cwd, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            args,
+            cwd=cwd,
+            env=full,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=group,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
@@ -75,7 +91,7 @@ class Proc:
         try:
             code = self.popen.wait(timeout(seconds))
         except subprocess.TimeoutExpired:
-            self.popen.kill()
+            self._signal(signal.SIGKILL)
             self.popen.wait()
             raise AssertionError(f"process {self.popen.args} did not exit") from None
         finally:
@@ -84,8 +100,17 @@ class Proc:
 
     def stop(self, sig: int = signal.SIGTERM, seconds: float = 10.0) -> int:
         if self.popen.poll() is None:
-            self.popen.send_signal(sig)
+            self._signal(sig)
         return self.wait(seconds)
+
+    def _signal(self, sig: int) -> None:
+        if self.group:
+            try:
+                os.killpg(self.popen.pid, sig)  # the group this process leads, by its PID
+            except ProcessLookupError:
+                pass
+        else:
+            self.popen.send_signal(sig)
 
     def _close(self) -> None:
         for t in self._threads:
@@ -117,6 +142,19 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_both() -> int:
+    """A loopback port free for TCP and for UDP at once (for a README port that either uses)."""
+    for _ in range(100):  # bounded: a port the kernel gives for TCP is nearly always free for UDP
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no port free for both TCP and UDP in 100 tries")
+
+
 @pytest.fixture
 def demo_server() -> Iterator[tuple[str, str]]:
     """`sockstack serve` (built-in demo) on free ports: yields (tcp_url, udp_url)."""
@@ -127,3 +165,51 @@ def demo_server() -> Iterator[tuple[str, str]]:
         yield tcp, udp
     finally:
         assert proc.stop() == 0
+
+
+def command_of(line: str) -> tuple[str, str | None]:
+    """The command of a line (its comment cut) and the output its ``# prints X`` promises."""
+    words = shlex.split(line, comments=True)
+    m = re.search(r"\s#\s*prints (.*)$", line)
+    return shlex.join(words), (m.group(1).strip() if m else None)
+
+
+def run_suggestions(banner: list[str], where: str) -> None:
+    """Run every ``try:`` command line of a serve/broker banner: each must work as printed
+    (a ``sub`` in the background, ended by the ``pub`` printed after it)."""
+    tries = [line.split("try: ", 1)[1] for line in banner if line.startswith("try: ")]
+    assert tries, f"{where}: the banner suggests nothing to try: {banner}"
+    waiting: list[Proc] = []
+    for line in tries:
+        command, _ = command_of(line)
+        words = shlex.split(command)
+        if words[1] == "sub":
+            before = subscriptions(words[2])
+            proc = Proc(["bash", "-c", f"exec {command}"], cwd=ROOT, group=True)
+            waiting.append(proc)
+            wait_subscriptions(words[2], before + 1, proc, where)
+            continue
+        out = run(["bash", "-c", command], cwd=ROOT, seconds=30)
+        assert out.returncode == 0, f"{where}: suggested `{command}` failed: {out.stderr}"
+    for proc in waiting:
+        assert proc.wait(20) == 0, f"{where}: the suggested sub did not end: {proc.stderr()}"
+
+
+def subscriptions(url: str) -> int:
+    from sockstack import connect
+
+    with connect(url) as c:
+        return int(c.call("broker.stats")["subscriptions"])
+
+
+def wait_subscriptions(url: str, at_least: int, proc: Proc, where: str) -> None:
+    """Until the broker at ``url`` counts ``at_least`` subscriptions (``sub`` prints nothing
+    once subscribed), or the bounded deadline; ``proc`` is the subscriber."""
+    from sockstack import connect
+
+    deadline = time.monotonic() + timeout(20)
+    with connect(url) as c:
+        while c.call("broker.stats")["subscriptions"] < at_least:  # bounded by the deadline
+            assert proc.popen.poll() is None, f"{where}: sub exited: {proc.stderr()}"
+            assert time.monotonic() < deadline, f"{where}: the subscriber never subscribed"
+            time.sleep(0.01)

@@ -6,28 +6,65 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 from typing import Any
 
 __all__ = [
     "EXIT_CONNECTION",
     "EXIT_OK",
+    "EXIT_PIPE",
     "EXIT_REMOTE",
     "EXIT_USAGE",
+    "LOG_LEVELS",
     "SECRET_ENV",
+    "CommandFailed",
     "UsageError",
     "add_client_arguments",
+    "check_files",
     "client_options",
     "format_result",
     "load_secret",
+    "log_level",
     "parse_value",
 ]
 
 EXIT_OK, EXIT_REMOTE, EXIT_USAGE, EXIT_CONNECTION = 0, 1, 2, 3
+EXIT_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool ended by SIGPIPE
 SECRET_ENV = "SOCKSTACK_SECRET"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class UsageError(Exception):
     """Bad usage: printed as one line on stderr, exit code 2."""
+
+
+class CommandFailed(Exception):
+    """A command that ran and did not get what it was asked for: one line on stderr (after
+    ``sockstack: ``), exit ``code``."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def log_level(text: str) -> str:
+    """``--log-level``: a level name in any case (argparse then checks it against the choices)."""
+    return text.upper()
+
+
+def check_files(*options: tuple[str, str | None]) -> None:
+    """Each ``(flag, path)`` given must be a readable file: else a usage error naming the flag,
+    the file and the operating system's reason (``--cert nope.pem: No such file or directory``)."""
+    for flag, path in options:
+        if path is None:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise UsageError(f"{flag} {path}: {exc.strerror or exc}") from None
+        if os.path.isdir(path):
+            raise UsageError(f"{flag} {path}: is a directory, not a PEM file")
 
 
 def parse_value(text: str) -> Any:
@@ -76,14 +113,24 @@ def client_options(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.key and not args.cert:
         raise UsageError("--key needs --cert")
+    files = (("--ca", args.ca), ("--cert", args.cert), ("--key", args.key))
+    check_files(*files)
     try:
         return {"tls": client_context(args.ca, cert=args.cert, key=args.key), "secret": secret}
     except (OSError, ValueError) as exc:
-        raise UsageError(f"TLS files: {exc}") from None
+        named = ", ".join(f"{flag} {path}" for flag, path in files if path)
+        raise UsageError(f"TLS files ({named}): {exc}") from None
 
 
-def add_client_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("url", help="tcp://host:port, tls://host:port or udp://host:port")
+def add_client_arguments(p: argparse.ArgumentParser, *, udp: bool = True) -> None:
+    """The URL and the TLS and secret options; ``udp=False`` for commands that need a
+    connection (``sub``), so that the help offers only what the command takes."""
+    p.add_argument(
+        "url",
+        help="tcp://host:port, tls://host:port or udp://host:port"
+        if udp
+        else "tcp://host:port or tls://host:port",
+    )
     p.add_argument(
         "--ca", metavar="FILE", help="tls://: trust this CA (PEM) instead of the system's"
     )

@@ -5,20 +5,51 @@ from __future__ import annotations
 import argparse
 import json
 
-from sockstack.cli.common import EXIT_OK, add_client_arguments, client_options, parse_value
+from sockstack.cli.common import (
+    EXIT_CONNECTION,
+    EXIT_OK,
+    EXIT_REMOTE,
+    CommandFailed,
+    UsageError,
+    add_client_arguments,
+    client_options,
+    parse_value,
+)
 from sockstack.clients import connect
-from sockstack.errors import CallTimeout
+from sockstack.errors import CallTimeout, ErrorCode, RemoteError
 
 __all__ = ["add_parsers", "run_pub", "run_sub"]
 
 
 def run_pub(args: argparse.Namespace) -> int:
+    """Publish, then (at QoS 0) make one round trip on the same connection or socket to
+    ``broker.stats``: nothing answers a QoS 0 PUB, so a server without a broker would drop the
+    message unseen. Over TCP the answer also proves the server has read the PUB (frames are
+    handled in order); over UDP the PUB datagram itself may still be lost."""
     with connect(args.url, timeout=args.timeout, **client_options(args)) as client:
         client.publish(args.topic, parse_value(args.value), qos=args.qos, retain=args.retain)
+        if not args.qos:
+            try:
+                client.call("broker.stats")
+            except RemoteError as exc:
+                if exc.code != ErrorCode.UNKNOWN_METHOD:
+                    raise
+                raise CommandFailed(
+                    f"remote error: {args.url} has no broker ({exc}): the message went nowhere; "
+                    "publish to `sockstack broker` or `sockstack serve --broker`",
+                    EXIT_REMOTE,
+                ) from None
     return EXIT_OK
 
 
 def run_sub(args: argparse.Namespace) -> int:
+    if args.url.lower().startswith("udp"):
+        raise UsageError(
+            f"sub {args.url}: a subscription lives on a connection: use tcp:// or tls:// "
+            "(udp:// takes QoS 0 publishes only)"
+        )
+    if args.count < 0 or args.timeout < 0:
+        raise UsageError("--count and --timeout must not be negative")
     with connect(args.url, **client_options(args)) as client:
         sub = client.subscribe(args.pattern, group=args.group, qos=args.qos)
         seen = 0
@@ -26,7 +57,13 @@ def run_sub(args: argparse.Namespace) -> int:
             try:
                 msg = sub.get(timeout=args.timeout or 365 * 86400.0)
             except CallTimeout:
-                break
+                if args.count:
+                    raise CommandFailed(
+                        f"error: got {seen} of {args.count} messages "
+                        f"({args.timeout:g} s without one)",
+                        EXIT_CONNECTION,
+                    ) from None
+                break  # no --count: silence for --timeout is the way it ends
             print(f"{msg.topic} {json.dumps(msg.value, default=repr)}", flush=True)
             seen += 1
     return EXIT_OK
@@ -36,7 +73,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     pb = sub.add_parser(
         "pub",
         help="publish a message",
-        description="Publish VALUE (JSON when it parses, else a string) to TOPIC.",
+        description="Publish VALUE (JSON when it parses, else a string) to TOPIC. At QoS 0 the "
+        "command then calls broker.stats on the same connection: a server without a broker "
+        "is an error (exit 1) instead of a message gone unseen.",
     )
     add_client_arguments(pb)
     pb.add_argument("topic")
@@ -49,10 +88,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "sub",
         help="subscribe and print messages",
         description="Subscribe to PATTERN (* is one token, > the rest) and print one line per "
-        "message: the topic, a space, the value as JSON. Stops after --count messages or "
-        "--timeout seconds without one.",
+        "message: the topic, a space, the value as JSON. Stops after --count messages (exit 0) or "
+        "--timeout seconds without one (exit 3 if fewer than --count arrived, else 0).",
     )
-    add_client_arguments(sb)
+    add_client_arguments(sb, udp=False)
     sb.add_argument("pattern")
     sb.add_argument("--group", help="queue group: members share the messages")
     sb.add_argument("--qos", type=int, choices=[0, 1], default=0, help="0 (default) or 1")

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
+import logging
 import os
+import shlex
 import ssl
 import sys
 
 from sockstack.asyncio.stream import StreamLimits
-from sockstack.cli.common import EXIT_CONNECTION, EXIT_OK, UsageError, load_secret
+from sockstack.cli.common import EXIT_CONNECTION, EXIT_OK, UsageError, check_files, load_secret
+from sockstack.demo import Demo
 from sockstack.host.pattern import Pattern
 from sockstack.host.server import Server, ServerLimits, refuse_unprotected
 from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM
@@ -23,30 +27,86 @@ from sockstack.transport.urls import (
     DEFAULT_BROKER_UDP_PORT,
     DEFAULT_TCP_PORT,
     DEFAULT_UDP_PORT,
+    Endpoint,
     parse_endpoint,
 )
 
 __all__ = ["add_parsers", "load_service", "run_serve"]
 
 _DEFAULT_LIMITS = ServerLimits()
+_log = logging.getLogger("sockstack.cli")
 
 
 def load_service(spec: str) -> object:
-    """``module:Class`` (module importable from the current directory) -> a service instance."""
-    module_name, colon, attr = spec.partition(":")
-    if not colon or not module_name or not attr:
-        raise UsageError(f"service {spec!r}: expected module:Class, e.g. demo_service:Calculator")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    """``module:Class`` (a module importable from the current directory) or
+    ``path/to/file.py:Class`` (the file's directory is put first on ``sys.path``, as Python does
+    for a script, so its own imports work) -> a service instance. ``Class`` is instantiated with
+    no arguments; a name that is not a class is served as it is (an instance).
+
+    Whatever keeps the service from loading (no such module or file, a syntax error, an
+    exception while importing, a class whose ``__init__`` needs arguments) is a
+    :class:`UsageError`, one line; ``--log-level DEBUG`` logs the traceback too."""
+    target, colon, attr = spec.rpartition(":")
+    if not colon or not target or not attr or not attr.isidentifier():
+        raise UsageError(
+            f"service {spec!r}: expected module:Class or path/to/file.py:Class, e.g. "
+            "examples/demo_service.py:Calculator"
+        )
+    path = None  # the file named, when a path is given
+    if target.endswith(".py") or os.sep in target or "/" in target:
+        path = os.path.abspath(target)
+        if not os.path.isfile(path):
+            why = "not a file" if os.path.exists(path) else "no such file"
+            raise UsageError(f"service {spec!r}: {target}: {why}")
+        directory, module_name = os.path.split(path)
+        module_name = module_name.removesuffix(".py")
+        if not module_name.isidentifier():
+            raise UsageError(f"service {spec!r}: {module_name!r} is not a valid module name")
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+    else:
+        module_name = target
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
+    except SyntaxError as exc:
+        where = f"{exc.filename}, line {exc.lineno}" if exc.filename else module_name
+        raise UsageError(f"cannot import {module_name!r}: {exc.msg} ({where})") from None
     except ImportError as exc:
         raise UsageError(f"cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:
+        _log.debug("importing %s failed", module_name, exc_info=True)
+        raise UsageError(
+            f"cannot import {module_name!r}: it raised {type(exc).__name__}: {exc}"
+        ) from None
+    if path is not None:
+        loaded = os.path.abspath(getattr(module, "__file__", "") or "")
+        if loaded != path:  # an installed module of the same name was found first
+            raise UsageError(
+                f"service {spec!r}: importing {module_name!r} found {loaded or 'a built-in'}, "
+                "not this file: rename the file"
+            )
     try:
         obj = getattr(module, attr)
     except AttributeError:
         raise UsageError(f"module {module_name!r} has no {attr!r}") from None
-    return obj() if isinstance(obj, type) else obj
+    if not isinstance(obj, type):
+        return obj
+    try:
+        inspect.signature(obj).bind()
+    except TypeError as exc:
+        raise UsageError(
+            f"cannot create {attr}(): {exc}; serve needs a class that takes no arguments, or "
+            "the name of an instance (module:name)"
+        ) from None
+    except ValueError:
+        pass  # no signature to check (a builtin): let the call say
+    try:
+        return obj()
+    except Exception as exc:
+        _log.debug("%s() failed", attr, exc_info=True)
+        raise UsageError(f"cannot create {attr}(): {type(exc).__name__}: {exc}") from None
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -60,8 +120,6 @@ async def _serve(args: argparse.Namespace) -> int:
         if args.service:
             service = load_service(args.service)
         else:
-            from sockstack.demo import Demo
-
             service = Demo()
         patterns.append(RPC(service, allow_empty=args.broker))
     if args.command == "broker" or args.broker:
@@ -113,20 +171,8 @@ async def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"sockstack: error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_CONNECTION
-    name = "broker" if args.command == "broker" else type(server.service).__name__
-    if server.broker is not None and args.command != "broker":
-        name += " and the broker"
-    for ep in server.endpoints:
-        print(f"serving {name} on {ep}", flush=True)
-    first = server.endpoints[0]
-    if args.command == "broker":
-        print(
-            f"try: sockstack sub {first} 'sensors.>'   and   sockstack pub {first} "
-            "sensors.room1.temp 21.5   (Ctrl-C stops)",
-            flush=True,
-        )
-    else:
-        print(f"try: sockstack call {first} {_example_call(server)}   (Ctrl-C stops)", flush=True)
+    for line in banner(server, args):
+        print(line, flush=True)
     await server.run(handle_signals=True)
     return EXIT_OK
 
@@ -140,10 +186,13 @@ def _server_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
         raise UsageError("--tls needs --cert (and --key unless the key is in the cert file)")
     from sockstack.transport.tls import server_context
 
+    files = (("--cert", args.cert), ("--key", args.key), ("--client-ca", args.client_ca))
+    check_files(*files)
     try:
         return server_context(args.cert, args.key, client_ca=args.client_ca)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"TLS files: {exc}") from None
+        named = ", ".join(f"{flag} {path}" for flag, path in files if path)
+        raise UsageError(f"TLS files ({named}): {exc}") from None
 
 
 def _serve_workers(args: argparse.Namespace) -> int:
@@ -198,11 +247,74 @@ def _serve_workers(args: argparse.Namespace) -> int:
     return run_workers(worker_args, tcp, udp, args.workers, tls=tls)
 
 
-def _example_call(server: Server) -> str:
+# Calls of the built-in demo that work on a fresh server, in this order (`get room` reads what
+# `set room` stored, over the other transport when there are both).
+_DEMO_EXAMPLES = (("tcp", "add 2 3"), ("udp", "set room 21.5"), ("tcp", "get room"))
+
+
+def banner(server: Server, args: argparse.Namespace) -> list[str]:
+    """What ``serve`` and ``broker`` print once listening: the endpoints, the methods with
+    their parameters and first doc line, and command lines to try. Every ``try:`` line is a
+    command that works against this server as it was started (tests run each one); for a
+    service of yours, whose arguments it cannot guess, it suggests ``ping`` and shows the form
+    of a call."""
+    is_broker = args.command == "broker"
+    name = "broker" if is_broker else type(server.service).__name__
+    if server.broker is not None and not is_broker:
+        name += " and the broker"
+    lines = [f"serving {name} on {ep}" for ep in server.endpoints]
     handlers = server.dispatcher.handlers
-    if "add" in handlers:
-        return "add 2 3"
-    return next(iter(sorted(handlers)))
+    if handlers:
+        lines.append("methods (sockstack call URL METHOD [ARG]...):")
+        shown = {n: _signature(h.signature) for n, h in handlers.items()}
+        width = max(len(n) + len(sig) for n, sig in shown.items())
+        for n in sorted(handlers):
+            doc = _first_sentence(inspect.getdoc(handlers[n].func) or "")
+            lines.append(f"  {(n + shown[n]).ljust(width)}  {doc}".rstrip())
+    extra = f" --secret-file {shlex.quote(args.secret_file)}" if args.secret_file else ""
+    plain = [ep for ep in server.endpoints if ep.scheme != "tls"]  # tls:// needs the CA: no guess
+    stream = next((_local(ep) for ep in plain if ep.is_stream), None)
+    dgram = next((_local(ep) for ep in plain if not ep.is_stream), None)
+    tries: list[str] = []
+    if isinstance(server.service, Demo) and not is_broker:
+        for scheme, call in _DEMO_EXAMPLES:
+            url = (stream or dgram) if scheme == "tcp" else (dgram or stream)
+            if url:
+                tries.append(f"sockstack call {url} {call}{extra}")
+    elif plain and not is_broker:
+        tries.append(f"sockstack ping {stream or dgram} --count 3{extra}")
+    if server.broker is not None and stream:
+        tries.append(
+            f"sockstack sub {stream} 'sensors.>' --count 1{extra}"
+            "   # waits for one message: publish it from another terminal"
+        )
+        tries.append(f"sockstack pub {stream} sensors.room1.temp 21.5{extra}")
+        if is_broker:
+            tries.append(f"sockstack call {stream} broker.stats{extra}")
+    lines += [f"try: {t}" for t in tries]
+    lines.append("Ctrl-C stops")
+    return lines
+
+
+def _first_sentence(doc: str) -> str:
+    paragraph = " ".join(doc.split("\n\n")[0].split()).replace("``", "")
+    end = paragraph.find(". ")
+    return paragraph if end < 0 else paragraph[: end + 1]
+
+
+def _signature(sig: inspect.Signature) -> str:
+    """``(a, b, default=None)``: the parameters as a caller passes them, without annotations."""
+    params = [p.replace(annotation=p.empty) for p in sig.parameters.values()]
+    return str(sig.replace(parameters=params, return_annotation=sig.empty))
+
+
+def _local(ep: Endpoint) -> str:
+    """The endpoint as a client on this machine reaches it (a wildcard address is not one)."""
+    if ep.host in ("0.0.0.0", ""):
+        return str(Endpoint(ep.scheme, "127.0.0.1", ep.port))
+    if ep.host == "::":
+        return str(Endpoint(ep.scheme, "::1", ep.port))
+    return str(ep)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -328,13 +440,6 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="seconds to finish in-flight requests on shutdown (default 10)",
     )
     common.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="server processes sharing the ports with SO_REUSEPORT, to use several cores "
-        "(default 1)",
-    )
-    common.add_argument(
         "--insecure",
         action="store_true",
         help="allow plain TCP/UDP endpoints on a non-loopback address without a secret "
@@ -361,15 +466,29 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "serve",
         parents=[common],
         help="serve a service over TCP and/or UDP",
-        description="Serve a service (module:Class; the built-in demo when omitted) until "
+        description="Serve a service (module:Class or file.py:Class; the built-in demo when "
+        "omitted) until "
         "SIGINT/SIGTERM, which drain in-flight requests before exiting. Without --tcp/--udp: "
         f"tcp 127.0.0.1:{DEFAULT_TCP_PORT} and udp 127.0.0.1:{DEFAULT_UDP_PORT}.",
     )
-    s.add_argument("service", nargs="?", help="module:Class, importable from the current directory")
+    s.add_argument(
+        "service",
+        nargs="?",
+        help="module:Class (a module importable from the current directory) or "
+        "path/to/file.py:Class; the class is created with no arguments",
+    )
     s.add_argument(
         "--broker",
         action="store_true",
-        help="also host the publish/subscribe broker on the same ports",
+        help="also host the publish/subscribe broker on the same ports (not with --workers)",
+    )
+    # Not offered by `broker`: the broker keeps its subscriptions in one process.
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the ports with SO_REUSEPORT, to use several cores "
+        "(default 1; not with --broker, whose subscriptions live in one process)",
     )
     k = sub.add_parser(
         "broker",
@@ -380,4 +499,4 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         f"127.0.0.1:{DEFAULT_BROKER_UDP_PORT}. Subscribers need TCP (or TLS); UDP takes QoS 0 "
         "publishes.",
     )
-    k.set_defaults(service=None, broker=True)
+    k.set_defaults(service=None, broker=True, workers=1)

@@ -74,7 +74,12 @@ def parse_endpoint(text: str, default_scheme: str | None = None) -> Endpoint:
     else:
         host, colon, port_text = rest.rpartition(":")
         if not colon:
-            raise InvalidURL(f"{text!r}: missing :port")
+            form = f"{scheme}://HOST:PORT" if sep else "HOST:PORT"
+            if rest.isdigit():  # `--tcp 5070`: a port without its host
+                example = f"{scheme}://127.0.0.1:{rest}" if sep else f"127.0.0.1:{rest}"
+                raise InvalidURL(f"{text!r}: missing host: expected {form}, e.g. {example}")
+            example = f"{scheme}://{rest or '127.0.0.1'}:5050" if sep else f"{rest}:5050"
+            raise InvalidURL(f"{text!r}: missing :port: expected {form}, e.g. {example}")
         if ":" in host:
             raise InvalidURL(f"{text!r}: write IPv6 addresses in brackets, e.g. tcp://[::1]:5050")
     host = host or "127.0.0.1"

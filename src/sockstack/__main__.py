@@ -1,0 +1,7 @@
+"""``python -m sockstack``: the ``sockstack`` command."""
+
+import sys
+
+from sockstack.cli import main
+
+sys.exit(main())
