@@ -100,6 +100,16 @@ EXPECTED: dict[str, tuple[bytes, Any]] = {
     ),
     "msg": (encode_msg(3, 7, b"a.b", b"\x15"), Msg(3, 7, "a.b", b"\x15", 1, False, False)),
     "ack": (encode_ack(3), Ack(3)),
+    "demo-set": (encode_request(1, "set", ["color", "blue"]), Request(1, "set", ["color", "blue"])),
+    "demo-set-answer": (encode_response(1, True), Response(1, True, 1)),
+    "demo-sleep-kwargs": (
+        encode_request(2, "sleep", [], {"seconds": 61}),
+        Request(2, "sleep", [], {"seconds": 61}, 1),
+    ),
+    "demo-sleep-error": (
+        encode_error(2, 2002, "ServiceError", "seconds must be a number between 0 and 60"),
+        Error(2, 2002, "ServiceError", "seconds must be a number between 0 and 60"),
+    ),
 }
 
 
