@@ -24,6 +24,7 @@ from sockstack.demo import KEY_OVERHEAD, MAX_BYTES, MAX_KEYS, Demo
 from sockstack.protocol.auth import KEY_LABEL
 from sockstack.protocol.frames import FrameDecoder
 from sockstack.rpc.service import collect_handlers
+from sockstack.transport.urls import DEFAULT_TCP_PORT, DEFAULT_UDP_PORT
 from tests.conftest import timeout
 from tests.protocol.test_vectors import doc_vectors
 
@@ -87,6 +88,10 @@ def test_the_documented_bounds_are_the_code_s() -> None:
     demo = Demo()
     assert (demo.max_keys, demo.max_bytes) == (MAX_KEYS, MAX_BYTES)
     assert "from 0 to 60" in text
+    ports = f"TCP {DEFAULT_TCP_PORT} and UDP {DEFAULT_UDP_PORT}"
+    assert ports in " ".join(text.split())  # where `sockstack serve` serves it by default
+    kit_readme = DOC.parent / "conformance" / "README.md"
+    assert ports in " ".join(kit_readme.read_text().split())
 
 
 async def test_the_hex_example_is_what_a_live_demo_server_answers() -> None:
@@ -118,6 +123,7 @@ ERRORS: list[tuple[str, list[Any], dict[str, Any], str, tuple[str, int]]] = [
     ("add", [[1], "a"], {}, "msgpack", APPLICATION),
     ("add", [True, 1], {}, "msgpack", APPLICATION),
     ("add", [2**63, 2**63], {}, "msgpack", ("RESULT_NOT_ENCODABLE", 2007)),
+    ("add", [1e308, 1e308], {}, "json", ("RESULT_NOT_ENCODABLE", 2007)),
     ("delete", [1], {}, "msgpack", APPLICATION),
     ("get", [b"k"], {}, "msgpack", APPLICATION),
     ("get", ["bin"], {}, "json", ("RESULT_NOT_ENCODABLE", 2007)),
