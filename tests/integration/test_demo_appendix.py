@@ -209,3 +209,15 @@ def test_the_secret_example_of_appendix_b(tmp_path: Path) -> None:
         f = tmp_path / "secret"
         f.write_bytes(content)
         assert load_secret(argparse.Namespace(secret_file=str(f))) == b"k"
+
+
+async def test_a_value_beyond_the_byte_bound_is_refused_and_changes_nothing() -> None:
+    async with Server(Demo(max_bytes=4096), tcp=["127.0.0.1:0"]) as srv:
+        async with AsyncClient(str(srv.endpoint("tcp")), timeout=timeout(5)) as c:
+            assert await c.call("set", "a", "x" * 1000) is True
+            with pytest.raises(RemoteError) as info:
+                await c.call("set", "b", "x" * 4000)
+            assert (info.value.type, info.value.code) == APPLICATION
+            assert "store is full" in str(info.value) and "of 4096 bytes" in str(info.value)
+            assert await c.call("keys") == ["a"]
+            assert await c.call("set", "a", "y" * 3000) is False  # the old value is freed first
