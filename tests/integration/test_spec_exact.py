@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from sockstack import ErrorCode, Server, ServerLimits, StreamLimits
-from sockstack.protocol.auth import NO_EPOCH, REFUSAL_SIZE, DatagramAuth, trailer_of
+from sockstack.protocol.auth import FLAG_AUTH, NO_EPOCH, REFUSAL_SIZE, DatagramAuth, trailer_of
 from sockstack.protocol.connection import Connection
 from sockstack.protocol.events import ConnectionTerminated, ProtocolViolation, Role
 from sockstack.protocol.frames import HEADER_SIZE, FrameDecoder, MessageType, encode_frame
@@ -291,6 +291,7 @@ def _cases(epoch: bytes, rid: int) -> dict[str, bytes]:
     return {
         "bad-mac": bytes(forged),
         "unsealed": request,
+        "too-short": encode_frame(MessageType.REQUEST, rid, b"", b"1234", flags=FLAG_AUTH),
         "stale": right.seal(request, now - 3600),
         "other-epoch-short": right.seal(pong, now, epoch=NO_EPOCH),
     }
@@ -299,10 +300,11 @@ def _cases(epoch: bytes, rid: int) -> dict[str, bytes]:
 async def test_refused_datagrams_with_request_id_0_get_no_answer_unless_sealed_for_another_epoch(
     sealed: Server, probe: Probe
 ) -> None:
-    """§6.1: with request id 0, a bad MAC, an unsealed datagram, a stale one, an epoch refusal
-    under 50 bytes and a copy of an accepted datagram get no answer; the same datagrams naming
-    id 5 get the 18-byte unsealed refusal (the copy: the sealed one). An epoch refusal of at
-    least 50 bytes is answered, id 0 included, with the sealed refusal naming id 0."""
+    """§6.1: with request id 0, a bad MAC, an unsealed datagram, one too short to be sealed, a
+    stale one, an epoch refusal under 50 bytes and a copy of an accepted datagram get no
+    answer; the same datagrams naming id 5 get the 18-byte unsealed refusal (the copy: the
+    sealed one). An epoch refusal of at least 50 bytes is answered, id 0 included, with the
+    sealed refusal naming id 0."""
     host = sealed._datagrams[0]
     epoch = sealed.datagram_auth.epoch
     right = DatagramAuth(SECRET, epoch=epoch)
@@ -350,7 +352,7 @@ async def test_refused_datagrams_with_request_id_0_get_no_answer_unless_sealed_f
     finally:
         udp.close()
     assert probe.runs == {"once-5": 1}
-    # Each refusal counted once: 3 per id of the four cases (the fourth is an epoch refusal),
-    # the two copies, the id-0 REQUEST's DECODE_ERROR, and the 13 markers (unsealed).
-    assert host.bad_datagrams == 2 * 3 + 2 + 1 + 13
+    # Each refusal counted once: 4 per id of the five cases (the fifth is an epoch refusal),
+    # the two copies, the id-0 REQUEST's DECODE_ERROR, and the 15 markers (unsealed).
+    assert host.bad_datagrams == 2 * 4 + 2 + 1 + 15
     assert host.epoch_refusals == 2 + 1
