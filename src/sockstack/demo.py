@@ -23,7 +23,33 @@ KEY_OVERHEAD = 192
 allocated), the size (an int, 32 B) and its dict entry (24 B of entry and 8 of index, times the
 table's spare room: up to 3x just after it grows). Measured: 135-184 B per key of RSS."""
 
-_SHARED = frozenset({type(None), bool})  # singletons: a reference costs its slot only
+_SHARED = frozenset({type(None), bool})
+
+
+_WIRE_NAMES = {
+    type(None): "nil",
+    bool: "bool",
+    int: "int",
+    float: "float",
+    str: "str",
+    bytes: "bin",
+    list: "array",
+    dict: "map",
+}
+
+
+def _kind(value: Any) -> str:
+    """A value's type as the wire names it (msgpack's names), for error messages."""
+    return _WIRE_NAMES.get(type(value), type(value).__name__)
+
+
+def _check_key(key: Any) -> None:
+    """Keys are strings (docs/PROTOCOL.md Appendix A): any other value, even a hashable one,
+    is refused, so that ``keys`` can always sort them."""
+    if type(key) is not str:
+        raise ServiceError(
+            f"a key is a str, not {_kind(key)}"
+        )  # singletons: a reference costs its slot only
 
 
 def value_size(value: Any, limit: int) -> int:
@@ -71,8 +97,15 @@ class Demo(Service):
 
     @method(inline=True)
     def add(self, a: Any, b: Any) -> Any:
-        """a + b (numbers, strings or lists)."""
-        return a + b
+        """a + b: two numbers (int or float), two strings or two arrays (concatenated)."""
+        numbers = (int, float)
+        if (
+            (type(a) in numbers and type(b) in numbers)
+            or (type(a) is str and type(b) is str)
+            or (type(a) is list and type(b) is list)
+        ):
+            return a + b
+        raise ServiceError(f"cannot add {_kind(a)} and {_kind(b)}")
 
     @method(inline=True)
     def time(self) -> float:
@@ -82,15 +115,15 @@ class Demo(Service):
     @method
     async def sleep(self, seconds: float) -> float:
         """Wait ``seconds`` (at most 60) on the server without blocking it; returns them."""
-        if not 0 <= seconds <= 60:
-            raise ServiceError("seconds must be between 0 and 60")
+        if type(seconds) not in (int, float) or not 0 <= seconds <= 60:
+            raise ServiceError("seconds must be a number between 0 and 60")
         await asyncio.sleep(seconds)
         return seconds
 
     @method(inline=True)
     def set(self, key: str, value: Any) -> bool:
         """Store ``value`` under ``key``; True if the key is new."""
-        hash(key)  # an unhashable key fails here, before anything is counted
+        _check_key(key)  # before anything is counted
         cost = KEY_OVERHEAD + value_size(key, self.max_bytes)
         cost += value_size(value, self.max_bytes - cost)
         with self._lock:
@@ -111,6 +144,7 @@ class Demo(Service):
     @method(inline=True)
     def get(self, key: str, default: Any = None) -> Any:
         """The value stored under ``key``, or ``default``."""
+        _check_key(key)
         with self._lock:
             entry = self._kv.get(key)
             return default if entry is None else entry[0]
@@ -118,6 +152,7 @@ class Demo(Service):
     @method(inline=True)
     def delete(self, key: str) -> bool:
         """Remove ``key``; True if it existed."""
+        _check_key(key)
         with self._lock:
             entry = self._kv.pop(key, None)
             if entry is None:
