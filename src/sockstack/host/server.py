@@ -66,6 +66,7 @@ from sockstack.protocol.frames import peek_request_id, peek_type
 from sockstack.protocol.messages import CORE_MESSAGES, encode_close, encode_error
 from sockstack.protocol.registry import Registry
 from sockstack.transport.ratelog import RateLimitedLog
+from sockstack.transport.secret import normalize_secret
 from sockstack.transport.urls import Endpoint, format_peer, is_loopback_host, parse_endpoint
 
 __all__ = ["Server", "ServerLimits", "refuse_unprotected", "serve"]
@@ -644,7 +645,7 @@ class Server:
         limits: ServerLimits | None = None,
         expose_errors: bool = True,
         reuse_port: bool = False,
-        secret: bytes | None = None,
+        secret: str | bytes | None = None,
         broker: object = False,
         insecure: bool = False,
     ) -> None:
@@ -657,7 +658,9 @@ class Server:
         if not self.patterns:
             raise ValueError("a server needs a service or at least one pattern")
         # A shared secret: required in every TCP/TLS HELLO, and on every UDP datagram (HMAC).
-        self.secret = secret
+        # One rule (sockstack.transport.secret): str or bytes, surrounding ASCII whitespace
+        # removed, empty refused with ValueError.
+        self.secret = secret = normalize_secret(secret)
         self.datagram_auth = (
             DatagramAuth(secret, window=self.limits.replay_window) if secret is not None else None
         )
@@ -952,7 +955,7 @@ def serve(
     tls_context: ssl.SSLContext | None = None,
     limits: ServerLimits | None = None,
     expose_errors: bool = True,
-    secret: bytes | None = None,
+    secret: str | bytes | None = None,
     broker: object = False,
     insecure: bool = False,
 ) -> None:

@@ -856,7 +856,7 @@ class Client(ClientSettings):
         retry: RetryPolicy | None = None,
         max_datagram: int = DEFAULT_MAX_DATAGRAM,
         tls: ssl.SSLContext | None = None,
-        secret: bytes | None = None,
+        secret: str | bytes | None = None,
     ) -> None:
         self._configure(
             url,

@@ -11,6 +11,7 @@ from sockstack.protocol.codecs import Codec, get_codec
 from sockstack.protocol.datagram import DatagramClient, RetryPolicy
 from sockstack.protocol.messages import CORE_MESSAGES
 from sockstack.protocol.registry import Registry
+from sockstack.transport.secret import normalize_secret
 from sockstack.transport.tls import client_context
 from sockstack.transport.urls import Endpoint, parse_endpoints
 
@@ -48,9 +49,11 @@ class ClientSettings:
         retry: RetryPolicy | None,
         max_datagram: int,
         tls: ssl.SSLContext | None,
-        secret: bytes | None,
+        secret: str | bytes | None,
     ) -> None:
-        self.secret = secret
+        # One rule for every secret (sockstack.transport.secret): str or bytes, surrounding
+        # ASCII whitespace removed, empty refused (ValueError).
+        self.secret = normalize_secret(secret)
         self.endpoints = parse_endpoints(url)
         self.endpoint = self.endpoints[0]
         self.timeout = timeout
