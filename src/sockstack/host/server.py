@@ -27,7 +27,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -424,7 +424,7 @@ class _HostStream(StreamProtocol):
         if self.in_flight >= self.server.limits.max_in_flight and not self._read_paused:
             self._read_paused = True
             self._update_reading()
-        self.loop.create_task(self._finish(req, pending))
+        self.server._spawn(self._finish(req, pending))
 
     async def _finish(self, req: Request, pending: Awaitable[Outcome]) -> None:
         try:
@@ -605,7 +605,7 @@ class _HostDatagram(DatagramEndpoint):
             return
         self.server._in_flight += 1
         self.in_flight += 1
-        self.loop.create_task(self._finish(req, addr, outcome))
+        self.server._spawn(self._finish(req, addr, outcome))
 
     async def _finish(self, req: Request, addr: Any, pending: Awaitable[Outcome]) -> None:
         try:
@@ -695,7 +695,11 @@ class Server:
         self.bad_log = RateLimitedLog(logging.getLogger("sockstack.transport"))
         self._in_flight = 0
         self._idle: asyncio.Event | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # shutdown started by a signal
+        # Methods running on the loop (async methods, and the tasks awaiting threaded ones):
+        # kept here until done, so none is garbage-collected while pending, and each still
+        # running after the drain is cancelled and awaited by shutdown().
+        self._work: set[asyncio.Task[None]] = set()
         self._stopped: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -749,6 +753,26 @@ class Server:
             if broker is not None:
                 return broker
         return None
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a request's method as a task this server keeps until it is done."""
+        loop = self.loop
+        assert loop is not None
+        task = loop.create_task(coro)
+        self._work.add(task)
+        task.add_done_callback(self._work.discard)
+
+    async def _cancel_work(self) -> None:
+        """Cancel the methods still running after the drain, and wait until they have ended
+        (a method that ignores cancellation is left after ``close_timeout``, logged)."""
+        work = [t for t in self._work if not t.done()]
+        if not work:
+            return
+        for task in work:
+            task.cancel()
+        _, pending = await asyncio.wait(work, timeout=self.limits.close_timeout)
+        if pending:
+            log.warning("%d methods did not end when cancelled", len(pending))
 
     def _request_done(self) -> None:
         self._in_flight -= 1
@@ -869,6 +893,7 @@ class Server:
                     self._in_flight,
                     self.limits.drain_timeout,
                 )
+        await self._cancel_work()  # what the drain left running: abandoned, not leaked
         for pattern in self.patterns:
             pattern.stop()
         for dg in self._datagrams:
