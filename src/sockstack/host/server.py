@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -36,6 +37,7 @@ from sockstack.asyncio.stream import StreamLimits, StreamProtocol
 from sockstack.errors import CodecError, ErrorCode, LocalProtocolError
 from sockstack.host.dispatch import DEFAULT_MAX_WORKERS, Dispatcher, Outcome
 from sockstack.host.pattern import Pattern
+from sockstack.host.workers import READY_FD_ENV, report_ready
 from sockstack.protocol.auth import (
     DEFAULT_REPLAY_WINDOW,
     TRAILER_SIZE,
@@ -822,6 +824,8 @@ class Server:
             raise
         for ep in self.endpoints:
             log.debug("serving %s on %s", self.name, ep)
+        if READY_FD_ENV in os.environ:  # a worker of `serve --workers N`: tell the supervisor
+            report_ready(self.name, self.endpoints)
 
     @property
     def name(self) -> str:
