@@ -9,7 +9,13 @@ Many calls share one connection (pipelining), matched by request id. Each call h
 :class:`ConnectionLost` ("may or may not have run") and the client reconnects in the background
 with jittered exponential backoff; a call made meanwhile waits for the reconnect within its own
 timeout. Over UDP, a call is retransmitted with the same request id until answered or timed out;
-the server's reply cache makes sure it runs once.
+the server's reply cache makes sure it runs once. When nothing listens on the server's port, the
+host answers ICMP port unreachable, which the connected socket reports as ECONNREFUSED: the
+call is sent once more (the refusal may be left over from an earlier datagram, or the server
+may be starting), and a second refusal fails it at once with :class:`ConnectError` (or
+:class:`ConnectionLost` when earlier datagrams of it may have reached a server that went away)
+instead of waiting for its timeout. A call's timeout also bounds the connection: the first
+connect takes at most ``min(connect_timeout, timeout)``.
 
 This module is an I/O adapter: request ids, deadlines, matching answers, failover order and
 backoff are the sans-I/O :mod:`sockstack.protocol.calls`, shared with the blocking client.

@@ -16,7 +16,10 @@ methods every pattern serves (REQUEST), drain and shutdown. Messages of a patter
 are routed to it (:mod:`sockstack.host.pattern`); the host imports no pattern.
 
 Shutdown stops accepting, answers every request already accepted (up to ``drain_timeout``),
-refuses new ones with SHUTTING_DOWN, then closes each connection with CLOSE GOING_AWAY.
+refuses new ones with SHUTTING_DOWN, cancels the methods still running on the loop (the server
+keeps every task it starts, and awaits the cancelled ones up to ``close_timeout``; a threaded
+method's thread cannot be stopped, its answer is dropped), then closes each connection with
+CLOSE GOING_AWAY. A stopped server leaves no task of its own pending.
 """
 
 from __future__ import annotations

@@ -6,7 +6,12 @@
 One call at a time per client (a lock makes it safe to share between threads). TCP: a lost
 connection fails the call in flight with :class:`ConnectionLost`, and the next call reconnects
 (with backoff, within its own timeout). UDP: retransmission with the same request id until the
-call's timeout; the server runs a retried call once.
+call's timeout; the server runs a retried call once. A refusal (ICMP port unreachable, reported
+as ECONNREFUSED on the connected socket: nothing listens there) makes the call send once more,
+and a second refusal fails it at once with :class:`ConnectError` (:class:`ConnectionLost` when
+earlier datagrams of it may have reached a server that has gone), not after its timeout. A
+call's timeout bounds connecting too: :func:`connect` takes at most ``min(connect_timeout,
+timeout)``, and a reconnect within a call never outlives the call's deadline.
 
 After ``os.fork()`` a client is safe to use in both processes: the child's copy lets go of the
 parent's connection (its copy of the socket is closed, nothing is sent on it, so the parent's
