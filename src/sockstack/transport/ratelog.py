@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, MutableMapping
@@ -86,8 +87,13 @@ class RateLimitFilter(logging.Filter):
         self.max_length = max_length
         self.clock = clock
         self._windows: OrderedDict[Any, _Window] = OrderedDict()
+        self._lock = threading.Lock()  # loggers call filters from any thread, unlocked
 
     def filter(self, record: logging.LogRecord) -> bool:
+        with self._lock:
+            return self._filter(record)
+
+    def _filter(self, record: logging.LogRecord) -> bool:
         key = getattr(record, RATE_KEY, None)
         now = self.clock()
         windows = self._windows
