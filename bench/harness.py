@@ -10,6 +10,7 @@ import select
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -18,19 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 __all__ = [
     "Result",
     "Server",
     "free_port",
     "median_round",
+    "percentiles",
     "pin",
     "spawn",
     "stats",
     "timed_loop",
     "wait_port",
 ]
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class SkipSystem(Exception):
@@ -70,32 +72,46 @@ class Server:
     url: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def pids(self) -> list[int]:
-        out = []
+    def processes(self) -> list[psutil.Process]:
+        """The server's processes and all their descendants (workers), alive now."""
+        out: list[psutil.Process] = []
         for p in self.procs:
-            out.append(p.pid)
-            out += _children(p.pid)
+            try:
+                proc = psutil.Process(p.pid)
+                out += [proc, *proc.children(recursive=True)]
+            except psutil.Error:
+                pass
         return out
 
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes()]
+
     def cpu_seconds(self) -> float:
-        total = 0
-        for pid in self.pids:
+        """User + system CPU seconds of the server's processes (psutil)."""
+        total = 0.0
+        for proc in self.processes():
             try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])  # utime + stime
-            except (OSError, IndexError, ValueError):
-                pass
-        return total / CLK_TCK
+                t = proc.cpu_times()
+            except psutil.Error:
+                continue
+            total += t.user + t.system
+        return total
 
     def rss_bytes(self, key: str = "VmHWM") -> int:
+        """Resident memory of the server's processes together: the peak (``VmHWM``, default)
+        or the current size (``VmRSS``, from psutil). psutil has no peak on Linux, so the peak
+        is the kernel's own figure, read from /proc/PID/status."""
         total = 0
-        for pid in self.pids:
+        for proc in self.processes():
             try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if key == "VmRSS":
+                    total += proc.memory_info().rss
+                    continue
+                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
                     if line.startswith(key + ":"):
                         total += int(line.split()[1]) * 1024
-            except OSError:
+            except (OSError, psutil.Error):
                 pass
         return total
 
@@ -112,18 +128,6 @@ class Server:
             for pipe in (p.stdout, p.stderr):
                 if pipe is not None:
                     pipe.close()
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    out = []
-    for child in text.split():
-        out.append(int(child))
-        out += _children(int(child))
-    return out
 
 
 def spawn(
@@ -214,17 +218,22 @@ class Result:
         }
 
 
+def percentiles(values: Sequence[float], points: Sequence[float]) -> list[float]:
+    """The values at ``points`` (percent, 0-100; 99.9 works), by the standard library's
+    ``statistics.quantiles`` (method "inclusive": linear between the two nearest samples, as
+    numpy's default). One value is every percentile of itself."""
+    if len(values) < 2:
+        return [float(values[0]) if values else 0.0 for _ in points]
+    cuts = statistics.quantiles(values, n=1000, method="inclusive")  # 0.1 % steps
+    return [float(cuts[round(p * 10) - 1]) if p < 100 else float(max(values)) for p in points]
+
+
 def stats(latencies_ns: list[int]) -> tuple[float, float, float]:
     """p50, p99, p99.9 in microseconds."""
     if not latencies_ns:
         return (0.0, 0.0, 0.0)
-    s = sorted(latencies_ns)
-    n = len(s)
-
-    def q(p: float) -> float:
-        return round(s[min(n - 1, int(p * n))] / 1000, 1)
-
-    return q(0.5), q(0.99), q(0.999)
+    p50, p99, p999 = (round(v / 1000, 1) for v in percentiles(latencies_ns, (50, 99, 99.9)))
+    return p50, p99, p999
 
 
 def median_round(rounds: list[Result]) -> Result:

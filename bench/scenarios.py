@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import os
 import shutil
 import socket
 import struct
@@ -24,11 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from bench.harness import (
     Result,
     Server,
     SkipSystem,
     free_port,
+    percentiles,
     pin,
     python,
     spawn,
@@ -134,32 +136,23 @@ def start_sockstack(cpus: set[int], workers: int = 1, tls: bool = False) -> Serv
 
 
 def _ss_port(proc: subprocess.Popen[bytes], kind: int) -> int:
-    """The port a process (or its workers) bound, from /proc/net."""
-    pids = [proc.pid, *_all_children(proc.pid)]
-    inodes: set[str] = set()
-    for pid in pids:
-        fd_dir = Path(f"/proc/{pid}/fd")
-        for fd in fd_dir.iterdir() if fd_dir.exists() else []:
-            try:
-                target = os.readlink(fd)
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    table = "tcp" if kind == socket.SOCK_STREAM else "udp"
-    for line in Path(f"/proc/{proc.pid}/net/{table}").read_text().splitlines()[1:]:
-        f = line.split()
-        if f[9] in inodes and (table == "udp" or f[3] == "0A"):
-            return int(f[1].split(":")[1], 16)
-    raise SkipSystem(f"sockstack server has no {table} socket")
-
-
-def _all_children(pid: int) -> list[int]:
+    """The IPv4 port a process (or one of its workers) bound: a listening TCP socket, or a UDP
+    socket (psutil)."""
+    table = "tcp4" if kind == socket.SOCK_STREAM else "udp4"
     try:
-        kids = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-    return kids + [g for k in kids for g in _all_children(k)]
+        root = psutil.Process(proc.pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        procs = []
+    for p in procs:
+        try:
+            conns = p.net_connections(kind=table)
+        except psutil.Error:
+            continue
+        for c in conns:
+            if table == "udp4" or c.status == psutil.CONN_LISTEN:
+                return int(c.laddr.port)
+    raise SkipSystem(f"sockstack server has no {table[:3]} socket")
 
 
 def start_example(script: str, cpus: set[int]) -> Server:
@@ -480,10 +473,7 @@ def _result(
         round(server.rss_bytes() / 2**20, 1),
     )
     if lat:
-        s = sorted(lat)
-        r.extra["cdf_us"] = [
-            round(s[min(calls - 1, int(q / 100 * calls))] / 1000, 1) for q in CDF_POINTS
-        ]
+        r.extra["cdf_us"] = [round(v / 1000, 1) for v in percentiles(lat, CDF_POINTS)]
     return r
 
 

@@ -38,6 +38,7 @@ from sockstack.errors import (
 from sockstack.host.pattern import Pattern
 from sockstack.host.server import Server, ServerLimits, serve
 from sockstack.protocol.calls import Backoff
+from sockstack.protocol.datagram import RetryPolicy
 from sockstack.pubsub import Broker, BrokerLimits
 from sockstack.pubsub.client import BlockingSubscription, Message, Subscription
 from sockstack.pubsub.pattern import PubSub
@@ -76,6 +77,7 @@ __all__ = [
     "PubSub",
     "RemoteError",
     "RemoteProtocolError",
+    "RetryPolicy",
     "Server",
     "ServerLimits",
     "Service",

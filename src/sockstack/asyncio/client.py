@@ -9,7 +9,13 @@ Many calls share one connection (pipelining), matched by request id. Each call h
 :class:`ConnectionLost` ("may or may not have run") and the client reconnects in the background
 with jittered exponential backoff; a call made meanwhile waits for the reconnect within its own
 timeout. Over UDP, a call is retransmitted with the same request id until answered or timed out;
-the server's reply cache makes sure it runs once.
+the server's reply cache makes sure it runs once. When nothing listens on the server's port, the
+host answers ICMP port unreachable, which the connected socket reports as ECONNREFUSED: the
+call is sent once more (the refusal may be left over from an earlier datagram, or the server
+may be starting), and a second refusal fails it at once with :class:`ConnectError` (or
+:class:`ConnectionLost` when earlier datagrams of it may have reached a server that went away)
+instead of waiting for its timeout. A call's timeout also bounds the connection: the first
+connect takes at most ``min(connect_timeout, timeout)``.
 
 This module is an I/O adapter: request ids, deadlines, matching answers, failover order and
 backoff are the sans-I/O :mod:`sockstack.protocol.calls`, shared with the blocking client.
@@ -68,7 +74,12 @@ from sockstack.protocol.events import (
     Role,
 )
 from sockstack.protocol.frames import MessageType
-from sockstack.transport.settings import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, ClientSettings
+from sockstack.transport.settings import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    ClientSettings,
+    udp_refused,
+)
 from sockstack.transport.tls import handshake_failure, handshake_lost, tls_reason
 from sockstack.transport.urls import Endpoint
 
@@ -466,6 +477,8 @@ class _UDPEndpoint(DatagramEndpoint):
 
     def error_received(self, exc: Exception) -> None:
         self.channel.last_error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, ConnectionRefusedError):  # ICMP port unreachable: no server there
+            self.channel._on_refused()
 
 
 class DatagramChannel:
@@ -498,6 +511,11 @@ class DatagramChannel:
         self._held: list[bytes] = []
         self._held_bytes = 0
         self._probe: asyncio.Task[None] | None = None
+        # ECONNREFUSED while calls wait: a call's first refusal sends it once more, its second
+        # fails it (udp_refused). Per call: whether it had sent a single datagram when first
+        # refused. The kernel reports an ICMP error without saying for which datagram, so each
+        # report counts for every call waiting.
+        self._refused: dict[int, bool] = {}
 
     async def connect_once(self, timeout: float) -> None:
         family = socket.AF_INET6 if self.ep.is_ipv6 else socket.AF_INET
@@ -582,6 +600,29 @@ class DatagramChannel:
                     call.waiter.set_result(self.loop.time())
             elif type(ev) is ProtocolViolation and self.endpoint is not None:
                 self.endpoint.log_violation(ev, addr)
+
+    def _on_refused(self) -> None:
+        """The kernel reported ECONNREFUSED (an ICMP port unreachable answered one of our
+        datagrams). Each waiting call is sent once more the first time (the refusal may be for
+        an earlier datagram, or the server may be starting; the server's reply cache runs a call
+        once however many of its datagrams arrive), and failed the second time: with
+        :class:`ConnectError` when it had sent one datagram when first refused (nothing of it
+        reached a server), else with :class:`ConnectionLost` (see :func:`udp_refused`)."""
+        refused = self._refused
+        core = self.core
+        for rid, call in list(self.calls.pending.items()):
+            lone = refused.get(rid)
+            if lone is None:
+                refused[rid] = core.attempts(rid) <= 1
+                if not core.resend(rid):
+                    core.send_ping(rid)  # a PING (the core does not track those)
+                continue
+            del refused[rid]
+            self.calls.forget(rid)
+            core.cancel(rid)
+            if not call.waiter.done():
+                call.waiter.set_exception(udp_refused(self.ep, lone))
+        self._flush()
 
     def _epoch_news(self, data: bytes, frame: bytes) -> bool:
         """What a sealed PONG or ERROR UNAUTHENTICATED says of the server's epoch; True when
@@ -699,6 +740,8 @@ class DatagramChannel:
                 self.core.cancel(rid)
             if auth is not None:
                 self._pins.pop(rid, None)
+            if self._refused:
+                self._refused.pop(rid, None)
 
     async def ping(self, timeout: float) -> float:
         if self.endpoint is None:
@@ -715,6 +758,7 @@ class DatagramChannel:
         finally:
             self.calls.forget(call.request_id)
             self._pins.pop(call.request_id, None)
+            self._refused.pop(call.request_id, None)
         return float(end - start)
 
     async def close(self) -> None:
@@ -814,7 +858,7 @@ class AsyncClient(ClientSettings):
         retry: RetryPolicy | None = None,
         max_datagram: int = DEFAULT_MAX_DATAGRAM,
         tls: ssl.SSLContext | None = None,
-        secret: bytes | None = None,
+        secret: str | bytes | None = None,
     ) -> None:
         self._configure(
             url,
@@ -845,7 +889,9 @@ class AsyncClient(ClientSettings):
                 channel = DatagramChannel(self.endpoint, self)
             else:
                 channel = StreamChannel(self.endpoints, self)
-            await channel.connect_once(self.connect_timeout)
+            # Within connect_timeout and the call timeout (a call's timeout bounds the whole
+            # call, connecting included).
+            await channel.connect_once(self.first_connect_timeout())
             self._channel = channel
             self._pid = os.getpid()
             self._forked_from = 0

@@ -4,7 +4,7 @@ round-trip times."""
 from __future__ import annotations
 
 import argparse
-import math
+import statistics
 
 from sockstack.cli.common import (
     EXIT_OK,
@@ -36,9 +36,12 @@ def run_call(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _percentile(sorted_values: list[float], q: float) -> float:
-    idx = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
-    return sorted_values[idx]
+def _p50_p99(values: list[float]) -> tuple[float, float]:
+    """By ``statistics.quantiles`` ("inclusive", as the bench): one value is its own p50/p99."""
+    if len(values) < 2:
+        return values[0], values[0]
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return cuts[49], cuts[98]
 
 
 def run_ping(args: argparse.Namespace) -> int:
@@ -59,10 +62,10 @@ def run_ping(args: argparse.Namespace) -> int:
         raise last
     rtts.sort()
     us = [r * 1e6 for r in rtts]
+    p50, p99 = _p50_p99(us)
     print(
         f"{args.count} pings to {args.url}, {lost} lost: "
-        f"min {us[0]:.1f} µs, p50 {_percentile(us, 0.5):.1f} µs, "
-        f"p99 {_percentile(us, 0.99):.1f} µs, max {us[-1]:.1f} µs"
+        f"min {us[0]:.1f} µs, p50 {p50:.1f} µs, p99 {p99:.1f} µs, max {us[-1]:.1f} µs"
     )
     return EXIT_OK
 

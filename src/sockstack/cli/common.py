@@ -88,18 +88,33 @@ def format_result(value: Any) -> str:
 
 def load_secret(args: argparse.Namespace) -> bytes | None:
     """The shared secret from --secret-file, else from $SOCKSTACK_SECRET, else None. Never from
-    a command-line value: those show in `ps` and in shell history."""
+    a command-line value: those show in `ps` and in shell history. The same rule as the Python
+    API (:func:`sockstack.transport.secret.normalize_secret`): surrounding ASCII whitespace
+    removed (a file's trailing newline), an empty secret refused (exit 2)."""
+    from sockstack.transport.secret import normalize_secret
+
     if args.secret_file:
         try:
             with open(args.secret_file, "rb") as f:
-                secret = f.read().strip()
+                raw = f.read()
         except OSError as exc:
-            raise UsageError(f"--secret-file: {exc.strerror or exc}") from None
-        if not secret:
-            raise UsageError(f"--secret-file {args.secret_file}: the file is empty")
-        return secret
-    value = os.environ.get(SECRET_ENV, "")
-    return value.encode() if value else None
+            raise UsageError(f"--secret-file {args.secret_file}: {exc.strerror or exc}") from None
+        try:
+            return normalize_secret(raw)
+        except ValueError:
+            raise UsageError(
+                f"--secret-file {args.secret_file}: the secret is empty (the file holds only "
+                "whitespace or nothing)"
+            ) from None
+    value = os.environ.get(SECRET_ENV)
+    if value is None:
+        return None
+    try:
+        return normalize_secret(value)
+    except ValueError:
+        raise UsageError(
+            f"${SECRET_ENV} is set but empty (or only whitespace): unset it, or give a secret"
+        ) from None
 
 
 def client_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -16,18 +16,22 @@ methods every pattern serves (REQUEST), drain and shutdown. Messages of a patter
 are routed to it (:mod:`sockstack.host.pattern`); the host imports no pattern.
 
 Shutdown stops accepting, answers every request already accepted (up to ``drain_timeout``),
-refuses new ones with SHUTTING_DOWN, then closes each connection with CLOSE GOING_AWAY.
+refuses new ones with SHUTTING_DOWN, cancels the methods still running on the loop (the server
+keeps every task it starts, and awaits the cancelled ones up to ``close_timeout``; a threaded
+method's thread cannot be stopped, its answer is dropped), then closes each connection with
+CLOSE GOING_AWAY. A stopped server leaves no task of its own pending.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +40,7 @@ from sockstack.asyncio.stream import StreamLimits, StreamProtocol
 from sockstack.errors import CodecError, ErrorCode, LocalProtocolError
 from sockstack.host.dispatch import DEFAULT_MAX_WORKERS, Dispatcher, Outcome
 from sockstack.host.pattern import Pattern
+from sockstack.host.workers import READY_FD_ENV, report_ready
 from sockstack.protocol.auth import (
     DEFAULT_REPLAY_WINDOW,
     TRAILER_SIZE,
@@ -66,6 +71,7 @@ from sockstack.protocol.frames import peek_request_id, peek_type
 from sockstack.protocol.messages import CORE_MESSAGES, encode_close, encode_error
 from sockstack.protocol.registry import Registry
 from sockstack.transport.ratelog import RateLimitedLog
+from sockstack.transport.secret import normalize_secret
 from sockstack.transport.urls import Endpoint, format_peer, is_loopback_host, parse_endpoint
 
 __all__ = ["Server", "ServerLimits", "refuse_unprotected", "serve"]
@@ -423,7 +429,7 @@ class _HostStream(StreamProtocol):
         if self.in_flight >= self.server.limits.max_in_flight and not self._read_paused:
             self._read_paused = True
             self._update_reading()
-        self.loop.create_task(self._finish(req, pending))
+        self.server._spawn(self._finish(req, pending))
 
     async def _finish(self, req: Request, pending: Awaitable[Outcome]) -> None:
         try:
@@ -604,7 +610,7 @@ class _HostDatagram(DatagramEndpoint):
             return
         self.server._in_flight += 1
         self.in_flight += 1
-        self.loop.create_task(self._finish(req, addr, outcome))
+        self.server._spawn(self._finish(req, addr, outcome))
 
     async def _finish(self, req: Request, addr: Any, pending: Awaitable[Outcome]) -> None:
         try:
@@ -644,7 +650,7 @@ class Server:
         limits: ServerLimits | None = None,
         expose_errors: bool = True,
         reuse_port: bool = False,
-        secret: bytes | None = None,
+        secret: str | bytes | None = None,
         broker: object = False,
         insecure: bool = False,
     ) -> None:
@@ -657,7 +663,9 @@ class Server:
         if not self.patterns:
             raise ValueError("a server needs a service or at least one pattern")
         # A shared secret: required in every TCP/TLS HELLO, and on every UDP datagram (HMAC).
-        self.secret = secret
+        # One rule (sockstack.transport.secret): str or bytes, surrounding ASCII whitespace
+        # removed, empty refused with ValueError.
+        self.secret = secret = normalize_secret(secret)
         self.datagram_auth = (
             DatagramAuth(secret, window=self.limits.replay_window) if secret is not None else None
         )
@@ -692,7 +700,11 @@ class Server:
         self.bad_log = RateLimitedLog(logging.getLogger("sockstack.transport"))
         self._in_flight = 0
         self._idle: asyncio.Event | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # shutdown started by a signal
+        # Methods running on the loop (async methods, and the tasks awaiting threaded ones):
+        # kept here until done, so none is garbage-collected while pending, and each still
+        # running after the drain is cancelled and awaited by shutdown().
+        self._work: set[asyncio.Task[None]] = set()
         self._stopped: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -747,6 +759,26 @@ class Server:
                 return broker
         return None
 
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a request's method as a task this server keeps until it is done."""
+        loop = self.loop
+        assert loop is not None
+        task = loop.create_task(coro)
+        self._work.add(task)
+        task.add_done_callback(self._work.discard)
+
+    async def _cancel_work(self) -> None:
+        """Cancel the methods still running after the drain, and wait until they have ended
+        (a method that ignores cancellation is left after ``close_timeout``, logged)."""
+        work = [t for t in self._work if not t.done()]
+        if not work:
+            return
+        for task in work:
+            task.cancel()
+        _, pending = await asyncio.wait(work, timeout=self.limits.close_timeout)
+        if pending:
+            log.warning("%d methods did not end when cancelled", len(pending))
+
     def _request_done(self) -> None:
         self._in_flight -= 1
         if self._in_flight == 0 and self._idle is not None:
@@ -795,6 +827,8 @@ class Server:
             raise
         for ep in self.endpoints:
             log.debug("serving %s on %s", self.name, ep)
+        if READY_FD_ENV in os.environ:  # a worker of `serve --workers N`: tell the supervisor
+            report_ready(self.name, self.endpoints)
 
     @property
     def name(self) -> str:
@@ -866,6 +900,7 @@ class Server:
                     self._in_flight,
                     self.limits.drain_timeout,
                 )
+        await self._cancel_work()  # what the drain left running: abandoned, not leaked
         for pattern in self.patterns:
             pattern.stop()
         for dg in self._datagrams:
@@ -952,7 +987,7 @@ def serve(
     tls_context: ssl.SSLContext | None = None,
     limits: ServerLimits | None = None,
     expose_errors: bool = True,
-    secret: bytes | None = None,
+    secret: str | bytes | None = None,
     broker: object = False,
     insecure: bool = False,
 ) -> None:

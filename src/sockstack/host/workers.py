@@ -14,12 +14,23 @@ another worker (when one exits). The workers share no guard, so they need no coo
 The supervisor (this module) binds nothing itself except to pick free ports when port 0 is
 asked for; it starts the workers, waits until each serves, prints the endpoints, forwards
 SIGINT/SIGTERM to them and exits when they all have (non-zero if any failed).
+The supervisor (this module) binds nothing itself except to pick free ports when port 0 is
+asked for; it starts the workers, waits until each serves, prints the endpoints, forwards
+SIGINT/SIGTERM to them and exits when they all have (non-zero if any failed).
+
+Readiness travels on a channel of its own, as systemd's ``sd_notify`` does: each worker
+inherits the write end of a pipe, named by ``$SOCKSTACK_READY_FD``, and its :class:`Server`
+writes one JSON line there once every endpoint is bound (``{"pid", "name", "endpoints"}``),
+then closes it. End of file without that line means the worker ended before serving. Nothing
+is parsed from the workers' output: a service that prints whatever it likes cannot fool the
+supervisor. The workers' standard output is discarded (each would repeat the supervisor's
+banner); their standard error (logs) is the supervisor's.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import select
 import signal
 import socket
@@ -30,9 +41,36 @@ from collections.abc import Sequence
 
 from sockstack.transport.urls import Endpoint, parse_endpoint
 
-__all__ = ["run_workers"]
+__all__ = ["READY_FD_ENV", "report_ready", "run_workers"]
 
-_READY = re.compile(r"^serving \S+ on (\S+)$")
+READY_FD_ENV = "SOCKSTACK_READY_FD"
+"""The environment variable that names a worker's readiness pipe (a file descriptor)."""
+_MAX_READY = 1 << 16  # bytes of one worker's readiness line, at most
+
+
+def report_ready(name: str, endpoints: Sequence[Endpoint]) -> None:
+    """In a worker of :func:`run_workers`: tell the supervisor that it serves ``endpoints``
+    (called by :meth:`Server.start`). Once per process: the variable is removed, so a later
+    server in the same process, or a child process, says nothing. Elsewhere, does nothing."""
+    value = os.environ.pop(READY_FD_ENV, None)
+    if value is None:
+        return
+    try:
+        fd = int(value)
+    except ValueError:
+        return
+    line = json.dumps({"pid": os.getpid(), "name": name, "endpoints": [str(e) for e in endpoints]})
+    data = memoryview(line.encode() + b"\n")
+    try:
+        while data:
+            data = data[os.write(fd, data) :]
+    except OSError:
+        pass  # the supervisor is gone: nothing to tell
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _reserve(ep: Endpoint, kind: int) -> tuple[Endpoint, socket.socket | None]:
@@ -77,7 +115,8 @@ def run_workers(
         host = f"[{ep.host}]" if ep.is_ipv6 else ep.host
         endpoint_args += [f"--{ep.scheme}", f"{host}:{ep.port}"]
     cmd = [sys.executable, "-m", "sockstack.cli", *worker_args, *endpoint_args, "--reuse-port"]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(workers)]
+    procs: list[subprocess.Popen[bytes]] = []
+    ready_fds: dict[int, subprocess.Popen[bytes]] = {}
     stopping = False
 
     def forward(sig: int, _frame: object) -> None:
@@ -87,19 +126,46 @@ def run_workers(
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
 
+    # Before the first worker starts: a SIGTERM meanwhile must not leave workers orphaned.
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
     try:
-        name = _wait_ready(procs, len(eps), ready_timeout)
+        for _ in range(workers):
+            if stopping:
+                break
+            r, w = os.pipe()
+            try:
+                proc = subprocess.Popen(
+                    cmd,
+                    stdout=subprocess.DEVNULL,
+                    env={**os.environ, READY_FD_ENV: str(w)},
+                    pass_fds=(w,),
+                )
+            except BaseException:
+                os.close(r)
+                raise
+            finally:
+                os.close(w)  # the worker has its copy: end of file when it exits
+            procs.append(proc)
+            ready_fds[r] = proc
+        if stopping:
+            forward(signal.SIGTERM, None)  # the workers started after the signal, too
+            raise RuntimeError("stopped before serving")
+        name = _wait_ready(ready_fds, eps, ready_timeout)
     except RuntimeError as exc:
+        interrupted = stopping
         forward(signal.SIGTERM, None)
         for p in procs:
             p.wait()
+        if interrupted:  # asked to stop while starting: not an error
+            return 0
         print(f"sockstack: error: {exc}", file=sys.stderr)
         return 3
     finally:
         for sock in held:
             sock.close()
+        for fd in ready_fds:
+            os.close(fd)
     for ep in eps:
         print(f"serving {name} on {ep}", flush=True)
     print(
@@ -108,40 +174,44 @@ def run_workers(
         flush=True,
     )
     codes = [p.wait() for p in procs]
-    for p in procs:
-        if p.stdout is not None:
-            p.stdout.close()
     failed = [c for c in codes if c != 0]
     if failed and not stopping:
         print(f"sockstack: error: {len(failed)} worker(s) exited with {failed}", file=sys.stderr)
     return 0 if not failed else 3
 
 
-def _wait_ready(procs: list[subprocess.Popen[str]], n_endpoints: int, timeout: float) -> str:
-    """Read each worker's stdout until it has printed all its endpoints."""
+def _wait_ready(
+    ready_fds: dict[int, subprocess.Popen[bytes]], eps: Sequence[Endpoint], timeout: float
+) -> str:
+    """Read each worker's readiness line (see the module's notes); the name of what they
+    serve. Raises RuntimeError when one ends first, reports other endpoints, or is late."""
     deadline = time.monotonic() + timeout
     name = "?"
-    pending = {p.stdout.fileno(): (p, 0) for p in procs if p.stdout is not None}
-    buffers: dict[int, str] = {fd: "" for fd in pending}
+    want = {(e.scheme, e.port) for e in eps}  # the host may be spelt otherwise (localhost)
+    pending = dict(ready_fds)
+    buffers: dict[int, bytes] = {fd: b"" for fd in pending}
     while pending:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise RuntimeError(f"{len(pending)} worker(s) not serving within {timeout:g} s")
         ready, _, _ = select.select(list(pending), [], [], remaining)
         for fd in ready:
-            chunk = os.read(fd, 4096).decode()
-            proc, seen = pending[fd]
-            if not chunk:
-                raise RuntimeError(f"worker {proc.pid} exited with {proc.wait()} before serving")
+            proc = pending[fd]
+            chunk = os.read(fd, 4096)
             buffers[fd] += chunk
-            *lines, buffers[fd] = buffers[fd].split("\n")
-            for line in lines:
-                m = _READY.match(line)
-                if m:
-                    name = line.split()[1]
-                    seen += 1
-            if seen >= n_endpoints:
+            if not chunk or b"\n" in buffers[fd] or len(buffers[fd]) > _MAX_READY:
                 del pending[fd]
-            else:
-                pending[fd] = (proc, seen)
+                if b"\n" not in buffers[fd]:
+                    raise RuntimeError(
+                        f"worker {proc.pid} exited with {proc.wait()} before serving"
+                    )
+                try:
+                    report = json.loads(buffers[fd].split(b"\n", 1)[0])
+                    served = [str(e) for e in report["endpoints"]]
+                    name = str(report["name"])
+                    got = {(u.split("://", 1)[0], int(u.rsplit(":", 1)[1])) for u in served}
+                except (ValueError, KeyError, TypeError, IndexError):
+                    raise RuntimeError(f"worker {proc.pid}: unreadable readiness report") from None
+                if not want <= got:
+                    raise RuntimeError(f"worker {proc.pid} serves {served}, not every endpoint")
     return name

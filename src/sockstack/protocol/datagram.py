@@ -250,6 +250,11 @@ class DatagramClient:
         p.attempts += 1
         return True
 
+    def attempts(self, request_id: int) -> int:
+        """Datagrams queued so far for call ``request_id`` (0 when it is not pending)."""
+        p = self._pending.get(request_id)
+        return 0 if p is None else p.attempts
+
     @property
     def in_flight(self) -> int:
         return len(self._pending)

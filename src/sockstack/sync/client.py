@@ -6,7 +6,12 @@
 One call at a time per client (a lock makes it safe to share between threads). TCP: a lost
 connection fails the call in flight with :class:`ConnectionLost`, and the next call reconnects
 (with backoff, within its own timeout). UDP: retransmission with the same request id until the
-call's timeout; the server runs a retried call once.
+call's timeout; the server runs a retried call once. A refusal (ICMP port unreachable, reported
+as ECONNREFUSED on the connected socket: nothing listens there) makes the call send once more,
+and a second refusal fails it at once with :class:`ConnectError` (:class:`ConnectionLost` when
+earlier datagrams of it may have reached a server that has gone), not after its timeout. A
+call's timeout bounds connecting too: :func:`connect` takes at most ``min(connect_timeout,
+timeout)``, and a reconnect within a call never outlives the call's deadline.
 
 After ``os.fork()`` a client is safe to use in both processes: the child's copy lets go of the
 parent's connection (its copy of the socket is closed, nothing is sent on it, so the parent's
@@ -62,7 +67,12 @@ from sockstack.protocol.events import (
 )
 from sockstack.protocol.frames import DEFAULT_MAX_FRAME, HEADER_SIZE, MessageType, declared_size
 from sockstack.protocol.messages import MIN_MAX_FRAME, encode_ping
-from sockstack.transport.settings import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, ClientSettings
+from sockstack.transport.settings import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    ClientSettings,
+    udp_refused,
+)
 from sockstack.transport.tls import handshake_failure, handshake_lost, tls_reason
 from sockstack.transport.urls import Endpoint
 
@@ -137,7 +147,10 @@ class StreamConnection:
         raise Failover.all_failed(errors)
 
     def _connect_one(self, ep: Endpoint, deadline: float) -> None:
-        timeout = max(0.001, min(self.client.connect_timeout, deadline - time.monotonic()))
+        # Connect, TLS and HELLO together within connect_timeout and the call's deadline.
+        now = time.monotonic()
+        deadline = min(deadline, now + self.client.connect_timeout)
+        timeout = max(0.001, deadline - now)
         try:
             sock = socket.create_connection((ep.host, ep.port), timeout=timeout)
         except OSError as exc:
@@ -145,6 +158,7 @@ class StreamConnection:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if ep.scheme == "tls":
             assert self.client.tls is not None
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
             try:  # the handshake runs under the connect timeout still set on the socket
                 sock = self.client.tls.wrap_socket(sock, server_hostname=ep.host)
             except ssl.SSLError as exc:
@@ -167,7 +181,7 @@ class StreamConnection:
             hello_extensions=[token_extension(secret)] if secret is not None else (),
         )
         self.sock, self.core = sock, core
-        self._set_timeout(timeout)
+        self._set_timeout(max(0.001, deadline - time.monotonic()))
         try:
             self._hello(ep, deadline)
         except BaseException:
@@ -578,6 +592,10 @@ class DatagramConnection:
         # time (ms) of that datagram (0: nothing sent yet). Reset by new_id().
         self._pin_epoch = NO_EPOCH
         self._pin_ms = 0
+        # ECONNREFUSED (ICMP port unreachable) for the call in flight: None before any, else
+        # whether the call had sent a single datagram when first refused. Reset by new_id().
+        self._refused_lone: bool | None = None
+        self._refusal = False  # a refusal reported by send(), handled by the call's loop
 
     def _open(self) -> socket.socket:
         """A UDP socket connected to the server (a new source port each time)."""
@@ -631,8 +649,27 @@ class DatagramConnection:
     def _send(self, data: bytes) -> None:
         try:
             self.sock.send(data)
-        except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP: the retry resends
+        except OSError as exc:
+            if exc.errno == errno.ECONNREFUSED:  # reported by send: that datagram did not go
+                self._refusal = True
             self.last_error = exc.strerror or str(exc)
+
+    def _on_refused(self, rid: int, track: bool) -> None:
+        """The kernel reported ECONNREFUSED during call ``rid``: the first time, send its
+        datagram once more (the refusal may be left over from an earlier datagram, or the server
+        may be starting: the reply cache runs a call once, however many datagrams reach it);
+        the second time, raise (:func:`udp_refused`)."""
+        self._refusal = False
+        self.last_error = "connection refused (no server on that port?)"
+        if self._refused_lone is None:
+            self._refused_lone = self.core.attempts(rid) <= 1
+            if not (track and self.core.resend(rid)):
+                self.core.send_ping(rid)  # a PING (not tracked by the core): send it again
+            self._send_out()
+            if not self._refusal:
+                return
+        self.core.cancel(rid)
+        raise udp_refused(self.ep, bool(self._refused_lone))
 
     def _send_call(self, data: bytes) -> None:
         """Send a datagram of the call in flight, sealed for its pin."""
@@ -714,6 +751,7 @@ class DatagramConnection:
         auth = self.auth
         assert auth is not None
         attempt = 0
+        refusals = 0
         rid = self.new_id()
         while auth.epoch == NO_EPOCH:
             now = time.monotonic()
@@ -723,6 +761,13 @@ class DatagramConnection:
             until = min(deadline, now + self.core.retry.interval(attempt, _rng))
             attempt += 1
             while auth.epoch == NO_EPOCH:
+                if self._refusal:  # refused (by recv or by send): once more, then give up
+                    self._refusal = False
+                    self.last_error = "connection refused (no server on that port?)"
+                    refusals += 1
+                    if refusals > 1:
+                        raise udp_refused(self.ep, True)
+                    break
                 wait = until - time.monotonic()
                 if wait <= 0:
                     break
@@ -734,7 +779,7 @@ class DatagramConnection:
                 except OSError as exc:
                     if exc.errno != errno.ECONNREFUSED:
                         raise
-                    self.last_error = "connection refused (no server on that port?)"
+                    self._refusal = True
                     continue
                 frame = self._incoming(n)
                 if frame is not None and unsealed_refusal(frame):
@@ -794,6 +839,8 @@ class DatagramConnection:
     def _exchange(self, method: str, rid: int, timeout: float, deadline: float, track: bool) -> Any:
         self._send_out()
         while True:
+            if self._refusal:
+                self._on_refused(rid, track)
             now = time.monotonic()
             if now >= deadline:
                 self.core.cancel(rid)
@@ -814,7 +861,7 @@ class DatagramConnection:
                 continue
             except OSError as exc:
                 if exc.errno == errno.ECONNREFUSED:
-                    self.last_error = "connection refused (no server on that port?)"
+                    self._on_refused(rid, track)
                     continue
                 if exc.errno == errno.EBADF:  # closed, or no socket could be made after fork
                     self.core.cancel(rid)
@@ -834,6 +881,7 @@ class DatagramConnection:
     def new_id(self) -> int:
         self.last_id = self.core.new_request_id(self.last_id)
         self._pin_ms = 0
+        self._refused_lone = None
         return self.last_id
 
     def close(self) -> None:
@@ -856,7 +904,7 @@ class Client(ClientSettings):
         retry: RetryPolicy | None = None,
         max_datagram: int = DEFAULT_MAX_DATAGRAM,
         tls: ssl.SSLContext | None = None,
-        secret: bytes | None = None,
+        secret: str | bytes | None = None,
     ) -> None:
         self._configure(
             url,
@@ -882,7 +930,8 @@ class Client(ClientSettings):
             self.connection = DatagramConnection(self.endpoint, self)
         else:
             self.connection = StreamConnection(self.endpoints, self)
-            self.connection.ensure(time.monotonic() + connect_timeout, "connect", connect_timeout)
+            wait = self.first_connect_timeout()  # within the call timeout too
+            self.connection.ensure(time.monotonic() + wait, "connect", wait)
 
     def stream_connection(self, what: str) -> StreamConnection:
         """The TCP/TLS connection, for patterns that need one (ConnectError over UDP)."""

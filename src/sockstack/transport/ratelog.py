@@ -1,51 +1,185 @@
-"""Rate-limited logging: every bad input is logged once, but a flood of them cannot fill the disk.
+"""Rate-limited logging: every bad input is logged, but a flood of them cannot fill the disk.
 
-Up to ``burst`` messages are written per ``interval`` seconds; beyond that they are counted, and
-the next message written says how many were left out. The figures come from what operators of
-NATS and nginx do with per-client error logs (a summary instead of one line per packet).
+The standard library's way: a :class:`logging.Filter`, :class:`RateLimitFilter`, on the
+``sockstack.transport`` logger (where servers log bad input: malformed frames and datagrams,
+refused connections, peers that do not read). It lets ``burst`` records through per
+``interval`` seconds; beyond that it counts them, and the next record written says how many
+were left out (``... (and 182 similar messages suppressed)``). The figures come from what
+operators of NATS and nginx do with per-client error logs (a summary instead of one line per
+packet).
+
+Each server, and each UDP endpoint of a server, has its own window: they log through a
+:class:`RateLimitedLog` (a :class:`logging.LoggerAdapter`) that tags each record with a key
+(``record.sockstack_rate_key``), and the filter keeps one window per key, at most ``max_keys``
+of them (the oldest forgotten first); records without a key share one window. Its memory is
+bounded by ``max_keys``, and each message written by ``max_length`` characters.
+
+A default filter (20 per 10 s) is put on ``sockstack.transport`` when the first server starts
+logging there, unless a :class:`RateLimitFilter` is on that logger already. To choose other
+figures, configure one through :mod:`logging.config` (it replaces the default)::
+
+    logging.config.dictConfig({
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"floods": {"()": "sockstack.transport.ratelog.RateLimitFilter",
+                               "burst": 100, "interval": 60}},
+        "loggers": {"sockstack.transport": {"filters": ["floods"]}},
+    })
+
+or in code: ``logging.getLogger("sockstack.transport").addFilter(RateLimitFilter(burst=100,
+interval=60))``. It may also be put on any other logger or on a handler (there it sees the
+records of every logger whose records reach that handler).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
-__all__ = ["RateLimitedLog"]
+__all__ = ["RATE_KEY", "RateLimitFilter", "RateLimitedLog"]
+
+RATE_KEY = "sockstack_rate_key"
+"""The record attribute that names a record's window (a server's, a UDP endpoint's)."""
+
+_keys = itertools.count(1)
 
 
-class RateLimitedLog:
-    __slots__ = ("_count", "_suppressed", "_window_start", "burst", "interval", "logger")
+class _Window:
+    __slots__ = ("count", "start", "suppressed")
 
-    def __init__(self, logger: logging.Logger, burst: int = 20, interval: float = 10.0) -> None:
-        self.logger = logger
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.count = 0
+        self.suppressed = 0
+
+
+class RateLimitFilter(logging.Filter):
+    """Let at most ``burst`` records through per ``interval`` seconds, per window (see the
+    module's notes); the next record let through after some were suppressed says how many.
+
+    ``max_keys`` bounds the windows kept (the least recently used goes first), ``max_length``
+    the characters of a message written (longer ones are cut, saying so; 0: no bound);
+    ``clock`` gives the time in seconds (monotonic)."""
+
+    def __init__(
+        self,
+        burst: int = 20,
+        interval: float = 10.0,
+        *,
+        max_keys: int = 1024,
+        max_length: int = 4096,
+        name: str = "",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(name)
+        if burst < 1 or interval <= 0 or max_keys < 1 or max_length < 0:
+            raise ValueError(
+                "RateLimitFilter needs burst >= 1, interval > 0, max_keys >= 1, max_length >= 0"
+            )
         self.burst = burst
         self.interval = interval
-        self._window_start = -interval
-        self._count = 0
-        self._suppressed = 0
+        self.max_keys = max_keys
+        self.max_length = max_length
+        self.clock = clock
+        self._windows: OrderedDict[Any, _Window] = OrderedDict()
+        self._lock = threading.Lock()  # loggers call filters from any thread, unlocked
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        with self._lock:
+            return self._filter(record)
+
+    def _filter(self, record: logging.LogRecord) -> bool:
+        key = getattr(record, RATE_KEY, None)
+        now = self.clock()
+        windows = self._windows
+        w = windows.get(key)
+        if w is None:
+            w = windows[key] = _Window(now)
+            if len(windows) > self.max_keys:
+                windows.popitem(last=False)
+        else:
+            windows.move_to_end(key)
+            if now - w.start >= self.interval:
+                w.start = now
+                w.count = 0
+        if w.count >= self.burst:
+            w.suppressed += 1
+            return False
+        w.count += 1
+        summary = w.suppressed
+        if not summary and not self.max_length:
+            return True
+        text = record.getMessage()
+        if summary:
+            text += f" (and {summary} similar messages suppressed)"
+            w.suppressed = 0
+        if self.max_length and len(text) > self.max_length:
+            cut = len(text) - self.max_length
+            text = f"{text[: self.max_length]}... ({cut} characters cut)"
+        elif not summary:
+            return True  # written as it is
+        record.msg, record.args = text, None
+        return True
+
+    def suppressed(self, key: Any = None) -> int:
+        """Records left out of ``key``'s window since the last one written."""
+        w = self._windows.get(key)
+        return 0 if w is None else w.suppressed
+
+
+def _ensure_filter(logger: logging.Logger) -> RateLimitFilter:
+    """The :class:`RateLimitFilter` on ``logger``: one configured by the user if there is one
+    (a default put there earlier is then taken off), else the default (added if missing)."""
+    ours: RateLimitFilter | None = None
+    theirs: RateLimitFilter | None = None
+    for f in logger.filters:
+        if isinstance(f, RateLimitFilter):
+            if getattr(f, "_sockstack_default", False):
+                ours = ours or f
+            else:
+                theirs = theirs or f
+    if theirs is not None:
+        if ours is not None:
+            logger.removeFilter(ours)
+        return theirs
+    if ours is None:
+        ours = RateLimitFilter()
+        ours._sockstack_default = True  # type: ignore[attr-defined]
+        logger.addFilter(ours)
+    return ours
+
+
+class RateLimitedLog(logging.LoggerAdapter[logging.Logger]):
+    """A logger for bad input with its own window in the logger's :class:`RateLimitFilter`
+    (one per server and per UDP endpoint): ``bad_log.warning(msg, *args)``."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.key = next(_keys)
+        super().__init__(logger, {RATE_KEY: self.key})
+        _ensure_filter(logger)
+
+    def process(
+        self, msg: Any, kwargs: MutableMapping[str, Any]
+    ) -> tuple[Any, MutableMapping[str, Any]]:
+        _ensure_filter(self.logger)  # cheap (a logger has a filter or two): follows dictConfig
+        kwargs["extra"] = {**kwargs.get("extra", {}), RATE_KEY: self.key}
+        return msg, kwargs
+
+    @property
+    def rate_filter(self) -> RateLimitFilter:
+        """The filter that limits this log (the logger's :class:`RateLimitFilter`)."""
+        return _ensure_filter(self.logger)
+
+    @property
+    def burst(self) -> int:
+        return self.rate_filter.burst
 
     @property
     def suppressed(self) -> int:
-        """Messages left out since the last one written."""
-        return self._suppressed
-
-    def log(self, level: int, msg: str, *args: Any) -> bool:
-        """Log unless the burst for this interval is used up; True when written."""
-        now = time.monotonic()
-        if now - self._window_start >= self.interval:
-            self._window_start = now
-            self._count = 0
-        if self._count >= self.burst:
-            self._suppressed += 1
-            return False
-        self._count += 1
-        if self._suppressed:
-            msg += " (and %d similar messages suppressed)"
-            args = (*args, self._suppressed)
-            self._suppressed = 0
-        self.logger.log(level, msg, *args)
-        return True
-
-    def warning(self, msg: str, *args: Any) -> bool:
-        return self.log(logging.WARNING, msg, *args)
+        """Messages of this log left out since the last one written."""
+        return self.rate_filter.suppressed(self.key)

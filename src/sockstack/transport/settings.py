@@ -5,21 +5,42 @@ from __future__ import annotations
 import ssl
 from collections.abc import Sequence
 
+from sockstack.errors import CallError, ConnectError, ConnectionLost
 from sockstack.protocol.auth import NO_EPOCH, TRAILER_SIZE, DatagramAuth
 from sockstack.protocol.calls import Backoff
 from sockstack.protocol.codecs import Codec, get_codec
 from sockstack.protocol.datagram import DatagramClient, RetryPolicy
 from sockstack.protocol.messages import CORE_MESSAGES
 from sockstack.protocol.registry import Registry
+from sockstack.transport.secret import normalize_secret
 from sockstack.transport.tls import client_context
 from sockstack.transport.urls import Endpoint, parse_endpoints
 
-__all__ = ["DEFAULT_CONNECT_TIMEOUT", "DEFAULT_TIMEOUT", "ClientSettings"]
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "DEFAULT_TIMEOUT", "ClientSettings", "udp_refused"]
 
 DEFAULT_TIMEOUT = 10.0
 """Seconds a call may take, by default, in either client."""
 DEFAULT_CONNECT_TIMEOUT = 5.0
-"""Seconds to connect (and, over TCP, complete the handshake), by default."""
+"""Seconds to connect (and, over TCP, complete the handshake), by default. Never more than the
+client's call ``timeout``: a call's timeout bounds the whole call, connecting included."""
+
+
+def udp_refused(ep: Endpoint, lone: bool) -> CallError:
+    """What a UDP call fails with when the kernel reports ECONNREFUSED (an ICMP port unreachable
+    answered a datagram on the client's connected socket) twice for it: the first refusal makes
+    the client send once more (it may be left over from an earlier datagram, or the server may
+    be starting), the second is the answer. ``lone``: the call had sent one datagram when first
+    refused, so nothing of it reached a server (:class:`ConnectError`); otherwise an earlier
+    datagram may have reached a server that has gone since (:class:`ConnectionLost`)."""
+    if lone:
+        return ConnectError(
+            f"{ep}: connection refused (no server listens on that port: the host answered "
+            "ICMP port unreachable); the call did not run"
+        )
+    return ConnectionLost(
+        f"{ep}: connection refused: the server on that port went away while the call was in "
+        "flight; it may or may not have run"
+    )
 
 
 class ClientSettings:
@@ -48,9 +69,11 @@ class ClientSettings:
         retry: RetryPolicy | None,
         max_datagram: int,
         tls: ssl.SSLContext | None,
-        secret: bytes | None,
+        secret: str | bytes | None,
     ) -> None:
-        self.secret = secret
+        # One rule for every secret (sockstack.transport.secret): str or bytes, surrounding
+        # ASCII whitespace removed, empty refused (ValueError).
+        self.secret = normalize_secret(secret)
         self.endpoints = parse_endpoints(url)
         self.endpoint = self.endpoints[0]
         self.timeout = timeout
@@ -74,6 +97,12 @@ class ClientSettings:
             registry=self.registry,
             overhead=TRAILER_SIZE if self.secret is not None else 0,
         )
+
+    def first_connect_timeout(self) -> float:
+        """Seconds the first connection may take: ``connect_timeout``, and never more than the
+        call ``timeout`` (a call's timeout bounds the whole call, connecting included: a server
+        that accepts and never answers fails ``sockstack call --timeout 2`` after 2 s)."""
+        return min(self.connect_timeout, self.timeout)
 
     def datagram_auth(self) -> DatagramAuth | None:
         """The seal for this client's datagrams (None without a secret); the server's epoch is
