@@ -113,6 +113,9 @@ class ErrorCode(enum.IntEnum):
     RETAINED_STORE_FULL = 2016
     """A retained publish the broker's retained store has no room for (topics or bytes); it was
     neither retained nor delivered."""
+    RESULT_TOO_LARGE = 2017
+    """A stream session: the method's result encodes to more than the client's frame limit (the
+    ``max_frame`` of its HELLO); the method ran. Over UDP the same is DATAGRAM_TOO_LARGE."""
     UNAUTHENTICATED = 2009
     """A datagram without a valid MAC, outside the replay window, or replayed (UDP with a
     shared secret)."""

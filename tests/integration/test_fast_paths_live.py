@@ -387,8 +387,8 @@ ANSWERS: list[tuple[str, str, list[Any], Callable[[int], Any]]] = [
         [5000],
         lambda rid: Error(
             rid,
-            ErrorCode.FRAME_TOO_LARGE,
-            "FRAME_TOO_LARGE",
+            ErrorCode.RESULT_TOO_LARGE,
+            "RESULT_TOO_LARGE",
             "frame of 5003 bytes exceeds the peer's limit of 1000 bytes",
         ),
     ),

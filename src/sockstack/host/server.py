@@ -477,7 +477,8 @@ class _HostStream(StreamProtocol):
             except CodecError as exc:
                 value = (ErrorCode.RESULT_NOT_ENCODABLE, "RESULT_NOT_ENCODABLE", str(exc))
             except LocalProtocolError as exc:  # a result larger than the peer's frame limit
-                value = (exc.code, ErrorCode(exc.code).name, exc.message)
+                # A request-level code: 1000-1999 belong to CLOSE (PROTOCOL.md §7).
+                value = (ErrorCode.RESULT_TOO_LARGE, "RESULT_TOO_LARGE", exc.message)
             log.warning("method %r: %s", req.method, value[2])
         code, type_name, message = value
         core.send_error(req.request_id, code, type_name, message)
