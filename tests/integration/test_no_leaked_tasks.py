@@ -83,3 +83,42 @@ async def test_a_closed_udp_client_leaves_no_task_learning_the_epoch() -> None:
         assert pending_tasks()  # the PING probe
         await client.close()
         assert pending_tasks() == []
+
+
+async def test_async_subscription_callbacks_are_kept_bounded_and_cancelled_on_close() -> None:
+    """An async callback per message is a task the client keeps (never more at once than the
+    subscription's ``max_pending``: beyond, messages are dropped and counted), and closing the
+    client cancels and awaits those still running."""
+    srv = Server(
+        None, tcp=["127.0.0.1:0"], broker=True, limits=ServerLimits(close_timeout=timeout(2))
+    )
+    await srv.start()
+    client = AsyncClient(str(srv.endpoint("tcp")), timeout=timeout(10))
+    gate = asyncio.Event()  # never opened: every callback waits until cancelled
+    started: list[object] = []
+    cancelled: list[object] = []
+
+    async def slow(msg: object) -> None:
+        started.append(msg)
+        try:
+            await gate.wait()
+        except asyncio.CancelledError:
+            cancelled.append(msg)
+            raise
+
+    try:
+        await client.connect()
+        sub = await client.subscribe("t.>", callback=slow, max_pending=4)
+        for i in range(10):
+            await client.publish(f"t.{i}", i, qos=1)
+        # The broker queued every MSG on this connection before it answers this call.
+        await client.call("broker.stats")
+        assert sub.received == 10
+        assert len(started) == 4 and sub.dropped == 6
+        assert len(sub._tasks) == 4
+    finally:
+        await client.close()
+        await srv.shutdown()
+    assert len(cancelled) == 4
+    assert not sub._tasks
+    assert pending_tasks() == []

@@ -36,7 +36,7 @@ import ssl
 import struct
 import time
 import weakref
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Self
 
 from sockstack.asyncio.datagram import DatagramEndpoint
@@ -187,7 +187,9 @@ class StreamChannel:
 
     What patterns use: :meth:`exchange` (a frame of theirs that gets a RESPONSE),
     :meth:`send_soon` (a frame that gets none), ``routes`` (their message class -> handler),
-    ``on_reconnect`` (callbacks after a reconnect) and ``state`` (their per-client state)."""
+    ``on_reconnect`` (callbacks after a reconnect), ``on_close`` (coroutines awaited when the
+    client closes, before its connection ends: to finish the tasks a pattern started) and
+    ``state`` (their per-client state)."""
 
     kind = "stream"
 
@@ -203,6 +205,7 @@ class StreamChannel:
         self.last_error: str = ""
         self.routes: dict[type, Route] = {}
         self.on_reconnect: list[Callable[[], None]] = []
+        self.on_close: list[Callable[[], Awaitable[None]]] = []
         self.state: dict[str, Any] = {}
         self._reconnect_task: asyncio.Task[None] | None = None
         self._flush_scheduled = False
@@ -449,6 +452,8 @@ class StreamChannel:
     async def close(self) -> None:
         self.closed = True
         self._timer.close()
+        for hook in self.on_close:
+            await hook()
         task, self._reconnect_task = self._reconnect_task, None
         if task is not None and not task.done():
             task.cancel()

@@ -143,6 +143,7 @@ class Subscription:
         self._queue: collections.deque[tuple[Message, int]] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
+        self._tasks: set[asyncio.Future[Any]] = set()  # async callbacks running, kept till done
 
     def _ack(self, delivery_id: int) -> None:
         self._channel.send_soon(encode_ack(delivery_id))
@@ -157,14 +158,23 @@ class Subscription:
             return
         self.received += 1
         if self.callback is not None:
+            if self._async_callback and len(self._tasks) >= self.max_pending:
+                # As many callbacks running as messages may wait: drop this one (unacknowledged
+                # at QoS 1, so the broker sends it again later) rather than start tasks without
+                # bound.
+                self.dropped += 1
+                return
             result = self.callback(message)
             if self._async_callback and inspect.isawaitable(result):
                 task = asyncio.ensure_future(result)
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
                 if msg.delivery_id:
                     delivery_id = msg.delivery_id
 
-                    def acked(_task: asyncio.Future[Any]) -> None:
-                        self._ack(delivery_id)
+                    def acked(done: asyncio.Future[Any]) -> None:
+                        if not done.cancelled():
+                            self._ack(delivery_id)
 
                     task.add_done_callback(acked)
                 return
@@ -203,10 +213,20 @@ class Subscription:
         return await self.get()
 
     async def unsubscribe(self, timeout: float = 5.0) -> None:
+        """End the subscription; async callbacks still running are cancelled and awaited (at
+        most ``timeout`` seconds): none outlives it."""
         self._closed = True
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
         _AsyncState.of(self._channel).unsubscribe(self)
+        await self._finish(timeout)
+
+    async def _finish(self, timeout: float) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
 
 
 class _AsyncState:
@@ -218,6 +238,7 @@ class _AsyncState:
         _use_pubsub(channel.client.registry)
         channel.routes[Msg] = self.on_msg
         channel.on_reconnect.append(self.resubscribe)
+        channel.on_close.append(self.close)
 
     @classmethod
     def of(cls, channel: StreamChannel) -> _AsyncState:
@@ -243,6 +264,14 @@ class _AsyncState:
     def unsubscribe(self, sub: Subscription) -> None:
         if self.subscriptions.pop(sub.sid, None) is not None:
             self.channel.send_soon(encode_unsub(sub.sid))
+
+    async def close(self) -> None:
+        """The client closes: no callback task of a subscription outlives it."""
+        for sub in list(self.subscriptions.values()):
+            sub._closed = True
+            if sub._waiter is not None and not sub._waiter.done():
+                sub._waiter.set_result(None)
+            await sub._finish(self.channel.client.close_timeout)
 
     def resubscribe(self) -> None:
         """After a reconnect: the (new) broker knows none of our subscriptions; send them all
