@@ -34,6 +34,7 @@ from sockstack.errors import (
     RemoteError,
     RemoteProtocolError,
     SockstackError,
+    TopicError,
 )
 from sockstack.host.pattern import Pattern
 from sockstack.host.server import Server, ServerLimits, serve
@@ -85,6 +86,7 @@ __all__ = [
     "SockstackError",
     "StreamLimits",
     "Subscription",
+    "TopicError",
     "__version__",
     "connect",
     "method",

@@ -222,6 +222,21 @@ def test_pub_to_a_server_without_a_broker_is_an_error(
         assert (out.returncode, out.stderr) == (0, "")
 
 
+def test_pub_clear_removes_a_retained_message(broker: tuple[str, str]) -> None:
+    tcp, _ = broker
+    assert run(["sockstack", "pub", tcp, "room.temp", "21.5", "--retain"]).returncode == 0
+    out = run(["sockstack", "sub", tcp, "room.>", "--count", "1", "--timeout", "5"])
+    assert (out.returncode, out.stdout) == (0, "room.temp 21.5\n")
+    assert run(["sockstack", "pub", tcp, "room.temp", "--clear"]).returncode == 0
+    with connect(tcp) as client:  # nothing retained any more: the subscription stays empty
+        sub = client.subscribe("room.>")
+        client.publish("room.marker", 1, qos=1)
+        assert sub.get(timeout=5).topic == "room.marker"
+    for wrong in (["room.temp"], ["room.temp", "1", "--clear"]):
+        out = run(["sockstack", "pub", tcp, *wrong])
+        assert out.returncode == 2 and "either VALUE or --clear" in _one_line(out.stderr)
+
+
 def test_endpoint_errors_say_what_is_missing_and_the_expected_form() -> None:
     out = run(["sockstack", "serve", "--tcp", "5070"])
     assert out.returncode == 2

@@ -26,7 +26,12 @@ def run_pub(args: argparse.Namespace) -> int:
     ``broker.stats``: nothing answers a QoS 0 PUB, so a server without a broker would drop the
     message unseen. Over TCP the answer also proves the server has read the PUB (frames are
     handled in order); over UDP the PUB datagram itself may still be lost."""
+    if args.clear == (args.value is not None):
+        raise UsageError("pub: give either VALUE or --clear")
     with connect(args.url, timeout=args.timeout, **client_options(args)) as client:
+        if args.clear:
+            client.clear_retained(args.topic, qos=1)  # answered: the broker has cleared it
+            return EXIT_OK
         client.publish(args.topic, parse_value(args.value), qos=args.qos, retain=args.retain)
         if not args.qos:
             try:
@@ -79,7 +84,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     add_client_arguments(pb)
     pb.add_argument("topic")
-    pb.add_argument("value")
+    pb.add_argument("value", nargs="?", help="JSON when it parses, else a string")
+    pb.add_argument(
+        "--clear",
+        action="store_true",
+        help="instead of a VALUE: clear TOPIC's retained message (answered at QoS 1)",
+    )
     pb.add_argument("--qos", type=int, choices=[0, 1], default=0, help="0 (default) or 1")
     pb.add_argument("--retain", action="store_true", help="keep as the topic's last message")
     pb.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
