@@ -248,7 +248,7 @@ async def test_at_the_minimum_max_frame_nothing_sent_exceeds_it(plain: Server) -
     out = await session(plain, data, 4, sizes)
     assert isinstance(out[0], Welcome)
     by_id = {m.request_id: m for m in out[1:] if isinstance(m, Response | Error)}
-    assert by_id[1].code == ErrorCode.FRAME_TOO_LARGE
+    assert by_id[1].code == ErrorCode.RESULT_TOO_LARGE  # a request-level code (§7)
     assert by_id[2].code == ErrorCode.UNKNOWN_METHOD and by_id[2].message.startswith("no method")
     assert by_id[3] == Response(3, "fits", 1)
     assert max(sizes) <= MIN_MAX_FRAME, sizes

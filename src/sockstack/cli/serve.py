@@ -171,9 +171,12 @@ async def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"sockstack: error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_CONNECTION
-    for line in banner(server, args):
-        print(line, flush=True)
-    await server.run(handle_signals=True)
+
+    def ready() -> None:  # after the signal handlers: Ctrl-C once the banner shows is graceful
+        for line in banner(server, args):
+            print(line, flush=True)
+
+    await server.run(handle_signals=True, on_ready=ready)
     return EXIT_OK
 
 

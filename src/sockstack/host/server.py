@@ -850,15 +850,21 @@ class Server:
         assert self._stopped is not None, "call start() first"
         await self._stopped.wait()
 
-    async def run(self, *, handle_signals: bool = True) -> None:
+    async def run(
+        self, *, handle_signals: bool = True, on_ready: Callable[[], None] | None = None
+    ) -> None:
         """Start, serve until :meth:`shutdown` — or, with ``handle_signals``, until SIGINT or
-        SIGTERM, which drain in-flight requests before returning."""
+        SIGTERM, which drain in-flight requests before returning. ``on_ready`` is called once
+        the endpoints are bound and the signal handlers installed (where a banner saying
+        "Ctrl-C stops" belongs: a signal sent after it is always a graceful stop)."""
         if self._stopped is None:
             await self.start()
         if handle_signals:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._on_signal, sig)
+        if on_ready is not None:
+            on_ready()
         try:
             await self.serve_forever()
         finally:
