@@ -122,3 +122,35 @@ async def test_async_subscription_callbacks_are_kept_bounded_and_cancelled_on_cl
     assert len(cancelled) == 4
     assert not sub._tasks
     assert pending_tasks() == []
+
+
+@pytest.mark.parametrize("how", ["unsubscribe", "close"])
+async def test_a_callback_may_unsubscribe_or_close_the_client(how: str) -> None:
+    """The callback running is never cancelled by what it calls itself, and a client closed
+    from inside one still ends its connection."""
+    srv = Server(
+        None, tcp=["127.0.0.1:0"], broker=True, limits=ServerLimits(close_timeout=timeout(2))
+    )
+    await srv.start()
+    client = AsyncClient(str(srv.endpoint("tcp")), timeout=timeout(10))
+    finished = asyncio.Event()
+
+    async def callback(msg: object) -> None:
+        if how == "unsubscribe":
+            await sub.unsubscribe()
+        else:
+            await client.close()
+        finished.set()  # reached: the call above did not cancel this task
+
+    try:
+        await client.connect()
+        sub = await client.subscribe("t.>", callback=callback)
+        await client.publish("t.1", 1, qos=1)
+        stream = client.channel.stream  # type: ignore[union-attr]
+        await asyncio.wait_for(finished.wait(), timeout(10))
+        if how == "close":  # the CLOSE exchange ran: the connection ended, nothing leaked
+            assert stream is not None and stream.closed.done()
+    finally:
+        await client.close()
+        await srv.shutdown()
+    assert pending_tasks() == []

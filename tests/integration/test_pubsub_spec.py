@@ -32,6 +32,7 @@ from sockstack.protocol.messages import (
     encode_response,
     encode_welcome,
 )
+from sockstack.protocol.codecs import MSGPACK
 from sockstack.protocol.registry import Registry
 from sockstack.pubsub import Broker, BrokerLimits
 from sockstack.pubsub.messages import (
@@ -481,3 +482,39 @@ async def test_udp_pub_datagrams_follow_the_same_codec_rules() -> None:
                 assert broker.retained == {}
         finally:
             transport.close()
+
+
+async def test_sub_options_go_in_msgpack_whatever_the_client_codec() -> None:
+    """Brokers before this version decode SUB options as msgpack only: a JSON client keeps
+    working with them because its options (and so the SUB's answer) go in msgpack."""
+    seen: list[tuple[int, Any]] = []
+    done = asyncio.Event()
+
+    async def old_broker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = FrameDecoder()
+        writer.write(encode_welcome(Welcome()))
+        while not done.is_set():
+            data = await reader.read(65536)
+            if not data:
+                break
+            for frame in decoder.feed(data):
+                if frame.type == PubSubType.SUB:
+                    seen.append((frame.codec, msgpack_decode(frame.body)))
+                    writer.write(encode_response(frame.request_id, None))
+                    done.set()
+        writer.close()
+
+    srv = await asyncio.start_server(old_broker, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        async with AsyncClient(f"tcp://127.0.0.1:{port}", codec="json", timeout=timeout(5)) as c:
+            await c.subscribe("a.>", qos=1)
+        await asyncio.wait_for(done.wait(), timeout(5))
+    finally:
+        srv.close()
+        await srv.wait_closed()
+    assert seen == [(1, {"qos": 1})]
+
+
+def msgpack_decode(body: bytes) -> Any:
+    return MSGPACK.decode(body)

@@ -452,8 +452,18 @@ class StreamChannel:
     async def close(self) -> None:
         self.closed = True
         self._timer.close()
-        for hook in self.on_close:
-            await hook()
+        try:
+            for hook in self.on_close:
+                await hook()
+        finally:  # the connection ends even if a hook fails or this task is cancelled
+            try:
+                await self._close_connection()
+            except BaseException:
+                if self.stream is not None:
+                    self.stream.abort()
+                raise
+
+    async def _close_connection(self) -> None:
         task, self._reconnect_task = self._reconnect_task, None
         if task is not None and not task.done():
             task.cancel()

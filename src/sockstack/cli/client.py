@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 from sockstack.cli.common import (
     EXIT_OK,
@@ -15,7 +16,7 @@ from sockstack.cli.common import (
     parse_value,
 )
 from sockstack.clients import connect
-from sockstack.errors import CallError
+from sockstack.errors import CallError, CallTimeout
 
 __all__ = ["add_parsers", "run_call", "run_ping"]
 
@@ -28,12 +29,21 @@ def run_call(args: argparse.Namespace) -> int:
             raise UsageError(f"--kw {item!r}: expected KEY=VALUE")
         kwargs[key] = parse_value(value)
     values = [parse_value(a) for a in args.args]
+    deadline = time.monotonic() + args.timeout  # --timeout bounds the command: connect + call
     with connect(
         args.url, timeout=args.timeout, codec=args.codec, **client_options(args)
     ) as client:
-        result = client.request(args.method, values, kwargs)
+        result = client.request(args.method, values, kwargs, timeout=left(deadline, args))
     print(format_result(result))
     return EXIT_OK
+
+
+def left(deadline: float, args: argparse.Namespace) -> float:
+    """What remains of the command's ``--timeout`` for its call, after connecting."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise CallTimeout(args.method, args.timeout, "connecting took all of it")
+    return remaining
 
 
 def _p50_p99(values: list[float]) -> tuple[float, float]:

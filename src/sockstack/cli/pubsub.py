@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 from sockstack.cli.common import (
     EXIT_CONNECTION,
@@ -28,14 +29,27 @@ def run_pub(args: argparse.Namespace) -> int:
     handled in order); over UDP the PUB datagram itself may still be lost."""
     if args.clear == (args.value is not None):
         raise UsageError("pub: give either VALUE or --clear")
+    if args.clear and args.url.lower().startswith("udp"):
+        raise UsageError(
+            "pub --clear is answered by the broker (QoS 1), over a connection: use tcp:// or tls://"
+        )
+    deadline: float = time.monotonic() + args.timeout  # --timeout bounds connect + all
+
+    def left() -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise CallTimeout("PUB " + args.topic, args.timeout)
+        return remaining
+
     with connect(args.url, timeout=args.timeout, **client_options(args)) as client:
-        if args.clear:
-            client.clear_retained(args.topic, qos=1)  # answered: the broker has cleared it
+        if args.clear:  # answered: the broker has cleared it
+            client.clear_retained(args.topic, qos=1, timeout=left())
             return EXIT_OK
-        client.publish(args.topic, parse_value(args.value), qos=args.qos, retain=args.retain)
+        value = parse_value(args.value)
+        client.publish(args.topic, value, qos=args.qos, retain=args.retain, timeout=left())
         if not args.qos:
             try:
-                client.call("broker.stats")
+                client.call("broker.stats", timeout=left())
             except RemoteError as exc:
                 if exc.code != ErrorCode.UNKNOWN_METHOD:
                     raise

@@ -23,7 +23,7 @@ import collections
 import inspect
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -82,8 +82,10 @@ def prepare_publish(topic: str, value: Any, qos: int, codec: Codec) -> bytes:
 
 
 def sub_codec(codec: Codec) -> int:
-    """The codec SUB options go in: the client's if structured (msgpack, JSON), else msgpack."""
-    return codec.id if codec.structured else 1
+    """The codec SUB options go in: msgpack, whatever the client's codec. Brokers of this
+    version decode JSON options too (PROTOCOL.md §4.1, for other implementations), but earlier
+    ones read options as msgpack only: a JSON client sending JSON options would break there."""
+    return 1
 
 
 def _decode(msg: Msg) -> Message:
@@ -222,11 +224,18 @@ class Subscription:
         await self._finish(timeout)
 
     async def _finish(self, timeout: float) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
+        await _cancel_and_wait(self._tasks, timeout)
+
+
+async def _cancel_and_wait(tasks: Iterable[asyncio.Future[Any]], timeout: float) -> None:
+    """Cancel callback tasks and wait for them, at most ``timeout`` seconds in all; never the
+    task running this (a callback that unsubscribes or closes the client goes on)."""
+    me = asyncio.current_task()
+    others = [t for t in tasks if t is not me]
+    for task in others:
+        task.cancel()
+    if others:
+        await asyncio.wait(others, timeout=timeout)
 
 
 class _AsyncState:
@@ -267,11 +276,13 @@ class _AsyncState:
 
     async def close(self) -> None:
         """The client closes: no callback task of a subscription outlives it."""
+        tasks: list[asyncio.Future[Any]] = []
         for sub in list(self.subscriptions.values()):
             sub._closed = True
             if sub._waiter is not None and not sub._waiter.done():
                 sub._waiter.set_result(None)
-            await sub._finish(self.channel.client.close_timeout)
+            tasks += sub._tasks
+        await _cancel_and_wait(tasks, self.channel.client.close_timeout)
 
     def resubscribe(self) -> None:
         """After a reconnect: the (new) broker knows none of our subscriptions; send them all

@@ -99,9 +99,10 @@ class ClientSettings:
         )
 
     def first_connect_timeout(self) -> float:
-        """Seconds the first connection may take: ``connect_timeout``, and never more than the
-        call ``timeout`` (a call's timeout bounds the whole call, connecting included: a server
-        that accepts and never answers fails ``sockstack call --timeout 2`` after 2 s)."""
+        """Seconds the first connection (TCP, TLS and the HELLO/WELCOME handshake) may take:
+        ``connect_timeout``, and never more than the call ``timeout``. The clients connect
+        before their first call, which then has its own whole ``timeout``; ``sockstack call
+        --timeout S`` takes one deadline for both (connect and call within S)."""
         return min(self.connect_timeout, self.timeout)
 
     def datagram_auth(self) -> DatagramAuth | None:
