@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from sockstack import AsyncClient, ErrorCode, RemoteError, Server, connect
+from sockstack.protocol.codecs import MSGPACK
 from sockstack.protocol.frames import FrameDecoder, encode_frame
 from sockstack.protocol.messages import (
     CORE_MESSAGES,
@@ -32,7 +33,6 @@ from sockstack.protocol.messages import (
     encode_response,
     encode_welcome,
 )
-from sockstack.protocol.codecs import MSGPACK
 from sockstack.protocol.registry import Registry
 from sockstack.pubsub import Broker, BrokerLimits
 from sockstack.pubsub.messages import (
