@@ -38,6 +38,7 @@ from sockstack.errors import (
 from sockstack.host.pattern import Pattern
 from sockstack.host.server import Server, ServerLimits, serve
 from sockstack.protocol.calls import Backoff
+from sockstack.protocol.codecs import decode_as
 from sockstack.protocol.datagram import RetryPolicy
 from sockstack.pubsub import Broker, BrokerLimits
 from sockstack.pubsub.client import BlockingSubscription, Message, Subscription
@@ -87,6 +88,7 @@ __all__ = [
     "Subscription",
     "__version__",
     "connect",
+    "decode_as",
     "method",
     "run",
     "serve",

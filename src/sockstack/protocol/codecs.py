@@ -97,10 +97,11 @@ payload, by the decoder (DECODE_ERROR), so decoding one costs a bounded ``int.fr
 
 
 def _bigint_ext(value: int) -> msgpack.ExtType:
-    size = (value.bit_length() + 8) // 8  # room for the sign bit
+    bits = (value if value >= 0 else ~value).bit_length() + 1  # two's complement, with sign
+    size = (bits + 7) // 8
     if size > MAX_BIGINT_BYTES:
         raise ValueError(
-            f"an integer of {value.bit_length()} bits is outside the wire's range, -2**4095 "
+            f"an integer of {bits} bits is outside the wire's range, -2**4095 "
             "to 2**4095 - 1 (512 bytes of two's complement)"
         )
     return msgpack.ExtType(EXT_BIGINT, value.to_bytes(size, "big", signed=True))
