@@ -14,9 +14,12 @@ hand-written dict-to-dataclass with ``datetime.fromisoformat``), **msgpack + msg
 as if msgspec were the codec). JSON likewise with the stdlib ``json`` and ``msgspec.json``.
 
 Then the server's side: ``Dispatcher.dispatch`` of an inline method without hints, with plain
-hints (int/str...), and with a dataclass parameter, per call.
+hints (int/str...), and with a dataclass parameter, per call; and the same three methods
+called live, sequentially, from the blocking client over TCP loopback (the server in a thread
+of this process: client and server share the interpreter, so compare the rows, not the
+absolute figures with ``make bench``'s).
 
-    python bench/codec_choice.py [--count N]      # N calls per row (default 200,000)
+    python bench/codec_choice.py [--count N]      # N calls per row (default 200,000; live: N/10)
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import functools
 import json
+import multiprocessing as mp
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -183,12 +189,80 @@ def dispatch_rows(count: int) -> list[tuple[str, float]]:
     ]
 
 
+class _Hints:
+    """The live rows' service (built in the server process)."""
+
+    @staticmethod
+    def build() -> Any:
+        from sockstack import Service, method
+
+        class Hints(Service):
+            @method(inline=True)
+            def untyped(self, key, n, x, blob):  # type: ignore[no-untyped-def]
+                return n
+
+            @method(inline=True)
+            def plain(self, key: str, n: int, x: float, blob: bytes) -> int:
+                return n
+
+            @method(inline=True)
+            def typed(self, order: Order) -> int:
+                return order.qty
+
+        return Hints()
+
+
+def _serve(port_q: mp.Queue, cpu: int) -> None:  # type: ignore[type-arg]
+    import asyncio
+
+    from sockstack import Server
+
+    os.sched_setaffinity(0, {cpu})
+
+    async def serve() -> None:
+        async with Server(_Hints.build(), tcp=["127.0.0.1:0"]) as srv:
+            port_q.put(str(srv.endpoint("tcp")))
+            await srv.serve_forever()
+
+    asyncio.run(serve())
+
+
+def live_rows(count: int) -> list[tuple[str, float]]:
+    """Sequential calls from the blocking client to a server process on the same CPU."""
+    from sockstack import connect
+
+    cpu = min(os.sched_getaffinity(0))
+    port_q: mp.Queue = mp.Queue()  # type: ignore[type-arg]
+    proc = mp.Process(target=_serve, args=(port_q, cpu), daemon=True)
+    proc.start()
+    out: list[tuple[str, float]] = []
+    mine = os.sched_getaffinity(0)
+    try:
+        target = port_q.get(timeout=20)
+        os.sched_setaffinity(0, {cpu})
+        with connect(target, timeout=10) as c:
+            for _ in range(count):  # warm up: the server process's first calls are slower
+                c.call("untyped", *PLAIN_ARGS)
+            for label, name, args in (
+                ("live call, method without hints", "untyped", PLAIN_ARGS),
+                ("live call, plain hints", "plain", PLAIN_ARGS),
+                ("live call, dataclass hint", "typed", [ORDER]),
+                ("live call, method without hints (again)", "untyped", PLAIN_ARGS),
+            ):
+                out.append((label, per_call(functools.partial(c.call, name, *args), count)))
+    finally:
+        os.sched_setaffinity(0, mine)
+        proc.terminate()
+        proc.join(10)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--count", type=int, default=200_000)
     count = min(p.parse_args().count, 10_000_000)
     print(f"msgpack {msgpack.version}, msgspec {msgspec.__version__}; best of 3 x {count:,}")
-    for name, ns in rows(count) + dispatch_rows(count):
+    for name, ns in rows(count) + dispatch_rows(count) + live_rows(max(count // 10, 1)):
         print(f"{ns:8.0f} ns  {name}")
 
 

@@ -321,20 +321,20 @@ def test_json_map_keys_and_base64_bytes_are_converted() -> None:
             "days_until",
             ["2026-13-45"],
             {},
-            "days_until(): parameter 'day' expects datetime.date, got str '2026-13-45' "
+            "days_until(): parameter 'day' expects date, got str '2026-13-45' "
             "(Invalid RFC3339 encoded date)",
         ),
         (
             "days_until",
             [],
             {"day": "2026-11-30", "start": 5},
-            "days_until(): parameter 'start' expects datetime.date, got int 5",
+            "days_until(): parameter 'start' expects date, got int 5",
         ),
         (
             "book",
             [{"item": "pen", "qty": "2", "when": "2026-11-30T12:00:00Z"}],
             {},
-            "book(): parameter 'order' expects tests.rpc.test_types.Order, got dict of 3 "
+            "book(): parameter 'order' expects Order, got dict of 3 "
             "(Expected `int`, got `str` - at `$.qty`)",
         ),
         (
@@ -388,7 +388,7 @@ def test_bad_arguments_do_not_run_the_method() -> None:
     ("name", "message"),
     [
         ("wrong", "wrong(): its result expects int, got str 'k'"),
-        ("wrong_async", "wrong_async(): its result expects datetime.date, got int 42"),
+        ("wrong_async", "wrong_async(): its result expects date, got int 42"),
     ],
 )
 def test_a_result_against_its_annotation_is_the_servers_bug(

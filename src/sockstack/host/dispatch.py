@@ -108,8 +108,12 @@ class TypeCheck:
 
 
 def _type_name(annotation: Any) -> str:
+    """``int``, ``date``, ``Order``, ``set[str] | None``: a class by its own name, as the
+    method's author wrote it (not ``datetime.date``, ``__main__.Order``)."""
     if annotation is None or annotation is type(None):
         return "None"
+    if isinstance(annotation, type) and not getattr(annotation, "__args__", None):
+        return annotation.__qualname__
     return inspect.formatannotation(annotation)
 
 
