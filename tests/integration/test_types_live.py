@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from datetime import date
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from sockstack import (
     decode_as,
     method,
 )
+from tests.cli.conftest import run
 from tests.conftest import timeout
 from tests.rpc.test_types import IDS, REPRESENTATION, Movie
 
@@ -103,6 +105,15 @@ class Checked(Service):
     def add(self, a: int, b: int) -> int:
         return a + b
 
+    @method(inline=True)
+    def days_until(self, day: date, start: date = date(2026, 11, 1)) -> int:
+        return (day - start).days
+
+    @method(inline=True)
+    def distinct(self, tags: set[str]) -> list[str]:
+        assert isinstance(tags, set)
+        return sorted(tags)
+
     @method
     def wrong(self) -> int:
         return "not an int"  # type: ignore[return-value]  # the server's bug, on purpose
@@ -138,3 +149,29 @@ async def test_validation_errors_arrive_as_documented(scheme: str, codec: str) -
         assert (
             await asyncio.to_thread(blocking) == "add(): parameter 'a' expects int, got float 2.5"
         )
+
+
+@pytest.mark.parametrize("codec", ["msgpack", "json"])
+async def test_the_cli_converts_its_arguments_where_the_annotations_say(codec: str) -> None:
+    """`sockstack call` passes "2026-11-30" as text and [..] as a list: the server converts
+    them to the date and the set its method declares; a value that does not fit is one line."""
+    async with Server(Checked(), tcp=["127.0.0.1:0"], udp=["127.0.0.1:0"]) as srv:
+        for scheme in ("tcp", "udp"):
+            target = str(srv.endpoint(scheme))
+
+            def cli(*args: str, target: str = target) -> tuple[int, str, str]:
+                out = run(["sockstack", "call", target, *args, "--codec", codec])
+                return out.returncode, out.stdout, out.stderr
+
+            assert await asyncio.to_thread(cli, "days_until", "2026-11-30") == (0, "29\n", "")
+            assert await asyncio.to_thread(cli, "distinct", '["b", "a", "b"]') == (
+                0,
+                '["a", "b"]\n',
+                "",
+            )
+            assert await asyncio.to_thread(cli, "add", "2", "x") == (
+                1,
+                "",
+                "sockstack: remote error: BAD_ARGUMENTS: add(): parameter 'b' expects int, "
+                "got str 'x'\n",
+            )
