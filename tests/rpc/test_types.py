@@ -257,6 +257,10 @@ class Typed(Service):
     def opaque(self, thing: object, fn: Callable[[], int] | None = None) -> object:
         return thing
 
+    @method(inline=True)
+    def loose(self, items: list[Any], anything: Any = None) -> dict[str, Any]:
+        return {"n": len(items), "anything": anything}
+
 
 def run(outcome: Any) -> Any:
     if isinstance(outcome, Awaitable):
@@ -297,6 +301,10 @@ def test_arguments_are_converted_to_the_annotated_types(dispatcher: Dispatcher) 
     assert call(dispatcher, "options", a=True, b=False) == (True, ["a"])
     assert call(dispatcher, "untyped", "x", b"y") == (True, ["x", b"y"])  # no hints: as before
     assert call(dispatcher, "opaque", {"any": 1}) == (True, {"any": 1})  # not carried: unchecked
+    assert call(dispatcher, "loose", [1, "x"], b"?") == (True, {"n": 2, "anything": b"?"})
+    ok, (code, _, text) = call(dispatcher, "loose", "not a list")  # Any inside: the rest checked
+    assert (ok, code) == (False, ErrorCode.BAD_ARGUMENTS)
+    assert text == "loose(): parameter 'items' expects list[Any], got str 'not a list'"
 
 
 def test_json_map_keys_and_base64_bytes_are_converted() -> None:

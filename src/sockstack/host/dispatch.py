@@ -114,7 +114,7 @@ def _type_name(annotation: Any) -> str:
         return "None"
     if isinstance(annotation, type) and not getattr(annotation, "__args__", None):
         return annotation.__qualname__
-    return inspect.formatannotation(annotation)
+    return inspect.formatannotation(annotation).replace("typing.", "")
 
 
 def _got(value: Any) -> str:
@@ -129,16 +129,18 @@ def _got(value: Any) -> str:
 
 def _carried(annotation: Any) -> bool:
     """True when a codec can carry values of this annotation, so that checking it means
-    something: not a plain class, ``object``, ``Any``, a ``Callable``... (msgspec's CustomType or
-    AnyType anywhere in it)."""
+    something: not ``Any``, nor anywhere in it a plain class, ``object``, a ``Callable``...
+    (msgspec's CustomType). ``Any`` inside (``dict[str, Any]``) is fine: the rest is checked."""
     try:
         info = msgspec.inspect.type_info(annotation)
     except Exception:  # a TypeVar, an unresolved string annotation...
         return False
+    if isinstance(info, msgspec.inspect.AnyType):
+        return False
     seen: set[int] = set()
 
     def walk(t: Any) -> bool:
-        if isinstance(t, msgspec.inspect.CustomType | msgspec.inspect.AnyType):
+        if isinstance(t, msgspec.inspect.CustomType):
             return False
         if id(t) in seen:
             return True
