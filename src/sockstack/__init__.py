@@ -39,6 +39,7 @@ from sockstack.errors import (
 from sockstack.host.pattern import Pattern
 from sockstack.host.server import Server, ServerLimits, serve
 from sockstack.protocol.calls import Backoff
+from sockstack.protocol.codecs import decode_as
 from sockstack.protocol.datagram import RetryPolicy
 from sockstack.pubsub import Broker, BrokerLimits
 from sockstack.pubsub.client import BlockingSubscription, Message, Subscription
@@ -89,6 +90,7 @@ __all__ = [
     "TopicError",
     "__version__",
     "connect",
+    "decode_as",
     "method",
     "run",
     "serve",

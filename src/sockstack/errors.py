@@ -116,6 +116,9 @@ class ErrorCode(enum.IntEnum):
     RESULT_TOO_LARGE = 2017
     """A stream session: the method's result encodes to more than the client's frame limit (the
     ``max_frame`` of its HELLO); the method ran. Over UDP the same is DATAGRAM_TOO_LARGE."""
+    BAD_RESULT = 2021
+    """The method ran and returned a value that does not fit its return annotation: a bug of
+    the server's (logged there), not of the call's arguments."""
     UNAUTHENTICATED = 2009
     """A datagram without a valid MAC, outside the replay window, or replayed (UDP with a
     shared secret)."""

@@ -21,6 +21,7 @@ import itertools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import msgpack
@@ -1350,20 +1351,56 @@ def test_datagram_senders_refuse_what_does_not_encode(send: Callable[..., bytes]
     assert client.in_flight == 0 and client.datagrams_to_send() == []
 
 
-TIMESTAMP_EXT = pytest.mark.xfail(
-    strict=True,
-    reason="msgpack decodes extension type -1 (timestamp) itself, without calling ext_hook: "
-    "refuse_ext never sees it, so a msgpack.Timestamp reaches the method on every path "
-    "(PROTOCOL.md §3: no ext types)",
-)
-
-
-@TIMESTAMP_EXT
 @pytest.mark.parametrize(
     "path", ["stream-single", "stream-behind-a-ping", "datagram-fast", "datagram-slow"]
 )
-def test_the_timestamp_extension_type_is_refused_too(path: str) -> None:
-    data = request(4, b"add", packb([msgpack.Timestamp(0, 0)]))
+@pytest.mark.parametrize(
+    ("ext", "value"),
+    [
+        # msgpack's timestamp (type -1), 32- and 96-bit forms: an aware UTC datetime
+        (msgpack.Timestamp(0, 0), datetime(1970, 1, 1, tzinfo=UTC)),
+        (msgpack.Timestamp(-1, 5000), datetime(1969, 12, 31, 23, 59, 59, 5, tzinfo=UTC)),
+        # type 1: an integer beyond 64 bits, big-endian two's complement (PROTOCOL.md §3.1)
+        (EXT(1, b"\x01" + bytes(9)), 1 << 72),
+        (EXT(1, b"\xff" + bytes(9)), -(1 << 72)),
+    ],
+    ids=["timestamp-epoch", "timestamp-96-bit", "bigint", "negative-bigint"],
+)
+def test_the_supported_extension_types_decode_on_every_path(
+    path: str, ext: Any, value: Any
+) -> None:
+    """Types -1 (timestamp) and 1 (big integer) are data (PROTOCOL.md §3.1): every reading
+    path gives the same value (they were refused, or a msgpack.Timestamp leaked through)."""
+    data = request(4, b"add", packb([ext]))
+    if path.startswith("stream"):
+        conn = opened(S)
+        by_name = {p.name: p for p in STREAM_PATHS}
+        events = by_name[path.removeprefix("stream-")].feed(conn, data)
+    else:
+        server = DatagramServer()
+        events = server.receive_datagram(
+            data if path == "datagram-fast" else datagram_slow(data), ADDR, 0.0
+        )
+    assert events == [Request(4, "add", [value], {}, 1)]
+    assert type(events[0].args[0]) is type(value)
+
+
+@pytest.mark.parametrize(
+    "path", ["stream-single", "stream-behind-a-ping", "datagram-fast", "datagram-slow"]
+)
+@pytest.mark.parametrize(
+    "body",
+    [
+        packb([EXT(1, b"")]),
+        packb([EXT(1, b"\x01" * 513)]),
+        packb([EXT(2, b"x")]),
+        b"\x91\xd4\xfe\x78",  # [ext type -2, 1 byte]
+        b"\x91\xc7\x05\xff" + bytes(5),  # [ext type -1 of 5 bytes]: no timestamp form
+    ],
+    ids=["empty-bigint", "bigint-of-513-bytes", "type-2", "type-minus-2", "timestamp-of-5-bytes"],
+)
+def test_other_extension_payloads_are_refused_on_every_path(path: str, body: bytes) -> None:
+    data = request(4, b"add", body)
     if path.startswith("stream"):
         conn = opened(S)
         by_name = {p.name: p for p in STREAM_PATHS}

@@ -477,6 +477,7 @@ class Connection:
                     raw=False,
                     strict_map_key=False,
                     ext_hook=refuse_ext,
+                    timestamp=3,
                     max_array_len=_MAXC,
                     max_map_len=_MAXC,
                 )
@@ -530,6 +531,7 @@ class Connection:
                         raw=False,
                         strict_map_key=False,
                         ext_hook=refuse_ext,
+                        timestamp=3,
                         max_array_len=_MAXC,
                         max_map_len=_MAXC,
                     )
@@ -682,6 +684,7 @@ class Connection:
                 raw=False,
                 strict_map_key=False,
                 ext_hook=refuse_ext,
+                timestamp=3,
                 max_array_len=_MAXC,
                 max_map_len=_MAXC,
             )

@@ -282,6 +282,7 @@ class DatagramClient:
                         raw=False,
                         strict_map_key=False,
                         ext_hook=refuse_ext,
+                        timestamp=3,
                         max_array_len=_MAXC,
                         max_map_len=_MAXC,
                     )
@@ -458,6 +459,7 @@ class DatagramServer:
                         raw=False,
                         strict_map_key=False,
                         ext_hook=refuse_ext,
+                        timestamp=3,
                         max_array_len=_MAXC,
                         max_map_len=_MAXC,
                     )

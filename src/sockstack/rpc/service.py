@@ -17,6 +17,12 @@
             return "done"
 
 One definition serves every transport (TCP, UDP, and later TLS and HTTP).
+
+Type hints are the contract (PROTOCOL.md §3.1): arguments are checked and converted to the
+annotated types before the method runs (a ``date`` parameter receives a ``date``, a dataclass
+parameter the dataclass; a mismatch is ``BAD_ARGUMENTS``), and the result is checked against
+the return annotation (``BAD_RESULT``). Parameters without hints are passed as decoded. A
+generator method is refused when registered: streaming results is not supported yet.
 """
 
 from __future__ import annotations
