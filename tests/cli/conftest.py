@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,7 @@ class Proc:
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
         self.err_lines: list[str] = []
+        self.urls: tuple[str, str] = ("", "")  # set by serving()
         self._threads = [
             threading.Thread(target=self._pump, daemon=True),
             threading.Thread(target=self._pump_err, daemon=True),
@@ -76,10 +78,13 @@ class Proc:
             self.err_lines.append(line)
 
     def wait_line(self, pattern: str, seconds: float = 10.0) -> re.Match[str]:
+        """The first line from here on that matches ``pattern``, within ``seconds`` in all
+        (a process printing other lines for ever does not keep the wait going)."""
         rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout(seconds)
         while True:
             try:
-                line = self.lines.get(timeout=timeout(seconds))
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 raise AssertionError(f"no line matching {pattern!r}; saw {self.seen}") from None
             self.seen.append(line)
@@ -155,16 +160,30 @@ def free_port_both() -> int:
     raise AssertionError("no port free for both TCP and UDP in 100 tries")
 
 
+@contextmanager
+def serving(*options: str, command: str = "serve", cwd: Path | None = None) -> Iterator[Proc]:
+    """``sockstack COMMAND --tcp 127.0.0.1:0 --udp 127.0.0.1:0 OPTIONS...``, once it serves
+    (its banner printed): the one way tests start a server process. Port 0: the server binds
+    and its banner names the ports, so no port is picked first and taken by a parallel test
+    meanwhile. :attr:`Proc.urls` holds (tcp_url, udp_url); stopped (exit 0) afterwards."""
+    proc = Proc(
+        ["sockstack", command, "--tcp", "127.0.0.1:0", "--udp", "127.0.0.1:0", *options], cwd=cwd
+    )
+    try:
+        tcp = proc.wait_line(r"serving .+ on (tcp://\S+)").group(1)
+        udp = proc.wait_line(r"serving .+ on (udp://\S+)").group(1)
+        proc.wait_line("Ctrl-C stops")
+        proc.urls = (tcp, udp)
+        yield proc
+    finally:
+        assert proc.stop() == 0, proc.stderr()
+
+
 @pytest.fixture
 def demo_server() -> Iterator[tuple[str, str]]:
     """`sockstack serve` (built-in demo) on free ports: yields (tcp_url, udp_url)."""
-    proc = Proc(["sockstack", "serve", "--tcp", "127.0.0.1:0", "--udp", "127.0.0.1:0"])
-    try:
-        tcp = proc.wait_line(r"serving Demo on (tcp://\S+)").group(1)
-        udp = proc.wait_line(r"serving Demo on (udp://\S+)").group(1)
-        yield tcp, udp
-    finally:
-        assert proc.stop() == 0
+    with serving() as proc:
+        yield proc.urls
 
 
 def command_of(line: str) -> tuple[str, str | None]:

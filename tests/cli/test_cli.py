@@ -114,3 +114,16 @@ def test_serve_function_runs_until_sigterm(tmp_path: Path) -> None:
     finally:
         if proc.popen.poll() is None:
             proc.stop(signal.SIGKILL)
+
+
+def test_wait_line_has_a_deadline_in_all() -> None:
+    # A process that prints another line every 0.1 s for a minute: waiting 1 s for a line that
+    # never comes ends while it still prints (each line used to restart the wait).
+    chatter = "import time\nfor i in range(600):\n    print(i, flush=True)\n    time.sleep(0.1)\n"
+    proc = Proc([sys.executable, "-c", chatter])
+    try:
+        with pytest.raises(AssertionError, match="no line matching"):
+            proc.wait_line("never printed", seconds=1)
+        assert proc.popen.poll() is None  # it ended on its deadline, not with the process
+    finally:
+        proc.stop()

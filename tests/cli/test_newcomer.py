@@ -15,20 +15,14 @@ import pytest
 
 import sockstack
 from sockstack import connect
-from tests.cli.conftest import ROOT, Proc, free_port, run, run_suggestions
+from tests.cli.conftest import ROOT, Proc, free_port, run, run_suggestions, serving
 
 
 @pytest.fixture
 def broker() -> Iterator[tuple[str, str]]:
     """`sockstack broker` on free ports: yields (tcp_url, udp_url)."""
-    proc = Proc(["sockstack", "broker", "--tcp", "127.0.0.1:0", "--udp", "127.0.0.1:0"])
-    try:
-        tcp = proc.wait_line(r"serving broker on (tcp://\S+)").group(1)
-        udp = proc.wait_line(r"serving broker on (udp://\S+)").group(1)
-        proc.wait_line("Ctrl-C stops")
-        yield tcp, udp
-    finally:
-        assert proc.stop() == 0
+    with serving(command="broker") as proc:
+        yield proc.urls
 
 
 def _one_line(text: str) -> str:

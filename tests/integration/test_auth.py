@@ -32,7 +32,7 @@ from sockstack.protocol.messages import (
     encode_hello,
     encode_request,
 )
-from tests.cli.conftest import Proc, free_port, run
+from tests.cli.conftest import run, serving
 from tests.conftest import Probe, timeout
 
 SECRET = b"correct horse battery staple"
@@ -214,22 +214,8 @@ async def test_client_ignores_answers_it_cannot_authenticate(guarded: Server) ->
 def test_cli_secret_from_file_and_environment(tmp_path: Path) -> None:
     secret_file = tmp_path / "secret"
     secret_file.write_text("s3cret-from-file\n")
-    tcp, udp = free_port(), free_port(socket.SOCK_DGRAM)
-    server = Proc(
-        [
-            "sockstack",
-            "serve",
-            "--tcp",
-            f"127.0.0.1:{tcp}",
-            "--udp",
-            f"127.0.0.1:{udp}",
-            "--secret-file",
-            str(secret_file),
-        ]
-    )
-    try:
-        server.wait_line(r"serving Demo on udp://")
-        for url in (f"tcp://127.0.0.1:{tcp}", f"udp://127.0.0.1:{udp}"):
+    with serving("--secret-file", str(secret_file)) as server:
+        for url in server.urls:
             out = run(
                 ["sockstack", "call", url, "add", "2", "3", "--secret-file", str(secret_file)]
             )
@@ -242,7 +228,5 @@ def test_cli_secret_from_file_and_environment(tmp_path: Path) -> None:
             out = run(["sockstack", "call", url, "add", "2", "3"], env={"SOCKSTACK_SECRET": "nope"})
             assert out.returncode != 0
             assert "AUTH_FAILED" in out.stderr or "UNAUTHENTICATED" in out.stderr, out.stderr
-    finally:
-        assert server.stop() == 0
     out = run(["sockstack", "serve", "--secret-file", str(tmp_path / "missing")])
     assert out.returncode == 2 and "--secret-file" in out.stderr

@@ -16,7 +16,7 @@ import msgpack
 import pytest
 
 import sockstack.host.server as host_server
-from sockstack import AsyncClient, ErrorCode, Server
+from sockstack import AsyncClient, ErrorCode, Server, ServerLimits
 from sockstack.protocol.auth import token_extension
 from sockstack.protocol.frames import HEADER_SIZE, FrameDecoder, MessageType, encode_frame
 from sockstack.protocol.messages import (
@@ -310,3 +310,58 @@ async def test_request_id_0_gets_an_error_over_udp(plain: Server, probe: Probe, 
         assert probe.runs.get(key) is None
     finally:
         sock.close()
+
+
+# ------------------------------------------- §5.1 step 3: requests pipelined behind a refusal
+
+SNEAKY = encode_request(1, "count", ["sneaky"]) + encode_request(2, "count", ["sneaky"])
+
+
+async def _count_sneaky(server: Server) -> int:
+    """How many times "sneaky" had been counted, asked on a good connection (this call counts
+    once more: the answer less one)."""
+    out = await session(server, hello_frame() + encode_request(1, "count", ["sneaky"]), n=2)
+    assert isinstance(out[0], Welcome) and isinstance(out[1], Response), out
+    return int(out[1].result) - 1
+
+
+@pytest.mark.parametrize(
+    ("hello", "code"),
+    [
+        (hello_frame(2, 3), ErrorCode.UNSUPPORTED_VERSION),
+        (hello_frame(3, 2), ErrorCode.UNSUPPORTED_VERSION),
+        (hello_frame(max_frame=MIN_MAX_FRAME - 1), ErrorCode.PROTOCOL_ERROR),
+    ],
+)
+async def test_requests_pipelined_behind_a_refused_hello_did_not_run(
+    plain: Server, hello: bytes, code: int
+) -> None:
+    # §5.1 step 3: a HELLO answered with CLOSE instead of WELCOME: nothing sent behind it ran.
+    # (AUTH_FAILED: test_auth.py::test_requests_pipelined_behind_a_bad_hello_never_run.)
+    out = await session(plain, hello + SNEAKY)
+    assert len(out) == 1 and isinstance(out[0], Close) and out[0].code == code, out
+    assert await _count_sneaky(plain) == 0
+
+
+async def test_requests_pipelined_on_a_refused_connection_did_not_run(probe: Probe) -> None:
+    # CLOSE TOO_MANY_CONNECTIONS is sent as the connection is accepted: nothing it carries is
+    # read, let alone run.
+    async with Server(probe, tcp=["127.0.0.1:0"], limits=ServerLimits(max_connections=1)) as srv:
+        ep = srv.endpoint("tcp")
+        async with AsyncClient(str(ep), timeout=timeout(5)) as holder:  # the one connection
+            assert await holder.call("add", 1, 1) == 2
+            reader, writer = await asyncio.open_connection(ep.host, ep.port)
+            writer.write(hello_frame() + SNEAKY)
+            dec = FrameDecoder()
+            out: list[Any] = []
+            try:
+                async with asyncio.timeout(timeout(5)):
+                    while chunk := await reader.read(65536):
+                        out += [decode_message(f) for f in dec.feed(chunk)]
+            except ConnectionResetError:
+                pass  # closed with our bytes unread: the CLOSE came first
+            finally:
+                writer.close()
+            assert len(out) == 1 and isinstance(out[0], Close), out
+            assert out[0].code == ErrorCode.TOO_MANY_CONNECTIONS
+            assert await holder.call("count", "sneaky") == 1  # this call is the first

@@ -36,6 +36,7 @@ from sockstack.protocol.messages import (
 from sockstack.protocol.registry import Registry
 from sockstack.pubsub import Broker, BrokerLimits
 from sockstack.pubsub.messages import (
+    FLAG_RETAIN,
     PUBSUB_MESSAGES,
     Msg,
     PubSubType,
@@ -193,6 +194,7 @@ async def test_json_options_are_honoured_and_both_ack_and_unsub_codecs_work(
         ("no body, codec 0", 0, b"", 0, b""),
         ("no body, codec 1", 1, b"", 1, b"\xc0"),
         ("no body, codec 2", 2, b"", 2, b"null"),
+        ("no body, a codec it does not have", 9, b"", 0, b""),
         ("empty msgpack map", 1, b"\x80", 1, b"\xc0"),
         ("empty JSON object", 2, b"{}", 2, b"null"),
     ],
@@ -223,6 +225,8 @@ async def test_no_options_either_way(
         (encode_pub("o.1", b"", 4, 1), ErrorCode.DECODE_ERROR),  # empty msgpack: no value
         (encode_pub("o.1", b"", 4, 2), ErrorCode.DECODE_ERROR),  # empty JSON: no value
         (encode_pub("o.1", b"", 0, 1), ErrorCode.DECODE_ERROR),  # QoS 0: refused with id 0
+        # A clear (RETAIN, no body) is a PUB: a codec the broker does not have is refused first.
+        (encode_frame(PubSubType.PUB, 4, b"o.1", b"", FLAG_RETAIN, 3), ErrorCode.UNSUPPORTED_CODEC),
     ],
 )
 async def test_what_the_codec_byte_refuses(broker_server: Server, frame: bytes, code: int) -> None:
@@ -518,3 +522,24 @@ async def test_sub_options_go_in_msgpack_whatever_the_client_codec() -> None:
 
 def msgpack_decode(body: bytes) -> Any:
     return MSGPACK.decode(body)
+
+
+@pytest.mark.parametrize("codec", [0, 1, 2])
+async def test_a_clear_in_codec_0_1_or_2(broker_server: Server, codec: int) -> None:
+    """§4.1: a RETAIN PUB with no body clears the topic in codec 0, 1 or 2 (0 recommended);
+    a QoS 1 clear is answered in its codec."""
+    broker = broker_server.broker
+    assert broker is not None
+    pub = await RawPeer.open(broker_server)
+    try:
+        assert await pub.answer(encode_pub("k.c", b"\x01", 5, 1, retain=True)) == response(
+            5, 1, b"\xc0"
+        )
+        assert "k.c" in broker.retained
+        clear = encode_frame(PubSubType.PUB, 6, b"k.c", b"", FLAG_RETAIN, codec)
+        assert await pub.answer(clear) == response(
+            6, codec, {0: b"", 1: b"\xc0", 2: b"null"}[codec]
+        )
+        assert "k.c" not in broker.retained
+    finally:
+        pub.close()

@@ -107,8 +107,84 @@ async def test_configured_through_logging_config_for_a_live_server(
 
 
 def test_default_filter_is_installed_once() -> None:
-    LOGGER.filters[:] = [f for f in LOGGER.filters if not isinstance(f, RateLimitFilter)]
-    a, b = RateLimitedLog(LOGGER), RateLimitedLog(LOGGER)
-    filters = [f for f in LOGGER.filters if isinstance(f, RateLimitFilter)]
+    other = logging.getLogger("tests.ratelog.installed_once")
+    a, b = RateLimitedLog(other), RateLimitedLog(other)
+    filters = [f for f in other.filters if isinstance(f, RateLimitFilter)]
     assert len(filters) == 1 and filters[0].burst == 20 and filters[0].interval == 10.0
     assert a.key != b.key and a.rate_filter is b.rate_filter
+    # On sockstack.transport it is there from the import on, before any server.
+    assert any(getattr(f, "_sockstack_default", False) for f in LOGGER.filters)
+
+
+def test_a_removed_filter_stays_removed(caplog: pytest.LogCaptureFixture) -> None:
+    # The documented way to turn rate limiting off: remove the filter; nothing puts it back,
+    # neither a log in use nor a new one (a new server).
+    other = logging.getLogger("tests.ratelog.removed")
+    log = RateLimitedLog(other)
+    for f in [f for f in other.filters if isinstance(f, RateLimitFilter)]:
+        other.removeFilter(f)
+    caplog.set_level(logging.WARNING, logger=other.name)
+    for i in range(30):  # more than the default's burst of 20
+        log.warning("bad input %d", i)
+    RateLimitedLog(other).warning("from a new log")
+    assert [r.getMessage() for r in caplog.records if r.name == other.name][-2:] == [
+        "bad input 29",
+        "from a new log",
+    ]
+    assert len([r for r in caplog.records if r.name == other.name]) == 31
+    assert not [f for f in other.filters if isinstance(f, RateLimitFilter)]
+    assert log.rate_filter is None and log.burst is None and log.suppressed == 0
+
+
+async def test_turned_off_for_a_live_server(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="sockstack.transport")
+    for f in [f for f in LOGGER.filters if isinstance(f, RateLimitFilter)]:
+        LOGGER.removeFilter(f)
+    async with Server(Probe(), udp=["127.0.0.1:0"]) as srv:
+        ep = srv.endpoint("udp")
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(_Sink, remote_addr=(ep.host, ep.port))
+        try:
+            for _ in range(30):  # bounded; more than the default's burst
+                transport.sendto(b"\x00garbage")
+        finally:
+            transport.close()
+        async with AsyncClient(str(ep), timeout=timeout(5)) as c:  # answered: all read
+            assert await c.call("add", 1, 2) == 3
+    lines = [r for r in caplog.records if r.name == "sockstack.transport" and "udp" in r.message]
+    assert len(lines) == 30
+    assert not [f for f in LOGGER.filters if isinstance(f, RateLimitFilter)]
+
+
+def test_the_rewritten_message_is_what_every_handler_sees() -> None:
+    # As documented: a summary (or a cut) rewrites record.msg/args in place, once, on a
+    # logger's filter; all of its handlers get the same final text.
+    now = [0.0]
+    other = logging.getLogger("tests.ratelog.rewrite")
+    other.propagate = False
+    other.addFilter(RateLimitFilter(burst=1, interval=10, clock=lambda: now[0]))
+    seen: list[list[tuple[object, object, str]]] = [[], []]
+
+    class Keep(logging.Handler):
+        def __init__(self, into: list[tuple[object, object, str]]) -> None:
+            super().__init__()
+            self.into = into
+
+        def emit(self, r: logging.LogRecord) -> None:
+            self.into.append((r.msg, r.args, r.getMessage()))
+
+    handlers = [Keep(seen[0]), Keep(seen[1])]
+    for h in handlers:
+        other.addHandler(h)
+    try:
+        log = RateLimitedLog(other)
+        for i in range(3):
+            log.warning("bad %d", i)
+        now[0] = 10.0
+        log.warning("bad %d", 3)
+    finally:
+        for h in handlers:
+            other.removeHandler(h)
+    summary = "bad 3 (and 2 similar messages suppressed)"
+    for kept in seen:
+        assert kept == [("bad %d", (0,), "bad 0"), (summary, None, summary)]

@@ -4,14 +4,15 @@ UTF-8 encoding; surrounding ASCII whitespace (space, tab, CR, LF) removed wherev
 
 from __future__ import annotations
 
-import socket
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from sockstack import AsyncClient, ConnectError, Server, connect
 from sockstack.transport.secret import normalize_secret
-from tests.cli.conftest import Proc, free_port, run
+from tests.cli.conftest import BIN, run, serving
 from tests.conftest import Probe, timeout
 
 
@@ -60,22 +61,8 @@ def test_cli_server_and_python_client_share_a_secret_file(tmp_path: Path) -> Non
     secret=open(f).read().encode())` in Python, the file ending in a newline."""
     f = tmp_path / "secret"
     f.write_text("correct horse battery staple\n")
-    tcp, udp = free_port(), free_port(socket.SOCK_DGRAM)
-    server = Proc(
-        [
-            "sockstack",
-            "serve",
-            "--tcp",
-            f"127.0.0.1:{tcp}",
-            "--udp",
-            f"127.0.0.1:{udp}",
-            "--secret-file",
-            str(f),
-        ]
-    )
-    try:
-        server.wait_line(r"serving Demo on udp://")
-        for url in (f"tcp://127.0.0.1:{tcp}", f"udp://127.0.0.1:{udp}"):
+    with serving("--secret-file", str(f)) as server:
+        for url in server.urls:
             with open(f) as fh:
                 text = fh.read()
             with connect(url, secret=text.encode(), timeout=timeout(5)) as c:
@@ -89,8 +76,6 @@ def test_cli_server_and_python_client_share_a_secret_file(tmp_path: Path) -> Non
                 env={"SOCKSTACK_SECRET": "correct horse battery staple\r\n"},
             )
             assert out.returncode == 0 and out.stdout.strip() == "5", out.stderr
-    finally:
-        assert server.stop() == 0
 
 
 def test_cli_refuses_an_empty_secret(tmp_path: Path) -> None:
@@ -102,3 +87,49 @@ def test_cli_refuses_an_empty_secret(tmp_path: Path) -> None:
         ["sockstack", "call", "tcp://127.0.0.1:1", "add", "1", "2"], env={"SOCKSTACK_SECRET": "\n"}
     )
     assert out.returncode == 2 and "SOCKSTACK_SECRET" in out.stderr, out.stderr
+
+
+def test_text_that_utf8_cannot_encode_is_a_clear_error() -> None:
+    # "\udce9" is how os.environ / os.fsdecode give the byte e9 of a non-UTF-8 value.
+    for make in (
+        lambda: normalize_secret("\udce9t\udce9"),
+        lambda: Server(Probe(), tcp=["127.0.0.1:0"], secret="\udce9"),
+        lambda: connect("tcp://127.0.0.1:1", secret="x\udce9"),
+    ):
+        with pytest.raises(ValueError, match="UTF-8 cannot encode") as info:
+            make()
+        assert not isinstance(info.value, UnicodeError)  # not the codec's bare error
+        assert "empty" not in str(info.value)
+        assert "\udce9" not in str(info.value)  # no part of the secret in the message
+
+
+def test_cli_takes_a_secret_that_is_not_utf8(tmp_path: Path) -> None:
+    # SOCKSTACK_SECRET=$'\xe9t\xe9' (Latin-1 "été") against a server given those bytes in a file.
+    secret = b"\xe9t\xe9"
+    f = tmp_path / "secret"
+    f.write_bytes(secret + b"\n")
+    with serving("--secret-file", str(f)) as server:
+        urls = server.urls
+        env = dict(os.environb)
+        env[b"PATH"] = b"%s%s%s" % (os.fsencode(BIN), os.pathsep.encode(), env.get(b"PATH", b""))
+        env[b"SOCKSTACK_SECRET"] = secret
+        for url in urls:
+            out = subprocess.run(
+                ["sockstack", "call", url, "add", "2", "3"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout(30),
+            )
+            assert out.returncode == 0 and out.stdout.strip() == "5", out.stderr
+            with connect(url, secret=secret, timeout=timeout(5)) as c:  # Python, as bytes
+                assert c.call("add", 2, 3) == 5
+        env[b"SOCKSTACK_SECRET"] = b"\xe9t\xe8"  # another secret: refused, not "empty"
+        out = subprocess.run(
+            ["sockstack", "call", urls[0], "add", "2", "3"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout(30),
+        )
+        assert out.returncode != 0 and "AUTH_FAILED" in out.stderr, out.stderr

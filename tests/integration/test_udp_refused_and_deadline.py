@@ -9,6 +9,7 @@ import asyncio
 import socket
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -18,17 +19,31 @@ from tests.conftest import Probe, timeout
 LONG = 30.0  # the call timeout: a refused call that waited for it would raise CallTimeout
 
 
-def closed_udp_port() -> int:
-    """A UDP port nothing listens on (bound, then closed: free for a moment)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@contextmanager
+def closed_udp_port() -> Iterator[socket.socket]:
+    """A loopback UDP port that answers "port unreachable", kept ours while the test runs: the
+    yielded socket is bound to it and connected to itself. Linux hands a datagram only to a
+    connected socket whose peer sent it, so the client's datagrams find no socket (ICMP port
+    unreachable, as for a closed port), while no other test can bind the port meanwhile
+    (bound, then closed at once, it could be taken by a parallel test before use). A test that
+    starts a server there closes the socket just before (``guard.close()``): the port is then
+    free for the few system calls until the server binds it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as guard:
+        guard.bind(("127.0.0.1", 0))
+        guard.connect(guard.getsockname())
+        yield guard
+
+
+def _port(guard: socket.socket) -> int:
+    return int(guard.getsockname()[1])
 
 
 @pytest.mark.parametrize("secret", [None, "s3cret"])
 def test_blocking_udp_call_to_a_closed_port_is_refused(secret: str | None) -> None:
-    url = f"udp://127.0.0.1:{closed_udp_port()}"
-    with connect(url, timeout=timeout(LONG), secret=secret) as c:
+    with (
+        closed_udp_port() as guard,
+        connect(f"udp://127.0.0.1:{_port(guard)}", timeout=timeout(LONG), secret=secret) as c,
+    ):
         with pytest.raises(ConnectError, match=r"connection refused.*did not run"):
             c.call("add", 1, 2)
         with pytest.raises(ConnectError, match="connection refused"):
@@ -39,26 +54,31 @@ def test_blocking_udp_call_to_a_closed_port_is_refused(secret: str | None) -> No
 
 @pytest.mark.parametrize("secret", [None, "s3cret"])
 async def test_asyncio_udp_call_to_a_closed_port_is_refused(secret: str | None) -> None:
-    url = f"udp://127.0.0.1:{closed_udp_port()}"
-    async with AsyncClient(url, timeout=timeout(LONG), secret=secret) as c:
-        results = await asyncio.gather(
-            *(c.call("add", i, i) for i in range(5)), c.ping(), return_exceptions=True
-        )
-        for r in results:
-            assert isinstance(r, ConnectError) and "connection refused" in str(r), r
-        assert len(c.channel.calls) == 0  # type: ignore[union-attr]
+    with closed_udp_port() as guard:
+        url = f"udp://127.0.0.1:{_port(guard)}"
+        async with AsyncClient(url, timeout=timeout(LONG), secret=secret) as c:
+            results = await asyncio.gather(
+                *(c.call("add", i, i) for i in range(5)), c.ping(), return_exceptions=True
+            )
+            for r in results:
+                assert isinstance(r, ConnectError) and "connection refused" in str(r), r
+            assert len(c.channel.calls) == 0  # type: ignore[union-attr]
 
 
 def test_a_stale_refusal_is_retried_once() -> None:
     """A refusal left on the socket by an earlier datagram (the server was not up yet) does not
     fail the next call: the client sends once more, and the server that has started answers."""
-    port = closed_udp_port()
-    with connect(f"udp://127.0.0.1:{port}", timeout=timeout(LONG)) as c:
+    with (
+        closed_udp_port() as guard,
+        connect(f"udp://127.0.0.1:{_port(guard)}", timeout=timeout(LONG)) as c,
+    ):
+        port = _port(guard)
         c.connection.sock.send(b"nobody listens yet")  # type: ignore[union-attr]
         ready = threading.Event()
         done = threading.Event()
 
         async def serve() -> None:
+            guard.close()  # the port free for the server, bound just below
             async with Server(Probe(), udp=[f"127.0.0.1:{port}"]):
                 ready.set()
                 await asyncio.get_running_loop().run_in_executor(None, done.wait, timeout(LONG))
@@ -76,12 +96,14 @@ def test_a_stale_refusal_is_retried_once() -> None:
 async def test_asyncio_call_after_a_refusal_reaches_a_server_started_since() -> None:
     """The event loop reads a refusal as it comes (no call waits then): it fails nothing, and
     the next call reaches the server started meanwhile."""
-    port = closed_udp_port()
-    async with AsyncClient(f"udp://127.0.0.1:{port}", timeout=timeout(LONG)) as c:
-        endpoint = c.channel.endpoint  # type: ignore[union-attr]
-        endpoint.transport.sendto(b"nobody listens yet")
-        async with Server(Probe(), udp=[f"127.0.0.1:{port}"]):
-            assert await c.call("add", 2, 3) == 5
+    with closed_udp_port() as guard:
+        port = _port(guard)
+        async with AsyncClient(f"udp://127.0.0.1:{port}", timeout=timeout(LONG)) as c:
+            endpoint = c.channel.endpoint  # type: ignore[union-attr]
+            endpoint.transport.sendto(b"nobody listens yet")
+            guard.close()  # the port free for the server, bound just below
+            async with Server(Probe(), udp=[f"127.0.0.1:{port}"]):
+                assert await c.call("add", 2, 3) == 5
 
 
 @pytest.fixture

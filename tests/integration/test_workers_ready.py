@@ -4,10 +4,15 @@ workers' output: a service that prints lines like the banner cannot fool it."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from sockstack import connect
 from tests.cli.conftest import Proc, run
@@ -102,3 +107,136 @@ def test_server_start_reports_once_per_process() -> None:
     first, second = out.stdout.splitlines()
     assert '"name": "Demo"' in first and "tcp://127.0.0.1:" in first  # the first server, once
     assert second == "False"
+
+
+SPAWNER = """
+import os
+import subprocess
+import sys
+
+from sockstack import Service, method
+
+CHILD = "import os; print(os.environ.get('SOCKSTACK_READY_FD'))"
+
+
+class Spawner(Service):
+    def __init__(self) -> None:
+        # What the service, and a process it starts as it loads, see of the readiness pipe.
+        self.own = os.environ.get("SOCKSTACK_READY_FD")
+        out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True)
+        self.child = out.stdout.strip()
+
+    @method
+    def seen(self) -> list:
+        return [self.own, self.child]
+"""
+
+
+def test_the_service_and_its_children_do_not_see_the_readiness_variable(tmp_path: Path) -> None:
+    # A child that inherited the variable (not the descriptor) and ran a Server of its own
+    # would write JSON into whatever that descriptor number is in it.
+    (tmp_path / "spawner.py").write_text(SPAWNER)
+    proc = Proc(
+        ["sockstack", "serve", "spawner:Spawner", "--workers", "2", "--tcp", "127.0.0.1:0"],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    try:
+        url = proc.wait_line(r"serving Spawner on (tcp://\S+)").group(1)
+        proc.wait_line(r"2 worker processes")  # both serve: readiness still reached it
+        with connect(url, timeout=timeout(10)) as c:
+            assert c.call("seen") == [None, "None"]
+    finally:
+        assert proc.stop() == 0
+
+
+def test_report_ready_writes_only_into_a_pipe(tmp_path: Path) -> None:
+    # The number names a regular file (the pipe closed, the number reused): left untouched.
+    code = (
+        "import asyncio, os, sys\n"
+        "from sockstack import Server\n"
+        "from sockstack.demo import Demo\n"
+        "async def main():\n"
+        "    fd = os.open(sys.argv[1], os.O_WRONLY)\n"
+        "    os.environ['SOCKSTACK_READY_FD'] = str(fd)\n"
+        "    async with Server(Demo(), tcp=['127.0.0.1:0']):\n"
+        "        pass\n"
+        "    os.fstat(fd)\n"  # still open: not closed by report_ready either
+        "    print('ok')\n"
+        "asyncio.run(main())\n"
+    )
+    target = tmp_path / "not-a-pipe"
+    target.write_bytes(b"")
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(target)],
+        capture_output=True,
+        text=True,
+        timeout=timeout(30),
+    )
+    assert out.stdout.strip() == "ok", out.stderr
+    assert target.read_bytes() == b""
+
+
+CLOSER = """
+import os
+import stat
+import sys
+
+from sockstack import Service, method
+
+
+class Closer(Service):
+    def __init__(self) -> None:
+        # In a worker: close the pipes it inherited (one end here, the other elsewhere), as
+        # daemon-style code closing descriptors does, the readiness pipe among them, and
+        # serve on. (The event loop's own pipes have both ends here: left alone.)
+        if "--reuse-port" in sys.argv:
+            ends: dict[str, list[int]] = {}
+            for name in os.listdir("/proc/self/fd"):
+                try:
+                    if int(name) > 2 and stat.S_ISFIFO(os.fstat(int(name)).st_mode):
+                        ends.setdefault(os.readlink(f"/proc/self/fd/{name}"), []).append(int(name))
+                except OSError:
+                    pass
+            for fds in ends.values():
+                if len(fds) == 1:
+                    os.close(fds[0])
+
+    @method
+    def pid(self) -> int:
+        return os.getpid()
+"""
+
+
+def test_a_worker_that_closes_its_pipe_and_lives_on_is_killed(tmp_path: Path) -> None:
+    # End of file on the pipe, and the worker has not exited: the supervisor waits the rest
+    # of the ready timeout (3 s here), not for ever, then kills it by its PID.
+    (tmp_path / "closer.py").write_text(CLOSER)
+    code = (
+        "import sys\n"
+        "from sockstack.host.workers import run_workers\n"
+        "sys.exit(run_workers(['serve', 'closer:Closer'], ['127.0.0.1:0'], [], 2,"
+        " ready_timeout=3))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its workers are in its group: all ended if it hangs
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout(60))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group this test started, by its leader's PID
+        proc.communicate()
+        raise AssertionError("the supervisor waited for ever for a worker to exit") from None
+    assert proc.returncode == 3, err
+    m = re.search(r"worker (\d+) closed its readiness pipe without serving; killed", err)
+    assert m, err
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(int(m.group(1)), 0)
+    assert "serving" not in out

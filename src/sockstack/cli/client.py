@@ -33,7 +33,10 @@ def run_call(args: argparse.Namespace) -> int:
     with connect(
         args.url, timeout=args.timeout, codec=args.codec, **client_options(args)
     ) as client:
-        result = client.request(args.method, values, kwargs, timeout=left(deadline, args))
+        try:
+            result = client.request(args.method, values, kwargs, timeout=left(deadline, args))
+        except CallTimeout:  # say the command's --timeout, not what was left of it
+            raise CallTimeout(args.method, args.timeout) from None
     print(format_result(result))
     return EXIT_OK
 

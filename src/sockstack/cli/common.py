@@ -91,7 +91,7 @@ def load_secret(args: argparse.Namespace) -> bytes | None:
     a command-line value: those show in `ps` and in shell history. The same rule as the Python
     API (:func:`sockstack.transport.secret.normalize_secret`): surrounding ASCII whitespace
     removed (a file's trailing newline), an empty secret refused (exit 2)."""
-    from sockstack.transport.secret import normalize_secret
+    from sockstack.transport.secret import WHITESPACE, normalize_secret
 
     if args.secret_file:
         try:
@@ -106,15 +106,24 @@ def load_secret(args: argparse.Namespace) -> bytes | None:
                 f"--secret-file {args.secret_file}: the secret is empty (the file holds only "
                 "whitespace or nothing)"
             ) from None
-    value = os.environ.get(SECRET_ENV)
+    # As bytes where the environment is bytes (POSIX): any bytes are a secret, UTF-8 or not.
+    value: bytes | str | None
+    if os.supports_bytes_environ:
+        value = os.environb.get(SECRET_ENV.encode())
+    else:  # Windows: the environment is text
+        value = os.environ.get(SECRET_ENV)
     if value is None:
         return None
-    try:
-        return normalize_secret(value)
-    except ValueError:
+    if not (value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value).strip(
+        WHITESPACE
+    ):
         raise UsageError(
             f"${SECRET_ENV} is set but empty (or only whitespace): unset it, or give a secret"
-        ) from None
+        )
+    try:
+        return normalize_secret(value)
+    except ValueError as exc:  # text that UTF-8 cannot encode (not on POSIX: bytes there)
+        raise UsageError(f"${SECRET_ENV}: {exc}") from None
 
 
 def client_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from sockstack.cli.common import EXIT_CONNECTION, EXIT_OK, UsageError, check_fil
 from sockstack.demo import Demo
 from sockstack.host.pattern import Pattern
 from sockstack.host.server import Server, ServerLimits, refuse_unprotected
+from sockstack.host.workers import report_ready, take_ready_fd
 from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM
 from sockstack.protocol.frames import DEFAULT_MAX_FRAME
 from sockstack.pubsub.pattern import PubSub
@@ -175,6 +176,9 @@ async def _serve(args: argparse.Namespace) -> int:
     def ready() -> None:  # after the signal handlers: Ctrl-C once the banner shows is graceful
         for line in banner(server, args):
             print(line, flush=True)
+        # A worker of `serve --workers N`: tell the supervisor (now a SIGTERM it forwards is
+        # handled gracefully). Elsewhere, nothing.
+        report_ready(server.name, server.endpoints)
 
     await server.run(handle_signals=True, on_ready=ready)
     return EXIT_OK
@@ -322,6 +326,7 @@ def _local(ep: Endpoint) -> str:
 
 def run_serve(args: argparse.Namespace) -> int:
     """``serve`` or ``broker``: one process on the event loop, or ``--workers`` processes."""
+    take_ready_fd()  # a worker: before the service loads, so its children do not inherit it
     if args.broker and args.workers > 1:
         raise UsageError("the broker keeps its subscriptions in one process: no --workers with it")
     if args.workers > 1:

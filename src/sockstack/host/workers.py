@@ -14,17 +14,19 @@ another worker (when one exits). The workers share no guard, so they need no coo
 The supervisor (this module) binds nothing itself except to pick free ports when port 0 is
 asked for; it starts the workers, waits until each serves, prints the endpoints, forwards
 SIGINT/SIGTERM to them and exits when they all have (non-zero if any failed).
-The supervisor (this module) binds nothing itself except to pick free ports when port 0 is
-asked for; it starts the workers, waits until each serves, prints the endpoints, forwards
-SIGINT/SIGTERM to them and exits when they all have (non-zero if any failed).
 
 Readiness travels on a channel of its own, as systemd's ``sd_notify`` does: each worker
-inherits the write end of a pipe, named by ``$SOCKSTACK_READY_FD``, and its :class:`Server`
-writes one JSON line there once every endpoint is bound (``{"pid", "name", "endpoints"}``),
-then closes it. End of file without that line means the worker ended before serving. Nothing
-is parsed from the workers' output: a service that prints whatever it likes cannot fool the
-supervisor. The workers' standard output is discarded (each would repeat the supervisor's
-banner); their standard error (logs) is the supervisor's.
+inherits the write end of a pipe, named by ``$SOCKSTACK_READY_FD``. The worker takes the
+variable out of its environment as it starts, before it loads the service
+(:func:`take_ready_fd`), so no process the service spawns inherits the name of a descriptor it
+does not have; once every endpoint is bound and the signal handlers are in place, it writes one
+JSON line there (``{"pid", "name", "endpoints"}``), then closes it. It writes only if the
+descriptor is still a pipe (a service may have closed it, and the number been reused). End of
+file without that line means the worker ended before serving (or closed the pipe: it is then
+given what is left of the ready timeout to exit, then killed). Nothing is parsed from the
+workers' output: a service that prints whatever it likes cannot fool the supervisor. The
+workers' standard output is discarded (each would repeat the supervisor's banner); their
+standard error (logs) is the supervisor's.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -41,17 +44,23 @@ from collections.abc import Sequence
 
 from sockstack.transport.urls import Endpoint, parse_endpoint
 
-__all__ = ["READY_FD_ENV", "report_ready", "run_workers"]
+__all__ = ["READY_FD_ENV", "report_ready", "run_workers", "take_ready_fd"]
 
 READY_FD_ENV = "SOCKSTACK_READY_FD"
 """The environment variable that names a worker's readiness pipe (a file descriptor)."""
 _MAX_READY = 1 << 16  # bytes of one worker's readiness line, at most
 
 
-def report_ready(name: str, endpoints: Sequence[Endpoint]) -> None:
-    """In a worker of :func:`run_workers`: tell the supervisor that it serves ``endpoints``
-    (called by :meth:`Server.start`). Once per process: the variable is removed, so a later
-    server in the same process, or a child process, says nothing. Elsewhere, does nothing."""
+_ready_fd: int | None = None
+"""The readiness pipe taken from the environment by :func:`take_ready_fd`, until used."""
+
+
+def take_ready_fd() -> None:
+    """In a worker of :func:`run_workers`, first thing (``sockstack serve`` calls it before it
+    loads the service): move ``$SOCKSTACK_READY_FD`` out of the environment into this module,
+    so a process the service starts does not inherit the variable (it does not inherit the
+    descriptor). Elsewhere, does nothing."""
+    global _ready_fd
     value = os.environ.pop(READY_FD_ENV, None)
     if value is None:
         return
@@ -59,6 +68,24 @@ def report_ready(name: str, endpoints: Sequence[Endpoint]) -> None:
         fd = int(value)
     except ValueError:
         return
+    if fd >= 0:
+        _ready_fd = fd
+
+
+def report_ready(name: str, endpoints: Sequence[Endpoint]) -> None:
+    """In a worker of :func:`run_workers`: tell the supervisor that it serves ``endpoints``.
+    Once per process: a later call, or a child process, says nothing. Writes only if the
+    descriptor is a pipe (a FIFO); elsewhere, does nothing."""
+    global _ready_fd
+    take_ready_fd()  # a program that set the variable itself, without `sockstack serve`
+    fd, _ready_fd = _ready_fd, None
+    if fd is None:
+        return
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return  # closed and the number reused (a file, a socket): not ours to write or close
+    except OSError:
+        return  # closed
     line = json.dumps({"pid": os.getpid(), "name": name, "endpoints": [str(e) for e in endpoints]})
     data = memoryview(line.encode() + b"\n")
     try:
@@ -202,9 +229,7 @@ def _wait_ready(
             if not chunk or b"\n" in buffers[fd] or len(buffers[fd]) > _MAX_READY:
                 del pending[fd]
                 if b"\n" not in buffers[fd]:
-                    raise RuntimeError(
-                        f"worker {proc.pid} exited with {proc.wait()} before serving"
-                    )
+                    raise RuntimeError(_ended_early(proc, deadline))
                 try:
                     report = json.loads(buffers[fd].split(b"\n", 1)[0])
                     served = [str(e) for e in report["endpoints"]]
@@ -215,3 +240,16 @@ def _wait_ready(
                 if not want <= got:
                     raise RuntimeError(f"worker {proc.pid} serves {served}, not every endpoint")
     return name
+
+
+def _ended_early(proc: subprocess.Popen[bytes], deadline: float) -> str:
+    """Why a worker's readiness pipe ended without a report. It usually means the worker
+    exited; one that closed the pipe and lives on is given the rest of the ready timeout to
+    exit, then killed (by its PID, which it still holds: it has not been waited for)."""
+    try:
+        code = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return f"worker {proc.pid} closed its readiness pipe without serving; killed"
+    return f"worker {proc.pid} exited with {code} before serving"

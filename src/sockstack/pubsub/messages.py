@@ -5,10 +5,12 @@ Byte layouts (docs/PROTOCOL.md §4.1):
 
 - SUB (client): ``request_id`` = subscription id (non-zero, chosen by the client); meta = the
   pattern, UTF-8; body = options, a map in the header's codec (msgpack or JSON), or no bytes
-  at all (then the codec byte is ignored; 0 is sent). Answered with RESPONSE (same id, result
-  nil in the SUB's codec) once the broker has the subscription, or ERROR.
-- UNSUB (client): ``request_id`` = subscription id; no body, codec 0 sent, any accepted.
-  Answered with RESPONSE (nil, in the UNSUB's codec) or ERROR.
+  at all (then no body is decoded and the codec byte selects only the answer's codec, an
+  unknown one: codec 0, empty body; 0 is sent). Answered with RESPONSE (same id, result nil in
+  the SUB's codec) once the broker has the subscription, or ERROR.
+- UNSUB (client): ``request_id`` = subscription id; no body, codec 0 sent, any accepted (it
+  selects the answer's codec, as for a SUB without options). Answered with RESPONSE (nil, in
+  the UNSUB's codec) or ERROR.
 - PUB (client): ``request_id`` 0 = QoS 0 (no answer); non-zero = QoS 1 (RESPONSE, nil in the
   PUB's codec, once the broker has accepted it). meta = topic; body = the payload, opaque to
   the broker, in the codec the header names (one the broker has: else UNSUPPORTED_CODEC).
@@ -16,7 +18,8 @@ Byte layouts (docs/PROTOCOL.md §4.1):
 - MSG (broker): ``request_id`` = delivery id, 0 at QoS 0 (else ACK it); meta = subscription id
   (u32) then the topic; body and codec as published. Flags: 0x04 RETAINED (from the retained
   store), 0x08 REDELIVERED.
-- ACK (client): ``request_id`` = delivery id; no body, codec 0 sent, any accepted.
+- ACK (client): ``request_id`` = delivery id; no body, codec 0 sent, any accepted (no effect:
+  an ACK is never answered with RESPONSE).
 """
 
 from __future__ import annotations
@@ -189,7 +192,7 @@ def _text(data: bytes, what: str) -> str:
 
 
 def _decode_sub(f: Frame) -> Sub:
-    """Options in the header's codec; no body: no options, whatever the codec byte says."""
+    """Options in the header's codec; no body: no options (the byte is the answer's codec)."""
     if f.request_id == 0:
         raise RemoteProtocolError("SUB needs a non-zero subscription id", ErrorCode.DECODE_ERROR)
     options: Any = {}

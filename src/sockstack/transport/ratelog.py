@@ -14,9 +14,13 @@ Each server, and each UDP endpoint of a server, has its own window: they log thr
 of them (the oldest forgotten first); records without a key share one window. Its memory is
 bounded by ``max_keys``, and each message written by ``max_length`` characters.
 
-A default filter (20 per 10 s) is put on ``sockstack.transport`` when the first server starts
-logging there, unless a :class:`RateLimitFilter` is on that logger already. To choose other
-figures, configure one through :mod:`logging.config` (it replaces the default)::
+A default filter (20 per 10 s) is put on ``sockstack.transport`` once, when this module is
+imported (that is, with ``import sockstack``), and on any other logger once, when the first
+:class:`RateLimitedLog` for it is made; only if no :class:`RateLimitFilter` is on that logger
+already, and never again: what you do with the logger's filters afterwards stays done. To
+choose other figures, configure one through :mod:`logging.config` (it replaces the default:
+a :class:`RateLimitedLog` takes the default off as soon as it finds a filter of yours next to
+it)::
 
     logging.config.dictConfig({
         "version": 1,
@@ -29,6 +33,20 @@ figures, configure one through :mod:`logging.config` (it replaces the default)::
 or in code: ``logging.getLogger("sockstack.transport").addFilter(RateLimitFilter(burst=100,
 interval=60))``. It may also be put on any other logger or on a handler (there it sees the
 records of every logger whose records reach that handler).
+
+To turn rate limiting off (every bad datagram and refused connection logged), remove the
+filter, any time after ``import sockstack``::
+
+    log = logging.getLogger("sockstack.transport")
+    for f in [f for f in log.filters if isinstance(f, RateLimitFilter)]:
+        log.removeFilter(f)
+
+A record that carries a summary, or whose message was cut to ``max_length``, is rewritten in
+place: ``record.msg`` becomes the final text and ``record.args`` None (the filter formats the
+message once). A filter runs on the one record object that is then handed on, so every
+handler after it sees the rewritten message: on a logger, all of the logger's handlers and
+its ancestors'; on a handler, the handlers that come after it too. Records let through
+unchanged (no summary due, not too long) are left as they are.
 """
 
 from __future__ import annotations
@@ -132,26 +150,46 @@ class RateLimitFilter(logging.Filter):
         return 0 if w is None else w.suppressed
 
 
-def _ensure_filter(logger: logging.Logger) -> RateLimitFilter:
-    """The :class:`RateLimitFilter` on ``logger``: one configured by the user if there is one
-    (a default put there earlier is then taken off), else the default (added if missing)."""
+_DEFAULTED: set[str] = set()
+"""Names of the loggers the default filter was considered for (it is, once per logger)."""
+_DEFAULT_MARK = "_sockstack_default"
+
+
+def _rate_filters(logger: logging.Logger) -> list[RateLimitFilter]:
+    return [f for f in logger.filters if isinstance(f, RateLimitFilter)]
+
+
+def _install_default(logger: logging.Logger) -> None:
+    """Put the default filter on ``logger``, once per logger, if it has no
+    :class:`RateLimitFilter` then (see the module's notes)."""
+    if logger.name in _DEFAULTED:
+        return
+    _DEFAULTED.add(logger.name)
+    if not _rate_filters(logger):
+        default = RateLimitFilter()
+        setattr(default, _DEFAULT_MARK, True)
+        logger.addFilter(default)
+
+
+def _rate_filter(logger: logging.Logger) -> RateLimitFilter | None:
+    """The :class:`RateLimitFilter` on ``logger``, a configured one in preference to the
+    default, which is then taken off; None when there is none (rate limiting turned off).
+    Never adds one."""
     ours: RateLimitFilter | None = None
     theirs: RateLimitFilter | None = None
-    for f in logger.filters:
-        if isinstance(f, RateLimitFilter):
-            if getattr(f, "_sockstack_default", False):
-                ours = ours or f
-            else:
-                theirs = theirs or f
+    for f in _rate_filters(logger):
+        if getattr(f, _DEFAULT_MARK, False):
+            ours = ours or f
+        else:
+            theirs = theirs or f
     if theirs is not None:
         if ours is not None:
             logger.removeFilter(ours)
         return theirs
-    if ours is None:
-        ours = RateLimitFilter()
-        ours._sockstack_default = True  # type: ignore[attr-defined]
-        logger.addFilter(ours)
     return ours
+
+
+_install_default(logging.getLogger("sockstack.transport"))
 
 
 class RateLimitedLog(logging.LoggerAdapter[logging.Logger]):
@@ -161,25 +199,31 @@ class RateLimitedLog(logging.LoggerAdapter[logging.Logger]):
     def __init__(self, logger: logging.Logger) -> None:
         self.key = next(_keys)
         super().__init__(logger, {RATE_KEY: self.key})
-        _ensure_filter(logger)
+        _install_default(logger)
 
     def process(
         self, msg: Any, kwargs: MutableMapping[str, Any]
     ) -> tuple[Any, MutableMapping[str, Any]]:
-        _ensure_filter(self.logger)  # cheap (a logger has a filter or two): follows dictConfig
+        # Cheap (a logger has a filter or two); takes the default off next to a filter set up
+        # by dictConfig since, and never puts one back.
+        _rate_filter(self.logger)
         kwargs["extra"] = {**kwargs.get("extra", {}), RATE_KEY: self.key}
         return msg, kwargs
 
     @property
-    def rate_filter(self) -> RateLimitFilter:
-        """The filter that limits this log (the logger's :class:`RateLimitFilter`)."""
-        return _ensure_filter(self.logger)
+    def rate_filter(self) -> RateLimitFilter | None:
+        """The filter that limits this log (the logger's :class:`RateLimitFilter`), or None
+        when rate limiting is off (the filter removed)."""
+        return _rate_filter(self.logger)
 
     @property
-    def burst(self) -> int:
-        return self.rate_filter.burst
+    def burst(self) -> int | None:
+        """Records let through per interval; None when rate limiting is off."""
+        f = self.rate_filter
+        return None if f is None else f.burst
 
     @property
     def suppressed(self) -> int:
         """Messages of this log left out since the last one written."""
-        return self.rate_filter.suppressed(self.key)
+        f = self.rate_filter
+        return 0 if f is None else f.suppressed(self.key)
