@@ -60,6 +60,7 @@ from sockstack.protocol.messages import (
     encode_request,
     encode_response,
     encode_welcome,
+    features_extension,
 )
 from sockstack.protocol.registry import Registry
 from sockstack.pubsub.messages import (
@@ -743,7 +744,7 @@ def _welcomed(
     name: str, data: bytes, hello: Hello, *after: Any, sent_after: tuple[Any, ...] = ()
 ) -> Case:
     events = [HandshakeComplete(1, hello.agent, hello.max_frame), hello, *after]
-    welcome = Welcome(1, (1, 2, 0), DEFAULT_LIMIT, "sockstack-py/1")
+    welcome = Welcome(1, (1, 2, 0), DEFAULT_LIMIT, "sockstack-py/1", (features_extension(),))
     return Case(name, S, data, events, [welcome, *sent_after], max_frame=DEFAULT_LIMIT)
 
 
