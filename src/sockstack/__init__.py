@@ -37,11 +37,12 @@ from sockstack.errors import (
 )
 from sockstack.host.pattern import Pattern
 from sockstack.host.server import Server, ServerLimits, serve
-from sockstack.protocol.calls import Backoff
+from sockstack.protocol.calls import Backoff, Reply
 from sockstack.protocol.datagram import RetryPolicy
 from sockstack.pubsub import Broker, BrokerLimits
 from sockstack.pubsub.client import BlockingSubscription, Message, Subscription
 from sockstack.pubsub.pattern import PubSub
+from sockstack.rpc.context import CallContext, current_context
 from sockstack.rpc.pattern import RPC
 from sockstack.rpc.service import Service, ServiceError, method
 from sockstack.transport import tls
@@ -60,6 +61,7 @@ __all__ = [
     "BlockingSubscription",
     "Broker",
     "BrokerLimits",
+    "CallContext",
     "CallError",
     "CallTimeout",
     "Client",
@@ -77,6 +79,7 @@ __all__ = [
     "PubSub",
     "RemoteError",
     "RemoteProtocolError",
+    "Reply",
     "RetryPolicy",
     "Server",
     "ServerLimits",
@@ -87,6 +90,7 @@ __all__ = [
     "Subscription",
     "__version__",
     "connect",
+    "current_context",
     "method",
     "run",
     "serve",
