@@ -337,18 +337,25 @@ class Connection:
         )
 
     def request_frame(
-        self, request_id: int, method: str, args: Sequence[Any]
+        self, request_id: int, method: str, args: Sequence[Any], budget_ms: int | None = None
     ) -> list[bytes] | None:
         """Fast path for a client adapter: a msgpack REQUEST with positional arguments, encoded
         and returned as the pieces of one frame to write at once (nothing is queued). None when
         the general :meth:`send_request` is needed: session not open, output already queued, a
         method name not seen before, or a frame over the peer's limit.
+        ``budget_ms``: the DEADLINE flag's budget (send it only to a server that announced it).
         Raises :class:`CodecError` if the arguments cannot be encoded."""
         if self.state is not _OPEN or self._out:
             return None
         meta = _METHOD_BYTES.get(method)
         if meta is None:
             return None
+        flags = 0
+        if budget_ms is not None:
+            if not 0 <= budget_ms <= MAX_BUDGET_MS:
+                budget_ms = min(max(budget_ms, 0), MAX_BUDGET_MS)
+            meta += _pack_budget(budget_ms)
+            flags = _DEADLINE
         items = args if type(args) is list else list(args)
         for item in items:
             if type(item) is bytes and len(item) > BIG_BYTES:
@@ -357,12 +364,12 @@ class Connection:
                 size = sum(map(len, parts))
                 if len(meta) + size > self.peer_max_frame:
                     return None
-                head = _pack_header(_REQUEST, 0, 1, len(meta), request_id, size)
+                head = _pack_header(_REQUEST, flags, 1, len(meta), request_id, size)
                 return [head, meta, *parts]
         body = MSGPACK.encode(items)
         if len(meta) + len(body) > self.peer_max_frame:
             return None
-        return [_pack_header(_REQUEST, 0, 1, len(meta), request_id, len(body)) + meta + body]
+        return [_pack_header(_REQUEST, flags, 1, len(meta), request_id, len(body)) + meta + body]
 
     def response_frame(self, request_id: int, result: Any) -> bytes | None:
         """Fast path for a server adapter: a msgpack RESPONSE returned as one frame to write at

@@ -235,29 +235,52 @@ class DatagramClient:
         self._out.append(data)
 
     def request_datagram(
-        self, request_id: int, method: str, args: Sequence[Any], *, now: float, timeout: float
+        self,
+        request_id: int,
+        method: str,
+        args: Sequence[Any],
+        *,
+        now: float,
+        timeout: float,
+        deadline: bool = False,
     ) -> bytes:
         """Like :meth:`send_request` for a msgpack call with positional arguments, returning
         the datagram to send at once instead of queueing it (the fast path of a blocking
         client). Raises like :meth:`send_request`."""
         meta = _METHOD_BYTES.get(method)
+        named = meta is not None
         if meta is None:
             meta = method.encode("utf-8")
-            if len(_METHOD_BYTES) < 4096:
+            named = 0 not in meta  # a NUL in a name: refused by send_request
+            if named and len(_METHOD_BYTES) < 4096:
                 _METHOD_BYTES[method] = meta
+        flags = at = 0
+        if deadline:
+            at = HEADER_SIZE + len(meta)
+            meta += _pack_budget(max(0, min(int(timeout * 1000), MAX_BUDGET_MS)))
+            flags = _DEADLINE
         body = MSGPACK.encode(args if type(args) is list else list(args))
         size = HEADER_SIZE + len(meta) + len(body) + self.overhead  # the whole datagram
-        if size > self.max_datagram or len(meta) > DEFAULT_MAX_META:
-            self.send_request(request_id, method, args, None, MSGPACK, now=now, timeout=timeout)
+        if size > self.max_datagram or len(meta) > DEFAULT_MAX_META or not named:
+            self.send_request(
+                request_id,
+                method,
+                args,
+                None,
+                MSGPACK,
+                now=now,
+                timeout=timeout,
+                deadline=deadline,
+            )
             return self._out.pop()  # (raises first, with the exact reason)
-        data = _pack_header(_REQUEST, 0, 1, len(meta), request_id, len(body)) + meta + body
+        data = _pack_header(_REQUEST, flags, 1, len(meta), request_id, len(body)) + meta + body
         r = self.retry
         nxt = now + min(r.initial, r.max_interval) * (
             1.0 + r.jitter * (2.0 * self._rng.random() - 1.0)
         )
-        deadline = now + timeout
-        self._pending[request_id] = _Pending(data, deadline, nxt)
-        heapq.heappush(self._timers, (nxt if nxt < deadline else deadline, request_id))
+        end = now + timeout
+        self._pending[request_id] = _Pending(data, end, nxt, at)
+        heapq.heappush(self._timers, (nxt if nxt < end else end, request_id))
         return data
 
     def send_ping(self, request_id: int, payload: bytes = b"") -> None:
