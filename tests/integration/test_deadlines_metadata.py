@@ -424,7 +424,8 @@ async def test_trailers_come_back_on_request(work: tuple[Server, Work], scheme: 
         plain = await c.request("count", with_metadata=True)
         assert plain == Reply(1, {})
     # An ERROR carries them too.
-    answer = await raw_call(server, scheme, encode_request(4, "with_trailers", [True]))
+    frame = encode_request(4, "with_trailers", [True], budget_ms=5000)
+    answer = await raw_call(server, scheme, frame)
     assert type(answer) is Error and answer.code == ErrorCode.APPLICATION_ERROR
     assert answer.type == "ValueError"
     assert answer.metadata == {"served-by": "node-1", "cost": b"\x01\x02"}
@@ -556,3 +557,16 @@ def test_a_budget_is_a_u32_of_milliseconds() -> None:
     with pytest.raises(RemoteError):
         raise RemoteError("x", "y", ErrorCode.CANCELLED)
     assert isinstance(Request(1, "m").budget_ms, type(None))
+
+
+async def test_trailers_go_only_to_a_client_that_sent_deadline_or_metadata(
+    work: tuple[Server, Work],
+) -> None:
+    """PROTOCOL.md §4: a client sending neither flag (every client before them) never gets a
+    RESPONSE or ERROR with METADATA, which it could misread."""
+    server, _ = work
+    for scheme in ("tcp", "udp"):
+        ok = await raw_call(server, scheme, encode_request(1, "with_trailers", []))
+        assert ok == Response(1, "ok", 1)  # metadata None: no flag
+        failed = await raw_call(server, scheme, encode_request(2, "with_trailers", [True]))
+        assert type(failed) is Error and failed.type == "ValueError" and failed.metadata is None

@@ -122,6 +122,14 @@ def _context(req: Request, transport: str, peer: Any) -> CallContext | None:
     return CallContext(req.method, req.request_id, transport, peer, req.metadata, deadline)
 
 
+def _trailers(req: Request, ctx: CallContext | None) -> dict[str, str | bytes] | None:
+    """The trailers to send: the method's, to a client that sent DEADLINE or METADATA (one that
+    sends neither may not read them: PROTOCOL.md §4)."""
+    if ctx is None or (req.budget_ms is None and req.metadata is None):
+        return None
+    return ctx.trailers
+
+
 class _Run:
     """A method running on the loop (async) or in a worker (threaded), which its deadline or a
     CANCEL may stop: its context, its task, and the timer of its deadline."""
@@ -601,7 +609,7 @@ class _HostStream(StreamProtocol):
         core = self.core
         assert core is not None
         ok, value = outcome
-        trailers = ctx.trailers if ctx is not None else None
+        trailers = _trailers(req, ctx)
         if ok:
             try:
                 core.send_response(req.request_id, value, CODECS[req.codec], metadata=trailers)
@@ -779,7 +787,7 @@ class _HostDatagram(DatagramEndpoint):
         ctx: CallContext | None = None,
     ) -> None:
         ok, value = outcome
-        trailers = ctx.trailers if ctx is not None else None
+        trailers = _trailers(req, ctx)
         if ok:
             self.core.send_response(
                 addr, req.request_id, value, CODECS[req.codec], now, metadata=trailers
