@@ -23,7 +23,6 @@ from sockstack import (
     CallTimeout,
     ErrorCode,
     LocalProtocolError,
-    RemoteError,
     Reply,
     Server,
     ServerLimits,
@@ -550,13 +549,15 @@ async def test_a_nested_call_inherits_the_deadline(work: tuple[Server, Work], sc
         assert 2 < no_deadline["remaining"] <= 10
 
 
-def test_a_budget_is_a_u32_of_milliseconds() -> None:
-    """PROTOCOL.md §4: the DEADLINE budget is the meta section's last 4 bytes."""
-    frame = encode_request(1, "m", [], budget_ms=1500)
-    assert frame[4] == 0x04 and frame[16:21] == b"m" + struct.pack(">I", 1500)
-    with pytest.raises(RemoteError):
-        raise RemoteError("x", "y", ErrorCode.CANCELLED)
-    assert isinstance(Request(1, "m").budget_ms, type(None))
+def test_a_budget_is_a_u32_of_milliseconds_at_the_end_of_meta() -> None:
+    """PROTOCOL.md §4: with DEADLINE the budget is the meta section's last 4 bytes."""
+    frame = encode_request(1, "m", [], budget_ms=1500, metadata={"k": "v"})
+    meta_len = struct.unpack_from(">H", frame, 6)[0]
+    assert frame[4] == 0x0C  # DEADLINE | METADATA
+    assert frame[16 : 16 + meta_len] == b"m\x00" + msgpack.packb({"k": "v"}) + struct.pack(
+        ">I", 1500
+    )
+    assert Request(1, "m").budget_ms is None and Request(1, "m").metadata is None
 
 
 async def test_trailers_go_only_to_a_client_that_sent_deadline_or_metadata(
