@@ -618,12 +618,15 @@ async def _concurrent(
         encode_request,
         encode_response,
         encode_welcome,
+        features_extension,
     )
 
     hello = encode_hello(Hello(agent="bench"))
     req = encode_request(1, "echo", [payload])
     resp_len = len(encode_response(1, payload))
-    welcome_len = len(encode_welcome(Welcome(1, (1, 2, 0), 1 << 20, "sockstack-py/1")))
+    welcome_len = len(
+        encode_welcome(Welcome(1, (1, 2, 0), 1 << 20, "sockstack-py/1", (features_extension(),)))
+    )
     loop = asyncio.get_running_loop()
     shared: dict[str, Any] = {"sent": 0, "done": 0, "total": total, "future": loop.create_future()}
     transports = []

@@ -38,12 +38,13 @@ from sockstack.errors import (
 )
 from sockstack.host.pattern import Pattern
 from sockstack.host.server import Server, ServerLimits, serve
-from sockstack.protocol.calls import Backoff
+from sockstack.protocol.calls import Backoff, Reply
 from sockstack.protocol.codecs import decode_as
 from sockstack.protocol.datagram import RetryPolicy
 from sockstack.pubsub import Broker, BrokerLimits
 from sockstack.pubsub.client import BlockingSubscription, Message, Subscription
 from sockstack.pubsub.pattern import PubSub
+from sockstack.rpc.context import CallContext, current_context
 from sockstack.rpc.pattern import RPC
 from sockstack.rpc.service import Service, ServiceError, method
 from sockstack.transport import tls
@@ -62,6 +63,7 @@ __all__ = [
     "BlockingSubscription",
     "Broker",
     "BrokerLimits",
+    "CallContext",
     "CallError",
     "CallTimeout",
     "Client",
@@ -79,6 +81,7 @@ __all__ = [
     "PubSub",
     "RemoteError",
     "RemoteProtocolError",
+    "Reply",
     "RetryPolicy",
     "Server",
     "ServerLimits",
@@ -90,6 +93,7 @@ __all__ = [
     "TopicError",
     "__version__",
     "connect",
+    "current_context",
     "decode_as",
     "method",
     "run",

@@ -116,6 +116,11 @@ class ErrorCode(enum.IntEnum):
     RESULT_TOO_LARGE = 2017
     """A stream session: the method's result encodes to more than the client's frame limit (the
     ``max_frame`` of its HELLO); the method ran. Over UDP the same is DATAGRAM_TOO_LARGE."""
+    DEADLINE_EXCEEDED = 2018
+    """The call's deadline (the budget its REQUEST carried) passed before or while it ran: it
+    was refused without running, or stopped; it did not finish."""
+    CANCELLED = 2019
+    """The client cancelled the call (CANCEL): it did not run, or was stopped."""
     BAD_RESULT = 2021
     """The method ran and returned a value that does not fit its return annotation: a bug of
     the server's (logged there), not of the call's arguments."""

@@ -22,7 +22,13 @@ from sockstack.cli.inspect import (
     layers,
 )
 from sockstack.protocol.frames import HEADER_SIZE
-from sockstack.protocol.messages import Hello, Welcome, encode_hello, encode_welcome
+from sockstack.protocol.messages import (
+    Hello,
+    Welcome,
+    encode_hello,
+    encode_welcome,
+    features_extension,
+)
 from tests.conftest import timeout
 
 
@@ -100,7 +106,9 @@ def test_transport_figures_match_a_loopback_capture() -> None:
     # One segment each way: HELLO + REQUEST, then WELCOME + RESPONSE, exactly the frame sizes
     # the model counts (the handshake frames ride in the same segments).
     hello = len(encode_hello(Hello(agent="inspect")))
-    welcome = len(encode_welcome(Welcome(1, (1, 2, 0), 64 << 20, "sockstack-py/1")))
+    welcome = len(
+        encode_welcome(Welcome(1, (1, 2, 0), 64 << 20, "sockstack-py/1", (features_extension(),)))
+    )
     assert isinstance(ex, Exchange)
     # (On `lo` a capture sees each packet twice, as sent and as received; the server's CLOSE
     # GOING_AWAY at its shutdown is captured too.)
@@ -115,7 +123,9 @@ def test_transport_figures_match_a_loopback_capture() -> None:
 def test_transport_figures_match_a_tshark_capture() -> None:
     """The same check with tshark (Wireshark's dissectors) reading live traffic on `lo`."""
     hello = len(encode_hello(Hello(agent="inspect")))
-    welcome = len(encode_welcome(Welcome(1, (1, 2, 0), 64 << 20, "sockstack-py/1")))
+    welcome = len(
+        encode_welcome(Welcome(1, (1, 2, 0), 64 << 20, "sockstack-py/1", (features_extension(),)))
+    )
     cap = subprocess.Popen(
         [
             "tshark",

@@ -430,6 +430,13 @@ async def test_requests_shorter_than_the_refusal_learn_the_epoch_first(flavour: 
         await asyncio.gather(*(d.closed for d in server._datagrams))
         server = Server(tiny, udp=[f"127.0.0.1:{port}"], secret=SECRET)
         await server.start()
+        if flavour == "asyncio":
+            # The asyncio client sends its deadline (PROTOCOL.md §4: 4 bytes of meta), so its
+            # datagram (53 bytes sealed) is longer than the refusal naming the new epoch: that
+            # refusal comes, and the call, which cannot have run, is sent again for the epoch.
+            assert await call() == b""
+            assert tiny.runs == 2
+            return
         with pytest.raises(RemoteError) as info:
             await call()
         assert info.value.code == ErrorCode.UNAUTHENTICATED

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -54,6 +55,10 @@ from sockstack.protocol import decode_message as _decode_message
 from sockstack.protocol.datagram import datagram_error_code
 from sockstack.protocol.messages import (
     CORE_MESSAGES,
+    FLAG_DEADLINE,
+    FLAG_METADATA,
+    Cancel,
+    encode_cancel,
     encode_error,
     encode_hello,
     encode_ping,
@@ -61,6 +66,7 @@ from sockstack.protocol.messages import (
     encode_request,
     encode_response,
     encode_welcome,
+    features_extension,
 )
 from sockstack.protocol.registry import Registry
 from sockstack.pubsub.messages import (
@@ -81,6 +87,7 @@ REGISTRY = Registry([CORE_MESSAGES, PUBSUB_MESSAGES])
 
 
 class MessageType:
+    CANCEL = _CoreType.CANCEL
     REQUEST, RESPONSE, ERROR, PING = (
         _CoreType.REQUEST,
         _CoreType.RESPONSE,
@@ -487,6 +494,150 @@ CLIENT_CASES = [
     ),
 ]
 
+# Issue 12: DEADLINE (the meta's last 4 bytes), METADATA (name, 0x00, msgpack map), trailers on
+# RESPONSE and ERROR, CANCEL (PROTOCOL.md §4). The fast paths read DEADLINE alone and give
+# everything else to the general path: every path must give the same events.
+BUDGET = struct.pack(">I", 1500)
+MD = {"trace-id": "abc", "bin": b"\x00\x01"}
+MD_META = b"\x00" + packb(MD)
+SERVER_CASES += [
+    _accepted(
+        "request-deadline",
+        S,
+        request(1, b"add" + BUDGET, packb([2, 3]), FLAG_DEADLINE),
+        Request(1, "add", [2, 3], {}, 1, 1500),
+    ),
+    _accepted(
+        "request-deadline-zero",
+        S,
+        request(1, b"add" + bytes(4), packb([2, 3]), FLAG_DEADLINE),
+        Request(1, "add", [2, 3], {}, 1, 0),
+    ),
+    _accepted(
+        "request-deadline-and-unknown-flag",
+        S,
+        request(1, b"add" + BUDGET, packb([2, 3]), FLAG_DEADLINE | UNKNOWN_FLAG),
+        Request(1, "add", [2, 3], {}, 1, 1500),
+    ),
+    _accepted(
+        "request-deadline-empty-name",
+        S,
+        request(1, BUDGET, packb([]), FLAG_DEADLINE),
+        Request(1, "", [], {}, 1, 1500),
+    ),
+    _accepted(
+        "request-deadline-kwargs",
+        S,
+        request(6, b"kw" + BUDGET, packb([[4], {"scale": 3}]), FLAG_DEADLINE | 1),
+        Request(6, "kw", [4], {"scale": 3}, 1, 1500),
+    ),
+    _accepted(
+        "request-deadline-json",
+        S,
+        request(9, b"add" + BUDGET, b"[2,3]", FLAG_DEADLINE, codec=2),
+        Request(9, "add", [2, 3], {}, 2, 1500),
+    ),
+    _accepted(
+        "request-metadata",
+        S,
+        request(1, b"add" + MD_META, packb([2, 3]), FLAG_METADATA),
+        Request(1, "add", [2, 3], {}, 1, None, MD),
+    ),
+    _accepted(
+        "request-metadata-and-deadline",
+        S,
+        request(1, b"add" + MD_META + BUDGET, packb([2, 3]), FLAG_METADATA | FLAG_DEADLINE),
+        Request(1, "add", [2, 3], {}, 1, 1500, MD),
+    ),
+    _accepted(
+        "request-metadata-empty-map",
+        S,
+        request(1, b"add\x00\x80", packb([2, 3]), FLAG_METADATA),
+        Request(1, "add", [2, 3], {}, 1, None, {}),
+    ),
+    _refused("deadline-meta-too-short", S, request(1, b"ab", packb([]), FLAG_DEADLINE), 1, 2003),
+    _refused("metadata-no-separator", S, request(1, b"add", packb([]), FLAG_METADATA), 1, 2003),
+    _refused(
+        "metadata-bad-key",
+        S,
+        request(1, b"add\x00" + packb({"Bad Key": "v"}), packb([]), FLAG_METADATA),
+        1,
+        2003,
+    ),
+    _refused(
+        "metadata-too-many-entries",
+        S,
+        request(1, b"m\x00" + packb({f"k{i}": "v" for i in range(65)}), packb([]), FLAG_METADATA),
+        1,
+        2003,
+    ),
+    _refused(
+        "metadata-int-value",
+        S,
+        request(1, b"add\x00" + packb({"k": 1}), packb([]), FLAG_METADATA),
+        1,
+        2003,
+    ),
+    _refused(
+        "metadata-not-a-map",
+        S,
+        request(1, b"add\x00" + packb(["k"]), packb([]), FLAG_METADATA),
+        1,
+        2003,
+    ),
+    _refused(
+        "metadata-not-msgpack", S, request(1, b"add\x00\xc1", packb([]), FLAG_METADATA), 1, 2003
+    ),
+    _refused(
+        "request-id-0-deadline",
+        S,
+        request(0, b"add" + BUDGET, packb([2, 3]), FLAG_DEADLINE),
+        0,
+        2003,
+        ID_0,
+    ),
+    _accepted("cancel", S, encode_cancel(5), Cancel(5)),
+    _accepted(  # meta and body of a CANCEL are not read: never refused (an ERROR would end 5)
+        "cancel-with-meta-and-body",
+        S,
+        encode_frame(MessageType.CANCEL, 5, b"x", b"y", 0x40, 1),
+        Cancel(5),
+    ),
+]
+CLIENT_CASES += [
+    _accepted(
+        "response-trailers",
+        C,
+        response(1, packb(5), meta=MD_META, flags=FLAG_METADATA),
+        Response(1, 5, 1, MD),
+    ),
+    _accepted(
+        "response-trailers-json",
+        C,
+        response(1, b"5", meta=MD_META, flags=FLAG_METADATA, codec=2),
+        Response(1, 5, 2, MD),
+    ),
+    _refused(
+        "response-trailers-bad-key",
+        C,
+        response(2, packb(5), meta=b"\x00" + packb({"K": "v"}), flags=FLAG_METADATA),
+        2,
+        2003,
+    ),
+    _accepted(
+        "error-trailers",
+        C,
+        encode_error(4, 2002, "ValueError", "bad", metadata=MD),
+        Error(4, 2002, "ValueError", "bad", MD),
+    ),
+    _fatal(
+        "cancel-from-a-server",
+        C,
+        encode_cancel(1),
+        fatal(ErrorCode.PROTOCOL_ERROR, "CANCEL may not be sent by a server"),
+    ),
+]
+
 
 def _batch_case(name: str, parts: list[Case]) -> Case:
     """Several cases in one read, in order (none of them fatal but possibly the last)."""
@@ -523,6 +674,26 @@ BATCH_CASES = [
             _by_name[n]
             for n in ("request", "pub", "ext-type-argument", "meta-and-body-over-the-limit")
         ],
+    ),
+    _batch_case(
+        "server-batch-deadlines",
+        [
+            _by_name[n]
+            for n in (
+                "request-deadline",
+                "request",
+                "request-metadata-and-deadline",
+                "cancel",
+                "deadline-meta-too-short",
+                "request-deadline-zero",
+                "pub",
+                "request-deadline",
+            )
+        ],
+    ),
+    _batch_case(
+        "client-batch-trailers",
+        [_by_name[n] for n in ("response", "response-trailers", "error-trailers", "response")],
     ),
     _batch_case(
         "client-batch",
@@ -744,7 +915,7 @@ def _welcomed(
     name: str, data: bytes, hello: Hello, *after: Any, sent_after: tuple[Any, ...] = ()
 ) -> Case:
     events = [HandshakeComplete(1, hello.agent, hello.max_frame), hello, *after]
-    welcome = Welcome(1, (1, 2, 0), DEFAULT_LIMIT, "sockstack-py/1")
+    welcome = Welcome(1, (1, 2, 0), DEFAULT_LIMIT, "sockstack-py/1", (features_extension(),))
     return Case(name, S, data, events, [welcome, *sent_after], max_frame=DEFAULT_LIMIT)
 
 
@@ -1182,6 +1353,29 @@ DATAGRAM_CASES = [
     DCase("json", request(9, b"add", b"[2,3]", codec=2), [Request(9, "add", [2, 3], {}, 2)]),
     DCase("raw", request(9, b"blob", b"\x01", codec=0), [Request(9, "blob", (b"\x01",), {}, 0)]),
     _dgram_refusal("unknown-codec", request(9, b"add", packb([]), codec=9), 9, 2004),
+    DCase(
+        "request-deadline",
+        request(1, b"add" + BUDGET, packb([2, 3]), FLAG_DEADLINE),
+        [Request(1, "add", [2, 3], {}, 1, 1500)],
+    ),
+    DCase(
+        "request-deadline-and-unknown-flag",
+        request(1, b"add" + BUDGET, packb([2, 3]), FLAG_DEADLINE | UNKNOWN_FLAG),
+        [Request(1, "add", [2, 3], {}, 1, 1500)],
+    ),
+    DCase(
+        "request-metadata-and-deadline",
+        request(1, b"add" + MD_META + BUDGET, packb([2, 3]), FLAG_METADATA | FLAG_DEADLINE),
+        [Request(1, "add", [2, 3], {}, 1, 1500, MD)],
+    ),
+    _dgram_refusal("deadline-meta-too-short", request(1, b"ab", packb([]), FLAG_DEADLINE), 1, 2003),
+    _dgram_refusal(
+        "metadata-bad-key",
+        request(1, b"add\x00" + packb({"Bad Key": "v"}), packb([]), FLAG_METADATA),
+        1,
+        2003,
+    ),
+    DCase("cancel-is-dropped", encode_cancel(5), []),  # streams only: no answer over UDP
 ]
 
 
@@ -1278,6 +1472,21 @@ CLIENT_DATAGRAM_CASES = [
     CCase("pong", encode_pong(RID, b"t"), [Pong(RID, b"t")], still_pending=True),
     CCase("answer-to-another-call", response(RID + 1, packb(5)), [], still_pending=True),
     CCase("request-to-a-client", request(RID, b"add", packb([])), [], still_pending=True),
+    CCase(
+        "response-trailers",
+        response(RID, packb(5), meta=MD_META, flags=FLAG_METADATA),
+        [Response(RID, 5, 1, MD)],
+    ),
+    CCase(
+        "error-trailers",
+        encode_error(RID, 2018, "DEADLINE_EXCEEDED", "late", metadata=MD),
+        [Error(RID, 2018, "DEADLINE_EXCEEDED", "late", MD)],
+    ),
+    _client_refusal(
+        "response-trailers-not-a-map",
+        response(RID, packb(5), meta=b"\x00\x01", flags=FLAG_METADATA),
+        2003,
+    ),
 ]
 
 
@@ -1432,6 +1641,12 @@ def test_the_fast_paths_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(datagram, "parse_datagram", _general_path)  # the datagram one
     req, resp = request(1, b"add", packb([2, 3])), response(1, packb(5))
     assert server.receive_single(req) == Request(1, "add", [2, 3], {}, 1)
+    timed = request(1, b"add" + BUDGET, packb([2, 3]), FLAG_DEADLINE)  # the clients' default
+    assert server.receive_single(timed) == Request(1, "add", [2, 3], {}, 1, 1500)
+    assert server.receive_data(timed + timed) == [Request(1, "add", [2, 3], {}, 1, 1500)] * 2
+    assert dgram_server.receive_datagram(timed, OTHER, 0.0) == [
+        Request(1, "add", [2, 3], {}, 1, 1500)
+    ]
     assert server.receive_single(memoryview(req)) == Request(1, "add", [2, 3], {}, 1)
     assert server.receive_data(req + encode_pub("a.b", b"p") + req) == [
         Request(1, "add", [2, 3], {}, 1),
@@ -1446,3 +1661,69 @@ def test_the_fast_paths_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     ]
     assert dgram_server.receive_datagram(req, ADDR, 0.0) == [Request(1, "add", [2, 3], {}, 1)]
     assert dgram_client.receive_datagram(memoryview(resp)) == [Response(1, 5, 1)]
+
+
+# Issue 12: the senders' fast paths with a deadline (the clients' default) send the general
+# path's bytes.
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "slow"])
+@pytest.mark.parametrize(
+    ("method", "args"),
+    [("add", [2, 3]), ("echo", [b"x" * 70_000, 1])],
+    ids=["small", "large-bytes"],
+)
+@pytest.mark.parametrize("budget", [0, 1500, 0xFFFFFFFF])
+def test_request_senders_with_a_deadline_send_the_same_bytes(
+    fast: bool, method: str, args: list[Any], budget: int
+) -> None:
+    conn = sender(Role.CLIENT, 200_000)
+    for rid in (1, 2):  # the first time a method name is seen, and after
+        pieces = conn.request_frame(rid, method, args, budget) if fast else None
+        if pieces is None:
+            conn.send_request(rid, method, args, budget_ms=budget)
+            data = b"".join(conn.buffers_to_send())
+        else:
+            data = b"".join(pieces)
+        assert data == encode_request(rid, method, args, budget_ms=budget)
+        (frame,) = FrameDecoder(1 << 30).feed(data)
+        assert decode_message(frame) == Request(rid, method, args, {}, 1, budget)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "slow"])
+def test_datagram_senders_with_a_deadline_send_the_same_bytes(fast: bool) -> None:
+    client = DatagramClient(max_datagram=MAX_DATAGRAM, seed=1)
+    if fast:
+        data = client.request_datagram(7, "add", [2, 3], now=0.0, timeout=1.5, deadline=True)
+    else:
+        client.send_request(7, "add", [2, 3], now=0.0, timeout=1.5, deadline=True)
+        (data,) = client.datagrams_to_send()
+    assert data == encode_request(7, "add", [2, 3], budget_ms=1500)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "slow"])
+def test_a_retransmission_carries_the_time_left_when_it_is_sent(fast: bool) -> None:
+    """PROTOCOL.md §6: each retransmission's budget is the call's time left when it leaves, so
+    the server's deadline never outlives the caller's."""
+    client = DatagramClient(max_datagram=MAX_DATAGRAM, seed=1, retry=RetryPolicy(0.1, 1.0, 1.0, 0))
+    if fast:
+        client.request_datagram(7, "add", [2, 3], now=0.0, timeout=1.5, deadline=True)
+    else:
+        client.send_request(7, "add", [2, 3], now=0.0, timeout=1.5, deadline=True)
+        client.datagrams_to_send()
+    assert client.handle_timer(0.1) == []
+    (again,) = client.datagrams_to_send()
+    assert again == encode_request(7, "add", [2, 3], budget_ms=1400)
+    assert client.handle_timer(1.2) == []
+    (late,) = client.datagrams_to_send()
+    assert late == encode_request(7, "add", [2, 3], budget_ms=300)
+
+
+def test_a_method_name_with_a_nul_is_refused_before_sending() -> None:
+    """PROTOCOL.md §4: method names never contain 0x00 (METADATA splits the meta on it)."""
+    conn = sender(Role.CLIENT)
+    with pytest.raises(LocalProtocolError):
+        conn.send_request(1, "a\x00b", [])
+    assert conn.data_to_send() == b""
+    client = DatagramClient()
+    with pytest.raises(LocalProtocolError):
+        client.request_datagram(1, "a\x00b", [], now=0.0, timeout=1.0, deadline=True)
+    assert client.in_flight == 0

@@ -39,7 +39,10 @@ from sockstack.protocol.codecs import CODECS
 from sockstack.protocol.frames import Frame, FrameDecoder, parse_datagram
 from sockstack.protocol.messages import (
     CORE_MESSAGES,
+    FLAG_DEADLINE,
     FLAG_KWARGS,
+    FLAG_METADATA,
+    Cancel,
     Close,
     Error,
     Hello,
@@ -49,6 +52,7 @@ from sockstack.protocol.messages import (
     Response,
     Welcome,
     decode_message,
+    encode_cancel,
     encode_close,
     encode_error,
     encode_hello,
@@ -152,7 +156,9 @@ def _same(a: Any, b: Any) -> bool:
 CODEC_NAMES = {0: "raw", 1: "msgpack", 2: "json"}
 # flag bits by type name; AUTH (0x02) on any sealed datagram
 FLAG_NAMES: dict[str, dict[int, str]] = {
-    "REQUEST": {FLAG_KWARGS: "KWARGS"},
+    "REQUEST": {FLAG_KWARGS: "KWARGS", FLAG_DEADLINE: "DEADLINE", FLAG_METADATA: "METADATA"},
+    "RESPONSE": {FLAG_METADATA: "METADATA"},
+    "ERROR": {FLAG_METADATA: "METADATA"},
     "PUB": {FLAG_RETAIN: "RETAIN"},
     "MSG": {FLAG_RETAIN: "RETAINED", FLAG_REDELIVERED: "REDELIVERED"},
 }
@@ -193,6 +199,12 @@ def _ext(exts: list[dict[str, Any]]) -> tuple[tuple[int, bytes], ...]:
 
 def _ext_fields(exts: tuple[tuple[int, bytes], ...]) -> list[dict[str, Any]]:
     return [{"type": t, "value": v} for t, v in exts]
+
+
+def _optional(**fields: Any) -> dict[str, Any]:
+    """The fields a flag brings (DEADLINE: ``budget_ms``, METADATA: ``metadata``), present only
+    when the flag is set."""
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def _code_name(code: int) -> str:
@@ -236,26 +248,47 @@ TYPES: dict[str, TypeCodec] = {
             tuple(f["args"]) if h["codec"] == 0 else f["args"],
             f["kwargs"],
             h["codec"],
+            f.get("budget_ms"),
+            f.get("metadata"),
         ),
         lambda m, h: encode_request(
-            m.request_id, m.method, list(m.args), m.kwargs or None, CODECS[m.codec]
+            m.request_id,
+            m.method,
+            list(m.args),
+            m.kwargs or None,
+            CODECS[m.codec],
+            budget_ms=m.budget_ms,
+            metadata=m.metadata,
         ),
-        lambda m, fr: {"method": m.method, "args": list(m.args), "kwargs": m.kwargs},
+        lambda m, fr: {
+            "method": m.method,
+            "args": list(m.args),
+            "kwargs": m.kwargs,
+            **_optional(budget_ms=m.budget_ms, metadata=m.metadata),
+        },
     ),
     "RESPONSE": TypeCodec(
-        lambda h, f: Response(h["request_id"], f["result"], h["codec"]),
-        lambda m, h: encode_response(m.request_id, m.result, CODECS[m.codec]),
-        lambda m, fr: {"result": m.result},
+        lambda h, f: Response(h["request_id"], f["result"], h["codec"], f.get("metadata")),
+        lambda m, h: encode_response(m.request_id, m.result, CODECS[m.codec], metadata=m.metadata),
+        lambda m, fr: {"result": m.result, **_optional(metadata=m.metadata)},
     ),
     "ERROR": TypeCodec(
-        lambda h, f: Error(h["request_id"], f["code"], f["error_type"], f["message"]),
-        lambda m, h: encode_error(m.request_id, m.code, m.type, m.message),
+        lambda h, f: Error(
+            h["request_id"], f["code"], f["error_type"], f["message"], f.get("metadata")
+        ),
+        lambda m, h: encode_error(m.request_id, m.code, m.type, m.message, metadata=m.metadata),
         lambda m, fr: {
             "code": m.code,
             "code_name": _code_name(m.code),
             "error_type": m.type,
             "message": m.message,
+            **_optional(metadata=m.metadata),
         },
+    ),
+    "CANCEL": TypeCodec(
+        lambda h, f: Cancel(h["request_id"]),
+        lambda m, h: encode_cancel(m.request_id),
+        lambda m, fr: {},
     ),
     "PING": TypeCodec(
         lambda h, f: Ping(h["request_id"], f["payload"]),

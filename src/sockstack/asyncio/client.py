@@ -36,8 +36,8 @@ import ssl
 import struct
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, Self
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import Any, Literal, Self, overload
 
 from sockstack.asyncio.datagram import DatagramEndpoint
 from sockstack.asyncio.stream import StreamLimits, StreamProtocol
@@ -58,7 +58,18 @@ from sockstack.protocol.auth import (
     trailer_of,
     unsealed_refusal,
 )
-from sockstack.protocol.calls import Backoff, Calls, Failover, PendingCall, outcome
+from sockstack.protocol.calls import (
+    CURRENT_CALL,
+    Backoff,
+    Calls,
+    Failover,
+    PendingCall,
+    Reply,
+    budget_ms,
+    inherited_timeout,
+    merge_metadata,
+    outcome,
+)
 from sockstack.protocol.codecs import Codec
 from sockstack.protocol.connection import State
 from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, RetryPolicy
@@ -67,6 +78,7 @@ from sockstack.protocol.events import (
     Error,
     Event,
     HandshakeComplete,
+    Metadata,
     PatternMessage,
     Pong,
     ProtocolViolation,
@@ -74,6 +86,7 @@ from sockstack.protocol.events import (
     Role,
 )
 from sockstack.protocol.frames import MessageType
+from sockstack.protocol.messages import FEATURE_DEADLINE, FEATURE_METADATA
 from sockstack.transport.settings import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -103,6 +116,8 @@ _ERROR = int(MessageType.ERROR)
 _PONG = int(MessageType.PONG)
 _MAX_HELD_BYTES = 1 << 20  # datagrams without answer held while a UDP client learns the epoch
 _rng = random.Random()
+_CURRENT_CALL = CURRENT_CALL
+_monotonic = time.monotonic
 
 
 async def _fail(exc: Exception) -> Any:
@@ -118,7 +133,8 @@ def _settle(call: PendingCall[Waiter] | None, ev: Response | Error | Pong) -> No
     if call is not None and not call.waiter.done():
         ok, value = outcome(ev)
         if ok:
-            call.waiter.set_result(value)
+            md = ev.metadata if type(ev) is Response else None
+            call.waiter.set_result(value if md is None else Reply(value, md))
         else:
             call.waiter.set_exception(value)
 
@@ -146,7 +162,8 @@ class _TCPStream(StreamProtocol):
             if type(ev) is Response:  # the bulk of the traffic: no outcome tuple on this path
                 call = take(ev)
                 if call is not None and not call.waiter.done():
-                    call.waiter.set_result(ev.result)
+                    md = ev.metadata
+                    call.waiter.set_result(ev.result if md is None else Reply(ev.result, md))
             elif type(ev) is Error:
                 call = take(ev)
                 if call is not None:
@@ -347,17 +364,38 @@ class StreamChannel:
         kwargs: dict[str, Any] | None,
         timeout: float,
         codec: Codec,
+        metadata: Metadata | None = None,
+        with_metadata: bool = False,
     ) -> Any:
         stream = self.stream
         loop = self.loop
         now = loop.time()
+        if _CURRENT_CALL.get() is not None:  # made from inside a served call: its deadline
+            timeout = inherited_timeout(timeout, _monotonic())
         if stream is None or not stream.can_send():
             stream = await self._wait_connected(method, timeout, now + timeout)
+            budget = budget_ms(now + timeout - loop.time())
+        else:
+            budget = budget_ms(timeout)
         calls = self.calls
         rid = calls.new_id()
         core = stream.core
         assert core is not None
-        core.send_request(rid, method, args, kwargs, codec)  # CodecError: nothing sent
+        features = core.peer_features  # sent only to a server that announced them
+        md = None
+        defaults = self.client.metadata
+        if (metadata or defaults) and features & FEATURE_METADATA:
+            md = merge_metadata(defaults, metadata)
+        # CodecError, LocalProtocolError (bad metadata): nothing sent
+        core.send_request(
+            rid,
+            method,
+            args,
+            kwargs,
+            codec,
+            budget_ms=budget if features & FEATURE_DEADLINE else None,
+            metadata=md,
+        )
         call = calls.start(method, timeout, now, loop.create_future(), rid)
         if not self._flush_scheduled:
             # Requests made in the same loop iteration leave in one write.
@@ -367,18 +405,33 @@ class StreamChannel:
         if when is None or call.deadline < when:
             self._timer.set(call.deadline)
         try:
-            return await call.waiter
+            result = await call.waiter
         finally:
-            if calls.pending.get(rid) is call:  # cancelled by the caller
+            if calls.pending.get(rid) is call:  # cancelled by the caller: tell the server
                 calls.forget(rid)
+                self._cancel(rid)
+        if type(result) is Reply:  # the RESPONSE carried trailers
+            return result if with_metadata else result.result
+        return Reply(result, {}) if with_metadata else result
 
     def _flush(self, stream: _TCPStream) -> None:
         self._flush_scheduled = False
         stream.flush()
 
+    def _cancel(self, request_id: int) -> None:
+        """Send CANCEL for a call this client gave up on (cancelled, or timed out), when the
+        server announced CANCEL; it stops the call there (PROTOCOL.md §4)."""
+        stream = self.stream
+        if stream is None or stream.core is None or not stream.can_send():
+            return
+        if stream.core.send_cancel(request_id) and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush, stream)
+
     # One timer for all calls, set at the earliest deadline the call core reports.
     def _on_timer(self) -> None:
         for call in self.calls.expire(self.loop.time()):
+            self._cancel(call.request_id)
             if not call.waiter.done():
                 call.waiter.set_exception(call.expired())
         self._timer.set(self.calls.next_deadline())
@@ -730,9 +783,17 @@ class DatagramChannel:
         kwargs: dict[str, Any] | None,
         timeout: float,
         codec: Codec,
+        metadata: Metadata | None = None,
+        with_metadata: bool = False,
     ) -> Any:
         if self.endpoint is None:
             raise ConnectError("client is closed")
+        if _CURRENT_CALL.get() is not None:  # made from inside a served call: its deadline
+            timeout = inherited_timeout(timeout, _monotonic())
+        md = None
+        defaults = self.client.metadata
+        if metadata or defaults:  # no WELCOME over UDP: always sent (PROTOCOL.md §6)
+            md = merge_metadata(defaults, metadata)
         auth = self.auth
         if auth is not None and auth.epoch == NO_EPOCH and not codec.structured:
             # A raw request may be shorter than the refusal that would tell the epoch (which
@@ -744,12 +805,14 @@ class DatagramChannel:
         rid = calls.new_id()
         now = self.loop.time()
         # DATAGRAM_TOO_LARGE and CodecError are raised here, before anything is sent.
-        self.core.send_request(rid, method, args, kwargs, codec, now=now, timeout=timeout)
+        self.core.send_request(
+            rid, method, args, kwargs, codec, now=now, timeout=timeout, deadline=True, metadata=md
+        )
         # The datagram core owns this call's deadline (it retransmits until then).
         call = calls.start(method, timeout, now, self.loop.create_future(), rid, timed=False)
         self._flush()
         try:
-            return await call.waiter
+            result = await call.waiter
         finally:
             if calls.forget(rid) is not None:  # cancelled by the caller
                 self.core.cancel(rid)
@@ -757,6 +820,9 @@ class DatagramChannel:
                 self._pins.pop(rid, None)
             if self._refused:
                 self._refused.pop(rid, None)
+        if type(result) is Reply:  # the RESPONSE carried trailers
+            return result if with_metadata else result.result
+        return Reply(result, {}) if with_metadata else result
 
     async def ping(self, timeout: float) -> float:
         if self.endpoint is None:
@@ -856,6 +922,12 @@ class AsyncClient(ClientSettings):
     ``timeout`` is the default per-call timeout; ``codec`` one of "msgpack" (default), "json",
     "raw". TCP: ``reconnect`` (default True) with ``backoff``. UDP: ``retry`` policy and
     ``max_datagram`` (requests above it are refused locally, before sending).
+    ``metadata``: sent with every call (string keys of ``[a-z0-9._-]``, str or bytes values;
+    a call's own ``metadata`` overrides it key by key), to servers that read it.
+
+    Each call carries the time it has left (its timeout; inside a method a server runs, at most
+    that call's time left), so the server stops work nobody waits for; a call cancelled or
+    timed out here sends CANCEL, which stops it on the server (TCP/TLS, PROTOCOL.md §4).
     ``sockstack.AsyncClient`` adds the patterns' client methods (``publish``, ``subscribe``).
     """
 
@@ -874,7 +946,9 @@ class AsyncClient(ClientSettings):
         max_datagram: int = DEFAULT_MAX_DATAGRAM,
         tls: ssl.SSLContext | None = None,
         secret: str | bytes | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
     ) -> None:
+        self.metadata: Metadata | None = merge_metadata(metadata, None)  # checked now
         self._configure(
             url,
             timeout=timeout,
@@ -936,6 +1010,7 @@ class AsyncClient(ClientSettings):
         # A plain function returning the channel's coroutine: one coroutine layer less per call.
         return self.request(method, args, kwargs, timeout=timeout)
 
+    @overload
     def request(
         self,
         method: str,
@@ -943,8 +1018,35 @@ class AsyncClient(ClientSettings):
         kwargs: dict[str, Any] | None = None,
         *,
         timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+        with_metadata: Literal[False] = False,
+    ) -> Coroutine[Any, Any, Any]: ...
+
+    @overload
+    def request(
+        self,
+        method: str,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+        with_metadata: Literal[True],
+    ) -> Coroutine[Any, Any, Reply]: ...
+
+    def request(
+        self,
+        method: str,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+        with_metadata: bool = False,
     ) -> Coroutine[Any, Any, Any]:
-        """Like :meth:`call`, with the arguments as a sequence and a mapping."""
+        """Like :meth:`call`, with the arguments as a sequence and a mapping. ``metadata``:
+        this call's, over the client's defaults; ``with_metadata=True``: return a
+        :class:`~sockstack.protocol.calls.Reply` (the result, and the server's trailers)."""
         channel = self._channel
         if channel is None:
             return _fail(self._not_connected())
@@ -954,6 +1056,8 @@ class AsyncClient(ClientSettings):
             kwargs or None,
             self.timeout if timeout is None else timeout,
             self.codec,
+            metadata,
+            with_metadata,
         )
 
     def stream_channel(self, what: str) -> StreamChannel:

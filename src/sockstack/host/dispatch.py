@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -33,6 +34,7 @@ import msgspec
 from sockstack.errors import CodecError, ErrorCode
 from sockstack.protocol.codecs import decode_as
 from sockstack.protocol.events import Request
+from sockstack.rpc.context import CallAborted, run_guarded
 
 __all__ = [
     "DEFAULT_MAX_WORKERS",
@@ -490,7 +492,12 @@ class Dispatcher:
     async def _run_threaded(self, handler: Handler, req: Request) -> Outcome:
         loop = asyncio.get_running_loop()
         call = functools.partial(handler.func, *req.args, **req.kwargs)
+        # In the call's context (current_context() works in the thread), and not at all if the
+        # call was cancelled or went past its deadline while it waited for a worker.
+        run = contextvars.copy_context().run
         try:
-            return True, await loop.run_in_executor(self.executor, call)
+            return True, await loop.run_in_executor(self.executor, run, run_guarded, call)
+        except CallAborted as exc:
+            return exc.outcome()
         except Exception as exc:
             return self._failure(req, exc)

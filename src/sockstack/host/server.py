@@ -15,6 +15,13 @@ secret is checked before anything else is parsed), limits, backpressure, one dis
 methods every pattern serves (REQUEST), drain and shutdown. Messages of a pattern's own types
 are routed to it (:mod:`sockstack.host.pattern`); the host imports no pattern.
 
+Each call is dispatched in its :class:`~sockstack.rpc.context.CallContext` (``current_context()``
+inside the method): a REQUEST whose DEADLINE budget is 0 is refused (DEADLINE_EXCEEDED) without
+running; an async or threaded method still running at its deadline, or named by a CANCEL, is
+stopped (an async method's task is cancelled; a threaded method's context is marked, and if it
+still waits for a worker it never runs) and answered DEADLINE_EXCEEDED or CANCELLED (PROTOCOL.md
+§4). Trailers the method set go back with its answer.
+
 Shutdown stops accepting, answers every request already accepted (up to ``drain_timeout``),
 refuses new ones with SHUTTING_DOWN, cancels the methods still running on the loop (the server
 keeps every task it starts, and awaits the cancelled ones up to ``close_timeout``; a threaded
@@ -25,6 +32,7 @@ CLOSE GOING_AWAY. A stopped server leaves no task of its own pending.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import signal
@@ -49,6 +57,7 @@ from sockstack.protocol.auth import (
     EpochMismatch,
     token_checker,
 )
+from sockstack.protocol.calls import CURRENT_CALL
 from sockstack.protocol.codecs import CODECS
 from sockstack.protocol.datagram import (
     DEFAULT_MAX_DATAGRAM,
@@ -59,6 +68,7 @@ from sockstack.protocol.datagram import (
     ReplyCache,
 )
 from sockstack.protocol.events import (
+    Cancel,
     ConnectionTerminated,
     Event,
     HandshakeComplete,
@@ -68,8 +78,9 @@ from sockstack.protocol.events import (
     Role,
 )
 from sockstack.protocol.frames import peek_request_id, peek_type
-from sockstack.protocol.messages import CORE_MESSAGES, encode_close, encode_error
+from sockstack.protocol.messages import CORE_MESSAGES, FEATURES, encode_close, encode_error
 from sockstack.protocol.registry import Registry
+from sockstack.rpc.context import CallContext
 from sockstack.transport.ratelog import RateLimitedLog
 from sockstack.transport.secret import normalize_secret
 from sockstack.transport.urls import Endpoint, format_peer, is_loopback_host, parse_endpoint
@@ -87,6 +98,99 @@ def _decrement(counts: dict[str, int], key: str) -> None:
 
 
 _clock = time.perf_counter
+_monotonic = time.monotonic
+_set_call = CURRENT_CALL.set
+_reset_call = CURRENT_CALL.reset
+_LATE: Outcome = (
+    False,
+    (
+        ErrorCode.DEADLINE_EXCEEDED,
+        "DEADLINE_EXCEEDED",
+        "the call arrived with no time left (budget 0 ms); it did not run",
+    ),
+)
+
+
+def _aborted(code: int) -> Outcome:
+    """The answer of a call stopped by its deadline or by its client's CANCEL."""
+    if code == ErrorCode.CANCELLED:
+        return False, (code, "CANCELLED", "the call was cancelled by the client")
+    return False, (code, "DEADLINE_EXCEEDED", "the call's deadline passed; it did not finish")
+
+
+def _context(req: Request, transport: str, peer: Any) -> CallContext | None:
+    """The context of a request about to be dispatched; None when it is already late."""
+    budget = req.budget_ms
+    if budget is None:
+        return CallContext(req.method, req.request_id, transport, peer, req.metadata)
+    if not budget:
+        return None
+    deadline = _monotonic() + budget / 1000.0
+    return CallContext(req.method, req.request_id, transport, peer, req.metadata, deadline)
+
+
+def _trailers(req: Request, ctx: CallContext | None) -> dict[str, str | bytes] | None:
+    """The trailers to send: the method's, to a client that sent DEADLINE or METADATA (one that
+    sends neither may not read them: PROTOCOL.md §4)."""
+    if ctx is None or (req.budget_ms is None and req.metadata is None):
+        return None
+    return ctx.trailers
+
+
+class _Run:
+    """A method running on the loop (async) or in a worker (threaded), which its deadline or a
+    CANCEL may stop: its context, its task, and the timer of its deadline."""
+
+    __slots__ = ("ctx", "started", "task", "timer")
+
+    def __init__(self, ctx: CallContext) -> None:
+        self.ctx = ctx
+        self.started = False
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        deadline = self.ctx.deadline
+        if deadline is not None:
+            self.timer = loop.call_later(
+                max(deadline - _monotonic(), 0.0), self.abort, ErrorCode.DEADLINE_EXCEEDED
+            )
+
+    def abort(self, code: int) -> None:
+        """Stop it: an async method is cancelled, a threaded one's context marked (and, if it
+        waits for a worker still, it will not run); its answer is ERROR ``code``."""
+        ctx = self.ctx
+        if ctx.abort_code:
+            return
+        ctx.abort_code = code
+        task = self.task
+        if self.started and task is not None and not task.done():
+            task.cancel()  # not started yet: it sees abort_code first and does not run
+
+    async def outcome(self, pending: Awaitable[Outcome]) -> Outcome:
+        """Await the method unless stopped; the outcome to answer with."""
+        self.started = True
+        ctx = self.ctx
+        try:
+            if not ctx.abort_code:
+                try:
+                    return_value = await pending
+                except asyncio.CancelledError:
+                    if not ctx.abort_code:
+                        raise  # the server's shutdown, not ours
+                else:
+                    if not ctx.abort_code:
+                        return return_value
+            elif inspect.iscoroutine(pending):
+                pending.close()  # stopped before it started: it never runs
+        finally:
+            if self.timer is not None:
+                self.timer.cancel()
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            task.uncancel()
+        return _aborted(ctx.abort_code)
+
 
 StreamRoute = Callable[[Any, Any], None]
 """A pattern's ``stream_message``, called with (connection, message) for its message classes."""
@@ -157,10 +261,14 @@ class _HostStream(StreamProtocol):
         self._soon: list[bytes] = []  # frames from patterns for this peer, not yet written
         self._soon_bytes = 0
         self._soon_scheduled = False
+        self.kind = "tcp"  # "tls" over TLS: CallContext.transport
+        self._running: dict[int, _Run] = {}  # async and threaded calls, by request id (CANCEL)
 
     def core_options(self) -> dict[str, Any]:
         secret = self.server.secret
         options: dict[str, Any] = {"registry": self.server.registry}
+        if self.server.features != FEATURES:
+            options["features"] = self.server.features
         if secret is not None:
             options["authenticate"] = token_checker(secret)
         return options
@@ -173,6 +281,8 @@ class _HostStream(StreamProtocol):
         assert transport is not None
         peername = transport.get_extra_info("peername")
         address = self.address = str(peername[0]) if isinstance(peername, tuple) else "?"
+        if transport.get_extra_info("ssl_object") is not None:
+            self.kind = "tls"
         if len(server._streams) >= lim.max_connections:
             why = f"{len(server._streams)} connections open (limit {lim.max_connections})"
             self._refuse(why, "too many connections")
@@ -244,8 +354,16 @@ class _HostStream(StreamProtocol):
         single = core.receive_single(data)  # the common case: one whole REQUEST per read
         events: list[Event]
         if single is not None and type(single) is Request and not self.server.draining:
-            outcome = self.dispatcher.dispatch(single)
-            if type(outcome) is tuple and outcome[0]:
+            ctx = _context(single, self.kind, self.peer)
+            if ctx is None:
+                outcome: Outcome | Awaitable[Outcome] = _LATE
+            else:
+                token = _set_call(ctx)
+                try:
+                    outcome = self.dispatcher.dispatch(single)
+                finally:
+                    _reset_call(token)
+            if type(outcome) is tuple and outcome[0] and (ctx is None or ctx.trailers is None):
                 try:
                     frame = core.response_frame(single.request_id, outcome[1])
                 except CodecError:
@@ -260,7 +378,7 @@ class _HostStream(StreamProtocol):
                         self.arm_timer()
                     return
             events = []
-            self._outcome(single, outcome)
+            self._outcome(single, outcome, ctx)
         elif single is None:
             events = core.receive_data(data)
             self.track_partial(len(data))  # a frame begun here must end within frame_timeout
@@ -287,7 +405,7 @@ class _HostStream(StreamProtocol):
         every 16 events) the rest waits for the
         next loop turn, with reading paused, so that one connection never holds the loop for
         long while others wait (their reads are handled in between)."""
-        dispatch = self.dispatcher.dispatch
+        dispatch = self._dispatch
         draining = self.server.draining
         routes = self.routes
         n = len(events)
@@ -296,7 +414,7 @@ class _HostStream(StreamProtocol):
             ev = events[i]
             i += 1
             if type(ev) is Request and not draining:
-                self._outcome(ev, dispatch(ev))
+                self._outcome(ev, *dispatch(ev))
             else:
                 route = routes.get(type(ev))
                 if route is not None:
@@ -322,10 +440,23 @@ class _HostStream(StreamProtocol):
                 self.data_received(data)
             self._update_reading()  # caught up: read again (unless other backpressure holds)
 
-    def _outcome(self, req: Request, outcome: Outcome | Awaitable[Outcome]) -> None:
+    def _dispatch(self, req: Request) -> tuple[Outcome | Awaitable[Outcome], CallContext | None]:
+        """Dispatch a request in its context (None, and no dispatch, when it came late)."""
+        ctx = _context(req, self.kind, self.peer)
+        if ctx is None:
+            return _LATE, None
+        token = _set_call(ctx)
+        try:
+            return self.dispatcher.dispatch(req), ctx
+        finally:
+            _reset_call(token)
+
+    def _outcome(
+        self, req: Request, outcome: Outcome | Awaitable[Outcome], ctx: CallContext | None
+    ) -> None:
         """Queue the answer to a dispatched request, or start the method that will give it."""
         if isinstance(outcome, tuple):
-            if outcome[0]:
+            if outcome[0] and (ctx is None or ctx.trailers is None):
                 core = self.core
                 assert core is not None
                 try:
@@ -333,9 +464,10 @@ class _HostStream(StreamProtocol):
                     return
                 except (CodecError, LocalProtocolError):
                     pass
-            self._answer(req, outcome)
+            self._answer(req, outcome, ctx)
         else:
-            self._start(req, outcome)
+            assert ctx is not None
+            self._start(req, outcome, ctx)
 
     def handle_events(self, events: Sequence[Event]) -> None:
         for ev in events:
@@ -345,6 +477,10 @@ class _HostStream(StreamProtocol):
                 route = self.routes.get(type(ev))
                 if route is not None:
                     route(self, ev)
+            elif isinstance(ev, Cancel):
+                run = self._running.get(ev.request_id)
+                if run is not None:  # else: answered already, or never ours: ignored
+                    run.abort(ErrorCode.CANCELLED)
             elif isinstance(ev, ProtocolViolation):
                 self.log_violation(ev)
             elif isinstance(ev, HandshakeComplete):
@@ -417,27 +553,37 @@ class _HostStream(StreamProtocol):
                 req.request_id, ErrorCode.SHUTTING_DOWN, "SHUTTING_DOWN", "server is shutting down"
             )
             return
-        outcome = self.dispatcher.dispatch(req)
+        outcome, ctx = self._dispatch(req)
         if isinstance(outcome, tuple):
-            self._answer(req, outcome)
+            self._answer(req, outcome, ctx)
             return
-        self._start(req, outcome)
+        assert ctx is not None
+        self._start(req, outcome, ctx)
 
-    def _start(self, req: Request, pending: Awaitable[Outcome]) -> None:
+    def _start(self, req: Request, pending: Awaitable[Outcome], ctx: CallContext) -> None:
         self.in_flight += 1
         self.server._in_flight += 1
         if self.in_flight >= self.server.limits.max_in_flight and not self._read_paused:
             self._read_paused = True
             self._update_reading()
-        self.server._spawn(self._finish(req, pending))
-
-    async def _finish(self, req: Request, pending: Awaitable[Outcome]) -> None:
+        run = _Run(ctx)
+        self._running[req.request_id] = run
+        token = _set_call(ctx)  # the task runs in the call's context (copied when created)
         try:
-            outcome = await pending
+            run.task = self.server._spawn(self._finish(req, pending, run))
         finally:
+            _reset_call(token)
+        run.arm(self.loop)
+
+    async def _finish(self, req: Request, pending: Awaitable[Outcome], run: _Run) -> None:
+        try:
+            outcome = await run.outcome(pending)
+        finally:
+            if self._running.get(req.request_id) is run:
+                del self._running[req.request_id]
             self.in_flight -= 1
             self.server._request_done()
-        self._answer(req, outcome)
+        self._answer(req, outcome, run.ctx)
         self.flush()
         if self._read_paused and self.in_flight < self.server.limits.max_in_flight // 2:
             self._read_paused = False
@@ -466,13 +612,14 @@ class _HostStream(StreamProtocol):
         elif not transport.is_reading():
             transport.resume_reading()
 
-    def _answer(self, req: Request, outcome: Outcome) -> None:
+    def _answer(self, req: Request, outcome: Outcome, ctx: CallContext | None = None) -> None:
         core = self.core
         assert core is not None
         ok, value = outcome
+        trailers = _trailers(req, ctx)
         if ok:
             try:
-                core.send_response(req.request_id, value, CODECS[req.codec])
+                core.send_response(req.request_id, value, CODECS[req.codec], metadata=trailers)
                 return
             except CodecError as exc:
                 value = (ErrorCode.RESULT_NOT_ENCODABLE, "RESULT_NOT_ENCODABLE", str(exc))
@@ -481,7 +628,7 @@ class _HostStream(StreamProtocol):
                 value = (ErrorCode.RESULT_TOO_LARGE, "RESULT_TOO_LARGE", exc.message)
             log.warning("method %r: %s", req.method, value[2])
         code, type_name, message = value
-        core.send_error(req.request_id, code, type_name, message)
+        core.send_error(req.request_id, code, type_name, message, metadata=trailers)
 
 
 class _HostDatagram(DatagramEndpoint):
@@ -605,30 +752,58 @@ class _HostDatagram(DatagramEndpoint):
                     "udp server %s: refused %r: overloaded", format_peer(addr), req.method
                 )
                 return
-        outcome = dispatcher.dispatch(req)
+        ctx = _context(req, "udp", addr)
+        if ctx is None:
+            self._answer(req, addr, _LATE, now)
+            return
+        token = _set_call(ctx)
+        try:
+            outcome = dispatcher.dispatch(req)
+        finally:
+            _reset_call(token)
         if isinstance(outcome, tuple):
-            self._answer(req, addr, outcome, now)
+            self._answer(req, addr, outcome, now, ctx)
             return
         self.server._in_flight += 1
         self.in_flight += 1
-        self.server._spawn(self._finish(req, addr, outcome))
-
-    async def _finish(self, req: Request, addr: Any, pending: Awaitable[Outcome]) -> None:
+        run = _Run(ctx)
+        token = _set_call(ctx)  # the task runs in the call's context (copied when created)
         try:
-            outcome = await pending
+            run.task = self.server._spawn(self._finish(req, addr, outcome, run))
+        finally:
+            _reset_call(token)
+        run.arm(self.loop)
+
+    async def _finish(
+        self, req: Request, addr: Any, pending: Awaitable[Outcome], run: _Run
+    ) -> None:
+        try:
+            outcome = await run.outcome(pending)
         finally:
             self.in_flight -= 1
             self.server._request_done()
-        self._answer(req, addr, outcome, self.loop.time())
+        self._answer(req, addr, outcome, self.loop.time(), run.ctx)
         self.send_all(self.core.datagrams_to_send())
 
-    def _answer(self, req: Request, addr: Any, outcome: Outcome, now: float) -> None:
+    def _answer(
+        self,
+        req: Request,
+        addr: Any,
+        outcome: Outcome,
+        now: float,
+        ctx: CallContext | None = None,
+    ) -> None:
         ok, value = outcome
+        trailers = _trailers(req, ctx)
         if ok:
-            self.core.send_response(addr, req.request_id, value, CODECS[req.codec], now)
+            self.core.send_response(
+                addr, req.request_id, value, CODECS[req.codec], now, metadata=trailers
+            )
         else:
             code, type_name, message = value
-            self.core.send_error(addr, req.request_id, code, type_name, message, now)
+            self.core.send_error(
+                addr, req.request_id, code, type_name, message, now, metadata=trailers
+            )
 
 
 class Server:
@@ -708,6 +883,10 @@ class Server:
         self._work: set[asyncio.Task[None]] = set()
         self._stopped: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.features = FEATURES
+        """The optional features the WELCOME of new connections announces (PROTOCOL.md §5.1,
+        extension 2); 0 behaves as a server older than them (clients then send no DEADLINE,
+        METADATA or CANCEL). A REQUEST carrying them is understood whatever this says."""
 
     def _register(self, pattern: Pattern, names: set[str]) -> None:
         """Plug one pattern in: its message types, routes, methods and hooks."""
@@ -760,13 +939,14 @@ class Server:
                 return broker
         return None
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run a request's method as a task this server keeps until it is done."""
         loop = self.loop
         assert loop is not None
         task = loop.create_task(coro)
         self._work.add(task)
         task.add_done_callback(self._work.discard)
+        return task
 
     async def _cancel_work(self) -> None:
         """Cancel the methods still running after the drain, and wait until they have ended

@@ -17,27 +17,60 @@ whose id is a delivery id the broker chose, not one of our request ids (PROTOCOL
 broker sends it with request id 0, an older one with the delivery id). No call ends on it.
 - :class:`Failover` — the order in which a client tries its servers.
 - :class:`Backoff` — jittered exponential delays between reconnect attempts.
+- :func:`plan_call` — what a call sends beside its arguments (PROTOCOL.md §4): its timeout
+  (shortened to the deadline of the served call it is made from, :data:`CURRENT_CALL`), the
+  budget of the DEADLINE flag and the METADATA map, each only to a server that announced it.
+- :class:`Reply` — a result with the server's trailers (``with_metadata=True``).
+
+Deadlines and cancel in a client (both flavours do the same)::
+
+    timeout, budget, metadata = plan_call(timeout, features, defaults, metadata, time.monotonic())
+    core.send_request(rid, method, args, kwargs, codec, budget_ms=budget, metadata=metadata)
+    ...                              # the call gave up (cancelled, timed out, interrupted):
+    core.send_cancel(rid)            # a stream's Connection: only if the server announced CANCEL
 """
 
 from __future__ import annotations
 
 import heapq
 import random
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
 
-from sockstack.errors import CallTimeout, ConnectError, ErrorCode, RemoteError
-from sockstack.protocol.events import Error, Pong, Response
+from sockstack.errors import (
+    CallTimeout,
+    ConnectError,
+    ErrorCode,
+    LocalProtocolError,
+    RemoteError,
+)
+from sockstack.protocol.events import Error, Metadata, Pong, Response
+from sockstack.protocol.messages import (
+    FEATURE_DEADLINE,
+    FEATURE_METADATA,
+    FEATURES,
+    MAX_BUDGET_MS,
+    check_metadata,
+)
 
 __all__ = [
+    "CURRENT_CALL",
+    "FEATURES",
     "Answer",
     "Backoff",
     "Calls",
     "Failover",
     "OneCall",
     "PendingCall",
+    "Reply",
+    "ServedCall",
+    "budget_ms",
+    "inherited_timeout",
+    "merge_metadata",
     "outcome",
+    "plan_call",
     "remote_error",
 ]
 
@@ -52,6 +85,93 @@ _NOT_AN_ANSWER = int(ErrorCode.UNKNOWN_DELIVERY)  # refuses an ACK, answers no r
 
 def _not_an_answer(ev: Answer) -> bool:
     return type(ev) is Error and ev.code == _NOT_AN_ANSWER
+
+
+class ServedCall(Protocol):
+    """What a client needs of the call being served when it makes a call of its own."""
+
+    @property
+    def deadline(self) -> float | None:
+        """The served call's deadline, in ``time.monotonic()`` seconds (None: no deadline)."""
+        ...
+
+
+CURRENT_CALL: ContextVar[ServedCall | None] = ContextVar("sockstack_current_call", default=None)
+"""The call a server is running in this context (set by the host around each method; a
+:class:`sockstack.CallContext`), None elsewhere. A call made with a sockstack client from inside
+it inherits its deadline (:func:`inherited_timeout`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A call's result with the server's trailers (the RESPONSE's metadata; empty when the
+    server sent none). What ``request(..., with_metadata=True)`` returns."""
+
+    result: Any
+    metadata: Mapping[str, str | bytes] = field(default_factory=dict)
+
+
+def inherited_timeout(timeout: float, now: float) -> float:
+    """``timeout``, shortened to the time left of the served call this code runs in (if any):
+    a nested call never outlives the call it serves. ``now``: ``time.monotonic()``."""
+    served = CURRENT_CALL.get()
+    if served is not None:
+        deadline = served.deadline
+        if deadline is not None and deadline - now < timeout:
+            return max(deadline - now, 0.0)
+    return timeout
+
+
+def budget_ms(remaining: float) -> int:
+    """The DEADLINE budget for ``remaining`` seconds: whole milliseconds, rounded down (a
+    budget never promises more time than the caller has), 0..2^32-1."""
+    if remaining <= 0:
+        return 0
+    ms = int(remaining * 1000)
+    return ms if ms <= MAX_BUDGET_MS else MAX_BUDGET_MS
+
+
+def merge_metadata(
+    defaults: Mapping[str, str | bytes] | None, metadata: Mapping[str, str | bytes] | None
+) -> Metadata | None:
+    """The metadata a call sends: the client's defaults, overridden key by key by the call's
+    own; None when both are empty. Raises :class:`LocalProtocolError` (code DECODE_ERROR, what
+    the server would answer) naming what breaks the rules, before anything is sent."""
+    if not metadata:
+        merged = defaults or None
+    elif not defaults:
+        merged = metadata
+    else:
+        merged = {**defaults, **metadata}
+    if merged:
+        problem = check_metadata(merged)
+        if problem is not None:
+            raise LocalProtocolError(problem, ErrorCode.DECODE_ERROR)
+    return merged or None
+
+
+def plan_call(
+    timeout: float,
+    features: int,
+    defaults: Mapping[str, str | bytes] | None,
+    metadata: Mapping[str, str | bytes] | None,
+    now: float,
+) -> tuple[float, int | None, Metadata | None]:
+    """(timeout, budget_ms or None, metadata or None) for a call about to be sent to a server
+    that announced ``features`` (its WELCOME's extension 2; :data:`FEATURES` over UDP, where
+    there is no WELCOME). The timeout is shortened to the served call's deadline
+    (:func:`inherited_timeout`); the budget is the whole timeout (send it at once; a request
+    sent later sends ``budget_ms(deadline - now)``); metadata is dropped for a server that
+    does not read it. ``now``: ``time.monotonic()``."""
+    if CURRENT_CALL.get() is not None:
+        timeout = inherited_timeout(timeout, now)
+    budget = budget_ms(timeout) if features & FEATURE_DEADLINE else None
+    md = None
+    if defaults or metadata:
+        md = merge_metadata(defaults, metadata)
+        if not features & FEATURE_METADATA:
+            md = None
+    return timeout, budget, md
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ unknown type), a CLOSE frame when it did not (bad magic, oversized frame) — an
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,6 +48,7 @@ from sockstack.protocol.events import (
     HandshakeComplete,
     Hello,
     Message,
+    Metadata,
     Ping,
     ProtocolViolation,
     Request,
@@ -67,9 +69,15 @@ from sockstack.protocol.frames import (
 )
 from sockstack.protocol.messages import (
     CORE_MESSAGES,
+    FEATURE_CANCEL,
+    FEATURES,
+    FLAG_DEADLINE,
     FLAG_KWARGS,
+    FLAG_METADATA,
+    MAX_BUDGET_MS,
     MAX_HELLO_SIZE,
     MIN_MAX_FRAME,
+    encode_cancel,
     encode_close,
     encode_error,
     encode_hello,
@@ -78,6 +86,8 @@ from sockstack.protocol.messages import (
     encode_request,
     encode_response,
     encode_welcome,
+    features_extension,
+    features_of,
     hello_too_large,
 )
 from sockstack.protocol.registry import Registry
@@ -118,6 +128,11 @@ _METHOD_BYTES: dict[str, bytes] = {}
 _pack_header = pack_header
 _unpack_header = read_header
 _CORE_REGISTRY = Registry([CORE_MESSAGES], frozen=True)
+_DEADLINE = FLAG_DEADLINE
+_CALL_FLAGS = FLAG_KWARGS | FLAG_DEADLINE | FLAG_METADATA  # a REQUEST's flags the fast path reads
+_budget = struct.Struct(">I")
+_pack_budget = _budget.pack
+_unpack_budget = _budget.unpack_from
 
 
 def _cut(text: str, size: int) -> str:
@@ -179,7 +194,10 @@ class Connection:
         hello_extensions: Sequence[tuple[int, bytes]] = (),
         authenticate: Callable[[Hello], bool] | None = None,
         registry: Registry | None = None,
+        features: int = FEATURES,
     ) -> None:
+        """``features``: server: the optional features its WELCOME announces (extension 2,
+        PROTOCOL.md §5.1; 0 announces none, as a server older than them)."""
         if max_frame < MIN_MAX_FRAME:
             raise ValueError(
                 f"max_frame {max_frame} is below the protocol's minimum of {MIN_MAX_FRAME} bytes"
@@ -210,6 +228,10 @@ class Connection:
         self.close_reason = ""
         self.version = PROTOCOL_VERSION
         self.peer_max_frame = DEFAULT_MAX_FRAME
+        self.features = features
+        self.peer_features = 0
+        """Client: the features the server's WELCOME announced (0 until it arrived, and from a
+        server that announces none): send DEADLINE, METADATA and CANCEL only when set here."""
         # Server: the first frame's header is checked as soon as it has arrived (before its body
         # is buffered): a HELLO is small (MAX_HELLO_SIZE), and nothing else may come first.
         self._first_header = role is Role.SERVER
@@ -261,24 +283,47 @@ class Connection:
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
         codec: Codec = MSGPACK,
+        *,
+        budget_ms: int | None = None,
+        metadata: Metadata | None = None,
     ) -> None:
+        """Queue a REQUEST; ``budget_ms`` sets DEADLINE, ``metadata`` METADATA (send them only
+        to a server whose WELCOME announced them: :attr:`peer_features`)."""
         if self.role is not Role.CLIENT:
             raise LocalProtocolError("only a client sends REQUEST")
         if self.state is not State.OPEN and not self._check_can_send():
             raise LocalProtocolError(f"cannot send a request: session is {self.state.value}")
         meta = _METHOD_BYTES.get(method)
-        if kwargs or not codec.structured or meta is None:
-            self._out.append(self._fit(encode_request(request_id, method, args, kwargs, codec)))
-            if meta is None and len(_METHOD_BYTES) < 4096:
+        if kwargs or not codec.structured or meta is None or metadata is not None:
+            self._out.append(
+                self._fit(
+                    encode_request(
+                        request_id,
+                        method,
+                        args,
+                        kwargs,
+                        codec,
+                        budget_ms=budget_ms,
+                        metadata=metadata,
+                    )
+                )
+            )
+            if meta is None and len(_METHOD_BYTES) < 4096 and 0 not in method.encode():
                 _METHOD_BYTES[method] = method.encode("utf-8")  # names repeat: encode once
             return
+        flags = 0
+        if budget_ms is not None:  # the deadline, on by default in the clients: kept cheap
+            if not 0 <= budget_ms <= MAX_BUDGET_MS:
+                budget_ms = min(max(budget_ms, 0), MAX_BUDGET_MS)
+            meta += _pack_budget(budget_ms)
+            flags = _DEADLINE
         items = args if type(args) is list else list(args)
         parts = msgpack_parts(items, True) if codec is MSGPACK else None
         if parts is not None:
             size = sum(map(len, parts))
             if len(meta) + size > self.peer_max_frame:
                 self._fit(encode_request(request_id, method, args, kwargs, codec))  # raises
-            self._out.append(_pack_header(_REQUEST, 0, codec.id, len(meta), request_id, size))
+            self._out.append(_pack_header(_REQUEST, flags, codec.id, len(meta), request_id, size))
             self._out.append(meta)
             self._out += parts
             return
@@ -286,24 +331,31 @@ class Connection:
         if len(meta) + len(body) > self.peer_max_frame:
             self._fit(encode_request(request_id, method, args, kwargs, codec))  # raises
         self._out += (
-            _pack_header(_REQUEST, 0, codec.id, len(meta), request_id, len(body)),
+            _pack_header(_REQUEST, flags, codec.id, len(meta), request_id, len(body)),
             meta,
             body,
         )
 
     def request_frame(
-        self, request_id: int, method: str, args: Sequence[Any]
+        self, request_id: int, method: str, args: Sequence[Any], budget_ms: int | None = None
     ) -> list[bytes] | None:
         """Fast path for a client adapter: a msgpack REQUEST with positional arguments, encoded
         and returned as the pieces of one frame to write at once (nothing is queued). None when
         the general :meth:`send_request` is needed: session not open, output already queued, a
         method name not seen before, or a frame over the peer's limit.
+        ``budget_ms``: the DEADLINE flag's budget (send it only to a server that announced it).
         Raises :class:`CodecError` if the arguments cannot be encoded."""
         if self.state is not _OPEN or self._out:
             return None
         meta = _METHOD_BYTES.get(method)
         if meta is None:
             return None
+        flags = 0
+        if budget_ms is not None:
+            if not 0 <= budget_ms <= MAX_BUDGET_MS:
+                budget_ms = min(max(budget_ms, 0), MAX_BUDGET_MS)
+            meta += _pack_budget(budget_ms)
+            flags = _DEADLINE
         items = args if type(args) is list else list(args)
         for item in items:
             if type(item) is bytes and len(item) > BIG_BYTES:
@@ -312,12 +364,12 @@ class Connection:
                 size = sum(map(len, parts))
                 if len(meta) + size > self.peer_max_frame:
                     return None
-                head = _pack_header(_REQUEST, 0, 1, len(meta), request_id, size)
+                head = _pack_header(_REQUEST, flags, 1, len(meta), request_id, size)
                 return [head, meta, *parts]
         body = MSGPACK.encode(items)
         if len(meta) + len(body) > self.peer_max_frame:
             return None
-        return [_pack_header(_REQUEST, 0, 1, len(meta), request_id, len(body)) + meta + body]
+        return [_pack_header(_REQUEST, flags, 1, len(meta), request_id, len(body)) + meta + body]
 
     def response_frame(self, request_id: int, result: Any) -> bytes | None:
         """Fast path for a server adapter: a msgpack RESPONSE returned as one frame to write at
@@ -333,11 +385,25 @@ class Connection:
             return None
         return _pack_header(_RESPONSE, 0, 1, 0, request_id, len(body)) + body
 
-    def send_response(self, request_id: int, result: Any, codec: Codec = MSGPACK) -> bool:
-        """Queue a RESPONSE; False (nothing queued) if the session already ended.
-        Raises :class:`CodecError` if the result cannot be encoded (nothing queued)."""
+    def send_response(
+        self,
+        request_id: int,
+        result: Any,
+        codec: Codec = MSGPACK,
+        *,
+        metadata: Metadata | None = None,
+    ) -> bool:
+        """Queue a RESPONSE (``metadata``: its trailers); False (nothing queued) if the session
+        already ended. Raises :class:`CodecError` if the result cannot be encoded, and
+        :class:`LocalProtocolError` for bad trailers or a frame over the peer's limit (nothing
+        queued)."""
         if self.state is not State.OPEN and not self._check_can_send():
             return False
+        if metadata is not None:
+            self._out.append(
+                self._fit(encode_response(request_id, result, codec, metadata=metadata))
+            )
+            return True
         if type(result) is bytes and len(result) > BIG_BYTES and codec is MSGPACK:
             head = msgpack_bin_header(len(result))  # the result's bytes go out uncopied
             size = len(head) + len(result)
@@ -369,14 +435,46 @@ class Connection:
             )
         return data
 
-    def send_error(self, request_id: int, code: int, type: str = "", message: str = "") -> bool:
-        """Queue an ERROR; its texts are cut if the whole would exceed the peer's limit."""
+    def send_error(
+        self,
+        request_id: int,
+        code: int,
+        type: str = "",
+        message: str = "",
+        *,
+        metadata: Metadata | None = None,
+    ) -> bool:
+        """Queue an ERROR (``metadata``: its trailers); its texts are cut if the whole would
+        exceed the peer's limit (and trailers that would not fit, or break the rules, are left
+        out: the error itself always goes)."""
         if not self._check_can_send():
             return False
-        self._out.append(self._error_frame(request_id, code, type, message))
+        self._out.append(self._error_frame(request_id, code, type, message, metadata))
         return True
 
-    def _error_frame(self, request_id: int, code: int, type: str, message: str) -> bytes:
+    def send_cancel(self, request_id: int) -> bool:
+        """Client: queue a CANCEL of call ``request_id`` when the server announced CANCEL
+        (:attr:`peer_features`) and the session is open; else False, nothing queued."""
+        if self.state is not _OPEN or not self.peer_features & FEATURE_CANCEL:
+            return False
+        self._out.append(encode_cancel(request_id))
+        return True
+
+    def _error_frame(
+        self,
+        request_id: int,
+        code: int,
+        type: str,
+        message: str,
+        metadata: Metadata | None = None,
+    ) -> bytes:
+        if metadata is not None:
+            try:
+                data = encode_error(request_id, code, type, message, metadata=metadata)
+            except LocalProtocolError:
+                data = b""
+            if data and len(data) - HEADER_SIZE <= self.peer_max_frame:
+                return data
         data = encode_error(request_id, code, type, message)
         if len(data) - HEADER_SIZE <= self.peer_max_frame:
             return data
@@ -469,8 +567,10 @@ class Connection:
                 events.append(ev)
                 pos = end
                 continue
-            if codec != 1 or flags or not rid:  # request id 0: the general path refuses it
+            if codec != 1 or not rid:  # request id 0: the general path refuses it
                 break
+            if flags and (flags != _DEADLINE or is_response or meta_len < 4):
+                break  # KWARGS, METADATA, unknown flags, trailers: the general path
             try:
                 value = _unpackb(
                     data[mid:end],
@@ -486,8 +586,13 @@ class Connection:
                 else:
                     if type(value) is not list:
                         break
-                    method = str(data[pos + hsize : mid], "utf-8")
-                    events.append(Request(rid, method, value, {}, 1))
+                    if flags:  # DEADLINE alone: the budget is the meta's last 4 bytes
+                        method = str(data[pos + hsize : mid - 4], "utf-8")
+                        budget = _unpack_budget(data, mid - 4)[0]
+                        events.append(Request(rid, method, value, {}, 1, budget))
+                    else:
+                        method = str(data[pos + hsize : mid], "utf-8")
+                        events.append(Request(rid, method, value, {}, 1))
             except Exception:
                 break
             pos = end
@@ -539,9 +644,10 @@ class Connection:
                     pass
                 else:
                     if t == _RESPONSE:
-                        events.append(Response(frame.request_id, value, 1))
-                        continue
-                    if type(value) is list and not frame.flags & FLAG_KWARGS:
+                        if not frame.flags & FLAG_METADATA:
+                            events.append(Response(frame.request_id, value, 1))
+                            continue
+                    elif type(value) is list and not frame.flags & _CALL_FLAGS:
                         try:
                             method = frame.meta.decode()
                         except UnicodeDecodeError:
@@ -670,7 +776,7 @@ class Connection:
             HEADER_SIZE + meta_len + body_len != n
             or t != self._fast_type
             or codec != 1
-            or flags
+            or (flags and (flags != _DEADLINE or t != _REQUEST or meta_len < 4))
             or magic != MAGIC
             or version != PROTOCOL_VERSION
             or meta_len > self._decoder.max_meta
@@ -691,6 +797,11 @@ class Connection:
             if t == _REQUEST:
                 if type(value) is not list:
                     return None
+                if flags:  # DEADLINE alone: the budget is the meta's last 4 bytes
+                    end = HEADER_SIZE + meta_len - 4
+                    method = str(data[HEADER_SIZE:end], "utf-8")
+                    self._activity = True
+                    return Request(rid, method, value, {}, 1, _unpack_budget(data, end)[0])
                 method = str(data[HEADER_SIZE : HEADER_SIZE + meta_len], "utf-8")
         except Exception:
             return None
@@ -736,8 +847,9 @@ class Connection:
             return
         self.version = min(hello.max_version, hi)
         self.peer_max_frame = hello.max_frame
+        exts = (features_extension(self.features),) if self.features else ()
         self._out.append(
-            encode_welcome(Welcome(self.version, (1, 2, 0), self.max_frame, self.agent))
+            encode_welcome(Welcome(self.version, (1, 2, 0), self.max_frame, self.agent, exts))
         )
         self._open()
         events.append(HandshakeComplete(self.version, hello.agent, hello.max_frame))
@@ -762,6 +874,7 @@ class Connection:
             return
         self.version = welcome.version
         self.peer_max_frame = welcome.max_frame
+        self.peer_features = features_of(welcome.extensions)
         self._open()
         events.append(HandshakeComplete(welcome.version, welcome.agent, welcome.max_frame))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import random
+import struct
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -24,10 +25,12 @@ import msgpack
 from sockstack.errors import CodecError, ErrorCode, LocalProtocolError, RemoteProtocolError
 from sockstack.protocol.codecs import MAX_CONTAINER, MSGPACK, Codec, refuse_ext
 from sockstack.protocol.events import (
+    Cancel,
     Error,
     Event,
     Hello,
     Message,
+    Metadata,
     Ping,
     Pong,
     ProtocolViolation,
@@ -50,10 +53,13 @@ from sockstack.protocol.frames import (
 )
 from sockstack.protocol.messages import (
     CORE_MESSAGES,
+    FLAG_DEADLINE,
+    MAX_BUDGET_MS,
     encode_error,
     encode_ping,
     encode_pong,
     encode_request,
+    encode_response,
     encode_welcome,
 )
 from sockstack.protocol.registry import Registry
@@ -79,6 +85,10 @@ _CORE_REGISTRY = Registry([CORE_MESSAGES], frozen=True)
 _METHOD_BYTES: dict[str, bytes] = {}
 _unpackb = msgpack.unpackb
 _MAXC = MAX_CONTAINER  # elements in one array or map (codecs.py)
+_DEADLINE = FLAG_DEADLINE
+_budget = struct.Struct(">I")
+_pack_budget = _budget.pack
+_unpack_budget = _budget.unpack_from
 
 DEFAULT_MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4; see PROTOCOL.md §5 on MTU
 DEFAULT_REPLY_WINDOW = 120.0  # as JetStream's 2-minute de-duplication window
@@ -110,13 +120,21 @@ class CallExpired:
 
 
 class _Pending:
-    __slots__ = ("attempts", "data", "deadline", "next_send")
+    __slots__ = ("attempts", "budget_at", "data", "deadline", "next_send")
 
-    def __init__(self, data: bytes, deadline: float, next_send: float) -> None:
+    def __init__(self, data: bytes, deadline: float, next_send: float, budget_at: int = 0) -> None:
         self.data = data
         self.deadline = deadline
         self.next_send = next_send
         self.attempts = 1
+        self.budget_at = budget_at  # offset of the DEADLINE budget in data (0: none)
+
+    def refresh_budget(self, now: float) -> None:
+        """A retransmission carries the time left *now*, not the first datagram's budget."""
+        at = self.budget_at
+        if at:
+            ms = max(0, min(int((self.deadline - now) * 1000), MAX_BUDGET_MS))
+            self.data = self.data[:at] + _pack_budget(ms) + self.data[at + 4 :]
 
 
 def datagram_error_code(code: int) -> int:
@@ -190,11 +208,20 @@ class DatagramClient:
         *,
         now: float,
         timeout: float,
+        deadline: bool = False,
+        metadata: Metadata | None = None,
     ) -> None:
         """Queue a REQUEST datagram and track it until an answer or ``now + timeout``.
+        ``deadline``: carry the time left (flag DEADLINE; each retransmission carries the time
+        left when it is sent); ``metadata``: the METADATA map.
         Raises :class:`LocalProtocolError` (code DATAGRAM_TOO_LARGE) before sending anything
-        if it would not fit in one datagram."""
-        data = encode_request(request_id, method, args, kwargs, codec)
+        if it would not fit in one datagram, or (DECODE_ERROR) for bad metadata."""
+        budget = None
+        if deadline:
+            budget = max(0, min(int(timeout * 1000), MAX_BUDGET_MS))
+        data = encode_request(
+            request_id, method, args, kwargs, codec, budget_ms=budget, metadata=metadata
+        )
         if len(data) + self.overhead > self.max_datagram:
             raise LocalProtocolError(
                 f"a datagram of {len(data) + self.overhead} bytes exceeds the limit of "
@@ -202,34 +229,58 @@ class DatagramClient:
                 ErrorCode.DATAGRAM_TOO_LARGE,
             )
         nxt = now + self.retry.interval(0, self._rng)
-        self._pending[request_id] = _Pending(data, now + timeout, nxt)
+        at = HEADER_SIZE + _unpack_header(data)[5] - 4 if deadline else 0  # the budget's place
+        self._pending[request_id] = _Pending(data, now + timeout, nxt, at)
         heapq.heappush(self._timers, (min(nxt, now + timeout), request_id))
         self._out.append(data)
 
     def request_datagram(
-        self, request_id: int, method: str, args: Sequence[Any], *, now: float, timeout: float
+        self,
+        request_id: int,
+        method: str,
+        args: Sequence[Any],
+        *,
+        now: float,
+        timeout: float,
+        deadline: bool = False,
     ) -> bytes:
         """Like :meth:`send_request` for a msgpack call with positional arguments, returning
         the datagram to send at once instead of queueing it (the fast path of a blocking
         client). Raises like :meth:`send_request`."""
         meta = _METHOD_BYTES.get(method)
+        named = meta is not None
         if meta is None:
             meta = method.encode("utf-8")
-            if len(_METHOD_BYTES) < 4096:
+            named = 0 not in meta  # a NUL in a name: refused by send_request
+            if named and len(_METHOD_BYTES) < 4096:
                 _METHOD_BYTES[method] = meta
+        flags = at = 0
+        if deadline:
+            at = HEADER_SIZE + len(meta)
+            meta += _pack_budget(max(0, min(int(timeout * 1000), MAX_BUDGET_MS)))
+            flags = _DEADLINE
         body = MSGPACK.encode(args if type(args) is list else list(args))
         size = HEADER_SIZE + len(meta) + len(body) + self.overhead  # the whole datagram
-        if size > self.max_datagram or len(meta) > DEFAULT_MAX_META:
-            self.send_request(request_id, method, args, None, MSGPACK, now=now, timeout=timeout)
+        if size > self.max_datagram or len(meta) > DEFAULT_MAX_META or not named:
+            self.send_request(
+                request_id,
+                method,
+                args,
+                None,
+                MSGPACK,
+                now=now,
+                timeout=timeout,
+                deadline=deadline,
+            )
             return self._out.pop()  # (raises first, with the exact reason)
-        data = _pack_header(_REQUEST, 0, 1, len(meta), request_id, len(body)) + meta + body
+        data = _pack_header(_REQUEST, flags, 1, len(meta), request_id, len(body)) + meta + body
         r = self.retry
         nxt = now + min(r.initial, r.max_interval) * (
             1.0 + r.jitter * (2.0 * self._rng.random() - 1.0)
         )
-        deadline = now + timeout
-        self._pending[request_id] = _Pending(data, deadline, nxt)
-        heapq.heappush(self._timers, (nxt if nxt < deadline else deadline, request_id))
+        end = now + timeout
+        self._pending[request_id] = _Pending(data, end, nxt, at)
+        heapq.heappush(self._timers, (nxt if nxt < end else end, request_id))
         return data
 
     def send_ping(self, request_id: int, payload: bytes = b"") -> None:
@@ -267,10 +318,11 @@ class DatagramClient:
         """Returns [Response | Error | Pong | Welcome] for an answer to a pending call, or a
         ProtocolViolation for garbage; answers to unknown or finished ids are ignored."""
         if len(data) >= HEADER_SIZE:  # fast path: a well-formed msgpack RESPONSE
-            magic, version, t, _, codec, meta_len, rid, body_len = _unpack_header(data)
+            magic, version, t, flags, codec, meta_len, rid, body_len = _unpack_header(data)
             if (
                 t == _RESPONSE
                 and codec == 1
+                and not flags  # trailers (METADATA), unknown flags: the general path
                 and magic == MAGIC
                 and version == PROTOCOL_VERSION
                 and HEADER_SIZE + meta_len + body_len == len(data)
@@ -332,6 +384,8 @@ class DatagramClient:
                 del self._pending[rid]
                 expired.append(CallExpired(rid, p.attempts))
                 continue
+            if p.budget_at:
+                p.refresh_budget(now)
             self._out.append(p.data)
             p.next_send = now + self.retry.interval(p.attempts, self._rng)
             p.attempts += 1
@@ -445,7 +499,7 @@ class DatagramServer:
             if (
                 t == _REQUEST
                 and codec == 1
-                and not flags
+                and (not flags or (flags == _DEADLINE and meta_len >= 4))
                 and rid  # request id 0: the general path refuses it
                 and magic == MAGIC
                 and version == PROTOCOL_VERSION
@@ -463,12 +517,19 @@ class DatagramServer:
                         max_array_len=_MAXC,
                         max_map_len=_MAXC,
                     )
-                    method = str(data[HEADER_SIZE : HEADER_SIZE + meta_len], "utf-8")
+                    if flags:  # DEADLINE alone: the budget is the meta's last 4 bytes
+                        end = HEADER_SIZE + meta_len - 4
+                        method = str(data[HEADER_SIZE:end], "utf-8")
+                        budget: int | None = _unpack_budget(data, end)[0]
+                    else:
+                        method = str(data[HEADER_SIZE : HEADER_SIZE + meta_len], "utf-8")
+                        budget = None
                 except Exception:
                     pass
                 else:
                     if type(value) is list:
-                        return self._request(Request(rid, method, value, {}, 1), addr, now)
+                        req = Request(rid, method, value, {}, 1, budget)
+                        return self._request(req, addr, now)
         msg, violation, rid = _parse(data, self.max_datagram, self.registry)
         if violation is not None:
             if rid >= 0:  # the header was ours: say what was wrong with it
@@ -486,6 +547,8 @@ class DatagramServer:
             return self._request(msg, addr, now)
         if isinstance(msg, Ping):
             self._out.append((encode_pong(msg.request_id, msg.payload), addr))
+            return []
+        if isinstance(msg, Cancel):  # streams only: dropped, unanswered (PROTOCOL.md §6)
             return []
         if isinstance(msg, Hello):
             # Answered only with no more bytes than it carried (a spoofed HELLO must not make
@@ -522,13 +585,26 @@ class DatagramServer:
         self._out.append((data, addr))
 
     def send_response(
-        self, addr: Any, request_id: int, result: Any, codec: Codec, now: float
+        self,
+        addr: Any,
+        request_id: int,
+        result: Any,
+        codec: Codec,
+        now: float,
+        *,
+        metadata: Metadata | None = None,
     ) -> None:
-        """Queue and remember the answer. A result that does not encode, or does not fit one
-        datagram, is answered with an ERROR instead (RESULT_NOT_ENCODABLE, DATAGRAM_TOO_LARGE)."""
+        """Queue and remember the answer (``metadata``: its trailers). A result that does not
+        encode, or does not fit one datagram, is answered with an ERROR instead
+        (RESULT_NOT_ENCODABLE, DATAGRAM_TOO_LARGE)."""
         try:
-            body = codec.encode(result)
-            data = _pack_header(_RESPONSE, 0, codec.id, 0, request_id, len(body)) + body
+            if metadata is not None:
+                data = encode_response(request_id, result, codec, metadata=metadata)
+            else:
+                body = codec.encode(result)
+                data = _pack_header(_RESPONSE, 0, codec.id, 0, request_id, len(body)) + body
+        except LocalProtocolError as exc:  # bad trailers: the server's own mistake
+            data = encode_error(request_id, ErrorCode.APPLICATION_ERROR, "ValueError", str(exc))
         except CodecError as exc:
             data = encode_error(
                 request_id, ErrorCode.RESULT_NOT_ENCODABLE, "RESULT_NOT_ENCODABLE", str(exc)
@@ -544,6 +620,24 @@ class DatagramServer:
         self._answer(addr, request_id, data, now)
 
     def send_error(
-        self, addr: Any, request_id: int, code: int, type: str, message: str, now: float
+        self,
+        addr: Any,
+        request_id: int,
+        code: int,
+        type: str,
+        message: str,
+        now: float,
+        *,
+        metadata: Metadata | None = None,
     ) -> None:
-        self._answer(addr, request_id, encode_error(request_id, code, type, message), now)
+        data = b""
+        if metadata is not None:
+            try:
+                data = encode_error(request_id, code, type, message, metadata=metadata)
+            except LocalProtocolError:
+                data = b""
+            if len(data) + self.overhead > self.max_datagram:
+                data = b""
+        if not data:  # no trailers, or trailers that break the rules or do not fit: left out
+            data = encode_error(request_id, code, type, message)
+        self._answer(addr, request_id, data, now)

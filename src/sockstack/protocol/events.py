@@ -23,7 +23,7 @@ hashable (its fields may hold lists and maps): compare messages, do not put them
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, dataclass_transform
 
@@ -31,6 +31,7 @@ from sockstack.errors import ErrorCode
 from sockstack.protocol.frames import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
 
 __all__ = [
+    "Cancel",
     "Close",
     "ConnectionTerminated",
     "Error",
@@ -38,6 +39,7 @@ __all__ = [
     "HandshakeComplete",
     "Hello",
     "Message",
+    "Metadata",
     "PatternMessage",
     "Ping",
     "Pong",
@@ -119,13 +121,22 @@ class Welcome:
     extensions: tuple[tuple[int, bytes], ...] = ()
 
 
+Metadata = Mapping[str, str | bytes]
+"""A call's metadata (REQUEST) or trailers (RESPONSE, ERROR): string keys, str or bytes values."""
+
+
 @message
 class Request:
+    """REQUEST. ``budget_ms``: the caller's remaining time in milliseconds when it sent the
+    frame (flag DEADLINE), None without; ``metadata``: the METADATA map, None without."""
+
     request_id: int
     method: str
     args: Sequence[Any] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     codec: int = 1
+    budget_ms: int | None = None
+    metadata: Metadata | None = None
 
 
 @message
@@ -133,6 +144,8 @@ class Response:
     request_id: int
     result: Any = None
     codec: int = 1
+    metadata: Metadata | None = None
+    """The server's trailers (flag METADATA), None without."""
 
 
 @message
@@ -143,6 +156,16 @@ class Error:
     code: int
     type: str = ""
     message: str = ""
+    metadata: Metadata | None = None
+    """The server's trailers (flag METADATA), None without."""
+
+
+@message
+class Cancel:
+    """CANCEL (client -> server, streams only): stop the call ``request_id`` if it is in flight.
+    Not a request: it is never answered (the call it names gets its one answer)."""
+
+    request_id: int
 
 
 @message
@@ -170,7 +193,9 @@ class PatternMessage:
     __slots__ = ()
 
 
-Message = Hello | Welcome | Request | Response | Error | Ping | Pong | Close | PatternMessage
+Message = (
+    Hello | Welcome | Request | Response | Error | Ping | Pong | Close | Cancel | PatternMessage
+)
 """One decoded frame."""
 
 Event = Message | HandshakeComplete | ConnectionTerminated | ProtocolViolation

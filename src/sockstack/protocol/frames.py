@@ -133,6 +133,7 @@ class MessageType(enum.IntEnum):
     PING = 0x06
     PONG = 0x07
     CLOSE = 0x08
+    CANCEL = 0x09
 
 
 @dataclass(slots=True)

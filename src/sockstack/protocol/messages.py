@@ -17,13 +17,17 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
+import msgpack
+
 from sockstack.errors import CodecError, ErrorCode, LocalProtocolError, RemoteProtocolError
 from sockstack.protocol.codecs import CODECS, MSGPACK, Codec
 from sockstack.protocol.events import (
+    Cancel,
     Close,
     Error,
     Hello,
     Message,
+    Metadata,
     Ping,
     Pong,
     Request,
@@ -31,15 +35,25 @@ from sockstack.protocol.events import (
     Role,
     Welcome,
 )
-from sockstack.protocol.frames import Frame, MessageType, encode_frame
+from sockstack.protocol.frames import DEFAULT_MAX_META, Frame, MessageType, encode_frame
 from sockstack.protocol.registry import BOTH, MessageSet, MessageSpec, Registry
 
 __all__ = [
     "CORE_MESSAGES",
+    "EXT_FEATURES",
+    "FEATURES",
+    "FEATURE_CANCEL",
+    "FEATURE_DEADLINE",
+    "FEATURE_METADATA",
+    "FLAG_DEADLINE",
     "FLAG_KWARGS",
+    "FLAG_METADATA",
     "MAX_HELLO_EXTENSIONS",
     "MAX_HELLO_SIZE",
+    "MAX_METADATA_ENTRIES",
+    "MAX_METADATA_KEY",
     "MIN_MAX_FRAME",
+    "Cancel",
     "Close",
     "Error",
     "Hello",
@@ -50,21 +64,49 @@ __all__ = [
     "Response",
     "Role",
     "Welcome",
+    "check_metadata",
     "decode_message",
+    "decode_metadata",
+    "encode_cancel",
     "encode_close",
     "encode_error",
     "encode_hello",
+    "encode_metadata",
     "encode_ping",
     "encode_pong",
     "encode_request",
     "encode_response",
     "encode_welcome",
+    "features_extension",
+    "features_of",
     "hello_too_large",
     "request_codec",
+    "split_meta",
 ]
 
 FLAG_KWARGS = 0x01
 """REQUEST flag: the body is ``[positional array, named map]`` instead of a positional array."""
+FLAG_DEADLINE = 0x04
+"""REQUEST flag: the last 4 bytes of the meta section are the caller's remaining budget, a u32
+in milliseconds when the frame was sent (0: already late)."""
+FLAG_METADATA = 0x08
+"""REQUEST, RESPONSE, ERROR flag: the meta section holds, after its text (method name, error
+type, or nothing), one 0x00 byte and a msgpack map of string keys to str or bytes values."""
+
+EXT_FEATURES = 2
+"""WELCOME extension type 2: a u32 bit set of the optional features the server understands."""
+FEATURE_DEADLINE = 1 << 0
+FEATURE_METADATA = 1 << 1
+FEATURE_CANCEL = 1 << 2
+FEATURE_STREAM = 1 << 3  # reserved (issue 12 item 6)
+FEATURES = FEATURE_DEADLINE | FEATURE_METADATA | FEATURE_CANCEL
+"""What this implementation understands (announced by its servers)."""
+
+MAX_METADATA_ENTRIES = 64
+MAX_METADATA_KEY = 64
+MAX_BUDGET_MS = 0xFFFFFFFF
+_KEY_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789._-")
+_BUDGET = struct.Struct(">I")
 
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
@@ -122,38 +164,165 @@ def encode_welcome(welcome: Welcome) -> bytes:
     return encode_frame(MessageType.WELCOME, 0, _utf8(welcome.agent, "agent"), body)
 
 
+def features_of(extensions: Sequence[tuple[int, bytes]]) -> int:
+    """The feature bits a WELCOME's extensions announce (0: none, an older server). A features
+    extension shorter than 4 bytes announces none; bytes after the first 4 are ignored."""
+    for ext_type, value in extensions:
+        if ext_type == EXT_FEATURES and len(value) >= 4:
+            return int(_BUDGET.unpack_from(value)[0])
+    return 0
+
+
+def features_extension(features: int = FEATURES) -> tuple[int, bytes]:
+    """The WELCOME extension announcing ``features``."""
+    return (EXT_FEATURES, _BUDGET.pack(features))
+
+
+def _bad_key(key: object) -> str | None:
+    if not isinstance(key, str):
+        return f"metadata key {key!r} is not a string"
+    data = key.encode("utf-8", "replace")
+    if not 1 <= len(data) <= MAX_METADATA_KEY or not _KEY_CHARS.issuperset(data):
+        return f"metadata key {key[:80]!r}: keys are 1-{MAX_METADATA_KEY} bytes of a-z 0-9 . _ -"
+    return None
+
+
+def check_metadata(metadata: Metadata) -> str | None:
+    """None when ``metadata`` keeps the rules (PROTOCOL.md §4: at most 64 entries, keys of 1-64
+    bytes of ``[a-z0-9._-]``, values str or bytes), else what is wrong."""
+    if len(metadata) > MAX_METADATA_ENTRIES:
+        return f"{len(metadata)} metadata entries (at most {MAX_METADATA_ENTRIES})"
+    for key, value in metadata.items():
+        problem = _bad_key(key)
+        if problem is not None:
+            return problem
+        if type(value) is not str and type(value) is not bytes:
+            return f"metadata {key!r}: value of type {type(value).__name__} (str or bytes only)"
+    return None
+
+
+def encode_metadata(metadata: Metadata) -> bytes:
+    """The 0x00 byte and msgpack map that follow a meta section's text. Raises
+    :class:`LocalProtocolError` (code DECODE_ERROR: the peer would refuse it) for bad metadata."""
+    problem = check_metadata(metadata)
+    if problem is not None:
+        raise LocalProtocolError(problem, ErrorCode.DECODE_ERROR)
+    packed: bytes = msgpack.packb(dict(metadata), use_bin_type=True)
+    return b"\x00" + packed
+
+
+def decode_metadata(data: bytes) -> dict[str, str | bytes]:
+    """The metadata map after a meta section's 0x00 byte. Raises :class:`RemoteProtocolError`
+    (DECODE_ERROR) naming what is wrong."""
+    try:
+        value = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_map_len=MAX_METADATA_ENTRIES,
+            max_array_len=0,
+            max_ext_len=0,
+        )
+    except ValueError as exc:
+        if "exceeds max_map_len" in str(exc):
+            raise RemoteProtocolError(
+                f"more than {MAX_METADATA_ENTRIES} metadata entries", ErrorCode.DECODE_ERROR
+            ) from None
+        raise RemoteProtocolError(
+            f"metadata is not msgpack: {exc}", ErrorCode.DECODE_ERROR
+        ) from None
+    except Exception as exc:
+        raise RemoteProtocolError(
+            f"metadata is not msgpack: {exc}", ErrorCode.DECODE_ERROR
+        ) from None
+    if not isinstance(value, dict):
+        raise RemoteProtocolError("metadata is not a map", ErrorCode.DECODE_ERROR)
+    problem = check_metadata(value)
+    if problem is not None:
+        raise RemoteProtocolError(problem, ErrorCode.DECODE_ERROR)
+    return value
+
+
+def _meta_with(
+    text: bytes, metadata: Metadata | None, budget_ms: int | None, what: str
+) -> tuple[bytes, int]:
+    """A meta section with its optional parts, and the flags saying so."""
+    flags = 0
+    if metadata is not None:
+        text += encode_metadata(metadata)
+        flags = FLAG_METADATA
+    if budget_ms is not None:
+        text += _BUDGET.pack(min(max(budget_ms, 0), MAX_BUDGET_MS))
+        flags |= FLAG_DEADLINE
+    if len(text) > DEFAULT_MAX_META:
+        raise LocalProtocolError(
+            f"{what} of {len(text)} bytes exceeds the meta limit of {DEFAULT_MAX_META} bytes",
+            ErrorCode.DECODE_ERROR,
+        )
+    return text, flags
+
+
 def encode_request(
     request_id: int,
     method: str,
     args: Sequence[Any] = (),
     kwargs: dict[str, Any] | None = None,
     codec: Codec = MSGPACK,
+    *,
+    budget_ms: int | None = None,
+    metadata: Metadata | None = None,
 ) -> bytes:
-    """REQUEST bytes. Raises :class:`CodecError` (nothing is sent) if the arguments don't encode."""
-    flags = 0
+    """REQUEST bytes. Raises :class:`CodecError` (nothing is sent) if the arguments don't
+    encode, :class:`LocalProtocolError` for bad metadata or a meta section over 4,096 bytes.
+    ``budget_ms``: the DEADLINE flag's budget; ``metadata``: the METADATA map."""
+    name = _utf8(method, "method name")
+    if 0 in name:
+        raise LocalProtocolError("a method name never contains a NUL character")
+    meta, flags = _meta_with(name, metadata, budget_ms, "REQUEST meta (method name, metadata)")
     if codec.structured:
         if kwargs:
             body = codec.encode([list(args), kwargs])
-            flags = FLAG_KWARGS
+            flags |= FLAG_KWARGS
         else:
             body = codec.encode(args if isinstance(args, list) else list(args))
     else:
         if kwargs or len(args) != 1:
             raise CodecError("the raw codec carries exactly one bytes argument and no keywords")
         body = codec.encode(args[0])
+    return encode_frame(MessageType.REQUEST, request_id, meta, body, flags, codec.id)
+
+
+def encode_response(
+    request_id: int, result: Any, codec: Codec = MSGPACK, *, metadata: Metadata | None = None
+) -> bytes:
+    """RESPONSE bytes (``metadata``: the trailers). Raises :class:`CodecError` if the result
+    doesn't encode, :class:`LocalProtocolError` for bad trailers."""
+    meta, flags = _meta_with(b"", metadata, None, "RESPONSE trailers")
     return encode_frame(
-        MessageType.REQUEST, request_id, _utf8(method, "method name"), body, flags, codec.id
+        MessageType.RESPONSE, request_id, meta, codec.encode(result), flags, codec.id
     )
 
 
-def encode_response(request_id: int, result: Any, codec: Codec = MSGPACK) -> bytes:
-    """RESPONSE bytes. Raises :class:`CodecError` if the result doesn't encode."""
-    return encode_frame(MessageType.RESPONSE, request_id, b"", codec.encode(result), 0, codec.id)
-
-
-def encode_error(request_id: int, code: int, type: str = "", message: str = "") -> bytes:
+def encode_error(
+    request_id: int,
+    code: int,
+    type: str = "",
+    message: str = "",
+    *,
+    metadata: Metadata | None = None,
+) -> bytes:
+    """ERROR bytes (``metadata``: the trailers; raises :class:`LocalProtocolError` if bad)."""
     body = _U16.pack(code) + message.encode("utf-8", "replace")
-    return encode_frame(MessageType.ERROR, request_id, type.encode("utf-8", "replace"), body)
+    name = type.encode("utf-8", "replace")
+    if metadata is not None:  # the type name ends at the first 0x00
+        name = name.replace(b"\x00", b"?")
+    meta, flags = _meta_with(name, metadata, None, "ERROR meta (type name, trailers)")
+    return encode_frame(MessageType.ERROR, request_id, meta, body, flags)
+
+
+def encode_cancel(request_id: int) -> bytes:
+    """CANCEL bytes: stop call ``request_id`` (streams only)."""
+    return encode_frame(MessageType.CANCEL, request_id, b"", b"")
 
 
 def encode_ping(request_id: int, payload: bytes = b"") -> bytes:
@@ -247,15 +416,47 @@ def request_codec(f: Frame) -> Codec:
     return codec
 
 
+def split_meta(
+    meta: bytes, flags: int, what: str
+) -> tuple[bytes, dict[str, str | bytes] | None, int | None]:
+    """(text, metadata or None, budget in ms or None) of a meta section with these flags:
+    DEADLINE's 4 bytes come off the end first, then METADATA splits on the first 0x00."""
+    budget = None
+    if flags & FLAG_DEADLINE:
+        if len(meta) < 4:
+            raise RemoteProtocolError(
+                f"{what} with the DEADLINE flag has a meta section of {len(meta)} bytes (the "
+                "budget takes its last 4)",
+                ErrorCode.DECODE_ERROR,
+            )
+        (budget,) = _BUDGET.unpack_from(meta, len(meta) - 4)
+        meta = meta[:-4]
+    metadata = None
+    if flags & FLAG_METADATA:
+        cut = meta.find(0)
+        if cut < 0:
+            raise RemoteProtocolError(
+                f"{what} with the METADATA flag has no 0x00 byte in its meta section",
+                ErrorCode.DECODE_ERROR,
+            )
+        metadata = decode_metadata(meta[cut + 1 :])
+        meta = meta[:cut]
+    return meta, metadata, budget
+
+
 def _decode_request(f: Frame) -> Request:
     if not f.request_id:  # 0 names no request: its answer could not be matched to a call
         raise RemoteProtocolError(
             "REQUEST with request id 0: a request's id is non-zero", ErrorCode.DECODE_ERROR
         )
     codec = request_codec(f)
-    method = _text(f.meta, "method name", ErrorCode.DECODE_ERROR)
+    meta: bytes = f.meta
+    metadata = budget = None
+    if f.flags & (FLAG_DEADLINE | FLAG_METADATA):
+        meta, metadata, budget = split_meta(meta, f.flags, "REQUEST")
+    method = _text(meta, "method name", ErrorCode.DECODE_ERROR)
     if not codec.structured:
-        return Request(f.request_id, method, (f.body,), {}, codec.id)
+        return Request(f.request_id, method, (f.body,), {}, codec.id, budget, metadata)
     try:
         value = codec.decode(f.body)
     except CodecError as exc:
@@ -272,18 +473,21 @@ def _decode_request(f: Frame) -> Request:
                 "REQUEST with the KWARGS flag must carry [array, map of string keys]",
                 ErrorCode.DECODE_ERROR,
             )
-        return Request(f.request_id, method, value[0], value[1], codec.id)
+        return Request(f.request_id, method, value[0], value[1], codec.id, budget, metadata)
     if not isinstance(value, list):
         raise RemoteProtocolError(
             "REQUEST body must be an array of arguments", ErrorCode.DECODE_ERROR
         )
-    return Request(f.request_id, method, value, {}, codec.id)
+    return Request(f.request_id, method, value, {}, codec.id, budget, metadata)
 
 
 def _decode_response(f: Frame) -> Response:
     codec = request_codec(f)
+    metadata = None
+    if f.flags & FLAG_METADATA:
+        metadata = split_meta(f.meta, FLAG_METADATA, "RESPONSE")[1]
     try:
-        return Response(f.request_id, codec.decode(f.body), codec.id)
+        return Response(f.request_id, codec.decode(f.body), codec.id, metadata)
     except CodecError as exc:
         raise RemoteProtocolError(str(exc), ErrorCode.DECODE_ERROR) from None
 
@@ -292,12 +496,23 @@ def _decode_error(f: Frame) -> Error:
     if len(f.body) < 2:
         raise RemoteProtocolError("ERROR body shorter than 2 bytes")
     (code,) = _U16.unpack_from(f.body)
+    meta: bytes = f.meta
+    metadata = None
+    if f.flags & FLAG_METADATA:
+        meta, metadata, _ = split_meta(meta, FLAG_METADATA, "ERROR")
     return Error(
         f.request_id,
         code,
-        f.meta.decode("utf-8", "replace"),
+        meta.decode("utf-8", "replace"),
         f.body[2:].decode("utf-8", "replace"),
+        metadata,
     )
+
+
+def _decode_cancel(f: Frame) -> Cancel:
+    # Meta and body are not read (a CANCEL carries none; bytes there are ignored): a CANCEL is
+    # never answered, not even to refuse it, since an ERROR with its id would end that call.
+    return Cancel(f.request_id)
 
 
 def _decode_ping(f: Frame) -> Ping:
@@ -330,6 +545,7 @@ CORE_MESSAGES = MessageSet(
         MessageSpec(MessageType.PING, "PING", _decode_ping, BOTH),
         MessageSpec(MessageType.PONG, "PONG", _decode_pong, BOTH),
         MessageSpec(MessageType.CLOSE, "CLOSE", _decode_close, BOTH),
+        MessageSpec(MessageType.CANCEL, "CANCEL", _decode_cancel, frozenset({Role.CLIENT})),
     ),
 )
 """The session and call messages every sockstack session speaks (docs/PROTOCOL.md §3)."""

@@ -1,0 +1,177 @@
+"""The context of the call a method is serving: deadline, cancellation, metadata, trailers.
+
+Inside any method the host serves (async, threaded or inline), :func:`current_context` returns
+the :class:`CallContext` of the call being served::
+
+    from sockstack import Service, current_context, method
+
+    class Svc(Service):
+        @method
+        async def work(self) -> str:
+            ctx = current_context()
+            tenant = ctx.metadata.get("tenant", "")     # the caller's metadata
+            ctx.set_trailer("served-by", "node-1")      # comes back with the answer
+            return f"{tenant}: {ctx.time_remaining()} s left"
+
+The deadline is the caller's: its REQUEST carried the time it had left (PROTOCOL.md §4, flag
+DEADLINE), and the server's deadline is the request's arrival plus that budget. The host refuses
+a call already late without running it (ERROR DEADLINE_EXCEEDED), cancels an ``async`` method
+when the deadline passes, and marks the context of a threaded method (``ctx.cancelled``), which
+cannot be stopped from outside and should poll it. A CANCEL from the client does the same with
+ERROR CANCELLED. A call made with a sockstack client from inside the method inherits the
+deadline: its timeout is at most ``ctx.time_remaining()``.
+
+Times are ``time.monotonic()`` seconds (the clock of the event loop the host runs on, and of
+every thread).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+from sockstack.errors import ErrorCode
+from sockstack.protocol.calls import CURRENT_CALL
+from sockstack.protocol.messages import MAX_METADATA_ENTRIES, check_metadata
+
+__all__ = ["CallAborted", "CallContext", "current_context", "run_guarded"]
+
+_EMPTY: Mapping[str, str | bytes] = MappingProxyType({})
+_monotonic = time.monotonic
+_T = TypeVar("_T")
+
+
+class CallContext:
+    """One call being served. Read-only but for :meth:`set_trailer`; the host sets the rest."""
+
+    __slots__ = (
+        "_metadata",
+        "_peer",
+        "abort_code",
+        "deadline",
+        "method",
+        "request_id",
+        "trailers",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        request_id: int,
+        transport: str,
+        peer: Any,
+        metadata: Mapping[str, str | bytes] | None = None,
+        deadline: float | None = None,
+    ) -> None:
+        self.method = method
+        self.request_id = request_id
+        self.transport = transport
+        """``"tcp"``, ``"tls"`` or ``"udp"``."""
+        self._peer = peer
+        self._metadata = metadata
+        self.deadline = deadline
+        """When the caller stops waiting, in ``time.monotonic()`` seconds; None when its
+        REQUEST carried no deadline."""
+        self.trailers: dict[str, str | bytes] | None = None
+        """The trailers set so far (None: none), sent with the answer."""
+        self.abort_code = 0
+        """Host: why the call was stopped (DEADLINE_EXCEEDED, CANCELLED), 0 while it was not."""
+
+    @property
+    def peer(self) -> str:
+        """The caller's address, ``host:port``."""
+        peer = self._peer
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            host, port = peer[0], peer[1]
+            return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        return str(peer)
+
+    @property
+    def metadata(self) -> Mapping[str, str | bytes]:
+        """The caller's metadata (empty when it sent none), read-only."""
+        md = self._metadata
+        return _EMPTY if not md else MappingProxyType(dict(md))
+
+    def time_remaining(self) -> float | None:
+        """Seconds left until the deadline (0.0 once it has passed), None without one."""
+        deadline = self.deadline
+        if deadline is None:
+            return None
+        return max(deadline - _monotonic(), 0.0)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the call was cancelled by its client or its deadline passed: its answer is
+        already sent (or never will be), so a method polling this can stop its work."""
+        if self.abort_code:
+            return True
+        deadline = self.deadline
+        return deadline is not None and _monotonic() >= deadline
+
+    def set_trailer(self, key: str, value: str | bytes) -> None:
+        """Add metadata to the answer (RESPONSE or ERROR trailers, PROTOCOL.md §4): the same
+        rules as the caller's (keys of 1-64 bytes of ``[a-z0-9._-]``, str or bytes values, at
+        most 64 entries, within the 4,096-byte meta section). Raises ``ValueError`` at once
+        for a key or value the rules refuse."""
+        trailers = self.trailers
+        if trailers is None:
+            trailers = {}
+        elif key not in trailers and len(trailers) >= MAX_METADATA_ENTRIES:
+            raise ValueError(f"at most {MAX_METADATA_ENTRIES} trailers")
+        problem = check_metadata({key: value})
+        if problem is not None:
+            raise ValueError(problem)
+        trailers[key] = value
+        self.trailers = trailers
+
+    def __repr__(self) -> str:
+        return (
+            f"CallContext(method={self.method!r}, request_id={self.request_id}, "
+            f"transport={self.transport!r}, peer={self.peer!r}, "
+            f"time_remaining={self.time_remaining()!r}, cancelled={self.cancelled})"
+        )
+
+
+def current_context() -> CallContext:
+    """The context of the call being served (inside a method the host runs). Raises
+    ``LookupError`` elsewhere."""
+    ctx = CURRENT_CALL.get()
+    if type(ctx) is not CallContext:
+        raise LookupError(
+            "no call is being served here: current_context() works inside a method a sockstack "
+            "server runs"
+        )
+    return ctx
+
+
+class CallAborted(Exception):
+    """Raised in the worker thread instead of running a threaded method whose call was
+    cancelled or went past its deadline while it waited for a worker: it does not run."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(ErrorCode(code).name)
+        self.code = code
+
+    def outcome(self) -> tuple[bool, tuple[int, str, str]]:
+        if self.code == ErrorCode.CANCELLED:
+            return False, (self.code, "CANCELLED", "the call was cancelled before it ran")
+        return False, (
+            self.code,
+            "DEADLINE_EXCEEDED",
+            "the call's deadline passed while it waited for a worker; it did not run",
+        )
+
+
+def run_guarded(call: Callable[[], _T]) -> _T:
+    """In a worker thread (inside the call's copied context): run ``call`` unless its call was
+    cancelled or is already late (raises :class:`CallAborted`: it does not run)."""
+    ctx = CURRENT_CALL.get()
+    if type(ctx) is CallContext:
+        if ctx.abort_code:
+            raise CallAborted(ctx.abort_code)
+        if ctx.deadline is not None and _monotonic() >= ctx.deadline:
+            raise CallAborted(ErrorCode.DEADLINE_EXCEEDED)
+    return call()
