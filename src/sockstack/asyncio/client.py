@@ -10,11 +10,14 @@ Many calls share one connection (pipelining), matched by request id. Each call h
 with jittered exponential backoff; a call made meanwhile waits for the reconnect within its own
 timeout. Over UDP, a call is retransmitted with the same request id until answered or timed out;
 the server's reply cache makes sure it runs once. When nothing listens on the server's port, the
-host answers ICMP port unreachable, which the connected socket reports as ECONNREFUSED: the
-call is sent once more (the refusal may be left over from an earlier datagram, or the server
-may be starting), and a second refusal fails it at once with :class:`ConnectError` (or
-:class:`ConnectionLost` when earlier datagrams of it may have reached a server that went away)
-instead of waiting for its timeout. A call's timeout also bounds the connection: the first
+host answers ICMP port unreachable; on Linux the kernel names the datagram it answered
+(:mod:`sockstack.transport.udperr`), so each refusal counts for its own call only. A call fails
+at once with :class:`ConnectError` ("did not run") when every datagram of it that left was
+refused and its retransmission schedule had sent a second one (a server still starting gets
+that one), and with :class:`ConnectionLost` ("may or may not have run") when its latest
+datagrams were refused after an earlier one was not. Elsewhere, and under uvloop (libuv cannot
+read a socket that queues these reports), refusals are not attributed and calls end at their
+timeout. A call's timeout also bounds the connection: the first
 connect takes at most ``min(connect_timeout, timeout)``.
 
 This module is an I/O adapter: request ids, deadlines, matching answers, failover order and
@@ -91,9 +94,11 @@ from sockstack.transport.settings import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
     ClientSettings,
+    udp_gone,
     udp_refused,
 )
 from sockstack.transport.tls import handshake_failure, handshake_lost, tls_reason
+from sockstack.transport.udperr import enable_refusal_reports, refused_request_ids
 from sockstack.transport.urls import Endpoint
 
 __all__ = [
@@ -579,11 +584,17 @@ class DatagramChannel:
         self._held: list[bytes] = []
         self._held_bytes = 0
         self._probe: asyncio.Task[None] | None = None
-        # ECONNREFUSED while calls wait: a call's first refusal sends it once more, its second
-        # fails it (udp_refused). Per call: whether it had sent a single datagram when first
-        # refused. The kernel reports an ICMP error without saying for which datagram, so each
-        # report counts for every call waiting.
-        self._refused: dict[int, bool] = {}
+        # ECONNREFUSED (an ICMP port unreachable): the kernel names the datagram it answered
+        # (transport/udperr.py), so a refusal counts for its own call only. Per call: datagrams
+        # refused, and datagrams whose send reported an earlier refusal instead (never left).
+        # A call fails (udp_refused: it did not run) once it has sent at least two datagrams on
+        # its schedule and every one that left was refused; where the kernel cannot name them
+        # (_errsock None) calls end at their timeout.
+        self._errsock: socket.socket | None = None
+        self._refused: dict[int, int] = {}
+        self._unsent: dict[int, int] = {}
+        self._sending = 0  # the request id being sent (0: none)
+        self._drain_soon = False
 
     async def connect_once(self, timeout: float) -> None:
         family = socket.AF_INET6 if self.ep.is_ipv6 else socket.AF_INET
@@ -593,6 +604,17 @@ class DatagramChannel:
             )
         except OSError as exc:
             raise ConnectError(f"{self.ep}: {_os_error(exc)}") from None
+        transport = self.endpoint.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        # A second handle on the same socket, to read its error queue. Only under asyncio's
+        # own loops: libuv (uvloop 0.23) crashes reading a socket with IP_RECVERR set, so
+        # under uvloop a refusal is not attributed and calls end at their timeout.
+        if sock is not None and isinstance(self.loop, asyncio.BaseEventLoop):
+            errsock = socket.socket(family, socket.SOCK_DGRAM, 0, os.dup(sock.fileno()))
+            if enable_refusal_reports(errsock):
+                self._errsock = errsock
+            else:
+                errsock.close()
 
     def send_datagram(self, data: bytes) -> None:
         """Send one datagram that gets no answer (sealed when the client has a secret). With a
@@ -620,16 +642,18 @@ class DatagramChannel:
         auth = self.auth
         if auth is None:
             for data in self.core.datagrams_to_send():
+                self._sending = _REQUEST_ID.unpack_from(data, 8)[0]
                 ep.transport.sendto(data)
         else:
             ms = int(time.time() * 1000)
             pins = self._pins
             for data in self.core.datagrams_to_send():
-                rid = _REQUEST_ID.unpack_from(data, 8)[0]
+                rid = self._sending = _REQUEST_ID.unpack_from(data, 8)[0]
                 pin = pins.get(rid)
                 if pin is None:
                     pin = pins[rid] = (auth.epoch, ms)
                 ep.transport.sendto(auth.seal_ms(data, ms, pin[0]))
+        self._sending = 0
         self._timer.set(self.core.next_timer())
 
     def _on_timer(self) -> None:
@@ -670,27 +694,61 @@ class DatagramChannel:
                 self.endpoint.log_violation(ev, addr)
 
     def _on_refused(self) -> None:
-        """The kernel reported ECONNREFUSED (an ICMP port unreachable answered one of our
-        datagrams). Each waiting call is sent once more the first time (the refusal may be for
-        an earlier datagram, or the server may be starting; the server's reply cache runs a call
-        once however many of its datagrams arrive), and failed the second time: with
-        :class:`ConnectError` when it had sent one datagram when first refused (nothing of it
-        reached a server), else with :class:`ConnectionLost` (see :func:`udp_refused`)."""
-        refused = self._refused
-        core = self.core
-        for rid, call in list(self.calls.pending.items()):
-            lone = refused.get(rid)
-            if lone is None:
-                refused[rid] = core.attempts(rid) <= 1
-                if not core.resend(rid):
-                    core.send_ping(rid)  # a PING (the core does not track those)
+        """The kernel reported ECONNREFUSED: an ICMP port unreachable answered one of our
+        datagrams. Reported by a send, that send's own datagram did not leave. Which datagram
+        was refused is read from the socket's error queue soon after (not here: this may run
+        inside a send)."""
+        if self._sending:
+            self._unsent[self._sending] = self._unsent.get(self._sending, 0) + 1
+        if not self._drain_soon:
+            self._drain_soon = True
+            self.loop.call_soon(self._drain_refusals)
+
+    def _drain_refusals(self) -> None:
+        """Charge each refusal the kernel queued to the call it names. A call fails with
+        :class:`ConnectError` (it did not run) once every datagram of it that left was refused
+        and it had sent two at least: the second on its retransmission schedule, so a server
+        that was still starting when the first came gets it."""
+        self._drain_soon = False
+        if self._errsock is None:
+            return
+        pending = self.calls.pending
+        resend = False
+        for rid in list(self._unsent):
+            call = pending.get(rid)
+            if call is not None and call.method == "PING" and rid not in self._refused:
+                del self._unsent[rid]  # its one datagram never left (pings are not retried)
+                self.core.send_ping(rid)
+                resend = True
+        for rid in refused_request_ids(self._errsock):
+            if rid in pending:
+                self._refused[rid] = self._refused.get(rid, 0) + 1
+        for rid in list(self._refused):
+            call = pending.get(rid)
+            if call is None:
+                del self._refused[rid]
+                self._unsent.pop(rid, None)
                 continue
-            del refused[rid]
+            sent = self.core.attempts(rid)
+            refused = self._refused[rid]
+            if (sent >= 2 and refused >= sent - self._unsent.get(rid, 0)) or (
+                call.method == "PING" and not sent  # one datagram, untracked: runs nothing
+            ):
+                error = udp_refused(self.ep)  # every datagram of it that left was refused
+            elif refused >= 2:  # the server went: an earlier datagram may have reached it
+                error = udp_gone(self.ep)
+            else:
+                continue
+            del self._refused[rid]
+            self._unsent.pop(rid, None)
             self.calls.forget(rid)
-            core.cancel(rid)
+            self.core.cancel(rid)
             if not call.waiter.done():
-                call.waiter.set_exception(udp_refused(self.ep, lone))
-        self._flush()
+                call.waiter.set_exception(error)
+        if resend:
+            self._flush()
+        else:
+            self._timer.set(self.core.next_timer())
 
     def _epoch_news(self, data: bytes, frame: bytes) -> bool:
         """What a sealed PONG or ERROR UNAUTHENTICATED says of the server's epoch; True when
@@ -820,6 +878,7 @@ class DatagramChannel:
                 self._pins.pop(rid, None)
             if self._refused:
                 self._refused.pop(rid, None)
+                self._unsent.pop(rid, None)
         if type(result) is Reply:  # the RESPONSE carried trailers
             return result if with_metadata else result.result
         return Reply(result, {}) if with_metadata else result
@@ -840,6 +899,7 @@ class DatagramChannel:
             self.calls.forget(call.request_id)
             self._pins.pop(call.request_id, None)
             self._refused.pop(call.request_id, None)
+            self._unsent.pop(call.request_id, None)
         return float(end - start)
 
     async def close(self) -> None:
@@ -854,6 +914,9 @@ class DatagramChannel:
         if self.endpoint is not None and self.endpoint.transport is not None:
             self.endpoint.transport.close()
         self.endpoint = None
+        if self._errsock is not None:
+            self._errsock.close()
+            self._errsock = None
 
 
 def _forked_error(pid: int) -> ConnectError:
@@ -895,6 +958,9 @@ def _orphan(channel: StreamChannel | DatagramChannel) -> None:
         channel._timer.close()  # no retransmission of the parent's calls from here
         endpoint = channel.endpoint
         _release(endpoint.transport if endpoint is not None else None)
+        errsock, channel._errsock = channel._errsock, None
+        if errsock is not None:  # the child's copy of the second handle: closing it is local
+            errsock.close()
 
 
 _connected: weakref.WeakSet[AsyncClient] = weakref.WeakSet()

@@ -669,7 +669,7 @@ class DatagramConnection:
             if not self._refusal:
                 return
         self.core.cancel(rid)
-        raise udp_refused(self.ep, bool(self._refused_lone))
+        raise udp_refused(self.ep)
 
     def _send_call(self, data: bytes) -> None:
         """Send a datagram of the call in flight, sealed for its pin."""
@@ -766,7 +766,7 @@ class DatagramConnection:
                     self.last_error = "connection refused (no server on that port?)"
                     refusals += 1
                     if refusals > 1:
-                        raise udp_refused(self.ep, True)
+                        raise udp_refused(self.ep)
                     break
                 wait = until - time.monotonic()
                 if wait <= 0:

@@ -25,21 +25,23 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 client's call ``timeout``: a call's timeout bounds the whole call, connecting included."""
 
 
-def udp_refused(ep: Endpoint, lone: bool) -> CallError:
-    """What a UDP call fails with when the kernel reports ECONNREFUSED (an ICMP port unreachable
-    answered a datagram on the client's connected socket) twice for it: the first refusal makes
-    the client send once more (it may be left over from an earlier datagram, or the server may
-    be starting), the second is the answer. ``lone``: the call had sent one datagram when first
-    refused, so nothing of it reached a server (:class:`ConnectError`); otherwise an earlier
-    datagram may have reached a server that has gone since (:class:`ConnectionLost`)."""
-    if lone:
-        return ConnectError(
-            f"{ep}: connection refused (no server listens on that port: the host answered "
-            "ICMP port unreachable); the call did not run"
-        )
+def udp_refused(ep: Endpoint) -> CallError:
+    """What a UDP call fails with when ICMP port unreachable answered every datagram of it
+    that left (the kernel names each refused datagram: transport/udperr.py): nothing of it
+    reached a server, so it did not run."""
+    return ConnectError(
+        f"{ep}: connection refused (no server listens on that port: the host answered ICMP "
+        "port unreachable to each datagram of the call); the call did not run"
+    )
+
+
+def udp_gone(ep: Endpoint) -> CallError:
+    """What a UDP call fails with when its latest datagrams were refused (ICMP port
+    unreachable) but an earlier one was not: that one may have reached a server that has gone
+    since, as a TCP call's server can die with the call in flight."""
     return ConnectionLost(
-        f"{ep}: connection refused: the server on that port went away while the call was in "
-        "flight; it may or may not have run"
+        f"{ep}: connection refused: no server listens on that port any more; an earlier "
+        "datagram of the call reached one, so it may or may not have run"
     )
 
 
