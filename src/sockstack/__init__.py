@@ -35,6 +35,7 @@ from sockstack.errors import (
     RemoteProtocolError,
     SockstackError,
     TopicError,
+    register_error,
 )
 from sockstack.host.pattern import Pattern
 from sockstack.host.server import Server, ServerLimits, serve
@@ -96,6 +97,7 @@ __all__ = [
     "current_context",
     "decode_as",
     "method",
+    "register_error",
     "run",
     "serve",
     "tls",

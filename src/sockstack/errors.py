@@ -26,6 +26,7 @@ Codes 1000-1999 concern a whole connection (CLOSE), codes 2000-2999 one request 
 from __future__ import annotations
 
 import enum
+from typing import TypeVar
 
 __all__ = [
     "CallError",
@@ -43,6 +44,8 @@ __all__ = [
     "RemoteProtocolError",
     "SockstackError",
     "TopicError",
+    "register_error",
+    "typed_error",
 ]
 
 
@@ -84,7 +87,8 @@ class ErrorCode(enum.IntEnum):
     BAD_ARGUMENTS = 2001
     """The arguments do not fit the method's signature."""
     APPLICATION_ERROR = 2002
-    """The method raised an exception; its type and message travel with the code."""
+    """The method raised an error meant for the client: a :class:`ServiceError` or an exception
+    type its service declares (``errors = (...)``); its type name and message travel with it."""
     DECODE_ERROR = 2003
     """The body could not be decoded with the codec the header names."""
     UNSUPPORTED_CODEC = 2004
@@ -121,6 +125,10 @@ class ErrorCode(enum.IntEnum):
     was refused without running, or stopped; it did not finish."""
     CANCELLED = 2019
     """The client cancelled the call (CANCEL): it did not run, or was stopped."""
+    UNEXPECTED_ERROR = 2020
+    """The method raised an exception its service does not declare: a bug of the server's
+    (logged there with its traceback); its type name and message travel unless the server
+    hides them."""
     BAD_RESULT = 2021
     """The method ran and returned a value that does not fit its return annotation: a bug of
     the server's (logged there), not of the call's arguments."""
@@ -232,3 +240,54 @@ class ConnectionClosed(ConnectionLost):
         )
         self.code = int(code)
         self.reason = reason
+
+
+# --------------------------------------------------------------------------- typed errors
+
+_ERROR_TYPES: dict[str, type[BaseException]] = {}
+"""Exception classes a remote ERROR may be raised as, by wire name: only those registered here
+by this process (never a class looked up by a name the remote chose)."""
+
+E = TypeVar("E", bound=type[BaseException])
+
+
+def wire_name(cls: type[BaseException]) -> str:
+    """The type name an exception class travels under: ``__sockstack_name__`` or its name."""
+    name = getattr(cls, "__sockstack_name__", None)
+    return name if isinstance(name, str) and name else cls.__name__
+
+
+def register_error(cls: E) -> E:
+    """Let ERRORs of this type (code APPLICATION_ERROR, type name :func:`wire_name`) be raised
+    in this process as ``cls(message)`` instead of :class:`RemoteError`; a class decorator.
+    A server registers the ``errors`` its services declare itself; a client registers the
+    classes it wants back (the same ones, imported from shared code). Two classes under one
+    name are refused (``ValueError``)."""
+    if not (isinstance(cls, type) and issubclass(cls, Exception)):
+        raise TypeError(f"{cls!r} is not an exception class")
+    name = wire_name(cls)
+    known = _ERROR_TYPES.get(name)
+    if known is not None and known is not cls:
+        raise ValueError(f"error type name {name!r} is already registered for {known!r}")
+    _ERROR_TYPES[name] = cls
+    return cls
+
+
+def typed_error(err: RemoteError) -> BaseException:
+    """The exception to raise for a remote ERROR: an instance of the class registered under its
+    type name (APPLICATION_ERROR only; built as ``cls(message)``, with the original as its
+    ``remote`` attribute), else ``err`` itself."""
+    if err.code != ErrorCode.APPLICATION_ERROR:
+        return err
+    cls = _ERROR_TYPES.get(err.type)
+    if cls is None:
+        return err
+    try:
+        exc = cls(err.message)
+    except Exception:  # a constructor that wants more than a message: the plain error
+        return err
+    try:
+        exc.remote = err  # type: ignore[attr-defined]
+    except AttributeError:  # a class with __slots__: no room for it
+        pass
+    return exc

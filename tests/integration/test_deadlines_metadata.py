@@ -425,7 +425,7 @@ async def test_trailers_come_back_on_request(work: tuple[Server, Work], scheme: 
     # An ERROR carries them too.
     frame = encode_request(4, "with_trailers", [True], budget_ms=5000)
     answer = await raw_call(server, scheme, frame)
-    assert type(answer) is Error and answer.code == ErrorCode.APPLICATION_ERROR
+    assert type(answer) is Error and answer.code == ErrorCode.UNEXPECTED_ERROR
     assert answer.type == "ValueError"
     assert answer.metadata == {"served-by": "node-1", "cost": b"\x01\x02"}
 

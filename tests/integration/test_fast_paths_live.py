@@ -345,7 +345,7 @@ ANSWERS: list[tuple[str, str, list[Any], Callable[[int], Any]]] = [
         "raises",
         "fail",
         [],
-        lambda rid: Error(rid, ErrorCode.APPLICATION_ERROR, "ValueError", "inline failure"),
+        lambda rid: Error(rid, ErrorCode.UNEXPECTED_ERROR, "ValueError", "inline failure"),
     ),
     (
         "service-error",

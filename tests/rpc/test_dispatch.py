@@ -32,6 +32,7 @@ class Dispatcher(HostDispatcher):
 
 BAD_ARGUMENTS = int(ErrorCode.BAD_ARGUMENTS)
 APPLICATION_ERROR = int(ErrorCode.APPLICATION_ERROR)
+UNEXPECTED_ERROR = int(ErrorCode.UNEXPECTED_ERROR)
 HIDDEN = "internal error (details are in the server's log)"
 
 
@@ -278,7 +279,7 @@ def test_a_service_class_is_instantiated() -> None:
 
 async def test_defaults_expose_errors_and_refuse_empty_services() -> None:
     outcome = Dispatcher(Kinds()).dispatch(req("inline_fail", "value"))
-    assert outcome == (False, (APPLICATION_ERROR, "ValueError", "the secret detail"))
+    assert outcome == (False, (UNEXPECTED_ERROR, "ValueError", "the secret detail"))
 
     class Empty(Service):
         pass
@@ -394,7 +395,7 @@ async def test_failures_map_to_application_error(
         ok, value = await settle(d.dispatch(req(f"{kind}_fail", "value")))
         assert (ok, value) == (
             False,
-            (APPLICATION_ERROR, "ValueError", "the secret detail" if expose else HIDDEN),
+            (UNEXPECTED_ERROR, "ValueError", "the secret detail" if expose else HIDDEN),
         )
         (record,) = caplog.records  # an unexpected exception is logged, with its traceback
         assert record.levelno == logging.ERROR and record.exc_info is not None

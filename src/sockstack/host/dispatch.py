@@ -31,7 +31,7 @@ from typing import Any
 
 import msgspec
 
-from sockstack.errors import CodecError, ErrorCode
+from sockstack.errors import CodecError, ErrorCode, wire_name
 from sockstack.protocol.codecs import decode_as
 from sockstack.protocol.events import Request
 from sockstack.rpc.context import CallAborted, run_guarded
@@ -215,6 +215,10 @@ class Handler:
     plain_signatures: frozenset[tuple[type, ...]] | None = None
     """Every plain annotated parameter: the tuples of argument types that fit as they are."""
     returns: TypeCheck | None = None
+    errors: tuple[type[BaseException], ...] = ()
+    """The exception types its service declares (``errors = (...)``): sent to the client as
+    APPLICATION_ERROR under their wire name, as a :class:`ServiceError` is; any other exception
+    is UNEXPECTED_ERROR."""
     """The return annotation's check; None without one (or one that is not checked)."""
 
     def check_arguments(self, args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
@@ -305,7 +309,12 @@ def _plain_signatures(
     return frozenset(out)
 
 
-def make_handler(name: str, func: Callable[..., Any], inline: bool) -> Handler:
+def make_handler(
+    name: str,
+    func: Callable[..., Any],
+    inline: bool,
+    errors: tuple[type[BaseException], ...] = (),
+) -> Handler:
     try:  # resolve string annotations so error messages read "a: int", not "a: 'int'"
         sig = inspect.signature(func, eval_str=True)
     except Exception:
@@ -370,6 +379,7 @@ def make_handler(name: str, func: Callable[..., Any], inline: bool) -> Handler:
         if var_positional is None
         else None,
         returns=returns,
+        errors=errors,
     )
 
 
@@ -409,13 +419,21 @@ class Dispatcher:
             self._executor = None
 
     def _failure(self, req: Request, exc: BaseException) -> Outcome:
-        if isinstance(exc, ServiceError) or self.expose_errors:
+        """A declared error (a :class:`ServiceError`, or a type the service lists in its
+        ``errors``) is APPLICATION_ERROR under its wire name, message always sent; any other
+        exception is the server's bug: UNEXPECTED_ERROR, logged with its traceback, its message
+        sent unless the server hides errors."""
+        handler = self.handlers.get(req.method)
+        if isinstance(exc, ServiceError) or (
+            handler is not None and handler.errors and isinstance(exc, handler.errors)
+        ):
+            return False, (ErrorCode.APPLICATION_ERROR, wire_name(type(exc)), str(exc))
+        log.error("method %r raised %s", req.method, type(exc).__name__, exc_info=exc)
+        if self.expose_errors:
             message = str(exc)
         else:
             message = "internal error (details are in the server's log)"
-        if not isinstance(exc, ServiceError):
-            log.error("method %r raised %s", req.method, type(exc).__name__, exc_info=exc)
-        return False, (ErrorCode.APPLICATION_ERROR, type(exc).__name__, message)
+        return False, (ErrorCode.UNEXPECTED_ERROR, type(exc).__name__, message)
 
     def dispatch(self, req: Request) -> Outcome | Awaitable[Outcome]:
         """An outcome at once (unknown method, bad arguments, inline methods), or an awaitable

@@ -45,6 +45,7 @@ from sockstack.errors import (
     ErrorCode,
     LocalProtocolError,
     RemoteError,
+    typed_error,
 )
 from sockstack.protocol.events import Error, Metadata, Pong, Response
 from sockstack.protocol.messages import (
@@ -187,9 +188,10 @@ class Backoff:
         return min(self.initial * self.factor**attempt, self.max_delay) * random.uniform(0.5, 1.0)
 
 
-def remote_error(ev: Error) -> RemoteError:
-    """The exception an ERROR answer raises in the caller."""
-    return RemoteError(ev.type or ErrorCode.describe(ev.code), ev.message, ev.code)
+def remote_error(ev: Error) -> BaseException:
+    """The exception an ERROR answer raises in the caller: :class:`RemoteError`, or the class
+    this process registered under its type name (:func:`sockstack.errors.typed_error`)."""
+    return typed_error(RemoteError(ev.type or ErrorCode.describe(ev.code), ev.message, ev.code))
 
 
 def outcome(ev: Answer) -> tuple[bool, Any]:

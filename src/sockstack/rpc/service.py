@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
+from sockstack.errors import register_error
 from sockstack.host.dispatch import Handler, ServiceError, make_handler
 
 __all__ = ["Handler", "Service", "ServiceError", "collect_handlers", "make_handler", "method"]
@@ -69,12 +70,23 @@ def method(
 
 
 class Service:
-    """Base class of services. Only methods marked with :func:`method` are callable remotely."""
+    """Base class of services. Only methods marked with :func:`method` are callable remotely.
+
+    ``errors``: the exception types the service's methods raise for their callers. They are
+    sent as APPLICATION_ERROR under their name (``__sockstack_name__`` or the class name) with
+    their message, as a :class:`ServiceError` is, and a client that registered the same class
+    (:func:`sockstack.register_error`) raises it again; any other exception is the server's
+    bug: UNEXPECTED_ERROR, logged with its traceback."""
+
+    errors: tuple[type[Exception], ...] = ()
 
 
 def collect_handlers(service: object, allow_empty: bool = False) -> dict[str, Handler]:
     """The ``@method`` handlers of a service instance, by wire name."""
     handlers: dict[str, Handler] = {}
+    errors = tuple(getattr(type(service), "errors", ()) or ())
+    for cls in errors:
+        register_error(cls)  # raises for what is not an exception class, or a name clash
     for attr in dir(type(service)):
         raw = getattr(type(service), attr, None)
         opts = getattr(raw, _MARK, None)
@@ -84,7 +96,7 @@ def collect_handlers(service: object, allow_empty: bool = False) -> dict[str, Ha
         wire = opts.name or attr
         if wire in handlers:
             raise ValueError(f"two methods are exposed as {wire!r}")
-        handlers[wire] = make_handler(wire, bound, opts.inline)
+        handlers[wire] = make_handler(wire, bound, opts.inline, errors)
     if not handlers and not allow_empty:
         raise ValueError(f"{type(service).__name__} exposes no @method")
     return handlers
