@@ -196,7 +196,7 @@ class Description:
         errors = tuple(getattr(cls, "errors", ()) or ())
         self.head: dict[str, Any] = {
             "service": cls.__name__,
-            "doc": _doc(cls),
+            "doc": "" if cls.__module__ == "sockstack.rpc.service" else _doc(cls),
         }
         self.errors = [{"name": wire_name(e), "doc": _doc(e)} for e in errors]
         self.defs = defs
