@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
@@ -24,8 +26,11 @@ from sockstack import (
 )
 from sockstack.asyncio.stream import StreamLimits
 from sockstack.demo import Demo
+from sockstack.protocol.messages import encode_response
 from sockstack.rpc.pattern import RPC
 from tests.conftest import timeout
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclasses.dataclass
@@ -266,5 +271,28 @@ async def test_a_description_too_large_for_a_frame_is_refused_and_a_subset_fits(
                 assert len(names) == 100
                 part = await c.call("rpc.describe", names[:10])
                 assert [m["name"] for m in part["methods"]] == names[:10]
+    finally:
+        await srv.shutdown()
+
+
+class Clock(Service):
+    @method
+    def now(self) -> float:
+        """Seconds since the epoch."""
+        return 0.0
+
+
+async def test_the_spec_vector_is_what_a_server_answers() -> None:
+    """PROTOCOL.md §4.2's describe-answer is the live answer for its Clock service."""
+    kit = json.loads((ROOT / "docs" / "conformance" / "vectors.json").read_text())
+    entry = next(v for v in kit["vectors"] if v["name"] == "describe-answer")
+    srv = Server(Clock(), tcp=["127.0.0.1:0"], udp=["127.0.0.1:0"])
+    await srv.start()
+    try:
+        for scheme in ("tcp", "udp"):
+            async with AsyncClient(str(srv.endpoint(scheme)), timeout=timeout(10)) as c:
+                got = await c.call("rpc.describe")
+            assert got == entry["fields"]["result"]
+            assert encode_response(1, got) == bytes.fromhex(entry["hex"])
     finally:
         await srv.shutdown()
