@@ -13,16 +13,17 @@ from typing import Any
 
 from sockstack.asyncio import client as _async
 from sockstack.pubsub.client import AsyncPubSub, BlockingPubSub
+from sockstack.rpc.proxy import AsyncProxies, BlockingProxies
 from sockstack.sync import client as _sync
 
 __all__ = ["AsyncClient", "Client", "connect"]
 
 
-class AsyncClient(_async.AsyncClient, AsyncPubSub):
+class AsyncClient(_async.AsyncClient, AsyncPubSub, AsyncProxies):
     __doc__ = _async.AsyncClient.__doc__
 
 
-class Client(_sync.Client, BlockingPubSub):
+class Client(_sync.Client, BlockingPubSub, BlockingProxies):
     __doc__ = _sync.Client.__doc__
 
 

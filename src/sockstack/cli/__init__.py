@@ -1,5 +1,5 @@
-"""The ``sockstack`` command: ``serve``, ``broker``, ``pub``, ``sub``, ``call``, ``ping`` and
-``inspect``; ``python -m sockstack`` is the same command.
+"""The ``sockstack`` command: ``serve``, ``broker``, ``pub``, ``sub``, ``call``, ``ping``,
+``describe`` and ``inspect``; ``python -m sockstack`` is the same command.
 
 Exit codes: 0 success; 1 the server answered with an error; 2 bad usage (including a service
 that cannot be loaded); 3 no connection, lost connection or timeout; 141 (128 + SIGPIPE) when
@@ -7,7 +7,8 @@ whoever reads our output stopped reading (``sockstack call ... | head -c 10``), 
 other Unix tools end. Errors are one line on stderr.
 
 One module per group of commands, each adding its own subcommands to the parser: ``serve``
-(serve, broker), ``pubsub`` (pub, sub), ``client`` (call, ping), ``inspect`` (bytes per layer);
+(serve, broker), ``pubsub`` (pub, sub), ``client`` (call, ping), ``describe`` (a server's
+methods), ``inspect`` (bytes per layer);
 ``common`` holds what they share (exit codes, usage errors, the client options).
 """
 
@@ -18,7 +19,7 @@ import logging
 import os
 import sys
 
-from sockstack.cli import client, pubsub, serve
+from sockstack.cli import client, describe, pubsub, serve
 from sockstack.cli import inspect as inspect_command
 from sockstack.cli.common import (
     EXIT_CONNECTION,
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parsers(sub)
     pubsub.add_parsers(sub)
     client.add_parsers(sub)
+    describe.add_parser(sub)
     inspect_command.add_parser(sub)
     for subparser in sub.choices.values():  # --log-level after the subcommand too
         _add_log_level(subparser, None)
@@ -115,4 +117,6 @@ def _run(args: argparse.Namespace) -> int:
         return pubsub.run_pub(args)
     if args.command == "sub":
         return pubsub.run_sub(args)
+    if args.command == "describe":
+        return describe.run_describe(args)
     return client.run_call(args) if args.command == "call" else client.run_ping(args)

@@ -290,6 +290,8 @@ def banner(server: Server, args: argparse.Namespace) -> list[str]:
                 tries.append(f"sockstack call {url} {call}{extra}")
     elif plain and not is_broker:
         tries.append(f"sockstack ping {stream or dgram} --count 3{extra}")
+    if plain and not is_broker:
+        tries.append(f"sockstack describe {stream or dgram}{extra}")
     if server.broker is not None and stream:
         tries.append(
             f"sockstack sub {stream} 'sensors.>' --count 1{extra}"

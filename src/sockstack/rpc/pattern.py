@@ -5,7 +5,9 @@
     Server(patterns=[RPC(Calculator())], tcp=["127.0.0.1:5050"], udp=["127.0.0.1:5051"])
 
 REQUEST, RESPONSE and ERROR are core messages (every pattern may serve methods), so RPC adds no
-message types: it contributes its service's methods to the host's dispatcher.
+message types: it contributes its service's methods to the host's dispatcher, and the built-in
+``rpc.describe`` (:mod:`sockstack.rpc.describe`): the names under ``rpc.`` are the pattern's own,
+so a service cannot expose a method there.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Mapping
 
 from sockstack.host.dispatch import Handler
 from sockstack.host.pattern import Pattern
+from sockstack.rpc.describe import DESCRIBE, describe_handler
 from sockstack.rpc.service import collect_handlers
 
 __all__ = ["RPC"]
@@ -28,7 +31,14 @@ class RPC(Pattern):
         if isinstance(service, type):
             service = service()
         self.service = service
-        self._handlers = collect_handlers(service, allow_empty)
+        handlers = collect_handlers(service, allow_empty)
+        for name in handlers:
+            if name.startswith("rpc."):
+                raise ValueError(
+                    f"method {name!r}: names under 'rpc.' are reserved for the built-in "
+                    f"methods ({DESCRIBE}); expose it under another name"
+                )
+        self._handlers = {**handlers, DESCRIBE: describe_handler(service, handlers)}
 
     def methods(self) -> Mapping[str, Handler]:
         return self._handlers
