@@ -35,8 +35,9 @@ Interceptors apply to RPC calls: REQUESTs, over TCP, TLS and UDP (``broker.stats
 being a method), not to publish/subscribe frames (PUB, SUB, MSG...). They do not see a request
 the host answers without dispatching it: one arriving with no time left (DEADLINE_EXCEEDED), or
 during shutdown (SHUTTING_DOWN), an undecodable one, a UDP duplicate answered from the reply
-cache. An answer the host cannot send as the method gave it (RESULT_NOT_ENCODABLE,
-RESULT_TOO_LARGE) was a success to the ``after`` hook.
+cache, one cancelled by its client before its task began. An answer the host cannot send as
+the method gave it (RESULT_NOT_ENCODABLE, RESULT_TOO_LARGE) was a success to the ``after``
+hook.
 
 **Client side** (``AsyncClient(url, interceptors=[...])``). The hooks see a :class:`ClientCall`:
 ``before(call)`` runs before the request is sent and may add to ``call.metadata`` (sent with

@@ -358,3 +358,17 @@ async def test_a_client_hook_stops_a_call_before_it_is_sent(svc: Svc) -> None:
         await server.shutdown()
     assert svc.runs == 1  # only inline_md ran: the refused call was never sent
     assert ("a", "error", "threaded_md", "PermissionError") in log
+
+
+async def test_no_interceptor_or_only_empty_hooks_keeps_the_plain_path(svc: Svc) -> None:
+    """Without hooks the dispatcher's plain method serves (no per-call cost), and the client
+    takes its plain path; an interceptor with only the base class's empty hooks is no hook."""
+    from sockstack.host.dispatch import Dispatcher
+
+    for interceptors in ((), (ServerInterceptor(),)):
+        server = Server(svc, tcp=[f"{HOST}:0"], interceptors=interceptors, insecure=True)
+        assert "dispatch" not in vars(server.dispatcher)
+        assert server.dispatcher.dispatch.__func__ is Dispatcher.dispatch  # type: ignore[attr-defined]
+    assert AsyncClient("tcp://127.0.0.1:1", interceptors=[ClientInterceptor()]).hooks is None
+    server = Server(svc, tcp=[f"{HOST}:0"], interceptors=[Gate()], insecure=True)
+    assert "dispatch" in vars(server.dispatcher)

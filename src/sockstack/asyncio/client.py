@@ -1017,8 +1017,10 @@ class AsyncClient(ClientSettings):
         interceptors: Sequence[object] = (),
     ) -> None:
         self.metadata: Metadata | None = merge_metadata(metadata, None)  # checked now
-        self.hooks = Hooks(interceptors)
-        """Hooks of the interceptors around every call (sockstack.interceptors)."""
+        hooks = Hooks(interceptors)
+        self.hooks: Hooks | None = hooks if hooks else None
+        """Hooks of the interceptors around every call (sockstack.interceptors); None
+        without (one ``is None`` test a call)."""
         self._configure(
             url,
             timeout=timeout,
@@ -1120,7 +1122,7 @@ class AsyncClient(ClientSettings):
         channel = self._channel
         if channel is None:
             return _fail(self._not_connected())
-        if self.hooks:
+        if self.hooks is not None:
             return self._intercepted(
                 channel, method, args, kwargs, timeout, metadata, with_metadata
             )
@@ -1162,6 +1164,7 @@ class AsyncClient(ClientSettings):
                 channel.call(c.method, c.args, c.kwargs, c.timeout, self.codec, c.metadata, True),
             )
 
+        assert self.hooks is not None
         reply = await run_async(self.hooks, call, send)
         return reply if with_metadata else reply.result
 
