@@ -396,7 +396,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (needs sockstack[metrics]; "
         "port 0 picks one, shown in the banner; no authentication: keep it on loopback or a "
-        "private interface; one process: not with --workers)",
+        "private interface; one process only)",
     )
     common.add_argument("--cert", metavar="FILE", help="server certificate chain, PEM (for --tls)")
     common.add_argument("--key", metavar="FILE", help="private key of --cert, PEM")
