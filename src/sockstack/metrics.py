@@ -103,6 +103,8 @@ class ServerMetrics(ServerInterceptor):
             registry=self.registry,
         )
         self.registry.register(_HostCollector(self._servers))
+        # (transport, method) -> its calls counter and latency histogram; bounded as the labels.
+        self._series: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     def bind(self, server: Server) -> None:
         """Given to a server: count its traffic, know its methods."""
@@ -125,10 +127,14 @@ class ServerMetrics(ServerInterceptor):
         self._done(ctx, method)
 
     def _done(self, ctx: CallContext, method: str) -> None:
-        self.calls.labels(ctx.transport, method).inc()
+        key = (ctx.transport, method)
+        series = self._series.get(key)
+        if series is None:  # labels() takes a lock and builds a key: once per pair, not call
+            series = self._series[key] = (self.calls.labels(*key), self.latency.labels(*key))
+        series[0].inc()
         started = ctx.state.get("metrics")
         if started is not None:  # None: an interceptor before this one refused the call
-            self.latency.labels(ctx.transport, method).observe(_clock() - started)
+            series[1].observe(_clock() - started)
 
     def serve(self, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
         """Serve ``/metrics`` over HTTP on ``host:port`` (0: any free port; the bound one is

@@ -1239,11 +1239,15 @@ def serve(
 class _Counting:
     """A transport that counts the bytes written through it into ``counts[1]``."""
 
-    __slots__ = ("_counts", "_transport")
+    __slots__ = ("_counts", "_transport", "get_write_buffer_size", "is_closing", "is_reading")
 
     def __init__(self, transport: Any, counts: list[int]) -> None:
         self._transport = transport
         self._counts = counts
+        # The transport's own methods for those the hot path calls (no __getattr__ on them).
+        self.is_closing = transport.is_closing
+        self.get_write_buffer_size = getattr(transport, "get_write_buffer_size", None)
+        self.is_reading = getattr(transport, "is_reading", None)
 
     def write(self, data: bytes) -> None:
         self._counts[1] += len(data)
