@@ -39,6 +39,13 @@ from sockstack.errors import (
 )
 from sockstack.host.pattern import Pattern
 from sockstack.host.server import Server, ServerLimits, serve
+from sockstack.interceptors import (
+    ClientCall,
+    ClientInterceptor,
+    Failure,
+    Refused,
+    ServerInterceptor,
+)
 from sockstack.protocol.calls import Backoff, Reply
 from sockstack.protocol.codecs import decode_as
 from sockstack.protocol.datagram import RetryPolicy
@@ -68,11 +75,14 @@ __all__ = [
     "CallError",
     "CallTimeout",
     "Client",
+    "ClientCall",
+    "ClientInterceptor",
     "CodecError",
     "ConnectError",
     "ConnectionClosed",
     "ConnectionLost",
     "ErrorCode",
+    "Failure",
     "FrameTooLarge",
     "InvalidURL",
     "LocalProtocolError",
@@ -80,11 +90,13 @@ __all__ = [
     "Pattern",
     "ProtocolError",
     "PubSub",
+    "Refused",
     "RemoteError",
     "RemoteProtocolError",
     "Reply",
     "RetryPolicy",
     "Server",
+    "ServerInterceptor",
     "ServerLimits",
     "Service",
     "ServiceError",

@@ -132,6 +132,9 @@ class ErrorCode(enum.IntEnum):
     BAD_RESULT = 2021
     """The method ran and returned a value that does not fit its return annotation: a bug of
     the server's (logged there), not of the call's arguments."""
+    REFUSED = 2022
+    """An interceptor of the server refused the call before the method ran (a missing
+    credential, a quota...): the method did not run; the message says why."""
     UNAUTHENTICATED = 2009
     """A datagram without a valid MAC, outside the replay window, or replayed (UDP with a
     shared secret)."""

@@ -184,3 +184,37 @@ def test_cli_serve_and_call_over_tls(pki: dict[str, Path]) -> None:
         assert server.stop() == 0
     out = run(["sockstack", "serve", "--tls", "127.0.0.1:0"])
     assert out.returncode == 2 and "--cert" in out.stderr
+
+
+async def test_metrics_count_tls_calls_bytes_and_connections(
+    probe: Probe, pki: dict[str, Path]
+) -> None:
+    """The metrics interceptor over TLS (issue 12 item 5): calls under transport "tls", bytes
+    counted through the TLS transport (before encryption), the connection counted while open."""
+    from prometheus_client import generate_latest
+
+    from sockstack.metrics import ServerMetrics
+
+    metrics = ServerMetrics()
+    srv = Server(
+        probe,
+        tls=["127.0.0.1:0"],
+        tls_context=server_context(pki["server"]),
+        interceptors=[metrics],
+    )
+    await srv.start()
+    big = b"t" * 300_000
+    try:
+        async with AsyncClient(
+            str(srv.endpoint("tls")), tls=client_context(pki["ca"]), timeout=timeout(5)
+        ) as c:
+            assert await c.call("echo", big) == big
+            assert srv.open_connections() == {"tcp": 0, "tls": 1}
+    finally:
+        await srv.shutdown()
+    text = generate_latest(metrics.registry).decode()
+    assert 'sockstack_server_calls_total{method="echo",transport="tls"} 1.0' in text
+    assert srv.traffic is not None
+    received, sent = srv.traffic["tls"]
+    assert received > len(big) and sent > len(big)
+    assert srv.traffic["tcp"] == [0, 0]

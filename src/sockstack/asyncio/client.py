@@ -40,7 +40,7 @@ import struct
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from typing import Any, Literal, Self, overload
+from typing import Any, Literal, Self, cast, overload
 
 from sockstack.asyncio.datagram import DatagramEndpoint
 from sockstack.asyncio.stream import StreamLimits, StreamProtocol
@@ -53,6 +53,7 @@ from sockstack.errors import (
     ConnectionLost,
     ErrorCode,
 )
+from sockstack.interceptors import ClientCall, Hooks, merged, run_async
 from sockstack.protocol.auth import (
     NO_EPOCH,
     AuthFailure,
@@ -1013,8 +1014,13 @@ class AsyncClient(ClientSettings):
         tls: ssl.SSLContext | None = None,
         secret: str | bytes | None = None,
         metadata: Mapping[str, str | bytes] | None = None,
+        interceptors: Sequence[object] = (),
     ) -> None:
         self.metadata: Metadata | None = merge_metadata(metadata, None)  # checked now
+        hooks = Hooks(interceptors)
+        self.hooks: Hooks | None = hooks if hooks else None
+        """Hooks of the interceptors around every call (sockstack.interceptors); None
+        without (one ``is None`` test a call)."""
         self._configure(
             url,
             timeout=timeout,
@@ -1116,6 +1122,10 @@ class AsyncClient(ClientSettings):
         channel = self._channel
         if channel is None:
             return _fail(self._not_connected())
+        if self.hooks is not None:
+            return self._intercepted(
+                channel, method, args, kwargs, timeout, metadata, with_metadata
+            )
         return channel.call(
             method,
             args if type(args) is tuple else tuple(args),
@@ -1125,6 +1135,38 @@ class AsyncClient(ClientSettings):
             metadata,
             with_metadata,
         )
+
+    async def _intercepted(
+        self,
+        channel: StreamChannel | DatagramChannel,
+        method: str,
+        args: tuple[Any, ...] | list[Any],
+        kwargs: dict[str, Any] | None,
+        timeout: float | None,
+        metadata: Mapping[str, str | bytes] | None,
+        with_metadata: bool,
+    ) -> Any:
+        """A call through the interceptors (run_async: before, the request, after/error)."""
+        ep = channel.ep
+        call = ClientCall(
+            method,
+            args if type(args) is tuple else tuple(args),
+            kwargs or None,
+            merged(self.metadata, metadata),
+            self.timeout if timeout is None else timeout,
+            ep.scheme,
+            str(ep),
+        )
+
+        def send(c: ClientCall) -> Awaitable[Reply]:
+            return cast(
+                Awaitable[Reply],
+                channel.call(c.method, c.args, c.kwargs, c.timeout, self.codec, c.metadata, True),
+            )
+
+        assert self.hooks is not None
+        reply = await run_async(self.hooks, call, send)
+        return reply if with_metadata else reply.result
 
     def stream_channel(self, what: str) -> StreamChannel:
         """The TCP/TLS channel, for patterns that need a connection (ConnectError if none)."""

@@ -11,6 +11,7 @@ import os
 import shlex
 import ssl
 import sys
+from typing import Any
 
 from sockstack.asyncio.stream import StreamLimits
 from sockstack.cli.common import EXIT_CONNECTION, EXIT_OK, UsageError, check_files, load_secret
@@ -152,6 +153,7 @@ async def _serve(args: argparse.Namespace) -> int:
         max_datagram=args.max_datagram,
         drain_timeout=args.drain_timeout,
     )
+    metrics, metrics_at = _metrics(args)
     try:
         server = Server(
             patterns=patterns,
@@ -164,24 +166,54 @@ async def _serve(args: argparse.Namespace) -> int:
             reuse_port=args.reuse_port,
             secret=load_secret(args),
             insecure=args.insecure,
+            interceptors=[metrics] if metrics is not None else (),
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     try:
         await server.start()
+        http = metrics.serve(*metrics_at) if metrics is not None else None
     except OSError as exc:
+        await server.shutdown()
         print(f"sockstack: error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_CONNECTION
 
     def ready() -> None:  # after the signal handlers: Ctrl-C once the banner shows is graceful
-        for line in banner(server, args):
+        lines = banner(server, args)
+        if http is not None:  # the bound port (--metrics HOST:0 picks one), before "Ctrl-C"
+            host, port = http[0].server_address[:2]
+            where = _local(Endpoint("http", str(host), int(port)))
+            lines.insert(len(lines) - 1, f"metrics on {where}/metrics")
+        for line in lines:
             print(line, flush=True)
         # A worker of `serve --workers N`: tell the supervisor (now a SIGTERM it forwards is
         # handled gracefully). Elsewhere, nothing.
         report_ready(server.name, server.endpoints)
 
-    await server.run(handle_signals=True, on_ready=ready)
+    try:
+        await server.run(handle_signals=True, on_ready=ready)
+    finally:
+        if http is not None:
+            http[0].shutdown()
+            http[0].server_close()
     return EXIT_OK
+
+
+def _metrics(args: argparse.Namespace) -> tuple[Any, tuple[str, int]]:
+    """``--metrics HOST:PORT``: the metrics interceptor and where to serve it (None, ...)."""
+    if not args.metrics:
+        return None, ("", 0)
+    try:
+        where = parse_endpoint(args.metrics, "tcp")
+    except ValueError as exc:
+        raise UsageError(f"--metrics {args.metrics}: {exc}") from None
+    try:
+        from sockstack.metrics import ServerMetrics
+    except ImportError:
+        raise UsageError(
+            "--metrics needs prometheus-client: pip install 'sockstack[metrics]'"
+        ) from None
+    return ServerMetrics(), (where.host, where.port)
 
 
 def _server_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
@@ -331,6 +363,11 @@ def run_serve(args: argparse.Namespace) -> int:
     take_ready_fd()  # a worker: before the service loads, so its children do not inherit it
     if args.broker and args.workers > 1:
         raise UsageError("the broker keeps its subscriptions in one process: no --workers with it")
+    if args.workers > 1 and args.metrics:
+        raise UsageError(
+            "--metrics counts one process's calls: not with --workers (each worker would need "
+            "its own port)"
+        )
     if args.workers > 1:
         return _serve_workers(args)
     if args.workers < 1:
@@ -355,6 +392,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         action="append",
         metavar="HOST:PORT",
         help="TLS-over-TCP endpoint, repeatable (needs --cert and --key)",
+    )
+    common.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (needs sockstack[metrics]; "
+        "port 0 picks one, shown in the banner; no authentication: keep it on loopback or a "
+        "private interface; one process only)",
     )
     common.add_argument("--cert", metavar="FILE", help="server certificate chain, PEM (for --tls)")
     common.add_argument("--key", metavar="FILE", help="private key of --cert, PEM")

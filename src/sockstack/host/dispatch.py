@@ -32,9 +32,11 @@ from typing import Any
 import msgspec
 
 from sockstack.errors import CodecError, ErrorCode, wire_name
+from sockstack.interceptors import Failure, Hooks, Refused, await_quietly, call_quietly
+from sockstack.protocol.calls import CURRENT_CALL
 from sockstack.protocol.codecs import decode_as
 from sockstack.protocol.events import Request
-from sockstack.rpc.context import CallAborted, run_guarded
+from sockstack.rpc.context import CallAborted, CallContext, run_guarded
 
 __all__ = [
     "DEFAULT_MAX_WORKERS",
@@ -399,11 +401,15 @@ class Dispatcher:
         *,
         expose_errors: bool = True,
         max_workers: int = DEFAULT_MAX_WORKERS,
+        interceptors: Sequence[object] = (),
     ) -> None:
         self.handlers: dict[str, Handler] = dict(handlers)
         self.expose_errors = expose_errors
         self.max_workers = max_workers
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self.hooks = Hooks(interceptors)
+        if self.hooks:  # else dispatch stays the plain method: no cost without interceptors
+            self.dispatch = self._dispatch_intercepted  # type: ignore[method-assign]
 
     @property
     def executor(self) -> concurrent.futures.ThreadPoolExecutor:
@@ -519,3 +525,91 @@ class Dispatcher:
             return exc.outcome()
         except Exception as exc:
             return self._failure(req, exc)
+
+    # ---------------------------------------------------------------- interceptors
+
+    def _dispatch_intercepted(self, req: Request) -> Outcome | Awaitable[Outcome]:
+        """:meth:`dispatch` through the interceptors' hooks (sockstack.interceptors). The host
+        set the call's context (CURRENT_CALL) around this call. An inline method with
+        synchronous hooks stays inline, hooks and method run in a copy of the context (what a
+        hook sets there, an OpenTelemetry span made current, ends with the call); otherwise
+        hooks and method run in the call's task."""
+        handler = self.handlers.get(req.method)
+        if self.hooks.is_async or (
+            handler is not None and (handler.is_async or not handler.inline)
+        ):
+            return self._intercepted_async(req)
+        outcome: Outcome = contextvars.copy_context().run(self._intercepted_inline, req)
+        return outcome
+
+    def _call_context(self, req: Request) -> CallContext:
+        ctx = CURRENT_CALL.get()
+        if type(ctx) is not CallContext:  # dispatched outside a host (tests of the dispatcher)
+            ctx = CallContext(req.method, req.request_id, "local", "local", req.metadata)
+        ctx.state = {}
+        return ctx
+
+    def _refusal(self, req: Request, exc: Exception) -> Outcome:
+        """The outcome of a call a ``before`` hook stopped by raising ``exc``."""
+        if isinstance(exc, Refused):
+            return False, (ErrorCode.REFUSED, wire_name(type(exc)), str(exc))
+        if isinstance(exc, ServiceError):
+            return self._failure(req, exc)
+        log.error(
+            "interceptor refused %r by raising %s", req.method, type(exc).__name__, exc_info=exc
+        )
+        message = str(exc) if self.expose_errors else "internal error (details are in the log)"
+        return False, (ErrorCode.UNEXPECTED_ERROR, type(exc).__name__, message)
+
+    def _intercepted_inline(self, req: Request) -> Outcome:
+        hooks = self.hooks
+        ctx = self._call_context(req)
+        try:
+            for before in hooks.before:
+                before(ctx)
+        except Exception as exc:
+            outcome = self._refusal(req, exc)
+        else:
+            outcome = Dispatcher.dispatch(self, req)  # type: ignore[assignment]
+        if outcome[0]:
+            call_quietly(hooks.after, ctx, outcome[1])
+        else:
+            call_quietly(hooks.error, ctx, Failure(*outcome[1]))
+        return outcome
+
+    async def _intercepted_async(self, req: Request) -> Outcome:
+        hooks = self.hooks
+        ctx = self._call_context(req)
+        try:
+            for before in hooks.before:
+                r = before(ctx)
+                if r is not None and inspect.isawaitable(r):
+                    await r
+        except Exception as exc:
+            outcome = self._refusal(req, exc)
+        else:
+            try:
+                pending = Dispatcher.dispatch(self, req)
+                outcome = pending if isinstance(pending, tuple) else await pending
+            except asyncio.CancelledError:
+                code = ctx.abort_code
+                if code:  # stopped by its deadline or a CANCEL: the host answers that
+                    name = ErrorCode(code).name
+                    message = (
+                        "the call was stopped"
+                        if code == ErrorCode.CANCELLED
+                        else ("the call's deadline passed; it did not finish")
+                    )
+                    for hook in hooks.error:
+                        await await_quietly(
+                            call_quietly((hook,), ctx, Failure(code, name, message))
+                        )
+                raise
+        if outcome[0]:
+            for hook in hooks.after:
+                await await_quietly(call_quietly((hook,), ctx, outcome[1]))
+        else:
+            failure = Failure(*outcome[1])
+            for hook in hooks.error:
+                await await_quietly(call_quietly((hook,), ctx, failure))
+        return outcome

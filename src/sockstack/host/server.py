@@ -32,6 +32,7 @@ CLOSE GOING_AWAY. A stopped server leaves no task of its own pending.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import os
@@ -41,7 +42,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sockstack.asyncio.datagram import DatagramEndpoint
 from sockstack.asyncio.stream import StreamLimits, StreamProtocol
@@ -829,6 +830,7 @@ class Server:
         secret: str | bytes | None = None,
         broker: object = False,
         insecure: bool = False,
+        interceptors: Iterable[object] = (),
     ) -> None:
         self.limits = limits or ServerLimits()
         patterns = list(patterns)
@@ -845,9 +847,16 @@ class Server:
         self.datagram_auth = (
             DatagramAuth(secret, window=self.limits.replay_window) if secret is not None else None
         )
+        # Interceptors (sockstack.interceptors): hooks around every RPC call, in the dispatcher.
+        self.interceptors = tuple(interceptors)
         self.dispatcher = Dispatcher(
-            expose_errors=expose_errors, max_workers=self.limits.max_workers
+            expose_errors=expose_errors,
+            max_workers=self.limits.max_workers,
+            interceptors=self.interceptors,
         )
+        self.traffic: dict[str, list[int]] | None = None
+        """Bytes received and sent per transport (``{"tcp": [in, out], ...}``; TLS: before
+        encryption), counted only once an interceptor asks for it (:meth:`count_traffic`)."""
         self.registry = Registry([CORE_MESSAGES])
         self._stream_routes: dict[type, StreamRoute] = {}
         self._datagram_routes: dict[int, Pattern] = {}
@@ -887,6 +896,25 @@ class Server:
         """The optional features the WELCOME of new connections announces (PROTOCOL.md §5.1,
         extension 2); 0 behaves as a server older than them (clients then send no DEADLINE,
         METADATA or CANCEL). A REQUEST carrying them is understood whatever this says."""
+        for interceptor in self.interceptors:
+            bind = getattr(interceptor, "bind", None)
+            if bind is not None:
+                bind(self)
+
+    def count_traffic(self) -> dict[str, list[int]]:
+        """Count the bytes of every connection and datagram from now on (call it before
+        :meth:`start`): ``{"tcp"|"tls"|"udp": [received, sent]}``. Without it the hot path
+        counts nothing."""
+        if self.traffic is None:
+            self.traffic = {"tcp": [0, 0], "tls": [0, 0], "udp": [0, 0]}
+        return self.traffic
+
+    def open_connections(self) -> dict[str, int]:
+        """Stream connections open now, by transport (safe to call from another thread)."""
+        counts = {"tcp": 0, "tls": 0}
+        for stream in tuple(self._streams):
+            counts[stream.kind] = counts.get(stream.kind, 0) + 1
+        return counts
 
     def _register(self, pattern: Pattern, names: set[str]) -> None:
         """Plug one pattern in: its message types, routes, methods and hooks."""
@@ -974,7 +1002,9 @@ class Server:
             for ep in self._tcp + self._tls:
                 tls = ep.scheme == "tls"
                 srv = await loop.create_server(
-                    lambda: _HostStream(self),
+                    functools.partial(
+                        _HostStream if self.traffic is None else _CountedStream, self
+                    ),
                     ep.host,
                     ep.port,
                     backlog=self.limits.backlog,
@@ -993,7 +1023,9 @@ class Server:
             for ep in self._udp:
                 family = socket.AF_INET6 if ep.is_ipv6 else socket.AF_INET
                 transport, proto = await loop.create_datagram_endpoint(
-                    lambda: _HostDatagram(self),
+                    functools.partial(
+                        _HostDatagram if self.traffic is None else _CountedDatagram, self
+                    ),
                     local_addr=(ep.host, ep.port),
                     family=family,
                     reuse_port=self.reuse_port or None,
@@ -1202,3 +1234,63 @@ def serve(
         await server.run()
 
     run(main())
+
+
+class _Counting:
+    """A transport that counts the bytes written through it into ``counts[1]``."""
+
+    __slots__ = ("_counts", "_transport", "get_write_buffer_size", "is_closing", "is_reading")
+
+    def __init__(self, transport: Any, counts: list[int]) -> None:
+        self._transport = transport
+        self._counts = counts
+        # The transport's own methods for those the hot path calls (no __getattr__ on them).
+        self.is_closing = transport.is_closing
+        self.get_write_buffer_size = getattr(transport, "get_write_buffer_size", None)
+        self.is_reading = getattr(transport, "is_reading", None)
+
+    def write(self, data: bytes) -> None:
+        self._counts[1] += len(data)
+        self._transport.write(data)
+
+    def writelines(self, lines: Iterable[bytes]) -> None:
+        lines = list(lines)
+        self._counts[1] += sum(map(len, lines))
+        self._transport.writelines(lines)
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        self._counts[1] += len(data)
+        self._transport.sendto(data, addr)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class _CountedStream(_HostStream):
+    """A connection of a server that counts its traffic (metrics): the plain class is used
+    otherwise, so that counting costs nothing when nobody reads it."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        kind = "tls" if transport.get_extra_info("ssl_object") is not None else "tcp"
+        traffic = self.server.traffic
+        assert traffic is not None
+        self._counts = traffic[kind]
+        super().connection_made(cast(asyncio.BaseTransport, _Counting(transport, self._counts)))
+
+    def data_received(self, data: bytes) -> None:
+        self._counts[0] += len(data)
+        super().data_received(data)
+
+
+class _CountedDatagram(_HostDatagram):
+    """A UDP endpoint of a server that counts its traffic (metrics)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        traffic = self.server.traffic
+        assert traffic is not None
+        self._counts = traffic["udp"]
+        super().connection_made(cast(asyncio.BaseTransport, _Counting(transport, self._counts)))
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self._counts[0] += len(data)
+        super().datagram_received(data, addr)

@@ -46,6 +46,10 @@ _T = TypeVar("_T")
 class CallContext:
     """One call being served. Read-only but for :meth:`set_trailer`; the host sets the rest."""
 
+    state: dict[str, Any]
+    """Interceptors' per-call state, one entry per interceptor (key: its name); set only for
+    calls of a server that has interceptors (:mod:`sockstack.interceptors`)."""
+
     __slots__ = (
         "_metadata",
         "_peer",
@@ -53,6 +57,7 @@ class CallContext:
         "deadline",
         "method",
         "request_id",
+        "state",
         "trailers",
         "transport",
     )

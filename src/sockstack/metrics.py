@@ -1,0 +1,185 @@
+"""Prometheus metrics of a server, as an interceptor (``pip install 'sockstack[metrics]'``)::
+
+    from sockstack.metrics import ServerMetrics
+
+    metrics = ServerMetrics()
+    server = Server(Calculator(), tcp=["127.0.0.1:5050"], interceptors=[metrics])
+    http, _ = metrics.serve("127.0.0.1", 9464)   # GET http://127.0.0.1:9464/metrics
+
+``sockstack serve --metrics HOST:PORT`` does the same. What it exports (per ``transport``:
+``tcp``, ``tls``, ``udp``):
+
+- ``sockstack_server_calls_total{transport,method}``: RPC calls answered (successes and errors);
+- ``sockstack_server_errors_total{transport,method,code}``: those answered with an ERROR, by
+  code name (``APPLICATION_ERROR``, ``REFUSED``...);
+- ``sockstack_server_call_seconds{transport,method}``: a histogram of the time from dispatch
+  to outcome (the method and the interceptors after this one);
+- ``sockstack_server_received_bytes_total{transport}``, ``..._sent_bytes_total{transport}``:
+  protocol bytes read and written (TLS: before encryption; calls, pub/sub and handshakes alike);
+- ``sockstack_server_open_connections{transport}``: stream connections open now.
+
+Label cardinality is bounded by the server, never by its clients: ``method`` is one of the
+methods the server serves, and every other name a client sends (each an UNKNOWN_METHOD) counts
+as ``method="(unknown)"``, so a client calling random names cannot grow the series without
+bound (each series costs memory in this process and in Prometheus, for ever). ``code`` is a
+name from the protocol's finite list. Bytes and connections are per transport only.
+
+Scrapes run in the HTTP server's thread; the counters of a call are updated on the event loop
+by the hooks (a few microseconds per call). Bytes are counted only on a server given this
+interceptor (``Server.count_traffic``): other servers pay nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from sockstack.errors import ErrorCode
+from sockstack.interceptors import Failure, ServerInterceptor
+
+if TYPE_CHECKING:
+    from sockstack.host.server import Server
+    from sockstack.rpc.context import CallContext
+
+__all__ = ["UNKNOWN_METHOD_LABEL", "ServerMetrics"]
+
+UNKNOWN_METHOD_LABEL = "(unknown)"
+"""The ``method`` label of calls to a name the server does not serve."""
+DEFAULT_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+_clock = time.perf_counter
+
+
+def _code_name(code: int) -> str:
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return str(int(code))
+
+
+class ServerMetrics(ServerInterceptor):
+    """A server interceptor that counts calls, errors, latency, bytes and connections in a
+    Prometheus registry: its own ``CollectorRegistry`` unless given one (pass
+    ``prometheus_client.REGISTRY`` to export them with the process's other metrics)."""
+
+    name = "metrics"
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        buckets: Sequence[float] = DEFAULT_BUCKETS,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._servers: list[Server] = []
+        self._known: frozenset[str] = frozenset()
+        labels = ("transport", "method")
+        self.calls = Counter(
+            "sockstack_server_calls",
+            "RPC calls answered, successes and errors",
+            labels,
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "sockstack_server_errors",
+            "RPC calls answered with an ERROR, by code name",
+            (*labels, "code"),
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "sockstack_server_call_seconds",
+            "Seconds from dispatch to the call's outcome",
+            labels,
+            buckets=tuple(buckets),
+            registry=self.registry,
+        )
+        self.registry.register(_HostCollector(self._servers))
+        # (transport, method) -> its calls counter and latency histogram; bounded as the labels.
+        self._series: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def bind(self, server: Server) -> None:
+        """Given to a server: count its traffic, know its methods."""
+        self._servers.append(server)
+        server.count_traffic()
+        self._known = self._known | frozenset(server.dispatcher.handlers)
+
+    def _method(self, ctx: CallContext) -> str:
+        return ctx.method if ctx.method in self._known else UNKNOWN_METHOD_LABEL
+
+    def before(self, ctx: CallContext) -> None:
+        ctx.state["metrics"] = _clock()
+
+    def after(self, ctx: CallContext, result: Any) -> None:
+        self._done(ctx, self._method(ctx))
+
+    def error(self, ctx: CallContext, failure: Failure) -> None:
+        method = self._method(ctx)
+        self.errors.labels(ctx.transport, method, _code_name(failure.code)).inc()
+        self._done(ctx, method)
+
+    def _done(self, ctx: CallContext, method: str) -> None:
+        key = (ctx.transport, method)
+        series = self._series.get(key)
+        if series is None:  # labels() takes a lock and builds a key: once per pair, not call
+            series = self._series[key] = (self.calls.labels(*key), self.latency.labels(*key))
+        series[0].inc()
+        started = ctx.state.get("metrics")
+        if started is not None:  # None: an interceptor before this one refused the call
+            series[1].observe(_clock() - started)
+
+    def serve(self, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
+        """Serve ``/metrics`` over HTTP on ``host:port`` (0: any free port; the bound one is
+        ``server.server_port``) from a daemon thread: prometheus_client's own server, so a
+        scrape never runs on the event loop. Stop it with ``server.shutdown()``. It has no
+        authentication: bind it to loopback or a private interface."""
+        return start_http_server(port, addr=host, registry=self.registry)
+
+
+class _HostCollector(Collector):
+    """Bytes and open connections, read from the servers when scraped (in the HTTP thread)."""
+
+    def __init__(self, servers: list[Server]) -> None:
+        self._servers = servers
+
+    def collect(self) -> Iterator[Metric]:
+        received = CounterMetricFamily(
+            "sockstack_server_received_bytes",
+            "Protocol bytes received (TLS: after decryption)",
+            labels=["transport"],
+        )
+        sent = CounterMetricFamily(
+            "sockstack_server_sent_bytes",
+            "Protocol bytes sent (TLS: before encryption)",
+            labels=["transport"],
+        )
+        opened = GaugeMetricFamily(
+            "sockstack_server_open_connections",
+            "Stream connections open now",
+            labels=["transport"],
+        )
+        totals: dict[str, list[int]] = {}
+        connections: dict[str, int] = {}
+        for server in tuple(self._servers):
+            for kind, (n_in, n_out) in (server.traffic or {}).items():
+                t = totals.setdefault(kind, [0, 0])
+                t[0] += n_in
+                t[1] += n_out
+            for kind, n in server.open_connections().items():
+                connections[kind] = connections.get(kind, 0) + n
+        for kind, (n_in, n_out) in sorted(totals.items()):
+            received.add_metric([kind], n_in)
+            sent.add_metric([kind], n_out)
+        for kind, n in sorted(connections.items()):
+            opened.add_metric([kind], n)
+        yield received
+        yield sent
+        yield opened
