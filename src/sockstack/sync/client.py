@@ -51,7 +51,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, Self
+from typing import Any, Self, cast
 
 from sockstack.errors import (
     CallTimeout,
@@ -70,7 +70,14 @@ from sockstack.protocol.auth import (
     trailer_of,
     unsealed_refusal,
 )
-from sockstack.protocol.calls import Backoff, Calls, Failover, outcome, remote_error
+from sockstack.protocol.calls import (
+    Backoff,
+    Calls,
+    Failover,
+    PendingCall,
+    outcome,
+    remote_error,
+)
 from sockstack.protocol.codecs import MSGPACK, Codec
 from sockstack.protocol.connection import Connection, State
 from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, RetryPolicy
@@ -109,23 +116,29 @@ _PING = int(MessageType.PING)
 _rng = random.Random()
 
 
-class _Slot:
+class _Slot(PendingCall[None]):
     """One thread waiting on a connection: for the answer to its call (``rid``), or until a
     condition holds (``until``: a subscription's messages have come). Its outcome (``done``,
     ``ok``, ``value``) is written under the connection's mutex, by whichever thread settles it;
     ``event`` wakes it when it waits as a follower."""
 
-    __slots__ = ("done", "event", "lone", "ok", "rid", "track", "until", "value")
+    __slots__ = ("done", "event", "left", "lone", "ok", "track", "until", "value")
 
     def __init__(self, until: Callable[[], bool] | None = None) -> None:
-        self.rid = 0
+        # A PendingCall of the call table itself (its waiter is the slot): one object per call.
+        # The other fields (method, timeout, deadline) are set by _register.
+        self.request_id = 0
         self.until = until
         self.done = False
-        self.ok = False
-        self.value: Any = None
         self.event: threading.Event | None = None
-        self.track = True  # UDP: the datagram core retransmits it (a PING it does not)
-        self.lone: bool | None = None  # UDP: a single datagram sent when first refused
+        self.left = False  # its thread has stopped waiting (all done under the mutex)
+        # Set when settled: ok, value (the result, or the exception to raise). UDP sets track
+        # (the datagram core retransmits it; a PING it does not) and lone (None until first
+        # refused, then whether a single datagram had been sent).
+        self.ok: bool
+        self.value: Any
+        self.track: bool
+        self.lone: bool | None
 
 
 class _Gone(Exception):
@@ -152,15 +165,20 @@ class _Pipeline:
     def _init_pipeline(self) -> None:
         self._mutex = threading.Lock()
         self._io = threading.RLock()
-        self.calls: Calls[_Slot] = Calls()
+        self.calls: Calls[None] = Calls()  # its PendingCalls are the _Slots
         self._leader: _Slot | None = None
         self._waiting: set[_Slot] = set()  # followers blocked on their event
         self._watchers: set[_Slot] = set()  # read_until's slots (settled by a condition)
 
     def _register(self, slot: _Slot, method: str, timeout: float, now: float, rid: int = 0) -> int:
-        """Record ``slot``'s call (the caller holds ``_mutex``); returns its request id."""
-        slot.rid = self.calls.start(method, timeout, now, slot, rid, timed=False).request_id
-        return slot.rid
+        """Record ``slot``'s call (the caller holds ``_mutex``) with a fresh id unless ``rid``
+        is given; returns its id. The deadline is the waiting thread's to keep, not the table's
+        (as ``Calls.start(..., timed=False)``, without a second object)."""
+        calls = self.calls
+        slot.request_id = rid = rid or calls.new_id()
+        slot.method, slot.timeout, slot.deadline, slot.waiter = method, timeout, now + timeout, None
+        calls.pending[rid] = slot
+        return rid
 
     def _settle(self, events: Sequence[Any]) -> None:
         """Hand each answer in ``events`` to the call it answers (by request id alone: an answer
@@ -172,7 +190,7 @@ class _Pipeline:
                 if type(ev) is Response or type(ev) is Error or type(ev) is Pong:
                     pending = take(ev)
                     if pending is not None:
-                        slot = pending.waiter
+                        slot: _Slot = pending  # type: ignore[assignment]  # (no cast call)
                         slot.ok, slot.value = outcome(ev)
                         slot.done = True
                         if slot.event is not None:
@@ -197,7 +215,7 @@ class _Pipeline:
 
     def _fail_all(self, error: Callable[[], BaseException]) -> None:
         with self._mutex:
-            slots = [p.waiter for p in self.calls.drain()]
+            slots = [cast(_Slot, p) for p in self.calls.drain()]
             self._fail(slots + list(self._watchers), error)
 
     def _step(self, slot: _Slot, deadline: float, method: str, timeout: float) -> None:
@@ -211,7 +229,7 @@ class _Pipeline:
         while True:
             with mutex:
                 if not slot.done and slot.until is not None and slot.until():
-                    slot.ok, slot.done = True, True
+                    slot.ok, slot.value, slot.done = True, None, True
                 if slot.done:
                     break
                 leader = self._leader
@@ -242,9 +260,12 @@ class _Pipeline:
     def _leave(self, slot: _Slot) -> None:
         """``slot``'s thread stops waiting (answered, failed, timed out or interrupted): a later
         answer to its id is nobody's; if it was reading, a follower takes over."""
+        if slot.left:
+            return
         with self._mutex:
-            if slot.rid and not slot.done:
-                self.calls.forget(slot.rid)
+            slot.left = True
+            if slot.request_id and not slot.done:
+                self.calls.forget(slot.request_id)
             if slot.until is not None:
                 self._watchers.discard(slot)
             waiting = self._waiting
@@ -252,9 +273,13 @@ class _Pipeline:
             if self._leader is slot:
                 self._leader = None
             if self._leader is None and waiting:  # (also when a follower woken to lead left)
-                follower = next(iter(waiting))
-                assert follower.event is not None
-                follower.event.set()
+                self._promote()
+
+    def _promote(self) -> None:
+        """Wake a follower to take over the reading (under ``_mutex``)."""
+        follower = next(iter(self._waiting))
+        assert follower.event is not None
+        follower.event.set()
 
 
 class StreamConnection(_Pipeline):
@@ -402,7 +427,7 @@ class StreamConnection(_Pipeline):
             if only is not None and sock is not only:
                 return  # a connection already dropped (and maybe replaced) by another thread
             self.sock, self.core, self._poller, self.live = None, None, None, False
-            slots = [p.waiter for p in self.calls.drain()]
+            slots = [cast(_Slot, p) for p in self.calls.drain()]
             self._fail(slots + list(self._watchers), error or _lost(self.ep, "connection lost"))
         if sock is not None:
             try:
@@ -621,24 +646,29 @@ class StreamConnection(_Pipeline):
                 self._step_tls(sock, core, deadline, method)
                 return
             n = self._recv(deadline, method, sock)
-            if n < 0:
-                return
-            try:
-                if n > 0:  # the common case first: one whole RESPONSE
-                    single = core.receive_single(self._view[:n])
-                    if single is not None:
-                        self._settle((single,))
-                        return
-                self._handle(self._events(n, deadline, method), core, sock)
-            except (CallTimeout, _Gone):
-                raise
-            except BaseException:  # read, not handled (interrupted): the answers in it are lost
-                self.drop(_lost(self.ep, "a read was interrupted"), sock)
-                raise
+            if n > 0:
+                single = core.receive_single(self._view[:n])  # the common case first
+                if single is not None:
+                    self._settle((single,))
+                    return
+            if n >= 0:
+                self._took(n, sock, core, deadline, method)
         except CallTimeout:
             raise CallTimeout(method, timeout) from None
         except _Gone:
             return  # every call (this one too) has its error
+
+    def _took(
+        self, n: int, sock: socket.socket, core: Connection, deadline: float, method: str
+    ) -> None:
+        """Handle ``n`` bytes the leader read (0: end of stream) through the general path."""
+        try:
+            self._handle(self._events(n, deadline, method), core, sock)
+        except (CallTimeout, _Gone):
+            raise
+        except BaseException:  # read, not handled (interrupted): the answers in it are lost
+            self.drop(_lost(self.ep, "a read was interrupted"), sock)
+            raise
 
     def _step_tls(
         self, sock: socket.socket, core: Connection, deadline: float, method: str
@@ -710,23 +740,65 @@ class StreamConnection(_Pipeline):
         deadline = now + timeout
         slot = _Slot()
         try:
-            self._begin(slot, deadline, method, timeout)
-
-            def frame(core: Connection, rid: int) -> bytes | list[bytes]:
+            poller = self._poller  # None when not connected
+            if poller is None or (
+                self._leader is None and (poller.poll(0) or (self._tls and self._idle()))
+            ):
+                self._begin(slot, deadline, method, timeout)
+            with self._io:  # the id and the frame under _io: requests leave whole, in id order
+                sock, core = self.sock, self.core
+                if sock is None or core is None or not self.live:
+                    raise ConnectError(f"{self.ep}: connection lost before the call was sent")
+                with self._mutex:  # (_register inlined: the hot path)
+                    calls = self.calls
+                    slot.request_id = rid = calls.new_id()
+                    slot.method, slot.timeout, slot.deadline = method, timeout, deadline
+                    slot.waiter = None
+                    calls.pending[rid] = slot
+                    if self._leader is None:
+                        self._leader = slot  # nobody reads: this thread will
+                data: bytes | list[bytes] | None = None
                 if not ping and kwargs is None and codec is MSGPACK:
-                    pieces = core.request_frame(rid, method, args)  # the common case
-                    if pieces is not None:
-                        return pieces[0] if len(pieces) == 1 else pieces
-                if ping:
-                    core.send_ping(rid)
-                else:
-                    core.send_request(rid, method, args, kwargs, codec)
-                pieces = core.buffers_to_send()
-                if len(pieces) > 3 or len(pieces[-1]) > _GATHER_ABOVE:
-                    return pieces  # header, meta, body pieces: no copy of the body
-                return b"".join(pieces)
-
-            self._start(slot, method, timeout, now, frame)
+                    data = core.request_frame(rid, method, args)  # the common case
+                    if data is not None and len(data) == 1:
+                        data = data[0]
+                if data is None:
+                    if ping:
+                        core.send_ping(rid)
+                    else:
+                        core.send_request(rid, method, args, kwargs, codec)
+                    pieces = core.buffers_to_send()
+                    if len(pieces) > 3 or len(pieces[-1]) > _GATHER_ABOVE:
+                        data = pieces  # header, meta, body pieces: no copy of the body
+                    else:
+                        data = b"".join(pieces)
+                self._send(data, method, sock)
+            if self._leader is slot and not self._tls:
+                # The first read inline: one thread alone reads its own answer right here.
+                try:
+                    n = self._recv(deadline, method, sock)
+                    if n > 0:
+                        single = core.receive_single(self._view[:n])
+                        if type(single) is Response and single.request_id == rid:
+                            with self._mutex:
+                                mine = self.calls.pending.pop(rid, None) is not None
+                                if mine:
+                                    slot.left = True
+                                    self._leader = None
+                                    if self._waiting:
+                                        self._promote()
+                            if mine:
+                                return single.result
+                        elif single is not None:
+                            self._settle((single,))
+                        else:
+                            self._took(n, sock, core, deadline, method)
+                    elif n == 0:
+                        self._took(0, sock, core, deadline, method)
+                except CallTimeout:
+                    raise CallTimeout(method, timeout) from None
+                except _Gone:
+                    pass
             return self._wait(slot, deadline, method, timeout)
         finally:
             self._leave(slot)  # answered, failed or timed out: a late answer is nobody's
@@ -751,7 +823,7 @@ class StreamConnection(_Pipeline):
             result = self._wait(slot, deadline, what, timeout)
         finally:
             self._leave(slot)
-        return slot.rid, result
+        return slot.request_id, result
 
     def send_frame(self, frame: bytes, what: str, timeout: float) -> None:
         """Send a frame that gets no answer (QoS 0 PUB, ACK)."""
@@ -921,16 +993,16 @@ class DatagramConnection(_Pipeline):
         self._refusal = False
         self.last_error = "connection refused (no server on that port?)"
         with self._mutex:
-            slots = [p.waiter for p in self.calls.pending.values()]
+            slots = [cast(_Slot, p) for p in self.calls.pending.values()]
         failed: list[_Slot] = []
         again: list[_Slot] = []
         with self._io:
             core = self.core
             for slot in slots:
                 if slot.lone is None:
-                    slot.lone = core.attempts(slot.rid) <= 1
-                    if not (slot.track and core.resend(slot.rid)):
-                        core.send_ping(slot.rid)  # a PING (not tracked by the core): again
+                    slot.lone = core.attempts(slot.request_id) <= 1
+                    if not (slot.track and core.resend(slot.request_id)):
+                        core.send_ping(slot.request_id)  # a PING (not tracked by the core): again
                     again.append(slot)
                 else:
                     failed.append(slot)
@@ -938,7 +1010,7 @@ class DatagramConnection(_Pipeline):
             if self._refusal:
                 failed += again
             for slot in failed:
-                core.cancel(slot.rid)
+                core.cancel(slot.request_id)
         if failed:
             with self._mutex:
                 for slot in failed:
@@ -1104,6 +1176,7 @@ class DatagramConnection(_Pipeline):
         deadline = now + timeout
         slot = _Slot()
         slot.track = track
+        slot.lone = None
         auth = self.auth
         if auth is not None and not self._serial.acquire(timeout=max(0.0, timeout)):
             raise CallTimeout(method, timeout, "the client's calls are made one at a time")
@@ -1154,9 +1227,9 @@ class DatagramConnection(_Pipeline):
 
     def _leave(self, slot: _Slot) -> None:
         super()._leave(slot)
-        if slot.rid:
+        if slot.request_id:
             with self._io:
-                self.core.cancel(slot.rid)  # no more retransmissions of it
+                self.core.cancel(slot.request_id)  # no more retransmissions of it
 
     def _step(self, slot: _Slot, deadline: float, method: str, timeout: float) -> None:
         if self._refusal:
@@ -1183,7 +1256,7 @@ class DatagramConnection(_Pipeline):
                         if pending is not None:
                             m, t, sent = pending.method, pending.timeout, ev.attempts
                             self._fail(
-                                [pending.waiter],
+                                [cast(_Slot, pending)],
                                 lambda m=m, t=t, sent=sent: CallTimeout(  # type: ignore[misc]
                                     m, t, f"{sent} datagrams sent"
                                 ),
