@@ -312,7 +312,8 @@ class StreamConnection(_Pipeline):
         self.state: dict[str, Any] = {}
         self.ever_connected = False
         self._sock_timeout = 0.0
-        self._poller: select.poll | None = None
+        self._poller: select.poll | None = None  # for a look before a call (not waiting)
+        self._lead_poller: select.poll | None = None  # TLS: the leader waits for data on it
         self._buf = bytearray(_RECV)
         self._view = memoryview(self._buf)
         self._limit = HEADER_SIZE + client.max_frame  # the largest frame read whole
@@ -379,6 +380,9 @@ class StreamConnection(_Pipeline):
         self.ever_connected = True
         poller = select.poll()
         poller.register(sock, select.POLLIN)
+        if self._tls:
+            self._lead_poller = select.poll()
+            self._lead_poller.register(sock, select.POLLIN)
         self._poller = poller
         self.live = True  # other threads' calls may go out from here on
 
@@ -427,6 +431,7 @@ class StreamConnection(_Pipeline):
             if only is not None and sock is not only:
                 return  # a connection already dropped (and maybe replaced) by another thread
             self.sock, self.core, self._poller, self.live = None, None, None, False
+            self._lead_poller = None
             slots = [cast(_Slot, p) for p in self.calls.drain()]
             self._fail(slots + list(self._watchers), error or _lost(self.ep, "connection lost"))
         if sock is not None:
@@ -478,8 +483,11 @@ class StreamConnection(_Pipeline):
         poller, sock = self._poller, self.sock
         if poller is None or sock is None:
             return False
-        if poller.poll(0):
-            return True
+        try:
+            if poller.poll(0):
+                return True
+        except RuntimeError:  # another thread polls at this moment: it will read what came
+            return False
         return self._tls and isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
     def _read_idle(self, deadline: float, method: str, timeout: float) -> None:
@@ -675,7 +683,7 @@ class StreamConnection(_Pipeline):
     ) -> None:
         assert isinstance(sock, ssl.SSLSocket)
         if not sock.pending():
-            poller = self._poller
+            poller = self._lead_poller  # the leader's own: a poll object is one thread's
             if poller is None:
                 raise _Gone
             left = deadline - time.monotonic()
@@ -741,9 +749,7 @@ class StreamConnection(_Pipeline):
         slot = _Slot()
         try:
             poller = self._poller  # None when not connected
-            if poller is None or (
-                self._leader is None and (poller.poll(0) or (self._tls and self._idle()))
-            ):
+            if poller is None or (self._leader is None and self._idle()):
                 self._begin(slot, deadline, method, timeout)
             with self._io:  # the id and the frame under _io: requests leave whole, in id order
                 sock, core = self.sock, self.core
@@ -862,6 +868,7 @@ class StreamConnection(_Pipeline):
         the locks are new (one of those threads may have held one at the fork)."""
         sock = self.sock
         self.sock, self.core, self._poller, self.live = None, None, None, False
+        self._lead_poller = None
         self._init_pipeline()
         self._connecting = threading.Lock()
         self._sock_timeout = 0.0
