@@ -490,6 +490,11 @@ class StreamConnection(_Pipeline):
             return False
         return self._tls and isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
+    def _tls_pending(self) -> bool:
+        """Bytes the TLS layer decrypted already (poll() does not see them)."""
+        sock = self.sock
+        return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+
     def _read_idle(self, deadline: float, method: str, timeout: float) -> None:
         """Handle what arrived while idle before sending, so that a request never goes out on a
         session the server has ended; only when nobody else reads (else the leader does)."""
@@ -749,8 +754,15 @@ class StreamConnection(_Pipeline):
         slot = _Slot()
         try:
             poller = self._poller  # None when not connected
-            if poller is None or (self._leader is None and self._idle()):
+            if poller is None:
                 self._begin(slot, deadline, method, timeout)
+            elif self._leader is None:  # nobody reads: anything that came while idle?
+                try:
+                    idle = poller.poll(0) or (self._tls and self._tls_pending())
+                except RuntimeError:  # another thread polls at this moment: it reads
+                    idle = False
+                if idle:
+                    self._begin(slot, deadline, method, timeout)
             with self._io:  # the id and the frame under _io: requests leave whole, in id order
                 sock, core = self.sock, self.core
                 if sock is None or core is None or not self.live:
@@ -781,8 +793,17 @@ class StreamConnection(_Pipeline):
                 self._send(data, method, sock)
             if self._leader is slot and not self._tls:
                 # The first read inline: one thread alone reads its own answer right here.
+                t = self._sock_timeout  # (_recv inlined: the time left is about ``timeout``)
+                if timeout < t * 0.9 or timeout > t * 1.1:
+                    self._set_timeout(timeout, sock)
                 try:
-                    n = self._recv(deadline, method, sock)
+                    try:
+                        n = sock.recv_into(self._buf)
+                    except (BlockingIOError, ssl.SSLWantReadError):  # SO_RCVTIMEO expired
+                        n = -1
+                    except OSError as exc:
+                        self.drop(_lost(self.ep, str(exc)), sock)
+                        raise _Gone from None
                     if n > 0:
                         single = core.receive_single(self._view[:n])
                         if type(single) is Response and single.request_id == rid:
@@ -1188,17 +1209,52 @@ class DatagramConnection(_Pipeline):
         if auth is not None and not self._serial.acquire(timeout=max(0.0, timeout)):
             raise CallTimeout(method, timeout, "the client's calls are made one at a time")
         try:
+            nxt = None
             with self._io:
                 with self._mutex:
                     rid = self._register(slot, method, timeout, now, self.new_id())
+                    lead = auth is None and self._leader is None
+                    if lead:
+                        self._leader = slot  # nobody reads: this thread will
                 data = send(rid, now)
                 if auth is None:
                     if data is not None:
                         self._send(data)
                     self._send_out()
+                    if lead:
+                        nxt = self.core.next_timer()
             if auth is not None:
                 self._pin_rid = rid
                 self._start_sealed(rid, data, deadline)
+            elif lead and not self._refusal:
+                # The first read inline: one thread alone reads its own answer right here.
+                self._fit_timeout((nxt if nxt is not None and nxt < deadline else deadline) - now)
+                try:
+                    n = self.sock.recv_into(self._buf)
+                except BlockingIOError:  # a retransmission is due: _wait sends it
+                    pass
+                except OSError as exc:
+                    if exc.errno == errno.ECONNREFUSED:
+                        self._refusal = True  # handled in _wait
+                    elif exc.errno != errno.EBADF:  # (EBADF: _wait reports the closed socket)
+                        raise
+                else:
+                    with self._io:
+                        events = self.core.receive_datagram(self._view[:n])
+                    if len(events) == 1:
+                        ev = events[0]
+                        if type(ev) is Response and ev.request_id == rid:
+                            with self._mutex:
+                                mine = self.calls.pending.pop(rid, None) is not None
+                                if mine:
+                                    slot.left = True
+                                    self._leader = None
+                                    if self._waiting:
+                                        self._promote()
+                            if mine:
+                                return ev.result
+                    if events:
+                        self._settle(events)
             return self._wait(slot, deadline, method, timeout)
         finally:
             self._leave(slot)
@@ -1233,8 +1289,10 @@ class DatagramConnection(_Pipeline):
         return self.call(method, timeout, send)
 
     def _leave(self, slot: _Slot) -> None:
+        if slot.left:
+            return  # (answered on the fast path: the core has forgotten it already)
         super()._leave(slot)
-        if slot.request_id:
+        if slot.request_id and not (slot.done and slot.ok):
             with self._io:
                 self.core.cancel(slot.request_id)  # no more retransmissions of it
 
