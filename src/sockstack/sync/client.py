@@ -289,7 +289,10 @@ class StreamConnection(_Pipeline):
     socket timeouts, which poll() before every recv: one system call per read instead of two.
     Over plain TCP the leader reads while other threads write (whole frames, under ``_io``);
     over TLS every use of the TLS object is under ``_io`` (OpenSSL does not allow a read and a
-    write at once on one connection), so the leader waits for data with ``poll()`` outside it.
+    write at once on one connection), so the leader waits for data with ``poll()`` outside it;
+    a thread writing a large TLS request holds it until the kernel has taken the bytes, and
+    reading waits meanwhile (a server that stops reading until its answers are read fails the
+    write at the writer's timeout, SO_SNDTIMEO, as a single thread's would).
 
     What patterns use: :meth:`exchange` (a frame that gets a RESPONSE), :meth:`send_frame` (one
     that gets none), :meth:`read_until`, ``routes`` (message class -> handler, called for
