@@ -386,8 +386,8 @@ class StreamConnection(_Pipeline):
         if self._tls:
             self._lead_poller = select.poll()
             self._lead_poller.register(sock, select.POLLIN)
-        self._poller = poller
         self.live = True  # other threads' calls may go out from here on
+        self._poller = poller  # (after live: a call that sees it finds the connection live)
 
     def _hello(self, ep: Endpoint, deadline: float) -> None:
         """Send HELLO and read until WELCOME. Every failure is a :class:`ConnectError` (no call
@@ -737,11 +737,32 @@ class StreamConnection(_Pipeline):
         with self._io:
             sock, core = self.sock, self.core
             if sock is None or core is None or not self.live:
-                raise ConnectError(f"{self.ep}: connection lost before the call was sent")
+                sock, core = self._relive(now + timeout, method, timeout)
             with self._mutex:
                 rid = self._register(slot, method, timeout, now)
             data = frame(core, rid)
             self._send(data, method, sock)
+
+    def _relive(
+        self, deadline: float, method: str, timeout: float
+    ) -> tuple[socket.socket, Connection]:
+        """Called holding ``_io`` when the connection went down between a call's check and its
+        send (another thread's call lost it): connect again within the call's deadline, and
+        return holding ``_io``. The call was not sent: ConnectError if it cannot be."""
+        io = self._io
+        for _ in range(3):
+            io.release()
+            try:
+                self.ensure(deadline, method, timeout)
+            finally:
+                io.acquire()
+            sock, core = self.sock, self.core
+            if sock is not None and core is not None and self.live:
+                return sock, core
+        raise ConnectError(
+            f"{self.ep}: the connection ended as soon as it was made, three times; the call was "
+            "not sent"
+        )
 
     def call(
         self,
@@ -769,7 +790,7 @@ class StreamConnection(_Pipeline):
             with self._io:  # the id and the frame under _io: requests leave whole, in id order
                 sock, core = self.sock, self.core
                 if sock is None or core is None or not self.live:
-                    raise ConnectError(f"{self.ep}: connection lost before the call was sent")
+                    sock, core = self._relive(deadline, method, timeout)
                 with self._mutex:  # (_register inlined: the hot path)
                     calls = self.calls
                     slot.request_id = rid = calls.new_id()
