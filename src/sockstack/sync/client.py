@@ -114,6 +114,7 @@ _ERROR = int(MessageType.ERROR)
 _PONG = int(MessageType.PONG)
 _PING = int(MessageType.PING)
 _rng = random.Random()
+_OPEN = State.OPEN
 
 
 class _Slot(PendingCall[None]):
@@ -626,6 +627,11 @@ class StreamConnection(_Pipeline):
                     sock.sendall(out)
                 except OSError:
                     pass
+            if self.live and sock is not None and self.core is core and core.close_expected():
+                # The session ended: settle what came with the end and drop the connection
+                # before any other thread may send on it (they wait for _io).
+                self._handle(events, core, sock)
+                return []
         return events
 
     def _handle(self, events: list[Event], core: Connection, sock: socket.socket) -> None:
@@ -736,7 +742,7 @@ class StreamConnection(_Pipeline):
         order of their ids."""
         with self._io:
             sock, core = self.sock, self.core
-            if sock is None or core is None or not self.live:
+            if sock is None or core is None or not self.live or core.state is not _OPEN:
                 sock, core = self._relive(now + timeout, method, timeout)
             with self._mutex:
                 rid = self._register(slot, method, timeout, now)
@@ -758,7 +764,9 @@ class StreamConnection(_Pipeline):
                 io.acquire()
             sock, core = self.sock, self.core
             if sock is not None and core is not None and self.live:
-                return sock, core
+                if core.state is State.OPEN:
+                    return sock, core
+                self.drop(_lost(self.ep, "the session ended"), sock)  # (not expected: safety)
         raise ConnectError(
             f"{self.ep}: the connection ended as soon as it was made, three times; the call was "
             "not sent"
@@ -789,7 +797,7 @@ class StreamConnection(_Pipeline):
                     self._begin(slot, deadline, method, timeout)
             with self._io:  # the id and the frame under _io: requests leave whole, in id order
                 sock, core = self.sock, self.core
-                if sock is None or core is None or not self.live:
+                if sock is None or core is None or not self.live or core.state is not _OPEN:
                     sock, core = self._relive(deadline, method, timeout)
                 with self._mutex:  # (_register inlined: the hot path)
                     calls = self.calls
@@ -926,18 +934,21 @@ class StreamConnection(_Pipeline):
     def close(self) -> None:
         """Send CLOSE and close the socket. Calls other threads have in flight fail at once
         with :class:`ConnectionLost` (the client was closed)."""
-        if self._io.acquire(timeout=1.0):  # a writer stuck on a full socket: close without CLOSE
-            try:
-                sock, core = self.sock, self.core
-                if sock is not None and core is not None and self.live:
-                    try:
-                        core.send_close(ErrorCode.NORMAL, "")
-                        sock.sendall(core.data_to_send())
-                    except OSError:
-                        pass
-            finally:
-                self._io.release()
-        self.drop(_lost(self.ep, "the client was closed while the call was in flight"))
+        closed = _lost(self.ep, "the client was closed while the call was in flight")
+        if not self._io.acquire(timeout=1.0):  # a writer stuck on a full socket: no CLOSE
+            self.drop(closed)
+            return
+        try:
+            sock, core = self.sock, self.core
+            if sock is not None and core is not None and self.live:
+                try:
+                    core.send_close(ErrorCode.NORMAL, "")
+                    sock.sendall(core.data_to_send())
+                except OSError:
+                    pass
+            self.drop(closed)  # before another thread may send on the closing session
+        finally:
+            self._io.release()
 
 
 class DatagramConnection(_Pipeline):
