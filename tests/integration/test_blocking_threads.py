@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import ssl
 import threading
 import time
@@ -29,6 +30,7 @@ import trustme
 
 from sockstack import (
     CallTimeout,
+    ConnectError,
     ConnectionLost,
     Server,
     ServerLimits,
@@ -120,7 +122,9 @@ def cert(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextlib.contextmanager
-def serving(cert: Path, broker: Broker | None = None) -> Iterator[Served]:
+def serving(
+    cert: Path, broker: Broker | None = None, secret: str | None = None
+) -> Iterator[Served]:
     service = Work()
     loop = asyncio.new_event_loop()
     started = threading.Event()
@@ -135,6 +139,7 @@ def serving(cert: Path, broker: Broker | None = None) -> Iterator[Served]:
             tls=["127.0.0.1:0"],
             tls_context=server_context(cert),
             broker=broker,
+            secret=secret,
             limits=ServerLimits(drain_timeout=timeout(2), close_timeout=timeout(2)),
         )
         try:
@@ -307,6 +312,37 @@ def test_udp_calls_of_many_threads_are_retransmitted_each_and_run_once(
         assert proxy.counts.dropped > 0  # datagrams were lost, so retransmissions happened
     finally:
         served.run(proxy.close())
+
+
+def test_udp_with_a_secret_threads_calls_are_sealed_and_each_answered(cert: Path) -> None:
+    """With a secret, UDP calls of several threads are made one at a time (a call's
+    retransmissions keep the epoch its first datagram was sealed for): all are answered."""
+    secret = "s" * 32
+    with serving(cert, secret=secret) as s:
+        with connect(s.url("udp"), secret=secret, timeout=timeout(20)) as c:
+
+            def worker(t: int) -> list[Any]:
+                return [c.call("echo", f"{t}-{i}") for i in range(30)]
+
+            threads = [start(partial(worker, t), f"sealed-{t}") for t in range(4)]
+            join_all(threads, 60)
+            for t, (_, out) in enumerate(threads):
+                assert out.result() == [f"{t}-{i}" for i in range(30)]
+
+
+def test_udp_refusal_fails_every_threads_call_at_once() -> None:
+    """Nothing listens on the port: the ICMP refusals fail each thread's call with ConnectError
+    (the call did not run), long before its 60 s timeout."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # a port nothing listens on (now)
+    with connect(f"udp://127.0.0.1:{port}", timeout=timeout(60)) as c:
+        threads = [start(partial(c.call, "echo", i), f"refused-{i}") for i in range(4)]
+        join_all(threads, 20)
+        for _, out in threads:
+            with pytest.raises((ConnectError, ConnectionLost)):
+                out.result()
 
 
 # ------------------------------------------------------------------------ failures
