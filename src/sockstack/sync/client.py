@@ -1228,13 +1228,15 @@ class DatagramConnection(_Pipeline):
         self,
         method: str,
         timeout: float,
-        send: Callable[[int, float], bytes | None],
+        send: Callable[[int, float], bytes | None] | None = None,
         *,
+        args: Sequence[Any] = (),
         track: bool = True,
     ) -> Any:
         """Make a call: ``send(request_id, now)`` has the core track it (returning the datagram
         to send now, or None when it queued it), then wait for its answer, retransmitting when
-        the core says so (``track``), until its timeout."""
+        the core says so (``track``), until its timeout. Without ``send``: a msgpack call with
+        positional ``args`` (the common case)."""
         now = time.monotonic()
         deadline = now + timeout
         slot = _Slot()
@@ -1245,19 +1247,34 @@ class DatagramConnection(_Pipeline):
             raise CallTimeout(method, timeout, "the client's calls are made one at a time")
         try:
             nxt = None
+            core = self.core
             with self._io:
-                with self._mutex:
-                    rid = self._register(slot, method, timeout, now, self.new_id())
+                with self._mutex:  # (_register and new_id inlined: the hot path)
+                    pending = self.calls.pending
+                    rid = self.last_id = core.new_request_id(self.last_id)
+                    while rid in pending:
+                        rid = self.last_id = core.new_request_id(rid)
+                    self._pin_ms = 0
+                    slot.request_id = rid
+                    slot.method, slot.timeout, slot.deadline = method, timeout, deadline
+                    slot.waiter = None
+                    pending[rid] = slot
                     lead = auth is None and self._leader is None
                     if lead:
                         self._leader = slot  # nobody reads: this thread will
-                data = send(rid, now)
+                if send is None:
+                    data: bytes | None = core.request_datagram(
+                        rid, method, args, now=now, timeout=timeout
+                    )
+                else:
+                    data = send(rid, now)
                 if auth is None:
                     if data is not None:
                         self._send(data)
-                    self._send_out()
+                    else:
+                        self._send_out()
                     if lead:
-                        nxt = self.core.next_timer()
+                        nxt = core.next_timer()
             if auth is not None:
                 self._pin_rid = rid
                 self._start_sealed(rid, data, deadline)
@@ -1316,12 +1333,7 @@ class DatagramConnection(_Pipeline):
 
     def call_positional(self, method: str, args: Sequence[Any], timeout: float) -> Any:
         """The common case: a msgpack call with positional arguments."""
-        core = self.core
-
-        def send(rid: int, now: float) -> bytes:
-            return core.request_datagram(rid, method, args, now=now, timeout=timeout)
-
-        return self.call(method, timeout, send)
+        return self.call(method, timeout, args=args)
 
     def _leave(self, slot: _Slot) -> None:
         if slot.left:
@@ -1451,9 +1463,9 @@ class Client(ClientSettings):
             return self.request(method, args, kwargs, timeout=timeout)
         t = self.timeout if timeout is None else timeout
         conn = self.connection
-        if conn.kind == "stream":
-            return conn.call(method, args, None, MSGPACK, t)  # type: ignore[call-arg,arg-type]
-        return conn.call_positional(method, args, t)  # type: ignore[union-attr]
+        if isinstance(conn, StreamConnection):
+            return conn.call(method, args, None, MSGPACK, t)
+        return conn.call(method, t, args=args)
 
     def request(
         self,
