@@ -823,41 +823,60 @@ class StreamConnection(_Pipeline):
                     else:
                         data = b"".join(pieces)
                 self._send(data, method, sock)
-            if self._leader is slot and not self._tls:
+            if self._leader is slot:
                 # The first read inline: one thread alone reads its own answer right here.
-                t = self._sock_timeout  # (_recv inlined: the time left is about ``timeout``)
-                if timeout < t * 0.9 or timeout > t * 1.1:
-                    self._set_timeout(timeout, sock)
-                try:
+                # Over TLS, a wait for data outside _io (others may write), then the read in it.
+                tls = self._tls
+                ready = not tls
+                if tls:
+                    poller = self._lead_poller
+                    ready = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+                    if not ready and poller is not None:
+                        ready = bool(poller.poll(max(1, int(timeout * 1000) + 1)))
+                    if ready:
+                        self._io.acquire()
+                        if self.sock is not sock:
+                            self._io.release()
+                            ready = False
+                if ready:
                     try:
-                        n = sock.recv_into(self._buf)
-                    except (BlockingIOError, ssl.SSLWantReadError):  # SO_RCVTIMEO expired
-                        n = -1
-                    except OSError as exc:
-                        self.drop(_lost(self.ep, str(exc)), sock)
-                        raise _Gone from None
-                    if n > 0:
-                        single = core.receive_single(self._view[:n])
-                        if type(single) is Response and single.request_id == rid:
-                            with self._mutex:
-                                mine = self.calls.pending.pop(rid, None) is not None
-                                if mine:
-                                    slot.left = True
-                                    self._leader = None
-                                    if self._waiting:
-                                        self._promote()
-                            if mine:
-                                return single.result
-                        elif single is not None:
-                            self._settle((single,))
-                        else:
-                            self._took(n, sock, core, deadline, method)
-                    elif n == 0:
-                        self._took(0, sock, core, deadline, method)
-                except CallTimeout:
-                    raise CallTimeout(method, timeout) from None
-                except _Gone:
-                    pass
+                        # (_recv inlined: the time left is about ``timeout``)
+                        t = self._sock_timeout
+                        if timeout < t * 0.9 or timeout > t * 1.1:
+                            self._set_timeout(timeout, sock)
+                        try:
+                            try:
+                                n = sock.recv_into(self._buf)
+                            except (BlockingIOError, ssl.SSLWantReadError):  # SO_RCVTIMEO expired
+                                n = -1
+                            except OSError as exc:
+                                self.drop(_lost(self.ep, str(exc)), sock)
+                                raise _Gone from None
+                            if n > 0:
+                                single = core.receive_single(self._view[:n])
+                                if type(single) is Response and single.request_id == rid:
+                                    with self._mutex:
+                                        mine = self.calls.pending.pop(rid, None) is not None
+                                        if mine:
+                                            slot.left = True
+                                            self._leader = None
+                                            if self._waiting:
+                                                self._promote()
+                                    if mine:
+                                        return single.result
+                                elif single is not None:
+                                    self._settle((single,))
+                                else:
+                                    self._took(n, sock, core, deadline, method)
+                            elif n == 0:
+                                self._took(0, sock, core, deadline, method)
+                        except CallTimeout:
+                            raise CallTimeout(method, timeout) from None
+                        except _Gone:
+                            pass
+                    finally:
+                        if tls:
+                            self._io.release()
             return self._wait(slot, deadline, method, timeout)
         finally:
             self._leave(slot)  # answered, failed or timed out: a late answer is nobody's
