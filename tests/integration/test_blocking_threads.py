@@ -379,15 +379,17 @@ def test_a_reset_fails_every_call_in_flight_at_once_and_one_reconnect_serves_all
         served.run(proxy.close())
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("leader_first", [True, False], ids=["short-call-reads", "long-reads"])
 def test_a_call_timing_out_leaves_the_others_waiting_and_answered(
-    served: Served, leader_first: bool
+    served: Served, ca: trustme.CA, leader_first: bool, scheme: str
 ) -> None:
     """A call with a short timeout fails with CallTimeout at its own deadline, whether it was
     the thread reading the socket for the others or not; the call with a long timeout waits on
-    and gets its answer (the reading passes to it)."""
+    and gets its answer (the reading passes to it). Over TLS too (a blocking TLS read ignores
+    SO_RCVTIMEO: the client waits for data with poll() before reading)."""
     short, long_ = key(), key()
-    with connect(served.url("tcp"), timeout=timeout(20)) as c:
+    with connect(served.url(scheme), timeout=timeout(20), **options(scheme, ca)) as c:
         first_key, first_timeout = (short, 0.3) if leader_first else (long_, timeout(20))
         second_key, second_timeout = (long_, timeout(20)) if leader_first else (short, 0.3)
         first = start(lambda: c.call("hold", first_key, timeout=first_timeout), "first")
