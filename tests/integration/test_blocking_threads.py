@@ -543,3 +543,33 @@ def test_blocking_subscription_with_other_threads_calling(cert: Path) -> None:
             assert c.call("echo", "sync") == "sync"
             assert broker.stats()["inflight"] == 0
             sub.unsubscribe()
+
+
+def test_tls_connect_to_a_server_that_never_answers_hello_ends_in_time(
+    cert: Path, ca: trustme.CA
+) -> None:
+    """A TLS peer that completes the handshake and then says nothing: connect() fails with
+    ConnectError at its connect timeout (a blocking TLS read ignores SO_RCVTIMEO, so the client
+    waits for the WELCOME with poll())."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(timeout(10))
+    done = threading.Event()
+
+    def silent_peer() -> None:
+        conn, _ = listener.accept()
+        with server_context(cert).wrap_socket(conn, server_side=True) as tls:
+            tls.settimeout(timeout(10))
+            done.wait(timeout(10))  # holds the session open, says nothing
+
+    peer = start(silent_peer, "silent-peer")
+    try:
+        port = listener.getsockname()[1]
+        with pytest.raises(ConnectError, match="no answer to HELLO in time"):
+            connect(f"tls://127.0.0.1:{port}", connect_timeout=0.5, **options("tls", ca))
+    finally:
+        done.set()
+        join_all([peer])
+        listener.close()
+    peer[1].result()

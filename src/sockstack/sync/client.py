@@ -364,7 +364,13 @@ class StreamConnection(_Pipeline):
             except OSError as exc:
                 sock.close()
                 raise ConnectError(f"{ep}: TLS handshake: {exc.strerror or exc}") from None
-        sock.settimeout(None)
+        if ep.scheme == "tls":
+            # Non-blocking: a blocking TLS read ignores SO_RCVTIMEO (the ssl module retries
+            # SSL_read until application data comes, e.g. after a session ticket), so TLS reads
+            # and writes wait with poll() (the read outside _io, see _step_tls).
+            sock.setblocking(False)
+        else:
+            sock.settimeout(None)
         secret = self.client.secret
         core = Connection(
             Role.CLIENT,
@@ -397,9 +403,17 @@ class StreamConnection(_Pipeline):
         assert sock is not None and core is not None
         tls = ep.scheme == "tls"
         try:
-            sock.sendall(core.data_to_send())
+            self._sendall(sock, core.data_to_send())
+            waiter = None
+            if isinstance(sock, ssl.SSLSocket):  # non-blocking: wait for data with poll()
+                waiter = select.poll()
+                waiter.register(sock, select.POLLIN)
             while core.state is State.HELLO_SENT:
                 try:
+                    if waiter is not None and not sock.pending():  # type: ignore[attr-defined]
+                        left = deadline - time.monotonic()
+                        if left <= 0 or not waiter.poll(int(left * 1000) + 1):
+                            raise BlockingIOError
                     n = sock.recv_into(self._buf)
                 except (BlockingIOError, ssl.SSLWantReadError):  # SO_RCVTIMEO expired
                     left = deadline - time.monotonic()
@@ -513,14 +527,46 @@ class StreamConnection(_Pipeline):
         finally:
             self._leave(slot)
 
+    def _sendall(self, sock: socket.socket, data: bytes) -> None:
+        """``sock.sendall(data)``; over TLS (a non-blocking socket) with poll() while the
+        kernel's buffer is full, within the client's timeout (then BlockingIOError, as an
+        expired SO_SNDTIMEO). The caller holds ``_io`` once connected."""
+        if not isinstance(sock, ssl.SSLSocket):
+            sock.sendall(data)
+            return
+        view = memoryview(data)
+        pos, total = 0, len(view)
+        deadline = time.monotonic() + self.client.timeout
+        waiter: select.poll | None = None
+        while pos < total:
+            try:
+                pos += sock.send(view[pos:])
+                continue
+            except ssl.SSLWantWriteError:
+                want = select.POLLOUT
+            except ssl.SSLWantReadError:
+                want = select.POLLIN
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BlockingIOError("the TLS write did not finish in time")
+            if waiter is None:
+                waiter = select.poll()
+                waiter.register(sock, want)
+            else:
+                waiter.modify(sock, want)
+            waiter.poll(int(left * 1000) + 1)
+
     def _send(self, data: bytes | list[bytes], method: str, sock: socket.socket) -> None:
         """Write whole frames (the caller holds ``_io``). A frame cut short would leave the
         stream unreadable: the connection is dropped (every call fails) on any failure."""
         try:
             if isinstance(data, bytes):
-                sock.sendall(data)
+                if self._tls:
+                    self._sendall(sock, data)
+                else:
+                    sock.sendall(data)
             elif isinstance(sock, ssl.SSLSocket):  # TLS encrypts a copy anyway: no sendmsg
-                sock.sendall(b"".join(data))
+                self._sendall(sock, b"".join(data))
             else:
                 total = sum(len(p) for p in data)
                 sent = sock.sendmsg(data)
@@ -605,6 +651,9 @@ class StreamConnection(_Pipeline):
                     return self._feed(core, bytes(frame[:have])) + self._feed(core, None)
                 if n > 0:
                     have += n
+                elif self._tls and self._lead_poller is not None:  # the rest is on its way
+                    left = deadline - time.monotonic()
+                    self._lead_poller.poll(max(1, int(left * 1000) + 1))
         except BaseException:
             if self.sock is sock:
                 with self._io:
@@ -624,7 +673,7 @@ class StreamConnection(_Pipeline):
             sock = self.sock
             if out and sock is not None:
                 try:
-                    sock.sendall(out)
+                    self._sendall(sock, out)
                 except OSError:
                     pass
             if self.live and sock is not None and self.core is core and core.close_expected():
@@ -962,7 +1011,7 @@ class StreamConnection(_Pipeline):
             if sock is not None and core is not None and self.live:
                 try:
                     core.send_close(ErrorCode.NORMAL, "")
-                    sock.sendall(core.data_to_send())
+                    self._sendall(sock, core.data_to_send())
                 except OSError:
                     pass
             self.drop(closed)  # before another thread may send on the closing session
