@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import signal
 import socket
 import ssl
@@ -573,3 +574,20 @@ def test_tls_connect_to_a_server_that_never_answers_hello_ends_in_time(
         join_all([peer])
         listener.close()
     peer[1].result()
+
+
+def test_a_message_that_arrives_between_calls_is_kept_for_its_subscription(cert: Path) -> None:
+    """A subscription's message read by a call (not by get()) reaches the subscription: a call
+    reads what came while the client was idle before it sends (the old client discarded
+    messages read then)."""
+    with serving(cert, Broker()) as s:
+        url = s.url("tcp")
+        with connect(url, timeout=timeout(10)) as c, connect(url, timeout=timeout(10)) as pub:
+            sub = c.subscribe("idle.>")
+            pub.publish("idle.x", "while idle", qos=1)
+            sock = c.connection.sock
+            assert sock is not None
+            ready, _, _ = select.select([sock], [], [], timeout(10))  # the MSG has arrived
+            assert ready
+            assert c.call("echo", "call") == "call"  # reads the MSG before sending
+            assert sub.get(timeout(5)).value == "while idle"
