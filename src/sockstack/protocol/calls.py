@@ -2,14 +2,15 @@
 
 Both clients (:mod:`sockstack.asyncio.client`, :mod:`sockstack.sync.client`) keep their calls
 here and differ only in how they wait: the asyncio client parks a future in each
-:class:`PendingCall` (its ``waiter``), the blocking client reads its socket until
-:meth:`OneCall.settle` says its own call is answered. Time is an argument (``now``), never read.
+:class:`PendingCall` (its ``waiter``), the blocking client's threads each wait on a
+:class:`PendingCall` of their own (a subclass), settled by the thread reading the socket.
+Time is an argument (``now``), never read.
 
 - :class:`Calls` — the calls in flight on one connection or socket: ids that never collide with
   a call still waiting, a deadline per call, and answers matched *by request id* only, so a
   late answer to a call that timed out is never taken for the next call's.
-- :class:`OneCall` — the same rules for a caller with one call out at a time (the blocking
-  client), without the table: the blocking call's hot path stays as cheap as it was.
+- :class:`OneCall` — the same rules for a caller with one call out at a time, without the
+  table (the blocking client used it before its threads' calls were pipelined).
 - :func:`outcome` — RESPONSE -> result, ERROR -> :class:`RemoteError`, PONG -> None.
 
 An ERROR with code UNKNOWN_DELIVERY is never an answer: it refuses an ACK (publish/subscribe),

@@ -22,7 +22,7 @@ import asyncio
 import collections
 import inspect
 import logging
-import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -397,7 +397,6 @@ class BlockingPubSub:
 
     codec: Codec
     timeout: float
-    lock: threading.Lock
 
     if TYPE_CHECKING:
 
@@ -437,22 +436,21 @@ class BlockingPubSub:
         timeout: float | None,
     ) -> None:
         t = self.timeout if timeout is None else timeout
-        with self.lock:
-            conn = self.connection
-            if conn.kind == "datagram":
-                if qos:
-                    raise ConnectError("QoS 1 needs a tcp:// or tls:// broker URL")
-                cast("DatagramConnection", conn).send_datagram(
-                    encode_pub(topic, payload, 0, codec, retain)
-                )
-                return
-            stream = cast("StreamConnection", conn)
+        conn = self.connection  # thread-safe: no lock here (calls of threads are pipelined)
+        if conn.kind == "datagram":
             if qos:
-                stream.exchange(
-                    lambda rid: encode_pub(topic, payload, rid, codec, retain), "PUB " + topic, t
-                )
-            else:
-                stream.send_frame(encode_pub(topic, payload, 0, codec, retain), "PUB", t)
+                raise ConnectError("QoS 1 needs a tcp:// or tls:// broker URL")
+            cast("DatagramConnection", conn).send_datagram(
+                encode_pub(topic, payload, 0, codec, retain)
+            )
+            return
+        stream = cast("StreamConnection", conn)
+        if qos:
+            stream.exchange(
+                lambda rid: encode_pub(topic, payload, rid, codec, retain), "PUB " + topic, t
+            )
+        else:
+            stream.send_frame(encode_pub(topic, payload, 0, codec, retain), "PUB", t)
 
     def subscribe(
         self,
@@ -470,25 +468,24 @@ class BlockingPubSub:
         options = sub_options(group, qos, policy, max_msgs, max_bytes)
         codec = sub_codec(self.codec)
         conn = self.stream_connection("subscribe")
-        with self.lock:
-            inbox = _BlockingState.of(conn).inbox
-            made: list[int] = []
+        inbox = _BlockingState.of(conn).inbox
+        made: list[int] = []
 
-            def frame(rid: int) -> bytes:
-                # The box exists before SUB leaves: retained messages follow its answer, and
-                # may arrive in the same read.
-                inbox[rid] = collections.deque()
-                made.append(rid)
-                return encode_sub(rid, pattern, options, codec)
+        def frame(rid: int) -> bytes:
+            # The box exists before SUB leaves: retained messages follow its answer, and may
+            # arrive in the same read (by whichever thread reads).
+            inbox[rid] = collections.deque()
+            made.append(rid)
+            return encode_sub(rid, pattern, options, codec)
 
-            try:
-                sid, _ = conn.exchange(
-                    frame, "SUB " + pattern, self.timeout if timeout is None else timeout
-                )
-            except BaseException:
-                for rid in made:
-                    inbox.pop(rid, None)
-                raise
+        try:
+            sid, _ = conn.exchange(
+                frame, "SUB " + pattern, self.timeout if timeout is None else timeout
+            )
+        except BaseException:
+            for rid in made:
+                inbox.pop(rid, None)
+            raise
         return BlockingSubscription(self, sid, pattern)
 
 
@@ -515,8 +512,10 @@ class BlockingSubscription:
     """Messages of one subscription, read from the blocking client's connection.
 
     There is no background thread: messages are read from the socket when ``get()`` (or another
-    call on the same client) runs. A program that stops calling ``get()`` stops reading, and the
-    broker then treats it as a slow consumer (bounded queue, the subscription's policy). Use
+    call on the same client, in any thread) runs, and kept for their subscription. A program
+    that stops calling ``get()`` stops reading, and the broker then treats it as a slow consumer
+    (bounded queue, the subscription's policy). ``get()`` may run in one thread while others
+    make calls on the same client: whichever thread reads hands the messages over. Use
     :class:`~sockstack.AsyncClient` to receive while doing other work.
     """
 
@@ -531,11 +530,12 @@ class BlockingSubscription:
         t = client.timeout if timeout is None else timeout
         conn = client.stream_connection("subscribe")
         what = f"messages for subscription {self.sid}"
-        with client.lock:
-            box = _BlockingState.of(conn).inbox.setdefault(self.sid, collections.deque())
+        box = _BlockingState.of(conn).inbox.setdefault(self.sid, collections.deque())
+        deadline = time.monotonic() + t
+        while True:  # more than one turn only when another thread took the message first
             if not box:
                 try:
-                    conn.read_until(lambda: bool(box), t, what)
+                    conn.read_until(lambda: bool(box), max(0.0, deadline - time.monotonic()), what)
                 except CallTimeout:
                     raise CallTimeout(what, t) from None
                 except ConnectionClosed:
@@ -544,9 +544,13 @@ class BlockingSubscription:
                     raise ConnectionLost(
                         f"{conn.ep}: connection lost; subscriptions are gone"
                     ) from None
-            msg = box.popleft()
-            if msg.delivery_id:
-                conn.send_frame(encode_ack(msg.delivery_id), "ACK", client.timeout)
+            try:
+                msg = box.popleft()
+            except IndexError:
+                continue
+            break
+        if msg.delivery_id:
+            conn.send_frame(encode_ack(msg.delivery_id), "ACK", client.timeout)
         return _decode(msg)
 
     def __iter__(self) -> Iterator[Message]:
@@ -556,6 +560,5 @@ class BlockingSubscription:
     def unsubscribe(self) -> None:
         client = self.client
         conn = client.stream_connection("subscribe")
-        with client.lock:
-            _BlockingState.of(conn).inbox.pop(self.sid, None)
-            conn.send_frame(encode_unsub(self.sid), "UNSUB", client.timeout)
+        _BlockingState.of(conn).inbox.pop(self.sid, None)
+        conn.send_frame(encode_unsub(self.sid), "UNSUB", client.timeout)

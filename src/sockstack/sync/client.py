@@ -3,21 +3,38 @@
     with connect("tcp://127.0.0.1:5050") as c:
         assert c.call("add", 2, 3) == 5
 
-One call at a time per client (a lock makes it safe to share between threads). TCP: a lost
-connection fails the call in flight with :class:`ConnectionLost`, and the next call reconnects
-(with backoff, within its own timeout). UDP: retransmission with the same request id until the
-call's timeout; the server runs a retried call once. A refusal (ICMP port unreachable, reported
-as ECONNREFUSED on the connected socket: nothing listens there) makes the call send once more,
-and a second refusal fails it at once with :class:`ConnectError` (:class:`ConnectionLost` when
-earlier datagrams of it may have reached a server that has gone), not after its timeout. A
-call's timeout bounds connecting too: :func:`connect` takes at most ``min(connect_timeout,
-timeout)``, and a reconnect within a call never outlives the call's deadline.
+A client is safe to share between threads, and their calls are *pipelined* on its one
+connection (or UDP socket): 8 threads each calling a method that takes 0.2 s finish together in
+about 0.2 s. There is no background thread. Each call sends its request at once; then one of the
+threads waiting reads the socket for all of them (the *leader*) and hands every other thread its
+answer, matched by request id; when the leader's own answer has come it hands the reading over
+to a thread still waiting (leader/follower). A single-threaded caller is always the leader: it
+reads its own answer on its own thread, with no hand-off, as before. Each call keeps its own
+timeout; an exception in one thread (``KeyboardInterrupt`` included) ends only that thread's
+call.
+
+TCP: a lost connection fails every call in flight at once with :class:`ConnectionLost` (or
+:class:`ConnectionClosed`), and the next call reconnects (with backoff, within its own timeout;
+one thread connects, the others wait for it within theirs). :meth:`Client.close` from one thread
+fails the calls other threads have in flight with :class:`ConnectionLost` ("the client was
+closed"). UDP: retransmission with the same request id until the call's timeout, per call; the
+server runs a retried call once. With a ``secret``, UDP calls are made one at a time (a call's
+retransmissions are sealed for the server epoch its first datagram was sealed for, which the
+client tracks for the call in flight). A refusal (ICMP port unreachable, reported as
+ECONNREFUSED on the connected socket: nothing listens there) makes every call in flight send once
+more, and a second refusal fails them at once with :class:`ConnectError`
+(:class:`ConnectionLost` when earlier datagrams of a call may have reached a server that has
+gone), not after their timeout. A call's timeout bounds connecting too: :func:`connect` takes
+at most ``min(connect_timeout, timeout)``, and a reconnect within a call never outlives the
+call's deadline.
 
 After ``os.fork()`` a client is safe to use in both processes: the child's copy lets go of the
 parent's connection (its copy of the socket is closed, nothing is sent on it, so the parent's
 session stays open) and its next call connects afresh; over UDP the child gets a new socket (a
 new source port) and new random request ids, so the server's reply cache never answers one
-process with the other's results. This happens in an ``os.register_at_fork`` hook: the calls
+process with the other's results. The calls other threads of the parent had in flight at the
+fork are not the child's (those threads do not exist there): the child starts with no call
+waiting and locks of its own. This happens in an ``os.register_at_fork`` hook: the calls
 themselves check nothing.
 """
 
@@ -34,7 +51,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, Self
+from typing import Any, Self, cast
 
 from sockstack.errors import (
     CallTimeout,
@@ -53,7 +70,14 @@ from sockstack.protocol.auth import (
     trailer_of,
     unsealed_refusal,
 )
-from sockstack.protocol.calls import Backoff, Failover, OneCall, remote_error
+from sockstack.protocol.calls import (
+    Backoff,
+    Calls,
+    Failover,
+    PendingCall,
+    outcome,
+    remote_error,
+)
 from sockstack.protocol.codecs import MSGPACK, Codec
 from sockstack.protocol.connection import Connection, State
 from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, RetryPolicy
@@ -62,6 +86,7 @@ from sockstack.protocol.events import (
     Error,
     Event,
     PatternMessage,
+    Pong,
     Response,
     Role,
 )
@@ -71,6 +96,7 @@ from sockstack.transport.settings import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
     ClientSettings,
+    udp_gone,
     udp_refused,
 )
 from sockstack.transport.tls import handshake_failure, handshake_lost, tls_reason
@@ -89,17 +115,191 @@ _ERROR = int(MessageType.ERROR)
 _PONG = int(MessageType.PONG)
 _PING = int(MessageType.PING)
 _rng = random.Random()
+_OPEN = State.OPEN
 
 
-class StreamConnection:
-    """One blocking TCP/TLS connection driving a :class:`Connection` core.
+class _Slot(PendingCall[None]):
+    """One thread waiting on a connection: for the answer to its call (``rid``), or until a
+    condition holds (``until``: a subscription's messages have come). Its outcome (``done``,
+    ``ok``, ``value``) is written under the connection's mutex, by whichever thread settles it;
+    ``event`` wakes it when it waits as a follower."""
+
+    __slots__ = ("done", "event", "left", "lone", "ok", "track", "until", "value")
+
+    def __init__(self, until: Callable[[], bool] | None = None) -> None:
+        # A PendingCall of the call table itself (its waiter is the slot): one object per call.
+        # The other fields (method, timeout, deadline) are set by _register.
+        self.request_id = 0
+        self.until = until
+        self.done = False
+        self.event: threading.Event | None = None
+        self.left = False  # its thread has stopped waiting (all done under the mutex)
+        # Set when settled: ok, value (the result, or the exception to raise). UDP sets track
+        # (the datagram core retransmits it; a PING it does not) and lone (None until first
+        # refused, then whether a single datagram had been sent).
+        self.ok: bool
+        self.value: Any
+        self.track: bool
+        self.lone: bool | None
+
+
+class _Gone(Exception):
+    """Raised inside a read after the connection was dropped (every waiting call is failed)."""
+
+
+def _lost(ep: Endpoint, why: str) -> Callable[[], BaseException]:
+    return lambda: ConnectionLost(f"{ep}: {why}; the call may or may not have run")
+
+
+class _Pipeline:
+    """The calls in flight on one connection or socket, and who reads for them.
+
+    Leader/follower: a thread waiting for an answer becomes the *leader* if nobody reads (it
+    reads the socket, settles every call whose answer comes, routes pattern messages) or waits
+    on its slot's event as a *follower*. A leader whose own call has ended hands the reading to
+    a follower (:meth:`_leave`). Every wait is bounded by its own call's deadline.
+
+    Locks: ``_mutex`` (short: the call table, the slots, who leads) is never held while
+    blocking, and never taken before ``_io`` (the sending side: the core's output and the
+    socket's writes; over TLS, reads too).
+    """
+
+    def _init_pipeline(self) -> None:
+        self._mutex = threading.Lock()
+        self._io = threading.RLock()
+        self.calls: Calls[None] = Calls()  # its PendingCalls are the _Slots
+        self._leader: _Slot | None = None
+        self._waiting: set[_Slot] = set()  # followers blocked on their event
+        self._watchers: set[_Slot] = set()  # read_until's slots (settled by a condition)
+
+    def _register(self, slot: _Slot, method: str, timeout: float, now: float, rid: int = 0) -> int:
+        """Record ``slot``'s call (the caller holds ``_mutex``) with a fresh id unless ``rid``
+        is given; returns its id. The deadline is the waiting thread's to keep, not the table's
+        (as ``Calls.start(..., timed=False)``, without a second object)."""
+        calls = self.calls
+        slot.request_id = rid = rid or calls.new_id()
+        slot.method, slot.timeout, slot.deadline, slot.waiter = method, timeout, now + timeout, None
+        calls.pending[rid] = slot
+        return rid
+
+    def _settle(self, events: Sequence[Any]) -> None:
+        """Hand each answer in ``events`` to the call it answers (by request id alone: an answer
+        to a call that has stopped waiting is nobody's), and wake the threads whose condition
+        now holds."""
+        with self._mutex:
+            take = self.calls.take
+            for ev in events:
+                if type(ev) is Response or type(ev) is Error or type(ev) is Pong:
+                    pending = take(ev)
+                    if pending is not None:
+                        slot: _Slot = pending  # type: ignore[assignment]  # (no cast call)
+                        slot.ok, slot.value = outcome(ev)
+                        slot.done = True
+                        if slot.event is not None:
+                            slot.event.set()
+            if self._watchers:
+                self._wake_watchers()
+
+    def _wake_watchers(self) -> None:
+        for slot in self._watchers:  # under _mutex
+            if slot.event is not None and not slot.done and slot.until is not None:
+                if slot.until():
+                    slot.event.set()
+
+    def _fail(self, slots: Sequence[_Slot], error: Callable[[], BaseException]) -> None:
+        """Fail ``slots`` still waiting with ``error()`` (a new exception each: they are raised
+        in different threads). The caller holds ``_mutex``."""
+        for slot in slots:
+            if not slot.done:
+                slot.ok, slot.value, slot.done = False, error(), True
+                if slot.event is not None:
+                    slot.event.set()
+
+    def _fail_all(self, error: Callable[[], BaseException]) -> None:
+        with self._mutex:
+            slots = [cast(_Slot, p) for p in self.calls.drain()]
+            self._fail(slots + list(self._watchers), error)
+
+    def _step(self, slot: _Slot, deadline: float, method: str, timeout: float) -> None:
+        """As the leader: one read and what it brought handled (or a retransmission timer)."""
+        raise NotImplementedError
+
+    def _wait(self, slot: _Slot, deadline: float, method: str, timeout: float) -> Any:
+        """Wait, leading or following, until ``slot`` is settled; its result, or raise its
+        error (:class:`CallTimeout` at ``deadline``)."""
+        mutex = self._mutex
+        while True:
+            with mutex:
+                if not slot.done and slot.until is not None and slot.until():
+                    slot.ok, slot.value, slot.done = True, None, True
+                if slot.done:
+                    break
+                leader = self._leader
+                if leader is None:
+                    self._leader = leader = slot
+                event = None
+                if leader is not slot:
+                    event = slot.event
+                    if event is None:
+                        event = slot.event = threading.Event()
+                    else:
+                        event.clear()
+                    self._waiting.add(slot)
+            if leader is slot:
+                self._step(slot, deadline, method, timeout)
+                continue
+            assert event is not None
+            left = deadline - time.monotonic()
+            woken = left > 0 and event.wait(left)
+            with mutex:
+                self._waiting.discard(slot)
+                if not woken and not slot.done:
+                    raise CallTimeout(method, timeout)
+        if slot.ok:
+            return slot.value
+        raise slot.value
+
+    def _leave(self, slot: _Slot) -> None:
+        """``slot``'s thread stops waiting (answered, failed, timed out or interrupted): a later
+        answer to its id is nobody's; if it was reading, a follower takes over."""
+        if slot.left:
+            return
+        with self._mutex:
+            slot.left = True
+            if slot.request_id and not slot.done:
+                self.calls.forget(slot.request_id)
+            if slot.until is not None:
+                self._watchers.discard(slot)
+            waiting = self._waiting
+            waiting.discard(slot)
+            if self._leader is slot:
+                self._leader = None
+            if self._leader is None and waiting:  # (also when a follower woken to lead left)
+                self._promote()
+
+    def _promote(self) -> None:
+        """Wake a follower to take over the reading (under ``_mutex``)."""
+        follower = next(iter(self._waiting))
+        assert follower.event is not None
+        follower.event.set()
+
+
+class StreamConnection(_Pipeline):
+    """One blocking TCP/TLS connection driving a :class:`Connection` core, shared by threads.
 
     Timeouts use the kernel's SO_RCVTIMEO/SO_SNDTIMEO on a blocking socket rather than Python's
     socket timeouts, which poll() before every recv: one system call per read instead of two.
+    Over plain TCP the leader reads while other threads write (whole frames, under ``_io``);
+    over TLS every use of the TLS object is under ``_io`` (OpenSSL does not allow a read and a
+    write at once on one connection), so the leader waits for data with ``poll()`` outside it;
+    a thread writing a large TLS request holds it until the kernel has taken the bytes, and
+    reading waits meanwhile (a server that stops reading until its answers are read fails the
+    write at the writer's timeout, SO_SNDTIMEO, as a single thread's would).
 
     What patterns use: :meth:`exchange` (a frame that gets a RESPONSE), :meth:`send_frame` (one
     that gets none), :meth:`read_until`, ``routes`` (message class -> handler, called for
-    messages read during any call) and ``state`` (their per-connection state).
+    messages read during any call, by whichever thread reads) and ``state`` (their
+    per-connection state). All of them are safe to call from any thread.
     """
 
     kind = "stream"
@@ -109,25 +309,20 @@ class StreamConnection:
         self.client = client
         self.sock: socket.socket | None = None
         self.core: Connection | None = None
-        self.calls = OneCall()
+        self.live = False
+        """True from the server's WELCOME until the connection is dropped."""
+        self._init_pipeline()
+        self._connecting = threading.Lock()
         self.routes: dict[type, Route] = {}
         self.state: dict[str, Any] = {}
         self.ever_connected = False
         self._sock_timeout = 0.0
-        self._poller: select.poll | None = None
+        self._poller: select.poll | None = None  # for a look before a call (not waiting)
+        self._lead_poller: select.poll | None = None  # TLS: the leader waits for data on it
         self._buf = bytearray(_RECV)
         self._view = memoryview(self._buf)
         self._limit = HEADER_SIZE + client.max_frame  # the largest frame read whole
         self._tls = eps[0].scheme == "tls"
-
-    def _set_timeout(self, seconds: float) -> None:
-        assert self.sock is not None
-        seconds = max(seconds, 0.001)
-        sec = int(seconds)
-        tv = struct.pack("@ll", sec, int((seconds - sec) * 1e6))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-        self._sock_timeout = seconds
 
     @property
     def ep(self) -> Endpoint:
@@ -170,7 +365,13 @@ class StreamConnection:
             except OSError as exc:
                 sock.close()
                 raise ConnectError(f"{ep}: TLS handshake: {exc.strerror or exc}") from None
-        sock.settimeout(None)
+        if ep.scheme == "tls":
+            # Non-blocking: a blocking TLS read ignores SO_RCVTIMEO (the ssl module retries
+            # SSL_read until application data comes, e.g. after a session ticket), so TLS reads
+            # and writes wait with poll() (the read outside _io, see _step_tls).
+            sock.setblocking(False)
+        else:
+            sock.settimeout(None)
         secret = self.client.secret
         core = Connection(
             Role.CLIENT,
@@ -188,8 +389,13 @@ class StreamConnection:
             self.drop()
             raise
         self.ever_connected = True
-        self._poller = select.poll()
-        self._poller.register(sock, select.POLLIN)
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        if self._tls:
+            self._lead_poller = select.poll()
+            self._lead_poller.register(sock, select.POLLIN)
+        self.live = True  # other threads' calls may go out from here on
+        self._poller = poller  # (after live: a call that sees it finds the connection live)
 
     def _hello(self, ep: Endpoint, deadline: float) -> None:
         """Send HELLO and read until WELCOME. Every failure is a :class:`ConnectError` (no call
@@ -198,9 +404,17 @@ class StreamConnection:
         assert sock is not None and core is not None
         tls = ep.scheme == "tls"
         try:
-            sock.sendall(core.data_to_send())
+            self._sendall(sock, core.data_to_send())
+            waiter = None
+            if isinstance(sock, ssl.SSLSocket):  # non-blocking: wait for data with poll()
+                waiter = select.poll()
+                waiter.register(sock, select.POLLIN)
             while core.state is State.HELLO_SENT:
                 try:
+                    if waiter is not None and not sock.pending():  # type: ignore[attr-defined]
+                        left = deadline - time.monotonic()
+                        if left <= 0 or not waiter.poll(int(left * 1000) + 1):
+                            raise BlockingIOError
                     n = sock.recv_into(self._buf)
                 except (BlockingIOError, ssl.SSLWantReadError):  # SO_RCVTIMEO expired
                     left = deadline - time.monotonic()
@@ -215,7 +429,7 @@ class StreamConnection:
                     if type(ev) is ConnectionTerminated:
                         why = handshake_failure(ev.code, ev.reason, ev.by_peer, tls=tls)
                         raise ConnectError(f"{ep}: {why}")
-                if self.sock is None:  # ended by the core without a terminating event
+                if core.close_expected():  # ended by the core without a terminating event
                     raise ConnectError(f"{ep}: {handshake_failure(None, '', True, tls=tls)}")
         except ConnectError:  # an OSError too
             raise
@@ -225,22 +439,46 @@ class StreamConnection:
             why = handshake_failure(None, "", True, tls=tls)
             raise ConnectError(f"{ep}: {why} ({exc.strerror or exc})") from None
 
-    def drop(self) -> None:
-        if self.sock is not None:
+    def drop(
+        self, error: Callable[[], BaseException] | None = None, only: socket.socket | None = None
+    ) -> None:
+        """Close the connection (``only`` if it is still that socket). Every call waiting on it
+        (any thread's) fails at once with ``error()``, by default :class:`ConnectionLost`; a
+        thread blocked reading it is woken."""
+        with self._mutex:
+            sock = self.sock
+            if only is not None and sock is not only:
+                return  # a connection already dropped (and maybe replaced) by another thread
+            self.sock, self.core, self._poller, self.live = None, None, None, False
+            self._lead_poller = None
+            slots = [cast(_Slot, p) for p in self.calls.drain()]
+            self._fail(slots + list(self._watchers), error or _lost(self.ep, "connection lost"))
+        if sock is not None:
             try:
-                self.sock.close()
-            finally:
-                self.sock, self.core = None, None
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a leader blocked in recv (close does not)
+            except OSError:
+                pass
+            try:
+                sock.close()
+            except OSError:
+                pass
 
     def ensure(self, deadline: float, method: str, timeout: float) -> None:
+        """Connect if not connected: one thread connects (and reconnects with backoff), the
+        others wait for it, each within its own deadline."""
+        if self.live:
+            return
+        if not self._connecting.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise CallTimeout(method, timeout, "not connected: another thread is connecting")
+        try:
+            if not self.live:
+                self._reconnect(deadline, method, timeout)
+        finally:
+            self._connecting.release()
+
+    def _reconnect(self, deadline: float, method: str, timeout: float) -> None:
         if self.sock is not None:
-            # Anything readable between calls (a keepalive PING, the server's CLOSE) is handled
-            # before sending, so a request never goes out on a session the server has ended.
-            assert self._poller is not None
-            if self._poller.poll(0):
-                self._poll_idle()
-            if self.sock is not None:
-                return
+            self.drop()  # ended while no call was reading
         if not self.ever_connected:
             self._connect(deadline)
             return
@@ -258,69 +496,115 @@ class StreamConnection:
                 raise CallTimeout(method, timeout, f"not connected: {last}")
             time.sleep(delay)  # reconnect backoff, bounded by the call's deadline
 
-    def _poll_idle(self) -> None:
-        """Handle what arrived while idle (keepalive PINGs, a CLOSE) before reusing the socket."""
-        sock, core = self.sock, self.core
-        assert sock is not None and core is not None
-        while True:
-            r, _, _ = select.select([sock], [], [], 0)
-            if not r:
-                break
-            try:
-                data = sock.recv(_RECV)
-            except OSError:
-                data = b""
-            # Only the core's side effects matter here: PONGs queued, CLOSE answered.
-            core.receive_data(data) if data else core.receive_eof()
-            out = core.data_to_send()
-            if out:
-                try:
-                    sock.sendall(out)
-                except OSError:
-                    pass
-            if not data or core.close_expected():
-                self.drop()
-                return
-
-    def _send(self, data: bytes, method: str) -> None:
-        assert self.sock is not None
+    def _idle(self) -> bool:
+        """Something arrived while no call was reading (a keepalive PING, the server's CLOSE,
+        a subscription's message)."""
+        poller, sock = self._poller, self.sock
+        if poller is None or sock is None:
+            return False
         try:
-            self.sock.sendall(data)
-        except (BlockingIOError, ssl.SSLWantWriteError):  # SO_SNDTIMEO: server not reading
-            self.drop()
-            raise CallTimeout(method, self._sock_timeout, "server not reading") from None
-        except OSError as exc:
-            self.drop()
-            raise ConnectionLost(f"{self.ep}: {exc}; the call may or may not have run") from None
+            if poller.poll(0):
+                return True
+        except RuntimeError:  # another thread polls at this moment: it will read what came
+            return False
+        return self._tls and isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
-    def _sendmsg(self, pieces: list[bytes], method: str) -> None:
-        assert self.sock is not None
-        if isinstance(self.sock, ssl.SSLSocket):  # TLS encrypts a copy anyway: no sendmsg
-            self._send(b"".join(pieces), method)
-            return
-        total = sum(len(p) for p in pieces)
-        try:
-            sent = self.sock.sendmsg(pieces)
-            if sent < total:  # finish what the kernel did not take at once
-                self.sock.sendall(memoryview(b"".join(pieces))[sent:])
-        except BlockingIOError:
-            self.drop()
-            raise CallTimeout(method, self._sock_timeout, "server not reading") from None
-        except OSError as exc:
-            self.drop()
-            raise ConnectionLost(f"{self.ep}: {exc}; the call may or may not have run") from None
-
-    def _recv(self, deadline: float, method: str, into: memoryview | None = None) -> int:
-        """One read into the connection's buffer (or ``into``): bytes read (0 at end of stream),
-        or -1 when the socket's timeout expired before the call's deadline."""
+    def _tls_pending(self) -> bool:
+        """Bytes the TLS layer decrypted already (poll() does not see them)."""
         sock = self.sock
+        return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+
+    def _read_idle(self, deadline: float, method: str, timeout: float) -> None:
+        """Handle what arrived while idle before sending, so that a request never goes out on a
+        session the server has ended; only when nobody else reads (else the leader does)."""
+        slot = _Slot()
+        with self._mutex:
+            if self._leader is not None:
+                return
+            self._leader = slot
+        try:
+            while self.live and self._idle():
+                self._step(slot, deadline, method, timeout)
+        finally:
+            self._leave(slot)
+
+    def _sendall(self, sock: socket.socket, data: bytes) -> None:
+        """``sock.sendall(data)``; over TLS (a non-blocking socket) with poll() while the
+        kernel's buffer is full, within the client's timeout (then BlockingIOError, as an
+        expired SO_SNDTIMEO). The caller holds ``_io`` once connected."""
+        if not isinstance(sock, ssl.SSLSocket):
+            sock.sendall(data)
+            return
+        view = memoryview(data)
+        pos, total = 0, len(view)
+        deadline = time.monotonic() + self.client.timeout
+        waiter: select.poll | None = None
+        while pos < total:
+            try:
+                pos += sock.send(view[pos:])
+                continue
+            except ssl.SSLWantWriteError:
+                want = select.POLLOUT
+            except ssl.SSLWantReadError:
+                want = select.POLLIN
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BlockingIOError("the TLS write did not finish in time")
+            if waiter is None:
+                waiter = select.poll()
+                waiter.register(sock, want)
+            else:
+                waiter.modify(sock, want)
+            waiter.poll(int(left * 1000) + 1)
+
+    def _send(self, data: bytes | list[bytes], method: str, sock: socket.socket) -> None:
+        """Write whole frames (the caller holds ``_io``). A frame cut short would leave the
+        stream unreadable: the connection is dropped (every call fails) on any failure."""
+        try:
+            if isinstance(data, bytes):
+                if self._tls:
+                    self._sendall(sock, data)
+                else:
+                    sock.sendall(data)
+            elif isinstance(sock, ssl.SSLSocket):  # TLS encrypts a copy anyway: no sendmsg
+                self._sendall(sock, b"".join(data))
+            else:
+                total = sum(len(p) for p in data)
+                sent = sock.sendmsg(data)
+                if sent < total:  # finish what the kernel did not take at once
+                    sock.sendall(memoryview(b"".join(data))[sent:])
+        except (BlockingIOError, ssl.SSLWantWriteError):  # SO_SNDTIMEO: server not reading
+            self.drop(_lost(self.ep, "a write timed out (server not reading)"), sock)
+            raise CallTimeout(method, self._sock_timeout, "server not reading") from None
+        except OSError as exc:
+            self.drop(_lost(self.ep, str(exc)), sock)
+            raise ConnectionLost(f"{self.ep}: {exc}; the call may or may not have run") from None
+        except BaseException:  # interrupted part-way: the stream is not whole any more
+            self.drop(_lost(self.ep, "a write was interrupted"), sock)
+            raise
+
+    def _set_timeout(self, seconds: float, sock: socket.socket | None = None) -> None:
+        sock = self.sock if sock is None else sock
         assert sock is not None
+        seconds = max(seconds, 0.001)
+        sec = int(seconds)
+        tv = struct.pack("@ll", sec, int((seconds - sec) * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        self._sock_timeout = seconds
+
+    def _recv(
+        self, deadline: float, method: str, sock: socket.socket, into: memoryview | None = None
+    ) -> int:
+        """One read into the connection's buffer (or ``into``): bytes read (0 at end of stream),
+        or -1 when the socket's timeout expired before the call's deadline. Raises _Gone when
+        the connection failed (dropped: every call has its error)."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise CallTimeout(method, self.client.timeout)
         t = self._sock_timeout
         if remaining < t * 0.9 or remaining > t * 1.1:
-            self._set_timeout(remaining)  # re-armed only when off by more than 10 %
+            self._set_timeout(remaining, sock)  # re-armed only when off by more than 10 %
         try:
             return sock.recv_into(self._buf if into is None else into)
         except (BlockingIOError, ssl.SSLWantReadError):  # SO_RCVTIMEO expired
@@ -328,15 +612,15 @@ class StreamConnection:
                 raise CallTimeout(method, self.client.timeout) from None
             return -1
         except OSError as exc:
-            self.drop()
-            raise ConnectionLost(f"{self.ep}: {exc}; the call may or may not have run") from None
+            self.drop(_lost(self.ep, str(exc)), sock)
+            raise _Gone from None
 
     def _events(self, n: int, deadline: float = 0.0, method: str = "") -> list[Event]:
-        """The events of ``n`` bytes just read (0: end of stream). The socket is dropped if the
-        session ended. With a ``deadline``, a large frame begun in these bytes is read whole,
-        straight into its own buffer."""
+        """The events of ``n`` bytes just read (0: end of stream). With a ``deadline``, a large
+        frame begun in these bytes is read whole, straight into its own buffer."""
         core = self.core
-        assert core is not None
+        if core is None:
+            raise _Gone
         if n:
             view = self._view[:n]
             single = core.receive_single(view)  # the common case: one whole RESPONSE
@@ -345,57 +629,198 @@ class StreamConnection:
             if deadline and n >= HEADER_SIZE and not core.buffered:
                 total = declared_size(view)
                 if total is not None and n < total and _GATHER_ABOVE < total <= self._limit:
-                    return self._large(view, total, deadline, method)
-            return self._feed(view.tobytes())
-        return self._feed(None)
+                    return self._large(core, view, total, deadline, method)
+            return self._feed(core, view.tobytes())
+        return self._feed(core, None)
 
-    def _large(self, first: memoryview, total: int, deadline: float, method: str) -> list[Event]:
+    def _large(
+        self, core: Connection, first: memoryview, total: int, deadline: float, method: str
+    ) -> list[Event]:
         """Read the rest of a large frame into one buffer and decode it from there: no copies
         of the chunks and no join (the kernel writes where the frame will be decoded)."""
-        core = self.core
-        assert core is not None
+        sock = self.sock
+        if sock is None:
+            raise _Gone
         frame = bytearray(total)
         view = memoryview(frame)
         have = len(first)
         view[:have] = first
         try:
             while have < total:
-                n = self._recv(deadline, method, view[have:])
+                n = self._recv(deadline, method, sock, view[have:])
                 if n == 0:
-                    return self._feed(bytes(frame[:have])) + self._feed(None)
+                    return self._feed(core, bytes(frame[:have])) + self._feed(core, None)
                 if n > 0:
                     have += n
+                elif self._tls and self._lead_poller is not None:  # the rest is on its way
+                    left = deadline - time.monotonic()
+                    self._lead_poller.poll(max(1, int(left * 1000) + 1))
         except BaseException:
-            if self.sock is not None:
-                core.receive_data(bytes(frame[:have]))  # keep the stream in step for later
+            if self.sock is sock:
+                with self._io:
+                    core.receive_data(bytes(frame[:have]))  # keep the stream in step for later
             raise
         single = core.receive_single(view)
         if single is not None:
             return [single]
-        return self._feed(bytes(frame))
+        return self._feed(core, bytes(frame))
 
-    def _feed(self, data: bytes | None) -> list[Event]:
-        """Bytes read (None: end of stream) through the general path."""
-        sock, core = self.sock, self.core
-        assert sock is not None and core is not None
-        events = core.receive_data(data) if data is not None else core.receive_eof()
-        out = core.data_to_send()
-        if out:
-            try:
-                sock.sendall(out)
-            except OSError:
-                pass
-        if core.close_expected():
-            self.drop()
+    def _feed(self, core: Connection, data: bytes | None) -> list[Event]:
+        """Bytes read (None: end of stream) through the general path; what the core answers
+        (a PONG, the reply to a CLOSE) is sent at once."""
+        with self._io:  # the core's output is shared with the senders
+            events = core.receive_data(data) if data is not None else core.receive_eof()
+            out = core.data_to_send()
+            sock = self.sock
+            if out and sock is not None:
+                try:
+                    self._sendall(sock, out)
+                except OSError:
+                    pass
+            if self.live and sock is not None and self.core is core and core.close_expected():
+                # The session ended: settle what came with the end and drop the connection
+                # before any other thread may send on it (they wait for _io).
+                self._handle(events, core, sock)
+                return []
         return events
 
-    @staticmethod
-    def _terminated(events: list[Event], ep: Endpoint) -> None:
+    def _handle(self, events: list[Event], core: Connection, sock: socket.socket) -> None:
+        """Route pattern messages, settle answers; drop the connection if the session ended
+        (every call waiting fails with the CLOSE's code, or ConnectionLost)."""
+        routes = self.routes
+        ended: ConnectionTerminated | None = None
         for ev in events:
-            if type(ev) is ConnectionTerminated:
-                if ev.by_peer and ev.code is not None:
-                    raise ConnectionClosed(ev.code, ev.reason)
-                raise ConnectionLost(f"{ep}: {ev.reason}; the call may or may not have run")
+            if isinstance(ev, PatternMessage):
+                route = routes.get(type(ev))
+                if route is not None:
+                    route(ev)
+            elif type(ev) is ConnectionTerminated:
+                ended = ev
+        self._settle(events)
+        if ended is not None or core.close_expected():
+            ep = self.ep
+            if ended is not None and ended.by_peer and ended.code is not None:
+                code, reason = ended.code, ended.reason
+                self.drop(lambda: ConnectionClosed(code, reason), sock)
+            else:
+                self.drop(_lost(ep, ended.reason if ended is not None else "connection lost"), sock)
+
+    def _step(self, slot: _Slot, deadline: float, method: str, timeout: float) -> None:
+        sock, core = self.sock, self.core
+        if sock is None or core is None or not self.live:
+            with self._mutex:
+                self._fail([slot], _lost(self.ep, "connection lost"))
+            return
+        if time.monotonic() >= deadline:
+            raise CallTimeout(method, timeout)
+        try:
+            if self._tls:
+                self._step_tls(sock, core, deadline, method)
+                return
+            n = self._recv(deadline, method, sock)
+            if n > 0:
+                single = core.receive_single(self._view[:n])  # the common case first
+                if single is not None:
+                    self._settle((single,))
+                    return
+            if n >= 0:
+                self._took(n, sock, core, deadline, method)
+        except CallTimeout:
+            raise CallTimeout(method, timeout) from None
+        except _Gone:
+            return  # every call (this one too) has its error
+
+    def _took(
+        self, n: int, sock: socket.socket, core: Connection, deadline: float, method: str
+    ) -> None:
+        """Handle ``n`` bytes the leader read (0: end of stream) through the general path."""
+        try:
+            self._handle(self._events(n, deadline, method), core, sock)
+        except (CallTimeout, _Gone):
+            raise
+        except BaseException:  # read, not handled (interrupted): the answers in it are lost
+            self.drop(_lost(self.ep, "a read was interrupted"), sock)
+            raise
+
+    def _step_tls(
+        self, sock: socket.socket, core: Connection, deadline: float, method: str
+    ) -> None:
+        assert isinstance(sock, ssl.SSLSocket)
+        if not sock.pending():
+            poller = self._lead_poller  # the leader's own: a poll object is one thread's
+            if poller is None:
+                raise _Gone
+            left = deadline - time.monotonic()
+            if not poller.poll(max(1, int(left * 1000) + 1)):  # outside _io: others may write
+                return
+        with self._io:
+            if self.sock is not sock:
+                raise _Gone
+            n = self._recv(deadline, method, sock)
+            if n < 0:
+                return
+            try:
+                events = self._events(n, deadline, method)
+            except (CallTimeout, _Gone):
+                raise
+            except BaseException:
+                self.drop(_lost(self.ep, "a read was interrupted"), sock)
+                raise
+        self._handle(events, core, sock)
+
+    # ------------------------------------------------------------------ calls
+
+    def _begin(self, slot: _Slot, deadline: float, method: str, timeout: float) -> None:
+        """Connect if needed; read what came while idle when nobody else reads."""
+        if not self.live:
+            self.ensure(deadline, method, timeout)
+        elif self._leader is None and self._idle():
+            self._read_idle(deadline, method, timeout)
+            if not self.live:
+                self.ensure(deadline, method, timeout)
+
+    def _start(
+        self,
+        slot: _Slot,
+        method: str,
+        timeout: float,
+        now: float,
+        frame: Callable[[Connection, int], bytes | list[bytes]],
+    ) -> None:
+        """Register ``slot``'s call and send the frame ``frame(core, request_id)`` gives; the
+        request id and the frame are made under ``_io``, so requests leave whole and in the
+        order of their ids."""
+        with self._io:
+            sock, core = self.sock, self.core
+            if sock is None or core is None or not self.live or core.state is not _OPEN:
+                sock, core = self._relive(now + timeout, method, timeout)
+            with self._mutex:
+                rid = self._register(slot, method, timeout, now)
+            data = frame(core, rid)
+            self._send(data, method, sock)
+
+    def _relive(
+        self, deadline: float, method: str, timeout: float
+    ) -> tuple[socket.socket, Connection]:
+        """Called holding ``_io`` when the connection went down between a call's check and its
+        send (another thread's call lost it): connect again within the call's deadline, and
+        return holding ``_io``. The call was not sent: ConnectError if it cannot be."""
+        io = self._io
+        for _ in range(3):
+            io.release()
+            try:
+                self.ensure(deadline, method, timeout)
+            finally:
+                io.acquire()
+            sock, core = self.sock, self.core
+            if sock is not None and core is not None and self.live:
+                if core.state is State.OPEN:
+                    return sock, core
+                self.drop(_lost(self.ep, "the session ended"), sock)  # (not expected: safety)
+        raise ConnectError(
+            f"{self.ep}: the connection ended as soon as it was made, three times; the call was "
+            "not sent"
+        )
 
     def call(
         self,
@@ -408,97 +833,103 @@ class StreamConnection:
     ) -> Any:
         now = time.monotonic()
         deadline = now + timeout
-        sock = self.sock
-        poller = self._poller
-        if (
-            sock is None
-            or poller is None
-            or poller.poll(0)
-            or (self._tls and isinstance(sock, ssl.SSLSocket) and sock.pending())
-        ):
-            self.ensure(deadline, method, timeout)  # (re)connect, or read what came unasked
-            sock = self.sock
-        core = self.core
-        assert core is not None and sock is not None
-        calls = self.calls
-        rid = calls.begin()
+        slot = _Slot()
         try:
-            pieces = None
-            if not ping and kwargs is None and codec is MSGPACK:
-                pieces = core.request_frame(rid, method, args)  # the common case, in one piece
-                if pieces is not None and len(pieces) == 1:
-                    self._send(pieces[0], method)
-                    # The first read, inlined (_recv without its call and clock reading: the
-                    # time left is still about ``timeout``).
-                    t = self._sock_timeout
-                    if timeout < t * 0.9 or timeout > t * 1.1:
-                        self._set_timeout(timeout)
-                    try:
-                        n = sock.recv_into(self._buf)
-                    except (BlockingIOError, ssl.SSLWantReadError):  # SO_RCVTIMEO expired
-                        n = -1
-                    except OSError as exc:
-                        self.drop()
-                        raise ConnectionLost(
-                            f"{self.ep}: {exc}; the call may or may not have run"
-                        ) from None
-                    if n > 0:
-                        single = core.receive_single(self._view[:n])
-                        if type(single) is Response and calls.answers(single):
-                            return single.result
-                        if single is not None:
-                            events: list[Event] = [single]
-                        else:
-                            events = self._events(n, deadline, method)
+            poller = self._poller  # None when not connected
+            if poller is None:
+                self._begin(slot, deadline, method, timeout)
+            elif self._leader is None:  # nobody reads: anything that came while idle?
+                try:
+                    idle = poller.poll(0) or (self._tls and self._tls_pending())
+                except RuntimeError:  # another thread polls at this moment: it reads
+                    idle = False
+                if idle:
+                    self._begin(slot, deadline, method, timeout)
+            with self._io:  # the id and the frame under _io: requests leave whole, in id order
+                sock, core = self.sock, self.core
+                if sock is None or core is None or not self.live or core.state is not _OPEN:
+                    sock, core = self._relive(deadline, method, timeout)
+                with self._mutex:  # (_register inlined: the hot path)
+                    calls = self.calls
+                    slot.request_id = rid = calls.new_id()
+                    slot.method, slot.timeout, slot.deadline = method, timeout, deadline
+                    slot.waiter = None
+                    calls.pending[rid] = slot
+                    if self._leader is None:
+                        self._leader = slot  # nobody reads: this thread will
+                data: bytes | list[bytes] | None = None
+                if not ping and kwargs is None and codec is MSGPACK:
+                    data = core.request_frame(rid, method, args)  # the common case
+                    if data is not None and len(data) == 1:
+                        data = data[0]
+                if data is None:
+                    if ping:
+                        core.send_ping(rid)
                     else:
-                        events = self._events(n) if n == 0 else []
-                    return self._finish(events, rid, deadline, method, timeout)
-            if pieces is None:
-                if ping:
-                    core.send_ping(rid)
-                else:
-                    core.send_request(rid, method, args, kwargs, codec)
-                pieces = core.buffers_to_send()
-            if len(pieces) > 3 or len(pieces[-1]) > _GATHER_ABOVE:
-                self._sendmsg(pieces, method)  # header, meta, body pieces: no copy of the body
-            else:
-                self._send(b"".join(pieces), method)
-            return self._finish([], rid, deadline, method, timeout)
+                        core.send_request(rid, method, args, kwargs, codec)
+                    pieces = core.buffers_to_send()
+                    if len(pieces) > 3 or len(pieces[-1]) > _GATHER_ABOVE:
+                        data = pieces  # header, meta, body pieces: no copy of the body
+                    else:
+                        data = b"".join(pieces)
+                self._send(data, method, sock)
+            if self._leader is slot:
+                # The first read inline: one thread alone reads its own answer right here.
+                # Over TLS, a wait for data outside _io (others may write), then the read in it.
+                tls = self._tls
+                ready = not tls
+                if tls:
+                    poller = self._lead_poller
+                    ready = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+                    if not ready and poller is not None:
+                        ready = bool(poller.poll(max(1, int(timeout * 1000) + 1)))
+                    if ready:
+                        self._io.acquire()
+                        if self.sock is not sock:
+                            self._io.release()
+                            ready = False
+                if ready:
+                    try:
+                        # (_recv inlined: the time left is about ``timeout``)
+                        t = self._sock_timeout
+                        if timeout < t * 0.9 or timeout > t * 1.1:
+                            self._set_timeout(timeout, sock)
+                        try:
+                            try:
+                                n = sock.recv_into(self._buf)
+                            except (BlockingIOError, ssl.SSLWantReadError):  # SO_RCVTIMEO expired
+                                n = -1
+                            except OSError as exc:
+                                self.drop(_lost(self.ep, str(exc)), sock)
+                                raise _Gone from None
+                            if n > 0:
+                                single = core.receive_single(self._view[:n])
+                                if type(single) is Response and single.request_id == rid:
+                                    with self._mutex:
+                                        mine = self.calls.pending.pop(rid, None) is not None
+                                        if mine:
+                                            slot.left = True
+                                            self._leader = None
+                                            if self._waiting:
+                                                self._promote()
+                                    if mine:
+                                        return single.result
+                                elif single is not None:
+                                    self._settle((single,))
+                                else:
+                                    self._took(n, sock, core, deadline, method)
+                            elif n == 0:
+                                self._took(0, sock, core, deadline, method)
+                        except CallTimeout:
+                            raise CallTimeout(method, timeout) from None
+                        except _Gone:
+                            pass
+                    finally:
+                        if tls:
+                            self._io.release()
+            return self._wait(slot, deadline, method, timeout)
         finally:
-            calls.end()  # answered, failed or timed out: a late answer is nobody's
-
-    def _finish(
-        self, events: list[Event], rid: int, deadline: float, method: str, timeout: float
-    ) -> Any:
-        """Handle ``events`` and read on until the answer to ``rid`` (or the end) comes.
-        Pattern messages that arrive meanwhile go to their routes (e.g. a subscription's
-        inbox); answers are matched to calls by request id alone."""
-        while True:
-            self._route(events)
-            result = self.calls.settle(events)
-            if result is not None:
-                ok, value = result
-                if ok:
-                    return value
-                raise value
-            self._terminated(events, self.ep)
-            if self.sock is None:  # ended without a CLOSE frame
-                raise ConnectionLost(
-                    f"{self.ep}: connection lost; the call may or may not have run"
-                )
-            try:
-                n = self._recv(deadline, method)
-            except CallTimeout:
-                raise CallTimeout(method, timeout) from None
-            events = self._events(n, deadline, method) if n >= 0 else []
-
-    def _route(self, events: list[Event]) -> None:
-        routes = self.routes
-        for ev in events:
-            if isinstance(ev, PatternMessage):
-                route = routes.get(type(ev))
-                if route is not None:
-                    route(ev)
+            self._leave(slot)  # answered, failed or timed out: a late answer is nobody's
 
     # ------------------------------------------------------------------ for patterns
 
@@ -508,45 +939,60 @@ class StreamConnection:
         :class:`RemoteError` for an ERROR answer."""
         now = time.monotonic()
         deadline = now + timeout
-        self.ensure(deadline, what, timeout)
-        assert self.core is not None
-        rid = self.calls.begin()
+        slot = _Slot()
         try:
-            self.core.send_message(frame(rid))
-            self._send(self.core.data_to_send(), what)
-            result = self._finish([], rid, deadline, what, timeout)
+            self._begin(slot, deadline, what, timeout)
+
+            def build(core: Connection, rid: int) -> bytes:
+                core.send_message(frame(rid))
+                return core.data_to_send()
+
+            self._start(slot, what, timeout, now, build)
+            result = self._wait(slot, deadline, what, timeout)
         finally:
-            self.calls.end()
-        return rid, result
+            self._leave(slot)
+        return slot.request_id, result
 
     def send_frame(self, frame: bytes, what: str, timeout: float) -> None:
         """Send a frame that gets no answer (QoS 0 PUB, ACK)."""
-        self.ensure(time.monotonic() + timeout, what, timeout)
-        assert self.core is not None
-        self.core.send_message(frame)
-        self._send(self.core.data_to_send(), what)
+        deadline = time.monotonic() + timeout
+        if not self.live:
+            self.ensure(deadline, what, timeout)
+        with self._io:
+            sock, core = self.sock, self.core
+            if sock is None or core is None or not self.live:
+                raise ConnectError(f"{self.ep}: connection lost before {what} was sent")
+            core.send_message(frame)
+            self._send(core.data_to_send(), what, sock)
 
     def read_until(self, done: Callable[[], bool], timeout: float, what: str) -> None:
-        """Read (routing what arrives) until ``done()`` holds. Raises :class:`CallTimeout`, or
-        :class:`ConnectionLost` when the connection ends first."""
+        """Wait until ``done()`` holds, reading (routing what arrives) when no other thread
+        reads. Raises :class:`CallTimeout`, or :class:`ConnectionLost` when the connection ends
+        first."""
+        if done():
+            return
         deadline = time.monotonic() + timeout
-        while not done():
-            if self.sock is None:
+        slot = _Slot(done)
+        with self._mutex:
+            if not self.live:
                 raise ConnectionLost(f"{self.ep}: connection lost")
-            n = self._recv(deadline, what)
-            events = self._events(n, deadline, what) if n >= 0 else []
-            self._route(events)
-            self._terminated(events, self.ep)
-            if self.sock is None and not done():
-                raise ConnectionLost(f"{self.ep}: connection lost")
+            self._watchers.add(slot)
+        try:
+            self._wait(slot, deadline, what, timeout)
+        finally:
+            self._leave(slot)
 
     def after_fork(self) -> None:
         """In a forked child: let go of the parent's session without a byte sent on it (no
         CLOSE, no shutdown: closing this process's copy of the socket leaves the parent's
-        open, and dropping a TLS socket sends no close_notify). The next call connects anew."""
+        open, and dropping a TLS socket sends no close_notify). The next call connects anew.
+        The calls of the parent's other threads are forgotten (those threads are not here), and
+        the locks are new (one of those threads may have held one at the fork)."""
         sock = self.sock
-        self.sock, self.core, self._poller = None, None, None
-        self.calls = OneCall()
+        self.sock, self.core, self._poller, self.live = None, None, None, False
+        self._lead_poller = None
+        self._init_pipeline()
+        self._connecting = threading.Lock()
         self._sock_timeout = 0.0
         if sock is not None:
             try:
@@ -555,24 +1001,36 @@ class StreamConnection:
                 pass
 
     def close(self) -> None:
-        if self.sock is not None and self.core is not None:
-            try:
-                self.core.send_close(ErrorCode.NORMAL, "")
-                self.sock.sendall(self.core.data_to_send())
-            except OSError:
-                pass
-        self.drop()
+        """Send CLOSE and close the socket. Calls other threads have in flight fail at once
+        with :class:`ConnectionLost` (the client was closed)."""
+        closed = _lost(self.ep, "the client was closed while the call was in flight")
+        if not self._io.acquire(timeout=1.0):  # a writer stuck on a full socket: no CLOSE
+            self.drop(closed)
+            return
+        try:
+            sock, core = self.sock, self.core
+            if sock is not None and core is not None and self.live:
+                try:
+                    core.send_close(ErrorCode.NORMAL, "")
+                    self._sendall(sock, core.data_to_send())
+                except OSError:
+                    pass
+            self.drop(closed)  # before another thread may send on the closing session
+        finally:
+            self._io.release()
 
 
-class DatagramConnection:
-    """The blocking client's UDP socket: the datagram core retransmits, the call core matches
-    answers to the call waiting.
+class DatagramConnection(_Pipeline):
+    """The blocking client's UDP socket, shared by threads: the datagram core retransmits each
+    call on its own timers, the call table matches answers to the calls waiting, and the leader
+    (:class:`_Pipeline`) reads for all of them and runs the retransmission timers.
 
     With a secret, every datagram is sealed for the server's epoch (PROTOCOL.md §6.1), learned
     from the server: a call sealed for an epoch the server does not have (none yet, or a
     restarted server's old one) is refused with the server's epoch, and sent again for it when
     nothing of it can have run, else failed with :class:`ConnectionLost` ("may or may not have
-    run"). A call's retransmissions keep the epoch of its first datagram (its pin)."""
+    run"). A call's retransmissions keep the epoch of its first datagram (its pin); the pin is
+    the connection's, so with a secret calls are made one at a time."""
 
     kind = "datagram"
 
@@ -580,7 +1038,7 @@ class DatagramConnection:
         self.ep = ep
         self.client = client
         self.core = client.datagram_core()
-        self.calls = OneCall()
+        self._init_pipeline()
         self.sock = self._open()
         self.last_id = 0
         self.last_error = ""
@@ -588,14 +1046,13 @@ class DatagramConnection:
         self._buf = bytearray(65536)
         self._view = memoryview(self._buf)
         self.auth = client.datagram_auth()
-        # The pin of the call in flight: the epoch its first datagram was sealed for, and the
-        # time (ms) of that datagram (0: nothing sent yet). Reset by new_id().
+        self._serial = threading.Lock()  # with a secret: one call at a time (its pin)
+        # The pin of the call in flight (with a secret): its id, the epoch its first datagram
+        # was sealed for, and the time (ms) of that datagram (0: nothing sent yet).
+        self._pin_rid = 0
         self._pin_epoch = NO_EPOCH
         self._pin_ms = 0
-        # ECONNREFUSED (ICMP port unreachable) for the call in flight: None before any, else
-        # whether the call had sent a single datagram when first refused. Reset by new_id().
-        self._refused_lone: bool | None = None
-        self._refusal = False  # a refusal reported by send(), handled by the call's loop
+        self._refusal = False  # a refusal reported by send(), handled by the leader
 
     def _open(self) -> socket.socket:
         """A UDP socket connected to the server (a new source port each time)."""
@@ -612,12 +1069,15 @@ class DatagramConnection:
         """In a forked child: a socket of its own (a new source port) and a new datagram core
         (request ids from a fresh random start, drawn from os.urandom; none of the parent's
         retransmissions), so the server's reply cache, keyed by address and request id, never
-        answers this process with the parent's results. The parent's socket is untouched."""
+        answers this process with the parent's results. The parent's socket is untouched; the
+        calls of its other threads are forgotten here, and the locks are new."""
         client = self.client
         old = self.sock
         self.core = client.datagram_core()
-        self.calls = OneCall()
+        self._init_pipeline()
+        self._serial = threading.Lock()
         self.last_id = 0
+        self._pin_rid = 0
         self._sock_timeout = 0.0
         if old.fileno() < 0:  # closed before the fork: stays closed
             return
@@ -633,7 +1093,10 @@ class DatagramConnection:
         the refusals that came meanwhile are read, which tell of a restarted server's epoch,
         and when no epoch is known yet a PING learns it, within the connect timeout)."""
         auth = self.auth
-        if auth is not None:
+        if auth is None:
+            self._send(data)
+            return
+        with self._serial:
             self._read_waiting()
             if auth.epoch == NO_EPOCH:
                 wait = self.client.connect_timeout
@@ -643,8 +1106,7 @@ class DatagramConnection:
                         f"{self.ep}: no answer within {wait:g} s to learn the server's epoch, "
                         f"so nothing was sent{detail}"
                     )
-            data = auth.seal(data, time.time())
-        self._send(data)
+            self._send(auth.seal(data, time.time()))
 
     def _send(self, data: bytes) -> None:
         try:
@@ -654,25 +1116,41 @@ class DatagramConnection:
                 self._refusal = True
             self.last_error = exc.strerror or str(exc)
 
-    def _on_refused(self, rid: int, track: bool) -> None:
-        """The kernel reported ECONNREFUSED during call ``rid``: the first time, send its
-        datagram once more (the refusal may be left over from an earlier datagram, or the server
-        may be starting: the reply cache runs a call once, however many datagrams reach it);
-        the second time, raise (:func:`udp_refused`)."""
+    def _on_refused(self) -> None:
+        """The kernel reported ECONNREFUSED: each call in flight, the first time, sends its
+        datagram once more (the refusal may be left over from an earlier datagram, or the
+        server may be starting: the reply cache runs a call once, however many datagrams reach
+        it); the second time it fails (:func:`udp_refused`), as does a call whose datagram sent
+        again is refused at once."""
         self._refusal = False
         self.last_error = "connection refused (no server on that port?)"
-        if self._refused_lone is None:
-            self._refused_lone = self.core.attempts(rid) <= 1
-            if not (track and self.core.resend(rid)):
-                self.core.send_ping(rid)  # a PING (not tracked by the core): send it again
+        with self._mutex:
+            slots = [cast(_Slot, p) for p in self.calls.pending.values()]
+        failed: list[_Slot] = []
+        again: list[_Slot] = []
+        with self._io:
+            core = self.core
+            for slot in slots:
+                if slot.lone is None:
+                    slot.lone = core.attempts(slot.request_id) <= 1
+                    if not (slot.track and core.resend(slot.request_id)):
+                        core.send_ping(slot.request_id)  # a PING (not tracked by the core): again
+                    again.append(slot)
+                else:
+                    failed.append(slot)
             self._send_out()
-            if not self._refusal:
-                return
-        self.core.cancel(rid)
-        raise udp_refused(self.ep)
+            if self._refusal:
+                failed += again
+            for slot in failed:
+                core.cancel(slot.request_id)
+        if failed:
+            with self._mutex:
+                for slot in failed:
+                    self._fail([slot], udp_refused_error(self.ep, bool(slot.lone)))
 
     def _send_call(self, data: bytes) -> None:
-        """Send a datagram of the call in flight, sealed for its pin."""
+        """Send a datagram of a call in flight (with a secret, the one call: sealed for its
+        pin)."""
         auth = self.auth
         if auth is not None:
             ms = int(time.time() * 1000)
@@ -714,7 +1192,7 @@ class DatagramConnection:
         assert self.auth is not None
         self.auth.epoch = epoch
         rid = _REQUEST_ID.unpack_from(frame, 8)[0]
-        if rid == 0 or rid != self.calls.current or not self._pin_ms:
+        if rid == 0 or rid != self._pin_rid or not self._pin_ms:
             return  # not the call in flight
         if self._pin_epoch == epoch:
             return  # a datagram sent before the call's last re-send
@@ -787,13 +1265,6 @@ class DatagramConnection:
                         raise remote_error(Error(rid, ErrorCode.UNAUTHENTICATED, "", ""))
         return True
 
-    def call_positional(self, method: str, args: Sequence[Any], timeout: float) -> Any:
-        """The common case: a msgpack call with positional arguments."""
-        now = time.monotonic()
-        rid = self.new_id()
-        self._send_call(self.core.request_datagram(rid, method, args, now=now, timeout=timeout))
-        return self.exchange(method, rid, timeout, now + timeout)
-
     def _fit_timeout(self, wait: float) -> None:
         """SO_RCVTIMEO, re-armed only when it would wake more than 10 % late or more than twice
         too early: the retransmission waits are jittered, and a system call per call to follow
@@ -808,83 +1279,194 @@ class DatagramConnection:
             self._sock_timeout = wait
 
     def _send_out(self) -> None:
+        """Send what the core queued (the caller holds ``_io``)."""
         for data in self.core.datagrams_to_send():
             self._send_call(data)
 
-    def exchange(
-        self, method: str, rid: int, timeout: float, deadline: float, *, track: bool = True
+    def new_id(self) -> int:
+        """A fresh request id (never one of a call waiting)."""
+        pending = self.calls.pending
+        rid = self.last_id = self.core.new_request_id(self.last_id)
+        while rid in pending:
+            rid = self.last_id = self.core.new_request_id(rid)
+        self._pin_ms = 0
+        return rid
+
+    def call(
+        self,
+        method: str,
+        timeout: float,
+        send: Callable[[int, float], bytes | None] | None = None,
+        *,
+        args: Sequence[Any] = (),
+        track: bool = True,
     ) -> Any:
-        """Send what the core queued for call ``rid`` and wait for its answer, retransmitting
-        when the core says so (``track``), until ``deadline``."""
+        """Make a call: ``send(request_id, now)`` has the core track it (returning the datagram
+        to send now, or None when it queued it), then wait for its answer, retransmitting when
+        the core says so (``track``), until its timeout. Without ``send``: a msgpack call with
+        positional ``args`` (the common case)."""
+        now = time.monotonic()
+        deadline = now + timeout
+        slot = _Slot()
+        slot.track = track
+        slot.lone = None
         auth = self.auth
-        if auth is not None and auth.epoch == NO_EPOCH and not self._pin_ms:
-            out = self.core.datagrams_to_send()
+        if auth is not None and not self._serial.acquire(timeout=max(0.0, timeout)):
+            raise CallTimeout(method, timeout, "the client's calls are made one at a time")
+        try:
+            nxt = None
+            core = self.core
+            with self._io:
+                with self._mutex:  # (_register and new_id inlined: the hot path)
+                    pending = self.calls.pending
+                    rid = self.last_id = core.new_request_id(self.last_id)
+                    while rid in pending:
+                        rid = self.last_id = core.new_request_id(rid)
+                    self._pin_ms = 0
+                    slot.request_id = rid
+                    slot.method, slot.timeout, slot.deadline = method, timeout, deadline
+                    slot.waiter = None
+                    pending[rid] = slot
+                    lead = auth is None and self._leader is None
+                    if lead:
+                        self._leader = slot  # nobody reads: this thread will
+                if send is None:
+                    data: bytes | None = core.request_datagram(
+                        rid, method, args, now=now, timeout=timeout
+                    )
+                else:
+                    data = send(rid, now)
+                if auth is None:
+                    if data is not None:
+                        self._send(data)
+                    else:
+                        self._send_out()
+                    if lead:
+                        nxt = core.next_timer()
+            if auth is not None:
+                self._pin_rid = rid
+                self._start_sealed(rid, data, deadline)
+            elif lead and not self._refusal:
+                # The first read inline: one thread alone reads its own answer right here.
+                self._fit_timeout((nxt if nxt is not None and nxt < deadline else deadline) - now)
+                try:
+                    n = self.sock.recv_into(self._buf)
+                except BlockingIOError:  # a retransmission is due: _wait sends it
+                    pass
+                except OSError as exc:
+                    if exc.errno == errno.ECONNREFUSED:
+                        self._refusal = True  # handled in _wait
+                    elif exc.errno != errno.EBADF:  # (EBADF: _wait reports the closed socket)
+                        raise
+                else:
+                    with self._io:
+                        events = self.core.receive_datagram(self._view[:n])
+                    if len(events) == 1:
+                        ev = events[0]
+                        if type(ev) is Response and ev.request_id == rid:
+                            with self._mutex:
+                                mine = self.calls.pending.pop(rid, None) is not None
+                                if mine:
+                                    slot.left = True
+                                    self._leader = None
+                                    if self._waiting:
+                                        self._promote()
+                            if mine:
+                                return ev.result
+                    if events:
+                        self._settle(events)
+            return self._wait(slot, deadline, method, timeout)
+        finally:
+            self._leave(slot)
+            if auth is not None:
+                self._pin_rid = 0
+                self._serial.release()
+
+    def _start_sealed(self, rid: int, data: bytes | None, deadline: float) -> None:
+        """Send a call's first datagram sealed (with a secret; one call at a time)."""
+        auth = self.auth
+        assert auth is not None
+        if data is not None:
+            self._send_call(data)
+            return
+        out = self.core.datagrams_to_send()
+        if auth.epoch == NO_EPOCH:
             if any(len(d) + TRAILER_SIZE < REFUSAL_SIZE and d[_TYPE] != _PING for d in out):
                 # Shorter than the refusal that would tell the epoch (never longer than what
                 # it answers): learn the epoch first.
-                try:
-                    self._ping_for_epoch(deadline)
-                except BaseException:
-                    self.core.cancel(rid)
-                    raise
+                self._ping_for_epoch(deadline)
             self._pin_ms = 0
-            for data in out:
-                self._send_call(data)
-        self.calls.begin(rid)  # the datagram core chose the id (random first id)
+        for d in out:
+            self._send_call(d)
+
+    def call_positional(self, method: str, args: Sequence[Any], timeout: float) -> Any:
+        """The common case: a msgpack call with positional arguments."""
+        return self.call(method, timeout, args=args)
+
+    def _leave(self, slot: _Slot) -> None:
+        if slot.left:
+            return  # (answered on the fast path: the core has forgotten it already)
+        super()._leave(slot)
+        if slot.request_id and not (slot.done and slot.ok):
+            with self._io:
+                self.core.cancel(slot.request_id)  # no more retransmissions of it
+
+    def _step(self, slot: _Slot, deadline: float, method: str, timeout: float) -> None:
+        if self._refusal:
+            self._on_refused()
+            return
+        now = time.monotonic()
+        if now >= deadline:
+            detail = f"last error: {self.last_error}" if self.last_error else ""
+            raise CallTimeout(method, timeout, detail)
+        with self._io:
+            nxt = self.core.next_timer()
+        wait = max(0.0, min(deadline, nxt if nxt is not None else deadline) - now)
+        self._fit_timeout(wait)
         try:
-            return self._exchange(method, rid, timeout, deadline, track)
-        finally:
-            self.calls.end()
-
-    def _exchange(self, method: str, rid: int, timeout: float, deadline: float, track: bool) -> Any:
-        self._send_out()
-        while True:
-            if self._refusal:
-                self._on_refused(rid, track)
-            now = time.monotonic()
-            if now >= deadline:
-                self.core.cancel(rid)
-                detail = f"last error: {self.last_error}" if self.last_error else ""
-                raise CallTimeout(method, timeout, detail)
-            nxt = self.core.next_timer() if track else None
-            wait = max(0.0, min(deadline, nxt if nxt is not None else deadline) - now)
-            self._fit_timeout(wait)
-            try:
-                n = self.sock.recv_into(self._buf)
-            except BlockingIOError:  # SO_RCVTIMEO: a retransmission (or the deadline) is due
-                for ev in self.core.handle_timer(time.monotonic()):
-                    if ev.request_id == rid:
-                        raise CallTimeout(
-                            method, timeout, f"{ev.attempts} datagrams sent"
-                        ) from None
+            n = self.sock.recv_into(self._buf)
+        except BlockingIOError:  # SO_RCVTIMEO: a retransmission (or a deadline) is due
+            with self._io:
+                expired = self.core.handle_timer(time.monotonic())
                 self._send_out()
-                continue
-            except OSError as exc:
-                if exc.errno == errno.ECONNREFUSED:
-                    self._on_refused(rid, track)
-                    continue
-                if exc.errno == errno.EBADF:  # closed, or no socket could be made after fork
-                    self.core.cancel(rid)
-                    detail = self.last_error or "client is closed"
-                    raise ConnectError(f"{self.ep}: {detail}") from None
-                raise
-            frame = self._incoming(n)
-            if frame is None:
-                continue
-            result = self.calls.settle(self.core.receive_datagram(frame))
-            if result is not None:
-                ok, value = result
-                if ok:
-                    return value
-                raise value
-
-    def new_id(self) -> int:
-        self.last_id = self.core.new_request_id(self.last_id)
-        self._pin_ms = 0
-        self._refused_lone = None
-        return self.last_id
+            if expired:
+                with self._mutex:
+                    for ev in expired:
+                        pending = self.calls.forget(ev.request_id)
+                        if pending is not None:
+                            m, t, sent = pending.method, pending.timeout, ev.attempts
+                            self._fail(
+                                [cast(_Slot, pending)],
+                                lambda m=m, t=t, sent=sent: CallTimeout(  # type: ignore[misc]
+                                    m, t, f"{sent} datagrams sent"
+                                ),
+                            )
+            return
+        except OSError as exc:
+            if exc.errno == errno.ECONNREFUSED:
+                self._on_refused()
+                return
+            if exc.errno == errno.EBADF:  # closed, or no socket could be made after fork
+                detail = self.last_error or "client is closed"
+                self._fail_all(lambda: ConnectError(f"{self.ep}: {detail}"))
+                return
+            raise
+        frame = self._incoming(n)
+        if frame is None:
+            return
+        with self._io:
+            events = self.core.receive_datagram(frame)
+        if events:
+            self._settle(events)
 
     def close(self) -> None:
+        """Close the socket. Calls other threads have in flight fail at once with
+        :class:`ConnectionLost` (the client was closed)."""
+        self._fail_all(_lost(self.ep, "the client was closed while the call was in flight"))
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked reading it
+        except OSError:
+            pass
         self.sock.close()
 
 
@@ -923,7 +1505,9 @@ class Client(ClientSettings):
             )
         self.max_frame = max_frame
         self.lock = threading.Lock()
-        """One call at a time: held while a call (or a pattern's exchange) uses the socket."""
+        """Not needed: the client is thread-safe (its connection's methods are). Kept for
+        pattern code written when the client made one call at a time; holding it excludes only
+        other holders."""
         _clients.add(self)  # so that a forked child's copy lets go of this process's session
         self.connection: StreamConnection | DatagramConnection
         if self.endpoint.scheme == "udp":
@@ -941,15 +1525,15 @@ class Client(ClientSettings):
         return conn
 
     def call(self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
-        """Call ``method`` and wait for its result (``timeout`` is the call's own timeout)."""
-        conn = self.connection
+        """Call ``method`` and wait for its result (``timeout`` is the call's own timeout).
+        Safe from any thread: calls of several threads are pipelined on the connection."""
         if kwargs or self.codec is not MSGPACK:
             return self.request(method, args, kwargs, timeout=timeout)
-        with self.lock:  # the common case without the extra layer
-            t = self.timeout if timeout is None else timeout
-            if isinstance(conn, StreamConnection):
-                return conn.call(method, args, None, MSGPACK, t)
-            return conn.call_positional(method, args, t)
+        t = self.timeout if timeout is None else timeout
+        conn = self.connection
+        if isinstance(conn, StreamConnection):
+            return conn.call(method, args, None, MSGPACK, t)
+        return conn.call(method, t, args=args)
 
     def request(
         self,
@@ -960,41 +1544,36 @@ class Client(ClientSettings):
         timeout: float | None = None,
     ) -> Any:
         timeout = self.timeout if timeout is None else timeout
-        with self.lock:
-            deadline = time.monotonic() + timeout
-            conn = self.connection
-            if isinstance(conn, DatagramConnection):
-                rid = conn.new_id()
-                conn.core.send_request(
-                    rid,
-                    method,
-                    args,
-                    kwargs or None,
-                    self.codec,
-                    now=time.monotonic(),
-                    timeout=timeout,
-                )
-                return conn.exchange(method, rid, timeout, deadline)
-            return conn.call(method, args, kwargs or None, self.codec, timeout)
+        conn = self.connection
+        if isinstance(conn, DatagramConnection):
+            core, codec, t = conn.core, self.codec, timeout
+
+            def send(rid: int, now: float) -> None:
+                core.send_request(rid, method, args, kwargs or None, codec, now=now, timeout=t)
+
+            return conn.call(method, timeout, send)
+        return conn.call(method, args, kwargs or None, self.codec, timeout)
 
     def ping(self, timeout: float | None = None) -> float:
         """Round-trip time of one PING/PONG in seconds."""
         timeout = self.timeout if timeout is None else timeout
-        with self.lock:
-            start = time.monotonic()
-            deadline = start + timeout
-            conn = self.connection
-            if isinstance(conn, DatagramConnection):
-                rid = conn.new_id()
-                conn.core.send_ping(rid)
-                conn.exchange("PING", rid, timeout, deadline, track=False)
-            else:
-                conn.call("PING", (), None, self.codec, timeout, ping=True)
-            return time.monotonic() - start
+        start = time.monotonic()
+        conn = self.connection
+        if isinstance(conn, DatagramConnection):
+            core = conn.core
+
+            def send(rid: int, now: float) -> None:
+                core.send_ping(rid)
+
+            conn.call("PING", timeout, send, track=False)
+        else:
+            conn.call("PING", (), None, self.codec, timeout, ping=True)
+        return time.monotonic() - start
 
     def close(self) -> None:
-        with self.lock:
-            self.connection.close()
+        """Close the connection; calls other threads have in flight fail at once with
+        :class:`ConnectionLost`. A later call connects anew (TCP/TLS)."""
+        self.connection.close()
 
     def _after_fork(self) -> None:
         """In a forked child (the only thread there): a lock of its own (a thread of the parent
@@ -1031,3 +1610,8 @@ def connect(url: str | Sequence[str], **options: Any) -> Client:
     """A blocking :class:`Client` for ``tcp://host:port`` or ``udp://host:port``; TCP connects
     (and completes the handshake) now and raises :class:`ConnectError` if it cannot."""
     return Client(url, **options)
+
+
+def udp_refused_error(ep: Endpoint, lone: bool) -> Callable[[], BaseException]:
+    """A maker of the error a refused UDP call fails with (a new one per call)."""
+    return (lambda: udp_refused(ep)) if lone else (lambda: udp_gone(ep))
