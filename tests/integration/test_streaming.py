@@ -24,6 +24,7 @@ from sockstack import (
     ErrorCode,
     LocalProtocolError,
     RemoteError,
+    RemoteProtocolError,
     Server,
     ServerInterceptor,
     Service,
@@ -31,10 +32,16 @@ from sockstack import (
     current_context,
     method,
 )
-from sockstack.protocol.events import Error
-from sockstack.protocol.messages import STREAM_WINDOW, encode_request
+from sockstack.protocol.events import Error, Item, Pong
+from sockstack.protocol.messages import (
+    STREAM_WINDOW,
+    encode_cancel,
+    encode_credit,
+    encode_ping,
+    encode_request,
+)
 from tests.conftest import timeout
-from tests.integration.test_deadlines_metadata import raw_call
+from tests.integration.test_deadlines_metadata import RawStream, raw_call
 
 HOST = "127.0.0.1"
 ITEM = b"x" * 98  # msgpack bin 8: a 100-byte ITEM body
@@ -217,19 +224,27 @@ async def test_a_reader_that_does_not_read_holds_the_producer_at_the_window(
         assert svc.produced == total
 
 
-async def test_a_server_that_breaks_the_window_is_stopped(served: tuple[Server, Streams]) -> None:
-    """The client refuses items beyond the window (it bounds its own memory)."""
-    server, _ = served
+async def test_a_server_that_breaks_the_window_is_stopped(
+    served: tuple[Server, Streams], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client refuses items beyond the window (it bounds its own memory): here a client
+    that expects a window of 1,000 bytes meets a server that (rightly) sends 262,144."""
+    import sockstack.asyncio.client as client_module
+    from sockstack.protocol.calls import ItemStream
+
+    def small(request_id: int, method: str) -> ItemStream:
+        return ItemStream(request_id, method, window=1000)
+
+    monkeypatch.setattr(client_module, "ItemStream", small)
+    server, svc = served
     async with AsyncClient(tcp(server)) as client:
-        stream = client.stream("count", 10)
-        it = aiter(stream)
-        assert await anext(it) == 0
-        items = stream._items
-        assert items is not None
-        items.items.window = 1  # as if the server had ignored a window this small
-        with pytest.raises(Exception, match="beyond the flow-control window"):
-            async for _ in it:
-                pass
+        got = []
+        with pytest.raises(RemoteProtocolError, match="beyond the flow-control window of 1000"):
+            async for item in client.stream("forever", 0):
+                got.append(item)
+        assert got == list(range(len(got)))  # the items before it, in order
+        assert 300 <= len(got) <= 1000  # 1-3 bytes each, up to the window
+        assert await closed(svc)  # and the client's CANCEL stopped the generator
 
 
 # --------------------------------------------------------------------------- stopping
@@ -388,3 +403,61 @@ async def test_interceptors_see_a_streamed_call_once() -> None:
         async with AsyncClient(tcp(server)) as client:
             assert [i async for i in client.stream("count", 50_000)] == list(range(50_000))
     assert seen.log == [("before", "count", None), ("after", "count", 500_000)]
+
+
+# --------------------------------------------------------------------------- raw frames
+
+
+async def test_a_credit_never_raises_the_window(served: tuple[Server, Streams]) -> None:
+    """A client granting far more than it was sent (2^32-1 bytes) gets one more window, not
+    more: the server's memory per stream stays bounded by the window whatever a client sends."""
+    server, svc = served
+    raw = await RawStream.open(server)
+    try:
+        raw.send(encode_request(3, "ablobs", [100_000], stream=True))
+        pongs = 0
+
+        async def received_until_pong() -> int:
+            """ITEM body bytes received up to the answer to one more PING (every item queued
+            before that PING was answered has arrived)."""
+            nonlocal pongs
+            pongs += 1
+            raw.send(encode_ping(pongs))
+            total = 0
+            async with asyncio.timeout(timeout(10)):
+                while True:
+                    for ev in raw.events:
+                        if type(ev) is Item:
+                            total += ev.size
+                        elif type(ev) is Pong and ev.request_id == pongs:
+                            raw.events.clear()
+                            return total
+                    raw.events.clear()
+                    data = await raw.reader.read(65536)
+                    assert data, "the server closed the connection"
+                    raw.events += raw.core.receive_data(data)
+
+        first = 0
+        for _ in range(200):  # round trips until the first window has arrived
+            first += await received_until_pong()
+            if first >= STREAM_WINDOW:
+                break
+        assert STREAM_WINDOW <= first <= STREAM_WINDOW + 100
+        for _ in range(5):
+            assert await received_until_pong() == 0  # held at the window
+        raw.send(encode_credit(3, 0xFFFFFFFF))
+        second = 0
+        for _ in range(200):
+            second += await received_until_pong()
+            if second >= STREAM_WINDOW:
+                break
+        for _ in range(5):
+            second += await received_until_pong()
+        assert STREAM_WINDOW <= second <= STREAM_WINDOW + 100  # one window more, no more
+        assert svc.produced <= 2 * (STREAM_WINDOW // 100) + 3
+        raw.send(encode_cancel(3))
+        answer = await raw.answer()
+        assert type(answer) is Error and answer.code == ErrorCode.CANCELLED
+        assert await closed(svc)
+    finally:
+        await raw.close()
