@@ -12,9 +12,11 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from sockstack import (
     AsyncClient,
@@ -40,6 +42,7 @@ from sockstack.protocol.messages import (
     encode_ping,
     encode_request,
 )
+from sockstack.transport.tls import client_context, server_context
 from tests.conftest import timeout
 from tests.integration.test_deadlines_metadata import RawStream, raw_call
 
@@ -461,3 +464,27 @@ async def test_a_credit_never_raises_the_window(served: tuple[Server, Streams]) 
         assert await closed(svc)
     finally:
         await raw.close()
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+async def test_a_stream_over_tls_with_flow_control_and_cancel(tmp_path: Path) -> None:
+    """The same stream over TLS: items in order across many records and windows, then a break
+    that closes the generator."""
+    ca = trustme.CA()
+    cert = tmp_path / "server.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    svc = Streams()
+    async with Server(svc, tls=[f"{HOST}:0"], tls_context=server_context(cert)) as server:
+        url = str(server.endpoint("tls"))
+        async with AsyncClient(url, tls=client_context(ca_file)) as client:
+            got = [item async for item in client.stream("blobs", 10_000)]  # ~4 windows
+            assert got == [ITEM] * 10_000
+            svc.closed.clear()
+            async for item in client.stream("aforever", 0.001):
+                if item == 3:
+                    break
+            assert await closed(svc)
