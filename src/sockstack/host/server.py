@@ -255,10 +255,23 @@ class _ItemOut:
     CREDITs grant them back; the pump waits for room. Items from a worker thread are handed
     over in batches (one loop wake-up per batch)."""
 
-    __slots__ = ("_lock", "_pending", "_scheduled", "codec", "conn", "rid", "unacked", "waiter")
+    __slots__ = (
+        "_lock",
+        "_pending",
+        "_scheduled",
+        "codec",
+        "conn",
+        "core",
+        "rid",
+        "unacked",
+        "waiter",
+    )
 
     def __init__(self, conn: _HostStream, rid: int, codec: int) -> None:
         self.conn = conn
+        core = conn.core
+        assert core is not None
+        self.core = core  # kept: a worker may encode after the connection is gone
         self.rid = rid
         self.codec = CODECS[codec]
         self.unacked = 0
@@ -287,13 +300,11 @@ class _ItemOut:
             waiter.set_result(None)
 
     def encode(self, item: Any) -> bytes:
-        core = self.conn.core
-        assert core is not None
-        return core.item_frame(self.rid, item, self.codec)
+        return self.core.item_frame(self.rid, item, self.codec)
 
     def push(self, frame: bytes) -> None:
-        core = self.conn.core
-        if core is None or core.state is not State.OPEN:
+        core = self.core
+        if core.state is not State.OPEN or self.conn.core is not core:
             return  # the session is ending: the call is stopped with it
         core.send_message(frame)
         self.unacked += len(frame) - HEADER_SIZE
