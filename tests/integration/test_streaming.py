@@ -9,6 +9,7 @@ where the client would never send them: a STREAM datagram).
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -488,3 +489,12 @@ async def test_a_stream_over_tls_with_flow_control_and_cancel(tmp_path: Path) ->
                 if item == 3:
                     break
             assert await closed(svc)
+
+
+async def test_an_unbounded_timeout_for_a_long_lived_stream(served: tuple[Server, Streams]) -> None:
+    server, svc = served
+    async with AsyncClient(tcp(server)) as client:
+        async for item in client.stream("aforever", 0.001, timeout=math.inf):
+            if item == 3:
+                break
+        assert await closed(svc)

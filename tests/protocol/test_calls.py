@@ -155,3 +155,15 @@ def test_item_stream_queues_in_order_and_grants_half_windows() -> None:
     assert problem is not None and "beyond the flow-control window of 1000 bytes" in problem
     stream.take()  # consumed, not yet granted: still counts against the window
     assert stream.feed(Item(9, 10, 1, 1)) is not None
+
+
+def test_a_budget_of_unbounded_time_is_the_largest_budget() -> None:
+    """A long-lived stream may be given ``timeout=math.inf``: its DEADLINE budget is the
+    largest the u32 holds (49.7 days), not an OverflowError."""
+    import math
+
+    from sockstack.protocol.calls import budget_ms
+
+    assert budget_ms(math.inf) == budget_ms(1e12) == 0xFFFFFFFF
+    assert budget_ms(1.5) == 1500
+    assert budget_ms(-1.0) == budget_ms(0.0) == 0

@@ -133,8 +133,9 @@ def budget_ms(remaining: float) -> int:
     budget never promises more time than the caller has), 0..2^32-1."""
     if remaining <= 0:
         return 0
-    ms = int(remaining * 1000)
-    return ms if ms <= MAX_BUDGET_MS else MAX_BUDGET_MS
+    if remaining >= MAX_BUDGET_MS / 1000:  # math.inf too: no deadline worth sending is longer
+        return MAX_BUDGET_MS
+    return int(remaining * 1000)
 
 
 def merge_metadata(
