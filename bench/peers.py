@@ -167,6 +167,32 @@ def tls_echo(port: int, cert: str) -> None:
             continue
 
 
+def sockstack_stream(port: int) -> None:
+    """A sockstack server with generator methods (streamed results, PROTOCOL.md §4.3):
+    ``count(n)`` a plain generator (pulled in a worker thread), ``acount(n)`` an async one."""
+    from collections.abc import AsyncIterator, Iterator
+
+    from sockstack import Server, Service, method
+    from sockstack.transport.loop import run
+
+    class Feed(Service):
+        @method
+        def count(self, n: int) -> Iterator[int]:
+            yield from range(n)
+
+        @method
+        async def acount(self, n: int) -> AsyncIterator[int]:
+            for i in range(n):
+                yield i
+
+    async def main() -> None:
+        async with Server(Feed(), tcp=[f"127.0.0.1:{port}"]) as server:
+            _ready(server.endpoint("tcp").port)
+            await server.serve_forever()
+
+    run(main())
+
+
 def _recv_exactly(conn: Any, n: int) -> bytes | None:
     buf = bytearray()
     while len(buf) < n:
@@ -189,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
             "pyro",
             "nats-responder",
             "tls-echo",
+            "sockstack-stream",
         ],
     )
     p.add_argument("--cert", help="tls-echo: certificate chain and key, PEM")
@@ -208,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
             pyro_server(args.port)
         elif args.name == "tls-echo":
             tls_echo(args.port, args.cert)
+        elif args.name == "sockstack-stream":
+            sockstack_stream(args.port)
         else:
             nats_responder(args.nats)
     except KeyboardInterrupt:

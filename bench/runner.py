@@ -279,6 +279,48 @@ def pipelined(run: Run, budget: sc.Budget, only: str, window: int = 1000) -> Non
             run.results.append(median_round(rounds[name]))
 
 
+def stream(run: Run, budget: sc.Budget, only: str) -> None:
+    """Streamed results (issue 12 item 6): items/s of one stream of small items (ints), a sync
+    generator (pulled in a worker thread) and an async one, under the pipelined row's placement
+    (server on one core, client on the other). ``calls`` counts items."""
+    if only and only not in "sockstack":
+        return
+    total = budget.stream
+    scenario = f"streamed results, {total:,} small items"
+    cases = [
+        ("sockstack stream, def generator", "count"),
+        ("sockstack stream, async def", "acount"),
+    ]
+    rounds: dict[str, list[Result]] = {name: [] for name, _ in cases}
+    for _ in range(budget.rounds):
+        for name, method in cases:
+            server = sc.start_peer("sockstack-stream", sc.SPLIT[1])
+            try:
+                pin(sc.SPLIT[2])
+                cpu0, scpu0 = time.process_time(), server.cpu_seconds()
+                _, seconds = sc.run_async(sc._streamed(server.port, method, total))
+                cpu = time.process_time() - cpu0 + server.cpu_seconds() - scpu0
+                rss = server.rss_bytes()
+            finally:
+                server.stop()
+            r = Result(
+                scenario,
+                name,
+                sc.SPLIT[0],
+                total,
+                seconds,
+                3,
+                cpu_s_per_m=round(cpu / total * 1e6, 1),
+                peak_rss_mb=round(rss / 2**20, 1),
+                note="items/s (calls = items)",
+            )
+            rounds[name].append(r)
+            run.log(f"  {scenario} / {name}: {r.rate:,.0f} items/s")
+    for name, _ in cases:
+        if rounds[name]:
+            run.results.append(median_round(rounds[name]))
+
+
 def concurrency(run: Run, budget: sc.Budget, only: str, clients: int = 100) -> None:
     if only and only not in "sockstack":
         return
@@ -337,6 +379,7 @@ SCENARIOS: dict[str, Callable[[Run, sc.Budget, str], None]] = {
     "seq-udp": seq_udp,
     "seq-tls": seq_tls,
     "pipelined": pipelined,
+    "stream": stream,
     "concurrency": concurrency,
     "payload": payloads,
     "memory": memory,

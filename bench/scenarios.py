@@ -59,12 +59,19 @@ class Budget:
     rounds: int = 1
     """Rounds per comparison, interleaved (A B C, A B C, ...); each row keeps its median round.
     Interleaving spreads a noisy minute on a shared VM over every system alike."""
+    stream: int = 0
+    """Items of the streamed-results scenario (one stream)."""
 
     @classmethod
     def make(cls, quick: bool) -> Budget:
         if quick:
             return cls(
-                count=4000, cap=0.3, pipelined=20_000, concurrent=40_000, idle_connections=1000
+                count=4000,
+                cap=0.3,
+                pipelined=20_000,
+                concurrent=40_000,
+                idle_connections=1000,
+                stream=100_000,
             )
         return cls(
             count=40_000,
@@ -73,6 +80,7 @@ class Budget:
             concurrent=600_000,
             idle_connections=5000,
             rounds=3,
+            stream=1_000_000,
         )
 
 
@@ -502,6 +510,24 @@ async def _pipelined_sockstack(
         start = now()
         await asyncio.gather(*(worker() for _ in range(window)))
         return lat, (now() - start) / 1e9
+
+
+async def _streamed(port: int, method: str, total: int) -> tuple[list[int], float]:
+    """One streamed call of ``total`` small items (ints), read with ``async for``: seconds from
+    the request to the last item. No per-item latency (items are not calls)."""
+    from sockstack import AsyncClient
+
+    async with AsyncClient(f"tcp://127.0.0.1:{port}", timeout=600) as c:
+        async for _ in c.stream(method, 1000):  # warm-up: connection, worker thread, caches
+            pass
+        start = time.perf_counter_ns()
+        n = 0
+        async for _ in c.stream(method, total):
+            n += 1
+        seconds = (time.perf_counter_ns() - start) / 1e9
+    if n != total:
+        raise RuntimeError(f"{method}: {n} items of {total}")
+    return [], seconds
 
 
 class _Blaster(asyncio.Protocol):

@@ -135,6 +135,10 @@ class ErrorCode(enum.IntEnum):
     REFUSED = 2022
     """An interceptor of the server refused the call before the method ran (a missing
     credential, a quota...): the method did not run; the message says why."""
+    STREAM_MISMATCH = 2023
+    """A call and its method disagree on streaming: a generator method called without the
+    STREAM flag (call it with ``stream()``), or a STREAM request over UDP (streams need TCP or
+    TLS). The method did not run."""
     UNAUTHENTICATED = 2009
     """A datagram without a valid MAC, outside the replay window, or replayed (UDP with a
     shared secret)."""

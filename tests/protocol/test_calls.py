@@ -126,3 +126,44 @@ def test_one_call_at_a_time_matches_by_request_id_only() -> None:
     assert not ok and isinstance(exc, RemoteError)
     with pytest.raises(ValueError):
         OneCall(first_id=0)
+
+
+# --------------------------------------------------------------------------- streamed calls
+
+
+def test_item_stream_queues_in_order_and_grants_half_windows() -> None:
+    """A streamed call's items on the client (PROTOCOL.md §4.3): in order; bytes granted back
+    in batches once half the window was consumed; an item beyond the window is reported."""
+    from sockstack.protocol.calls import ItemStream
+    from sockstack.protocol.events import Item
+
+    stream = ItemStream(9, "ticks", window=1000)
+    for i in range(10):
+        assert stream.feed(Item(9, i, 1, 100)) is None
+    assert stream.queued == 1000
+    grants = []
+    for i in range(10):
+        value, grant = stream.take()
+        assert value == i
+        grants.append(grant)
+    assert grants == [0, 0, 0, 0, 500, 0, 0, 0, 0, 500]  # half the window at a time
+    assert stream.queued == stream.ungranted == 0
+    # The server may send while (queued + not granted back) < window: 10 x 100 fills it...
+    for i in range(10):
+        assert stream.feed(Item(9, i, 1, 100)) is None
+    problem = stream.feed(Item(9, 10, 1, 1))  # ...and one more is beyond it
+    assert problem is not None and "beyond the flow-control window of 1000 bytes" in problem
+    stream.take()  # consumed, not yet granted: still counts against the window
+    assert stream.feed(Item(9, 10, 1, 1)) is not None
+
+
+def test_a_budget_of_unbounded_time_is_the_largest_budget() -> None:
+    """A long-lived stream may be given ``timeout=math.inf``: its DEADLINE budget is the
+    largest the u32 holds (49.7 days), not an OverflowError."""
+    import math
+
+    from sockstack.protocol.calls import budget_ms
+
+    assert budget_ms(math.inf) == budget_ms(1e12) == 0xFFFFFFFF
+    assert budget_ms(1.5) == 1500
+    assert budget_ms(-1.0) == budget_ms(0.0) == 0

@@ -52,15 +52,21 @@ from sockstack.protocol import DatagramClient as _DatagramClient
 from sockstack.protocol import DatagramServer as _DatagramServer
 from sockstack.protocol import MessageType as _CoreType
 from sockstack.protocol import decode_message as _decode_message
+from sockstack.protocol.codecs import CODECS
 from sockstack.protocol.datagram import datagram_error_code
 from sockstack.protocol.messages import (
     CORE_MESSAGES,
     FLAG_DEADLINE,
     FLAG_METADATA,
+    FLAG_STREAM,
     Cancel,
+    Credit,
+    Item,
     encode_cancel,
+    encode_credit,
     encode_error,
     encode_hello,
+    encode_item,
     encode_ping,
     encode_pong,
     encode_request,
@@ -87,7 +93,7 @@ REGISTRY = Registry([CORE_MESSAGES, PUBSUB_MESSAGES])
 
 
 class MessageType:
-    CANCEL = _CoreType.CANCEL
+    CANCEL, ITEM, CREDIT = _CoreType.CANCEL, _CoreType.ITEM, _CoreType.CREDIT
     REQUEST, RESPONSE, ERROR, PING = (
         _CoreType.REQUEST,
         _CoreType.RESPONSE,
@@ -639,6 +645,61 @@ CLIENT_CASES += [
 ]
 
 
+# Issue 12 item 6: STREAM (REQUEST flag), ITEM (server -> client; the client's batch loop has a
+# fast decoder for msgpack ITEMs without meta or flags), CREDIT (client -> server; general path).
+SERVER_CASES += [
+    _accepted(
+        "request-stream",
+        S,
+        request(1, b"ticks", packb([3]), FLAG_STREAM),
+        Request(1, "ticks", [3], {}, 1, None, None, True),
+    ),
+    _accepted(
+        "request-stream-deadline",
+        S,
+        request(1, b"ticks" + BUDGET, packb([3]), FLAG_STREAM | FLAG_DEADLINE),
+        Request(1, "ticks", [3], {}, 1, 1500, None, True),
+    ),
+    _accepted("credit", S, encode_credit(5, 131072), Credit(5, 131072)),
+    _fatal(
+        "credit-short-body",
+        S,
+        encode_frame(MessageType.CREDIT, 5, b"", b"\x00\x01\x00", 0, 0),
+        fatal(ErrorCode.PROTOCOL_ERROR, "CREDIT body of 3 bytes (a u32 is 4)"),
+    ),
+    _fatal(
+        "item-from-a-client",
+        S,
+        encode_item(5, 1),
+        fatal(ErrorCode.PROTOCOL_ERROR, "ITEM may not be sent by a client"),
+    ),
+]
+CLIENT_CASES += [
+    _accepted("item", C, encode_item(5, [1, "é"]), Item(5, [1, "é"], 1, 5)),
+    _accepted("item-json", C, encode_item(5, {"a": 1}, CODECS[2]), Item(5, {"a": 1}, 2, 7)),
+    _accepted(
+        "item-with-meta-and-unknown-flag",
+        C,
+        encode_frame(MessageType.ITEM, 5, b"x", packb(7), UNKNOWN_FLAG, 1),
+        Item(5, 7, 1, 1),
+    ),
+    _refused("item-not-msgpack", C, encode_frame(MessageType.ITEM, 6, b"", b"\xc1", 0, 1), 6, 2003),
+    _refused(
+        "item-ext-type",
+        C,
+        encode_frame(MessageType.ITEM, 6, b"", packb(EXT(3, b"e")), 0, 1),
+        6,
+        2003,
+    ),
+    _fatal(
+        "credit-from-a-server",
+        C,
+        encode_credit(1, 4),
+        fatal(ErrorCode.PROTOCOL_ERROR, "CREDIT may not be sent by a server"),
+    ),
+]
+
+
 def _batch_case(name: str, parts: list[Case]) -> Case:
     """Several cases in one read, in order (none of them fatal but possibly the last)."""
     events: list[Any] = []
@@ -694,6 +755,17 @@ BATCH_CASES = [
     _batch_case(
         "client-batch-trailers",
         [_by_name[n] for n in ("response", "response-trailers", "error-trailers", "response")],
+    ),
+    _batch_case(
+        "client-batch-items",
+        [
+            _by_name[n]
+            for n in ("item", "item", "msg", "item-not-msgpack", "item-json", "item", "response")
+        ],
+    ),
+    _batch_case(
+        "server-batch-streams",
+        [_by_name[n] for n in ("request-stream", "credit", "request", "cancel", "credit")],
     ),
     _batch_case(
         "client-batch",

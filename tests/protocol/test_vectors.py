@@ -42,10 +42,13 @@ from sockstack.protocol.messages import (
     FLAG_DEADLINE,
     FLAG_KWARGS,
     FLAG_METADATA,
+    FLAG_STREAM,
     Cancel,
     Close,
+    Credit,
     Error,
     Hello,
+    Item,
     Ping,
     Pong,
     Request,
@@ -54,8 +57,10 @@ from sockstack.protocol.messages import (
     decode_message,
     encode_cancel,
     encode_close,
+    encode_credit,
     encode_error,
     encode_hello,
+    encode_item,
     encode_ping,
     encode_pong,
     encode_request,
@@ -156,7 +161,12 @@ def _same(a: Any, b: Any) -> bool:
 CODEC_NAMES = {0: "raw", 1: "msgpack", 2: "json"}
 # flag bits by type name; AUTH (0x02) on any sealed datagram
 FLAG_NAMES: dict[str, dict[int, str]] = {
-    "REQUEST": {FLAG_KWARGS: "KWARGS", FLAG_DEADLINE: "DEADLINE", FLAG_METADATA: "METADATA"},
+    "REQUEST": {
+        FLAG_KWARGS: "KWARGS",
+        FLAG_DEADLINE: "DEADLINE",
+        FLAG_METADATA: "METADATA",
+        FLAG_STREAM: "STREAM",
+    },
     "RESPONSE": {FLAG_METADATA: "METADATA"},
     "ERROR": {FLAG_METADATA: "METADATA"},
     "PUB": {FLAG_RETAIN: "RETAIN"},
@@ -250,6 +260,7 @@ TYPES: dict[str, TypeCodec] = {
             h["codec"],
             f.get("budget_ms"),
             f.get("metadata"),
+            bool(h["flags"] & FLAG_STREAM),
         ),
         lambda m, h: encode_request(
             m.request_id,
@@ -259,6 +270,7 @@ TYPES: dict[str, TypeCodec] = {
             CODECS[m.codec],
             budget_ms=m.budget_ms,
             metadata=m.metadata,
+            stream=m.stream,
         ),
         lambda m, fr: {
             "method": m.method,
@@ -289,6 +301,16 @@ TYPES: dict[str, TypeCodec] = {
         lambda h, f: Cancel(h["request_id"]),
         lambda m, h: encode_cancel(m.request_id),
         lambda m, fr: {},
+    ),
+    "ITEM": TypeCodec(
+        lambda h, f: Item(h["request_id"], f["item"], h["codec"], h["body_len"]),
+        lambda m, h: encode_item(m.request_id, m.value, CODECS[m.codec]),
+        lambda m, fr: {"item": m.value},
+    ),
+    "CREDIT": TypeCodec(
+        lambda h, f: Credit(h["request_id"], f["granted"]),
+        lambda m, h: encode_credit(m.request_id, m.granted),
+        lambda m, fr: {"granted": m.granted},
     ),
     "PING": TypeCodec(
         lambda h, f: Ping(h["request_id"], f["payload"]),

@@ -10,7 +10,7 @@ import dataclasses
 import enum
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from typing import Any, NamedTuple, TypedDict
@@ -409,20 +409,23 @@ def test_a_result_against_its_annotation_is_the_servers_bug(
     assert any(message in r.getMessage() for r in caplog.records)  # logged on the server
 
 
-def test_generator_methods_are_refused_when_registered() -> None:
+def test_generator_methods_register_as_streams() -> None:
+    """Generator methods stream their items (issue 12 item 6): registered, never inline, their
+    return annotation (the iterator) not checked as a result."""
+
     class Gen(Service):
-        @method
-        def ticks(self, n: int) -> Any:
+        @method(inline=True)
+        def ticks(self, n: int) -> Iterator[int]:
             yield from range(n)
 
     class AsyncGen(Service):
         @method
-        async def ticks(self, n: int) -> Any:
+        async def ticks(self, n: int) -> AsyncIterator[int]:
             yield n
 
-    for service in (Gen(), AsyncGen()):
-        with pytest.raises(ValueError, match="streaming results is not supported yet"):
-            RPC(service)
+    for service, kind in ((Gen(), 1), (AsyncGen(), 2)):
+        handler = RPC(service).methods()["ticks"]
+        assert (handler.streaming, handler.inline, handler.returns) == (kind, False, None)
 
 
 def test_plain_hints_keep_the_inline_fast_path() -> None:

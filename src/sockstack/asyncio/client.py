@@ -52,6 +52,9 @@ from sockstack.errors import (
     ConnectionClosed,
     ConnectionLost,
     ErrorCode,
+    LocalProtocolError,
+    RemoteError,
+    RemoteProtocolError,
 )
 from sockstack.interceptors import ClientCall, Hooks, merged, run_async
 from sockstack.protocol.auth import (
@@ -67,6 +70,7 @@ from sockstack.protocol.calls import (
     Backoff,
     Calls,
     Failover,
+    ItemStream,
     PendingCall,
     Reply,
     budget_ms,
@@ -82,6 +86,7 @@ from sockstack.protocol.events import (
     Error,
     Event,
     HandshakeComplete,
+    Item,
     Metadata,
     PatternMessage,
     Pong,
@@ -90,7 +95,7 @@ from sockstack.protocol.events import (
     Role,
 )
 from sockstack.protocol.frames import MessageType
-from sockstack.protocol.messages import FEATURE_DEADLINE, FEATURE_METADATA
+from sockstack.protocol.messages import FEATURE_DEADLINE, FEATURE_METADATA, FEATURE_STREAM
 from sockstack.transport.settings import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -108,6 +113,7 @@ __all__ = [
     "AsyncClient",
     "Backoff",
     "DatagramChannel",
+    "ResultStream",
     "StreamChannel",
 ]
 
@@ -176,6 +182,8 @@ class _TCPStream(StreamProtocol):
                     _settle(call, ev)
                 elif ev.request_id == 0:
                     log.warning("server %s reported: %s %s", self.peer, ev.type, ev.message)
+            elif type(ev) is Item:
+                self.channel._on_item(ev)
             elif isinstance(ev, PatternMessage):
                 route = self.channel.routes.get(type(ev))
                 if route is not None:
@@ -233,6 +241,7 @@ class StreamChannel:
         self._reconnect_task: asyncio.Task[None] | None = None
         self._flush_scheduled = False
         self._timer = CoreTimer(self.loop, self._on_timer)  # the earliest call deadline
+        self.item_streams: dict[int, _Items] = {}  # streamed calls in flight, by request id
 
     @property
     def ep(self) -> Endpoint:
@@ -423,6 +432,82 @@ class StreamChannel:
     def _flush(self, stream: _TCPStream) -> None:
         self._flush_scheduled = False
         stream.flush()
+
+    # ------------------------------------------------------------------ streamed calls
+
+    async def start_stream(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+        timeout: float,
+        codec: Codec,
+        metadata: Metadata | None,
+    ) -> _Items:
+        """Send a STREAM request; its items are queued in the returned state as they come."""
+        loop = self.loop
+        now = loop.time()
+        if _CURRENT_CALL.get() is not None:
+            timeout = inherited_timeout(timeout, _monotonic())
+        stream = self.stream
+        if stream is None or not stream.can_send():
+            stream = await self._wait_connected(method, timeout, now + timeout)
+        core = stream.core
+        assert core is not None
+        features = core.peer_features
+        if not features & FEATURE_STREAM:
+            raise LocalProtocolError(
+                f"stream({method!r}): the server does not announce streams (an older server); "
+                "nothing was sent",
+                ErrorCode.STREAM_MISMATCH,
+            )
+        md = None
+        defaults = self.client.metadata
+        if (metadata or defaults) and features & FEATURE_METADATA:
+            md = merge_metadata(defaults, metadata)
+        rid = self.calls.new_id()
+        core.send_request(
+            rid,
+            method,
+            args,
+            kwargs,
+            codec,
+            budget_ms=budget_ms(now + timeout - loop.time())
+            if features & FEATURE_DEADLINE
+            else None,
+            metadata=md,
+            stream=True,
+        )
+        call = self.calls.start(method, timeout, now, loop.create_future(), rid)
+        items = _Items(self, call)
+        self.item_streams[rid] = items
+        call.waiter.add_done_callback(items.wake_up)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush, stream)
+        when = self._timer.when
+        if when is None or call.deadline < when:
+            self._timer.set(call.deadline)
+        return items
+
+    def _on_item(self, ev: Item) -> None:
+        items = self.item_streams.get(ev.request_id)
+        if items is None:
+            return  # a stream given up on: its items are dropped (CANCEL is on its way)
+        problem = items.items.feed(ev)
+        if problem is not None:
+            items.fail(RemoteProtocolError(problem))
+            return
+        items.wake_up()
+
+    def grant(self, request_id: int, granted: int) -> None:
+        """Send a CREDIT (with the next write)."""
+        stream = self.stream
+        if stream is None or stream.core is None or not stream.can_send():
+            return
+        if stream.core.send_credit(request_id, granted) and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush, stream)
 
     def _cancel(self, request_id: int) -> None:
         """Send CANCEL for a call this client gave up on (cancelled, or timed out), when the
@@ -980,6 +1065,155 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class _Items:
+    """One streamed call of a :class:`StreamChannel`: its queued items (:class:`ItemStream`),
+    its call (deadline and answer, in the channel's :class:`Calls`), and the future its reader
+    waits on. Held by the channel; the reader holds a :class:`ResultStream` around it (so that
+    a reader dropping it, ``break``, is seen: the channel keeps no reference to that)."""
+
+    __slots__ = ("call", "channel", "items", "wake")
+
+    def __init__(self, channel: StreamChannel, call: PendingCall[Waiter]) -> None:
+        self.channel = channel
+        self.call = call
+        self.items = ItemStream(call.request_id, call.method)
+        self.wake: asyncio.Future[None] | None = None
+
+    def wake_up(self, _: object = None) -> None:
+        wake = self.wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    def fail(self, exc: Exception) -> None:
+        """End the call here (the server broke flow control): CANCEL, and ``exc`` raised once
+        the items queued before were read."""
+        self.give_up()
+        if not self.call.waiter.done():
+            self.call.waiter.set_exception(exc)
+
+    def give_up(self) -> None:
+        """The reader stopped (or the call failed here): forget the call, send CANCEL."""
+        channel = self.channel
+        rid = self.call.request_id
+        if channel.item_streams.get(rid) is self:
+            del channel.item_streams[rid]
+        if channel.calls.pending.get(rid) is self.call:
+            channel.calls.forget(rid)
+            channel._cancel(rid)
+
+
+class ResultStream:
+    """The items of a streamed call, in order: ``async for item in client.stream(...)``.
+
+    The request is sent when iteration starts. Items are queued as they arrive, within the
+    stream's flow-control window, and granted back to the server (CREDIT) as they are read, so
+    a slow reader slows the server's generator down instead of filling memory. The call's
+    timeout bounds the whole stream. Its error (the generator's exception, the deadline, a lost
+    connection) is raised from the iterator after the items that came before it. Leaving the
+    loop early (``break``, an exception), :meth:`aclose` or ``async with`` ending sends CANCEL:
+    the server closes the generator. After the last item, :attr:`result` is the generator's
+    return value (None for most) and :attr:`metadata` the server's trailers."""
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        channel: StreamChannel,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+        timeout: float,
+        metadata: Metadata | None,
+    ) -> None:
+        self._client = client
+        self._channel = channel
+        self._request = (method, args, kwargs, timeout, metadata)
+        self._items: _Items | None = None
+        self._ended = False
+        self.result: Any = None
+        """The generator's return value, once the stream ended."""
+        self.metadata: Mapping[str, str | bytes] = {}
+        """The server's trailers, once the stream ended."""
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Any:
+        items = self._items
+        if items is None:
+            if self._ended:
+                raise StopAsyncIteration
+            method, args, kwargs, timeout, metadata = self._request
+            items = self._items = await self._channel.start_stream(
+                method, args, kwargs, timeout, self._client.codec, metadata
+            )
+        queue = items.items
+        while True:
+            if queue.items:
+                value, grant = queue.take()
+                if grant:
+                    self._channel.grant(queue.request_id, grant)
+                return value
+            if self._ended:
+                raise StopAsyncIteration
+            waiter = items.call.waiter
+            if waiter.done():
+                self._finish(items, waiter)
+            wake = items.wake = self._channel.loop.create_future()
+            try:
+                await wake
+            finally:
+                items.wake = None
+
+    def _finish(self, items: _Items, waiter: Waiter) -> None:
+        """The call's answer came and every item before it was read: end, or raise."""
+        self._ended = True
+        items.give_up()  # no longer in flight: sends nothing (the call is answered)
+        exc = waiter.exception()
+        if exc is not None:
+            if isinstance(exc, RemoteError) and exc.code == ErrorCode.DECODE_ERROR:
+                # An ITEM this client could not decode (the server may go on): stop it there.
+                self._channel._cancel(items.call.request_id)
+            raise exc
+        result = waiter.result()
+        if type(result) is Reply:
+            self.result, self.metadata = result.result, result.metadata
+        else:
+            self.result = result
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """Stop reading: CANCEL (the server closes the generator) unless the stream ended."""
+        self._release()
+
+    def _release(self) -> None:
+        items = self._items
+        if self._ended:
+            return
+        self._ended = True
+        if items is None:
+            return
+        items.give_up()
+        waiter = items.call.waiter
+        if waiter.done() and not waiter.cancelled():
+            waiter.exception()  # retrieved: nobody reads this stream's end now
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release()
+
+    def __del__(self) -> None:
+        # ``break`` out of ``async for``: the iterator is dropped at once (CPython), and with
+        # it the stream: CANCEL, so that the server stops.
+        if not self._ended and self._items is not None:
+            try:
+                if not self._channel.loop.is_closed():
+                    self._release()
+            except Exception:
+                pass
+
+
 class AsyncClient(ClientSettings):
     """An asyncio client for ``tcp://host:port`` or ``udp://host:port``.
 
@@ -1167,6 +1401,32 @@ class AsyncClient(ClientSettings):
         assert self.hooks is not None
         reply = await run_async(self.hooks, call, send)
         return reply if with_metadata else reply.result
+
+    def stream(
+        self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any
+    ) -> ResultStream:
+        """The items of a generator method, as they come: ``async for item in
+        client.stream("ticks", 10)`` (TCP and TLS; see :class:`ResultStream`). ``timeout``
+        (default: the client's) bounds the whole stream. Over UDP raises
+        :class:`LocalProtocolError` (code STREAM_MISMATCH) and sends nothing."""
+        channel = self._channel
+        if channel is None:
+            raise self._not_connected()
+        if not isinstance(channel, StreamChannel):
+            raise LocalProtocolError(
+                f"stream({method!r}): streams need TCP or TLS (this client is {self.endpoint}); "
+                "nothing was sent",
+                ErrorCode.STREAM_MISMATCH,
+            )
+        return ResultStream(
+            self,
+            channel,
+            method,
+            args,
+            kwargs or None,
+            self.timeout if timeout is None else timeout,
+            None,
+        )
 
     def stream_channel(self, what: str) -> StreamChannel:
         """The TCP/TLS channel, for patterns that need a connection (ConnectError if none)."""

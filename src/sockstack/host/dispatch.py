@@ -13,6 +13,16 @@ The host owns one :class:`Dispatcher` with the methods of every pattern (a servi
 from RPC, ``broker.stats`` from publish/subscribe...), shared by every endpoint so that TCP and
 UDP answer the same request the same way. A :class:`Handler` is one callable method; an outcome
 is ``(True, result)`` or ``(False, (code, type, message))``.
+
+A generator or async generator method streams its items (PROTOCOL.md §4, ITEM/CREDIT): called
+with the STREAM flag, its call's outcome is an awaitable that pulls the items while the stream's
+flow-control window allows and hands each to the host's :class:`ItemSink` (the call context's
+``stream``), then gives the generator's return value (None for most) as the result. A sync
+generator's ``next()`` always runs in a worker thread, never on the event loop (items are
+pulled in batches as long as the window has room, so one stream holds a worker only while it
+produces); an async generator runs on the loop. The generator is closed whatever ends the call:
+its last item, an exception, CANCEL, the deadline, a lost connection (its ``finally`` runs).
+Called without STREAM, a generator method is refused with STREAM_MISMATCH and does not run.
 """
 
 from __future__ import annotations
@@ -27,11 +37,11 @@ import itertools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
-from sockstack.errors import CodecError, ErrorCode, wire_name
+from sockstack.errors import CodecError, ErrorCode, LocalProtocolError, wire_name
 from sockstack.interceptors import Failure, Hooks, Refused, await_quietly, call_quietly
 from sockstack.protocol.calls import CURRENT_CALL
 from sockstack.protocol.codecs import decode_as
@@ -42,6 +52,7 @@ __all__ = [
     "DEFAULT_MAX_WORKERS",
     "Dispatcher",
     "Handler",
+    "ItemSink",
     "Outcome",
     "ServiceError",
     "TypeCheck",
@@ -80,6 +91,94 @@ class _Anything:
 
 
 _ANYTHING = _Anything()
+
+SYNC_GENERATOR = 1
+ASYNC_GENERATOR = 2
+
+
+class ItemSink(Protocol):
+    """Where a streamed call's items go (the host's side of one stream: PROTOCOL.md §4)."""
+
+    def room(self) -> int:
+        """Bytes of ITEM bodies that may be sent now (the window less those not granted back);
+        an item may be sent while this is above 0."""
+        ...
+
+    async def wait_room(self) -> None:
+        """Return once :meth:`room` is above 0."""
+        ...
+
+    def encode(self, item: Any) -> bytes:
+        """The ITEM frame of ``item`` (thread-safe: workers call it). Raises
+        :class:`CodecError`, or :class:`LocalProtocolError` for an item over the frame limit."""
+        ...
+
+    def push(self, frame: bytes) -> None:
+        """On the loop: queue an encoded ITEM (its body counts against the window)."""
+        ...
+
+    def push_threadsafe(self, frame: bytes) -> None:
+        """From a worker thread: queue an encoded ITEM (in order, written soon)."""
+        ...
+
+
+class _BadItem(Exception):
+    """An item the stream could not carry: the call ends with this outcome."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome[1][2])
+        self.outcome = outcome
+
+
+def _encoded(sink: ItemSink, item: Any) -> bytes:
+    try:
+        return sink.encode(item)
+    except CodecError as exc:
+        raise _BadItem(
+            (False, (ErrorCode.RESULT_NOT_ENCODABLE, "RESULT_NOT_ENCODABLE", f"an item: {exc}"))
+        ) from None
+    except LocalProtocolError as exc:
+        raise _BadItem(
+            (False, (ErrorCode.RESULT_TOO_LARGE, "RESULT_TOO_LARGE", f"an item: {exc.message}"))
+        ) from None
+
+
+def _late(ctx: Any) -> int:
+    """Why a streamed call must stop now (0: it need not)."""
+    if type(ctx) is not CallContext:
+        return 0
+    if ctx.abort_code:
+        return ctx.abort_code
+    if ctx.deadline is not None and ctx.cancelled:
+        return ErrorCode.DEADLINE_EXCEEDED
+    return 0
+
+
+def _pull(gen: Any, room: int, sink: ItemSink) -> tuple[bool, Any]:
+    """In a worker thread, in the call's context: pull items while ``room`` bytes allow (the
+    last one may pass it), hand each to the sink. (True, return value) when the generator
+    ended, (False, None) when the room is used up. Raises what the generator raises,
+    :class:`_BadItem`, or :class:`CallAborted` once the call was stopped."""
+    ctx = CURRENT_CALL.get()
+    push = sink.push_threadsafe
+    while room > 0:
+        code = _late(ctx)
+        if code:
+            raise CallAborted(code)
+        try:
+            item = next(gen)
+        except StopIteration as stop:
+            return True, stop.value
+        frame = _encoded(sink, item)
+        room -= len(frame) - 16
+        push(frame)
+    return False, None
+
+
+def _stopped(code: int) -> Outcome:
+    if code == ErrorCode.CANCELLED:
+        return False, (code, "CANCELLED", "the call was cancelled by the client")
+    return False, (code, "DEADLINE_EXCEEDED", "the call's deadline passed; it did not finish")
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +321,9 @@ class Handler:
     APPLICATION_ERROR under their wire name, as a :class:`ServiceError` is; any other exception
     is UNEXPECTED_ERROR."""
     """The return annotation's check; None without one (or one that is not checked)."""
+    streaming: int = 0
+    """SYNC_GENERATOR (1) or ASYNC_GENERATOR (2): the method streams its items; 0: it does
+    not."""
 
     def check_arguments(self, args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
         """None when the arguments fit the signature, else a message saying why not."""
@@ -337,13 +439,15 @@ def make_handler(
             accepts_kwargs = True
     if any(p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in sig.parameters.values()):
         min_pos = 1 << 30  # required keyword-only args: never take the fast path
-    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
-        # Refused when registered rather than failing every call with RESULT_NOT_ENCODABLE:
-        # streaming a generator's items is issue 12 item 6.
-        raise ValueError(
-            f"method {name!r} is a generator: streaming results is not supported yet; "
-            "return a list instead"
-        )
+    streaming = (
+        SYNC_GENERATOR
+        if inspect.isgeneratorfunction(func)
+        else ASYNC_GENERATOR
+        if inspect.isasyncgenfunction(func)
+        else 0
+    )
+    if streaming:
+        inline = False  # its items are pulled by the stream's pump, never inline
     is_async = inspect.iscoroutinefunction(func)
     positional: list[TypeCheck | None] = []
     var_positional: TypeCheck | None = None
@@ -357,7 +461,9 @@ def make_handler(
         if check is not None and p.kind is not p.POSITIONAL_ONLY and p.kind is not p.VAR_POSITIONAL:
             keywords["" if p.kind is p.VAR_KEYWORD else p.name] = check
     checked = any(c is not None for c in positional) or var_positional is not None
-    returns = type_check("", sig.return_annotation)
+    # A generator's return annotation (Iterator[T], AsyncIterator[T]) describes the stream, not
+    # a result: items are not checked against it.
+    returns = None if streaming else type_check("", sig.return_annotation)
     return Handler(
         name,
         func,
@@ -367,7 +473,7 @@ def make_handler(
         min_pos,
         max_pos if max_pos >= 0 else -1,
         accepts_kwargs,
-        simple=not is_async and max_pos >= 0 and not accepts_kwargs,
+        simple=not is_async and not streaming and max_pos >= 0 and not accepts_kwargs,
         max_keywords=-1
         if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
         else sum(p.kind is not p.VAR_POSITIONAL for p in sig.parameters.values()),
@@ -382,6 +488,7 @@ def make_handler(
         else None,
         returns=returns,
         errors=errors,
+        streaming=streaming,
     )
 
 
@@ -466,6 +573,13 @@ class Dispatcher:
                 if handler.returns is None or type(result) in handler.returns.fast:
                     return True, result
                 return self._checked((True, result), handler, req)
+        if handler.streaming and not req.stream:
+            return False, (
+                ErrorCode.STREAM_MISMATCH,
+                "STREAM_MISMATCH",
+                f"method {req.method!r} streams its results: call it with stream() (over TCP "
+                "or TLS)",
+            )
         problem = handler.check_arguments(args, req.kwargs)
         if problem is not None:
             return False, (ErrorCode.BAD_ARGUMENTS, "BAD_ARGUMENTS", problem)
@@ -483,6 +597,8 @@ class Dispatcher:
         return self._checked_later(outcome, handler, req)
 
     def _start(self, handler: Handler, req: Request) -> Outcome | Awaitable[Outcome]:
+        if handler.streaming:
+            return self._run_stream(handler, req)
         if handler.is_async:
             return self._run_async(handler, req)
         if handler.inline:
@@ -526,6 +642,94 @@ class Dispatcher:
         except Exception as exc:
             return self._failure(req, exc)
 
+    # ---------------------------------------------------------------- streams
+
+    async def _run_stream(self, handler: Handler, req: Request) -> Outcome:
+        """A streamed call: its items to the call context's sink under flow control, then its
+        outcome (the generator's return value, or its error)."""
+        ctx = CURRENT_CALL.get()
+        sink: ItemSink | None = getattr(ctx, "stream", None)
+        if sink is None:  # dispatched outside a stream session (tests of the dispatcher)
+            return False, (
+                ErrorCode.STREAM_MISMATCH,
+                "STREAM_MISMATCH",
+                "streams need TCP or TLS",
+            )
+        try:
+            if handler.streaming == ASYNC_GENERATOR:
+                return await self._pump_async(handler, req, sink)
+            return await self._pump_sync(handler, req, sink)
+        except _BadItem as exc:
+            log.warning("method %r: %s", req.method, exc.outcome[1][2])
+            return exc.outcome
+        except CallAborted as exc:
+            return _stopped(exc.code)
+        except Exception as exc:
+            return self._failure(req, exc)
+
+    async def _pump_async(self, handler: Handler, req: Request, sink: ItemSink) -> Outcome:
+        agen = handler.func(*req.args, **req.kwargs)
+        try:
+            while True:
+                if sink.room() <= 0:
+                    await sink.wait_room()
+                try:
+                    item = await agen.__anext__()
+                except StopAsyncIteration:
+                    return True, None
+                sink.push(_encoded(sink, item))
+        finally:
+            try:
+                await agen.aclose()  # its finally runs (a no-op when it ended)
+            except Exception as exc:
+                log.warning("method %r: closing its generator raised %r", req.method, exc)
+
+    async def _pump_sync(self, handler: Handler, req: Request, sink: ItemSink) -> Outcome:
+        gen = handler.func(*req.args, **req.kwargs)  # runs none of its code yet
+        loop = asyncio.get_running_loop()
+        run = contextvars.copy_context().run  # one context for every pull: current_context()
+        job: concurrent.futures.Future[tuple[bool, Any]] | None = None
+        try:
+            while True:
+                room = sink.room()
+                if room <= 0:
+                    await sink.wait_room()
+                    continue
+                job = self.executor.submit(run, _pull, gen, room, sink)
+                done, value = await asyncio.wrap_future(job, loop=loop)
+                job = None
+                if done:
+                    return True, value
+        finally:
+            self._close_later(gen, job, run, req.method)
+
+    def _close_later(
+        self,
+        gen: Any,
+        job: concurrent.futures.Future[Any] | None,
+        run: Callable[..., Any],
+        method: str,
+    ) -> None:
+        """Close a sync generator in a worker (its ``finally`` may block), after the pull
+        still running in one (a stopped call's task does not wait for it)."""
+
+        def close() -> None:
+            try:
+                run(gen.close)
+            except Exception as exc:
+                log.warning("method %r: closing its generator raised %r", method, exc)
+
+        def submit(_: object = None) -> None:
+            try:
+                self.executor.submit(close)
+            except RuntimeError:  # the pool is shut down (server stopping)
+                close()
+
+        if job is not None:
+            job.add_done_callback(submit)  # at once if it is done, else when the pull ends
+        else:
+            submit()
+
     # ---------------------------------------------------------------- interceptors
 
     def _dispatch_intercepted(self, req: Request) -> Outcome | Awaitable[Outcome]:
@@ -536,7 +740,7 @@ class Dispatcher:
         hooks and method run in the call's task."""
         handler = self.handlers.get(req.method)
         if self.hooks.is_async or (
-            handler is not None and (handler.is_async or not handler.inline)
+            handler is not None and (handler.is_async or not handler.inline or handler.streaming)
         ):
             return self._intercepted_async(req)
         outcome: Outcome = contextvars.copy_context().run(self._intercepted_inline, req)

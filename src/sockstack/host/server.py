@@ -39,6 +39,7 @@ import os
 import signal
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ from sockstack.protocol.auth import (
 )
 from sockstack.protocol.calls import CURRENT_CALL
 from sockstack.protocol.codecs import CODECS
+from sockstack.protocol.connection import State
 from sockstack.protocol.datagram import (
     DEFAULT_MAX_DATAGRAM,
     DEFAULT_REPLY_CACHE_BYTES,
@@ -71,6 +73,7 @@ from sockstack.protocol.datagram import (
 from sockstack.protocol.events import (
     Cancel,
     ConnectionTerminated,
+    Credit,
     Event,
     HandshakeComplete,
     PatternMessage,
@@ -78,8 +81,14 @@ from sockstack.protocol.events import (
     Request,
     Role,
 )
-from sockstack.protocol.frames import peek_request_id, peek_type
-from sockstack.protocol.messages import CORE_MESSAGES, FEATURES, encode_close, encode_error
+from sockstack.protocol.frames import HEADER_SIZE, peek_request_id, peek_type
+from sockstack.protocol.messages import (
+    CORE_MESSAGES,
+    FEATURES,
+    STREAM_WINDOW,
+    encode_close,
+    encode_error,
+)
 from sockstack.protocol.registry import Registry
 from sockstack.rpc.context import CallContext
 from sockstack.transport.ratelog import RateLimitedLog
@@ -240,6 +249,83 @@ class ServerLimits:
     many. One more gets CLOSE TOO_MANY_CONNECTIONS."""
 
 
+class _ItemOut:
+    """One streamed call's items on a connection (the host's ``ItemSink``): ITEMs are queued
+    in the session in order, their body bytes counted against the window (STREAM_WINDOW) until
+    CREDITs grant them back; the pump waits for room. Items from a worker thread are handed
+    over in batches (one loop wake-up per batch)."""
+
+    __slots__ = (
+        "_lock",
+        "_pending",
+        "_scheduled",
+        "codec",
+        "conn",
+        "core",
+        "rid",
+        "unacked",
+        "waiter",
+    )
+
+    def __init__(self, conn: _HostStream, rid: int, codec: int) -> None:
+        self.conn = conn
+        core = conn.core
+        assert core is not None
+        self.core = core  # kept: a worker may encode after the connection is gone
+        self.rid = rid
+        self.codec = CODECS[codec]
+        self.unacked = 0
+        self.waiter: asyncio.Future[None] | None = None
+        self._lock = threading.Lock()
+        self._pending: list[bytes] = []
+        self._scheduled = False
+
+    def room(self) -> int:
+        return STREAM_WINDOW - self.unacked
+
+    async def wait_room(self) -> None:
+        while self.unacked >= STREAM_WINDOW:
+            waiter = self.waiter = self.conn.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self.waiter = None
+
+    def credit(self, granted: int) -> None:
+        # Never below 0: a CREDIT cannot grant bytes that were not sent (the window stays the
+        # bound on what is in flight, whatever a client grants).
+        self.unacked = max(self.unacked - granted, 0)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done() and self.unacked < STREAM_WINDOW:
+            waiter.set_result(None)
+
+    def encode(self, item: Any) -> bytes:
+        return self.core.item_frame(self.rid, item, self.codec)
+
+    def push(self, frame: bytes) -> None:
+        core = self.core
+        if core.state is not State.OPEN or self.conn.core is not core:
+            return  # the session is ending: the call is stopped with it
+        core.send_message(frame)
+        self.unacked += len(frame) - HEADER_SIZE
+        self.conn.flush_soon()
+
+    def push_threadsafe(self, frame: bytes) -> None:
+        with self._lock:
+            self._pending.append(frame)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.conn.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            frames, self._pending = self._pending, []
+            self._scheduled = False
+        for frame in frames:
+            self.push(frame)
+
+
 class _HostStream(StreamProtocol):
     """One stream connection of the host: the hot path for calls, routing for patterns."""
 
@@ -264,6 +350,8 @@ class _HostStream(StreamProtocol):
         self._soon_scheduled = False
         self.kind = "tcp"  # "tls" over TLS: CallContext.transport
         self._running: dict[int, _Run] = {}  # async and threaded calls, by request id (CANCEL)
+        self._item_outs: dict[int, _ItemOut] = {}  # streamed calls, by request id (CREDIT)
+        self._flush_scheduled = False
 
     def core_options(self) -> dict[str, Any]:
         secret = self.server.secret
@@ -341,6 +429,20 @@ class _HostStream(StreamProtocol):
             self._handshake_done()
         for pattern in server.patterns:
             pattern.connection_lost(self)
+        for rid in list(self._item_outs):  # nobody reads them now: stop (generators closed)
+            run = self._running.get(rid)
+            if run is not None:
+                run.abort(ErrorCode.CANCELLED)
+
+    def flush_soon(self) -> None:
+        """Write what the session queued at the end of this loop turn (items of streams)."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_scheduled = False
+        self.flush()
 
     def data_received(self, data: bytes) -> None:
         # The hot path, flattened: decode every complete frame of this read, answer inline
@@ -446,11 +548,17 @@ class _HostStream(StreamProtocol):
         ctx = _context(req, self.kind, self.peer)
         if ctx is None:
             return _LATE, None
+        if req.stream:
+            ctx.stream = out = _ItemOut(self, req.request_id, req.codec)
+            self._item_outs[req.request_id] = out
         token = _set_call(ctx)
         try:
-            return self.dispatcher.dispatch(req), ctx
+            outcome = self.dispatcher.dispatch(req)
         finally:
             _reset_call(token)
+        if req.stream and isinstance(outcome, tuple):  # answered at once: no items
+            self._item_outs.pop(req.request_id, None)
+        return outcome, ctx
 
     def _outcome(
         self, req: Request, outcome: Outcome | Awaitable[Outcome], ctx: CallContext | None
@@ -478,6 +586,10 @@ class _HostStream(StreamProtocol):
                 route = self.routes.get(type(ev))
                 if route is not None:
                     route(self, ev)
+            elif isinstance(ev, Credit):
+                out = self._item_outs.get(ev.request_id)
+                if out is not None:  # else: the stream ended already: ignored
+                    out.credit(ev.granted)
             elif isinstance(ev, Cancel):
                 run = self._running.get(ev.request_id)
                 if run is not None:  # else: answered already, or never ours: ignored
@@ -616,6 +728,8 @@ class _HostStream(StreamProtocol):
     def _answer(self, req: Request, outcome: Outcome, ctx: CallContext | None = None) -> None:
         core = self.core
         assert core is not None
+        if req.stream:
+            self._item_outs.pop(req.request_id, None)
         ok, value = outcome
         trailers = _trailers(req, ctx)
         if ok:
@@ -731,6 +845,16 @@ class _HostDatagram(DatagramEndpoint):
                 ErrorCode.SHUTTING_DOWN,
                 "SHUTTING_DOWN",
                 "server is shutting down",
+                now,
+            )
+            return
+        if req.stream:  # refused before anything runs: a datagram cannot carry a stream
+            self.core.send_error(
+                addr,
+                req.request_id,
+                ErrorCode.STREAM_MISMATCH,
+                "STREAM_MISMATCH",
+                "streams need TCP or TLS",
                 now,
             )
             return

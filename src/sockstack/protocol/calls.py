@@ -22,6 +22,8 @@ broker sends it with request id 0, an older one with the delivery id). No call e
   (shortened to the deadline of the served call it is made from, :data:`CURRENT_CALL`), the
   budget of the DEADLINE flag and the METADATA map, each only to a server that announced it.
 - :class:`Reply` — a result with the server's trailers (``with_metadata=True``).
+- :class:`ItemStream` — a streamed call's items on the client (PROTOCOL.md §4): queued in
+  order, counted against the flow-control window, and the CREDIT to grant as they are consumed.
 
 Deadlines and cancel in a client (both flavours do the same)::
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -48,12 +51,13 @@ from sockstack.errors import (
     RemoteError,
     typed_error,
 )
-from sockstack.protocol.events import Error, Metadata, Pong, Response
+from sockstack.protocol.events import Error, Item, Metadata, Pong, Response
 from sockstack.protocol.messages import (
     FEATURE_DEADLINE,
     FEATURE_METADATA,
     FEATURES,
     MAX_BUDGET_MS,
+    STREAM_WINDOW,
     check_metadata,
 )
 
@@ -64,6 +68,7 @@ __all__ = [
     "Backoff",
     "Calls",
     "Failover",
+    "ItemStream",
     "OneCall",
     "PendingCall",
     "Reply",
@@ -129,8 +134,9 @@ def budget_ms(remaining: float) -> int:
     budget never promises more time than the caller has), 0..2^32-1."""
     if remaining <= 0:
         return 0
-    ms = int(remaining * 1000)
-    return ms if ms <= MAX_BUDGET_MS else MAX_BUDGET_MS
+    if remaining >= MAX_BUDGET_MS / 1000:  # math.inf too: no deadline worth sending is longer
+        return MAX_BUDGET_MS
+    return int(remaining * 1000)
 
 
 def merge_metadata(
@@ -431,3 +437,63 @@ class Failover(Generic[E]):
     def all_failed(errors: Sequence[str]) -> ConnectError:
         """The error when no server could be reached: every server's reason, in order."""
         return ConnectError("; ".join(errors))
+
+
+class ItemStream:
+    """The client side of one streamed call (a REQUEST with the STREAM flag), sans-I/O.
+
+    The adapter feeds it the call's ITEMs (:meth:`feed`) as they arrive and takes them as the
+    application consumes them (:meth:`take`), sending the CREDIT :meth:`take` returns; the call
+    itself (its deadline, its one RESPONSE or ERROR, a lost connection) stays a call of
+    :class:`Calls` (or :class:`OneCall`), which ends the stream once the queue is empty. Memory:
+    a server that keeps the window never makes the queue hold more than ``window`` bytes plus
+    one item; :meth:`feed` reports one that does not. Grants are batched: bytes consumed are
+    granted back once they reach half the window.
+
+    Both clients use it the same way::
+
+        rid = calls.new_id(); stream = ItemStream(rid, method)
+        core.send_request(rid, method, args, kwargs, codec, budget_ms=..., stream=True)
+        on Item ev:            problem = stream.feed(ev)  # not None: CANCEL, fail the call
+        to get the next item:  item, grant = stream.take() (while stream.items) ;
+                               if grant: core.send_credit(rid, grant)
+        when the queue is empty and the call has its answer: the stream ended (RESPONSE: its
+        result is the generator's return value) or raises (ERROR); the caller stopped early
+        (break, close): core.send_cancel(rid).
+    """
+
+    __slots__ = ("items", "method", "queued", "request_id", "ungranted", "window")
+
+    def __init__(self, request_id: int, method: str, window: int = STREAM_WINDOW) -> None:
+        self.request_id = request_id
+        self.method = method
+        self.window = window
+        self.items: deque[tuple[Any, int]] = deque()
+        self.queued = 0
+        """Bytes of ITEM bodies queued, not yet taken."""
+        self.ungranted = 0
+        """Bytes taken and not granted back yet."""
+
+    def feed(self, ev: Item) -> str | None:
+        """Queue an ITEM; None, or what is wrong when the server sent it beyond the window (it
+        may send while the bytes it sent and had not granted back are below the window)."""
+        if self.queued + self.ungranted >= self.window:
+            return (
+                f"stream {self.method!r}: the server sent an item beyond the flow-control "
+                f"window of {self.window} bytes"
+            )
+        self.items.append((ev.value, ev.size))
+        self.queued += ev.size
+        return None
+
+    def take(self) -> tuple[Any, int]:
+        """The next item (the queue must not be empty) and the bytes to grant now by CREDIT (0:
+        none yet)."""
+        value, size = self.items.popleft()
+        self.queued -= size
+        ungranted = self.ungranted + size
+        if ungranted >= self.window // 2:
+            self.ungranted = 0
+            return value, ungranted
+        self.ungranted = ungranted
+        return value, 0

@@ -70,17 +70,21 @@ from sockstack.protocol.frames import (
 from sockstack.protocol.messages import (
     CORE_MESSAGES,
     FEATURE_CANCEL,
+    FEATURE_STREAM,
     FEATURES,
     FLAG_DEADLINE,
     FLAG_KWARGS,
     FLAG_METADATA,
+    FLAG_STREAM,
     MAX_BUDGET_MS,
     MAX_HELLO_SIZE,
     MIN_MAX_FRAME,
     encode_cancel,
     encode_close,
+    encode_credit,
     encode_error,
     encode_hello,
+    encode_item,
     encode_ping,
     encode_pong,
     encode_request,
@@ -129,7 +133,8 @@ _pack_header = pack_header
 _unpack_header = read_header
 _CORE_REGISTRY = Registry([CORE_MESSAGES], frozen=True)
 _DEADLINE = FLAG_DEADLINE
-_CALL_FLAGS = FLAG_KWARGS | FLAG_DEADLINE | FLAG_METADATA  # a REQUEST's flags the fast path reads
+# A REQUEST's flags the fast path leaves to the general one (which reads them all)
+_CALL_FLAGS = FLAG_KWARGS | FLAG_DEADLINE | FLAG_METADATA | FLAG_STREAM
 _budget = struct.Struct(">I")
 _pack_budget = _budget.pack
 _unpack_budget = _budget.unpack_from
@@ -286,15 +291,16 @@ class Connection:
         *,
         budget_ms: int | None = None,
         metadata: Metadata | None = None,
+        stream: bool = False,
     ) -> None:
-        """Queue a REQUEST; ``budget_ms`` sets DEADLINE, ``metadata`` METADATA (send them only
-        to a server whose WELCOME announced them: :attr:`peer_features`)."""
+        """Queue a REQUEST; ``budget_ms`` sets DEADLINE, ``metadata`` METADATA, ``stream``
+        STREAM (send them only to a server whose WELCOME announced them: :attr:`peer_features`)."""
         if self.role is not Role.CLIENT:
             raise LocalProtocolError("only a client sends REQUEST")
         if self.state is not State.OPEN and not self._check_can_send():
             raise LocalProtocolError(f"cannot send a request: session is {self.state.value}")
         meta = _METHOD_BYTES.get(method)
-        if kwargs or not codec.structured or meta is None or metadata is not None:
+        if kwargs or not codec.structured or meta is None or metadata is not None or stream:
             self._out.append(
                 self._fit(
                     encode_request(
@@ -305,6 +311,7 @@ class Connection:
                         codec,
                         budget_ms=budget_ms,
                         metadata=metadata,
+                        stream=stream,
                     )
                 )
             )
@@ -458,6 +465,27 @@ class Connection:
         if self.state is not _OPEN or not self.peer_features & FEATURE_CANCEL:
             return False
         self._out.append(encode_cancel(request_id))
+        return True
+
+    def item_frame(self, request_id: int, value: Any, codec: Codec = MSGPACK) -> bytes:
+        """Server: an ITEM of stream ``request_id``, encoded and checked against the peer's
+        frame limit, not queued (a worker thread may build it; queue it with
+        :meth:`send_message`). Its body's size, what flow control counts, is
+        ``len(frame) - 16``. Raises :class:`CodecError`, or :class:`LocalProtocolError`
+        (FRAME_TOO_LARGE) for an item over the peer's limit."""
+        return self._fit(encode_item(request_id, value, codec))
+
+    @property
+    def can_stream(self) -> bool:
+        """Client: the server announced STREAM (send a STREAM request only then)."""
+        return bool(self.peer_features & FEATURE_STREAM)
+
+    def send_credit(self, request_id: int, granted: int) -> bool:
+        """Client: queue a CREDIT granting ``granted`` bytes to stream ``request_id``; False,
+        nothing queued, when the session is not open."""
+        if self.state is not _OPEN:
+            return False
+        self._out.append(encode_credit(request_id, granted))
         return True
 
     def _error_frame(

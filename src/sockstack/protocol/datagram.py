@@ -26,6 +26,7 @@ from sockstack.errors import CodecError, ErrorCode, LocalProtocolError, RemotePr
 from sockstack.protocol.codecs import MAX_CONTAINER, MSGPACK, Codec, refuse_ext
 from sockstack.protocol.events import (
     Cancel,
+    Credit,
     Error,
     Event,
     Hello,
@@ -548,7 +549,7 @@ class DatagramServer:
         if isinstance(msg, Ping):
             self._out.append((encode_pong(msg.request_id, msg.payload), addr))
             return []
-        if isinstance(msg, Cancel):  # streams only: dropped, unanswered (PROTOCOL.md §6)
+        if isinstance(msg, Cancel | Credit):  # streams only: dropped, unanswered (PROTOCOL.md §6)
             return []
         if isinstance(msg, Hello):
             # Answered only with no more bytes than it carried (a spoofed HELLO must not make

@@ -34,10 +34,12 @@ __all__ = [
     "Cancel",
     "Close",
     "ConnectionTerminated",
+    "Credit",
     "Error",
     "Event",
     "HandshakeComplete",
     "Hello",
+    "Item",
     "Message",
     "Metadata",
     "PatternMessage",
@@ -137,6 +139,8 @@ class Request:
     codec: int = 1
     budget_ms: int | None = None
     metadata: Metadata | None = None
+    stream: bool = False
+    """Flag STREAM: the caller accepts a streamed result (ITEMs, then the one answer)."""
 
 
 @message
@@ -169,6 +173,26 @@ class Cancel:
 
 
 @message
+class Item:
+    """ITEM (server -> client): one item of the streamed result of call ``request_id``.
+    ``size``: the bytes of its body (what flow control counts)."""
+
+    request_id: int
+    value: Any = None
+    codec: int = 1
+    size: int = 0
+
+
+@message
+class Credit:
+    """CREDIT (client -> server): ``granted`` more bytes of ITEM bodies for stream
+    ``request_id``. Not a request: never answered."""
+
+    request_id: int
+    granted: int = 0
+
+
+@message
 class Ping:
     request_id: int
     payload: bytes = b""
@@ -194,7 +218,18 @@ class PatternMessage:
 
 
 Message = (
-    Hello | Welcome | Request | Response | Error | Ping | Pong | Close | Cancel | PatternMessage
+    Hello
+    | Welcome
+    | Request
+    | Response
+    | Error
+    | Ping
+    | Pong
+    | Close
+    | Cancel
+    | Item
+    | Credit
+    | PatternMessage
 )
 """One decoded frame."""
 

@@ -134,6 +134,8 @@ class MessageType(enum.IntEnum):
     PONG = 0x07
     CLOSE = 0x08
     CANCEL = 0x09
+    ITEM = 0x0A
+    CREDIT = 0x0B
 
 
 @dataclass(slots=True)

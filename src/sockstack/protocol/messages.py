@@ -20,12 +20,14 @@ from typing import Any
 import msgpack
 
 from sockstack.errors import CodecError, ErrorCode, LocalProtocolError, RemoteProtocolError
-from sockstack.protocol.codecs import CODECS, MSGPACK, Codec
+from sockstack.protocol.codecs import CODECS, MAX_CONTAINER, MSGPACK, Codec, refuse_ext
 from sockstack.protocol.events import (
     Cancel,
     Close,
+    Credit,
     Error,
     Hello,
+    Item,
     Message,
     Metadata,
     Ping,
@@ -45,18 +47,23 @@ __all__ = [
     "FEATURE_CANCEL",
     "FEATURE_DEADLINE",
     "FEATURE_METADATA",
+    "FEATURE_STREAM",
     "FLAG_DEADLINE",
     "FLAG_KWARGS",
     "FLAG_METADATA",
+    "FLAG_STREAM",
     "MAX_HELLO_EXTENSIONS",
     "MAX_HELLO_SIZE",
     "MAX_METADATA_ENTRIES",
     "MAX_METADATA_KEY",
     "MIN_MAX_FRAME",
+    "STREAM_WINDOW",
     "Cancel",
     "Close",
+    "Credit",
     "Error",
     "Hello",
+    "Item",
     "Message",
     "Ping",
     "Pong",
@@ -69,8 +76,10 @@ __all__ = [
     "decode_metadata",
     "encode_cancel",
     "encode_close",
+    "encode_credit",
     "encode_error",
     "encode_hello",
+    "encode_item",
     "encode_metadata",
     "encode_ping",
     "encode_pong",
@@ -92,14 +101,20 @@ in milliseconds when the frame was sent (0: already late)."""
 FLAG_METADATA = 0x08
 """REQUEST, RESPONSE, ERROR flag: the meta section holds, after its text (method name, error
 type, or nothing), one 0x00 byte and a msgpack map of string keys to str or bytes values."""
+FLAG_STREAM = 0x10
+"""REQUEST flag: the caller accepts a streamed result (ITEMs under flow control, then the call's
+one RESPONSE or ERROR). TCP and TLS only."""
+STREAM_WINDOW = 262_144
+"""Bytes of ITEM bodies a server may have sent on one stream and not yet had granted back by
+CREDIT (it may pass it by one item): the flow-control window every STREAM request starts with."""
 
 EXT_FEATURES = 2
 """WELCOME extension type 2: a u32 bit set of the optional features the server understands."""
 FEATURE_DEADLINE = 1 << 0
 FEATURE_METADATA = 1 << 1
 FEATURE_CANCEL = 1 << 2
-FEATURE_STREAM = 1 << 3  # reserved (issue 12 item 6)
-FEATURES = FEATURE_DEADLINE | FEATURE_METADATA | FEATURE_CANCEL
+FEATURE_STREAM = 1 << 3
+FEATURES = FEATURE_DEADLINE | FEATURE_METADATA | FEATURE_CANCEL | FEATURE_STREAM
 """What this implementation understands (announced by its servers)."""
 
 MAX_METADATA_ENTRIES = 64
@@ -108,6 +123,7 @@ MAX_BUDGET_MS = 0xFFFFFFFF
 _KEY_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789._-")
 _BUDGET = struct.Struct(">I")
 
+_unpackb = msgpack.unpackb
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _HELLO = struct.Struct(">BBI")
@@ -271,14 +287,18 @@ def encode_request(
     *,
     budget_ms: int | None = None,
     metadata: Metadata | None = None,
+    stream: bool = False,
 ) -> bytes:
     """REQUEST bytes. Raises :class:`CodecError` (nothing is sent) if the arguments don't
     encode, :class:`LocalProtocolError` for bad metadata or a meta section over 4,096 bytes.
-    ``budget_ms``: the DEADLINE flag's budget; ``metadata``: the METADATA map."""
+    ``budget_ms``: the DEADLINE flag's budget; ``metadata``: the METADATA map; ``stream``: the
+    STREAM flag."""
     name = _utf8(method, "method name")
     if 0 in name:
         raise LocalProtocolError("a method name never contains a NUL character")
     meta, flags = _meta_with(name, metadata, budget_ms, "REQUEST meta (method name, metadata)")
+    if stream:
+        flags |= FLAG_STREAM
     if codec.structured:
         if kwargs:
             body = codec.encode([list(args), kwargs])
@@ -323,6 +343,20 @@ def encode_error(
 def encode_cancel(request_id: int) -> bytes:
     """CANCEL bytes: stop call ``request_id`` (streams only)."""
     return encode_frame(MessageType.CANCEL, request_id, b"", b"")
+
+
+def encode_item(request_id: int, value: Any, codec: Codec = MSGPACK) -> bytes:
+    """ITEM bytes: one item of stream ``request_id``. Raises :class:`CodecError` if it does
+    not encode."""
+    return encode_frame(MessageType.ITEM, request_id, b"", codec.encode(value), 0, codec.id)
+
+
+def encode_credit(request_id: int, granted: int) -> bytes:
+    """CREDIT bytes: ``granted`` (0..2^32-1) more bytes of ITEM bodies for stream
+    ``request_id``."""
+    if not 0 <= granted <= 0xFFFFFFFF:
+        raise LocalProtocolError(f"a CREDIT grants 0..2^32-1 bytes, not {granted}")
+    return encode_frame(MessageType.CREDIT, request_id, b"", _BUDGET.pack(granted))
 
 
 def encode_ping(request_id: int, payload: bytes = b"") -> bytes:
@@ -455,8 +489,9 @@ def _decode_request(f: Frame) -> Request:
     if f.flags & (FLAG_DEADLINE | FLAG_METADATA):
         meta, metadata, budget = split_meta(meta, f.flags, "REQUEST")
     method = _text(meta, "method name", ErrorCode.DECODE_ERROR)
+    stream = bool(f.flags & FLAG_STREAM)
     if not codec.structured:
-        return Request(f.request_id, method, (f.body,), {}, codec.id, budget, metadata)
+        return Request(f.request_id, method, (f.body,), {}, codec.id, budget, metadata, stream)
     try:
         value = codec.decode(f.body)
     except CodecError as exc:
@@ -473,12 +508,12 @@ def _decode_request(f: Frame) -> Request:
                 "REQUEST with the KWARGS flag must carry [array, map of string keys]",
                 ErrorCode.DECODE_ERROR,
             )
-        return Request(f.request_id, method, value[0], value[1], codec.id, budget, metadata)
+        return Request(f.request_id, method, value[0], value[1], codec.id, budget, metadata, stream)
     if not isinstance(value, list):
         raise RemoteProtocolError(
             "REQUEST body must be an array of arguments", ErrorCode.DECODE_ERROR
         )
-    return Request(f.request_id, method, value, {}, codec.id, budget, metadata)
+    return Request(f.request_id, method, value, {}, codec.id, budget, metadata, stream)
 
 
 def _decode_response(f: Frame) -> Response:
@@ -515,6 +550,44 @@ def _decode_cancel(f: Frame) -> Cancel:
     return Cancel(f.request_id)
 
 
+def _decode_item(f: Frame) -> Item:
+    # Meta is not read (an ITEM carries none); flags are none defined.
+    codec = request_codec(f)
+    try:
+        return Item(f.request_id, codec.decode(f.body), codec.id, len(f.body))
+    except CodecError as exc:
+        raise RemoteProtocolError(f"ITEM: {exc}", ErrorCode.DECODE_ERROR) from None
+
+
+def _fast_item(
+    data: bytes, meta_start: int, body_start: int, end: int, flags: int, codec: int, rid: int
+) -> Item | None:
+    """The client's fast decoder of a msgpack ITEM (no meta, no flags); None: general path."""
+    if codec != 1 or flags or meta_start != body_start or not rid:
+        return None
+    try:
+        value = _unpackb(
+            data[body_start:end],
+            raw=False,
+            strict_map_key=False,
+            ext_hook=refuse_ext,
+            timestamp=3,
+            max_array_len=MAX_CONTAINER,
+            max_map_len=MAX_CONTAINER,
+        )
+    except Exception:
+        return None
+    return Item(rid, value, 1, end - body_start)
+
+
+def _decode_credit(f: Frame) -> Credit:
+    # A CREDIT is never answered (an ERROR with its id would end that stream): a malformed one
+    # is a broken peer, and ends the session (PROTOCOL_ERROR).
+    if len(f.body) != 4:
+        raise RemoteProtocolError(f"CREDIT body of {len(f.body)} bytes (a u32 is 4)")
+    return Credit(f.request_id, int(_BUDGET.unpack_from(f.body)[0]))
+
+
 def _decode_ping(f: Frame) -> Ping:
     if len(f.body) > MAX_PING_PAYLOAD:
         raise RemoteProtocolError(f"PING payload of {len(f.body)} bytes > {MAX_PING_PAYLOAD}")
@@ -546,6 +619,10 @@ CORE_MESSAGES = MessageSet(
         MessageSpec(MessageType.PONG, "PONG", _decode_pong, BOTH),
         MessageSpec(MessageType.CLOSE, "CLOSE", _decode_close, BOTH),
         MessageSpec(MessageType.CANCEL, "CANCEL", _decode_cancel, frozenset({Role.CLIENT})),
+        MessageSpec(
+            MessageType.ITEM, "ITEM", _decode_item, frozenset({Role.SERVER}), fast=_fast_item
+        ),
+        MessageSpec(MessageType.CREDIT, "CREDIT", _decode_credit, frozenset({Role.CLIENT})),
     ),
 )
 """The session and call messages every sockstack session speaks (docs/PROTOCOL.md §3)."""

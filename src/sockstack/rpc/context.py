@@ -58,6 +58,7 @@ class CallContext:
         "method",
         "request_id",
         "state",
+        "stream",
         "trailers",
         "transport",
     )
@@ -84,6 +85,9 @@ class CallContext:
         """The trailers set so far (None: none), sent with the answer."""
         self.abort_code = 0
         """Host: why the call was stopped (DEADLINE_EXCEEDED, CANCELLED), 0 while it was not."""
+        self.stream: Any = None
+        """Host: where a streamed call's items go (a ``host.dispatch.ItemSink``), None for a
+        call that is not streamed."""
 
     @property
     def peer(self) -> str:

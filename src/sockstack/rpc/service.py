@@ -22,7 +22,8 @@ Type hints are the contract (PROTOCOL.md §3.1): arguments are checked and conve
 annotated types before the method runs (a ``date`` parameter receives a ``date``, a dataclass
 parameter the dataclass; a mismatch is ``BAD_ARGUMENTS``), and the result is checked against
 the return annotation (``BAD_RESULT``). Parameters without hints are passed as decoded. A
-generator method is refused when registered: streaming results is not supported yet.
+generator or async generator method streams its items (``client.stream(...)``, PROTOCOL.md
+§4.3); its return annotation (``Iterator[T]``) is not checked as a result.
 """
 
 from __future__ import annotations
