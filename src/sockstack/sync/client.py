@@ -20,11 +20,16 @@ fails the calls other threads have in flight with :class:`ConnectionLost` ("the 
 closed"). UDP: retransmission with the same request id until the call's timeout, per call; the
 server runs a retried call once. With a ``secret``, UDP calls are made one at a time (a call's
 retransmissions are sealed for the server epoch its first datagram was sealed for, which the
-client tracks for the call in flight). A refusal (ICMP port unreachable, reported as
-ECONNREFUSED on the connected socket: nothing listens there) makes every call in flight send once
-more, and a second refusal fails them at once with :class:`ConnectError`
-(:class:`ConnectionLost` when earlier datagrams of a call may have reached a server that has
-gone), not after their timeout. A call's timeout bounds connecting too: :func:`connect` takes
+client tracks for the call in flight). When nothing listens on the server's port, the host
+answers ICMP port unreachable, reported as ECONNREFUSED on the connected socket; on Linux the
+kernel also names the datagram it answered (:mod:`sockstack.transport.udperr`), so each refusal
+counts for its own call only, and nothing is sent again at once (the call's retransmission
+schedule sends its next datagram, which a server still starting gets). A call fails at once
+with :class:`ConnectError` ("did not run") when every datagram of it that left was refused and
+it had sent two at least, and with :class:`ConnectionLost` ("may or may not have run") when two
+were refused after an earlier one was not; a PING fails when its one datagram is refused.
+Elsewhere refusals are not attributed and calls end at their timeout. A call's timeout bounds
+connecting too: :func:`connect` takes
 at most ``min(connect_timeout, timeout)``, and a reconnect within a call never outlives the
 call's deadline.
 
@@ -100,6 +105,7 @@ from sockstack.transport.settings import (
     udp_refused,
 )
 from sockstack.transport.tls import handshake_failure, handshake_lost, tls_reason
+from sockstack.transport.udperr import enable_refusal_reports, refused_request_ids
 from sockstack.transport.urls import Endpoint
 
 __all__ = ["Client", "DatagramConnection", "StreamConnection", "connect"]
@@ -124,7 +130,7 @@ class _Slot(PendingCall[None]):
     ``ok``, ``value``) is written under the connection's mutex, by whichever thread settles it;
     ``event`` wakes it when it waits as a follower."""
 
-    __slots__ = ("done", "event", "left", "lone", "ok", "track", "until", "value")
+    __slots__ = ("done", "event", "left", "ok", "track", "until", "value")
 
     def __init__(self, until: Callable[[], bool] | None = None) -> None:
         # A PendingCall of the call table itself (its waiter is the slot): one object per call.
@@ -135,12 +141,10 @@ class _Slot(PendingCall[None]):
         self.event: threading.Event | None = None
         self.left = False  # its thread has stopped waiting (all done under the mutex)
         # Set when settled: ok, value (the result, or the exception to raise). UDP sets track
-        # (the datagram core retransmits it; a PING it does not) and lone (None until first
-        # refused, then whether a single datagram had been sent).
+        # (the datagram core retransmits it; a PING it does not).
         self.ok: bool
         self.value: Any
         self.track: bool
-        self.lone: bool | None
 
 
 class _Gone(Exception):
@@ -1052,7 +1056,17 @@ class DatagramConnection(_Pipeline):
         self._pin_rid = 0
         self._pin_epoch = NO_EPOCH
         self._pin_ms = 0
-        self._refusal = False  # a refusal reported by send(), handled by the leader
+        # ECONNREFUSED (an ICMP port unreachable) reported by recv or send, handled by the
+        # leader: the kernel names the refused datagram (transport/udperr.py), so a refusal
+        # counts for its own call only. Per call (under _io): datagrams refused, and datagrams
+        # whose send reported an earlier refusal instead (they never left). A call fails
+        # (udp_refused: it did not run) once it has sent two datagrams at least on its schedule
+        # and every one that left was refused; udp_gone (it may have run) once two were refused
+        # after an earlier one was not. Where the kernel cannot name them (_attributed False),
+        # refusals fail nothing: calls end at their timeout.
+        self._refusal = False
+        self._refusals: dict[int, int] = {}
+        self._unsent: dict[int, int] = {}
 
     def _open(self) -> socket.socket:
         """A UDP socket connected to the server (a new source port each time)."""
@@ -1063,6 +1077,7 @@ class DatagramConnection(_Pipeline):
         except OSError as exc:
             sock.close()
             raise ConnectError(f"{ep}: {exc.strerror or exc}") from None
+        self._attributed = enable_refusal_reports(sock)
         return sock
 
     def after_fork(self) -> None:
@@ -1079,6 +1094,8 @@ class DatagramConnection(_Pipeline):
         self.last_id = 0
         self._pin_rid = 0
         self._sock_timeout = 0.0
+        self._refusal = False
+        self._refusals, self._unsent = {}, {}
         if old.fileno() < 0:  # closed before the fork: stays closed
             return
         try:
@@ -1112,41 +1129,68 @@ class DatagramConnection(_Pipeline):
         try:
             self.sock.send(data)
         except OSError as exc:
-            if exc.errno == errno.ECONNREFUSED:  # reported by send: that datagram did not go
+            if exc.errno == errno.ECONNREFUSED:  # reported by send: this datagram did not leave
                 self._refusal = True
+                if len(data) >= HEADER_SIZE:
+                    rid = _REQUEST_ID.unpack_from(data, 8)[0]
+                    self._unsent[rid] = self._unsent.get(rid, 0) + 1
             self.last_error = exc.strerror or str(exc)
 
-    def _on_refused(self) -> None:
-        """The kernel reported ECONNREFUSED: each call in flight, the first time, sends its
-        datagram once more (the refusal may be left over from an earlier datagram, or the
-        server may be starting: the reply cache runs a call once, however many datagrams reach
-        it); the second time it fails (:func:`udp_refused`), as does a call whose datagram sent
-        again is refused at once."""
+    def _drain_refusals(self) -> None:
+        """The kernel reported ECONNREFUSED (an ICMP port unreachable answered one of our
+        datagrams): charge each refusal it queued to the call it names. Nothing is sent again
+        at once (the refusal may be an earlier datagram's, or the server may be starting: the
+        call's retransmission schedule sends its next datagram). A call fails with
+        :func:`udp_refused` (it did not run) once every datagram of it that left was refused
+        and it had sent two at least; with :func:`udp_gone` (it may have run) once two were
+        refused after an earlier one was not. A PING (one datagram, not retransmitted) whose
+        datagram never left is sent again; one refused fails at once."""
         self._refusal = False
         self.last_error = "connection refused (no server on that port?)"
-        with self._mutex:
-            slots = [cast(_Slot, p) for p in self.calls.pending.values()]
-        failed: list[_Slot] = []
-        again: list[_Slot] = []
+        if not self._attributed:
+            self._unsent.clear()
+            return
+        failed: list[tuple[_Slot, Callable[[], BaseException]]] = []
         with self._io:
             core = self.core
-            for slot in slots:
-                if slot.lone is None:
-                    slot.lone = core.attempts(slot.request_id) <= 1
-                    if not (slot.track and core.resend(slot.request_id)):
-                        core.send_ping(slot.request_id)  # a PING (not tracked by the core): again
-                    again.append(slot)
+            refused, unsent = self._refusals, self._unsent
+            with self._mutex:
+                pending = dict(self.calls.pending)
+            resend = False
+            for rid in list(unsent):
+                slot = cast("_Slot | None", pending.get(rid))
+                if slot is not None and not slot.track and rid not in refused:
+                    del unsent[rid]  # its one datagram never left (pings are not retried)
+                    core.send_ping(rid)
+                    resend = True
+            for rid in refused_request_ids(self.sock):
+                if rid in pending:
+                    refused[rid] = refused.get(rid, 0) + 1
+            for rid in list(refused):
+                slot = cast("_Slot | None", pending.get(rid))
+                if slot is None:
+                    del refused[rid]
+                    unsent.pop(rid, None)
+                    continue
+                sent = core.attempts(rid)
+                n = refused[rid]
+                if (sent >= 2 and n >= sent - unsent.get(rid, 0)) or (not slot.track and not sent):
+                    error = udp_refused_error(self.ep, True)  # every datagram that left: refused
+                elif n >= 2:  # the server went: an earlier datagram may have reached it
+                    error = udp_refused_error(self.ep, False)
                 else:
-                    failed.append(slot)
-            self._send_out()
-            if self._refusal:
-                failed += again
-            for slot in failed:
-                core.cancel(slot.request_id)
+                    continue
+                del refused[rid]
+                unsent.pop(rid, None)
+                core.cancel(rid)
+                failed.append((slot, error))
+            if resend:
+                self._send_out()
         if failed:
             with self._mutex:
-                for slot in failed:
-                    self._fail([slot], udp_refused_error(self.ep, bool(slot.lone)))
+                for slot, error in failed:
+                    self.calls.forget(slot.request_id)
+                    self._fail([slot], error)
 
     def _send_call(self, data: bytes) -> None:
         """Send a datagram of a call in flight (with a secret, the one call: sealed for its
@@ -1229,7 +1273,6 @@ class DatagramConnection(_Pipeline):
         auth = self.auth
         assert auth is not None
         attempt = 0
-        refusals = 0
         rid = self.new_id()
         while auth.epoch == NO_EPOCH:
             now = time.monotonic()
@@ -1239,13 +1282,16 @@ class DatagramConnection(_Pipeline):
             until = min(deadline, now + self.core.retry.interval(attempt, _rng))
             attempt += 1
             while auth.epoch == NO_EPOCH:
-                if self._refusal:  # refused (by recv or by send): once more, then give up
+                if self._refusal:  # refused (by recv or by send)
                     self._refusal = False
                     self.last_error = "connection refused (no server on that port?)"
-                    refusals += 1
-                    if refusals > 1:
-                        raise udp_refused(self.ep)
-                    break
+                    if self._attributed:
+                        unsent = self._unsent.pop(rid, 0)
+                        if rid in refused_request_ids(self.sock):
+                            raise udp_refused(self.ep)  # its one datagram was refused
+                        if unsent:
+                            break  # it never left: send it again
+                    self._unsent.clear()
                 wait = until - time.monotonic()
                 if wait <= 0:
                     break
@@ -1309,7 +1355,6 @@ class DatagramConnection(_Pipeline):
         deadline = now + timeout
         slot = _Slot()
         slot.track = track
-        slot.lone = None
         auth = self.auth
         if auth is not None and not self._serial.acquire(timeout=max(0.0, timeout)):
             raise CallTimeout(method, timeout, "the client's calls are made one at a time")
@@ -1407,13 +1452,17 @@ class DatagramConnection(_Pipeline):
         if slot.left:
             return  # (answered on the fast path: the core has forgotten it already)
         super()._leave(slot)
-        if slot.request_id and not (slot.done and slot.ok):
+        rid = slot.request_id
+        if rid and not (slot.done and slot.ok):
             with self._io:
-                self.core.cancel(slot.request_id)  # no more retransmissions of it
+                self.core.cancel(rid)  # no more retransmissions of it
+                if self._refusals or self._unsent:
+                    self._refusals.pop(rid, None)
+                    self._unsent.pop(rid, None)
 
     def _step(self, slot: _Slot, deadline: float, method: str, timeout: float) -> None:
         if self._refusal:
-            self._on_refused()
+            self._drain_refusals()
             return
         now = time.monotonic()
         if now >= deadline:
@@ -1444,7 +1493,7 @@ class DatagramConnection(_Pipeline):
             return
         except OSError as exc:
             if exc.errno == errno.ECONNREFUSED:
-                self._on_refused()
+                self._drain_refusals()
                 return
             if exc.errno == errno.EBADF:  # closed, or no socket could be made after fork
                 detail = self.last_error or "client is closed"
