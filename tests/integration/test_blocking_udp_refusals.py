@@ -13,6 +13,7 @@ import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from functools import partial
 from typing import Any
 
 import pytest
@@ -121,7 +122,7 @@ def test_concurrent_calls_to_a_closed_port_each_fail_as_not_run() -> None:
     guard = _closed_port()
     try:
         with connect(f"udp://127.0.0.1:{guard.getsockname()[1]}", timeout=timeout(60)) as c:
-            runs = [_in_thread(lambda i=i: c.call("add", i, i)) for i in range(8)]
+            runs = [_in_thread(partial(c.call, "add", i, i)) for i in range(8)]
             runs.append(_in_thread(c.ping))
             for t, _ in runs:
                 t.join(timeout(30))

@@ -55,8 +55,8 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
-from typing import Any, Self, cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, Self, cast, overload
 
 from sockstack.errors import (
     CallTimeout,
@@ -64,7 +64,9 @@ from sockstack.errors import (
     ConnectionClosed,
     ConnectionLost,
     ErrorCode,
+    RemoteError,
 )
+from sockstack.interceptors import ClientCall, Hooks, merged, run_sync
 from sockstack.protocol.auth import (
     NO_EPOCH,
     REFUSAL_SIZE,
@@ -76,11 +78,18 @@ from sockstack.protocol.auth import (
     unsealed_refusal,
 )
 from sockstack.protocol.calls import (
+    CURRENT_CALL,
+    FEATURES,
     Backoff,
     Calls,
     Failover,
     PendingCall,
+    Reply,
+    budget_ms,
+    inherited_timeout,
+    merge_metadata,
     outcome,
+    plan_call,
     remote_error,
 )
 from sockstack.protocol.codecs import MSGPACK, Codec
@@ -90,13 +99,14 @@ from sockstack.protocol.events import (
     ConnectionTerminated,
     Error,
     Event,
+    Metadata,
     PatternMessage,
     Pong,
     Response,
     Role,
 )
 from sockstack.protocol.frames import DEFAULT_MAX_FRAME, HEADER_SIZE, MessageType, declared_size
-from sockstack.protocol.messages import MIN_MAX_FRAME, encode_ping
+from sockstack.protocol.messages import FEATURE_DEADLINE, MIN_MAX_FRAME, encode_ping
 from sockstack.transport.settings import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -122,6 +132,25 @@ _PONG = int(MessageType.PONG)
 _PING = int(MessageType.PING)
 _rng = random.Random()
 _OPEN = State.OPEN
+_CURRENT_CALL = CURRENT_CALL
+_DEADLINE_EXCEEDED = int(ErrorCode.DEADLINE_EXCEEDED)
+_FEATURE_DEADLINE = FEATURE_DEADLINE
+
+
+def _deadline_passed(method: str, timeout: float) -> CallTimeout:
+    """What a call fails with when the server answered DEADLINE_EXCEEDED to the deadline it
+    carried: its timeout passed, as when the client's own clock says so first (the two end
+    within a millisecond or so of each other: the server counts the budget from the request's
+    arrival, rounded down to a millisecond), so the caller sees one error for both."""
+    return CallTimeout(method, timeout, "the server stopped it at its deadline: it did not finish")
+
+
+def _answer(value: Any, with_metadata: bool) -> Any:
+    """What a call returns: its result, or a :class:`Reply` with the server's trailers (a
+    settled value is a Reply when the RESPONSE carried trailers)."""
+    if type(value) is Reply:
+        return value if with_metadata else value.result
+    return Reply(value, {}) if with_metadata else value
 
 
 class _Slot(PendingCall[None]):
@@ -140,11 +169,12 @@ class _Slot(PendingCall[None]):
         self.done = False
         self.event: threading.Event | None = None
         self.left = False  # its thread has stopped waiting (all done under the mutex)
-        # Set when settled: ok, value (the result, or the exception to raise). UDP sets track
-        # (the datagram core retransmits it; a PING it does not).
+        self.track = False
+        # Set when settled: ok, value (the result, or the exception to raise). track: UDP, the
+        # datagram core retransmits it (a PING it does not); TCP/TLS, a REQUEST (CANCEL it when
+        # its thread gives up).
         self.ok: bool
         self.value: Any
-        self.track: bool
 
 
 class _Gone(Exception):
@@ -198,6 +228,8 @@ class _Pipeline:
                     if pending is not None:
                         slot: _Slot = pending  # type: ignore[assignment]  # (no cast call)
                         slot.ok, slot.value = outcome(ev)
+                        if type(ev) is Response and ev.metadata is not None:
+                            slot.value = Reply(ev.result, ev.metadata)  # the server's trailers
                         slot.done = True
                         if slot.event is not None:
                             slot.event.set()
@@ -263,15 +295,17 @@ class _Pipeline:
             return slot.value
         raise slot.value
 
-    def _leave(self, slot: _Slot) -> None:
+    def _leave(self, slot: _Slot) -> bool:
         """``slot``'s thread stops waiting (answered, failed, timed out or interrupted): a later
-        answer to its id is nobody's; if it was reading, a follower takes over."""
+        answer to its id is nobody's; if it was reading, a follower takes over. True when its
+        call was still waiting for an answer (the caller gave up on it)."""
         if slot.left:
-            return
+            return False
+        gave_up = False
         with self._mutex:
             slot.left = True
             if slot.request_id and not slot.done:
-                self.calls.forget(slot.request_id)
+                gave_up = self.calls.forget(slot.request_id) is not None
             if slot.until is not None:
                 self._watchers.discard(slot)
             waiting = self._waiting
@@ -280,6 +314,7 @@ class _Pipeline:
                 self._leader = None
             if self._leader is None and waiting:  # (also when a follower woken to lead left)
                 self._promote()
+        return gave_up
 
     def _promote(self) -> None:
         """Wake a follower to take over the reading (under ``_mutex``)."""
@@ -834,14 +869,25 @@ class StreamConnection(_Pipeline):
         codec: Codec,
         timeout: float,
         ping: bool = False,
+        metadata: Mapping[str, str | bytes] | None = None,
+        with_metadata: bool = False,
     ) -> Any:
+        """Make a call (a PING with ``ping``) and wait for its answer. It carries its time left
+        (DEADLINE) and the client's and the call's ``metadata`` (METADATA) to a server that
+        announced them; a call given up on (timed out, interrupted) sends CANCEL to a server
+        that announced it (:meth:`_leave`)."""
         now = time.monotonic()
+        if _CURRENT_CALL.get() is not None:  # made from inside a served call: its deadline
+            timeout = inherited_timeout(timeout, now)
         deadline = now + timeout
         slot = _Slot()
+        slot.track = not ping
+        waited = False
         try:
             poller = self._poller  # None when not connected
             if poller is None:
                 self._begin(slot, deadline, method, timeout)
+                waited = True
             elif self._leader is None:  # nobody reads: anything that came while idle?
                 try:
                     idle = poller.poll(0) or (self._tls and self._tls_pending())
@@ -849,10 +895,23 @@ class StreamConnection(_Pipeline):
                     idle = False
                 if idle:
                     self._begin(slot, deadline, method, timeout)
+                    waited = True
             with self._io:  # the id and the frame under _io: requests leave whole, in id order
                 sock, core = self.sock, self.core
                 if sock is None or core is None or not self.live or core.state is not _OPEN:
                     sock, core = self._relive(deadline, method, timeout)
+                    waited = True
+                # DEADLINE and METADATA only to a server that announced them (LocalProtocolError
+                # for bad metadata: nothing sent).
+                features = core.peer_features
+                defaults = self.client.metadata
+                if metadata is None and defaults is None:  # (plan_call inlined: the hot path)
+                    budget = budget_ms(timeout) if features & _FEATURE_DEADLINE else None
+                    md = None
+                else:
+                    timeout, budget, md = plan_call(timeout, features, defaults, metadata, now)
+                if waited and budget is not None:  # the time left after the wait
+                    budget = budget_ms(deadline - time.monotonic())
                 with self._mutex:  # (_register inlined: the hot path)
                     calls = self.calls
                     slot.request_id = rid = calls.new_id()
@@ -862,15 +921,17 @@ class StreamConnection(_Pipeline):
                     if self._leader is None:
                         self._leader = slot  # nobody reads: this thread will
                 data: bytes | list[bytes] | None = None
-                if not ping and kwargs is None and codec is MSGPACK:
-                    data = core.request_frame(rid, method, args)  # the common case
+                if not ping and kwargs is None and codec is MSGPACK and md is None:
+                    data = core.request_frame(rid, method, args, budget)  # the common case
                     if data is not None and len(data) == 1:
                         data = data[0]
                 if data is None:
                     if ping:
                         core.send_ping(rid)
                     else:
-                        core.send_request(rid, method, args, kwargs, codec)
+                        core.send_request(
+                            rid, method, args, kwargs, codec, budget_ms=budget, metadata=md
+                        )
                     pieces = core.buffers_to_send()
                     if len(pieces) > 3 or len(pieces[-1]) > _GATHER_ABOVE:
                         data = pieces  # header, meta, body pieces: no copy of the body
@@ -917,7 +978,12 @@ class StreamConnection(_Pipeline):
                                             if self._waiting:
                                                 self._promote()
                                     if mine:
-                                        return single.result
+                                        if single.metadata is None and not with_metadata:
+                                            return single.result
+                                        return _answer(
+                                            Reply(single.result, single.metadata or {}),
+                                            with_metadata,
+                                        )
                                 elif single is not None:
                                     self._settle((single,))
                                 else:
@@ -931,9 +997,39 @@ class StreamConnection(_Pipeline):
                     finally:
                         if tls:
                             self._io.release()
-            return self._wait(slot, deadline, method, timeout)
+            try:
+                result = self._wait(slot, deadline, method, timeout)
+            except RemoteError as exc:
+                if budget is not None and exc.code == _DEADLINE_EXCEEDED:
+                    raise _deadline_passed(method, timeout) from None
+                raise
         finally:
             self._leave(slot)  # answered, failed or timed out: a late answer is nobody's
+        if with_metadata or type(result) is Reply:
+            return _answer(result, with_metadata)
+        return result
+
+    def _leave(self, slot: _Slot) -> bool:
+        """As :meth:`_Pipeline._leave`; a REQUEST given up on (timed out, interrupted) is
+        cancelled on the server when it announced CANCEL (PROTOCOL.md §4): it stops the
+        work nobody waits for."""
+        if super()._leave(slot) and slot.track:
+            self._cancel(slot.request_id)
+            return True
+        return False
+
+    def _cancel(self, request_id: int) -> None:
+        """Send CANCEL for ``request_id`` (only to a server that announced it; nothing when
+        the connection is gone). A failure to send it is the connection's, not the call's."""
+        with self._io:
+            sock, core = self.sock, self.core
+            if sock is None or core is None or not self.live or core.state is not _OPEN:
+                return
+            if core.send_cancel(request_id):
+                try:
+                    self._send(core.data_to_send(), "CANCEL", sock)
+                except (CallTimeout, ConnectionLost):  # dropped: the calls in flight know
+                    pass
 
     # ------------------------------------------------------------------ for patterns
 
@@ -1345,13 +1441,27 @@ class DatagramConnection(_Pipeline):
         send: Callable[[int, float], bytes | None] | None = None,
         *,
         args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        codec: Codec = MSGPACK,
+        metadata: Mapping[str, str | bytes] | None = None,
+        with_metadata: bool = False,
         track: bool = True,
     ) -> Any:
         """Make a call: ``send(request_id, now)`` has the core track it (returning the datagram
         to send now, or None when it queued it), then wait for its answer, retransmitting when
-        the core says so (``track``), until its timeout. Without ``send``: a msgpack call with
-        positional ``args`` (the common case)."""
+        the core says so (``track``), until its timeout. Without ``send``: a REQUEST of
+        ``method`` with ``args`` and ``kwargs``, carrying its time left (DEADLINE: each
+        retransmission the time left then) and the client's and the call's ``metadata``
+        (METADATA): over UDP there is no WELCOME, so they are always sent (PROTOCOL.md §6)."""
         now = time.monotonic()
+        md: Metadata | None = None
+        if (
+            metadata is not None
+            or self.client.metadata is not None
+            or (_CURRENT_CALL.get() is not None)
+        ):
+            # LocalProtocolError for bad metadata: nothing sent
+            timeout, _, md = plan_call(timeout, FEATURES, self.client.metadata, metadata, now)
         deadline = now + timeout
         slot = _Slot()
         slot.track = track
@@ -1375,12 +1485,25 @@ class DatagramConnection(_Pipeline):
                     lead = auth is None and self._leader is None
                     if lead:
                         self._leader = slot  # nobody reads: this thread will
-                if send is None:
-                    data: bytes | None = core.request_datagram(
-                        rid, method, args, now=now, timeout=timeout
+                data: bytes | None = None
+                if send is not None:
+                    data = send(rid, now)
+                elif kwargs is None and codec is MSGPACK and md is None:
+                    data = core.request_datagram(
+                        rid, method, args, now=now, timeout=timeout, deadline=True
                     )
                 else:
-                    data = send(rid, now)
+                    core.send_request(
+                        rid,
+                        method,
+                        args,
+                        kwargs,
+                        codec,
+                        now=now,
+                        timeout=timeout,
+                        deadline=True,
+                        metadata=md,
+                    )
                 if auth is None:
                     if data is not None:
                         self._send(data)
@@ -1417,15 +1540,25 @@ class DatagramConnection(_Pipeline):
                                     if self._waiting:
                                         self._promote()
                             if mine:
-                                return ev.result
+                                if ev.metadata is None and not with_metadata:
+                                    return ev.result
+                                return _answer(Reply(ev.result, ev.metadata or {}), with_metadata)
                     if events:
                         self._settle(events)
-            return self._wait(slot, deadline, method, timeout)
+            try:
+                result = self._wait(slot, deadline, method, timeout)
+            except RemoteError as exc:
+                if send is None and exc.code == _DEADLINE_EXCEEDED:
+                    raise _deadline_passed(method, timeout) from None
+                raise
         finally:
             self._leave(slot)
             if auth is not None:
                 self._pin_rid = 0
                 self._serial.release()
+        if with_metadata or type(result) is Reply:
+            return _answer(result, with_metadata)
+        return result
 
     def _start_sealed(self, rid: int, data: bytes | None, deadline: float) -> None:
         """Send a call's first datagram sealed (with a secret; one call at a time)."""
@@ -1448,10 +1581,10 @@ class DatagramConnection(_Pipeline):
         """The common case: a msgpack call with positional arguments."""
         return self.call(method, timeout, args=args)
 
-    def _leave(self, slot: _Slot) -> None:
+    def _leave(self, slot: _Slot) -> bool:
         if slot.left:
-            return  # (answered on the fast path: the core has forgotten it already)
-        super()._leave(slot)
+            return False  # (answered on the fast path: the core has forgotten it already)
+        gave_up = super()._leave(slot)
         rid = slot.request_id
         if rid and not (slot.done and slot.ok):
             with self._io:
@@ -1459,6 +1592,7 @@ class DatagramConnection(_Pipeline):
                 if self._refusals or self._unsent:
                     self._refusals.pop(rid, None)
                     self._unsent.pop(rid, None)
+        return gave_up
 
     def _step(self, slot: _Slot, deadline: float, method: str, timeout: float) -> None:
         if self._refusal:
@@ -1521,7 +1655,18 @@ class DatagramConnection(_Pipeline):
 
 class Client(ClientSettings):
     """A blocking client. Create it with :func:`connect`. ``sockstack.Client`` adds the
-    patterns' client methods (``publish``, ``subscribe``)."""
+    patterns' client methods (``publish``, ``subscribe``).
+
+    ``metadata``: sent with every call (string keys of ``[a-z0-9._-]``, str or bytes values;
+    a call's own ``metadata`` overrides it key by key), to servers that read it.
+    ``interceptors``: :class:`sockstack.interceptors.ClientInterceptor` objects (synchronous
+    hooks only; TypeError for ``async`` ones) run around every call.
+
+    Each call carries the time it has left (its timeout; inside a method a server runs, at most
+    that call's time left), so the server stops work nobody waits for; a call that times out
+    or is interrupted (``KeyboardInterrupt``) sends CANCEL, which stops it on the server
+    (TCP/TLS, PROTOCOL.md §4).
+    """
 
     def __init__(
         self,
@@ -1536,7 +1681,16 @@ class Client(ClientSettings):
         max_datagram: int = DEFAULT_MAX_DATAGRAM,
         tls: ssl.SSLContext | None = None,
         secret: str | bytes | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+        interceptors: Sequence[object] = (),
     ) -> None:
+        self.metadata: Metadata | None = merge_metadata(metadata, None)  # checked now
+        hooks = Hooks(interceptors)
+        if hooks.is_async:
+            raise TypeError("the blocking client takes synchronous hooks only")
+        self.hooks: Hooks | None = hooks if hooks else None
+        """Hooks of the interceptors around every call (sockstack.interceptors); None
+        without (one ``is None`` test a call)."""
         self._configure(
             url,
             timeout=timeout,
@@ -1576,13 +1730,37 @@ class Client(ClientSettings):
     def call(self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Call ``method`` and wait for its result (``timeout`` is the call's own timeout).
         Safe from any thread: calls of several threads are pipelined on the connection."""
-        if kwargs or self.codec is not MSGPACK:
+        if kwargs or self.codec is not MSGPACK or self.hooks is not None:
             return self.request(method, args, kwargs, timeout=timeout)
         t = self.timeout if timeout is None else timeout
         conn = self.connection
         if isinstance(conn, StreamConnection):
             return conn.call(method, args, None, MSGPACK, t)
         return conn.call(method, t, args=args)
+
+    @overload
+    def request(
+        self,
+        method: str,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+        with_metadata: Literal[False] = False,
+    ) -> Any: ...
+
+    @overload
+    def request(
+        self,
+        method: str,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+        with_metadata: Literal[True],
+    ) -> Reply: ...
 
     def request(
         self,
@@ -1591,17 +1769,56 @@ class Client(ClientSettings):
         kwargs: dict[str, Any] | None = None,
         *,
         timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+        with_metadata: bool = False,
     ) -> Any:
+        """Like :meth:`call`, with the arguments as a sequence and a mapping. ``metadata``:
+        this call's, over the client's defaults; ``with_metadata=True``: return a
+        :class:`~sockstack.protocol.calls.Reply` (the result, and the server's trailers)."""
         timeout = self.timeout if timeout is None else timeout
+        hooks = self.hooks
+        if hooks is None:
+            return self._request(method, args, kwargs or None, timeout, metadata, with_metadata)
+        ep = self.connection.ep
+        call = ClientCall(
+            method,
+            args if type(args) is tuple else tuple(args),
+            kwargs or None,
+            merged(self.metadata, metadata),
+            timeout,
+            ep.scheme,
+            str(ep),
+        )
+
+        def send(c: ClientCall) -> Reply:
+            return cast(
+                Reply, self._request(c.method, c.args, c.kwargs, c.timeout, c.metadata, True)
+            )
+
+        reply = run_sync(hooks, call, send)
+        return reply if with_metadata else reply.result
+
+    def _request(
+        self,
+        method: str,
+        args: Sequence[Any],
+        kwargs: dict[str, Any] | None,
+        timeout: float,
+        metadata: Mapping[str, str | bytes] | None,
+        with_metadata: bool,
+    ) -> Any:
         conn = self.connection
         if isinstance(conn, DatagramConnection):
-            core, codec, t = conn.core, self.codec, timeout
-
-            def send(rid: int, now: float) -> None:
-                core.send_request(rid, method, args, kwargs or None, codec, now=now, timeout=t)
-
-            return conn.call(method, timeout, send)
-        return conn.call(method, args, kwargs or None, self.codec, timeout)
+            return conn.call(
+                method,
+                timeout,
+                args=args,
+                kwargs=kwargs,
+                codec=self.codec,
+                metadata=metadata,
+                with_metadata=with_metadata,
+            )
+        return conn.call(method, args, kwargs, self.codec, timeout, False, metadata, with_metadata)
 
     def ping(self, timeout: float | None = None) -> float:
         """Round-trip time of one PING/PONG in seconds."""
