@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from sockstack import ConnectError, ConnectionLost, Server, ServerLimits, connect
+from sockstack import CallTimeout, ConnectError, ConnectionLost, Server, ServerLimits, connect
 from sockstack.protocol.datagram import RetryPolicy
 from sockstack.sync.client import Client, DatagramConnection
 from tests.conftest import Probe, timeout
@@ -167,3 +167,22 @@ def test_a_call_whose_server_went_away_may_or_may_not_have_run() -> None:
             assert "may or may not have run" in str(exc)
     finally:
         server.stop()
+
+
+def test_without_the_error_queue_refusals_fail_no_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the kernel cannot name the refused datagram (no IP_RECVERR: another OS), a refusal
+    is not attributed to any call: the calls end at their timeout (CallTimeout, "may or may not
+    have run"), never with a claim that they did not run."""
+    import sockstack.sync.client as sync_client
+
+    monkeypatch.setattr(sync_client, "enable_refusal_reports", lambda sock: False)
+    guard = _closed_port()
+    try:
+        with connect(f"udp://127.0.0.1:{guard.getsockname()[1]}", timeout=0.5) as c:
+            with pytest.raises(CallTimeout):
+                c.call("add", 1, 2)
+            with pytest.raises(CallTimeout):
+                c.ping()
+            assert "connection refused" in c.connection.last_error  # type: ignore[union-attr]
+    finally:
+        guard.close()
