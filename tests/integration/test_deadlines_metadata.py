@@ -488,7 +488,7 @@ async def test_a_client_without_the_flags_still_works(work: tuple[Server, Work])
     answer = await raw_call(server, "udp", encode_request(2, "count", []))
     assert answer == Response(2, 1, 1)
 
-    def blocking() -> Any:  # the blocking client of today sends no DEADLINE or METADATA
+    def blocking() -> Any:  # the blocking client (it sends DEADLINE: test_blocking_deadlines...)
         with connect(url(server, "tcp")) as c:
             return c.call("count_threaded")
 

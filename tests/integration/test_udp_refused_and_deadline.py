@@ -65,9 +65,10 @@ async def test_asyncio_udp_call_to_a_closed_port_is_refused(secret: str | None) 
             assert len(c.channel.calls) == 0  # type: ignore[union-attr]
 
 
-def test_a_stale_refusal_is_retried_once() -> None:
+def test_a_stale_refusal_fails_no_call() -> None:
     """A refusal left on the socket by an earlier datagram (the server was not up yet) does not
-    fail the next call: the client sends once more, and the server that has started answers."""
+    fail the next call: the kernel names the refused datagram, which is no call's (it was sent
+    for no request), so the call goes on and the server that has started answers."""
     with (
         closed_udp_port() as guard,
         connect(f"udp://127.0.0.1:{_port(guard)}", timeout=timeout(LONG)) as c,

@@ -20,11 +20,16 @@ fails the calls other threads have in flight with :class:`ConnectionLost` ("the 
 closed"). UDP: retransmission with the same request id until the call's timeout, per call; the
 server runs a retried call once. With a ``secret``, UDP calls are made one at a time (a call's
 retransmissions are sealed for the server epoch its first datagram was sealed for, which the
-client tracks for the call in flight). A refusal (ICMP port unreachable, reported as
-ECONNREFUSED on the connected socket: nothing listens there) makes every call in flight send once
-more, and a second refusal fails them at once with :class:`ConnectError`
-(:class:`ConnectionLost` when earlier datagrams of a call may have reached a server that has
-gone), not after their timeout. A call's timeout bounds connecting too: :func:`connect` takes
+client tracks for the call in flight). When nothing listens on the server's port, the host
+answers ICMP port unreachable, reported as ECONNREFUSED on the connected socket; on Linux the
+kernel also names the datagram it answered (:mod:`sockstack.transport.udperr`), so each refusal
+counts for its own call only, and nothing is sent again at once (the call's retransmission
+schedule sends its next datagram, which a server still starting gets). A call fails at once
+with :class:`ConnectError` ("did not run") when every datagram of it that left was refused and
+it had sent two at least, and with :class:`ConnectionLost` ("may or may not have run") when two
+were refused after an earlier one was not; a PING fails when its one datagram is refused.
+Elsewhere refusals are not attributed and calls end at their timeout. A call's timeout bounds
+connecting too: :func:`connect` takes
 at most ``min(connect_timeout, timeout)``, and a reconnect within a call never outlives the
 call's deadline.
 
@@ -50,8 +55,8 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
-from typing import Any, Self, cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, Self, cast, overload
 
 from sockstack.errors import (
     CallTimeout,
@@ -59,7 +64,9 @@ from sockstack.errors import (
     ConnectionClosed,
     ConnectionLost,
     ErrorCode,
+    RemoteError,
 )
+from sockstack.interceptors import ClientCall, Hooks, merged, run_sync
 from sockstack.protocol.auth import (
     NO_EPOCH,
     REFUSAL_SIZE,
@@ -71,11 +78,18 @@ from sockstack.protocol.auth import (
     unsealed_refusal,
 )
 from sockstack.protocol.calls import (
+    CURRENT_CALL,
+    FEATURES,
     Backoff,
     Calls,
     Failover,
     PendingCall,
+    Reply,
+    budget_ms,
+    inherited_timeout,
+    merge_metadata,
     outcome,
+    plan_call,
     remote_error,
 )
 from sockstack.protocol.codecs import MSGPACK, Codec
@@ -85,13 +99,14 @@ from sockstack.protocol.events import (
     ConnectionTerminated,
     Error,
     Event,
+    Metadata,
     PatternMessage,
     Pong,
     Response,
     Role,
 )
 from sockstack.protocol.frames import DEFAULT_MAX_FRAME, HEADER_SIZE, MessageType, declared_size
-from sockstack.protocol.messages import MIN_MAX_FRAME, encode_ping
+from sockstack.protocol.messages import FEATURE_DEADLINE, MIN_MAX_FRAME, encode_ping
 from sockstack.transport.settings import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -100,6 +115,7 @@ from sockstack.transport.settings import (
     udp_refused,
 )
 from sockstack.transport.tls import handshake_failure, handshake_lost, tls_reason
+from sockstack.transport.udperr import enable_refusal_reports, refused_request_ids
 from sockstack.transport.urls import Endpoint
 
 __all__ = ["Client", "DatagramConnection", "StreamConnection", "connect"]
@@ -116,6 +132,25 @@ _PONG = int(MessageType.PONG)
 _PING = int(MessageType.PING)
 _rng = random.Random()
 _OPEN = State.OPEN
+_CURRENT_CALL = CURRENT_CALL
+_DEADLINE_EXCEEDED = int(ErrorCode.DEADLINE_EXCEEDED)
+_FEATURE_DEADLINE = FEATURE_DEADLINE
+
+
+def _deadline_passed(method: str, timeout: float) -> CallTimeout:
+    """What a call fails with when the server answered DEADLINE_EXCEEDED to the deadline it
+    carried: its timeout passed, as when the client's own clock says so first (the two end
+    within a millisecond or so of each other: the server counts the budget from the request's
+    arrival, rounded down to a millisecond), so the caller sees one error for both."""
+    return CallTimeout(method, timeout, "the server stopped it at its deadline: it did not finish")
+
+
+def _answer(value: Any, with_metadata: bool) -> Any:
+    """What a call returns: its result, or a :class:`Reply` with the server's trailers (a
+    settled value is a Reply when the RESPONSE carried trailers)."""
+    if type(value) is Reply:
+        return value if with_metadata else value.result
+    return Reply(value, {}) if with_metadata else value
 
 
 class _Slot(PendingCall[None]):
@@ -124,7 +159,7 @@ class _Slot(PendingCall[None]):
     ``ok``, ``value``) is written under the connection's mutex, by whichever thread settles it;
     ``event`` wakes it when it waits as a follower."""
 
-    __slots__ = ("done", "event", "left", "lone", "ok", "track", "until", "value")
+    __slots__ = ("done", "event", "left", "ok", "track", "until", "value")
 
     def __init__(self, until: Callable[[], bool] | None = None) -> None:
         # A PendingCall of the call table itself (its waiter is the slot): one object per call.
@@ -134,13 +169,12 @@ class _Slot(PendingCall[None]):
         self.done = False
         self.event: threading.Event | None = None
         self.left = False  # its thread has stopped waiting (all done under the mutex)
-        # Set when settled: ok, value (the result, or the exception to raise). UDP sets track
-        # (the datagram core retransmits it; a PING it does not) and lone (None until first
-        # refused, then whether a single datagram had been sent).
+        self.track = False
+        # Set when settled: ok, value (the result, or the exception to raise). track: UDP, the
+        # datagram core retransmits it (a PING it does not); TCP/TLS, a REQUEST (CANCEL it when
+        # its thread gives up).
         self.ok: bool
         self.value: Any
-        self.track: bool
-        self.lone: bool | None
 
 
 class _Gone(Exception):
@@ -194,6 +228,8 @@ class _Pipeline:
                     if pending is not None:
                         slot: _Slot = pending  # type: ignore[assignment]  # (no cast call)
                         slot.ok, slot.value = outcome(ev)
+                        if type(ev) is Response and ev.metadata is not None:
+                            slot.value = Reply(ev.result, ev.metadata)  # the server's trailers
                         slot.done = True
                         if slot.event is not None:
                             slot.event.set()
@@ -259,15 +295,17 @@ class _Pipeline:
             return slot.value
         raise slot.value
 
-    def _leave(self, slot: _Slot) -> None:
+    def _leave(self, slot: _Slot) -> bool:
         """``slot``'s thread stops waiting (answered, failed, timed out or interrupted): a later
-        answer to its id is nobody's; if it was reading, a follower takes over."""
+        answer to its id is nobody's; if it was reading, a follower takes over. True when its
+        call was still waiting for an answer (the caller gave up on it)."""
         if slot.left:
-            return
+            return False
+        gave_up = False
         with self._mutex:
             slot.left = True
             if slot.request_id and not slot.done:
-                self.calls.forget(slot.request_id)
+                gave_up = self.calls.forget(slot.request_id) is not None
             if slot.until is not None:
                 self._watchers.discard(slot)
             waiting = self._waiting
@@ -276,6 +314,7 @@ class _Pipeline:
                 self._leader = None
             if self._leader is None and waiting:  # (also when a follower woken to lead left)
                 self._promote()
+        return gave_up
 
     def _promote(self) -> None:
         """Wake a follower to take over the reading (under ``_mutex``)."""
@@ -830,14 +869,25 @@ class StreamConnection(_Pipeline):
         codec: Codec,
         timeout: float,
         ping: bool = False,
+        metadata: Mapping[str, str | bytes] | None = None,
+        with_metadata: bool = False,
     ) -> Any:
+        """Make a call (a PING with ``ping``) and wait for its answer. It carries its time left
+        (DEADLINE) and the client's and the call's ``metadata`` (METADATA) to a server that
+        announced them; a call given up on (timed out, interrupted) sends CANCEL to a server
+        that announced it (:meth:`_leave`)."""
         now = time.monotonic()
+        if _CURRENT_CALL.get() is not None:  # made from inside a served call: its deadline
+            timeout = inherited_timeout(timeout, now)
         deadline = now + timeout
         slot = _Slot()
+        slot.track = not ping
+        waited = False
         try:
             poller = self._poller  # None when not connected
             if poller is None:
                 self._begin(slot, deadline, method, timeout)
+                waited = True
             elif self._leader is None:  # nobody reads: anything that came while idle?
                 try:
                     idle = poller.poll(0) or (self._tls and self._tls_pending())
@@ -845,10 +895,23 @@ class StreamConnection(_Pipeline):
                     idle = False
                 if idle:
                     self._begin(slot, deadline, method, timeout)
+                    waited = True
             with self._io:  # the id and the frame under _io: requests leave whole, in id order
                 sock, core = self.sock, self.core
                 if sock is None or core is None or not self.live or core.state is not _OPEN:
                     sock, core = self._relive(deadline, method, timeout)
+                    waited = True
+                # DEADLINE and METADATA only to a server that announced them (LocalProtocolError
+                # for bad metadata: nothing sent).
+                features = core.peer_features
+                defaults = self.client.metadata
+                if metadata is None and defaults is None:  # (plan_call inlined: the hot path)
+                    budget = budget_ms(timeout) if features & _FEATURE_DEADLINE else None
+                    md = None
+                else:
+                    timeout, budget, md = plan_call(timeout, features, defaults, metadata, now)
+                if waited and budget is not None:  # the time left after the wait
+                    budget = budget_ms(deadline - time.monotonic())
                 with self._mutex:  # (_register inlined: the hot path)
                     calls = self.calls
                     slot.request_id = rid = calls.new_id()
@@ -858,15 +921,17 @@ class StreamConnection(_Pipeline):
                     if self._leader is None:
                         self._leader = slot  # nobody reads: this thread will
                 data: bytes | list[bytes] | None = None
-                if not ping and kwargs is None and codec is MSGPACK:
-                    data = core.request_frame(rid, method, args)  # the common case
+                if not ping and kwargs is None and codec is MSGPACK and md is None:
+                    data = core.request_frame(rid, method, args, budget)  # the common case
                     if data is not None and len(data) == 1:
                         data = data[0]
                 if data is None:
                     if ping:
                         core.send_ping(rid)
                     else:
-                        core.send_request(rid, method, args, kwargs, codec)
+                        core.send_request(
+                            rid, method, args, kwargs, codec, budget_ms=budget, metadata=md
+                        )
                     pieces = core.buffers_to_send()
                     if len(pieces) > 3 or len(pieces[-1]) > _GATHER_ABOVE:
                         data = pieces  # header, meta, body pieces: no copy of the body
@@ -913,7 +978,12 @@ class StreamConnection(_Pipeline):
                                             if self._waiting:
                                                 self._promote()
                                     if mine:
-                                        return single.result
+                                        if single.metadata is None and not with_metadata:
+                                            return single.result
+                                        return _answer(
+                                            Reply(single.result, single.metadata or {}),
+                                            with_metadata,
+                                        )
                                 elif single is not None:
                                     self._settle((single,))
                                 else:
@@ -927,9 +997,39 @@ class StreamConnection(_Pipeline):
                     finally:
                         if tls:
                             self._io.release()
-            return self._wait(slot, deadline, method, timeout)
+            try:
+                result = self._wait(slot, deadline, method, timeout)
+            except RemoteError as exc:
+                if budget is not None and exc.code == _DEADLINE_EXCEEDED:
+                    raise _deadline_passed(method, timeout) from None
+                raise
         finally:
             self._leave(slot)  # answered, failed or timed out: a late answer is nobody's
+        if with_metadata or type(result) is Reply:
+            return _answer(result, with_metadata)
+        return result
+
+    def _leave(self, slot: _Slot) -> bool:
+        """As :meth:`_Pipeline._leave`; a REQUEST given up on (timed out, interrupted) is
+        cancelled on the server when it announced CANCEL (PROTOCOL.md §4): it stops the
+        work nobody waits for."""
+        if super()._leave(slot) and slot.track:
+            self._cancel(slot.request_id)
+            return True
+        return False
+
+    def _cancel(self, request_id: int) -> None:
+        """Send CANCEL for ``request_id`` (only to a server that announced it; nothing when
+        the connection is gone). A failure to send it is the connection's, not the call's."""
+        with self._io:
+            sock, core = self.sock, self.core
+            if sock is None or core is None or not self.live or core.state is not _OPEN:
+                return
+            if core.send_cancel(request_id):
+                try:
+                    self._send(core.data_to_send(), "CANCEL", sock)
+                except (CallTimeout, ConnectionLost):  # dropped: the calls in flight know
+                    pass
 
     # ------------------------------------------------------------------ for patterns
 
@@ -1052,7 +1152,17 @@ class DatagramConnection(_Pipeline):
         self._pin_rid = 0
         self._pin_epoch = NO_EPOCH
         self._pin_ms = 0
-        self._refusal = False  # a refusal reported by send(), handled by the leader
+        # ECONNREFUSED (an ICMP port unreachable) reported by recv or send, handled by the
+        # leader: the kernel names the refused datagram (transport/udperr.py), so a refusal
+        # counts for its own call only. Per call (under _io): datagrams refused, and datagrams
+        # whose send reported an earlier refusal instead (they never left). A call fails
+        # (udp_refused: it did not run) once it has sent two datagrams at least on its schedule
+        # and every one that left was refused; udp_gone (it may have run) once two were refused
+        # after an earlier one was not. Where the kernel cannot name them (_attributed False),
+        # refusals fail nothing: calls end at their timeout.
+        self._refusal = False
+        self._refusals: dict[int, int] = {}
+        self._unsent: dict[int, int] = {}
 
     def _open(self) -> socket.socket:
         """A UDP socket connected to the server (a new source port each time)."""
@@ -1063,6 +1173,7 @@ class DatagramConnection(_Pipeline):
         except OSError as exc:
             sock.close()
             raise ConnectError(f"{ep}: {exc.strerror or exc}") from None
+        self._attributed = enable_refusal_reports(sock)
         return sock
 
     def after_fork(self) -> None:
@@ -1079,6 +1190,8 @@ class DatagramConnection(_Pipeline):
         self.last_id = 0
         self._pin_rid = 0
         self._sock_timeout = 0.0
+        self._refusal = False
+        self._refusals, self._unsent = {}, {}
         if old.fileno() < 0:  # closed before the fork: stays closed
             return
         try:
@@ -1112,41 +1225,68 @@ class DatagramConnection(_Pipeline):
         try:
             self.sock.send(data)
         except OSError as exc:
-            if exc.errno == errno.ECONNREFUSED:  # reported by send: that datagram did not go
+            if exc.errno == errno.ECONNREFUSED:  # reported by send: this datagram did not leave
                 self._refusal = True
+                if len(data) >= HEADER_SIZE:
+                    rid = _REQUEST_ID.unpack_from(data, 8)[0]
+                    self._unsent[rid] = self._unsent.get(rid, 0) + 1
             self.last_error = exc.strerror or str(exc)
 
-    def _on_refused(self) -> None:
-        """The kernel reported ECONNREFUSED: each call in flight, the first time, sends its
-        datagram once more (the refusal may be left over from an earlier datagram, or the
-        server may be starting: the reply cache runs a call once, however many datagrams reach
-        it); the second time it fails (:func:`udp_refused`), as does a call whose datagram sent
-        again is refused at once."""
+    def _drain_refusals(self) -> None:
+        """The kernel reported ECONNREFUSED (an ICMP port unreachable answered one of our
+        datagrams): charge each refusal it queued to the call it names. Nothing is sent again
+        at once (the refusal may be an earlier datagram's, or the server may be starting: the
+        call's retransmission schedule sends its next datagram). A call fails with
+        :func:`udp_refused` (it did not run) once every datagram of it that left was refused
+        and it had sent two at least; with :func:`udp_gone` (it may have run) once two were
+        refused after an earlier one was not. A PING (one datagram, not retransmitted) whose
+        datagram never left is sent again; one refused fails at once."""
         self._refusal = False
         self.last_error = "connection refused (no server on that port?)"
-        with self._mutex:
-            slots = [cast(_Slot, p) for p in self.calls.pending.values()]
-        failed: list[_Slot] = []
-        again: list[_Slot] = []
+        if not self._attributed:
+            self._unsent.clear()
+            return
+        failed: list[tuple[_Slot, Callable[[], BaseException]]] = []
         with self._io:
             core = self.core
-            for slot in slots:
-                if slot.lone is None:
-                    slot.lone = core.attempts(slot.request_id) <= 1
-                    if not (slot.track and core.resend(slot.request_id)):
-                        core.send_ping(slot.request_id)  # a PING (not tracked by the core): again
-                    again.append(slot)
+            refused, unsent = self._refusals, self._unsent
+            with self._mutex:
+                pending = dict(self.calls.pending)
+            resend = False
+            for rid in list(unsent):
+                slot = cast("_Slot | None", pending.get(rid))
+                if slot is not None and not slot.track and rid not in refused:
+                    del unsent[rid]  # its one datagram never left (pings are not retried)
+                    core.send_ping(rid)
+                    resend = True
+            for rid in refused_request_ids(self.sock):
+                if rid in pending:
+                    refused[rid] = refused.get(rid, 0) + 1
+            for rid in list(refused):
+                slot = cast("_Slot | None", pending.get(rid))
+                if slot is None:
+                    del refused[rid]
+                    unsent.pop(rid, None)
+                    continue
+                sent = core.attempts(rid)
+                n = refused[rid]
+                if (sent >= 2 and n >= sent - unsent.get(rid, 0)) or (not slot.track and not sent):
+                    error = udp_refused_error(self.ep, True)  # every datagram that left: refused
+                elif n >= 2:  # the server went: an earlier datagram may have reached it
+                    error = udp_refused_error(self.ep, False)
                 else:
-                    failed.append(slot)
-            self._send_out()
-            if self._refusal:
-                failed += again
-            for slot in failed:
-                core.cancel(slot.request_id)
+                    continue
+                del refused[rid]
+                unsent.pop(rid, None)
+                core.cancel(rid)
+                failed.append((slot, error))
+            if resend:
+                self._send_out()
         if failed:
             with self._mutex:
-                for slot in failed:
-                    self._fail([slot], udp_refused_error(self.ep, bool(slot.lone)))
+                for slot, error in failed:
+                    self.calls.forget(slot.request_id)
+                    self._fail([slot], error)
 
     def _send_call(self, data: bytes) -> None:
         """Send a datagram of a call in flight (with a secret, the one call: sealed for its
@@ -1229,7 +1369,6 @@ class DatagramConnection(_Pipeline):
         auth = self.auth
         assert auth is not None
         attempt = 0
-        refusals = 0
         rid = self.new_id()
         while auth.epoch == NO_EPOCH:
             now = time.monotonic()
@@ -1239,13 +1378,16 @@ class DatagramConnection(_Pipeline):
             until = min(deadline, now + self.core.retry.interval(attempt, _rng))
             attempt += 1
             while auth.epoch == NO_EPOCH:
-                if self._refusal:  # refused (by recv or by send): once more, then give up
+                if self._refusal:  # refused (by recv or by send)
                     self._refusal = False
                     self.last_error = "connection refused (no server on that port?)"
-                    refusals += 1
-                    if refusals > 1:
-                        raise udp_refused(self.ep)
-                    break
+                    if self._attributed:
+                        unsent = self._unsent.pop(rid, 0)
+                        if rid in refused_request_ids(self.sock):
+                            raise udp_refused(self.ep)  # its one datagram was refused
+                        if unsent:
+                            break  # it never left: send it again
+                    self._unsent.clear()
                 wait = until - time.monotonic()
                 if wait <= 0:
                     break
@@ -1299,17 +1441,30 @@ class DatagramConnection(_Pipeline):
         send: Callable[[int, float], bytes | None] | None = None,
         *,
         args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        codec: Codec = MSGPACK,
+        metadata: Mapping[str, str | bytes] | None = None,
+        with_metadata: bool = False,
         track: bool = True,
     ) -> Any:
         """Make a call: ``send(request_id, now)`` has the core track it (returning the datagram
         to send now, or None when it queued it), then wait for its answer, retransmitting when
-        the core says so (``track``), until its timeout. Without ``send``: a msgpack call with
-        positional ``args`` (the common case)."""
+        the core says so (``track``), until its timeout. Without ``send``: a REQUEST of
+        ``method`` with ``args`` and ``kwargs``, carrying its time left (DEADLINE: each
+        retransmission the time left then) and the client's and the call's ``metadata``
+        (METADATA): over UDP there is no WELCOME, so they are always sent (PROTOCOL.md §6)."""
         now = time.monotonic()
+        md: Metadata | None = None
+        if (
+            metadata is not None
+            or self.client.metadata is not None
+            or (_CURRENT_CALL.get() is not None)
+        ):
+            # LocalProtocolError for bad metadata: nothing sent
+            timeout, _, md = plan_call(timeout, FEATURES, self.client.metadata, metadata, now)
         deadline = now + timeout
         slot = _Slot()
         slot.track = track
-        slot.lone = None
         auth = self.auth
         if auth is not None and not self._serial.acquire(timeout=max(0.0, timeout)):
             raise CallTimeout(method, timeout, "the client's calls are made one at a time")
@@ -1330,12 +1485,25 @@ class DatagramConnection(_Pipeline):
                     lead = auth is None and self._leader is None
                     if lead:
                         self._leader = slot  # nobody reads: this thread will
-                if send is None:
-                    data: bytes | None = core.request_datagram(
-                        rid, method, args, now=now, timeout=timeout
+                data: bytes | None = None
+                if send is not None:
+                    data = send(rid, now)
+                elif kwargs is None and codec is MSGPACK and md is None:
+                    data = core.request_datagram(
+                        rid, method, args, now=now, timeout=timeout, deadline=True
                     )
                 else:
-                    data = send(rid, now)
+                    core.send_request(
+                        rid,
+                        method,
+                        args,
+                        kwargs,
+                        codec,
+                        now=now,
+                        timeout=timeout,
+                        deadline=True,
+                        metadata=md,
+                    )
                 if auth is None:
                     if data is not None:
                         self._send(data)
@@ -1372,15 +1540,25 @@ class DatagramConnection(_Pipeline):
                                     if self._waiting:
                                         self._promote()
                             if mine:
-                                return ev.result
+                                if ev.metadata is None and not with_metadata:
+                                    return ev.result
+                                return _answer(Reply(ev.result, ev.metadata or {}), with_metadata)
                     if events:
                         self._settle(events)
-            return self._wait(slot, deadline, method, timeout)
+            try:
+                result = self._wait(slot, deadline, method, timeout)
+            except RemoteError as exc:
+                if send is None and exc.code == _DEADLINE_EXCEEDED:
+                    raise _deadline_passed(method, timeout) from None
+                raise
         finally:
             self._leave(slot)
             if auth is not None:
                 self._pin_rid = 0
                 self._serial.release()
+        if with_metadata or type(result) is Reply:
+            return _answer(result, with_metadata)
+        return result
 
     def _start_sealed(self, rid: int, data: bytes | None, deadline: float) -> None:
         """Send a call's first datagram sealed (with a secret; one call at a time)."""
@@ -1403,17 +1581,22 @@ class DatagramConnection(_Pipeline):
         """The common case: a msgpack call with positional arguments."""
         return self.call(method, timeout, args=args)
 
-    def _leave(self, slot: _Slot) -> None:
+    def _leave(self, slot: _Slot) -> bool:
         if slot.left:
-            return  # (answered on the fast path: the core has forgotten it already)
-        super()._leave(slot)
-        if slot.request_id and not (slot.done and slot.ok):
+            return False  # (answered on the fast path: the core has forgotten it already)
+        gave_up = super()._leave(slot)
+        rid = slot.request_id
+        if rid and not (slot.done and slot.ok):
             with self._io:
-                self.core.cancel(slot.request_id)  # no more retransmissions of it
+                self.core.cancel(rid)  # no more retransmissions of it
+                if self._refusals or self._unsent:
+                    self._refusals.pop(rid, None)
+                    self._unsent.pop(rid, None)
+        return gave_up
 
     def _step(self, slot: _Slot, deadline: float, method: str, timeout: float) -> None:
         if self._refusal:
-            self._on_refused()
+            self._drain_refusals()
             return
         now = time.monotonic()
         if now >= deadline:
@@ -1444,7 +1627,7 @@ class DatagramConnection(_Pipeline):
             return
         except OSError as exc:
             if exc.errno == errno.ECONNREFUSED:
-                self._on_refused()
+                self._drain_refusals()
                 return
             if exc.errno == errno.EBADF:  # closed, or no socket could be made after fork
                 detail = self.last_error or "client is closed"
@@ -1472,7 +1655,18 @@ class DatagramConnection(_Pipeline):
 
 class Client(ClientSettings):
     """A blocking client. Create it with :func:`connect`. ``sockstack.Client`` adds the
-    patterns' client methods (``publish``, ``subscribe``)."""
+    patterns' client methods (``publish``, ``subscribe``).
+
+    ``metadata``: sent with every call (string keys of ``[a-z0-9._-]``, str or bytes values;
+    a call's own ``metadata`` overrides it key by key), to servers that read it.
+    ``interceptors``: :class:`sockstack.interceptors.ClientInterceptor` objects (synchronous
+    hooks only; TypeError for ``async`` ones) run around every call.
+
+    Each call carries the time it has left (its timeout; inside a method a server runs, at most
+    that call's time left), so the server stops work nobody waits for; a call that times out
+    or is interrupted (``KeyboardInterrupt``) sends CANCEL, which stops it on the server
+    (TCP/TLS, PROTOCOL.md §4).
+    """
 
     def __init__(
         self,
@@ -1487,7 +1681,16 @@ class Client(ClientSettings):
         max_datagram: int = DEFAULT_MAX_DATAGRAM,
         tls: ssl.SSLContext | None = None,
         secret: str | bytes | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+        interceptors: Sequence[object] = (),
     ) -> None:
+        self.metadata: Metadata | None = merge_metadata(metadata, None)  # checked now
+        hooks = Hooks(interceptors)
+        if hooks.is_async:
+            raise TypeError("the blocking client takes synchronous hooks only")
+        self.hooks: Hooks | None = hooks if hooks else None
+        """Hooks of the interceptors around every call (sockstack.interceptors); None
+        without (one ``is None`` test a call)."""
         self._configure(
             url,
             timeout=timeout,
@@ -1527,13 +1730,37 @@ class Client(ClientSettings):
     def call(self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Call ``method`` and wait for its result (``timeout`` is the call's own timeout).
         Safe from any thread: calls of several threads are pipelined on the connection."""
-        if kwargs or self.codec is not MSGPACK:
+        if kwargs or self.codec is not MSGPACK or self.hooks is not None:
             return self.request(method, args, kwargs, timeout=timeout)
         t = self.timeout if timeout is None else timeout
         conn = self.connection
         if isinstance(conn, StreamConnection):
             return conn.call(method, args, None, MSGPACK, t)
         return conn.call(method, t, args=args)
+
+    @overload
+    def request(
+        self,
+        method: str,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+        with_metadata: Literal[False] = False,
+    ) -> Any: ...
+
+    @overload
+    def request(
+        self,
+        method: str,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+        with_metadata: Literal[True],
+    ) -> Reply: ...
 
     def request(
         self,
@@ -1542,17 +1769,56 @@ class Client(ClientSettings):
         kwargs: dict[str, Any] | None = None,
         *,
         timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+        with_metadata: bool = False,
     ) -> Any:
+        """Like :meth:`call`, with the arguments as a sequence and a mapping. ``metadata``:
+        this call's, over the client's defaults; ``with_metadata=True``: return a
+        :class:`~sockstack.protocol.calls.Reply` (the result, and the server's trailers)."""
         timeout = self.timeout if timeout is None else timeout
+        hooks = self.hooks
+        if hooks is None:
+            return self._request(method, args, kwargs or None, timeout, metadata, with_metadata)
+        ep = self.connection.ep
+        call = ClientCall(
+            method,
+            args if type(args) is tuple else tuple(args),
+            kwargs or None,
+            merged(self.metadata, metadata),
+            timeout,
+            ep.scheme,
+            str(ep),
+        )
+
+        def send(c: ClientCall) -> Reply:
+            return cast(
+                Reply, self._request(c.method, c.args, c.kwargs, c.timeout, c.metadata, True)
+            )
+
+        reply = run_sync(hooks, call, send)
+        return reply if with_metadata else reply.result
+
+    def _request(
+        self,
+        method: str,
+        args: Sequence[Any],
+        kwargs: dict[str, Any] | None,
+        timeout: float,
+        metadata: Mapping[str, str | bytes] | None,
+        with_metadata: bool,
+    ) -> Any:
         conn = self.connection
         if isinstance(conn, DatagramConnection):
-            core, codec, t = conn.core, self.codec, timeout
-
-            def send(rid: int, now: float) -> None:
-                core.send_request(rid, method, args, kwargs or None, codec, now=now, timeout=t)
-
-            return conn.call(method, timeout, send)
-        return conn.call(method, args, kwargs or None, self.codec, timeout)
+            return conn.call(
+                method,
+                timeout,
+                args=args,
+                kwargs=kwargs,
+                codec=self.codec,
+                metadata=metadata,
+                with_metadata=with_metadata,
+            )
+        return conn.call(method, args, kwargs, self.codec, timeout, False, metadata, with_metadata)
 
     def ping(self, timeout: float | None = None) -> float:
         """Round-trip time of one PING/PONG in seconds."""
