@@ -26,6 +26,7 @@ Codes 1000-1999 concern a whole connection (CLOSE), codes 2000-2999 one request 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from typing import TypeVar
 
 __all__ = [
@@ -221,11 +222,19 @@ class RemoteError(CallError):
     :class:`ErrorCode`. No remote traceback is ever sent.
     """
 
-    def __init__(self, type: str, message: str, code: int = ErrorCode.APPLICATION_ERROR) -> None:
+    def __init__(
+        self,
+        type: str,
+        message: str,
+        code: int = ErrorCode.APPLICATION_ERROR,
+        metadata: Mapping[str, str | bytes] | None = None,
+    ) -> None:
         super().__init__(f"{type}: {message}" if message else type)
         self.type = type
         self.message = message
         self.code = int(code)
+        self.metadata: Mapping[str, str | bytes] = metadata or {}
+        """The server's trailers sent with the ERROR (PROTOCOL.md §4), empty without."""
 
 
 class ConnectError(CallError, ConnectionError):

@@ -143,3 +143,34 @@ def test_the_registry_takes_only_exception_classes_one_per_name() -> None:
     # A name nobody registered (e.g. a module path) is never imported or looked up.
     odd = RemoteError("os.system", "x", ErrorCode.APPLICATION_ERROR)
     assert typed_error(odd) is odd
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "udp"])
+async def test_an_errors_trailers_are_on_the_remote_error(scheme: str) -> None:
+    """PROTOCOL.md §4: an ERROR may carry trailers; both clients put them on RemoteError."""
+    from tests.integration.test_deadlines_metadata import Work
+
+    svc = Work()
+    srv = Server(svc, tcp=["127.0.0.1:0"], udp=["127.0.0.1:0"])
+    await srv.start()
+    url = str(srv.endpoint(scheme))
+    want = {"served-by": "node-1", "cost": b"\x01\x02"}
+    try:
+        async with AsyncClient(url, timeout=timeout(10)) as c:
+            with pytest.raises(RemoteError) as caught:
+                await c.call("with_trailers", True)
+        assert caught.value.code == ErrorCode.UNEXPECTED_ERROR
+        assert dict(caught.value.metadata) == want
+
+        def blocking() -> dict[str, str | bytes]:
+            with connect(url, timeout=timeout(10)) as bc:
+                try:
+                    bc.call("with_trailers", True)
+                except RemoteError as exc:
+                    return dict(exc.metadata)
+            raise AssertionError("no error")
+
+        assert await asyncio.to_thread(blocking) == want
+    finally:
+        svc.gate.set()
+        await srv.shutdown()

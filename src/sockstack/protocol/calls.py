@@ -198,7 +198,9 @@ class Backoff:
 def remote_error(ev: Error) -> BaseException:
     """The exception an ERROR answer raises in the caller: :class:`RemoteError`, or the class
     this process registered under its type name (:func:`sockstack.errors.typed_error`)."""
-    return typed_error(RemoteError(ev.type or ErrorCode.describe(ev.code), ev.message, ev.code))
+    return typed_error(
+        RemoteError(ev.type or ErrorCode.describe(ev.code), ev.message, ev.code, ev.metadata)
+    )
 
 
 def outcome(ev: Answer) -> tuple[bool, Any]:
