@@ -457,7 +457,22 @@ class _HostStream(StreamProtocol):
         single = core.receive_single(data)  # the common case: one whole REQUEST per read
         events: list[Event]
         if single is not None and type(single) is Request and not self.server.draining:
-            ctx = _context(single, self.kind, self.peer)
+            budget = single.budget_ms  # _context, inlined
+            if budget is None:
+                ctx: CallContext | None = CallContext(
+                    single.method, single.request_id, self.kind, self.peer, single.metadata
+                )
+            elif budget:
+                ctx = CallContext(
+                    single.method,
+                    single.request_id,
+                    self.kind,
+                    self.peer,
+                    single.metadata,
+                    _monotonic() + budget / 1000.0,
+                )
+            else:
+                ctx = None
             if ctx is None:
                 outcome: Outcome | Awaitable[Outcome] = _LATE
             else:
@@ -508,16 +523,54 @@ class _HostStream(StreamProtocol):
         every 16 events) the rest waits for the
         next loop turn, with reading paused, so that one connection never holds the loop for
         long while others wait (their reads are handled in between)."""
-        dispatch = self._dispatch
         draining = self.server.draining
         routes = self.routes
+        run_method = self.dispatcher.dispatch
+        kind, peer = self.kind, self.peer
         n = len(events)
         deadline = _clock() + self.server.limits.work_slice
         while i < n:
             ev = events[i]
             i += 1
             if type(ev) is Request and not draining:
-                self._outcome(ev, *dispatch(ev))
+                # _dispatch and _outcome, inlined for the common case (a call that is not
+                # streamed, answered at once without trailers): no tuple between them.
+                if ev.stream:
+                    outcome, ctx = self._dispatch(ev)
+                    self._outcome(ev, outcome, ctx)
+                else:
+                    budget = ev.budget_ms
+                    if budget is None:
+                        ctx = CallContext(ev.method, ev.request_id, kind, peer, ev.metadata)
+                    elif budget:
+                        ctx = CallContext(
+                            ev.method,
+                            ev.request_id,
+                            kind,
+                            peer,
+                            ev.metadata,
+                            _monotonic() + budget / 1000.0,
+                        )
+                    else:
+                        self._answer(ev, _LATE)
+                        continue
+                    token = _set_call(ctx)
+                    try:
+                        outcome = run_method(ev)
+                    finally:
+                        _reset_call(token)
+                    if type(outcome) is tuple:
+                        if outcome[0] and ctx.trailers is None:
+                            core = self.core
+                            assert core is not None
+                            try:
+                                core.send_response(ev.request_id, outcome[1], CODECS[ev.codec])
+                                continue
+                            except (CodecError, LocalProtocolError):
+                                pass
+                        self._answer(ev, outcome, ctx)
+                    else:
+                        self._outcome(ev, outcome, ctx)
             else:
                 route = routes.get(type(ev))
                 if route is not None:
