@@ -95,7 +95,12 @@ from sockstack.protocol.events import (
     Role,
 )
 from sockstack.protocol.frames import MessageType
-from sockstack.protocol.messages import FEATURE_DEADLINE, FEATURE_METADATA, FEATURE_STREAM
+from sockstack.protocol.messages import (
+    FEATURE_DEADLINE,
+    FEATURE_METADATA,
+    FEATURE_STREAM,
+    MAX_BUDGET_MS,
+)
 from sockstack.transport.settings import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -129,6 +134,7 @@ _PONG = int(MessageType.PONG)
 _MAX_HELD_BYTES = 1 << 20  # datagrams without answer held while a UDP client learns the epoch
 _rng = random.Random()
 _CURRENT_CALL = CURRENT_CALL
+_BUDGET_CAP_S = MAX_BUDGET_MS / 1000  # budget_ms's bound, in seconds
 _monotonic = time.monotonic
 
 
@@ -390,6 +396,8 @@ class StreamChannel:
         if stream is None or not stream.can_send():
             stream = await self._wait_connected(method, timeout, now + timeout)
             budget = budget_ms(now + timeout - loop.time())
+        elif 0.0 < timeout < _BUDGET_CAP_S:  # budget_ms(timeout), inlined for the common case
+            budget = int(timeout * 1000)
         else:
             budget = budget_ms(timeout)
         calls = self.calls
