@@ -552,25 +552,26 @@ class _HostStream(StreamProtocol):
                             _monotonic() + budget / 1000.0,
                         )
                     else:
+                        ctx = None
+                    if ctx is None:
                         self._answer(ev, _LATE)
-                        continue
-                    token = _set_call(ctx)
-                    try:
-                        outcome = run_method(ev)
-                    finally:
-                        _reset_call(token)
-                    if type(outcome) is tuple:
-                        if outcome[0] and ctx.trailers is None:
+                    else:
+                        token = _set_call(ctx)
+                        try:
+                            outcome = run_method(ev)
+                        finally:
+                            _reset_call(token)
+                        if type(outcome) is not tuple:
+                            self._outcome(ev, outcome, ctx)
+                        elif outcome[0] and ctx.trailers is None:
                             core = self.core
                             assert core is not None
                             try:
                                 core.send_response(ev.request_id, outcome[1], CODECS[ev.codec])
-                                continue
                             except (CodecError, LocalProtocolError):
-                                pass
-                        self._answer(ev, outcome, ctx)
-                    else:
-                        self._outcome(ev, outcome, ctx)
+                                self._answer(ev, outcome, ctx)
+                        else:
+                            self._answer(ev, outcome, ctx)
             else:
                 route = routes.get(type(ev))
                 if route is not None:
