@@ -6,8 +6,9 @@ answering under a publish flood fanned out to 200 subscriptions)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
-from sockstack import AsyncClient, Broker, PubSub, Server, ServerLimits
+from sockstack import AsyncClient, Broker, PubSub, Server, ServerLimits, Service, method
 from sockstack.pubsub.client import Message
 from tests.conftest import timeout
 
@@ -43,3 +44,46 @@ async def test_a_burst_of_fan_out_work_is_sliced_and_others_are_served() -> None
             async with asyncio.timeout(timeout(60)):
                 while (await good.call("broker.stats"))["published"] < BURST:
                     await asyncio.sleep(0.05)  # bounded poll: the broker has no event for it
+
+
+class _Busy(Service):
+    """An inline method with a little work per call (a tenth of a millisecond on the clock)."""
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.started = asyncio.Event()
+
+    @method(inline=True)
+    def work(self) -> int:
+        self.started.set()  # inline: runs on the server's loop, the test's loop
+        end = time.perf_counter() + 0.0001
+        while time.perf_counter() < end:  # bounded by the clock: CPU work, not a wait
+            pass
+        self.done += 1
+        return self.done
+
+    @method(inline=True)
+    def count(self) -> int:
+        return self.done
+
+
+async def test_a_burst_of_inline_calls_is_sliced_and_others_are_served() -> None:
+    # Calls answered at once take the server's inlined path: it too yields the loop after a
+    # slice of work, so that a burst of pipelined inline calls (one write) does not hold it.
+    limits = ServerLimits(work_slice=0.001)
+    busy = _Busy()
+    async with Server(busy, tcp=["127.0.0.1:0"], limits=limits) as srv:
+        url = str(srv.endpoint("tcp"))
+        async with AsyncClient(url) as burst, AsyncClient(url) as good:
+            calls = [
+                asyncio.ensure_future(burst.call("work", timeout=timeout(60))) for _ in range(BURST)
+            ]  # made in one loop turn: they leave in one write
+            try:
+                await asyncio.wait_for(busy.started.wait(), timeout(30))
+                seen = await good.call("count", timeout=timeout(30))
+                assert seen < BURST, seen  # answered while most of the burst was still to do
+                results = await asyncio.gather(*calls)
+            finally:
+                for c in calls:
+                    c.cancel()
+            assert sorted(results) == list(range(1, BURST + 1))
