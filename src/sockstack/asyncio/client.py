@@ -105,6 +105,7 @@ from sockstack.transport.settings import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
     ClientSettings,
+    refusal_verdict,
     udp_gone,
     udp_refused,
 )
@@ -823,16 +824,15 @@ class DatagramChannel:
                 del self._refused[rid]
                 self._unsent.pop(rid, None)
                 continue
-            sent = self.core.attempts(rid)
-            refused = self._refused[rid]
-            if (sent >= 2 and refused >= sent - self._unsent.get(rid, 0)) or (
-                call.method == "PING" and not sent  # one datagram, untracked: runs nothing
-            ):
-                error = udp_refused(self.ep)  # every datagram of it that left was refused
-            elif refused >= 2:  # the server went: an earlier datagram may have reached it
-                error = udp_gone(self.ep)
-            else:
+            lone = refusal_verdict(
+                self.core.attempts(rid),
+                self._refused[rid],
+                self._unsent.get(rid, 0),
+                call.method == "PING",
+            )
+            if lone is None:
                 continue
+            error = udp_refused(self.ep) if lone else udp_gone(self.ep)
             del self._refused[rid]
             self._unsent.pop(rid, None)
             self.calls.forget(rid)

@@ -111,6 +111,7 @@ from sockstack.transport.settings import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
     ClientSettings,
+    refusal_verdict,
     udp_gone,
     udp_refused,
 )
@@ -1268,14 +1269,12 @@ class DatagramConnection(_Pipeline):
                     del refused[rid]
                     unsent.pop(rid, None)
                     continue
-                sent = core.attempts(rid)
-                n = refused[rid]
-                if (sent >= 2 and n >= sent - unsent.get(rid, 0)) or (not slot.track and not sent):
-                    error = udp_refused_error(self.ep, True)  # every datagram that left: refused
-                elif n >= 2:  # the server went: an earlier datagram may have reached it
-                    error = udp_refused_error(self.ep, False)
-                else:
+                lone = refusal_verdict(
+                    core.attempts(rid), refused[rid], unsent.get(rid, 0), not slot.track
+                )
+                if lone is None:
                     continue
+                error = udp_refused_error(self.ep, lone)
                 del refused[rid]
                 unsent.pop(rid, None)
                 core.cancel(rid)

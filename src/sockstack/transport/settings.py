@@ -45,6 +45,20 @@ def udp_gone(ep: Endpoint) -> CallError:
     )
 
 
+def refusal_verdict(sent: int, refused: int, unsent: int, ping: bool) -> bool | None:
+    """What the refusals the kernel named for one UDP call say (both clients' rule): True when
+    it did not run (it sent two datagrams at least, the second on its schedule, and every one
+    that left was refused; or it is a PING, one untracked datagram), False when it may have
+    run (two refused after an earlier one was not: its server went away), None while it must
+    wait (one refusal: the server may be starting). ``sent``: datagrams the call queued;
+    ``unsent``: those whose send reported an earlier refusal instead of leaving."""
+    if (sent >= 2 and refused >= sent - unsent) or (ping and not sent):
+        return True
+    if refused >= 2:
+        return False
+    return None
+
+
 class ClientSettings:
     """The options every client shares; each client's ``__init__`` documents them."""
 
