@@ -46,7 +46,7 @@ from sockstack.interceptors import Failure, Hooks, Refused, await_quietly, call_
 from sockstack.protocol.calls import CURRENT_CALL
 from sockstack.protocol.codecs import decode_as
 from sockstack.protocol.events import Request
-from sockstack.rpc.context import CallAborted, CallContext, run_guarded
+from sockstack.rpc.context import CallAborted, CallContext, run_guarded, served_context
 
 __all__ = [
     "DEFAULT_MAX_WORKERS",
@@ -159,7 +159,7 @@ def _pull(gen: Any, room: int, sink: ItemSink) -> tuple[bool, Any]:
     last one may pass it), hand each to the sink. (True, return value) when the generator
     ended, (False, None) when the room is used up. Raises what the generator raises,
     :class:`_BadItem`, or :class:`CallAborted` once the call was stopped."""
-    ctx = CURRENT_CALL.get()
+    ctx = served_context(CURRENT_CALL.get())
     push = sink.push_threadsafe
     while room > 0:
         code = _late(ctx)
@@ -647,8 +647,8 @@ class Dispatcher:
     async def _run_stream(self, handler: Handler, req: Request) -> Outcome:
         """A streamed call: its items to the call context's sink under flow control, then its
         outcome (the generator's return value, or its error)."""
-        ctx = CURRENT_CALL.get()
-        sink: ItemSink | None = getattr(ctx, "stream", None)
+        ctx = served_context(CURRENT_CALL.get())
+        sink: ItemSink | None = None if ctx is None else ctx.stream
         if sink is None:  # dispatched outside a stream session (tests of the dispatcher)
             return False, (
                 ErrorCode.STREAM_MISMATCH,
@@ -747,8 +747,8 @@ class Dispatcher:
         return outcome
 
     def _call_context(self, req: Request) -> CallContext:
-        ctx = CURRENT_CALL.get()
-        if type(ctx) is not CallContext:  # dispatched outside a host (tests of the dispatcher)
+        ctx = served_context(CURRENT_CALL.get())
+        if ctx is None:  # dispatched outside a host (tests of the dispatcher)
             ctx = CallContext(req.method, req.request_id, "local", "local", req.metadata)
         ctx.state = {}
         return ctx

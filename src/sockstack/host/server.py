@@ -90,7 +90,7 @@ from sockstack.protocol.messages import (
     encode_error,
 )
 from sockstack.protocol.registry import Registry
-from sockstack.rpc.context import CallContext
+from sockstack.rpc.context import CallContext, LazyContext
 from sockstack.transport.ratelog import RateLimitedLog
 from sockstack.transport.secret import normalize_secret
 from sockstack.transport.urls import Endpoint, format_peer, is_loopback_host, parse_endpoint
@@ -457,30 +457,25 @@ class _HostStream(StreamProtocol):
         single = core.receive_single(data)  # the common case: one whole REQUEST per read
         events: list[Event]
         if single is not None and type(single) is Request and not self.server.draining:
-            budget = single.budget_ms  # _context, inlined
-            if budget is None:
-                ctx: CallContext | None = CallContext(
-                    single.method, single.request_id, self.kind, self.peer, single.metadata
-                )
-            elif budget:
-                ctx = CallContext(
-                    single.method,
-                    single.request_id,
-                    self.kind,
-                    self.peer,
-                    single.metadata,
-                    _monotonic() + budget / 1000.0,
-                )
-            else:
-                ctx = None
-            if ctx is None:
+            budget = single.budget_ms
+            ctx: CallContext | None = None
+            if budget is not None and not budget:  # no time left: it does not run
                 outcome: Outcome | Awaitable[Outcome] = _LATE
             else:
-                token = _set_call(ctx)
+                # The call's context, lazily: a LazyContext filled in place (its CallContext
+                # is built only if the method, an interceptor or a later answer needs it).
+                lazy = LazyContext()
+                lazy.request = single
+                lazy.transport = self.kind
+                lazy.peer = self.peer
+                lazy.deadline = None if budget is None else _monotonic() + budget / 1000.0
+                lazy.ctx = None
+                token = _set_call(lazy)
                 try:
                     outcome = self.dispatcher.dispatch(single)
                 finally:
                     _reset_call(token)
+                ctx = lazy.ctx if type(outcome) is tuple else lazy.context()
             if type(outcome) is tuple and outcome[0] and (ctx is None or ctx.trailers is None):
                 try:
                     frame = core.response_frame(single.request_id, outcome[1])
@@ -540,30 +535,24 @@ class _HostStream(StreamProtocol):
                     self._outcome(ev, outcome, ctx)
                 else:
                     budget = ev.budget_ms
-                    if budget is None:
-                        ctx = CallContext(ev.method, ev.request_id, kind, peer, ev.metadata)
-                    elif budget:
-                        ctx = CallContext(
-                            ev.method,
-                            ev.request_id,
-                            kind,
-                            peer,
-                            ev.metadata,
-                            _monotonic() + budget / 1000.0,
-                        )
-                    else:
-                        ctx = None
-                    if ctx is None:
+                    if budget is not None and not budget:  # no time left: it does not run
                         self._answer(ev, _LATE)
                     else:
-                        token = _set_call(ctx)
+                        lazy = LazyContext()  # (as in data_received: built only if needed)
+                        lazy.request = ev
+                        lazy.transport = kind
+                        lazy.peer = peer
+                        lazy.deadline = None if budget is None else _monotonic() + budget / 1000.0
+                        lazy.ctx = None
+                        token = _set_call(lazy)
                         try:
                             outcome = run_method(ev)
                         finally:
                             _reset_call(token)
+                        ctx = lazy.ctx
                         if type(outcome) is not tuple:
-                            self._outcome(ev, outcome, ctx)
-                        elif outcome[0] and ctx.trailers is None:
+                            self._outcome(ev, outcome, lazy.context())
+                        elif outcome[0] and (ctx is None or ctx.trailers is None):
                             core = self.core
                             assert core is not None
                             try:
@@ -931,18 +920,25 @@ class _HostDatagram(DatagramEndpoint):
                     "udp server %s: refused %r: overloaded", format_peer(addr), req.method
                 )
                 return
-        ctx = _context(req, "udp", addr)
-        if ctx is None:
+        budget = req.budget_ms
+        if budget is not None and not budget:  # no time left: it does not run
             self._answer(req, addr, _LATE, now)
             return
-        token = _set_call(ctx)
+        lazy = LazyContext()  # (as over TCP: the CallContext built only if needed)
+        lazy.request = req
+        lazy.transport = "udp"
+        lazy.peer = addr
+        lazy.deadline = None if budget is None else _monotonic() + budget / 1000.0
+        lazy.ctx = None
+        token = _set_call(lazy)
         try:
             outcome = dispatcher.dispatch(req)
         finally:
             _reset_call(token)
         if isinstance(outcome, tuple):
-            self._answer(req, addr, outcome, now, ctx)
+            self._answer(req, addr, outcome, now, lazy.ctx)
             return
+        ctx = lazy.context()
         self.server._in_flight += 1
         self.in_flight += 1
         run = _Run(ctx)

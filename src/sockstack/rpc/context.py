@@ -34,9 +34,17 @@ from typing import Any, TypeVar
 
 from sockstack.errors import ErrorCode
 from sockstack.protocol.calls import CURRENT_CALL
+from sockstack.protocol.events import Request
 from sockstack.protocol.messages import MAX_METADATA_ENTRIES, check_metadata
 
-__all__ = ["CallAborted", "CallContext", "current_context", "run_guarded"]
+__all__ = [
+    "CallAborted",
+    "CallContext",
+    "LazyContext",
+    "current_context",
+    "run_guarded",
+    "served_context",
+]
 
 _EMPTY: Mapping[str, str | bytes] = MappingProxyType({})
 _monotonic = time.monotonic
@@ -144,11 +152,51 @@ class CallContext:
         )
 
 
+class LazyContext:
+    """What the host sets in :data:`~sockstack.protocol.calls.CURRENT_CALL` around a method it
+    answers at once (inline): the request, where it came from and its deadline. The
+    :class:`CallContext` is built the first time something asks for it (:func:`current_context`,
+    an interceptor, a method that is not answered at once) and kept: every reader of one call
+    gets the same object, and what it set (trailers) is the host's to send. Building a
+    ``CallContext`` for every call cost more than the rest of an inline echo's dispatch
+    (PERFORMANCE.md §12). ``deadline`` is read as it is by nested calls (``ServedCall``).
+
+    The host fills the fields one by one (no ``__init__``: one Python call less per call)."""
+
+    __slots__ = ("ctx", "deadline", "peer", "request", "transport")
+
+    ctx: CallContext | None
+    deadline: float | None
+    peer: Any
+    request: Request
+    transport: str
+
+    def context(self) -> CallContext:
+        """The call's :class:`CallContext`, built on first use."""
+        ctx = self.ctx
+        if ctx is None:
+            req = self.request
+            ctx = self.ctx = CallContext(
+                req.method, req.request_id, self.transport, self.peer, req.metadata, self.deadline
+            )
+        return ctx
+
+
+def served_context(value: object) -> CallContext | None:
+    """The :class:`CallContext` of what :data:`CURRENT_CALL` holds (built from a
+    :class:`LazyContext` on first use); None outside a served call."""
+    if type(value) is CallContext:
+        return value
+    if type(value) is LazyContext:
+        return value.context()
+    return None
+
+
 def current_context() -> CallContext:
     """The context of the call being served (inside a method the host runs). Raises
     ``LookupError`` elsewhere."""
-    ctx = CURRENT_CALL.get()
-    if type(ctx) is not CallContext:
+    ctx = served_context(CURRENT_CALL.get())
+    if ctx is None:
         raise LookupError(
             "no call is being served here: current_context() works inside a method a sockstack "
             "server runs"
@@ -177,8 +225,8 @@ class CallAborted(Exception):
 def run_guarded(call: Callable[[], _T]) -> _T:
     """In a worker thread (inside the call's copied context): run ``call`` unless its call was
     cancelled or is already late (raises :class:`CallAborted`: it does not run)."""
-    ctx = CURRENT_CALL.get()
-    if type(ctx) is CallContext:
+    ctx = served_context(CURRENT_CALL.get())
+    if ctx is not None:
         if ctx.abort_code:
             raise CallAborted(ctx.abort_code)
         if ctx.deadline is not None and _monotonic() >= ctx.deadline:
