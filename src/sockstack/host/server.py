@@ -936,7 +936,11 @@ class _HostDatagram(DatagramEndpoint):
         finally:
             _reset_call(token)
         if isinstance(outcome, tuple):
-            self._answer(req, addr, outcome, now, lazy.ctx)
+            ctx: CallContext | None = lazy.ctx
+            if ctx is None and outcome[0]:  # (_answer inlined: a result, no trailers)
+                self.core.send_response(addr, req.request_id, outcome[1], CODECS[req.codec], now)
+            else:
+                self._answer(req, addr, outcome, now, ctx)
             return
         ctx = lazy.context()
         self.server._in_flight += 1
