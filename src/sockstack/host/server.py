@@ -16,11 +16,12 @@ methods every pattern serves (REQUEST), drain and shutdown. Messages of a patter
 are routed to it (:mod:`sockstack.host.pattern`); the host imports no pattern.
 
 Each call is dispatched in its :class:`~sockstack.rpc.context.CallContext` (``current_context()``
-inside the method): a REQUEST whose DEADLINE budget is 0 is refused (DEADLINE_EXCEEDED) without
-running; an async or threaded method still running at its deadline, or named by a CANCEL, is
-stopped (an async method's task is cancelled; a threaded method's context is marked, and if it
-still waits for a worker it never runs) and answered DEADLINE_EXCEEDED or CANCELLED (PROTOCOL.md
-§4). Trailers the method set go back with its answer.
+inside the method; built lazily from a :class:`~sockstack.rpc.context.LazyContext` for a method
+answered at once, which seldom asks for it): a REQUEST whose DEADLINE budget is 0 is refused
+(DEADLINE_EXCEEDED) without running; an async or threaded method still running at its deadline,
+or named by a CANCEL, is stopped (an async method's task is cancelled; a threaded method's
+context is marked, and if it still waits for a worker it never runs) and answered
+DEADLINE_EXCEEDED or CANCELLED (PROTOCOL.md §4). Trailers the method set go back with its answer.
 
 Shutdown stops accepting, answers every request already accepted (up to ``drain_timeout``),
 refuses new ones with SHUTTING_DOWN, cancels the methods still running on the loop (the server
