@@ -518,13 +518,18 @@ class _HostStream(StreamProtocol):
         fanned out to many subscribers): after ``limits.work_slice`` seconds of work (checked
         every 16 events) the rest waits for the
         next loop turn, with reading paused, so that one connection never holds the loop for
-        long while others wait (their reads are handled in between)."""
+        long while others wait (their reads are handled in between).
+
+        A request's deadline is its budget from when this run over its read began
+        (``arrived``: one clock reading for the requests of a read, which came together; a
+        rest deferred by the work slice reads the clock again when it runs)."""
         draining = self.server.draining
         routes = self.routes
         run_method = self.dispatcher.dispatch
         kind, peer = self.kind, self.peer
         n = len(events)
         deadline = _clock() + self.server.limits.work_slice
+        arrived = 0.0  # read at the first request with a budget
         while i < n:
             ev = events[i]
             i += 1
@@ -543,7 +548,12 @@ class _HostStream(StreamProtocol):
                         lazy.request = ev
                         lazy.transport = kind
                         lazy.peer = peer
-                        lazy.deadline = None if budget is None else _monotonic() + budget / 1000.0
+                        if budget is None:
+                            lazy.deadline = None
+                        else:
+                            if not arrived:
+                                arrived = _monotonic()
+                            lazy.deadline = arrived + budget / 1000.0
                         lazy.ctx = None
                         token = _set_call(lazy)
                         try:
