@@ -9,6 +9,8 @@ request per read, and several requests in one read) and UDP.
 from __future__ import annotations
 
 import asyncio
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,7 +19,7 @@ import pytest
 
 from sockstack import CallContext, Server, Service, connect, current_context, method
 from sockstack.protocol.calls import CURRENT_CALL, inherited_timeout
-from sockstack.protocol.events import Error, Response
+from sockstack.protocol.events import Error, Request, Response
 from sockstack.protocol.messages import encode_request
 from sockstack.rpc.context import LazyContext, served_context
 from tests.conftest import timeout
@@ -213,8 +215,6 @@ async def test_udp_datagram_calls_see_their_own_ids(served: tuple[Server, Inline
 
 
 def test_a_lazy_context_is_built_once_and_only_on_demand() -> None:
-    from sockstack.protocol.events import Request
-
     lazy = LazyContext()
     lazy.request = Request(3, "m", [], {}, 1, 1000, {"k": "v"})
     lazy.transport, lazy.peer, lazy.deadline, lazy.ctx = "tcp", ("127.0.0.1", 9), 12.5, None
@@ -236,3 +236,35 @@ def test_a_lazy_context_is_built_once_and_only_on_demand() -> None:
     assert served_context(None) is None and served_context(ctx) is ctx
     with pytest.raises(LookupError):
         current_context()
+
+
+def test_threads_asking_at_once_get_one_context() -> None:
+    """A thread the method started may ask for the context at the moment the method does:
+    every asker gets the same object (the one whose trailers the host sends). Without the lock
+    in LazyContext.context() it failed in each of three runs here."""
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between almost any two bytecodes: races show
+    try:
+        for round_ in range(200):
+            lazy = LazyContext()
+            lazy.request = Request(round_ + 1, "m", [], {}, 1)
+            lazy.transport, lazy.peer, lazy.deadline, lazy.ctx = "tcp", "local", None, None
+            start = threading.Barrier(8)
+            got: list[CallContext] = []
+
+            def ask(
+                lazy: LazyContext = lazy,
+                start: threading.Barrier = start,
+                got: list[CallContext] = got,
+            ) -> None:
+                start.wait(timeout(10))
+                got.append(lazy.context())
+
+            threads = [threading.Thread(target=ask) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout(10))
+            assert len(got) == 8 and all(c is got[0] for c in got) and lazy.ctx is got[0]
+    finally:
+        sys.setswitchinterval(switch)

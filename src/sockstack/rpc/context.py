@@ -27,6 +27,8 @@ every thread).
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -49,6 +51,15 @@ __all__ = [
 _EMPTY: Mapping[str, str | bytes] = MappingProxyType({})
 _monotonic = time.monotonic
 _T = TypeVar("_T")
+_BUILDING = threading.Lock()  # LazyContext.context(): one CallContext per call
+
+
+def _new_lock_after_fork() -> None:
+    global _BUILDING
+    _BUILDING = threading.Lock()  # a thread of the parent may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 class CallContext:
@@ -172,13 +183,22 @@ class LazyContext:
     transport: str
 
     def context(self) -> CallContext:
-        """The call's :class:`CallContext`, built on first use."""
+        """The call's :class:`CallContext`, built on first use (under a lock: a thread the
+        method started may ask at the same moment, and both must get the same object)."""
         ctx = self.ctx
         if ctx is None:
-            req = self.request
-            ctx = self.ctx = CallContext(
-                req.method, req.request_id, self.transport, self.peer, req.metadata, self.deadline
-            )
+            with _BUILDING:
+                ctx = self.ctx
+                if ctx is None:
+                    req = self.request
+                    ctx = self.ctx = CallContext(
+                        req.method,
+                        req.request_id,
+                        self.transport,
+                        self.peer,
+                        req.metadata,
+                        self.deadline,
+                    )
         return ctx
 
 
