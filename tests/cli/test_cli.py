@@ -127,3 +127,29 @@ def test_wait_line_has_a_deadline_in_all() -> None:
         assert proc.popen.poll() is None  # it ended on its deadline, not with the process
     finally:
         proc.stop()
+
+
+def test_call_prints_a_streams_items_as_they_come(demo_server: tuple[str, str]) -> None:
+    """A generator method (the demo's ``count``) refuses a plain call before it runs; ``call``
+    then streams it and prints each item on its own line as it arrives (the second item is
+    on stdout while the command still runs), ``--stream`` at once; Ctrl-C stops it."""
+    tcp, udp = demo_server
+    out = run(["sockstack", "call", tcp, "count", "3"])
+    assert (out.returncode, out.stdout, out.stderr) == (0, "0\n1\n2\n", "")
+    out = run(["sockstack", "call", tcp, "count", "4", "--stream"])
+    assert (out.returncode, out.stdout) == (0, "0\n1\n2\n3\n")
+    out = run(["sockstack", "call", tcp, "add", "2", "3", "--stream"])  # not a generator
+    assert (out.returncode, out.stdout, out.stderr) == (0, "", "result: 5\n")
+    out = run(["sockstack", "call", udp, "count", "3"])  # streams need TCP or TLS
+    assert out.returncode == 1 and "STREAM_MISMATCH" in out.stderr
+    out = run(["sockstack", "call", tcp, "count", "2000000"])
+    assert out.returncode == 1 and "n must be between 0 and 1000000" in out.stderr
+
+    slow = Proc(["sockstack", "call", tcp, "count", "1000", "--kw", "interval=0.05"])
+    try:
+        slow.wait_line("^0$")
+        slow.wait_line("^1$")
+        assert slow.popen.poll() is None  # printed while the stream goes on
+    finally:
+        code = slow.stop(signal.SIGINT)
+    assert code == 130, slow.stderr()

@@ -451,7 +451,7 @@ class StreamChannel:
         kwargs: dict[str, Any] | None,
         timeout: float,
         codec: Codec,
-        metadata: Metadata | None,
+        metadata: Mapping[str, str | bytes] | None,
     ) -> _Items:
         """Send a STREAM request; its items are queued in the returned state as they come."""
         loop = self.loop
@@ -1130,7 +1130,7 @@ class ResultStream:
         args: tuple[Any, ...],
         kwargs: dict[str, Any] | None,
         timeout: float,
-        metadata: Metadata | None,
+        metadata: Mapping[str, str | bytes] | None,
     ) -> None:
         self._client = client
         self._channel = channel
@@ -1411,12 +1411,18 @@ class AsyncClient(ClientSettings):
         return reply if with_metadata else reply.result
 
     def stream(
-        self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any
+        self,
+        method: str,
+        *args: Any,
+        timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+        **kwargs: Any,
     ) -> ResultStream:
         """The items of a generator method, as they come: ``async for item in
         client.stream("ticks", 10)`` (TCP and TLS; see :class:`ResultStream`). ``timeout``
-        (default: the client's) bounds the whole stream. Over UDP raises
-        :class:`LocalProtocolError` (code STREAM_MISMATCH) and sends nothing."""
+        (default: the client's) bounds the whole stream; ``metadata`` is this call's, over the
+        client's defaults. Over UDP raises :class:`LocalProtocolError` (code STREAM_MISMATCH)
+        and sends nothing. Interceptors do not run around streamed calls."""
         channel = self._channel
         if channel is None:
             raise self._not_connected()
@@ -1433,7 +1439,7 @@ class AsyncClient(ClientSettings):
             args,
             kwargs or None,
             self.timeout if timeout is None else timeout,
-            None,
+            metadata,
         )
 
     def stream_channel(self, what: str) -> StreamChannel:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 from sockstack.cli.common import (
@@ -16,7 +17,7 @@ from sockstack.cli.common import (
     parse_value,
 )
 from sockstack.clients import connect
-from sockstack.errors import CallError, CallTimeout
+from sockstack.errors import CallError, CallTimeout, ErrorCode, RemoteError
 
 __all__ = ["add_parsers", "run_call", "run_ping"]
 
@@ -34,10 +35,26 @@ def run_call(args: argparse.Namespace) -> int:
         args.url, timeout=args.timeout, codec=args.codec, **client_options(args)
     ) as client:
         try:
-            result = client.request(args.method, values, kwargs, timeout=left(deadline, args))
+            if not args.stream:
+                try:
+                    result = client.request(
+                        args.method, values, kwargs, timeout=left(deadline, args)
+                    )
+                except RemoteError as exc:
+                    # A generator method refuses a plain call before it runs: stream it.
+                    if exc.code != ErrorCode.STREAM_MISMATCH or args.url.startswith("udp"):
+                        raise
+                else:
+                    print(format_result(result))
+                    return EXIT_OK
+            stream = client.stream(args.method, *values, timeout=left(deadline, args), **kwargs)
+            with stream:
+                for item in stream:  # each as it comes, one a line
+                    print(format_result(item), flush=True)
+            if stream.result is not None:  # a generator's return value: not an item
+                print(f"result: {format_result(stream.result)}", file=sys.stderr)
         except CallTimeout:  # say the command's --timeout, not what was left of it
             raise CallTimeout(args.method, args.timeout) from None
-    print(format_result(result))
     return EXIT_OK
 
 
@@ -88,7 +105,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "call",
         help="call a method and print its result",
         description="Call METHOD on the server at URL. Each ARG is parsed as JSON when it parses "
-        '(3, true, [1,2], "text"), else taken as a string.',
+        '(3, true, [1,2], "text"), else taken as a string. A method that streams (a generator) '
+        "prints its items as they come, one a line (TCP and TLS; a return value other than "
+        "None goes to stderr as 'result: ...'); Ctrl-C stops it on the server too.",
     )
     add_client_arguments(c)
     c.add_argument("method")
@@ -96,7 +115,18 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     c.add_argument(
         "--kw", action="append", metavar="KEY=VALUE", help="keyword argument, repeatable"
     )
-    c.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    c.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="seconds for the whole command, a stream included (default 10)",
+    )
+    c.add_argument(
+        "--stream",
+        action="store_true",
+        help="call METHOD as a stream at once (without: a plain call first, which a generator "
+        "method refuses before it runs, then the stream)",
+    )
     c.add_argument(
         "--codec",
         default="msgpack",

@@ -320,6 +320,8 @@ def banner(server: Server, args: argparse.Namespace) -> list[str]:
             url = (stream or dgram) if scheme == "tcp" else (dgram or stream)
             if url:
                 tries.append(f"sockstack call {url} {call}{extra}")
+        if stream:  # a stream: its items print as they come
+            tries.append(f"sockstack call {stream} count 5 --kw interval=0.2{extra}")
     elif plain and not is_broker:
         tries.append(f"sockstack ping {stream or dgram} --count 3{extra}")
     if plain and not is_broker:

@@ -64,7 +64,9 @@ from sockstack.errors import (
     ConnectionClosed,
     ConnectionLost,
     ErrorCode,
+    LocalProtocolError,
     RemoteError,
+    RemoteProtocolError,
 )
 from sockstack.interceptors import ClientCall, Hooks, merged, run_sync
 from sockstack.protocol.auth import (
@@ -83,6 +85,7 @@ from sockstack.protocol.calls import (
     Backoff,
     Calls,
     Failover,
+    ItemStream,
     PendingCall,
     Reply,
     budget_ms,
@@ -99,6 +102,7 @@ from sockstack.protocol.events import (
     ConnectionTerminated,
     Error,
     Event,
+    Item,
     Metadata,
     PatternMessage,
     Pong,
@@ -106,7 +110,12 @@ from sockstack.protocol.events import (
     Role,
 )
 from sockstack.protocol.frames import DEFAULT_MAX_FRAME, HEADER_SIZE, MessageType, declared_size
-from sockstack.protocol.messages import FEATURE_DEADLINE, MIN_MAX_FRAME, encode_ping
+from sockstack.protocol.messages import (
+    FEATURE_DEADLINE,
+    FEATURE_STREAM,
+    MIN_MAX_FRAME,
+    encode_ping,
+)
 from sockstack.transport.settings import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -119,7 +128,7 @@ from sockstack.transport.tls import handshake_failure, handshake_lost, tls_reaso
 from sockstack.transport.udperr import enable_refusal_reports, refused_request_ids
 from sockstack.transport.urls import Endpoint
 
-__all__ = ["Client", "DatagramConnection", "StreamConnection", "connect"]
+__all__ = ["Client", "DatagramConnection", "ResultStream", "StreamConnection", "connect"]
 
 _RECV = 256 * 1024
 _GATHER_ABOVE = 64 * 1024
@@ -206,6 +215,8 @@ class _Pipeline:
         self._leader: _Slot | None = None
         self._waiting: set[_Slot] = set()  # followers blocked on their event
         self._watchers: set[_Slot] = set()  # read_until's slots (settled by a condition)
+        # Streamed calls in flight (TCP/TLS), by request id: their ITEMs are queued there.
+        self.item_streams: dict[int, ItemStream] = {}
 
     def _register(self, slot: _Slot, method: str, timeout: float, now: float, rid: int = 0) -> int:
         """Record ``slot``'s call (the caller holds ``_mutex``) with a fresh id unless ``rid``
@@ -234,8 +245,26 @@ class _Pipeline:
                         slot.done = True
                         if slot.event is not None:
                             slot.event.set()
+                elif type(ev) is Item:
+                    self._queue_item(ev)
             if self._watchers:
                 self._wake_watchers()
+
+    def _queue_item(self, ev: Item) -> None:
+        """Queue a streamed call's ITEM (under ``_mutex``). One beyond the flow-control window
+        ends the call here with :class:`RemoteProtocolError` (its reader sends CANCEL); an
+        ITEM of a stream given up on is dropped (its CANCEL is on its way)."""
+        rid = ev.request_id
+        items = self.item_streams.get(rid)
+        if items is None:
+            return
+        problem = items.feed(ev)
+        if problem is not None:
+            del self.item_streams[rid]
+            pending = self.calls.pending.pop(rid, None)
+            if pending is not None:
+                slot: _Slot = pending  # type: ignore[assignment]
+                slot.ok, slot.value, slot.done = False, RemoteProtocolError(problem), True
 
     def _wake_watchers(self) -> None:
         for slot in self._watchers:  # under _mutex
@@ -491,6 +520,7 @@ class StreamConnection(_Pipeline):
                 return  # a connection already dropped (and maybe replaced) by another thread
             self.sock, self.core, self._poller, self.live = None, None, None, False
             self._lead_poller = None
+            self.item_streams.clear()  # their readers hold them: items queued stay readable
             slots = [cast(_Slot, p) for p in self.calls.drain()]
             self._fail(slots + list(self._watchers), error or _lost(self.ep, "connection lost"))
         if sock is not None:
@@ -1031,6 +1061,85 @@ class StreamConnection(_Pipeline):
                     self._send(core.data_to_send(), "CANCEL", sock)
                 except (CallTimeout, ConnectionLost):  # dropped: the calls in flight know
                     pass
+
+    # ------------------------------------------------------------------ streamed calls
+
+    def start_stream(
+        self,
+        method: str,
+        args: Sequence[Any],
+        kwargs: dict[str, Any] | None,
+        codec: Codec,
+        timeout: float,
+        metadata: Mapping[str, str | bytes] | None,
+    ) -> tuple[_Slot, ItemStream]:
+        """Send a REQUEST with the STREAM flag; its ITEMs are queued in the returned
+        :class:`ItemStream` by whichever thread reads, and its answer settles the returned
+        slot (a call of the table, its deadline ``now + timeout``, that no thread waits on:
+        the reader waits with :meth:`read_until`). The caller must :meth:`end_stream` it.
+        :class:`LocalProtocolError` (STREAM_MISMATCH), nothing sent, for a server that does
+        not announce streams."""
+        now = time.monotonic()
+        if _CURRENT_CALL.get() is not None:  # made from inside a served call: its deadline
+            timeout = inherited_timeout(timeout, now)
+        deadline = now + timeout
+        slot = _Slot()
+        self._begin(slot, deadline, method, timeout)
+        with self._io:
+            sock, core = self.sock, self.core
+            if sock is None or core is None or not self.live or core.state is not _OPEN:
+                sock, core = self._relive(deadline, method, timeout)
+            features = core.peer_features
+            if not features & FEATURE_STREAM:
+                raise LocalProtocolError(
+                    f"stream({method!r}): the server does not announce streams (an older "
+                    "server); nothing was sent",
+                    ErrorCode.STREAM_MISMATCH,
+                )
+            _, budget, md = plan_call(timeout, features, self.client.metadata, metadata, now)
+            if budget is not None:
+                budget = budget_ms(deadline - time.monotonic())
+            with self._mutex:
+                rid = self._register(slot, method, timeout, now)
+                items = self.item_streams[rid] = ItemStream(rid, method)
+            try:
+                core.send_request(
+                    rid, method, args, kwargs, codec, budget_ms=budget, metadata=md, stream=True
+                )
+            except BaseException:  # not encodable: nothing was sent
+                self.end_stream(slot, items)
+                raise
+            slot.track = True  # sent: given up on, it is cancelled
+            self._send(core.data_to_send(), method, sock)
+        return slot, items
+
+    def grant(self, request_id: int, granted: int) -> None:
+        """Send a CREDIT for stream ``request_id`` (nothing when the connection is gone: the
+        stream has failed with it)."""
+        with self._io:
+            sock, core = self.sock, self.core
+            if sock is None or core is None or not self.live:
+                return
+            if core.send_credit(request_id, granted):
+                try:
+                    self._send(core.data_to_send(), "CREDIT", sock)
+                except (CallTimeout, ConnectionLost):  # dropped: the calls in flight know
+                    pass
+
+    def end_stream(self, slot: _Slot, items: ItemStream) -> None:
+        """The reader of a streamed call is done with it (ended, failed, or stopped early: then
+        CANCEL, as for any call given up on)."""
+        with self._mutex:
+            rid = items.request_id
+            if self.item_streams.get(rid) is items:
+                del self.item_streams[rid]
+        self._leave(slot)
+
+    def take_item(self, items: ItemStream) -> tuple[Any, int]:
+        """The next item queued (there is one) and the bytes to grant (under ``_mutex``: the
+        reading thread feeds the same counters)."""
+        with self._mutex:
+            return items.take()
 
     # ------------------------------------------------------------------ for patterns
 
@@ -1652,6 +1761,136 @@ class DatagramConnection(_Pipeline):
         self.sock.close()
 
 
+class ResultStream:
+    """The items of a streamed call, in order: ``for item in client.stream("ticks", 10)``.
+
+    The blocking twin of :class:`sockstack.asyncio.client.ResultStream`: the request is sent
+    when iteration starts; items are queued as they arrive (read by whichever thread reads the
+    connection: other threads' calls go on meanwhile), within the stream's flow-control window,
+    and granted back (CREDIT) as they are taken, so a slow reader slows the server's generator
+    down instead of filling memory. The call's timeout bounds the whole stream. Its error (the
+    generator's exception, the deadline as :class:`CallTimeout`, a lost connection) is raised
+    after the items that came before it. Leaving the loop early (``break``, an exception,
+    ``KeyboardInterrupt``), :meth:`close` or the ``with`` block ending sends CANCEL: the server
+    closes the generator. After the last item, :attr:`result` is the generator's return value
+    (None for most) and :attr:`metadata` the server's trailers. One thread reads a stream.
+    """
+
+    def __init__(
+        self,
+        connection: StreamConnection,
+        codec: Codec,
+        method: str,
+        args: Sequence[Any],
+        kwargs: dict[str, Any] | None,
+        timeout: float,
+        metadata: Mapping[str, str | bytes] | None,
+    ) -> None:
+        self._connection = connection
+        self._request = (method, args, kwargs, codec, timeout, metadata)
+        self._call: tuple[_Slot, ItemStream] | None = None
+        self._ended = False
+        self.result: Any = None
+        """The generator's return value, once the stream ended."""
+        self.metadata: Mapping[str, str | bytes] = {}
+        """The server's trailers, once the stream ended."""
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> Any:
+        call = self._call
+        if call is None:
+            if self._ended:
+                raise StopIteration
+            method, args, kwargs, codec, timeout, metadata = self._request
+            self._ended = True  # until it was sent
+            call = self._connection.start_stream(method, args, kwargs, codec, timeout, metadata)
+            self._call, self._ended = call, False
+        slot, items = call
+        if self._ended:
+            raise StopIteration
+        conn = self._connection
+        try:
+            for _ in range(1 << 62):  # (bounded: each turn waits for an item or the end)
+                if items.items:
+                    value, grant = conn.take_item(items)
+                    if grant:
+                        conn.grant(items.request_id, grant)
+                    return value
+                if slot.done:
+                    return self._finish(slot, items)
+                conn.read_until(
+                    lambda: bool(items.items) or slot.done,
+                    slot.deadline - time.monotonic(),
+                    slot.method,
+                )
+        except CallTimeout:
+            self._release()
+            raise CallTimeout(slot.method, slot.timeout) from None
+        except BaseException:
+            self._release()
+            raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _finish(self, slot: _Slot, items: ItemStream) -> Any:
+        """The call's answer came and every item before it was taken: end, or raise."""
+        self._ended = True
+        conn = self._connection
+        conn.end_stream(slot, items)  # answered: sends nothing
+        if slot.ok:
+            value = slot.value
+            if type(value) is Reply:
+                self.result, self.metadata = value.result, value.metadata
+            else:
+                self.result = value
+            raise StopIteration
+        exc = slot.value
+        if isinstance(exc, RemoteProtocolError) or (
+            isinstance(exc, RemoteError) and exc.code == ErrorCode.DECODE_ERROR
+        ):
+            # Ended here (beyond the window, or an ITEM this client could not decode), while
+            # the server may go on: stop it there.
+            conn._cancel(slot.request_id)
+        if isinstance(exc, RemoteError) and exc.code == _DEADLINE_EXCEEDED:
+            raise _deadline_passed(slot.method, slot.timeout) from None
+        raise exc
+
+    def close(self) -> None:
+        """Stop reading: CANCEL (the server closes the generator) unless the stream ended."""
+        self._release()
+
+    def _release(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        call = self._call
+        if call is not None:
+            self._connection.end_stream(*call)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._release()
+
+    def __del__(self) -> None:
+        # ``break`` out of ``for``: the iterator is dropped at once (CPython), and with it the
+        # stream: CANCEL, so that the server stops. Not when this thread may hold the
+        # connection's lock (a garbage collection inside the client): the server's deadline
+        # ends that generator instead.
+        if self._ended or self._call is None:
+            return
+        mutex = self._connection._mutex
+        if not mutex.acquire(blocking=False):
+            return
+        mutex.release()
+        try:
+            self._release()
+        except Exception:
+            pass
+
+
 class Client(ClientSettings):
     """A blocking client. Create it with :func:`connect`. ``sockstack.Client`` adds the
     patterns' client methods (``publish``, ``subscribe``).
@@ -1818,6 +2057,36 @@ class Client(ClientSettings):
                 with_metadata=with_metadata,
             )
         return conn.call(method, args, kwargs, self.codec, timeout, False, metadata, with_metadata)
+
+    def stream(
+        self,
+        method: str,
+        *args: Any,
+        timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+        **kwargs: Any,
+    ) -> ResultStream:
+        """The items of a generator method, as they come: ``for item in
+        client.stream("ticks", 10)`` (TCP and TLS; see :class:`ResultStream`). ``timeout``
+        (default: the client's) bounds the whole stream; ``metadata`` is this call's, over the
+        client's defaults. Over UDP raises :class:`LocalProtocolError` (code STREAM_MISMATCH)
+        and sends nothing. Interceptors do not run around streamed calls."""
+        conn = self.connection
+        if not isinstance(conn, StreamConnection):
+            raise LocalProtocolError(
+                f"stream({method!r}): streams need TCP or TLS (this client is {self.endpoint}); "
+                "nothing was sent",
+                ErrorCode.STREAM_MISMATCH,
+            )
+        return ResultStream(
+            conn,
+            self.codec,
+            method,
+            args,
+            kwargs or None,
+            self.timeout if timeout is None else timeout,
+            metadata,
+        )
 
     def ping(self, timeout: float | None = None) -> float:
         """Round-trip time of one PING/PONG in seconds."""
