@@ -28,12 +28,16 @@ import pytest
 import trustme
 
 from sockstack import (
+    AsyncClient,
     CallTimeout,
+    ClientCall,
+    ClientInterceptor,
     ConnectionLost,
     ErrorCode,
     LocalProtocolError,
     RemoteError,
     RemoteProtocolError,
+    Reply,
     Server,
     ServerLimits,
     connect,
@@ -454,3 +458,133 @@ def test_a_request_that_does_not_encode_sends_nothing_and_leaves_no_state(
         assert c.connection.item_streams == {}
         assert len(c.connection.calls) == 0
         assert c.call("plain", 1) == 2
+
+
+def test_streams_nobody_reads_hold_memory_at_their_windows(served: Served) -> None:
+    """Memory measured, not counted: 16 streams on one blocking client that nobody reads past
+    their first item. Server and client share this process (the server on its thread), and
+    tracemalloc sees both: together they hold about 16 windows (the client's queues), far
+    below the 320 windows the generators would make unchecked."""
+    import tracemalloc
+
+    svc = served.service
+    streams_n = 16
+    total = 20 * STREAM_WINDOW // len(ITEM)  # 20 windows' worth per stream
+    tracemalloc.start()
+    try:
+        with connect(served.url("tcp"), timeout=timeout(60)) as c:
+            before = tracemalloc.get_traced_memory()[0]
+            streams = [c.stream("ablobs", total) for _ in range(streams_n)]
+            for s in streams:
+                assert next(s) == ITEM
+            queues = [s._call[1] for s in streams if s._call is not None]
+            for _ in range(4000):  # round trips until every window has arrived
+                if all(q.queued + 200 >= STREAM_WINDOW for q in queues):
+                    break
+                c.ping()
+            for _ in range(20):  # room for a producer that would go on
+                c.ping()
+            held = tracemalloc.get_traced_memory()[0] - before
+            for s in streams:
+                s.close()
+    finally:
+        tracemalloc.stop()
+    assert svc.produced < streams_n * total // 10
+    windows = streams_n * STREAM_WINDOW
+    assert held < 3 * windows, (held, windows)
+    assert held > windows // 2  # the windows did arrive (the measure sees them)
+
+
+# --------------------------------------------------------------------------- interceptors
+
+
+class StreamRecorder(ClientInterceptor):
+    def __init__(self, name: str, log: list[tuple[str, ...]]) -> None:
+        self.name = name
+        self.log = log
+
+    def before(self, call: ClientCall) -> None:
+        self.log.append((self.name, "before", call.method, str(call.stream)))
+        call.metadata[f"from-{self.name}"] = "1"
+        if call.method == "refused-here":
+            raise PermissionError("not from this client")
+
+    def after(self, call: ClientCall, reply: Reply) -> None:
+        trailers = ",".join(f"{k}={v!s}" for k, v in sorted(reply.metadata.items()))
+        self.log.append((self.name, "after", call.method, f"{reply.result}|{trailers}"))
+
+    def error(self, call: ClientCall, exc: BaseException) -> None:
+        self.log.append((self.name, "error", call.method, type(exc).__name__))
+
+
+class AsyncStreamRecorder(StreamRecorder):
+    async def before(self, call: ClientCall) -> None:  # type: ignore[override]
+        await asyncio.sleep(0)
+        super().before(call)
+
+    async def error(self, call: ClientCall, exc: BaseException) -> None:  # type: ignore[override]
+        await asyncio.sleep(0)
+        super().error(call, exc)
+
+
+def _expected(names: list[str]) -> list[tuple[str, ...]]:
+    """What the hooks log for the scenario both client tests run (before in list order, after
+    and error reversed; each once per stream)."""
+    rev = list(reversed(names))
+    out: list[tuple[str, ...]] = []
+    out += [(n, "before", "tagged", "True") for n in names]
+    out += [(n, "after", "tagged", "None|done=yes") for n in rev]
+    out += [(n, "before", "count", "True") for n in names]
+    out += [(n, "after", "count", "30|") for n in rev]
+    out += [(n, "before", "fails_after", "True") for n in names]
+    out += [(n, "error", "fails_after", "RemoteError") for n in rev]
+    out += [(n, "before", "forever", "True") for n in names]
+    out += [(n, "error", "forever", "CallError") for n in rev]  # the reader stopped it
+    out += [(n, "before", "refused-here", "True") for n in names[:1]]
+    out += [(n, "error", "refused-here", "PermissionError") for n in rev]
+    return out
+
+
+def test_client_interceptors_run_once_around_a_blocking_stream(served: Served) -> None:
+    log: list[tuple[str, ...]] = []
+    svc = served.service
+    with connect(
+        served.url("tcp"), timeout=timeout(20), interceptors=[StreamRecorder("a", log)]
+    ) as c:
+        assert list(c.stream("tagged", 2)) == ["0", "1"]
+        assert svc.seen_metadata == {"from-a": "1"}  # what the hook added was sent
+        assert list(c.stream("count", 3)) == [0, 1, 2]
+        with pytest.raises(RemoteError):
+            list(c.stream("fails_after", 1))
+        for _ in c.stream("forever", 0.001):
+            break
+        assert closed(svc)
+        with pytest.raises(PermissionError):
+            next(c.stream("refused-here"))
+    assert log == _expected(["a"])
+
+
+def test_client_interceptors_run_once_around_an_asyncio_stream(served: Served) -> None:
+    log: list[tuple[str, ...]] = []
+    svc = served.service
+
+    async def scenario() -> None:
+        async with AsyncClient(
+            served.url("tcp"),
+            timeout=timeout(20),
+            interceptors=[StreamRecorder("a", log), AsyncStreamRecorder("b", log)],
+        ) as c:
+            assert [i async for i in c.stream("tagged", 2)] == ["0", "1"]
+            assert svc.seen_metadata == {"from-a": "1", "from-b": "1"}
+            assert [i async for i in c.stream("count", 3)] == [0, 1, 2]
+            with pytest.raises(RemoteError):
+                [i async for i in c.stream("fails_after", 1)]
+            async with c.stream("forever", 0.001) as stream:
+                async for _ in stream:
+                    break
+            assert await asyncio.to_thread(closed, svc)
+            with pytest.raises(PermissionError):
+                await anext(aiter(c.stream("refused-here")))
+
+    asyncio.run(scenario())
+    assert log == _expected(["a", "b"])

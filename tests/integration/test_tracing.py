@@ -5,7 +5,7 @@ span (and of the caller's span before it), checked with the SDK's in-memory expo
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -53,6 +53,11 @@ class Svc(Service):
     @method
     async def fails(self) -> None:
         raise ValueError("boom")
+
+    @method
+    async def ticks(self, n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
 
     @method
     async def outer(self, url: str) -> Any:
@@ -160,3 +165,31 @@ async def test_failed_calls_have_error_spans_on_both_sides(
         assert span.status.status_code is StatusCode.ERROR
         assert span.attributes is not None
         assert span.attributes["rpc.sockstack.error_code"] == ErrorCode.UNEXPECTED_ERROR
+
+
+async def test_a_stream_is_one_span_on_each_side(
+    traced: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    """A streamed call is one CLIENT span (from the stream's start to its end, whatever the
+    number of items) and one SERVER span, its child, through the trace context the client's
+    interceptor put in the stream's metadata."""
+    provider, exporter = traced
+    server = await started(provider)
+    try:
+        async with AsyncClient(
+            str(server.endpoint("tcp")),
+            timeout=timeout(10),
+            interceptors=[ClientTracing(provider)],
+        ) as c:
+            assert [i async for i in c.stream("ticks", 500)] == list(range(500))
+    finally:
+        await server.shutdown()
+    spans = exporter.get_finished_spans()
+    (client,) = by_kind(spans, SpanKind.CLIENT)
+    (served,) = by_kind(spans, SpanKind.SERVER)
+    assert client.name == served.name == "ticks"
+    assert served.parent is not None and client.context is not None
+    assert served.parent.span_id == client.context.span_id
+    assert served.context is not None
+    assert served.context.trace_id == client.context.trace_id
+    assert client.status.status_code is not StatusCode.ERROR

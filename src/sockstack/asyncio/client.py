@@ -56,7 +56,13 @@ from sockstack.errors import (
     RemoteError,
     RemoteProtocolError,
 )
-from sockstack.interceptors import ClientCall, Hooks, merged, run_async
+from sockstack.interceptors import (
+    ClientCall,
+    Hooks,
+    StreamHooks,
+    merged,
+    run_async,
+)
 from sockstack.protocol.auth import (
     NO_EPOCH,
     AuthFailure,
@@ -1137,6 +1143,7 @@ class ResultStream:
         self._request = (method, args, kwargs, timeout, metadata)
         self._items: _Items | None = None
         self._ended = False
+        self._hooks: StreamHooks | None = None  # the client's interceptors, if any
         self.result: Any = None
         """The generator's return value, once the stream ended."""
         self.metadata: Mapping[str, str | bytes] = {}
@@ -1146,23 +1153,58 @@ class ResultStream:
         return self
 
     async def __anext__(self) -> Any:
+        if self._hooks is None:
+            return await self._next()
+        try:
+            return await self._next()
+        except StopAsyncIteration:
+            await self._hooks.end_async(Reply(self.result, self.metadata), None)
+            raise
+        except BaseException as exc:
+            await self._hooks.end_async(None, exc)
+            raise
+
+    async def _start(self) -> _Items:
+        method, args, kwargs, timeout, metadata = self._request
+        client = self._client
+        self._ended = True  # until the request is sent: a failed start is the stream's end
+        if client.hooks is not None:
+            ep = self._channel.ep
+            call = ClientCall(
+                method,
+                args,
+                kwargs,
+                merged(client.metadata, metadata),
+                timeout,
+                ep.scheme,
+                str(ep),
+                stream=True,
+            )
+            self._hooks = StreamHooks(client.hooks, call)
+            await self._hooks.start_async()
+            method, args, kwargs, timeout = call.method, call.args, call.kwargs, call.timeout
+            metadata = call.metadata
+        items = await self._channel.start_stream(
+            method, args, kwargs, timeout, client.codec, metadata
+        )
+        self._ended = False
+        return items
+
+    async def _next(self) -> Any:
         items = self._items
         if items is None:
             if self._ended:
                 raise StopAsyncIteration
-            method, args, kwargs, timeout, metadata = self._request
-            items = self._items = await self._channel.start_stream(
-                method, args, kwargs, timeout, self._client.codec, metadata
-            )
+            items = self._items = await self._start()
         queue = items.items
         while True:
+            if self._ended:  # ended, or closed by the reader (items still queued are dropped)
+                raise StopAsyncIteration
             if queue.items:
                 value, grant = queue.take()
                 if grant:
                     self._channel.grant(queue.request_id, grant)
                 return value
-            if self._ended:
-                raise StopAsyncIteration
             waiter = items.call.waiter
             if waiter.done():
                 self._finish(items, waiter)
@@ -1191,33 +1233,40 @@ class ResultStream:
 
     async def aclose(self) -> None:
         """Stop reading: CANCEL (the server closes the generator) unless the stream ended."""
-        self._release()
+        if self._release() and self._hooks is not None:
+            await self._hooks.end_async(None, self._hooks.stopped())
 
-    def _release(self) -> None:
+    def _release(self) -> bool:
+        """Stop the stream (CANCEL) if it has not ended; True when it was stopped here (the
+        interceptors' ``error`` hooks are then the caller's to run)."""
         items = self._items
         if self._ended:
-            return
+            return False
         self._ended = True
         if items is None:
-            return
+            return False
         items.give_up()
         waiter = items.call.waiter
         if waiter.done() and not waiter.cancelled():
             waiter.exception()  # retrieved: nobody reads this stream's end now
+        return True
 
     async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._release()
+        await self.aclose()
 
     def __del__(self) -> None:
         # ``break`` out of ``async for``: the iterator is dropped at once (CPython), and with
         # it the stream: CANCEL, so that the server stops.
         if not self._ended and self._items is not None:
             try:
-                if not self._channel.loop.is_closed():
-                    self._release()
+                loop = self._channel.loop
+                if not loop.is_closed() and self._release():
+                    hooks = self._hooks
+                    if hooks is not None:  # its error hooks, in order, on the loop
+                        loop.create_task(hooks.end_async(None, hooks.stopped()))
             except Exception:
                 pass
 
@@ -1422,7 +1471,8 @@ class AsyncClient(ClientSettings):
         client.stream("ticks", 10)`` (TCP and TLS; see :class:`ResultStream`). ``timeout``
         (default: the client's) bounds the whole stream; ``metadata`` is this call's, over the
         client's defaults. Over UDP raises :class:`LocalProtocolError` (code STREAM_MISMATCH)
-        and sends nothing. Interceptors do not run around streamed calls."""
+        and sends nothing. The client's interceptors run once around the whole stream
+        (:class:`sockstack.interceptors.StreamHooks`)."""
         channel = self._channel
         if channel is None:
             raise self._not_connected()

@@ -68,7 +68,7 @@ from sockstack.errors import (
     RemoteError,
     RemoteProtocolError,
 )
-from sockstack.interceptors import ClientCall, Hooks, merged, run_sync
+from sockstack.interceptors import ClientCall, Hooks, StreamHooks, merged, run_sync
 from sockstack.protocol.auth import (
     NO_EPOCH,
     REFUSAL_SIZE,
@@ -1778,18 +1778,20 @@ class ResultStream:
 
     def __init__(
         self,
+        client: Client,
         connection: StreamConnection,
-        codec: Codec,
         method: str,
-        args: Sequence[Any],
+        args: tuple[Any, ...],
         kwargs: dict[str, Any] | None,
         timeout: float,
         metadata: Mapping[str, str | bytes] | None,
     ) -> None:
+        self._client = client
         self._connection = connection
-        self._request = (method, args, kwargs, codec, timeout, metadata)
+        self._request = (method, args, kwargs, timeout, metadata)
         self._call: tuple[_Slot, ItemStream] | None = None
         self._ended = False
+        self._hooks: StreamHooks | None = None  # the client's interceptors, if any
         self.result: Any = None
         """The generator's return value, once the stream ended."""
         self.metadata: Mapping[str, str | bytes] = {}
@@ -1799,14 +1801,52 @@ class ResultStream:
         return self
 
     def __next__(self) -> Any:
+        hooks = self._hooks
+        if hooks is None and self._client.hooks is None:
+            return self._next()
+        try:
+            return self._next()
+        except StopIteration:
+            if self._hooks is not None:
+                self._hooks.end(Reply(self.result, self.metadata), None)
+            raise
+        except BaseException as exc:
+            if self._hooks is not None:
+                self._hooks.end(None, exc)
+            raise
+
+    def _start(self) -> tuple[_Slot, ItemStream]:
+        method, args, kwargs, timeout, metadata = self._request
+        client = self._client
+        self._ended = True  # until the request is sent: a failed start is the stream's end
+        if client.hooks is not None:
+            ep = self._connection.ep
+            call = ClientCall(
+                method,
+                args,
+                kwargs,
+                merged(client.metadata, metadata),
+                timeout,
+                ep.scheme,
+                str(ep),
+                stream=True,
+            )
+            self._hooks = StreamHooks(client.hooks, call)
+            self._hooks.start_sync()
+            method, args, kwargs, timeout = call.method, call.args, call.kwargs, call.timeout
+            metadata = call.metadata
+        started = self._connection.start_stream(
+            method, args, kwargs, client.codec, timeout, metadata
+        )
+        self._ended = False
+        return started
+
+    def _next(self) -> Any:
         call = self._call
         if call is None:
             if self._ended:
                 raise StopIteration
-            method, args, kwargs, codec, timeout, metadata = self._request
-            self._ended = True  # until it was sent
-            call = self._connection.start_stream(method, args, kwargs, codec, timeout, metadata)
-            self._call, self._ended = call, False
+            call = self._call = self._start()
         slot, items = call
         if self._ended:
             raise StopIteration
@@ -1826,10 +1866,11 @@ class ResultStream:
                     slot.method,
                 )
         except CallTimeout:
-            self._release()
-            raise CallTimeout(slot.method, slot.timeout) from None
-        except BaseException:
-            self._release()
+            timed_out = CallTimeout(slot.method, slot.timeout)
+            self._release(timed_out)
+            raise timed_out from None
+        except BaseException as exc:
+            self._release(exc)
             raise
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -1860,13 +1901,18 @@ class ResultStream:
         """Stop reading: CANCEL (the server closes the generator) unless the stream ended."""
         self._release()
 
-    def _release(self) -> None:
+    def _release(self, exc: BaseException | None = None) -> None:
+        """Stop the stream (CANCEL) if it has not ended; the interceptors' ``error`` hooks get
+        ``exc`` (what the reader's ``next()`` raises), else "stopped early"."""
         if self._ended:
             return
         self._ended = True
         call = self._call
         if call is not None:
             self._connection.end_stream(*call)
+            hooks = self._hooks
+            if hooks is not None:
+                hooks.end(None, exc or hooks.stopped())
 
     def __enter__(self) -> Self:
         return self
@@ -2070,7 +2116,8 @@ class Client(ClientSettings):
         client.stream("ticks", 10)`` (TCP and TLS; see :class:`ResultStream`). ``timeout``
         (default: the client's) bounds the whole stream; ``metadata`` is this call's, over the
         client's defaults. Over UDP raises :class:`LocalProtocolError` (code STREAM_MISMATCH)
-        and sends nothing. Interceptors do not run around streamed calls."""
+        and sends nothing. The client's interceptors run once around the whole stream
+        (:class:`sockstack.interceptors.StreamHooks`)."""
         conn = self.connection
         if not isinstance(conn, StreamConnection):
             raise LocalProtocolError(
@@ -2079,8 +2126,8 @@ class Client(ClientSettings):
                 ErrorCode.STREAM_MISMATCH,
             )
         return ResultStream(
+            self,
             conn,
-            self.codec,
             method,
             args,
             kwargs or None,
