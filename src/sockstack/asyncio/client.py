@@ -80,6 +80,7 @@ from sockstack.protocol.calls import (
     PendingCall,
     Reply,
     budget_ms,
+    deadline_passed,
     inherited_timeout,
     merge_metadata,
     outcome,
@@ -142,6 +143,7 @@ _MAX_HELD_BYTES = 1 << 20  # datagrams without answer held while a UDP client le
 _rng = random.Random()
 _CURRENT_CALL = CURRENT_CALL
 _BUDGET_CAP_S = MAX_BUDGET_MS / 1000  # budget_ms's bound, in seconds
+_DEADLINE_EXCEEDED = int(ErrorCode.DEADLINE_EXCEEDED)
 _monotonic = time.monotonic
 
 
@@ -161,6 +163,8 @@ def _settle(call: PendingCall[Waiter] | None, ev: Response | Error | Pong) -> No
             md = ev.metadata if type(ev) is Response else None
             call.waiter.set_result(value if md is None else Reply(value, md))
         else:
+            if type(ev) is Error and ev.code == _DEADLINE_EXCEEDED:  # as our own timer would
+                value = deadline_passed(call.method, call.timeout)
             call.waiter.set_exception(value)
 
 

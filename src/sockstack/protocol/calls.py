@@ -74,6 +74,7 @@ __all__ = [
     "Reply",
     "ServedCall",
     "budget_ms",
+    "deadline_passed",
     "inherited_timeout",
     "merge_metadata",
     "outcome",
@@ -201,6 +202,15 @@ def remote_error(ev: Error) -> BaseException:
     return typed_error(
         RemoteError(ev.type or ErrorCode.describe(ev.code), ev.message, ev.code, ev.metadata)
     )
+
+
+def deadline_passed(method: str, timeout: float) -> CallTimeout:
+    """What a call fails with when the server answered DEADLINE_EXCEEDED to the deadline it
+    carried: its timeout passed, as when the client's own clock says so first (the two end
+    within a millisecond or so of each other: the server counts the budget from the request's
+    arrival, rounded down to a millisecond), so the caller sees one error for both, in both
+    clients."""
+    return CallTimeout(method, timeout, "the server stopped it at its deadline: it did not finish")
 
 
 def outcome(ev: Answer) -> tuple[bool, Any]:

@@ -89,6 +89,7 @@ from sockstack.protocol.calls import (
     PendingCall,
     Reply,
     budget_ms,
+    deadline_passed,
     inherited_timeout,
     merge_metadata,
     outcome,
@@ -145,14 +146,6 @@ _OPEN = State.OPEN
 _CURRENT_CALL = CURRENT_CALL
 _DEADLINE_EXCEEDED = int(ErrorCode.DEADLINE_EXCEEDED)
 _FEATURE_DEADLINE = FEATURE_DEADLINE
-
-
-def _deadline_passed(method: str, timeout: float) -> CallTimeout:
-    """What a call fails with when the server answered DEADLINE_EXCEEDED to the deadline it
-    carried: its timeout passed, as when the client's own clock says so first (the two end
-    within a millisecond or so of each other: the server counts the budget from the request's
-    arrival, rounded down to a millisecond), so the caller sees one error for both."""
-    return CallTimeout(method, timeout, "the server stopped it at its deadline: it did not finish")
 
 
 def _answer(value: Any, with_metadata: bool) -> Any:
@@ -1032,7 +1025,7 @@ class StreamConnection(_Pipeline):
                 result = self._wait(slot, deadline, method, timeout)
             except RemoteError as exc:
                 if budget is not None and exc.code == _DEADLINE_EXCEEDED:
-                    raise _deadline_passed(method, timeout) from None
+                    raise deadline_passed(method, timeout) from None
                 raise
         finally:
             self._leave(slot)  # answered, failed or timed out: a late answer is nobody's
@@ -1657,7 +1650,7 @@ class DatagramConnection(_Pipeline):
                 result = self._wait(slot, deadline, method, timeout)
             except RemoteError as exc:
                 if send is None and exc.code == _DEADLINE_EXCEEDED:
-                    raise _deadline_passed(method, timeout) from None
+                    raise deadline_passed(method, timeout) from None
                 raise
         finally:
             self._leave(slot)
@@ -1866,7 +1859,9 @@ class ResultStream:
                     slot.method,
                 )
         except CallTimeout:
-            timed_out = CallTimeout(slot.method, slot.timeout)
+            if self._ended:  # the server's DEADLINE_EXCEEDED (_finish): as it is
+                raise
+            timed_out = CallTimeout(slot.method, slot.timeout)  # the whole stream's timeout
             self._release(timed_out)
             raise timed_out from None
         except BaseException as exc:
@@ -1894,7 +1889,7 @@ class ResultStream:
             # the server may go on: stop it there.
             conn._cancel(slot.request_id)
         if isinstance(exc, RemoteError) and exc.code == _DEADLINE_EXCEEDED:
-            raise _deadline_passed(slot.method, slot.timeout) from None
+            raise deadline_passed(slot.method, slot.timeout) from None
         raise exc
 
     def close(self) -> None:
