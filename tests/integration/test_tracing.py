@@ -4,6 +4,7 @@ span (and of the caller's span before it), checked with the SDK's in-memory expo
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -193,3 +194,44 @@ async def test_a_stream_is_one_span_on_each_side(
     assert served.context is not None
     assert served.context.trace_id == client.context.trace_id
     assert client.status.status_code is not StatusCode.ERROR
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "udp"])
+async def test_the_blocking_client_traces_calls_and_streams(
+    traced: tuple[TracerProvider, InMemorySpanExporter], scheme: str
+) -> None:
+    """The same CLIENT spans from the blocking client (its hooks are synchronous): a call, and
+    over TCP a stream (one span for the whole stream); the server spans are their children."""
+    from sockstack import connect
+
+    provider, exporter = traced
+    server = await started(provider)
+
+    def scenario() -> dict[str, Any]:
+        with connect(
+            str(server.endpoint(scheme)),
+            timeout=timeout(10),
+            interceptors=[ClientTracing(provider)],
+        ) as c:
+            seen = c.call("seen")
+            if scheme == "tcp":
+                assert list(c.stream("ticks", 300)) == list(range(300))
+            with pytest.raises(RemoteError):
+                c.call("fails")
+            return dict(seen)
+
+    try:
+        metadata = await asyncio.to_thread(scenario)
+    finally:
+        await server.shutdown()
+    spans = exporter.get_finished_spans()
+    clients = {s.name: s for s in by_kind(spans, SpanKind.CLIENT)}
+    served = {s.name: s for s in by_kind(spans, SpanKind.SERVER)}
+    names = {"seen", "fails"} | ({"ticks"} if scheme == "tcp" else set())
+    assert set(clients) == set(served) == names
+    assert metadata["traceparent"].split("-")[2] == f"{clients['seen'].context.span_id:016x}"
+    for name in names:
+        parent = served[name].parent
+        assert parent is not None and parent.span_id == clients[name].context.span_id
+    assert clients["fails"].status.status_code is StatusCode.ERROR
+    assert clients["seen"].status.status_code is not StatusCode.ERROR
