@@ -257,6 +257,28 @@ class StreamHooks:
         self.call = call
         self.ended = False
 
+    @classmethod
+    def around(
+        cls,
+        hooks: Hooks,
+        request: tuple[str, tuple[Any, ...], dict[str, Any] | None, float, Any],
+        defaults: Mapping[str, str | bytes] | None,
+        scheme: str,
+        peer: str,
+    ) -> StreamHooks:
+        """The hooks of a stream about to start: ``request`` is (method, args, kwargs,
+        timeout, metadata), ``defaults`` the client's metadata."""
+        method, args, kwargs, timeout, metadata = request
+        call = ClientCall(
+            method, args, kwargs, merged(defaults, metadata), timeout, scheme, peer, stream=True
+        )
+        return cls(hooks, call)
+
+    def request(self) -> tuple[str, tuple[Any, ...], dict[str, Any] | None, float, Any]:
+        """(method, args, kwargs, timeout, metadata) as the ``before`` hooks left them."""
+        c = self.call
+        return c.method, c.args, c.kwargs, c.timeout, c.metadata
+
     def start_sync(self) -> None:
         """The ``before`` hooks (synchronous: the blocking client); one that raises ends the
         call with ``error`` hooks, and its exception is raised."""

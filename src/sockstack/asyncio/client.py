@@ -1169,25 +1169,16 @@ class ResultStream:
             raise
 
     async def _start(self) -> _Items:
-        method, args, kwargs, timeout, metadata = self._request
+        request = self._request
         client = self._client
         self._ended = True  # until the request is sent: a failed start is the stream's end
         if client.hooks is not None:
             ep = self._channel.ep
-            call = ClientCall(
-                method,
-                args,
-                kwargs,
-                merged(client.metadata, metadata),
-                timeout,
-                ep.scheme,
-                str(ep),
-                stream=True,
-            )
-            self._hooks = StreamHooks(client.hooks, call)
-            await self._hooks.start_async()
-            method, args, kwargs, timeout = call.method, call.args, call.kwargs, call.timeout
-            metadata = call.metadata
+            hooks = StreamHooks.around(client.hooks, request, client.metadata, ep.scheme, str(ep))
+            self._hooks = hooks
+            await hooks.start_async()
+            request = hooks.request()
+        method, args, kwargs, timeout, metadata = request
         items = await self._channel.start_stream(
             method, args, kwargs, timeout, client.codec, metadata
         )

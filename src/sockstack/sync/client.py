@@ -1809,25 +1809,16 @@ class ResultStream:
             raise
 
     def _start(self) -> tuple[_Slot, ItemStream]:
-        method, args, kwargs, timeout, metadata = self._request
+        request = self._request
         client = self._client
         self._ended = True  # until the request is sent: a failed start is the stream's end
         if client.hooks is not None:
             ep = self._connection.ep
-            call = ClientCall(
-                method,
-                args,
-                kwargs,
-                merged(client.metadata, metadata),
-                timeout,
-                ep.scheme,
-                str(ep),
-                stream=True,
-            )
-            self._hooks = StreamHooks(client.hooks, call)
-            self._hooks.start_sync()
-            method, args, kwargs, timeout = call.method, call.args, call.kwargs, call.timeout
-            metadata = call.metadata
+            hooks = StreamHooks.around(client.hooks, request, client.metadata, ep.scheme, str(ep))
+            self._hooks = hooks
+            hooks.start_sync()
+            request = hooks.request()
+        method, args, kwargs, timeout, metadata = request
         started = self._connection.start_stream(
             method, args, kwargs, client.codec, timeout, metadata
         )
