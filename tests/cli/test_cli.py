@@ -153,3 +153,18 @@ def test_call_prints_a_streams_items_as_they_come(demo_server: tuple[str, str]) 
     finally:
         code = slow.stop(signal.SIGINT)
     assert code == 130, slow.stderr()
+
+
+def test_work_slice_flag() -> None:
+    """``--work-slice SECONDS`` (ServerLimits.work_slice) is accepted by serve, passed on to
+    its workers, and refused when not a positive number."""
+    from tests.cli.conftest import serving
+
+    for bad in ("0", "-1", "inf", "soon"):
+        out = run(["sockstack", "serve", "--tcp", "127.0.0.1:0", "--work-slice", bad])
+        assert out.returncode == 2, (bad, out.stderr)
+        assert "--work-slice" in out.stderr
+    for extra in ([], ["--workers", "2"]):
+        with serving("--work-slice", "0.001", *extra) as proc:
+            out = run(["sockstack", "call", proc.urls[0], "add", "2", "3"])
+            assert (out.returncode, out.stdout) == (0, "5\n"), out.stderr

@@ -39,6 +39,17 @@ _DEFAULT_LIMITS = ServerLimits()
 _log = logging.getLogger("sockstack.cli")
 
 
+def _positive_seconds(text: str) -> float:
+    """argparse type: a number of seconds above 0 (finite)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0 seconds")
+    return value
+
+
 def load_service(spec: str) -> object:
     """``module:Class`` (a module importable from the current directory) or
     ``path/to/file.py:Class`` (the file's directory is put first on ``sys.path``, as Python does
@@ -152,6 +163,7 @@ async def _serve(args: argparse.Namespace) -> int:
         max_partial_bytes=args.max_partial_bytes,
         max_datagram=args.max_datagram,
         drain_timeout=args.drain_timeout,
+        work_slice=args.work_slice,
     )
     metrics, metrics_at = _metrics(args)
     try:
@@ -254,6 +266,7 @@ def _serve_workers(args: argparse.Namespace) -> int:
         f"--max-connections-per-address={args.max_connections_per_address}",
         f"--max-handshakes-per-address={args.max_handshakes_per_address}",
         f"--max-partial-bytes={args.max_partial_bytes}",
+        f"--work-slice={args.work_slice}",
         f"--frame-timeout={args.frame_timeout}",
         f"--max-outbound={args.max_outbound}",
         f"--handshake-timeout={args.handshake_timeout}",
@@ -461,6 +474,15 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         default=_DEFAULT_LIMITS.max_partial_bytes,
         help="bytes held for unfinished frames over all connections; a connection that would "
         f"go beyond gets CLOSE BUSY (default {_DEFAULT_LIMITS.max_partial_bytes:,})",
+    )
+    common.add_argument(
+        "--work-slice",
+        type=_positive_seconds,
+        default=_DEFAULT_LIMITS.work_slice,
+        metavar="SECONDS",
+        help="work on one read's events before other connections get a turn (a burst of "
+        "publishes fanned out, a burst of pipelined calls); the rest waits a loop turn "
+        f"(default {_DEFAULT_LIMITS.work_slice:g})",
     )
     common.add_argument(
         "--frame-timeout",
