@@ -50,11 +50,14 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def load_service(spec: str) -> object:
+def load_service(spec: str, create: bool = True) -> object:
     """``module:Class`` (a module importable from the current directory) or
     ``path/to/file.py:Class`` (the file's directory is put first on ``sys.path``, as Python does
     for a script, so its own imports work) -> a service instance. ``Class`` is instantiated with
-    no arguments; a name that is not a class is served as it is (an instance).
+    no arguments; a name that is not a class is served as it is (an instance). ``create=False``
+    (``--workers``' supervisor, which serves nothing): the class is imported and its signature
+    checked, not instantiated (each worker creates its own: N instances, not N + 1; a service
+    whose ``__init__`` opens a database connection opens one per worker).
 
     Whatever keeps the service from loading (no such module or file, a syntax error, an
     exception while importing, a class whose ``__init__`` needs arguments) is a
@@ -115,6 +118,8 @@ def load_service(spec: str) -> object:
         ) from None
     except ValueError:
         pass  # no signature to check (a builtin): let the call say
+    if not create:
+        return obj
     try:
         return obj()
     except Exception as exc:
@@ -250,7 +255,8 @@ def _serve_workers(args: argparse.Namespace) -> int:
     from sockstack.host.workers import run_workers
 
     if args.service:
-        load_service(args.service)  # fail here, once, rather than in every worker
+        # Fail here, once, rather than in every worker; the workers create the service.
+        load_service(args.service, create=False)
     tcp, udp, tls = args.tcp or [], args.udp or [], args.tls or []
     if not tcp and not udp and not tls:
         tcp, udp = [f"127.0.0.1:{DEFAULT_TCP_PORT}"], [f"127.0.0.1:{DEFAULT_UDP_PORT}"]
