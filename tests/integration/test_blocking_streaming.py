@@ -61,6 +61,7 @@ class Blocking(Streams):
         self.seen_metadata: dict[str, Any] = {}
         self.gate = threading.Event()
         self.started = threading.Event()
+        self.finished = 0
 
     @method
     def tagged(self, n: int) -> Iterator[str]:
@@ -68,6 +69,36 @@ class Blocking(Streams):
         current_context().set_trailer("done", "yes")
         for i in range(n):
             yield f"{i}"
+
+    @method
+    def counted(self) -> Iterator[int]:
+        """Yields for ever; counts its ``finally`` runs (``finished``)."""
+        try:
+            yield from range(1 << 40)
+        finally:
+            with self.lock:
+                self.finished += 1
+            self.closed.set()
+
+    @method
+    def undecodable(self, n: int) -> Iterator[Any]:
+        """0, then an array too long for any client to decode (MAX_CONTAINER elements + 1),
+        then 2, 3... up to n: a client must stop at the bad one."""
+        from sockstack.protocol.codecs import MAX_CONTAINER
+
+        try:
+            yield 0
+            yield [0] * (MAX_CONTAINER + 1)
+            for i in range(2, n):
+                self._made()
+                yield i
+        finally:
+            self.closed.set()
+
+    @method
+    def named(self, n: int, timeout: float = 0, metadata: str = "") -> Iterator[Any]:
+        """Keyword arguments named like the client's own."""
+        yield from [n, timeout, metadata]
 
     @method
     async def agated(self) -> AsyncIterator[int]:
@@ -542,6 +573,10 @@ def _expected(names: list[str]) -> list[tuple[str, ...]]:
     out += [(n, "error", "forever", "CallError") for n in rev]  # the reader stopped it
     out += [(n, "before", "refused-here", "True") for n in names[:1]]
     out += [(n, "error", "refused-here", "PermissionError") for n in rev]
+    out += [(n, "before", "plain", "True") for n in names]  # no item at all
+    out += [(n, "after", "plain", "2|") for n in rev]
+    out += [(n, "before", "fails_after", "True") for n in names]  # fails before any item
+    out += [(n, "error", "fails_after", "RemoteError") for n in rev]
     return out
 
 
@@ -561,6 +596,9 @@ def test_client_interceptors_run_once_around_a_blocking_stream(served: Served) -
         assert closed(svc)
         with pytest.raises(PermissionError):
             next(c.stream("refused-here"))
+        assert list(c.stream("plain", 1)) == []
+        with pytest.raises(RemoteError):
+            next(c.stream("fails_after", 0))
     assert log == _expected(["a"])
 
 
@@ -585,6 +623,223 @@ def test_client_interceptors_run_once_around_an_asyncio_stream(served: Served) -
             assert await asyncio.to_thread(closed, svc)
             with pytest.raises(PermissionError):
                 await anext(aiter(c.stream("refused-here")))
+            assert [i async for i in c.stream("plain", 1)] == []
+            with pytest.raises(RemoteError):
+                await anext(aiter(c.stream("fails_after", 0)))
 
     asyncio.run(scenario())
     assert log == _expected(["a", "b"])
+
+
+# --------------------------------------------------------------------------- review findings
+
+
+def test_breaking_out_while_other_threads_call_still_cancels(served: Served) -> None:
+    """A stream dropped (``break``) while other threads keep the connection's lock busy is
+    still cancelled: at once when it can be, else by the next call that ends on the
+    connection. Every generator's ``finally`` runs; nothing is left queued."""
+    svc = served.service
+    rounds = 30
+    with connect(served.url("tcp"), timeout=timeout(30)) as c:
+        stop = threading.Event()
+
+        def calls() -> int:
+            n = 0
+            for _ in range(100_000):  # bounded; ends when the main thread is done
+                if stop.is_set():
+                    break
+                assert c.call("plain", 1) == 2
+                n += 1
+            return n
+
+        callers = [in_thread(calls) for _ in range(3)]
+        try:
+            for _ in range(rounds):
+                for item in c.stream("counted"):
+                    if item == 3:
+                        break
+        finally:
+            stop.set()
+            made = [result(*t) for t in callers]
+        assert all(n > 0 for n in made)
+        assert c.call("plain", 1) == 2  # (a call ending: runs any CANCEL left to send)
+        cond = threading.Condition()
+        with cond:
+            ok = cond.wait_for(lambda: svc.finished >= rounds, timeout(10))
+        assert ok, f"{svc.finished} of {rounds} generators closed"
+        assert c.connection.item_streams == {}
+        assert c.connection.abandoned == []
+
+
+@pytest.mark.parametrize("flavour", ["blocking", "asyncio"])
+def test_an_item_that_does_not_decode_stops_the_stream_there(served: Served, flavour: str) -> None:
+    """PROTOCOL.md §4.3: the call fails with DECODE_ERROR at the bad ITEM (the items before it
+    come first, none after it) and CANCEL stops the generator."""
+    svc = served.service
+    total = 1_000_000  # far beyond one window: without CANCEL it would wait at the window
+    if flavour == "blocking":
+        with connect(served.url("tcp"), timeout=timeout(20)) as c:
+            got = []
+            with pytest.raises(RemoteError) as info:
+                for item in c.stream("undecodable", total):
+                    got.append(item)
+            assert c.call("plain", 1) == 2
+    else:
+
+        async def scenario() -> tuple[list[Any], pytest.ExceptionInfo[RemoteError]]:
+            async with AsyncClient(served.url("tcp"), timeout=timeout(20)) as c:
+                got = []
+                with pytest.raises(RemoteError) as info:
+                    async for item in c.stream("undecodable", total):
+                        got.append(item)
+                assert await c.call("plain", 1) == 2
+                return got, info
+
+        got, info = asyncio.run(scenario())
+    assert got == [0]
+    assert info.value.code == ErrorCode.DECODE_ERROR
+    assert closed(served.service)
+    assert svc.produced < total // 2  # stopped by the CANCEL, not run to its end
+
+
+def test_close_from_another_thread_ends_a_waiting_reader(served: Served) -> None:
+    svc = served.service
+    with connect(served.url("tcp"), timeout=timeout(30)) as c:
+        stream = c.stream("agated")
+        assert next(stream) == 0
+
+        def read_on() -> list[int]:
+            return list(stream)  # waits for item 1, which comes only when the gate opens
+
+        reader = in_thread(read_on)
+        assert svc.started.wait(timeout(10))
+        wait_until_in(reader[0].ident or 0, "read_until")
+        stream.close()
+        assert result(*reader) == []  # ended at once, long before the 30 s timeout
+        assert closed(svc)
+
+
+def test_close_from_another_task_ends_a_waiting_reader(served: Served) -> None:
+    svc = served.service
+
+    async def scenario() -> list[int]:
+        async with AsyncClient(served.url("tcp"), timeout=timeout(30)) as c:
+            stream = c.stream("agated")
+            assert await anext(aiter(stream)) == 0
+            reader = asyncio.ensure_future(_drain(stream))
+            assert await asyncio.to_thread(svc.started.wait, timeout(10))
+            await stream.aclose()
+            return await asyncio.wait_for(reader, timeout(10))
+
+    assert asyncio.run(scenario()) == []
+    assert closed(svc)
+
+
+async def _drain(stream: Any) -> list[Any]:
+    return [item async for item in stream]
+
+
+@pytest.mark.parametrize("flavour", ["blocking", "asyncio"])
+def test_a_slow_reader_gets_the_timeout_not_a_window_of_late_items(
+    served: Served, flavour: str
+) -> None:
+    """The timeout bounds the stream for the reader too: once it has passed, the next read of
+    a stream still in flight raises CallTimeout (what was queued is dropped) and CANCEL stops
+    the generator; the reader is not handed a window's worth of items first."""
+    svc = served.service
+    pause = threading.Event()  # never set: waited on to be a slow reader, past the deadline
+    if flavour == "blocking":
+        with connect(served.url("tcp"), timeout=timeout(20)) as c:
+            stream = c.stream("forever", 0, timeout=0.5)
+            assert next(stream) == 0
+            pause.wait(0.8)  # the reader is slow: the deadline passes meanwhile
+            with pytest.raises(CallTimeout):
+                next(stream)
+    else:
+
+        async def scenario() -> None:
+            async with AsyncClient(served.url("tcp"), timeout=timeout(20)) as c:
+                stream = c.stream("forever", 0, timeout=0.5)
+                it = aiter(stream)
+                assert await anext(it) == 0
+                await asyncio.to_thread(pause.wait, 0.8)
+                with pytest.raises(CallTimeout):
+                    await anext(it)
+
+        asyncio.run(scenario())
+    assert closed(svc)
+
+
+def test_keyword_arguments_named_like_the_clients_own(served: Served) -> None:
+    """stream_request passes the method's keyword arguments as a mapping: they may be named
+    ``timeout`` or ``metadata``; ``sockstack call --kw timeout=...`` uses it."""
+    kwargs = {"timeout": 1.5, "metadata": "m"}
+    with connect(served.url("tcp"), timeout=timeout(10)) as c:
+        assert list(c.stream_request("named", [7], kwargs)) == [7, 1.5, "m"]
+
+    async def scenario() -> list[Any]:
+        async with AsyncClient(served.url("tcp"), timeout=timeout(10)) as c:
+            return [i async for i in c.stream_request("named", (7,), kwargs)]
+
+    assert asyncio.run(scenario()) == [7, 1.5, "m"]
+
+
+def test_items_queued_before_the_connection_drops_reach_a_following_reader() -> None:
+    """Another thread reads the socket (its call waits) when the server sends a stream's
+    items and then drops the connection: the stream's reader, waiting as a follower, still
+    gets every item queued for it, then ConnectionLost (the asyncio client does the same).
+    The server here is built from the sans-I/O core: it never answers "hold"; for a stream it
+    sends three ITEMs and closes."""
+    from sockstack.protocol.connection import Connection
+    from sockstack.protocol.events import Request, Role
+
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        core = Connection(Role.SERVER)
+        try:
+            while data := await reader.read(65536):
+                for ev in core.receive_data(data):
+                    if type(ev) is Request and ev.stream:
+                        for i in range(3):
+                            core.send_message(core.item_frame(ev.request_id, i))
+                        writer.write(core.data_to_send())
+                        await writer.drain()
+                        return  # closes the connection (finally)
+                writer.write(core.data_to_send())
+                await writer.drain()
+        finally:
+            writer.close()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        server = loop.run_until_complete(asyncio.start_server(serve, "127.0.0.1", 0))
+        box["port"] = server.sockets[0].getsockname()[1]
+        ready.set()
+        loop.run_forever()
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(timeout(10))
+    try:
+        with connect(f"tcp://127.0.0.1:{box['port']}", timeout=timeout(20)) as c:
+            holder = in_thread(lambda: c.call("hold"))
+            for _ in range(10_000):  # until the holder reads the socket for everyone
+                if c.connection._leader is not None:
+                    break
+                threading.Event().wait(0.001)
+            got: list[int] = []
+            with pytest.raises(ConnectionLost):
+                for item in c.stream("items"):
+                    got.append(item)
+            assert got == [0, 1, 2]
+            with pytest.raises(ConnectionLost):
+                result(*holder)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout(10))

@@ -53,7 +53,6 @@ from sockstack.errors import (
     ConnectionLost,
     ErrorCode,
     LocalProtocolError,
-    RemoteError,
     RemoteProtocolError,
 )
 from sockstack.interceptors import (
@@ -144,6 +143,7 @@ _rng = random.Random()
 _CURRENT_CALL = CURRENT_CALL
 _BUDGET_CAP_S = MAX_BUDGET_MS / 1000  # budget_ms's bound, in seconds
 _DEADLINE_EXCEEDED = int(ErrorCode.DEADLINE_EXCEEDED)
+_DECODE = int(ErrorCode.DECODE_ERROR)
 _monotonic = time.monotonic
 
 
@@ -196,6 +196,11 @@ class _TCPStream(StreamProtocol):
             elif type(ev) is Error:
                 call = take(ev)
                 if call is not None:
+                    if ev.code == _DECODE and ev.request_id in self.channel.item_streams:
+                        # Not the server's answer: an ITEM this client cannot decode. Stop
+                        # the stream there (its reader gets the items before it, then this).
+                        del self.channel.item_streams[ev.request_id]
+                        self.channel._cancel(ev.request_id)
                     _settle(call, ev)
                 elif ev.request_id == 0:
                     log.warning("server %s reported: %s %s", self.peer, ev.type, ev.message)
@@ -1118,6 +1123,10 @@ class _Items:
         if channel.calls.pending.get(rid) is self.call:
             channel.calls.forget(rid)
             channel._cancel(rid)
+        self.wake_up()  # a reader awaiting the next item sees the end
+
+
+_background: set[asyncio.Task[None]] = set()  # hooks of dropped streams, running
 
 
 class ResultStream:
@@ -1157,15 +1166,17 @@ class ResultStream:
         return self
 
     async def __anext__(self) -> Any:
-        if self._hooks is None:
+        if self._hooks is None and self._client.hooks is None:
             return await self._next()
         try:
             return await self._next()
         except StopAsyncIteration:
-            await self._hooks.end_async(Reply(self.result, self.metadata), None)
+            if self._hooks is not None:
+                await self._hooks.end_async(Reply(self.result, self.metadata), None)
             raise
         except BaseException as exc:
-            await self._hooks.end_async(None, exc)
+            if self._hooks is not None:
+                await self._hooks.end_async(None, exc)
             raise
 
     async def _start(self) -> _Items:
@@ -1196,6 +1207,16 @@ class ResultStream:
             if self._ended:  # ended, or closed by the reader (items still queued are dropped)
                 raise StopAsyncIteration
             if queue.items:
+                call = items.call
+                if call.deadline <= self._channel.loop.time():
+                    # The timeout bounds the stream for a slow reader too: what is queued of a
+                    # stream that did not end in time is dropped (one that did is read out).
+                    waiter = call.waiter
+                    if not waiter.done():
+                        items.give_up()  # CANCEL
+                        waiter.set_exception(call.expired())
+                    if waiter.cancelled() or waiter.exception() is not None:
+                        self._finish(items, waiter)
                 value, grant = queue.take()
                 if grant:
                     self._channel.grant(queue.request_id, grant)
@@ -1215,10 +1236,7 @@ class ResultStream:
         items.give_up()  # no longer in flight: sends nothing (the call is answered)
         exc = waiter.exception()
         if exc is not None:
-            if isinstance(exc, RemoteError) and exc.code == ErrorCode.DECODE_ERROR:
-                # An ITEM this client could not decode (the server may go on): stop it there.
-                self._channel._cancel(items.call.request_id)
-            raise exc
+            raise exc  # (an ITEM that did not decode: CANCEL was sent then, handle_events)
         result = waiter.result()
         if type(result) is Reply:
             self.result, self.metadata = result.result, result.metadata
@@ -1254,16 +1272,25 @@ class ResultStream:
 
     def __del__(self) -> None:
         # ``break`` out of ``async for``: the iterator is dropped at once (CPython), and with
-        # it the stream: CANCEL, so that the server stops.
+        # it the stream: CANCEL, so that the server stops. Not here (a garbage collection may
+        # run this in any thread, inside anything): on the loop, as its next callback.
         if not self._ended and self._items is not None:
             try:
                 loop = self._channel.loop
-                if not loop.is_closed() and self._release():
-                    hooks = self._hooks
-                    if hooks is not None:  # its error hooks, in order, on the loop
-                        loop.create_task(hooks.end_async(None, hooks.stopped()))
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(self._dropped)
             except Exception:
                 pass
+
+    def _dropped(self) -> None:
+        """On the loop, for a stream its reader dropped: CANCEL, and the interceptors' error
+        hooks (a task of their own)."""
+        if self._release() and self._hooks is not None:
+            task = self._channel.loop.create_task(
+                self._hooks.end_async(None, self._hooks.stopped())
+            )
+            _background.add(task)
+            task.add_done_callback(_background.discard)
 
 
 class AsyncClient(ClientSettings):
@@ -1468,6 +1495,21 @@ class AsyncClient(ClientSettings):
         client's defaults. Over UDP raises :class:`LocalProtocolError` (code STREAM_MISMATCH)
         and sends nothing. The client's interceptors run once around the whole stream
         (:class:`sockstack.interceptors.StreamHooks`)."""
+        return self.stream_request(method, args, kwargs, timeout=timeout, metadata=metadata)
+
+    def stream_request(
+        self,
+        method: str,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+    ) -> ResultStream:
+        """Like :meth:`stream`, with the arguments as a sequence and a mapping (as
+        :meth:`request` is to :meth:`call`): the method's own keyword arguments may then be
+        named ``timeout`` or ``metadata``."""
+        args = args if type(args) is tuple else tuple(args)
         channel = self._channel
         if channel is None:
             raise self._not_connected()

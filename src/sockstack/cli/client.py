@@ -47,7 +47,9 @@ def run_call(args: argparse.Namespace) -> int:
                 else:
                     print(format_result(result))
                     return EXIT_OK
-            stream = client.stream(args.method, *values, timeout=left(deadline, args), **kwargs)
+            stream = client.stream_request(
+                args.method, values, kwargs, timeout=left(deadline, args)
+            )
             with stream:
                 for item in stream:  # each as it comes, one a line
                     print(format_result(item), flush=True)

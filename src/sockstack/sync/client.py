@@ -145,6 +145,7 @@ _rng = random.Random()
 _OPEN = State.OPEN
 _CURRENT_CALL = CURRENT_CALL
 _DEADLINE_EXCEEDED = int(ErrorCode.DEADLINE_EXCEEDED)
+_DECODE = int(ErrorCode.DECODE_ERROR)
 _FEATURE_DEADLINE = FEATURE_DEADLINE
 
 
@@ -210,6 +211,7 @@ class _Pipeline:
         self._watchers: set[_Slot] = set()  # read_until's slots (settled by a condition)
         # Streamed calls in flight (TCP/TLS), by request id: their ITEMs are queued there.
         self.item_streams: dict[int, ItemStream] = {}
+        self.abandoned: list[Any] = []  # ResultStreams dropped where __del__ could not stop them
 
     def _register(self, slot: _Slot, method: str, timeout: float, now: float, rid: int = 0) -> int:
         """Record ``slot``'s call (the caller holds ``_mutex``) with a fresh id unless ``rid``
@@ -224,13 +226,20 @@ class _Pipeline:
     def _settle(self, events: Sequence[Any]) -> None:
         """Hand each answer in ``events`` to the call it answers (by request id alone: an answer
         to a call that has stopped waiting is nobody's), and wake the threads whose condition
-        now holds."""
+        now holds. A stream that failed here (an ITEM beyond the window or one that does not
+        decode) is cancelled at once, by this thread, once the mutex is released."""
+        failed: list[int] | None = None
         with self._mutex:
             take = self.calls.take
             for ev in events:
                 if type(ev) is Response or type(ev) is Error or type(ev) is Pong:
                     pending = take(ev)
                     if pending is not None:
+                        if self.item_streams:  # no ITEM follows an answer: stop queueing
+                            stream = self.item_streams.pop(ev.request_id, None)
+                            if stream is not None and type(ev) is Error and ev.code == _DECODE:
+                                # Not the server's answer: an ITEM this client cannot decode.
+                                failed = (failed or []) + [ev.request_id]
                         slot: _Slot = pending  # type: ignore[assignment]  # (no cast call)
                         slot.ok, slot.value = outcome(ev)
                         if type(ev) is Response and ev.metadata is not None:
@@ -239,25 +248,35 @@ class _Pipeline:
                         if slot.event is not None:
                             slot.event.set()
                 elif type(ev) is Item:
-                    self._queue_item(ev)
+                    if self._queue_item(ev):
+                        failed = (failed or []) + [ev.request_id]
             if self._watchers:
                 self._wake_watchers()
+        if failed:
+            for rid in failed:
+                self._cancel(rid)
 
-    def _queue_item(self, ev: Item) -> None:
-        """Queue a streamed call's ITEM (under ``_mutex``). One beyond the flow-control window
-        ends the call here with :class:`RemoteProtocolError` (its reader sends CANCEL); an
-        ITEM of a stream given up on is dropped (its CANCEL is on its way)."""
+    def _cancel(self, request_id: int) -> None:
+        """Tell the server a call is given up on (TCP/TLS: CANCEL; nothing over UDP)."""
+
+    def _queue_item(self, ev: Item) -> bool:
+        """Queue a streamed call's ITEM (under ``_mutex``); True when it broke the stream: one
+        beyond the flow-control window ends the call here with :class:`RemoteProtocolError`
+        (the caller then sends CANCEL). An ITEM of a stream given up on, or answered, is
+        dropped."""
         rid = ev.request_id
         items = self.item_streams.get(rid)
         if items is None:
-            return
+            return False
         problem = items.feed(ev)
-        if problem is not None:
-            del self.item_streams[rid]
-            pending = self.calls.pending.pop(rid, None)
-            if pending is not None:
-                slot: _Slot = pending  # type: ignore[assignment]
-                slot.ok, slot.value, slot.done = False, RemoteProtocolError(problem), True
+        if problem is None:
+            return False
+        del self.item_streams[rid]
+        pending = self.calls.pending.pop(rid, None)
+        if pending is not None:
+            slot: _Slot = pending  # type: ignore[assignment]
+            slot.ok, slot.value, slot.done = False, RemoteProtocolError(problem), True
+        return True
 
     def _wake_watchers(self) -> None:
         for slot in self._watchers:  # under _mutex
@@ -327,8 +346,9 @@ class _Pipeline:
         gave_up = False
         with self._mutex:
             slot.left = True
-            if slot.request_id and not slot.done:
-                gave_up = self.calls.forget(slot.request_id) is not None
+            rid = slot.request_id
+            if rid and not slot.done and self.calls.pending.get(rid) is slot:  # (not another
+                gave_up = self.calls.forget(rid) is not None  # table's call of the same id)
             if slot.until is not None:
                 self._watchers.discard(slot)
             waiting = self._waiting
@@ -1024,7 +1044,7 @@ class StreamConnection(_Pipeline):
             try:
                 result = self._wait(slot, deadline, method, timeout)
             except RemoteError as exc:
-                if budget is not None and exc.code == _DEADLINE_EXCEEDED:
+                if exc.code == _DEADLINE_EXCEEDED:  # as our own timer (both clients)
                     raise deadline_passed(method, timeout) from None
                 raise
         finally:
@@ -1037,10 +1057,18 @@ class StreamConnection(_Pipeline):
         """As :meth:`_Pipeline._leave`; a REQUEST given up on (timed out, interrupted) is
         cancelled on the server when it announced CANCEL (PROTOCOL.md §4): it stops the
         work nobody waits for."""
-        if super()._leave(slot) and slot.track:
+        gave_up = super()._leave(slot)
+        if gave_up and slot.track:
             self._cancel(slot.request_id)
-            return True
-        return False
+        abandoned = self.abandoned
+        while abandoned:
+            try:
+                abandoned.pop()._release()
+            except IndexError:
+                break
+            except Exception:
+                pass
+        return gave_up and slot.track
 
     def _cancel(self, request_id: int) -> None:
         """Send CANCEL for ``request_id`` (only to a server that announced it; nothing when
@@ -1837,18 +1865,31 @@ class ResultStream:
         conn = self._connection
         try:
             for _ in range(1 << 62):  # (bounded: each turn waits for an item or the end)
+                if self._ended:  # closed meanwhile (by another thread)
+                    raise StopIteration
+                done = slot.done  # read first: every item before the answer is queued by then
                 if items.items:
+                    if not (done and slot.ok) and time.monotonic() >= slot.deadline:
+                        # The timeout bounds the stream for a slow reader too: what is queued
+                        # of a stream that did not end in time is dropped.
+                        if done:
+                            return self._finish(slot, items)
+                        raise CallTimeout(slot.method, slot.timeout)
                     value, grant = conn.take_item(items)
                     if grant:
                         conn.grant(items.request_id, grant)
                     return value
-                if slot.done:
+                if done:
                     return self._finish(slot, items)
-                conn.read_until(
-                    lambda: bool(items.items) or slot.done,
-                    slot.deadline - time.monotonic(),
-                    slot.method,
-                )
+                try:
+                    conn.read_until(
+                        lambda: bool(items.items) or slot.done or self._ended,
+                        slot.deadline - time.monotonic(),
+                        slot.method,
+                    )
+                except Exception:
+                    if not slot.done:  # the stream's own end (items queued first) wins
+                        raise
         except CallTimeout:
             if self._ended:  # the server's DEADLINE_EXCEEDED (_finish): as it is
                 raise
@@ -1872,13 +1913,8 @@ class ResultStream:
             else:
                 self.result = value
             raise StopIteration
-        exc = slot.value
-        if isinstance(exc, RemoteProtocolError) or (
-            isinstance(exc, RemoteError) and exc.code == ErrorCode.DECODE_ERROR
-        ):
-            # Ended here (beyond the window, or an ITEM this client could not decode), while
-            # the server may go on: stop it there.
-            conn._cancel(slot.request_id)
+        exc = slot.value  # (ended here, beyond the window or an ITEM that did not decode: the
+        # reading thread sent CANCEL then, _settle)
         if isinstance(exc, RemoteError) and exc.code == _DEADLINE_EXCEEDED:
             raise deadline_passed(slot.method, slot.timeout) from None
         raise exc
@@ -1895,7 +1931,10 @@ class ResultStream:
         self._ended = True
         call = self._call
         if call is not None:
-            self._connection.end_stream(*call)
+            conn = self._connection
+            conn.end_stream(*call)
+            with conn._mutex:  # a reader waiting in another thread sees the end
+                conn._wake_watchers()
             hooks = self._hooks
             if hooks is not None:
                 hooks.end(None, exc or hooks.stopped())
@@ -1913,10 +1952,15 @@ class ResultStream:
         # ends that generator instead.
         if self._ended or self._call is None:
             return
-        mutex = self._connection._mutex
+        conn = self._connection
+        mutex = conn._mutex
         if not mutex.acquire(blocking=False):
+            conn.abandoned.append(self)  # the next call to end on the connection stops it
             return
         mutex.release()
+        if conn._io._is_owned():  # type: ignore[attr-defined]  # inside a send or read
+            conn.abandoned.append(self)
+            return
         try:
             self._release()
         except Exception:
@@ -2104,6 +2148,21 @@ class Client(ClientSettings):
         client's defaults. Over UDP raises :class:`LocalProtocolError` (code STREAM_MISMATCH)
         and sends nothing. The client's interceptors run once around the whole stream
         (:class:`sockstack.interceptors.StreamHooks`)."""
+        return self.stream_request(method, args, kwargs, timeout=timeout, metadata=metadata)
+
+    def stream_request(
+        self,
+        method: str,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+    ) -> ResultStream:
+        """Like :meth:`stream`, with the arguments as a sequence and a mapping (as
+        :meth:`request` is to :meth:`call`): the method's own keyword arguments may then be
+        named ``timeout`` or ``metadata``."""
+        args = args if type(args) is tuple else tuple(args)
         conn = self.connection
         if not isinstance(conn, StreamConnection):
             raise LocalProtocolError(
