@@ -125,6 +125,10 @@ class Uploads(Service):
         return n
 
     @method
+    def count_bytes(self, plus: int, items: Iterator[bytes]) -> int:
+        return sum(map(len, items)) + plus
+
+    @method
     def first_of(self, items: Iterator[Any]) -> Any:
         return next(items)
 
