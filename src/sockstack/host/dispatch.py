@@ -1056,9 +1056,9 @@ class Dispatcher:
                 if code:  # stopped by its deadline or a CANCEL: the host answers that
                     name = ErrorCode(code).name
                     message = (
-                        "the call was stopped"
-                        if code == ErrorCode.CANCELLED
-                        else ("the call's deadline passed; it did not finish")
+                        "the call's deadline passed; it did not finish"
+                        if code == ErrorCode.DEADLINE_EXCEEDED
+                        else "the call was stopped"  # CANCEL, or an upload's broken item
                     )
                     for hook in hooks.error:
                         await await_quietly(
