@@ -27,6 +27,7 @@ from sockstack import (
     ClientInterceptor,
     ErrorCode,
     LocalProtocolError,
+    Refused,
     RemoteError,
     Server,
     ServerInterceptor,
@@ -555,6 +556,26 @@ async def test_interceptors_see_an_upload_once() -> None:
     result = f"t1:{sum(range(50_000))}"
     assert seen.log == [("before", "tenant_total", True), ("after", "tenant_total", result)]
     assert mine.log == [("before", "tenant_total", True), ("after", "tenant_total", result)]
+
+
+class NoUploads(ServerInterceptor):
+    def before(self, ctx: CallContext) -> None:
+        if ctx.upload is not None:
+            raise Refused("no uploads here")
+
+
+async def test_an_upload_an_interceptor_refuses_leaves_nothing_queued() -> None:
+    async with Server(Uploads(), tcp=[f"{HOST}:0"], interceptors=[NoUploads()]) as server:
+        async with AsyncClient(tcp(server)) as client:
+            items = Counted(20 * WINDOW_ITEMS)
+            with pytest.raises(RemoteError) as err:
+                await client.upload("total", items, 1)
+            assert err.value.code == ErrorCode.REFUSED
+            assert items.taken <= WINDOW_ITEMS + 2
+            await client.ping()  # whatever it sent before the answer has arrived
+            (conn,) = server._streams
+            assert conn._item_ins == {}  # its queue closed with the call: items dropped
+            assert await client.call("plain", 1) == 2
 
 
 async def test_an_upload_over_tls(tmp_path: Path) -> None:

@@ -342,6 +342,15 @@ class _ItemOut:
             self.push(frame)
 
 
+async def _closing(pending: Awaitable[Outcome], inbox: _ItemIn) -> Outcome:
+    """An upload's outcome; its queue closed once the call ends, however it ends (an
+    interceptor's refusal, a stop, the method's end): later items are dropped."""
+    try:
+        return await pending
+    finally:
+        inbox.close()
+
+
 class _ItemIn:
     """One upload's items on a connection (the host's ``ItemSource``, PROTOCOL.md §4.4): the
     client's ITEMs queued in order, their body bytes counted against the window
@@ -795,7 +804,8 @@ class _HostStream(StreamProtocol):
             _reset_call(token)
         if isinstance(outcome, tuple):  # answered at once (refused): no items wanted
             inbox.close()
-        return outcome
+            return outcome
+        return _closing(outcome, inbox)
 
     def _upload_broken(self, inbox: _ItemIn) -> None:
         """The client sent an ITEM beyond its upload's window: stop the call, drop its items."""
