@@ -51,7 +51,7 @@ from sockstack.protocol.messages import (
 )
 from sockstack.transport.tls import client_context, server_context
 from tests.conftest import timeout
-from tests.integration.test_deadlines_metadata import RawStream, raw_call
+from tests.integration.test_deadlines_metadata import RawDatagrams, RawStream, raw_call
 
 HOST = "127.0.0.1"
 ITEM = b"x" * 98  # msgpack bin 8: a 100-byte ITEM body
@@ -395,6 +395,15 @@ async def test_udp_refuses_uploads(served: tuple[Server, Uploads]) -> None:
         assert err.value.code == ErrorCode.STREAM_MISMATCH
     answer = await raw_call(server, "udp", encode_request(5, "total", [1], upload=True))
     assert type(answer) is Error and answer.code == ErrorCode.STREAM_MISMATCH
+    dg = await RawDatagrams.open(server)
+    try:
+        dg.send(encode_item(5, 1))  # an ITEM datagram: dropped unanswered, as a CREDIT is
+        dg.send(encode_item_end(5))
+        dg.send(encode_ping(6))
+        answer = await dg.answer()
+        assert type(answer) is Pong and answer.request_id == 6
+    finally:
+        dg.close()
 
 
 async def test_mismatches_are_refused_before_the_method_runs(
