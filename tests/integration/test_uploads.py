@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,12 @@ class Uploads(Service):
         return sum(map(len, items)) + plus
 
     @method
+    def latest(self, items: Iterator[date]) -> list[Any]:
+        """Each item converted to a date (JSON carries ISO text)."""
+        got = list(items)
+        return [max(got).isoformat(), all(type(d) is date for d in got)]
+
+    @method
     def first_of(self, items: Iterator[Any]) -> Any:
         return next(items)
 
@@ -223,6 +230,21 @@ async def test_items_of_every_type_in_order_with_keyword_arguments(
     async with AsyncClient(tcp(server)) as client:
         assert await client.upload("collect", items, tag="t") == ["t", len(items), "tcp"]
     assert svc.took == items
+
+
+@pytest.mark.parametrize("codec", ["msgpack", "json"])
+async def test_items_are_converted_to_the_declared_type(
+    served: tuple[Server, Uploads], codec: str
+) -> None:
+    server, _ = served
+    days = [date(2026, 11, d) for d in (3, 30, 12)]
+    async with AsyncClient(tcp(server), codec=codec) as client:
+        assert await client.upload("latest", days) == ["2026-11-30", True]
+        assert await client.upload("latest", ["2026-11-30", "2026-01-01"]) == ["2026-11-30", True]
+        with pytest.raises(RemoteError) as err:
+            await client.upload("latest", [days[0], "not a date"])
+        assert err.value.code == ErrorCode.BAD_ARGUMENTS
+        assert "parameter 'items', item 1: expects date" in str(err.value)
 
 
 async def test_a_slow_consumer_holds_the_client_at_the_window(
