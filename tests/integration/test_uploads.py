@@ -12,7 +12,9 @@ blocking client's twins are in test_blocking_uploads.py.
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from datetime import date
 from pathlib import Path
@@ -45,6 +47,7 @@ from sockstack.protocol.messages import (
     FEATURE_UPLOAD,
     FEATURES,
     STREAM_WINDOW,
+    encode_cancel,
     encode_item,
     encode_item_end,
     encode_ping,
@@ -524,6 +527,14 @@ async def test_stray_items_are_dropped_and_a_bad_item_ends_its_upload(
         assert type(answer) is Error and answer.code == ErrorCode.DECODE_ERROR
         assert answer.request_id == 9
         assert await waited(svc.stopped)
+        # One in a codec the server does not know ends it with UNSUPPORTED_CODEC.
+        svc.first.clear()
+        raw.send(encode_request(12, "aslow", [], upload=True), encode_item(12, ITEM))
+        assert await waited(svc.first)
+        raw.send(encode_frame(MessageType.ITEM, 12, b"", b"x", 0, 9))
+        answer = await raw.answer()
+        assert type(answer) is Error and answer.code == ErrorCode.UNSUPPORTED_CODEC
+        assert (answer.request_id, answer.type) == (12, "UNSUPPORTED_CODEC")
         raw.send(encode_request(10, "total", [2], upload=True))
         raw.send(encode_item(10, 5), encode_item(10, 6), encode_item_end(10))
         answer = await raw.answer()
@@ -543,6 +554,31 @@ async def test_stray_items_are_dropped_and_a_bad_item_ends_its_upload(
         credits = [e for e in seen if type(e) is Credit]
         assert credits and all(c.request_id == 11 for c in credits)
         assert STREAM_WINDOW // 2 <= sum(c.granted for c in credits) <= STREAM_WINDOW
+    finally:
+        await raw.close()
+
+
+async def test_an_upload_cancelled_before_it_ran_does_not_run(
+    served: tuple[Server, Uploads],
+) -> None:
+    server, svc = served
+    raw = await RawStream.open(server)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no coroutine left unawaited
+            raw.send(
+                encode_request(3, "aslow", [], upload=True),
+                encode_item(3, ITEM),
+                encode_cancel(3),
+                encode_ping(4),
+            )
+            answers = {type(a): a for a in [await raw.answer(), await raw.answer()]}
+            assert answers[Error].code == ErrorCode.CANCELLED  # (the PONG may come first)
+            assert answers[Pong].request_id == 4
+            gc.collect()
+        assert not svc.first.is_set()  # it never ran
+        (conn,) = server._streams
+        assert conn._item_ins == {}
     finally:
         await raw.close()
 

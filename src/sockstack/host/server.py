@@ -133,13 +133,13 @@ _STOPPED: dict[int, str] = {
 
 def _aborted(code: int) -> Outcome:
     """The answer of a call stopped by its deadline, by its client's CANCEL, or (an upload) by
-    an item that broke the window or did not decode."""
+    an item that broke the window or could not be read (DECODE_ERROR, UNSUPPORTED_CODEC)."""
     if code == ErrorCode.CANCELLED:
         return False, (code, "CANCELLED", "the call was cancelled by the client")
-    message = _STOPPED.get(code)
-    if message is not None:
-        return False, (code, ErrorCode(code).name, message)
-    return False, (code, "DEADLINE_EXCEEDED", "the call's deadline passed; it did not finish")
+    if code == ErrorCode.DEADLINE_EXCEEDED:
+        return False, (code, "DEADLINE_EXCEEDED", "the call's deadline passed; it did not finish")
+    message = _STOPPED.get(code, "an item of the upload could not be read; the call was stopped")
+    return False, (code, ErrorCode.describe(code).split(" (")[0], message)
 
 
 def _context(req: Request, transport: str, peer: Any) -> CallContext | None:
@@ -340,15 +340,6 @@ class _ItemOut:
             self._scheduled = False
         for frame in frames:
             self.push(frame)
-
-
-async def _closing(pending: Awaitable[Outcome], inbox: _ItemIn) -> Outcome:
-    """An upload's outcome; its queue closed once the call ends, however it ends (an
-    interceptor's refusal, a stop, the method's end): later items are dropped."""
-    try:
-        return await pending
-    finally:
-        inbox.close()
 
 
 class _ItemIn:
@@ -804,8 +795,7 @@ class _HostStream(StreamProtocol):
             _reset_call(token)
         if isinstance(outcome, tuple):  # answered at once (refused): no items wanted
             inbox.close()
-            return outcome
-        return _closing(outcome, inbox)
+        return outcome  # (its queue is closed when the call ends: _finish)
 
     def _upload_broken(self, inbox: _ItemIn) -> None:
         """The client sent an ITEM beyond its upload's window: stop the call, drop its items."""
@@ -967,6 +957,9 @@ class _HostStream(StreamProtocol):
                 del self._running[req.request_id]
             self.in_flight -= 1
             self.server._request_done()
+            if req.upload and run.ctx.upload is not None:
+                # However it ended (an interceptor's refusal too): later items are dropped.
+                run.ctx.upload.close()
         self._answer(req, outcome, run.ctx)
         self.flush()
         if self._read_paused and self.in_flight < self.server.limits.max_in_flight // 2:
