@@ -1673,7 +1673,9 @@ class AsyncClient(ClientSettings):
         """Call a method that takes an item stream (a parameter annotated ``Iterator[T]`` or
         ``AsyncIterator[T]``) with ``items`` (an iterable or async iterable) as that stream,
         and ``args``/``kwargs`` as its other arguments: ``await client.upload("total", rows,
-        2)`` (TCP and TLS, PROTOCOL.md §4.4). The items go as the server takes them (its
+        2)`` (TCP and TLS, PROTOCOL.md §4.4). A plain iterable is iterated on the event loop
+        (keep each step quick: a list, a range, a generator of data at hand); one that waits
+        should be an async iterable. The items go as the server takes them (its
         flow-control window bounds what is in flight); the result comes back once the method
         returns, which may be before every item was sent (sending then stops and an iterator
         left unfinished is closed). ``timeout`` (default: the client's) bounds the whole call,
