@@ -284,6 +284,16 @@ def test_interceptors_see_an_upload_once(served: Served) -> None:
     assert seen.log == [("before", "total", True), ("after", "total", total)]
 
 
+def test_a_typed_proxy_uploads_the_item_stream_argument(served: Served) -> None:
+    with connect(served.url("tcp"), timeout=timeout(10)) as c:
+        calc = c.proxy(Uploads)
+        assert calc.total(2, iter(range(10))) == 90
+        assert calc.collect(iter("ab"), tag="t") == ["t", 2, "tcp"]
+        with pytest.raises(RemoteError) as err:  # untyped: it cannot know, a plain call
+            c.proxy().total(2, [1])
+        assert err.value.code == ErrorCode.STREAM_MISMATCH
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_threads_share_a_client_with_uploads_and_calls_at_once(
     served: Served, ca: trustme.CA, scheme: str

@@ -15,10 +15,10 @@ import asyncio
 import gc
 import threading
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import trustme
@@ -623,6 +623,31 @@ async def test_interceptors_see_an_upload_once() -> None:
     result = f"t1:{sum(range(50_000))}"
     assert seen.log == [("before", "tenant_total", True), ("after", "tenant_total", result)]
     assert mine.log == [("before", "tenant_total", True), ("after", "tenant_total", result)]
+
+
+class SinkAPI(Protocol):
+    """What a caller of Uploads sees (the asyncio client's typed proxy: async methods)."""
+
+    async def total(self, scale: int, items: Iterable[int]) -> int: ...
+
+    async def latest(self, items: AsyncIterable[date]) -> list[Any]: ...
+
+
+async def test_a_typed_proxy_uploads_the_item_stream_argument(
+    served: tuple[Server, Uploads],
+) -> None:
+    server, _ = served
+    async with AsyncClient(tcp(server)) as client:
+        api = client.proxy(SinkAPI)
+        assert await api.total(2, range(10)) == 90  # by position
+        assert await api.total(items=[1, 2], scale=3) == 9  # by name
+
+        async def days() -> AsyncIterator[date]:
+            yield date(2026, 1, 2)
+
+        assert await api.latest(days()) == ["2026-01-02", True]
+        with pytest.raises(TypeError, match="needs its item stream 'items'"):
+            await api.total(2)  # type: ignore[call-arg]
 
 
 class NoUploads(ServerInterceptor):
