@@ -614,6 +614,7 @@ class StreamChannel:
         is_async = isinstance(items, AsyncIterable)
         source = aiter(items) if is_async else iter(items)  # type: ignore[arg-type]
         finished = False
+        sent = 0
         try:
             while not waiter.done():
                 try:
@@ -629,6 +630,9 @@ class StreamChannel:
                 core.send_message(frame)
                 count.sent(frame)
                 self._flush_soon(stream)
+                sent += 1
+                if not sent & 255:  # a window of small items is many frames: let the loop
+                    await asyncio.sleep(0)  # write them, and read an answer that came first
             if finished and not waiter.done() and stream is self.stream and stream.can_send():
                 core.send_message(encode_item_end(rid, codec))
                 self._flush_soon(stream)

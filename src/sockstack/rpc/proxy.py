@@ -34,7 +34,8 @@ them in the caller's code, the server when they arrive (``BAD_ARGUMENTS``).
 A method of the class that takes an item stream (a parameter annotated ``Iterator[T]``,
 ``AsyncIterator[T]`` or the Iterable forms, PROTOCOL.md §4.4) is called with the client's
 ``upload()``: ``calc.total(2, iter(rows))`` sends the stream argument's items (given by position
-or by name) and the other arguments with the call.
+or by name) and the other arguments with the call (``timeout=`` and ``metadata=`` there are
+``upload()``'s own).
 
 Only the class's methods are methods of the proxy: a service's ``@method``s, under their wire
 names; a Protocol's functions, each under its own name or the one ``@method(name="...")`` on it
