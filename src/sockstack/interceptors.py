@@ -48,7 +48,8 @@ the server's trailers); ``error(call, exc)`` the exception the call raises (``Re
 order; an exception they raise is logged and ignored. :func:`run_async` and :func:`run_sync` are
 the whole protocol, shared by the client flavours (the blocking client takes synchronous hooks
 only). A streamed call (``client.stream(...)``) passes the hooks once: ``before`` when it
-starts, ``after`` or ``error`` when it ends (:class:`StreamHooks`).
+starts, ``after`` or ``error`` when it ends (:class:`StreamHooks`); an upload
+(``client.upload(...)``) passes them once too, as a call (``call.upload`` is True).
 """
 
 from __future__ import annotations
@@ -132,6 +133,9 @@ class ClientCall:
     """The interceptors' per-call state (key it by the interceptor's name)."""
     stream: bool = False
     """True for a streamed call (``client.stream(...)``): ``after`` gets the stream's end."""
+    upload: bool = False
+    """True for an upload (``client.upload(...)``): its items pass no hook; ``args`` are the
+    call's other arguments."""
 
 
 class ClientInterceptor:

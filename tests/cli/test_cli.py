@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import Proc, free_port, run
+from tests.cli.conftest import Proc, _env, free_port, run, serving
+from tests.conftest import timeout
 
 
 @pytest.mark.parametrize(
@@ -168,3 +170,47 @@ def test_work_slice_flag() -> None:
         with serving("--work-slice", "0.001", *extra) as proc:
             out = run(["sockstack", "call", proc.urls[0], "add", "2", "3"])
             assert (out.returncode, out.stdout) == (0, "5\n"), out.stderr
+
+
+SINK = '''\
+from collections.abc import Iterator
+
+from sockstack import Service, method
+
+
+class Sink(Service):
+    @method
+    def total(self, scale: int, items: Iterator[int]) -> int:
+        """Sum of the items, scaled."""
+        return scale * sum(items)
+'''
+
+
+def test_call_uploads_a_files_lines_as_an_item_stream(tmp_path: Path) -> None:
+    """``--items-from FILE`` (or ``-``: standard input): each line an item, parsed as an ARG
+    is; a bad item is the server's BAD_ARGUMENTS; a file that cannot be read sends nothing."""
+    (tmp_path / "sink.py").write_text(SINK)
+    items = tmp_path / "items.txt"
+    items.write_text("1\n2\n\n3\n")
+    with serving(f"{tmp_path / 'sink.py'}:Sink") as proc:
+        tcp, udp = proc.urls
+        out = run(["sockstack", "call", tcp, "total", "2", "--items-from", str(items)])
+        assert (out.returncode, out.stdout, out.stderr) == (0, "12\n", "")
+        many = subprocess.run(
+            ["sockstack", "call", tcp, "total", "1", "--items-from", "-"],
+            input="".join(f"{i}\n" for i in range(100_000)),  # several windows, from a pipe
+            capture_output=True,
+            text=True,
+            timeout=timeout(30),
+            env=_env(),
+        )
+        assert (many.returncode, many.stdout) == (0, f"{sum(range(100_000))}\n")
+        items.write_text("1\nx\n")
+        out = run(["sockstack", "call", tcp, "total", "2", "--items-from", str(items)])
+        assert out.returncode == 1 and "parameter 'items', item 1" in out.stderr
+        out = run(["sockstack", "call", tcp, "total", "2", "--items-from", "/nonexistent"])
+        assert out.returncode == 2 and "--items-from /nonexistent" in out.stderr
+        out = run(["sockstack", "call", udp, "total", "2", "--items-from", str(items)])
+        assert out.returncode == 3 and "uploads need TCP or TLS" in out.stderr  # refused here
+        out = run(["sockstack", "call", tcp, "total", "2"])  # it takes an item stream
+        assert out.returncode == 1 and "upload()" in out.stderr

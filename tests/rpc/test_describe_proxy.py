@@ -112,6 +112,7 @@ def _check_shop(d: dict[str, Any]) -> None:
         "default": None,
         "annotation": "int",
         "schema": {"type": "integer"},
+        "stream": False,
     }
     assert add["result"] == {"annotation": "int", "schema": {"type": "integer"}}
     assert buy["signature"] == (

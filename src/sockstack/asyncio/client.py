@@ -39,7 +39,15 @@ import ssl
 import struct
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from typing import Any, Literal, Self, cast, overload
 
 from sockstack.asyncio.datagram import DatagramEndpoint
@@ -76,6 +84,7 @@ from sockstack.protocol.calls import (
     Calls,
     Failover,
     ItemStream,
+    ItemUpload,
     PendingCall,
     Reply,
     budget_ms,
@@ -89,6 +98,7 @@ from sockstack.protocol.connection import State
 from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, RetryPolicy
 from sockstack.protocol.events import (
     ConnectionTerminated,
+    Credit,
     Error,
     Event,
     HandshakeComplete,
@@ -105,7 +115,9 @@ from sockstack.protocol.messages import (
     FEATURE_DEADLINE,
     FEATURE_METADATA,
     FEATURE_STREAM,
+    FEATURE_UPLOAD,
     MAX_BUDGET_MS,
+    encode_item_end,
 )
 from sockstack.transport.settings import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -206,6 +218,10 @@ class _TCPStream(StreamProtocol):
                     log.warning("server %s reported: %s %s", self.peer, ev.type, ev.message)
             elif type(ev) is Item:
                 self.channel._on_item(ev)
+            elif type(ev) is Credit:
+                up = self.channel.uploads.get(ev.request_id)
+                if up is not None:  # else: not an upload in flight (ended, or never): ignored
+                    up.credit(ev.granted)
             elif isinstance(ev, PatternMessage):
                 route = self.channel.routes.get(type(ev))
                 if route is not None:
@@ -264,6 +280,7 @@ class StreamChannel:
         self._flush_scheduled = False
         self._timer = CoreTimer(self.loop, self._on_timer)  # the earliest call deadline
         self.item_streams: dict[int, _Items] = {}  # streamed calls in flight, by request id
+        self.uploads: dict[int, _Uploading] = {}  # uploads in flight, by request id (CREDIT)
 
     @property
     def ep(self) -> Endpoint:
@@ -513,6 +530,130 @@ class StreamChannel:
         if when is None or call.deadline < when:
             self._timer.set(call.deadline)
         return items
+
+    async def upload(
+        self,
+        method: str,
+        items: Iterable[Any] | AsyncIterable[Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+        timeout: float,
+        codec: Codec,
+        metadata: Mapping[str, str | bytes] | None,
+    ) -> Reply:
+        """An UPLOAD call (PROTOCOL.md §4.4): the REQUEST, then ``items`` as ITEMs under the
+        window (waiting for CREDIT), then the END; its result with the server's trailers.
+        Stops sending when the answer comes first; CANCEL when the caller gives up."""
+        loop = self.loop
+        now = loop.time()
+        if _CURRENT_CALL.get() is not None:
+            timeout = inherited_timeout(timeout, _monotonic())
+        deadline = now + timeout
+        stream = self.stream
+        if stream is None or not stream.can_send():
+            stream = await self._wait_connected(method, timeout, deadline)
+        core = stream.core
+        assert core is not None
+        features = core.peer_features
+        if not features & FEATURE_UPLOAD:
+            raise LocalProtocolError(
+                f"upload({method!r}): the server does not announce uploads (an older server); "
+                "nothing was sent",
+                ErrorCode.STREAM_MISMATCH,
+            )
+        md = None
+        defaults = self.client.metadata
+        if (metadata or defaults) and features & FEATURE_METADATA:
+            md = merge_metadata(defaults, metadata)
+        rid = self.calls.new_id()
+        core.send_request(
+            rid,
+            method,
+            args,
+            kwargs,
+            codec,
+            budget_ms=budget_ms(deadline - loop.time()) if features & FEATURE_DEADLINE else None,
+            metadata=md,
+            upload=True,
+        )
+        call = self.calls.start(method, timeout, now, loop.create_future(), rid)
+        up = self.uploads[rid] = _Uploading(call, ItemUpload(rid, method))
+        call.waiter.add_done_callback(up.wake_up)
+        self._flush_soon(stream)
+        when = self._timer.when
+        if when is None or call.deadline < when:
+            self._timer.set(call.deadline)
+        try:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._send_items(stream, up, items, codec)
+            except TimeoutError:  # the items' iterator was still waiting at the deadline
+                if not call.waiter.done():
+                    raise call.expired() from None
+            result = await call.waiter
+        finally:
+            if self.uploads.get(rid) is up:
+                del self.uploads[rid]
+            if self.calls.pending.get(rid) is call:  # given up on here: tell the server
+                self.calls.forget(rid)
+                self._cancel(rid)
+        if type(result) is Reply:
+            return result
+        return Reply(result, {})
+
+    async def _send_items(
+        self,
+        stream: _TCPStream,
+        up: _Uploading,
+        items: Iterable[Any] | AsyncIterable[Any],
+        codec: Codec,
+    ) -> None:
+        """Send the items while the call waits for its answer, each once the window allows,
+        then the END. An iterator stopped before its end (the answer came first) is closed."""
+        waiter = up.call.waiter
+        count = up.count
+        rid = count.request_id
+        core = stream.core
+        assert core is not None
+        source: Any
+        is_async = isinstance(items, AsyncIterable)
+        source = aiter(items) if is_async else iter(items)  # type: ignore[arg-type]
+        finished = False
+        sent = 0
+        try:
+            while not waiter.done():
+                try:
+                    item = await anext(source) if is_async else next(source)
+                except (StopAsyncIteration, StopIteration):
+                    finished = True
+                    break
+                while not count.may_send() and not waiter.done():
+                    await up.wait(self.loop)  # a CREDIT, the answer, or the connection's end
+                if waiter.done() or stream is not self.stream or not stream.can_send():
+                    break  # answered (early, or failed): nothing more to send
+                frame = core.item_frame(rid, item, codec)  # CodecError, LocalProtocolError
+                core.send_message(frame)
+                count.sent(frame)
+                self._flush_soon(stream)
+                sent += 1
+                if not sent & 255:  # a window of small items is many frames: let the loop
+                    await asyncio.sleep(0)  # write them, and read an answer that came first
+            if finished and not waiter.done() and stream is self.stream and stream.can_send():
+                core.send_message(encode_item_end(rid, codec))
+                self._flush_soon(stream)
+        finally:
+            if not finished:
+                close = getattr(source, "aclose" if is_async else "close", None)
+                if close is not None:
+                    with contextlib.suppress(Exception):
+                        r = close()
+                        if is_async:
+                            await r
+
+    def _flush_soon(self, stream: _TCPStream) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush, stream)
 
     def _on_item(self, ev: Item) -> None:
         items = self.item_streams.get(ev.request_id)
@@ -1088,6 +1229,34 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class _Uploading:
+    """One upload of a :class:`StreamChannel`: its call, its window count, and the future its
+    sender waits on for room (woken by a CREDIT, the call's answer or the connection's end)."""
+
+    __slots__ = ("call", "count", "wake")
+
+    def __init__(self, call: PendingCall[Waiter], count: ItemUpload) -> None:
+        self.call = call
+        self.count = count
+        self.wake: asyncio.Future[None] | None = None
+
+    def wake_up(self, _: object = None) -> None:
+        wake = self.wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    def credit(self, granted: int) -> None:
+        self.count.credit(granted)
+        self.wake_up()
+
+    async def wait(self, loop: asyncio.AbstractEventLoop) -> None:
+        wake = self.wake = loop.create_future()
+        try:
+            await wake
+        finally:
+            self.wake = None
+
+
 class _Items:
     """One streamed call of a :class:`StreamChannel`: its queued items (:class:`ItemStream`),
     its call (deadline and answer, in the channel's :class:`Calls`), and the future its reader
@@ -1528,6 +1697,58 @@ class AsyncClient(ClientSettings):
             self.timeout if timeout is None else timeout,
             metadata,
         )
+
+    async def upload(
+        self,
+        method: str,
+        items: Iterable[Any] | AsyncIterable[Any],
+        *args: Any,
+        timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Call a method that takes an item stream (a parameter annotated ``Iterator[T]`` or
+        ``AsyncIterator[T]``) with ``items`` (an iterable or async iterable) as that stream,
+        and ``args``/``kwargs`` as its other arguments: ``await client.upload("total", rows,
+        2)`` (TCP and TLS, PROTOCOL.md §4.4). A plain iterable is iterated on the event loop
+        (keep each step quick: a list, a range, a generator of data at hand); one that waits
+        should be an async iterable. The items go as the server takes them (its
+        flow-control window bounds what is in flight); the result comes back once the method
+        returns, which may be before every item was sent (sending then stops and an iterator
+        left unfinished is closed). ``timeout`` (default: the client's) bounds the whole call,
+        the items' iteration included; a cancelled call sends CANCEL. Over UDP, or to a server
+        that does not announce uploads, raises :class:`LocalProtocolError` (STREAM_MISMATCH)
+        and sends nothing. The client's interceptors run once around it (``call.upload``)."""
+        channel = self._channel
+        if channel is None:
+            raise self._not_connected()
+        if not isinstance(channel, StreamChannel):
+            raise LocalProtocolError(
+                f"upload({method!r}): uploads need TCP or TLS (this client is {self.endpoint}); "
+                "nothing was sent",
+                ErrorCode.STREAM_MISMATCH,
+            )
+        t = self.timeout if timeout is None else timeout
+        codec = self.codec
+        if self.hooks is None:
+            reply = await channel.upload(method, items, args, kwargs or None, t, codec, metadata)
+            return reply.result
+        ep = channel.ep
+        call = ClientCall(
+            method,
+            args,
+            kwargs or None,
+            merged(self.metadata, metadata),
+            t,
+            ep.scheme,
+            str(ep),
+            upload=True,
+        )
+
+        def send(c: ClientCall) -> Awaitable[Reply]:
+            return channel.upload(c.method, items, c.args, c.kwargs, c.timeout, codec, c.metadata)
+
+        return (await run_async(self.hooks, call, send)).result
 
     def stream_channel(self, what: str) -> StreamChannel:
         """The TCP/TLS channel, for patterns that need a connection (ConnectError if none)."""

@@ -7,6 +7,8 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from typing import IO, Any
 
 from sockstack.cli.common import (
     EXIT_OK,
@@ -30,11 +32,26 @@ def run_call(args: argparse.Namespace) -> int:
             raise UsageError(f"--kw {item!r}: expected KEY=VALUE")
         kwargs[key] = parse_value(value)
     values = [parse_value(a) for a in args.args]
+    source = _open_items(args)  # before connecting: a file that cannot be read sends nothing
     deadline = time.monotonic() + args.timeout  # --timeout bounds the command: connect + call
     with connect(
         args.url, timeout=args.timeout, codec=args.codec, **client_options(args)
     ) as client:
         try:
+            if source is not None:
+                try:
+                    result = client.upload(
+                        args.method,
+                        read_items(source),
+                        *values,
+                        timeout=left(deadline, args),
+                        **kwargs,
+                    )
+                finally:
+                    if source is not sys.stdin:
+                        source.close()
+                print(format_result(result))
+                return EXIT_OK
             if not args.stream:
                 try:
                     result = client.request(
@@ -58,6 +75,31 @@ def run_call(args: argparse.Namespace) -> int:
         except CallTimeout:  # say the command's --timeout, not what was left of it
             raise CallTimeout(args.method, args.timeout) from None
     return EXIT_OK
+
+
+def _open_items(args: argparse.Namespace) -> IO[str] | None:
+    """``--items-from``'s file (``-``: standard input), open; None without the option."""
+    path = args.items_from
+    if path is None:
+        return None
+    if args.stream:
+        raise UsageError("--items-from uploads, --stream streams: a call does one or the other")
+    if path == "-":
+        return sys.stdin
+    try:
+        return open(path, encoding="utf-8")  # closed after the call
+    except OSError as exc:
+        raise UsageError(f"--items-from {path}: {exc.strerror or exc}") from None
+
+
+def read_items(lines: IO[str]) -> Iterator[Any]:
+    """The items of an upload, one a line, each parsed as an ARG is (JSON when it parses, else
+    the text); blank lines are skipped. Read as the upload sends them (a file of any size, or a
+    pipe that is still being written)."""
+    for line in lines:
+        text = line.rstrip("\r\n")
+        if text.strip():
+            yield parse_value(text)
 
 
 def left(deadline: float, args: argparse.Namespace) -> float:
@@ -109,7 +151,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         description="Call METHOD on the server at URL. Each ARG is parsed as JSON when it parses "
         '(3, true, [1,2], "text"), else taken as a string. A method that streams (a generator) '
         "prints its items as they come, one a line (TCP and TLS; a return value other than "
-        "None goes to stderr as 'result: ...'); Ctrl-C stops it on the server too.",
+        "None goes to stderr as 'result: ...'); Ctrl-C stops it on the server too. A method that "
+        "takes an item stream gets FILE's lines with --items-from FILE.",
     )
     add_client_arguments(c)
     c.add_argument("method")
@@ -128,6 +171,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         action="store_true",
         help="call METHOD as a stream at once (without: a plain call first, which a generator "
         "method refuses before it runs, then the stream)",
+    )
+    c.add_argument(
+        "--items-from",
+        metavar="FILE",
+        help="upload: FILE's lines (one value a line, parsed as ARG is; blank lines skipped; "
+        "'-': standard input) are the item stream of METHOD, which takes one (TCP and TLS)",
     )
     c.add_argument(
         "--codec",

@@ -57,6 +57,9 @@ def format_description(d: dict[str, Any], url: str) -> str:
     lines.append("")
     for m in methods:
         streams = "  (stream: sockstack call prints its items)" if m.get("stream") else ""
+        uploads = [p["name"] for p in m.get("params", ()) if p.get("stream")]
+        if uploads:
+            streams += f"  (upload: {uploads[0]} is an item stream, client.upload())"
         lines.append(f"  {m['name']}{m['signature']}{streams}")
         first = _first_line(m.get("doc", ""))
         if first:

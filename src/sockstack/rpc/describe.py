@@ -178,7 +178,11 @@ class Description:
         ordered = sorted(handlers.items())
         for _, handler in ordered:
             sig = handler.signature
-            annotations.extend(p.annotation for p in sig.parameters.values())
+            up = handler.upload
+            annotations.extend(
+                up.annotation if up is not None and p.name == up.name else p.annotation
+                for p in sig.parameters.values()
+            )
             if handler.streaming:  # the result (the generator's return value), then an item
                 each, returned = _stream_parts(sig.return_annotation)
                 annotations += [returned, each]
@@ -200,6 +204,8 @@ class Description:
                         "default": None if p.default is p.empty else repr(p.default),
                         "annotation": annotation_text(p.annotation),
                         "schema": next(it),
+                        # The item stream of an upload (§4.4): its schema is each item's.
+                        "stream": handler.upload is not None and p.name == handler.upload.name,
                     }
                 )
             returned = sig.return_annotation

@@ -55,7 +55,7 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, Self, cast, overload
 
 from sockstack.errors import (
@@ -86,6 +86,7 @@ from sockstack.protocol.calls import (
     Calls,
     Failover,
     ItemStream,
+    ItemUpload,
     PendingCall,
     Reply,
     budget_ms,
@@ -101,6 +102,7 @@ from sockstack.protocol.connection import Connection, State
 from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, RetryPolicy
 from sockstack.protocol.events import (
     ConnectionTerminated,
+    Credit,
     Error,
     Event,
     Item,
@@ -114,7 +116,9 @@ from sockstack.protocol.frames import DEFAULT_MAX_FRAME, HEADER_SIZE, MessageTyp
 from sockstack.protocol.messages import (
     FEATURE_DEADLINE,
     FEATURE_STREAM,
+    FEATURE_UPLOAD,
     MIN_MAX_FRAME,
+    encode_item_end,
     encode_ping,
 )
 from sockstack.transport.settings import (
@@ -212,6 +216,8 @@ class _Pipeline:
         # Streamed calls in flight (TCP/TLS), by request id: their ITEMs are queued there.
         self.item_streams: dict[int, ItemStream] = {}
         self.abandoned: list[Any] = []  # ResultStreams dropped where __del__ could not stop them
+        # Uploads in flight (TCP/TLS), by request id: the server's CREDITs are counted there.
+        self.uploads: dict[int, ItemUpload] = {}
 
     def _register(self, slot: _Slot, method: str, timeout: float, now: float, rid: int = 0) -> int:
         """Record ``slot``'s call (the caller holds ``_mutex``) with a fresh id unless ``rid``
@@ -250,6 +256,10 @@ class _Pipeline:
                 elif type(ev) is Item:
                     if self._queue_item(ev):
                         failed = (failed or []) + [ev.request_id]
+                elif type(ev) is Credit:
+                    up = self.uploads.get(ev.request_id)
+                    if up is not None:  # else: not an upload in flight (ended, or never)
+                        up.credit(ev.granted)
             if self._watchers:
                 self._wake_watchers()
         if failed:
@@ -534,6 +544,7 @@ class StreamConnection(_Pipeline):
             self.sock, self.core, self._poller, self.live = None, None, None, False
             self._lead_poller = None
             self.item_streams.clear()  # their readers hold them: items queued stay readable
+            self.uploads.clear()
             slots = [cast(_Slot, p) for p in self.calls.drain()]
             self._fail(slots + list(self._watchers), error or _lost(self.ep, "connection lost"))
         if sock is not None:
@@ -1133,6 +1144,122 @@ class StreamConnection(_Pipeline):
             slot.track = True  # sent: given up on, it is cancelled
             self._send(core.data_to_send(), method, sock)
         return slot, items
+
+    def upload(
+        self,
+        method: str,
+        items: Iterable[Any],
+        args: Sequence[Any],
+        kwargs: dict[str, Any] | None,
+        codec: Codec,
+        timeout: float,
+        metadata: Mapping[str, str | bytes] | None,
+    ) -> Any:
+        """An UPLOAD call (PROTOCOL.md §4.4): the REQUEST, then ``items`` as ITEMs under the
+        window (waiting for CREDIT with :meth:`read_until`: whichever thread reads may settle
+        it), then the END; the result (a :class:`Reply` when the RESPONSE had trailers). Stops
+        sending when the answer comes first; a call given up on (timed out, interrupted) sends
+        CANCEL. :class:`LocalProtocolError` (STREAM_MISMATCH), nothing sent, for a server that
+        does not announce uploads."""
+        now = time.monotonic()
+        if _CURRENT_CALL.get() is not None:  # made from inside a served call: its deadline
+            timeout = inherited_timeout(timeout, now)
+        deadline = now + timeout
+        slot = _Slot()
+        self._begin(slot, deadline, method, timeout)
+        with self._io:
+            sock, core = self.sock, self.core
+            if sock is None or core is None or not self.live or core.state is not _OPEN:
+                sock, core = self._relive(deadline, method, timeout)
+            features = core.peer_features
+            if not features & FEATURE_UPLOAD:
+                raise LocalProtocolError(
+                    f"upload({method!r}): the server does not announce uploads (an older "
+                    "server); nothing was sent",
+                    ErrorCode.STREAM_MISMATCH,
+                )
+            _, budget, md = plan_call(timeout, features, self.client.metadata, metadata, now)
+            if budget is not None:
+                budget = budget_ms(deadline - time.monotonic())
+            with self._mutex:
+                rid = self._register(slot, method, timeout, now)
+                up = self.uploads[rid] = ItemUpload(rid, method)
+            try:
+                core.send_request(
+                    rid, method, args, kwargs, codec, budget_ms=budget, metadata=md, upload=True
+                )
+            except BaseException:  # not encodable: nothing was sent
+                with self._mutex:
+                    self.uploads.pop(rid, None)
+                self._leave(slot)
+                raise
+            slot.track = True  # sent: given up on, it is cancelled
+            self._send(core.data_to_send(), method, sock)
+        try:
+            self._send_items(slot, up, items, codec, sock, core, deadline)
+            try:
+                return self._wait(slot, deadline, method, timeout)
+            except RemoteError as exc:
+                if exc.code == _DEADLINE_EXCEEDED:  # as our own timer (both clients)
+                    raise deadline_passed(method, timeout) from None
+                raise
+        except CallTimeout:
+            raise CallTimeout(method, timeout) from None
+        finally:
+            with self._mutex:
+                if self.uploads.get(rid) is up:
+                    del self.uploads[rid]
+            self._leave(slot)  # answered, failed, or given up on (then CANCEL)
+
+    def _send_items(
+        self,
+        slot: _Slot,
+        up: ItemUpload,
+        items: Iterable[Any],
+        codec: Codec,
+        sock: socket.socket,
+        core: Connection,
+        deadline: float,
+    ) -> None:
+        """Send the items while the call waits for its answer, each once the window allows,
+        then the END. An iterator stopped before its end (the answer came first) is closed."""
+        rid, method = up.request_id, up.method
+        source = iter(items)
+        finished = False
+
+        def room() -> bool:
+            return up.may_send() or slot.done
+
+        try:
+            while not slot.done:
+                try:
+                    item = next(source)
+                except StopIteration:
+                    finished = True
+                    break
+                if not up.may_send():
+                    self.read_until(room, deadline - time.monotonic(), method)
+                frame = core.item_frame(rid, item, codec)  # CodecError, LocalProtocolError
+                with self._io:
+                    if slot.done or self.sock is not sock or not self.live:
+                        break  # answered (early, or failed with the connection)
+                    with self._mutex:  # counted before it leaves: its CREDIT may come at once
+                        up.sent(frame)
+                    core.send_message(frame)
+                    self._send(core.data_to_send(), method, sock)
+            if finished:
+                with self._io:
+                    if not slot.done and self.sock is sock and self.live:
+                        core.send_message(encode_item_end(rid, codec))
+                        self._send(core.data_to_send(), method, sock)
+        finally:
+            if not finished:
+                close = getattr(source, "close", None)
+                if close is not None:
+                    try:
+                        close()
+                    except Exception:
+                        pass
 
     def grant(self, request_id: int, granted: int) -> None:
         """Send a CREDIT for stream ``request_id`` (nothing when the connection is gone: the
@@ -2179,6 +2306,59 @@ class Client(ClientSettings):
             self.timeout if timeout is None else timeout,
             metadata,
         )
+
+    def upload(
+        self,
+        method: str,
+        items: Iterable[Any],
+        *args: Any,
+        timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Call a method that takes an item stream (a parameter annotated ``Iterator[T]`` or
+        ``AsyncIterator[T]``) with ``items`` (any iterable) as that stream, and
+        ``args``/``kwargs`` as its other arguments: ``client.upload("total", rows, 2)`` (TCP
+        and TLS, PROTOCOL.md §4.4). The items go as the server takes them (its flow-control
+        window bounds what is in flight: this thread waits for the server's CREDIT, reading
+        for the other threads' calls meanwhile); the result comes back once the method
+        returns, which may be before every item was sent (sending then stops and a generator
+        left unfinished is closed). ``timeout`` (default: the client's) bounds the call,
+        though not a wait inside ``items`` itself; a call that times out or is interrupted
+        sends CANCEL. Over UDP, or to a server that does not announce uploads, raises
+        :class:`LocalProtocolError` (STREAM_MISMATCH) and sends nothing. Safe beside other
+        threads' calls. The client's interceptors run once around it (``call.upload``)."""
+        conn = self.connection
+        if not isinstance(conn, StreamConnection):
+            raise LocalProtocolError(
+                f"upload({method!r}): uploads need TCP or TLS (this client is {self.endpoint}); "
+                "nothing was sent",
+                ErrorCode.STREAM_MISMATCH,
+            )
+        t = self.timeout if timeout is None else timeout
+        codec = self.codec
+        hooks = self.hooks
+        if hooks is None:
+            return _answer(
+                conn.upload(method, items, args, kwargs or None, codec, t, metadata), False
+            )
+        ep = conn.ep
+        call = ClientCall(
+            method,
+            args,
+            kwargs or None,
+            merged(self.metadata, metadata),
+            t,
+            ep.scheme,
+            str(ep),
+            upload=True,
+        )
+
+        def send(c: ClientCall) -> Reply:
+            value = conn.upload(c.method, items, c.args, c.kwargs, codec, c.timeout, c.metadata)
+            return cast(Reply, _answer(value, True))
+
+        return run_sync(hooks, call, send).result
 
     def ping(self, timeout: float | None = None) -> float:
         """Round-trip time of one PING/PONG in seconds."""
