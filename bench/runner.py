@@ -281,24 +281,29 @@ def pipelined(run: Run, budget: sc.Budget, only: str, window: int = 1000) -> Non
 
 def stream(run: Run, budget: sc.Budget, only: str) -> None:
     """Streamed results (issue 12 item 6): items/s of one stream of small items (ints), a sync
-    generator (pulled in a worker thread) and an async one, under the pipelined row's placement
+    generator (pulled in a worker thread) and an async one read by the asyncio client, the sync
+    one by the blocking client too, under the pipelined row's placement
     (server on one core, client on the other). ``calls`` counts items."""
     if only and only not in "sockstack":
         return
     total = budget.stream
     scenario = f"streamed results, {total:,} small items"
     cases = [
-        ("sockstack stream, def generator", "count"),
-        ("sockstack stream, async def", "acount"),
+        ("sockstack stream, def generator", "count", False),
+        ("sockstack stream, async def", "acount", False),
+        ("sockstack stream, def generator, blocking client", "count", True),
     ]
-    rounds: dict[str, list[Result]] = {name: [] for name, _ in cases}
+    rounds: dict[str, list[Result]] = {name: [] for name, _, _ in cases}
     for _ in range(budget.rounds):
-        for name, method in cases:
+        for name, method, blocking in cases:
             server = sc.start_peer("sockstack-stream", sc.SPLIT[1])
             try:
                 pin(sc.SPLIT[2])
                 cpu0, scpu0 = time.process_time(), server.cpu_seconds()
-                _, seconds = sc.run_async(sc._streamed(server.port, method, total))
+                if blocking:
+                    _, seconds = sc._streamed_blocking(server.port, method, total)
+                else:
+                    _, seconds = sc.run_async(sc._streamed(server.port, method, total))
                 cpu = time.process_time() - cpu0 + server.cpu_seconds() - scpu0
                 rss = server.rss_bytes()
             finally:
@@ -316,7 +321,7 @@ def stream(run: Run, budget: sc.Budget, only: str) -> None:
             )
             rounds[name].append(r)
             run.log(f"  {scenario} / {name}: {r.rate:,.0f} items/s")
-    for name, _ in cases:
+    for name, _, _ in cases:
         if rounds[name]:
             run.results.append(median_round(rounds[name]))
 

@@ -530,6 +530,23 @@ async def _streamed(port: int, method: str, total: int) -> tuple[list[int], floa
     return [], seconds
 
 
+def _streamed_blocking(port: int, method: str, total: int) -> tuple[list[int], float]:
+    """:func:`_streamed` with the blocking client: ``for item in client.stream(...)``."""
+    from sockstack import connect
+
+    with connect(f"tcp://127.0.0.1:{port}", timeout=600) as c:
+        for _ in c.stream(method, 1000):  # warm-up: connection, worker thread, caches
+            pass
+        start = time.perf_counter_ns()
+        n = 0
+        for _ in c.stream(method, total):
+            n += 1
+        seconds = (time.perf_counter_ns() - start) / 1e9
+    if n != total:
+        raise RuntimeError(f"{method}: {n} items of {total}")
+    return [], seconds
+
+
 class _Blaster(asyncio.Protocol):
     """Keeps ``window`` length-prefixed echoes in flight; counts answers by size."""
 

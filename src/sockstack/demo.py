@@ -6,6 +6,7 @@ import asyncio
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from sockstack.rpc.service import Service, ServiceError, method
@@ -78,10 +79,10 @@ def value_size(value: Any, limit: int) -> int:
 
 
 class Demo(Service):
-    """echo, add, time, sleep and a small in-memory key-value store, bounded to ``max_keys``
-    keys (default 10,000) and ``max_bytes`` bytes of memory (default 64 MiB; keys and values
-    as :func:`value_size` counts them, plus :data:`KEY_OVERHEAD` per key). ``set`` beyond
-    either is refused with a ServiceError that says which bound and by how much."""
+    """echo, add, time, sleep, count (a stream) and a small in-memory key-value store, bounded
+    to ``max_keys`` keys (default 10,000) and ``max_bytes`` bytes of memory (default 64 MiB;
+    keys and values as :func:`value_size` counts them, plus :data:`KEY_OVERHEAD` per key).
+    ``set`` beyond either is refused with a ServiceError that says which bound and by how much."""
 
     def __init__(self, max_keys: int = MAX_KEYS, max_bytes: int = MAX_BYTES) -> None:
         self.max_keys = max_keys
@@ -111,6 +112,19 @@ class Demo(Service):
     def time(self) -> float:
         """The server's wall-clock time (seconds since the epoch)."""
         return time.time()
+
+    @method
+    async def count(self, n: int, interval: float = 0) -> AsyncIterator[int]:
+        """Stream the integers 0 to n - 1 (n at most 1,000,000), ``interval`` seconds apart (0
+        to 1): ``sockstack call URL count 5`` or ``client.stream("count", 5)`` (TCP, TLS)."""
+        if not 0 <= n <= 1_000_000:
+            raise ServiceError("n must be between 0 and 1000000")
+        if not 0 <= interval <= 1:
+            raise ServiceError("interval must be a number between 0 and 1")
+        for i in range(n):
+            if interval and i:
+                await asyncio.sleep(interval)
+            yield i
 
     @method
     async def sleep(self, seconds: float) -> float:
@@ -169,4 +183,4 @@ class Demo(Service):
     @method(inline=True)
     def methods(self) -> list[str]:
         """The names of this service's methods."""
-        return ["add", "delete", "echo", "get", "keys", "methods", "set", "sleep", "time"]
+        return ["add", "count", "delete", "echo", "get", "keys", "methods", "set", "sleep", "time"]

@@ -138,8 +138,12 @@ class ErrorCode(enum.IntEnum):
     credential, a quota...): the method did not run; the message says why."""
     STREAM_MISMATCH = 2023
     """A call and its method disagree on streaming: a generator method called without the
-    STREAM flag (call it with ``stream()``), or a STREAM request over UDP (streams need TCP or
-    TLS). The method did not run."""
+    STREAM flag (call it with ``stream()``), a method taking an item stream called without the
+    UPLOAD flag (``upload()``) or one that takes none called with it, or a STREAM or UPLOAD
+    request over UDP (streams need TCP or TLS). The method did not run."""
+    WINDOW_EXCEEDED = 2024
+    """An upload's client sent ITEMs beyond the flow-control window (PROTOCOL.md §4.4): the
+    server stopped the call and dropped its items."""
     UNAUTHENTICATED = 2009
     """A datagram without a valid MAC, outside the replay window, or replayed (UDP with a
     shared secret)."""

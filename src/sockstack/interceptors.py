@@ -47,7 +47,9 @@ the server's trailers); ``error(call, exc)`` the exception the call raises (``Re
 ``CallTimeout``...), which is re-raised after the hooks. ``after``/``error`` run in reverse
 order; an exception they raise is logged and ignored. :func:`run_async` and :func:`run_sync` are
 the whole protocol, shared by the client flavours (the blocking client takes synchronous hooks
-only).
+only). A streamed call (``client.stream(...)``) passes the hooks once: ``before`` when it
+starts, ``after`` or ``error`` when it ends (:class:`StreamHooks`); an upload
+(``client.upload(...)``) passes them once too, as a call (``call.upload`` is True).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sockstack.errors import ErrorCode
+from sockstack.errors import CallError, ErrorCode
 
 if TYPE_CHECKING:
     from sockstack.host.server import Server
@@ -72,6 +74,7 @@ __all__ = [
     "Hooks",
     "Refused",
     "ServerInterceptor",
+    "StreamHooks",
     "run_async",
     "run_sync",
 ]
@@ -128,6 +131,11 @@ class ClientCall:
     """The server's endpoint (``tcp://host:port``)."""
     state: dict[str, Any] = field(default_factory=dict)
     """The interceptors' per-call state (key it by the interceptor's name)."""
+    stream: bool = False
+    """True for a streamed call (``client.stream(...)``): ``after`` gets the stream's end."""
+    upload: bool = False
+    """True for an upload (``client.upload(...)``): its items pass no hook; ``args`` are the
+    call's other arguments."""
 
 
 class ClientInterceptor:
@@ -236,6 +244,89 @@ def run_sync(hooks: Hooks, call: ClientCall, send: Callable[[ClientCall], Reply]
         raise
     call_quietly(hooks.after, call, reply)
     return reply
+
+
+class StreamHooks:
+    """The interceptors around one streamed call (``client.stream(...)``, both clients): the
+    ``before`` hooks once, when it starts (before its request is sent: they may add metadata);
+    then, once, when it ends, ``after`` with a :class:`~sockstack.Reply` of the generator's
+    return value and the server's trailers, or ``error`` with the exception the stream raises,
+    or a :class:`~sockstack.CallError` when the reader stopped it early (``break``, close:
+    CANCEL sent). The items themselves pass no hook."""
+
+    __slots__ = ("call", "ended", "hooks")
+
+    def __init__(self, hooks: Hooks, call: ClientCall) -> None:
+        self.hooks = hooks
+        self.call = call
+        self.ended = False
+
+    @classmethod
+    def around(
+        cls,
+        hooks: Hooks,
+        request: tuple[str, tuple[Any, ...], dict[str, Any] | None, float, Any],
+        defaults: Mapping[str, str | bytes] | None,
+        scheme: str,
+        peer: str,
+    ) -> StreamHooks:
+        """The hooks of a stream about to start: ``request`` is (method, args, kwargs,
+        timeout, metadata), ``defaults`` the client's metadata."""
+        method, args, kwargs, timeout, metadata = request
+        call = ClientCall(
+            method, args, kwargs, merged(defaults, metadata), timeout, scheme, peer, stream=True
+        )
+        return cls(hooks, call)
+
+    def request(self) -> tuple[str, tuple[Any, ...], dict[str, Any] | None, float, Any]:
+        """(method, args, kwargs, timeout, metadata) as the ``before`` hooks left them."""
+        c = self.call
+        return c.method, c.args, c.kwargs, c.timeout, c.metadata
+
+    def start_sync(self) -> None:
+        """The ``before`` hooks (synchronous: the blocking client); one that raises ends the
+        call with ``error`` hooks, and its exception is raised."""
+        try:
+            for hook in self.hooks.before:
+                hook(self.call)
+        except BaseException as exc:
+            self.end(None, exc)
+            raise
+
+    async def start_async(self) -> None:
+        try:
+            for hook in self.hooks.before:
+                r = hook(self.call)
+                if r is not None and inspect.isawaitable(r):
+                    await r
+        except BaseException as exc:
+            await self.end_async(None, exc)
+            raise
+
+    def end(self, reply: Reply | None, exc: BaseException | None) -> list[Awaitable[Any]]:
+        """Run ``after`` (``exc`` None) or ``error`` hooks, the first time only; the
+        awaitables of async hooks, for the caller to await (or schedule)."""
+        if self.ended:
+            return []
+        self.ended = True
+        if exc is None:
+            return call_quietly(self.hooks.after, self.call, reply)
+        return call_quietly(self.hooks.error, self.call, exc)
+
+    async def end_async(self, reply: Reply | None, exc: BaseException | None) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        if exc is None:
+            await _run_each_async(self.hooks.after, self.call, reply)
+        else:
+            await _run_each_async(self.hooks.error, self.call, exc)
+
+    def stopped(self) -> CallError:
+        """What ``error`` hooks get when the reader stopped the stream before its end."""
+        return CallError(
+            f"stream({self.call.method!r}): the reader stopped it before its end (CANCEL sent)"
+        )
 
 
 def merged(*maps: Mapping[str, str | bytes] | None) -> dict[str, str | bytes]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import Proc, free_port, run
+from tests.cli.conftest import Proc, _env, free_port, run, serving
+from tests.conftest import timeout
 
 
 @pytest.mark.parametrize(
@@ -127,3 +129,88 @@ def test_wait_line_has_a_deadline_in_all() -> None:
         assert proc.popen.poll() is None  # it ended on its deadline, not with the process
     finally:
         proc.stop()
+
+
+def test_call_prints_a_streams_items_as_they_come(demo_server: tuple[str, str]) -> None:
+    """A generator method (the demo's ``count``) refuses a plain call before it runs; ``call``
+    then streams it and prints each item on its own line as it arrives (the second item is
+    on stdout while the command still runs), ``--stream`` at once; Ctrl-C stops it."""
+    tcp, udp = demo_server
+    out = run(["sockstack", "call", tcp, "count", "3"])
+    assert (out.returncode, out.stdout, out.stderr) == (0, "0\n1\n2\n", "")
+    out = run(["sockstack", "call", tcp, "count", "4", "--stream"])
+    assert (out.returncode, out.stdout) == (0, "0\n1\n2\n3\n")
+    out = run(["sockstack", "call", tcp, "add", "2", "3", "--stream"])  # not a generator
+    assert (out.returncode, out.stdout, out.stderr) == (0, "", "result: 5\n")
+    out = run(["sockstack", "call", udp, "count", "3"])  # streams need TCP or TLS
+    assert out.returncode == 1 and "STREAM_MISMATCH" in out.stderr
+    out = run(["sockstack", "call", tcp, "count", "2000000"])
+    assert out.returncode == 1 and "n must be between 0 and 1000000" in out.stderr
+
+    slow = Proc(["sockstack", "call", tcp, "count", "1000", "--kw", "interval=0.05"])
+    try:
+        slow.wait_line("^0$")
+        slow.wait_line("^1$")
+        assert slow.popen.poll() is None  # printed while the stream goes on
+    finally:
+        code = slow.stop(signal.SIGINT)
+    assert code == 130, slow.stderr()
+
+
+def test_work_slice_flag() -> None:
+    """``--work-slice SECONDS`` (ServerLimits.work_slice) is accepted by serve, passed on to
+    its workers, and refused when not a positive number."""
+    from tests.cli.conftest import serving
+
+    for bad in ("0", "-1", "inf", "soon"):
+        out = run(["sockstack", "serve", "--tcp", "127.0.0.1:0", "--work-slice", bad])
+        assert out.returncode == 2, (bad, out.stderr)
+        assert "--work-slice" in out.stderr
+    for extra in ([], ["--workers", "2"]):
+        with serving("--work-slice", "0.001", *extra) as proc:
+            out = run(["sockstack", "call", proc.urls[0], "add", "2", "3"])
+            assert (out.returncode, out.stdout) == (0, "5\n"), out.stderr
+
+
+SINK = '''\
+from collections.abc import Iterator
+
+from sockstack import Service, method
+
+
+class Sink(Service):
+    @method
+    def total(self, scale: int, items: Iterator[int]) -> int:
+        """Sum of the items, scaled."""
+        return scale * sum(items)
+'''
+
+
+def test_call_uploads_a_files_lines_as_an_item_stream(tmp_path: Path) -> None:
+    """``--items-from FILE`` (or ``-``: standard input): each line an item, parsed as an ARG
+    is; a bad item is the server's BAD_ARGUMENTS; a file that cannot be read sends nothing."""
+    (tmp_path / "sink.py").write_text(SINK)
+    items = tmp_path / "items.txt"
+    items.write_text("1\n2\n\n3\n")
+    with serving(f"{tmp_path / 'sink.py'}:Sink") as proc:
+        tcp, udp = proc.urls
+        out = run(["sockstack", "call", tcp, "total", "2", "--items-from", str(items)])
+        assert (out.returncode, out.stdout, out.stderr) == (0, "12\n", "")
+        many = subprocess.run(
+            ["sockstack", "call", tcp, "total", "1", "--items-from", "-"],
+            input="".join(f"{i}\n" for i in range(100_000)),  # several windows, from a pipe
+            capture_output=True,
+            text=True,
+            timeout=timeout(30),
+            env=_env(),
+        )
+        assert (many.returncode, many.stdout) == (0, f"{sum(range(100_000))}\n")
+        items.write_text("1\nx\n")
+        out = run(["sockstack", "call", tcp, "total", "2", "--items-from", str(items)])
+        assert out.returncode == 1 and "parameter 'items', item 1" in out.stderr
+        out = run(["sockstack", "call", tcp, "total", "2", "--items-from", "/nonexistent"])
+        assert out.returncode == 2 and "--items-from /nonexistent" in out.stderr
+        out = run(["sockstack", "call", udp, "total", "2", "--items-from", str(items)])
+        assert out.returncode == 3 and "uploads need TCP or TLS" in out.stderr  # refused here
+        out = run(["sockstack", "call", tcp, "total", "2"])  # it takes an item stream
+        assert out.returncode == 1 and "upload()" in out.stderr

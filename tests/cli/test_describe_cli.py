@@ -53,7 +53,11 @@ def test_describe_the_demo_over_tcp_and_udp() -> None:
             out = run(["sockstack", "describe", url])
             assert out.returncode == 0, out.stderr
             lines = out.stdout.splitlines()
-            assert lines[0] == f"Demo on {url}: 9 methods"
+            assert lines[0] == f"Demo on {url}: 10 methods"
+            assert (
+                "  count(n: int, interval: float = 0) -> AsyncIterator[int]"
+                "  (stream: sockstack call prints its items)"
+            ) in lines
             i = lines.index("  sleep(seconds: float) -> float")
             assert lines[i + 1] == (
                 "      Wait seconds (at most 60) on the server without blocking it; returns them."
@@ -61,7 +65,10 @@ def test_describe_the_demo_over_tcp_and_udp() -> None:
             assert "  get(key: str, default: Any = None) -> Any" in lines
             assert "errors:" not in lines  # the demo declares none
             raw = json.loads(run(["sockstack", "describe", url, "--json"]).stdout)
-            assert [m["name"] for m in raw["methods"]][:3] == ["add", "delete", "echo"]
+            assert [m["name"] for m in raw["methods"]][:3] == ["add", "count", "delete"]
+            count = raw["methods"][1]
+            assert count["stream"] == {"annotation": "int", "schema": {"type": "integer"}}
+            assert raw["methods"][0]["stream"] is None
             assert raw["methods"][0]["params"][0]["name"] == "a"
             some = run(["sockstack", "describe", url, "keys", "time"]).stdout.splitlines()
             assert some[0] == f"Demo on {url}: 2 methods"

@@ -529,7 +529,7 @@ async def test_a_server_that_announces_the_features_says_so_in_welcome(
     try:
         raw.send(encode_ping(1))
         await raw.answer()
-        assert raw.core.peer_features == 0b1111  # DEADLINE, METADATA, CANCEL, STREAM
+        assert raw.core.peer_features == 0b11111  # DEADLINE, METADATA, CANCEL, STREAM, UPLOAD
     finally:
         await raw.close()
 
@@ -571,3 +571,54 @@ async def test_trailers_go_only_to_a_client_that_sent_deadline_or_metadata(
         assert ok == Response(1, "ok", 1)  # metadata None: no flag
         failed = await raw_call(server, scheme, encode_request(2, "with_trailers", [True]))
         assert type(failed) is Error and failed.type == "ValueError" and failed.metadata is None
+
+
+async def test_a_server_answering_deadline_exceeded_is_a_call_timeout_in_both_clients() -> None:
+    """The server's DEADLINE_EXCEEDED and the client's own timer end a call within a
+    millisecond of each other; whichever comes first, both clients raise CallTimeout (one
+    error for one cause). Deterministic here: a server built from the sans-I/O core answers
+    every REQUEST (a plain call, a stream) with DEADLINE_EXCEEDED at once, long before the
+    clients' 20 s timers."""
+    requests: list[Request] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        core = Connection(Role.SERVER)
+        try:
+            while data := await reader.read(65536):
+                for ev in core.receive_data(data):
+                    if type(ev) is Request:
+                        requests.append(ev)
+                        core.send_error(
+                            ev.request_id,
+                            ErrorCode.DEADLINE_EXCEEDED,
+                            "DEADLINE_EXCEEDED",
+                            "no time left",
+                        )
+                writer.write(core.data_to_send())
+                await writer.drain()
+        finally:
+            writer.close()
+
+    fake = await asyncio.start_server(serve, HOST, 0)
+    port = fake.sockets[0].getsockname()[1]
+    url = f"tcp://{HOST}:{port}"
+    try:
+        async with AsyncClient(url, timeout=timeout(20)) as c:
+            with pytest.raises(CallTimeout, match="stopped it at its deadline"):
+                await c.call("anything")
+            with pytest.raises(CallTimeout, match="stopped it at its deadline"):
+                [i async for i in c.stream("items")]
+
+        def blocking() -> None:
+            with connect(url, timeout=timeout(20)) as b:
+                with pytest.raises(CallTimeout, match="stopped it at its deadline"):
+                    b.call("anything")
+                with pytest.raises(CallTimeout, match="stopped it at its deadline"):
+                    list(b.stream("items"))
+
+        await asyncio.to_thread(blocking)
+    finally:
+        fake.close()
+        await fake.wait_closed()
+    assert [r.method for r in requests] == ["anything", "items"] * 2
+    assert all(r.budget_ms is not None and r.budget_ms > 1000 for r in requests)

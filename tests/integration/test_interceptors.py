@@ -1,5 +1,5 @@
 """Interceptors, live over loopback (issue 12 item 5): server hooks around every RPC call
-(before / after / error, sync and async, refusal, trailers), client hooks in the asyncio client
+(before / after / error, sync and async, refusal, trailers), client hooks in both clients
 (metadata added, local refusal, after/error). Real servers on 127.0.0.1, TCP and UDP."""
 
 from __future__ import annotations
@@ -372,3 +372,69 @@ async def test_no_interceptor_or_only_empty_hooks_keeps_the_plain_path(svc: Svc)
     assert AsyncClient("tcp://127.0.0.1:1", interceptors=[ClientInterceptor()]).hooks is None
     server = Server(svc, tcp=[f"{HOST}:0"], interceptors=[Gate()], insecure=True)
     assert "dispatch" in vars(server.dispatcher)
+
+
+# --------------------------------------------------------------------------- blocking client
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "udp"])
+async def test_blocking_client_hooks_add_metadata_see_trailers_and_errors(
+    svc: Svc, scheme: str
+) -> None:
+    """The blocking client runs the same protocol (run_sync): before in list order (adding
+    metadata that is sent), after/error reversed, a before that raises stops the call with
+    nothing sent; async hooks are refused when the client is built."""
+    from sockstack import connect
+
+    server_log: list[tuple[str, ...]] = []
+    log: list[tuple[str, ...]] = []
+    server = await started(svc, Recorder("s", server_log))
+
+    class NoThreaded(ClientInterceptor):
+        def before(self, call: ClientCall) -> None:
+            if call.method == "threaded_md":
+                raise PermissionError("not from here")
+
+    def scenario() -> tuple[Any, Reply]:
+        with connect(
+            url(server, scheme),
+            timeout=timeout(10),
+            metadata={"tenant": "t1"},
+            interceptors=[ClientRecorder("a", log), ClientRecorder("b", log), NoThreaded()],
+        ) as c:
+            result = c.request("async_md", metadata={"call": "c1"})
+            reply = c.request("inline_md", with_metadata=True)
+            with pytest.raises(RemoteError):
+                c.call("fails")
+            runs = svc.runs
+            with pytest.raises(PermissionError):
+                c.call("threaded_md")
+            assert svc.runs == runs  # refused here: never sent
+            return result, reply
+
+    try:
+        result, reply = await asyncio.to_thread(scenario)
+    finally:
+        await server.shutdown()
+    assert result["metadata"] == {"tenant": "t1", "call": "c1", "from-a": "1", "from-b": "1"}
+    assert reply.metadata.get("by-s") is not None  # the server interceptor's trailer
+    assert log == [
+        ("a", "before", "async_md", scheme),
+        ("b", "before", "async_md", scheme),
+        ("b", "after", "async_md", "by-s"),
+        ("a", "after", "async_md", "by-s"),
+        ("a", "before", "inline_md", scheme),
+        ("b", "before", "inline_md", scheme),
+        ("b", "after", "inline_md", "by-s"),
+        ("a", "after", "inline_md", "by-s"),
+        ("a", "before", "fails", scheme),
+        ("b", "before", "fails", scheme),
+        ("b", "error", "fails", "RemoteError"),
+        ("a", "error", "fails", "RemoteError"),
+        ("a", "before", "threaded_md", scheme),
+        ("b", "before", "threaded_md", scheme),
+        ("b", "error", "threaded_md", "PermissionError"),
+        ("a", "error", "threaded_md", "PermissionError"),
+    ]
+    with pytest.raises(TypeError, match="synchronous hooks only"):
+        connect("tcp://127.0.0.1:1", interceptors=[AsyncClientRecorder("x", log)])

@@ -335,11 +335,9 @@ async def test_the_deadline_bounds_the_whole_stream(
     server, svc = served
     async with AsyncClient(tcp(server)) as client:
         got = 0
-        with pytest.raises((CallTimeout, RemoteError)) as info:
+        with pytest.raises(CallTimeout):  # whichever timer went first, the server's or ours
             async for _ in client.stream(name, 0.01, timeout=0.3):
                 got += 1
-        if isinstance(info.value, RemoteError):  # the server's timer went first
-            assert info.value.code == ErrorCode.DEADLINE_EXCEEDED
         assert got > 0
         assert await closed(svc)  # stopped on the server too
 

@@ -13,7 +13,7 @@ import trustme
 
 from sockstack import AsyncClient, ConnectError, Server, ServerLimits, StreamLimits, connect
 from sockstack.transport.tls import client_context, server_context
-from tests.cli.conftest import Proc, free_port, run
+from tests.cli.conftest import Proc, run
 from tests.conftest import Probe, timeout
 
 
@@ -133,13 +133,12 @@ async def test_plain_client_on_a_tls_port_fails_fast(tls_server: Server) -> None
 
 
 def test_cli_serve_and_call_over_tls(pki: dict[str, Path]) -> None:
-    port = free_port()
     server = Proc(
         [
             "sockstack",
             "serve",
             "--tls",
-            f"127.0.0.1:{port}",
+            "127.0.0.1:0",  # the banner names the port: nothing picked first, nothing raced
             "--cert",
             str(pki["server"]),
             "--client-ca",
@@ -147,7 +146,7 @@ def test_cli_serve_and_call_over_tls(pki: dict[str, Path]) -> None:
         ]
     )
     try:
-        server.wait_line(r"serving Demo on tls://127\.0\.0\.1:")
+        port = server.wait_line(r"serving Demo on tls://127\.0\.0\.1:(\d+)").group(1)
         url = f"tls://127.0.0.1:{port}"
         out = run(
             [

@@ -4,8 +4,9 @@ span (and of the caller's span before it), checked with the SDK's in-memory expo
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -53,6 +54,11 @@ class Svc(Service):
     @method
     async def fails(self) -> None:
         raise ValueError("boom")
+
+    @method
+    async def ticks(self, n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
 
     @method
     async def outer(self, url: str) -> Any:
@@ -160,3 +166,72 @@ async def test_failed_calls_have_error_spans_on_both_sides(
         assert span.status.status_code is StatusCode.ERROR
         assert span.attributes is not None
         assert span.attributes["rpc.sockstack.error_code"] == ErrorCode.UNEXPECTED_ERROR
+
+
+async def test_a_stream_is_one_span_on_each_side(
+    traced: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    """A streamed call is one CLIENT span (from the stream's start to its end, whatever the
+    number of items) and one SERVER span, its child, through the trace context the client's
+    interceptor put in the stream's metadata."""
+    provider, exporter = traced
+    server = await started(provider)
+    try:
+        async with AsyncClient(
+            str(server.endpoint("tcp")),
+            timeout=timeout(10),
+            interceptors=[ClientTracing(provider)],
+        ) as c:
+            assert [i async for i in c.stream("ticks", 500)] == list(range(500))
+    finally:
+        await server.shutdown()
+    spans = exporter.get_finished_spans()
+    (client,) = by_kind(spans, SpanKind.CLIENT)
+    (served,) = by_kind(spans, SpanKind.SERVER)
+    assert client.name == served.name == "ticks"
+    assert served.parent is not None and client.context is not None
+    assert served.parent.span_id == client.context.span_id
+    assert served.context is not None
+    assert served.context.trace_id == client.context.trace_id
+    assert client.status.status_code is not StatusCode.ERROR
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "udp"])
+async def test_the_blocking_client_traces_calls_and_streams(
+    traced: tuple[TracerProvider, InMemorySpanExporter], scheme: str
+) -> None:
+    """The same CLIENT spans from the blocking client (its hooks are synchronous): a call, and
+    over TCP a stream (one span for the whole stream); the server spans are their children."""
+    from sockstack import connect
+
+    provider, exporter = traced
+    server = await started(provider)
+
+    def scenario() -> dict[str, Any]:
+        with connect(
+            str(server.endpoint(scheme)),
+            timeout=timeout(10),
+            interceptors=[ClientTracing(provider)],
+        ) as c:
+            seen = c.call("seen")
+            if scheme == "tcp":
+                assert list(c.stream("ticks", 300)) == list(range(300))
+            with pytest.raises(RemoteError):
+                c.call("fails")
+            return dict(seen)
+
+    try:
+        metadata = await asyncio.to_thread(scenario)
+    finally:
+        await server.shutdown()
+    spans = exporter.get_finished_spans()
+    clients = {s.name: s for s in by_kind(spans, SpanKind.CLIENT)}
+    served = {s.name: s for s in by_kind(spans, SpanKind.SERVER)}
+    names = {"seen", "fails"} | ({"ticks"} if scheme == "tcp" else set())
+    assert set(clients) == set(served) == names
+    assert metadata["traceparent"].split("-")[2] == f"{clients['seen'].context.span_id:016x}"
+    for name in names:
+        parent = served[name].parent
+        assert parent is not None and parent.span_id == clients[name].context.span_id
+    assert clients["fails"].status.status_code is StatusCode.ERROR
+    assert clients["seen"].status.status_code is not StatusCode.ERROR

@@ -240,3 +240,55 @@ def test_a_worker_that_closes_its_pipe_and_lives_on_is_killed(tmp_path: Path) ->
     with pytest.raises(ProcessLookupError):  # killed and reaped
         os.kill(int(m.group(1)), 0)
     assert "serving" not in out
+
+
+COUNTED = """
+import os
+
+from sockstack import Service, method
+
+
+class Counted(Service):
+    def __init__(self) -> None:
+        # One line per instance, from whichever process made it.
+        with open(os.environ["COUNT_FILE"], "a") as f:
+            f.write(f"{os.getpid()}\\n")
+
+    @method
+    def pid(self) -> int:
+        return os.getpid()
+"""
+
+
+def test_each_worker_creates_the_service_once_and_the_supervisor_never(tmp_path: Path) -> None:
+    (tmp_path / "counted.py").write_text(COUNTED)
+    count_file = tmp_path / "made.txt"
+    proc = Proc(
+        ["sockstack", "serve", "counted:Counted", "--workers", "2", "--tcp", "127.0.0.1:0"],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(tmp_path), "COUNT_FILE": str(count_file)},
+    )
+    try:
+        line = proc.wait_line(r"2 worker processes \(pids (\d+), (\d+)\)")
+        pids = {int(line.group(1)), int(line.group(2))}
+    finally:
+        assert proc.stop() == 0
+    made = [int(p) for p in count_file.read_text().split()]
+    assert sorted(made) == sorted(pids)  # once in each worker, never in the supervisor
+
+
+def test_a_service_that_cannot_be_created_is_bad_usage_with_workers_too(tmp_path: Path) -> None:
+    """The supervisor checks the class without creating it; the workers create it: one whose
+    ``__init__`` raises exits with 2 (bad usage) and the reason, as without --workers."""
+    (tmp_path / "broken.py").write_text(
+        "from sockstack import Service\n\n\nclass Broken(Service):\n"
+        "    def __init__(self) -> None:\n        raise RuntimeError('no database')\n"
+    )
+    for extra in ([], ["--workers", "2"]):
+        out = run(
+            ["sockstack", "serve", "broken:Broken", "--tcp", "127.0.0.1:0", *extra],
+            cwd=tmp_path,
+            env={"PYTHONPATH": str(tmp_path)},
+        )
+        assert out.returncode == 2, (extra, out.stderr)
+        assert "cannot create Broken(): RuntimeError: no database" in out.stderr

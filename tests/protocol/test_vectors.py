@@ -40,9 +40,11 @@ from sockstack.protocol.frames import Frame, FrameDecoder, parse_datagram
 from sockstack.protocol.messages import (
     CORE_MESSAGES,
     FLAG_DEADLINE,
+    FLAG_END,
     FLAG_KWARGS,
     FLAG_METADATA,
     FLAG_STREAM,
+    FLAG_UPLOAD,
     Cancel,
     Close,
     Credit,
@@ -61,6 +63,7 @@ from sockstack.protocol.messages import (
     encode_error,
     encode_hello,
     encode_item,
+    encode_item_end,
     encode_ping,
     encode_pong,
     encode_request,
@@ -166,7 +169,9 @@ FLAG_NAMES: dict[str, dict[int, str]] = {
         FLAG_DEADLINE: "DEADLINE",
         FLAG_METADATA: "METADATA",
         FLAG_STREAM: "STREAM",
+        FLAG_UPLOAD: "UPLOAD",
     },
+    "ITEM": {FLAG_END: "END"},
     "RESPONSE": {FLAG_METADATA: "METADATA"},
     "ERROR": {FLAG_METADATA: "METADATA"},
     "PUB": {FLAG_RETAIN: "RETAIN"},
@@ -261,6 +266,7 @@ TYPES: dict[str, TypeCodec] = {
             f.get("budget_ms"),
             f.get("metadata"),
             bool(h["flags"] & FLAG_STREAM),
+            bool(h["flags"] & FLAG_UPLOAD),
         ),
         lambda m, h: encode_request(
             m.request_id,
@@ -271,6 +277,7 @@ TYPES: dict[str, TypeCodec] = {
             budget_ms=m.budget_ms,
             metadata=m.metadata,
             stream=m.stream,
+            upload=m.upload,
         ),
         lambda m, fr: {
             "method": m.method,
@@ -303,9 +310,15 @@ TYPES: dict[str, TypeCodec] = {
         lambda m, fr: {},
     ),
     "ITEM": TypeCodec(
-        lambda h, f: Item(h["request_id"], f["item"], h["codec"], h["body_len"]),
-        lambda m, h: encode_item(m.request_id, m.value, CODECS[m.codec]),
-        lambda m, fr: {"item": m.value},
+        lambda h, f: Item(
+            h["request_id"], f.get("item"), h["codec"], h["body_len"], bool(f.get("end"))
+        ),
+        lambda m, h: (
+            encode_item_end(m.request_id, CODECS[m.codec])
+            if m.end
+            else encode_item(m.request_id, m.value, CODECS[m.codec])
+        ),
+        lambda m, fr: {"end": True} if m.end else {"item": m.value},
     ),
     "CREDIT": TypeCodec(
         lambda h, f: Credit(h["request_id"], f["granted"]),

@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 import datetime
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -112,6 +112,7 @@ def _check_shop(d: dict[str, Any]) -> None:
         "default": None,
         "annotation": "int",
         "schema": {"type": "integer"},
+        "stream": False,
     }
     assert add["result"] == {"annotation": "int", "schema": {"type": "integer"}}
     assert buy["signature"] == (
@@ -228,6 +229,53 @@ async def test_the_demo_describes_itself(scheme: str) -> None:
     assert methods["get"]["params"][1]["default"] == "None"
     assert methods["keys"]["result"]["schema"] == {"type": "array", "items": {"type": "string"}}
     assert methods["echo"]["doc"] == "Return the argument unchanged."
+
+
+class Feeds(Service):
+    @method
+    def ints(self, n: int) -> Iterator[int]:
+        yield from range(n)
+
+    @method
+    def counted(self, n: int) -> Generator[str, None, int]:
+        yield from map(str, range(n))
+        return n
+
+    @method
+    async def dates(self) -> AsyncIterator[datetime.date]:
+        yield datetime.date(2026, 11, 30)
+
+    @method
+    def bare(self):  # type: ignore[no-untyped-def]
+        yield 1
+
+    @method
+    def plain(self) -> int:
+        return 1
+
+
+async def test_a_streaming_method_is_described_with_its_items() -> None:
+    """PROTOCOL.md §4.2: ``stream`` is nil for a plain method, else the items' annotation and
+    schema; ``result`` is then the generator's return value."""
+    srv = Server(Feeds(), tcp=["127.0.0.1:0"])
+    await srv.start()
+    try:
+        async with AsyncClient(str(srv.endpoint("tcp")), timeout=timeout(10)) as c:
+            d = await c.call("rpc.describe")
+    finally:
+        await srv.shutdown()
+    m = {x["name"]: x for x in d["methods"]}
+    assert m["plain"]["stream"] is None
+    assert m["ints"]["stream"] == {"annotation": "int", "schema": {"type": "integer"}}
+    assert m["ints"]["result"] == {"annotation": None, "schema": {}}
+    assert m["counted"]["stream"] == {"annotation": "str", "schema": {"type": "string"}}
+    assert m["counted"]["result"] == {"annotation": "int", "schema": {"type": "integer"}}
+    assert m["dates"]["stream"] == {
+        "annotation": "date",
+        "schema": {"type": "string", "format": "date"},
+    }
+    assert m["bare"]["stream"] == {"annotation": None, "schema": {}}
+    assert m["ints"]["signature"] == "(n: int) -> Iterator[int]"
 
 
 def test_names_under_rpc_are_reserved() -> None:

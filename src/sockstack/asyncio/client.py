@@ -39,7 +39,15 @@ import ssl
 import struct
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from typing import Any, Literal, Self, cast, overload
 
 from sockstack.asyncio.datagram import DatagramEndpoint
@@ -53,10 +61,15 @@ from sockstack.errors import (
     ConnectionLost,
     ErrorCode,
     LocalProtocolError,
-    RemoteError,
     RemoteProtocolError,
 )
-from sockstack.interceptors import ClientCall, Hooks, merged, run_async
+from sockstack.interceptors import (
+    ClientCall,
+    Hooks,
+    StreamHooks,
+    merged,
+    run_async,
+)
 from sockstack.protocol.auth import (
     NO_EPOCH,
     AuthFailure,
@@ -71,9 +84,11 @@ from sockstack.protocol.calls import (
     Calls,
     Failover,
     ItemStream,
+    ItemUpload,
     PendingCall,
     Reply,
     budget_ms,
+    deadline_passed,
     inherited_timeout,
     merge_metadata,
     outcome,
@@ -83,6 +98,7 @@ from sockstack.protocol.connection import State
 from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, RetryPolicy
 from sockstack.protocol.events import (
     ConnectionTerminated,
+    Credit,
     Error,
     Event,
     HandshakeComplete,
@@ -99,7 +115,9 @@ from sockstack.protocol.messages import (
     FEATURE_DEADLINE,
     FEATURE_METADATA,
     FEATURE_STREAM,
+    FEATURE_UPLOAD,
     MAX_BUDGET_MS,
+    encode_item_end,
 )
 from sockstack.transport.settings import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -136,6 +154,8 @@ _MAX_HELD_BYTES = 1 << 20  # datagrams without answer held while a UDP client le
 _rng = random.Random()
 _CURRENT_CALL = CURRENT_CALL
 _BUDGET_CAP_S = MAX_BUDGET_MS / 1000  # budget_ms's bound, in seconds
+_DEADLINE_EXCEEDED = int(ErrorCode.DEADLINE_EXCEEDED)
+_DECODE = int(ErrorCode.DECODE_ERROR)
 _monotonic = time.monotonic
 
 
@@ -155,6 +175,8 @@ def _settle(call: PendingCall[Waiter] | None, ev: Response | Error | Pong) -> No
             md = ev.metadata if type(ev) is Response else None
             call.waiter.set_result(value if md is None else Reply(value, md))
         else:
+            if type(ev) is Error and ev.code == _DEADLINE_EXCEEDED:  # as our own timer would
+                value = deadline_passed(call.method, call.timeout)
             call.waiter.set_exception(value)
 
 
@@ -186,11 +208,20 @@ class _TCPStream(StreamProtocol):
             elif type(ev) is Error:
                 call = take(ev)
                 if call is not None:
+                    if ev.code == _DECODE and ev.request_id in self.channel.item_streams:
+                        # Not the server's answer: an ITEM this client cannot decode. Stop
+                        # the stream there (its reader gets the items before it, then this).
+                        del self.channel.item_streams[ev.request_id]
+                        self.channel._cancel(ev.request_id)
                     _settle(call, ev)
                 elif ev.request_id == 0:
                     log.warning("server %s reported: %s %s", self.peer, ev.type, ev.message)
             elif type(ev) is Item:
                 self.channel._on_item(ev)
+            elif type(ev) is Credit:
+                up = self.channel.uploads.get(ev.request_id)
+                if up is not None:  # else: not an upload in flight (ended, or never): ignored
+                    up.credit(ev.granted)
             elif isinstance(ev, PatternMessage):
                 route = self.channel.routes.get(type(ev))
                 if route is not None:
@@ -249,6 +280,7 @@ class StreamChannel:
         self._flush_scheduled = False
         self._timer = CoreTimer(self.loop, self._on_timer)  # the earliest call deadline
         self.item_streams: dict[int, _Items] = {}  # streamed calls in flight, by request id
+        self.uploads: dict[int, _Uploading] = {}  # uploads in flight, by request id (CREDIT)
 
     @property
     def ep(self) -> Endpoint:
@@ -451,7 +483,7 @@ class StreamChannel:
         kwargs: dict[str, Any] | None,
         timeout: float,
         codec: Codec,
-        metadata: Metadata | None,
+        metadata: Mapping[str, str | bytes] | None,
     ) -> _Items:
         """Send a STREAM request; its items are queued in the returned state as they come."""
         loop = self.loop
@@ -498,6 +530,130 @@ class StreamChannel:
         if when is None or call.deadline < when:
             self._timer.set(call.deadline)
         return items
+
+    async def upload(
+        self,
+        method: str,
+        items: Iterable[Any] | AsyncIterable[Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+        timeout: float,
+        codec: Codec,
+        metadata: Mapping[str, str | bytes] | None,
+    ) -> Reply:
+        """An UPLOAD call (PROTOCOL.md §4.4): the REQUEST, then ``items`` as ITEMs under the
+        window (waiting for CREDIT), then the END; its result with the server's trailers.
+        Stops sending when the answer comes first; CANCEL when the caller gives up."""
+        loop = self.loop
+        now = loop.time()
+        if _CURRENT_CALL.get() is not None:
+            timeout = inherited_timeout(timeout, _monotonic())
+        deadline = now + timeout
+        stream = self.stream
+        if stream is None or not stream.can_send():
+            stream = await self._wait_connected(method, timeout, deadline)
+        core = stream.core
+        assert core is not None
+        features = core.peer_features
+        if not features & FEATURE_UPLOAD:
+            raise LocalProtocolError(
+                f"upload({method!r}): the server does not announce uploads (an older server); "
+                "nothing was sent",
+                ErrorCode.STREAM_MISMATCH,
+            )
+        md = None
+        defaults = self.client.metadata
+        if (metadata or defaults) and features & FEATURE_METADATA:
+            md = merge_metadata(defaults, metadata)
+        rid = self.calls.new_id()
+        core.send_request(
+            rid,
+            method,
+            args,
+            kwargs,
+            codec,
+            budget_ms=budget_ms(deadline - loop.time()) if features & FEATURE_DEADLINE else None,
+            metadata=md,
+            upload=True,
+        )
+        call = self.calls.start(method, timeout, now, loop.create_future(), rid)
+        up = self.uploads[rid] = _Uploading(call, ItemUpload(rid, method))
+        call.waiter.add_done_callback(up.wake_up)
+        self._flush_soon(stream)
+        when = self._timer.when
+        if when is None or call.deadline < when:
+            self._timer.set(call.deadline)
+        try:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._send_items(stream, up, items, codec)
+            except TimeoutError:  # the items' iterator was still waiting at the deadline
+                if not call.waiter.done():
+                    raise call.expired() from None
+            result = await call.waiter
+        finally:
+            if self.uploads.get(rid) is up:
+                del self.uploads[rid]
+            if self.calls.pending.get(rid) is call:  # given up on here: tell the server
+                self.calls.forget(rid)
+                self._cancel(rid)
+        if type(result) is Reply:
+            return result
+        return Reply(result, {})
+
+    async def _send_items(
+        self,
+        stream: _TCPStream,
+        up: _Uploading,
+        items: Iterable[Any] | AsyncIterable[Any],
+        codec: Codec,
+    ) -> None:
+        """Send the items while the call waits for its answer, each once the window allows,
+        then the END. An iterator stopped before its end (the answer came first) is closed."""
+        waiter = up.call.waiter
+        count = up.count
+        rid = count.request_id
+        core = stream.core
+        assert core is not None
+        source: Any
+        is_async = isinstance(items, AsyncIterable)
+        source = aiter(items) if is_async else iter(items)  # type: ignore[arg-type]
+        finished = False
+        sent = 0
+        try:
+            while not waiter.done():
+                try:
+                    item = await anext(source) if is_async else next(source)
+                except (StopAsyncIteration, StopIteration):
+                    finished = True
+                    break
+                while not count.may_send() and not waiter.done():
+                    await up.wait(self.loop)  # a CREDIT, the answer, or the connection's end
+                if waiter.done() or stream is not self.stream or not stream.can_send():
+                    break  # answered (early, or failed): nothing more to send
+                frame = core.item_frame(rid, item, codec)  # CodecError, LocalProtocolError
+                core.send_message(frame)
+                count.sent(frame)
+                self._flush_soon(stream)
+                sent += 1
+                if not sent & 255:  # a window of small items is many frames: let the loop
+                    await asyncio.sleep(0)  # write them, and read an answer that came first
+            if finished and not waiter.done() and stream is self.stream and stream.can_send():
+                core.send_message(encode_item_end(rid, codec))
+                self._flush_soon(stream)
+        finally:
+            if not finished:
+                close = getattr(source, "aclose" if is_async else "close", None)
+                if close is not None:
+                    with contextlib.suppress(Exception):
+                        r = close()
+                        if is_async:
+                            await r
+
+    def _flush_soon(self, stream: _TCPStream) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush, stream)
 
     def _on_item(self, ev: Item) -> None:
         items = self.item_streams.get(ev.request_id)
@@ -1073,6 +1229,34 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class _Uploading:
+    """One upload of a :class:`StreamChannel`: its call, its window count, and the future its
+    sender waits on for room (woken by a CREDIT, the call's answer or the connection's end)."""
+
+    __slots__ = ("call", "count", "wake")
+
+    def __init__(self, call: PendingCall[Waiter], count: ItemUpload) -> None:
+        self.call = call
+        self.count = count
+        self.wake: asyncio.Future[None] | None = None
+
+    def wake_up(self, _: object = None) -> None:
+        wake = self.wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    def credit(self, granted: int) -> None:
+        self.count.credit(granted)
+        self.wake_up()
+
+    async def wait(self, loop: asyncio.AbstractEventLoop) -> None:
+        wake = self.wake = loop.create_future()
+        try:
+            await wake
+        finally:
+            self.wake = None
+
+
 class _Items:
     """One streamed call of a :class:`StreamChannel`: its queued items (:class:`ItemStream`),
     its call (deadline and answer, in the channel's :class:`Calls`), and the future its reader
@@ -1108,6 +1292,10 @@ class _Items:
         if channel.calls.pending.get(rid) is self.call:
             channel.calls.forget(rid)
             channel._cancel(rid)
+        self.wake_up()  # a reader awaiting the next item sees the end
+
+
+_background: set[asyncio.Task[None]] = set()  # hooks of dropped streams, running
 
 
 class ResultStream:
@@ -1130,13 +1318,14 @@ class ResultStream:
         args: tuple[Any, ...],
         kwargs: dict[str, Any] | None,
         timeout: float,
-        metadata: Metadata | None,
+        metadata: Mapping[str, str | bytes] | None,
     ) -> None:
         self._client = client
         self._channel = channel
         self._request = (method, args, kwargs, timeout, metadata)
         self._items: _Items | None = None
         self._ended = False
+        self._hooks: StreamHooks | None = None  # the client's interceptors, if any
         self.result: Any = None
         """The generator's return value, once the stream ended."""
         self.metadata: Mapping[str, str | bytes] = {}
@@ -1146,23 +1335,61 @@ class ResultStream:
         return self
 
     async def __anext__(self) -> Any:
+        if self._hooks is None and self._client.hooks is None:
+            return await self._next()
+        try:
+            return await self._next()
+        except StopAsyncIteration:
+            if self._hooks is not None:
+                await self._hooks.end_async(Reply(self.result, self.metadata), None)
+            raise
+        except BaseException as exc:
+            if self._hooks is not None:
+                await self._hooks.end_async(None, exc)
+            raise
+
+    async def _start(self) -> _Items:
+        request = self._request
+        client = self._client
+        self._ended = True  # until the request is sent: a failed start is the stream's end
+        if client.hooks is not None:
+            ep = self._channel.ep
+            hooks = StreamHooks.around(client.hooks, request, client.metadata, ep.scheme, str(ep))
+            self._hooks = hooks
+            await hooks.start_async()
+            request = hooks.request()
+        method, args, kwargs, timeout, metadata = request
+        items = await self._channel.start_stream(
+            method, args, kwargs, timeout, client.codec, metadata
+        )
+        self._ended = False
+        return items
+
+    async def _next(self) -> Any:
         items = self._items
         if items is None:
             if self._ended:
                 raise StopAsyncIteration
-            method, args, kwargs, timeout, metadata = self._request
-            items = self._items = await self._channel.start_stream(
-                method, args, kwargs, timeout, self._client.codec, metadata
-            )
+            items = self._items = await self._start()
         queue = items.items
         while True:
+            if self._ended:  # ended, or closed by the reader (items still queued are dropped)
+                raise StopAsyncIteration
             if queue.items:
+                call = items.call
+                if call.deadline <= self._channel.loop.time():
+                    # The timeout bounds the stream for a slow reader too: what is queued of a
+                    # stream that did not end in time is dropped (one that did is read out).
+                    waiter = call.waiter
+                    if not waiter.done():
+                        items.give_up()  # CANCEL
+                        waiter.set_exception(call.expired())
+                    if waiter.cancelled() or waiter.exception() is not None:
+                        self._finish(items, waiter)
                 value, grant = queue.take()
                 if grant:
                     self._channel.grant(queue.request_id, grant)
                 return value
-            if self._ended:
-                raise StopAsyncIteration
             waiter = items.call.waiter
             if waiter.done():
                 self._finish(items, waiter)
@@ -1178,10 +1405,7 @@ class ResultStream:
         items.give_up()  # no longer in flight: sends nothing (the call is answered)
         exc = waiter.exception()
         if exc is not None:
-            if isinstance(exc, RemoteError) and exc.code == ErrorCode.DECODE_ERROR:
-                # An ITEM this client could not decode (the server may go on): stop it there.
-                self._channel._cancel(items.call.request_id)
-            raise exc
+            raise exc  # (an ITEM that did not decode: CANCEL was sent then, handle_events)
         result = waiter.result()
         if type(result) is Reply:
             self.result, self.metadata = result.result, result.metadata
@@ -1191,35 +1415,51 @@ class ResultStream:
 
     async def aclose(self) -> None:
         """Stop reading: CANCEL (the server closes the generator) unless the stream ended."""
-        self._release()
+        if self._release() and self._hooks is not None:
+            await self._hooks.end_async(None, self._hooks.stopped())
 
-    def _release(self) -> None:
+    def _release(self) -> bool:
+        """Stop the stream (CANCEL) if it has not ended; True when it was stopped here (the
+        interceptors' ``error`` hooks are then the caller's to run)."""
         items = self._items
         if self._ended:
-            return
+            return False
         self._ended = True
         if items is None:
-            return
+            return False
         items.give_up()
         waiter = items.call.waiter
         if waiter.done() and not waiter.cancelled():
             waiter.exception()  # retrieved: nobody reads this stream's end now
+        return True
 
     async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._release()
+        await self.aclose()
 
     def __del__(self) -> None:
         # ``break`` out of ``async for``: the iterator is dropped at once (CPython), and with
-        # it the stream: CANCEL, so that the server stops.
+        # it the stream: CANCEL, so that the server stops. Not here (a garbage collection may
+        # run this in any thread, inside anything): on the loop, as its next callback.
         if not self._ended and self._items is not None:
             try:
-                if not self._channel.loop.is_closed():
-                    self._release()
+                loop = self._channel.loop
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(self._dropped)
             except Exception:
                 pass
+
+    def _dropped(self) -> None:
+        """On the loop, for a stream its reader dropped: CANCEL, and the interceptors' error
+        hooks (a task of their own)."""
+        if self._release() and self._hooks is not None:
+            task = self._channel.loop.create_task(
+                self._hooks.end_async(None, self._hooks.stopped())
+            )
+            _background.add(task)
+            task.add_done_callback(_background.discard)
 
 
 class AsyncClient(ClientSettings):
@@ -1411,12 +1651,34 @@ class AsyncClient(ClientSettings):
         return reply if with_metadata else reply.result
 
     def stream(
-        self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any
+        self,
+        method: str,
+        *args: Any,
+        timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+        **kwargs: Any,
     ) -> ResultStream:
         """The items of a generator method, as they come: ``async for item in
         client.stream("ticks", 10)`` (TCP and TLS; see :class:`ResultStream`). ``timeout``
-        (default: the client's) bounds the whole stream. Over UDP raises
-        :class:`LocalProtocolError` (code STREAM_MISMATCH) and sends nothing."""
+        (default: the client's) bounds the whole stream; ``metadata`` is this call's, over the
+        client's defaults. Over UDP raises :class:`LocalProtocolError` (code STREAM_MISMATCH)
+        and sends nothing. The client's interceptors run once around the whole stream
+        (:class:`sockstack.interceptors.StreamHooks`)."""
+        return self.stream_request(method, args, kwargs, timeout=timeout, metadata=metadata)
+
+    def stream_request(
+        self,
+        method: str,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+    ) -> ResultStream:
+        """Like :meth:`stream`, with the arguments as a sequence and a mapping (as
+        :meth:`request` is to :meth:`call`): the method's own keyword arguments may then be
+        named ``timeout`` or ``metadata``."""
+        args = args if type(args) is tuple else tuple(args)
         channel = self._channel
         if channel is None:
             raise self._not_connected()
@@ -1433,8 +1695,60 @@ class AsyncClient(ClientSettings):
             args,
             kwargs or None,
             self.timeout if timeout is None else timeout,
-            None,
+            metadata,
         )
+
+    async def upload(
+        self,
+        method: str,
+        items: Iterable[Any] | AsyncIterable[Any],
+        *args: Any,
+        timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Call a method that takes an item stream (a parameter annotated ``Iterator[T]`` or
+        ``AsyncIterator[T]``) with ``items`` (an iterable or async iterable) as that stream,
+        and ``args``/``kwargs`` as its other arguments: ``await client.upload("total", rows,
+        2)`` (TCP and TLS, PROTOCOL.md §4.4). A plain iterable is iterated on the event loop
+        (keep each step quick: a list, a range, a generator of data at hand); one that waits
+        should be an async iterable. The items go as the server takes them (its
+        flow-control window bounds what is in flight); the result comes back once the method
+        returns, which may be before every item was sent (sending then stops and an iterator
+        left unfinished is closed). ``timeout`` (default: the client's) bounds the whole call,
+        the items' iteration included; a cancelled call sends CANCEL. Over UDP, or to a server
+        that does not announce uploads, raises :class:`LocalProtocolError` (STREAM_MISMATCH)
+        and sends nothing. The client's interceptors run once around it (``call.upload``)."""
+        channel = self._channel
+        if channel is None:
+            raise self._not_connected()
+        if not isinstance(channel, StreamChannel):
+            raise LocalProtocolError(
+                f"upload({method!r}): uploads need TCP or TLS (this client is {self.endpoint}); "
+                "nothing was sent",
+                ErrorCode.STREAM_MISMATCH,
+            )
+        t = self.timeout if timeout is None else timeout
+        codec = self.codec
+        if self.hooks is None:
+            reply = await channel.upload(method, items, args, kwargs or None, t, codec, metadata)
+            return reply.result
+        ep = channel.ep
+        call = ClientCall(
+            method,
+            args,
+            kwargs or None,
+            merged(self.metadata, metadata),
+            t,
+            ep.scheme,
+            str(ep),
+            upload=True,
+        )
+
+        def send(c: ClientCall) -> Awaitable[Reply]:
+            return channel.upload(c.method, items, c.args, c.kwargs, c.timeout, codec, c.metadata)
+
+        return (await run_async(self.hooks, call, send)).result
 
     def stream_channel(self, what: str) -> StreamChannel:
         """The TCP/TLS channel, for patterns that need a connection (ConnectError if none)."""

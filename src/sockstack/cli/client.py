@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from collections.abc import Iterator
+from typing import IO, Any
 
 from sockstack.cli.common import (
     EXIT_OK,
@@ -16,7 +19,7 @@ from sockstack.cli.common import (
     parse_value,
 )
 from sockstack.clients import connect
-from sockstack.errors import CallError, CallTimeout
+from sockstack.errors import CallError, CallTimeout, ErrorCode, RemoteError
 
 __all__ = ["add_parsers", "run_call", "run_ping"]
 
@@ -29,16 +32,74 @@ def run_call(args: argparse.Namespace) -> int:
             raise UsageError(f"--kw {item!r}: expected KEY=VALUE")
         kwargs[key] = parse_value(value)
     values = [parse_value(a) for a in args.args]
+    source = _open_items(args)  # before connecting: a file that cannot be read sends nothing
     deadline = time.monotonic() + args.timeout  # --timeout bounds the command: connect + call
     with connect(
         args.url, timeout=args.timeout, codec=args.codec, **client_options(args)
     ) as client:
         try:
-            result = client.request(args.method, values, kwargs, timeout=left(deadline, args))
+            if source is not None:
+                try:
+                    result = client.upload(
+                        args.method,
+                        read_items(source),
+                        *values,
+                        timeout=left(deadline, args),
+                        **kwargs,
+                    )
+                finally:
+                    if source is not sys.stdin:
+                        source.close()
+                print(format_result(result))
+                return EXIT_OK
+            if not args.stream:
+                try:
+                    result = client.request(
+                        args.method, values, kwargs, timeout=left(deadline, args)
+                    )
+                except RemoteError as exc:
+                    # A generator method refuses a plain call before it runs: stream it.
+                    if exc.code != ErrorCode.STREAM_MISMATCH or args.url.startswith("udp"):
+                        raise
+                else:
+                    print(format_result(result))
+                    return EXIT_OK
+            stream = client.stream_request(
+                args.method, values, kwargs, timeout=left(deadline, args)
+            )
+            with stream:
+                for item in stream:  # each as it comes, one a line
+                    print(format_result(item), flush=True)
+            if stream.result is not None:  # a generator's return value: not an item
+                print(f"result: {format_result(stream.result)}", file=sys.stderr)
         except CallTimeout:  # say the command's --timeout, not what was left of it
             raise CallTimeout(args.method, args.timeout) from None
-    print(format_result(result))
     return EXIT_OK
+
+
+def _open_items(args: argparse.Namespace) -> IO[str] | None:
+    """``--items-from``'s file (``-``: standard input), open; None without the option."""
+    path = args.items_from
+    if path is None:
+        return None
+    if args.stream:
+        raise UsageError("--items-from uploads, --stream streams: a call does one or the other")
+    if path == "-":
+        return sys.stdin
+    try:
+        return open(path, encoding="utf-8")  # closed after the call
+    except OSError as exc:
+        raise UsageError(f"--items-from {path}: {exc.strerror or exc}") from None
+
+
+def read_items(lines: IO[str]) -> Iterator[Any]:
+    """The items of an upload, one a line, each parsed as an ARG is (JSON when it parses, else
+    the text); blank lines are skipped. Read as the upload sends them (a file of any size, or a
+    pipe that is still being written)."""
+    for line in lines:
+        text = line.rstrip("\r\n")
+        if text.strip():
+            yield parse_value(text)
 
 
 def left(deadline: float, args: argparse.Namespace) -> float:
@@ -88,7 +149,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "call",
         help="call a method and print its result",
         description="Call METHOD on the server at URL. Each ARG is parsed as JSON when it parses "
-        '(3, true, [1,2], "text"), else taken as a string.',
+        '(3, true, [1,2], "text"), else taken as a string. A method that streams (a generator) '
+        "prints its items as they come, one a line (TCP and TLS; a return value other than "
+        "None goes to stderr as 'result: ...'); Ctrl-C stops it on the server too. A method that "
+        "takes an item stream gets FILE's lines with --items-from FILE.",
     )
     add_client_arguments(c)
     c.add_argument("method")
@@ -96,7 +160,24 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     c.add_argument(
         "--kw", action="append", metavar="KEY=VALUE", help="keyword argument, repeatable"
     )
-    c.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    c.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="seconds for the whole command, a stream included (default 10)",
+    )
+    c.add_argument(
+        "--stream",
+        action="store_true",
+        help="call METHOD as a stream at once (without: a plain call first, which a generator "
+        "method refuses before it runs, then the stream)",
+    )
+    c.add_argument(
+        "--items-from",
+        metavar="FILE",
+        help="upload: FILE's lines (one value a line, parsed as ARG is; blank lines skipped; "
+        "'-': standard input) are the item stream of METHOD, which takes one (TCP and TLS)",
+    )
     c.add_argument(
         "--codec",
         default="msgpack",

@@ -1,7 +1,7 @@
 """``sockstack describe``: what a server serves, from its built-in ``rpc.describe``.
 
 Readable by default (each method's signature and the first line of its docstring, then the
-declared errors); ``--json`` prints the answer as it came (PROTOCOL.md §3.3). A description too
+declared errors); ``--json`` prints the answer as it came (PROTOCOL.md §4.2). A description too
 large for one frame or datagram (RESULT_TOO_LARGE, DATAGRAM_TOO_LARGE) is fetched again in
 parts: the names first, then each method on its own.
 """
@@ -56,7 +56,11 @@ def format_description(d: dict[str, Any], url: str) -> str:
         lines.append(f"  {doc}")
     lines.append("")
     for m in methods:
-        lines.append(f"  {m['name']}{m['signature']}")
+        streams = "  (stream: sockstack call prints its items)" if m.get("stream") else ""
+        uploads = [p["name"] for p in m.get("params", ()) if p.get("stream")]
+        if uploads:
+            streams += f"  (upload: {uploads[0]} is an item stream, client.upload())"
+        lines.append(f"  {m['name']}{m['signature']}{streams}")
         first = _first_line(m.get("doc", ""))
         if first:
             lines.append(f"      {first}")

@@ -39,11 +39,25 @@ _DEFAULT_LIMITS = ServerLimits()
 _log = logging.getLogger("sockstack.cli")
 
 
-def load_service(spec: str) -> object:
+def _positive_seconds(text: str) -> float:
+    """argparse type: a number of seconds above 0 (finite)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0 seconds")
+    return value
+
+
+def load_service(spec: str, create: bool = True) -> object:
     """``module:Class`` (a module importable from the current directory) or
     ``path/to/file.py:Class`` (the file's directory is put first on ``sys.path``, as Python does
     for a script, so its own imports work) -> a service instance. ``Class`` is instantiated with
-    no arguments; a name that is not a class is served as it is (an instance).
+    no arguments; a name that is not a class is served as it is (an instance). ``create=False``
+    (``--workers``' supervisor, which serves nothing): the class is imported and its signature
+    checked, not instantiated (each worker creates its own: N instances, not N + 1; a service
+    whose ``__init__`` opens a database connection opens one per worker).
 
     Whatever keeps the service from loading (no such module or file, a syntax error, an
     exception while importing, a class whose ``__init__`` needs arguments) is a
@@ -104,6 +118,8 @@ def load_service(spec: str) -> object:
         ) from None
     except ValueError:
         pass  # no signature to check (a builtin): let the call say
+    if not create:
+        return obj
     try:
         return obj()
     except Exception as exc:
@@ -152,6 +168,7 @@ async def _serve(args: argparse.Namespace) -> int:
         max_partial_bytes=args.max_partial_bytes,
         max_datagram=args.max_datagram,
         drain_timeout=args.drain_timeout,
+        work_slice=args.work_slice,
     )
     metrics, metrics_at = _metrics(args)
     try:
@@ -238,7 +255,8 @@ def _serve_workers(args: argparse.Namespace) -> int:
     from sockstack.host.workers import run_workers
 
     if args.service:
-        load_service(args.service)  # fail here, once, rather than in every worker
+        # Fail here, once, rather than in every worker; the workers create the service.
+        load_service(args.service, create=False)
     tcp, udp, tls = args.tcp or [], args.udp or [], args.tls or []
     if not tcp and not udp and not tls:
         tcp, udp = [f"127.0.0.1:{DEFAULT_TCP_PORT}"], [f"127.0.0.1:{DEFAULT_UDP_PORT}"]
@@ -254,6 +272,7 @@ def _serve_workers(args: argparse.Namespace) -> int:
         f"--max-connections-per-address={args.max_connections_per_address}",
         f"--max-handshakes-per-address={args.max_handshakes_per_address}",
         f"--max-partial-bytes={args.max_partial_bytes}",
+        f"--work-slice={args.work_slice}",
         f"--frame-timeout={args.frame_timeout}",
         f"--max-outbound={args.max_outbound}",
         f"--handshake-timeout={args.handshake_timeout}",
@@ -320,6 +339,8 @@ def banner(server: Server, args: argparse.Namespace) -> list[str]:
             url = (stream or dgram) if scheme == "tcp" else (dgram or stream)
             if url:
                 tries.append(f"sockstack call {url} {call}{extra}")
+        if stream:  # a stream: its items print as they come
+            tries.append(f"sockstack call {stream} count 5 --kw interval=0.2{extra}")
     elif plain and not is_broker:
         tries.append(f"sockstack ping {stream or dgram} --count 3{extra}")
     if plain and not is_broker:
@@ -459,6 +480,15 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         default=_DEFAULT_LIMITS.max_partial_bytes,
         help="bytes held for unfinished frames over all connections; a connection that would "
         f"go beyond gets CLOSE BUSY (default {_DEFAULT_LIMITS.max_partial_bytes:,})",
+    )
+    common.add_argument(
+        "--work-slice",
+        type=_positive_seconds,
+        default=_DEFAULT_LIMITS.work_slice,
+        metavar="SECONDS",
+        help="work on one read's events before other connections get a turn (a burst of "
+        "publishes fanned out, a burst of pipelined calls); the rest waits a loop turn "
+        f"(default {_DEFAULT_LIMITS.work_slice:g})",
     )
     common.add_argument(
         "--frame-timeout",

@@ -23,6 +23,15 @@ pulled in batches as long as the window has room, so one stream holds a worker o
 produces); an async generator runs on the loop. The generator is closed whatever ends the call:
 its last item, an exception, CANCEL, the deadline, a lost connection (its ``finally`` runs).
 Called without STREAM, a generator method is refused with STREAM_MISMATCH and does not run.
+
+A method with a parameter annotated ``Iterator[T]`` or ``Iterable[T]`` (``def``), or
+``AsyncIterator[T]`` or ``AsyncIterable[T]`` (``async def``), takes an uploaded item stream
+(PROTOCOL.md §4.4): called with the UPLOAD flag, the host gives that parameter an iterator over
+the items the client sends (the call context's ``upload``, an :class:`ItemSource`); each item
+is converted to ``T`` as an argument is (a mismatch ends the call with BAD_ARGUMENTS naming the
+parameter and the item's index). The parameter is the last positional-or-keyword parameter or a
+keyword-only one; the REQUEST's arguments fill the others. Called without UPLOAD (or a method
+without such a parameter called with it), the call is refused with STREAM_MISMATCH.
 """
 
 from __future__ import annotations
@@ -35,7 +44,17 @@ import functools
 import inspect
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import typing
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -53,9 +72,11 @@ __all__ = [
     "Dispatcher",
     "Handler",
     "ItemSink",
+    "ItemSource",
     "Outcome",
     "ServiceError",
     "TypeCheck",
+    "UploadParam",
     "make_handler",
 ]
 
@@ -122,6 +143,161 @@ class ItemSink(Protocol):
         ...
 
 
+class ItemSource(Protocol):
+    """Where an upload's items come from (the host's side of one upload: PROTOCOL.md §4.4):
+    the items the client sent, in order, granted back by CREDIT as they are taken."""
+
+    def take(self) -> tuple[bool, Any]:
+        """In a worker thread: (True, the next item's value), blocking until one came, or
+        (False, None) after the last. Raises :class:`CallAborted` once the call was stopped
+        (CANCEL, deadline, lost connection, a broken window)."""
+        ...
+
+    async def take_async(self) -> tuple[bool, Any]:
+        """On the loop: as :meth:`take`."""
+        ...
+
+    def close(self) -> None:
+        """The call ended: items still queued and any later ones are dropped."""
+        ...
+
+
+class _ItemRefused(Exception):
+    """An uploaded item that does not fit its parameter's type: raised in the method; the
+    call's outcome is BAD_ARGUMENTS whatever the method does with it."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome[1][2])
+        self.outcome = outcome
+
+
+class _Upload:
+    """The iterator a method's item-stream parameter receives (sync and async forms)."""
+
+    __slots__ = ("failure", "index", "method", "param", "source", "str_keys")
+
+    def __init__(self, source: ItemSource, method: str, param: UploadParam, str_keys: bool):
+        self.source = source
+        self.method = method
+        self.param = param
+        self.str_keys = str_keys
+        self.index = 0
+        self.failure: Outcome | None = None
+
+    def _convert(self, value: Any) -> Any:
+        check = self.param.check
+        index = self.index
+        self.index = index + 1
+        if check is None or type(value) in check.fast:
+            return value
+        try:
+            return check.convert(value, self.str_keys)
+        except CodecError as exc:
+            message = (
+                f"{self.method}(): parameter {self.param.name!r}, item {index}: expects "
+                f"{_type_name(check.annotation)}, got {_got(value)}"
+            )
+            detail = str(exc)
+            if detail and not (detail.startswith("Expected `") and " - at " not in detail):
+                message += f" ({detail})"
+            self.failure = (False, (ErrorCode.BAD_ARGUMENTS, "BAD_ARGUMENTS", message))
+            self.source.close()  # the call ends with this: later items are dropped
+            raise _ItemRefused(self.failure) from None
+
+    def _fail_again(self) -> None:
+        if self.failure is not None:  # taken again after the refusal: it stays refused
+            raise _ItemRefused(self.failure)
+
+
+class _SyncUpload(_Upload, Iterator[Any]):
+    __slots__ = ()
+
+    def __iter__(self) -> _SyncUpload:
+        return self
+
+    def __next__(self) -> Any:
+        self._fail_again()
+        more, value = self.source.take()
+        if not more:
+            raise StopIteration
+        return self._convert(value)
+
+
+class _AsyncUpload(_Upload, AsyncIterator[Any]):
+    __slots__ = ()
+
+    def __aiter__(self) -> _AsyncUpload:
+        return self
+
+    async def __anext__(self) -> Any:
+        self._fail_again()
+        more, value = await self.source.take_async()
+        if not more:
+            raise StopAsyncIteration
+        return self._convert(value)
+
+
+@dataclass(frozen=True, slots=True)
+class UploadParam:
+    """A method's item-stream parameter (PROTOCOL.md §4.4)."""
+
+    name: str
+    annotation: Any
+    """Each item's annotation (``T`` of ``Iterator[T]``), ``inspect.Parameter.empty`` if
+    none."""
+    check: TypeCheck | None
+    """How each item is checked (None: not checked)."""
+    signature: inspect.Signature
+    """The method's signature without this parameter: what the REQUEST's arguments bind to."""
+
+
+_SYNC_ITERS = (Iterator, Iterable)
+_ASYNC_ITERS = (AsyncIterator, AsyncIterable)
+
+
+def _upload_param(
+    name: str, sig: inspect.Signature, is_async: bool, streaming: int
+) -> UploadParam | None:
+    """The method's item-stream parameter, None if it has none; TypeError for one the host
+    cannot fill (two of them, one in the wrong place or of the wrong flavour)."""
+    found = []
+    for p in sig.parameters.values():
+        origin = typing.get_origin(p.annotation) or p.annotation
+        if origin in _SYNC_ITERS or origin in _ASYNC_ITERS:
+            found.append((p, origin in _ASYNC_ITERS))
+    if not found:
+        return None
+    if len(found) > 1:
+        raise TypeError(f"method {name!r}: at most one parameter takes an item stream")
+    p, is_async_iter = found[0]
+    if streaming:
+        raise TypeError(
+            f"method {name!r}: a generator method cannot take an item stream too (a call both "
+            "streamed and uploaded is not supported)"
+        )
+    if is_async_iter != is_async:
+        want = "AsyncIterator[T] (async def)" if is_async else "Iterator[T] (def)"
+        raise TypeError(f"method {name!r}: parameter {p.name!r} must be annotated {want}")
+    params = list(sig.parameters.values())
+    later = params[params.index(p) + 1 :]
+    if p.kind is p.POSITIONAL_ONLY or (
+        p.kind is p.POSITIONAL_OR_KEYWORD
+        and any(q.kind in (q.POSITIONAL_OR_KEYWORD, q.VAR_POSITIONAL) for q in later)
+    ):
+        raise TypeError(
+            f"method {name!r}: parameter {p.name!r} (the item stream) must be the last "
+            "positional parameter, or keyword-only"
+        )
+    args = typing.get_args(p.annotation)
+    each = args[0] if args else inspect.Parameter.empty
+    return UploadParam(
+        p.name,
+        each,
+        type_check(p.name, each),
+        sig.replace(parameters=[q for q in params if q is not p]),
+    )
+
+
 class _BadItem(Exception):
     """An item the stream could not carry: the call ends with this outcome."""
 
@@ -173,6 +349,10 @@ def _pull(gen: Any, room: int, sink: ItemSink) -> tuple[bool, Any]:
         room -= len(frame) - 16
         push(frame)
     return False, None
+
+
+def _mismatch(message: str) -> Outcome:
+    return False, (ErrorCode.STREAM_MISMATCH, "STREAM_MISMATCH", message)
 
 
 def _stopped(code: int) -> Outcome:
@@ -324,6 +504,8 @@ class Handler:
     streaming: int = 0
     """SYNC_GENERATOR (1) or ASYNC_GENERATOR (2): the method streams its items; 0: it does
     not."""
+    upload: UploadParam | None = None
+    """Its item-stream parameter (it takes an upload), None without."""
 
     def check_arguments(self, args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
         """None when the arguments fit the signature, else a message saying why not."""
@@ -449,10 +631,15 @@ def make_handler(
     if streaming:
         inline = False  # its items are pulled by the stream's pump, never inline
     is_async = inspect.iscoroutinefunction(func)
+    upload = _upload_param(name, sig, is_async, streaming)
+    if upload is not None:
+        inline = False  # it waits for the client's items: a worker thread, or a task
     positional: list[TypeCheck | None] = []
     var_positional: TypeCheck | None = None
     keywords: dict[str, TypeCheck] = {}
     for p in sig.parameters.values():
+        if upload is not None and p.name == upload.name:
+            continue  # the host fills it (by keyword); the request's arguments fill the rest
         check = type_check(p.name, p.annotation)
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
             positional.append(check)
@@ -473,7 +660,11 @@ def make_handler(
         min_pos,
         max_pos if max_pos >= 0 else -1,
         accepts_kwargs,
-        simple=not is_async and not streaming and max_pos >= 0 and not accepts_kwargs,
+        simple=not is_async
+        and not streaming
+        and upload is None
+        and max_pos >= 0
+        and not accepts_kwargs,
         max_keywords=-1
         if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
         else sum(p.kind is not p.VAR_POSITIONAL for p in sig.parameters.values()),
@@ -489,6 +680,7 @@ def make_handler(
         returns=returns,
         errors=errors,
         streaming=streaming,
+        upload=upload,
     )
 
 
@@ -573,6 +765,8 @@ class Dispatcher:
                 if handler.returns is None or type(result) in handler.returns.fast:
                     return True, result
                 return self._checked((True, result), handler, req)
+        if handler.upload is not None or req.upload:
+            return self._dispatch_upload(handler, req)
         if handler.streaming and not req.stream:
             return False, (
                 ErrorCode.STREAM_MISMATCH,
@@ -730,6 +924,69 @@ class Dispatcher:
         else:
             submit()
 
+    # ---------------------------------------------------------------- uploads
+
+    def _dispatch_upload(self, handler: Handler, req: Request) -> Outcome | Awaitable[Outcome]:
+        """A call of a method taking an item stream, or one made with UPLOAD (PROTOCOL.md
+        §4.4): both must hold, and the call must come with the host's item source."""
+        up = handler.upload
+        if up is None:
+            return _mismatch(
+                f"method {req.method!r} takes no item stream: call it without upload()"
+            )
+        if not req.upload or req.stream:
+            what = "with upload() alone" if req.stream else "with upload() (over TCP or TLS)"
+            return _mismatch(
+                f"method {req.method!r} takes an item stream (parameter {up.name!r}): call it "
+                + what
+            )
+        ctx = served_context(CURRENT_CALL.get())
+        source = None if ctx is None else ctx.upload
+        if source is None:  # dispatched outside a stream session (tests of the dispatcher)
+            return _mismatch("uploads need TCP or TLS")
+        try:
+            up.signature.bind(*req.args, **req.kwargs)
+        except TypeError as exc:
+            problem = f"{handler.name}{handler.signature}: {exc}"
+            return False, (ErrorCode.BAD_ARGUMENTS, "BAD_ARGUMENTS", problem)
+        if handler.positional is not None or handler.keywords is not None:
+            converted = handler.convert_arguments(req.args, req.kwargs, req.codec == _JSON_CODEC)
+            if isinstance(converted, str):
+                return False, (ErrorCode.BAD_ARGUMENTS, "BAD_ARGUMENTS", converted)
+            req = dataclasses.replace(req, args=converted[0], kwargs=converted[1])
+        return self._run_upload(handler, up, req, source)
+
+    async def _run_upload(
+        self, handler: Handler, up: UploadParam, req: Request, source: ItemSource
+    ) -> Outcome:
+        str_keys = req.codec == _JSON_CODEC
+        items: _Upload = (
+            _AsyncUpload(source, req.method, up, str_keys)
+            if handler.is_async
+            else _SyncUpload(source, req.method, up, str_keys)
+        )
+        kwargs = {**req.kwargs, up.name: items}
+        try:
+            if handler.is_async:
+                outcome: Outcome = True, await handler.func(*req.args, **kwargs)
+            else:
+                loop = asyncio.get_running_loop()
+                call = functools.partial(handler.func, *req.args, **kwargs)
+                run = contextvars.copy_context().run
+                result = await loop.run_in_executor(self.executor, run, run_guarded, call)
+                outcome = True, result
+        except CallAborted as exc:
+            outcome = exc.outcome()
+        except _ItemRefused as exc:
+            outcome = exc.outcome
+        except Exception as exc:
+            outcome = self._failure(req, exc)
+        finally:
+            source.close()  # answered (or stopped): later items are dropped
+        if items.failure is not None:  # an item refused: whatever the method did with it
+            return items.failure
+        return self._checked(outcome, handler, req)
+
     # ---------------------------------------------------------------- interceptors
 
     def _dispatch_intercepted(self, req: Request) -> Outcome | Awaitable[Outcome]:
@@ -800,9 +1057,9 @@ class Dispatcher:
                 if code:  # stopped by its deadline or a CANCEL: the host answers that
                     name = ErrorCode(code).name
                     message = (
-                        "the call was stopped"
-                        if code == ErrorCode.CANCELLED
-                        else ("the call's deadline passed; it did not finish")
+                        "the call's deadline passed; it did not finish"
+                        if code == ErrorCode.DEADLINE_EXCEEDED
+                        else "the call was stopped"  # CANCEL, or an upload's broken item
                     )
                     for hook in hooks.error:
                         await await_quietly(

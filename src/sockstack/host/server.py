@@ -42,6 +42,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -75,8 +76,10 @@ from sockstack.protocol.events import (
     Cancel,
     ConnectionTerminated,
     Credit,
+    Error,
     Event,
     HandshakeComplete,
+    Item,
     PatternMessage,
     ProtocolViolation,
     Request,
@@ -91,7 +94,7 @@ from sockstack.protocol.messages import (
     encode_error,
 )
 from sockstack.protocol.registry import Registry
-from sockstack.rpc.context import CallContext, LazyContext
+from sockstack.rpc.context import CallAborted, CallContext, LazyContext
 from sockstack.transport.ratelog import RateLimitedLog
 from sockstack.transport.secret import normalize_secret
 from sockstack.transport.urls import Endpoint, format_peer, is_loopback_host, parse_endpoint
@@ -122,11 +125,22 @@ _LATE: Outcome = (
 )
 
 
+_STOPPED: dict[int, str] = {
+    ErrorCode.WINDOW_EXCEEDED: "the client sent items beyond the upload's flow-control window "
+    f"of {STREAM_WINDOW} bytes; the call was stopped and its items dropped",
+    ErrorCode.DECODE_ERROR: "an item of the upload could not be decoded; the call was stopped",
+}
+
+
 def _aborted(code: int) -> Outcome:
-    """The answer of a call stopped by its deadline or by its client's CANCEL."""
+    """The answer of a call stopped by its deadline, by its client's CANCEL, or (an upload) by
+    an item that broke the window or could not be read (DECODE_ERROR, UNSUPPORTED_CODEC)."""
     if code == ErrorCode.CANCELLED:
         return False, (code, "CANCELLED", "the call was cancelled by the client")
-    return False, (code, "DEADLINE_EXCEEDED", "the call's deadline passed; it did not finish")
+    if code == ErrorCode.DEADLINE_EXCEEDED:
+        return False, (code, "DEADLINE_EXCEEDED", "the call's deadline passed; it did not finish")
+    message = _STOPPED.get(code, "an item of the upload could not be read; the call was stopped")
+    return False, (code, ErrorCode.describe(code).split(" (")[0], message)
 
 
 def _context(req: Request, transport: str, peer: Any) -> CallContext | None:
@@ -174,6 +188,8 @@ class _Run:
         if ctx.abort_code:
             return
         ctx.abort_code = code
+        if ctx.upload is not None:
+            ctx.upload.close()  # a method waiting for an item wakes up and stops
         task = self.task
         if self.started and task is not None and not task.done():
             task.cancel()  # not started yet: it sees abort_code first and does not run
@@ -327,6 +343,139 @@ class _ItemOut:
             self.push(frame)
 
 
+class _ItemIn:
+    """One upload's items on a connection (the host's ``ItemSource``, PROTOCOL.md §4.4): the
+    client's ITEMs queued in order, their body bytes counted against the window
+    (STREAM_WINDOW) until granted back by CREDIT as the method takes them (in batches of half
+    the window). An ITEM beyond the window stops the call (ERROR WINDOW_EXCEEDED) and drops its
+    items: the queue never holds more than the window plus one item. Fed on the loop; taken on
+    the loop (async methods) or in a worker thread (def methods, blocking until an item)."""
+
+    __slots__ = (
+        "_cond",
+        "_waiter",
+        "closed",
+        "conn",
+        "ctx",
+        "ended",
+        "items",
+        "rid",
+        "unacked",
+        "untold",
+    )
+
+    def __init__(self, conn: _HostStream, rid: int, ctx: CallContext) -> None:
+        self.conn = conn
+        self.rid = rid
+        self.ctx = ctx
+        self.items: deque[tuple[Any, int]] = deque()
+        self.unacked = 0  # bytes received, not granted back (loop only)
+        self.untold = 0  # bytes taken, not granted yet (the taker's)
+        self.ended = False  # the ITEM with END came
+        self.closed = False  # the call ended: items dropped
+        self._cond = threading.Condition(threading.Lock())
+        self._waiter: asyncio.Future[None] | None = None
+
+    def feed(self, ev: Item) -> None:
+        """On the loop: an ITEM of this upload."""
+        if self.closed or self.ended:
+            return  # after the END, or the call ended: dropped
+        if not ev.end and self.unacked >= STREAM_WINDOW:
+            self.conn._upload_broken(self)
+            return
+        with self._cond:
+            if ev.end:
+                self.ended = True
+            else:
+                self.items.append((ev.value, ev.size))
+                self.unacked += ev.size
+            self._cond.notify()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _stopped(self) -> CallAborted:
+        return CallAborted(self.ctx.abort_code or ErrorCode.CANCELLED)
+
+    def _took(self, size: int) -> None:
+        """``size`` bytes taken: grant them back once they reach half the window."""
+        untold = self.untold + size
+        if untold < STREAM_WINDOW // 2:
+            self.untold = untold
+            return
+        self.untold = 0
+        if threading.get_ident() == self.conn._loop_thread:
+            self._grant(untold)
+        else:
+            try:
+                self.conn.loop.call_soon_threadsafe(self._grant, untold)
+            except RuntimeError:  # the loop is closed (server stopped)
+                pass
+
+    def _grant(self, granted: int) -> None:
+        self.unacked = max(self.unacked - granted, 0)
+        core = self.conn.core
+        if not self.closed and core is not None and core.state is State.OPEN:
+            core.send_credit(self.rid, granted)
+            self.conn.flush_soon()
+
+    def take(self) -> tuple[bool, Any]:
+        with self._cond:
+            while True:
+                if self.closed:
+                    raise self._stopped()
+                if self.items:
+                    value, size = self.items.popleft()
+                    break
+                if self.ended:
+                    return False, None
+                self._cond.wait()
+        self._took(size)
+        return True, value
+
+    async def take_async(self) -> tuple[bool, Any]:
+        while True:
+            if self.closed:
+                raise self._stopped()
+            if self.items:
+                with self._cond:
+                    value, size = self.items.popleft()
+                self._took(size)
+                return True, value
+            if self.ended:
+                return False, None
+            waiter = self._waiter = self.conn.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+
+    def close(self) -> None:
+        """The call ended or was stopped (any thread): drop the items, wake the taker."""
+        with self._cond:
+            if self.closed:
+                return
+            self.closed = True
+            self.items.clear()
+            self._cond.notify_all()
+        conn = self.conn
+        if threading.get_ident() == conn._loop_thread:
+            self._forget()
+        else:
+            try:
+                conn.loop.call_soon_threadsafe(self._forget)
+            except RuntimeError:
+                pass
+
+    def _forget(self) -> None:
+        conn = self.conn
+        if conn._item_ins.get(self.rid) is self:
+            del conn._item_ins[self.rid]
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
 class _HostStream(StreamProtocol):
     """One stream connection of the host: the hot path for calls, routing for patterns."""
 
@@ -352,6 +501,8 @@ class _HostStream(StreamProtocol):
         self.kind = "tcp"  # "tls" over TLS: CallContext.transport
         self._running: dict[int, _Run] = {}  # async and threaded calls, by request id (CANCEL)
         self._item_outs: dict[int, _ItemOut] = {}  # streamed calls, by request id (CREDIT)
+        self._item_ins: dict[int, _ItemIn] = {}  # uploads, by request id (their ITEMs)
+        self._loop_thread = threading.get_ident()
         self._flush_scheduled = False
 
     def core_options(self) -> dict[str, Any]:
@@ -434,6 +585,11 @@ class _HostStream(StreamProtocol):
             run = self._running.get(rid)
             if run is not None:
                 run.abort(ErrorCode.CANCELLED)
+        for rid, inbox in list(self._item_ins.items()):  # no more items will come: stop
+            run = self._running.get(rid)
+            if run is not None:
+                run.abort(ErrorCode.CANCELLED)
+            inbox.close()
 
     def flush_soon(self) -> None:
         """Write what the session queued at the end of this loop turn (items of streams)."""
@@ -536,7 +692,7 @@ class _HostStream(StreamProtocol):
             if type(ev) is Request and not draining:
                 # _dispatch and _outcome, inlined for the common case (a call that is not
                 # streamed, answered at once without trailers): no tuple between them.
-                if ev.stream:
+                if ev.stream or ev.upload:
                     outcome, ctx = self._dispatch(ev)
                     self._outcome(ev, outcome, ctx)
                 else:
@@ -602,6 +758,8 @@ class _HostStream(StreamProtocol):
         ctx = _context(req, self.kind, self.peer)
         if ctx is None:
             return _LATE, None
+        if req.upload:
+            return self._dispatch_upload(req, ctx), ctx
         if req.stream:
             ctx.stream = out = _ItemOut(self, req.request_id, req.codec)
             self._item_outs[req.request_id] = out
@@ -613,6 +771,45 @@ class _HostStream(StreamProtocol):
         if req.stream and isinstance(outcome, tuple):  # answered at once: no items
             self._item_outs.pop(req.request_id, None)
         return outcome, ctx
+
+    def _dispatch_upload(self, req: Request, ctx: CallContext) -> Outcome | Awaitable[Outcome]:
+        """An UPLOAD request (PROTOCOL.md §4.4): its items are queued for the method as they
+        come (an ITEM before its REQUEST, or after the call ended, is dropped)."""
+        handler = self.dispatcher.handlers.get(req.method)
+        if handler is not None and handler.upload is None:  # refused before anything is queued
+            return False, (
+                ErrorCode.STREAM_MISMATCH,
+                "STREAM_MISMATCH",
+                f"method {req.method!r} takes no item stream: call it without upload()",
+            )
+        rid = req.request_id
+        old = self._item_ins.get(rid)
+        if old is not None:  # the id of an upload still in flight: that one's items end here
+            old.close()
+        ctx.upload = inbox = _ItemIn(self, rid, ctx)
+        self._item_ins[rid] = inbox
+        token = _set_call(ctx)
+        try:
+            outcome = self.dispatcher.dispatch(req)
+        finally:
+            _reset_call(token)
+        if isinstance(outcome, tuple):  # answered at once (refused): no items wanted
+            inbox.close()
+        return outcome  # (its queue is closed when the call ends: _finish)
+
+    def _upload_broken(self, inbox: _ItemIn) -> None:
+        """The client sent an ITEM beyond its upload's window: stop the call, drop its items."""
+        self.server.bad_log.warning(
+            "client %s: upload %d: an item beyond the flow-control window of %d bytes [%s]",
+            self.peer,
+            inbox.rid,
+            STREAM_WINDOW,
+            ErrorCode.describe(ErrorCode.WINDOW_EXCEEDED),
+        )
+        run = self._running.get(inbox.rid)
+        if run is not None:
+            run.abort(ErrorCode.WINDOW_EXCEEDED)
+        inbox.close()
 
     def _outcome(
         self, req: Request, outcome: Outcome | Awaitable[Outcome], ctx: CallContext | None
@@ -644,6 +841,16 @@ class _HostStream(StreamProtocol):
                 out = self._item_outs.get(ev.request_id)
                 if out is not None:  # else: the stream ended already: ignored
                     out.credit(ev.granted)
+            elif type(ev) is Item:
+                inbox = self._item_ins.get(ev.request_id)
+                if inbox is not None:  # else: not an upload in flight (ended, or never): dropped
+                    inbox.feed(ev)
+            elif type(ev) is Error:  # an upload's ITEM that did not decode (the core's report)
+                inbox = self._item_ins.get(ev.request_id)
+                run = self._running.get(ev.request_id)
+                if inbox is not None and run is not None:
+                    run.abort(ev.code)
+                    inbox.close()
             elif isinstance(ev, Cancel):
                 run = self._running.get(ev.request_id)
                 if run is not None:  # else: answered already, or never ours: ignored
@@ -750,6 +957,9 @@ class _HostStream(StreamProtocol):
                 del self._running[req.request_id]
             self.in_flight -= 1
             self.server._request_done()
+            if req.upload and run.ctx.upload is not None:
+                # However it ended (an interceptor's refusal too): later items are dropped.
+                run.ctx.upload.close()
         self._answer(req, outcome, run.ctx)
         self.flush()
         if self._read_paused and self.in_flight < self.server.limits.max_in_flight // 2:
@@ -902,13 +1112,13 @@ class _HostDatagram(DatagramEndpoint):
                 now,
             )
             return
-        if req.stream:  # refused before anything runs: a datagram cannot carry a stream
+        if req.stream or req.upload:  # refused before anything runs: no stream over a datagram
             self.core.send_error(
                 addr,
                 req.request_id,
                 ErrorCode.STREAM_MISMATCH,
                 "STREAM_MISMATCH",
-                "streams need TCP or TLS",
+                "streams need TCP or TLS" if req.stream else "uploads need TCP or TLS",
                 now,
             )
             return

@@ -187,7 +187,10 @@ def run_workers(
         if interrupted:  # asked to stop while starting: not an error
             return 0
         print(f"sockstack: error: {exc}", file=sys.stderr)
-        return 3
+        # A worker that exited with 2 could not create the service (its __init__ failed: the
+        # supervisor checks the class, the workers create it) and said why: bad usage, as
+        # without --workers. Anything else: 3.
+        return 2 if any(p.returncode == 2 for p in procs) else 3
     finally:
         for sock in held:
             sock.close()

@@ -24,6 +24,8 @@ broker sends it with request id 0, an older one with the delivery id). No call e
 - :class:`Reply` — a result with the server's trailers (``with_metadata=True``).
 - :class:`ItemStream` — a streamed call's items on the client (PROTOCOL.md §4): queued in
   order, counted against the flow-control window, and the CREDIT to grant as they are consumed.
+- :class:`ItemUpload` — an upload's items from the client (PROTOCOL.md §4.4): the bytes sent
+  and not granted back by the server's CREDIT, which say when the next ITEM may go.
 
 Deadlines and cancel in a client (both flavours do the same)::
 
@@ -69,11 +71,13 @@ __all__ = [
     "Calls",
     "Failover",
     "ItemStream",
+    "ItemUpload",
     "OneCall",
     "PendingCall",
     "Reply",
     "ServedCall",
     "budget_ms",
+    "deadline_passed",
     "inherited_timeout",
     "merge_metadata",
     "outcome",
@@ -201,6 +205,15 @@ def remote_error(ev: Error) -> BaseException:
     return typed_error(
         RemoteError(ev.type or ErrorCode.describe(ev.code), ev.message, ev.code, ev.metadata)
     )
+
+
+def deadline_passed(method: str, timeout: float) -> CallTimeout:
+    """What a call fails with when the server answered DEADLINE_EXCEEDED to the deadline it
+    carried: its timeout passed, as when the client's own clock says so first (the two end
+    within a millisecond or so of each other: the server counts the budget from the request's
+    arrival, rounded down to a millisecond), so the caller sees one error for both, in both
+    clients."""
+    return CallTimeout(method, timeout, "the server stopped it at its deadline: it did not finish")
 
 
 def outcome(ev: Answer) -> tuple[bool, Any]:
@@ -479,6 +492,11 @@ class ItemStream:
     def feed(self, ev: Item) -> str | None:
         """Queue an ITEM; None, or what is wrong when the server sent it beyond the window (it
         may send while the bytes it sent and had not granted back are below the window)."""
+        if ev.end:
+            return (
+                f"stream {self.method!r}: the server sent an ITEM with flag END (only a client "
+                "ends an upload)"
+            )
         if self.queued + self.ungranted >= self.window:
             return (
                 f"stream {self.method!r}: the server sent an item beyond the flow-control "
@@ -499,3 +517,48 @@ class ItemStream:
             return value, ungranted
         self.ungranted = ungranted
         return value, 0
+
+
+class ItemUpload:
+    """The client side of one upload (a REQUEST with the UPLOAD flag, PROTOCOL.md §4.4),
+    sans-I/O: the flow-control count both clients keep.
+
+    The client may send an ITEM while the bytes of ITEM bodies it sent and the server has not
+    granted back (CREDIT) are below the window, so it passes the window by one item at most;
+    the last ITEM (flag END, an empty body) may go at any time. Both clients use it the same
+    way::
+
+        rid = calls.new_id(); up = ItemUpload(rid, method)
+        core.send_request(rid, method, args, kwargs, codec, budget_ms=..., upload=True)
+        for each item:   wait until up.may_send() (or the call's answer came: stop sending)
+                         frame = core.item_frame(rid, item, codec); send it; up.sent(frame)
+        then:            send encode_item_end(rid, codec); wait for the call's answer
+        on Credit ev:    up.credit(ev.granted)
+    """
+
+    __slots__ = ("method", "most", "request_id", "unacked", "window")
+
+    def __init__(self, request_id: int, method: str, window: int = STREAM_WINDOW) -> None:
+        self.request_id = request_id
+        self.method = method
+        self.window = window
+        self.unacked = 0
+        """Bytes of ITEM bodies sent, not granted back yet."""
+        self.most = 0
+        """The largest ``unacked`` has been (at most the window plus one item)."""
+
+    def may_send(self) -> bool:
+        """True when the next ITEM may go now."""
+        return self.unacked < self.window
+
+    def sent(self, frame: bytes | int) -> None:
+        """An ITEM went out (its frame, or its body's size)."""
+        size = frame if isinstance(frame, int) else len(frame) - 16
+        unacked = self.unacked = self.unacked + size
+        if unacked > self.most:
+            self.most = unacked
+
+    def credit(self, granted: int) -> None:
+        """The server granted ``granted`` bytes back; never below 0 (a CREDIT cannot grant
+        bytes not sent)."""
+        self.unacked = max(self.unacked - granted, 0)

@@ -71,11 +71,13 @@ from sockstack.protocol.messages import (
     CORE_MESSAGES,
     FEATURE_CANCEL,
     FEATURE_STREAM,
+    FEATURE_UPLOAD,
     FEATURES,
     FLAG_DEADLINE,
     FLAG_KWARGS,
     FLAG_METADATA,
     FLAG_STREAM,
+    FLAG_UPLOAD,
     MAX_BUDGET_MS,
     MAX_HELLO_SIZE,
     MIN_MAX_FRAME,
@@ -134,7 +136,8 @@ _unpack_header = read_header
 _CORE_REGISTRY = Registry([CORE_MESSAGES], frozen=True)
 _DEADLINE = FLAG_DEADLINE
 # A REQUEST's flags the fast path leaves to the general one (which reads them all)
-_CALL_FLAGS = FLAG_KWARGS | FLAG_DEADLINE | FLAG_METADATA | FLAG_STREAM
+_CALL_FLAGS = FLAG_KWARGS | FLAG_DEADLINE | FLAG_METADATA | FLAG_STREAM | FLAG_UPLOAD
+_ITEM_T = int(MessageType.ITEM)
 _budget = struct.Struct(">I")
 _pack_budget = _budget.pack
 _unpack_budget = _budget.unpack_from
@@ -292,15 +295,24 @@ class Connection:
         budget_ms: int | None = None,
         metadata: Metadata | None = None,
         stream: bool = False,
+        upload: bool = False,
     ) -> None:
         """Queue a REQUEST; ``budget_ms`` sets DEADLINE, ``metadata`` METADATA, ``stream``
-        STREAM (send them only to a server whose WELCOME announced them: :attr:`peer_features`)."""
+        STREAM, ``upload`` UPLOAD (send them only to a server whose WELCOME announced them:
+        :attr:`peer_features`)."""
         if self.role is not Role.CLIENT:
             raise LocalProtocolError("only a client sends REQUEST")
         if self.state is not State.OPEN and not self._check_can_send():
             raise LocalProtocolError(f"cannot send a request: session is {self.state.value}")
         meta = _METHOD_BYTES.get(method)
-        if kwargs or not codec.structured or meta is None or metadata is not None or stream:
+        if (
+            kwargs
+            or not codec.structured
+            or meta is None
+            or metadata is not None
+            or stream
+            or upload
+        ):
             self._out.append(
                 self._fit(
                     encode_request(
@@ -312,6 +324,7 @@ class Connection:
                         budget_ms=budget_ms,
                         metadata=metadata,
                         stream=stream,
+                        upload=upload,
                     )
                 )
             )
@@ -468,9 +481,9 @@ class Connection:
         return True
 
     def item_frame(self, request_id: int, value: Any, codec: Codec = MSGPACK) -> bytes:
-        """Server: an ITEM of stream ``request_id``, encoded and checked against the peer's
-        frame limit, not queued (a worker thread may build it; queue it with
-        :meth:`send_message`). Its body's size, what flow control counts, is
+        """An ITEM of stream ``request_id`` (server) or of upload ``request_id`` (client, §4.4),
+        encoded and checked against the peer's frame limit, not queued (a worker thread may
+        build it; queue it with :meth:`send_message`). Its body's size, what flow control counts, is
         ``len(frame) - 16``. Raises :class:`CodecError`, or :class:`LocalProtocolError`
         (FRAME_TOO_LARGE) for an item over the peer's limit."""
         return self._fit(encode_item(request_id, value, codec))
@@ -480,9 +493,14 @@ class Connection:
         """Client: the server announced STREAM (send a STREAM request only then)."""
         return bool(self.peer_features & FEATURE_STREAM)
 
+    @property
+    def can_upload(self) -> bool:
+        """Client: the server announced UPLOAD (send an UPLOAD request only then)."""
+        return bool(self.peer_features & FEATURE_UPLOAD)
+
     def send_credit(self, request_id: int, granted: int) -> bool:
-        """Client: queue a CREDIT granting ``granted`` bytes to stream ``request_id``; False,
-        nothing queued, when the session is not open."""
+        """Queue a CREDIT granting ``granted`` bytes: a client to stream ``request_id``, a
+        server to upload ``request_id``; False, nothing queued, when the session is not open."""
         if self.state is not _OPEN:
             return False
         self._out.append(encode_credit(request_id, granted))
@@ -703,7 +721,9 @@ class Connection:
             except RemoteProtocolError as exc:
                 if exc.code >= 2000:  # request-level: answer ERROR, keep the session
                     events.append(ProtocolViolation(exc.code, exc.message, frame.request_id))
-                    if self.role is Role.CLIENT:
+                    if self.role is Role.CLIENT or t == _ITEM_T:
+                        # A client's undecodable ITEM (an upload's, §4.4) is not answered here:
+                        # the host ends that call if it is in flight (it alone knows).
                         events.append(
                             Error(frame.request_id, exc.code, ErrorCode(exc.code).name, exc.message)
                         )

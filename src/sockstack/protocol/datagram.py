@@ -30,6 +30,7 @@ from sockstack.protocol.events import (
     Error,
     Event,
     Hello,
+    Item,
     Message,
     Metadata,
     Ping,
@@ -549,7 +550,7 @@ class DatagramServer:
         if isinstance(msg, Ping):
             self._out.append((encode_pong(msg.request_id, msg.payload), addr))
             return []
-        if isinstance(msg, Cancel | Credit):  # streams only: dropped, unanswered (PROTOCOL.md §6)
+        if isinstance(msg, Cancel | Credit | Item):  # streams and uploads only: dropped, unanswered
             return []
         if isinstance(msg, Hello):
             # Answered only with no more bytes than it carried (a spoofed HELLO must not make

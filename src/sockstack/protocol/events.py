@@ -141,6 +141,8 @@ class Request:
     metadata: Metadata | None = None
     stream: bool = False
     """Flag STREAM: the caller accepts a streamed result (ITEMs, then the one answer)."""
+    upload: bool = False
+    """Flag UPLOAD: an argument follows as ITEMs from the caller, then an ITEM with END."""
 
 
 @message
@@ -174,19 +176,22 @@ class Cancel:
 
 @message
 class Item:
-    """ITEM (server -> client): one item of the streamed result of call ``request_id``.
-    ``size``: the bytes of its body (what flow control counts)."""
+    """ITEM: one item of the streamed result of call ``request_id`` (server -> client), or of
+    its uploaded argument (client -> server, §4.4). ``size``: the bytes of its body (what flow
+    control counts); ``end``: flag END, an upload's last ITEM (no value, size 0)."""
 
     request_id: int
     value: Any = None
     codec: int = 1
     size: int = 0
+    end: bool = False
 
 
 @message
 class Credit:
-    """CREDIT (client -> server): ``granted`` more bytes of ITEM bodies for stream
-    ``request_id``. Not a request: never answered."""
+    """CREDIT: ``granted`` more bytes of ITEM bodies for stream ``request_id`` (client ->
+    server), or for upload ``request_id`` (server -> client, §4.4). Not a request: never
+    answered."""
 
     request_id: int
     granted: int = 0

@@ -48,10 +48,13 @@ __all__ = [
     "FEATURE_DEADLINE",
     "FEATURE_METADATA",
     "FEATURE_STREAM",
+    "FEATURE_UPLOAD",
     "FLAG_DEADLINE",
+    "FLAG_END",
     "FLAG_KWARGS",
     "FLAG_METADATA",
     "FLAG_STREAM",
+    "FLAG_UPLOAD",
     "MAX_HELLO_EXTENSIONS",
     "MAX_HELLO_SIZE",
     "MAX_METADATA_ENTRIES",
@@ -80,6 +83,7 @@ __all__ = [
     "encode_error",
     "encode_hello",
     "encode_item",
+    "encode_item_end",
     "encode_metadata",
     "encode_ping",
     "encode_pong",
@@ -104,6 +108,11 @@ type, or nothing), one 0x00 byte and a msgpack map of string keys to str or byte
 FLAG_STREAM = 0x10
 """REQUEST flag: the caller accepts a streamed result (ITEMs under flow control, then the call's
 one RESPONSE or ERROR). TCP and TLS only."""
+FLAG_UPLOAD = 0x20
+"""REQUEST flag: an argument of the call follows as ITEMs from the client, under flow control,
+ended by an ITEM with flag END (PROTOCOL.md §4.4). TCP and TLS only."""
+FLAG_END = 0x01
+"""ITEM flag (client -> server, an upload's): no more items; the body is empty."""
 STREAM_WINDOW = 262_144
 """Bytes of ITEM bodies a server may have sent on one stream and not yet had granted back by
 CREDIT (it may pass it by one item): the flow-control window every STREAM request starts with."""
@@ -114,7 +123,8 @@ FEATURE_DEADLINE = 1 << 0
 FEATURE_METADATA = 1 << 1
 FEATURE_CANCEL = 1 << 2
 FEATURE_STREAM = 1 << 3
-FEATURES = FEATURE_DEADLINE | FEATURE_METADATA | FEATURE_CANCEL | FEATURE_STREAM
+FEATURE_UPLOAD = 1 << 4
+FEATURES = FEATURE_DEADLINE | FEATURE_METADATA | FEATURE_CANCEL | FEATURE_STREAM | FEATURE_UPLOAD
 """What this implementation understands (announced by its servers)."""
 
 MAX_METADATA_ENTRIES = 64
@@ -288,17 +298,20 @@ def encode_request(
     budget_ms: int | None = None,
     metadata: Metadata | None = None,
     stream: bool = False,
+    upload: bool = False,
 ) -> bytes:
     """REQUEST bytes. Raises :class:`CodecError` (nothing is sent) if the arguments don't
     encode, :class:`LocalProtocolError` for bad metadata or a meta section over 4,096 bytes.
     ``budget_ms``: the DEADLINE flag's budget; ``metadata``: the METADATA map; ``stream``: the
-    STREAM flag."""
+    STREAM flag; ``upload``: the UPLOAD flag (its items follow as ITEMs, §4.4)."""
     name = _utf8(method, "method name")
     if 0 in name:
         raise LocalProtocolError("a method name never contains a NUL character")
     meta, flags = _meta_with(name, metadata, budget_ms, "REQUEST meta (method name, metadata)")
     if stream:
         flags |= FLAG_STREAM
+    if upload:
+        flags |= FLAG_UPLOAD
     if codec.structured:
         if kwargs:
             body = codec.encode([list(args), kwargs])
@@ -349,6 +362,11 @@ def encode_item(request_id: int, value: Any, codec: Codec = MSGPACK) -> bytes:
     """ITEM bytes: one item of stream ``request_id``. Raises :class:`CodecError` if it does
     not encode."""
     return encode_frame(MessageType.ITEM, request_id, b"", codec.encode(value), 0, codec.id)
+
+
+def encode_item_end(request_id: int, codec: Codec = MSGPACK) -> bytes:
+    """The ITEM with flag END that ends upload ``request_id`` (an empty body, §4.4)."""
+    return encode_frame(MessageType.ITEM, request_id, b"", b"", FLAG_END, codec.id)
 
 
 def encode_credit(request_id: int, granted: int) -> bytes:
@@ -490,8 +508,11 @@ def _decode_request(f: Frame) -> Request:
         meta, metadata, budget = split_meta(meta, f.flags, "REQUEST")
     method = _text(meta, "method name", ErrorCode.DECODE_ERROR)
     stream = bool(f.flags & FLAG_STREAM)
+    upload = bool(f.flags & FLAG_UPLOAD)
     if not codec.structured:
-        return Request(f.request_id, method, (f.body,), {}, codec.id, budget, metadata, stream)
+        return Request(
+            f.request_id, method, (f.body,), {}, codec.id, budget, metadata, stream, upload
+        )
     try:
         value = codec.decode(f.body)
     except CodecError as exc:
@@ -508,12 +529,14 @@ def _decode_request(f: Frame) -> Request:
                 "REQUEST with the KWARGS flag must carry [array, map of string keys]",
                 ErrorCode.DECODE_ERROR,
             )
-        return Request(f.request_id, method, value[0], value[1], codec.id, budget, metadata, stream)
+        return Request(
+            f.request_id, method, value[0], value[1], codec.id, budget, metadata, stream, upload
+        )
     if not isinstance(value, list):
         raise RemoteProtocolError(
             "REQUEST body must be an array of arguments", ErrorCode.DECODE_ERROR
         )
-    return Request(f.request_id, method, value, {}, codec.id, budget, metadata, stream)
+    return Request(f.request_id, method, value, {}, codec.id, budget, metadata, stream, upload)
 
 
 def _decode_response(f: Frame) -> Response:
@@ -551,8 +574,11 @@ def _decode_cancel(f: Frame) -> Cancel:
 
 
 def _decode_item(f: Frame) -> Item:
-    # Meta is not read (an ITEM carries none); flags are none defined.
+    # Meta is not read (an ITEM carries none). Flag END (an upload's last ITEM, §4.4): the body
+    # is empty and not read; other flags are none defined.
     codec = request_codec(f)
+    if f.flags & FLAG_END:
+        return Item(f.request_id, None, codec.id, 0, True)
     try:
         return Item(f.request_id, codec.decode(f.body), codec.id, len(f.body))
     except CodecError as exc:
@@ -620,9 +646,9 @@ CORE_MESSAGES = MessageSet(
         MessageSpec(MessageType.CLOSE, "CLOSE", _decode_close, BOTH),
         MessageSpec(MessageType.CANCEL, "CANCEL", _decode_cancel, frozenset({Role.CLIENT})),
         MessageSpec(
-            MessageType.ITEM, "ITEM", _decode_item, frozenset({Role.SERVER}), fast=_fast_item
-        ),
-        MessageSpec(MessageType.CREDIT, "CREDIT", _decode_credit, frozenset({Role.CLIENT})),
+            MessageType.ITEM, "ITEM", _decode_item, BOTH, fast=_fast_item
+        ),  # a server's for a stream (§4.3), a client's for an upload (§4.4)
+        MessageSpec(MessageType.CREDIT, "CREDIT", _decode_credit, BOTH),
     ),
 )
 """The session and call messages every sockstack session speaks (docs/PROTOCOL.md §3)."""

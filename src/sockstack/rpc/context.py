@@ -80,6 +80,7 @@ class CallContext:
         "stream",
         "trailers",
         "transport",
+        "upload",
     )
 
     def __init__(
@@ -107,6 +108,9 @@ class CallContext:
         self.stream: Any = None
         """Host: where a streamed call's items go (a ``host.dispatch.ItemSink``), None for a
         call that is not streamed."""
+        self.upload: Any = None
+        """Host: where an upload's items come from (a ``host.dispatch.ItemSource``), None for
+        a call that is not an upload."""
 
     @property
     def peer(self) -> str:

@@ -1,11 +1,11 @@
 """``rpc.describe``: the built-in method with which a server describes its service.
 
-Every server with an :class:`~sockstack.rpc.pattern.RPC` pattern answers it, over every
-transport, like any other method (PROTOCOL.md §3.3). The answer is one map (its shape is in
-PROTOCOL.md §3.3): the service's name and docstring, each ``@method`` with its signature,
-parameters (name, kind, required, default and annotation as text, JSON Schema), result
-(annotation and JSON Schema) and docstring, the declared error types, and ``$defs``: the
-schemas the others refer to (``{"$ref": "#/$defs/Order"}``). It is what ``sockstack describe``
+Every server with an :class:`~sockstack.rpc.pattern.RPC` pattern answers it, over every transport,
+like any other method (PROTOCOL.md §4.2). The answer is one map (its shape is in PROTOCOL.md §4.2):
+the service's name and docstring, each ``@method`` with its signature, parameters (name, kind,
+required, default and annotation as text, JSON Schema), result (annotation and JSON Schema), for a
+method that streams its items' (``stream``) and docstring, the declared error types, and ``$defs``:
+the schemas the others refer to (``{"$ref": "#/$defs/Order"}``). It is what ``sockstack describe``
 prints and what the HTTP gateway's OpenAPI will be generated from.
 
 The JSON Schemas are msgspec's (:func:`msgspec.json.schema_components`) for the annotations the
@@ -23,6 +23,7 @@ but the methods, with the names of all of them under ``"names"``).
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
 import logging
 import types
@@ -153,6 +154,20 @@ def _doc(obj: Any) -> str:
     return inspect.cleandoc(doc) if isinstance(doc, str) else ""
 
 
+def _stream_parts(annotation: Any) -> tuple[Any, Any]:
+    """(each item's annotation, the result's) of a generator method's return annotation:
+    ``Iterator[T]``, ``AsyncIterator[T]`` (and the Iterable forms) give (T, none),
+    ``Generator[T, S, R]`` gives (T, R), ``AsyncGenerator[T, S]`` (T, none); ``none`` is
+    ``inspect.Parameter.empty``, an undeclared type."""
+    empty = inspect.Parameter.empty
+    args = typing.get_args(annotation)
+    if annotation is empty or not args:
+        return empty, empty
+    if typing.get_origin(annotation) is collections.abc.Generator and len(args) == 3:
+        return args[0], args[2]
+    return args[0], empty
+
+
 class Description:
     """A service's description, built once from its handlers."""
 
@@ -163,8 +178,16 @@ class Description:
         ordered = sorted(handlers.items())
         for _, handler in ordered:
             sig = handler.signature
-            annotations.extend(p.annotation for p in sig.parameters.values())
-            annotations.append(sig.return_annotation)
+            up = handler.upload
+            annotations.extend(
+                up.annotation if up is not None and p.name == up.name else p.annotation
+                for p in sig.parameters.values()
+            )
+            if handler.streaming:  # the result (the generator's return value), then an item
+                each, returned = _stream_parts(sig.return_annotation)
+                annotations += [returned, each]
+            else:
+                annotations.append(sig.return_annotation)
         schemas, defs = _schemas(annotations)
         it = iter(schemas)
         self.methods: dict[str, dict[str, Any]] = {}
@@ -181,17 +204,25 @@ class Description:
                         "default": None if p.default is p.empty else repr(p.default),
                         "annotation": annotation_text(p.annotation),
                         "schema": next(it),
+                        # The item stream of an upload (§4.4): its schema is each item's.
+                        "stream": handler.upload is not None and p.name == handler.upload.name,
                     }
                 )
+            returned = sig.return_annotation
+            item: Any = None
+            if handler.streaming:
+                item, returned = _stream_parts(returned)
+            result = {"annotation": annotation_text(returned), "schema": next(it)}
+            stream = None
+            if handler.streaming:
+                stream = {"annotation": annotation_text(item), "schema": next(it)}
             self.methods[name] = {
                 "name": name,
                 "signature": signature_text(sig),
                 "doc": _doc(handler.func),
                 "params": params,
-                "result": {
-                    "annotation": annotation_text(sig.return_annotation),
-                    "schema": next(it),
-                },
+                "result": result,
+                "stream": stream,
             }
         errors = tuple(getattr(cls, "errors", ()) or ())
         self.head: dict[str, Any] = {

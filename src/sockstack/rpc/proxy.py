@@ -31,6 +31,12 @@ Results come back as the class's return annotations say (``-> list[Order]``: a l
 declares). Arguments are not checked before they are sent: mypy checks
 them in the caller's code, the server when they arrive (``BAD_ARGUMENTS``).
 
+A method of the class that takes an item stream (a parameter annotated ``Iterator[T]``,
+``AsyncIterator[T]`` or the Iterable forms, PROTOCOL.md §4.4) is called with the client's
+``upload()``: ``calc.total(2, iter(rows))`` sends the stream argument's items (given by position
+or by name) and the other arguments with the call (``timeout=`` and ``metadata=`` there are
+``upload()``'s own).
+
 Only the class's methods are methods of the proxy: a service's ``@method``s, under their wire
 names; a Protocol's functions, each under its own name or the one ``@method(name="...")`` on it
 gives. Any other attribute is AttributeError.
@@ -42,7 +48,15 @@ gives. Any other attribute is AttributeError.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
+import typing
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+)
 from typing import Any, Protocol, TypeVar, cast, overload
 
 from sockstack.errors import CodecError, register_error
@@ -55,21 +69,32 @@ _MARK = "__sockstack_method__"  # rpc.service's mark on @method functions
 _JSON = 2  # the JSON codec's id: its maps have text keys
 
 
-_Call = Callable[[str, tuple[Any, ...], dict[str, Any], "TypeCheck | None"], Any]
+_Upload = tuple[str, int]
+"""A method's item-stream parameter: its name and its position among the arguments (-1:
+keyword-only)."""
+_Call = Callable[[str, tuple[Any, ...], dict[str, Any], "TypeCheck | None", "_Upload | None"], Any]
+_ITERS = (Iterator, Iterable, AsyncIterator, AsyncIterable)
 
 
 class _Method:
     """``proxy.name``: call it, or read a further attribute for a dotted name."""
 
-    __slots__ = ("_call", "_check", "_name")
+    __slots__ = ("_call", "_check", "_name", "_upload")
 
-    def __init__(self, call: _Call, name: str, check: TypeCheck | None = None) -> None:
+    def __init__(
+        self,
+        call: _Call,
+        name: str,
+        check: TypeCheck | None = None,
+        upload: _Upload | None = None,
+    ) -> None:
         self._call = call
         self._name = name
         self._check = check
+        self._upload = upload
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call(self._name, args, kwargs, self._check)
+        return self._call(self._name, args, kwargs, self._check, self._upload)
 
     def __getattr__(self, name: str) -> _Method:
         if name.startswith("_"):
@@ -86,7 +111,9 @@ class Proxy:
     __slots__ = ("_call", "_names")
 
     def __init__(
-        self, call: _Call, names: dict[str, tuple[str, TypeCheck | None]] | None = None
+        self,
+        call: _Call,
+        names: dict[str, tuple[str, TypeCheck | None, _Upload | None]] | None = None,
     ) -> None:
         self._call = call
         self._names = names
@@ -119,8 +146,27 @@ def _result_check(func: Any) -> TypeCheck | None:
     return type_check("", annotation)
 
 
-def _methods(interface: type, need_async: bool) -> dict[str, tuple[str, TypeCheck | None]]:
-    """The interface's methods, attribute name -> (wire name, result check): a service's
+def _upload_param(func: Any) -> _Upload | None:
+    """The function's item-stream parameter (after ``self``), None if it has none."""
+    try:
+        sig = inspect.signature(func, eval_str=True)
+    except Exception:
+        try:
+            sig = inspect.signature(func)
+        except Exception:
+            return None
+    for i, p in enumerate(list(sig.parameters.values())[1:]):
+        if (typing.get_origin(p.annotation) or p.annotation) in _ITERS:
+            positional = p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            return p.name, i if positional else -1
+    return None
+
+
+def _methods(
+    interface: type, need_async: bool
+) -> dict[str, tuple[str, TypeCheck | None, _Upload | None]]:
+    """The interface's methods, attribute name -> (wire name, result check, item-stream
+    parameter): a service's
     ``@method``s (under their ``name=``), else every public function (a Protocol's;
     ``@method(name=...)`` on one gives its wire name)."""
     marked: dict[str, str] = {}
@@ -149,7 +195,10 @@ def _methods(interface: type, need_async: bool) -> dict[str, tuple[str, TypeChec
                 "typed proxy needs a class whose methods are all async (a typing.Protocol "
                 "with 'async def' methods), so that mypy expects awaitables"
             )
-    return {attr: (wire, _result_check(functions[attr])) for attr, wire in names.items()}
+    return {
+        attr: (wire, _result_check(functions[attr]), _upload_param(functions[attr]))
+        for attr, wire in names.items()
+    }
 
 
 def _converted(value: Any, check: TypeCheck | None, method: str, str_keys: bool) -> Any:
@@ -178,6 +227,8 @@ class _Requester(Protocol):
         timeout: float | None = ...,
     ) -> Any: ...
 
+    def upload(self, method: str, items: Any, *args: Any, **kwargs: Any) -> Any: ...
+
 
 class _Proxies:
     _proxy_async = False
@@ -198,13 +249,21 @@ class _Proxies:
         asynchronous = getattr(self, "_proxy_async", False)
 
         def call(
-            name: str, args: tuple[Any, ...], kwargs: dict[str, Any], check: TypeCheck | None
+            name: str,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+            check: TypeCheck | None,
+            upload: _Upload | None = None,
         ) -> Any:
+            if upload is not None:
+                pending = _uploaded(self, name, args, kwargs, upload)
+            else:
+                pending = self.request(name, args, kwargs)
             if check is None:
-                return self.request(name, args, kwargs)
+                return pending
             if asynchronous:
-                return _await_converted(self.request(name, args, kwargs), check, name, str_keys)
-            return _converted(self.request(name, args, kwargs), check, name, str_keys)
+                return _await_converted(pending, check, name, str_keys)
+            return _converted(pending, check, name, str_keys)
 
         if interface is None:
             return Proxy(call)
@@ -213,6 +272,23 @@ class _Proxies:
         names = _methods(interface, asynchronous)
         _register_errors(interface)
         return cast(Any, Proxy(call, names))
+
+
+def _uploaded(
+    client: _Requester, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], up: _Upload
+) -> Any:
+    """``client.upload(...)`` with the item-stream argument taken out of the call's arguments
+    (by name, else by position)."""
+    param, index = up
+    if param in kwargs:
+        kwargs = dict(kwargs)
+        items = kwargs.pop(param)
+    elif 0 <= index < len(args):
+        items = args[index]
+        args = args[:index] + args[index + 1 :]
+    else:
+        raise TypeError(f"{name}() needs its item stream {param!r}")
+    return client.upload(name, items, *args, **kwargs)
 
 
 async def _await_converted(

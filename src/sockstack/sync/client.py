@@ -55,8 +55,8 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, NoReturn, Self, cast, overload
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, Self, cast, overload
 
 from sockstack.errors import (
     CallTimeout,
@@ -64,9 +64,11 @@ from sockstack.errors import (
     ConnectionClosed,
     ConnectionLost,
     ErrorCode,
+    LocalProtocolError,
     RemoteError,
+    RemoteProtocolError,
 )
-from sockstack.interceptors import ClientCall, Hooks, merged, run_sync
+from sockstack.interceptors import ClientCall, Hooks, StreamHooks, merged, run_sync
 from sockstack.protocol.auth import (
     NO_EPOCH,
     REFUSAL_SIZE,
@@ -83,9 +85,12 @@ from sockstack.protocol.calls import (
     Backoff,
     Calls,
     Failover,
+    ItemStream,
+    ItemUpload,
     PendingCall,
     Reply,
     budget_ms,
+    deadline_passed,
     inherited_timeout,
     merge_metadata,
     outcome,
@@ -97,8 +102,10 @@ from sockstack.protocol.connection import Connection, State
 from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, RetryPolicy
 from sockstack.protocol.events import (
     ConnectionTerminated,
+    Credit,
     Error,
     Event,
+    Item,
     Metadata,
     PatternMessage,
     Pong,
@@ -108,8 +115,11 @@ from sockstack.protocol.events import (
 from sockstack.protocol.frames import DEFAULT_MAX_FRAME, HEADER_SIZE, MessageType, declared_size
 from sockstack.protocol.messages import (
     FEATURE_DEADLINE,
+    FEATURE_STREAM,
+    FEATURE_UPLOAD,
     MAX_BUDGET_MS,
     MIN_MAX_FRAME,
+    encode_item_end,
     encode_ping,
 )
 from sockstack.transport.settings import (
@@ -124,7 +134,7 @@ from sockstack.transport.tls import handshake_failure, handshake_lost, tls_reaso
 from sockstack.transport.udperr import enable_refusal_reports, refused_request_ids
 from sockstack.transport.urls import Endpoint
 
-__all__ = ["Client", "DatagramConnection", "StreamConnection", "connect"]
+__all__ = ["Client", "DatagramConnection", "ResultStream", "StreamConnection", "connect"]
 
 _RECV = 256 * 1024
 _GATHER_ABOVE = 64 * 1024
@@ -140,17 +150,10 @@ _rng = random.Random()
 _OPEN = State.OPEN
 _CURRENT_CALL = CURRENT_CALL
 _DEADLINE_EXCEEDED = int(ErrorCode.DEADLINE_EXCEEDED)
+_DECODE = int(ErrorCode.DECODE_ERROR)
 _FEATURE_DEADLINE = FEATURE_DEADLINE
 _BUDGET_CAP_S = MAX_BUDGET_MS / 1000  # budget_ms's bound, in seconds
 _monotonic = time.monotonic
-
-
-def _deadline_passed(method: str, timeout: float) -> CallTimeout:
-    """What a call fails with when the server answered DEADLINE_EXCEEDED to the deadline it
-    carried: its timeout passed, as when the client's own clock says so first (the two end
-    within a millisecond or so of each other: the server counts the budget from the request's
-    arrival, rounded down to a millisecond), so the caller sees one error for both."""
-    return CallTimeout(method, timeout, "the server stopped it at its deadline: it did not finish")
 
 
 def _answer(value: Any, with_metadata: bool) -> Any:
@@ -213,6 +216,11 @@ class _Pipeline:
         self._leader: _Slot | None = None
         self._waiting: set[_Slot] = set()  # followers blocked on their event
         self._watchers: set[_Slot] = set()  # read_until's slots (settled by a condition)
+        # Streamed calls in flight (TCP/TLS), by request id: their ITEMs are queued there.
+        self.item_streams: dict[int, ItemStream] = {}
+        self.abandoned: list[Any] = []  # ResultStreams dropped where __del__ could not stop them
+        # Uploads in flight (TCP/TLS), by request id: the server's CREDITs are counted there.
+        self.uploads: dict[int, ItemUpload] = {}
 
     def _register(self, slot: _Slot, method: str, timeout: float, now: float, rid: int = 0) -> int:
         """Record ``slot``'s call (the caller holds ``_mutex``) with a fresh id unless ``rid``
@@ -227,13 +235,20 @@ class _Pipeline:
     def _settle(self, events: Sequence[Any]) -> None:
         """Hand each answer in ``events`` to the call it answers (by request id alone: an answer
         to a call that has stopped waiting is nobody's), and wake the threads whose condition
-        now holds."""
+        now holds. A stream that failed here (an ITEM beyond the window or one that does not
+        decode) is cancelled at once, by this thread, once the mutex is released."""
+        failed: list[int] | None = None
         with self._mutex:
             take = self.calls.take
             for ev in events:
                 if type(ev) is Response or type(ev) is Error or type(ev) is Pong:
                     pending = take(ev)
                     if pending is not None:
+                        if self.item_streams:  # no ITEM follows an answer: stop queueing
+                            stream = self.item_streams.pop(ev.request_id, None)
+                            if stream is not None and type(ev) is Error and ev.code == _DECODE:
+                                # Not the server's answer: an ITEM this client cannot decode.
+                                failed = (failed or []) + [ev.request_id]
                         slot: _Slot = pending  # type: ignore[assignment]  # (no cast call)
                         slot.ok, slot.value = outcome(ev)
                         if type(ev) is Response and ev.metadata is not None:
@@ -241,8 +256,40 @@ class _Pipeline:
                         slot.done = True
                         if slot.event is not None:
                             slot.event.set()
+                elif type(ev) is Item:
+                    if self._queue_item(ev):
+                        failed = (failed or []) + [ev.request_id]
+                elif type(ev) is Credit:
+                    up = self.uploads.get(ev.request_id)
+                    if up is not None:  # else: not an upload in flight (ended, or never)
+                        up.credit(ev.granted)
             if self._watchers:
                 self._wake_watchers()
+        if failed:
+            for rid in failed:
+                self._cancel(rid)
+
+    def _cancel(self, request_id: int) -> None:
+        """Tell the server a call is given up on (TCP/TLS: CANCEL; nothing over UDP)."""
+
+    def _queue_item(self, ev: Item) -> bool:
+        """Queue a streamed call's ITEM (under ``_mutex``); True when it broke the stream: one
+        beyond the flow-control window ends the call here with :class:`RemoteProtocolError`
+        (the caller then sends CANCEL). An ITEM of a stream given up on, or answered, is
+        dropped."""
+        rid = ev.request_id
+        items = self.item_streams.get(rid)
+        if items is None:
+            return False
+        problem = items.feed(ev)
+        if problem is None:
+            return False
+        del self.item_streams[rid]
+        pending = self.calls.pending.pop(rid, None)
+        if pending is not None:
+            slot: _Slot = pending  # type: ignore[assignment]
+            slot.ok, slot.value, slot.done = False, RemoteProtocolError(problem), True
+        return True
 
     def _wake_watchers(self) -> None:
         for slot in self._watchers:  # under _mutex
@@ -312,8 +359,9 @@ class _Pipeline:
         gave_up = False
         with self._mutex:
             slot.left = True
-            if slot.request_id and not slot.done:
-                gave_up = self.calls.forget(slot.request_id) is not None
+            rid = slot.request_id
+            if rid and not slot.done and self.calls.pending.get(rid) is slot:  # (not another
+                gave_up = self.calls.forget(rid) is not None  # table's call of the same id)
             if slot.until is not None:
                 self._watchers.discard(slot)
             waiting = self._waiting
@@ -498,6 +546,8 @@ class StreamConnection(_Pipeline):
                 return  # a connection already dropped (and maybe replaced) by another thread
             self.sock, self.core, self._poller, self.live = None, None, None, False
             self._lead_poller = None
+            self.item_streams.clear()  # their readers hold them: items queued stay readable
+            self.uploads.clear()
             slots = [cast(_Slot, p) for p in self.calls.drain()]
             self._fail(slots + list(self._watchers), error or _lost(self.ep, "connection lost"))
         if sock is not None:
@@ -620,21 +670,15 @@ class StreamConnection(_Pipeline):
                 sent = sock.sendmsg(data)
                 if sent < total:  # finish what the kernel did not take at once
                     sock.sendall(memoryview(b"".join(data))[sent:])
-        except BaseException as exc:
-            self._send_failed(exc, method, sock)
-
-    def _send_failed(self, exc: BaseException, method: str, sock: socket.socket) -> NoReturn:
-        """A write of :meth:`_send` failed with ``exc``: drop the connection (a frame cut short
-        leaves the stream unreadable) and raise what the call fails with."""
-        if isinstance(exc, BlockingIOError | ssl.SSLWantWriteError):  # SO_SNDTIMEO expired
+        except (BlockingIOError, ssl.SSLWantWriteError):  # SO_SNDTIMEO: server not reading
             self.drop(_lost(self.ep, "a write timed out (server not reading)"), sock)
             raise CallTimeout(method, self._sock_timeout, "server not reading") from None
-        if isinstance(exc, OSError):
+        except OSError as exc:
             self.drop(_lost(self.ep, str(exc)), sock)
             raise ConnectionLost(f"{self.ep}: {exc}; the call may or may not have run") from None
-        # interrupted part-way: the stream is not whole any more
-        self.drop(_lost(self.ep, "a write was interrupted"), sock)
-        raise exc
+        except BaseException:  # interrupted part-way: the stream is not whole any more
+            self.drop(_lost(self.ep, "a write was interrupted"), sock)
+            raise
 
     def _set_timeout(self, seconds: float, sock: socket.socket | None = None) -> None:
         sock = self.sock if sock is None else sock
@@ -966,13 +1010,9 @@ class StreamConnection(_Pipeline):
                         data = pieces  # header, meta, body pieces: no copy of the body
                     else:
                         data = b"".join(pieces)
-                if type(data) is bytes and not self._tls:  # (_send inlined: plain TCP)
-                    try:
-                        sock.sendall(data)
-                    except BaseException as exc:
-                        self._send_failed(exc, method, sock)
-                else:
-                    self._send(data, method, sock)
+                # (not inlined: a write in progress shows as a frame of _send, which
+                # test_blocking_threads waits to end before it interrupts the thread)
+                self._send(data, method, sock)
             finally:
                 io.release()
             if self._leader is slot:
@@ -1041,11 +1081,12 @@ class StreamConnection(_Pipeline):
             try:
                 result = self._wait(slot, deadline, method, timeout)
             except RemoteError as exc:
-                if budget is not None and exc.code == _DEADLINE_EXCEEDED:
-                    raise _deadline_passed(method, timeout) from None
+                if exc.code == _DEADLINE_EXCEEDED:  # as our own timer (both clients)
+                    raise deadline_passed(method, timeout) from None
                 raise
         finally:
-            if not slot.left:  # (answered on the fast path: nothing left to do)
+            if not slot.left or self.abandoned:  # (answered on the fast path: unless a
+                # dropped stream waits to be stopped, nothing is left to do)
                 self._leave(slot)  # answered, failed or timed out: a late answer is nobody's
         if with_metadata or type(result) is Reply:
             return _answer(result, with_metadata)
@@ -1055,10 +1096,18 @@ class StreamConnection(_Pipeline):
         """As :meth:`_Pipeline._leave`; a REQUEST given up on (timed out, interrupted) is
         cancelled on the server when it announced CANCEL (PROTOCOL.md §4): it stops the
         work nobody waits for."""
-        if super()._leave(slot) and slot.track:
+        gave_up = super()._leave(slot)
+        if gave_up and slot.track:
             self._cancel(slot.request_id)
-            return True
-        return False
+        abandoned = self.abandoned
+        while abandoned:
+            try:
+                abandoned.pop()._release()
+            except IndexError:
+                break
+            except Exception:
+                pass
+        return gave_up and slot.track
 
     def _cancel(self, request_id: int) -> None:
         """Send CANCEL for ``request_id`` (only to a server that announced it; nothing when
@@ -1072,6 +1121,201 @@ class StreamConnection(_Pipeline):
                     self._send(core.data_to_send(), "CANCEL", sock)
                 except (CallTimeout, ConnectionLost):  # dropped: the calls in flight know
                     pass
+
+    # ------------------------------------------------------------------ streamed calls
+
+    def start_stream(
+        self,
+        method: str,
+        args: Sequence[Any],
+        kwargs: dict[str, Any] | None,
+        codec: Codec,
+        timeout: float,
+        metadata: Mapping[str, str | bytes] | None,
+    ) -> tuple[_Slot, ItemStream]:
+        """Send a REQUEST with the STREAM flag; its ITEMs are queued in the returned
+        :class:`ItemStream` by whichever thread reads, and its answer settles the returned
+        slot (a call of the table, its deadline ``now + timeout``, that no thread waits on:
+        the reader waits with :meth:`read_until`). The caller must :meth:`end_stream` it.
+        :class:`LocalProtocolError` (STREAM_MISMATCH), nothing sent, for a server that does
+        not announce streams."""
+        now = time.monotonic()
+        if _CURRENT_CALL.get() is not None:  # made from inside a served call: its deadline
+            timeout = inherited_timeout(timeout, now)
+        deadline = now + timeout
+        slot = _Slot()
+        self._begin(slot, deadline, method, timeout)
+        with self._io:
+            sock, core = self.sock, self.core
+            if sock is None or core is None or not self.live or core.state is not _OPEN:
+                sock, core = self._relive(deadline, method, timeout)
+            features = core.peer_features
+            if not features & FEATURE_STREAM:
+                raise LocalProtocolError(
+                    f"stream({method!r}): the server does not announce streams (an older "
+                    "server); nothing was sent",
+                    ErrorCode.STREAM_MISMATCH,
+                )
+            _, budget, md = plan_call(timeout, features, self.client.metadata, metadata, now)
+            if budget is not None:
+                budget = budget_ms(deadline - time.monotonic())
+            with self._mutex:
+                rid = self._register(slot, method, timeout, now)
+                items = self.item_streams[rid] = ItemStream(rid, method)
+            try:
+                core.send_request(
+                    rid, method, args, kwargs, codec, budget_ms=budget, metadata=md, stream=True
+                )
+            except BaseException:  # not encodable: nothing was sent
+                self.end_stream(slot, items)
+                raise
+            slot.track = True  # sent: given up on, it is cancelled
+            self._send(core.data_to_send(), method, sock)
+        return slot, items
+
+    def upload(
+        self,
+        method: str,
+        items: Iterable[Any],
+        args: Sequence[Any],
+        kwargs: dict[str, Any] | None,
+        codec: Codec,
+        timeout: float,
+        metadata: Mapping[str, str | bytes] | None,
+    ) -> Any:
+        """An UPLOAD call (PROTOCOL.md §4.4): the REQUEST, then ``items`` as ITEMs under the
+        window (waiting for CREDIT with :meth:`read_until`: whichever thread reads may settle
+        it), then the END; the result (a :class:`Reply` when the RESPONSE had trailers). Stops
+        sending when the answer comes first; a call given up on (timed out, interrupted) sends
+        CANCEL. :class:`LocalProtocolError` (STREAM_MISMATCH), nothing sent, for a server that
+        does not announce uploads."""
+        now = time.monotonic()
+        if _CURRENT_CALL.get() is not None:  # made from inside a served call: its deadline
+            timeout = inherited_timeout(timeout, now)
+        deadline = now + timeout
+        slot = _Slot()
+        self._begin(slot, deadline, method, timeout)
+        with self._io:
+            sock, core = self.sock, self.core
+            if sock is None or core is None or not self.live or core.state is not _OPEN:
+                sock, core = self._relive(deadline, method, timeout)
+            features = core.peer_features
+            if not features & FEATURE_UPLOAD:
+                raise LocalProtocolError(
+                    f"upload({method!r}): the server does not announce uploads (an older "
+                    "server); nothing was sent",
+                    ErrorCode.STREAM_MISMATCH,
+                )
+            _, budget, md = plan_call(timeout, features, self.client.metadata, metadata, now)
+            if budget is not None:
+                budget = budget_ms(deadline - time.monotonic())
+            with self._mutex:
+                rid = self._register(slot, method, timeout, now)
+                up = self.uploads[rid] = ItemUpload(rid, method)
+            try:
+                core.send_request(
+                    rid, method, args, kwargs, codec, budget_ms=budget, metadata=md, upload=True
+                )
+            except BaseException:  # not encodable: nothing was sent
+                with self._mutex:
+                    self.uploads.pop(rid, None)
+                self._leave(slot)
+                raise
+            slot.track = True  # sent: given up on, it is cancelled
+            self._send(core.data_to_send(), method, sock)
+        try:
+            self._send_items(slot, up, items, codec, sock, core, deadline)
+            try:
+                return self._wait(slot, deadline, method, timeout)
+            except RemoteError as exc:
+                if exc.code == _DEADLINE_EXCEEDED:  # as our own timer (both clients)
+                    raise deadline_passed(method, timeout) from None
+                raise
+        except CallTimeout:
+            raise CallTimeout(method, timeout) from None
+        finally:
+            with self._mutex:
+                if self.uploads.get(rid) is up:
+                    del self.uploads[rid]
+            self._leave(slot)  # answered, failed, or given up on (then CANCEL)
+
+    def _send_items(
+        self,
+        slot: _Slot,
+        up: ItemUpload,
+        items: Iterable[Any],
+        codec: Codec,
+        sock: socket.socket,
+        core: Connection,
+        deadline: float,
+    ) -> None:
+        """Send the items while the call waits for its answer, each once the window allows,
+        then the END. An iterator stopped before its end (the answer came first) is closed."""
+        rid, method = up.request_id, up.method
+        source = iter(items)
+        finished = False
+
+        def room() -> bool:
+            return up.may_send() or slot.done
+
+        try:
+            while not slot.done:
+                try:
+                    item = next(source)
+                except StopIteration:
+                    finished = True
+                    break
+                if not up.may_send():
+                    self.read_until(room, deadline - time.monotonic(), method)
+                frame = core.item_frame(rid, item, codec)  # CodecError, LocalProtocolError
+                with self._io:
+                    if slot.done or self.sock is not sock or not self.live:
+                        break  # answered (early, or failed with the connection)
+                    with self._mutex:  # counted before it leaves: its CREDIT may come at once
+                        up.sent(frame)
+                    core.send_message(frame)
+                    self._send(core.data_to_send(), method, sock)
+            if finished:
+                with self._io:
+                    if not slot.done and self.sock is sock and self.live:
+                        core.send_message(encode_item_end(rid, codec))
+                        self._send(core.data_to_send(), method, sock)
+        finally:
+            if not finished:
+                close = getattr(source, "close", None)
+                if close is not None:
+                    try:
+                        close()
+                    except Exception:
+                        pass
+
+    def grant(self, request_id: int, granted: int) -> None:
+        """Send a CREDIT for stream ``request_id`` (nothing when the connection is gone: the
+        stream has failed with it)."""
+        with self._io:
+            sock, core = self.sock, self.core
+            if sock is None or core is None or not self.live:
+                return
+            if core.send_credit(request_id, granted):
+                try:
+                    self._send(core.data_to_send(), "CREDIT", sock)
+                except (CallTimeout, ConnectionLost):  # dropped: the calls in flight know
+                    pass
+
+    def end_stream(self, slot: _Slot, items: ItemStream) -> None:
+        """The reader of a streamed call is done with it (ended, failed, or stopped early: then
+        CANCEL, as for any call given up on)."""
+        with self._mutex:
+            rid = items.request_id
+            if self.item_streams.get(rid) is items:
+                del self.item_streams[rid]
+        self._leave(slot)
+
+    def take_item(self, items: ItemStream) -> tuple[Any, int]:
+        """The next item queued (there is one) and the bytes to grant (under ``_mutex``: the
+        reading thread feeds the same counters)."""
+        with self._mutex:
+            return items.take()
 
     # ------------------------------------------------------------------ for patterns
 
@@ -1614,7 +1858,7 @@ class DatagramConnection(_Pipeline):
                 result = self._wait(slot, deadline, method, timeout)
             except RemoteError as exc:
                 if send is None and exc.code == _DEADLINE_EXCEEDED:
-                    raise _deadline_passed(method, timeout) from None
+                    raise deadline_passed(method, timeout) from None
                 raise
         finally:
             if not slot.left:  # (answered on the fast path: the core has forgotten it already)
@@ -1717,6 +1961,191 @@ class DatagramConnection(_Pipeline):
         except OSError:
             pass
         self.sock.close()
+
+
+class ResultStream:
+    """The items of a streamed call, in order: ``for item in client.stream("ticks", 10)``.
+
+    The blocking twin of :class:`sockstack.asyncio.client.ResultStream`: the request is sent
+    when iteration starts; items are queued as they arrive (read by whichever thread reads the
+    connection: other threads' calls go on meanwhile), within the stream's flow-control window,
+    and granted back (CREDIT) as they are taken, so a slow reader slows the server's generator
+    down instead of filling memory. The call's timeout bounds the whole stream. Its error (the
+    generator's exception, the deadline as :class:`CallTimeout`, a lost connection) is raised
+    after the items that came before it. Leaving the loop early (``break``, an exception,
+    ``KeyboardInterrupt``), :meth:`close` or the ``with`` block ending sends CANCEL: the server
+    closes the generator. After the last item, :attr:`result` is the generator's return value
+    (None for most) and :attr:`metadata` the server's trailers. One thread reads a stream.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        connection: StreamConnection,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+        timeout: float,
+        metadata: Mapping[str, str | bytes] | None,
+    ) -> None:
+        self._client = client
+        self._connection = connection
+        self._request = (method, args, kwargs, timeout, metadata)
+        self._call: tuple[_Slot, ItemStream] | None = None
+        self._ended = False
+        self._hooks: StreamHooks | None = None  # the client's interceptors, if any
+        self.result: Any = None
+        """The generator's return value, once the stream ended."""
+        self.metadata: Mapping[str, str | bytes] = {}
+        """The server's trailers, once the stream ended."""
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> Any:
+        hooks = self._hooks
+        if hooks is None and self._client.hooks is None:
+            return self._next()
+        try:
+            return self._next()
+        except StopIteration:
+            if self._hooks is not None:
+                self._hooks.end(Reply(self.result, self.metadata), None)
+            raise
+        except BaseException as exc:
+            if self._hooks is not None:
+                self._hooks.end(None, exc)
+            raise
+
+    def _start(self) -> tuple[_Slot, ItemStream]:
+        request = self._request
+        client = self._client
+        self._ended = True  # until the request is sent: a failed start is the stream's end
+        if client.hooks is not None:
+            ep = self._connection.ep
+            hooks = StreamHooks.around(client.hooks, request, client.metadata, ep.scheme, str(ep))
+            self._hooks = hooks
+            hooks.start_sync()
+            request = hooks.request()
+        method, args, kwargs, timeout, metadata = request
+        started = self._connection.start_stream(
+            method, args, kwargs, client.codec, timeout, metadata
+        )
+        self._ended = False
+        return started
+
+    def _next(self) -> Any:
+        call = self._call
+        if call is None:
+            if self._ended:
+                raise StopIteration
+            call = self._call = self._start()
+        slot, items = call
+        if self._ended:
+            raise StopIteration
+        conn = self._connection
+        try:
+            for _ in range(1 << 62):  # (bounded: each turn waits for an item or the end)
+                if self._ended:  # closed meanwhile (by another thread)
+                    raise StopIteration
+                done = slot.done  # read first: every item before the answer is queued by then
+                if items.items:
+                    if not (done and slot.ok) and time.monotonic() >= slot.deadline:
+                        # The timeout bounds the stream for a slow reader too: what is queued
+                        # of a stream that did not end in time is dropped.
+                        if done:
+                            return self._finish(slot, items)
+                        raise CallTimeout(slot.method, slot.timeout)
+                    value, grant = conn.take_item(items)
+                    if grant:
+                        conn.grant(items.request_id, grant)
+                    return value
+                if done:
+                    return self._finish(slot, items)
+                try:
+                    conn.read_until(
+                        lambda: bool(items.items) or slot.done or self._ended,
+                        slot.deadline - time.monotonic(),
+                        slot.method,
+                    )
+                except Exception:
+                    if not slot.done:  # the stream's own end (items queued first) wins
+                        raise
+        except CallTimeout:
+            if self._ended:  # the server's DEADLINE_EXCEEDED (_finish): as it is
+                raise
+            timed_out = CallTimeout(slot.method, slot.timeout)  # the whole stream's timeout
+            self._release(timed_out)
+            raise timed_out from None
+        except BaseException as exc:
+            self._release(exc)
+            raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _finish(self, slot: _Slot, items: ItemStream) -> Any:
+        """The call's answer came and every item before it was taken: end, or raise."""
+        self._ended = True
+        conn = self._connection
+        conn.end_stream(slot, items)  # answered: sends nothing
+        if slot.ok:
+            value = slot.value
+            if type(value) is Reply:
+                self.result, self.metadata = value.result, value.metadata
+            else:
+                self.result = value
+            raise StopIteration
+        exc = slot.value  # (ended here, beyond the window or an ITEM that did not decode: the
+        # reading thread sent CANCEL then, _settle)
+        if isinstance(exc, RemoteError) and exc.code == _DEADLINE_EXCEEDED:
+            raise deadline_passed(slot.method, slot.timeout) from None
+        raise exc
+
+    def close(self) -> None:
+        """Stop reading: CANCEL (the server closes the generator) unless the stream ended."""
+        self._release()
+
+    def _release(self, exc: BaseException | None = None) -> None:
+        """Stop the stream (CANCEL) if it has not ended; the interceptors' ``error`` hooks get
+        ``exc`` (what the reader's ``next()`` raises), else "stopped early"."""
+        if self._ended:
+            return
+        self._ended = True
+        call = self._call
+        if call is not None:
+            conn = self._connection
+            conn.end_stream(*call)
+            with conn._mutex:  # a reader waiting in another thread sees the end
+                conn._wake_watchers()
+            hooks = self._hooks
+            if hooks is not None:
+                hooks.end(None, exc or hooks.stopped())
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._release()
+
+    def __del__(self) -> None:
+        # ``break`` out of ``for``: the iterator is dropped at once (CPython), and with it the
+        # stream: CANCEL, so that the server stops. Not when this thread may hold the
+        # connection's lock (a garbage collection inside the client): the server's deadline
+        # ends that generator instead.
+        if self._ended or self._call is None:
+            return
+        conn = self._connection
+        mutex = conn._mutex
+        if not mutex.acquire(blocking=False):
+            conn.abandoned.append(self)  # the next call to end on the connection stops it
+            return
+        mutex.release()
+        if conn._io._is_owned():  # type: ignore[attr-defined]  # inside a send or read
+            conn.abandoned.append(self)
+            return
+        try:
+            self._release()
+        except Exception:
+            pass
 
 
 class Client(ClientSettings):
@@ -1885,6 +2314,105 @@ class Client(ClientSettings):
                 with_metadata=with_metadata,
             )
         return conn.call(method, args, kwargs, self.codec, timeout, False, metadata, with_metadata)
+
+    def stream(
+        self,
+        method: str,
+        *args: Any,
+        timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+        **kwargs: Any,
+    ) -> ResultStream:
+        """The items of a generator method, as they come: ``for item in
+        client.stream("ticks", 10)`` (TCP and TLS; see :class:`ResultStream`). ``timeout``
+        (default: the client's) bounds the whole stream; ``metadata`` is this call's, over the
+        client's defaults. Over UDP raises :class:`LocalProtocolError` (code STREAM_MISMATCH)
+        and sends nothing. The client's interceptors run once around the whole stream
+        (:class:`sockstack.interceptors.StreamHooks`)."""
+        return self.stream_request(method, args, kwargs, timeout=timeout, metadata=metadata)
+
+    def stream_request(
+        self,
+        method: str,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+    ) -> ResultStream:
+        """Like :meth:`stream`, with the arguments as a sequence and a mapping (as
+        :meth:`request` is to :meth:`call`): the method's own keyword arguments may then be
+        named ``timeout`` or ``metadata``."""
+        args = args if type(args) is tuple else tuple(args)
+        conn = self.connection
+        if not isinstance(conn, StreamConnection):
+            raise LocalProtocolError(
+                f"stream({method!r}): streams need TCP or TLS (this client is {self.endpoint}); "
+                "nothing was sent",
+                ErrorCode.STREAM_MISMATCH,
+            )
+        return ResultStream(
+            self,
+            conn,
+            method,
+            args,
+            kwargs or None,
+            self.timeout if timeout is None else timeout,
+            metadata,
+        )
+
+    def upload(
+        self,
+        method: str,
+        items: Iterable[Any],
+        *args: Any,
+        timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Call a method that takes an item stream (a parameter annotated ``Iterator[T]`` or
+        ``AsyncIterator[T]``) with ``items`` (any iterable) as that stream, and
+        ``args``/``kwargs`` as its other arguments: ``client.upload("total", rows, 2)`` (TCP
+        and TLS, PROTOCOL.md §4.4). The items go as the server takes them (its flow-control
+        window bounds what is in flight: this thread waits for the server's CREDIT, reading
+        for the other threads' calls meanwhile); the result comes back once the method
+        returns, which may be before every item was sent (sending then stops and a generator
+        left unfinished is closed). ``timeout`` (default: the client's) bounds the call,
+        though not a wait inside ``items`` itself; a call that times out or is interrupted
+        sends CANCEL. Over UDP, or to a server that does not announce uploads, raises
+        :class:`LocalProtocolError` (STREAM_MISMATCH) and sends nothing. Safe beside other
+        threads' calls. The client's interceptors run once around it (``call.upload``)."""
+        conn = self.connection
+        if not isinstance(conn, StreamConnection):
+            raise LocalProtocolError(
+                f"upload({method!r}): uploads need TCP or TLS (this client is {self.endpoint}); "
+                "nothing was sent",
+                ErrorCode.STREAM_MISMATCH,
+            )
+        t = self.timeout if timeout is None else timeout
+        codec = self.codec
+        hooks = self.hooks
+        if hooks is None:
+            return _answer(
+                conn.upload(method, items, args, kwargs or None, codec, t, metadata), False
+            )
+        ep = conn.ep
+        call = ClientCall(
+            method,
+            args,
+            kwargs or None,
+            merged(self.metadata, metadata),
+            t,
+            ep.scheme,
+            str(ep),
+            upload=True,
+        )
+
+        def send(c: ClientCall) -> Reply:
+            value = conn.upload(c.method, items, c.args, c.kwargs, codec, c.timeout, c.metadata)
+            return cast(Reply, _answer(value, True))
+
+        return run_sync(hooks, call, send).result
 
     def ping(self, timeout: float | None = None) -> float:
         """Round-trip time of one PING/PONG in seconds."""
