@@ -48,6 +48,7 @@ from sockstack.protocol.messages import (
     FEATURES,
     STREAM_WINDOW,
     encode_cancel,
+    encode_error,
     encode_item,
     encode_item_end,
     encode_ping,
@@ -554,6 +555,24 @@ async def test_stray_items_are_dropped_and_a_bad_item_ends_its_upload(
         credits = [e for e in seen if type(e) is Credit]
         assert credits and all(c.request_id == 11 for c in credits)
         assert STREAM_WINDOW // 2 <= sum(c.granted for c in credits) <= STREAM_WINDOW
+    finally:
+        await raw.close()
+
+
+async def test_a_clients_error_frame_is_not_a_bad_item(served: tuple[Server, Uploads]) -> None:
+    """An ERROR frame from the client with its upload's id (whatever its code, 0 included) is not
+    the core's report of an undecodable ITEM: the upload goes on and gets its one answer."""
+    server, _ = served
+    raw = await RawStream.open(server)
+    try:
+        for rid, code in ((20, ErrorCode.WINDOW_EXCEEDED), (21, 0), (22, 4321)):
+            raw.send(encode_request(rid, "total", [2], upload=True), encode_item(rid, 5))
+            raw.send(encode_error(rid, code, "X", "a client's ERROR"), encode_ping(99))
+            answer = await raw.answer()
+            assert type(answer) is Pong, answer  # nothing answered for the ERROR
+            raw.send(encode_item(rid, 6), encode_item_end(rid))
+            answer = await raw.answer()
+            assert type(answer) is Response and (answer.request_id, answer.result) == (rid, 22)
     finally:
         await raw.close()
 

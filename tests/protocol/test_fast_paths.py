@@ -54,6 +54,7 @@ from sockstack.protocol import MessageType as _CoreType
 from sockstack.protocol import decode_message as _decode_message
 from sockstack.protocol.codecs import CODECS
 from sockstack.protocol.datagram import datagram_error_code
+from sockstack.protocol.events import BadItem
 from sockstack.protocol.messages import (
     CORE_MESSAGES,
     FLAG_DEADLINE,
@@ -703,7 +704,10 @@ SERVER_CASES += [
         "item-from-a-client-not-msgpack",
         S,
         BAD_ITEM,
-        refused(C, 6, 2003, decode_failure(BAD_ITEM))[0],  # events as a client's; nothing sent
+        [
+            ProtocolViolation(2003, decode_failure(BAD_ITEM), 6),
+            BadItem(6, 2003, decode_failure(BAD_ITEM)),  # not an Error: nothing sent
+        ],
     ),
 ]
 CLIENT_CASES += [

@@ -73,10 +73,10 @@ from sockstack.protocol.datagram import (
     ReplyCache,
 )
 from sockstack.protocol.events import (
+    BadItem,
     Cancel,
     ConnectionTerminated,
     Credit,
-    Error,
     Event,
     HandshakeComplete,
     Item,
@@ -845,7 +845,7 @@ class _HostStream(StreamProtocol):
                 inbox = self._item_ins.get(ev.request_id)
                 if inbox is not None:  # else: not an upload in flight (ended, or never): dropped
                     inbox.feed(ev)
-            elif type(ev) is Error:  # an upload's ITEM that did not decode (the core's report)
+            elif type(ev) is BadItem:  # an upload's ITEM that did not decode (the core's report)
                 inbox = self._item_ins.get(ev.request_id)
                 run = self._running.get(ev.request_id)
                 if inbox is not None and run is not None:

@@ -41,6 +41,7 @@ from sockstack.protocol.codecs import (
     refuse_ext,
 )
 from sockstack.protocol.events import (
+    BadItem,
     Close,
     ConnectionTerminated,
     Error,
@@ -721,12 +722,15 @@ class Connection:
             except RemoteProtocolError as exc:
                 if exc.code >= 2000:  # request-level: answer ERROR, keep the session
                     events.append(ProtocolViolation(exc.code, exc.message, frame.request_id))
-                    if self.role is Role.CLIENT or t == _ITEM_T:
-                        # A client's undecodable ITEM (an upload's, §4.4) is not answered here:
-                        # the host ends that call if it is in flight (it alone knows).
+                    if self.role is Role.CLIENT:
                         events.append(
                             Error(frame.request_id, exc.code, ErrorCode(exc.code).name, exc.message)
                         )
+                    elif t == _ITEM_T:
+                        # A client's undecodable ITEM (an upload's, §4.4) is not answered here:
+                        # the host ends that call if it is in flight (it alone knows). Its own
+                        # event: a client's ERROR frame must not pass for it.
+                        events.append(BadItem(frame.request_id, exc.code, exc.message))
                     elif self.state is State.OPEN:
                         self._out.append(
                             self._error_frame(

@@ -31,6 +31,7 @@ from sockstack.errors import ErrorCode
 from sockstack.protocol.frames import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
 
 __all__ = [
+    "BadItem",
     "Cancel",
     "Close",
     "ConnectionTerminated",
@@ -238,5 +239,17 @@ Message = (
 )
 """One decoded frame."""
 
-Event = Message | HandshakeComplete | ConnectionTerminated | ProtocolViolation
+@message
+class BadItem:
+    """A client's ITEM (an upload's, PROTOCOL.md §4.4) that could not be decoded: reported by
+    the core to the server's adapter, never answered by the core (the host ends the upload
+    ``request_id`` with ``code`` if it is in flight). Not a frame: a client's ERROR frame is
+    never mistaken for it."""
+
+    request_id: int
+    code: int
+    message: str = ""
+
+
+Event = Message | HandshakeComplete | ConnectionTerminated | ProtocolViolation | BadItem
 """Anything the core reports to its adapter."""
