@@ -332,6 +332,30 @@ async def test_an_early_answer_stops_the_client_sending(served: tuple[Server, Up
         assert await client.call("plain", 1) == 2  # the connection goes on
 
 
+async def test_an_early_answer_does_not_wait_for_a_waiting_iterator(
+    served: tuple[Server, Uploads],
+) -> None:
+    """The method answers after one item while the caller's async iterator waits for its next:
+    upload() returns the answer at once (not at its timeout) and closes the iterator."""
+    server, _ = served
+    never = asyncio.Event()
+    closed = asyncio.Event()
+
+    async def waits() -> AsyncIterator[bytes]:
+        try:
+            yield ITEM
+            await never.wait()
+            yield ITEM
+        finally:
+            closed.set()
+
+    async with AsyncClient(tcp(server), timeout=timeout(30)) as client:
+        async with asyncio.timeout(timeout(5)):
+            assert await client.upload("first_of", waits()) == ITEM
+        assert closed.is_set()
+        assert await client.call("plain", 1) == 2
+
+
 async def test_the_methods_error_ends_the_call(served: tuple[Server, Uploads]) -> None:
     server, _ = served
     per_window = STREAM_WINDOW // 9  # 2**40 is 9 bytes of msgpack

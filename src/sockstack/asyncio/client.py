@@ -623,7 +623,25 @@ class StreamChannel:
         try:
             while not waiter.done():
                 try:
-                    item = await anext(source) if is_async else next(source)
+                    if is_async:
+                        # Raced against the answer: an early answer (or the call's failure)
+                        # must not wait for an iterator that has nothing to give yet.
+                        step = asyncio.ensure_future(anext(source))
+                        try:
+                            if not step.done():
+                                await asyncio.wait(
+                                    (step, waiter), return_when=asyncio.FIRST_COMPLETED
+                                )
+                        finally:
+                            if not step.done():
+                                step.cancel()
+                                step.add_done_callback(_retrieved)
+                                await asyncio.wait((step,))  # (never raises step's error)
+                        if step.cancelled():
+                            break  # answered first: nothing more to send
+                        item = step.result()
+                    else:
+                        item = next(source)
                 except (StopAsyncIteration, StopIteration):
                     finished = True
                     break
@@ -1227,6 +1245,12 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Mark a dropped iterator step's exception retrieved (no 'never retrieved' warning)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class _Uploading:
