@@ -15,7 +15,7 @@ import asyncio
 import gc
 import threading
 import warnings
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import date
 from pathlib import Path
 from typing import Any, Protocol
@@ -671,9 +671,9 @@ async def test_interceptors_see_an_upload_once() -> None:
 class SinkAPI(Protocol):
     """What a caller of Uploads sees (the asyncio client's typed proxy: async methods)."""
 
-    async def total(self, scale: int, items: Iterable[int]) -> int: ...
+    async def total(self, scale: int, items: Iterator[int]) -> int: ...
 
-    async def latest(self, items: AsyncIterable[date]) -> list[Any]: ...
+    async def latest(self, items: AsyncIterator[date]) -> list[Any]: ...
 
 
 async def test_a_typed_proxy_uploads_the_item_stream_argument(

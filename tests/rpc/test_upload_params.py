@@ -24,7 +24,7 @@ def total(scale: int, items: Iterator[int]) -> int:
     return scale * sum(items)
 
 
-def keyword(items: Iterable[str], *, sep: str = ",") -> str:
+def keyword(items: Iterator[str], *, sep: str = ",") -> str:
     return sep.join(items)
 
 
@@ -32,7 +32,7 @@ async def atotal(scale: int, items: AsyncIterator[int]) -> int:
     return scale
 
 
-async def aiterable(*, items: AsyncIterable[bytes], n: int) -> int:
+async def aiterable(*, items: AsyncIterator[bytes], n: int) -> int:
     return n
 
 
@@ -115,3 +115,17 @@ def test_describe_marks_the_item_stream_parameter() -> None:
     assert params[1]["annotation"] == "Iterator[int]"
     assert params[1]["schema"] == {"type": "integer"}  # each item's
     assert d.methods["plain"]["params"][0]["stream"] is False
+
+
+def test_iterable_parameters_stay_plain_parameters() -> None:
+    """Iterable[T] / AsyncIterable[T] say "a list of T" in services written before uploads:
+    such methods register and are called as before (not uploads)."""
+
+    def plain_total(xs: Iterable[int]) -> int:
+        return sum(xs)
+
+    async def amerge(a: Iterable[int], b: AsyncIterable[int]) -> int:
+        return 0
+
+    assert make_handler("plain_total", plain_total, inline=True).upload is None
+    assert make_handler("amerge", amerge, inline=False).upload is None

@@ -24,8 +24,8 @@ produces); an async generator runs on the loop. The generator is closed whatever
 its last item, an exception, CANCEL, the deadline, a lost connection (its ``finally`` runs).
 Called without STREAM, a generator method is refused with STREAM_MISMATCH and does not run.
 
-A method with a parameter annotated ``Iterator[T]`` or ``Iterable[T]`` (``def``), or
-``AsyncIterator[T]`` or ``AsyncIterable[T]`` (``async def``), takes an uploaded item stream
+A method with a parameter annotated ``Iterator[T]`` (``def``), or ``AsyncIterator[T]``
+(``async def``), takes an uploaded item stream
 (PROTOCOL.md §4.4): called with the UPLOAD flag, the host gives that parameter an iterator over
 the items the client sends (the call context's ``upload``, an :class:`ItemSource`); each item
 is converted to ``T`` as an argument is (a mismatch ends the call with BAD_ARGUMENTS naming the
@@ -46,11 +46,9 @@ import itertools
 import logging
 import typing
 from collections.abc import (
-    AsyncIterable,
     AsyncIterator,
     Awaitable,
     Callable,
-    Iterable,
     Iterator,
     Mapping,
     Sequence,
@@ -251,8 +249,10 @@ class UploadParam:
     """The method's signature without this parameter: what the REQUEST's arguments bind to."""
 
 
-_SYNC_ITERS = (Iterator, Iterable)
-_ASYNC_ITERS = (AsyncIterator, AsyncIterable)
+# Iterator/AsyncIterator only: Iterable[T] is the usual way to say "a list of T" in services
+# written before uploads (called with a list), which must keep working.
+_SYNC_ITERS = (Iterator,)
+_ASYNC_ITERS = (AsyncIterator,)
 
 
 def _upload_param(

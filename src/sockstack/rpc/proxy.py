@@ -32,10 +32,10 @@ declares). Arguments are not checked before they are sent: mypy checks
 them in the caller's code, the server when they arrive (``BAD_ARGUMENTS``).
 
 A method of the class that takes an item stream (a parameter annotated ``Iterator[T]``,
-``AsyncIterator[T]`` or the Iterable forms, PROTOCOL.md §4.4) is called with the client's
-``upload()``: ``calc.total(2, iter(rows))`` sends the stream argument's items (given by position
-or by name) and the other arguments with the call (``timeout=`` and ``metadata=`` there are
-``upload()``'s own).
+``AsyncIterator[T]``, PROTOCOL.md §4.4; ``Iterable[T]`` stays a plain argument) is called
+with the client's ``upload()``: ``calc.total(2, iter(rows))`` sends the stream argument's
+items (given by position or by name) and the other arguments with the call (``timeout=`` and
+``metadata=`` there are ``upload()``'s own).
 
 Only the class's methods are methods of the proxy: a service's ``@method``s, under their wire
 names; a Protocol's functions, each under its own name or the one ``@method(name="...")`` on it
@@ -50,11 +50,9 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import (
-    AsyncIterable,
     AsyncIterator,
     Awaitable,
     Callable,
-    Iterable,
     Iterator,
 )
 from typing import Any, Protocol, TypeVar, cast, overload
@@ -73,7 +71,7 @@ _Upload = tuple[str, int]
 """A method's item-stream parameter: its name and its position among the arguments (-1:
 keyword-only)."""
 _Call = Callable[[str, tuple[Any, ...], dict[str, Any], "TypeCheck | None", "_Upload | None"], Any]
-_ITERS = (Iterator, Iterable, AsyncIterator, AsyncIterable)
+_ITERS = (Iterator, AsyncIterator)
 
 
 class _Method:
