@@ -214,3 +214,36 @@ def test_call_uploads_a_files_lines_as_an_item_stream(tmp_path: Path) -> None:
         assert out.returncode == 3 and "uploads need TCP or TLS" in out.stderr  # refused here
         out = run(["sockstack", "call", tcp, "total", "2"])  # it takes an item stream
         assert out.returncode == 1 and "upload()" in out.stderr
+
+
+def test_items_from_an_idle_pipe_end_at_the_timeout(tmp_path: Path) -> None:
+    """``--timeout`` bounds the command while it waits for its input too: a pipe that gives one
+    line and then nothing (still open) ends the upload at the timeout, exit 3, not never."""
+    (tmp_path / "sink.py").write_text(SINK)
+    with serving(f"{tmp_path / 'sink.py'}:Sink") as proc:
+        tcp = proc.urls[0]
+        cmd = ["sockstack", "call", tcp, "total", "1", "--items-from", "-", "--timeout", "1"]
+        p = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        assert p.stdin is not None
+        try:
+            p.stdin.write("1\n")
+            p.stdin.flush()  # and nothing more: the pipe stays open (communicate would close it)
+            p.wait(timeout(15))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            raise AssertionError("the command outlived its --timeout by far") from None
+        assert p.stdout is not None and p.stderr is not None
+        out, err = p.stdout.read(), p.stderr.read()
+        p.stdin.close()
+        p.stdout.close()
+        p.stderr.close()
+        assert p.returncode == 3, err
+        assert "1 s" in err and out == ""

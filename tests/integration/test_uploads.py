@@ -601,6 +601,39 @@ async def test_a_clients_error_frame_is_not_a_bad_item(served: tuple[Server, Upl
         await raw.close()
 
 
+@pytest.mark.parametrize("name", ["slow", "aslow"])
+async def test_the_servers_own_deadline_stops_an_upload_waiting_for_items(
+    served: tuple[Server, Uploads], name: str
+) -> None:
+    """No CANCEL here (raw frames): the deadline the REQUEST carried alone stops the method,
+    waiting in a worker thread (def) or on the loop (async def), with DEADLINE_EXCEEDED."""
+    server, svc = served
+    raw = await RawStream.open(server)
+    try:
+        raw.send(encode_request(40, name, [], upload=True, budget_ms=300))  # and no item
+        answer = await raw.answer()
+        assert type(answer) is Error and answer.request_id == 40
+        assert answer.code == ErrorCode.DEADLINE_EXCEEDED
+        assert await waited(svc.stopped)  # its finally ran: it stopped, it was not left waiting
+    finally:
+        await raw.close()
+
+
+async def test_an_end_is_read_for_its_flag_alone(served: tuple[Server, Uploads]) -> None:
+    """PROTOCOL.md §4.4: neither an END's body nor its codec byte is read (an unknown codec
+    byte there is no UNSUPPORTED_CODEC)."""
+    server, _ = served
+    raw = await RawStream.open(server)
+    try:
+        end = bytearray(encode_item_end(30))
+        end[5] = 0x7F  # a codec byte no one defines
+        raw.send(encode_request(30, "total", [2], upload=True), encode_item(30, 5), bytes(end))
+        answer = await raw.answer()
+        assert type(answer) is Response and (answer.request_id, answer.result) == (30, 10)
+    finally:
+        await raw.close()
+
+
 async def test_an_upload_cancelled_before_it_ran_does_not_run(
     served: tuple[Server, Uploads],
 ) -> None:
@@ -727,3 +760,77 @@ async def test_an_upload_over_tls(tmp_path: Path) -> None:
             assert await client.upload("collect", items) == ["", len(items), "tls"]
             assert svc.took == items
             assert await client.upload("first_of", Counted(20 * WINDOW_ITEMS)) == ITEM
+
+
+# --------------------------------------------------------------------------- bounds (review)
+
+
+async def _gated(gate: asyncio.Event) -> AsyncIterator[int]:
+    """Items 1, then (once the gate opens) 2: an upload held open by its client."""
+    yield 1
+    await gate.wait()
+    yield 2
+
+
+async def _until(check: Any, client: AsyncClient) -> None:
+    for _ in range(2000):  # round trips until the server has what the test waits for
+        if check():
+            return
+        await client.ping()
+    raise AssertionError("the server never got there")
+
+
+async def test_uploads_per_connection_are_bounded_and_do_not_pause_reading() -> None:
+    """``max_uploads`` bounds a connection's uploads (each may queue a window): one more is
+    OVERLOADED and does not run. Uploads are not counted in ``max_in_flight``: with more
+    uploads waiting for items than that, the connection is still read (their items, other
+    calls), where pausing it would leave them waiting for ever."""
+    from sockstack import ServerLimits
+
+    svc = Uploads()
+    server = Server(svc, tcp=[f"{HOST}:0"], limits=ServerLimits(max_uploads=3, max_in_flight=2))
+    await server.start()
+    try:
+        async with AsyncClient(tcp(server), timeout=timeout(20)) as c:
+            gate = asyncio.Event()
+            held = [asyncio.ensure_future(c.upload("atotal", _gated(gate), 1)) for _ in range(3)]
+            (conn,) = server._streams
+            await _until(lambda: len(conn._item_ins) == 3, c)
+            with pytest.raises(RemoteError) as info:
+                await c.upload("atotal", [5], 1)
+            assert info.value.code == ErrorCode.OVERLOADED
+            assert "3 uploads in flight on this connection" in info.value.message
+            assert await c.call("plain", 1) == 2  # read, though 3 uploads > max_in_flight 2
+            gate.set()
+            assert await asyncio.gather(*held) == [3, 3, 3]
+            assert await c.upload("atotal", [5], 1) == 5  # room again
+    finally:
+        await server.shutdown()
+
+
+async def test_uploads_to_def_methods_hold_at_most_half_the_workers() -> None:
+    """A def method waits for items in a worker thread: such uploads are capped at half of
+    ``max_workers`` (server-wide), so a client sending nothing cannot take every worker; the
+    other calls still get theirs, and async uploads are not capped by it."""
+    from sockstack import ServerLimits
+
+    svc = Uploads()
+    server = Server(svc, tcp=[f"{HOST}:0"], limits=ServerLimits(max_workers=4))
+    await server.start()
+    try:
+        async with AsyncClient(tcp(server), timeout=timeout(20)) as c:
+            gate = asyncio.Event()
+            held = [asyncio.ensure_future(c.upload("total", _gated(gate), 1)) for _ in range(2)]
+            await _until(lambda: server._worker_uploads == 2, c)
+            with pytest.raises(RemoteError) as info:
+                await c.upload("total", [5], 1)
+            assert info.value.code == ErrorCode.OVERLOADED
+            assert "half of max_workers 4" in info.value.message
+            assert await c.call("plain", 1) == 2  # a def method: a worker was free
+            assert await c.upload("atotal", [5], 1) == 5  # async: no worker held
+            gate.set()
+            assert await asyncio.gather(*held) == [3, 3]
+            await _until(lambda: server._worker_uploads == 0, c)
+            assert await c.upload("total", [5], 1) == 5
+    finally:
+        await server.shutdown()

@@ -4,8 +4,10 @@ round-trip times."""
 from __future__ import annotations
 
 import argparse
+import queue
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import IO, Any
@@ -42,7 +44,7 @@ def run_call(args: argparse.Namespace) -> int:
                 try:
                     result = client.upload(
                         args.method,
-                        read_items(source),
+                        read_items(source, deadline),
                         *values,
                         timeout=left(deadline, args),
                         **kwargs,
@@ -92,14 +94,48 @@ def _open_items(args: argparse.Namespace) -> IO[str] | None:
         raise UsageError(f"--items-from {path}: {exc.strerror or exc}") from None
 
 
-def read_items(lines: IO[str]) -> Iterator[Any]:
+def read_items(lines: IO[str], deadline: float | None = None) -> Iterator[Any]:
     """The items of an upload, one a line, each parsed as an ARG is (JSON when it parses, else
     the text); blank lines are skipped. Read as the upload sends them (a file of any size, or a
-    pipe that is still being written)."""
-    for line in lines:
+    pipe that is still being written). With a ``deadline`` (``time.monotonic()``), the lines
+    are read by a thread of their own, at most 1,024 ahead, and a source that gives no line
+    before the deadline (an idle pipe) raises :class:`CallTimeout`: ``--timeout`` bounds the
+    command even while it waits for its input."""
+    if deadline is None:
+        source: Iterator[str] = iter(lines)
+    else:
+        source = _lines_until(lines, deadline)
+    for line in source:
         text = line.rstrip("\r\n")
         if text.strip():
             yield parse_value(text)
+
+
+_EOF = object()
+
+
+def _lines_until(lines: IO[str], deadline: float) -> Iterator[str]:
+    ahead: queue.Queue[object] = queue.Queue(maxsize=1024)
+
+    def pump() -> None:
+        try:
+            for line in lines:
+                ahead.put(line)
+        except (OSError, ValueError) as exc:  # (closed meanwhile: the command has ended)
+            ahead.put(exc)
+        ahead.put(_EOF)
+
+    threading.Thread(target=pump, name="items-from", daemon=True).start()
+    while True:
+        try:
+            got = ahead.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise CallTimeout("--items-from", 0, "no item came within the timeout") from None
+        if got is _EOF:
+            return
+        if isinstance(got, Exception):
+            raise got
+        yield str(got)
 
 
 def left(deadline: float, args: argparse.Namespace) -> float:

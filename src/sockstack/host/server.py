@@ -232,7 +232,12 @@ class ServerLimits:
     stream: StreamLimits = StreamLimits()  # noqa: RUF009 (frozen, so sharing it is safe)
     max_in_flight: int = 1024
     """Requests running at once per TCP connection; above it the server stops reading that
-    connection (backpressure) instead of queueing without bound."""
+    connection (backpressure) instead of queueing without bound. Uploads are not counted (their
+    items must still be read): they have their own bound, ``max_uploads``."""
+    max_uploads: int = 16
+    """Uploads (PROTOCOL.md §4.4) in flight at once per TCP connection: each may queue up to its
+    window plus one item, so a connection's uploads hold at most 16 x (256 KiB + a frame).
+    One more is answered with ERROR OVERLOADED and does not run."""
     max_datagram: int = DEFAULT_MAX_DATAGRAM
     reply_window: float = DEFAULT_REPLY_WINDOW
     reply_cache_entries: int = DEFAULT_REPLY_CACHE_ENTRIES
@@ -358,6 +363,7 @@ class _ItemIn:
         "conn",
         "ctx",
         "ended",
+        "holds_worker",
         "items",
         "rid",
         "unacked",
@@ -373,6 +379,7 @@ class _ItemIn:
         self.untold = 0  # bytes taken, not granted yet (the taker's)
         self.ended = False  # the ITEM with END came
         self.closed = False  # the call ended: items dropped
+        self.holds_worker = False  # a def method's: counted in the server's _worker_uploads
         self._cond = threading.Condition(threading.Lock())
         self._waiter: asyncio.Future[None] | None = None
 
@@ -471,6 +478,9 @@ class _ItemIn:
         conn = self.conn
         if conn._item_ins.get(self.rid) is self:
             del conn._item_ins[self.rid]
+        if self.holds_worker:
+            self.holds_worker = False
+            conn.server._worker_uploads -= 1
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -786,7 +796,13 @@ class _HostStream(StreamProtocol):
         old = self._item_ins.get(rid)
         if old is not None:  # the id of an upload still in flight: that one's items end here
             old.close()
+        refused = self._upload_refused(handler)
+        if refused is not None:
+            return False, (ErrorCode.OVERLOADED, "OVERLOADED", refused)
         ctx.upload = inbox = _ItemIn(self, rid, ctx)
+        if handler is not None and not handler.is_async:
+            inbox.holds_worker = True
+            self.server._worker_uploads += 1
         self._item_ins[rid] = inbox
         token = _set_call(ctx)
         try:
@@ -796,6 +812,26 @@ class _HostStream(StreamProtocol):
         if isinstance(outcome, tuple):  # answered at once (refused): no items wanted
             inbox.close()
         return outcome  # (its queue is closed when the call ends: _finish)
+
+    def _upload_refused(self, handler: Any) -> str | None:
+        """Why an upload cannot start now (None: it can): this connection has ``max_uploads``
+        in flight, or (a ``def`` method, which holds a worker thread while it waits for items)
+        the server's ``def`` uploads hold half its worker threads already: the other half stay
+        free for other calls, whatever a client sends or does not send."""
+        limits = self.server.limits
+        if len(self._item_ins) >= limits.max_uploads:
+            return (
+                f"{len(self._item_ins)} uploads in flight on this connection (limit "
+                f"{limits.max_uploads}); retry when one has ended"
+            )
+        if handler is not None and not handler.is_async:
+            most = max(1, limits.max_workers // 2)
+            if self.server._worker_uploads >= most:
+                return (
+                    f"{most} uploads to def methods hold worker threads already (half of "
+                    f"max_workers {limits.max_workers}); retry when one has ended"
+                )
+        return None
 
     def _upload_broken(self, inbox: _ItemIn) -> None:
         """The client sent an ITEM beyond its upload's window: stop the call, drop its items."""
@@ -935,7 +971,8 @@ class _HostStream(StreamProtocol):
         self._start(req, outcome, ctx)
 
     def _start(self, req: Request, pending: Awaitable[Outcome], ctx: CallContext) -> None:
-        self.in_flight += 1
+        if not req.upload:  # (an upload's items must still be read: bounded by max_uploads)
+            self.in_flight += 1
         self.server._in_flight += 1
         if self.in_flight >= self.server.limits.max_in_flight and not self._read_paused:
             self._read_paused = True
@@ -955,7 +992,8 @@ class _HostStream(StreamProtocol):
         finally:
             if self._running.get(req.request_id) is run:
                 del self._running[req.request_id]
-            self.in_flight -= 1
+            if not req.upload:
+                self.in_flight -= 1
             self.server._request_done()
             if req.upload and run.ctx.upload is not None:
                 # However it ended (an interceptor's refusal too): later items are dropped.
@@ -1283,6 +1321,7 @@ class Server:
         self._partial_bytes = 0  # held for unfinished frames, all connections together
         self.bad_log = RateLimitedLog(logging.getLogger("sockstack.transport"))
         self._in_flight = 0
+        self._worker_uploads = 0  # uploads to def methods in flight (each may hold a worker)
         self._idle: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # shutdown started by a signal
         # Methods running on the loop (async methods, and the tasks awaiting threaded ones):

@@ -239,6 +239,7 @@ Message = (
 )
 """One decoded frame."""
 
+
 @message
 class BadItem:
     """A client's ITEM (an upload's, PROTOCOL.md §4.4) that could not be decoded: reported by

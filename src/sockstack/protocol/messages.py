@@ -575,10 +575,10 @@ def _decode_cancel(f: Frame) -> Cancel:
 
 def _decode_item(f: Frame) -> Item:
     # Meta is not read (an ITEM carries none). Flag END (an upload's last ITEM, §4.4): the body
-    # is empty and not read; other flags are none defined.
-    codec = request_codec(f)
+    # is empty and not read, nor is the codec byte; other flags are none defined.
     if f.flags & FLAG_END:
-        return Item(f.request_id, None, codec.id, 0, True)
+        return Item(f.request_id, None, f.codec, 0, True)
+    codec = request_codec(f)
     try:
         return Item(f.request_id, codec.decode(f.body), codec.id, len(f.body))
     except CodecError as exc:
