@@ -1139,6 +1139,30 @@ class StreamConnection(_Pipeline):
         the reader waits with :meth:`read_until`). The caller must :meth:`end_stream` it.
         :class:`LocalProtocolError` (STREAM_MISMATCH), nothing sent, for a server that does
         not announce streams."""
+        slot, items, _, _ = self._start_flagged(
+            method, args, kwargs, codec, timeout, metadata, stream=True
+        )
+        assert isinstance(items, ItemStream)
+        return slot, items
+
+    def _start_flagged(
+        self,
+        method: str,
+        args: Sequence[Any],
+        kwargs: dict[str, Any] | None,
+        codec: Codec,
+        timeout: float,
+        metadata: Mapping[str, str | bytes] | None,
+        *,
+        stream: bool,
+    ) -> tuple[_Slot, ItemStream | ItemUpload, socket.socket, Connection]:
+        """Send a REQUEST with the STREAM flag (``stream``) or the UPLOAD flag, registered
+        with its state (the ITEMs' queue in ``item_streams``, or the window count in
+        ``uploads``) under ``_mutex`` before it leaves: (slot, state, socket, core). The slot's
+        deadline is the call's. :class:`LocalProtocolError` (STREAM_MISMATCH), nothing sent,
+        for a server that does not announce the feature; nothing left registered if the
+        request does not encode."""
+        what, feature = ("stream", FEATURE_STREAM) if stream else ("upload", FEATURE_UPLOAD)
         now = time.monotonic()
         if _CURRENT_CALL.get() is not None:  # made from inside a served call: its deadline
             timeout = inherited_timeout(timeout, now)
@@ -1150,28 +1174,40 @@ class StreamConnection(_Pipeline):
             if sock is None or core is None or not self.live or core.state is not _OPEN:
                 sock, core = self._relive(deadline, method, timeout)
             features = core.peer_features
-            if not features & FEATURE_STREAM:
+            if not features & feature:
                 raise LocalProtocolError(
-                    f"stream({method!r}): the server does not announce streams (an older "
+                    f"{what}({method!r}): the server does not announce {what}s (an older "
                     "server); nothing was sent",
                     ErrorCode.STREAM_MISMATCH,
                 )
             _, budget, md = plan_call(timeout, features, self.client.metadata, metadata, now)
             if budget is not None:
                 budget = budget_ms(deadline - time.monotonic())
+            table: dict[int, Any] = self.item_streams if stream else self.uploads
             with self._mutex:
                 rid = self._register(slot, method, timeout, now)
-                items = self.item_streams[rid] = ItemStream(rid, method)
+                state = table[rid] = ItemStream(rid, method) if stream else ItemUpload(rid, method)
             try:
                 core.send_request(
-                    rid, method, args, kwargs, codec, budget_ms=budget, metadata=md, stream=True
+                    rid,
+                    method,
+                    args,
+                    kwargs,
+                    codec,
+                    budget_ms=budget,
+                    metadata=md,
+                    stream=stream,
+                    upload=not stream,
                 )
             except BaseException:  # not encodable: nothing was sent
-                self.end_stream(slot, items)
+                with self._mutex:
+                    if table.get(rid) is state:
+                        del table[rid]
+                self._leave(slot)
                 raise
             slot.track = True  # sent: given up on, it is cancelled
             self._send(core.data_to_send(), method, sock)
-        return slot, items
+        return slot, state, sock, core
 
     def upload(
         self,
@@ -1189,40 +1225,11 @@ class StreamConnection(_Pipeline):
         sending when the answer comes first; a call given up on (timed out, interrupted) sends
         CANCEL. :class:`LocalProtocolError` (STREAM_MISMATCH), nothing sent, for a server that
         does not announce uploads."""
-        now = time.monotonic()
-        if _CURRENT_CALL.get() is not None:  # made from inside a served call: its deadline
-            timeout = inherited_timeout(timeout, now)
-        deadline = now + timeout
-        slot = _Slot()
-        self._begin(slot, deadline, method, timeout)
-        with self._io:
-            sock, core = self.sock, self.core
-            if sock is None or core is None or not self.live or core.state is not _OPEN:
-                sock, core = self._relive(deadline, method, timeout)
-            features = core.peer_features
-            if not features & FEATURE_UPLOAD:
-                raise LocalProtocolError(
-                    f"upload({method!r}): the server does not announce uploads (an older "
-                    "server); nothing was sent",
-                    ErrorCode.STREAM_MISMATCH,
-                )
-            _, budget, md = plan_call(timeout, features, self.client.metadata, metadata, now)
-            if budget is not None:
-                budget = budget_ms(deadline - time.monotonic())
-            with self._mutex:
-                rid = self._register(slot, method, timeout, now)
-                up = self.uploads[rid] = ItemUpload(rid, method)
-            try:
-                core.send_request(
-                    rid, method, args, kwargs, codec, budget_ms=budget, metadata=md, upload=True
-                )
-            except BaseException:  # not encodable: nothing was sent
-                with self._mutex:
-                    self.uploads.pop(rid, None)
-                self._leave(slot)
-                raise
-            slot.track = True  # sent: given up on, it is cancelled
-            self._send(core.data_to_send(), method, sock)
+        slot, state, sock, core = self._start_flagged(
+            method, args, kwargs, codec, timeout, metadata, stream=False
+        )
+        assert isinstance(state, ItemUpload)
+        up, rid, deadline, timeout = state, slot.request_id, slot.deadline, slot.timeout
         try:
             self._send_items(slot, up, items, codec, sock, core, deadline)
             try:
