@@ -1142,8 +1142,7 @@ class StreamConnection(_Pipeline):
         slot, items, _, _ = self._start_flagged(
             method, args, kwargs, codec, timeout, metadata, stream=True
         )
-        assert isinstance(items, ItemStream)
-        return slot, items
+        return slot, cast(ItemStream, items)
 
     def _start_flagged(
         self,
@@ -1228,8 +1227,12 @@ class StreamConnection(_Pipeline):
         slot, state, sock, core = self._start_flagged(
             method, args, kwargs, codec, timeout, metadata, stream=False
         )
-        assert isinstance(state, ItemUpload)
-        up, rid, deadline, timeout = state, slot.request_id, slot.deadline, slot.timeout
+        up, rid, deadline, timeout = (
+            cast(ItemUpload, state),
+            slot.request_id,
+            slot.deadline,
+            slot.timeout,
+        )
         try:
             self._send_items(slot, up, items, codec, sock, core, deadline)
             try:
