@@ -486,19 +486,44 @@ class StreamChannel:
         metadata: Mapping[str, str | bytes] | None,
     ) -> _Items:
         """Send a STREAM request; its items are queued in the returned state as they come."""
+        call, _ = await self._start_flagged(
+            method, args, kwargs, timeout, codec, metadata, stream=True
+        )
+        items = _Items(self, call)
+        self.item_streams[call.request_id] = items
+        call.waiter.add_done_callback(items.wake_up)
+        return items
+
+    async def _start_flagged(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+        timeout: float,
+        codec: Codec,
+        metadata: Mapping[str, str | bytes] | None,
+        *,
+        stream: bool,
+    ) -> tuple[PendingCall[Waiter], _TCPStream]:
+        """Send a REQUEST with the STREAM flag (``stream``) or the UPLOAD flag: the call
+        started (its deadline on the timer) and the connection it went on. The caller
+        registers its state before it awaits anything (no ITEM or CREDIT can come before).
+        :class:`LocalProtocolError` (STREAM_MISMATCH), nothing sent, for a server that does not
+        announce the feature."""
+        what, feature = ("stream", FEATURE_STREAM) if stream else ("upload", FEATURE_UPLOAD)
         loop = self.loop
         now = loop.time()
         if _CURRENT_CALL.get() is not None:
             timeout = inherited_timeout(timeout, _monotonic())
-        stream = self.stream
-        if stream is None or not stream.can_send():
-            stream = await self._wait_connected(method, timeout, now + timeout)
-        core = stream.core
+        conn = self.stream
+        if conn is None or not conn.can_send():
+            conn = await self._wait_connected(method, timeout, now + timeout)
+        core = conn.core
         assert core is not None
         features = core.peer_features
-        if not features & FEATURE_STREAM:
+        if not features & feature:
             raise LocalProtocolError(
-                f"stream({method!r}): the server does not announce streams (an older server); "
+                f"{what}({method!r}): the server does not announce {what}s (an older server); "
                 "nothing was sent",
                 ErrorCode.STREAM_MISMATCH,
             )
@@ -517,19 +542,15 @@ class StreamChannel:
             if features & FEATURE_DEADLINE
             else None,
             metadata=md,
-            stream=True,
+            stream=stream,
+            upload=not stream,
         )
         call = self.calls.start(method, timeout, now, loop.create_future(), rid)
-        items = _Items(self, call)
-        self.item_streams[rid] = items
-        call.waiter.add_done_callback(items.wake_up)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush, stream)
+        self._flush_soon(conn)
         when = self._timer.when
         if when is None or call.deadline < when:
             self._timer.set(call.deadline)
-        return items
+        return call, conn
 
     async def upload(
         self,
@@ -544,45 +565,12 @@ class StreamChannel:
         """An UPLOAD call (PROTOCOL.md §4.4): the REQUEST, then ``items`` as ITEMs under the
         window (waiting for CREDIT), then the END; its result with the server's trailers.
         Stops sending when the answer comes first; CANCEL when the caller gives up."""
-        loop = self.loop
-        now = loop.time()
-        if _CURRENT_CALL.get() is not None:
-            timeout = inherited_timeout(timeout, _monotonic())
-        deadline = now + timeout
-        stream = self.stream
-        if stream is None or not stream.can_send():
-            stream = await self._wait_connected(method, timeout, deadline)
-        core = stream.core
-        assert core is not None
-        features = core.peer_features
-        if not features & FEATURE_UPLOAD:
-            raise LocalProtocolError(
-                f"upload({method!r}): the server does not announce uploads (an older server); "
-                "nothing was sent",
-                ErrorCode.STREAM_MISMATCH,
-            )
-        md = None
-        defaults = self.client.metadata
-        if (metadata or defaults) and features & FEATURE_METADATA:
-            md = merge_metadata(defaults, metadata)
-        rid = self.calls.new_id()
-        core.send_request(
-            rid,
-            method,
-            args,
-            kwargs,
-            codec,
-            budget_ms=budget_ms(deadline - loop.time()) if features & FEATURE_DEADLINE else None,
-            metadata=md,
-            upload=True,
+        call, stream = await self._start_flagged(
+            method, args, kwargs, timeout, codec, metadata, stream=False
         )
-        call = self.calls.start(method, timeout, now, loop.create_future(), rid)
+        rid, deadline = call.request_id, call.deadline
         up = self.uploads[rid] = _Uploading(call, ItemUpload(rid, method))
         call.waiter.add_done_callback(up.wake_up)
-        self._flush_soon(stream)
-        when = self._timer.when
-        if when is None or call.deadline < when:
-            self._timer.set(call.deadline)
         try:
             try:
                 async with asyncio.timeout_at(deadline):
