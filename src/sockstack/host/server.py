@@ -234,6 +234,15 @@ class ServerLimits:
     """Requests running at once per TCP connection; above it the server stops reading that
     connection (backpressure) instead of queueing without bound. Uploads are not counted (their
     items must still be read): they have their own bound, ``max_uploads``."""
+    max_in_flight_bytes: int = 32 << 20
+    """Bytes of the requests running at once on one TCP connection (their frames' sizes, meta +
+    body): above it the server stops reading that connection, as for ``max_in_flight``, until
+    they are below half. Uploads are not counted (``max_uploads`` bounds them)."""
+    max_total_in_flight_bytes: int = 512 << 20
+    """The same over all TCP connections together: a connection whose request takes the total
+    above it stops being read until the total is below half (every connection paused so is
+    resumed then). The requests' decoded arguments take more memory than their bytes (Python
+    objects: up to tens of times for many tiny values)."""
     max_uploads: int = 16
     """Uploads (PROTOCOL.md §4.4) in flight at once per TCP connection: each may queue up to its
     window plus one item, so a connection's uploads hold at most 16 x (256 KiB + a frame).
@@ -499,6 +508,8 @@ class _HostStream(StreamProtocol):
         self.state: dict[str, Any] = {}  # per-connection state of the patterns, by name
         self.in_flight = 0
         self._read_paused = False  # paused because too many requests are running
+        self._bytes_paused = False  # paused because its requests in flight hold too many bytes
+        self.in_flight_bytes = 0  # frame bytes of its requests running (not uploads)
         self.refused = False  # over the connection limit: CLOSE sent, nothing read
         # Events of a read not handled yet (see _run), and where to go on from.
         self._backlog: tuple[list[Event], int] | None = None
@@ -585,6 +596,7 @@ class _HostStream(StreamProtocol):
 
     def on_lost(self, exc: Exception | None) -> None:
         server = self.server
+        server._bytes_paused.discard(self)
         if self in server._streams:
             server._streams.discard(self)
             _decrement(server._by_address, self.address)
@@ -971,9 +983,20 @@ class _HostStream(StreamProtocol):
         self._start(req, outcome, ctx)
 
     def _start(self, req: Request, pending: Awaitable[Outcome], ctx: CallContext) -> None:
+        server = self.server
         if not req.upload:  # (an upload's items must still be read: bounded by max_uploads)
             self.in_flight += 1
-        self.server._in_flight += 1
+            size = req.size
+            self.in_flight_bytes += size
+            server._in_flight_bytes += size
+            if not self._bytes_paused and (
+                self.in_flight_bytes > server.limits.max_in_flight_bytes
+                or server._in_flight_bytes > server.limits.max_total_in_flight_bytes
+            ):
+                self._bytes_paused = True
+                server._bytes_paused.add(self)
+                self._update_reading()
+        server._in_flight += 1
         if self.in_flight >= self.server.limits.max_in_flight and not self._read_paused:
             self._read_paused = True
             self._update_reading()
@@ -994,6 +1017,8 @@ class _HostStream(StreamProtocol):
                 del self._running[req.request_id]
             if not req.upload:
                 self.in_flight -= 1
+                self.in_flight_bytes -= req.size
+                self.server._in_flight_bytes -= req.size
             self.server._request_done()
             if req.upload and run.ctx.upload is not None:
                 # However it ended (an interceptor's refusal too): later items are dropped.
@@ -1021,7 +1046,12 @@ class _HostStream(StreamProtocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if self._read_paused or self.write_paused or self._backlog is not None:
+        if (
+            self._read_paused
+            or self._bytes_paused
+            or self.write_paused
+            or self._backlog is not None
+        ):
             if transport.is_reading():
                 transport.pause_reading()
         elif not transport.is_reading():
@@ -1321,6 +1351,8 @@ class Server:
         self._partial_bytes = 0  # held for unfinished frames, all connections together
         self.bad_log = RateLimitedLog(logging.getLogger("sockstack.transport"))
         self._in_flight = 0
+        self._in_flight_bytes = 0  # frame bytes of the TCP requests running (not uploads)
+        self._bytes_paused: set[_HostStream] = set()  # connections paused for those bytes
         self._worker_uploads = 0  # uploads to def methods in flight (each may hold a worker)
         self._idle: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # shutdown started by a signal
@@ -1430,6 +1462,21 @@ class Server:
         self._in_flight -= 1
         if self._in_flight == 0 and self._idle is not None:
             self._idle.set()
+        if (
+            self._bytes_paused
+            and self._in_flight_bytes <= self.limits.max_total_in_flight_bytes // 2
+        ):
+            self._resume_bytes_paused()
+
+    def _resume_bytes_paused(self) -> None:
+        """Resume the connections paused for the bytes of their requests in flight, those whose
+        own bytes are below half of ``max_in_flight_bytes`` (the others resume as theirs end)."""
+        half = self.limits.max_in_flight_bytes // 2
+        for conn in list(self._bytes_paused):
+            if conn.in_flight_bytes <= half:
+                self._bytes_paused.discard(conn)
+                conn._bytes_paused = False
+                conn._update_reading()
 
     async def start(self) -> None:
         loop = self.loop = asyncio.get_running_loop()

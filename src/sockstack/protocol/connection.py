@@ -636,10 +636,12 @@ class Connection:
                     if flags:  # DEADLINE alone: the budget is the meta's last 4 bytes
                         method = str(data[pos + hsize : mid - 4], "utf-8")
                         budget = _unpack_budget(data, mid - 4)[0]
-                        events.append(Request(rid, method, value, {}, 1, budget))
+                        events.append(
+                            Request(rid, method, value, {}, 1, budget, size=end - pos - hsize)
+                        )
                     else:
                         method = str(data[pos + hsize : mid], "utf-8")
-                        events.append(Request(rid, method, value, {}, 1))
+                        events.append(Request(rid, method, value, {}, 1, size=end - pos - hsize))
             except Exception:
                 break
             pos = end
@@ -700,7 +702,10 @@ class Connection:
                         except UnicodeDecodeError:
                             pass
                         else:
-                            events.append(Request(frame.request_id, method, value, {}, 1))
+                            size = len(frame.meta) + len(frame.body)
+                            events.append(
+                                Request(frame.request_id, method, value, {}, 1, size=size)
+                            )
                             continue
             spec = specs.get(t)
             if spec is None:
@@ -853,14 +858,15 @@ class Connection:
                     end = HEADER_SIZE + meta_len - 4
                     method = str(data[HEADER_SIZE:end], "utf-8")
                     self._activity = True
-                    return Request(rid, method, value, {}, 1, _unpack_budget(data, end)[0])
+                    budget = _unpack_budget(data, end)[0]
+                    return Request(rid, method, value, {}, 1, budget, size=n - HEADER_SIZE)
                 method = str(data[HEADER_SIZE : HEADER_SIZE + meta_len], "utf-8")
         except Exception:
             return None
         self._activity = True
         if t == _RESPONSE:
             return Response(rid, value, 1)
-        return Request(rid, method, value, {}, 1)
+        return Request(rid, method, value, {}, 1, size=n - HEADER_SIZE)
 
     def _is_closed(self) -> bool:
         # A method, not an inline test: handlers called in the loop change the state.

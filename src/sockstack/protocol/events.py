@@ -144,6 +144,9 @@ class Request:
     """Flag STREAM: the caller accepts a streamed result (ITEMs, then the one answer)."""
     upload: bool = False
     """Flag UPLOAD: an argument follows as ITEMs from the caller, then an ITEM with END."""
+    size: int = field(default=0, compare=False)
+    """The frame's size (meta + body bytes, §2; 0 when not known): what the host counts for the
+    bytes of requests in flight."""
 
 
 @message

@@ -509,9 +509,10 @@ def _decode_request(f: Frame) -> Request:
     method = _text(meta, "method name", ErrorCode.DECODE_ERROR)
     stream = bool(f.flags & FLAG_STREAM)
     upload = bool(f.flags & FLAG_UPLOAD)
+    size = len(f.meta) + len(f.body)
     if not codec.structured:
         return Request(
-            f.request_id, method, (f.body,), {}, codec.id, budget, metadata, stream, upload
+            f.request_id, method, (f.body,), {}, codec.id, budget, metadata, stream, upload, size
         )
     try:
         value = codec.decode(f.body)
@@ -530,13 +531,24 @@ def _decode_request(f: Frame) -> Request:
                 ErrorCode.DECODE_ERROR,
             )
         return Request(
-            f.request_id, method, value[0], value[1], codec.id, budget, metadata, stream, upload
+            f.request_id,
+            method,
+            value[0],
+            value[1],
+            codec.id,
+            budget,
+            metadata,
+            stream,
+            upload,
+            size,
         )
     if not isinstance(value, list):
         raise RemoteProtocolError(
             "REQUEST body must be an array of arguments", ErrorCode.DECODE_ERROR
         )
-    return Request(f.request_id, method, value, {}, codec.id, budget, metadata, stream, upload)
+    return Request(
+        f.request_id, method, value, {}, codec.id, budget, metadata, stream, upload, size
+    )
 
 
 def _decode_response(f: Frame) -> Response:
