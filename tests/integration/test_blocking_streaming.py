@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import ssl
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -38,16 +37,15 @@ from sockstack import (
     RemoteError,
     RemoteProtocolError,
     Reply,
-    Server,
-    ServerLimits,
     connect,
     current_context,
     method,
 )
 from sockstack.protocol.calls import ItemStream
 from sockstack.protocol.messages import STREAM_WINDOW
-from sockstack.transport.tls import server_context
 from tests.conftest import timeout
+from tests.helpers.threaded import Served as ThreadServed
+from tests.helpers.threaded import in_thread, options, result, server_cert, serving_in_thread
 from tests.integration.test_streaming import ITEM, Streams
 
 SCHEMES = ["tcp", "tls"]
@@ -115,15 +113,6 @@ class Blocking(Streams):
             self.closed.set()
 
 
-class Served:
-    def __init__(self, service: Blocking, server: Server) -> None:
-        self.service = service
-        self.server = server
-
-    def url(self, scheme: str) -> str:
-        return str(self.server.endpoint(scheme))
-
-
 @pytest.fixture(scope="module")
 def ca() -> trustme.CA:
     return trustme.CA()
@@ -131,82 +120,22 @@ def ca() -> trustme.CA:
 
 @pytest.fixture(scope="module")
 def cert(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("bstream") / "server.pem"
-    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(path))
-    return path
+    return server_cert(ca, tmp_path_factory.mktemp("bstream"))
+
+
+Served = ThreadServed[Blocking]
 
 
 @pytest.fixture
 def served(cert: Path) -> Iterator[Served]:
     service = Blocking()
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        srv = Server(
-            service,
-            tcp=["127.0.0.1:0"],
-            udp=["127.0.0.1:0"],
-            tls=["127.0.0.1:0"],
-            tls_context=server_context(cert),
-            limits=ServerLimits(drain_timeout=timeout(2), close_timeout=timeout(2)),
-        )
-        try:
-            loop.run_until_complete(srv.start())
-            box["server"] = srv
-        finally:
-            started.set()
-        loop.run_forever()
-        loop.run_until_complete(srv.shutdown())
-        loop.close()
-
-    thread = threading.Thread(target=run, name="test-server", daemon=True)
-    thread.start()
-    assert started.wait(timeout(10)) and "server" in box, "the server did not start"
-    try:
-        yield Served(service, box["server"])
-    finally:
-        service.gate.set()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout(20))
-        assert not thread.is_alive(), "the server thread did not stop"
-
-
-def options(scheme: str, ca: trustme.CA, **more: Any) -> dict[str, Any]:
-    if scheme == "tls":
-        ctx = ssl.create_default_context()
-        ca.configure_trust(ctx)
-        more["tls"] = ctx
-    return more
+    with serving_in_thread(service, cert, on_stop=lambda: service.gate.set()) as s:
+        yield s
 
 
 def closed(svc: Streams) -> bool:
     """Wait (up to a generous bound) until a generator's ``finally`` ran."""
     return svc.closed.wait(timeout(10))
-
-
-def in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # reported by the test
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, box
-
-
-def result(thread: threading.Thread, box: dict[str, Any]) -> Any:
-    thread.join(timeout(30))
-    assert not thread.is_alive(), "the thread still runs"
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 # --------------------------------------------------------------------------- items, in order

@@ -34,8 +34,6 @@ from sockstack import (
     CallTimeout,
     ConnectError,
     ConnectionLost,
-    Server,
-    ServerLimits,
     Service,
     connect,
     method,
@@ -44,6 +42,8 @@ from sockstack.pubsub import Broker, BrokerLimits
 from sockstack.transport.tls import server_context
 from tests.conftest import timeout
 from tests.helpers.faultproxy import Faults, TCPFaultProxy, UDPFaultProxy
+from tests.helpers.threaded import Served as ThreadServed
+from tests.helpers.threaded import serving_in_thread
 from tests.integration.test_fork import forked
 
 SCHEMES = ["tcp", "tls", "udp"]
@@ -95,20 +95,7 @@ class Work(Service):
         assert ok, f"{self.arrived.get(key, 0)} of {n} calls of {key!r} reached the server"
 
 
-class Served:
-    """A server on its own loop in a background thread."""
-
-    def __init__(self, service: Work, server: Server, loop: asyncio.AbstractEventLoop) -> None:
-        self.service = service
-        self.server = server
-        self.loop = loop
-
-    def url(self, scheme: str) -> str:
-        return str(self.server.endpoint(scheme))
-
-    def run(self, coro: Any) -> Any:
-        """Run a coroutine on the server's loop (a fault proxy's start or reset)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout(10))
+Served = ThreadServed[Work]
 
 
 @pytest.fixture(scope="module")
@@ -128,42 +115,13 @@ def serving(
     cert: Path, broker: Broker | None = None, secret: str | None = None
 ) -> Iterator[Served]:
     service = Work()
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    box: dict[str, Any] = {}
 
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        srv = Server(
-            service,
-            tcp=["127.0.0.1:0"],
-            udp=["127.0.0.1:0"],
-            tls=["127.0.0.1:0"],
-            tls_context=server_context(cert),
-            broker=broker,
-            secret=secret,
-            limits=ServerLimits(drain_timeout=timeout(2), close_timeout=timeout(2)),
-        )
-        try:
-            loop.run_until_complete(srv.start())
-            box["server"] = srv
-        finally:
-            started.set()
-        loop.run_forever()
-        loop.run_until_complete(srv.shutdown())
-        loop.close()
+    def release_all() -> None:  # let held calls end before the drain
+        for key in list(service.gates):
+            s.loop.call_soon_threadsafe(service.gates[key].set)
 
-    thread = threading.Thread(target=run, name="test-server", daemon=True)
-    thread.start()
-    assert started.wait(timeout(10)) and "server" in box, "the server did not start"
-    try:
-        yield Served(service, box["server"], loop)
-    finally:
-        for key in list(service.gates):  # let held calls end before the drain
-            loop.call_soon_threadsafe(service.gates[key].set)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout(20))
-        assert not thread.is_alive(), "the server thread did not stop"
+    with serving_in_thread(service, cert, on_stop=release_all, broker=broker, secret=secret) as s:
+        yield s
 
 
 @pytest.fixture
