@@ -14,6 +14,7 @@ client's); every wait is on an event with a timeout, every thread is joined with
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -244,3 +245,18 @@ def test_threads_share_a_client_with_uploads_and_calls_at_once(
             want = [size + i for i in range(10)] if k % 2 else [k * 100 + i + 1 for i in range(10)]
             assert result(thread, box) == want
         assert c.connection.uploads == {}  # type: ignore[union-attr]
+
+
+def test_upload_request_passes_keywords_named_like_the_clients_own(served: Served) -> None:
+    """upload_request takes the method's other arguments as a sequence and a mapping: they may
+    be named ``timeout`` or ``metadata`` (``sockstack call --items-from`` uses it)."""
+    with connect(served.url("tcp"), timeout=timeout(10)) as c:
+        assert c.upload_request("collect", [1, 2], (), {"tag": "t"}) == ["t", 2, "tcp"]
+
+    async def scenario() -> Any:
+        from sockstack import AsyncClient
+
+        async with AsyncClient(served.url("tcp"), timeout=timeout(10)) as a:
+            return await a.upload_request("collect", [3], [], {"tag": "u"})
+
+    assert asyncio.run(scenario()) == ["u", 1, "tcp"]

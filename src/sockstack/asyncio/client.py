@@ -1731,6 +1731,24 @@ class AsyncClient(ClientSettings):
         the items' iteration included; a cancelled call sends CANCEL. Over UDP, or to a server
         that does not announce uploads, raises :class:`LocalProtocolError` (STREAM_MISMATCH)
         and sends nothing. The client's interceptors run once around it (``call.upload``)."""
+        return await self.upload_request(
+            method, items, args, kwargs, timeout=timeout, metadata=metadata
+        )
+
+    async def upload_request(
+        self,
+        method: str,
+        items: Iterable[Any] | AsyncIterable[Any],
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+    ) -> Any:
+        """Like :meth:`upload`, with the other arguments as a sequence and a mapping (as
+        :meth:`request` is to :meth:`call`): the method's own keyword arguments may then be
+        named ``timeout`` or ``metadata``."""
+        args = args if type(args) is tuple else tuple(args)
         channel = self._channel
         if channel is None:
             raise self._not_connected()

@@ -42,12 +42,12 @@ def run_call(args: argparse.Namespace) -> int:
         try:
             if source is not None:
                 try:
-                    result = client.upload(
+                    result = client.upload_request(
                         args.method,
                         read_items(source, deadline),
-                        *values,
+                        values,
+                        kwargs,
                         timeout=left(deadline, args),
-                        **kwargs,
                     )
                 finally:
                     if source is not sys.stdin:

@@ -2392,6 +2392,22 @@ class Client(ClientSettings):
         sends CANCEL. Over UDP, or to a server that does not announce uploads, raises
         :class:`LocalProtocolError` (STREAM_MISMATCH) and sends nothing. Safe beside other
         threads' calls. The client's interceptors run once around it (``call.upload``)."""
+        return self.upload_request(method, items, args, kwargs, timeout=timeout, metadata=metadata)
+
+    def upload_request(
+        self,
+        method: str,
+        items: Iterable[Any],
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+    ) -> Any:
+        """Like :meth:`upload`, with the other arguments as a sequence and a mapping (as
+        :meth:`request` is to :meth:`call`): the method's own keyword arguments may then be
+        named ``timeout`` or ``metadata``."""
+        args = args if type(args) is tuple else tuple(args)
         conn = self.connection
         if not isinstance(conn, StreamConnection):
             raise LocalProtocolError(
