@@ -326,6 +326,36 @@ def stream(run: Run, budget: sc.Budget, only: str) -> None:
             run.results.append(median_round(rounds[name]))
 
 
+def hints(run: Run, budget: sc.Budget, only: str) -> None:
+    """What validation from type hints costs a call (issue 12 item 2): sequential blocking
+    calls, client and server pinned to the same core, to inline methods without hints, with
+    plain hints (str, int, float, bytes) and with a dataclass parameter (bench/codec_choice.py's
+    live rows, median of the rounds)."""
+    if only and only not in "sockstack":
+        return
+    from bench.codec_choice import live_rows
+
+    count = 5_000 if budget.rounds == 1 else 20_000
+    scenario = "type hints, sequential TCP same core (4 arguments)"
+    rounds: dict[str, list[float]] = {}
+    for _ in range(budget.rounds):
+        for label, ns in live_rows(count):
+            rounds.setdefault(label, []).append(ns)
+    for label, values in rounds.items():
+        ns = sorted(values)[len(values) // 2]
+        name = label.removeprefix("live call, ")
+        r = Result(
+            scenario,
+            f"sockstack, {name}",
+            "same core",
+            count,
+            count * ns / 1e9,
+            note="µs per call = 1e6 / calls/s",
+        )
+        run.results.append(r)
+        run.log(f"  {scenario} / {name}: {ns / 1000:.2f} µs per call")
+
+
 def concurrency(run: Run, budget: sc.Budget, only: str, clients: int = 100) -> None:
     if only and only not in "sockstack":
         return
@@ -385,6 +415,7 @@ SCENARIOS: dict[str, Callable[[Run, sc.Budget, str], None]] = {
     "seq-tls": seq_tls,
     "pipelined": pipelined,
     "stream": stream,
+    "hints": hints,
     "concurrency": concurrency,
     "payload": payloads,
     "memory": memory,
