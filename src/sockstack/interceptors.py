@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -136,6 +136,34 @@ class ClientCall:
     upload: bool = False
     """True for an upload (``client.upload(...)``): its items pass no hook; ``args`` are the
     call's other arguments."""
+
+    @classmethod
+    def of(
+        cls,
+        method: str,
+        args: Sequence[Any],
+        kwargs: dict[str, Any] | None,
+        defaults: Mapping[str, str | bytes] | None,
+        metadata: Mapping[str, str | bytes] | None,
+        timeout: float,
+        endpoint: Any,
+        *,
+        stream: bool = False,
+        upload: bool = False,
+    ) -> ClientCall:
+        """The call a client makes, as both clients build it: its metadata the client's
+        ``defaults`` overridden by the call's own, its transport and peer the ``endpoint``'s."""
+        return cls(
+            method,
+            args if type(args) is tuple else tuple(args),
+            kwargs or None,
+            merged(defaults, metadata),
+            timeout,
+            endpoint.scheme,
+            str(endpoint),
+            stream=stream,
+            upload=upload,
+        )
 
 
 class ClientInterceptor:
@@ -267,16 +295,15 @@ class StreamHooks:
         hooks: Hooks,
         request: tuple[str, tuple[Any, ...], dict[str, Any] | None, float, Any],
         defaults: Mapping[str, str | bytes] | None,
-        scheme: str,
-        peer: str,
+        endpoint: Any,
     ) -> StreamHooks:
         """The hooks of a stream about to start: ``request`` is (method, args, kwargs,
         timeout, metadata), ``defaults`` the client's metadata."""
         method, args, kwargs, timeout, metadata = request
-        call = ClientCall(
-            method, args, kwargs, merged(defaults, metadata), timeout, scheme, peer, stream=True
+        return cls(
+            hooks,
+            ClientCall.of(method, args, kwargs, defaults, metadata, timeout, endpoint, stream=True),
         )
-        return cls(hooks, call)
 
     def request(self) -> tuple[str, tuple[Any, ...], dict[str, Any] | None, float, Any]:
         """(method, args, kwargs, timeout, metadata) as the ``before`` hooks left them."""

@@ -67,7 +67,6 @@ from sockstack.interceptors import (
     ClientCall,
     Hooks,
     StreamHooks,
-    merged,
     run_async,
 )
 from sockstack.protocol.auth import (
@@ -1366,7 +1365,7 @@ class ResultStream:
         self._ended = True  # until the request is sent: a failed start is the stream's end
         if client.hooks is not None:
             ep = self._channel.ep
-            hooks = StreamHooks.around(client.hooks, request, client.metadata, ep.scheme, str(ep))
+            hooks = StreamHooks.around(client.hooks, request, client.metadata, ep)
             self._hooks = hooks
             await hooks.start_async()
             request = hooks.request()
@@ -1641,15 +1640,14 @@ class AsyncClient(ClientSettings):
         with_metadata: bool,
     ) -> Any:
         """A call through the interceptors (run_async: before, the request, after/error)."""
-        ep = channel.ep
-        call = ClientCall(
+        call = ClientCall.of(
             method,
-            args if type(args) is tuple else tuple(args),
-            kwargs or None,
-            merged(self.metadata, metadata),
+            args,
+            kwargs,
+            self.metadata,
+            metadata,
             self.timeout if timeout is None else timeout,
-            ep.scheme,
-            str(ep),
+            channel.ep,
         )
 
         def send(c: ClientCall) -> Awaitable[Reply]:
@@ -1691,18 +1689,9 @@ class AsyncClient(ClientSettings):
         :meth:`request` is to :meth:`call`): the method's own keyword arguments may then be
         named ``timeout`` or ``metadata``."""
         args = args if type(args) is tuple else tuple(args)
-        channel = self._channel
-        if channel is None:
-            raise self._not_connected()
-        if not isinstance(channel, StreamChannel):
-            raise LocalProtocolError(
-                f"stream({method!r}): streams need TCP or TLS (this client is {self.endpoint}); "
-                "nothing was sent",
-                ErrorCode.STREAM_MISMATCH,
-            )
         return ResultStream(
             self,
-            channel,
+            self._stream_only("stream", method),
             method,
             args,
             kwargs or None,
@@ -1749,36 +1738,34 @@ class AsyncClient(ClientSettings):
         :meth:`request` is to :meth:`call`): the method's own keyword arguments may then be
         named ``timeout`` or ``metadata``."""
         args = args if type(args) is tuple else tuple(args)
-        channel = self._channel
-        if channel is None:
-            raise self._not_connected()
-        if not isinstance(channel, StreamChannel):
-            raise LocalProtocolError(
-                f"upload({method!r}): uploads need TCP or TLS (this client is {self.endpoint}); "
-                "nothing was sent",
-                ErrorCode.STREAM_MISMATCH,
-            )
+        channel = self._stream_only("upload", method)
         t = self.timeout if timeout is None else timeout
         codec = self.codec
         if self.hooks is None:
             reply = await channel.upload(method, items, args, kwargs or None, t, codec, metadata)
             return reply.result
-        ep = channel.ep
-        call = ClientCall(
-            method,
-            args,
-            kwargs or None,
-            merged(self.metadata, metadata),
-            t,
-            ep.scheme,
-            str(ep),
-            upload=True,
+        call = ClientCall.of(
+            method, args, kwargs, self.metadata, metadata, t, channel.ep, upload=True
         )
 
         def send(c: ClientCall) -> Awaitable[Reply]:
             return channel.upload(c.method, items, c.args, c.kwargs, c.timeout, codec, c.metadata)
 
         return (await run_async(self.hooks, call, send)).result
+
+    def _stream_only(self, kind: str, method: str) -> StreamChannel:
+        """The TCP/TLS channel a stream or an upload (``kind``) needs; over UDP
+        :class:`LocalProtocolError` (STREAM_MISMATCH), nothing sent."""
+        channel = self._channel
+        if channel is None:
+            raise self._not_connected()
+        if not isinstance(channel, StreamChannel):
+            raise LocalProtocolError(
+                f"{kind}({method!r}): {kind}s need TCP or TLS (this client is "
+                f"{self.endpoint}); nothing was sent",
+                ErrorCode.STREAM_MISMATCH,
+            )
+        return channel
 
     def stream_channel(self, what: str) -> StreamChannel:
         """The TCP/TLS channel, for patterns that need a connection (ConnectError if none)."""

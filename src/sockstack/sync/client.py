@@ -68,7 +68,7 @@ from sockstack.errors import (
     RemoteError,
     RemoteProtocolError,
 )
-from sockstack.interceptors import ClientCall, Hooks, StreamHooks, merged, run_sync
+from sockstack.interceptors import ClientCall, Hooks, StreamHooks, run_sync
 from sockstack.protocol.auth import (
     NO_EPOCH,
     REFUSAL_SIZE,
@@ -2033,7 +2033,7 @@ class ResultStream:
         self._ended = True  # until the request is sent: a failed start is the stream's end
         if client.hooks is not None:
             ep = self._connection.ep
-            hooks = StreamHooks.around(client.hooks, request, client.metadata, ep.scheme, str(ep))
+            hooks = StreamHooks.around(client.hooks, request, client.metadata, ep)
             self._hooks = hooks
             hooks.start_sync()
             request = hooks.request()
@@ -2225,6 +2225,18 @@ class Client(ClientSettings):
             wait = self.first_connect_timeout()  # within the call timeout too
             self.connection.ensure(time.monotonic() + wait, "connect", wait)
 
+    def _stream_only(self, kind: str, method: str) -> StreamConnection:
+        """The TCP/TLS connection a stream or an upload (``kind``) needs; over UDP
+        :class:`LocalProtocolError` (STREAM_MISMATCH), nothing sent."""
+        conn = self.connection
+        if not isinstance(conn, StreamConnection):
+            raise LocalProtocolError(
+                f"{kind}({method!r}): {kind}s need TCP or TLS (this client is "
+                f"{self.endpoint}); nothing was sent",
+                ErrorCode.STREAM_MISMATCH,
+            )
+        return conn
+
     def stream_connection(self, what: str) -> StreamConnection:
         """The TCP/TLS connection, for patterns that need one (ConnectError over UDP)."""
         conn = self.connection
@@ -2284,15 +2296,8 @@ class Client(ClientSettings):
         hooks = self.hooks
         if hooks is None:
             return self._request(method, args, kwargs or None, timeout, metadata, with_metadata)
-        ep = self.connection.ep
-        call = ClientCall(
-            method,
-            args if type(args) is tuple else tuple(args),
-            kwargs or None,
-            merged(self.metadata, metadata),
-            timeout,
-            ep.scheme,
-            str(ep),
+        call = ClientCall.of(
+            method, args, kwargs, self.metadata, metadata, timeout, self.connection.ep
         )
 
         def send(c: ClientCall) -> Reply:
@@ -2354,16 +2359,9 @@ class Client(ClientSettings):
         :meth:`request` is to :meth:`call`): the method's own keyword arguments may then be
         named ``timeout`` or ``metadata``."""
         args = args if type(args) is tuple else tuple(args)
-        conn = self.connection
-        if not isinstance(conn, StreamConnection):
-            raise LocalProtocolError(
-                f"stream({method!r}): streams need TCP or TLS (this client is {self.endpoint}); "
-                "nothing was sent",
-                ErrorCode.STREAM_MISMATCH,
-            )
         return ResultStream(
             self,
-            conn,
+            self._stream_only("stream", method),
             method,
             args,
             kwargs or None,
@@ -2408,13 +2406,7 @@ class Client(ClientSettings):
         :meth:`request` is to :meth:`call`): the method's own keyword arguments may then be
         named ``timeout`` or ``metadata``."""
         args = args if type(args) is tuple else tuple(args)
-        conn = self.connection
-        if not isinstance(conn, StreamConnection):
-            raise LocalProtocolError(
-                f"upload({method!r}): uploads need TCP or TLS (this client is {self.endpoint}); "
-                "nothing was sent",
-                ErrorCode.STREAM_MISMATCH,
-            )
+        conn = self._stream_only("upload", method)
         t = self.timeout if timeout is None else timeout
         codec = self.codec
         hooks = self.hooks
@@ -2422,17 +2414,7 @@ class Client(ClientSettings):
             return _answer(
                 conn.upload(method, items, args, kwargs or None, codec, t, metadata), False
             )
-        ep = conn.ep
-        call = ClientCall(
-            method,
-            args,
-            kwargs or None,
-            merged(self.metadata, metadata),
-            t,
-            ep.scheme,
-            str(ep),
-            upload=True,
-        )
+        call = ClientCall.of(method, args, kwargs, self.metadata, metadata, t, conn.ep, upload=True)
 
         def send(c: ClientCall) -> Reply:
             value = conn.upload(c.method, items, c.args, c.kwargs, codec, c.timeout, c.metadata)
