@@ -834,3 +834,32 @@ async def test_uploads_to_def_methods_hold_at_most_half_the_workers() -> None:
             assert await c.upload("total", [5], 1) == 5
     finally:
         await server.shutdown()
+
+
+async def test_uploads_are_bounded_over_all_connections() -> None:
+    """``max_total_uploads`` bounds the uploads of every connection together (each may queue
+    its window): one more, from any client, is OVERLOADED and does not run."""
+    from sockstack import ServerLimits
+
+    svc = Uploads()
+    server = Server(svc, tcp=[f"{HOST}:0"], limits=ServerLimits(max_total_uploads=2))
+    await server.start()
+    try:
+        async with (
+            AsyncClient(tcp(server), timeout=timeout(20)) as a,
+            AsyncClient(tcp(server), timeout=timeout(20)) as b,
+        ):
+            gate = asyncio.Event()
+            held = [asyncio.ensure_future(c.upload("atotal", _gated(gate), 1)) for c in (a, b)]
+            await _until(lambda: server._uploads == 2, a)
+            for c in (a, b):
+                with pytest.raises(RemoteError) as info:
+                    await c.upload("atotal", [5], 1)
+                assert info.value.code == ErrorCode.OVERLOADED
+                assert "2 uploads in flight on this server" in info.value.message
+            gate.set()
+            assert await asyncio.gather(*held) == [3, 3]
+            await _until(lambda: server._uploads == 0, a)
+            assert await b.upload("atotal", [5], 1) == 5
+    finally:
+        await server.shutdown()

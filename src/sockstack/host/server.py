@@ -247,6 +247,9 @@ class ServerLimits:
     """Uploads (PROTOCOL.md §4.4) in flight at once per TCP connection: each may queue up to its
     window plus one item, so a connection's uploads hold at most 16 x (256 KiB + a frame).
     One more is answered with ERROR OVERLOADED and does not run."""
+    max_total_uploads: int = 256
+    """Uploads in flight at once over all connections (so at most 256 x (256 KiB + a frame)
+    queued in all); one more is answered with ERROR OVERLOADED and does not run."""
     max_datagram: int = DEFAULT_MAX_DATAGRAM
     reply_window: float = DEFAULT_REPLY_WINDOW
     reply_cache_entries: int = DEFAULT_REPLY_CACHE_ENTRIES
@@ -372,6 +375,7 @@ class _ItemIn:
         "conn",
         "ctx",
         "ended",
+        "forgotten",
         "holds_worker",
         "items",
         "rid",
@@ -389,6 +393,7 @@ class _ItemIn:
         self.ended = False  # the ITEM with END came
         self.closed = False  # the call ended: items dropped
         self.holds_worker = False  # a def method's: counted in the server's _worker_uploads
+        self.forgotten = False  # no longer counted in the server's _uploads
         self._cond = threading.Condition(threading.Lock())
         self._waiter: asyncio.Future[None] | None = None
 
@@ -487,6 +492,9 @@ class _ItemIn:
         conn = self.conn
         if conn._item_ins.get(self.rid) is self:
             del conn._item_ins[self.rid]
+        if not self.forgotten:
+            self.forgotten = True
+            conn.server._uploads -= 1
         if self.holds_worker:
             self.holds_worker = False
             conn.server._worker_uploads -= 1
@@ -812,6 +820,7 @@ class _HostStream(StreamProtocol):
         if refused is not None:
             return False, (ErrorCode.OVERLOADED, "OVERLOADED", refused)
         ctx.upload = inbox = _ItemIn(self, rid, ctx)
+        self.server._uploads += 1
         if handler is not None and not handler.is_async:
             inbox.holds_worker = True
             self.server._worker_uploads += 1
@@ -831,6 +840,11 @@ class _HostStream(StreamProtocol):
         the server's ``def`` uploads hold half its worker threads already: the other half stay
         free for other calls, whatever a client sends or does not send."""
         limits = self.server.limits
+        if self.server._uploads >= limits.max_total_uploads:
+            return (
+                f"{self.server._uploads} uploads in flight on this server (limit "
+                f"{limits.max_total_uploads}); retry when one has ended"
+            )
         if len(self._item_ins) >= limits.max_uploads:
             return (
                 f"{len(self._item_ins)} uploads in flight on this connection (limit "
@@ -1353,6 +1367,7 @@ class Server:
         self._in_flight = 0
         self._in_flight_bytes = 0  # frame bytes of the TCP requests running (not uploads)
         self._bytes_paused: set[_HostStream] = set()  # connections paused for those bytes
+        self._uploads = 0  # uploads in flight over all connections
         self._worker_uploads = 0  # uploads to def methods in flight (each may hold a worker)
         self._idle: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # shutdown started by a signal
