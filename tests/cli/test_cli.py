@@ -247,3 +247,44 @@ def test_items_from_an_idle_pipe_end_at_the_timeout(tmp_path: Path) -> None:
         p.stderr.close()
         assert p.returncode == 3, err
         assert "1 s" in err and out == ""
+
+
+def test_items_from_reads_at_most_about_a_mebibyte_ahead() -> None:
+    """--items-from's reader thread holds at most ~1 MiB of lines the upload has not taken
+    (not a count of lines: they may be long); memory measured with tracemalloc."""
+    import threading
+    import time
+    import tracemalloc
+    from collections.abc import Iterator
+
+    from sockstack.cli.client import read_items
+
+    line = '"' + "x" * 10_000 + '"\n'  # ~10 KB a line; 20 MiB offered in all
+    read = [0]
+
+    class Source:
+        def __iter__(self) -> Iterator[str]:
+            for _ in range(2_000):
+                read[0] += 1
+                yield line
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        items = read_items(Source(), time.monotonic() + timeout(30))  # type: ignore[arg-type]
+        assert len(next(items)) == 10_000
+        bound = (1 << 20) // len(line) + 2  # lines ahead at most (one over, one taken)
+        pause = threading.Event()
+        for _ in range(2000):  # until the reader has filled what it may (bounded)
+            if read[0] >= bound - 1:
+                break
+            pause.wait(0.001)
+        for _ in range(50):  # room for a reader that would go on
+            pause.wait(0.001)
+        held = tracemalloc.get_traced_memory()[0] - before
+        assert bound - 1 <= read[0] <= bound + 1, read[0]
+        assert held < 3 << 20, held  # ~1 MiB of lines ahead, not 20
+        assert sum(1 for _ in items) == 1_999  # the rest, in order, as it is taken
+        assert read[0] == 2_000
+    finally:
+        tracemalloc.stop()

@@ -4,11 +4,11 @@ round-trip times."""
 from __future__ import annotations
 
 import argparse
-import queue
 import statistics
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -98,7 +98,7 @@ def read_items(lines: IO[str], deadline: float | None = None) -> Iterator[Any]:
     """The items of an upload, one a line, each parsed as an ARG is (JSON when it parses, else
     the text); blank lines are skipped. Read as the upload sends them (a file of any size, or a
     pipe that is still being written). With a ``deadline`` (``time.monotonic()``), the lines
-    are read by a thread of their own, at most 1,024 ahead, and a source that gives no line
+    are read by a thread of their own, at most about 1 MiB ahead, and a source that gives no line
     before the deadline (an idle pipe) raises :class:`CallTimeout`: ``--timeout`` bounds the
     command even while it waits for its input."""
     if deadline is None:
@@ -112,25 +112,39 @@ def read_items(lines: IO[str], deadline: float | None = None) -> Iterator[Any]:
 
 
 _EOF = object()
+_AHEAD_BYTES = 1 << 20  # lines read ahead of the upload, at most (one longer line alone)
 
 
 def _lines_until(lines: IO[str], deadline: float) -> Iterator[str]:
-    ahead: queue.Queue[object] = queue.Queue(maxsize=1024)
+    ahead: deque[object] = deque()
+    held = [0]  # characters of the lines read ahead
+    cond = threading.Condition()
 
     def pump() -> None:
+        def put(item: object, size: int) -> None:
+            with cond:
+                # Room for it (or nothing ahead: a line longer than the bound goes alone).
+                cond.wait_for(lambda: not ahead or held[0] + size <= _AHEAD_BYTES)
+                ahead.append(item)
+                held[0] += size
+                cond.notify_all()
+
         try:
             for line in lines:
-                ahead.put(line)
+                put(line, len(line))
         except (OSError, ValueError) as exc:  # (closed meanwhile: the command has ended)
-            ahead.put(exc)
-        ahead.put(_EOF)
+            put(exc, 0)
+        put(_EOF, 0)
 
     threading.Thread(target=pump, name="items-from", daemon=True).start()
     while True:
-        try:
-            got = ahead.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            raise CallTimeout("--items-from", 0, "no item came within the timeout") from None
+        with cond:
+            if not cond.wait_for(lambda: bool(ahead), max(0.0, deadline - time.monotonic())):
+                raise CallTimeout("--items-from", 0, "no item came within the timeout")
+            got = ahead.popleft()
+            if isinstance(got, str):
+                held[0] -= len(got)
+            cond.notify_all()
         if got is _EOF:
             return
         if isinstance(got, Exception):
