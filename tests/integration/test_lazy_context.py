@@ -1,14 +1,16 @@
-"""The context of an inline call is built lazily (host: ``LazyContext`` in CURRENT_CALL; the
-``CallContext`` only when something asks for it). Whatever reads it, a method answered at once
-must see what an eagerly built context showed: its request id, method, transport, peer and
-deadline, one object per call, trailers that reach the client, a deadline nested calls inherit,
-and a context that outlives the method in a task it started. Live over loopback, TCP (one
-request per read, and several requests in one read) and UDP.
+"""The context of an inline call is built lazily (host: the thread's ``LazyContext`` holder,
+filled around each call; the ``CallContext`` only when something asks for it). Whatever reads
+it, a method answered at once must see what an eagerly built context showed: its request id,
+method, transport, peer and deadline, one object per call, trailers that reach the client, a
+deadline nested calls inherit, and a context that outlives the method once taken. A task the
+method starts never sees another call's context. Live over loopback, TCP (one request per read,
+and several requests in one read) and UDP.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import sys
 import threading
 import time
@@ -18,9 +20,9 @@ from typing import Any
 import pytest
 
 from sockstack import CallContext, Server, Service, connect, current_context, method
-from sockstack.protocol.calls import CURRENT_CALL, inherited_timeout
-from sockstack.protocol.events import Error, Request, Response
-from sockstack.protocol.messages import encode_request
+from sockstack.protocol.calls import CURRENT_CALL, inherited_timeout, served_call
+from sockstack.protocol.events import Error, Pong, Request, Response
+from sockstack.protocol.messages import encode_ping, encode_request
 from sockstack.rpc.context import LazyContext, served_context
 from tests.conftest import timeout
 from tests.integration.test_deadlines_metadata import RawDatagrams, RawStream, raw_call
@@ -30,6 +32,7 @@ HOST = "127.0.0.1"
 
 class Inline(Service):
     def __init__(self) -> None:
+        self.conn: Any = None  # reenter: the host's protocol object of another connection
         self.later: asyncio.Future[dict[str, Any]] | None = None
         self.task: asyncio.Task[None] | None = None
 
@@ -61,20 +64,56 @@ class Inline(Service):
 
     @method(inline=True)
     def start_task(self) -> str:
-        """Starts a task that reads the context after this method has returned (the task's
-        copy of the context holds this call's)."""
+        """Starts a task that runs after this method has returned. An inline method's call is
+        held for the thread while it runs, not in a context variable: the task does not see
+        it (LookupError), and gets what it needs from the method (README, "Call context")."""
         loop = asyncio.get_running_loop()
         self.later = fut = loop.create_future()
+        ctx = current_context()  # read here, passed to the task
 
-        async def read_later() -> None:
+        async def read_later(ctx: CallContext = ctx) -> None:
             await asyncio.sleep(0)  # the method has returned, its answer is sent
-            ctx = current_context()
+            try:
+                current_context()
+                own = "seen"
+            except LookupError:
+                own = "LookupError"
             fut.set_result(
-                {"request_id": ctx.request_id, "method": ctx.method, "deadline": ctx.deadline}
+                {
+                    "request_id": ctx.request_id,
+                    "method": ctx.method,
+                    "deadline": ctx.deadline,
+                    "own": own,
+                    "nested_timeout": inherited_timeout(60.0, time.monotonic()),
+                }
             )
 
         self.task = loop.create_task(read_later())
         return "started"
+
+    @method(inline=True)
+    def reenter(self, frame: bytes) -> dict[str, Any]:
+        """Hands ``frame`` (a REQUEST) to another connection of this host while this call
+        runs: the host dispatches a call inside this one, on the same thread."""
+        outer = current_context()
+        assert self.conn is not None
+        self.conn.data_received(frame)
+        after = current_context()
+        return {"outer": outer.request_id, "after": after.request_id, "same": after is outer}
+
+    @method(inline=True)
+    def from_thread(self) -> dict[str, Any]:
+        """A thread started here (with a copy of the context) while the call runs: the call
+        is this thread's (the loop's), not the other one's."""
+        seen: list[object] = []
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(self._look, seen))
+        thread.start()
+        thread.join(timeout(10))
+        return {"thread": seen == [None], "own": current_context().request_id}
+
+    @staticmethod
+    def _look(seen: list[object]) -> None:
+        seen.append(served_call())
 
     @method
     def nested(self, url: str) -> Any:
@@ -171,9 +210,12 @@ async def test_trailers_set_by_an_inline_method_come_back(
         assert got[2].metadata == {"served-by": "inline"}
 
 
-async def test_a_task_started_by_an_inline_method_keeps_its_context(
+async def test_a_task_started_by_an_inline_method_gets_the_context_from_it(
     served: tuple[Server, Inline],
 ) -> None:
+    """The context the method passed is its call's (and outlives the method); the task's own
+    current_context() raises, and a call it makes keeps its own timeout: a task never sees
+    another call's context (the thread's holder has moved on to the next call)."""
     server, svc = served
     before = time.monotonic()
     answer = await raw_call(server, "tcp", encode_request(77, "start_task", [], budget_ms=9000))
@@ -182,6 +224,39 @@ async def test_a_task_started_by_an_inline_method_keeps_its_context(
     later = await asyncio.wait_for(svc.later, timeout(10))
     assert later["request_id"] == 77 and later["method"] == "start_task"
     assert before < later["deadline"] <= time.monotonic() + 9.0
+    assert later["own"] == "LookupError" and later["nested_timeout"] == 60.0
+
+
+async def test_a_call_dispatched_inside_another_sees_its_own_context(
+    served: tuple[Server, Inline],
+) -> None:
+    """The thread's holder is busy with the outer call: the inner one is dispatched in a
+    context of its own (CURRENT_CALL), and the outer call's is intact after it."""
+    server, svc = served
+    inner = await RawStream.open(server)
+    try:
+        inner.send(encode_ping(1))
+        assert type(await inner.answer()) is Pong  # its session is open
+        port = inner.writer.get_extra_info("sockname")[1]
+        (svc.conn,) = [c for c in server._streams if c.peer == f"{HOST}:{port}"]
+        frame = encode_request(99, "seen", [], budget_ms=3000)
+        answer = await raw_call(server, "tcp", encode_request(5, "reenter", [frame]))
+        assert answer == Response(5, {"outer": 5, "after": 5, "same": True}, 1)
+        got = await inner.answer()
+        assert type(got) is Response and got.request_id == 99
+        assert got.result["request_id"] == 99 and got.result["method"] == "seen"
+        assert 0 < got.result["remaining"] <= 3.0 and got.result["same"] is True
+    finally:
+        await inner.close()
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "udp"])
+async def test_another_thread_never_sees_the_loops_inline_call(
+    served: tuple[Server, Inline], scheme: str
+) -> None:
+    server, _ = served
+    answer = await raw_call(server, scheme, encode_request(31, "from_thread", []))
+    assert answer == Response(31, {"thread": True, "own": 31}, 1)
 
 
 @pytest.mark.parametrize("scheme", ["tcp", "udp"])

@@ -79,6 +79,7 @@ from sockstack.protocol.auth import (
 )
 from sockstack.protocol.calls import (
     CURRENT_CALL,
+    INLINE_CALLS,
     Backoff,
     Calls,
     Failover,
@@ -152,6 +153,7 @@ _PONG = int(MessageType.PONG)
 _MAX_HELD_BYTES = 1 << 20  # datagrams without answer held while a UDP client learns the epoch
 _rng = random.Random()
 _CURRENT_CALL = CURRENT_CALL
+_INLINE_CALLS = INLINE_CALLS  # (non-empty in a process that runs a host)
 _BUDGET_CAP_S = MAX_BUDGET_MS / 1000  # budget_ms's bound, in seconds
 _DEADLINE_EXCEEDED = int(ErrorCode.DEADLINE_EXCEEDED)
 _DECODE = int(ErrorCode.DECODE_ERROR)
@@ -423,7 +425,7 @@ class StreamChannel:
         stream = self.stream
         loop = self.loop
         now = loop.time()
-        if _CURRENT_CALL.get() is not None:  # made from inside a served call: its deadline
+        if _CURRENT_CALL.get() is not None or _INLINE_CALLS:  # inside a served call: its deadline
             timeout = inherited_timeout(timeout, _monotonic())
         if stream is None or not stream.can_send():
             stream = await self._wait_connected(method, timeout, now + timeout)
@@ -512,7 +514,7 @@ class StreamChannel:
         what, feature = ("stream", FEATURE_STREAM) if stream else ("upload", FEATURE_UPLOAD)
         loop = self.loop
         now = loop.time()
-        if _CURRENT_CALL.get() is not None:
+        if _CURRENT_CALL.get() is not None or _INLINE_CALLS:
             timeout = inherited_timeout(timeout, _monotonic())
         conn = self.stream
         if conn is None or not conn.can_send():
@@ -1101,7 +1103,7 @@ class DatagramChannel:
     ) -> Any:
         if self.endpoint is None:
             raise ConnectError("client is closed")
-        if _CURRENT_CALL.get() is not None:  # made from inside a served call: its deadline
+        if _CURRENT_CALL.get() is not None or _INLINE_CALLS:  # inside a served call: its deadline
             timeout = inherited_timeout(timeout, _monotonic())
         md = None
         defaults = self.client.metadata

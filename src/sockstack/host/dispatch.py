@@ -60,7 +60,7 @@ import msgspec
 
 from sockstack.errors import CodecError, ErrorCode, LocalProtocolError, wire_name
 from sockstack.interceptors import Failure, Hooks, Refused, await_quietly, call_quietly
-from sockstack.protocol.calls import CURRENT_CALL
+from sockstack.protocol.calls import served_call
 from sockstack.protocol.codecs import decode_as
 from sockstack.protocol.events import Request
 from sockstack.rpc.context import CallAborted, CallContext, run_guarded, served_context
@@ -335,7 +335,7 @@ def _pull(gen: Any, room: int, sink: ItemSink) -> tuple[bool, Any]:
     last one may pass it), hand each to the sink. (True, return value) when the generator
     ended, (False, None) when the room is used up. Raises what the generator raises,
     :class:`_BadItem`, or :class:`CallAborted` once the call was stopped."""
-    ctx = served_context(CURRENT_CALL.get())
+    ctx = served_context(served_call())
     push = sink.push_threadsafe
     while room > 0:
         code = _late(ctx)
@@ -841,7 +841,7 @@ class Dispatcher:
     async def _run_stream(self, handler: Handler, req: Request) -> Outcome:
         """A streamed call: its items to the call context's sink under flow control, then its
         outcome (the generator's return value, or its error)."""
-        ctx = served_context(CURRENT_CALL.get())
+        ctx = served_context(served_call())
         sink: ItemSink | None = None if ctx is None else ctx.stream
         if sink is None:  # dispatched outside a stream session (tests of the dispatcher)
             return False, (
@@ -940,7 +940,7 @@ class Dispatcher:
                 f"method {req.method!r} takes an item stream (parameter {up.name!r}): call it "
                 + what
             )
-        ctx = served_context(CURRENT_CALL.get())
+        ctx = served_context(served_call())
         source = None if ctx is None else ctx.upload
         if source is None:  # dispatched outside a stream session (tests of the dispatcher)
             return _mismatch("uploads need TCP or TLS")
@@ -991,7 +991,7 @@ class Dispatcher:
 
     def _dispatch_intercepted(self, req: Request) -> Outcome | Awaitable[Outcome]:
         """:meth:`dispatch` through the interceptors' hooks (sockstack.interceptors). The host
-        set the call's context (CURRENT_CALL) around this call. An inline method with
+        set the call's context (served_call()) around this call. An inline method with
         synchronous hooks stays inline, hooks and method run in a copy of the context (what a
         hook sets there, an OpenTelemetry span made current, ends with the call); otherwise
         hooks and method run in the call's task."""
@@ -1004,7 +1004,7 @@ class Dispatcher:
         return outcome
 
     def _call_context(self, req: Request) -> CallContext:
-        ctx = served_context(CURRENT_CALL.get())
+        ctx = served_context(served_call())
         if ctx is None:  # dispatched outside a host (tests of the dispatcher)
             ctx = CallContext(req.method, req.request_id, "local", "local", req.metadata)
         ctx.state = {}

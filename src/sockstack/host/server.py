@@ -16,8 +16,9 @@ methods every pattern serves (REQUEST), drain and shutdown. Messages of a patter
 are routed to it (:mod:`sockstack.host.pattern`); the host imports no pattern.
 
 Each call is dispatched in its :class:`~sockstack.rpc.context.CallContext` (``current_context()``
-inside the method; built lazily from a :class:`~sockstack.rpc.context.LazyContext` for a method
-answered at once, which seldom asks for it): a REQUEST whose DEADLINE budget is 0 is refused
+inside the method; built lazily from the event loop thread's
+:class:`~sockstack.rpc.context.LazyContext` holder, filled in place around each call, for a
+method answered at once, which seldom asks for it): a REQUEST whose DEADLINE budget is 0 is refused
 (DEADLINE_EXCEEDED) without running; an async or threaded method still running at its deadline,
 or named by a CANCEL, is stopped (an async method's task is cancelled; a threaded method's
 context is marked, and if it still waits for a worker it never runs) and answered
@@ -94,7 +95,7 @@ from sockstack.protocol.messages import (
     encode_error,
 )
 from sockstack.protocol.registry import Registry
-from sockstack.rpc.context import CallAborted, CallContext, LazyContext
+from sockstack.rpc.context import CallAborted, CallContext, LazyContext, inline_holder
 from sockstack.transport.ratelog import RateLimitedLog
 from sockstack.transport.secret import normalize_secret
 from sockstack.transport.urls import Endpoint, format_peer, is_loopback_host, parse_endpoint
@@ -503,6 +504,29 @@ class _ItemIn:
             waiter.set_result(None)
 
 
+def _dispatch_lazily(
+    dispatch: Callable[[Request], Outcome | Awaitable[Outcome]],
+    req: Request,
+    kind: str,
+    peer: Any,
+    deadline: float | None,
+) -> tuple[Outcome | Awaitable[Outcome], CallContext]:
+    """``dispatch(req)`` in a context of its own set in CURRENT_CALL (a LazyContext): for a
+    call dispatched while this thread's holder holds another (from inside a method)."""
+    lazy = LazyContext()
+    lazy.request = req
+    lazy.transport = kind
+    lazy.peer = peer
+    lazy.deadline = deadline
+    lazy.ctx = None
+    token = _set_call(lazy)
+    try:
+        outcome = dispatch(req)
+    finally:
+        _reset_call(token)
+    return outcome, lazy.context()
+
+
 class _HostStream(StreamProtocol):
     """One stream connection of the host: the hot path for calls, routing for patterns."""
 
@@ -532,6 +556,7 @@ class _HostStream(StreamProtocol):
         self._item_outs: dict[int, _ItemOut] = {}  # streamed calls, by request id (CREDIT)
         self._item_ins: dict[int, _ItemIn] = {}  # uploads, by request id (their ITEMs)
         self._loop_thread = threading.get_ident()
+        self._inline = inline_holder()  # (made on the loop's thread: that thread's holder)
         self._flush_scheduled = False
 
     def core_options(self) -> dict[str, Any]:
@@ -649,20 +674,23 @@ class _HostStream(StreamProtocol):
             if budget is not None and not budget:  # no time left: it does not run
                 outcome: Outcome | Awaitable[Outcome] = _LATE
             else:
-                # The call's context, lazily: a LazyContext filled in place (its CallContext
-                # is built only if the method, an interceptor or a later answer needs it).
-                lazy = LazyContext()
-                lazy.request = single
-                lazy.transport = self.kind
-                lazy.peer = self.peer
-                lazy.deadline = None if budget is None else _monotonic() + budget / 1000.0
-                lazy.ctx = None
-                token = _set_call(lazy)
-                try:
-                    outcome = self.dispatcher.dispatch(single)
-                finally:
-                    _reset_call(token)
-                ctx = lazy.ctx if type(outcome) is tuple else lazy.context()
+                # The call's context, lazily: this thread's holder filled in place (its
+                # CallContext is built only if the method, an interceptor or a later answer
+                # needs it), emptied after the dispatch.
+                held = self._inline
+                if held.request is not None:  # inside another call's dispatch: not the holder
+                    at = None if budget is None else _monotonic() + budget / 1000.0
+                    outcome, ctx = self._dispatch_nested(single, self.kind, self.peer, at)
+                else:
+                    held.request = single
+                    held.transport = self.kind
+                    held.peer = self.peer
+                    held.deadline = None if budget is None else _monotonic() + budget / 1000.0
+                    try:
+                        outcome = self.dispatcher.dispatch(single)
+                        ctx = held.ctx if type(outcome) is tuple else held.context()
+                    finally:
+                        held.request = held.ctx = None
             if type(outcome) is tuple and outcome[0] and (ctx is None or ctx.trailers is None):
                 try:
                     frame = core.response_frame(single.request_id, outcome[1])
@@ -713,6 +741,7 @@ class _HostStream(StreamProtocol):
         routes = self.routes
         run_method = self.dispatcher.dispatch
         kind, peer = self.kind, self.peer
+        held = self._inline
         n = len(events)
         deadline = _clock() + self.server.limits.work_slice
         arrived = 0.0  # read at the first request with a budget
@@ -730,25 +759,27 @@ class _HostStream(StreamProtocol):
                     if budget is not None and not budget:  # no time left: it does not run
                         self._answer(ev, _LATE)
                     else:
-                        lazy = LazyContext()  # (as in data_received: built only if needed)
-                        lazy.request = ev
-                        lazy.transport = kind
-                        lazy.peer = peer
                         if budget is None:
-                            lazy.deadline = None
+                            deadline_at = None
                         else:
                             if not arrived:
                                 arrived = _monotonic()
-                            lazy.deadline = arrived + budget / 1000.0
-                        lazy.ctx = None
-                        token = _set_call(lazy)
-                        try:
-                            outcome = run_method(ev)
-                        finally:
-                            _reset_call(token)
-                        ctx = lazy.ctx
+                            deadline_at = arrived + budget / 1000.0
+                        if held.request is not None:  # (as in data_received)
+                            outcome, ctx = self._dispatch_nested(ev, kind, peer, deadline_at)
+                        else:
+                            held.request = ev  # (as in data_received: built only if needed)
+                            held.transport = kind
+                            held.peer = peer
+                            held.deadline = deadline_at
+                            try:
+                                outcome = run_method(ev)
+                                ctx = held.ctx if type(outcome) is tuple else held.context()
+                            finally:
+                                held.request = held.ctx = None
                         if type(outcome) is not tuple:
-                            self._outcome(ev, outcome, lazy.context())
+                            assert ctx is not None
+                            self._outcome(ev, outcome, ctx)
                         elif outcome[0] and (ctx is None or ctx.trailers is None):
                             core = self.core
                             assert core is not None
@@ -769,6 +800,14 @@ class _HostStream(StreamProtocol):
                 self._update_reading()
                 self.loop.call_soon(self._run_backlog)
                 return
+
+    def _dispatch_nested(
+        self, req: Request, kind: str, peer: Any, deadline: float | None
+    ) -> tuple[Outcome | Awaitable[Outcome], CallContext | None]:
+        """Dispatch ``req`` while this thread's holder holds another call (a call dispatched
+        from inside a method: not the common case): in a context of its own, set in
+        CURRENT_CALL around it."""
+        return _dispatch_lazily(self.dispatcher.dispatch, req, kind, peer, deadline)
 
     def _run_backlog(self) -> None:
         backlog, self._backlog = self._backlog, None
@@ -1098,6 +1137,7 @@ class _HostDatagram(DatagramEndpoint):
     def __init__(self, server: Server) -> None:
         super().__init__()
         self.server = server
+        self._inline = inline_holder()  # (made on the loop's thread: that thread's holder)
         self.in_flight = 0  # requests running in tasks or threads, from any client
         self.epoch_refusals = 0  # datagrams sealed for another epoch (PROTOCOL.md §6.1)
         lim = server.limits
@@ -1227,25 +1267,28 @@ class _HostDatagram(DatagramEndpoint):
         if budget is not None and not budget:  # no time left: it does not run
             self._answer(req, addr, _LATE, now)
             return
-        lazy = LazyContext()  # (as over TCP: the CallContext built only if needed)
-        lazy.request = req
-        lazy.transport = "udp"
-        lazy.peer = addr
-        lazy.deadline = None if budget is None else _monotonic() + budget / 1000.0
-        lazy.ctx = None
-        token = _set_call(lazy)
-        try:
-            outcome = dispatcher.dispatch(req)
-        finally:
-            _reset_call(token)
+        deadline = None if budget is None else _monotonic() + budget / 1000.0
+        held = self._inline  # (as over TCP: the CallContext built only if needed)
+        ctx: CallContext | None
+        if held.request is not None:
+            outcome, ctx = _dispatch_lazily(dispatcher.dispatch, req, "udp", addr, deadline)
+        else:
+            held.request = req
+            held.transport = "udp"
+            held.peer = addr
+            held.deadline = deadline
+            try:
+                outcome = dispatcher.dispatch(req)
+                ctx = held.ctx if type(outcome) is tuple else held.context()
+            finally:
+                held.request = held.ctx = None
         if isinstance(outcome, tuple):
-            ctx: CallContext | None = lazy.ctx
             if ctx is None and outcome[0]:  # (_answer inlined: a result, no trailers)
                 self.core.send_response(addr, req.request_id, outcome[1], CODECS[req.codec], now)
             else:
                 self._answer(req, addr, outcome, now, ctx)
             return
-        ctx = lazy.context()
+        assert ctx is not None
         self.server._in_flight += 1
         self.in_flight += 1
         run = _Run(ctx)

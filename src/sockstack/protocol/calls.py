@@ -43,6 +43,7 @@ from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from threading import get_ident
 from typing import Any, Generic, Protocol, TypeVar
 
 from sockstack.errors import (
@@ -66,10 +67,12 @@ from sockstack.protocol.messages import (
 __all__ = [
     "CURRENT_CALL",
     "FEATURES",
+    "INLINE_CALLS",
     "Answer",
     "Backoff",
     "Calls",
     "Failover",
+    "HeldCall",
     "ItemStream",
     "ItemUpload",
     "OneCall",
@@ -83,6 +86,7 @@ __all__ = [
     "outcome",
     "plan_call",
     "remote_error",
+    "served_call",
 ]
 
 W = TypeVar("W")
@@ -108,9 +112,40 @@ class ServedCall(Protocol):
 
 
 CURRENT_CALL: ContextVar[ServedCall | None] = ContextVar("sockstack_current_call", default=None)
-"""The call a server is running in this context (set by the host around each method; a
-:class:`sockstack.CallContext`), None elsewhere. A call made with a sockstack client from inside
-it inherits its deadline (:func:`inherited_timeout`)."""
+"""The call a server is running in this context (set by the host around each method it runs in
+a task or a thread; a :class:`sockstack.CallContext`), None elsewhere. A call made with a
+sockstack client from inside it inherits its deadline (:func:`inherited_timeout`). Read it with
+:func:`served_call`, which also sees an inline method's call (:data:`INLINE_CALLS`)."""
+
+
+class HeldCall(ServedCall, Protocol):
+    """A thread's holder of the inline call being served there (:data:`INLINE_CALLS`)."""
+
+    @property
+    def request(self) -> object | None:
+        """The request being served; None between calls."""
+        ...
+
+
+INLINE_CALLS: dict[int, HeldCall] = {}
+"""Per thread (``threading.get_ident()``) that runs a host's event loop, the holder of the call
+an inline method is running there (its ``request`` None between calls). The host fills it in
+place around each inline call instead of setting :data:`CURRENT_CALL` (a context variable set
+and reset, and an object made, per call cost more than an inline echo's whole dispatch:
+PERFORMANCE.md §14); only code on that thread while the method runs sees it (a task or thread
+the method starts does not)."""
+
+
+def served_call() -> ServedCall | None:
+    """The call being served where this runs: :data:`CURRENT_CALL`, else the inline call the
+    host runs on this thread at this moment (:data:`INLINE_CALLS`); None outside a served
+    call."""
+    served = CURRENT_CALL.get()
+    if served is None and INLINE_CALLS:
+        held = INLINE_CALLS.get(get_ident())
+        if held is not None and held.request is not None:
+            return held
+    return served
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +160,7 @@ class Reply:
 def inherited_timeout(timeout: float, now: float) -> float:
     """``timeout``, shortened to the time left of the served call this code runs in (if any):
     a nested call never outlives the call it serves. ``now``: ``time.monotonic()``."""
-    served = CURRENT_CALL.get()
+    served = served_call()
     if served is not None:
         deadline = served.deadline
         if deadline is not None and deadline - now < timeout:
@@ -175,7 +210,7 @@ def plan_call(
     (:func:`inherited_timeout`); the budget is the whole timeout (send it at once; a request
     sent later sends ``budget_ms(deadline - now)``); metadata is dropped for a server that
     does not read it. ``now``: ``time.monotonic()``."""
-    if CURRENT_CALL.get() is not None:
+    if CURRENT_CALL.get() is not None or INLINE_CALLS:
         timeout = inherited_timeout(timeout, now)
     budget = budget_ms(timeout) if features & FEATURE_DEADLINE else None
     md = None

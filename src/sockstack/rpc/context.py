@@ -35,7 +35,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 from sockstack.errors import ErrorCode
-from sockstack.protocol.calls import CURRENT_CALL
+from sockstack.protocol.calls import INLINE_CALLS, served_call
 from sockstack.protocol.events import Request
 from sockstack.protocol.messages import MAX_METADATA_ENTRIES, check_metadata
 
@@ -44,6 +44,7 @@ __all__ = [
     "CallContext",
     "LazyContext",
     "current_context",
+    "inline_holder",
     "run_guarded",
     "served_context",
 ]
@@ -168,13 +169,15 @@ class CallContext:
 
 
 class LazyContext:
-    """What the host sets in :data:`~sockstack.protocol.calls.CURRENT_CALL` around a method it
-    answers at once (inline): the request, where it came from and its deadline. The
-    :class:`CallContext` is built the first time something asks for it (:func:`current_context`,
-    an interceptor, a method that is not answered at once) and kept: every reader of one call
-    gets the same object, and what it set (trailers) is the host's to send. Building a
-    ``CallContext`` for every call cost more than the rest of an inline echo's dispatch
-    (PERFORMANCE.md §12). ``deadline`` is read as it is by nested calls (``ServedCall``).
+    """The call the host is dispatching (the request, where it came from and its deadline),
+    held where readers find it: this thread's holder (:func:`inline_holder`, reused call after
+    call, the common case), or :data:`~sockstack.protocol.calls.CURRENT_CALL` when a call is
+    dispatched inside another on the same thread. The :class:`CallContext` is built the first
+    time something asks for it (:func:`current_context`, an interceptor, a method that is not
+    answered at once) and kept: every reader of one call gets the same object, and what it set
+    (trailers) is the host's to send. Building a ``CallContext`` for every call cost more than
+    the rest of an inline echo's dispatch (PERFORMANCE.md §12). ``deadline`` is read as it is
+    by nested calls (``ServedCall``).
 
     The host fills the fields one by one (no ``__init__``: one Python call less per call)."""
 
@@ -183,7 +186,7 @@ class LazyContext:
     ctx: CallContext | None
     deadline: float | None
     peer: Any
-    request: Request
+    request: Request | None
     transport: str
 
     def context(self) -> CallContext:
@@ -195,6 +198,7 @@ class LazyContext:
                 ctx = self.ctx
                 if ctx is None:
                     req = self.request
+                    assert req is not None  # (a holder between calls is never read)
                     ctx = self.ctx = CallContext(
                         req.method,
                         req.request_id,
@@ -204,6 +208,24 @@ class LazyContext:
                         self.deadline,
                     )
         return ctx
+
+
+def inline_holder() -> LazyContext:
+    """This thread's holder of inline calls (:data:`~sockstack.protocol.calls.INLINE_CALLS`):
+    the host on this thread's event loop fills it around each call it dispatches and empties it
+    after (``request`` None), so code the method runs on this thread finds the call
+    (:func:`current_context`, a nested call's deadline) without a context variable."""
+    tid = threading.get_ident()
+    held = INLINE_CALLS.get(tid)
+    if type(held) is not LazyContext:
+        held = LazyContext()
+        held.request = None
+        held.ctx = None
+        held.deadline = None
+        held.peer = None
+        held.transport = ""
+        INLINE_CALLS[tid] = held
+    return held
 
 
 def served_context(value: object) -> CallContext | None:
@@ -219,7 +241,7 @@ def served_context(value: object) -> CallContext | None:
 def current_context() -> CallContext:
     """The context of the call being served (inside a method the host runs). Raises
     ``LookupError`` elsewhere."""
-    ctx = served_context(CURRENT_CALL.get())
+    ctx = served_context(served_call())
     if ctx is None:
         raise LookupError(
             "no call is being served here: current_context() works inside a method a sockstack "
@@ -249,7 +271,7 @@ class CallAborted(Exception):
 def run_guarded(call: Callable[[], _T]) -> _T:
     """In a worker thread (inside the call's copied context): run ``call`` unless its call was
     cancelled or is already late (raises :class:`CallAborted`: it does not run)."""
-    ctx = served_context(CURRENT_CALL.get())
+    ctx = served_context(served_call())
     if ctx is not None:
         if ctx.abort_code:
             raise CallAborted(ctx.abort_code)

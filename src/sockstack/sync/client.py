@@ -46,6 +46,7 @@ themselves check nothing.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import random
 import select
@@ -82,6 +83,7 @@ from sockstack.protocol.auth import (
 from sockstack.protocol.calls import (
     CURRENT_CALL,
     FEATURES,
+    INLINE_CALLS,
     Backoff,
     Calls,
     Failover,
@@ -149,11 +151,16 @@ _PING = int(MessageType.PING)
 _rng = random.Random()
 _OPEN = State.OPEN
 _CURRENT_CALL = CURRENT_CALL
+_INLINE_CALLS = INLINE_CALLS  # (non-empty in a process that runs a host)
 _DEADLINE_EXCEEDED = int(ErrorCode.DEADLINE_EXCEEDED)
 _DECODE = int(ErrorCode.DECODE_ERROR)
 _FEATURE_DEADLINE = FEATURE_DEADLINE
 _BUDGET_CAP_S = MAX_BUDGET_MS / 1000  # budget_ms's bound, in seconds
 _monotonic = time.monotonic
+_FRESH_S = 0.0002
+"""A call that begins within this long of the start of the previous call answered on the fast
+path does not look for data that came while idle (a poll() system call): in a loop of calls
+the connection is never idle. Anything that came is read with the call's own answer."""
 
 
 def _answer(value: Any, with_metadata: bool) -> Any:
@@ -413,6 +420,7 @@ class StreamConnection(_Pipeline):
         self.ever_connected = False
         self._sock_timeout = 0.0
         self._poller: select.poll | None = None  # for a look before a call (not waiting)
+        self._answered = -math.inf  # when the last call answered on the fast path began
         self._lead_poller: select.poll | None = None  # TLS: the leader waits for data on it
         self._buf = bytearray(_RECV)
         self._view = memoryview(self._buf)
@@ -935,7 +943,7 @@ class StreamConnection(_Pipeline):
         announced them; a call given up on (timed out, interrupted) sends CANCEL to a server
         that announced it (:meth:`_leave`)."""
         now = _monotonic()
-        if _CURRENT_CALL.get() is not None:  # made from inside a served call: its deadline
+        if _CURRENT_CALL.get() is not None or _INLINE_CALLS:  # inside a served call: its deadline
             timeout = inherited_timeout(timeout, now)
         deadline = now + timeout
         slot = _Slot()
@@ -946,7 +954,10 @@ class StreamConnection(_Pipeline):
             if poller is None:
                 self._begin(slot, deadline, method, timeout)
                 waited = True
-            elif self._leader is None:  # nobody reads: anything that came while idle?
+            elif self._leader is None and now - self._answered > _FRESH_S:
+                # Nobody reads: anything that came while idle? (Not looked for right after an
+                # answer read on the fast path: a poll() costs a system call, and what came
+                # since is read with this call's answer.)
                 try:
                     idle = poller.poll(0) or (self._tls and self._tls_pending())
                 except RuntimeError:  # another thread polls at this moment: it reads
@@ -1059,6 +1070,7 @@ class StreamConnection(_Pipeline):
                                     finally:
                                         mutex.release()
                                     if mine:
+                                        self._answered = now
                                         if single.metadata is None and not with_metadata:
                                             return single.result
                                         return _answer(
@@ -1163,7 +1175,7 @@ class StreamConnection(_Pipeline):
         request does not encode."""
         what, feature = ("stream", FEATURE_STREAM) if stream else ("upload", FEATURE_UPLOAD)
         now = time.monotonic()
-        if _CURRENT_CALL.get() is not None:  # made from inside a served call: its deadline
+        if _CURRENT_CALL.get() is not None or _INLINE_CALLS:  # inside a served call: its deadline
             timeout = inherited_timeout(timeout, now)
         deadline = now + timeout
         slot = _Slot()
@@ -1756,7 +1768,8 @@ class DatagramConnection(_Pipeline):
         if (
             metadata is not None
             or self.client.metadata is not None
-            or (_CURRENT_CALL.get() is not None)
+            or _CURRENT_CALL.get() is not None
+            or _INLINE_CALLS
         ):
             # LocalProtocolError for bad metadata: nothing sent
             timeout, _, md = plan_call(timeout, FEATURES, self.client.metadata, metadata, now)
