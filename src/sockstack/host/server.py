@@ -1234,16 +1234,6 @@ class _HostDatagram(DatagramEndpoint):
                 now,
             )
             return
-        if req.stream or req.upload:  # refused before anything runs: no stream over a datagram
-            self.core.send_error(
-                addr,
-                req.request_id,
-                ErrorCode.STREAM_MISMATCH,
-                "STREAM_MISMATCH",
-                "streams need TCP or TLS" if req.stream else "uploads need TCP or TLS",
-                now,
-            )
-            return
         dispatcher = self.server.dispatcher
         if self.in_flight >= self.server.limits.max_udp_in_flight:
             handler = dispatcher.handlers.get(req.method)
@@ -1267,7 +1257,8 @@ class _HostDatagram(DatagramEndpoint):
         if budget is not None and not budget:  # no time left: it does not run
             self._answer(req, addr, _LATE, now)
             return
-        deadline = None if budget is None else _monotonic() + budget / 1000.0
+        # From the loop's clock reading for this datagram (``now``: time.monotonic()'s clock).
+        deadline = None if budget is None else now + budget / 1000.0
         held = self._inline  # (as over TCP: the CallContext built only if needed)
         ctx: CallContext | None
         if held.request is not None:

@@ -189,6 +189,11 @@ class DatagramClient:
         self.registry = registry if registry is not None else _CORE_REGISTRY
         self.retry = retry or RetryPolicy()
         self._rng = random.Random(seed)
+        # request_datagram's last method, timeout, meta (name and budget) and budget offset
+        self._last_method = ""
+        self._last_timeout = -1.0
+        self._last_meta = b""
+        self._last_at = 0
         self._pending: dict[int, _Pending] = {}
         self._timers: list[tuple[float, int]] = []
         self._out: list[bytes] = []
@@ -249,18 +254,27 @@ class DatagramClient:
         """Like :meth:`send_request` for a msgpack call with positional arguments, returning
         the datagram to send at once instead of queueing it (the fast path of a blocking
         client). Raises like :meth:`send_request`."""
-        meta = _METHOD_BYTES.get(method)
-        named = meta is not None
-        if meta is None:
-            meta = method.encode("utf-8")
-            named = 0 not in meta  # a NUL in a name: refused by send_request
-            if named and len(_METHOD_BYTES) < 4096:
-                _METHOD_BYTES[method] = meta
-        flags = at = 0
-        if deadline:
-            at = HEADER_SIZE + len(meta)
-            meta += _pack_budget(max(0, min(int(timeout * 1000), MAX_BUDGET_MS)))
-            flags = _DEADLINE
+        if deadline and timeout == self._last_timeout and method == self._last_method:
+            # A loop of calls with one timeout: the same meta each time (name and budget).
+            meta, at, named, flags = self._last_meta, self._last_at, True, _DEADLINE
+        else:
+            known = _METHOD_BYTES.get(method)
+            named = known is not None
+            if known is not None:
+                meta = known
+            else:
+                meta = method.encode("utf-8")
+                named = 0 not in meta  # a NUL in a name: refused by send_request
+                if named and len(_METHOD_BYTES) < 4096:
+                    _METHOD_BYTES[method] = meta
+            flags = at = 0
+            if deadline:
+                at = HEADER_SIZE + len(meta)
+                meta += _pack_budget(max(0, min(int(timeout * 1000), MAX_BUDGET_MS)))
+                flags = _DEADLINE
+                if named:
+                    self._last_method, self._last_timeout = method, timeout
+                    self._last_meta, self._last_at = meta, at
         body = MSGPACK.encode(args if type(args) is list else list(args))
         size = HEADER_SIZE + len(meta) + len(body) + self.overhead  # the whole datagram
         if size > self.max_datagram or len(meta) > DEFAULT_MAX_META or not named:
@@ -495,7 +509,9 @@ class DatagramServer:
 
     def receive_datagram(self, data: bytes, addr: Any, now: float) -> list[Event]:
         """Returns [Request] for a new request to run, [ProtocolViolation] for bad input (and
-        queues an ERROR where the header was readable), or [] when this side answered itself."""
+        queues an ERROR where the header was readable), or [] when this side answered itself
+        (a PING, a copy of a request already answered, a streamed call or an upload: ERROR
+        STREAM_MISMATCH, they need TCP or TLS)."""
         if len(data) >= HEADER_SIZE:  # fast path: a well-formed msgpack REQUEST
             magic, version, t, flags, codec, meta_len, rid, body_len = _unpack_header(data)
             if (
@@ -519,18 +535,19 @@ class DatagramServer:
                         max_array_len=_MAXC,
                         max_map_len=_MAXC,
                     )
+                    # (bytes.decode: strict UTF-8, faster than str(..., "utf-8"))
                     if flags:  # DEADLINE alone: the budget is the meta's last 4 bytes
                         end = HEADER_SIZE + meta_len - 4
-                        method = str(data[HEADER_SIZE:end], "utf-8")
+                        method = data[HEADER_SIZE:end].decode()
                         budget: int | None = _unpack_budget(data, end)[0]
                     else:
-                        method = str(data[HEADER_SIZE : HEADER_SIZE + meta_len], "utf-8")
+                        method = data[HEADER_SIZE : HEADER_SIZE + meta_len].decode()
                         budget = None
                 except Exception:
                     pass
                 else:
-                    if type(value) is list:
-                        req = Request(rid, method, value, {}, 1, budget)
+                    if type(value) is list:  # (every field by position: no keyword cost)
+                        req = Request(rid, method, value, {}, 1, budget, None, False, False, 0)
                         return self._request(req, addr, now)
         msg, violation, rid = _parse(data, self.max_datagram, self.registry)
         if violation is not None:
@@ -546,6 +563,17 @@ class DatagramServer:
             return [violation]
         assert msg is not None  # no violation: the datagram decoded
         if isinstance(msg, Request):
+            if msg.stream or msg.upload:  # refused before anything runs: they need a session
+                if self._request(msg, addr, now):  # (a copy is answered from the cache)
+                    self.send_error(
+                        addr,
+                        msg.request_id,
+                        ErrorCode.STREAM_MISMATCH,
+                        "STREAM_MISMATCH",
+                        "streams need TCP or TLS" if msg.stream else "uploads need TCP or TLS",
+                        now,
+                    )
+                return []
             return self._request(msg, addr, now)
         if isinstance(msg, Ping):
             self._out.append((encode_pong(msg.request_id, msg.payload), addr))
