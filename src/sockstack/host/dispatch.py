@@ -755,7 +755,19 @@ class Dispatcher:
                     return True, handler.func(*args)
                 except Exception as exc:
                     return self._failure(req, exc)
-        elif not req.kwargs and handler.inline and handler.simple:
+        return self._dispatch_handler(handler, req)
+
+    def dispatch_to(self, handler: Handler, req: Request) -> Outcome | Awaitable[Outcome]:
+        """:meth:`dispatch` with the handler given instead of looked up by ``req.method``: a
+        pattern's own target (a remote object's method, whose instance is ``req.args[0]``).
+        The interceptors run as for any call."""
+        if self.hooks:
+            return self._intercepted(handler, req)
+        return self._dispatch_handler(handler, req)
+
+    def _dispatch_handler(self, handler: Handler, req: Request) -> Outcome | Awaitable[Outcome]:
+        args = req.args
+        if not req.kwargs and handler.inline and handler.simple:
             # The common case, inlined: positional arguments within the signature's bounds
             # (and of their plain annotated types, when there are some).
             if handler.min_positional <= len(args) <= handler.max_positional and (
@@ -1003,13 +1015,21 @@ class Dispatcher:
         synchronous hooks stays inline, hooks and method run in a copy of the context (what a
         hook sets there, an OpenTelemetry span made current, ends with the call); otherwise
         hooks and method run in the call's task."""
-        handler = self.handlers.get(req.method)
+        return self._intercepted(self.handlers.get(req.method), req)
+
+    def _intercepted(self, handler: Handler | None, req: Request) -> Outcome | Awaitable[Outcome]:
         if self.hooks.is_async or (
             handler is not None and (handler.is_async or not handler.inline or handler.streaming)
         ):
-            return self._intercepted_async(req)
-        outcome: Outcome = contextvars.copy_context().run(self._intercepted_inline, req)
+            return self._intercepted_async(handler, req)
+        outcome: Outcome = contextvars.copy_context().run(self._intercepted_inline, handler, req)
         return outcome
+
+    def _plain(self, handler: Handler | None, req: Request) -> Outcome | Awaitable[Outcome]:
+        """The call without the interceptors (they run around it)."""
+        if handler is None:
+            return False, (ErrorCode.UNKNOWN_METHOD, "UNKNOWN_METHOD", f"no method {req.method!r}")
+        return self._dispatch_handler(handler, req)
 
     def _call_context(self, req: Request) -> CallContext:
         ctx = served_context(served_call())
@@ -1030,7 +1050,7 @@ class Dispatcher:
         message = str(exc) if self.expose_errors else "internal error (details are in the log)"
         return False, (ErrorCode.UNEXPECTED_ERROR, type(exc).__name__, message)
 
-    def _intercepted_inline(self, req: Request) -> Outcome:
+    def _intercepted_inline(self, handler: Handler | None, req: Request) -> Outcome:
         hooks = self.hooks
         ctx = self._call_context(req)
         try:
@@ -1039,14 +1059,14 @@ class Dispatcher:
         except Exception as exc:
             outcome = self._refusal(req, exc)
         else:
-            outcome = Dispatcher.dispatch(self, req)  # type: ignore[assignment]
+            outcome = self._plain(handler, req)  # type: ignore[assignment]
         if outcome[0]:
             call_quietly(hooks.after, ctx, outcome[1])
         else:
             call_quietly(hooks.error, ctx, Failure(*outcome[1]))
         return outcome
 
-    async def _intercepted_async(self, req: Request) -> Outcome:
+    async def _intercepted_async(self, handler: Handler | None, req: Request) -> Outcome:
         hooks = self.hooks
         ctx = self._call_context(req)
         try:
@@ -1058,7 +1078,7 @@ class Dispatcher:
             outcome = self._refusal(req, exc)
         else:
             try:
-                pending = Dispatcher.dispatch(self, req)
+                pending = self._plain(handler, req)
                 outcome = pending if isinstance(pending, tuple) else await pending
             except asyncio.CancelledError:
                 code = ctx.abort_code

@@ -16,7 +16,7 @@ backpressure, drain and shutdown. A pattern says what it adds:
 - :attr:`Pattern.datagram_types` — message types it takes whole from UDP
   (:meth:`Pattern.datagram_received`), after the host checked the datagram's seal.
 - hooks for the life of a connection and of the host (:meth:`start`, :meth:`stop`,
-  :meth:`connection_lost`, :meth:`connection_writable`).
+  :meth:`connection_made`, :meth:`connection_lost`, :meth:`connection_writable`).
 
 What a pattern sees of a connection is :class:`Peer`; per-connection state a pattern keeps
 lives in ``peer.state[pattern.name]``.
@@ -32,9 +32,13 @@ from sockstack.protocol.events import PatternMessage
 from sockstack.protocol.registry import MessageSet
 
 if TYPE_CHECKING:
-    from sockstack.host.dispatch import Handler
+    from collections.abc import Callable
+
+    from sockstack.host.dispatch import Handler, Outcome
     from sockstack.host.server import ServerLimits
     from sockstack.protocol.connection import Connection
+    from sockstack.protocol.events import Request
+    from sockstack.rpc.context import CallContext
     from sockstack.transport.ratelog import RateLimitedLog
 
 __all__ = ["DatagramPeer", "HostContext", "Pattern", "Peer"]
@@ -61,6 +65,17 @@ class Peer(Protocol):
 
     def close_slow(self, code: int, reason: str) -> None:
         """Close a peer that does not read: CLOSE ``code``, then cut it off after a delay."""
+
+    def submit(
+        self,
+        req: Request,
+        handler: Handler,
+        answer: Callable[[Request, Outcome, CallContext | None], None],
+    ) -> None:
+        """Run ``handler`` for ``req`` as the host runs a REQUEST's method: its deadline, CANCEL,
+        the in-flight limits, the interceptors and ``current_context()`` all apply. Its outcome
+        goes to ``answer(req, outcome, ctx)`` (on the loop), which queues the answer frames
+        itself (a pattern that encodes results its own way); the host writes them."""
 
 
 class DatagramPeer(Protocol):
@@ -114,6 +129,9 @@ class Pattern:
 
     def datagram_received(self, endpoint: DatagramPeer, data: bytes, addr: Any) -> None:
         """A datagram of one of :attr:`datagram_types` arrived (its seal, if any, checked)."""
+
+    def connection_made(self, peer: Peer) -> None:
+        """A stream connection's session is open (its handshake done)."""
 
     def connection_lost(self, peer: Peer) -> None:
         """A stream connection is gone: forget what the pattern kept for it."""

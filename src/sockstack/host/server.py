@@ -51,7 +51,7 @@ from typing import Any, cast
 from sockstack.asyncio.datagram import DatagramEndpoint
 from sockstack.asyncio.stream import StreamLimits, StreamProtocol
 from sockstack.errors import CodecError, ErrorCode, LocalProtocolError
-from sockstack.host.dispatch import DEFAULT_MAX_WORKERS, Dispatcher, Outcome
+from sockstack.host.dispatch import DEFAULT_MAX_WORKERS, Dispatcher, Handler, Outcome
 from sockstack.host.pattern import Pattern
 from sockstack.host.workers import READY_FD_ENV, report_ready
 from sockstack.protocol.auth import (
@@ -123,6 +123,10 @@ _LATE: Outcome = (
         "DEADLINE_EXCEEDED",
         "the call arrived with no time left (budget 0 ms); it did not run",
     ),
+)
+_SHUTTING_DOWN: Outcome = (
+    False,
+    (ErrorCode.SHUTTING_DOWN, "SHUTTING_DOWN", "server is shutting down"),
 )
 
 
@@ -960,6 +964,8 @@ class _HostStream(StreamProtocol):
                 self.log_violation(ev)
             elif isinstance(ev, HandshakeComplete):
                 self._handshake_done()
+                for pattern in self.server.patterns:
+                    pattern.connection_made(self)
             elif (
                 isinstance(ev, ConnectionTerminated)
                 and ev.by_peer
@@ -1035,7 +1041,38 @@ class _HostStream(StreamProtocol):
         assert ctx is not None
         self._start(req, outcome, ctx)
 
-    def _start(self, req: Request, pending: Awaitable[Outcome], ctx: CallContext) -> None:
+    def submit(
+        self,
+        req: Request,
+        handler: Handler,
+        answer: Callable[[Request, Outcome, CallContext | None], None],
+    ) -> None:
+        """For patterns (:class:`~sockstack.host.pattern.Peer`): run ``handler`` for ``req``
+        as a REQUEST's method is run, its outcome to ``answer``."""
+        if self.server.draining:
+            answer(req, _SHUTTING_DOWN, None)
+            return
+        ctx = _context(req, self.kind, self.peer)
+        if ctx is None:
+            answer(req, _LATE, None)
+            return
+        token = _set_call(ctx)
+        try:
+            outcome = self.dispatcher.dispatch_to(handler, req)
+        finally:
+            _reset_call(token)
+        if isinstance(outcome, tuple):
+            answer(req, outcome, ctx)
+        else:
+            self._start(req, outcome, ctx, answer)
+
+    def _start(
+        self,
+        req: Request,
+        pending: Awaitable[Outcome],
+        ctx: CallContext,
+        answer: Callable[[Request, Outcome, CallContext | None], None] | None = None,
+    ) -> None:
         server = self.server
         if not req.upload:  # (an upload's items must still be read: bounded by max_uploads)
             self.in_flight += 1
@@ -1057,12 +1094,18 @@ class _HostStream(StreamProtocol):
         self._running[req.request_id] = run
         token = _set_call(ctx)  # the task runs in the call's context (copied when created)
         try:
-            run.task = self.server._spawn(self._finish(req, pending, run))
+            run.task = self.server._spawn(self._finish(req, pending, run, answer))
         finally:
             _reset_call(token)
         run.arm(self.loop)
 
-    async def _finish(self, req: Request, pending: Awaitable[Outcome], run: _Run) -> None:
+    async def _finish(
+        self,
+        req: Request,
+        pending: Awaitable[Outcome],
+        run: _Run,
+        answer: Callable[[Request, Outcome, CallContext | None], None] | None = None,
+    ) -> None:
         try:
             outcome = await run.outcome(pending)
         finally:
@@ -1076,7 +1119,7 @@ class _HostStream(StreamProtocol):
             if req.upload and run.ctx.upload is not None:
                 # However it ended (an interceptor's refusal too): later items are dropped.
                 run.ctx.upload.close()
-        self._answer(req, outcome, run.ctx)
+        (answer or self._answer)(req, outcome, run.ctx)
         self.flush()
         if self._read_paused and self.in_flight < self.server.limits.max_in_flight // 2:
             self._read_paused = False
