@@ -144,6 +144,21 @@ class ErrorCode(enum.IntEnum):
     WINDOW_EXCEEDED = 2024
     """An upload's client sent ITEMs beyond the flow-control window (PROTOCOL.md §4.4): the
     server stopped the call and dropped its items."""
+    UNKNOWN_OBJECT = 2025
+    """Remote objects: the call's target is not an object exported to this session (never
+    exported to it, or released since), or no object is registered under that name."""
+    TOO_MANY_OBJECTS = 2026
+    """Remote objects: a table of the session or of the server (exports, imports, kept answers)
+    is full; the method ran and its result was dropped (its side effects remain)."""
+    SESSION_EXPIRED = 2027
+    """Remote objects: the session token is unknown or its lease has passed; its references
+    are gone."""
+    BAD_TARGET = 2028
+    """Remote objects: the CALL's target is malformed, or names a question that was not KEEP
+    or is finished, or a path that leads to no reference."""
+    PROMISE_ELSEWHERE = 2029
+    """Remote objects: a pipelined call's target resolved to a reference this server does not
+    host; the caller sends the call again to the reference's home."""
     UNAUTHENTICATED = 2009
     """A datagram without a valid MAC, outside the replay window, or replayed (UDP with a
     shared secret)."""
