@@ -43,6 +43,7 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "RemoteProtocolError",
+    "SessionExpired",
     "SockstackError",
     "TopicError",
     "register_error",
@@ -275,6 +276,14 @@ class ConnectionClosed(ConnectionLost):
         )
         self.code = int(code)
         self.reason = reason
+
+
+class SessionExpired(CallError):
+    """A remote objects' session is gone (its lease ran out while the client was away, or the
+    server restarted): the objects it held were freed, their proxies do not work any more.
+    Code :attr:`ErrorCode.SESSION_EXPIRED`; the client attached a new session."""
+
+    code = ErrorCode.SESSION_EXPIRED
 
 
 # --------------------------------------------------------------------------- typed errors

@@ -734,7 +734,9 @@ class Dispatcher:
         if isinstance(exc, ServiceError) or (
             handler is not None and handler.errors and isinstance(exc, handler.errors)
         ):
-            return False, (ErrorCode.APPLICATION_ERROR, wire_name(type(exc)), str(exc))
+            # (a pattern's own refusal may carry its code: objects.attach's SESSION_EXPIRED)
+            code = getattr(exc, "_sockstack_code", ErrorCode.APPLICATION_ERROR)
+            return False, (code, wire_name(type(exc)), str(exc))
         log.error("method %r raised %s", req.method, type(exc).__name__, exc_info=exc)
         if self.expose_errors:
             message = str(exc)

@@ -1,0 +1,794 @@
+"""The client side of remote objects: one session per connection, its imports, and proxies.
+
+:func:`lookup` connects (a blocking client of its own), attaches a session and returns a
+:class:`Proxy` of a registered name; calls on it are CALL frames (PROTOCOL.md §4.5) answered
+with RESPONSE/ERROR. A result that holds references comes back with a proxy for each (one
+proxy per remote object, however often it crosses). What this client holds is counted per
+object; a proxy dropped by the garbage collector (or :func:`release`) queues a RELEASE with its
+count, sent with the next call (or at close): the server frees what no client holds. Nothing
+is sent from the garbage collector itself (a finalizer only appends to a queue).
+
+When the connection drops and comes back, the next call first re-attaches the session with its
+token: within the server's lease the objects are still there and proxies go on working; after
+it, the call raises :class:`~sockstack.errors.SessionExpired`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any
+
+from sockstack.asyncio.client import AsyncClient, StreamChannel
+from sockstack.errors import (
+    CodecError,
+    ConnectError,
+    ErrorCode,
+    RemoteError,
+    RemoteProtocolError,
+    SessionExpired,
+)
+from sockstack.objects.messages import (
+    OBJECTS_MESSAGES,
+    NameTarget,
+    ObjectTarget,
+    Target,
+    encode_call,
+    encode_release,
+    encode_renew,
+)
+from sockstack.objects.refs import FORM_HOME, FORM_SENDER, Ref, unpack
+from sockstack.protocol.calls import deadline_passed
+from sockstack.protocol.events import Response
+from sockstack.protocol.frames import Frame, MessageType
+from sockstack.protocol.messages import (
+    CORE_MESSAGES,
+    FEATURE_DEADLINE,
+    FLAG_METADATA,
+    split_meta,
+)
+from sockstack.protocol.registry import MessageSet, MessageSpec, Registry
+from sockstack.sync.client import Client, StreamConnection
+from sockstack.transport.urls import parse_endpoint
+
+__all__ = [
+    "AsyncObjectClient",
+    "AsyncProxy",
+    "ObjectClient",
+    "Proxy",
+    "alookup",
+    "close",
+    "lookup",
+    "release",
+]
+
+_MAX_BUDGET_MS = 0xFFFFFFFF
+log = logging.getLogger("sockstack.objects")
+
+
+def _decode_response_refs(f: Frame) -> Response:
+    """RESPONSE on an object session: a msgpack body may hold references (ext 2)."""
+    if f.codec != 1:
+        return _CORE_RESPONSE.decode(f)  # type: ignore[return-value]
+    metadata = None
+    if f.flags & FLAG_METADATA:
+        metadata = split_meta(f.meta, FLAG_METADATA, "RESPONSE")[1]
+    try:
+        value, _ = unpack(f.body)
+    except CodecError as exc:
+        raise RemoteProtocolError(str(exc), ErrorCode.DECODE_ERROR) from None
+    return Response(f.request_id, value, 1, metadata)
+
+
+_CORE_RESPONSE: MessageSpec = next(
+    s for s in CORE_MESSAGES.specs if s.type == int(MessageType.RESPONSE)
+)
+OBJECT_SESSION_MESSAGES = MessageSet(
+    "session",
+    CORE_MESSAGES.first,
+    CORE_MESSAGES.last,
+    tuple(
+        dataclasses.replace(s, decode=_decode_response_refs, fast=None)
+        if s.type == int(MessageType.RESPONSE)
+        else s
+        for s in CORE_MESSAGES.specs
+    ),
+)
+"""The core's messages with RESPONSE decoded as an object session reads it (references)."""
+
+
+def object_registry() -> Registry:
+    return Registry([OBJECT_SESSION_MESSAGES, OBJECTS_MESSAGES])
+
+
+class _Client(Client):
+    """A blocking client whose sessions decode object messages and references."""
+
+    def _configure(self, *args: Any, **kwargs: Any) -> None:
+        super()._configure(*args, **kwargs)
+        self.registry = object_registry()
+
+
+class _Import:
+    __slots__ = ("count", "generation", "proxy")
+
+    def __init__(self, proxy: Any, generation: int) -> None:
+        self.count = 0
+        self.proxy: weakref.ref[Any] = weakref.ref(proxy)
+        self.generation = generation
+
+
+class _Held:
+    """What a client holds of its session, whichever the I/O: one entry per remote object (its
+    count and its proxy), the queue of dropped proxies and the RELEASEs not sent yet, the token,
+    the lease, and the names and interfaces the server described."""
+
+    proxy_type: type[Proxy] | type[AsyncProxy]
+
+    def _init_held(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._lock = threading.RLock()
+        self._imports: dict[bytes, _Import] = {}
+        self._generation = 0
+        # (id, generation) of proxies the garbage collector dropped: only appended to there
+        self._dropped: collections.deque[tuple[bytes, int]] = collections.deque()
+        self._unsent: list[tuple[bytes, int]] = []  # RELEASEs that did not reach the session
+        self._token: bytes | None = None
+        self._attached: object = None  # the connection the session is attached on
+        self.lease = 30.0
+        self.names: dict[str, str] = {}
+        self.ifaces: dict[str, dict[str, Any]] = {}
+        self.closed = False
+        self._last_send = 0.0
+        self._pid = os.getpid()
+        self.epoch = 0
+        """+1 each time the session is replaced (expired): proxies of an older one are dead."""
+
+    def _took(self, info: Mapping[str, Any]) -> None:
+        """objects.attach's answer."""
+        if self._token is not None and not info.get("resumed"):
+            self._forget_imports()
+        self._token = info["session"]
+        self.lease = info["lease_ms"] / 1000.0
+        self.names.update(info.get("names", {}))
+        self.ifaces.update(info.get("ifaces", {}))
+
+    def _forget_imports(self) -> None:
+        """The session is gone: what this client held of it is gone with it (its proxies
+        raise :class:`~sockstack.errors.SessionExpired` from now on)."""
+        with self._lock:
+            self._imports.clear()
+            self._dropped.clear()
+            self._unsent.clear()
+            self._generation += 1
+            self.epoch += 1
+
+    def _check_epoch(self, target: Target, epoch: int) -> None:
+        if epoch != self.epoch and type(target) is ObjectTarget:
+            raise _expired()
+
+    def _frame(
+        self,
+        target: Target,
+        method: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None,
+        budget: int | None,
+        oneway: bool,
+    ) -> Callable[[int], bytes]:
+        kw = dict(kwargs) if kwargs else None
+
+        def frame(rid: int) -> bytes:
+            return encode_call(
+                0 if oneway else rid,
+                target,
+                method,
+                list(args),
+                kw,
+                budget_ms=budget,
+                oneway=oneway,
+                to_ref=self._to_ref,
+            )
+
+        return frame
+
+    def _to_ref(self, obj: object) -> Ref | None:
+        if type(obj) is self.proxy_type:
+            assert isinstance(obj, Proxy | AsyncProxy)
+            if obj._client is not self:
+                raise CodecError("a proxy of another connection cannot be passed here")
+            target = obj._target
+            if type(target) is ObjectTarget:
+                return Ref(FORM_HOME, id=target.id)
+            if type(target) is NameTarget:
+                return Ref(FORM_HOME, name=target.name)
+        return None
+
+    def _proxies(self, value: Any) -> Any:
+        """``value`` with each reference replaced by its proxy (counted)."""
+        if type(value) is Ref:
+            if value.form != FORM_SENDER or value.id is None:
+                raise RemoteProtocolError(
+                    "the server sent a reference of a form it may not send", ErrorCode.DECODE_ERROR
+                )
+            return self._import(value.id, value.iface)
+        if type(value) is list:
+            return [self._proxies(v) for v in value]
+        if type(value) is dict:
+            return {k: self._proxies(v) for k, v in value.items()}
+        return value
+
+    def _import(self, key: bytes, iface: str) -> Any:
+        with self._lock:
+            entry = self._imports.get(key)
+            proxy = entry.proxy() if entry is not None else None
+            if entry is None or proxy is None:
+                proxy = self.proxy_type(self, ObjectTarget(key), iface, key)
+                self._generation += 1
+                if entry is None:
+                    entry = self._imports[key] = _Import(proxy, self._generation)
+                else:  # its old proxy was dropped, its RELEASE not sent: this one takes over
+                    entry.proxy = weakref.ref(proxy)
+                    entry.generation = self._generation
+                weakref.finalize(proxy, self._dropped.append, (key, entry.generation))
+            entry.count += 1
+            return proxy
+
+    def _take_releases(self) -> list[tuple[bytes, int]]:
+        """RELEASEs due: the entries whose proxies were dropped (and not taken over since)."""
+        out: list[tuple[bytes, int]] = []
+        if self._unsent:
+            out, self._unsent = self._unsent, []
+        dropped = self._dropped
+        if not dropped:
+            return out
+        with self._lock:
+            while dropped:
+                key, generation = dropped.popleft()
+                entry = self._imports.get(key)
+                if entry is None or entry.generation != generation:
+                    continue
+                del self._imports[key]
+                out.append((key, entry.count))
+        return out
+
+    def _given_back(self, proxy: Proxy | AsyncProxy) -> tuple[bytes, int] | None:
+        """``proxy`` released by the user: its entry, to send a RELEASE for."""
+        key = proxy._id
+        proxy._released = True
+        if key is None or proxy._client is not self:
+            return None
+        with self._lock:
+            entry = self._imports.pop(key, None)
+        return None if entry is None else (key, entry.count)
+
+    @property
+    def held(self) -> int:
+        """Remote objects this client holds now."""
+        return len(self._imports)
+
+    def _named(self, name: str) -> Any:
+        return self.proxy_type(self, NameTarget(name), self.names.get(name, ""), None)
+
+
+class ObjectClient(_Held):
+    """One connection to an object server and the session on it, for blocking code
+    (thread-safe). :func:`lookup` makes one for a proxy; make one to hold several."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 10.0,
+        connect_timeout: float | None = None,
+        **options: Any,
+    ) -> None:
+        if connect_timeout is not None:
+            options["connect_timeout"] = connect_timeout
+        self._init_held(timeout)
+        self.client = _Client(url, timeout=timeout, **options)
+        try:
+            self._attach(time.monotonic() + timeout)
+        except BaseException:
+            self.client.close()
+            raise
+        self._stop = threading.Event()
+        # RENEW every lease/3 while idle: the server sees the client alive (its keepalive does
+        # not close an idle blocking client's connection), and a connection that dropped is
+        # re-attached within the lease even when no call comes.
+        self._keeper = threading.Thread(
+            target=self._keep, name="sockstack-objects-renew", daemon=True
+        )
+        self._keeper.start()
+
+    def _keep(self) -> None:
+        while not self._stop.wait(self.lease / 3):
+            if self.closed or os.getpid() != self._pid:
+                return
+            if time.monotonic() - self._last_send < self.lease / 3:
+                continue
+            try:
+                deadline = time.monotonic() + self.timeout
+                self._ensure_attached(deadline, "RENEW")
+                conn = self._conn()
+                self._send_releases(conn, self.timeout)
+                conn.send_frame(encode_renew(), "RENEW", self.timeout)
+                self._last_send = time.monotonic()
+            except Exception as exc:  # the next call (or tick) tries again, and reports
+                log.debug("objects: RENEW to %s failed: %s", self.client.endpoint, exc)
+
+    # ------------------------------------------------------------------ session
+
+    def _conn(self) -> StreamConnection:
+        return self.client.stream_connection("remote objects")
+
+    def _attach(self, deadline: float) -> None:
+        """Attach (or re-attach, with the token) a session on the current connection."""
+        left = max(0.001, deadline - time.monotonic())
+        info = self.client.call("objects.attach", self._token, timeout=left)
+        self._took(info)
+        self._attached = self._conn().core
+
+    def _ensure_attached(self, deadline: float, what: str) -> None:
+        conn = self._conn()
+        if conn.core is not None and conn.core is self._attached and conn.live:
+            return
+        with self._lock:
+            conn.ensure(deadline, what, max(0.001, deadline - time.monotonic()))
+            if conn.core is self._attached:
+                return
+            try:
+                self._attach(deadline)
+            except RemoteError as exc:
+                if exc.code == ErrorCode.SESSION_EXPIRED:
+                    self._token = None
+                    self._forget_imports()
+                    self._attach(deadline)  # a new session: registered names work again
+                    raise _expired() from None
+                raise
+
+    # ------------------------------------------------------------------ calls
+
+    def lookup(self, name: str) -> Proxy:
+        """A proxy of the object registered as ``name`` (its instance mode applies)."""
+        proxy: Proxy = self._named(name)
+        return proxy
+
+    def call(
+        self,
+        target: Target,
+        method: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        oneway: bool = False,
+    ) -> Any:
+        if self.closed:
+            raise ConnectError("the object client is closed")
+        if os.getpid() != self._pid:
+            raise ConnectError(
+                "this object client was made in the parent process: its session is the "
+                "parent's (make a new one in the child)"
+            )
+        t = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + t
+        self._last_send = deadline - t
+        self._ensure_attached(deadline, method)
+        conn = self._conn()
+        self._send_releases(conn, t)
+        core = conn.core
+        budget = None
+        if core is not None and core.peer_features & FEATURE_DEADLINE:
+            budget = min(int(t * 1000), _MAX_BUDGET_MS)
+        frame = self._frame(target, method, args, kwargs, budget, oneway)
+        if oneway:
+            conn.send_frame(frame(0), method, t)
+            return None
+        try:
+            _, result = conn.exchange(frame, method, t)
+        except RemoteError as exc:
+            if exc.code == ErrorCode.DEADLINE_EXCEEDED:  # as the client's own timer (RPC too)
+                raise deadline_passed(method, t) from None
+            if exc.code != ErrorCode.SESSION_EXPIRED or conn.core is self._attached:
+                raise
+            # The connection was replaced under the call (it reconnected): the server refused
+            # it before running it. Attach the session there, then send it once more.
+            self._ensure_attached(deadline, method)
+            _, result = conn.exchange(frame, method, max(0.001, deadline - time.monotonic()))
+        return self._proxies(result)
+
+    def _send_releases(self, conn: StreamConnection, timeout: float) -> None:
+        releases = self._take_releases()
+        if not releases:
+            return
+        core = conn.core
+        try:
+            conn.send_frame(encode_release(releases), "RELEASE", timeout)
+        except ConnectError:
+            self._unsent.extend(releases)  # sent with the next call
+            return
+        if core is not self._attached or conn.core is not core:  # not to this session
+            self._unsent.extend(releases)
+
+    def release(self, proxy: Proxy) -> None:
+        """Give ``proxy``'s object back now (the proxy stops working)."""
+        entry = self._given_back(proxy)
+        if entry is not None and not self.closed:
+            try:
+                self._conn().send_frame(encode_release([entry]), "RELEASE", self.timeout)
+            except ConnectError:
+                pass  # the session goes with its lease
+
+    def close(self) -> None:
+        """End the session (the server frees everything of it at once) and the connection."""
+        if self.closed:
+            return
+        self.closed = True
+        self._stop.set()
+        if os.getpid() != self._pid:
+            return  # the parent's session: not this process's to end
+        try:
+            conn = self._conn()
+            if conn.live and conn.core is self._attached:
+                conn.send_frame(encode_release(end=True), "RELEASE", self.timeout)
+        except Exception:
+            pass  # closing anyway
+        finally:
+            self.client.close()
+
+    def __enter__(self) -> ObjectClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Method:
+    __slots__ = ("_name", "_proxy")
+
+    def __init__(self, proxy: Proxy, name: str) -> None:
+        self._proxy = proxy
+        self._name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        p = self._proxy
+        p._check()
+        return p._client.call(p._target, self._name, args, kwargs, oneway=self._name in p._oneway())
+
+    def __repr__(self) -> str:
+        return f"<remote method {self._proxy._iface}.{self._name}>"
+
+
+class Proxy:
+    """A remote object: its exposed methods are called as methods, its properties read as
+    attributes. One proxy per remote object on a connection; compared by identity. Cannot be
+    pickled (it means something only on its connection)."""
+
+    __slots__ = (
+        "__weakref__",
+        "_client",
+        "_epoch",
+        "_id",
+        "_iface",
+        "_owns",
+        "_released",
+        "_target",
+    )
+
+    def __init__(self, client: Any, target: Target, iface: str, key: bytes | None) -> None:
+        self._client: Any = client
+        self._epoch: int = client.epoch
+        self._target = target
+        self._iface = iface
+        self._id = key
+        self._owns = False  # closes its client at the end of a with block (lookup(url))
+        self._released = False
+
+    def _check(self) -> None:
+        if self._released:
+            raise ValueError("this proxy was released")
+        self._client._check_epoch(self._target, self._epoch)
+
+    def _desc(self) -> dict[str, Any] | None:
+        desc: dict[str, Any] | None = self._client.ifaces.get(self._iface)
+        return desc
+
+    def _oneway(self) -> Sequence[str]:
+        desc = self._desc()
+        return desc.get("oneway", ()) if desc else ()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        desc = self._desc()
+        if desc is not None and name in desc.get("properties", ()):
+            self._check()
+            return self._client.call(self._target, name)
+        if desc is not None and name not in desc.get("methods", ()):
+            raise AttributeError(f"{self._iface} exposes no member {name!r}")
+        return _Method(self, name)
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a remote object's proxy cannot be pickled (it lives on its connection)")
+
+    def __repr__(self) -> str:
+        what = self._target.name if type(self._target) is NameTarget else "object"
+        return f"<remote {self._iface or '?'} {what} via {self._client.client.endpoint}>"
+
+    def __enter__(self) -> Proxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._owns:
+            self._client.close()
+        else:
+            release(self)
+
+
+class _AsyncMethod:
+    __slots__ = ("_name", "_proxy")
+
+    def __init__(self, proxy: AsyncProxy, name: str) -> None:
+        self._proxy = proxy
+        self._name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+        p = self._proxy
+        p._check()
+        call: Coroutine[Any, Any, Any] = p._client.call(
+            p._target, self._name, args, kwargs, oneway=self._name in p._oneway()
+        )
+        return call
+
+    def __repr__(self) -> str:
+        return f"<remote method {self._proxy._iface}.{self._name} (await it)>"
+
+
+class AsyncProxy(Proxy):
+    """A remote object for asyncio code: ``await proxy.method(...)``, ``await proxy.prop``."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        desc = self._desc()
+        if desc is not None and name in desc.get("properties", ()):
+            self._check()
+            return self._client.call(self._target, name)
+        if desc is not None and name not in desc.get("methods", ()):
+            raise AttributeError(f"{self._iface} exposes no member {name!r}")
+        return _AsyncMethod(self, name)
+
+    def __enter__(self) -> Proxy:
+        raise TypeError("use `async with` (an asyncio proxy)")
+
+    async def __aenter__(self) -> AsyncProxy:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._owns:
+            await self._client.close()
+        else:
+            await self._client.release(self)
+
+
+class _AsyncClient(AsyncClient):
+    """An asyncio client whose sessions decode object messages and references."""
+
+    def _configure(self, *args: Any, **kwargs: Any) -> None:
+        super()._configure(*args, **kwargs)
+        self.registry = object_registry()
+
+
+class AsyncObjectClient(_Held):
+    """One connection to an object server and the session on it, for asyncio code:
+    ``async with AsyncObjectClient(url) as oc: counter = oc.lookup("counter")``."""
+
+    def __init__(self, url: str, *, timeout: float = 10.0, **options: Any) -> None:
+        self._init_held(timeout)
+        self.client = _AsyncClient(url, timeout=timeout, **options)
+        self._renew: asyncio.Task[None] | None = None
+
+    async def connect(self) -> AsyncObjectClient:
+        await self.client.connect()
+        try:
+            await self._attach(time.monotonic() + self.timeout)
+        except BaseException:
+            await self.client.close()
+            raise
+        self._renew = asyncio.get_running_loop().create_task(self._keep())
+        return self
+
+    async def __aenter__(self) -> AsyncObjectClient:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _channel(self) -> StreamChannel:
+        return self.client.stream_channel("remote objects")
+
+    async def _attach(self, deadline: float) -> None:
+        left = max(0.001, deadline - time.monotonic())
+        info = await self.client.call("objects.attach", self._token, timeout=left)
+        self._took(info)
+        self._attached = self._channel().stream
+
+    async def _ensure_attached(self, deadline: float, what: str) -> None:
+        channel = self._channel()
+        stream = channel.stream
+        if stream is not None and stream is self._attached and stream.can_send():
+            return
+        await channel.wait_connected(what, max(0.001, deadline - time.monotonic()))
+        if channel.stream is self._attached:
+            return
+        try:
+            await self._attach(deadline)
+        except RemoteError as exc:
+            if exc.code == ErrorCode.SESSION_EXPIRED:
+                self._token = None
+                self._forget_imports()
+                await self._attach(deadline)
+                raise _expired() from None
+            raise
+
+    async def _keep(self) -> None:
+        """RENEW every lease/3 while idle (see :class:`ObjectClient`)."""
+        while not self.closed:
+            await asyncio.sleep(self.lease / 3)
+            if self.closed:
+                return
+            if time.monotonic() - self._last_send < self.lease / 3:
+                continue
+            try:
+                await self._ensure_attached(time.monotonic() + self.timeout, "RENEW")
+                channel = self._channel()
+                self._send_releases(channel)
+                channel.send_soon(encode_renew())
+                self._last_send = time.monotonic()
+            except Exception as exc:
+                log.debug("objects: RENEW to %s failed: %s", self.client.endpoint, exc)
+
+    def lookup(self, name: str) -> AsyncProxy:
+        """A proxy of the object registered as ``name`` (its instance mode applies)."""
+        proxy: AsyncProxy = self._named(name)
+        return proxy
+
+    async def call(
+        self,
+        target: Target,
+        method: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        oneway: bool = False,
+    ) -> Any:
+        if self.closed:
+            raise ConnectError("the object client is closed")
+        t = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + t
+        self._last_send = deadline - t
+        await self._ensure_attached(deadline, method)
+        channel = self._channel()
+        self._send_releases(channel)
+        stream = channel.stream
+        core = stream.core if stream is not None else None
+        budget = None
+        if core is not None and core.peer_features & FEATURE_DEADLINE:
+            budget = min(int(t * 1000), _MAX_BUDGET_MS)
+        frame = self._frame(target, method, args, kwargs, budget, oneway)
+        if oneway:
+            if not channel.send_soon(frame(0)):
+                raise ConnectError(f"{self.client.endpoint}: not connected; {method} not sent")
+            return None
+        try:
+            _, result = await channel.exchange(frame, method, t)
+        except RemoteError as exc:
+            if exc.code == ErrorCode.DEADLINE_EXCEEDED:
+                raise deadline_passed(method, t) from None
+            if exc.code != ErrorCode.SESSION_EXPIRED or channel.stream is self._attached:
+                raise
+            await self._ensure_attached(deadline, method)
+            left = max(0.001, deadline - time.monotonic())
+            _, result = await channel.exchange(frame, method, left)
+        return self._proxies(result)
+
+    def _send_releases(self, channel: StreamChannel) -> None:
+        releases = self._take_releases()
+        if not releases:
+            return
+        stream = channel.stream
+        if stream is not self._attached or not channel.send_soon(encode_release(releases)):
+            self._unsent.extend(releases)
+
+    async def release(self, proxy: AsyncProxy) -> None:
+        """Give ``proxy``'s object back now (the proxy stops working)."""
+        entry = self._given_back(proxy)
+        if entry is not None and not self.closed:
+            self._channel().send_soon(encode_release([entry]))
+
+    async def close(self) -> None:
+        """End the session (the server frees everything of it at once) and the connection."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._renew is not None:
+            self._renew.cancel()
+        try:
+            channel = self._channel()
+            if channel.stream is self._attached:
+                channel.send_soon(encode_release(end=True))
+        except Exception:
+            pass  # closing anyway
+        finally:
+            await self.client.close()
+
+
+async def alookup(url: str, *, timeout: float = 10.0, **options: Any) -> AsyncProxy:
+    """:func:`lookup` for asyncio code: ``async with await alookup(url) as counter:``."""
+    base, name = _split(url)
+    client = AsyncObjectClient(base, timeout=timeout, **options)
+    await client.connect()
+    proxy = client.lookup(name)
+    proxy._owns = True
+    return proxy
+
+
+def lookup(url: str, *, timeout: float = 10.0, **options: Any) -> Proxy:
+    """A proxy of the object registered as NAME at ``tcp://host:port/NAME`` (or ``tls://``),
+    on a connection of its own, closed at the end of a ``with`` block (or by
+    :func:`close`)."""
+    base, name = _split(url)
+    client = ObjectClient(base, timeout=timeout, **options)
+    try:
+        proxy = client.lookup(name)
+    except BaseException:
+        client.close()
+        raise
+    proxy._owns = True
+    return proxy
+
+
+def release(proxy: Proxy) -> None:
+    """Give the proxy's object back to its server now (it stops working)."""
+    if proxy._id is None:
+        proxy._released = True
+        return
+    proxy._client.release(proxy)
+
+
+def close(proxy: Proxy) -> None:
+    """Close the connection ``proxy`` came from (every proxy of it stops working)."""
+    proxy._client.close()
+
+
+def _split(url: str) -> tuple[str, str]:
+    scheme, sep, rest = url.partition("://")
+    if not sep or "/" not in rest:
+        raise ValueError(f"expected tcp://host:port/NAME (or tls://), got {url!r}")
+    hostport, _, name = rest.partition("/")
+    if not name:
+        raise ValueError(f"no object name in {url!r}: tcp://host:port/NAME")
+    base = f"{scheme}://{hostport}"
+    parse_endpoint(base)  # ValueError for a bad URL, before connecting
+    if scheme not in ("tcp", "tls"):
+        raise ValueError("remote objects need tcp:// or tls:// (a session over a connection)")
+    return base, name
+
+
+def _expired() -> Exception:
+    return SessionExpired("the session expired: the server freed its objects")
+
+
+ObjectClient.proxy_type = Proxy
+AsyncObjectClient.proxy_type = AsyncProxy

@@ -1,0 +1,472 @@
+"""Remote objects as a pattern on the host: CALL, RELEASE, RENEW routed to exposed objects.
+
+::
+
+    Server(patterns=[Objects(registered={"counter": Counter()})], tcp=["127.0.0.1:5054"])
+
+(:class:`~sockstack.objects.server.ObjectServer` is this with a ``register`` method.) It adds
+the message types 0x20-0x2F (PROTOCOL.md §4.5) and the ``objects.attach`` method, and keeps a
+:class:`~sockstack.objects.session.Session` per client session.
+
+A CALL names its target (an object exported to this session, or a registered name), a member
+of the target's exposed class, and arguments; it runs through the host exactly as a REQUEST's
+method does (``Peer.submit``: deadline, CANCEL, in-flight limits, interceptors,
+``current_context()``), with the instance as the handler's first argument. Its answer is core
+RESPONSE/ERROR; a result holding exposed objects carries them as references (msgpack ext 2),
+each exported to the session (counted). A CALL whose target or member is unknown is refused
+before anything runs (UNKNOWN_OBJECT, UNKNOWN_METHOD; a malformed target, BAD_TARGET).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sockstack.errors import CodecError, ErrorCode, LocalProtocolError
+from sockstack.host.dispatch import Handler, Outcome, ServiceError, make_handler
+from sockstack.host.pattern import HostContext, Pattern, Peer
+from sockstack.objects.expose import Exposed, Member, exposed
+from sockstack.objects.messages import (
+    OBJECTS_MESSAGES,
+    AnswerTarget,
+    Call,
+    NameTarget,
+    ObjectTarget,
+    Release,
+    Renew,
+)
+from sockstack.objects.refs import FORM_HOME, FORM_SENDER, Ref, pack
+from sockstack.objects.session import Session, Tables, TooManyObjects
+from sockstack.protocol.events import PatternMessage, Request
+from sockstack.protocol.frames import MessageType, encode_frame
+from sockstack.protocol.messages import FLAG_METADATA, encode_metadata
+from sockstack.rpc.context import CallContext, current_context
+
+__all__ = ["ObjectLimits", "Objects"]
+
+log = logging.getLogger("sockstack.objects")
+_STATE = "objects"
+_SCALARS = frozenset({type(None), bool, int, float, str, bytes})
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectLimits:
+    """Bounds of an object server (every one a count and bytes, per session and in total)."""
+
+    lease: float = 30.0
+    """Seconds a client's session (its objects) outlives its connection: a client that
+    reconnects within it keeps them; after it they are freed."""
+    max_objects: int = 10_000
+    """Objects exported to one session."""
+    max_bytes: int = 64 << 20
+    """Bytes of one session's objects (200 per entry plus each object's shallow size)."""
+    max_total_objects: int = 1_000_000
+    max_total_bytes: int = 1 << 30
+    max_sessions: int = 100_000
+    """Sessions kept at once, attached or within their lease."""
+
+    def __post_init__(self) -> None:
+        if self.lease < 1.0:
+            raise ValueError("lease must be at least 1 s (clients renew every lease/3)")
+
+
+@dataclass(frozen=True, slots=True)
+class _Registered:
+    name: str
+    target: object  # an instance (single), or a class (its instance mode)
+    exposed: Exposed
+    mode: str
+
+
+class _Refused(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Objects(Pattern):
+    """Serve exposed objects: those registered by name, and those their methods return."""
+
+    name = _STATE
+    messages = OBJECTS_MESSAGES
+
+    def __init__(self, limits: ObjectLimits | None = None) -> None:
+        self.limits = lim = limits or ObjectLimits()
+        self.tables = Tables(
+            lim.max_objects, lim.max_bytes, lim.max_total_objects, lim.max_total_bytes
+        )
+        self.registered: dict[str, _Registered] = {}
+        self.sessions: dict[bytes, Session] = {}  # by token
+        self._peers: dict[str, Peer] = {}  # open connections by their address (attach)
+        self._host: HostContext | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._clock: Callable[[], float] = time.monotonic
+
+    # ------------------------------------------------------------------ registration
+
+    def register(self, name: str, target: object, instance: str | None = None) -> None:
+        """Serve ``target`` under ``name``: an exposed instance (shared by every caller), or
+        an exposed class (``instance``: "single", "session" or "percall"; default the class's
+        ``@expose(instance=...)``)."""
+        if not name or len(name.encode()) > 255 or "\x00" in name:
+            raise ValueError(f"a registered name is 1-255 bytes without NUL: {name!r}")
+        cls = target if isinstance(target, type) else type(target)
+        found = exposed(cls)
+        if found is None:
+            raise ValueError(f"{cls.__name__} is not exposed: decorate it with @expose")
+        if isinstance(target, type):
+            mode = instance or found.instance
+        else:
+            if instance not in (None, "single"):
+                raise ValueError("an instance is shared: register the class for other modes")
+            mode = "single"
+        if mode == "single" and isinstance(target, type):
+            target = target()
+        self.registered[name] = _Registered(name, target, found, mode)
+
+    def unregister(self, name: str) -> None:
+        self.registered.pop(name, None)
+
+    # ------------------------------------------------------------------ host hooks
+
+    def methods(self) -> Mapping[str, Handler]:
+        return {"objects.attach": make_handler("objects.attach", self._attach, inline=True)}
+
+    def start(self, host: HostContext) -> None:
+        self._host = host
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for session in self.sessions.values():
+            session.clear()
+        self.sessions.clear()
+
+    def connection_made(self, peer: Peer) -> None:
+        self._peers[peer.peer] = peer
+
+    def connection_lost(self, peer: Peer) -> None:
+        if self._peers.get(peer.peer) is peer:
+            del self._peers[peer.peer]
+        session = peer.state.pop(_STATE, None)
+        if isinstance(session, Session) and session.peer is peer:
+            session.peer = None
+            session.expires = self._clock() + self.limits.lease
+            self._arm()
+
+    def stream_message(self, peer: Peer, msg: PatternMessage) -> None:
+        if type(msg) is Call:
+            self._call(peer, msg)
+        elif type(msg) is Release:
+            session = peer.state.get(_STATE)
+            if isinstance(session, Session):
+                for key, count in msg.releases:
+                    session.release(key, count)
+                if msg.end:
+                    self._end(peer, session)
+        elif type(msg) is Renew:
+            pass  # an attached session does not expire: the frame only shows the client lives
+        # RETURN and ABORT answer the server's own calls (callbacks): none are made yet.
+
+    # ------------------------------------------------------------------ sessions
+
+    def _session(self, peer: Peer) -> Session:
+        session = peer.state.get(_STATE)
+        if isinstance(session, Session):
+            return session
+        raise _Refused(
+            ErrorCode.SESSION_EXPIRED,
+            "no session on this connection: call objects.attach first (PROTOCOL.md §4.5)",
+        )
+
+    def _new_session(self, peer: Peer) -> Session:
+        if len(self.sessions) >= self.limits.max_sessions:
+            self._expire()
+        if len(self.sessions) >= self.limits.max_sessions:
+            raise _Refused(
+                ErrorCode.TOO_MANY_OBJECTS,
+                f"the server keeps {self.limits.max_sessions} sessions (limit)",
+            )
+        session = Session(self.tables)
+        session.peer = peer
+        self.sessions[session.token] = session
+        peer.state[_STATE] = session
+        return session
+
+    def _attach(self, token: bytes | None = None) -> dict[str, Any]:
+        """``objects.attach``: this connection's session (a new one, or the one ``token``
+        names, moved here from the connection it had), its token, lease and names."""
+        ctx = current_context()
+        peer = self._peers.get(ctx.peer)
+        if peer is None:
+            raise LookupError("objects.attach needs a TCP or TLS connection")
+        resumed = False
+        session: Session
+        if token is not None:
+            if type(token) is not bytes:
+                raise TypeError("token must be bytes")
+            found = self.sessions.get(token)
+            if found is None or not found.matches(token):
+                raise _session_expired()
+            session = found
+            here = peer.state.get(_STATE)
+            if here is not session:
+                if isinstance(here, Session) and here.peer is peer:
+                    self._drop_session(here)
+                old = session.peer
+                if old is not None and old is not peer:
+                    old.state.pop(_STATE, None)  # a half-open old connection: detached
+                session.peer = peer
+                session.expires = None
+                peer.state[_STATE] = session
+            resumed = True
+        else:
+            current = peer.state.get(_STATE)
+            if isinstance(current, Session):
+                session = current
+            else:
+                try:
+                    session = self._new_session(peer)
+                except _Refused as exc:
+                    raise LookupError(exc.message) from None
+        return {
+            "session": session.token,
+            "lease_ms": int(self.limits.lease * 1000),
+            "resumed": resumed,
+            "names": {name: r.exposed.iface for name, r in self.registered.items()},
+            "ifaces": {r.exposed.iface: describe(r.exposed) for r in self.registered.values()},
+        }
+
+    def _end(self, peer: Peer, session: Session) -> None:
+        peer.state.pop(_STATE, None)
+        self._drop_session(session)
+
+    def _drop_session(self, session: Session) -> None:
+        self.sessions.pop(session.token, None)
+        session.peer = None
+        session.clear()
+
+    def _arm(self) -> None:
+        host = self._host
+        if self._timer is None and host is not None and host.loop is not None:
+            tick = min(1.0, self.limits.lease / 4)
+            self._timer = host.loop.call_later(tick, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self._expire():
+            self._arm()
+
+    def _expire(self) -> bool:
+        """Free the sessions whose lease ran out; True while detached ones remain."""
+        now = self._clock()
+        waiting = False
+        for session in list(self.sessions.values()):
+            if session.expires is None:
+                continue
+            if session.expires <= now:
+                self._drop_session(session)
+            else:
+                waiting = True
+        return waiting
+
+    # ------------------------------------------------------------------ calls
+
+    def _call(self, peer: Peer, call: Call) -> None:
+        oneway = call.oneway
+        try:
+            session = self._session(peer)
+            obj, found = self._target(session, call)
+            member = found.members.get(call.method)
+            if member is None:
+                raise _Refused(
+                    ErrorCode.UNKNOWN_METHOD,
+                    f"{found.iface} has no exposed member {call.method!r}",
+                )
+            oneway = oneway or member.oneway
+            args, kwargs = call.args, call.kwargs
+            if call.has_refs:
+                args = self._resolve(session, args)
+                kwargs = self._resolve(session, kwargs)
+            if member.kind == "property" and (args or kwargs):
+                raise _Refused(
+                    ErrorCode.BAD_ARGUMENTS,
+                    f"{found.iface}.{member.name} is a property: no arguments",
+                )
+        except _Refused as exc:
+            if oneway:
+                log.info("oneway call %r refused: %s", call.method, exc.message)
+                return
+            core = peer.core
+            if core is not None:
+                core.send_error(call.request_id, exc.code, ErrorCode(exc.code).name, exc.message)
+            return
+        req = Request(
+            call.request_id,
+            f"{found.iface}.{member.name}",
+            [obj, *args],
+            kwargs,
+            call.codec,
+            call.budget_ms,
+            call.metadata,
+            False,
+            False,
+            call.size,
+        )
+        peer.submit(req, member.handler, _Answerer(self, peer, session, member, oneway))
+
+    def _target(self, session: Session, call: Call) -> tuple[object, Exposed]:
+        target = call.target
+        if type(target) is ObjectTarget:
+            entry = session.get(target.id)
+            if entry is None:
+                raise _Refused(
+                    ErrorCode.UNKNOWN_OBJECT,
+                    "no such object in this session (never given to it, or released)",
+                )
+            return entry.obj, entry.exposed
+        if type(target) is NameTarget:
+            return self._named(session, target.name)
+        if type(target) is AnswerTarget:
+            raise _Refused(ErrorCode.BAD_TARGET, "calls on a call's answer are not served here")
+        raise _Refused(ErrorCode.BAD_TARGET, "unknown target")
+
+    def _named(self, session: Session, name: str) -> tuple[object, Exposed]:
+        reg = self.registered.get(name)
+        if reg is None:
+            raise _Refused(ErrorCode.UNKNOWN_OBJECT, f"no object registered as {name!r}")
+        if reg.mode == "single":
+            return reg.target, reg.exposed
+        if reg.mode == "percall":
+            return _instantiate(reg), reg.exposed
+        obj = session.instances.get(name)
+        if obj is None:
+            obj = session.instances[name] = _instantiate(reg)
+        return obj, reg.exposed
+
+    def _resolve(self, session: Session, value: Any) -> Any:
+        """``value`` with the references in it replaced by the objects they name (this
+        session's exports, or registered names)."""
+        if type(value) is Ref:
+            if value.form == FORM_HOME:
+                if value.id is not None:
+                    entry = session.get(value.id)
+                    if entry is None:
+                        raise _Refused(
+                            ErrorCode.UNKNOWN_OBJECT,
+                            "an argument names an object this session does not hold",
+                        )
+                    return entry.obj
+                if value.name is not None:
+                    return self._named(session, value.name)[0]
+            raise _Refused(
+                ErrorCode.BAD_ARGUMENTS,
+                "an argument is a reference this server cannot take (only its own objects)",
+            )
+        if type(value) is list:
+            return [self._resolve(session, v) for v in value]
+        if type(value) is dict:
+            return {k: self._resolve(session, v) for k, v in value.items()}
+        return value
+
+
+def _instantiate(reg: _Registered) -> object:
+    cls = reg.target
+    assert isinstance(cls, type)
+    try:
+        return cls()
+    except Exception as exc:
+        raise _Refused(
+            ErrorCode.UNEXPECTED_ERROR, f"{reg.name}: {cls.__name__}() failed: {exc}"
+        ) from None
+
+
+class _Expired(ServiceError):
+    """objects.attach with a token no session has (any more): ERROR SESSION_EXPIRED."""
+
+    _sockstack_code = ErrorCode.SESSION_EXPIRED
+    __sockstack_name__ = "SESSION_EXPIRED"
+
+
+def _session_expired() -> Exception:
+    return _Expired("the session is unknown or its lease ran out")
+
+
+class _Answerer:
+    """The answer to one CALL: RESPONSE with its result (references exported to the session)
+    or ERROR; nothing for a oneway call (a failure is logged)."""
+
+    __slots__ = ("member", "oneway", "pattern", "peer", "session")
+
+    def __init__(
+        self, pattern: Objects, peer: Peer, session: Session, member: Member, oneway: bool
+    ) -> None:
+        self.pattern = pattern
+        self.peer = peer
+        self.session = session
+        self.member = member
+        self.oneway = oneway
+
+    def __call__(self, req: Request, outcome: Outcome, ctx: CallContext | None) -> None:
+        ok, value = outcome
+        if self.oneway:
+            if not ok:
+                log.info("oneway call %r failed: %s", req.method, value[2])
+            return
+        core = self.peer.core
+        if core is None:
+            return  # the connection is gone: nobody to answer
+        trailers = None
+        if ctx is not None and (req.budget_ms is not None or req.metadata is not None):
+            trailers = ctx.trailers
+        if ok:
+            made: list[bytes] = []
+            try:
+                frame = self._response(req.request_id, value, trailers, made)
+                core.send_message(frame)
+                return
+            except TooManyObjects as exc:
+                value = (ErrorCode.TOO_MANY_OBJECTS, "TOO_MANY_OBJECTS", str(exc))
+            except CodecError as exc:
+                value = (ErrorCode.RESULT_NOT_ENCODABLE, "RESULT_NOT_ENCODABLE", str(exc))
+            except LocalProtocolError as exc:
+                value = (ErrorCode.RESULT_TOO_LARGE, "RESULT_TOO_LARGE", exc.message)
+            for key in made:  # not sent: what it exported for the client is not the client's
+                self.session.release(key, 1)
+            log.warning("method %r: %s", req.method, value[2])
+        code, type_name, message = value
+        core.send_error(req.request_id, code, type_name, message, metadata=trailers)
+
+    def _response(
+        self, rid: int, value: Any, trailers: Mapping[str, str | bytes] | None, made: list[bytes]
+    ) -> bytes:
+        session = self.session
+
+        def to_ref(obj: object) -> Ref | None:
+            found = exposed(type(obj))
+            if found is None:
+                return None
+            key = session.export(obj, found)
+            made.append(key)
+            return Ref(FORM_SENDER, id=key, iface=found.iface)
+
+        body = pack(value, to_ref if type(value) not in _SCALARS else None)
+        meta, flags = b"", 0
+        if trailers:
+            meta, flags = encode_metadata(trailers), FLAG_METADATA
+        return encode_frame(MessageType.RESPONSE, rid, meta, body, flags, 1)
+
+
+def describe(found: Exposed) -> dict[str, Any]:
+    """An exposed class for clients: its members, each a method or a property, and oneway."""
+    return {
+        "methods": sorted(n for n, m in found.members.items() if m.kind == "method"),
+        "properties": sorted(n for n, m in found.members.items() if m.kind == "property"),
+        "oneway": sorted(n for n, m in found.members.items() if m.oneway),
+    }

@@ -1,0 +1,147 @@
+"""A client's session on an object server: the objects exported to it, counted, and its lease.
+
+Sans-I/O: no sockets, no clock (times are arguments). The pattern (``objects/pattern.py``)
+keeps one :class:`Session` per client session and one :class:`Tables` for the server's totals.
+
+- **Exports.** An exposed object that crosses to the client (in a result) is exported under a
+  random 16-byte id, scoped to this session: another session cannot name it. Each crossing
+  counts +1; a RELEASE from the client subtracts what it says (never below 0); at 0 the entry
+  goes and the object is no longer held for this client. The same object crossing again gets
+  the same id while its entry lives.
+- **Bounds.** Entries and bytes (200 bytes of bookkeeping plus the object's shallow
+  ``sys.getsizeof``) per session and for the whole server: past a bound the export is refused
+  with :class:`TooManyObjects` (the call that returned it answers TOO_MANY_OBJECTS).
+- **Lease.** A session outlives its connection for ``lease`` seconds after its last frame, so
+  a client that reconnects within it (``objects.attach`` with its token) keeps its objects; a
+  session whose client is gone longer is freed whole (:meth:`Session.clear`).
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sockstack.objects.expose import Exposed
+
+__all__ = ["ENTRY_OVERHEAD", "Export", "Session", "Tables", "TooManyObjects"]
+
+ENTRY_OVERHEAD = 200
+"""Bytes counted per exported entry beside the object's own shallow size."""
+ID_SIZE = 16
+MAX_COUNT = 0xFFFFFFFF
+
+
+class TooManyObjects(Exception):
+    """An export refused by a bound (its message names the bound)."""
+
+
+@dataclass(slots=True)
+class Export:
+    obj: object
+    exposed: Exposed
+    count: int
+    size: int
+
+
+@dataclass(slots=True)
+class Tables:
+    """The server's totals over every session, and its bounds."""
+
+    max_objects: int
+    max_bytes: int
+    max_total_objects: int
+    max_total_bytes: int
+    objects: int = 0
+    bytes: int = 0
+
+
+class Session:
+    """One client's exports, its session-mode instances, and when it expires."""
+
+    __slots__ = (
+        "_by_obj",
+        "bytes",
+        "expires",
+        "exports",
+        "instances",
+        "peer",
+        "tables",
+        "token",
+    )
+
+    def __init__(self, tables: Tables) -> None:
+        self.token = secrets.token_bytes(ID_SIZE)
+        self.tables = tables
+        self.exports: dict[bytes, Export] = {}
+        self._by_obj: dict[int, bytes] = {}  # id(obj) -> export id (the entry holds obj)
+        self.bytes = 0
+        self.instances: dict[str, object] = {}  # session-mode instances, by registered name
+        self.peer: Any = None  # the connection it is attached to; None while detached
+        self.expires: float | None = None  # while detached: when it is freed
+
+    def matches(self, token: bytes) -> bool:
+        return hmac.compare_digest(self.token, token)
+
+    def export(self, obj: object, exposed: Exposed) -> bytes:
+        """The id ``obj`` crosses under (its count +1). Raises :class:`TooManyObjects`."""
+        key = self._by_obj.get(id(obj))
+        if key is not None:
+            entry = self.exports[key]
+            if entry.count < MAX_COUNT:
+                entry.count += 1
+            return key
+        t = self.tables
+        size = ENTRY_OVERHEAD + sys.getsizeof(obj)
+        if len(self.exports) >= t.max_objects:
+            raise TooManyObjects(f"this session holds {t.max_objects} objects (limit)")
+        if self.bytes + size > t.max_bytes:
+            raise TooManyObjects(f"this session's objects would exceed {t.max_bytes} bytes")
+        if t.objects >= t.max_total_objects:
+            raise TooManyObjects(f"the server holds {t.max_total_objects} objects (limit)")
+        if t.bytes + size > t.max_total_bytes:
+            raise TooManyObjects(f"the server's objects would exceed {t.max_total_bytes} bytes")
+        key = secrets.token_bytes(ID_SIZE)
+        while key in self.exports:  # (2^-128: never, but never a wrong object either)
+            key = secrets.token_bytes(ID_SIZE)
+        self.exports[key] = Export(obj, exposed, 1, size)
+        self._by_obj[id(obj)] = key
+        self.bytes += size
+        t.objects += 1
+        t.bytes += size
+        return key
+
+    def get(self, key: bytes) -> Export | None:
+        return self.exports.get(key)
+
+    def release(self, key: bytes, count: int) -> bool:
+        """Subtract ``count`` crossings of ``key`` (unknown ids and counts past 0 are ignored:
+        False); the entry goes at 0."""
+        entry = self.exports.get(key)
+        if entry is None or count <= 0:
+            return False
+        entry.count -= min(count, entry.count)
+        if entry.count == 0:
+            self._drop(key, entry)
+        return True
+
+    def _drop(self, key: bytes, entry: Export) -> None:
+        del self.exports[key]
+        self._by_obj.pop(id(entry.obj), None)
+        self.bytes -= entry.size
+        self.tables.objects -= 1
+        self.tables.bytes -= entry.size
+
+    def clear(self) -> int:
+        """Free everything (the session ended, or its lease expired); how many entries went."""
+        n = len(self.exports)
+        for key, entry in list(self.exports.items()):
+            self._drop(key, entry)
+        self.instances.clear()
+        return n
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.exports)

@@ -1,0 +1,432 @@
+"""Remote objects, live over loopback TCP with the blocking client: exposure, references,
+release and leases, instance modes, errors and deadlines (issue 13, items 1-3, 5, 7)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import tracemalloc
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from tests.conftest import timeout
+from tests.helpers.faultproxy import TCPFaultProxy
+
+from sockstack import CallTimeout, RemoteError, ServiceError
+from sockstack.errors import ErrorCode, SessionExpired
+from sockstack.host.server import ServerLimits
+from sockstack.objects import (
+    AsyncObjectClient,
+    AsyncProxy,
+    ObjectClient,
+    ObjectServer,
+    Proxy,
+    alookup,
+    expose,
+    lookup,
+    release,
+)
+from sockstack.objects.messages import ObjectTarget
+
+
+@expose
+class Counter:
+    def __init__(self) -> None:
+        self.n = 0
+        self.kept: Counter | None = None
+        self._secret = "never exposed"
+        self.plain = "a plain attribute: never exposed"
+
+    def incr(self, by: int = 1) -> int:
+        self.n += by
+        return self.n
+
+    def child(self) -> Counter:
+        return Counter()
+
+    def keep(self) -> Counter:
+        """The same child each time (it crosses again: one proxy, counted twice)."""
+        if self.kept is None:
+            self.kept = Counter()
+        return self.kept
+
+    def same(self, other: Any) -> bool:
+        return other is self.kept
+
+    def pair(self) -> list[Any]:
+        return [self.child(), {"k": self.child()}, 3]
+
+    def fail(self) -> None:
+        raise ServiceError("failed on purpose")
+
+    async def slow(self, seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return "done"
+
+    @property
+    def value(self) -> int:
+        return self.n
+
+    def _hidden(self) -> str:
+        return "never called"
+
+
+@expose(instance="percall")
+class PerCall:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def incr(self) -> int:
+        self.n += 1
+        return self.n
+
+
+@expose
+class PerSession:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def incr(self) -> int:
+        self.n += 1
+        return self.n
+
+
+class Served:
+    def __init__(self, server: ObjectServer, loop: asyncio.AbstractEventLoop) -> None:
+        self.server = server
+        self.loop = loop
+
+    @property
+    def url(self) -> str:
+        return f"tcp://127.0.0.1:{self.server.endpoint('tcp').port}"
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout(20))
+
+    def on_loop(self, fn: Callable[[], Any]) -> Any:
+        async def call() -> Any:
+            return fn()
+
+        return self.run(call())
+
+    def exports(self) -> int:
+        return int(self.on_loop(lambda: self.server.objects.tables.objects))
+
+    def sessions(self) -> int:
+        return int(self.on_loop(lambda: len(self.server.objects.sessions)))
+
+    def eventually(self, cond: Callable[[], bool], seconds: float = 10.0) -> None:
+        """Wait on the server's loop until ``cond()`` holds there (bounded)."""
+
+        async def wait() -> None:
+            async with asyncio.timeout(timeout(seconds)):
+                while not cond():
+                    await asyncio.sleep(0.01)
+
+        self.run(wait())
+
+
+@contextlib.contextmanager
+def serving(lease: float = 30.0) -> Iterator[Served]:
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        srv = ObjectServer(
+            tcp=["127.0.0.1:0"],
+            lease=lease,
+            limits=ServerLimits(drain_timeout=timeout(2), close_timeout=timeout(2)),
+        )
+        srv.register("counter", Counter())
+        srv.register("percall", PerCall)
+        srv.register("session", PerSession)
+        try:
+            loop.run_until_complete(srv.start())
+            box["server"] = srv
+        finally:
+            started.set()
+        loop.run_forever()
+        loop.run_until_complete(srv.shutdown())
+        loop.close()
+
+    thread = threading.Thread(target=run, name="objects-server", daemon=True)
+    thread.start()
+    assert started.wait(timeout(10)) and "server" in box
+    try:
+        yield Served(box["server"], loop)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout(20))
+        assert not thread.is_alive()
+
+
+@pytest.fixture
+def served() -> Iterator[Served]:
+    with serving() as s:
+        yield s
+
+
+def test_a_registered_object_is_called_through_its_proxy(served: Served) -> None:
+    with lookup(f"{served.url}/counter", timeout=timeout(10)) as counter:
+        assert isinstance(counter, Proxy)
+        assert counter.incr(5) == 5
+        assert counter.incr() == 6
+        assert counter.value == 6  # a property reads as an attribute
+
+
+def test_a_returned_object_crosses_as_a_reference(served: Served) -> None:
+    with lookup(f"{served.url}/counter", timeout=timeout(10)) as counter:
+        c2 = counter.child()
+        assert isinstance(c2, Proxy)
+        assert c2.incr() == 1 and c2.incr(2) == 3
+        assert counter.incr() == 1  # another object
+        first = counter.keep()
+        assert counter.keep() is first  # one proxy per remote object
+        assert counter.same(first) is True  # passed back: the original object on its server
+        got = counter.pair()
+        assert isinstance(got[0], Proxy) and isinstance(got[1]["k"], Proxy) and got[2] == 3
+        assert got[0].incr() == 1 and got[1]["k"].incr() == 1
+
+
+def test_only_what_expose_marks_is_reachable(served: Served) -> None:
+    with ObjectClient(served.url, timeout=timeout(10)) as oc:
+        counter = oc.lookup("counter")
+        with pytest.raises(AttributeError):
+            counter._hidden  # noqa: B018  (not even sent)
+        with pytest.raises(AttributeError):
+            counter.plain  # noqa: B018  (the description lists no such member)
+        target = counter._target
+        for name in ("_hidden", "_secret", "plain", "__init__", "__class__"):
+            with pytest.raises(RemoteError) as err:
+                oc.call(target, name)
+            assert err.value.code == ErrorCode.UNKNOWN_METHOD, name
+
+
+def test_object_ids_are_random_and_scoped_to_their_session(served: Served) -> None:
+    with (
+        ObjectClient(served.url, timeout=timeout(10)) as a,
+        ObjectClient(served.url, timeout=timeout(10)) as b,
+    ):
+        children = [a.lookup("counter").child() for _ in range(200)]
+        ids = {c._id for c in children}
+        assert len(ids) == 200 and all(i is not None and len(i) == 16 for i in ids)
+        key = children[0]._id
+        assert key is not None
+        with pytest.raises(RemoteError) as err:
+            b.call(ObjectTarget(key), "incr")
+        assert err.value.code == ErrorCode.UNKNOWN_OBJECT
+        assert children[0].incr() == 1  # still the owner's
+
+
+def test_dropped_proxies_are_released_and_the_server_frees_them(served: Served) -> None:
+    with ObjectClient(served.url, timeout=timeout(10)) as oc:
+        counter = oc.lookup("counter")
+        kids = [counter.child() for _ in range(100)]
+        assert served.exports() == 100 and oc.held == 100
+        del kids
+        gc.collect()
+        counter.incr()  # the RELEASEs go with the next call
+        assert oc.held == 0
+        served.eventually(lambda: served.server.objects.tables.objects == 0)
+        kept = counter.keep()
+        release(kept)
+        with pytest.raises(ValueError):
+            kept.incr()
+        counter.incr()
+        served.eventually(lambda: served.server.objects.tables.objects == 0)
+
+
+def test_no_leak_after_10000_create_and_drop_cycles(served: Served) -> None:
+    with ObjectClient(served.url, timeout=timeout(30)) as oc:
+        counter = oc.lookup("counter")
+        for _ in range(200):  # warm up (caches, the first allocations)
+            counter.child().incr()
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.take_snapshot()
+            for _ in range(10_000):
+                c = counter.child()
+                c.incr()
+                del c
+            gc.collect()
+            counter.incr()  # the last RELEASEs
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        grown = sum(s.size_diff for s in after.compare_to(before, "filename"))
+        assert grown < 1 << 20, f"the client grew by {grown} bytes"
+        assert oc.held == 0
+        served.eventually(lambda: served.server.objects.tables.objects == 0)
+        assert served.on_loop(lambda: served.server.objects.tables.bytes) == 0
+
+
+def test_close_ends_the_session_at_once(served: Served) -> None:
+    oc = ObjectClient(served.url, timeout=timeout(10))
+    kids = [oc.lookup("counter").child() for _ in range(10)]
+    assert served.exports() == 10 and served.sessions() == 1
+    oc.close()
+    served.eventually(lambda: not served.server.objects.sessions)
+    assert served.exports() == 0
+    del kids
+
+
+def test_instance_modes(served: Served) -> None:
+    with (
+        ObjectClient(served.url, timeout=timeout(10)) as a,
+        ObjectClient(served.url, timeout=timeout(10)) as b,
+    ):
+        assert [a.lookup("percall").incr() for _ in range(3)] == [1, 1, 1]
+        assert [a.lookup("session").incr() for _ in range(3)] == [1, 2, 3]
+        assert b.lookup("session").incr() == 1  # a session of its own
+        assert a.lookup("counter").incr() == 1 and b.lookup("counter").incr() == 2  # shared
+
+
+def test_errors_and_deadlines(served: Served) -> None:
+    with ObjectClient(served.url, timeout=timeout(10)) as oc:
+        counter = oc.lookup("counter")
+        with pytest.raises(RemoteError) as err:
+            counter.fail()
+        assert err.value.code == ErrorCode.APPLICATION_ERROR
+        assert "failed on purpose" in str(err.value)
+        with pytest.raises(RemoteError) as err:
+            counter.incr("not a number")
+        assert err.value.code == ErrorCode.BAD_ARGUMENTS
+        with pytest.raises(RemoteError) as err:
+            oc.lookup("nobody").incr()
+        assert err.value.code == ErrorCode.UNKNOWN_OBJECT
+        with pytest.raises(CallTimeout):
+            oc.call(counter._target, "slow", [30], timeout=0.3)
+        assert counter.incr() == 1  # the connection serves on
+
+
+def test_a_reconnect_within_the_lease_keeps_the_objects(served: Served) -> None:
+    upstream = ("127.0.0.1", served.server.endpoint("tcp").port)
+    proxy = served.run(TCPFaultProxy(upstream).start())
+    try:
+        with ObjectClient(f"tcp://127.0.0.1:{proxy.port}", timeout=timeout(10)) as oc:
+            c2 = oc.lookup("counter").child()
+            assert c2.incr() == 1
+            served.run(proxy.reset_and_wait())
+            served.eventually(
+                lambda: (
+                    served.server.objects.sessions
+                    and all(s.peer is None for s in served.server.objects.sessions.values())
+                )
+            )
+            assert c2.incr() == 2  # the same object: the session was re-attached
+    finally:
+        served.run(proxy.close())
+
+
+def test_after_the_lease_a_session_is_gone() -> None:
+    with serving(lease=1.0) as served:
+        upstream = ("127.0.0.1", served.server.endpoint("tcp").port)
+        proxy = served.run(TCPFaultProxy(upstream).start())
+        try:
+            with ObjectClient(f"tcp://127.0.0.1:{proxy.port}", timeout=timeout(10)) as oc:
+                c2 = oc.lookup("counter").child()
+                assert c2.incr() == 1
+                oc._stop.set()  # away longer than the lease: not even its keeper renews
+                oc._keeper.join(timeout(10))
+                served.run(proxy.reset_and_wait())
+                served.eventually(lambda: not served.server.objects.sessions)  # lease ran out
+                assert served.exports() == 0
+                with pytest.raises(SessionExpired):
+                    c2.incr()
+                assert oc.lookup("counter").incr() >= 1  # a new session: names work again
+        finally:
+            served.run(proxy.close())
+
+
+_KILLED_CLIENT = textwrap.dedent(
+    """
+    import sys
+    from sockstack.objects import ObjectClient
+    oc = ObjectClient(sys.argv[1], timeout=10)
+    kids = [oc.lookup("counter").child() for _ in range(100)]
+    print("ready", flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+def test_a_killed_clients_objects_are_freed_within_the_lease() -> None:
+    with serving(lease=1.0) as served:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _KILLED_CLIENT, served.url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "ready"
+            assert served.exports() == 100
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout(10))
+            served.eventually(lambda: served.server.objects.tables.objects == 0, seconds=10)
+            assert served.sessions() == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout(10))
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe is not None:
+                    pipe.close()
+
+
+async def test_asyncio_proxies() -> None:
+    with serving() as served:
+        async with AsyncObjectClient(served.url, timeout=timeout(10)) as oc:
+            counter = oc.lookup("counter")
+            assert await counter.incr(5) == 5
+            c2 = await counter.child()
+            assert isinstance(c2, AsyncProxy)
+            assert await c2.incr() == 1 and await counter.value == 5
+            kept = await counter.keep()
+            assert await counter.same(kept) is True
+            await oc.release(kept)
+            with pytest.raises(ValueError):
+                await kept.incr()
+            with pytest.raises(RemoteError) as err:
+                await counter.fail()
+            assert err.value.code == ErrorCode.APPLICATION_ERROR
+            assert oc.held == 1  # c2
+        served.eventually(lambda: not served.server.objects.sessions)
+        proxy = await alookup(f"{served.url}/counter", timeout=timeout(10))
+        async with proxy as counter:
+            assert await counter.incr() == 6
+        served.eventually(lambda: not served.server.objects.sessions)
+
+
+def test_an_idle_client_keeps_its_session_across_a_drop() -> None:
+    """No call after the drop: the client's keeper re-attaches within the lease (1 s here; it
+    renews every lease/3), so the session never expires."""
+    with serving(lease=1.0) as served:
+        upstream = ("127.0.0.1", served.server.endpoint("tcp").port)
+        proxy = served.run(TCPFaultProxy(upstream).start())
+        try:
+            with ObjectClient(f"tcp://127.0.0.1:{proxy.port}", timeout=timeout(10)) as oc:
+                c2 = oc.lookup("counter").child()
+                assert c2.incr() == 1
+                (session,) = served.on_loop(lambda: list(served.server.objects.sessions.values()))
+                served.run(proxy.reset_and_wait())
+                served.eventually(lambda: session.peer is None)  # the server saw the drop
+                served.eventually(lambda: session.peer is not None)  # re-attached, no call
+                assert served.on_loop(lambda: list(served.server.objects.sessions.values())) == [
+                    session
+                ]
+                assert c2.incr() == 2
+        finally:
+            served.run(proxy.close())
