@@ -194,6 +194,7 @@ SEQ_TLS = [
 
 OBJECTS_SCENARIO = "remote object call, sequential 64 B"
 OBJECTS = [
+    SEQ_TCP[0],  # the C echo: the kernel's ceiling for any client in this run and placement
     System(
         "sockstack.objects",
         sc.start_sockstack_objects,
@@ -244,7 +245,8 @@ CHAIN = [
 
 def objects(run: Run, budget: sc.Budget, only: str) -> None:
     """A method call on a remote object (issue 13), sequential, 64 B echoed, both placements:
-    sockstack.objects, Pyro5 (Daemon, proxy) and RPyC (ThreadedServer, netref)."""
+    sockstack.objects, Pyro5 (Daemon, proxy) and RPyC (ThreadedServer, netref), beside the C
+    echo (what no client can exceed: it bounds the ratios reachable on two cores)."""
     for placement in (sc.SAME, sc.SPLIT):
         _compare(run, OBJECTS_SCENARIO, OBJECTS, placement, budget, 64, only)
 
