@@ -3,6 +3,9 @@
     python -m bench.peers NAME [--port 0] [--nats URL]
 
 Each prints ``listening PORT`` on stdout once it serves, and echoes a 64-byte (or any) payload.
+The remote-object peers (``pyro-objects``, ``rpyc-objects``, ``sockstack-objects``) serve a
+``Counter`` instead (``echo(x) -> x``, ``incr(by=1) -> int``, ``child() -> Counter``), the root
+of CHAIN_DEPTH counters linked in advance: a chain of ``child()`` calls allocates nothing.
 Every server does the minimum its library needs, so the comparison is with what a user would
 write, not with a strawman: the framed uvloop echo decodes all complete frames per
 ``data_received`` and answers with one write, as sockstack does.
@@ -15,9 +18,14 @@ import asyncio
 import socket
 import struct
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 LENGTH = struct.Struct(">I")
+CHAIN_DEPTH = 10
+"""Counters linked below (and including) the root: ``child()`` nine times, then ``incr()``,
+is the bench's 10-deep dependent chain. The deepest counter's ``child()`` is itself."""
+T = TypeVar("T")
 
 
 def _ready(port: int) -> None:
@@ -121,6 +129,148 @@ def pyro_server(port: int) -> None:
     daemon.requestLoop()
 
 
+def _linked(
+    make: Callable[[], T], link: Callable[[T, T], None], depth: int = CHAIN_DEPTH
+) -> list[T]:
+    """``depth`` counters, each one's child the next (the last one's child itself), root first:
+    built once, so ``root.child()`` returns the same object every time."""
+    nodes = [make() for _ in range(depth)]
+    for parent, below in zip(nodes, [*nodes[1:], nodes[-1]], strict=True):
+        link(parent, below)
+    return nodes
+
+
+def pyro_objects(port: int) -> None:
+    """Pyro5's remote objects as its documentation has them: ``@expose``, a Daemon with its
+    default server type (a thread pool) and serializer (serpent). Every counter is registered,
+    so ``child()`` crosses as a proxy (Pyro5's autoproxy), the root under the name ``counter``."""
+    import Pyro5.api
+
+    @Pyro5.api.expose
+    class Counter:
+        def __init__(self) -> None:
+            self.n = 0
+            self.below: Counter = self
+
+        def echo(self, x: Any) -> Any:
+            return x
+
+        def incr(self, by: int = 1) -> int:
+            self.n += by
+            return self.n
+
+        def child(self) -> Counter:
+            return self.below
+
+    nodes = _linked(Counter, lambda a, b: setattr(a, "below", b))
+    daemon = Pyro5.api.Daemon(host="127.0.0.1", port=port)
+    uri = daemon.register(nodes[0], "counter")
+    for node in nodes[1:]:
+        daemon.register(node)
+    _ready(int(uri.port))
+    daemon.requestLoop()
+
+
+def rpyc_objects(port: int) -> None:
+    """RPyC's ``ThreadedServer`` (a thread per connection, TCP_NODELAY set) with its default
+    protocol config, the safe one: only ``exposed_`` names are reachable (``allow_public_attrs``,
+    ``allow_all_attrs`` and ``allow_pickle`` are off), so the counter's methods are
+    ``exposed_echo``, ``exposed_incr`` and ``exposed_child`` (a client calls them as ``echo``...);
+    the service exposes the root as ``counter``. Objects that brine cannot carry by value (the
+    counters) cross as references (netrefs)."""
+    import rpyc  # type: ignore[import-untyped]
+    from rpyc.utils.server import ThreadedServer  # type: ignore[import-untyped]
+
+    class Counter:
+        def __init__(self) -> None:
+            self.n = 0
+            self.below: Counter = self
+
+        def exposed_echo(self, x: Any) -> Any:
+            return x
+
+        def exposed_incr(self, by: int = 1) -> int:
+            self.n += by
+            return self.n
+
+        def exposed_child(self) -> Counter:
+            return self.below
+
+    nodes = _linked(Counter, lambda a, b: setattr(a, "below", b))
+
+    class CounterService(rpyc.Service):  # type: ignore[misc]
+        exposed_counter = nodes[0]
+
+    def nodelay(sock: socket.socket) -> tuple[socket.socket, None]:
+        # RPyC leaves Nagle's algorithm on (its issue #6): two small writes in a row (the
+        # answers to a DEL and to a call) wait for the client's delayed ACK, ~40 ms (a chain
+        # whose netrefs were dropped measured 3 chains/s instead of ~280). The authenticator
+        # hook (public API, called with each accepted socket) turns it off, as a careful user
+        # would; the protocol config stays the default.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, None
+
+    # auto_register=False: never announce the server to an RPyC registry (a UDP broadcast).
+    server = ThreadedServer(
+        CounterService,
+        hostname="127.0.0.1",
+        port=port,
+        auto_register=False,
+        authenticator=nodelay,
+    )
+    # ThreadedServer binds in __init__ but listens only in start(): listen now, so that nobody
+    # connects between "listening" and start() (start's own listen() then changes nothing).
+    server.listener.listen(server.backlog)
+    _ready(int(server.port))
+    server.start()
+
+
+def sockstack_objects(port: int) -> None:
+    """sockstack's remote objects (``sockstack.objects``, issue 13): the same counters behind an
+    ``ObjectServer``, the root registered as ``counter``. ``child()`` is annotated with the
+    exposed class, so its result crosses as a reference and the client gets a promise at once
+    (what makes ``counter.child().child()...incr()`` one round trip)."""
+    import importlib
+    import inspect
+
+    from sockstack.transport.loop import run
+
+    # Typed as Any: the bench is written against issue 13's API before it lands.
+    objects: Any = importlib.import_module("sockstack.objects")
+
+    class Counter:
+        def __init__(self) -> None:
+            self.n = 0
+            self.below: Counter = self
+
+        def echo(self, x: bytes) -> bytes:
+            return x
+
+        def incr(self, by: int = 1) -> int:
+            self.n += by
+            return self.n
+
+        def child(self) -> Counter:
+            return self.below
+
+    # This module's annotations are strings (``from __future__ import annotations``) and the
+    # class is local: give child() its real result type before @expose reads the hints.
+    Counter.child.__annotations__["return"] = Counter
+    exposed = objects.expose(Counter)
+    nodes = _linked(exposed, lambda a, b: setattr(a, "below", b))
+
+    async def main() -> None:
+        server = objects.ObjectServer(tcp=[f"127.0.0.1:{port}"])
+        server.register("counter", nodes[0])
+        started = server.start()
+        if inspect.isawaitable(started):
+            await started
+        _ready(server.endpoint("tcp").port)
+        await server.serve_forever()
+
+    run(main())
+
+
 async def _nats_responder(url: str) -> None:
     import nats
 
@@ -216,6 +366,9 @@ def main(argv: list[str] | None = None) -> None:
             "nats-responder",
             "tls-echo",
             "sockstack-stream",
+            "pyro-objects",
+            "rpyc-objects",
+            "sockstack-objects",
         ],
     )
     p.add_argument("--cert", help="tls-echo: certificate chain and key, PEM")
@@ -237,6 +390,12 @@ def main(argv: list[str] | None = None) -> None:
             tls_echo(args.port, args.cert)
         elif args.name == "sockstack-stream":
             sockstack_stream(args.port)
+        elif args.name == "pyro-objects":
+            pyro_objects(args.port)
+        elif args.name == "rpyc-objects":
+            rpyc_objects(args.port)
+        elif args.name == "sockstack-objects":
+            sockstack_objects(args.port)
         else:
             nats_responder(args.nats)
     except KeyboardInterrupt:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import Result
-from bench.runner import Run
+from bench.runner import CHAIN_SCENARIO, OBJECTS_SCENARIO, Run
 from bench.scenarios import CDF_POINTS
 
 __all__ = ["Target", "targets", "write_all"]
@@ -143,6 +143,28 @@ def targets(run: Run) -> list[Target]:
                 higher_is_better=False,
             )
         )
+    for placement in ("same core", "two cores"):
+        ss = _find(res, OBJECTS_SCENARIO, "sockstack.objects", placement)
+        for peer, goal in (("Pyro5", 3.0), ("RPyC", 2.0)):
+            out.append(
+                Target(
+                    f"{OBJECTS_SCENARIO}, {placement}: sockstack / {peer}",
+                    _ratio(ss, _find(res, OBJECTS_SCENARIO, f"{peer} objects", placement)),
+                    goal,
+                )
+            )
+    chain = CHAIN_SCENARIO.split(" (")[0]
+    for placement in ("same core", "two cores"):
+        out.append(
+            Target(
+                f"{chain}, {placement}: sockstack pipelined / Pyro5 one by one (chains/s)",
+                _ratio(
+                    _find(res, CHAIN_SCENARIO, "sockstack.objects, pipelined", placement),
+                    _find(res, CHAIN_SCENARIO, "Pyro5 objects, one by one", placement),
+                ),
+                5.0,
+            )
+        )
     mem = _find(res, "idle-memory", SS)
     per = mem.extra.get("bytes_per_idle_connection") if mem else None
     out.append(
@@ -182,7 +204,7 @@ def _row(r: Result) -> list[str]:
         r.system,
         r.placement,
         _fmt(r.rate),
-        _fmt(r.mb_per_s, 1),
+        _fmt(r.mb_per_s, 1) if r.payload else "-",  # no payload (a chain of calls)
         _fmt(r.p50_us, 1),
         _fmt(r.p99_us, 1),
         _fmt(r.p999_us, 1),

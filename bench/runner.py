@@ -10,6 +10,7 @@ from typing import Any
 
 from bench import scenarios as sc
 from bench.harness import Result, Server, SkipSystem, median_round, pin, stats
+from bench.peers import CHAIN_DEPTH
 
 __all__ = ["Run", "run_all"]
 
@@ -31,6 +32,8 @@ class System:
     start: Callable[[set[int]], Server]
     client: Callable[[Server, bytes], Any]
     is_async: bool = False
+    warmup: int = 200
+    """Calls before the timed ones (a chain counts as one call)."""
 
 
 def _ss_url(s: Server, scheme: str = "tcp") -> str:
@@ -136,6 +139,7 @@ def _measure(
                 lambda: system.client(server, data),
                 budget,
                 payload,
+                system.warmup,
             )
     except SkipSystem as exc:
         run.skipped[system.name] = str(exc)
@@ -186,6 +190,74 @@ SEQ_TLS = [
         lambda s, p: sc.sockstack_tls_client(s.port, p),
     ),
 ]
+
+
+OBJECTS_SCENARIO = "remote object call, sequential 64 B"
+OBJECTS = [
+    SEQ_TCP[0],  # the C echo: the kernel's ceiling for any client in this run and placement
+    System(
+        "sockstack.objects",
+        sc.start_sockstack_objects,
+        lambda s, p: sc.sockstack_object_client(s.port, p),
+    ),
+    System(
+        "Pyro5 objects",
+        lambda c: sc.start_peer("pyro-objects", c, "Pyro5"),
+        lambda s, p: sc.pyro_object_client(s.port, p),
+    ),
+    System(
+        "RPyC objects",
+        lambda c: sc.start_peer("rpyc-objects", c, "rpyc"),
+        lambda s, p: sc.rpyc_object_client(s.port, p),
+    ),
+]
+
+CHAIN_SCENARIO = (
+    f"object chain, {CHAIN_DEPTH} dependent calls (calls/s = chains/s, p50 = one chain)"
+)
+CHAIN = [
+    System(
+        "sockstack.objects, pipelined",
+        sc.start_sockstack_objects,
+        lambda s, p: sc.sockstack_chain(s.port, pipelined=True),
+        warmup=20,
+    ),
+    System(
+        "sockstack.objects, one by one",
+        lambda c: sc.start_sockstack_objects(c, "resolve"),
+        lambda s, p: sc.sockstack_chain(s.port, pipelined=False),
+        warmup=20,
+    ),
+    System(
+        "Pyro5 objects, one by one",
+        lambda c: sc.start_peer("pyro-objects", c, "Pyro5"),
+        lambda s, p: sc.pyro_chain(s.port),
+        warmup=20,
+    ),
+    System(
+        "RPyC objects, one by one",
+        lambda c: sc.start_peer("rpyc-objects", c, "rpyc"),
+        lambda s, p: sc.rpyc_chain(s.port),
+        warmup=20,
+    ),
+]
+
+
+def objects(run: Run, budget: sc.Budget, only: str) -> None:
+    """A method call on a remote object (issue 13), sequential, 64 B echoed, both placements:
+    sockstack.objects, Pyro5 (Daemon, proxy) and RPyC (ThreadedServer, netref), beside the C
+    echo (what no client can exceed: it bounds the ratios reachable on two cores)."""
+    for placement in (sc.SAME, sc.SPLIT):
+        _compare(run, OBJECTS_SCENARIO, OBJECTS, placement, budget, 64, only)
+
+
+def chain(run: Run, budget: sc.Budget, only: str) -> None:
+    """A 10-deep dependent chain (9 x child(), then incr()) over counters linked in advance:
+    sockstack pipelined (one round trip) and every system call by call, both placements. Each
+    row's calls are chains: calls/s is chains/s, the percentiles are one chain's latency."""
+    b = sc.Budget(max(100, budget.count // CHAIN_DEPTH), budget.cap, 0, 0, 0, budget.rounds)
+    for placement in (sc.SAME, sc.SPLIT):
+        _compare(run, CHAIN_SCENARIO, CHAIN, placement, b, 0, only)
 
 
 def seq_tls(run: Run, budget: sc.Budget, only: str) -> None:
@@ -420,6 +492,8 @@ SCENARIOS: dict[str, Callable[[Run, sc.Budget, str], None]] = {
     "payload": payloads,
     "memory": memory,
     "pubsub": pubsub,
+    "objects": objects,
+    "chain": chain,
 }
 
 

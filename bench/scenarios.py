@@ -11,6 +11,7 @@ virtual machines, so sequential scenarios run under both placements and report t
 from __future__ import annotations
 
 import asyncio
+import importlib
 import importlib.util
 import shutil
 import socket
@@ -364,6 +365,156 @@ def redis_client(port: int, payload: bytes) -> Sync:
     return (lambda: r.echo(payload)), r.close
 
 
+# ------------------------------------------------------------------------ remote objects
+# The peers serve a Counter (bench/peers.py): echo(x), incr(by=1), child() -> the next of
+# CHAIN_DEPTH counters linked in advance. A chain is CHAIN_DEPTH - 1 child() calls, each on the
+# result of the one before, then incr(): CHAIN_DEPTH dependent calls.
+
+
+def need_sockstack_objects(*names: str) -> None:
+    """Skip (with the reason) while ``sockstack.objects`` cannot be imported, or lacks a name
+    the row uses."""
+    try:
+        mod = importlib.import_module("sockstack.objects")
+    except ImportError as exc:
+        raise SkipSystem(f"sockstack.objects cannot be imported (issue 13): {exc}") from None
+    missing = [n for n in ("ObjectServer", "expose", "lookup", *names) if not hasattr(mod, n)]
+    if missing:
+        raise SkipSystem(f"sockstack.objects has no {', '.join(missing)}")
+
+
+def start_sockstack_objects(cpus: set[int], *names: str) -> Server:
+    need_sockstack_objects(*names)
+    return start_peer("sockstack-objects", cpus)
+
+
+def _pyro_counter(port: int) -> Any:
+    import Pyro5.api
+
+    counter = Pyro5.api.Proxy(f"PYRO:counter@127.0.0.1:{port}")
+    counter._pyroBind()
+    return counter
+
+
+def pyro_object_client(port: int, payload: bytes) -> Sync:
+    counter = _pyro_counter(port)
+    return (lambda: counter.echo(payload)), counter._pyroRelease
+
+
+def pyro_chain(port: int) -> Sync:
+    """The chain call by call with Pyro5 at its best. Each ``child()`` returns a new Proxy, and a
+    Pyro5 proxy owns a connection of its own (opened at its first call): a chain of fresh
+    proxies would open CHAIN_DEPTH - 1 connections. So the client keeps one connected proxy per
+    URI, as a careful Pyro5 user would, and each step costs one round trip, like the others."""
+    from bench.peers import CHAIN_DEPTH
+
+    counter = _pyro_counter(port)
+    bound: dict[str, Any] = {}
+
+    def chain() -> int:
+        c = counter
+        for _ in range(CHAIN_DEPTH - 1):
+            p = c.child()
+            c = bound.setdefault(str(p._pyroUri), p)
+        return int(c.incr())
+
+    def close() -> None:
+        for p in bound.values():
+            p._pyroRelease()
+        counter._pyroRelease()
+
+    return chain, close
+
+
+def _rpyc_counter(port: int) -> tuple[Any, Any]:
+    import rpyc  # type: ignore[import-untyped]
+    from rpyc.core.stream import SocketStream  # type: ignore[import-untyped]
+
+    # rpyc.connect with TCP_NODELAY (as the server sets it: bench/peers.py), the default config.
+    stream = SocketStream.connect("127.0.0.1", port, nodelay=True)
+    conn = rpyc.connect_stream(stream)
+    return conn, conn.root.counter
+
+
+def rpyc_object_client(port: int, payload: bytes) -> Sync:
+    """RPyC at its best: every attribute of a netref is fetched from the server (a GETATTR round
+    trip, then a DEL when the bound method's netref is dropped), so ``counter.echo(x)`` costs
+    two round trips. The method is bound once, as a careful user would: one CALL per call."""
+    conn, counter = _rpyc_counter(port)
+    echo = counter.echo
+    return (lambda: echo(payload)), conn.close
+
+
+def rpyc_chain(port: int) -> Sync:
+    """The chain call by call on one RPyC connection, RPyC at its best, one round trip a call.
+    Written plainly (``c = c.child()``), each step would cost a GETATTR and a CALL, plus a
+    HANDLE_INSPECT for a netref to an object the client held no netref to (RPyC caches netref
+    classes for classes, not instances) and DELs for the netrefs dropped. So the client keeps
+    each counter's netref and its bound ``child``/``incr`` (RPyC then hands back the netref it
+    holds, and sends nothing else)."""
+    from bench.peers import CHAIN_DEPTH
+
+    conn, counter = _rpyc_counter(port)
+    bound: dict[Any, tuple[Any, Any, Any]] = {}  # id_pack: (netref, its child, its incr)
+
+    def methods(c: Any) -> tuple[Any, Any, Any]:
+        key = c.____id_pack__  # a local attribute of the netref: no request
+        got = bound.get(key)
+        if got is None:
+            got = bound[key] = (c, c.child, c.incr)
+        return got
+
+    def chain() -> int:
+        c = counter
+        for _ in range(CHAIN_DEPTH - 1):
+            c = methods(c)[1]()
+        return int(methods(c)[2]())
+
+    return chain, conn.close
+
+
+def _objects() -> Any:
+    """``sockstack.objects`` typed as Any: the bench is written against issue 13's API before it
+    lands (the rows skip while it cannot be imported)."""
+    return importlib.import_module("sockstack.objects")
+
+
+def _sockstack_counter(port: int) -> Any:
+    return _objects().lookup(f"tcp://127.0.0.1:{port}/counter", timeout=10)
+
+
+def sockstack_object_client(port: int, payload: bytes) -> Sync:
+    counter = _sockstack_counter(port)
+    return (lambda: counter.echo(payload)), counter.close
+
+
+def sockstack_chain(port: int, pipelined: bool) -> Sync:
+    """``counter.child().child()...child().incr()``: ``child()`` returns a promise at once, so
+    the pipelined chain is the expression itself (one round trip); one by one, each step is
+    forced with ``sockstack.objects.resolve`` before the next call is made."""
+    from bench.peers import CHAIN_DEPTH
+
+    counter = _sockstack_counter(port)
+    if pipelined:
+
+        def chain() -> int:
+            c = counter
+            for _ in range(CHAIN_DEPTH - 1):
+                c = c.child()
+            return int(c.incr())
+
+    else:
+        resolve = _objects().resolve
+
+        def chain() -> int:
+            c = counter
+            for _ in range(CHAIN_DEPTH - 1):
+                c = resolve(c.child())
+            return int(c.incr())
+
+    return chain, counter.close
+
+
 # Async clients: (setup -> async call, async close), timed inside one event loop.
 Async = tuple[Callable[[], Awaitable[object]], Callable[[], Awaitable[None]]]
 
@@ -419,12 +570,13 @@ def measure_sync(
     make: Callable[[], Sync],
     budget: Budget,
     payload: int,
+    warmup: int = 200,
 ) -> Result:
     pin(placement[2])
     call, close = make()
     try:
         cpu0, scpu0 = time.process_time(), server.cpu_seconds()
-        lat, seconds = timed_loop(call, budget.count, budget.cap)
+        lat, seconds = timed_loop(call, budget.count, budget.cap, warmup)
         cpu = time.process_time() - cpu0 + server.cpu_seconds() - scpu0
     finally:
         close()
