@@ -485,7 +485,7 @@ def _sockstack_counter(port: int) -> Any:
 
 def sockstack_object_client(port: int, payload: bytes) -> Sync:
     counter = _sockstack_counter(port)
-    return (lambda: counter.echo(payload)), counter.close
+    return (lambda: counter.echo(payload)), (lambda: _objects().close(counter))
 
 
 def sockstack_chain(port: int, pipelined: bool) -> Sync:
@@ -512,7 +512,7 @@ def sockstack_chain(port: int, pipelined: bool) -> Sync:
                 c = resolve(c.child())
             return int(c.incr())
 
-    return chain, counter.close
+    return chain, (lambda: _objects().close(counter))
 
 
 # Async clients: (setup -> async call, async close), timed inside one event loop.
