@@ -257,7 +257,7 @@ def _ref_default(to_ref: ToRef | None, value: Any) -> Any:
     or what ``to_ref`` maps to one, as ext 2; anything else as the codecs pack it."""
     if type(value) is Ref:
         return msgpack.ExtType(EXT_REF, encode_ref(value))
-    if to_ref is not None:
+    if to_ref is not None and not isinstance(value, int):  # an int here is beyond 64 bits
         ref = to_ref(value)
         if ref is not None:
             return msgpack.ExtType(EXT_REF, encode_ref(ref))
