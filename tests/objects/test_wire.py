@@ -48,6 +48,7 @@ from sockstack.objects.messages import (
     encode_return_error,
     encode_target,
 )
+from sockstack.objects.messages import _fast_call as fast_call
 from sockstack.objects.refs import (
     EXT_REF,
     FORM_HOME,
@@ -882,3 +883,79 @@ def test_calls_round_trip(target: Target, ref: Ref, method: str) -> None:
     call = decode(encode_call(7, target, method, [ref, {"k": [ref]}]))
     assert (call.target, call.method, call.args) == (target, method, [ref, {"k": [ref]}])
     assert call.has_refs
+
+
+def _fast_or_none(wire: bytes) -> Any:
+    frame = frame_of(wire)
+    meta = 16
+    return fast_call(
+        wire, meta, meta + len(frame.meta), len(wire), frame.flags, frame.codec, frame.request_id
+    )
+
+
+def _general(wire: bytes) -> Any:
+    try:
+        return decode(wire)
+    except RemoteProtocolError as exc:
+        return exc
+
+
+VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.text(max_size=8)
+    | st.binary(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    TARGET_ST,
+    st.text(max_size=12),
+    st.lists(VALUES, max_size=4),
+    st.integers(0, 255),
+    st.none() | st.integers(0, 2**32 - 1),
+    st.integers(0, 3),
+)
+def test_the_fast_call_decoder_agrees_with_the_general_one(
+    target: Target, method: str, args: list[Any], flags: int, budget: int | None, rid: int
+) -> None:
+    """The fast decoder (whole frames in the receive buffer) gives the general decoder's Call
+    (its size included), or None; it never accepts what the general one refuses."""
+    meta = encode_target(target) + method.encode("utf-8", "surrogatepass")
+    if budget is not None:
+        meta += budget.to_bytes(4, "big")
+        flags |= FLAG_DEADLINE
+    else:
+        flags &= ~FLAG_DEADLINE
+    wire = raw_frame(ObjectsType.CALL, rid, meta, msgpack.packb(args), flags)
+    fast = _fast_or_none(wire)
+    general = _general(wire)
+    if fast is not None:
+        assert fast == general and fast.size == general.size
+    if type(target) is not AnswerTarget or not target.path:
+        if rid and not flags & ~(FLAG_DEADLINE | FLAG_KEEP) and type(general) is Call:
+            assert fast is not None  # the common case does take the fast path
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    st.integers(0, 255),
+    st.integers(0, 3),
+    st.integers(0, 2),
+    st.binary(max_size=60),
+    _structured_body(),
+)
+def test_the_fast_call_decoder_on_random_bytes_is_none_or_the_general_answer(
+    flags: int, codec: int, rid: int, meta: bytes, body: bytes
+) -> None:
+    wire = raw_frame(ObjectsType.CALL, rid, meta, body, flags, codec)
+    fast = _fast_or_none(wire)
+    if fast is not None:
+        general = _general(wire)
+        assert fast == general and fast.size == general.size

@@ -51,7 +51,7 @@ from sockstack.objects.refs import (
     pack,
     unpack,
 )
-from sockstack.protocol.codecs import CODECS, MSGPACK, Codec
+from sockstack.protocol.codecs import CODECS, MAX_CONTAINER, MSGPACK, Codec, refuse_ext
 from sockstack.protocol.events import Metadata, PatternMessage, Role, message
 from sockstack.protocol.frames import DEFAULT_MAX_META, Frame, MessageType, pack_header
 from sockstack.protocol.messages import decode_metadata, encode_metadata
@@ -626,6 +626,71 @@ def _decode_call(f: Frame) -> Call:
     )
 
 
+_FAST_CALL_FLAGS = FLAG_DEADLINE | FLAG_KEEP
+_unpackb = msgpack.unpackb
+
+
+def _fast_call(
+    data: bytes, meta: int, body: int, end: int, flags: int, codec: int, rid: int
+) -> Call | None:
+    """The common CALL straight from the receive buffer: msgpack positional arguments without
+    references, target OBJECT, NAME or ANSWER without steps, flags DEADLINE and KEEP at most.
+    None for anything else (the general path decodes it, and reports the exact error)."""
+    if codec != 1 or not rid or flags & ~_FAST_CALL_FLAGS or meta >= body:
+        return None
+    if flags & FLAG_DEADLINE:
+        stop = body - 4
+        if stop <= meta:
+            return None
+        budget: int | None = _U32.unpack_from(data, stop)[0]
+    else:
+        stop, budget = body, None
+    kind = data[meta]
+    target: Target
+    if kind == TARGET_OBJECT:
+        pos = meta + 1 + ID_SIZE
+        if pos > stop:
+            return None
+        target = ObjectTarget(bytes(data[meta + 1 : pos]))
+    elif kind == TARGET_NAME:
+        if meta + 1 >= stop:
+            return None
+        pos = meta + 2 + data[meta + 1]
+        if pos > stop or pos == meta + 2:
+            return None
+        try:
+            target = NameTarget(str(data[meta + 2 : pos], "utf-8"))
+        except UnicodeDecodeError:
+            return None
+    elif kind == TARGET_ANSWER:
+        pos = meta + 6
+        if pos > stop or data[meta + 5]:
+            return None
+        question: int = _U32.unpack_from(data, meta + 1)[0]
+        if not question:
+            return None
+        target = AnswerTarget(question)
+    else:
+        return None
+    try:
+        method = str(data[pos:stop], "utf-8")
+        args = _unpackb(
+            data[body:end],
+            raw=False,
+            strict_map_key=False,
+            ext_hook=refuse_ext,  # a reference: the general path
+            timestamp=3,
+            max_array_len=MAX_CONTAINER,
+            max_map_len=MAX_CONTAINER,
+        )
+    except Exception:
+        return None
+    if type(args) is not list:
+        return None
+    keep = bool(flags & FLAG_KEEP)
+    return Call(rid, target, method, args, {}, 1, budget, None, False, keep, False, end - meta)
+
+
 def _failed(rid: int, code: int, message: str, codec: int) -> Return:
     return Return(rid, False, None, code, ErrorCode(code).name, message, codec)
 
@@ -739,7 +804,7 @@ OBJECTS_MESSAGES = MessageSet(
     0x20,
     0x2F,
     (
-        MessageSpec(ObjectsType.CALL, "CALL", _decode_call, BOTH, cls=Call),
+        MessageSpec(ObjectsType.CALL, "CALL", _decode_call, BOTH, _fast_call, Call),
         MessageSpec(ObjectsType.RETURN, "RETURN", _decode_return, _CLIENT, cls=Return),
         MessageSpec(ObjectsType.RELEASE, "RELEASE", _decode_release, BOTH, cls=Release),
         MessageSpec(ObjectsType.RENEW, "RENEW", _decode_renew, _CLIENT, cls=Renew),
