@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib.util
+import subprocess
+import sys
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -75,6 +79,7 @@ from sockstack.protocol.messages import (
 )
 from sockstack.protocol.registry import Registry
 from sockstack.pubsub.messages import PUBSUB_MESSAGES
+from tests.conftest import timeout
 
 REGISTRY = Registry([CORE_MESSAGES, PUBSUB_MESSAGES, OBJECTS_MESSAGES])
 ID_A = bytes.fromhex("5e0f3c2a9b8d7e6f1029384756aabbcc")
@@ -959,3 +964,22 @@ def test_the_fast_call_decoder_on_random_bytes_is_none_or_the_general_answer(
     if fast is not None:
         general = _general(wire)
         assert fast == general and fast.size == general.size
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("atheris") is None,
+    reason="atheris is not installed (it has wheels for Linux only; `make test` installs it there)",
+)
+def test_fuzz_target_smoke_run(tmp_path: Path) -> None:
+    """fuzz/fuzz_objects.py, briefly (5,000 inputs): it runs, and finds nothing."""
+    target = Path(__file__).resolve().parents[2] / "fuzz" / "fuzz_objects.py"
+    out = subprocess.run(
+        [sys.executable, str(target), "-runs=5000", "-max_len=512"],
+        cwd=tmp_path,  # crash files, if any, land here
+        capture_output=True,
+        text=True,
+        timeout=timeout(120),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Done 5000 runs" in out.stderr
+    assert not list(tmp_path.glob("crash-*"))
