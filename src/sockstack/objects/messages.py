@@ -15,6 +15,10 @@ sessions' registry.
 Flags: CALL 0x01 KWARGS, 0x02 ONEWAY, 0x04 DEADLINE, 0x08 METADATA, 0x40 KEEP; RETURN 0x02
 FAILED; RELEASE 0x01 END. Other bits are ignored (PROTOCOL.md §2).
 
+CALL has a fast decoder (``_fast_call``, registered on the MessageSpec): the common CALL is
+read straight from the receive buffer, as the core reads REQUEST; anything else (keywords,
+metadata, references, paths) takes the general decoder.
+
 A client's CALL is answered with core RESPONSE or ERROR (its RESPONSE may hold references:
 :func:`encode_response_with_refs`, :func:`decode_response_refs`); a server's CALL with RETURN.
 ONEWAY CALLs, RELEASE, RENEW and ABORT are never answered.
@@ -529,7 +533,8 @@ def encode_response_with_refs(
 def decode_response_refs(source: Frame | bytes | bytearray | memoryview) -> tuple[Any, bool]:
     """``(result, any_reference_seen)`` of a RESPONSE frame, or of a RESPONSE body in msgpack,
     on a session where references may come (one that attached objects, §4.5). A frame in
-    another codec (JSON) decodes as usual (it holds no reference). Raises
+    another codec (JSON) decodes as usual (it holds no reference). Trailers (flag METADATA) stay
+    in the frame's meta: :func:`~sockstack.protocol.messages.split_meta` reads them. Raises
     :class:`RemoteProtocolError` (DECODE_ERROR, UNSUPPORTED_CODEC) for bad input."""
     if isinstance(source, Frame):
         if source.type != _RESPONSE:
