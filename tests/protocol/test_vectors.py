@@ -24,7 +24,32 @@ from typing import Any
 
 import pytest
 
-from sockstack.errors import ErrorCode
+from sockstack.errors import ErrorCode, RemoteProtocolError
+from sockstack.objects.messages import FLAG_END as FLAG_RELEASE_END
+from sockstack.objects.messages import (
+    FLAG_FAILED,
+    FLAG_KEEP,
+    FLAG_ONEWAY,
+    OBJECTS_MESSAGES,
+    Abort,
+    AnswerTarget,
+    Call,
+    NameTarget,
+    ObjectTarget,
+    Release,
+    Renew,
+    Return,
+    Target,
+    decode_response_refs,
+    encode_abort,
+    encode_call,
+    encode_release,
+    encode_renew,
+    encode_response_with_refs,
+    encode_return,
+    encode_return_error,
+)
+from sockstack.objects.refs import FORM_HOME, FORM_PROMISE, FORM_SENDER, FORM_THIRD, Ref
 from sockstack.protocol.auth import (
     FLAG_AUTH,
     KEY_LABEL,
@@ -36,7 +61,7 @@ from sockstack.protocol.auth import (
     trailer_of,
 )
 from sockstack.protocol.codecs import CODECS
-from sockstack.protocol.frames import Frame, FrameDecoder, parse_datagram
+from sockstack.protocol.frames import Frame, FrameDecoder, MessageType, parse_datagram
 from sockstack.protocol.messages import (
     CORE_MESSAGES,
     FLAG_DEADLINE,
@@ -69,6 +94,7 @@ from sockstack.protocol.messages import (
     encode_request,
     encode_response,
     encode_welcome,
+    split_meta,
 )
 from sockstack.protocol.registry import Registry
 from sockstack.pubsub.messages import (
@@ -87,7 +113,7 @@ from sockstack.pubsub.messages import (
     encode_unsub,
 )
 
-REGISTRY = Registry([CORE_MESSAGES, PUBSUB_MESSAGES])
+REGISTRY = Registry([CORE_MESSAGES, PUBSUB_MESSAGES, OBJECTS_MESSAGES])
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "PROTOCOL.md"
@@ -131,13 +157,49 @@ def kit() -> dict[str, dict[str, Any]]:
 
 # --------------------------------------------------------------------------- JSON values
 
-# In "fields", a byte string is {"$bin": "<hex>"}; every other value is plain JSON.
+# In "fields", a byte string is {"$bin": "<hex>"}, a reference (msgpack ext 2, PROTOCOL.md §4.5)
+# {"$ref": {"form": n, ...its elements by name}}; every other value is plain JSON.
+
+_REF_KEYS = {
+    FORM_SENDER: ("id", "iface"),
+    FORM_HOME: ("id", "name"),
+    FORM_PROMISE: ("question", "path"),
+    FORM_THIRD: ("url", "token", "iface"),
+}
+
+
+def _ref_of(obj: dict[str, Any]) -> Ref:
+    fields = {k: from_json(v) for k, v in obj.items() if k != "form"}
+    if "path" in fields:
+        fields["path"] = tuple(fields["path"])
+    return Ref(obj["form"], **fields)
+
+
+def _ref_json(ref: Ref) -> dict[str, Any]:
+    out: dict[str, Any] = {"form": ref.form}
+    for key in _REF_KEYS[ref.form]:
+        value = getattr(ref, key)
+        if value is not None:
+            out[key] = to_json(value)
+    return {"$ref": out}
+
+
+def has_ref(value: Any) -> bool:
+    if type(value) is Ref:
+        return True
+    if isinstance(value, dict):
+        return any(has_ref(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(has_ref(v) for v in value)
+    return False
 
 
 def from_json(value: Any) -> Any:
     if isinstance(value, dict):
         if set(value) == {"$bin"}:
             return bytes.fromhex(value["$bin"])
+        if set(value) == {"$ref"}:
+            return _ref_of(value["$ref"])
         return {k: from_json(v) for k, v in value.items()}
     if isinstance(value, list):
         return [from_json(v) for v in value]
@@ -147,6 +209,8 @@ def from_json(value: Any) -> Any:
 def to_json(value: Any) -> Any:
     if isinstance(value, bytes | bytearray | memoryview):
         return {"$bin": bytes(value).hex()}
+    if type(value) is Ref:
+        return _ref_json(value)
     if isinstance(value, dict):
         return {k: to_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -175,6 +239,15 @@ FLAG_NAMES: dict[str, dict[int, str]] = {
     "RESPONSE": {FLAG_METADATA: "METADATA"},
     "ERROR": {FLAG_METADATA: "METADATA"},
     "PUB": {FLAG_RETAIN: "RETAIN"},
+    "CALL": {
+        FLAG_KWARGS: "KWARGS",
+        FLAG_ONEWAY: "ONEWAY",
+        FLAG_DEADLINE: "DEADLINE",
+        FLAG_METADATA: "METADATA",
+        FLAG_KEEP: "KEEP",
+    },
+    "RETURN": {FLAG_FAILED: "FAILED"},
+    "RELEASE": {FLAG_RELEASE_END: "END"},
     "MSG": {FLAG_RETAIN: "RETAINED", FLAG_REDELIVERED: "REDELIVERED"},
 }
 
@@ -220,6 +293,40 @@ def _optional(**fields: Any) -> dict[str, Any]:
     """The fields a flag brings (DEADLINE: ``budget_ms``, METADATA: ``metadata``), present only
     when the flag is set."""
     return {k: v for k, v in fields.items() if v is not None}
+
+
+def target_json(target: Target) -> dict[str, Any]:
+    if type(target) is ObjectTarget:
+        return {"kind": "object", "id": to_json(target.id)}
+    if type(target) is NameTarget:
+        return {"kind": "name", "name": target.name}
+    assert type(target) is AnswerTarget
+    return {"kind": "answer", "question": target.question, "path": list(target.path)}
+
+
+def target_of(obj: dict[str, Any]) -> Target:
+    if obj["kind"] == "object":
+        return ObjectTarget(from_json(obj["id"]))
+    if obj["kind"] == "name":
+        return NameTarget(obj["name"])
+    return AnswerTarget(obj["question"], tuple(obj["path"]))
+
+
+def _encode_response(m: Response) -> bytes:
+    """RESPONSE bytes; one whose result holds a reference is an objects session's (§4.5)."""
+    if has_ref(m.result):
+        return encode_response_with_refs(m.request_id, m.result, to_ref=None, metadata=m.metadata)
+    return encode_response(m.request_id, m.result, CODECS[m.codec], metadata=m.metadata)
+
+
+def read(frame: Frame, refs: bool = False) -> Any:
+    """The message of a frame, as a session decodes it; ``refs``: a RESPONSE on a session that
+    attached objects (§4.5), whose body may hold references (ext 2)."""
+    if refs and frame.type == MessageType.RESPONSE:
+        value, _ = decode_response_refs(frame)
+        metadata = split_meta(frame.meta, frame.flags, "RESPONSE")[1] if frame.meta else None
+        return Response(frame.request_id, value, frame.codec, metadata)
+    return decode_message(frame, REGISTRY)
 
 
 def _code_name(code: int) -> str:
@@ -288,7 +395,7 @@ TYPES: dict[str, TypeCodec] = {
     ),
     "RESPONSE": TypeCodec(
         lambda h, f: Response(h["request_id"], f["result"], h["codec"], f.get("metadata")),
-        lambda m, h: encode_response(m.request_id, m.result, CODECS[m.codec], metadata=m.metadata),
+        lambda m, h: _encode_response(m),
         lambda m, fr: {"result": m.result, **_optional(metadata=m.metadata)},
     ),
     "ERROR": TypeCodec(
@@ -394,6 +501,80 @@ TYPES: dict[str, TypeCodec] = {
         lambda m, h: _with_codec(encode_ack, h["codec"], m.delivery_id),
         lambda m, fr: {"delivery": m.delivery_id},
     ),
+    "CALL": TypeCodec(
+        lambda h, f: Call(
+            h["request_id"],
+            target_of(f["target"]),
+            f["method"],
+            f["args"],
+            f["kwargs"],
+            h["codec"],
+            f.get("budget_ms"),
+            f.get("metadata"),
+            bool(h["flags"] & FLAG_ONEWAY),
+            bool(h["flags"] & FLAG_KEEP),
+            has_ref(f["args"]) or has_ref(f["kwargs"]),
+        ),
+        lambda m, h: encode_call(
+            m.request_id,
+            m.target,
+            m.method,
+            m.args,
+            m.kwargs or None,
+            CODECS[m.codec],
+            budget_ms=m.budget_ms,
+            metadata=m.metadata,
+            oneway=m.oneway,
+            keep=m.keep,
+        ),
+        lambda m, fr: {
+            "target": target_json(m.target),
+            "method": m.method,
+            "args": m.args,
+            "kwargs": m.kwargs,
+            **_optional(budget_ms=m.budget_ms, metadata=m.metadata),
+        },
+    ),
+    "RETURN": TypeCodec(
+        lambda h, f: (
+            Return(h["request_id"], False, None, f["code"], f["error_type"], f["message"], 0)
+            if h["flags"] & FLAG_FAILED
+            else Return(h["request_id"], True, f["result"], has_refs=has_ref(f["result"]))
+        ),
+        lambda m, h: (
+            encode_return(m.request_id, m.result)
+            if m.ok
+            else encode_return_error(m.request_id, m.code, m.type, m.message)
+        ),
+        lambda m, fr: (
+            {"result": m.result}
+            if m.ok
+            else {
+                "code": m.code,
+                "code_name": _code_name(m.code),
+                "error_type": m.type,
+                "message": m.message,
+            }
+        ),
+    ),
+    "RELEASE": TypeCodec(
+        lambda h, f: Release(
+            tuple((r["id"], r["count"]) for r in f["releases"]),
+            tuple(f["finished"]),
+            bool(h["flags"] & FLAG_RELEASE_END),
+        ),
+        lambda m, h: encode_release(m.releases, m.finished, m.end),
+        lambda m, fr: {
+            "releases": [{"id": oid, "count": n} for oid, n in m.releases],
+            "finished": list(m.finished),
+        },
+    ),
+    "RENEW": TypeCodec(lambda h, f: Renew(), lambda m, h: encode_renew(), lambda m, fr: {}),
+    "ABORT": TypeCodec(
+        lambda h, f: Abort(h["request_id"]),
+        lambda m, h: encode_abort(m.request_id),
+        lambda m, fr: {},
+    ),
 }
 
 
@@ -437,7 +618,10 @@ def inner_frame(entry: dict[str, Any]) -> bytes:
 def decode_entry(name: str, wire: bytes) -> dict[str, Any]:
     """What this implementation reads in ``wire``: an entry without seal data."""
     frame = parse_datagram(wire, 1 << 20)
-    msg = decode_message(frame, REGISTRY)
+    try:
+        msg = read(frame)
+    except RemoteProtocolError:  # a RESPONSE with references: an objects session's (§4.5)
+        msg = read(frame, refs=True)
     spec = REGISTRY.specs[frame.type]
     return {
         "name": name,
@@ -524,8 +708,14 @@ def test_decoding_the_bytes_gives_the_fields(name: str) -> None:
     byte_by_byte = FrameDecoder()
     trickled = [f for i in range(len(wire)) for f in byte_by_byte.feed(wire[i : i + 1])]
     assert trickled == [streamed]
+    refs = has_ref(fields)
     for frame in (streamed, parse_datagram(wire, 1 << 20)):
-        msg = decode_message(frame, REGISTRY)
+        if refs and frame.type == MessageType.RESPONSE:
+            # §3.1: ext 2 is accepted in a RESPONSE only on a session that attached objects
+            with pytest.raises(RemoteProtocolError) as info:
+                decode_message(frame, REGISTRY)
+            assert info.value.code == ErrorCode.DECODE_ERROR
+        msg = read(frame, refs)
         assert header_of(frame) == header
         assert _same(codec.fields(msg, frame), fields), (codec.fields(msg, frame), fields)
         assert msg == codec.build(header, fields)

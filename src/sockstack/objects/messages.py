@@ -15,6 +15,10 @@ sessions' registry.
 Flags: CALL 0x01 KWARGS, 0x02 ONEWAY, 0x04 DEADLINE, 0x08 METADATA, 0x40 KEEP; RETURN 0x02
 FAILED; RELEASE 0x01 END. Other bits are ignored (PROTOCOL.md §2).
 
+CALL has a fast decoder (``_fast_call``, registered on the MessageSpec): the common CALL is
+read straight from the receive buffer, as the core reads REQUEST; anything else (keywords,
+metadata, references, paths) takes the general decoder.
+
 A client's CALL is answered with core RESPONSE or ERROR (its RESPONSE may hold references:
 :func:`encode_response_with_refs`, :func:`decode_response_refs`); a server's CALL with RETURN.
 ONEWAY CALLs, RELEASE, RENEW and ABORT are never answered.
@@ -51,7 +55,7 @@ from sockstack.objects.refs import (
     pack,
     unpack,
 )
-from sockstack.protocol.codecs import CODECS, MSGPACK, Codec
+from sockstack.protocol.codecs import CODECS, MAX_CONTAINER, MSGPACK, Codec, refuse_ext
 from sockstack.protocol.events import Metadata, PatternMessage, Role, message
 from sockstack.protocol.frames import DEFAULT_MAX_META, Frame, MessageType, pack_header
 from sockstack.protocol.messages import decode_metadata, encode_metadata
@@ -529,7 +533,8 @@ def encode_response_with_refs(
 def decode_response_refs(source: Frame | bytes | bytearray | memoryview) -> tuple[Any, bool]:
     """``(result, any_reference_seen)`` of a RESPONSE frame, or of a RESPONSE body in msgpack,
     on a session where references may come (one that attached objects, §4.5). A frame in
-    another codec (JSON) decodes as usual (it holds no reference). Raises
+    another codec (JSON) decodes as usual (it holds no reference). Trailers (flag METADATA) stay
+    in the frame's meta: :func:`~sockstack.protocol.messages.split_meta` reads them. Raises
     :class:`RemoteProtocolError` (DECODE_ERROR, UNSUPPORTED_CODEC) for bad input."""
     if isinstance(source, Frame):
         if source.type != _RESPONSE:
@@ -624,6 +629,91 @@ def _decode_call(f: Frame) -> Call:
     return Call(
         rid, target, method, args, kwargs, 1, budget, metadata, oneway, keep, has_refs, size
     )
+
+
+_unpackb = msgpack.unpackb
+_u32_from = _U32.unpack_from
+_OBJECT_TARGETS: dict[bytes, ObjectTarget] = {}
+"""The OBJECT targets the fast decoder built lately, by id: a server's calls name the same few
+objects again and again, and a frozen dataclass costs ~3x a dict lookup to build. Bounded:
+cleared at 4,096 entries."""
+
+
+def _fast_call(
+    data: bytes,
+    meta: int,
+    body: int,
+    end: int,
+    flags: int,
+    codec: int,
+    rid: int,
+    *,
+    _targets: dict[bytes, ObjectTarget] = _OBJECT_TARGETS,
+    _call: type[Call] = Call,
+    _maxc: int = MAX_CONTAINER,
+) -> Call | None:
+    """The common CALL straight from the receive buffer: msgpack positional arguments without
+    references, target OBJECT, NAME or ANSWER without steps, flags DEADLINE and KEEP at most.
+    None for anything else (the general path decodes it, and reports the exact error)."""
+    # (literals and keyword defaults rather than module globals: this runs once per call)
+    if codec != 1 or not rid or flags & 0xBB or meta >= body:  # flags other than 0x04, 0x40
+        return None
+    if flags & 0x04:  # DEADLINE
+        stop = body - 4
+        if stop <= meta:
+            return None
+        budget: int | None = _u32_from(data, stop)[0]
+    else:
+        stop, budget = body, None
+    kind = data[meta]
+    target: Target | None
+    if kind == 1:  # OBJECT
+        pos = meta + 17
+        if pos > stop:
+            return None
+        oid = bytes(data[meta + 1 : pos])
+        target = _targets.get(oid)
+        if target is None:
+            if len(_targets) >= 4096:
+                _targets.clear()
+            target = _targets[oid] = ObjectTarget(oid)
+    elif kind == 3:  # NAME
+        if meta + 1 >= stop:
+            return None
+        pos = meta + 2 + data[meta + 1]
+        if pos > stop or pos == meta + 2:
+            return None
+        try:
+            target = NameTarget(str(data[meta + 2 : pos], "utf-8"))
+        except UnicodeDecodeError:
+            return None
+    elif kind == 2:  # ANSWER, without steps
+        pos = meta + 6
+        if pos > stop or data[meta + 5]:
+            return None
+        question: int = _u32_from(data, meta + 1)[0]
+        if not question:
+            return None
+        target = AnswerTarget(question)
+    else:
+        return None
+    try:
+        method = str(data[pos:stop], "utf-8")
+        args = _unpackb(
+            data[body:end],
+            raw=False,
+            strict_map_key=False,
+            ext_hook=refuse_ext,  # a reference: the general path
+            timestamp=3,
+            max_array_len=_maxc,
+            max_map_len=_maxc,
+        )
+    except Exception:
+        return None
+    if type(args) is not list:
+        return None
+    keep = flags > 0x3F  # KEEP (0x40): the only flag above DEADLINE left here
+    return _call(rid, target, method, args, {}, 1, budget, None, False, keep, False, end - meta)
 
 
 def _failed(rid: int, code: int, message: str, codec: int) -> Return:
@@ -739,7 +829,7 @@ OBJECTS_MESSAGES = MessageSet(
     0x20,
     0x2F,
     (
-        MessageSpec(ObjectsType.CALL, "CALL", _decode_call, BOTH, cls=Call),
+        MessageSpec(ObjectsType.CALL, "CALL", _decode_call, BOTH, _fast_call, Call),
         MessageSpec(ObjectsType.RETURN, "RETURN", _decode_return, _CLIENT, cls=Return),
         MessageSpec(ObjectsType.RELEASE, "RELEASE", _decode_release, BOTH, cls=Release),
         MessageSpec(ObjectsType.RENEW, "RENEW", _decode_renew, _CLIENT, cls=Renew),

@@ -243,35 +243,38 @@ def decode_ref(payload: bytes) -> Ref:
 # --------------------------------------------------------------------------- bodies
 
 
-class _Local(threading.local):
-    packer: Any = None
-    to_ref: ToRef | None = None
-    busy: bool = False
-
-
-_local = _Local()
-
-
 def _ref_default(to_ref: ToRef | None, value: Any) -> Any:
     """msgpack ``default`` (called only for what msgpack cannot pack itself): a :class:`Ref`,
     or what ``to_ref`` maps to one, as ext 2; anything else as the codecs pack it."""
     if type(value) is Ref:
         return msgpack.ExtType(EXT_REF, encode_ref(value))
-    if to_ref is not None:
+    if to_ref is not None and not isinstance(value, int):  # an int here is beyond 64 bits
         ref = to_ref(value)
         if ref is not None:
             return msgpack.ExtType(EXT_REF, encode_ref(ref))
     return _typed_default(value)
 
 
-def _local_default(value: Any) -> Any:
-    return _ref_default(_local.to_ref, value)
-
-
 def _new_packer(default: Callable[[Any], Any]) -> Any:
     return msgpack.Packer(use_bin_type=True, autoreset=True, buf_size=_PACK_BUF, default=default)
 
 
+class _Packing:
+    """One thread's Packer, and the ``to_ref`` of the pack it is doing (its ``default`` reads
+    it): a plain object, so that a pack costs one thread-local lookup."""
+
+    __slots__ = ("busy", "packer", "to_ref")
+
+    def __init__(self) -> None:
+        self.packer: Any = _new_packer(self.default)
+        self.to_ref: ToRef | None = None
+        self.busy = False
+
+    def default(self, value: Any) -> Any:
+        return _ref_default(self.to_ref, value)
+
+
+_local = threading.local()
 _ENCODE_ERRORS = (TypeError, ValueError, OverflowError, msgspec.MsgspecError)
 
 
@@ -282,33 +285,32 @@ def pack(value: Any, to_ref: ToRef | None = None) -> bytes:
     ``to_ref`` is asked only about values msgpack cannot pack itself (never about ints, text,
     bytes, lists, maps...). Thread-safe: one Packer per thread. Raises :class:`CodecError` when
     a value does not encode; an exception ``to_ref`` raises propagates as it is."""
-    loc = _local
-    if loc.busy:  # to_ref packs something itself: the thread's packer is in use
-        packer = _new_packer(functools.partial(_ref_default, to_ref))
-        return _run(packer, value, None)
-    packer = loc.packer
-    if packer is None:
-        packer = loc.packer = _new_packer(_local_default)
-    loc.busy = True
-    loc.to_ref = to_ref
     try:
-        return _run(packer, value, loc)
+        st: _Packing = _local.packing
+    except AttributeError:
+        st = _local.packing = _Packing()
+    if st.busy:  # to_ref packs something itself: the thread's packer is in use
+        return _run(_new_packer(functools.partial(_ref_default, to_ref)), value, None)
+    st.busy = True
+    st.to_ref = to_ref
+    try:
+        return _run(st.packer, value, st)
     finally:
-        loc.busy = False
-        loc.to_ref = None
+        st.busy = False
+        st.to_ref = None
 
 
-def _run(packer: Any, value: Any, loc: _Local | None) -> bytes:
+def _run(packer: Any, value: Any, st: _Packing | None) -> bytes:
     try:
         out: bytes = packer.pack(value)
         return out
     except _ENCODE_ERRORS as exc:
-        if loc is not None:
-            loc.packer = None  # a clean one next time
+        if st is not None:
+            st.packer = _new_packer(st.default)  # a clean one
         raise CodecError(f"msgpack cannot encode this value: {exc}") from None
     except BaseException:
-        if loc is not None:
-            loc.packer = None
+        if st is not None:
+            st.packer = _new_packer(st.default)
         raise
 
 
