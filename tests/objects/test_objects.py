@@ -17,8 +17,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from tests.conftest import timeout
-from tests.helpers.faultproxy import TCPFaultProxy
 
 from sockstack import CallTimeout, RemoteError, ServiceError
 from sockstack.errors import ErrorCode, SessionExpired
@@ -28,13 +26,17 @@ from sockstack.objects import (
     AsyncProxy,
     ObjectClient,
     ObjectServer,
+    Promise,
     Proxy,
     alookup,
     expose,
     lookup,
     release,
+    resolve,
 )
-from sockstack.objects.messages import ObjectTarget
+from sockstack.objects.messages import AnswerTarget, ObjectTarget
+from tests.conftest import timeout
+from tests.helpers.faultproxy import TCPFaultProxy
 
 
 @expose
@@ -67,6 +69,14 @@ class Counter:
     def fail(self) -> None:
         raise ServiceError("failed on purpose")
 
+    def bad_child(self) -> Counter:
+        raise ServiceError("no child today")
+
+    def gated_child(self, key: str) -> Counter:
+        """Blocks a worker until the test opens the gate ``key`` (bounded)."""
+        GATES.setdefault(key, threading.Event()).wait(timeout(20))
+        return self.keep()
+
     async def slow(self, seconds: float) -> str:
         await asyncio.sleep(seconds)
         return "done"
@@ -77,6 +87,9 @@ class Counter:
 
     def _hidden(self) -> str:
         return "never called"
+
+
+GATES: dict[str, threading.Event] = {}
 
 
 @expose(instance="percall")
@@ -190,8 +203,8 @@ def test_a_returned_object_crosses_as_a_reference(served: Served) -> None:
         assert isinstance(c2, Proxy)
         assert c2.incr() == 1 and c2.incr(2) == 3
         assert counter.incr() == 1  # another object
-        first = counter.keep()
-        assert counter.keep() is first  # one proxy per remote object
+        first = resolve(counter.keep())
+        assert resolve(counter.keep()) is first  # one proxy per remote object
         assert counter.same(first) is True  # passed back: the original object on its server
         got = counter.pair()
         assert isinstance(got[0], Proxy) and isinstance(got[1]["k"], Proxy) and got[2] == 3
@@ -217,7 +230,7 @@ def test_object_ids_are_random_and_scoped_to_their_session(served: Served) -> No
         ObjectClient(served.url, timeout=timeout(10)) as a,
         ObjectClient(served.url, timeout=timeout(10)) as b,
     ):
-        children = [a.lookup("counter").child() for _ in range(200)]
+        children = [resolve(a.lookup("counter").child()) for _ in range(200)]
         ids = {c._id for c in children}
         assert len(ids) == 200 and all(i is not None and len(i) == 16 for i in ids)
         key = children[0]._id
@@ -231,14 +244,14 @@ def test_object_ids_are_random_and_scoped_to_their_session(served: Served) -> No
 def test_dropped_proxies_are_released_and_the_server_frees_them(served: Served) -> None:
     with ObjectClient(served.url, timeout=timeout(10)) as oc:
         counter = oc.lookup("counter")
-        kids = [counter.child() for _ in range(100)]
+        kids = [resolve(counter.child()) for _ in range(100)]
         assert served.exports() == 100 and oc.held == 100
         del kids
         gc.collect()
         counter.incr()  # the RELEASEs go with the next call
         assert oc.held == 0
         served.eventually(lambda: served.server.objects.tables.objects == 0)
-        kept = counter.keep()
+        kept = resolve(counter.keep())
         release(kept)
         with pytest.raises(ValueError):
             kept.incr()
@@ -273,7 +286,7 @@ def test_no_leak_after_10000_create_and_drop_cycles(served: Served) -> None:
 
 def test_close_ends_the_session_at_once(served: Served) -> None:
     oc = ObjectClient(served.url, timeout=timeout(10))
-    kids = [oc.lookup("counter").child() for _ in range(10)]
+    kids = [resolve(oc.lookup("counter").child()) for _ in range(10)]
     assert served.exports() == 10 and served.sessions() == 1
     oc.close()
     served.eventually(lambda: not served.server.objects.sessions)
@@ -354,7 +367,8 @@ _KILLED_CLIENT = textwrap.dedent(
     import sys
     from sockstack.objects import ObjectClient
     oc = ObjectClient(sys.argv[1], timeout=10)
-    kids = [oc.lookup("counter").child() for _ in range(100)]
+    from sockstack.objects import resolve
+    kids = [resolve(oc.lookup("counter").child()) for _ in range(100)]
     print("ready", flush=True)
     sys.stdin.read()
     """
@@ -411,9 +425,9 @@ async def test_asyncio_proxies() -> None:
 
 
 def test_an_idle_client_keeps_its_session_across_a_drop() -> None:
-    """No call after the drop: the client's keeper re-attaches within the lease (1 s here; it
+    """No call after the drop: the client's keeper re-attaches within the lease (3 s here; it
     renews every lease/3), so the session never expires."""
-    with serving(lease=1.0) as served:
+    with serving(lease=3.0) as served:
         upstream = ("127.0.0.1", served.server.endpoint("tcp").port)
         proxy = served.run(TCPFaultProxy(upstream).start())
         try:
@@ -430,3 +444,79 @@ def test_an_idle_client_keeps_its_session_across_a_drop() -> None:
                 assert c2.incr() == 2
         finally:
             served.run(proxy.close())
+
+
+def test_a_chain_of_calls_on_promises(served: Served) -> None:
+    with ObjectClient(served.url, timeout=timeout(10)) as oc:
+        counter = oc.lookup("counter")
+        p = counter.child()
+        assert isinstance(p, Promise)  # at once: child() returns a remote object
+        assert p.incr() == 1 and p.incr(2) == 3  # calls on the promise
+        assert counter.child().child().child().incr(5) == 5  # a chain
+        c = resolve(p)
+        assert isinstance(c, Proxy) and not isinstance(c, Promise) and c.incr() == 4
+        assert resolve(c) is c and resolve(3) == 3
+        assert counter.same(counter.keep()) is True  # a promise as an argument: its object
+        assert p.value == 4  # a property, through the promise
+
+
+def test_a_pipelined_call_goes_out_before_its_question_is_answered(served: Served) -> None:
+    """gated_child() blocks on the server until the gate opens; the call made on its promise
+    has reached the server (it waits there for the answer) before that."""
+    with ObjectClient(served.url, timeout=timeout(10)) as oc:
+        counter = oc.lookup("counter")
+        GATES["pipe"] = gate = threading.Event()
+        box: dict[str, Any] = {}
+
+        def chain() -> None:
+            box["value"] = counter.gated_child("pipe").incr(7)
+
+        t = threading.Thread(target=chain)
+        t.start()
+        try:
+
+            def waiting() -> bool:
+                peers = list(served.server._streams)
+                return any(
+                    q.waiters
+                    for peer in peers
+                    for q in peer.state.get("objects.questions", {}).values()
+                )
+
+            served.eventually(waiting)  # incr() is at the server, its question unanswered
+        finally:
+            gate.set()
+            t.join(timeout(20))
+        assert box["value"] == 7
+
+
+def test_a_failed_call_fails_the_calls_on_its_promise(served: Served) -> None:
+    with ObjectClient(served.url, timeout=timeout(10)) as oc:
+        counter = oc.lookup("counter")
+        p = counter.bad_child()
+        with pytest.raises(RemoteError) as err:
+            p.incr()
+        assert err.value.code == ErrorCode.APPLICATION_ERROR and "no child today" in str(err.value)
+        with pytest.raises(RemoteError) as err:
+            resolve(p)
+        assert "no child today" in str(err.value)
+        with pytest.raises(RemoteError) as err:  # a question this connection never asked
+            oc.call(AnswerTarget(424242), "incr")
+        assert err.value.code == ErrorCode.BAD_TARGET
+        assert counter.incr() == 1
+
+
+def test_chains_leave_nothing_behind(served: Served) -> None:
+    with ObjectClient(served.url, timeout=timeout(30)) as oc:
+        counter = oc.lookup("counter")
+        for _ in range(2_000):
+            assert counter.child().child().incr() == 1
+        gc.collect()
+        counter.incr()  # RELEASE and FINISH go with it
+        served.eventually(lambda: served.server.objects.tables.objects == 0)
+
+        def kept() -> int:
+            return sum(len(p.state.get("objects.questions", {})) for p in served.server._streams)
+
+        served.eventually(lambda: kept() == 0)
+        assert oc.held == 0

@@ -23,11 +23,13 @@ from sockstack.objects.client import (
     AsyncObjectClient,
     AsyncProxy,
     ObjectClient,
+    Promise,
     Proxy,
     alookup,
     close,
     lookup,
     release,
+    resolve,
 )
 from sockstack.objects.expose import expose, exposed
 from sockstack.objects.pattern import ObjectLimits, Objects
@@ -40,6 +42,7 @@ __all__ = [
     "ObjectLimits",
     "ObjectServer",
     "Objects",
+    "Promise",
     "Proxy",
     "alookup",
     "close",
@@ -47,4 +50,5 @@ __all__ = [
     "exposed",
     "lookup",
     "release",
+    "resolve",
 ]

@@ -30,6 +30,7 @@ from sockstack.asyncio.client import AsyncClient, StreamChannel
 from sockstack.errors import (
     CodecError,
     ConnectError,
+    ConnectionLost,
     ErrorCode,
     RemoteError,
     RemoteProtocolError,
@@ -37,6 +38,7 @@ from sockstack.errors import (
 )
 from sockstack.objects.messages import (
     OBJECTS_MESSAGES,
+    AnswerTarget,
     NameTarget,
     ObjectTarget,
     Target,
@@ -55,18 +57,20 @@ from sockstack.protocol.messages import (
     split_meta,
 )
 from sockstack.protocol.registry import MessageSet, MessageSpec, Registry
-from sockstack.sync.client import Client, StreamConnection
+from sockstack.sync.client import Client, StreamConnection, Ticket
 from sockstack.transport.urls import parse_endpoint
 
 __all__ = [
     "AsyncObjectClient",
     "AsyncProxy",
     "ObjectClient",
+    "Promise",
     "Proxy",
     "alookup",
     "close",
     "lookup",
     "release",
+    "resolve",
 ]
 
 _MAX_BUDGET_MS = 0xFFFFFFFF
@@ -140,6 +144,10 @@ class _Held:
         # (id, generation) of proxies the garbage collector dropped: only appended to there
         self._dropped: collections.deque[tuple[bytes, int]] = collections.deque()
         self._unsent: list[tuple[bytes, int]] = []  # RELEASEs that did not reach the session
+        self._finished: list[int] = []  # KEEP questions to FINISH (with the next RELEASE)
+        # promises dropped before they were resolved: their answers' references to give back
+        self._dropped_promises: collections.deque[_PromiseBox] = collections.deque()
+        self._waiting_promises: list[_PromiseBox] = []  # dropped, answer not come yet
         self._token: bytes | None = None
         self._attached: object = None  # the connection the session is attached on
         self.lease = 30.0
@@ -167,6 +175,9 @@ class _Held:
             self._imports.clear()
             self._dropped.clear()
             self._unsent.clear()
+            self._finished.clear()
+            self._dropped_promises.clear()
+            self._waiting_promises.clear()
             self._generation += 1
             self.epoch += 1
 
@@ -182,8 +193,15 @@ class _Held:
         kwargs: Mapping[str, Any] | None,
         budget: int | None,
         oneway: bool,
+        keep: bool = False,
     ) -> Callable[[int], bytes]:
         kw = dict(kwargs) if kwargs else None
+        if any(isinstance(a, Promise) for a in args) or (
+            kw and any(isinstance(v, Promise) for v in kw.values())
+        ):  # a promise as an argument: its object (waits for it)
+            args = [resolve(a) if isinstance(a, Promise) else a for a in args]
+            if kw:
+                kw = {k: resolve(v) if isinstance(v, Promise) else v for k, v in kw.items()}
 
         def frame(rid: int) -> bytes:
             return encode_call(
@@ -194,6 +212,7 @@ class _Held:
                 kw,
                 budget_ms=budget,
                 oneway=oneway,
+                keep=keep,
                 to_ref=self._to_ref,
             )
 
@@ -242,10 +261,13 @@ class _Held:
             return proxy
 
     def _take_releases(self) -> list[tuple[bytes, int]]:
-        """RELEASEs due: the entries whose proxies were dropped (and not taken over since)."""
+        """RELEASEs due: the entries whose proxies were dropped (and not taken over since),
+        and the references in the answers of promises dropped unresolved."""
         out: list[tuple[bytes, int]] = []
         if self._unsent:
             out, self._unsent = self._unsent, []
+        if self._dropped_promises or self._waiting_promises:
+            out.extend(self._promises_given_back())
         dropped = self._dropped
         if not dropped:
             return out
@@ -257,6 +279,34 @@ class _Held:
                     continue
                 del self._imports[key]
                 out.append((key, entry.count))
+        return out
+
+    def _promises_given_back(self) -> list[tuple[bytes, int]]:
+        """The references in the answers of promises dropped before they were resolved (never
+        imported: given back as they came), and their questions finished."""
+        boxes = self._waiting_promises
+        self._waiting_promises = []
+        while self._dropped_promises:
+            boxes.append(self._dropped_promises.popleft())
+        counts: dict[bytes, int] = {}
+        for box in boxes:
+            if box.resolved:
+                continue
+            ticket = box.ticket
+            if not ticket.done():
+                self._waiting_promises.append(box)  # its answer has not come: later
+                continue
+            try:
+                result = ticket.result()
+            except Exception:
+                result = None  # failed: no references to give back
+            for key in _sender_refs(result):
+                counts[key] = counts.get(key, 0) + 1
+            self._finished.append(ticket.request_id)
+        return list(counts.items())
+
+    def _take_finished(self) -> list[int]:
+        out, self._finished = self._finished, []
         return out
 
     def _given_back(self, proxy: Proxy | AsyncProxy) -> tuple[bytes, int] | None:
@@ -314,15 +364,17 @@ class ObjectClient(_Held):
                 return
             if time.monotonic() - self._last_send < self.lease / 3:
                 continue
-            try:
-                deadline = time.monotonic() + self.timeout
-                self._ensure_attached(deadline, "RENEW")
-                conn = self._conn()
-                self._send_releases(conn, self.timeout)
-                conn.send_frame(encode_renew(), "RENEW", self.timeout)
-                self._last_send = time.monotonic()
-            except Exception as exc:  # the next call (or tick) tries again, and reports
-                log.debug("objects: RENEW to %s failed: %s", self.client.endpoint, exc)
+            for _ in range(2):  # a RENEW on a connection found dead: re-attach, once, now
+                try:
+                    deadline = time.monotonic() + self.timeout
+                    self._ensure_attached(deadline, "RENEW")
+                    conn = self._conn()
+                    self._send_releases(conn, self.timeout)
+                    conn.send_frame(encode_renew(), "RENEW", self.timeout)
+                    self._last_send = time.monotonic()
+                    break
+                except Exception as exc:  # the next call (or tick) tries again, and reports
+                    log.debug("objects: RENEW to %s failed: %s", self.client.endpoint, exc)
 
     # ------------------------------------------------------------------ session
 
@@ -407,16 +459,44 @@ class ObjectClient(_Held):
 
     def _send_releases(self, conn: StreamConnection, timeout: float) -> None:
         releases = self._take_releases()
-        if not releases:
+        finished = self._take_finished()
+        if not releases and not finished:
             return
         core = conn.core
         try:
-            conn.send_frame(encode_release(releases), "RELEASE", timeout)
-        except ConnectError:
+            conn.send_frame(encode_release(releases, finished), "RELEASE", timeout)
+        except (ConnectError, ConnectionLost):
             self._unsent.extend(releases)  # sent with the next call
-            return
+            return  # (questions end with their connection: nothing to finish there)
         if core is not self._attached or conn.core is not core:  # not to this session
             self._unsent.extend(releases)
+
+    def promise(
+        self,
+        target: Target,
+        method: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None,
+        iface: str,
+    ) -> Promise:
+        """Call ``method``, whose result is a remote object, without waiting: a
+        :class:`Promise` of it at once (CALL with KEEP). Calls on the promise go out at once
+        and the server runs them when the result is there: a chain costs one round trip."""
+        if self.closed:
+            raise ConnectError("the object client is closed")
+        t = self.timeout
+        deadline = time.monotonic() + t
+        self._last_send = deadline - t
+        self._ensure_attached(deadline, method)
+        conn = self._conn()
+        self._send_releases(conn, t)
+        core = conn.core
+        budget = None
+        if core is not None and core.peer_features & FEATURE_DEADLINE:
+            budget = min(int(t * 1000), _MAX_BUDGET_MS)
+        frame = self._frame(target, method, args, kwargs, budget, False, keep=True)
+        ticket = conn.start_exchange(frame, method, t)
+        return Promise(self, ticket, iface)
 
     def release(self, proxy: Proxy) -> None:
         """Give ``proxy``'s object back now (the proxy stops working)."""
@@ -424,8 +504,8 @@ class ObjectClient(_Held):
         if entry is not None and not self.closed:
             try:
                 self._conn().send_frame(encode_release([entry]), "RELEASE", self.timeout)
-            except ConnectError:
-                pass  # the session goes with its lease
+            except (ConnectError, ConnectionLost):
+                self._unsent.append(entry)  # with the next call, once re-attached
 
     def close(self) -> None:
         """End the session (the server frees everything of it at once) and the connection."""
@@ -461,7 +541,13 @@ class _Method:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         p = self._proxy
         p._check()
-        return p._client.call(p._target, self._name, args, kwargs, oneway=self._name in p._oneway())
+        name = self._name
+        desc = p._desc()
+        if desc is not None:
+            iface = desc.get("refs", {}).get(name)
+            if iface is not None and isinstance(p._client, ObjectClient):
+                return p._client.promise(p._call_target(), name, args, kwargs, iface)
+        return p._client.call(p._call_target(), name, args, kwargs, oneway=name in p._oneway())
 
     def __repr__(self) -> str:
         return f"<remote method {self._proxy._iface}.{self._name}>"
@@ -497,6 +583,9 @@ class Proxy:
             raise ValueError("this proxy was released")
         self._client._check_epoch(self._target, self._epoch)
 
+    def _call_target(self) -> Target:
+        return self._target
+
     def _desc(self) -> dict[str, Any] | None:
         desc: dict[str, Any] | None = self._client.ifaces.get(self._iface)
         return desc
@@ -511,7 +600,7 @@ class Proxy:
         desc = self._desc()
         if desc is not None and name in desc.get("properties", ()):
             self._check()
-            return self._client.call(self._target, name)
+            return self._client.call(self._call_target(), name)
         if desc is not None and name not in desc.get("methods", ()):
             raise AttributeError(f"{self._iface} exposes no member {name!r}")
         return _Method(self, name)
@@ -531,6 +620,92 @@ class Proxy:
             self._client.close()
         else:
             release(self)
+
+
+class _PromiseBox:
+    """What a dropped promise leaves behind: its ticket, and whether it was resolved (then
+    its references were imported and are counted as any proxy's)."""
+
+    __slots__ = ("resolved", "ticket")
+
+    def __init__(self, ticket: Ticket) -> None:
+        self.ticket = ticket
+        self.resolved = False
+
+
+class Promise(Proxy):
+    """The remote object a call will return, before it came (issue 13's promise pipelining,
+    Cap'n Proto's idea): calls on it go out at once, naming the call's answer, and the server
+    runs them as soon as the answer is there, so ``counter.child().child().incr()`` is one
+    round trip. :func:`resolve` waits for the object (a :class:`Proxy`); an attribute that is
+    a property, or a method whose result is not an object, waits for its own answer. A failed
+    call fails every call made on its promise with the same error."""
+
+    __slots__ = ("_box", "_value")
+
+    def __init__(self, client: ObjectClient, ticket: Ticket, iface: str) -> None:
+        super().__init__(client, AnswerTarget(ticket.request_id), iface, None)
+        self._box = box = _PromiseBox(ticket)
+        self._value: Any = _UNSET
+        weakref.finalize(self, client._dropped_promises.append, box)
+
+    def _call_target(self) -> Target:
+        """The answer's object once it came (a call on it needs no kept question: it works on
+        another connection too); until then the question. A failed call's error is raised."""
+        if self._value is _UNSET and not self._box.ticket.done():
+            return self._target
+        value = self._resolve()
+        if not isinstance(value, Proxy):
+            raise TypeError(f"the call returned {type(value).__name__}, not a remote object")
+        return value._call_target()
+
+    def _resolve(self) -> Any:
+        if self._value is not _UNSET:
+            return self._value
+        box = self._box
+        client = self._client
+        try:
+            result = box.ticket.result()
+        except RemoteError as exc:
+            box.resolved = True
+            client._finished.append(box.ticket.request_id)
+            if exc.code == ErrorCode.DEADLINE_EXCEEDED:
+                raise deadline_passed(box.ticket._what, box.ticket._timeout) from None
+            raise
+        with client._lock:
+            if box.resolved:  # another thread resolved it meanwhile
+                return self._value
+            box.resolved = True
+            self._value = client._proxies(result)
+            client._finished.append(box.ticket.request_id)
+        return self._value
+
+    def __repr__(self) -> str:
+        state = "resolved" if self._value is not _UNSET else "pending"
+        via = self._client.client.endpoint
+        return f"<promise of a remote {self._iface or '?'} ({state}) via {via}>"
+
+
+_UNSET: Any = object()
+
+
+def resolve(value: Any) -> Any:
+    """The remote object a :class:`Promise` stands for, once its call answered (a
+    :class:`Proxy`; waits for it); any other value as it is."""
+    if isinstance(value, Promise):
+        return value._resolve()
+    return value
+
+
+def _sender_refs(value: Any) -> list[bytes]:
+    """The ids of the references (form 1) in a decoded answer, once per occurrence."""
+    if type(value) is Ref:
+        return [value.id] if value.form == FORM_SENDER and value.id is not None else []
+    if type(value) is list:
+        return [k for v in value for k in _sender_refs(v)]
+    if type(value) is dict:
+        return [k for v in value.values() for k in _sender_refs(v)]
+    return []
 
 
 class _AsyncMethod:

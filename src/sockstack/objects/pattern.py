@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,10 +85,67 @@ class _Registered:
 
 
 class _Refused(Exception):
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, name: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.name = name or ErrorCode(code).name
+
+
+_QUESTIONS = "objects.questions"
+_WAITING = "objects.waiting"
+MAX_QUESTIONS = 10_000
+"""Kept answers (KEEP calls not finished) per connection."""
+MAX_WAITERS = 1_000
+"""Pipelined calls waiting for their question's answer, per connection."""
+_MAX_PATH = 8
+
+
+_Refs = dict[tuple[int | str, ...], tuple[object, Exposed]]
+
+
+class _Question:
+    """A KEEP call: its answer's objects by path (or its failure), and the calls waiting."""
+
+    __slots__ = ("done", "failure", "finished", "refs", "waiters")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.failure: tuple[int, str, str] | None = None
+        self.refs: _Refs = {}
+        self.waiters: list[Call] = []
+        self.finished = False
+
+
+def _questions(peer: Peer) -> dict[int, _Question]:
+    questions = peer.state.get(_QUESTIONS)
+    if questions is None:
+        questions = peer.state[_QUESTIONS] = {}
+    return questions
+
+
+def _paths(
+    value: Any,
+    path: tuple[int | str, ...],
+    out: dict[tuple[int | str, ...], tuple[object, Exposed]],
+) -> None:
+    """Each exposed object in ``value`` by its path (list indexes, map keys), 8 steps deep."""
+    t = type(value)
+    if t in _SCALARS:
+        return
+    found = exposed(t)
+    if found is not None:
+        out[path] = (value, found)
+        return
+    if len(path) >= _MAX_PATH:
+        return
+    if t is list or t is tuple:
+        for i, v in enumerate(value[:65536]):
+            _paths(v, (*path, i), out)
+    elif t is dict:
+        for k, v in value.items():
+            if type(k) is str and len(k.encode()) <= 255:
+                _paths(v, (*path, k), out)
 
 
 class Objects(Pattern):
@@ -168,6 +227,9 @@ class Objects(Pattern):
             if isinstance(session, Session):
                 for key, count in msg.releases:
                     session.release(key, count)
+            if msg.finished:
+                self._finish(peer, msg.finished)
+            if isinstance(session, Session):
                 if msg.end:
                     self._end(peer, session)
         elif type(msg) is Renew:
@@ -278,11 +340,21 @@ class Objects(Pattern):
 
     # ------------------------------------------------------------------ calls
 
-    def _call(self, peer: Peer, call: Call) -> None:
+    def _call(self, peer: Peer, call: Call, waited: bool = False) -> None:
+        """Run ``call`` (``waited``: again, now that the question it names has its answer)."""
         oneway = call.oneway
+        keep = call.keep and not oneway
         try:
+            if keep and not waited:
+                self._ask(peer, call.request_id)
             session = self._session(peer)
-            obj, found = self._target(session, call)
+            if type(call.target) is AnswerTarget:
+                got = self._answered(peer, call)
+                if got is None:
+                    return  # waits for its question's answer
+                obj, found = got
+            else:
+                obj, found = self._target(session, call)
             member = found.members.get(call.method)
             if member is None:
                 raise _Refused(
@@ -300,12 +372,14 @@ class Objects(Pattern):
                     f"{found.iface}.{member.name} is a property: no arguments",
                 )
         except _Refused as exc:
+            if keep:  # pipelined calls on it fail the same way
+                self._settled(peer, call.request_id, None, (exc.code, exc.name, exc.message))
             if oneway:
                 log.info("oneway call %r refused: %s", call.method, exc.message)
                 return
             core = peer.core
             if core is not None:
-                core.send_error(call.request_id, exc.code, ErrorCode(exc.code).name, exc.message)
+                core.send_error(call.request_id, exc.code, exc.name, exc.message)
             return
         req = Request(
             call.request_id,
@@ -319,7 +393,93 @@ class Objects(Pattern):
             False,
             call.size,
         )
-        peer.submit(req, member.handler, _Answerer(self, peer, session, member, oneway))
+        peer.submit(req, member.handler, _Answerer(self, peer, session, member, oneway, keep))
+
+    # ------------------------------------------------------------------ pipelining
+
+    def _ask(self, peer: Peer, qid: int) -> None:
+        """A KEEP call arrived: its answer is kept for calls that name it (AnswerTarget)."""
+        questions = _questions(peer)
+        if qid in questions:
+            raise _Refused(ErrorCode.BAD_TARGET, f"question {qid} is still kept: finish it first")
+        if len(questions) >= MAX_QUESTIONS:
+            raise _Refused(
+                ErrorCode.TOO_MANY_OBJECTS,
+                f"{MAX_QUESTIONS} kept answers on this connection (limit): finish some",
+            )
+        questions[qid] = _Question()
+
+    def _answered(self, peer: Peer, call: Call) -> tuple[object, Exposed] | None:
+        """The object a pipelined call targets, or None when it must wait for its question
+        (queued: run when the answer comes, in arrival order)."""
+        target = call.target
+        assert type(target) is AnswerTarget
+        q = _questions(peer).get(target.question)
+        if q is None:
+            raise _Refused(
+                ErrorCode.BAD_TARGET,
+                f"question {target.question} is not a kept call of this connection (or was "
+                "finished)",
+            )
+        if not q.done:
+            waiting = peer.state.get(_WAITING, 0)
+            if waiting >= MAX_WAITERS:
+                raise _Refused(
+                    ErrorCode.OVERLOADED,
+                    f"{MAX_WAITERS} pipelined calls wait on this connection (limit)",
+                )
+            peer.state[_WAITING] = waiting + 1
+            q.waiters.append(call)
+            return None
+        if q.failure is not None:
+            code, name, message = q.failure
+            raise _Refused(code, message, name)
+        got = q.refs.get(target.path)
+        if got is None:
+            raise _Refused(
+                ErrorCode.BAD_TARGET,
+                f"the answer to question {target.question} holds no object at {list(target.path)}",
+            )
+        return got
+
+    def _settled(
+        self,
+        peer: Peer,
+        qid: int,
+        value: Any,
+        failure: tuple[int, str, str] | None,
+    ) -> None:
+        """Question ``qid`` has its answer: keep its objects by path (or its failure), then
+        run the calls that waited for it."""
+        questions = _questions(peer)
+        q = questions.get(qid)
+        if q is None or q.done:
+            return
+        q.done = True
+        if failure is not None:
+            q.failure = failure
+        else:
+            _paths(value, (), q.refs)
+        waiters, q.waiters = q.waiters, []
+        if q.finished:
+            del questions[qid]
+        if waiters:
+            peer.state[_WAITING] = max(0, peer.state.get(_WAITING, 0) - len(waiters))
+            for call in waiters:
+                self._call(peer, call, waited=True)
+
+    def _finish(self, peer: Peer, qids: Sequence[int]) -> None:
+        questions = peer.state.get(_QUESTIONS)
+        if not questions:
+            return
+        for qid in qids:
+            q = questions.get(qid)
+            if q is None:
+                continue
+            if q.done:
+                del questions[qid]
+            else:
+                q.finished = True  # dropped once answered (its waiters still run)
 
     def _target(self, session: Session, call: Call) -> tuple[object, Exposed]:
         target = call.target
@@ -402,26 +562,45 @@ class _Answerer:
     """The answer to one CALL: RESPONSE with its result (references exported to the session)
     or ERROR; nothing for a oneway call (a failure is logged)."""
 
-    __slots__ = ("member", "oneway", "pattern", "peer", "session")
+    __slots__ = ("keep", "member", "oneway", "pattern", "peer", "session")
 
     def __init__(
-        self, pattern: Objects, peer: Peer, session: Session, member: Member, oneway: bool
+        self,
+        pattern: Objects,
+        peer: Peer,
+        session: Session,
+        member: Member,
+        oneway: bool,
+        keep: bool = False,
     ) -> None:
         self.pattern = pattern
         self.peer = peer
         self.session = session
         self.member = member
         self.oneway = oneway
+        self.keep = keep
 
     def __call__(self, req: Request, outcome: Outcome, ctx: CallContext | None) -> None:
+        failure: tuple[int, str, str] | None = None if outcome[0] else outcome[1]
+        try:
+            failure = self._answer(req, outcome, ctx)
+        finally:
+            if self.keep:  # after the answer: pipelined calls' answers come after it
+                value = outcome[1] if failure is None else None
+                self.pattern._settled(self.peer, req.request_id, value, failure)
+
+    def _answer(
+        self, req: Request, outcome: Outcome, ctx: CallContext | None
+    ) -> tuple[int, str, str] | None:
+        """Answer; the failure the caller got (None: the result went)."""
         ok, value = outcome
         if self.oneway:
             if not ok:
                 log.info("oneway call %r failed: %s", req.method, value[2])
-            return
+            return None if ok else value
         core = self.peer.core
         if core is None:
-            return  # the connection is gone: nobody to answer
+            return None if ok else value  # the connection is gone: nobody to answer
         trailers = None
         if ctx is not None and (req.budget_ms is not None or req.metadata is not None):
             trailers = ctx.trailers
@@ -430,7 +609,7 @@ class _Answerer:
             try:
                 frame = self._response(req.request_id, value, trailers, made)
                 core.send_message(frame)
-                return
+                return None
             except TooManyObjects as exc:
                 value = (ErrorCode.TOO_MANY_OBJECTS, "TOO_MANY_OBJECTS", str(exc))
             except CodecError as exc:
@@ -442,6 +621,7 @@ class _Answerer:
             log.warning("method %r: %s", req.method, value[2])
         code, type_name, message = value
         core.send_error(req.request_id, code, type_name, message, metadata=trailers)
+        return (code, type_name, message)
 
     def _response(
         self, rid: int, value: Any, trailers: Mapping[str, str | bytes] | None, made: list[bytes]
@@ -464,9 +644,36 @@ class _Answerer:
 
 
 def describe(found: Exposed) -> dict[str, Any]:
-    """An exposed class for clients: its members, each a method or a property, and oneway."""
+    """An exposed class for clients: its members, each a method or a property, which are
+    oneway, and which return a remote object (``refs``: method -> the exposed class's name; a
+    client may pipeline calls on their results)."""
+    refs = {}
+    for name, m in found.members.items():
+        iface = _result_iface(m)
+        if iface is not None and m.kind == "method" and not m.oneway:
+            refs[name] = iface
     return {
         "methods": sorted(n for n, m in found.members.items() if m.kind == "method"),
         "properties": sorted(n for n, m in found.members.items() if m.kind == "property"),
         "oneway": sorted(n for n, m in found.members.items() if m.oneway),
+        "refs": refs,
     }
+
+
+def _result_iface(member: Member) -> str | None:
+    """The exposed class a member's return annotation names (``X`` or ``X | None``)."""
+    try:
+        hints = typing.get_type_hints(member.handler.func)
+    except Exception:
+        return None
+    ret = hints.get("return")
+    options = (
+        typing.get_args(ret)
+        if typing.get_origin(ret) in (typing.Union, types.UnionType)
+        else (ret,)
+    )
+    for t in options:
+        if isinstance(t, type) and t is not type(None):
+            found = exposed(t)
+            return found.iface if found is not None else None
+    return None

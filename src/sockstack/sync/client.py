@@ -136,7 +136,14 @@ from sockstack.transport.tls import handshake_failure, handshake_lost, tls_reaso
 from sockstack.transport.udperr import enable_refusal_reports, refused_request_ids
 from sockstack.transport.urls import Endpoint
 
-__all__ = ["Client", "DatagramConnection", "ResultStream", "StreamConnection", "connect"]
+__all__ = [
+    "Client",
+    "DatagramConnection",
+    "ResultStream",
+    "StreamConnection",
+    "Ticket",
+    "connect",
+]
 
 _RECV = 256 * 1024
 _GATHER_ABOVE = 64 * 1024
@@ -384,6 +391,40 @@ class _Pipeline:
         follower = next(iter(self._waiting))
         assert follower.event is not None
         follower.event.set()
+
+
+class Ticket:
+    """A request sent whose answer is waited for later (:meth:`StreamConnection.start_exchange`):
+    by this thread or another, before or after other calls."""
+
+    __slots__ = ("_conn", "_deadline", "_slot", "_timeout", "_what")
+
+    def __init__(
+        self, conn: _Pipeline, slot: _Slot, deadline: float, what: str, timeout: float
+    ) -> None:
+        self._conn = conn
+        self._slot = slot
+        self._deadline = deadline
+        self._what = what
+        self._timeout = timeout
+
+    @property
+    def request_id(self) -> int:
+        return self._slot.request_id
+
+    def done(self) -> bool:
+        """The answer came (or the call failed): :meth:`result` returns at once."""
+        return self._slot.done
+
+    def result(self) -> Any:
+        """The RESPONSE's result (waiting for it, within the timeout the request was sent
+        with); raises :class:`RemoteError`, :class:`CallTimeout` or
+        :class:`ConnectionLost` as a call does. May be called again (same outcome)."""
+        slot = self._slot
+        try:
+            return self._conn._wait(slot, self._deadline, self._what, self._timeout)
+        finally:
+            self._conn._leave(slot)
 
 
 class StreamConnection(_Pipeline):
@@ -1340,6 +1381,26 @@ class StreamConnection(_Pipeline):
             return items.take()
 
     # ------------------------------------------------------------------ for patterns
+
+    def start_exchange(self, frame: Callable[[int], bytes], what: str, timeout: float) -> Ticket:
+        """Send the frame ``frame(request_id)`` builds for a fresh id now, and wait for its
+        RESPONSE later (:meth:`Ticket.result`): an answer that comes while nobody waits is kept
+        (the thread that reads takes it). A ticket never waited for ends with its answer."""
+        now = time.monotonic()
+        deadline = now + timeout
+        slot = _Slot()
+
+        def build(core: Connection, rid: int) -> bytes:
+            core.send_message(frame(rid))
+            return core.data_to_send()
+
+        try:
+            self._begin(slot, deadline, what, timeout)
+            self._start(slot, what, timeout, now, build)
+        except BaseException:
+            self._leave(slot)
+            raise
+        return Ticket(self, slot, deadline, what, timeout)
 
     def exchange(self, frame: Callable[[int], bytes], what: str, timeout: float) -> tuple[int, Any]:
         """Send the frame ``frame(request_id)`` builds for a fresh id and wait for the RESPONSE
