@@ -69,6 +69,10 @@ class Counter:
     def fail(self) -> None:
         raise ServiceError("failed on purpose")
 
+    def leaf(self, n: int) -> Any:
+        """Untyped: blocks, and the proxy's interface is described on first sight."""
+        return Leaf(n)
+
     def bad_child(self) -> Counter:
         raise ServiceError("no child today")
 
@@ -90,6 +94,21 @@ class Counter:
 
 
 GATES: dict[str, threading.Event] = {}
+
+
+@expose
+class Leaf:
+    """Never registered: clients learn its interface when a proxy of it first comes."""
+
+    def __init__(self, n: int) -> None:
+        self._n = n
+
+    @property
+    def size(self) -> int:
+        return self._n
+
+    def bigger(self) -> Leaf:
+        return Leaf(self._n + 1)
 
 
 @expose(instance="percall")
@@ -520,3 +539,12 @@ def test_chains_leave_nothing_behind(served: Served) -> None:
 
         served.eventually(lambda: kept() == 0)
         assert oc.held == 0
+
+
+def test_an_interface_never_registered_is_described_when_it_first_comes(served: Served) -> None:
+    with ObjectClient(served.url, timeout=timeout(10)) as oc:
+        leaf = oc.lookup("counter").leaf(3)
+        assert isinstance(leaf, Proxy) and "Leaf" in oc.ifaces
+        assert leaf.size == 3  # a property: known as one
+        nxt = leaf.bigger()
+        assert isinstance(nxt, Promise) and nxt.size == 4  # its ref result pipelines

@@ -145,6 +145,7 @@ class _Held:
         self._dropped: collections.deque[tuple[bytes, int]] = collections.deque()
         self._unsent: list[tuple[bytes, int]] = []  # RELEASEs that did not reach the session
         self._finished: list[int] = []  # KEEP questions to FINISH (with the next RELEASE)
+        self._undescribed: set[str] = set()  # interfaces of proxies made, not described yet
         # promises dropped before they were resolved: their answers' references to give back
         self._dropped_promises: collections.deque[_PromiseBox] = collections.deque()
         self._waiting_promises: list[_PromiseBox] = []  # dropped, answer not come yet
@@ -249,6 +250,8 @@ class _Held:
             entry = self._imports.get(key)
             proxy = entry.proxy() if entry is not None else None
             if entry is None or proxy is None:
+                if iface not in self.ifaces:
+                    self._undescribed.add(iface)
                 proxy = self.proxy_type(self, ObjectTarget(key), iface, key)
                 self._generation += 1
                 if entry is None:
@@ -455,7 +458,17 @@ class ObjectClient(_Held):
             # it before running it. Attach the session there, then send it once more.
             self._ensure_attached(deadline, method)
             _, result = conn.exchange(frame, method, max(0.001, deadline - time.monotonic()))
-        return self._proxies(result)
+        value = self._proxies(result)
+        if self._undescribed:
+            self.describe()
+        return value
+
+    def describe(self) -> None:
+        """Ask the server about the interfaces of proxies not described yet (their
+        properties, and which methods return remote objects)."""
+        names, self._undescribed = sorted(self._undescribed), set()
+        if names:
+            self.ifaces.update(self.client.call("objects.describe", names))
 
     def _send_releases(self, conn: StreamConnection, timeout: float) -> None:
         releases = self._take_releases()
@@ -678,6 +691,8 @@ class Promise(Proxy):
             box.resolved = True
             self._value = client._proxies(result)
             client._finished.append(box.ticket.request_id)
+        if client._undescribed:
+            client.describe()
         return self._value
 
     def __repr__(self) -> str:
@@ -876,7 +891,11 @@ class AsyncObjectClient(_Held):
             await self._ensure_attached(deadline, method)
             left = max(0.001, deadline - time.monotonic())
             _, result = await channel.exchange(frame, method, left)
-        return self._proxies(result)
+        value = self._proxies(result)
+        if self._undescribed:
+            names, self._undescribed = sorted(self._undescribed), set()
+            self.ifaces.update(await self.client.call("objects.describe", names))
+        return value
 
     def _send_releases(self, channel: StreamChannel) -> None:
         releases = self._take_releases()

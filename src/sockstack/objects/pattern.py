@@ -160,6 +160,7 @@ class Objects(Pattern):
             lim.max_objects, lim.max_bytes, lim.max_total_objects, lim.max_total_bytes
         )
         self.registered: dict[str, _Registered] = {}
+        self._ifaces: dict[str, Exposed] = {}  # every exposed class served, by wire name
         self.sessions: dict[bytes, Session] = {}  # by token
         self._peers: dict[str, Peer] = {}  # open connections by their address (attach)
         self._host: HostContext | None = None
@@ -187,6 +188,7 @@ class Objects(Pattern):
         if mode == "single" and isinstance(target, type):
             target = target()
         self.registered[name] = _Registered(name, target, found, mode)
+        self._ifaces[found.iface] = found
 
     def unregister(self, name: str) -> None:
         self.registered.pop(name, None)
@@ -194,7 +196,22 @@ class Objects(Pattern):
     # ------------------------------------------------------------------ host hooks
 
     def methods(self) -> Mapping[str, Handler]:
-        return {"objects.attach": make_handler("objects.attach", self._attach, inline=True)}
+        return {
+            "objects.attach": make_handler("objects.attach", self._attach, inline=True),
+            "objects.describe": make_handler("objects.describe", self._describe, inline=True),
+        }
+
+    def _describe(self, ifaces: list[str]) -> dict[str, Any]:
+        """``objects.describe``: the named interfaces this server has exported or registered
+        (each: methods, properties, oneway, refs); unknown names are left out."""
+        if type(ifaces) is not list or len(ifaces) > 1024:
+            raise TypeError("ifaces: a list of at most 1,024 interface names")
+        out = {}
+        for name in ifaces:
+            found = self._ifaces.get(name) if type(name) is str else None
+            if found is not None:
+                out[name] = describe(found)
+        return out
 
     def start(self, host: HostContext) -> None:
         self._host = host
@@ -627,11 +644,14 @@ class _Answerer:
         self, rid: int, value: Any, trailers: Mapping[str, str | bytes] | None, made: list[bytes]
     ) -> bytes:
         session = self.session
+        ifaces = self.pattern._ifaces
 
         def to_ref(obj: object) -> Ref | None:
             found = exposed(type(obj))
             if found is None:
                 return None
+            if found.iface not in ifaces:
+                ifaces[found.iface] = found  # (bounded by the exposed classes in the code)
             key = session.export(obj, found)
             made.append(key)
             return Ref(FORM_SENDER, id=key, iface=found.iface)
