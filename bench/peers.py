@@ -256,7 +256,8 @@ def sockstack_objects(port: int) -> None:
     # This module's annotations are strings (``from __future__ import annotations``) and the
     # class is local: give child() its real result type before @expose reads the hints.
     Counter.child.__annotations__["return"] = Counter
-    exposed = objects.expose(Counter)
+    # Quick methods run on the loop (inline), as the RPC rows' echo does.
+    exposed = objects.expose(inline=True)(Counter)
     nodes = _linked(exposed, lambda a, b: setattr(a, "below", b))
 
     async def main() -> None:
