@@ -73,6 +73,41 @@ class Counter:
         """Untyped: blocks, and the proxy's interface is described on first sight."""
         return Leaf(n)
 
+    def notify(self, listener: Any, x: int) -> Any:
+        """A plain def (a worker thread) calling the client's object back: it blocks."""
+        return listener.ping(x)
+
+    async def notify_async(self, listener: Any, x: int) -> Any:
+        return await listener.ping(x)
+
+    def notify_slow(self, listener: Any) -> str:
+        server_side = CALLBACKS.setdefault("objects", None)
+        assert server_side is not None
+        server_side.callback_timeout = 0.3
+        try:
+            listener.sleep(30)
+        except CallTimeout:
+            return "timed out"
+        finally:
+            server_side.callback_timeout = 10.0
+        return "answered"
+
+    def notify_error(self, listener: Any) -> str:
+        try:
+            listener.fail()
+        except RemoteError as exc:
+            return f"{exc.code} {exc}"
+        return "no error"
+
+    async def later(self, listener: Any) -> None:
+        """Calls the client back after this call has been answered (the client is idle)."""
+
+        async def soon() -> None:
+            await asyncio.sleep(0)
+            LATER.append(await listener.ping(21))
+
+        self.task = asyncio.get_running_loop().create_task(soon())
+
     def bad_child(self) -> Counter:
         raise ServiceError("no child today")
 
@@ -94,6 +129,29 @@ class Counter:
 
 
 GATES: dict[str, threading.Event] = {}
+CALLBACKS: dict[str, Any] = {}  # "objects": the server's Objects pattern (for its timeout)
+LATER: list[Any] = []
+
+
+@expose
+class Listener:
+    """A client's object the server calls back."""
+
+    def __init__(self, counter: Any = None) -> None:
+        self.seen: list[int] = []
+        self.counter = counter
+
+    def ping(self, x: int) -> int:
+        self.seen.append(x)
+        if self.counter is not None:  # calls back into the server from inside the callback
+            return int(self.counter.incr(x)) * 100
+        return x * 2
+
+    def sleep(self, seconds: float) -> None:
+        GATES.setdefault("sleep", threading.Event()).wait(seconds)
+
+    def fail(self) -> None:
+        raise ServiceError("the client's own error")
 
 
 @expose
@@ -180,6 +238,7 @@ def serving(lease: float = 30.0) -> Iterator[Served]:
             limits=ServerLimits(drain_timeout=timeout(2), close_timeout=timeout(2)),
         )
         srv.register("counter", Counter())
+        CALLBACKS["objects"] = srv.objects
         srv.register("percall", PerCall)
         srv.register("session", PerSession)
         try:
@@ -548,3 +607,50 @@ def test_an_interface_never_registered_is_described_when_it_first_comes(served: 
         assert leaf.size == 3  # a property: known as one
         nxt = leaf.bigger()
         assert isinstance(nxt, Promise) and nxt.size == 4  # its ref result pipelines
+
+
+def test_the_server_calls_a_clients_object_back(served: Served) -> None:
+    with ObjectClient(served.url, timeout=timeout(10)) as oc:
+        counter = oc.lookup("counter")
+        listener = Listener()
+        assert counter.notify(listener, 4) == 8  # from a worker thread: blocks
+        assert counter.notify_async(listener, 5) == 10  # from the loop: awaited
+        assert listener.seen == [4, 5]
+        assert counter.same(listener) is False  # it crosses as a reference, not a copy
+
+
+def test_a_callback_may_call_the_server_again(served: Served) -> None:
+    """The client's thread leads (reads) while it waits for notify(); the callback runs on a
+    callback thread, and its own call to the server is answered through that reader."""
+    with ObjectClient(served.url, timeout=timeout(10)) as oc:
+        counter = oc.lookup("counter")
+        listener = Listener(counter)
+        assert counter.notify(listener, 3) == 300  # incr(3) inside the callback
+        assert counter.notify_async(listener, 2) == 500
+        assert counter.incr() == 6
+
+
+def test_a_callback_reaches_an_idle_client(served: Served) -> None:
+    """No call of the client is in flight when the server calls back: its keeper reads."""
+    LATER.clear()
+    with ObjectClient(served.url, timeout=timeout(10)) as oc:
+        counter = oc.lookup("counter")
+        listener = Listener()
+        counter.later(listener)
+        served.eventually(lambda: LATER == [42])
+        assert listener.seen == [21]
+
+
+def test_callback_timeouts_and_errors(served: Served) -> None:
+    with ObjectClient(served.url, timeout=timeout(10)) as oc:
+        counter = oc.lookup("counter")
+        listener = Listener()
+        GATES["sleep"] = gate = threading.Event()
+        try:
+            assert counter.notify_slow(listener) == "timed out"
+        finally:
+            gate.set()
+        assert counter.notify_error(listener) == (
+            f"{int(ErrorCode.APPLICATION_ERROR)} ServiceError: the client's own error"
+        )
+        assert counter.incr() == 1  # the connection serves on

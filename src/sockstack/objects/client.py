@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
+import inspect
 import logging
 import os
+import secrets
 import threading
 import time
 import weakref
@@ -28,6 +31,7 @@ from typing import Any
 
 from sockstack.asyncio.client import AsyncClient, StreamChannel
 from sockstack.errors import (
+    CallTimeout,
     CodecError,
     ConnectError,
     ConnectionLost,
@@ -35,16 +39,22 @@ from sockstack.errors import (
     RemoteError,
     RemoteProtocolError,
     SessionExpired,
+    wire_name,
 )
+from sockstack.host.dispatch import ServiceError
+from sockstack.objects.expose import exposed
 from sockstack.objects.messages import (
     OBJECTS_MESSAGES,
     AnswerTarget,
+    Call,
     NameTarget,
     ObjectTarget,
     Target,
     encode_call,
     encode_release,
     encode_renew,
+    encode_return,
+    encode_return_error,
 )
 from sockstack.objects.refs import FORM_HOME, FORM_SENDER, Ref, unpack
 from sockstack.protocol.calls import deadline_passed
@@ -74,6 +84,10 @@ __all__ = [
 ]
 
 _MAX_BUDGET_MS = 0xFFFFFFFF
+MAX_EXPORTS = 10_000
+"""This client's own objects the server may hold (callbacks), per session."""
+CALLBACK_THREADS = 4
+MAX_QUEUED_CALLBACKS = 1_000
 log = logging.getLogger("sockstack.objects")
 
 
@@ -146,6 +160,8 @@ class _Held:
         self._unsent: list[tuple[bytes, int]] = []  # RELEASEs that did not reach the session
         self._finished: list[int] = []  # KEEP questions to FINISH (with the next RELEASE)
         self._undescribed: set[str] = set()  # interfaces of proxies made, not described yet
+        self._exports: dict[bytes, object] = {}  # this client's objects the server may call
+        self._export_ids: dict[int, bytes] = {}  # id(obj) -> its id
         # promises dropped before they were resolved: their answers' references to give back
         self._dropped_promises: collections.deque[_PromiseBox] = collections.deque()
         self._waiting_promises: list[_PromiseBox] = []  # dropped, answer not come yet
@@ -229,11 +245,89 @@ class _Held:
                 return Ref(FORM_HOME, id=target.id)
             if type(target) is NameTarget:
                 return Ref(FORM_HOME, name=target.name)
-        return None
+            return None
+        found = exposed(type(obj))
+        if found is None:
+            return None
+        return Ref(FORM_SENDER, id=self._export(obj), iface=found.iface)  # a callback object
+
+    def _export(self, obj: object) -> bytes:
+        """The id this client's own exposed object crosses under (kept while the session
+        lasts: the server may call it back at any time until then)."""
+        with self._lock:
+            key = self._export_ids.get(id(obj))
+            if key is None:
+                if len(self._exports) >= MAX_EXPORTS:
+                    raise CodecError(
+                        f"this client already gave the server {MAX_EXPORTS} of its objects"
+                    )
+                key = secrets.token_bytes(16)
+                self._exports[key] = obj
+                self._export_ids[id(obj)] = key
+                wake = getattr(self, "_wake", None)
+                if wake is not None:  # the keeper starts reading (callbacks may come idle)
+                    wake.set()
+            return key
+
+    def _callback_outcome(self, call: Call) -> bytes:
+        """Run the server's call of one of this client's objects: the RETURN frame to send."""
+        rid = call.request_id
+        target = call.target
+        obj = self._exports.get(target.id) if type(target) is ObjectTarget else None
+        if obj is None:
+            return encode_return_error(
+                rid, ErrorCode.UNKNOWN_OBJECT, "UNKNOWN_OBJECT", "no such object in this client"
+            )
+        found = exposed(type(obj))
+        member = found.members.get(call.method) if found is not None else None
+        if member is None or found is None:
+            return encode_return_error(
+                rid,
+                ErrorCode.UNKNOWN_METHOD,
+                "UNKNOWN_METHOD",
+                f"{type(obj).__name__} exposes no member {call.method!r}",
+            )
+        try:
+            args = self._home(call.args) if call.has_refs else call.args
+            kwargs = self._home(call.kwargs) if call.has_refs else call.kwargs
+            result = member.handler.func(obj, *args, **kwargs)
+            if inspect.isawaitable(result):
+                result = asyncio.run(_awaited(result))
+            return encode_return(rid, result, to_ref=self._to_ref)
+        except ServiceError as exc:
+            return encode_return_error(
+                rid, ErrorCode.APPLICATION_ERROR, wire_name(type(exc)), str(exc)
+            )
+        except Exception as exc:
+            log.warning("callback %s.%s raised %r", found.iface, call.method, exc)
+            return encode_return_error(
+                rid, ErrorCode.UNEXPECTED_ERROR, type(exc).__name__, str(exc)
+            )
+
+    def _home(self, value: Any) -> Any:
+        """Arguments of a server's call: this client's own objects for their references
+        (form 2), proxies for the server's (form 1)."""
+        if type(value) is Ref:
+            if value.form == FORM_HOME and value.id is not None:
+                obj = self._exports.get(value.id)
+                if obj is None:
+                    raise CodecError("an argument names an object this client does not have")
+                return obj
+            return self._proxies(value)
+        if type(value) is list:
+            return [self._home(v) for v in value]
+        if type(value) is dict:
+            return {k: self._home(v) for k, v in value.items()}
+        return value
 
     def _proxies(self, value: Any) -> Any:
-        """``value`` with each reference replaced by its proxy (counted)."""
+        """``value`` with each reference replaced by its proxy (counted), or by this client's
+        own object for a reference to it (form 2)."""
         if type(value) is Ref:
+            if value.form == FORM_HOME and value.id is not None:
+                obj = self._exports.get(value.id)
+                if obj is not None:
+                    return obj
             if value.form != FORM_SENDER or value.id is None:
                 raise RemoteProtocolError(
                     "the server sent a reference of a form it may not send", ErrorCode.DECODE_ERROR
@@ -347,12 +441,16 @@ class ObjectClient(_Held):
             options["connect_timeout"] = connect_timeout
         self._init_held(timeout)
         self.client = _Client(url, timeout=timeout, **options)
+        self._callbacks: concurrent.futures.ThreadPoolExecutor | None = None
+        self._queued = 0  # server calls waiting for a callback thread
         try:
+            self._conn().routes[Call] = self._on_server_call
             self._attach(time.monotonic() + timeout)
         except BaseException:
             self.client.close()
             raise
         self._stop = threading.Event()
+        self._wake = threading.Event()
         # RENEW every lease/3 while idle: the server sees the client alive (its keepalive does
         # not close an idle blocking client's connection), and a connection that dropped is
         # re-attached within the lease even when no call comes.
@@ -361,8 +459,58 @@ class ObjectClient(_Held):
         )
         self._keeper.start()
 
+    def _on_server_call(self, call: Call) -> None:
+        """A CALL from the server (a callback), on the reading thread: run it on a callback
+        thread (user code never runs on the thread that reads), RETURN from there."""
+        if self._queued >= MAX_QUEUED_CALLBACKS:
+            self._send_return(
+                encode_return_error(
+                    call.request_id,
+                    ErrorCode.OVERLOADED,
+                    "OVERLOADED",
+                    f"{MAX_QUEUED_CALLBACKS} calls from the server wait in this client (limit)",
+                )
+            )
+            return
+        if self._callbacks is None:
+            self._callbacks = concurrent.futures.ThreadPoolExecutor(
+                CALLBACK_THREADS, thread_name_prefix="sockstack-callback"
+            )
+        self._queued += 1
+        try:
+            self._callbacks.submit(self._run_callback, call)
+        except RuntimeError:  # shut down: closing
+            self._queued -= 1
+
+    def _run_callback(self, call: Call) -> None:
+        self._queued -= 1
+        self._send_return(self._callback_outcome(call))
+
+    def _send_return(self, frame: bytes) -> None:
+        try:
+            self._conn().send_frame(frame, "RETURN", self.timeout)
+        except Exception as exc:  # the server's call fails with its own timeout
+            log.debug("objects: RETURN to %s not sent: %s", self.client.endpoint, exc)
+
+    def _wait_or_read(self) -> bool:
+        """Until the next RENEW is due (True) or the client stops (False). While it holds
+        objects the server may call, this thread reads when no call of another thread does
+        (callbacks come while the client is idle too)."""
+        if not self._exports:
+            self._wake.wait(self.lease / 3)  # (set by stop, and by the first export)
+            self._wake.clear()
+            if not self._exports or self._stop.is_set():
+                return not self._stop.is_set()
+        try:
+            self._conn().read_until(self._stop.is_set, self.lease / 3, "callbacks")
+        except CallTimeout:
+            return not self._stop.is_set()
+        except Exception:  # a dropped connection: re-attached below, or at the next call
+            return not self._stop.wait(min(1.0, self.lease / 3))
+        return not self._stop.is_set()
+
     def _keep(self) -> None:
-        while not self._stop.wait(self.lease / 3):
+        while self._wait_or_read():
             if self.closed or os.getpid() != self._pid:
                 return
             if time.monotonic() - self._last_send < self.lease / 3:
@@ -526,6 +674,9 @@ class ObjectClient(_Held):
             return
         self.closed = True
         self._stop.set()
+        self._wake.set()
+        if self._callbacks is not None:
+            self._callbacks.shutdown(wait=False, cancel_futures=True)
         if os.getpid() != self._pid:
             return  # the parent's session: not this process's to end
         try:
@@ -978,6 +1129,10 @@ def _split(url: str) -> tuple[str, str]:
     if scheme not in ("tcp", "tls"):
         raise ValueError("remote objects need tcp:// or tls:// (a session over a connection)")
     return base, name
+
+
+async def _awaited(result: Any) -> Any:
+    return await result
 
 
 def _expired() -> Exception:

@@ -20,7 +20,9 @@ before anything runs (UNKNOWN_OBJECT, UNKNOWN_METHOD; a malformed target, BAD_TA
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import threading
 import time
 import types
 import typing
@@ -28,7 +30,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sockstack.errors import CodecError, ErrorCode, LocalProtocolError
+from sockstack.errors import (
+    CallTimeout,
+    CodecError,
+    ConnectionLost,
+    ErrorCode,
+    LocalProtocolError,
+    RemoteError,
+)
 from sockstack.host.dispatch import Handler, Outcome, ServiceError, make_handler
 from sockstack.host.pattern import HostContext, Pattern, Peer
 from sockstack.objects.expose import Exposed, Member, exposed
@@ -40,15 +49,19 @@ from sockstack.objects.messages import (
     ObjectTarget,
     Release,
     Renew,
+    Return,
+    encode_abort,
+    encode_call,
 )
 from sockstack.objects.refs import FORM_HOME, FORM_SENDER, Ref, pack
 from sockstack.objects.session import Session, Tables, TooManyObjects
-from sockstack.protocol.events import PatternMessage, Request
+from sockstack.protocol.calls import remote_error, served_call
+from sockstack.protocol.events import Error, PatternMessage, Request
 from sockstack.protocol.frames import MessageType, encode_frame
 from sockstack.protocol.messages import FLAG_METADATA, encode_metadata
 from sockstack.rpc.context import CallContext, current_context
 
-__all__ = ["ObjectLimits", "Objects"]
+__all__ = ["ObjectLimits", "Objects", "RemoteObject"]
 
 log = logging.getLogger("sockstack.objects")
 _STATE = "objects"
@@ -93,6 +106,11 @@ class _Refused(Exception):
 
 
 _QUESTIONS = "objects.questions"
+_OUT = "objects.out"  # this server's calls to the client (callbacks) waiting for RETURN
+MAX_CALLBACKS = 1_000
+"""Calls to one client's objects waiting for their answers at once."""
+CALLBACK_TIMEOUT = 10.0
+"""Seconds a call to a client's object waits at most (less when the served call has less)."""
 _WAITING = "objects.waiting"
 MAX_QUESTIONS = 10_000
 """Kept answers (KEEP calls not finished) per connection."""
@@ -166,6 +184,9 @@ class Objects(Pattern):
         self._host: HostContext | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._clock: Callable[[], float] = time.monotonic
+        self._loop_thread = 0
+        self.callback_timeout = CALLBACK_TIMEOUT
+        self._rid = 0  # the last id of this server's calls to clients
 
     # ------------------------------------------------------------------ registration
 
@@ -215,6 +236,7 @@ class Objects(Pattern):
 
     def start(self, host: HostContext) -> None:
         self._host = host
+        self._loop_thread = threading.get_ident()
 
     def stop(self) -> None:
         if self._timer is not None:
@@ -230,6 +252,10 @@ class Objects(Pattern):
     def connection_lost(self, peer: Peer) -> None:
         if self._peers.get(peer.peer) is peer:
             del self._peers[peer.peer]
+        out = peer.state.pop(_OUT, None)
+        if out:
+            for fut in out.values():
+                _fail(fut, ConnectionLost(f"{peer.peer}: the client's connection ended"))
         session = peer.state.pop(_STATE, None)
         if isinstance(session, Session) and session.peer is peer:
             session.peer = None
@@ -251,7 +277,8 @@ class Objects(Pattern):
                     self._end(peer, session)
         elif type(msg) is Renew:
             pass  # an attached session does not expire: the frame only shows the client lives
-        # RETURN and ABORT answer the server's own calls (callbacks): none are made yet.
+        elif type(msg) is Return:
+            self._returned(peer, msg)
 
     # ------------------------------------------------------------------ sessions
 
@@ -542,15 +569,179 @@ class Objects(Pattern):
                     return entry.obj
                 if value.name is not None:
                     return self._named(session, value.name)[0]
+            if value.form == FORM_SENDER and value.id is not None:
+                return RemoteObject(self, session, value.id, value.iface)  # a callback
             raise _Refused(
                 ErrorCode.BAD_ARGUMENTS,
-                "an argument is a reference this server cannot take (only its own objects)",
+                "an argument is a reference this server cannot take (its own objects and the "
+                "caller's)",
             )
         if type(value) is list:
             return [self._resolve(session, v) for v in value]
         if type(value) is dict:
             return {k: self._resolve(session, v) for k, v in value.items()}
         return value
+
+    # ------------------------------------------------------------------ callbacks
+
+    def _callback(
+        self, robj: RemoteObject, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Call ``method`` of a client's object over its session's connection (CALL from the
+        server, answered with RETURN). From a worker thread: blocks for the answer. On the
+        event loop (an ``async def`` method): returns an awaitable of it."""
+        session = robj._session
+        peer = session.peer
+        host = self._host
+        if peer is None or host is None or host.loop is None:
+            raise ConnectionLost("the client's connection is gone: its objects cannot be called")
+        loop = host.loop
+        timeout = self.callback_timeout
+        served = served_call()
+        if served is not None and served.deadline is not None:
+            timeout = max(0.0, min(timeout, served.deadline - time.monotonic()))
+        on_loop = threading.get_ident() == self._loop_thread
+        out: dict[int, Any] = peer.state.setdefault(_OUT, {})
+        if len(out) >= MAX_CALLBACKS:
+            raise RemoteError(
+                "OVERLOADED",
+                f"{MAX_CALLBACKS} calls to this client are waiting (limit)",
+                ErrorCode.OVERLOADED,
+            )
+        rid = self._next_rid(out)
+        made: list[bytes] = []
+
+        def to_ref(obj: object) -> Ref | None:
+            if type(obj) is RemoteObject:
+                return Ref(FORM_HOME, id=obj._id) if obj._session is session else None
+            found = exposed(type(obj))
+            if found is None:
+                return None
+            key = session.export(obj, found)
+            made.append(key)
+            return Ref(FORM_SENDER, id=key, iface=found.iface)
+
+        budget = max(0, int(timeout * 1000))
+        try:
+            frame = encode_call(
+                rid,
+                ObjectTarget(robj._id),
+                method,
+                list(args),
+                kwargs or None,
+                budget_ms=budget,
+                to_ref=to_ref,
+            )
+        except BaseException:
+            for key in made:
+                session.release(key, 1)
+            raise
+        fut: Any = loop.create_future() if on_loop else concurrent.futures.Future()
+        out[rid] = fut
+        what = f"{robj._iface}.{method}"
+
+        def send() -> None:
+            core = peer.core
+            if core is None or out.get(rid) is not fut:
+                _fail(fut, ConnectionLost("the client's connection is gone"))
+                return
+            try:
+                core.send_message(frame)
+            except LocalProtocolError as exc:
+                out.pop(rid, None)
+                _fail(fut, exc)
+                return
+            peer.flush()
+
+        def abort() -> None:
+            if out.pop(rid, None) is not None and peer.core is not None:
+                try:
+                    peer.core.send_message(encode_abort(rid))
+                    peer.flush()
+                except LocalProtocolError:
+                    pass
+
+        if on_loop:
+            send()
+
+            async def wait() -> Any:
+                try:
+                    return await asyncio.wait_for(fut, timeout)
+                except TimeoutError:
+                    abort()
+                    raise CallTimeout(what, timeout) from None
+
+            return wait()
+        loop.call_soon_threadsafe(send)
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            loop.call_soon_threadsafe(abort)
+            raise CallTimeout(what, timeout) from None
+
+    def _next_rid(self, out: dict[int, Any]) -> int:
+        rid = self._rid
+        for _ in range(MAX_CALLBACKS + 1):
+            rid = rid % 0xFFFFFFFF + 1
+            if rid not in out:
+                break
+        self._rid = rid
+        return rid
+
+    def _returned(self, peer: Peer, msg: Return) -> None:
+        """A client's RETURN: the answer to one of this server's calls (a late one, after its
+        ABORT or timeout, is dropped)."""
+        out = peer.state.get(_OUT)
+        fut = out.pop(msg.request_id, None) if out else None
+        if fut is None:
+            return
+        session = peer.state.get(_STATE)
+        if not msg.ok:
+            err = remote_error(Error(msg.request_id, msg.code, msg.type, msg.message))
+            _fail(fut, err)
+            return
+        value = msg.result
+        if msg.has_refs and isinstance(session, Session):
+            try:
+                value = self._resolve(session, value)
+            except _Refused as exc:
+                _fail(fut, RemoteError(exc.name, exc.message, exc.code))
+                return
+        if not fut.done():
+            fut.set_result(value)
+
+
+def _fail(fut: Any, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+class RemoteObject:
+    """A client's object, as a method on the server sees it (passed as an argument): its
+    exposed methods called over the client's connection. From a plain ``def`` method (a worker
+    thread) a call blocks; from an ``async def`` method it is awaited. Bounded by the served
+    call's deadline and ``callback_timeout`` (10 s); a call that times out is aborted."""
+
+    __slots__ = ("_id", "_iface", "_pattern", "_session")
+
+    def __init__(self, pattern: Objects, session: Session, key: bytes, iface: str) -> None:
+        self._pattern = pattern
+        self._session = session
+        self._id = key
+        self._iface = iface
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        pattern, me = self._pattern, self
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return pattern._callback(me, name, args, kwargs)
+
+        return call
+
+    def __repr__(self) -> str:
+        return f"<the client's {self._iface or 'object'}>"
 
 
 def _instantiate(reg: _Registered) -> object:
@@ -647,6 +838,8 @@ class _Answerer:
         ifaces = self.pattern._ifaces
 
         def to_ref(obj: object) -> Ref | None:
+            if type(obj) is RemoteObject:  # the client's own object, going home
+                return Ref(FORM_HOME, id=obj._id) if obj._session is session else None
             found = exposed(type(obj))
             if found is None:
                 return None
