@@ -155,6 +155,20 @@ class Listener:
 
 
 @expose
+class AsyncListener:
+    """A client's object with an async method (the asyncio client runs it on its loop)."""
+
+    def __init__(self, counter: Any) -> None:
+        self.counter = counter
+
+    async def ping(self, x: int) -> int:
+        return int(await self.counter.incr(x)) * 100
+
+    def plain(self, x: int) -> int:  # a plain def: the loop's executor
+        return -x
+
+
+@expose
 class Leaf:
     """Never registered: clients learn its interface when a proxy of it first comes."""
 
@@ -654,3 +668,17 @@ def test_callback_timeouts_and_errors(served: Served) -> None:
             f"{int(ErrorCode.APPLICATION_ERROR)} ServiceError: the client's own error"
         )
         assert counter.incr() == 1  # the connection serves on
+
+
+async def test_asyncio_client_objects_are_called_back() -> None:
+    with serving() as served:
+        async with AsyncObjectClient(served.url, timeout=timeout(10)) as oc:
+            counter = oc.lookup("counter")
+            listener = AsyncListener(counter)
+            # an async def callback calling the server again, from both kinds of server method
+            assert await counter.notify(listener, 3) == 300
+            assert await counter.notify_async(listener, 2) == 500
+            LATER.clear()
+            await counter.later(listener)  # called back while this client is idle
+            # (waited for in a thread: this loop must run to answer the callback)
+            await asyncio.to_thread(served.eventually, lambda: LATER == [2600])

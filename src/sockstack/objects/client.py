@@ -19,6 +19,7 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import inspect
 import logging
 import os
@@ -269,8 +270,9 @@ class _Held:
                     wake.set()
             return key
 
-    def _callback_outcome(self, call: Call) -> bytes:
-        """Run the server's call of one of this client's objects: the RETURN frame to send."""
+    def _callback_target(self, call: Call) -> tuple[Any, Any, list[Any], dict[str, Any]] | bytes:
+        """The server's call of one of this client's objects: (the function, the object, its
+        arguments), or the RETURN frame that refuses it."""
         rid = call.request_id
         target = call.target
         obj = self._exports.get(target.id) if type(target) is ObjectTarget else None
@@ -280,7 +282,7 @@ class _Held:
             )
         found = exposed(type(obj))
         member = found.members.get(call.method) if found is not None else None
-        if member is None or found is None:
+        if member is None:
             return encode_return_error(
                 rid,
                 ErrorCode.UNKNOWN_METHOD,
@@ -290,19 +292,38 @@ class _Held:
         try:
             args = self._home(call.args) if call.has_refs else call.args
             kwargs = self._home(call.kwargs) if call.has_refs else call.kwargs
-            result = member.handler.func(obj, *args, **kwargs)
-            if inspect.isawaitable(result):
-                result = asyncio.run(_awaited(result))
-            return encode_return(rid, result, to_ref=self._to_ref)
-        except ServiceError as exc:
+        except CodecError as exc:
+            return encode_return_error(rid, ErrorCode.BAD_ARGUMENTS, "BAD_ARGUMENTS", str(exc))
+        return member.handler.func, obj, args, kwargs
+
+    def _return_frame(self, call: Call, result: Any, exc: BaseException | None) -> bytes:
+        rid = call.request_id
+        if exc is None:
+            try:
+                return encode_return(rid, result, to_ref=self._to_ref)
+            except Exception as failed:
+                exc = failed
+        if isinstance(exc, ServiceError):
             return encode_return_error(
                 rid, ErrorCode.APPLICATION_ERROR, wire_name(type(exc)), str(exc)
             )
+        log.warning("callback %r raised %r", call.method, exc)
+        return encode_return_error(rid, ErrorCode.UNEXPECTED_ERROR, type(exc).__name__, str(exc))
+
+    def _callback_outcome(self, call: Call) -> bytes:
+        """Run the server's call of one of this client's objects (in this thread): the RETURN
+        frame to send."""
+        got = self._callback_target(call)
+        if isinstance(got, bytes):
+            return got
+        func, obj, args, kwargs = got
+        try:
+            result = func(obj, *args, **kwargs)
+            if inspect.isawaitable(result):
+                result = asyncio.run(_awaited(result))
         except Exception as exc:
-            log.warning("callback %s.%s raised %r", found.iface, call.method, exc)
-            return encode_return_error(
-                rid, ErrorCode.UNEXPECTED_ERROR, type(exc).__name__, str(exc)
-            )
+            return self._return_frame(call, None, exc)
+        return self._return_frame(call, result, None)
 
     def _home(self, value: Any) -> Any:
         """Arguments of a server's call: this client's own objects for their references
@@ -941,7 +962,9 @@ class AsyncObjectClient(_Held):
 
     async def connect(self) -> AsyncObjectClient:
         await self.client.connect()
+        self._tasks: set[asyncio.Task[None]] = set()
         try:
+            self._channel().routes[Call] = self._on_server_call
             await self._attach(time.monotonic() + self.timeout)
         except BaseException:
             await self.client.close()
@@ -1003,6 +1026,44 @@ class AsyncObjectClient(_Held):
         """A proxy of the object registered as ``name`` (its instance mode applies)."""
         proxy: AsyncProxy = self._named(name)
         return proxy
+
+    def _on_server_call(self, call: Call) -> None:
+        """A CALL from the server (a callback): an ``async def`` runs on this loop, a plain
+        ``def`` in the loop's default executor (never on the loop itself); RETURN when done."""
+        if len(self._tasks) >= MAX_QUEUED_CALLBACKS:
+            self._channel().send_soon(
+                encode_return_error(
+                    call.request_id,
+                    ErrorCode.OVERLOADED,
+                    "OVERLOADED",
+                    f"{MAX_QUEUED_CALLBACKS} calls from the server run in this client (limit)",
+                )
+            )
+            return
+        task = asyncio.get_running_loop().create_task(self._run_callback(call))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_callback(self, call: Call) -> None:
+        got = self._callback_target(call)
+        if isinstance(got, bytes):
+            frame = got
+        else:
+            func, obj, args, kwargs = got
+            try:
+                if inspect.iscoroutinefunction(func):
+                    result = await func(obj, *args, **kwargs)
+                else:
+                    loop = asyncio.get_running_loop()
+                    result = await loop.run_in_executor(
+                        None, functools.partial(func, obj, *args, **kwargs)
+                    )
+            except Exception as exc:
+                frame = self._return_frame(call, None, exc)
+            else:
+                frame = self._return_frame(call, result, None)
+        if not self.closed:
+            self._channel().send_soon(frame)
 
     async def call(
         self,
@@ -1069,6 +1130,8 @@ class AsyncObjectClient(_Held):
         self.closed = True
         if self._renew is not None:
             self._renew.cancel()
+        for task in list(getattr(self, "_tasks", ())):
+            task.cancel()
         try:
             channel = self._channel()
             if channel.stream is self._attached:
