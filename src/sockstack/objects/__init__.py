@@ -32,18 +32,21 @@ from sockstack.objects.client import (
     resolve,
 )
 from sockstack.objects.expose import expose, exposed
+from sockstack.objects.names import Names, UnknownName
 from sockstack.objects.pattern import ObjectLimits, Objects
 from sockstack.objects.server import ObjectServer
 
 __all__ = [
     "AsyncObjectClient",
     "AsyncProxy",
+    "Names",
     "ObjectClient",
     "ObjectLimits",
     "ObjectServer",
     "Objects",
     "Promise",
     "Proxy",
+    "UnknownName",
     "alookup",
     "close",
     "expose",

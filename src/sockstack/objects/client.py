@@ -162,6 +162,9 @@ class _Held:
         self._finished: list[int] = []  # KEEP questions to FINISH (with the next RELEASE)
         self._undescribed: set[str] = set()  # interfaces of proxies made, not described yet
         self._exports: dict[bytes, object] = {}  # this client's objects the server may call
+        self.on_new_session: list[Callable[[], None]] = []
+        """Called (blocking client: in the thread that found out) after the session expired
+        and a new one was attached: e.g. to register names again."""
         self._export_ids: dict[int, bytes] = {}  # id(obj) -> its id
         # promises dropped before they were resolved: their answers' references to give back
         self._dropped_promises: collections.deque[_PromiseBox] = collections.deque()
@@ -575,6 +578,11 @@ class ObjectClient(_Held):
                     self._token = None
                     self._forget_imports()
                     self._attach(deadline)  # a new session: registered names work again
+                    for hook in list(self.on_new_session):
+                        try:
+                            hook()
+                        except Exception:
+                            log.exception("objects: an on_new_session hook failed")
                     raise _expired() from None
                 raise
 
@@ -1142,8 +1150,13 @@ class AsyncObjectClient(_Held):
             await self.client.close()
 
 
-async def alookup(url: str, *, timeout: float = 10.0, **options: Any) -> AsyncProxy:
+async def alookup(
+    url: str, *, registry: str | None = None, timeout: float = 10.0, **options: Any
+) -> AsyncProxy:
     """:func:`lookup` for asyncio code: ``async with await alookup(url) as counter:``."""
+    if registry is not None:
+        async with AsyncObjectClient(registry, timeout=timeout, **options) as names:
+            url = await names.lookup("names").lookup(url)
     base, name = _split(url)
     client = AsyncObjectClient(base, timeout=timeout, **options)
     await client.connect()
@@ -1152,10 +1165,16 @@ async def alookup(url: str, *, timeout: float = 10.0, **options: Any) -> AsyncPr
     return proxy
 
 
-def lookup(url: str, *, timeout: float = 10.0, **options: Any) -> Proxy:
+def lookup(
+    url: str, *, registry: str | None = None, timeout: float = 10.0, **options: Any
+) -> Proxy:
     """A proxy of the object registered as NAME at ``tcp://host:port/NAME`` (or ``tls://``),
     on a connection of its own, closed at the end of a ``with`` block (or by
-    :func:`close`)."""
+    :func:`close`). With ``registry`` (a name service's URL), ``url`` is the NAME to look up
+    there."""
+    if registry is not None:
+        with ObjectClient(registry, timeout=timeout, **options) as names:
+            url = names.lookup("names").lookup(url)
     base, name = _split(url)
     client = ObjectClient(base, timeout=timeout, **options)
     try:

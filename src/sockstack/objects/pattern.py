@@ -187,6 +187,9 @@ class Objects(Pattern):
         self._loop_thread = 0
         self.callback_timeout = CALLBACK_TIMEOUT
         self._rid = 0  # the last id of this server's calls to clients
+        self.on_session_end: list[Callable[[Session], None]] = []
+        """Called with each session freed (ended, or its lease ran out): e.g. the name service
+        drops the names it registered."""
 
     # ------------------------------------------------------------------ registration
 
@@ -357,6 +360,22 @@ class Objects(Pattern):
         self.sessions.pop(session.token, None)
         session.peer = None
         session.clear()
+        for hook in self.on_session_end:
+            try:
+                hook(session)
+            except Exception:
+                log.exception("objects: a session-end hook failed")
+
+    def current_session(self) -> Session | None:
+        """The session of the call being served (inside a method this pattern runs), or
+        None."""
+        try:
+            ctx = current_context()
+        except LookupError:
+            return None
+        peer = self._peers.get(ctx.peer)
+        session = peer.state.get(_STATE) if peer is not None else None
+        return session if isinstance(session, Session) else None
 
     def _arm(self) -> None:
         host = self._host
