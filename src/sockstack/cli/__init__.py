@@ -1,5 +1,5 @@
 """The ``sockstack`` command: ``serve``, ``broker``, ``pub``, ``sub``, ``call``, ``ping``,
-``describe`` and ``inspect``; ``python -m sockstack`` is the same command.
+``describe``, ``inspect`` and ``names``; ``python -m sockstack`` is the same command.
 
 Exit codes: 0 success; 1 the server answered with an error; 2 bad usage (including a service
 that cannot be loaded); 3 no connection, lost connection or timeout; 141 (128 + SIGPIPE) when
@@ -8,7 +8,7 @@ other Unix tools end. Errors are one line on stderr.
 
 One module per group of commands, each adding its own subcommands to the parser: ``serve``
 (serve, broker), ``pubsub`` (pub, sub), ``client`` (call, ping), ``describe`` (a server's
-methods), ``inspect`` (bytes per layer);
+methods), ``inspect`` (bytes per layer), ``names`` (remote objects' name service);
 ``common`` holds what they share (exit codes, usage errors, the client options).
 """
 
@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 
-from sockstack.cli import client, describe, pubsub, serve
+from sockstack.cli import client, describe, names, pubsub, serve
 from sockstack.cli import inspect as inspect_command
 from sockstack.cli.common import (
     EXIT_CONNECTION,
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_parsers(sub)
     describe.add_parser(sub)
     inspect_command.add_parser(sub)
+    names.add_parser(sub)
     for subparser in sub.choices.values():  # --log-level after the subcommand too
         _add_log_level(subparser, None)
     return p
@@ -111,6 +112,8 @@ def _run(args: argparse.Namespace) -> int:
         return serve.run_serve(args)
     if args.command == "inspect":
         return inspect_command.run_inspect(args)
+    if args.command == "names":
+        return names.run_names(args)
     if args.url:
         parse_endpoint(args.url)
     if args.command == "pub":
