@@ -29,6 +29,7 @@ from sockstack.objects import (
     Promise,
     Proxy,
     alookup,
+    batch,
     expose,
     lookup,
     release,
@@ -682,3 +683,35 @@ async def test_asyncio_client_objects_are_called_back() -> None:
             await counter.later(listener)  # called back while this client is idle
             # (waited for in a thread: this loop must run to answer the callback)
             await asyncio.to_thread(served.eventually, lambda: LATER == [2600])
+
+
+def test_a_batch_is_one_write_and_each_call_answers_on_its_own(served: Served) -> None:
+    with ObjectClient(served.url, timeout=timeout(10)) as oc:
+        counter = oc.lookup("counter")
+        assert counter.incr(0) == 0  # attached, nothing left to release
+        conn = oc._conn()
+        real = conn.sock
+        writes: list[bytes] = []
+
+        class Tap:  # counts the writes of the batch
+            def sendall(self, data: bytes, *a: Any) -> None:
+                writes.append(bytes(data))
+                real.sendall(data, *a)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+        conn.sock = Tap()  # type: ignore[assignment]
+        try:
+            with batch(counter) as b:
+                first, failed, second, kid = b.incr(1), b.fail(), b.incr(2), b.pair()
+                with pytest.raises(RuntimeError):
+                    first.result()  # not sent before the block ends
+        finally:
+            conn.sock = real
+        assert len(writes) == 1 and writes[0].count(b"SK\x01\x20") == 4  # four CALLs, one write
+        assert first.result() == 1 and second.result() == 3  # the failure did not stop it
+        with pytest.raises(RemoteError) as err:
+            failed.result()
+        assert err.value.code == ErrorCode.APPLICATION_ERROR
+        assert isinstance(kid.result()[0], Proxy)

@@ -74,10 +74,13 @@ from sockstack.transport.urls import parse_endpoint
 __all__ = [
     "AsyncObjectClient",
     "AsyncProxy",
+    "Batch",
     "ObjectClient",
+    "Pending",
     "Promise",
     "Proxy",
     "alookup",
+    "batch",
     "close",
     "lookup",
     "release",
@@ -661,6 +664,24 @@ class ObjectClient(_Held):
         if core is not self._attached or conn.core is not core:  # not to this session
             self._unsent.extend(releases)
 
+    def _send_batch(self, calls: Sequence[Pending], timeout: float | None) -> None:
+        t = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + t
+        self._last_send = deadline - t
+        self._ensure_attached(deadline, "batch")
+        conn = self._conn()
+        self._send_releases(conn, t)
+        core = conn.core
+        budget = None
+        if core is not None and core.peer_features & FEATURE_DEADLINE:
+            budget = min(int(t * 1000), _MAX_BUDGET_MS)
+        frames = [
+            self._frame(target, method, args, kwargs, budget, False)
+            for target, method, args, kwargs in (p._call for p in calls)
+        ]
+        for pending, ticket in zip(calls, conn.start_exchanges(frames, "batch", t), strict=True):
+            pending._ticket = ticket
+
     def promise(
         self,
         target: Target,
@@ -901,6 +922,80 @@ def _sender_refs(value: Any) -> list[bytes]:
     if type(value) is dict:
         return [k for v in value.values() for k in _sender_refs(v)]
     return []
+
+
+class Pending:
+    """A call of a :func:`batch`: its result once the batch was sent (:meth:`result`)."""
+
+    __slots__ = ("_call", "_client", "_ticket")
+
+    def __init__(self, client: ObjectClient, call: tuple[Target, str, Sequence[Any], Any]) -> None:
+        self._client = client
+        self._call = call
+        self._ticket: Ticket | None = None
+
+    def result(self) -> Any:
+        """The call's result (references as proxies); raises what the call raised."""
+        if self._ticket is None:
+            raise RuntimeError("the batch was not sent yet: leave its with block first")
+        try:
+            result = self._ticket.result()
+        except RemoteError as exc:
+            if exc.code == ErrorCode.DEADLINE_EXCEEDED:
+                raise deadline_passed(self._call[1], self._ticket._timeout) from None
+            raise
+        value = self._client._proxies(result)
+        if self._client._undescribed:
+            self._client.describe()
+        return value
+
+
+class _BatchMethod:
+    __slots__ = ("_batch", "_name")
+
+    def __init__(self, batch: Batch, name: str) -> None:
+        self._batch = batch
+        self._name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Pending:
+        return self._batch._add(self._name, args, kwargs)
+
+
+class Batch:
+    """Calls on one proxy recorded, sent in one write when the ``with`` block ends (one round
+    trip for all), each answered on its own: ``with batch(counter) as b: a = b.incr(1)``, then
+    ``a.result()``. A failed call does not stop the others (unlike Pyro5's batches)."""
+
+    def __init__(self, proxy: Proxy, timeout: float | None = None) -> None:
+        if not isinstance(proxy._client, ObjectClient):
+            raise TypeError("batch() takes a proxy of a blocking ObjectClient")
+        self._proxy = proxy
+        self._client: ObjectClient = proxy._client
+        self._timeout = timeout
+        self._calls: list[Pending] = []
+
+    def __getattr__(self, name: str) -> _BatchMethod:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _BatchMethod(self, name)
+
+    def _add(self, method: str, args: Sequence[Any], kwargs: Any) -> Pending:
+        self._proxy._check()
+        pending = Pending(self._client, (self._proxy._call_target(), method, args, kwargs))
+        self._calls.append(pending)
+        return pending
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None and self._calls:
+            self._client._send_batch(self._calls, self._timeout)
+
+
+def batch(proxy: Proxy, timeout: float | None = None) -> Batch:
+    """Record calls on ``proxy``, sent together at the end of the ``with`` block."""
+    return Batch(proxy, timeout)
 
 
 class _AsyncMethod:

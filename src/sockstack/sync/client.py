@@ -1402,6 +1402,34 @@ class StreamConnection(_Pipeline):
             raise
         return Ticket(self, slot, deadline, what, timeout)
 
+    def start_exchanges(
+        self, frames: Sequence[Callable[[int], bytes]], what: str, timeout: float
+    ) -> list[Ticket]:
+        """:meth:`start_exchange` for several requests sent in one write (a batch: one round
+        trip), in order."""
+        now = time.monotonic()
+        deadline = now + timeout
+        slots = [_Slot() for _ in frames]
+        try:
+            self._begin(slots[0], deadline, what, timeout)
+            with self._io:
+                sock, core = self.sock, self.core
+                if sock is None or core is None or not self.live or core.state is not _OPEN:
+                    sock, core = self._relive(deadline, what, timeout)
+                out = []
+                for slot, frame in zip(slots, frames, strict=True):
+                    with self._mutex:
+                        rid = self._register(slot, what, timeout, now)
+                    out.append(frame(rid))
+                for data in out:
+                    core.send_message(data)
+                self._send(core.data_to_send(), what, sock)
+        except BaseException:
+            for slot in slots:
+                self._leave(slot)
+            raise
+        return [Ticket(self, slot, deadline, what, timeout) for slot in slots]
+
     def exchange(self, frame: Callable[[int], bytes], what: str, timeout: float) -> tuple[int, Any]:
         """Send the frame ``frame(request_id)`` builds for a fresh id and wait for the RESPONSE
         to it; returns (request id, result). Raises :class:`CallTimeout`, or
