@@ -59,6 +59,7 @@ from sockstack.objects.messages import (
 )
 from sockstack.objects.refs import FORM_HOME, FORM_SENDER, Ref, unpack
 from sockstack.protocol.calls import deadline_passed
+from sockstack.protocol.codecs import MSGPACK
 from sockstack.protocol.events import Response
 from sockstack.protocol.frames import Frame, MessageType
 from sockstack.protocol.messages import (
@@ -628,7 +629,7 @@ class ObjectClient(_Held):
             conn.send_frame(frame(0), method, t)
             return None
         try:
-            _, result = conn.exchange(frame, method, t)
+            result = conn.call(method, (), None, MSGPACK, t, frame=frame)
         except RemoteError as exc:
             if exc.code == ErrorCode.DEADLINE_EXCEEDED:  # as the client's own timer (RPC too)
                 raise deadline_passed(method, t) from None
@@ -637,7 +638,8 @@ class ObjectClient(_Held):
             # The connection was replaced under the call (it reconnected): the server refused
             # it before running it. Attach the session there, then send it once more.
             self._ensure_attached(deadline, method)
-            _, result = conn.exchange(frame, method, max(0.001, deadline - time.monotonic()))
+            left = max(0.001, deadline - time.monotonic())
+            result = conn.call(method, (), None, MSGPACK, left, frame=frame)
         value = self._proxies(result)
         if self._undescribed:
             self.describe()

@@ -978,11 +978,14 @@ class StreamConnection(_Pipeline):
         ping: bool = False,
         metadata: Mapping[str, str | bytes] | None = None,
         with_metadata: bool = False,
+        frame: Callable[[int], bytes] | None = None,
     ) -> Any:
         """Make a call (a PING with ``ping``) and wait for its answer. It carries its time left
         (DEADLINE) and the client's and the call's ``metadata`` (METADATA) to a server that
         announced them; a call given up on (timed out, interrupted) sends CANCEL to a server
-        that announced it (:meth:`_leave`)."""
+        that announced it (:meth:`_leave`). ``frame``: a pattern's own request instead of a
+        REQUEST, ``frame(request_id)``'s bytes, answered with RESPONSE or ERROR (a remote
+        object's CALL): the same path, the first read inline."""
         now = _monotonic()
         if _CURRENT_CALL.get() is not None or _INLINE_CALLS:  # inside a served call: its deadline
             timeout = inherited_timeout(timeout, now)
@@ -1046,7 +1049,9 @@ class StreamConnection(_Pipeline):
                 finally:
                     mutex.release()
                 data: bytes | list[bytes] | None = None
-                if not ping and kwargs is None and codec is MSGPACK and md is None:
+                if frame is not None:
+                    data = frame(rid)
+                elif not ping and kwargs is None and codec is MSGPACK and md is None:
                     data = core.request_frame(rid, method, args, budget)  # the common case
                     if data is not None and len(data) == 1:
                         data = data[0]
