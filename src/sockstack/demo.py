@@ -1,4 +1,5 @@
-"""The built-in demo service, served by ``sockstack serve`` when no service is named."""
+"""The built-in demo, served by ``sockstack serve`` when no service is named: the service
+:class:`Demo` and the remote object :class:`Counter` (registered as "counter")."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from sockstack.objects.expose import expose
 from sockstack.rpc.service import Service, ServiceError, method
 
-__all__ = ["KEY_OVERHEAD", "MAX_BYTES", "MAX_KEYS", "Demo", "value_size"]
+__all__ = ["KEY_OVERHEAD", "MAX_BYTES", "MAX_KEYS", "Counter", "Demo", "value_size"]
 
 MAX_KEYS = 10_000
 """Default bound of the key-value store, in keys."""
@@ -184,3 +186,28 @@ class Demo(Service):
     def methods(self) -> list[str]:
         """The names of this service's methods."""
         return ["add", "count", "delete", "echo", "get", "keys", "methods", "set", "sleep", "time"]
+
+
+@expose(inline=True)
+class Counter:
+    """The demo's remote object (docs/OBJECTS.md): ``sockstack serve`` without a service
+    registers the class as "counter", so each client session gets a counter of its own, from 0:
+    ``lookup("tcp://127.0.0.1:5050/counter")``. Its objects are bounded by the server's
+    ``ObjectLimits`` (10,000 per session by default)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def incr(self, by: int = 1) -> int:
+        """Add ``by`` (default 1); the new value."""
+        self.n += by
+        return self.n
+
+    def child(self) -> Counter:
+        """A new counter, from 0 (it crosses as a reference: a proxy on the client)."""
+        return Counter()
+
+    @property
+    def value(self) -> int:
+        """The current value."""
+        return self.n

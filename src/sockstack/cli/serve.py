@@ -15,6 +15,7 @@ from typing import Any
 
 from sockstack.asyncio.stream import StreamLimits
 from sockstack.cli.common import EXIT_CONNECTION, EXIT_OK, UsageError, check_files, load_secret
+from sockstack.demo import Counter as DemoCounter
 from sockstack.demo import Demo
 from sockstack.host.pattern import Pattern
 from sockstack.host.server import Server, ServerLimits, refuse_unprotected
@@ -140,6 +141,12 @@ async def _serve(args: argparse.Namespace) -> int:
         else:
             service = Demo()
         patterns.append(RPC(service, allow_empty=args.broker))
+        if not args.service:  # the demo's remote object too (TCP and TLS: a session each)
+            from sockstack.objects.pattern import Objects
+
+            objects = Objects()
+            objects.register("counter", DemoCounter)  # one per client session
+            patterns.append(objects)
     if args.command == "broker" or args.broker:
         patterns.append(PubSub())
     tcp, udp, tls = args.tcp or [], args.udp or [], args.tls or []
@@ -321,7 +328,9 @@ def banner(server: Server, args: argparse.Namespace) -> list[str]:
     if server.broker is not None and not is_broker:
         name += " and the broker"
     lines = [f"serving {name} on {ep}" for ep in server.endpoints]
-    handlers = server.dispatcher.handlers
+    # objects.attach and objects.describe are the remote-object session's (PROTOCOL.md §4.5),
+    # not for `sockstack call`: the objects are listed on their own below.
+    handlers = {n: h for n, h in server.dispatcher.handlers.items() if not n.startswith("objects.")}
     if handlers:
         lines.append("methods (sockstack call URL METHOD [ARG]...):")
         shown = {n: _signature(h.signature) for n, h in handlers.items()}
@@ -333,6 +342,8 @@ def banner(server: Server, args: argparse.Namespace) -> list[str]:
     plain = [ep for ep in server.endpoints if ep.scheme != "tls"]  # tls:// needs the CA: no guess
     stream = next((_local(ep) for ep in plain if ep.is_stream), None)
     dgram = next((_local(ep) for ep in plain if not ep.is_stream), None)
+    object_lines, object_try = _objects_banner(server, stream, bool(args.secret_file))
+    lines += object_lines
     tries: list[str] = []
     if isinstance(server.service, Demo) and not is_broker:
         for scheme, call in _DEMO_EXAMPLES:
@@ -353,9 +364,47 @@ def banner(server: Server, args: argparse.Namespace) -> list[str]:
         tries.append(f"sockstack pub {stream} sensors.room1.temp 21.5{extra}")
         if is_broker:
             tries.append(f"sockstack call {stream} broker.stats{extra}")
+    if object_try:
+        tries.append(object_try)
     lines += [f"try: {t}" for t in tries]
     lines.append("Ctrl-C stops")
     return lines
+
+
+def _objects_banner(
+    server: Server, stream: str | None, secret: bool
+) -> tuple[list[str], str | None]:
+    """The remote objects ``server`` serves by name (each with its members), and a Python
+    one-liner to try (only for the demo's counter, whose answers are known, and only with a
+    plain TCP endpoint and no secret: the one-liner passes none)."""
+    from sockstack.objects.pattern import Objects
+
+    objects = next((p for p in server.patterns if isinstance(p, Objects)), None)
+    if objects is None or not objects.registered:
+        return [], None
+    tcp = stream if stream and stream.startswith("tcp://") else None
+    base = tcp or "tcp://HOST:PORT"
+    lines = [f'remote objects (Python: sockstack.objects.lookup("{base}/NAME"), TCP or TLS):']
+    per = {"single": "shared", "session": "one per client session", "percall": "one per call"}
+    for name, reg in sorted(objects.registered.items()):
+        members = []
+        for m in reg.exposed.members.values():
+            if m.kind == "property":
+                members.append(f"{m.name} (property)")
+                continue
+            sig = m.handler.signature  # its first parameter is the instance: not the caller's
+            members.append(
+                m.name + _signature(sig.replace(parameters=list(sig.parameters.values())[1:]))
+            )
+        lines.append(f"  {name}  {reg.exposed.iface}, {per[reg.mode]}: {', '.join(members)}")
+    if "counter" not in objects.registered or tcp is None or secret:
+        return lines, None
+    code = (
+        "from sockstack.objects import lookup, close; "
+        f'c = lookup("{base}/counter"); '
+        "print(c.incr(5), c.child().child().incr(), c.value); close(c)"
+    )
+    return lines, f"python -c '{code}'   # prints 5 1 5"
 
 
 def _first_sentence(doc: str) -> str:
