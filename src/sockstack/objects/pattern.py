@@ -229,7 +229,7 @@ class Objects(Pattern):
         """``objects.describe``: the named interfaces this server has exported or registered
         (each: methods, properties, oneway, refs); unknown names are left out."""
         if type(ifaces) is not list or len(ifaces) > 1024:
-            raise TypeError("ifaces: a list of at most 1,024 interface names")
+            raise _BadArguments("ifaces: a list of at most 1,024 interface names")
         out = {}
         for name in ifaces:
             found = self._ifaces.get(name) if type(name) is str else None
@@ -314,7 +314,7 @@ class Objects(Pattern):
         ctx = current_context()
         peer = self._peers.get(ctx.peer)
         if peer is None:
-            raise LookupError("objects.attach needs a TCP or TLS connection")
+            raise _NotHere("objects.attach: remote objects need a TCP or TLS connection")
         resumed = False
         session: Session
         if token is not None:
@@ -343,7 +343,7 @@ class Objects(Pattern):
                 try:
                     session = self._new_session(peer)
                 except _Refused as exc:
-                    raise LookupError(exc.message) from None
+                    raise _TooMany(exc.message) from None
         return {
             "session": session.token,
             "lease_ms": int(self.limits.lease * 1000),
@@ -407,9 +407,11 @@ class Objects(Pattern):
         """Run ``call`` (``waited``: again, now that the question it names has its answer)."""
         oneway = call.oneway
         keep = call.keep and not oneway
+        asked = waited  # its question is registered (a refused repeat must not fail the first)
         try:
             if keep and not waited:
                 self._ask(peer, call.request_id)
+                asked = True
             session = self._session(peer)
             if type(call.target) is AnswerTarget:
                 got = self._answered(peer, call)
@@ -424,7 +426,8 @@ class Objects(Pattern):
                     ErrorCode.UNKNOWN_METHOD,
                     f"{found.iface} has no exposed member {call.method!r}",
                 )
-            oneway = oneway or member.oneway
+            # (a member's oneway is for its callers, who do not wait: a CALL without the flag
+            # still gets its one answer)
             args, kwargs = call.args, call.kwargs
             if call.has_refs:
                 args = self._resolve(session, args)
@@ -435,7 +438,7 @@ class Objects(Pattern):
                     f"{found.iface}.{member.name} is a property: no arguments",
                 )
         except _Refused as exc:
-            if keep:  # pipelined calls on it fail the same way
+            if keep and asked:  # pipelined calls on it fail the same way
                 self._settled(peer, call.request_id, None, (exc.code, exc.name, exc.message))
             if oneway:
                 log.info("oneway call %r refused: %s", call.method, exc.message)
@@ -779,6 +782,21 @@ class _Expired(ServiceError):
 
     _sockstack_code = ErrorCode.SESSION_EXPIRED
     __sockstack_name__ = "SESSION_EXPIRED"
+
+
+class _TooMany(ServiceError):
+    _sockstack_code = ErrorCode.TOO_MANY_OBJECTS
+    __sockstack_name__ = "TOO_MANY_OBJECTS"
+
+
+class _BadArguments(ServiceError):
+    _sockstack_code = ErrorCode.BAD_ARGUMENTS
+    __sockstack_name__ = "BAD_ARGUMENTS"
+
+
+class _NotHere(ServiceError):
+    _sockstack_code = ErrorCode.UNKNOWN_METHOD
+    __sockstack_name__ = "UNKNOWN_METHOD"
 
 
 def _session_expired() -> Exception:
