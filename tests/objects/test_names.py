@@ -4,24 +4,20 @@ the lease)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 
 from sockstack import RemoteError
 from sockstack.errors import ErrorCode
-from sockstack.host.server import ServerLimits
 from sockstack.objects import ObjectClient, ObjectServer, expose, lookup
 from tests.conftest import timeout
+from tests.objects.support import Running, quick_limits, running
 
 
 @expose
@@ -30,67 +26,17 @@ class Greeter:
         return f"hello {who}"
 
 
-class Running:
-    def __init__(self, server: ObjectServer, loop: asyncio.AbstractEventLoop) -> None:
-        self.server = server
-        self.loop = loop
-
-    @property
-    def url(self) -> str:
-        return f"tcp://127.0.0.1:{self.server.endpoint('tcp').port}"
-
-    def eventually(self, cond: Callable[[], bool], seconds: float = 10.0) -> None:
-        async def wait() -> None:
-            async with asyncio.timeout(timeout(seconds)):
-                while not cond():
-                    await asyncio.sleep(0.01)
-
-        asyncio.run_coroutine_threadsafe(wait(), self.loop).result(timeout(seconds + 5))
-
-
-@contextlib.contextmanager
-def running(make: Callable[[], ObjectServer]) -> Iterator[Running]:
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        srv = make()
-        try:
-            loop.run_until_complete(srv.start())
-            box["server"] = srv
-        finally:
-            started.set()
-        loop.run_forever()
-        loop.run_until_complete(srv.shutdown())
-        loop.close()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(timeout(10)) and "server" in box
-    try:
-        yield Running(box["server"], loop)
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout(20))
-
-
-def _limits() -> ServerLimits:
-    return ServerLimits(drain_timeout=timeout(2), close_timeout=timeout(2))
-
-
 @pytest.fixture
 def registry() -> Iterator[Running]:
     with running(
-        lambda: ObjectServer(tcp=["127.0.0.1:0"], host_names=True, lease=1.0, limits=_limits())
+        lambda: ObjectServer(tcp=["127.0.0.1:0"], host_names=True, lease=1.0, limits=quick_limits())
     ) as r:
         yield r
 
 
 def test_a_server_registers_its_names_and_clients_find_them(registry: Running) -> None:
     def make() -> ObjectServer:
-        srv = ObjectServer(tcp=["127.0.0.1:0"], names=registry.url, limits=_limits())
+        srv = ObjectServer(tcp=["127.0.0.1:0"], names=registry.url, limits=quick_limits())
         srv.register("greeter", Greeter())
         return srv
 

@@ -13,14 +13,13 @@ import sys
 import textwrap
 import threading
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from sockstack import CallTimeout, RemoteError, ServiceError
 from sockstack.errors import ErrorCode, SessionExpired
-from sockstack.host.server import ServerLimits
 from sockstack.objects import (
     AsyncObjectClient,
     AsyncProxy,
@@ -38,6 +37,7 @@ from sockstack.objects import (
 from sockstack.objects.messages import AnswerTarget, ObjectTarget
 from tests.conftest import timeout
 from tests.helpers.faultproxy import TCPFaultProxy
+from tests.objects.support import Running, quick_limits, running
 
 
 @expose
@@ -204,76 +204,19 @@ class PerSession:
         return self.n
 
 
-class Served:
-    def __init__(self, server: ObjectServer, loop: asyncio.AbstractEventLoop) -> None:
-        self.server = server
-        self.loop = loop
-
-    @property
-    def url(self) -> str:
-        return f"tcp://127.0.0.1:{self.server.endpoint('tcp').port}"
-
-    def run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout(20))
-
-    def on_loop(self, fn: Callable[[], Any]) -> Any:
-        async def call() -> Any:
-            return fn()
-
-        return self.run(call())
-
-    def exports(self) -> int:
-        return int(self.on_loop(lambda: self.server.objects.tables.objects))
-
-    def sessions(self) -> int:
-        return int(self.on_loop(lambda: len(self.server.objects.sessions)))
-
-    def eventually(self, cond: Callable[[], bool], seconds: float = 10.0) -> None:
-        """Wait on the server's loop until ``cond()`` holds there (bounded)."""
-
-        async def wait() -> None:
-            async with asyncio.timeout(timeout(seconds)):
-                while not cond():
-                    await asyncio.sleep(0.01)
-
-        self.run(wait())
+Served = Running
 
 
-@contextlib.contextmanager
-def serving(lease: float = 30.0) -> Iterator[Served]:
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        srv = ObjectServer(
-            tcp=["127.0.0.1:0"],
-            lease=lease,
-            limits=ServerLimits(drain_timeout=timeout(2), close_timeout=timeout(2)),
-        )
+def serving(lease: float = 30.0) -> contextlib.AbstractContextManager[Running]:
+    def make() -> ObjectServer:
+        srv = ObjectServer(tcp=["127.0.0.1:0"], lease=lease, limits=quick_limits())
         srv.register("counter", Counter())
         CALLBACKS["objects"] = srv.objects
         srv.register("percall", PerCall)
         srv.register("session", PerSession)
-        try:
-            loop.run_until_complete(srv.start())
-            box["server"] = srv
-        finally:
-            started.set()
-        loop.run_forever()
-        loop.run_until_complete(srv.shutdown())
-        loop.close()
+        return srv
 
-    thread = threading.Thread(target=run, name="objects-server", daemon=True)
-    thread.start()
-    assert started.wait(timeout(10)) and "server" in box
-    try:
-        yield Served(box["server"], loop)
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout(20))
-        assert not thread.is_alive()
+    return running(make)
 
 
 @pytest.fixture
