@@ -22,6 +22,7 @@ from sockstack import CallTimeout, RemoteError, ServiceError
 from sockstack.errors import ErrorCode, SessionExpired
 from sockstack.objects import (
     AsyncObjectClient,
+    AsyncPromise,
     AsyncProxy,
     ObjectClient,
     ObjectServer,
@@ -658,3 +659,36 @@ def test_a_batch_is_one_write_and_each_call_answers_on_its_own(served: Served) -
             failed.result()
         assert err.value.code == ErrorCode.APPLICATION_ERROR
         assert isinstance(kid.result()[0], Proxy)
+
+
+async def test_asyncio_proxies_pipeline_too() -> None:
+    with serving() as served:
+        async with AsyncObjectClient(served.url, timeout=timeout(10)) as oc:
+            counter = oc.lookup("counter")
+            p = counter.child()
+            assert isinstance(p, AsyncPromise)
+            assert await p.incr(2) == 2 and await p.value == 2
+            assert await counter.child().child().child().incr(5) == 5  # one round trip
+            c = await p
+            assert isinstance(c, AsyncProxy) and await c.incr() == 3
+            GATES["apipe"] = gate = threading.Event()
+            task = asyncio.get_running_loop().create_task(counter.gated_child("apipe").incr(7))
+
+            def waiting() -> bool:
+                return any(
+                    q.waiters
+                    for peer in list(served.server._streams)
+                    for q in peer.state.get("objects.questions", {}).values()
+                )
+
+            try:  # incr() reached the server while gated_child() still runs
+                await asyncio.to_thread(served.eventually, waiting)
+            finally:
+                gate.set()
+            assert await asyncio.wait_for(task, timeout(10)) == 7
+            with pytest.raises(RemoteError) as err:
+                await counter.bad_child().incr()
+            assert "no child today" in str(err.value)
+        await asyncio.to_thread(
+            served.eventually, lambda: served.server.objects.tables.objects == 0
+        )

@@ -21,6 +21,7 @@ proxies as if they were local (PROTOCOL.md §4.5; docs/OBJECTS.md).
 
 from sockstack.objects.client import (
     AsyncObjectClient,
+    AsyncPromise,
     AsyncProxy,
     Batch,
     ObjectClient,
@@ -41,6 +42,7 @@ from sockstack.objects.server import ObjectServer
 
 __all__ = [
     "AsyncObjectClient",
+    "AsyncPromise",
     "AsyncProxy",
     "Batch",
     "Names",

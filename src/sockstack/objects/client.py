@@ -74,6 +74,7 @@ from sockstack.transport.urls import parse_endpoint
 
 __all__ = [
     "AsyncObjectClient",
+    "AsyncPromise",
     "AsyncProxy",
     "Batch",
     "ObjectClient",
@@ -1007,16 +1008,122 @@ class _AsyncMethod:
         self._proxy = proxy
         self._name = name
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         p = self._proxy
         p._check()
-        call: Coroutine[Any, Any, Any] = p._client.call(
-            p._target, self._name, args, kwargs, oneway=self._name in p._oneway()
+        name = self._name
+        desc = p._desc()
+        client: AsyncObjectClient = p._client
+        iface = desc.get("refs", {}).get(name) if desc is not None else None
+        if iface is not None:
+            return client.promise(p, name, args, kwargs, iface)  # at once, as the blocking one
+        call: Coroutine[Any, Any, Any] = client.call(
+            p, name, args, kwargs, oneway=name in p._oneway()
         )
         return call
 
     def __repr__(self) -> str:
         return f"<remote method {self._proxy._iface}.{self._name} (await it)>"
+
+
+class _TaskTicket:
+    """An asyncio promise's call, as a dropped promise's clean-up reads it (as a Ticket)."""
+
+    __slots__ = ("qid", "task")
+
+    def __init__(self, task: asyncio.Task[Any], qid: asyncio.Future[int]) -> None:
+        self.task = task
+        self.qid = qid
+
+    @property
+    def request_id(self) -> int:
+        return self.qid.result() if self.qid.done() and not self.qid.exception() else 0
+
+    def done(self) -> bool:
+        return self.task.done()
+
+    def result(self) -> Any:
+        return self.task.result()
+
+
+class AsyncPromise:
+    """:class:`Promise` for asyncio code: ``await promise`` gives the :class:`AsyncProxy`;
+    calls on it go out at once (in order, right after the call they name), so
+    ``await counter.child().child().incr()`` is one round trip."""
+
+    __slots__ = ("__weakref__", "_box", "_client", "_iface", "_qid", "_task", "_value")
+
+    def __init__(
+        self,
+        client: AsyncObjectClient,
+        task: asyncio.Task[Any],
+        qid: asyncio.Future[int],
+        iface: str,
+    ) -> None:
+        self._client = client
+        self._task = task
+        self._qid = qid
+        self._iface = iface
+        self._value: Any = _UNSET
+        self._box = box = _PromiseBox(_TaskTicket(task, qid))  # type: ignore[arg-type]
+        weakref.finalize(self, client._dropped_promises.append, box)
+
+    def _desc(self) -> dict[str, Any] | None:
+        desc: dict[str, Any] | None = self._client.ifaces.get(self._iface)
+        return desc
+
+    def _oneway(self) -> Sequence[str]:
+        desc = self._desc()
+        return desc.get("oneway", ()) if desc else ()
+
+    def _check(self) -> None:
+        pass
+
+    async def _target(self) -> Target:
+        """The answer's object once it came, else the question (waits until it was sent)."""
+        if self._task.done():
+            value = await self
+            if not isinstance(value, Proxy):
+                raise TypeError(f"the call returned {type(value).__name__}, not a remote object")
+            return value._target
+        return AnswerTarget(await asyncio.shield(self._qid))
+
+    def __await__(self) -> Any:
+        return self._resolve().__await__()
+
+    async def _resolve(self) -> Any:
+        if self._value is not _UNSET:
+            return self._value
+        box = self._box
+        client = self._client
+        try:
+            result = await self._task
+        except BaseException:
+            if not box.resolved:
+                box.resolved = True
+                if self._qid.done() and not self._qid.exception():
+                    client._finished.append(self._qid.result())
+            raise
+        if not box.resolved:
+            box.resolved = True
+            self._value = client._proxies(result)
+            client._finished.append(self._qid.result())
+            await client._describe_new()
+        return self._value
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        desc = self._desc()
+        if desc is not None and name in desc.get("properties", ()):
+            return self._client.call(self, name)
+        if desc is not None and name not in desc.get("methods", ()):
+            raise AttributeError(f"{self._iface} exposes no member {name!r}")
+        return _AsyncMethod(self, name)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        state = "resolved" if self._value is not _UNSET else "pending"
+        return f"<asyncio promise of a remote {self._iface or '?'} ({state})>"
 
 
 class AsyncProxy(Proxy):
@@ -1030,7 +1137,7 @@ class AsyncProxy(Proxy):
         desc = self._desc()
         if desc is not None and name in desc.get("properties", ()):
             self._check()
-            return self._client.call(self._target, name)
+            return self._client.call(self, name)
         if desc is not None and name not in desc.get("methods", ()):
             raise AttributeError(f"{self._iface} exposes no member {name!r}")
         return _AsyncMethod(self, name)
@@ -1170,18 +1277,56 @@ class AsyncObjectClient(_Held):
         if not self.closed:
             self._channel().send_soon(frame)
 
+    def promise(
+        self,
+        on: AsyncProxy | AsyncPromise,
+        method: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None,
+        iface: str,
+    ) -> AsyncPromise:
+        """Call ``method`` (its result a remote object) on ``on`` without waiting: an
+        :class:`AsyncPromise` at once, its CALL (with KEEP) sent as soon as the loop runs, right
+        after the call it names (when ``on`` is a promise itself)."""
+        if self.closed:
+            raise ConnectError("the object client is closed")
+        loop = asyncio.get_running_loop()
+        qid: asyncio.Future[int] = loop.create_future()
+        task = loop.create_task(self.call(on, method, args, kwargs, keep=qid))
+        task.add_done_callback(_retrieved)  # a promise never awaited: its failure is no news
+        qid.add_done_callback(_retrieved)
+        return AsyncPromise(self, task, qid, iface)
+
+    async def _describe_new(self) -> None:
+        if self._undescribed:
+            names, self._undescribed = sorted(self._undescribed), set()
+            self.ifaces.update(await self.client.call("objects.describe", names))
+
     async def call(
         self,
-        target: Target,
+        target: Target | AsyncProxy | AsyncPromise,
         method: str,
         args: Sequence[Any] = (),
         kwargs: Mapping[str, Any] | None = None,
         *,
         timeout: float | None = None,
         oneway: bool = False,
+        keep: asyncio.Future[int] | None = None,
     ) -> Any:
         if self.closed:
+            if keep is not None and not keep.done():
+                keep.set_exception(ConnectError("the object client is closed"))
             raise ConnectError("the object client is closed")
+        try:
+            if isinstance(target, AsyncPromise):
+                target = await target._target()
+            elif isinstance(target, Proxy):
+                target._client._check_epoch(target._target, target._epoch)
+                target = target._target
+        except BaseException as exc:
+            if keep is not None and not keep.done():
+                keep.set_exception(exc)
+            raise
         t = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + t
         self._last_send = deadline - t
@@ -1193,7 +1338,9 @@ class AsyncObjectClient(_Held):
         budget = None
         if core is not None and core.peer_features & FEATURE_DEADLINE:
             budget = min(int(t * 1000), _MAX_BUDGET_MS)
-        frame = self._frame(target, method, args, kwargs, budget, oneway)
+        frame = self._frame(target, method, args, kwargs, budget, oneway, keep=keep is not None)
+        if keep is not None:
+            frame = _noting(frame, keep)
         if oneway:
             if not channel.send_soon(frame(0)):
                 raise ConnectError(f"{self.client.endpoint}: not connected; {method} not sent")
@@ -1208,18 +1355,20 @@ class AsyncObjectClient(_Held):
             await self._ensure_attached(deadline, method)
             left = max(0.001, deadline - time.monotonic())
             _, result = await channel.exchange(frame, method, left)
+        if keep is not None:
+            return result  # the promise imports it when awaited (or gives it back, dropped)
         value = self._proxies(result)
-        if self._undescribed:
-            names, self._undescribed = sorted(self._undescribed), set()
-            self.ifaces.update(await self.client.call("objects.describe", names))
+        await self._describe_new()
         return value
 
     def _send_releases(self, channel: StreamChannel) -> None:
         releases = self._take_releases()
-        if not releases:
+        finished = self._take_finished()
+        if not releases and not finished:
             return
         stream = channel.stream
-        if stream is not self._attached or not channel.send_soon(encode_release(releases)):
+        frame = encode_release(releases, finished)
+        if stream is not self._attached or not channel.send_soon(frame):
             self._unsent.extend(releases)
 
     async def release(self, proxy: AsyncProxy) -> None:
@@ -1308,6 +1457,26 @@ def _split(url: str) -> tuple[str, str]:
     if scheme not in ("tcp", "tls"):
         raise ValueError("remote objects need tcp:// or tls:// (a session over a connection)")
     return base, name
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    """Mark a promise's failure as seen (it is raised where the promise is awaited, and by the
+    calls made on it): asyncio does not log it as "never retrieved"."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _noting(frame: Callable[[int], bytes], kept: asyncio.Future[int]) -> Callable[[int], bytes]:
+    """``frame``, noting the request id it is built with in ``kept`` (a promise's question:
+    the calls on the promise go once it is known, after this one)."""
+
+    def build(rid: int) -> bytes:
+        data = frame(rid)
+        if not kept.done():
+            kept.set_result(rid)
+        return data
+
+    return build
 
 
 async def _awaited(result: Any) -> Any:
