@@ -11,6 +11,7 @@ import gc
 import secrets
 import threading
 import tracemalloc
+import typing
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, cast
@@ -18,7 +19,7 @@ from typing import Any, cast
 import pytest
 
 from sockstack import RemoteError, ServiceError
-from sockstack.errors import ConnectionLost, ErrorCode
+from sockstack.errors import ConnectError, ConnectionLost, ErrorCode
 from sockstack.host.server import ServerLimits
 from sockstack.objects import ObjectClient, ObjectLimits, ObjectServer, expose, release, resolve
 from sockstack.objects import client as client_module
@@ -31,6 +32,7 @@ from sockstack.objects.messages import (
 from sockstack.objects.refs import FORM_HOME, FORM_PROMISE, FORM_SENDER, Ref
 from sockstack.sync.client import Ticket
 from tests.conftest import timeout
+from tests.integration.test_fork import forked
 
 GATES: dict[str, threading.Event] = {}
 ENTERED: dict[str, threading.Event] = {}
@@ -640,3 +642,80 @@ def test_concurrent_callbacks_get_their_own_answers() -> None:
             t.join(timeout(20))
         assert out.overwritten == []  # two calls in flight under one id: answers cross
         assert results == {"a": "a", "b": "b"}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pattern.py _call(): a KEEP CALL refused because its id is a kept question settles "
+    "that other question with its refusal: the calls waiting on it fail with 'still kept'",
+)
+def test_a_refused_keep_call_does_not_settle_the_question_it_collides_with() -> None:
+    with serving() as served, ObjectClient(served.url, timeout=timeout(10)) as oc:
+        conn = oc._conn()
+        ticket = keep_call(oc, "gated_child", ["d"])
+        assert entered("d").wait(timeout(10))
+        q = ticket.request_id
+        waiter = conn.start_exchange(
+            lambda rid: encode_call(rid, AnswerTarget(q), "incr", []), "incr", timeout(10)
+        )
+        # A second KEEP CALL under the same id (a buggy or hostile client): it is refused
+        # (and its ERROR names id q: the first ticket takes it; that is the sender's doing).
+        dup = encode_call(q, NameTarget("thing"), "incr", [], keep=True)
+        conn.send_frame(dup, "dup", timeout(10))
+        gate("d").set()
+        with contextlib.suppress(RemoteError):
+            ticket.result()
+        assert waiter.result() == 1  # it waited for question q's own answer
+
+
+# ---------------------------------------------------------------------------- CPU on the loop
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pattern.py _describe(): inline on the loop, 1,024 names (duplicates allowed) each "
+    "described from scratch (typing.get_type_hints per member): ~100 ms of the event loop "
+    "for a 10 KB request, an amplification any client can repeat",
+)
+def test_describe_does_not_redo_its_work_per_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = 0
+    real = typing.get_type_hints
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return real(*args, **kwargs)
+
+    with serving() as served, ObjectClient(served.url, timeout=timeout(10)) as oc:
+        monkeypatch.setattr(typing, "get_type_hints", counting)
+        described = oc.client.call("objects.describe", ["Thing"] * 1024, timeout=timeout(10))
+        assert "incr" in described["Thing"]["methods"]
+    members = len(Thing.__sockstack_exposed__.members)  # type: ignore[attr-defined]
+    assert calls <= 2 * members, f"{calls} type-hint evaluations for {members} members"
+
+
+# ---------------------------------------------------------------------------- fork
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="client.py ObjectClient.promise(): no check of the process (call() has one): in a "
+    "forked child a method returning an object re-attaches the parent's session with its "
+    "token, moving it to the child's connection (the parent's next call: SESSION_EXPIRED)",
+)
+def test_a_forked_child_cannot_take_its_parents_session() -> None:
+    with serving() as served, ObjectClient(served.url, timeout=timeout(10)) as oc:
+        thing = oc.lookup("thing")
+        kid = resolve(thing.child())
+        assert kid.incr() == 1
+
+        def body() -> str:
+            try:
+                resolve(thing.child())  # returns an object: a promise (KEEP)
+            except ConnectError:
+                return "refused"
+            return "ran in the parent's session"
+
+        with forked(body) as child:
+            assert child.result() == "refused"
+        assert kid.incr() == 2  # the parent's session is where it was
