@@ -18,7 +18,7 @@ from typing import Any, cast
 
 import pytest
 
-from sockstack import RemoteError, ServiceError
+from sockstack import CallTimeout, RemoteError, ServiceError
 from sockstack.errors import ConnectError, ConnectionLost, ErrorCode
 from sockstack.host.server import ServerLimits
 from sockstack.objects import ObjectClient, ObjectLimits, ObjectServer, expose, release, resolve
@@ -37,6 +37,7 @@ from tests.integration.test_fork import forked
 GATES: dict[str, threading.Event] = {}
 ENTERED: dict[str, threading.Event] = {}
 BLOBS: weakref.WeakSet[Any] = weakref.WeakSet()
+MARKS: list[str] = []
 
 
 def gate(key: str) -> threading.Event:
@@ -87,6 +88,11 @@ class Thing:
     @expose(oneway=True)
     def fire(self) -> None:
         pass
+
+    @expose(inline=True)
+    def mark(self, tag: str) -> str:
+        MARKS.append(tag)
+        return tag
 
 
 @expose
@@ -365,6 +371,32 @@ def test_end_drops_the_sessions_kept_answers() -> None:
         with pytest.raises(RemoteError) as err:
             raw_call(oc, AnswerTarget(ticket.request_id), "incr", [])
         assert err.value.code == ErrorCode.BAD_TARGET
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pattern.py _answered()/_settled(): a pipelined call's DEADLINE budget starts when "
+    "its question is answered (host/server.py _context() at submit), not when it arrived: it "
+    "runs long after its caller gave up (on a REQUEST the budget counts from receipt)",
+)
+def test_a_pipelined_calls_deadline_counts_from_its_arrival() -> None:
+    MARKS.clear()
+    with serving() as served, ObjectClient(served.url, timeout=timeout(10)) as oc:
+        conn = oc._conn()
+        ticket = keep_call(oc, "gated_child", ["late"])
+        assert entered("late").wait(timeout(10))
+        waiter = conn.start_exchange(
+            lambda rid: encode_call(
+                rid, AnswerTarget(ticket.request_id), "mark", ["late"], budget_ms=200
+            ),
+            "mark",
+            timeout(0.5),
+        )
+        with pytest.raises(CallTimeout):
+            waiter.result()  # the caller gave up (its deadline passed too)
+        gate("late").set()
+        ticket.result()  # the question's answer: its waiting calls ran before it went out
+        assert MARKS == []
 
 
 @pytest.mark.xfail(
