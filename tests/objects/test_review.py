@@ -21,7 +21,15 @@ import pytest
 from sockstack import CallTimeout, RemoteError, ServiceError
 from sockstack.errors import ConnectError, ConnectionLost, ErrorCode
 from sockstack.host.server import ServerLimits
-from sockstack.objects import ObjectClient, ObjectLimits, ObjectServer, expose, release, resolve
+from sockstack.objects import (
+    AsyncObjectClient,
+    ObjectClient,
+    ObjectLimits,
+    ObjectServer,
+    expose,
+    release,
+    resolve,
+)
 from sockstack.objects import client as client_module
 from sockstack.objects.messages import (
     AnswerTarget,
@@ -677,6 +685,31 @@ def test_a_client_that_never_answers_callbacks_does_not_take_every_worker() -> N
             gate("stall").set()
             for t in callers:
                 t.join(timeout(20))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="client.py AsyncObjectClient.release(): send_soon's False (no stream) is ignored and "
+    "a frame on a new stream reaches no session: a proxy released while the connection is "
+    "down is never given back (the resumed session keeps its object)",
+)
+async def test_an_asyncio_release_while_disconnected_is_not_lost() -> None:
+    with serving() as served:
+        async with AsyncObjectClient(served.url, timeout=timeout(10)) as oc:
+            thing = oc.lookup("thing")
+            kid = await thing.child()
+            objects = served.server.objects
+            assert served.on_loop(lambda: objects.tables.objects) == 1
+            served.on_loop(
+                lambda: [cast(Any, p).transport.abort() for p in objects._peers.values()]
+            )
+            channel = oc._channel()
+            async with asyncio.timeout(timeout(10)):
+                while channel.stream is oc._attached:  # until the client sees the drop
+                    await asyncio.sleep(0.01)
+            await oc.release(kid)
+            assert await thing.incr() == 1  # re-attached: the session resumed
+            assert served.on_loop(lambda: objects.tables.objects) == 0
 
 
 # ---------------------------------------------------------------------------- 4. concurrency
