@@ -349,11 +349,6 @@ def test_the_methods_of_a_builtin_base_are_not_exposed() -> None:
 # ---------------------------------------------------------------------------- 5. protocol
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pattern.py _call(): a CALL without ONEWAY to a @expose(oneway=True) method is never "
-    "answered (PROTOCOL.md 4.5: exactly one RESPONSE or ERROR); the caller waits its timeout",
-)
 def test_a_call_without_oneway_to_a_oneway_method_is_answered() -> None:
     with serving() as served, ObjectClient(served.url, timeout=timeout(10)) as oc:
         target = oc.lookup("thing")._target
@@ -781,11 +776,6 @@ def test_concurrent_callbacks_get_their_own_answers() -> None:
         assert results == {"a": "a", "b": "b"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pattern.py _call(): a KEEP CALL refused because its id is a kept question settles "
-    "that other question with its refusal: the calls waiting on it fail with 'still kept'",
-)
 def test_a_refused_keep_call_does_not_settle_the_question_it_collides_with() -> None:
     with serving() as served, ObjectClient(served.url, timeout=timeout(10)) as oc:
         conn = oc._conn()
