@@ -233,11 +233,6 @@ class CheckedVault(Vault):
         return super().withdraw(amount)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="expose.py exposed(): an undecorated subclass gets its base's Exposed, whose "
-    "handlers are the base's functions: the subclass's override never runs",
-)
 def test_an_undecorated_subclass_runs_its_own_override() -> None:
     with (
         serving(lambda s: s.register("vault", CheckedVault())) as served,
@@ -265,12 +260,6 @@ class Second:
         return self.second
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pattern.py _named(): a session keeps its instance by name; after the name is "
-    "registered again with another class the old instance is called with the new class's "
-    "functions",
-)
 def test_a_name_registered_again_is_not_served_by_the_old_instance() -> None:
     with (
         serving(lambda s: s.register("svc", First)) as served,
@@ -302,11 +291,6 @@ class Account:
         return 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="expose.py _function_of(): any callable class attribute that is not a type (a "
-    "callable instance, a builtin, a partial) is exposed as a method",
-)
 def test_a_callable_class_attribute_is_not_exposed() -> None:
     with (
         serving(lambda s: s.register("account", Account())) as served,
@@ -358,11 +342,6 @@ def test_a_call_without_oneway_to_a_oneway_method_is_answered() -> None:
             pass  # an ERROR is an answer too; CallTimeout is not
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pattern.py _end(): RELEASE END ends the session but keeps its kept answers "
-    "(PROTOCOL.md 4.5: 'its kept answers dropped'); their objects stay callable",
-)
 def test_end_drops_the_sessions_kept_answers() -> None:
     with serving() as served, ObjectClient(served.url, timeout=timeout(10)) as oc:
         ticket = keep_call(oc, "child")
@@ -429,11 +408,6 @@ def test_a_path_to_the_callers_own_object_is_promise_elsewhere() -> None:
         assert err.value.code == ErrorCode.PROMISE_ELSEWHERE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pattern.py _resolve(): a reference in the arguments that names nothing is "
-    "UNKNOWN_OBJECT; PROTOCOL.md 4.5 says BAD_ARGUMENTS naming the parameter",
-)
 def test_an_unresolvable_argument_is_bad_arguments() -> None:
     with serving() as served, ObjectClient(served.url, timeout=timeout(10)) as oc:
         for ref in (Ref(FORM_HOME, id=secrets.token_bytes(16)), Ref(FORM_HOME, name="nope")):
@@ -442,12 +416,6 @@ def test_an_unresolvable_argument_is_bad_arguments() -> None:
             assert err.value.code == ErrorCode.BAD_ARGUMENTS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pattern.py _resolve() recurses once per nesting level: arguments nested ~1,000 "
-    "deep (msgpack decodes them) raise RecursionError out of data_received: the connection "
-    "dies with a traceback instead of an ERROR with a code",
-)
 def test_deeply_nested_arguments_get_an_error_with_a_code() -> None:
     with serving() as served, ObjectClient(served.url, timeout=timeout(10)) as oc:
         deep: Any = [Ref(FORM_HOME, name="thing")]
@@ -582,13 +550,6 @@ class Scratch:
         return len(self.buf)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="session.py Session.instances: session-mode instances are counted nowhere (tables "
-    "0 objects, 0 bytes) and a detached session keeps them for the lease; sessions are "
-    "bounded by count only (100,000, none per address): measured ~70 KB held per vanished "
-    "client here, ~7 GB at the bound",
-)
 def test_session_instances_are_counted() -> None:
     with serving(lambda s: s.register("scratch", Scratch)) as served:
         for _ in range(4):  # clients that vanish: each session kept for the lease
@@ -743,12 +704,6 @@ class _RacingOut(dict[int, Any]):
         super().__setitem__(key, value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pattern.py _next_rid(): self._rid is read and written by worker threads without a "
-    "lock: two callbacks at once can take the same id; the second replaces the first in the "
-    "table, and one gets the other's RETURN, or none (ConnectionLost / CallTimeout)",
-)
 def test_concurrent_callbacks_get_their_own_answers() -> None:
     with serving() as served, ObjectClient(served.url, timeout=timeout(10)) as oc:
         thing = oc.lookup("thing")
@@ -798,12 +753,6 @@ def test_a_refused_keep_call_does_not_settle_the_question_it_collides_with() -> 
 # ---------------------------------------------------------------------------- CPU on the loop
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pattern.py _describe(): inline on the loop, 1,024 names (duplicates allowed) each "
-    "described from scratch (typing.get_type_hints per member): ~100 ms of the event loop "
-    "for a 10 KB request, an amplification any client can repeat",
-)
 def test_describe_does_not_redo_its_work_per_name(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = 0
     real = typing.get_type_hints

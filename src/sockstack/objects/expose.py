@@ -117,10 +117,39 @@ def expose(
 def exposed(cls: type) -> Exposed | None:
     """The exposed surface of ``cls``, or None when nothing of it is exposed: a decorated
     class's (an undecorated subclass has its base's), else the methods decorated one by one."""
-    found = getattr(cls, _CLASS_MARK, None)
+    found = cls.__dict__.get(_CLASS_MARK)
     if isinstance(found, Exposed):
         return found
+    if isinstance(getattr(cls, _CLASS_MARK, None), Exposed):
+        return _subclass(cls)
     return _methods_only(cls)
+
+
+@functools.lru_cache(maxsize=1024)
+def _subclass(cls: type) -> Exposed:
+    """An undecorated subclass of an exposed class: the base's members (no more), each run
+    as ``cls`` defines it (an override runs, not the base's function it replaced)."""
+    base: Exposed = getattr(cls, _CLASS_MARK)
+    members: dict[str, Member] = {}
+    for name, member in base.members.items():
+        raw = inspect.getattr_static(cls, name, None)
+        if isinstance(raw, property) and member.kind == "property" and raw.fget is not None:
+            handler = make_handler(f"{base.iface}.{name}", raw.fget, True)
+            members[name] = Member(name, "property", handler)
+        elif member.kind == "method" and (inspect.isfunction(raw) or _is_coroutine(raw)):
+            func = raw
+            if func is not member.handler.func:
+                inline = member.handler.inline
+                handler = make_handler(f"{base.iface}.{name}", func, inline)
+                members[name] = Member(name, "method", handler, oneway=member.oneway)
+            else:
+                members[name] = member
+        # (an override that is no longer a function or property: not exposed)
+    return Exposed(cls, base.iface, base.instance, members)
+
+
+def _is_coroutine(raw: Any) -> bool:
+    return inspect.iscoroutinefunction(raw)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -184,10 +213,13 @@ def _public_members(cls: type) -> list[tuple[str, Any]]:
 
 
 def _function_of(raw: Any) -> Any:
+    """The function a class member runs: functions, coroutine functions, property getters
+    (and static/class methods' functions, never exposed); None for anything else (a callable
+    instance, a builtin, a partial is a plain attribute: never exposed)."""
     if isinstance(raw, staticmethod | classmethod):
         return raw.__func__
     if inspect.isfunction(raw) or inspect.iscoroutinefunction(raw):
         return raw
     if isinstance(raw, property):
         return raw.fget
-    return raw if callable(raw) and not isinstance(raw, type) else None
+    return None

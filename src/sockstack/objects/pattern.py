@@ -117,6 +117,7 @@ MAX_QUESTIONS = 10_000
 MAX_WAITERS = 1_000
 """Pipelined calls waiting for their question's answer, per connection."""
 _MAX_PATH = 8
+_MAX_DEPTH = 64  # arguments nested deeper are refused (BAD_ARGUMENTS), not recursed into
 
 
 _Refs = dict[tuple[int | str, ...], tuple[object, Exposed]]
@@ -179,6 +180,7 @@ class Objects(Pattern):
         )
         self.registered: dict[str, _Registered] = {}
         self._ifaces: dict[str, Exposed] = {}  # every exposed class served, by wire name
+        self._descriptions: dict[type, dict[str, Any]] = {}  # (bounded by the classes served)
         self.sessions: dict[bytes, Session] = {}  # by token
         self._peers: dict[str, Peer] = {}  # open connections by their address (attach)
         self._host: HostContext | None = None
@@ -187,6 +189,7 @@ class Objects(Pattern):
         self._loop_thread = 0
         self.callback_timeout = CALLBACK_TIMEOUT
         self._rid = 0  # the last id of this server's calls to clients
+        self._rid_lock = threading.Lock()
         self.on_session_end: list[Callable[[Session], None]] = []
         """Called with each session freed (ended, or its lease ran out): e.g. the name service
         drops the names it registered."""
@@ -231,11 +234,18 @@ class Objects(Pattern):
         if type(ifaces) is not list or len(ifaces) > 1024:
             raise _BadArguments("ifaces: a list of at most 1,024 interface names")
         out = {}
-        for name in ifaces:
+        for name in set(ifaces):
             found = self._ifaces.get(name) if type(name) is str else None
             if found is not None:
-                out[name] = describe(found)
+                out[name] = self._described(found)
         return out
+
+    def _described(self, found: Exposed) -> dict[str, Any]:
+        """:func:`describe`, once per class (type hints are read once)."""
+        desc = self._descriptions.get(found.cls)
+        if desc is None:
+            desc = self._descriptions[found.cls] = describe(found)
+        return desc
 
     def start(self, host: HostContext) -> None:
         self._host = host
@@ -349,16 +359,21 @@ class Objects(Pattern):
             "lease_ms": int(self.limits.lease * 1000),
             "resumed": resumed,
             "names": {name: r.exposed.iface for name, r in self.registered.items()},
-            "ifaces": {r.exposed.iface: describe(r.exposed) for r in self.registered.values()},
+            "ifaces": {
+                r.exposed.iface: self._described(r.exposed) for r in self.registered.values()
+            },
         }
 
     def _end(self, peer: Peer, session: Session) -> None:
         peer.state.pop(_STATE, None)
+        peer.state.pop(_QUESTIONS, None)  # its kept answers end with it
+        peer.state.pop(_WAITING, None)
         self._drop_session(session)
 
     def _drop_session(self, session: Session) -> None:
         self.sessions.pop(session.token, None)
         session.peer = None
+        session.dead = True  # a call still running answers: nothing it returns is kept
         session.clear()
         for hook in self.on_session_end:
             try:
@@ -571,26 +586,39 @@ class Objects(Pattern):
             return reg.target, reg.exposed
         if reg.mode == "percall":
             return _instantiate(reg), reg.exposed
-        obj = session.instances.get(name)
-        if obj is None:
-            obj = session.instances[name] = _instantiate(reg)
+        held = session.instances.get(name)
+        if held is not None and held[0] is reg:
+            return held[1], reg.exposed
+        obj = _instantiate(reg)  # (a name registered again: a new instance of the new one)
+        try:
+            session.keep_instance(name, reg, obj)
+        except TooManyObjects as exc:
+            raise _Refused(ErrorCode.TOO_MANY_OBJECTS, str(exc)) from None
         return obj, reg.exposed
 
-    def _resolve(self, session: Session, value: Any) -> Any:
+    def _resolve(self, session: Session, value: Any, depth: int = 0) -> Any:
         """``value`` with the references in it replaced by the objects they name (this
-        session's exports, or registered names)."""
+        session's exports, or registered names). BAD_ARGUMENTS for a reference that names
+        nothing here, or values nested deeper than 64 levels."""
+        if depth > _MAX_DEPTH:
+            raise _Refused(
+                ErrorCode.BAD_ARGUMENTS, f"arguments nested deeper than {_MAX_DEPTH} levels"
+            )
         if type(value) is Ref:
             if value.form == FORM_HOME:
                 if value.id is not None:
                     entry = session.get(value.id)
                     if entry is None:
                         raise _Refused(
-                            ErrorCode.UNKNOWN_OBJECT,
+                            ErrorCode.BAD_ARGUMENTS,
                             "an argument names an object this session does not hold",
                         )
                     return entry.obj
                 if value.name is not None:
-                    return self._named(session, value.name)[0]
+                    try:
+                        return self._named(session, value.name)[0]
+                    except _Refused as exc:
+                        raise _Refused(ErrorCode.BAD_ARGUMENTS, exc.message) from None
             if value.form == FORM_SENDER and value.id is not None:
                 return RemoteObject(self, session, value.id, value.iface)  # a callback
             raise _Refused(
@@ -599,9 +627,9 @@ class Objects(Pattern):
                 "caller's)",
             )
         if type(value) is list:
-            return [self._resolve(session, v) for v in value]
+            return [self._resolve(session, v, depth + 1) for v in value]
         if type(value) is dict:
-            return {k: self._resolve(session, v) for k, v in value.items()}
+            return {k: self._resolve(session, v, depth + 1) for k, v in value.items()}
         return value
 
     # ------------------------------------------------------------------ callbacks
@@ -630,7 +658,8 @@ class Objects(Pattern):
                 f"{MAX_CALLBACKS} calls to this client are waiting (limit)",
                 ErrorCode.OVERLOADED,
             )
-        rid = self._next_rid(out)
+        fut: Any = loop.create_future() if on_loop else concurrent.futures.Future()
+        rid = self._next_rid(out, fut)
         made: list[bytes] = []
 
         def to_ref(obj: object) -> Ref | None:
@@ -655,11 +684,10 @@ class Objects(Pattern):
                 to_ref=to_ref,
             )
         except BaseException:
+            out.pop(rid, None)
             for key in made:
                 session.release(key, 1)
             raise
-        fut: Any = loop.create_future() if on_loop else concurrent.futures.Future()
-        out[rid] = fut
         what = f"{robj._iface}.{method}"
 
         def send() -> None:
@@ -701,14 +729,18 @@ class Objects(Pattern):
             loop.call_soon_threadsafe(abort)
             raise CallTimeout(what, timeout) from None
 
-    def _next_rid(self, out: dict[int, Any]) -> int:
-        rid = self._rid
-        for _ in range(MAX_CALLBACKS + 1):
-            rid = rid % 0xFFFFFFFF + 1
-            if rid not in out:
-                break
-        self._rid = rid
-        return rid
+    def _next_rid(self, out: dict[int, Any], fut: Any) -> int:
+        """A fresh id for a call to a client, reserved for ``fut`` (worker threads choose them
+        at once: under a lock)."""
+        with self._rid_lock:
+            rid = self._rid
+            for _ in range(MAX_CALLBACKS + 2):
+                rid = rid % 0xFFFFFFFF + 1
+                if rid not in out:
+                    break
+            self._rid = rid
+            out[rid] = fut
+            return rid
 
     def _returned(self, peer: Peer, msg: Return) -> None:
         """A client's RETURN: the answer to one of this server's calls (a late one, after its

@@ -64,7 +64,9 @@ class Session:
 
     __slots__ = (
         "_by_obj",
+        "_instance_sizes",
         "bytes",
+        "dead",
         "expires",
         "exports",
         "instances",
@@ -79,15 +81,54 @@ class Session:
         self.exports: dict[bytes, Export] = {}
         self._by_obj: dict[int, bytes] = {}  # id(obj) -> export id (the entry holds obj)
         self.bytes = 0
-        self.instances: dict[str, object] = {}  # session-mode instances, by registered name
+        self.instances: dict[str, tuple[object, object]] = {}
+        """Session-mode instances by registered name: (the registration, the instance)."""
+        self._instance_sizes: dict[str, int] = {}
+        self.dead = False
+        """Freed (ended or expired): nothing is exported to it any more."""
         self.peer: Any = None  # the connection it is attached to; None while detached
         self.expires: float | None = None  # while detached: when it is freed
 
     def matches(self, token: bytes) -> bool:
         return hmac.compare_digest(self.token, token)
 
+    def _room(self, size: int) -> None:
+        t = self.tables
+        if len(self.exports) + len(self.instances) >= t.max_objects:
+            raise TooManyObjects(f"this session holds {t.max_objects} objects (limit)")
+        if self.bytes + size > t.max_bytes:
+            raise TooManyObjects(f"this session's objects would exceed {t.max_bytes} bytes")
+        if t.objects >= t.max_total_objects:
+            raise TooManyObjects(f"the server holds {t.max_total_objects} objects (limit)")
+        if t.bytes + size > t.max_total_bytes:
+            raise TooManyObjects(f"the server's objects would exceed {t.max_total_bytes} bytes")
+
+    def keep_instance(self, name: str, registration: object, obj: object) -> None:
+        """Keep a session-mode instance (counted as an object, in its bytes), replacing one
+        of an older registration of the name. Raises :class:`TooManyObjects`."""
+        if self.dead:
+            raise TooManyObjects("the session has ended")
+        self._drop_instance(name)
+        size = ENTRY_OVERHEAD + sys.getsizeof(obj)
+        self._room(size)
+        self.instances[name] = (registration, obj)
+        self._instance_sizes[name] = size
+        self.bytes += size
+        self.tables.objects += 1
+        self.tables.bytes += size
+
+    def _drop_instance(self, name: str) -> None:
+        if self.instances.pop(name, None) is not None:
+            size = self._instance_sizes.pop(name, 0)
+            self.bytes -= size
+            self.tables.objects -= 1
+            self.tables.bytes -= size
+
     def export(self, obj: object, exposed: Exposed) -> bytes:
-        """The id ``obj`` crosses under (its count +1). Raises :class:`TooManyObjects`."""
+        """The id ``obj`` crosses under (its count +1). Raises :class:`TooManyObjects` (also
+        once the session has ended: what would cross is nobody's)."""
+        if self.dead:
+            raise TooManyObjects("the session has ended")
         key = self._by_obj.get(id(obj))
         if key is not None:
             entry = self.exports[key]
@@ -96,14 +137,7 @@ class Session:
             return key
         t = self.tables
         size = ENTRY_OVERHEAD + sys.getsizeof(obj)
-        if len(self.exports) >= t.max_objects:
-            raise TooManyObjects(f"this session holds {t.max_objects} objects (limit)")
-        if self.bytes + size > t.max_bytes:
-            raise TooManyObjects(f"this session's objects would exceed {t.max_bytes} bytes")
-        if t.objects >= t.max_total_objects:
-            raise TooManyObjects(f"the server holds {t.max_total_objects} objects (limit)")
-        if t.bytes + size > t.max_total_bytes:
-            raise TooManyObjects(f"the server's objects would exceed {t.max_total_bytes} bytes")
+        self._room(size)
         key = secrets.token_bytes(ID_SIZE)
         while key in self.exports:  # (2^-128: never, but never a wrong object either)
             key = secrets.token_bytes(ID_SIZE)
@@ -140,7 +174,8 @@ class Session:
         n = len(self.exports)
         for key, entry in list(self.exports.items()):
             self._drop(key, entry)
-        self.instances.clear()
+        for name in list(self.instances):
+            self._drop_instance(name)
         return n
 
     def __iter__(self) -> Iterator[bytes]:
