@@ -610,11 +610,7 @@ class ObjectClient(_Held):
     ) -> Any:
         if self.closed:
             raise ConnectError("the object client is closed")
-        if os.getpid() != self._pid:
-            raise ConnectError(
-                "this object client was made in the parent process: its session is the "
-                "parent's (make a new one in the child)"
-            )
+        self._not_forked()
         t = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + t
         self._last_send = deadline - t
@@ -651,7 +647,15 @@ class ObjectClient(_Held):
         properties, and which methods return remote objects)."""
         names, self._undescribed = sorted(self._undescribed), set()
         if names:
+            self._not_forked()
             self.ifaces.update(self.client.call("objects.describe", names))
+
+    def _not_forked(self) -> None:
+        if os.getpid() != self._pid:
+            raise ConnectError(
+                "this object client was made in the parent process: its session is the "
+                "parent's (make a new one in the child)"
+            )
 
     def _send_releases(self, conn: StreamConnection, timeout: float) -> None:
         releases = self._take_releases()
@@ -698,6 +702,7 @@ class ObjectClient(_Held):
         and the server runs them when the result is there: a chain costs one round trip."""
         if self.closed:
             raise ConnectError("the object client is closed")
+        self._not_forked()
         t = self.timeout
         deadline = time.monotonic() + t
         self._last_send = deadline - t
@@ -715,11 +720,20 @@ class ObjectClient(_Held):
     def release(self, proxy: Proxy) -> None:
         """Give ``proxy``'s object back now (the proxy stops working)."""
         entry = self._given_back(proxy)
-        if entry is not None and not self.closed:
-            try:
-                self._conn().send_frame(encode_release([entry]), "RELEASE", self.timeout)
-            except (ConnectError, ConnectionLost):
-                self._unsent.append(entry)  # with the next call, once re-attached
+        if entry is None or self.closed or os.getpid() != self._pid:
+            return
+        conn = self._conn()
+        core = conn.core
+        if core is None or core is not self._attached or not conn.live:
+            self._unsent.append(entry)  # with the next call (or RENEW), once re-attached
+            return
+        try:
+            conn.send_frame(encode_release([entry]), "RELEASE", self.timeout)
+        except (ConnectError, ConnectionLost):
+            self._unsent.append(entry)
+            return
+        if conn.core is not core:  # it reconnected to send it: not this session's
+            self._unsent.append(entry)
 
     def close(self) -> None:
         """End the session (the server frees everything of it at once) and the connection."""
@@ -1374,8 +1388,11 @@ class AsyncObjectClient(_Held):
     async def release(self, proxy: AsyncProxy) -> None:
         """Give ``proxy``'s object back now (the proxy stops working)."""
         entry = self._given_back(proxy)
-        if entry is not None and not self.closed:
-            self._channel().send_soon(encode_release([entry]))
+        if entry is None or self.closed:
+            return
+        channel = self._channel()
+        if channel.stream is not self._attached or not channel.send_soon(encode_release([entry])):
+            self._unsent.append(entry)  # with the next call (or RENEW), once re-attached
 
     async def close(self) -> None:
         """End the session (the server frees everything of it at once) and the connection."""
