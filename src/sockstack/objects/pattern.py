@@ -112,6 +112,7 @@ MAX_CALLBACKS = 1_000
 CALLBACK_TIMEOUT = 10.0
 """Seconds a call to a client's object waits at most (less when the served call has less)."""
 _WAITING = "objects.waiting"
+_WAITING_BYTES = "objects.waiting_bytes"  # frame bytes of the pipelined calls waiting
 MAX_QUESTIONS = 10_000
 """Kept answers (KEEP calls not finished) per connection."""
 MAX_WAITERS = 1_000
@@ -120,7 +121,9 @@ _MAX_PATH = 8
 _MAX_DEPTH = 64  # arguments nested deeper are refused (BAD_ARGUMENTS), not recursed into
 
 
-_Refs = dict[tuple[int | str, ...], tuple[object, Exposed]]
+_Refs = dict[tuple[int | str, ...], bytes]
+"""A kept answer's objects by path: their export ids in the session (the session's counts and
+bounds hold them; a released one is gone from the answer too)."""
 
 
 class _Question:
@@ -143,28 +146,25 @@ def _questions(peer: Peer) -> dict[int, _Question]:
     return questions
 
 
-def _paths(
-    value: Any,
-    path: tuple[int | str, ...],
-    out: dict[tuple[int | str, ...], tuple[object, Exposed]],
-) -> None:
-    """Each exposed object in ``value`` by its path (list indexes, map keys), 8 steps deep."""
+def _paths(value: Any, path: tuple[int | str, ...], out: _Refs, keys: dict[int, bytes]) -> None:
+    """The export id of each exposed object in ``value`` (``keys``: by ``id(obj)``, as the
+    answer exported them) by its path (list indexes, map keys), 8 steps deep."""
     t = type(value)
     if t in _SCALARS:
         return
-    found = exposed(t)
-    if found is not None:
-        out[path] = (value, found)
+    key = keys.get(id(value))
+    if key is not None:
+        out[path] = key
         return
     if len(path) >= _MAX_PATH:
         return
     if t is list or t is tuple:
         for i, v in enumerate(value[:65536]):
-            _paths(v, (*path, i), out)
+            _paths(v, (*path, i), out, keys)
     elif t is dict:
         for k, v in value.items():
             if type(k) is str and len(k.encode()) <= 255:
-                _paths(v, (*path, k), out)
+                _paths(v, (*path, k), out, keys)
 
 
 class Objects(Pattern):
@@ -368,6 +368,7 @@ class Objects(Pattern):
         peer.state.pop(_STATE, None)
         peer.state.pop(_QUESTIONS, None)  # its kept answers end with it
         peer.state.pop(_WAITING, None)
+        peer.state.pop(_WAITING_BYTES, None)
         self._drop_session(session)
 
     def _drop_session(self, session: Session) -> None:
@@ -429,7 +430,7 @@ class Objects(Pattern):
                 asked = True
             session = self._session(peer)
             if type(call.target) is AnswerTarget:
-                got = self._answered(peer, call)
+                got = self._answered(peer, session, call)
                 if got is None:
                     return  # waits for its question's answer
                 obj, found = got
@@ -490,7 +491,7 @@ class Objects(Pattern):
             )
         questions[qid] = _Question()
 
-    def _answered(self, peer: Peer, call: Call) -> tuple[object, Exposed] | None:
+    def _answered(self, peer: Peer, session: Session, call: Call) -> tuple[object, Exposed] | None:
         """The object a pipelined call targets, or None when it must wait for its question
         (queued: run when the answer comes, in arrival order)."""
         target = call.target
@@ -509,13 +510,24 @@ class Objects(Pattern):
                     ErrorCode.OVERLOADED,
                     f"{MAX_WAITERS} pipelined calls wait on this connection (limit)",
                 )
+            held = peer.state.get(_WAITING_BYTES, 0)
+            bound = self._host.limits.max_in_flight_bytes if self._host is not None else 1 << 25
+            if held + call.size > bound:
+                raise _Refused(
+                    ErrorCode.OVERLOADED,
+                    f"pipelined calls waiting on this connection hold {held} bytes "
+                    f"(limit {bound}: max_in_flight_bytes)",
+                )
             peer.state[_WAITING] = waiting + 1
+            peer.state[_WAITING_BYTES] = held + call.size
             q.waiters.append(call)
             return None
         if q.failure is not None:
             code, name, message = q.failure
             raise _Refused(code, message, name)
-        got = q.refs.get(target.path)
+        key = q.refs.get(target.path)
+        entry = session.get(key) if key is not None else None
+        got = (entry.obj, entry.exposed) if entry is not None else None
         if got is None:
             raise _Refused(
                 ErrorCode.BAD_TARGET,
@@ -529,9 +541,10 @@ class Objects(Pattern):
         qid: int,
         value: Any,
         failure: tuple[int, str, str] | None,
+        keys: dict[int, bytes] | None = None,
     ) -> None:
-        """Question ``qid`` has its answer: keep its objects by path (or its failure), then
-        run the calls that waited for it."""
+        """Question ``qid`` has its answer: keep its objects' export ids by path (or its
+        failure), then run the calls that waited for it."""
         questions = _questions(peer)
         q = questions.get(qid)
         if q is None or q.done:
@@ -539,13 +552,15 @@ class Objects(Pattern):
         q.done = True
         if failure is not None:
             q.failure = failure
-        else:
-            _paths(value, (), q.refs)
+        elif keys:
+            _paths(value, (), q.refs, keys)
         waiters, q.waiters = q.waiters, []
         if q.finished:
             del questions[qid]
         if waiters:
             peer.state[_WAITING] = max(0, peer.state.get(_WAITING, 0) - len(waiters))
+            held = sum(c.size for c in waiters)
+            peer.state[_WAITING_BYTES] = max(0, peer.state.get(_WAITING_BYTES, 0) - held)
             for call in waiters:
                 self._call(peer, call, waited=True)
 
@@ -839,7 +854,7 @@ class _Answerer:
     """The answer to one CALL: RESPONSE with its result (references exported to the session)
     or ERROR; nothing for a oneway call (a failure is logged)."""
 
-    __slots__ = ("keep", "member", "oneway", "pattern", "peer", "session")
+    __slots__ = ("exported", "keep", "member", "oneway", "pattern", "peer", "session")
 
     def __init__(
         self,
@@ -856,6 +871,7 @@ class _Answerer:
         self.member = member
         self.oneway = oneway
         self.keep = keep
+        self.exported: dict[int, bytes] = {}  # id(obj) -> its export id, in the answer sent
 
     def __call__(self, req: Request, outcome: Outcome, ctx: CallContext | None) -> None:
         failure: tuple[int, str, str] | None = None if outcome[0] else outcome[1]
@@ -864,7 +880,7 @@ class _Answerer:
         finally:
             if self.keep:  # after the answer: pipelined calls' answers come after it
                 value = outcome[1] if failure is None else None
-                self.pattern._settled(self.peer, req.request_id, value, failure)
+                self.pattern._settled(self.peer, req.request_id, value, failure, self.exported)
 
     def _answer(
         self, req: Request, outcome: Outcome, ctx: CallContext | None
@@ -916,7 +932,10 @@ class _Answerer:
                 ifaces[found.iface] = found  # (bounded by the exposed classes in the code)
             key = session.export(obj, found)
             made.append(key)
+            exported[id(obj)] = key
             return Ref(FORM_SENDER, id=key, iface=found.iface)
+
+        exported = self.exported
 
         body = pack(value, to_ref if type(value) not in _SCALARS else None)
         meta, flags = b"", 0
