@@ -41,6 +41,7 @@ from sockstack.objects.refs import FORM_HOME, FORM_PROMISE, FORM_SENDER, Ref
 from sockstack.sync.client import Ticket
 from tests.conftest import timeout
 from tests.integration.test_fork import forked
+from tests.objects.support import Running, quick_limits, running
 
 GATES: dict[str, threading.Event] = {}
 ENTERED: dict[str, threading.Event] = {}
@@ -121,32 +122,7 @@ class Listener:
         return x
 
 
-class Served:
-    def __init__(self, server: ObjectServer, loop: asyncio.AbstractEventLoop) -> None:
-        self.server = server
-        self.loop = loop
-
-    @property
-    def url(self) -> str:
-        return f"tcp://127.0.0.1:{self.server.endpoint('tcp').port}"
-
-    def run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout(20))
-
-    def on_loop(self, fn: Callable[[], Any]) -> Any:
-        async def call() -> Any:
-            return fn()
-
-        return self.run(call())
-
-    def eventually(self, cond: Callable[[], bool], seconds: float = 10.0) -> None:
-        async def wait() -> None:
-            async with asyncio.timeout(timeout(seconds)):
-                while not cond():
-                    await asyncio.sleep(0.01)
-
-        self.run(wait())
-
+class Served(Running):
     def peers(self) -> list[Any]:
         return list(self.on_loop(lambda: list(self.server.objects._peers.values())))
 
@@ -157,40 +133,21 @@ def serving(
     objects: ObjectLimits | None = None,
     limits: ServerLimits | None = None,
 ) -> Iterator[Served]:
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        srv = ObjectServer(
-            tcp=["127.0.0.1:0"],
-            objects=objects,
-            limits=limits or ServerLimits(drain_timeout=timeout(2), close_timeout=timeout(2)),
-        )
+    def make() -> ObjectServer:
+        srv = ObjectServer(tcp=["127.0.0.1:0"], objects=objects, limits=limits or quick_limits())
         srv.register("thing", Thing())
         if setup is not None:
             setup(srv)
-        try:
-            loop.run_until_complete(srv.start())
-            box["server"] = srv
-        finally:
-            started.set()
-        loop.run_forever()
-        loop.run_until_complete(srv.shutdown())
-        loop.close()
+        return srv
 
-    thread = threading.Thread(target=run, name="objects-review-server", daemon=True)
-    thread.start()
-    assert started.wait(timeout(10)) and "server" in box
     try:
-        yield Served(box["server"], loop)
+        with running(make) as r:
+            try:
+                yield Served(r.server, r.loop)
+            finally:
+                for event in GATES.values():
+                    event.set()
     finally:
-        for event in GATES.values():
-            event.set()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout(20))
-        assert not thread.is_alive()
         GATES.clear()
         ENTERED.clear()
 
