@@ -293,12 +293,6 @@ def test_end_drops_the_sessions_kept_answers() -> None:
         assert err.value.code == ErrorCode.BAD_TARGET
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pattern.py _answered()/_settled(): a pipelined call's DEADLINE budget starts when "
-    "its question is answered (host/server.py _context() at submit), not when it arrived: it "
-    "runs long after its caller gave up (on a REQUEST the budget counts from receipt)",
-)
 def test_a_pipelined_calls_deadline_counts_from_its_arrival() -> None:
     MARKS.clear()
     with serving() as served, ObjectClient(served.url, timeout=timeout(10)) as oc:

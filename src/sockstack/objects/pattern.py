@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 import time
@@ -105,6 +106,11 @@ class _Refused(Exception):
         self.name = name or ErrorCode(code).name
 
 
+_LATE_FAILURE = (
+    ErrorCode.DEADLINE_EXCEEDED,
+    "DEADLINE_EXCEEDED",
+    "the call's deadline passed while it waited for the answer it names; it did not run",
+)
 _QUESTIONS = "objects.questions"
 _OUT = "objects.out"  # this server's calls to the client (callbacks) waiting for RETURN
 MAX_CALLBACKS = 1_000
@@ -129,13 +135,14 @@ bounds hold them; a released one is gone from the answer too)."""
 class _Question:
     """A KEEP call: its answer's objects by path (or its failure), and the calls waiting."""
 
-    __slots__ = ("done", "failure", "finished", "refs", "waiters")
+    __slots__ = ("arrived", "done", "failure", "finished", "refs", "waiters")
 
     def __init__(self) -> None:
         self.done = False
         self.failure: tuple[int, str, str] | None = None
         self.refs: _Refs = {}
         self.waiters: list[Call] = []
+        self.arrived: list[float] = []  # when each waiter came (its deadline counts from it)
         self.finished = False
 
 
@@ -521,6 +528,7 @@ class Objects(Pattern):
             peer.state[_WAITING] = waiting + 1
             peer.state[_WAITING_BYTES] = held + call.size
             q.waiters.append(call)
+            q.arrived.append(self._clock())
             return None
         if q.failure is not None:
             code, name, message = q.failure
@@ -555,14 +563,31 @@ class Objects(Pattern):
         elif keys:
             _paths(value, (), q.refs, keys)
         waiters, q.waiters = q.waiters, []
+        arrived, q.arrived = q.arrived, []
         if q.finished:
             del questions[qid]
         if waiters:
             peer.state[_WAITING] = max(0, peer.state.get(_WAITING, 0) - len(waiters))
             held = sum(c.size for c in waiters)
             peer.state[_WAITING_BYTES] = max(0, peer.state.get(_WAITING_BYTES, 0) - held)
-            for call in waiters:
+            now = self._clock()
+            for call, t0 in zip(waiters, arrived, strict=True):
+                budget = call.budget_ms
+                if budget is not None:  # its budget counts from its arrival, as a REQUEST's
+                    left = budget - int((now - t0) * 1000)
+                    if left <= 0:
+                        self._late(peer, call)
+                        continue
+                    call = dataclasses.replace(call, budget_ms=left)
                 self._call(peer, call, waited=True)
+
+    def _late(self, peer: Peer, call: Call) -> None:
+        """A pipelined call whose deadline passed while it waited: it does not run."""
+        if call.keep:  # calls waiting on it fail the same way
+            self._settled(peer, call.request_id, None, _LATE_FAILURE)
+        core = peer.core
+        if not call.oneway and core is not None:
+            core.send_error(call.request_id, *_LATE_FAILURE)
 
     def _finish(self, peer: Peer, qids: Sequence[int]) -> None:
         questions = peer.state.get(_QUESTIONS)
