@@ -51,15 +51,17 @@ from sockstack.objects.messages import (
     NameTarget,
     ObjectTarget,
     Target,
+    decode_response_refs,
     encode_call,
     encode_release,
     encode_renew,
     encode_return,
     encode_return_error,
 )
-from sockstack.objects.refs import FORM_HOME, FORM_SENDER, Ref, unpack
-from sockstack.protocol.calls import deadline_passed
+from sockstack.objects.refs import FORM_HOME, FORM_SENDER, Ref
+from sockstack.protocol.calls import budget_ms, deadline_passed
 from sockstack.protocol.codecs import MSGPACK
+from sockstack.protocol.connection import Connection
 from sockstack.protocol.events import Response
 from sockstack.protocol.frames import Frame, MessageType
 from sockstack.protocol.messages import (
@@ -89,7 +91,6 @@ __all__ = [
     "resolve",
 ]
 
-_MAX_BUDGET_MS = 0xFFFFFFFF
 MAX_EXPORTS = 10_000
 """This client's own objects the server may hold (callbacks), per session."""
 CALLBACK_THREADS = 4
@@ -104,10 +105,7 @@ def _decode_response_refs(f: Frame) -> Response:
     metadata = None
     if f.flags & FLAG_METADATA:
         metadata = split_meta(f.meta, FLAG_METADATA, "RESPONSE")[1]
-    try:
-        value, _ = unpack(f.body)
-    except CodecError as exc:
-        raise RemoteProtocolError(str(exc), ErrorCode.DECODE_ERROR) from None
+    value, _ = decode_response_refs(f.body)
     return Response(f.request_id, value, 1, metadata)
 
 
@@ -608,19 +606,7 @@ class ObjectClient(_Held):
         timeout: float | None = None,
         oneway: bool = False,
     ) -> Any:
-        if self.closed:
-            raise ConnectError("the object client is closed")
-        self._not_forked()
-        t = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + t
-        self._last_send = deadline - t
-        self._ensure_attached(deadline, method)
-        conn = self._conn()
-        self._send_releases(conn, t)
-        core = conn.core
-        budget = None
-        if core is not None and core.peer_features & FEATURE_DEADLINE:
-            budget = min(int(t * 1000), _MAX_BUDGET_MS)
+        t, deadline, conn, budget = self._prepare(method, timeout)
         frame = self._frame(target, method, args, kwargs, budget, oneway)
         if oneway:
             conn.send_frame(frame(0), method, t)
@@ -650,6 +636,22 @@ class ObjectClient(_Held):
             self._not_forked()
             self.ifaces.update(self.client.call("objects.describe", names))
 
+    def _prepare(
+        self, what: str, timeout: float | None
+    ) -> tuple[float, float, StreamConnection, int | None]:
+        """Before a request of this client: (its timeout, deadline, the connection with the
+        session attached and the RELEASEs due sent, the DEADLINE budget to send or None)."""
+        if self.closed:
+            raise ConnectError("the object client is closed")
+        self._not_forked()
+        t = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + t
+        self._last_send = deadline - t
+        self._ensure_attached(deadline, what)
+        conn = self._conn()
+        self._send_releases(conn, t)
+        return t, deadline, conn, _budget(conn.core, t)
+
     def _not_forked(self) -> None:
         if os.getpid() != self._pid:
             raise ConnectError(
@@ -672,16 +674,7 @@ class ObjectClient(_Held):
             self._unsent.extend(releases)
 
     def _send_batch(self, calls: Sequence[Pending], timeout: float | None) -> None:
-        t = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + t
-        self._last_send = deadline - t
-        self._ensure_attached(deadline, "batch")
-        conn = self._conn()
-        self._send_releases(conn, t)
-        core = conn.core
-        budget = None
-        if core is not None and core.peer_features & FEATURE_DEADLINE:
-            budget = min(int(t * 1000), _MAX_BUDGET_MS)
+        t, _, conn, budget = self._prepare("batch", timeout)
         frames = [
             self._frame(target, method, args, kwargs, budget, False)
             for target, method, args, kwargs in (p._call for p in calls)
@@ -700,19 +693,7 @@ class ObjectClient(_Held):
         """Call ``method``, whose result is a remote object, without waiting: a
         :class:`Promise` of it at once (CALL with KEEP). Calls on the promise go out at once
         and the server runs them when the result is there: a chain costs one round trip."""
-        if self.closed:
-            raise ConnectError("the object client is closed")
-        self._not_forked()
-        t = self.timeout
-        deadline = time.monotonic() + t
-        self._last_send = deadline - t
-        self._ensure_attached(deadline, method)
-        conn = self._conn()
-        self._send_releases(conn, t)
-        core = conn.core
-        budget = None
-        if core is not None and core.peer_features & FEATURE_DEADLINE:
-            budget = min(int(t * 1000), _MAX_BUDGET_MS)
+        t, _, conn, budget = self._prepare(method, None)
         frame = self._frame(target, method, args, kwargs, budget, False, keep=True)
         ticket = conn.start_exchange(frame, method, t)
         return Promise(self, ticket, iface)
@@ -1348,10 +1329,7 @@ class AsyncObjectClient(_Held):
         channel = self._channel()
         self._send_releases(channel)
         stream = channel.stream
-        core = stream.core if stream is not None else None
-        budget = None
-        if core is not None and core.peer_features & FEATURE_DEADLINE:
-            budget = min(int(t * 1000), _MAX_BUDGET_MS)
+        budget = _budget(stream.core if stream is not None else None, t)
         frame = self._frame(target, method, args, kwargs, budget, oneway, keep=keep is not None)
         if keep is not None:
             frame = _noting(frame, keep)
@@ -1474,6 +1452,13 @@ def _split(url: str) -> tuple[str, str]:
     if scheme not in ("tcp", "tls"):
         raise ValueError("remote objects need tcp:// or tls:// (a session over a connection)")
     return base, name
+
+
+def _budget(core: Connection | None, timeout: float) -> int | None:
+    """The DEADLINE budget a request carries: to a server that announced DEADLINE only."""
+    if core is not None and core.peer_features & FEATURE_DEADLINE:
+        return budget_ms(timeout)
+    return None
 
 
 def _retrieved(fut: asyncio.Future[Any]) -> None:

@@ -53,13 +53,12 @@ from sockstack.objects.messages import (
     Return,
     encode_abort,
     encode_call,
+    encode_response_with_refs,
 )
-from sockstack.objects.refs import FORM_HOME, FORM_SENDER, Ref, pack
+from sockstack.objects.refs import FORM_HOME, FORM_SENDER, Ref
 from sockstack.objects.session import Session, Tables, TooManyObjects
-from sockstack.protocol.calls import remote_error, served_call
+from sockstack.protocol.calls import budget_ms, remote_error, served_call
 from sockstack.protocol.events import Error, PatternMessage, Request
-from sockstack.protocol.frames import MessageType, encode_frame
-from sockstack.protocol.messages import FLAG_METADATA, encode_metadata
 from sockstack.rpc.context import CallContext, current_context
 
 __all__ = ["ObjectLimits", "Objects", "RemoteObject"]
@@ -702,17 +701,8 @@ class Objects(Pattern):
         rid = self._next_rid(out, fut)
         made: list[bytes] = []
 
-        def to_ref(obj: object) -> Ref | None:
-            if type(obj) is RemoteObject:
-                return Ref(FORM_HOME, id=obj._id) if obj._session is session else None
-            found = exposed(type(obj))
-            if found is None:
-                return None
-            key = session.export(obj, found)
-            made.append(key)
-            return Ref(FORM_SENDER, id=key, iface=found.iface)
-
-        budget = max(0, int(timeout * 1000))
+        to_ref = self._exporter(session, made)
+        budget = budget_ms(timeout)
         try:
             frame = encode_call(
                 rid,
@@ -768,6 +758,30 @@ class Objects(Pattern):
         except concurrent.futures.TimeoutError:
             loop.call_soon_threadsafe(abort)
             raise CallTimeout(what, timeout) from None
+
+    def _exporter(
+        self, session: Session, made: list[bytes], exported: dict[int, bytes] | None = None
+    ) -> Callable[[object], Ref | None]:
+        """The references of what crosses to ``session`` (msgpack ext 2): an exposed object is
+        exported to it (``made`` gets its id, to give back if the frame is not sent;
+        ``exported``, when given, maps ``id(obj)`` to it); the client's own object goes home."""
+        ifaces = self._ifaces
+
+        def to_ref(obj: object) -> Ref | None:
+            if type(obj) is RemoteObject:  # the client's own object, going home
+                return Ref(FORM_HOME, id=obj._id) if obj._session is session else None
+            found = exposed(type(obj))
+            if found is None:
+                return None
+            if found.iface not in ifaces:
+                ifaces[found.iface] = found  # (bounded by the exposed classes in the code)
+            key = session.export(obj, found)
+            made.append(key)
+            if exported is not None:
+                exported[id(obj)] = key
+            return Ref(FORM_SENDER, id=key, iface=found.iface)
+
+        return to_ref
 
     def _next_rid(self, out: dict[int, Any], fut: Any) -> int:
         """A fresh id for a call to a client, reserved for ``fut`` (worker threads choose them
@@ -944,29 +958,9 @@ class _Answerer:
     def _response(
         self, rid: int, value: Any, trailers: Mapping[str, str | bytes] | None, made: list[bytes]
     ) -> bytes:
-        session = self.session
-        ifaces = self.pattern._ifaces
-
-        def to_ref(obj: object) -> Ref | None:
-            if type(obj) is RemoteObject:  # the client's own object, going home
-                return Ref(FORM_HOME, id=obj._id) if obj._session is session else None
-            found = exposed(type(obj))
-            if found is None:
-                return None
-            if found.iface not in ifaces:
-                ifaces[found.iface] = found  # (bounded by the exposed classes in the code)
-            key = session.export(obj, found)
-            made.append(key)
-            exported[id(obj)] = key
-            return Ref(FORM_SENDER, id=key, iface=found.iface)
-
-        exported = self.exported
-
-        body = pack(value, to_ref if type(value) not in _SCALARS else None)
-        meta, flags = b"", 0
-        if trailers:
-            meta, flags = encode_metadata(trailers), FLAG_METADATA
-        return encode_frame(MessageType.RESPONSE, rid, meta, body, flags, 1)
+        to_ref = self.pattern._exporter(self.session, made, self.exported)
+        refs = to_ref if type(value) not in _SCALARS else None
+        return encode_response_with_refs(rid, value, to_ref=refs, metadata=trailers or None)
 
 
 def describe(found: Exposed) -> dict[str, Any]:

@@ -1391,21 +1391,7 @@ class StreamConnection(_Pipeline):
         """Send the frame ``frame(request_id)`` builds for a fresh id now, and wait for its
         RESPONSE later (:meth:`Ticket.result`): an answer that comes while nobody waits is kept
         (the thread that reads takes it). A ticket never waited for ends with its answer."""
-        now = time.monotonic()
-        deadline = now + timeout
-        slot = _Slot()
-
-        def build(core: Connection, rid: int) -> bytes:
-            core.send_message(frame(rid))
-            return core.data_to_send()
-
-        try:
-            self._begin(slot, deadline, what, timeout)
-            self._start(slot, what, timeout, now, build)
-        except BaseException:
-            self._leave(slot)
-            raise
-        return Ticket(self, slot, deadline, what, timeout)
+        return self.start_exchanges([frame], what, timeout)[0]
 
     def start_exchanges(
         self, frames: Sequence[Callable[[int], bytes]], what: str, timeout: float
@@ -1439,21 +1425,8 @@ class StreamConnection(_Pipeline):
         """Send the frame ``frame(request_id)`` builds for a fresh id and wait for the RESPONSE
         to it; returns (request id, result). Raises :class:`CallTimeout`, or
         :class:`RemoteError` for an ERROR answer."""
-        now = time.monotonic()
-        deadline = now + timeout
-        slot = _Slot()
-        try:
-            self._begin(slot, deadline, what, timeout)
-
-            def build(core: Connection, rid: int) -> bytes:
-                core.send_message(frame(rid))
-                return core.data_to_send()
-
-            self._start(slot, what, timeout, now, build)
-            result = self._wait(slot, deadline, what, timeout)
-        finally:
-            self._leave(slot)
-        return slot.request_id, result
+        ticket = self.start_exchange(frame, what, timeout)
+        return ticket.request_id, ticket.result()
 
     def send_frame(self, frame: bytes, what: str, timeout: float) -> None:
         """Send a frame that gets no answer (QoS 0 PUB, ACK)."""
