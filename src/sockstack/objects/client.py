@@ -91,6 +91,7 @@ __all__ = [
     "resolve",
 ]
 
+_DUE = 64  # RELEASE entries due that a promise's CALL takes with it (else the next call)
 MAX_EXPORTS = 10_000
 """This client's own objects the server may hold (callbacks), per session."""
 CALLBACK_THREADS = 4
@@ -172,6 +173,7 @@ class _Held:
         # promises dropped before they were resolved: their answers' references to give back
         self._dropped_promises: collections.deque[_PromiseBox] = collections.deque()
         self._waiting_promises: list[_PromiseBox] = []  # dropped, answer not come yet
+        self._answers_seen = 0
         self._token: bytes | None = None
         self._attached: object = None  # the connection the session is attached on
         self.lease = 30.0
@@ -390,7 +392,9 @@ class _Held:
         out: list[tuple[bytes, int]] = []
         if self._unsent:
             out, self._unsent = self._unsent, []
-        if self._dropped_promises or self._waiting_promises:
+        if self._dropped_promises or (
+            self._waiting_promises and self._answers_seen != self._answers_now()
+        ):
             out.extend(self._promises_given_back())
         dropped = self._dropped
         if not dropped:
@@ -405,18 +409,36 @@ class _Held:
                 out.append((key, entry.count))
         return out
 
+    _early_finish = False
+    """FINISH a dropped promise's question before its answer came (the server then answers
+    it nil: nothing to give back). Only where every call naming a promise is written before
+    the promise can be dropped (the blocking client)."""
+
+    def _answers_now(self) -> int:
+        """A number that changes when answers came (the dropped promises waiting for theirs
+        are looked at again only then); here a new one each time."""
+        self._answers_seen += 1
+        return self._answers_seen + 1
+
     def _promises_given_back(self) -> list[tuple[bytes, int]]:
         """The references in the answers of promises dropped before they were resolved (never
         imported: given back as they came), and their questions finished."""
-        boxes = self._waiting_promises
-        self._waiting_promises = []
+        now = self._answers_now()  # (read first: an answer that comes meanwhile, seen next time)
+        boxes: list[_PromiseBox] = []
+        if now != self._answers_seen:  # answers came: look at those waiting again
+            boxes, self._waiting_promises = self._waiting_promises, []
+        self._answers_seen = now
         while self._dropped_promises:
             boxes.append(self._dropped_promises.popleft())
         counts: dict[bytes, int] = {}
+        early = self._early_finish
         for box in boxes:
             if box.resolved:
                 continue
             ticket = box.ticket
+            if early and not box.finished:
+                box.finished = True
+                self._finished.append(ticket.request_id)
             if not ticket.done():
                 self._waiting_promises.append(box)  # its answer has not come: later
                 continue
@@ -426,7 +448,8 @@ class _Held:
                 result = None  # failed: no references to give back
             for key in _sender_refs(result):
                 counts[key] = counts.get(key, 0) + 1
-            self._finished.append(ticket.request_id)
+            if not box.finished:
+                self._finished.append(ticket.request_id)
         return list(counts.items())
 
     def _take_finished(self) -> list[int]:
@@ -455,6 +478,11 @@ class _Held:
 class ObjectClient(_Held):
     """One connection to an object server and the session on it, for blocking code
     (thread-safe). :func:`lookup` makes one for a proxy; make one to hold several."""
+
+    _early_finish = True
+
+    def _answers_now(self) -> int:
+        return self._conn().settled
 
     def __init__(
         self,
@@ -637,10 +665,11 @@ class ObjectClient(_Held):
             self.ifaces.update(self.client.call("objects.describe", names))
 
     def _prepare(
-        self, what: str, timeout: float | None
+        self, what: str, timeout: float | None, send_releases: bool = True
     ) -> tuple[float, float, StreamConnection, int | None]:
         """Before a request of this client: (its timeout, deadline, the connection with the
-        session attached and the RELEASEs due sent, the DEADLINE budget to send or None)."""
+        session attached and the RELEASEs due sent (unless ``send_releases`` is false: the
+        caller sends them with its request), the DEADLINE budget to send or None)."""
         if self.closed:
             raise ConnectError("the object client is closed")
         self._not_forked()
@@ -649,7 +678,8 @@ class ObjectClient(_Held):
         self._last_send = deadline - t
         self._ensure_attached(deadline, what)
         conn = self._conn()
-        self._send_releases(conn, t)
+        if send_releases:
+            self._send_releases(conn, t)
         return t, deadline, conn, _budget(conn.core, t)
 
     def _not_forked(self) -> None:
@@ -666,7 +696,8 @@ class ObjectClient(_Held):
             return
         core = conn.core
         try:
-            conn.send_frame(encode_release(releases, finished), "RELEASE", timeout)
+            # (held: it leaves with the request that follows, in one segment)
+            conn.send_frame(encode_release(releases, finished), "RELEASE", timeout, hold=True)
         except (ConnectError, ConnectionLost):
             self._unsent.extend(releases)  # sent with the next call
             return  # (questions end with their connection: nothing to finish there)
@@ -693,9 +724,36 @@ class ObjectClient(_Held):
         """Call ``method``, whose result is a remote object, without waiting: a
         :class:`Promise` of it at once (CALL with KEEP). Calls on the promise go out at once
         and the server runs them when the result is there: a chain costs one round trip."""
-        t, _, conn, budget = self._prepare(method, None)
-        frame = self._frame(target, method, args, kwargs, budget, False, keep=True)
-        ticket = conn.start_exchange(frame, method, t)
+        t, _, conn, budget = self._prepare(method, None, send_releases=False)
+        call = self._frame(target, method, args, kwargs, budget, False, keep=True)
+        # The RELEASE due goes with the next call that waits (its FINISHes of promises dropped
+        # unanswered reach the server before it writes their answers: nil, nothing to give
+        # back); here only when many are due.
+        releases: list[tuple[bytes, int]] = []
+        finished: list[int] = []
+        if (
+            len(self._dropped_promises) + len(self._finished) + len(self._dropped) > _DUE
+            or self._unsent
+        ):
+            releases = self._take_releases()
+            finished = self._take_finished()
+        frame = call
+        if releases or finished:  # the RELEASE due, in the same write, before the CALL
+            before = encode_release(releases, finished)
+
+            def frame(rid: int) -> bytes:
+                return before + call(rid)
+
+        # Held (MSG_MORE): calls made in a row on promises leave together, with the call that
+        # waits, at any wait on the connection, or 200 ms at most after.
+        core = conn.core
+        try:
+            ticket = conn.start_exchange(frame, method, t, hold=True)
+        except (ConnectError, ConnectionLost):
+            self._unsent.extend(releases)  # sent with the next call
+            raise
+        if releases and (core is not self._attached or conn.core is not core):
+            self._unsent.extend(releases)  # (not to this session)
         return Promise(self, ticket, iface)
 
     def release(self, proxy: Proxy) -> None:
@@ -838,11 +896,12 @@ class _PromiseBox:
     """What a dropped promise leaves behind: its ticket, and whether it was resolved (then
     its references were imported and are counted as any proxy's)."""
 
-    __slots__ = ("resolved", "ticket")
+    __slots__ = ("finished", "resolved", "ticket")
 
     def __init__(self, ticket: Ticket) -> None:
         self.ticket = ticket
         self.resolved = False
+        self.finished = False  # its question's FINISH queued
 
 
 class Promise(Proxy):
@@ -857,9 +916,15 @@ class Promise(Proxy):
 
     def __init__(self, client: ObjectClient, ticket: Ticket, iface: str) -> None:
         super().__init__(client, AnswerTarget(ticket.request_id), iface, None)
-        self._box = box = _PromiseBox(ticket)
+        self._box = _PromiseBox(ticket)
         self._value: Any = _UNSET
-        weakref.finalize(self, client._dropped_promises.append, box)
+
+    def __del__(self) -> None:
+        # (not weakref.finalize: a promise is made per pipelined call, and this costs less)
+        try:
+            self._client._dropped_promises.append(self._box)
+        except AttributeError:  # (never fully made)
+            pass
 
     def _call_target(self) -> Target:
         """The answer's object once it came (a call on it needs no kept question: it works on

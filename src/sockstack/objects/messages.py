@@ -814,6 +814,20 @@ def _decode_release(f: Frame) -> Release:
     return Release(tuple(releases), tuple(fin), end)
 
 
+def _fast_release(
+    data: bytes, meta: int, body: int, end: int, flags: int, codec: int, rid: int
+) -> Release | None:
+    """RELEASE straight from the receive buffer (the frames after it in a read stay on the
+    fast path too); None for one with meta or that does not decode (the general path reports
+    it)."""
+    if meta != body:
+        return None
+    try:
+        return _decode_release(Frame(_RELEASE, rid, flags, codec, b"", bytes(data[body:end])))
+    except RemoteProtocolError:
+        return None
+
+
 def _decode_renew(f: Frame) -> Renew:
     return Renew()  # meta, body, codec and id are not read: a RENEW is never refused
 
@@ -831,7 +845,7 @@ OBJECTS_MESSAGES = MessageSet(
     (
         MessageSpec(ObjectsType.CALL, "CALL", _decode_call, BOTH, _fast_call, Call),
         MessageSpec(ObjectsType.RETURN, "RETURN", _decode_return, _CLIENT, cls=Return),
-        MessageSpec(ObjectsType.RELEASE, "RELEASE", _decode_release, BOTH, cls=Release),
+        MessageSpec(ObjectsType.RELEASE, "RELEASE", _decode_release, BOTH, _fast_release, Release),
         MessageSpec(ObjectsType.RENEW, "RENEW", _decode_renew, _CLIENT, cls=Renew),
         MessageSpec(ObjectsType.ABORT, "ABORT", _decode_abort, _SERVER, cls=Abort),
     ),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -126,15 +127,21 @@ _MAX_PATH = 8
 _MAX_DEPTH = 64  # arguments nested deeper are refused (BAD_ARGUMENTS), not recursed into
 
 
-_Refs = dict[tuple[int | str, ...], bytes]
-"""A kept answer's objects by path: their export ids in the session (the session's counts and
-bounds hold them; a released one is gone from the answer too)."""
+_Refs = dict[tuple[int | str, ...], tuple[object, Exposed]]
+"""A kept answer's objects by path, from its answer until its RESPONSE is written (the end of
+that loop turn: the calls that named it in the same read run on them); then the export ids
+the RESPONSE gave them (:meth:`_Question.exported`)."""
+_DEFERRED = "objects.deferred"  # answers written at the end of this loop turn (_Answerer)
 
 
 class _Question:
     """A KEEP call: its answer's objects by path (or its failure), and the calls waiting."""
 
-    __slots__ = ("arrived", "done", "failure", "finished", "refs", "waiters")
+    __slots__ = ("arrived", "done", "failure", "finished", "keys", "refs", "waiters")
+
+    finished: bool
+    """FINISH came: dropped once answered, and its RESPONSE carries nil (the client gave up
+    its references: none are exported for it)."""
 
     def __init__(self) -> None:
         self.done = False
@@ -143,6 +150,19 @@ class _Question:
         self.waiters: list[Call] = []
         self.arrived: list[float] = []  # when each waiter came (its deadline counts from it)
         self.finished = False
+        self.keys: dict[tuple[int | str, ...], bytes] | None = None
+
+    def exported(self, ids: dict[int, bytes] | None) -> None:
+        """Its RESPONSE went, exporting its objects (``ids``: ``id(obj)`` -> export id; None:
+        not sent): from now on it names them by those ids, held by the client's counts (a
+        reference the client released is gone from the answer too)."""
+        refs, self.refs = self.refs, {}
+        self.keys = {}
+        if ids:
+            for path, (obj, _) in refs.items():
+                key = ids.get(id(obj))
+                if key is not None:
+                    self.keys[path] = key
 
 
 def _questions(peer: Peer) -> dict[int, _Question]:
@@ -152,25 +172,24 @@ def _questions(peer: Peer) -> dict[int, _Question]:
     return questions
 
 
-def _paths(value: Any, path: tuple[int | str, ...], out: _Refs, keys: dict[int, bytes]) -> None:
-    """The export id of each exposed object in ``value`` (``keys``: by ``id(obj)``, as the
-    answer exported them) by its path (list indexes, map keys), 8 steps deep."""
+def _paths(value: Any, path: tuple[int | str, ...], out: _Refs) -> None:
+    """Each exposed object in ``value`` by its path (list indexes, map keys), 8 steps deep."""
     t = type(value)
     if t in _SCALARS:
         return
-    key = keys.get(id(value))
-    if key is not None:
-        out[path] = key
-        return
-    if len(path) >= _MAX_PATH:
-        return
     if t is list or t is tuple:
-        for i, v in enumerate(value[:65536]):
-            _paths(v, (*path, i), out, keys)
+        if len(path) < _MAX_PATH:
+            for i, v in enumerate(value[:65536]):
+                _paths(v, (*path, i), out)
     elif t is dict:
-        for k, v in value.items():
-            if type(k) is str and len(k.encode()) <= 255:
-                _paths(v, (*path, k), out, keys)
+        if len(path) < _MAX_PATH:
+            for k, v in value.items():
+                if type(k) is str and len(k.encode()) <= 255:
+                    _paths(v, (*path, k), out)
+    else:
+        found = exposed(t)
+        if found is not None:
+            out[path] = (value, found)
 
 
 class Objects(Pattern):
@@ -460,14 +479,12 @@ class Objects(Pattern):
                     f"{found.iface}.{member.name} is a property: no arguments",
                 )
         except _Refused as exc:
-            if keep and asked:  # pipelined calls on it fail the same way
-                self._settled(peer, call.request_id, None, (exc.code, exc.name, exc.message))
             if oneway:
                 log.info("oneway call %r refused: %s", call.method, exc.message)
-                return
-            core = peer.core
-            if core is not None:
-                core.send_error(call.request_id, exc.code, exc.name, exc.message)
+            else:
+                _send_error(peer, call.request_id, exc.code, exc.name, exc.message)
+            if keep and asked:  # (after its ERROR) pipelined calls on it fail the same way
+                self._settled(peer, call.request_id, None, (exc.code, exc.name, exc.message))
             return
         req = Request(
             call.request_id,
@@ -532,9 +549,13 @@ class Objects(Pattern):
         if q.failure is not None:
             code, name, message = q.failure
             raise _Refused(code, message, name)
-        key = q.refs.get(target.path)
-        entry = session.get(key) if key is not None else None
-        got = (entry.obj, entry.exposed) if entry is not None else None
+        keys = q.keys
+        if keys is None:  # answered, its RESPONSE not written yet (this loop turn)
+            got = q.refs.get(target.path)
+        else:
+            key = keys.get(target.path)
+            entry = session.get(key) if key is not None else None
+            got = (entry.obj, entry.exposed) if entry is not None else None
         if got is None:
             raise _Refused(
                 ErrorCode.BAD_TARGET,
@@ -543,15 +564,10 @@ class Objects(Pattern):
         return got
 
     def _settled(
-        self,
-        peer: Peer,
-        qid: int,
-        value: Any,
-        failure: tuple[int, str, str] | None,
-        keys: dict[int, bytes] | None = None,
+        self, peer: Peer, qid: int, value: Any, failure: tuple[int, str, str] | None
     ) -> None:
-        """Question ``qid`` has its answer: keep its objects' export ids by path (or its
-        failure), then run the calls that waited for it."""
+        """Question ``qid`` has its answer: keep its objects by path (or its failure), then run
+        the calls that waited for it."""
         questions = _questions(peer)
         q = questions.get(qid)
         if q is None or q.done:
@@ -559,12 +575,10 @@ class Objects(Pattern):
         q.done = True
         if failure is not None:
             q.failure = failure
-        elif keys:
-            _paths(value, (), q.refs, keys)
+        elif type(value) not in _SCALARS:
+            _paths(value, (), q.refs)
         waiters, q.waiters = q.waiters, []
         arrived, q.arrived = q.arrived, []
-        if q.finished:
-            del questions[qid]
         if waiters:
             peer.state[_WAITING] = max(0, peer.state.get(_WAITING, 0) - len(waiters))
             held = sum(c.size for c in waiters)
@@ -579,14 +593,15 @@ class Objects(Pattern):
                         continue
                     call = dataclasses.replace(call, budget_ms=left)
                 self._call(peer, call, waited=True)
+        if q.finished and questions.get(qid) is q:  # (after its waiters ran on it)
+            del questions[qid]
 
     def _late(self, peer: Peer, call: Call) -> None:
         """A pipelined call whose deadline passed while it waited: it does not run."""
-        if call.keep:  # calls waiting on it fail the same way
+        if not call.oneway:
+            _send_error(peer, call.request_id, *_LATE_FAILURE)
+        if call.keep:  # (after its ERROR) calls waiting on it fail the same way
             self._settled(peer, call.request_id, None, _LATE_FAILURE)
-        core = peer.core
-        if not call.oneway and core is not None:
-            core.send_error(call.request_id, *_LATE_FAILURE)
 
     def _finish(self, peer: Peer, qids: Sequence[int]) -> None:
         questions = peer.state.get(_QUESTIONS)
@@ -596,10 +611,10 @@ class Objects(Pattern):
             q = questions.get(qid)
             if q is None:
                 continue
+            q.finished = True  # its answer not sent yet: nil (_Answerer)
             if q.done:
                 del questions[qid]
-            else:
-                q.finished = True  # dropped once answered (its waiters still run)
+            # else dropped once answered (its waiters still run)
 
     def _target(self, session: Session, call: Call) -> tuple[object, Exposed]:
         target = call.target
@@ -760,11 +775,11 @@ class Objects(Pattern):
             raise CallTimeout(what, timeout) from None
 
     def _exporter(
-        self, session: Session, made: list[bytes], exported: dict[int, bytes] | None = None
+        self, session: Session, made: list[bytes], ids: dict[int, bytes] | None = None
     ) -> Callable[[object], Ref | None]:
         """The references of what crosses to ``session`` (msgpack ext 2): an exposed object is
-        exported to it (``made`` gets its id, to give back if the frame is not sent;
-        ``exported``, when given, maps ``id(obj)`` to it); the client's own object goes home."""
+        exported to it (``made`` gets its id, to give back if the frame is not sent; ``ids``,
+        when given, maps ``id(obj)`` to it); the client's own object goes home."""
         ifaces = self._ifaces
 
         def to_ref(obj: object) -> Ref | None:
@@ -777,8 +792,8 @@ class Objects(Pattern):
                 ifaces[found.iface] = found  # (bounded by the exposed classes in the code)
             key = session.export(obj, found)
             made.append(key)
-            if exported is not None:
-                exported[id(obj)] = key
+            if ids is not None:
+                ids[id(obj)] = key
             return Ref(FORM_SENDER, id=key, iface=found.iface)
 
         return to_ref
@@ -817,6 +832,22 @@ class Objects(Pattern):
                 return
         if not fut.done():
             fut.set_result(value)
+
+
+def _send_error(peer: Peer, rid: int, code: int, name: str, message: str) -> None:
+    """ERROR for a call refused here, after the answers written at the end of this loop turn
+    if there are some (answers leave in order)."""
+    deferred = peer.state.get(_DEFERRED)
+    if deferred is not None:
+        deferred.append(functools.partial(_send_error_now, peer, rid, code, name, message))
+    else:
+        _send_error_now(peer, rid, code, name, message)
+
+
+def _send_error_now(peer: Peer, rid: int, code: int, name: str, message: str) -> None:
+    core = peer.core
+    if core is not None:
+        core.send_error(rid, code, name, message)
 
 
 def _fail(fut: Any, exc: BaseException) -> None:
@@ -891,9 +922,15 @@ def _session_expired() -> Exception:
 
 class _Answerer:
     """The answer to one CALL: RESPONSE with its result (references exported to the session)
-    or ERROR; nothing for a oneway call (a failure is logged)."""
+    or ERROR; nothing for a oneway call (a failure is logged).
 
-    __slots__ = ("exported", "keep", "member", "oneway", "pattern", "peer", "session")
+    A KEEP call's answer is written at the end of this loop turn, and every answer after it on
+    the connection too (in order): a FINISH read in the same turn (a client's promise dropped
+    before its answer came: the pipelined calls after it are in the same write) makes its
+    RESPONSE nil, with nothing exported that the client would only give back. The calls that
+    waited for the question run at once (on the objects the question keeps)."""
+
+    __slots__ = ("keep", "member", "oneway", "pattern", "peer", "question", "session")
 
     def __init__(
         self,
@@ -910,38 +947,71 @@ class _Answerer:
         self.member = member
         self.oneway = oneway
         self.keep = keep
-        self.exported: dict[int, bytes] = {}  # id(obj) -> its export id, in the answer sent
+        self.question: _Question | None = None
 
     def __call__(self, req: Request, outcome: Outcome, ctx: CallContext | None) -> None:
-        failure: tuple[int, str, str] | None = None if outcome[0] else outcome[1]
-        try:
-            failure = self._answer(req, outcome, ctx)
-        finally:
-            if self.keep:  # after the answer: pipelined calls' answers come after it
-                value = outcome[1] if failure is None else None
-                self.pattern._settled(self.peer, req.request_id, value, failure, self.exported)
+        peer = self.peer
+        deferred: list[Callable[[], None]] | None = peer.state.get(_DEFERRED)
+        if self.keep:
+            self.question = _questions(peer).get(req.request_id)
+        if deferred is None and (self.keep and not self.oneway):
+            host = self.pattern._host
+            loop = host.loop if host is not None else None
+            if loop is not None:
+                deferred = peer.state[_DEFERRED] = []
+                loop.call_soon(self._write_deferred, peer)
+        if deferred is not None and not self.oneway:
+            deferred.append(functools.partial(self._answer, req, outcome, ctx))
+        else:
+            self._answer(req, outcome, ctx)
+        if self.keep:  # after its answer (queued): pipelined calls' answers come after it
+            failure = None if outcome[0] else outcome[1]
+            value = outcome[1] if failure is None else None
+            self.pattern._settled(peer, req.request_id, value, failure)
 
-    def _answer(
-        self, req: Request, outcome: Outcome, ctx: CallContext | None
-    ) -> tuple[int, str, str] | None:
-        """Answer; the failure the caller got (None: the result went)."""
+    @staticmethod
+    def _write_deferred(peer: Peer) -> None:
+        deferred = peer.state.pop(_DEFERRED, None)
+        if not deferred:
+            return
+        for answer in deferred:
+            answer()
+        peer.flush()
+
+    def _answer(self, req: Request, outcome: Outcome, ctx: CallContext | None) -> None:
+        q = self.question
+        ids: dict[int, bytes] | None = None
+        try:
+            ids = self._answer_with(req, outcome, ctx, q)
+        finally:
+            if q is not None and q.keys is None:
+                q.exported(ids)
+
+    def _answer_with(
+        self, req: Request, outcome: Outcome, ctx: CallContext | None, q: _Question | None
+    ) -> dict[int, bytes] | None:
+        """Answer; for a KEEP call, the ids its objects were exported under (None: its
+        RESPONSE was not written; the calls that name it later fail as it did)."""
         ok, value = outcome
         if self.oneway:
             if not ok:
                 log.info("oneway call %r failed: %s", req.method, value[2])
-            return None if ok else value
+            return None
         core = self.peer.core
         if core is None:
-            return None if ok else value  # the connection is gone: nobody to answer
+            return None  # the connection is gone: nobody to answer
         trailers = None
         if ctx is not None and (req.budget_ms is not None or req.metadata is not None):
             trailers = ctx.trailers
         if ok:
+            if q is not None and q.finished:  # the client gave its references up: none sent
+                value = None
             made: list[bytes] = []
+            ids: dict[int, bytes] | None = {} if q is not None and q.refs else None
             try:
-                frame = self._response(req.request_id, value, trailers, made)
+                frame = self._response(req.request_id, value, trailers, made, ids)
                 core.send_message(frame)
-                return None
+                return ids
             except TooManyObjects as exc:
                 value = (ErrorCode.TOO_MANY_OBJECTS, "TOO_MANY_OBJECTS", str(exc))
             except CodecError as exc:
@@ -951,16 +1021,24 @@ class _Answerer:
             for key in made:  # not sent: what it exported for the client is not the client's
                 self.session.release(key, 1)
             log.warning("method %r: %s", req.method, value[2])
+            if q is not None and q.failure is None:  # later calls on it fail as it did
+                q.failure = value
         code, type_name, message = value
         core.send_error(req.request_id, code, type_name, message, metadata=trailers)
-        return (code, type_name, message)
+        return None
 
     def _response(
-        self, rid: int, value: Any, trailers: Mapping[str, str | bytes] | None, made: list[bytes]
+        self,
+        rid: int,
+        value: Any,
+        trailers: Mapping[str, str | bytes] | None,
+        made: list[bytes],
+        ids: dict[int, bytes] | None = None,
     ) -> bytes:
-        to_ref = self.pattern._exporter(self.session, made, self.exported)
-        refs = to_ref if type(value) not in _SCALARS else None
-        return encode_response_with_refs(rid, value, to_ref=refs, metadata=trailers or None)
+        if type(value) in _SCALARS:
+            return encode_response_with_refs(rid, value, to_ref=None, metadata=trailers or None)
+        to_ref = self.pattern._exporter(self.session, made, ids)
+        return encode_response_with_refs(rid, value, to_ref=to_ref, metadata=trailers or None)
 
 
 def describe(found: Exposed) -> dict[str, Any]:

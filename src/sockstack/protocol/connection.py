@@ -184,6 +184,7 @@ _DEFAULT_ACTION = {
     State.CLOSING: _DELIVER,
     State.CLOSED: _REFUSE,
 }
+_OPEN_ACTIONS = TRANSITIONS[State.OPEN]  # (OPEN's default is _DELIVER)
 
 
 class Connection:
@@ -824,7 +825,10 @@ class Connection:
     def _transition(self, t: int, name: str, msg: Message, events: list[Event]) -> bool:
         """Apply :data:`TRANSITIONS` to one decoded message; False when the session ended."""
         state = self.state
-        action = TRANSITIONS[state].get(t, _DEFAULT_ACTION[state])
+        if state is _OPEN:  # (the common case: no enum hashed)
+            action = _OPEN_ACTIONS.get(t, _DELIVER)
+        else:
+            action = TRANSITIONS[state].get(t, _DEFAULT_ACTION[state])
         if action is _DELIVER:
             events.append(msg)
         elif action is _PING:

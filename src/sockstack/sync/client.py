@@ -147,6 +147,7 @@ __all__ = [
 
 _RECV = 256 * 1024
 _GATHER_ABOVE = 64 * 1024
+_MSG_MORE: int = getattr(socket, "MSG_MORE", 0)  # Linux: hold a write for the next one
 # Reads go into one preallocated buffer per connection: sock.recv(256 KiB) would allocate (and
 # mmap/mremap/munmap, above glibc's mmap threshold) a fresh 256 KiB object on every call.
 Route = Callable[[Any], None]
@@ -230,6 +231,7 @@ class _Pipeline:
         self._leader: _Slot | None = None
         self._waiting: set[_Slot] = set()  # followers blocked on their event
         self._watchers: set[_Slot] = set()  # read_until's slots (settled by a condition)
+        self.settled = 0  # counts the reads that settled calls, and the failures of all
         # Streamed calls in flight (TCP/TLS), by request id: their ITEMs are queued there.
         self.item_streams: dict[int, ItemStream] = {}
         self.abandoned: list[Any] = []  # ResultStreams dropped where __del__ could not stop them
@@ -253,6 +255,7 @@ class _Pipeline:
         decode) is cancelled at once, by this thread, once the mutex is released."""
         failed: list[int] | None = None
         with self._mutex:
+            self.settled += 1
             take = self.calls.take
             for ev in events:
                 if type(ev) is Response or type(ev) is Error or type(ev) is Pong:
@@ -314,6 +317,7 @@ class _Pipeline:
     def _fail(self, slots: Sequence[_Slot], error: Callable[[], BaseException]) -> None:
         """Fail ``slots`` still waiting with ``error()`` (a new exception each: they are raised
         in different threads). The caller holds ``_mutex``."""
+        self.settled += 1
         for slot in slots:
             if not slot.done:
                 slot.ok, slot.value, slot.done = False, error(), True
@@ -467,6 +471,12 @@ class StreamConnection(_Pipeline):
         self._view = memoryview(self._buf)
         self._limit = HEADER_SIZE + client.max_frame  # the largest frame read whole
         self._tls = eps[0].scheme == "tls"
+        # Frames written with MSG_MORE (:meth:`start_exchanges` and :meth:`send_frame` with
+        # ``hold``): the kernel keeps them until the next write without it, a wait here
+        # (:meth:`push`), or 200 ms at most. Plain TCP on Linux only (TLS writes go at once).
+        self._can_cork = _MSG_MORE and not self._tls
+        self._corked = False
+        self._held_at = -math.inf  # when the last held request was written
 
     @property
     def ep(self) -> Endpoint:
@@ -595,6 +605,7 @@ class StreamConnection(_Pipeline):
                 return  # a connection already dropped (and maybe replaced) by another thread
             self.sock, self.core, self._poller, self.live = None, None, None, False
             self._lead_poller = None
+            self._corked = False
             self.item_streams.clear()  # their readers hold them: items queued stay readable
             self.uploads.clear()
             slots = [cast(_Slot, p) for p in self.calls.drain()]
@@ -703,10 +714,18 @@ class StreamConnection(_Pipeline):
                 waiter.modify(sock, want)
             waiter.poll(int(left * 1000) + 1)
 
-    def _send(self, data: bytes | list[bytes], method: str, sock: socket.socket) -> None:
+    def _send(
+        self, data: bytes | list[bytes], method: str, sock: socket.socket, hold: bool = False
+    ) -> None:
         """Write whole frames (the caller holds ``_io``). A frame cut short would leave the
-        stream unreadable: the connection is dropped (every call fails) on any failure."""
+        stream unreadable: the connection is dropped (every call fails) on any failure.
+        ``hold``: with MSG_MORE where it works (the frames leave with the next write)."""
         try:
+            if hold and self._can_cork:
+                sock.sendall(data if isinstance(data, bytes) else b"".join(data), _MSG_MORE)
+                self._corked = True
+                return
+            self._corked = False  # (a write without MSG_MORE sends what was held too)
             if isinstance(data, bytes):
                 if self._tls:
                     self._sendall(sock, data)
@@ -1387,17 +1406,45 @@ class StreamConnection(_Pipeline):
 
     # ------------------------------------------------------------------ for patterns
 
-    def start_exchange(self, frame: Callable[[int], bytes], what: str, timeout: float) -> Ticket:
+    def start_exchange(
+        self, frame: Callable[[int], bytes], what: str, timeout: float, hold: bool = False
+    ) -> Ticket:
         """Send the frame ``frame(request_id)`` builds for a fresh id now, and wait for its
         RESPONSE later (:meth:`Ticket.result`): an answer that comes while nobody waits is kept
-        (the thread that reads takes it). A ticket never waited for ends with its answer."""
-        return self.start_exchanges([frame], what, timeout)[0]
+        (the thread that reads takes it). A ticket never waited for ends with its answer.
+        ``hold``: as :meth:`start_exchanges`."""
+        now = _monotonic()
+        deadline = now + timeout
+        slot = _Slot()
+        try:
+            # (what came while idle is not looked for between held requests made in a row)
+            if not (hold and self.live and now - self._held_at < _FRESH_S):
+                self._begin(slot, deadline, what, timeout)
+            with self._io:
+                sock, core = self.sock, self.core
+                if sock is None or core is None or not self.live or core.state is not _OPEN:
+                    sock, core = self._relive(deadline, what, timeout)
+                with self._mutex:
+                    rid = self._register(slot, what, timeout, now)
+                self._send(frame(rid), what, sock, hold)  # (a whole frame: as call() sends)
+        except BaseException:
+            self._leave(slot)
+            raise
+        if hold:
+            self._held_at = now
+        return Ticket(self, slot, deadline, what, timeout)
 
     def start_exchanges(
-        self, frames: Sequence[Callable[[int], bytes]], what: str, timeout: float
+        self,
+        frames: Sequence[Callable[[int], bytes]],
+        what: str,
+        timeout: float,
+        hold: bool = False,
     ) -> list[Ticket]:
         """:meth:`start_exchange` for several requests sent in one write (a batch: one round
-        trip), in order."""
+        trip), in order. ``hold``: written with MSG_MORE, so that requests made in a row leave
+        together (the next write, any wait on this connection, or 200 ms at most, sends
+        them)."""
         now = time.monotonic()
         deadline = now + timeout
         slots = [_Slot() for _ in frames]
@@ -1414,7 +1461,7 @@ class StreamConnection(_Pipeline):
                     out.append(frame(rid))
                 for data in out:
                     core.send_message(data)
-                self._send(core.data_to_send(), what, sock)
+                self._send(core.data_to_send(), what, sock, hold)
         except BaseException:
             for slot in slots:
                 self._leave(slot)
@@ -1428,8 +1475,9 @@ class StreamConnection(_Pipeline):
         ticket = self.start_exchange(frame, what, timeout)
         return ticket.request_id, ticket.result()
 
-    def send_frame(self, frame: bytes, what: str, timeout: float) -> None:
-        """Send a frame that gets no answer (QoS 0 PUB, ACK)."""
+    def send_frame(self, frame: bytes, what: str, timeout: float, hold: bool = False) -> None:
+        """Send a frame that gets no answer (QoS 0 PUB, ACK); ``hold``: with the next write
+        (as :meth:`start_exchanges`)."""
         deadline = time.monotonic() + timeout
         if not self.live:
             self.ensure(deadline, what, timeout)
@@ -1438,7 +1486,27 @@ class StreamConnection(_Pipeline):
             if sock is None or core is None or not self.live:
                 raise ConnectError(f"{self.ep}: connection lost before {what} was sent")
             core.send_message(frame)
-            self._send(core.data_to_send(), what, sock)
+            self._send(core.data_to_send(), what, sock, hold)
+
+    def push(self) -> None:
+        """Send what was written with ``hold`` now (before a wait: the answer waited for may be
+        one of those requests'). Setting TCP_NODELAY again pushes the kernel's pending
+        segments (tcp(7))."""
+        with self._io:
+            if not self._corked:
+                return
+            self._corked = False
+            sock = self.sock
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    pass  # (a dead socket: the read that follows finds it)
+
+    def _wait(self, slot: _Slot, deadline: float, method: str, timeout: float) -> Any:
+        if self._corked:
+            self.push()
+        return _Pipeline._wait(self, slot, deadline, method, timeout)
 
     def read_until(self, done: Callable[[], bool], timeout: float, what: str) -> None:
         """Wait until ``done()`` holds, reading (routing what arrives) when no other thread
