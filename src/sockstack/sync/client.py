@@ -147,7 +147,7 @@ __all__ = [
 
 _RECV = 256 * 1024
 _GATHER_ABOVE = 64 * 1024
-_MSG_MORE: int = getattr(socket, "MSG_MORE", 0)  # Linux: hold a write for the next one
+_TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)  # Linux: hold writes for the next one
 # Reads go into one preallocated buffer per connection: sock.recv(256 KiB) would allocate (and
 # mmap/mremap/munmap, above glibc's mmap threshold) a fresh 256 KiB object on every call.
 Route = Callable[[Any], None]
@@ -471,10 +471,12 @@ class StreamConnection(_Pipeline):
         self._view = memoryview(self._buf)
         self._limit = HEADER_SIZE + client.max_frame  # the largest frame read whole
         self._tls = eps[0].scheme == "tls"
-        # Frames written with MSG_MORE (:meth:`start_exchanges` and :meth:`send_frame` with
-        # ``hold``): the kernel keeps them until the next write without it, a wait here
-        # (:meth:`push`), or 200 ms at most. Plain TCP on Linux only (TLS writes go at once).
-        self._can_cork = _MSG_MORE and not self._tls
+        # Frames written corked (TCP_CORK; :meth:`start_exchanges` and :meth:`send_frame` with
+        # ``hold``): the kernel keeps them until the next write without ``hold``, a wait here
+        # (:meth:`push`), or 200 ms at most (tcp(7)). Not MSG_MORE: an ACK that comes in
+        # pushes what MSG_MORE held when TCP_NODELAY is set. Plain TCP on Linux only (TLS
+        # writes go at once).
+        self._can_cork = _TCP_CORK is not None and not self._tls
         self._corked = False
         self._held_at = -math.inf  # when the last held request was written
 
@@ -721,11 +723,17 @@ class StreamConnection(_Pipeline):
         stream unreadable: the connection is dropped (every call fails) on any failure.
         ``hold``: with MSG_MORE where it works (the frames leave with the next write)."""
         try:
-            if hold and self._can_cork:
-                sock.sendall(data if isinstance(data, bytes) else b"".join(data), _MSG_MORE)
-                self._corked = True
-                return
-            self._corked = False  # (a write without MSG_MORE sends what was held too)
+            if self._can_cork:
+                if hold:
+                    if not self._corked:
+                        sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 1)  # type: ignore[arg-type]
+                        self._corked = True
+                    sock.sendall(data if isinstance(data, bytes) else b"".join(data))
+                    return
+                if self._corked:  # this write, then everything held, leaves now
+                    sock.sendall(data if isinstance(data, bytes) else b"".join(data))
+                    self._uncork(sock)
+                    return
             if isinstance(data, bytes):
                 if self._tls:
                     self._sendall(sock, data)
@@ -1490,21 +1498,21 @@ class StreamConnection(_Pipeline):
 
     def push(self) -> None:
         """Send what was written with ``hold`` now (before a wait: the answer waited for may be
-        one of those requests'). Setting TCP_NODELAY again pushes the kernel's pending
-        segments (tcp(7))."""
+        one of those requests')."""
         with self._io:
-            if not self._corked:
-                return
-            self._corked = False
             sock = self.sock
-            if sock is not None:
+            if self._corked and sock is not None:
                 try:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    self._uncork(sock)
                 except OSError:
                     pass  # (a dead socket: the read that follows finds it)
 
+    def _uncork(self, sock: socket.socket) -> None:
+        self._corked = False
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 0)  # type: ignore[arg-type]  # pushes
+
     def _wait(self, slot: _Slot, deadline: float, method: str, timeout: float) -> Any:
-        if self._corked:
+        if self._corked and not slot.done:  # (an answer already here needs nothing sent)
             self.push()
         return _Pipeline._wait(self, slot, deadline, method, timeout)
 
