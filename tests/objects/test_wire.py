@@ -983,3 +983,35 @@ def test_fuzz_target_smoke_run(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Done 5000 runs" in out.stderr
     assert not list(tmp_path.glob("crash-*"))
+
+
+_TARGETS = st.one_of(
+    st.binary(min_size=16, max_size=16).map(ObjectTarget),
+    st.text(min_size=1, max_size=40).filter(lambda t: len(t.encode()) <= 255).map(NameTarget),
+    st.integers(1, 2**32 - 1).map(AnswerTarget),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.integers(1, 2**32 - 1),
+    _TARGETS,
+    st.text(min_size=1, max_size=30).filter(lambda m: "\x00" not in m),
+    st.lists(st.integers() | st.binary(max_size=70) | st.text(max_size=10), max_size=4),
+    st.none() | st.integers(-5, 2**33),
+)
+def test_the_quick_call_encoder_writes_the_bytes_encode_call_writes(
+    rid: int, target: Target, method: str, args: list[Any], budget: int | None
+) -> None:
+    """The blocking client's common call (call_meta once, then encode_call_meta) is the CALL
+    encode_call writes, byte for byte (budgets out of range clamped the same way)."""
+    from sockstack.objects.messages import call_meta, encode_call_meta
+
+    try:
+        args = [a for a in args if not (type(a) is int and not -(2**63) <= a < 2**64)]
+        expected = encode_call(rid, target, method, args, budget_ms=budget)
+    except LocalProtocolError:
+        with pytest.raises(LocalProtocolError):
+            call_meta(target, method)
+        return
+    assert encode_call_meta(rid, call_meta(target, method), args, budget, None) == expected

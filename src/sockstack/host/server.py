@@ -1052,18 +1052,35 @@ class _HostStream(StreamProtocol):
         if self.server.draining:
             answer(req, _SHUTTING_DOWN, None)
             return
-        ctx = _context(req, self.kind, self.peer)
-        if ctx is None:
+        budget = req.budget_ms
+        if budget is not None and not budget:  # no time left: it does not run
             answer(req, _LATE, None)
             return
-        token = _set_call(ctx)
-        try:
-            outcome = self.dispatcher.dispatch_to(handler, req)
-        finally:
-            _reset_call(token)
+        deadline = None if budget is None else _monotonic() + budget / 1000.0
+        held = self._inline
+        ctx: CallContext | None
+        if held.request is not None:  # inside another call's dispatch: not the holder
+            outcome, ctx = _dispatch_lazily(
+                functools.partial(self.dispatcher.dispatch_to, handler),
+                req,
+                self.kind,
+                self.peer,
+                deadline,
+            )
+        else:  # (as _run: the call's context built only if something needs it)
+            held.request = req
+            held.transport = self.kind
+            held.peer = self.peer
+            held.deadline = deadline
+            try:
+                outcome = self.dispatcher.dispatch_to(handler, req)
+                ctx = held.ctx if type(outcome) is tuple else held.context()
+            finally:
+                held.request = held.ctx = None
         if isinstance(outcome, tuple):
             answer(req, outcome, ctx)
         else:
+            assert ctx is not None
             self._start(req, outcome, ctx, answer)
 
     def _start(

@@ -37,6 +37,7 @@ from sockstack.errors import (
     ConnectError,
     ConnectionLost,
     ErrorCode,
+    LocalProtocolError,
     RemoteError,
     RemoteProtocolError,
     SessionExpired,
@@ -51,8 +52,10 @@ from sockstack.objects.messages import (
     NameTarget,
     ObjectTarget,
     Target,
+    call_meta,
     decode_response_refs,
     encode_call,
+    encode_call_meta,
     encode_release,
     encode_renew,
     encode_return,
@@ -91,6 +94,10 @@ __all__ = [
     "resolve",
 ]
 
+_SCALARS = frozenset({type(None), bool, int, float, str, bytes})  # (no reference in them)
+_SLOW: Any = object()  # ObjectClient._quick: take the general path
+_PID = [os.getpid()]  # this process's id (set again in a forked child: no system call per call)
+os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 _DUE = 64  # RELEASE entries due that a promise's CALL takes with it (else the next call)
 MAX_EXPORTS = 10_000
 """This client's own objects the server may hold (callbacks), per session."""
@@ -182,6 +189,7 @@ class _Held:
         self.closed = False
         self._last_send = 0.0
         self._pid = os.getpid()
+        self._metas: dict[tuple[Target, str], bytes] = {}  # call_meta() by target, method
         self.epoch = 0
         """+1 each time the session is replaced (expired): proxies of an older one are dead."""
 
@@ -499,7 +507,8 @@ class ObjectClient(_Held):
         self._callbacks: concurrent.futures.ThreadPoolExecutor | None = None
         self._queued = 0  # server calls waiting for a callback thread
         try:
-            self._conn().routes[Call] = self._on_server_call
+            self._stream = self._conn()
+            self._stream.routes[Call] = self._on_server_call
             self._attach(time.monotonic() + timeout)
         except BaseException:
             self.client.close()
@@ -639,6 +648,17 @@ class ObjectClient(_Held):
         if oneway:
             conn.send_frame(frame(0), method, t)
             return None
+        return self._sent(conn, method, t, deadline, frame)
+
+    def _sent(
+        self,
+        conn: StreamConnection,
+        method: str,
+        t: float,
+        deadline: float,
+        frame: Callable[[int], bytes],
+    ) -> Any:
+        """Send the CALL ``frame`` builds and wait for its answer (proxies made of it)."""
         try:
             result = conn.call(method, (), None, MSGPACK, t, frame=frame)
         except RemoteError as exc:
@@ -651,10 +671,54 @@ class ObjectClient(_Held):
             self._ensure_attached(deadline, method)
             left = max(0.001, deadline - time.monotonic())
             result = conn.call(method, (), None, MSGPACK, left, frame=frame)
+        if type(result) in _SCALARS:
+            return result
         value = self._proxies(result)
         if self._undescribed:
             self.describe()
         return value
+
+    def _quick(self, target: Target, method: str, args: tuple[Any, ...]) -> Any:
+        """:meth:`call` for the common call (positional arguments, the client's timeout, not
+        oneway), when nothing else is due first (no RELEASE to send, attached, not forked,
+        no promise among the arguments); else :data:`_SLOW`."""
+        conn = self._stream
+        core = conn.core
+        if (
+            core is None
+            or core is not self._attached
+            or not conn.live
+            or self.closed
+            or self._unsent
+            or self._dropped
+            or self._dropped_promises
+            or self._finished
+            or self._waiting_promises
+            or _PID[0] != self._pid
+        ):
+            return _SLOW
+        for a in args:
+            if type(a) is Promise:
+                return _SLOW
+        key = (target, method)
+        meta = self._metas.get(key)
+        if meta is None:
+            if len(self._metas) >= 1024:
+                self._metas.clear()
+            try:
+                meta = self._metas[key] = call_meta(target, method)
+            except LocalProtocolError:
+                return _SLOW  # (the general path says what is wrong)
+        t = self.timeout
+        budget = _budget(core, t)
+        now = time.monotonic()
+        self._last_send = now
+        to_ref = self._to_ref
+
+        def frame(rid: int) -> bytes:
+            return encode_call_meta(rid, meta, args, budget, to_ref)
+
+        return self._sent(conn, method, t, now + t, frame)
 
     def describe(self) -> None:
         """Ask the server about the interfaces of proxies not described yet (their
@@ -810,6 +874,23 @@ class _Method:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         p = self._proxy
+        client = p._client
+        if (
+            not kwargs
+            and type(client) is ObjectClient
+            and not p._released
+            and p._epoch == client.epoch
+        ):  # the common call: described, neither a promise's nor oneway
+            desc = client.ifaces.get(p._iface)
+            name = self._name
+            if (
+                desc is not None
+                and name not in desc.get("refs", ())
+                and name not in desc.get("oneway", ())
+            ):
+                value = client._quick(p._call_target(), name, args)
+                if value is not _SLOW:
+                    return value
         p._check()
         name = self._name
         desc = p._desc()

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,10 +84,12 @@ __all__ = [
     "Renew",
     "Return",
     "Target",
+    "call_meta",
     "decode_response_refs",
     "decode_target",
     "encode_abort",
     "encode_call",
+    "encode_call_meta",
     "encode_release",
     "encode_renew",
     "encode_response_with_refs",
@@ -440,6 +442,43 @@ def encode_call(
     else:
         body = pack(args if type(args) is list else list(args), to_ref)
     return _frame(_CALL, request_id, meta, body, flags, 1)
+
+
+def call_meta(target: Target, method: str) -> bytes:
+    """A CALL's target and method name, encoded once for :func:`encode_call_meta` (a client
+    calls the same few methods again and again). :class:`LocalProtocolError` as
+    :func:`encode_call` (the 4 bytes of a DEADLINE budget counted in the meta limit)."""
+    name = method.encode("utf-8")
+    if 0 in name:
+        raise LocalProtocolError("a method name never contains a NUL character", _DECODE)
+    meta = encode_target(target) + name
+    if len(meta) + 4 > DEFAULT_MAX_META:
+        raise LocalProtocolError(
+            f"CALL meta (target, method name) of {len(meta)} bytes exceeds the meta limit of "
+            f"{DEFAULT_MAX_META} bytes",
+            _DECODE,
+        )
+    return meta
+
+
+def encode_call_meta(
+    request_id: int,
+    meta: bytes,
+    args: Sequence[Any],
+    budget_ms: int | None,
+    to_ref: ToRef | None,
+    *,
+    _pack_u32: Callable[[int], bytes] = _U32.pack,
+) -> bytes:
+    """:func:`encode_call` for the common call: positional arguments, the meta from
+    :func:`call_meta`, a DEADLINE budget or none, no metadata, not ONEWAY or KEEP. The request
+    id is the caller's to keep in 1..2^32-1. :class:`CodecError` for arguments that do not
+    encode."""
+    body = pack(args if type(args) is list else list(args), to_ref)
+    if budget_ms is None:
+        return pack_header(_CALL, 0, 1, len(meta), request_id, len(body)) + meta + body
+    meta += _pack_u32(budget_ms if 0 <= budget_ms <= _MAX_U32 else min(max(budget_ms, 0), _MAX_U32))
+    return pack_header(_CALL, FLAG_DEADLINE, 1, len(meta), request_id, len(body)) + meta + body
 
 
 def encode_return(
