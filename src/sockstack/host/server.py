@@ -576,6 +576,8 @@ class _HostStream(StreamProtocol):
         server = self.server
         lim = server.limits
         self.bad_log = server.bad_log
+        assert self.core is not None
+        self.core.single_ext = True  # one whole pattern frame per read: routed at once
         transport = self.transport
         assert transport is not None
         peername = transport.get_extra_info("peername")
@@ -714,6 +716,9 @@ class _HostStream(StreamProtocol):
         elif single is None:
             events = core.receive_data(data)
             self.track_partial(len(data))  # a frame begun here must end within frame_timeout
+        elif type(single) is not Request and (route := self.routes.get(type(single))):
+            route(self, single)  # one pattern message (a remote object's CALL...)
+            events = []
         else:
             events = [single]
         if events:

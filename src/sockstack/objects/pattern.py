@@ -59,6 +59,7 @@ from sockstack.objects.messages import (
 from sockstack.objects.refs import FORM_HOME, FORM_SENDER, Ref
 from sockstack.objects.session import Session, Tables, TooManyObjects
 from sockstack.protocol.calls import budget_ms, remote_error, served_call
+from sockstack.protocol.codecs import MSGPACK
 from sockstack.protocol.events import Error, PatternMessage, Request
 from sockstack.rpc.context import CallContext, current_context
 
@@ -131,6 +132,7 @@ _Refs = dict[tuple[int | str, ...], tuple[object, Exposed]]
 """A kept answer's objects by path, from its answer until its RESPONSE is written (the end of
 that loop turn: the calls that named it in the same read run on them); then the export ids
 the RESPONSE gave them (:meth:`_Question.exported`)."""
+_PLAIN = "objects.plain"  # the connection's answerer of plain calls (no KEEP, not ONEWAY)
 _DEFERRED = "objects.deferred"  # answers written at the end of this loop turn (_Answerer)
 
 
@@ -498,7 +500,14 @@ class Objects(Pattern):
             False,
             call.size,
         )
-        peer.submit(req, member.handler, _Answerer(self, peer, session, member, oneway, keep))
+        answerer: _Answerer | None
+        if oneway or keep:
+            answerer = _Answerer(self, peer, session, member, oneway, keep)
+        else:  # (a plain call's answerer keeps nothing of the call: one per session here)
+            answerer = peer.state.get(_PLAIN)
+            if answerer is None or answerer.session is not session:
+                answerer = peer.state[_PLAIN] = _Answerer(self, peer, session, member, False)
+        peer.submit(req, member.handler, answerer)
 
     # ------------------------------------------------------------------ pipelining
 
@@ -952,6 +961,20 @@ class _Answerer:
     def __call__(self, req: Request, outcome: Outcome, ctx: CallContext | None) -> None:
         peer = self.peer
         deferred: list[Callable[[], None]] | None = peer.state.get(_DEFERRED)
+        if deferred is None and not self.keep and not self.oneway and outcome[0]:
+            # The common answer, at once: a scalar result, no trailers to send.
+            value = outcome[1]
+            core = peer.core
+            if (
+                type(value) in _SCALARS
+                and core is not None
+                and (ctx is None or (req.budget_ms is None and req.metadata is None))
+            ):
+                try:
+                    core.send_response(req.request_id, value, MSGPACK)
+                    return
+                except (CodecError, LocalProtocolError):
+                    pass  # (said by the general path)
         if self.keep:
             self.question = _questions(peer).get(req.request_id)
         if deferred is None and (self.keep and not self.oneway):
