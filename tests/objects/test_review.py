@@ -496,12 +496,6 @@ def test_session_instances_are_counted() -> None:
 # ---------------------------------------------------------------------------- 2. client side
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client.py _export(): a client's objects passed to the server are kept for the "
-    "whole session (never released, the server sends no RELEASE for a RemoteObject it "
-    "dropped): after MAX_EXPORTS (10,000) calls with a fresh callback every call fails",
-)
 def test_callback_objects_the_server_dropped_are_released(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -535,13 +529,6 @@ class Stalling:
         return x
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pattern.py _callback(): a worker thread waits for the client's RETURN up to "
-    "callback_timeout (10 s), CANCEL does not end the wait, and nothing bounds the workers "
-    "one client's callbacks hold: a client that never answers takes every worker thread "
-    "(uploads are held to half of max_workers for this reason)",
-)
 def test_a_client_that_never_answers_callbacks_does_not_take_every_worker() -> None:
     limits = ServerLimits(drain_timeout=timeout(2), close_timeout=timeout(2), max_workers=4)
     with (

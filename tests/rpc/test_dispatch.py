@@ -289,7 +289,40 @@ async def test_defaults_expose_errors_and_refuse_empty_services() -> None:
         Dispatcher(Empty())
     d = Dispatcher(Kinds(), max_workers=3)
     try:
-        assert d.max_workers == 3 and d.executor._max_workers == 3
+        # max_workers methods run at once; as many threads more may wait for a call to a
+        # client's object, their slot given back (Dispatcher.waiting)
+        assert d.max_workers == 3 and d.executor._max_workers == 6
+    finally:
+        d.shutdown()
+
+
+def test_at_most_max_workers_methods_run_at_once() -> None:
+    import threading
+
+    from tests.conftest import timeout
+
+    d = Dispatcher(Kinds(), max_workers=2)
+    lock = threading.Lock()
+    now, peak = [0], [0]
+    started = threading.Semaphore(0)
+    release = threading.Event()
+
+    def work() -> None:
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        started.release()
+        release.wait(timeout(10))
+        with lock:
+            now[0] -= 1
+
+    try:
+        futures = [d.executor.submit(d._in_slot, work) for _ in range(4)]
+        assert started.acquire(timeout=timeout(10)) and started.acquire(timeout=timeout(10))
+        release.set()
+        for f in futures:
+            f.result(timeout(10))
+        assert peak[0] == 2  # four threads free, two slots
     finally:
         d.shutdown()
 

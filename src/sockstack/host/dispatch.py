@@ -38,12 +38,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import dataclasses
 import functools
 import inspect
 import itertools
 import logging
+import threading
 import typing
 from collections.abc import (
     AsyncIterator,
@@ -58,7 +60,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from sockstack.errors import CodecError, ErrorCode, LocalProtocolError, wire_name
+from sockstack.errors import CodecError, ErrorCode, LocalProtocolError, RemoteError, wire_name
 from sockstack.interceptors import Failure, Hooks, Refused, await_quietly, call_quietly
 from sockstack.protocol.calls import served_call
 from sockstack.protocol.codecs import decode_as
@@ -708,6 +710,14 @@ class Dispatcher:
         self.expose_errors = expose_errors
         self.max_workers = max_workers
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        # Worker threads: max_workers run methods at once (a slot each); as many more may wait
+        # for a call to a client's object (a callback) with their slot given back meanwhile
+        # (:meth:`waiting`), so that such waits never take the workers other calls need.
+        self._slots = threading.Semaphore(max_workers)
+        self._waiting_lock = threading.Lock()
+        self.waiting_now = 0
+        """Worker threads waiting for a callback, their slot given back (at most max_workers)."""
+        self._held = threading.local()
         self.hooks = Hooks(interceptors)
         if self.hooks:  # else dispatch stays the plain method: no cost without interceptors
             self.dispatch = self._dispatch_intercepted  # type: ignore[method-assign]
@@ -716,9 +726,51 @@ class Dispatcher:
     def executor(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
-                self.max_workers, thread_name_prefix="sockstack-handler"
+                2 * self.max_workers, thread_name_prefix="sockstack-handler"
             )
         return self._executor
+
+    def _in_slot(self, call: Callable[[], Any]) -> Any:
+        """In a worker thread: run ``call`` (:func:`run_guarded`) holding one of the
+        ``max_workers`` slots."""
+        self._slots.acquire()
+        held = self._held
+        held.slot = True
+        try:
+            return run_guarded(call)
+        finally:
+            held.slot = False
+            self._slots.release()
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Around a worker thread's wait for something only a client can end (a call to its
+        object): the thread's slot is given back meanwhile, so other calls still get a worker.
+        At most ``max_workers`` threads wait so at once: one more raises
+        :class:`~sockstack.errors.RemoteError` OVERLOADED (nothing waited for). Outside a
+        worker's slot (the event loop, a thread of the method's own): nothing changes."""
+        held = self._held
+        if not getattr(held, "slot", False):
+            yield
+            return
+        with self._waiting_lock:
+            if self.waiting_now >= self.max_workers:
+                raise RemoteError(
+                    "OVERLOADED",
+                    f"{self.max_workers} worker threads already wait for calls to clients' "
+                    "objects (max_workers): this one was not made",
+                    ErrorCode.OVERLOADED,
+                )
+            self.waiting_now += 1
+        held.slot = False
+        self._slots.release()
+        try:
+            yield
+        finally:
+            self._slots.acquire()
+            held.slot = True
+            with self._waiting_lock:
+                self.waiting_now -= 1
 
     def shutdown(self) -> None:
         if self._executor is not None:
@@ -852,7 +904,7 @@ class Dispatcher:
         # call was cancelled or went past its deadline while it waited for a worker.
         run = contextvars.copy_context().run
         try:
-            return True, await loop.run_in_executor(self.executor, run, run_guarded, call)
+            return True, await loop.run_in_executor(self.executor, run, self._in_slot, call)
         except CallAborted as exc:
             return exc.outcome()
         except Exception as exc:
@@ -995,7 +1047,7 @@ class Dispatcher:
                 loop = asyncio.get_running_loop()
                 call = functools.partial(handler.func, *req.args, **kwargs)
                 run = contextvars.copy_context().run
-                result = await loop.run_in_executor(self.executor, run, run_guarded, call)
+                result = await loop.run_in_executor(self.executor, run, self._in_slot, call)
                 outcome = True, result
         except CallAborted as exc:
             outcome = exc.outcome()

@@ -192,7 +192,7 @@ class _Run:
         ctx = self.ctx
         if ctx.abort_code:
             return
-        ctx.abort_code = code
+        ctx.aborted(code)  # (its hooks: a threaded method's wait for a callback ends)
         if ctx.upload is not None:
             ctx.upload.close()  # a method waiting for an item wakes up and stops
         task = self.task

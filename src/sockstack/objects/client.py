@@ -51,6 +51,7 @@ from sockstack.objects.messages import (
     Call,
     NameTarget,
     ObjectTarget,
+    Release,
     Target,
     call_meta,
     decode_response_refs,
@@ -177,6 +178,7 @@ class _Held:
         """Called (blocking client: in the thread that found out) after the session expired
         and a new one was attached: e.g. to register names again."""
         self._export_ids: dict[int, bytes] = {}  # id(obj) -> its id
+        self._export_counts: dict[bytes, int] = {}  # crossings the server has not given back
         # promises dropped before they were resolved: their answers' references to give back
         self._dropped_promises: collections.deque[_PromiseBox] = collections.deque()
         self._waiting_promises: list[_PromiseBox] = []  # dropped, answer not come yet
@@ -212,6 +214,10 @@ class _Held:
             self._finished.clear()
             self._dropped_promises.clear()
             self._waiting_promises.clear()
+            # (what it gave the old session: nobody there may call it any more)
+            self._exports.clear()
+            self._export_ids.clear()
+            self._export_counts.clear()
             self._generation += 1
             self.epoch += 1
 
@@ -269,11 +275,14 @@ class _Held:
         return Ref(FORM_SENDER, id=self._export(obj), iface=found.iface)  # a callback object
 
     def _export(self, obj: object) -> bytes:
-        """The id this client's own exposed object crosses under (kept while the session
-        lasts: the server may call it back at any time until then)."""
+        """The id this client's own exposed object crosses under, its crossings counted: kept
+        until the server gives every crossing back (RELEASE, when it dropped them) or the
+        session ends."""
         with self._lock:
             key = self._export_ids.get(id(obj))
-            if key is None:
+            if key is not None:
+                self._export_counts[key] += 1
+            else:
                 if len(self._exports) >= MAX_EXPORTS:
                     raise CodecError(
                         f"this client already gave the server {MAX_EXPORTS} of its objects"
@@ -281,10 +290,28 @@ class _Held:
                 key = secrets.token_bytes(16)
                 self._exports[key] = obj
                 self._export_ids[id(obj)] = key
+                self._export_counts[key] = 1
                 wake = getattr(self, "_wake", None)
                 if wake is not None:  # the keeper starts reading (callbacks may come idle)
                     wake.set()
             return key
+
+    def _on_release(self, msg: Release) -> None:
+        """The server's RELEASE: crossings of this client's objects it dropped; an object whose
+        every crossing came back is no longer held for it (an unknown id, or a count past
+        what crossed, is ignored)."""
+        with self._lock:
+            for key, count in msg.releases:
+                left = self._export_counts.get(key)
+                if left is None:
+                    continue
+                if left > count:
+                    self._export_counts[key] = left - count
+                    continue
+                del self._export_counts[key]
+                obj = self._exports.pop(key, None)
+                if obj is not None and self._export_ids.get(id(obj)) == key:
+                    del self._export_ids[id(obj)]
 
     def _callback_target(self, call: Call) -> tuple[Any, Any, list[Any], dict[str, Any]] | bytes:
         """The server's call of one of this client's objects: (the function, the object, its
@@ -509,6 +536,7 @@ class ObjectClient(_Held):
         try:
             self._stream = self._conn()
             self._stream.routes[Call] = self._on_server_call
+            self._stream.routes[Release] = self._on_release
             self._attach(time.monotonic() + timeout)
         except BaseException:
             self.client.close()
@@ -1318,6 +1346,7 @@ class AsyncObjectClient(_Held):
         self._tasks: set[asyncio.Task[None]] = set()
         try:
             self._channel().routes[Call] = self._on_server_call
+            self._channel().routes[Release] = self._on_release
             await self._attach(time.monotonic() + self.timeout)
         except BaseException:
             await self.client.close()

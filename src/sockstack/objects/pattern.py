@@ -20,7 +20,9 @@ before anything runs (UNKNOWN_OBJECT, UNKNOWN_METHOD; a malformed target, BAD_TA
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -44,6 +46,7 @@ from sockstack.host.dispatch import Handler, Outcome, ServiceError, make_handler
 from sockstack.host.pattern import HostContext, Pattern, Peer
 from sockstack.objects.expose import Exposed, Member, exposed
 from sockstack.objects.messages import (
+    MAX_RELEASE_ENTRIES,
     OBJECTS_MESSAGES,
     AnswerTarget,
     Call,
@@ -54,6 +57,7 @@ from sockstack.objects.messages import (
     Return,
     encode_abort,
     encode_call,
+    encode_release,
     encode_response_with_refs,
 )
 from sockstack.objects.refs import FORM_HOME, FORM_SENDER, Ref
@@ -61,7 +65,7 @@ from sockstack.objects.session import Session, Tables, TooManyObjects
 from sockstack.protocol.calls import budget_ms, remote_error, served_call
 from sockstack.protocol.codecs import MSGPACK
 from sockstack.protocol.events import Error, PatternMessage, Request
-from sockstack.rpc.context import CallContext, current_context
+from sockstack.rpc.context import CallAborted, CallContext, current_context, served_context
 
 __all__ = ["ObjectLimits", "Objects", "RemoteObject"]
 
@@ -211,6 +215,10 @@ class Objects(Pattern):
         self.sessions: dict[bytes, Session] = {}  # by token
         self._peers: dict[str, Peer] = {}  # open connections by their address (attach)
         self._host: HostContext | None = None
+        # Crossings of clients' objects whose RemoteObjects were dropped, RELEASEd to their
+        # clients from the loop (GC runs on any thread): (session, id) appended anywhere.
+        self._remotes_dropped: collections.deque[tuple[Session, bytes]] = collections.deque()
+        self._remotes_flush = False
         self._timer: asyncio.TimerHandle | None = None
         self._clock: Callable[[], float] = time.monotonic
         self._loop_thread = 0
@@ -371,6 +379,10 @@ class Objects(Pattern):
                 session.peer = peer
                 session.expires = None
                 peer.state[_STATE] = session
+                if self._remotes_dropped:  # what it dropped while the client was away
+                    host = self._host
+                    if host is not None and host.loop is not None:
+                        host.loop.call_soon(self._release_remotes)
             resumed = True
         else:
             current = peer.state.get(_STATE)
@@ -776,12 +788,33 @@ class Objects(Pattern):
                     raise CallTimeout(what, timeout) from None
 
             return wait()
-        loop.call_soon_threadsafe(send)
+        # A worker thread waits: its slot goes back to the pool meanwhile (the client decides
+        # when this ends: it must not take the workers other calls need), and the served
+        # call's CANCEL (or deadline) ends the wait.
+        ctx = served_context(served)
+        remove = None
+        if ctx is not None:
+
+            def stopped(code: int) -> None:
+                _fail(fut, CallAborted(code))
+                abort()  # (on the loop: the hook runs there)
+
+            remove = ctx.on_abort(stopped)
+        waiting = getattr(host, "dispatcher", None)
         try:
-            return fut.result(timeout)
-        except concurrent.futures.TimeoutError:
-            loop.call_soon_threadsafe(abort)
-            raise CallTimeout(what, timeout) from None
+            with waiting.waiting() if waiting is not None else contextlib.nullcontext():
+                loop.call_soon_threadsafe(send)
+                try:
+                    return fut.result(timeout)
+                except concurrent.futures.TimeoutError:
+                    loop.call_soon_threadsafe(abort)
+                    raise CallTimeout(what, timeout) from None
+        except RemoteError:
+            out.pop(rid, None)  # (refused before it was sent: no slot for one more wait)
+            raise
+        finally:
+            if remove is not None:
+                remove()
 
     def _exporter(
         self, session: Session, made: list[bytes], ids: dict[int, bytes] | None = None
@@ -806,6 +839,46 @@ class Objects(Pattern):
             return Ref(FORM_SENDER, id=key, iface=found.iface)
 
         return to_ref
+
+    def _remote_dropped(self, session: Session, key: bytes) -> None:
+        if session.dead:
+            return
+        self._remotes_dropped.append((session, key))
+        if self._remotes_flush:
+            return
+        host = self._host
+        loop = host.loop if host is not None else None
+        if loop is None or loop.is_closed():
+            return
+        self._remotes_flush = True
+        try:
+            loop.call_soon_threadsafe(self._release_remotes)
+        except RuntimeError:  # the loop closed meanwhile
+            self._remotes_flush = False
+
+    def _release_remotes(self, only: Session | None = None) -> None:
+        """RELEASE to each client the crossings of its objects this server dropped (a session
+        not attached now keeps them until it is: ``only``, when it attaches)."""
+        self._remotes_flush = False
+        counts: dict[Session, dict[bytes, int]] = {}
+        dropped = self._remotes_dropped
+        for _ in range(len(dropped)):
+            session, key = dropped.popleft()
+            if session.dead:
+                continue
+            per = counts.setdefault(session, {})
+            per[key] = per.get(key, 0) + 1
+        for session, per in counts.items():
+            peer = session.peer
+            core = peer.core if peer is not None else None
+            if core is None:
+                for key, n in per.items():  # later, once attached
+                    dropped.extend([(session, key)] * n)
+                continue
+            items = list(per.items())
+            for i in range(0, len(items), MAX_RELEASE_ENTRIES):
+                core.send_message(encode_release(items[i : i + MAX_RELEASE_ENTRIES]))
+            peer.flush()
 
     def _next_rid(self, out: dict[int, Any], fut: Any) -> int:
         """A fresh id for a call to a client, reserved for ``fut`` (worker threads choose them
@@ -877,6 +950,14 @@ class RemoteObject:
         self._session = session
         self._id = key
         self._iface = iface
+
+    def __del__(self) -> None:
+        # One crossing of the client's object given back (RELEASE to the client): dropped by
+        # the garbage collector, on whatever thread; sent from the event loop.
+        try:
+            self._pattern._remote_dropped(self._session, self._id)
+        except Exception:  # (interpreter shutdown, a half-made object)
+            pass
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):

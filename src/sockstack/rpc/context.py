@@ -27,6 +27,7 @@ every thread).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -72,6 +73,7 @@ class CallContext:
 
     __slots__ = (
         "_metadata",
+        "_on_abort",
         "_peer",
         "abort_code",
         "deadline",
@@ -106,6 +108,7 @@ class CallContext:
         """The trailers set so far (None: none), sent with the answer."""
         self.abort_code = 0
         """Host: why the call was stopped (DEADLINE_EXCEEDED, CANCELLED), 0 while it was not."""
+        self._on_abort: list[Callable[[int], None]] | None = None
         self.stream: Any = None
         """Host: where a streamed call's items go (a ``host.dispatch.ItemSink``), None for a
         call that is not streamed."""
@@ -143,6 +146,33 @@ class CallContext:
             return True
         deadline = self.deadline
         return deadline is not None and _monotonic() >= deadline
+
+    def on_abort(self, fn: Callable[[int], None]) -> Callable[[], None]:
+        """Call ``fn(code)`` on the event loop when the call is stopped (its client cancelled it,
+        or its deadline passed): what the method waits for (a call to the client's object)
+        can end then. Returns what removes it (call it once the wait is over)."""
+        hooks = self._on_abort
+        if hooks is None:
+            hooks = self._on_abort = []
+        hooks.append(fn)
+
+        def remove() -> None:
+            try:
+                hooks.remove(fn)
+            except ValueError:
+                pass
+
+        return remove
+
+    def aborted(self, code: int) -> None:
+        """Host: the call is stopped with ``code``; run the :meth:`on_abort` hooks once."""
+        self.abort_code = code
+        hooks, self._on_abort = self._on_abort, None
+        for fn in hooks or ():
+            try:
+                fn(code)
+            except Exception:  # (a hook's failure is its own; the others still run)
+                logging.getLogger("sockstack.rpc").exception("an on_abort hook failed")
 
     def set_trailer(self, key: str, value: str | bytes) -> None:
         """Add metadata to the answer (RESPONSE or ERROR trailers, PROTOCOL.md §4): the same
