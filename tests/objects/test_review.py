@@ -313,11 +313,6 @@ def test_a_pipelined_calls_deadline_counts_from_its_arrival() -> None:
         assert MARKS == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pattern.py _resolve(): a form 3 reference (a promise) in a CALL's arguments is "
-    "refused BAD_ARGUMENTS; PROTOCOL.md 4.5 lets a client pass a KEEP question as an argument",
-)
 def test_a_promise_passed_as_an_argument_is_its_object() -> None:
     with serving() as served, ObjectClient(served.url, timeout=timeout(10)) as oc:
         ticket = keep_call(oc, "child")
@@ -326,11 +321,6 @@ def test_a_promise_passed_as_an_argument_is_its_object() -> None:
         ticket.result()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pattern.py _paths(): a path to the caller's own object (a RemoteObject) is "
-    "BAD_TARGET, not PROMISE_ELSEWHERE as PROTOCOL.md 4.5 says",
-)
 def test_a_path_to_the_callers_own_object_is_promise_elsewhere() -> None:
     with serving() as served, ObjectClient(served.url, timeout=timeout(10)) as oc:
         mine = Ref(FORM_SENDER, id=secrets.token_bytes(16), iface="Listener")  # a callback

@@ -136,5 +136,11 @@ class Pattern:
     def connection_lost(self, peer: Peer) -> None:
         """A stream connection is gone: forget what the pattern kept for it."""
 
+    def cancel(self, peer: Peer, request_id: int) -> bool:
+        """CANCEL of ``request_id`` on ``peer``, not a running call of the host's: True when it
+        names one of the pattern's calls (a pipelined call still waiting), which the pattern
+        then stops and answers."""
+        return False
+
     def connection_writable(self, peer: Peer) -> None:
         """A connection's write buffer went below its high-water mark again."""

@@ -963,8 +963,12 @@ class _HostStream(StreamProtocol):
                     inbox.close()
             elif isinstance(ev, Cancel):
                 run = self._running.get(ev.request_id)
-                if run is not None:  # else: answered already, or never ours: ignored
+                if run is not None:
                     run.abort(ErrorCode.CANCELLED)
+                else:  # a pattern's call not running yet (a pipelined one), or nobody's
+                    for pattern in self.server.patterns:
+                        if pattern.cancel(self, ev.request_id):
+                            break
             elif isinstance(ev, ProtocolViolation):
                 self.log_violation(ev)
             elif isinstance(ev, HandshakeComplete):

@@ -62,7 +62,7 @@ from sockstack.objects.messages import (
     encode_return,
     encode_return_error,
 )
-from sockstack.objects.refs import FORM_HOME, FORM_SENDER, Ref
+from sockstack.objects.refs import FORM_HOME, FORM_PROMISE, FORM_SENDER, Ref
 from sockstack.protocol.calls import budget_ms, deadline_passed
 from sockstack.protocol.codecs import MSGPACK
 from sockstack.protocol.connection import Connection
@@ -238,10 +238,10 @@ class _Held:
         kw = dict(kwargs) if kwargs else None
         if any(isinstance(a, Promise) for a in args) or (
             kw and any(isinstance(v, Promise) for v in kw.values())
-        ):  # a promise as an argument: its object (waits for it)
-            args = [resolve(a) if isinstance(a, Promise) else a for a in args]
+        ):  # a promise as an argument: its question (form 3), or its object once it came
+            args = [self._promised(a) if isinstance(a, Promise) else a for a in args]
             if kw:
-                kw = {k: resolve(v) if isinstance(v, Promise) else v for k, v in kw.items()}
+                kw = {k: self._promised(v) if isinstance(v, Promise) else v for k, v in kw.items()}
 
         def frame(rid: int) -> bytes:
             return encode_call(
@@ -257,6 +257,19 @@ class _Held:
             )
 
         return frame
+
+    def _promised(self, promise: Promise) -> Any:
+        """A promise passed as an argument: the reference to its question (form 3: the server
+        runs the call once the answer is there, without a round trip here) while its answer
+        has not come on this connection; else its object (waits for it)."""
+        if (
+            promise._client is self
+            and promise._value is _UNSET
+            and not promise._box.ticket.done()
+            and promise._box.conn_core is self._stream.core
+        ):
+            return Ref(FORM_PROMISE, question=promise._box.ticket.request_id, path=())
+        return resolve(promise)
 
     def _to_ref(self, obj: object) -> Ref | None:
         if type(obj) is self.proxy_type:
@@ -1005,12 +1018,13 @@ class _PromiseBox:
     """What a dropped promise leaves behind: its ticket, and whether it was resolved (then
     its references were imported and are counted as any proxy's)."""
 
-    __slots__ = ("finished", "resolved", "ticket")
+    __slots__ = ("conn_core", "finished", "resolved", "ticket")
 
-    def __init__(self, ticket: Ticket) -> None:
+    def __init__(self, ticket: Ticket, conn_core: object = None) -> None:
         self.ticket = ticket
         self.resolved = False
         self.finished = False  # its question's FINISH queued
+        self.conn_core = conn_core  # the session core its question was asked on
 
 
 class Promise(Proxy):
@@ -1025,7 +1039,7 @@ class Promise(Proxy):
 
     def __init__(self, client: ObjectClient, ticket: Ticket, iface: str) -> None:
         super().__init__(client, AnswerTarget(ticket.request_id), iface, None)
-        self._box = _PromiseBox(ticket)
+        self._box = _PromiseBox(ticket, client._stream.core)
         self._value: Any = _UNSET
 
     def __del__(self) -> None:

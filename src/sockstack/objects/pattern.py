@@ -60,7 +60,7 @@ from sockstack.objects.messages import (
     encode_release,
     encode_response_with_refs,
 )
-from sockstack.objects.refs import FORM_HOME, FORM_SENDER, Ref
+from sockstack.objects.refs import FORM_HOME, FORM_PROMISE, FORM_SENDER, Ref
 from sockstack.objects.session import Session, Tables, TooManyObjects
 from sockstack.protocol.calls import budget_ms, remote_error, served_call
 from sockstack.protocol.codecs import MSGPACK
@@ -111,6 +111,12 @@ class _Refused(Exception):
         self.name = name or ErrorCode(code).name
 
 
+_CANCELLED = (
+    ErrorCode.CANCELLED,
+    "CANCELLED",
+    "the call was cancelled by the client while it waited for the answer it names; it did not run",
+)
+_WAITING_IDS = "objects.waiting_ids"  # request id -> the question a waiting call waits for
 _LATE_FAILURE = (
     ErrorCode.DEADLINE_EXCEEDED,
     "DEADLINE_EXCEEDED",
@@ -132,7 +138,7 @@ _MAX_PATH = 8
 _MAX_DEPTH = 64  # arguments nested deeper are refused (BAD_ARGUMENTS), not recursed into
 
 
-_Refs = dict[tuple[int | str, ...], tuple[object, Exposed]]
+_Refs = dict[tuple[int | str, ...], tuple[object, Exposed | None]]
 """A kept answer's objects by path, from its answer until its RESPONSE is written (the end of
 that loop turn: the calls that named it in the same read run on them); then the export ids
 the RESPONSE gave them (:meth:`_Question.exported`)."""
@@ -164,11 +170,13 @@ class _Question:
         reference the client released is gone from the answer too)."""
         refs, self.refs = self.refs, {}
         self.keys = {}
-        if ids:
-            for path, (obj, _) in refs.items():
-                key = ids.get(id(obj))
-                if key is not None:
-                    self.keys[path] = key
+        for path, (obj, found) in refs.items():
+            if found is None:  # the caller's own object: kept as it is (not exported)
+                self.refs[path] = (obj, None)
+                continue
+            key = ids.get(id(obj)) if ids else None
+            if key is not None:
+                self.keys[path] = key
 
 
 def _questions(peer: Peer) -> dict[int, _Question]:
@@ -176,6 +184,51 @@ def _questions(peer: Peer) -> dict[int, _Question]:
     if questions is None:
         questions = peer.state[_QUESTIONS] = {}
     return questions
+
+
+def _kept(
+    session: Session, q: _Question, qid: int, path: tuple[int | str, ...], code: int
+) -> tuple[object, Exposed | None]:
+    """The object at ``path`` in answered question ``q`` (Exposed None: the caller's own
+    object); ``_Refused`` ``code`` if there is none, the question's error if it failed."""
+    if q.failure is not None:
+        fcode, name, message = q.failure
+        raise _Refused(fcode, message, name)
+    keys = q.keys
+    got: tuple[object, Exposed | None] | None = q.refs.get(path)
+    if got is None and keys is not None:  # its RESPONSE went: by the ids it gave
+        key = keys.get(path)
+        entry = session.get(key) if key is not None else None
+        got = (entry.obj, entry.exposed) if entry is not None else None
+    if got is None:
+        raise _Refused(code, f"the answer to question {qid} holds no object at {list(path)}")
+    return got
+
+
+def _unanswered(
+    value: Any, questions: Mapping[int, _Question], depth: int = 0
+) -> _Question | None:
+    """A kept question not answered yet that a promise (form 3) in ``value`` names."""
+    t = type(value)
+    if t is Ref:
+        if value.form == FORM_PROMISE and value.question is not None:
+            q = questions.get(value.question)
+            if q is not None and not q.done:
+                return q
+        return None
+    if depth > _MAX_DEPTH:
+        return None  # (refused by _resolve)
+    if t is list:
+        for v in value:
+            q = _unanswered(v, questions, depth + 1)
+            if q is not None:
+                return q
+    elif t is dict:
+        for v in value.values():
+            q = _unanswered(v, questions, depth + 1)
+            if q is not None:
+                return q
+    return None
 
 
 def _paths(value: Any, path: tuple[int | str, ...], out: _Refs) -> None:
@@ -192,6 +245,8 @@ def _paths(value: Any, path: tuple[int | str, ...], out: _Refs) -> None:
             for k, v in value.items():
                 if type(k) is str and len(k.encode()) <= 255:
                     _paths(v, (*path, k), out)
+    elif t is RemoteObject:
+        out[path] = (value, None)  # the caller's own object (PROMISE_ELSEWHERE to call it)
     else:
         found = exposed(t)
         if found is not None:
@@ -485,8 +540,13 @@ class Objects(Pattern):
             # still gets its one answer)
             args, kwargs = call.args, call.kwargs
             if call.has_refs:
-                args = self._resolve(session, args)
-                kwargs = self._resolve(session, kwargs)
+                questions = peer.state.get(_QUESTIONS) or {}
+                q = _unanswered(args, questions) or _unanswered(kwargs, questions)
+                if q is not None:  # a promise among the arguments: run once it is answered
+                    self._wait_for(peer, q, call)
+                    return
+                args = self._resolve(session, args, questions=questions)
+                kwargs = self._resolve(session, kwargs, questions=questions)
             if member.kind == "property" and (args or kwargs):
                 raise _Refused(
                     ErrorCode.BAD_ARGUMENTS,
@@ -548,41 +608,62 @@ class Objects(Pattern):
                 "finished)",
             )
         if not q.done:
-            waiting = peer.state.get(_WAITING, 0)
-            if waiting >= MAX_WAITERS:
-                raise _Refused(
-                    ErrorCode.OVERLOADED,
-                    f"{MAX_WAITERS} pipelined calls wait on this connection (limit)",
-                )
-            held = peer.state.get(_WAITING_BYTES, 0)
-            bound = self._host.limits.max_in_flight_bytes if self._host is not None else 1 << 25
-            if held + call.size > bound:
-                raise _Refused(
-                    ErrorCode.OVERLOADED,
-                    f"pipelined calls waiting on this connection hold {held} bytes "
-                    f"(limit {bound}: max_in_flight_bytes)",
-                )
-            peer.state[_WAITING] = waiting + 1
-            peer.state[_WAITING_BYTES] = held + call.size
-            q.waiters.append(call)
-            q.arrived.append(self._clock())
+            self._wait_for(peer, q, call)
             return None
-        if q.failure is not None:
-            code, name, message = q.failure
-            raise _Refused(code, message, name)
-        keys = q.keys
-        if keys is None:  # answered, its RESPONSE not written yet (this loop turn)
-            got = q.refs.get(target.path)
-        else:
-            key = keys.get(target.path)
-            entry = session.get(key) if key is not None else None
-            got = (entry.obj, entry.exposed) if entry is not None else None
-        if got is None:
+        got = _kept(session, q, target.question, target.path, ErrorCode.BAD_TARGET)
+        if got[1] is None:
             raise _Refused(
-                ErrorCode.BAD_TARGET,
-                f"the answer to question {target.question} holds no object at {list(target.path)}",
+                ErrorCode.PROMISE_ELSEWHERE,
+                f"the answer to question {target.question} holds, at {list(target.path)}, an "
+                "object of the caller's own: call it there",
             )
-        return got
+        return got  # type: ignore[return-value]  # (its Exposed: checked above)
+
+    def _wait_for(self, peer: Peer, q: _Question, call: Call) -> None:
+        """Queue ``call`` until question ``q`` is answered (then it runs, in arrival order);
+        bounded per connection in calls and in bytes (OVERLOADED)."""
+        waiting = peer.state.get(_WAITING, 0)
+        if waiting >= MAX_WAITERS:
+            raise _Refused(
+                ErrorCode.OVERLOADED,
+                f"{MAX_WAITERS} pipelined calls wait on this connection (limit)",
+            )
+        held = peer.state.get(_WAITING_BYTES, 0)
+        bound = self._host.limits.max_in_flight_bytes if self._host is not None else 1 << 25
+        if held + call.size > bound:
+            raise _Refused(
+                ErrorCode.OVERLOADED,
+                f"pipelined calls waiting on this connection hold {held} bytes "
+                f"(limit {bound}: max_in_flight_bytes)",
+            )
+        peer.state[_WAITING] = waiting + 1
+        peer.state[_WAITING_BYTES] = held + call.size
+        q.waiters.append(call)
+        q.arrived.append(self._clock())
+        if call.request_id:  # (CANCEL finds it here)
+            peer.state.setdefault(_WAITING_IDS, {})[call.request_id] = q
+
+    def cancel(self, peer: Peer, request_id: int) -> bool:
+        """CANCEL of a pipelined call still waiting for its question: it does not run; it is
+        answered ERROR CANCELLED as a running call is (and, a KEEP call, the calls on it fail
+        the same way)."""
+        ids = peer.state.get(_WAITING_IDS)
+        q = ids.pop(request_id, None) if ids else None
+        if q is None:
+            return False
+        for i, call in enumerate(q.waiters):
+            if call.request_id == request_id:
+                del q.waiters[i]
+                del q.arrived[i]
+                break
+        else:
+            return False
+        peer.state[_WAITING] = max(0, peer.state.get(_WAITING, 0) - 1)
+        peer.state[_WAITING_BYTES] = max(0, peer.state.get(_WAITING_BYTES, 0) - call.size)
+        _send_error(peer, request_id, *_CANCELLED)
+        if call.keep:
+            self._settled(peer, request_id, None, _CANCELLED)
+        return True
 
     def _settled(
         self, peer: Peer, qid: int, value: Any, failure: tuple[int, str, str] | None
@@ -601,6 +682,10 @@ class Objects(Pattern):
         waiters, q.waiters = q.waiters, []
         arrived, q.arrived = q.arrived, []
         if waiters:
+            ids = peer.state.get(_WAITING_IDS)
+            if ids:
+                for c in waiters:
+                    ids.pop(c.request_id, None)
             peer.state[_WAITING] = max(0, peer.state.get(_WAITING, 0) - len(waiters))
             held = sum(c.size for c in waiters)
             peer.state[_WAITING_BYTES] = max(0, peer.state.get(_WAITING_BYTES, 0) - held)
@@ -671,7 +756,13 @@ class Objects(Pattern):
             raise _Refused(ErrorCode.TOO_MANY_OBJECTS, str(exc)) from None
         return obj, reg.exposed
 
-    def _resolve(self, session: Session, value: Any, depth: int = 0) -> Any:
+    def _resolve(
+        self,
+        session: Session,
+        value: Any,
+        depth: int = 0,
+        questions: Mapping[int, _Question] | None = None,
+    ) -> Any:
         """``value`` with the references in it replaced by the objects they name (this
         session's exports, or registered names). BAD_ARGUMENTS for a reference that names
         nothing here, or values nested deeper than 64 levels."""
@@ -696,15 +787,25 @@ class Objects(Pattern):
                         raise _Refused(ErrorCode.BAD_ARGUMENTS, exc.message) from None
             if value.form == FORM_SENDER and value.id is not None:
                 return RemoteObject(self, session, value.id, value.iface)  # a callback
+            if value.form == FORM_PROMISE and value.question is not None:
+                q = questions.get(value.question) if questions else None
+                if q is None or not q.done:
+                    raise _Refused(
+                        ErrorCode.BAD_ARGUMENTS,
+                        f"an argument names question {value.question}, not a kept call of "
+                        "this connection (or finished)",
+                    )
+                # (the caller's own object at that path: passed as it is, a RemoteObject)
+                return _kept(session, q, value.question, value.path, ErrorCode.BAD_ARGUMENTS)[0]
             raise _Refused(
                 ErrorCode.BAD_ARGUMENTS,
                 "an argument is a reference this server cannot take (its own objects and the "
                 "caller's)",
             )
         if type(value) is list:
-            return [self._resolve(session, v, depth + 1) for v in value]
+            return [self._resolve(session, v, depth + 1, questions) for v in value]
         if type(value) is dict:
-            return {k: self._resolve(session, v, depth + 1) for k, v in value.items()}
+            return {k: self._resolve(session, v, depth + 1, questions) for k, v in value.items()}
         return value
 
     # ------------------------------------------------------------------ callbacks
