@@ -148,14 +148,28 @@ def test_dispatcher_add() -> None:
 
 
 def test_shutdown_does_not_wait_and_cancels_queued() -> None:
+    from sockstack.rpc.context import CallAborted
+
     release = threading.Event()
+    started = threading.Event()
     d = Dispatcher(max_workers=1)
-    f1 = d.executor.submit(release.wait, 5)
-    f2 = d.executor.submit(lambda: None)
+
+    def hold() -> None:
+        started.set()
+        release.wait(5)
+
+    # As the host runs methods: in one of max_workers slots (the pool has as many threads
+    # more, for workers that wait for callbacks with their slot given back).
+    f1 = d.executor.submit(d._in_slot, hold)
+    assert started.wait(5)
+    f2 = d.executor.submit(d._in_slot, lambda: None)  # a thread waits for the slot
+    f3 = d.executor.submit(d._in_slot, lambda: None)  # queued: no thread free
     returned = threading.Event()
     threading.Thread(target=lambda: (d.shutdown(), returned.set()), daemon=True).start()
     assert returned.wait(5)  # it did not wait for the running call (wait=False)...
     assert not f1.done()  # ...which is still running
-    assert f2.cancelled()  # and the queued one was cancelled (cancel_futures=True)
+    assert f3.cancelled()  # the queued one was cancelled (cancel_futures=True)
     release.set()
     f1.result(5)
+    with pytest.raises(CallAborted):  # and the one waiting for a slot did not run
+        f2.result(5)

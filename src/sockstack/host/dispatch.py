@@ -737,6 +737,8 @@ class Dispatcher:
         held = self._held
         held.slot = True
         try:
+            if self._executor is None:  # shut down while it waited for a slot: not run
+                raise CallAborted(ErrorCode.SHUTTING_DOWN)
             return run_guarded(call)
         finally:
             held.slot = False

@@ -291,6 +291,8 @@ class CallAborted(Exception):
     def outcome(self) -> tuple[bool, tuple[int, str, str]]:
         if self.code == ErrorCode.CANCELLED:
             return False, (self.code, "CANCELLED", "the call was cancelled before it ran")
+        if self.code == ErrorCode.SHUTTING_DOWN:
+            return False, (self.code, "SHUTTING_DOWN", "the server shut down before it ran")
         return False, (
             self.code,
             "DEADLINE_EXCEEDED",
