@@ -44,6 +44,7 @@ from sockstack.errors import (
     wire_name,
 )
 from sockstack.host.dispatch import ServiceError
+from sockstack.objects import handoff
 from sockstack.objects.expose import exposed
 from sockstack.objects.messages import (
     OBJECTS_MESSAGES,
@@ -62,7 +63,7 @@ from sockstack.objects.messages import (
     encode_return,
     encode_return_error,
 )
-from sockstack.objects.refs import FORM_HOME, FORM_PROMISE, FORM_SENDER, Ref
+from sockstack.objects.refs import FORM_HOME, FORM_PROMISE, FORM_SENDER, FORM_THIRD, Ref
 from sockstack.protocol.calls import budget_ms, deadline_passed
 from sockstack.protocol.codecs import MSGPACK
 from sockstack.protocol.connection import Connection
@@ -405,6 +406,8 @@ class _Held:
                 obj = self._exports.get(value.id)
                 if obj is not None:
                     return obj
+            if value.form == FORM_THIRD:  # another server's object: adopted there
+                return handoff.adopt(self, value)
             if value.form != FORM_SENDER or value.id is None:
                 raise RemoteProtocolError(
                     "the server sent a reference of a form it may not send", ErrorCode.DECODE_ERROR
@@ -898,6 +901,7 @@ class ObjectClient(_Held):
             pass  # closing anyway
         finally:
             self.client.close()
+            handoff.close_thirds(self)
 
     def __enter__(self) -> ObjectClient:
         return self
@@ -1447,6 +1451,7 @@ class AsyncObjectClient(_Held):
         else:
             func, obj, args, kwargs = got
             try:
+                args, kwargs = await handoff.adopt_all(self, [args, kwargs])  # (third servers')
                 if inspect.iscoroutinefunction(func):
                     result = await func(obj, *args, **kwargs)
                 else:
@@ -1538,7 +1543,7 @@ class AsyncObjectClient(_Held):
             _, result = await channel.exchange(frame, method, left)
         if keep is not None:
             return result  # the promise imports it when awaited (or gives it back, dropped)
-        value = self._proxies(result)
+        value = await handoff.adopt_all(self, self._proxies(result))
         await self._describe_new()
         return value
 
@@ -1578,6 +1583,7 @@ class AsyncObjectClient(_Held):
             pass  # closing anyway
         finally:
             await self.client.close()
+            await handoff.aclose_thirds(self)
 
 
 async def alookup(

@@ -45,6 +45,8 @@ from sockstack.errors import (
 from sockstack.host.dispatch import Handler, Outcome, ServiceError, make_handler
 from sockstack.host.pattern import HostContext, Pattern, Peer
 from sockstack.objects.expose import Exposed, Member, exposed
+from sockstack.objects.handoff import Handoff, answer_later, call_later, third_ref
+from sockstack.objects.handoff import methods as handoff_methods
 from sockstack.objects.messages import (
     MAX_RELEASE_ENTRIES,
     OBJECTS_MESSAGES,
@@ -316,6 +318,7 @@ class Objects(Pattern):
         return {
             "objects.attach": make_handler("objects.attach", self._attach, inline=True),
             "objects.describe": make_handler("objects.describe", self._describe, inline=True),
+            **handoff_methods(self),  # objects.share, objects.adopt (third-party references)
         }
 
     def _describe(self, ifaces: list[str]) -> dict[str, Any]:
@@ -850,10 +853,13 @@ class Objects(Pattern):
                 budget_ms=budget,
                 to_ref=to_ref,
             )
-        except BaseException:
+        except BaseException as exc:
             out.pop(rid, None)
             for key in made:
                 session.release(key, 1)
+            if type(exc) is Handoff and on_loop:  # another server's object: its token first
+                again = functools.partial(self._callback, robj, method, args, kwargs)
+                return call_later([list(args), kwargs], again)
             raise
         what = f"{robj._iface}.{method}"
 
@@ -930,7 +936,7 @@ class Objects(Pattern):
                 return Ref(FORM_HOME, id=obj._id) if obj._session is session else None
             found = exposed(type(obj))
             if found is None:
-                return None
+                return third_ref(obj)  # another server's object: handed on (handoff.py)
             if found.iface not in ifaces:
                 ifaces[found.iface] = found  # (bounded by the exposed classes in the code)
             key = session.export(obj, found)
@@ -1217,6 +1223,9 @@ class _Answerer:
                 frame = self._response(req.request_id, value, trailers, made, ids)
                 core.send_message(frame)
                 return ids
+            except Handoff:  # another server's object: answered once it has its token
+                answer_later(self, req, outcome, ctx, made)
+                return None
             except TooManyObjects as exc:
                 value = (ErrorCode.TOO_MANY_OBJECTS, "TOO_MANY_OBJECTS", str(exc))
             except CodecError as exc:

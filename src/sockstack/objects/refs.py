@@ -10,7 +10,9 @@ relative to the *sender*, as Cap'n Proto's CapDescriptor):
 - form 3, ``[3, question: uint, path: array]``: a promise on the sender's KEEP question (in a
   client's CALL arguments only);
 - form 4, ``[4, url: str, token: bin 16, iface: str]``: hosted by a third server, where
-  ``objects.claim(token)`` at ``url`` gives a form 1 reference.
+  ``objects.adopt(token)`` at ``url`` exports it to the receiver's own session there (a
+  single-use token that server minted for the sender: ``objects.share``; see
+  :mod:`sockstack.objects.handoff`).
 
 Bounds, checked before anything else is built: ids and tokens exactly 16 bytes, ``iface`` and
 names 1-255 bytes of UTF-8, a URL 1-1,024 bytes, a question id 1..2^32-1, a path at most 8 steps
@@ -73,7 +75,7 @@ FORM_HOME = 2
 FORM_PROMISE = 3
 """A promise on the sender's KEEP question: ``[3, question, path]``."""
 FORM_THIRD = 4
-"""Hosted by a third server: ``[4, url, token, iface]``."""
+"""Hosted by a third server: ``[4, url, token, iface]`` (the receiver adopts it there)."""
 
 ID_SIZE = 16
 """Bytes of an object id and of a handoff token."""
