@@ -207,9 +207,7 @@ def _kept(
     return got
 
 
-def _unanswered(
-    value: Any, questions: Mapping[int, _Question], depth: int = 0
-) -> _Question | None:
+def _unanswered(value: Any, questions: Mapping[int, _Question], depth: int = 0) -> _Question | None:
     """A kept question not answered yet that a promise (form 3) in ``value`` names."""
     t = type(value)
     if t is Ref:
