@@ -999,19 +999,24 @@ _TARGETS = st.one_of(
     st.text(min_size=1, max_size=30).filter(lambda m: "\x00" not in m),
     st.lists(st.integers() | st.binary(max_size=70) | st.text(max_size=10), max_size=4),
     st.none() | st.integers(-5, 2**33),
+    st.booleans(),
 )
 def test_the_quick_call_encoder_writes_the_bytes_encode_call_writes(
-    rid: int, target: Target, method: str, args: list[Any], budget: int | None
+    rid: int, target: Target, method: str, args: list[Any], budget: int | None, keep: bool
 ) -> None:
-    """The blocking client's common call (call_meta once, then encode_call_meta) is the CALL
-    encode_call writes, byte for byte (budgets out of range clamped the same way)."""
-    from sockstack.objects.messages import call_meta, encode_call_meta
+    """The blocking client's common call (call_meta once, then encode_call_meta; a promise's
+    call on a question: answer_meta) is the CALL encode_call writes, byte for byte (budgets out
+    of range clamped the same way)."""
+    from sockstack.objects.messages import answer_meta, call_meta, encode_call_meta
 
     try:
         args = [a for a in args if not (type(a) is int and not -(2**63) <= a < 2**64)]
-        expected = encode_call(rid, target, method, args, budget_ms=budget)
+        expected = encode_call(rid, target, method, args, budget_ms=budget, keep=keep)
     except LocalProtocolError:
         with pytest.raises(LocalProtocolError):
             call_meta(target, method)
         return
-    assert encode_call_meta(rid, call_meta(target, method), args, budget, None) == expected
+    meta = call_meta(target, method)
+    assert encode_call_meta(rid, meta, args, budget, None, keep) == expected
+    if type(target) is AnswerTarget:
+        assert answer_meta(target.question, method.encode()) == meta

@@ -54,6 +54,7 @@ from sockstack.objects.messages import (
     ObjectTarget,
     Release,
     Target,
+    answer_meta,
     call_meta,
     decode_response_refs,
     encode_call,
@@ -193,6 +194,7 @@ class _Held:
         self._last_send = 0.0
         self._pid = os.getpid()
         self._metas: dict[tuple[Target, str], bytes] = {}  # call_meta() by target, method
+        self._names: dict[str, bytes] = {}  # method names checked by call_meta(), in UTF-8
         self.epoch = 0
         """+1 each time the session is replaced (expired): proxies of an older one are dead."""
 
@@ -619,7 +621,7 @@ class ObjectClient(_Held):
 
     def _keep(self) -> None:
         while self._wait_or_read():
-            if self.closed or os.getpid() != self._pid:
+            if self.closed or _PID[0] != self._pid:
                 return
             if time.monotonic() - self._last_send < self.lease / 3:
                 continue
@@ -638,7 +640,8 @@ class ObjectClient(_Held):
     # ------------------------------------------------------------------ session
 
     def _conn(self) -> StreamConnection:
-        return self.client.stream_connection("remote objects")
+        stream: StreamConnection | None = getattr(self, "_stream", None)
+        return stream if stream is not None else self.client.stream_connection("remote objects")
 
     def _attach(self, deadline: float) -> None:
         """Attach (or re-attach, with the token) a session on the current connection."""
@@ -648,7 +651,7 @@ class ObjectClient(_Held):
         self._attached = self._conn().core
 
     def _ensure_attached(self, deadline: float, what: str) -> None:
-        conn = self._conn()
+        conn = self._stream
         if conn.core is not None and conn.core is self._attached and conn.live:
             return
         with self._lock:
@@ -791,7 +794,7 @@ class ObjectClient(_Held):
         return t, deadline, conn, _budget(conn.core, t)
 
     def _not_forked(self) -> None:
-        if os.getpid() != self._pid:
+        if _PID[0] != self._pid:
             raise ConnectError(
                 "this object client was made in the parent process: its session is the "
                 "parent's (make a new one in the child)"
@@ -833,7 +836,7 @@ class ObjectClient(_Held):
         :class:`Promise` of it at once (CALL with KEEP). Calls on the promise go out at once
         and the server runs them when the result is there: a chain costs one round trip."""
         t, _, conn, budget = self._prepare(method, None, send_releases=False)
-        call = self._frame(target, method, args, kwargs, budget, False, keep=True)
+        call = self._keep_frame(target, method, args, kwargs, budget)
         # The RELEASE due goes with the next call that waits (its FINISHes of promises dropped
         # unanswered reach the server before it writes their answers: nil, nothing to give
         # back); here only when many are due.
@@ -864,10 +867,49 @@ class ObjectClient(_Held):
             self._unsent.extend(releases)  # (not to this session)
         return Promise(self, ticket, iface)
 
+    def _keep_frame(
+        self,
+        target: Target,
+        method: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None,
+        budget: int | None,
+    ) -> Callable[[int], bytes]:
+        """A promise's CALL (KEEP): the common one (positional arguments, none a promise, a
+        target met before or a question without steps) from a cached meta, as
+        :meth:`_quick`; else :meth:`_frame`."""
+        if kwargs or any(type(a) is Promise for a in args):
+            return self._frame(target, method, args, kwargs, budget, False, keep=True)
+        try:
+            if type(target) is AnswerTarget and not target.path:
+                name = self._names.get(method)
+                if name is None:
+                    call_meta(target, method)  # (checks the name: LocalProtocolError)
+                    if len(self._names) >= 1024:
+                        self._names.clear()
+                    name = self._names[method] = method.encode("utf-8")
+                meta = answer_meta(target.question, name)
+            else:
+                key = (target, method)
+                cached = self._metas.get(key)
+                if cached is None:
+                    if len(self._metas) >= 1024:
+                        self._metas.clear()
+                    cached = self._metas[key] = call_meta(target, method)
+                meta = cached
+        except LocalProtocolError:  # (the general path says what is wrong)
+            return self._frame(target, method, args, kwargs, budget, False, keep=True)
+        to_ref = self._to_ref
+
+        def frame(rid: int) -> bytes:
+            return encode_call_meta(rid, meta, args, budget, to_ref, True)
+
+        return frame
+
     def release(self, proxy: Proxy) -> None:
         """Give ``proxy``'s object back now (the proxy stops working)."""
         entry = self._given_back(proxy)
-        if entry is None or self.closed or os.getpid() != self._pid:
+        if entry is None or self.closed or _PID[0] != self._pid:
             return
         conn = self._conn()
         core = conn.core
@@ -891,7 +933,7 @@ class ObjectClient(_Held):
         self._wake.set()
         if self._callbacks is not None:
             self._callbacks.shutdown(wait=False, cancel_futures=True)
-        if os.getpid() != self._pid:
+        if _PID[0] != self._pid:
             return  # the parent's session: not this process's to end
         try:
             conn = self._conn()

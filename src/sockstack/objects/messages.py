@@ -84,6 +84,7 @@ __all__ = [
     "Renew",
     "Return",
     "Target",
+    "answer_meta",
     "call_meta",
     "decode_response_refs",
     "decode_target",
@@ -467,18 +468,27 @@ def encode_call_meta(
     args: Sequence[Any],
     budget_ms: int | None,
     to_ref: ToRef | None,
+    keep: bool = False,
     *,
     _pack_u32: Callable[[int], bytes] = _U32.pack,
 ) -> bytes:
     """:func:`encode_call` for the common call: positional arguments, the meta from
-    :func:`call_meta`, a DEADLINE budget or none, no metadata, not ONEWAY or KEEP. The request
-    id is the caller's to keep in 1..2^32-1. :class:`CodecError` for arguments that do not
-    encode."""
+    :func:`call_meta` (or :func:`answer_meta`), a DEADLINE budget or none, no metadata, not
+    ONEWAY; KEEP with ``keep``. The request id is the caller's to keep in 1..2^32-1.
+    :class:`CodecError` for arguments that do not encode."""
     body = pack(args if type(args) is list else list(args), to_ref)
+    flags = FLAG_KEEP if keep else 0
     if budget_ms is None:
-        return pack_header(_CALL, 0, 1, len(meta), request_id, len(body)) + meta + body
+        return pack_header(_CALL, flags, 1, len(meta), request_id, len(body)) + meta + body
     meta += _pack_u32(budget_ms if 0 <= budget_ms <= _MAX_U32 else min(max(budget_ms, 0), _MAX_U32))
-    return pack_header(_CALL, FLAG_DEADLINE, 1, len(meta), request_id, len(body)) + meta + body
+    flags |= FLAG_DEADLINE
+    return pack_header(_CALL, flags, 1, len(meta), request_id, len(body)) + meta + body
+
+
+def answer_meta(question: int, name: bytes) -> bytes:
+    """:func:`call_meta` of an ANSWER target without steps, from a method name already checked
+    by :func:`call_meta` (its UTF-8 bytes): a promise's calls, one per question."""
+    return b"\x02" + _U32.pack(question) + b"\x00" + name
 
 
 def encode_return(
