@@ -623,15 +623,9 @@ def adopt(client: Any, ref: Ref) -> Any:
     if known is not None:
         return known
     with thirds.lock:
-        if client.closed:
-            raise ConnectError("the object client is closed")
-        sub = thirds.clients.get(ref.url)
-        if sub is None or sub.closed:
-            if sub is None and len(thirds.clients) >= MAX_THIRD_SERVERS:
-                raise ConnectError(
-                    f"this client is connected to {MAX_THIRD_SERVERS} third servers (limit)"
-                )
-            sub = thirds.clients[ref.url] = ObjectClient(ref.url, **_options(client, ref.url))
+        sub, made = _third_client(client, thirds, ref.url, ObjectClient)
+        if made:
+            thirds.clients[ref.url] = sub
     t, _, _, _ = sub._prepare("objects.adopt", None)
     answer = sub.client.call("objects.adopt", ref.token, timeout=t)
     proxy = sub._import(*_adopted(answer))
@@ -639,6 +633,19 @@ def adopt(client: Any, ref: Ref) -> Any:
         sub.describe()
     thirds.remember(ref.token, proxy)
     return proxy
+
+
+def _third_client(client: Any, thirds: Any, url: str, make: Any) -> tuple[Any, bool]:
+    """The client ``client`` keeps for the third server at ``url``: the one it has (True
+    with a new one, ``make``'s, to keep); at most MAX_THIRD_SERVERS of them."""
+    if client.closed:
+        raise ConnectError("the object client is closed")
+    sub = thirds.clients.get(url)
+    if sub is not None and not sub.closed:
+        return sub, False
+    if sub is None and len(thirds.clients) >= MAX_THIRD_SERVERS:
+        raise ConnectError(f"this client is connected to {MAX_THIRD_SERVERS} third servers (limit)")
+    return make(url, **_options(client, url)), True
 
 
 def _adopted(answer: Any) -> tuple[bytes, str]:
@@ -683,15 +690,8 @@ async def _adopt_async(client: AsyncObjectClient, ref: Ref) -> Any:
     known = thirds.seen(ref.token)
     if known is not None:
         return known
-    if client.closed:
-        raise ConnectError("the object client is closed")
-    sub = thirds.clients.get(ref.url)
-    if sub is None or sub.closed:
-        if sub is None and len(thirds.clients) >= MAX_THIRD_SERVERS:
-            raise ConnectError(
-                f"this client is connected to {MAX_THIRD_SERVERS} third servers (limit)"
-            )
-        sub = AsyncObjectClient(ref.url, **_options(client, ref.url))
+    sub, made = _third_client(client, thirds, ref.url, AsyncObjectClient)
+    if made:
         thirds.clients[ref.url] = sub
         try:
             await sub.connect()
