@@ -550,7 +550,8 @@ class ObjectClient(_Held):
         self._init_held(timeout)
         self.client = _Client(url, timeout=timeout, **options)
         self._callbacks: concurrent.futures.ThreadPoolExecutor | None = None
-        self._queued = 0  # server calls waiting for a callback thread
+        self._queued = 0  # server calls waiting for a callback thread (under _queue_lock)
+        self._queue_lock = threading.Lock()  # (the reading thread adds, callback threads take)
         try:
             self._stream = self._conn()
             self._stream.routes[Call] = self._on_server_call
@@ -586,14 +587,17 @@ class ObjectClient(_Held):
             self._callbacks = concurrent.futures.ThreadPoolExecutor(
                 CALLBACK_THREADS, thread_name_prefix="sockstack-callback"
             )
-        self._queued += 1
+        with self._queue_lock:
+            self._queued += 1
         try:
             self._callbacks.submit(self._run_callback, call)
         except RuntimeError:  # shut down: closing
-            self._queued -= 1
+            with self._queue_lock:
+                self._queued -= 1
 
     def _run_callback(self, call: Call) -> None:
-        self._queued -= 1
+        with self._queue_lock:
+            self._queued -= 1
         self._send_return(self._callback_outcome(call))
 
     def _send_return(self, frame: bytes) -> None:

@@ -21,8 +21,9 @@ from __future__ import annotations
 import hmac
 import secrets
 import sys
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sockstack.objects.expose import Exposed
@@ -57,6 +58,9 @@ class Tables:
     max_total_bytes: int
     objects: int = 0
     bytes: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    """Held by every change of a session's exports: a callback encoded in a worker thread
+    exports there, while the event loop releases."""
 
 
 class Session:
@@ -106,6 +110,10 @@ class Session:
     def keep_instance(self, name: str, registration: object, obj: object) -> None:
         """Keep a session-mode instance (counted as an object, in its bytes), replacing one
         of an older registration of the name. Raises :class:`TooManyObjects`."""
+        with self.tables.lock:
+            self._keep_instance(name, registration, obj)
+
+    def _keep_instance(self, name: str, registration: object, obj: object) -> None:
         if self.dead:
             raise TooManyObjects("the session has ended")
         self._drop_instance(name)
@@ -127,6 +135,10 @@ class Session:
     def export(self, obj: object, exposed: Exposed) -> bytes:
         """The id ``obj`` crosses under (its count +1). Raises :class:`TooManyObjects` (also
         once the session has ended: what would cross is nobody's)."""
+        with self.tables.lock:
+            return self._export(obj, exposed)
+
+    def _export(self, obj: object, exposed: Exposed) -> bytes:
         if self.dead:
             raise TooManyObjects("the session has ended")
         key = self._by_obj.get(id(obj))
@@ -154,13 +166,14 @@ class Session:
     def release(self, key: bytes, count: int) -> bool:
         """Subtract ``count`` crossings of ``key`` (unknown ids and counts past 0 are ignored:
         False); the entry goes at 0."""
-        entry = self.exports.get(key)
-        if entry is None or count <= 0:
-            return False
-        entry.count -= min(count, entry.count)
-        if entry.count == 0:
-            self._drop(key, entry)
-        return True
+        with self.tables.lock:
+            entry = self.exports.get(key)
+            if entry is None or count <= 0:
+                return False
+            entry.count -= min(count, entry.count)
+            if entry.count == 0:
+                self._drop(key, entry)
+            return True
 
     def _drop(self, key: bytes, entry: Export) -> None:
         del self.exports[key]
@@ -171,12 +184,13 @@ class Session:
 
     def clear(self) -> int:
         """Free everything (the session ended, or its lease expired); how many entries went."""
-        n = len(self.exports)
-        for key, entry in list(self.exports.items()):
-            self._drop(key, entry)
-        for name in list(self.instances):
-            self._drop_instance(name)
-        return n
+        with self.tables.lock:
+            n = len(self.exports)
+            for key, entry in list(self.exports.items()):
+                self._drop(key, entry)
+            for name in list(self.instances):
+                self._drop_instance(name)
+            return n
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self.exports)
