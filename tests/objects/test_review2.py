@@ -360,3 +360,49 @@ def test_a_promise_with_a_bad_argument_does_not_lose_the_releases_due() -> None:
             node.made_with(object())  # does not encode: nothing sent
         assert node.value() == 7  # the RELEASE due goes first, on the same connection
         assert served.exports() == base, "the dropped proxies' objects are still exported"
+
+
+# ----------------------------------------------------------------- promises as arguments
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "objects/pattern.py:Objects._finish / objects/client.py:Promise._resolve: a promise "
+        "passed as an argument (form 3) of a call that waits on the server for another "
+        "question does not keep its own question: the client resolves the promise (FINISH "
+        "sent with its next call), the server drops the answered question, and the waiting "
+        "call then runs and is refused BAD_ARGUMENTS ('not a kept call')"
+    ),
+)
+def test_a_promise_argument_resolved_meanwhile_still_serves_the_waiting_call() -> None:
+    with serving() as served, ObjectClient(served.url, timeout=timeout(10)) as oc:
+        node = oc.lookup("node")
+        a = node.gated("ga")  # its answer comes only when the test lets it
+        b = node.next()
+        r = a.made_with(b)  # waits on the server for a; b goes as its question (form 3)
+        assert resolve(b) is not None  # b's answer came: the client FINISHes its question
+        assert node.value() == 7  # (the FINISH goes with this call)
+        event("ga").set()
+        assert resolve(r) is not None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "objects/pattern.py:Objects._finish / objects/client.py:Promise._resolve: the same "
+        "for a call's target: a call on promise b that waits on the server for its argument "
+        "(promise a, form 3) is refused BAD_TARGET when it runs, if the client resolved b "
+        "meanwhile (its FINISH dropped b's question)"
+    ),
+)
+def test_a_promise_target_resolved_meanwhile_still_serves_the_waiting_call() -> None:
+    with serving() as served, ObjectClient(served.url, timeout=timeout(10)) as oc:
+        node = oc.lookup("node")
+        a = node.gated("ga2")  # its answer comes only when the test lets it
+        b = node.next()
+        r = b.made_with(a)  # on b; waits on the server for its argument a (form 3)
+        assert resolve(b) is not None  # b's answer came: the client FINISHes its question
+        assert node.value() == 7  # (the FINISH goes with this call)
+        event("ga2").set()
+        assert resolve(r) is not None
