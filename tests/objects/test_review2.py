@@ -406,3 +406,24 @@ def test_a_promise_target_resolved_meanwhile_still_serves_the_waiting_call() -> 
         assert node.value() == 7  # (the FINISH goes with this call)
         event("ga2").set()
         assert resolve(r) is not None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "objects/client.py:_Held._promises_given_back (_early_finish) / objects/pattern.py:"
+        "Objects._finish: the common idiom a.made_with(node.next()) — a temporary promise "
+        "passed as an argument (form 3) and dropped at once — FINISHes its question with the "
+        "next call; if the call naming it waits on the server for another question (a slow "
+        "a), the question is gone when it runs: refused BAD_ARGUMENTS"
+    ),
+)
+def test_a_dropped_promise_argument_still_serves_the_waiting_call() -> None:
+    with serving() as served, ObjectClient(served.url, timeout=timeout(10)) as oc:
+        node = oc.lookup("node")
+        a = node.gated("ga3")  # its answer comes only when the test lets it
+        r = a.made_with(node.next())  # the argument's promise is dropped right after
+        gc.collect()
+        assert node.value() == 7  # (the dropped promise's FINISH goes with this call)
+        event("ga3").set()
+        assert resolve(r) is not None
