@@ -15,7 +15,7 @@ import pytest
 from sockstack import RemoteError, ServiceError
 from sockstack.errors import CodecError, ErrorCode
 from sockstack.host.server import ServerLimits
-from sockstack.objects import ObjectClient, ObjectServer, expose, resolve
+from sockstack.objects import ObjectClient, ObjectLimits, ObjectServer, expose, resolve
 from sockstack.objects import client as client_module
 from sockstack.objects.messages import encode_call
 from sockstack.rpc.context import CallContext, current_context
@@ -25,6 +25,7 @@ from tests.objects.support import Running, running
 EVENTS: dict[str, threading.Event] = {}
 SEEN: dict[str, BaseException] = {}
 CONTEXTS: dict[str, CallContext] = {}
+FIRED: list[int] = []
 
 
 def event(key: str) -> threading.Event:
@@ -130,15 +131,19 @@ class Node:
     def made_with(self, x: Any) -> Node:
         return Node()
 
+    @expose(inline=True, oneway=True)
+    def fire(self) -> None:
+        FIRED.append(1)
+
 
 @contextlib.contextmanager
-def serving(max_workers: int = 4) -> Iterator[Running]:
+def serving(max_workers: int = 4, objects: ObjectLimits | None = None) -> Iterator[Running]:
     limits = ServerLimits(
         drain_timeout=timeout(2), close_timeout=timeout(2), max_workers=max_workers
     )
 
     def make() -> ObjectServer:
-        srv = ObjectServer(tcp=["127.0.0.1:0"], limits=limits)
+        srv = ObjectServer(tcp=["127.0.0.1:0"], limits=limits, objects=objects)
         srv.objects.callback_timeout = 60.0  # (far beyond what any wait below takes)
         srv.register("relay", Relay())
         srv.register("guarded", Guarded())
@@ -427,3 +432,35 @@ def test_a_dropped_promise_argument_still_serves_the_waiting_call() -> None:
         assert node.value() == 7  # (the dropped promise's FINISH goes with this call)
         event("ga3").set()
         assert resolve(r) is not None
+
+
+# ----------------------------------------------------------------- objects/pattern.py: answers
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "objects/pattern.py:_Answerer.__call__: a KEEP call's answer is now written at the "
+        "end of the loop turn, but the calls that waited on it run at once, before it: when "
+        "writing it fails (TOO_MANY_OBJECTS, RESULT_NOT_ENCODABLE, RESULT_TOO_LARGE) the "
+        "question fails, yet the calls made on its promise already ran on its object "
+        "(PROTOCOL.md/OBJECTS.md: a failed call fails every call made on its promise)"
+    ),
+)
+def test_calls_on_a_promise_whose_answer_cannot_be_sent_do_not_run() -> None:
+    FIRED.clear()
+    with (
+        serving(objects=ObjectLimits(max_objects=1)) as served,
+        ObjectClient(served.url, timeout=timeout(10)) as oc,
+    ):
+        node = oc.lookup("node")
+        kept = resolve(node.next())  # the session's one object (the limit)
+        a = node.gated("gf")  # its answer cannot be exported: TOO_MANY_OBJECTS
+        a.fire()  # a oneway call on the promise: waits on the server for a's answer
+        event("gf").set()
+        with pytest.raises(RemoteError) as err:
+            resolve(a)
+        assert err.value.code == ErrorCode.TOO_MANY_OBJECTS
+        assert node.value() == 7
+        assert FIRED == [], "a call on the failed promise ran"
+        assert kept is not None
