@@ -180,15 +180,6 @@ def _in_thread(results: dict[str, Any], key: str, fn: Any) -> threading.Thread:
 # ----------------------------------------------------------------- host/dispatch.py: slots
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "host/dispatch.py:Dispatcher.waiting: a worker that gave its slot back for a callback "
-        "blocks, unbounded, to take one again; the call that took the slot waits for a lock "
-        "the first one holds (a method calling a listener under its object's lock): deadlock "
-        "(before this session the worker kept its thread and both calls ended)"
-    ),
-)
 def test_a_callback_made_under_a_lock_does_not_deadlock_the_workers() -> None:
     with (
         serving(max_workers=1) as served,
@@ -215,15 +206,6 @@ def test_a_callback_made_under_a_lock_does_not_deadlock_the_workers() -> None:
 # ----------------------------------------------------------------- objects/pattern.py: callbacks
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "rpc/context.py:CallContext.on_abort (objects/pattern.py:Objects._callback): a hook "
-        "added after the call was stopped never runs (aborted() ran already and emptied the "
-        "list; on_abort makes a new one), so a callback made after a CANCEL waits the whole "
-        "callback timeout instead of ending at once"
-    ),
-)
 def test_a_callback_made_after_the_cancel_ends_at_once() -> None:
     with serving(max_workers=2) as served, ObjectClient(served.url, timeout=timeout(10)) as oc:
         relay = oc.lookup("relay")
@@ -253,15 +235,6 @@ def test_a_callback_made_after_the_cancel_ends_at_once() -> None:
         assert type(SEEN["k"]).__name__ == "CallAborted"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "objects/pattern.py:Objects._callback: a callback refused OVERLOADED by "
-        "Dispatcher.waiting() (after its CALL was encoded) does not give back what encoding "
-        "its arguments exported to the session (the `made` ids): the server's objects stay "
-        "in the session's table, counted against its bound, until the session ends"
-    ),
-)
 def test_an_overloaded_callback_gives_back_what_its_arguments_exported() -> None:
     with serving(max_workers=1) as served, ObjectClient(served.url, timeout=timeout(20)) as oc:
         relay = oc.lookup("relay")
@@ -342,16 +315,6 @@ def test_a_long_pipelined_chain_waiting_on_a_slow_call_is_answered() -> None:
 # ----------------------------------------------------------------- objects/client.py: promise()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "objects/client.py:ObjectClient.promise: the RELEASE due (taken when more than _DUE "
-        "entries wait, or some are unsent) is lost when building the promise's CALL fails "
-        "with anything but ConnectError/ConnectionLost (an argument that does not encode: "
-        "CodecError): those releases and FINISHes are never sent, the server keeps the "
-        "dropped proxies' objects (and the questions) for the whole session"
-    ),
-)
 def test_a_promise_with_a_bad_argument_does_not_lose_the_releases_due() -> None:
     with serving() as served, ObjectClient(served.url, timeout=timeout(10)) as oc:
         node = oc.lookup("node")

@@ -741,8 +741,9 @@ class Dispatcher:
                 raise CallAborted(ErrorCode.SHUTTING_DOWN)
             return run_guarded(call)
         finally:
+            if held.slot:  # (one that waited on a client may go on without one: waiting())
+                self._slots.release()
             held.slot = False
-            self._slots.release()
 
     @contextlib.contextmanager
     def waiting(self) -> Iterator[None]:
@@ -750,7 +751,12 @@ class Dispatcher:
         object): the thread's slot is given back meanwhile, so other calls still get a worker.
         At most ``max_workers`` threads wait so at once: one more raises
         :class:`~sockstack.errors.RemoteError` OVERLOADED (nothing waited for). Outside a
-        worker's slot (the event loop, a thread of the method's own): nothing changes."""
+        worker's slot (the event loop, a thread of the method's own): nothing changes.
+
+        After the wait the thread takes a slot back if one is free, else it goes on without
+        one (never blocks for it): the call that took its slot may wait for something this
+        method holds (a lock around a call to a listener), and both must end. So up to
+        ``2 * max_workers`` methods may run at once for a while, never more threads."""
         held = self._held
         if not getattr(held, "slot", False):
             yield
@@ -769,8 +775,7 @@ class Dispatcher:
         try:
             yield
         finally:
-            self._slots.acquire()
-            held.slot = True
+            held.slot = self._slots.acquire(blocking=False)
             with self._waiting_lock:
                 self.waiting_now -= 1
 

@@ -476,6 +476,10 @@ class _Held:
     def _promises_given_back(self) -> list[tuple[bytes, int]]:
         """The references in the answers of promises dropped before they were resolved (never
         imported: given back as they came), and their questions finished."""
+        with self._lock:  # (two threads must not give the same answers back twice)
+            return self._given_back_now()
+
+    def _given_back_now(self) -> list[tuple[bytes, int]]:
         now = self._answers_now()  # (read first: an answer that comes meanwhile, seen next time)
         boxes: list[_PromiseBox] = []
         if now != self._answers_seen:  # answers came: look at those waiting again
@@ -866,6 +870,10 @@ class ObjectClient(_Held):
             ticket = conn.start_exchange(frame, method, t, hold=True)
         except (ConnectError, ConnectionLost):
             self._unsent.extend(releases)  # sent with the next call
+            raise  # (its questions end with that connection: nothing to finish there)
+        except BaseException:  # not sent (an argument that does not encode...): due still
+            self._unsent.extend(releases)
+            self._finished.extend(finished)
             raise
         if releases and (core is not self._attached or conn.core is not core):
             self._unsent.extend(releases)  # (not to this session)

@@ -900,9 +900,9 @@ class Objects(Pattern):
         remove = None
         if ctx is not None:
 
-            def stopped(code: int) -> None:
+            def stopped(code: int) -> None:  # (on the loop, or here if stopped already)
                 _fail(fut, CallAborted(code))
-                abort()  # (on the loop: the hook runs there)
+                loop.call_soon_threadsafe(abort)
 
             remove = ctx.on_abort(stopped)
         waiting = getattr(host, "dispatcher", None)
@@ -914,8 +914,12 @@ class Objects(Pattern):
                 except concurrent.futures.TimeoutError:
                     loop.call_soon_threadsafe(abort)
                     raise CallTimeout(what, timeout) from None
-        except RemoteError:
-            out.pop(rid, None)  # (refused before it was sent: no slot for one more wait)
+        except RemoteError as exc:
+            if exc.code == ErrorCode.OVERLOADED and out.get(rid) is fut:
+                # Refused before it was sent (no slot for one more wait): nothing of it stays.
+                out.pop(rid, None)
+                for key in made:
+                    session.release(key, 1)
             raise
         finally:
             if remove is not None:

@@ -57,11 +57,17 @@ _BUILDING = threading.Lock()  # LazyContext.context(): one CallContext per call
 
 
 def _new_lock_after_fork() -> None:
-    global _BUILDING
+    global _BUILDING, _HOOKS
     _BUILDING = threading.Lock()  # a thread of the parent may have held it at the fork
+    _HOOKS = threading.Lock()
 
 
+_HOOKS = threading.Lock()  # CallContext.on_abort and aborted: a hook never lost between them
 os.register_at_fork(after_in_child=_new_lock_after_fork)
+
+
+def _nothing() -> None:
+    pass
 
 
 class CallContext:
@@ -151,23 +157,32 @@ class CallContext:
         """Call ``fn(code)`` on the event loop when the call is stopped (its client cancelled it,
         or its deadline passed): what the method waits for (a call to the client's object)
         can end then. Returns what removes it (call it once the wait is over)."""
-        hooks = self._on_abort
-        if hooks is None:
-            hooks = self._on_abort = []
-        hooks.append(fn)
+        hooks: list[Callable[[int], None]] = []
+        with _HOOKS:
+            code = self.abort_code
+            if not code:
+                if self._on_abort is None:
+                    self._on_abort = hooks
+                hooks = self._on_abort
+                hooks.append(fn)
+        if code:  # stopped already: at once, on this thread
+            fn(code)
+            return _nothing
 
         def remove() -> None:
-            try:
-                hooks.remove(fn)
-            except ValueError:
-                pass
+            with _HOOKS:
+                try:
+                    hooks.remove(fn)
+                except ValueError:
+                    pass
 
         return remove
 
     def aborted(self, code: int) -> None:
         """Host: the call is stopped with ``code``; run the :meth:`on_abort` hooks once."""
-        self.abort_code = code
-        hooks, self._on_abort = self._on_abort, None
+        with _HOOKS:
+            self.abort_code = code
+            hooks, self._on_abort = self._on_abort, None
         for fn in hooks or ():
             try:
                 fn(code)
