@@ -283,16 +283,6 @@ def test_a_refused_call_gives_back_the_callers_objects(monkeypatch: pytest.Monke
 # ----------------------------------------------------------------- objects/pattern.py: chains
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "objects/pattern.py:Objects._settled: the calls that waited for a question run "
-        "recursively (_settled -> _call -> submit -> _Answerer.__call__ -> _settled...: 4 "
-        "frames per link for inline methods, 2 per link when a failure cascades), so a "
-        "pipelined chain of a few hundred links (MAX_WAITERS allows 1,000) waiting on a slow "
-        "first call hits RecursionError on the event loop: the chain's end is never answered"
-    ),
-)
 def test_a_long_pipelined_chain_waiting_on_a_slow_call_is_answered() -> None:
     links = 400
     with serving() as served, ObjectClient(served.url, timeout=timeout(10)) as oc:
@@ -333,16 +323,6 @@ def test_a_promise_with_a_bad_argument_does_not_lose_the_releases_due() -> None:
 # ----------------------------------------------------------------- promises as arguments
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "objects/pattern.py:Objects._finish / objects/client.py:Promise._resolve: a promise "
-        "passed as an argument (form 3) of a call that waits on the server for another "
-        "question does not keep its own question: the client resolves the promise (FINISH "
-        "sent with its next call), the server drops the answered question, and the waiting "
-        "call then runs and is refused BAD_ARGUMENTS ('not a kept call')"
-    ),
-)
 def test_a_promise_argument_resolved_meanwhile_still_serves_the_waiting_call() -> None:
     with serving() as served, ObjectClient(served.url, timeout=timeout(10)) as oc:
         node = oc.lookup("node")
@@ -355,15 +335,6 @@ def test_a_promise_argument_resolved_meanwhile_still_serves_the_waiting_call() -
         assert resolve(r) is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "objects/pattern.py:Objects._finish / objects/client.py:Promise._resolve: the same "
-        "for a call's target: a call on promise b that waits on the server for its argument "
-        "(promise a, form 3) is refused BAD_TARGET when it runs, if the client resolved b "
-        "meanwhile (its FINISH dropped b's question)"
-    ),
-)
 def test_a_promise_target_resolved_meanwhile_still_serves_the_waiting_call() -> None:
     with serving() as served, ObjectClient(served.url, timeout=timeout(10)) as oc:
         node = oc.lookup("node")
@@ -376,16 +347,6 @@ def test_a_promise_target_resolved_meanwhile_still_serves_the_waiting_call() -> 
         assert resolve(r) is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "objects/client.py:_Held._promises_given_back (_early_finish) / objects/pattern.py:"
-        "Objects._finish: the common idiom a.made_with(node.next()) — a temporary promise "
-        "passed as an argument (form 3) and dropped at once — FINISHes its question with the "
-        "next call; if the call naming it waits on the server for another question (a slow "
-        "a), the question is gone when it runs: refused BAD_ARGUMENTS"
-    ),
-)
 def test_a_dropped_promise_argument_still_serves_the_waiting_call() -> None:
     with serving() as served, ObjectClient(served.url, timeout=timeout(10)) as oc:
         node = oc.lookup("node")

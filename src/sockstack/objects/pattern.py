@@ -118,6 +118,7 @@ _CANCELLED = (
     "CANCELLED",
     "the call was cancelled by the client while it waited for the answer it names; it did not run",
 )
+_SETTLING = "objects.settling"  # questions answered, their waiters to run (Objects._settled)
 _WAITING_IDS = "objects.waiting_ids"  # request id -> the question a waiting call waits for
 _LATE_FAILURE = (
     ErrorCode.DEADLINE_EXCEEDED,
@@ -151,13 +152,27 @@ _DEFERRED = "objects.deferred"  # answers written at the end of this loop turn (
 class _Question:
     """A KEEP call: its answer's objects by path (or its failure), and the calls waiting."""
 
-    __slots__ = ("arrived", "done", "failure", "finished", "keys", "refs", "waiters")
+    __slots__ = (
+        "arrived",
+        "done",
+        "failure",
+        "finished",
+        "keys",
+        "pinned",
+        "pins",
+        "qid",
+        "refs",
+        "waiters",
+    )
 
     finished: bool
     """FINISH came: dropped once answered, and its RESPONSE carries nil (the client gave up
     its references: none are exported for it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, qid: int = 0) -> None:
+        self.qid = qid
+        self.pins = 0  # calls waiting (on any question) that name this one: kept until 0
+        self.pinned: list[list[_Question]] = []  # for each waiter: the questions it pins
         self.done = False
         self.failure: tuple[int, str, str] | None = None
         self.refs: _Refs = {}
@@ -205,6 +220,39 @@ def _kept(
     if got is None:
         raise _Refused(code, f"the answer to question {qid} holds no object at {list(path)}")
     return got
+
+
+def _unpin(questions: dict[int, _Question], pins: list[_Question]) -> None:
+    """A waiting call ran (or was stopped): the questions it named may go if finished."""
+    for p in pins:
+        p.pins -= 1
+        if not p.pins and p.finished and p.done and questions.get(p.qid) is p:
+            del questions[p.qid]
+
+
+def _named_questions(call: Call) -> list[int]:
+    """The questions a CALL names: its target's, and its promise arguments' (form 3)."""
+    out: list[int] = []
+    if type(call.target) is AnswerTarget:
+        out.append(call.target.question)
+    if call.has_refs:
+        _form3(call.args, out, 0)
+        _form3(call.kwargs, out, 0)
+    return out
+
+
+def _form3(value: Any, out: list[int], depth: int) -> None:
+    t = type(value)
+    if t is Ref:
+        if value.form == FORM_PROMISE and value.question is not None:
+            out.append(value.question)
+    elif depth <= _MAX_DEPTH:
+        if t is list:
+            for v in value:
+                _form3(v, out, depth + 1)
+        elif t is dict:
+            for v in value.values():
+                _form3(v, out, depth + 1)
 
 
 def _unanswered(value: Any, questions: Mapping[int, _Question], depth: int = 0) -> _Question | None:
@@ -594,7 +642,7 @@ class Objects(Pattern):
                 ErrorCode.TOO_MANY_OBJECTS,
                 f"{MAX_QUESTIONS} kept answers on this connection (limit): finish some",
             )
-        questions[qid] = _Question()
+        questions[qid] = _Question(qid)
 
     def _answered(self, peer: Peer, session: Session, call: Call) -> tuple[object, Exposed] | None:
         """The object a pipelined call targets, or None when it must wait for its question
@@ -639,8 +687,18 @@ class Objects(Pattern):
             )
         peer.state[_WAITING] = waiting + 1
         peer.state[_WAITING_BYTES] = held + call.size
+        # Every question the call names stays kept until it runs (a FINISH meanwhile: once it
+        # ran), whichever one it waits for.
+        pins: list[_Question] = []
+        questions = peer.state.get(_QUESTIONS) or {}
+        for named in _named_questions(call):
+            p = questions.get(named)
+            if p is not None:
+                p.pins += 1
+                pins.append(p)
         q.waiters.append(call)
         q.arrived.append(self._clock())
+        q.pinned.append(pins)
         if call.request_id:  # (CANCEL finds it here)
             peer.state.setdefault(_WAITING_IDS, {})[call.request_id] = q
 
@@ -656,6 +714,7 @@ class Objects(Pattern):
             if call.request_id == request_id:
                 del q.waiters[i]
                 del q.arrived[i]
+                _unpin(peer.state.get(_QUESTIONS) or {}, q.pinned.pop(i))
                 break
         else:
             return False
@@ -670,7 +729,24 @@ class Objects(Pattern):
         self, peer: Peer, qid: int, value: Any, failure: tuple[int, str, str] | None
     ) -> None:
         """Question ``qid`` has its answer: keep its objects by path (or its failure), then run
-        the calls that waited for it."""
+        the calls that waited for it. Iterative: a waiter that is a question itself is settled
+        after this one's waiters ran (a chain of a thousand links needs no deep stack)."""
+        pending: collections.deque[tuple[int, Any, tuple[int, str, str] | None]] | None = (
+            peer.state.get(_SETTLING)
+        )
+        if pending is not None:  # inside a settle: after the current one
+            pending.append((qid, value, failure))
+            return
+        pending = peer.state[_SETTLING] = collections.deque([(qid, value, failure)])
+        try:
+            while pending:
+                self._settle_one(peer, *pending.popleft())
+        finally:
+            peer.state.pop(_SETTLING, None)
+
+    def _settle_one(
+        self, peer: Peer, qid: int, value: Any, failure: tuple[int, str, str] | None
+    ) -> None:
         questions = _questions(peer)
         q = questions.get(qid)
         if q is None or q.done:
@@ -682,6 +758,7 @@ class Objects(Pattern):
             _paths(value, (), q.refs)
         waiters, q.waiters = q.waiters, []
         arrived, q.arrived = q.arrived, []
+        pinned, q.pinned = q.pinned, []
         if waiters:
             ids = peer.state.get(_WAITING_IDS)
             if ids:
@@ -691,16 +768,20 @@ class Objects(Pattern):
             held = sum(c.size for c in waiters)
             peer.state[_WAITING_BYTES] = max(0, peer.state.get(_WAITING_BYTES, 0) - held)
             now = self._clock()
-            for call, t0 in zip(waiters, arrived, strict=True):
+            for call, t0, pins in zip(waiters, arrived, pinned, strict=True):
                 budget = call.budget_ms
+                late = False
                 if budget is not None:  # its budget counts from its arrival, as a REQUEST's
                     left = budget - int((now - t0) * 1000)
-                    if left <= 0:
-                        self._late(peer, call)
-                        continue
-                    call = dataclasses.replace(call, budget_ms=left)
-                self._call(peer, call, waited=True)
-        if q.finished and questions.get(qid) is q:  # (after its waiters ran on it)
+                    late = left <= 0
+                    if not late:
+                        call = dataclasses.replace(call, budget_ms=left)
+                if late:
+                    self._late(peer, call)
+                else:
+                    self._call(peer, call, waited=True)  # (pins again if it waits again)
+                _unpin(questions, pins)
+        if q.finished and not q.pins and questions.get(qid) is q:  # (its waiters ran on it)
             del questions[qid]
 
     def _late(self, peer: Peer, call: Call) -> None:
@@ -719,9 +800,9 @@ class Objects(Pattern):
             if q is None:
                 continue
             q.finished = True  # its answer not sent yet: nil (_Answerer)
-            if q.done:
+            if q.done and not q.pins:
                 del questions[qid]
-            # else dropped once answered (its waiters still run)
+            # else dropped once answered and no waiting call names it (they still run)
 
     def _target(self, session: Session, call: Call) -> tuple[object, Exposed]:
         target = call.target
@@ -1197,8 +1278,8 @@ class _Answerer:
         try:
             ids = self._answer_with(req, outcome, ctx, q)
         finally:
-            if q is not None and q.keys is None:
-                q.exported(ids)
+            if q is not None and q.keys is None and not q.finished:
+                q.exported(ids)  # (a FINISHed one keeps its objects for the calls it pins)
 
     def _answer_with(
         self, req: Request, outcome: Outcome, ctx: CallContext | None, q: _Question | None
