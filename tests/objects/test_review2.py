@@ -257,16 +257,6 @@ def test_an_overloaded_callback_gives_back_what_its_arguments_exported() -> None
 # ----------------------------------------------------------------- the client's exports
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "objects/pattern.py:Objects._call: a CALL refused before its arguments are resolved "
-        "(UNKNOWN_METHOD, UNKNOWN_OBJECT, a failed question, a waiting call CANCELLED or late) "
-        "never RELEASEs the client's objects it carried; the client counted each crossing "
-        "(objects/client.py:_Held._export) and keeps those objects for the whole session: "
-        "they leak, up to MAX_EXPORTS, then no callback can be passed"
-    ),
-)
 def test_a_refused_call_gives_back_the_callers_objects(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(client_module, "MAX_EXPORTS", 10)
     with serving() as served, ObjectClient(served.url, timeout=timeout(10)) as oc:
@@ -361,16 +351,6 @@ def test_a_dropped_promise_argument_still_serves_the_waiting_call() -> None:
 # ----------------------------------------------------------------- objects/pattern.py: answers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "objects/pattern.py:_Answerer.__call__: a KEEP call's answer is now written at the "
-        "end of the loop turn, but the calls that waited on it run at once, before it: when "
-        "writing it fails (TOO_MANY_OBJECTS, RESULT_NOT_ENCODABLE, RESULT_TOO_LARGE) the "
-        "question fails, yet the calls made on its promise already ran on its object "
-        "(PROTOCOL.md/OBJECTS.md: a failed call fails every call made on its promise)"
-    ),
-)
 def test_calls_on_a_promise_whose_answer_cannot_be_sent_do_not_run() -> None:
     FIRED.clear()
     with (

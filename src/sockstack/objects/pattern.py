@@ -62,7 +62,7 @@ from sockstack.objects.messages import (
     encode_release,
     encode_response_with_refs,
 )
-from sockstack.objects.refs import FORM_HOME, FORM_PROMISE, FORM_SENDER, Ref
+from sockstack.objects.refs import FORM_HOME, FORM_PROMISE, FORM_SENDER, Ref, pack
 from sockstack.objects.session import Session, Tables, TooManyObjects
 from sockstack.protocol.calls import budget_ms, remote_error, served_call
 from sockstack.protocol.codecs import MSGPACK
@@ -145,6 +145,7 @@ _Refs = dict[tuple[int | str, ...], tuple[object, Exposed | None]]
 """A kept answer's objects by path, from its answer until its RESPONSE is written (the end of
 that loop turn: the calls that named it in the same read run on them); then the export ids
 the RESPONSE gave them (:meth:`_Question.exported`)."""
+_PLACEHOLDER = Ref(FORM_HOME, id=bytes(16))  # (_Answerer._unsendable: packed, never sent)
 _PLAIN = "objects.plain"  # the connection's answerer of plain calls (no KEEP, not ONEWAY)
 _DEFERRED = "objects.deferred"  # answers written at the end of this loop turn (_Answerer)
 
@@ -239,6 +240,21 @@ def _named_questions(call: Call) -> list[int]:
         _form3(call.args, out, 0)
         _form3(call.kwargs, out, 0)
     return out
+
+
+def _sender_ids(value: Any, out: list[bytes], depth: int) -> None:
+    """The ids of the client's own objects (form 1 references) in a CALL's arguments."""
+    t = type(value)
+    if t is Ref:
+        if value.form == FORM_SENDER and value.id is not None:
+            out.append(value.id)
+    elif depth <= _MAX_DEPTH:
+        if t is list:
+            for v in value:
+                _sender_ids(v, out, depth + 1)
+        elif t is dict:
+            for v in value.values():
+                _sender_ids(v, out, depth + 1)
 
 
 def _form3(value: Any, out: list[int], depth: int) -> None:
@@ -567,6 +583,9 @@ class Objects(Pattern):
         oneway = call.oneway
         keep = call.keep and not oneway
         asked = waited  # its question is registered (a refused repeat must not fail the first)
+        session: Session | None = None
+        created: list[RemoteObject] = []  # the client's objects made of its arguments so far
+        resolved = not call.has_refs
         try:
             if keep and not waited:
                 self._ask(peer, call.request_id)
@@ -594,14 +613,17 @@ class Objects(Pattern):
                 if q is not None:  # a promise among the arguments: run once it is answered
                     self._wait_for(peer, q, call)
                     return
-                args = self._resolve(session, args, questions=questions)
-                kwargs = self._resolve(session, kwargs, questions=questions)
+                args = self._resolve(session, args, questions=questions, created=created)
+                kwargs = self._resolve(session, kwargs, questions=questions, created=created)
+                resolved = True
             if member.kind == "property" and (args or kwargs):
                 raise _Refused(
                     ErrorCode.BAD_ARGUMENTS,
                     f"{found.iface}.{member.name} is a property: no arguments",
                 )
         except _Refused as exc:
+            if not resolved and session is not None:  # its arguments' client objects: back
+                self._give_back(session, call, created)
             if oneway:
                 log.info("oneway call %r refused: %s", call.method, exc.message)
             else:
@@ -720,6 +742,9 @@ class Objects(Pattern):
             return False
         peer.state[_WAITING] = max(0, peer.state.get(_WAITING, 0) - 1)
         peer.state[_WAITING_BYTES] = max(0, peer.state.get(_WAITING_BYTES, 0) - call.size)
+        session = peer.state.get(_STATE)
+        if call.has_refs and isinstance(session, Session):
+            self._give_back(session, call, [])
         _send_error(peer, request_id, *_CANCELLED)
         if call.keep:
             self._settled(peer, request_id, None, _CANCELLED)
@@ -786,6 +811,9 @@ class Objects(Pattern):
 
     def _late(self, peer: Peer, call: Call) -> None:
         """A pipelined call whose deadline passed while it waited: it does not run."""
+        session = peer.state.get(_STATE)
+        if call.has_refs and isinstance(session, Session):
+            self._give_back(session, call, [])
         if not call.oneway:
             _send_error(peer, call.request_id, *_LATE_FAILURE)
         if call.keep:  # (after its ERROR) calls waiting on it fail the same way
@@ -844,6 +872,7 @@ class Objects(Pattern):
         value: Any,
         depth: int = 0,
         questions: Mapping[int, _Question] | None = None,
+        created: list[RemoteObject] | None = None,
     ) -> Any:
         """``value`` with the references in it replaced by the objects they name (this
         session's exports, or registered names). BAD_ARGUMENTS for a reference that names
@@ -868,7 +897,10 @@ class Objects(Pattern):
                     except _Refused as exc:
                         raise _Refused(ErrorCode.BAD_ARGUMENTS, exc.message) from None
             if value.form == FORM_SENDER and value.id is not None:
-                return RemoteObject(self, session, value.id, value.iface)  # a callback
+                robj = RemoteObject(self, session, value.id, value.iface)  # a callback
+                if created is not None:
+                    created.append(robj)
+                return robj
             if value.form == FORM_PROMISE and value.question is not None:
                 q = questions.get(value.question) if questions else None
                 if q is None or not q.done:
@@ -885,10 +917,28 @@ class Objects(Pattern):
                 "caller's)",
             )
         if type(value) is list:
-            return [self._resolve(session, v, depth + 1, questions) for v in value]
+            return [self._resolve(session, v, depth + 1, questions, created) for v in value]
         if type(value) is dict:
-            return {k: self._resolve(session, v, depth + 1, questions) for k, v in value.items()}
+            return {
+                k: self._resolve(session, v, depth + 1, questions, created)
+                for k, v in value.items()
+            }
         return value
+
+    def _give_back(self, session: Session, call: Call, created: list[RemoteObject]) -> None:
+        """A CALL that will not run: each crossing of the client's objects it carried goes
+        back to the client (RELEASE), but those already made RemoteObjects (they give
+        themselves back when dropped)."""
+        ids: list[bytes] = []
+        _sender_ids(call.args, ids, 0)
+        _sender_ids(call.kwargs, ids, 0)
+        for robj in created:
+            try:
+                ids.remove(robj._id)
+            except ValueError:
+                pass
+        for key in ids:
+            self._remote_dropped(session, key)
 
     # ------------------------------------------------------------------ callbacks
 
@@ -1248,6 +1298,13 @@ class _Answerer:
                     pass  # (said by the general path)
         if self.keep:
             self.question = _questions(peer).get(req.request_id)
+            if outcome[0] and not self.oneway:
+                # The calls on its promise run before its answer is written (end of this
+                # turn): an answer that could not be written fails them now, as it would.
+                problem = self._unsendable(outcome[1])
+                if problem is not None:
+                    log.warning("method %r: %s", req.method, problem[2])
+                    outcome = (False, problem)
         if deferred is None and (self.keep and not self.oneway):
             host = self.pattern._host
             loop = host.loop if host is not None else None
@@ -1262,6 +1319,36 @@ class _Answerer:
             failure = None if outcome[0] else outcome[1]
             value = outcome[1] if failure is None else None
             self.pattern._settled(peer, req.request_id, value, failure)
+
+    def _unsendable(self, value: Any) -> tuple[int, str, str] | None:
+        """Why ``value`` could not be answered (its objects past the session's bounds, a value
+        the codec refuses), or None; nothing exported (the answer exports when written)."""
+        if type(value) in _SCALARS:
+            return None
+        objs: list[object] = []
+        if exposed(type(value)) is not None:
+            objs.append(value)
+        else:
+
+            def placeholder(obj: object) -> Ref | None:
+                if type(obj) is RemoteObject:
+                    return _PLACEHOLDER
+                if exposed(type(obj)) is not None:
+                    objs.append(obj)
+                    return _PLACEHOLDER
+                try:
+                    return third_ref(obj)
+                except Handoff:
+                    return _PLACEHOLDER
+
+            try:
+                pack(value, placeholder)
+            except CodecError as exc:
+                return (ErrorCode.RESULT_NOT_ENCODABLE, "RESULT_NOT_ENCODABLE", str(exc))
+        why = self.session.room_for(objs)
+        if why is not None:
+            return (ErrorCode.TOO_MANY_OBJECTS, "TOO_MANY_OBJECTS", why)
+        return None
 
     @staticmethod
     def _write_deferred(peer: Peer) -> None:

@@ -160,6 +160,32 @@ class Session:
         t.bytes += size
         return key
 
+    def room_for(self, objs: list[object]) -> str | None:
+        """Why exporting ``objs`` (those not exported yet) would pass a bound, or None."""
+        with self.tables.lock:
+            if self.dead:
+                return "the session has ended"
+            seen: set[int] = set()
+            n = size = 0
+            for obj in objs:
+                if id(obj) in self._by_obj or id(obj) in seen:
+                    continue
+                seen.add(id(obj))
+                n += 1
+                size += ENTRY_OVERHEAD + sys.getsizeof(obj)
+            if not n:
+                return None
+            t = self.tables
+            if len(self.exports) + len(self.instances) + n > t.max_objects:
+                return f"this session holds {t.max_objects} objects (limit)"
+            if self.bytes + size > t.max_bytes:
+                return f"this session's objects would exceed {t.max_bytes} bytes"
+            if t.objects + n > t.max_total_objects:
+                return f"the server holds {t.max_total_objects} objects (limit)"
+            if t.bytes + size > t.max_total_bytes:
+                return f"the server's objects would exceed {t.max_total_bytes} bytes"
+            return None
+
     def get(self, key: bytes) -> Export | None:
         return self.exports.get(key)
 
