@@ -525,7 +525,19 @@ class Objects(Pattern):
 
     def _end(self, peer: Peer, session: Session) -> None:
         peer.state.pop(_STATE, None)
-        peer.state.pop(_QUESTIONS, None)  # its kept answers end with it
+        questions = peer.state.pop(_QUESTIONS, None)  # its kept answers end with it
+        peer.state.pop(_WAITING_IDS, None)
+        for q in (questions or {}).values():  # the calls still waiting on them: answered
+            for call in q.waiters:
+                if not call.oneway:
+                    _send_error(
+                        peer,
+                        call.request_id,
+                        ErrorCode.SESSION_EXPIRED,
+                        "SESSION_EXPIRED",
+                        "the session ended while the call waited for the answer it names; "
+                        "it did not run",
+                    )
         peer.state.pop(_WAITING, None)
         peer.state.pop(_WAITING_BYTES, None)
         self._drop_session(session)
@@ -756,6 +768,19 @@ class Objects(Pattern):
         """Question ``qid`` has its answer: keep its objects by path (or its failure), then run
         the calls that waited for it. Iterative: a waiter that is a question itself is settled
         after this one's waiters ran (a chain of a thousand links needs no deep stack)."""
+        questions = _questions(peer)
+        q = questions.get(qid)
+        if q is None or q.done:
+            return
+        if not q.waiters:  # nothing waits for it (a chain's calls came after its answer)
+            q.done = True
+            if failure is not None:
+                q.failure = failure
+            elif type(value) not in _SCALARS:
+                _paths(value, (), q.refs)
+            if q.finished and not q.pins:
+                del questions[qid]
+            return
         pending: collections.deque[tuple[int, Any, tuple[int, str, str] | None]] | None = (
             peer.state.get(_SETTLING)
         )

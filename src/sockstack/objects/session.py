@@ -162,6 +162,20 @@ class Session:
 
     def room_for(self, objs: list[object]) -> str | None:
         """Why exporting ``objs`` (those not exported yet) would pass a bound, or None."""
+        if len(objs) == 1:  # (the common case: a method returned an object)
+            obj = objs[0]
+            if id(obj) in self._by_obj:
+                return None
+            t = self.tables
+            size = ENTRY_OVERHEAD + sys.getsizeof(obj)
+            if (
+                not self.dead
+                and len(self.exports) + len(self.instances) < t.max_objects
+                and self.bytes + size <= t.max_bytes
+                and t.objects < t.max_total_objects
+                and t.bytes + size <= t.max_total_bytes
+            ):
+                return None  # (else the general path below says which bound)
         with self.tables.lock:
             if self.dead:
                 return "the session has ended"
