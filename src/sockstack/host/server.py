@@ -642,15 +642,13 @@ class _HostStream(StreamProtocol):
             self._handshake_done()
         for pattern in server.patterns:
             pattern.connection_lost(self)
-        for rid in list(self._item_outs):  # nobody reads them now: stop (generators closed)
-            run = self._running.get(rid)
-            if run is not None:
-                run.abort(ErrorCode.CANCELLED)
-        for rid, inbox in list(self._item_ins.items()):  # no more items will come: stop
-            run = self._running.get(rid)
-            if run is not None:
-                run.abort(ErrorCode.CANCELLED)
+        for inbox in list(self._item_ins.values()):  # no more items will come
             inbox.close()
+        # Nobody can receive the answers of the calls still running: each stops as if its
+        # CANCEL came (PROTOCOL.md §4). (A client interrupted while it wrote a request cannot
+        # tell whether the frame left whole, so it drops the connection: this is its CANCEL.)
+        for run in list(self._running.values()):
+            run.abort(ErrorCode.CANCELLED)
 
     def flush_soon(self) -> None:
         """Write what the session queued at the end of this loop turn (items of streams)."""
