@@ -576,8 +576,6 @@ class _HostStream(StreamProtocol):
         server = self.server
         lim = server.limits
         self.bad_log = server.bad_log
-        assert self.core is not None
-        self.core.single_ext = True  # one whole pattern frame per read: routed at once
         transport = self.transport
         assert transport is not None
         peername = transport.get_extra_info("peername")
@@ -670,7 +668,8 @@ class _HostStream(StreamProtocol):
         if self._backlog is not None:  # a read delivered after pause_reading (TLS may): in order
             self._later.append(data)
             return
-        single = core.receive_single(data)  # the common case: one whole REQUEST per read
+        # The common case: one whole REQUEST per read (or one pattern frame: routed at once).
+        single = core.receive_single(data, True)
         events: list[Event]
         if single is not None and type(single) is Request and not self.server.draining:
             budget = single.budget_ms

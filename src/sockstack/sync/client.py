@@ -476,9 +476,9 @@ class StreamConnection(_Pipeline):
         # (:meth:`push`), or 200 ms at most (tcp(7)). Not MSG_MORE: an ACK that comes in
         # pushes what MSG_MORE held when TCP_NODELAY is set. Plain TCP on Linux only (TLS
         # writes go at once).
-        self._can_cork = _TCP_CORK is not None and not self._tls
+        # (no more attributes here without need: past ~29, CPython 3.11 stops sharing the
+        # instance dict's keys and every attribute read on the hot path gets slower)
         self._corked = False
-        self._held_at = -math.inf  # when the last held request was written
 
     @property
     def ep(self) -> Endpoint:
@@ -723,10 +723,10 @@ class StreamConnection(_Pipeline):
         stream unreadable: the connection is dropped (every call fails) on any failure.
         ``hold``: with MSG_MORE where it works (the frames leave with the next write)."""
         try:
-            if self._can_cork:
+            if _TCP_CORK is not None and not self._tls:
                 if hold:
                     if not self._corked:
-                        sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 1)  # type: ignore[arg-type]
+                        sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 1)
                         self._corked = True
                     sock.sendall(data if isinstance(data, bytes) else b"".join(data))
                     return
@@ -1425,8 +1425,9 @@ class StreamConnection(_Pipeline):
         deadline = now + timeout
         slot = _Slot()
         try:
-            # (what came while idle is not looked for between held requests made in a row)
-            if not (hold and self.live and now - self._held_at < _FRESH_S):
+            # (what came while idle is not looked for between held requests made in a row: the
+            # connection is corked since the first of them)
+            if not (hold and self._corked and self.live):
                 self._begin(slot, deadline, what, timeout)
             with self._io:
                 sock, core = self.sock, self.core
@@ -1438,8 +1439,6 @@ class StreamConnection(_Pipeline):
         except BaseException:
             self._leave(slot)
             raise
-        if hold:
-            self._held_at = now
         return Ticket(self, slot, deadline, what, timeout)
 
     def start_exchanges(
