@@ -237,38 +237,33 @@ def _named_questions(call: Call) -> list[int]:
     if type(call.target) is AnswerTarget:
         out.append(call.target.question)
     if call.has_refs:
-        _form3(call.args, out, 0)
-        _form3(call.kwargs, out, 0)
+        out.extend(
+            r.question
+            for r in _call_refs(call)
+            if r.form == FORM_PROMISE and r.question is not None
+        )
     return out
 
 
-def _sender_ids(value: Any, out: list[bytes], depth: int) -> None:
-    """The ids of the client's own objects (form 1 references) in a CALL's arguments."""
+def _call_refs(call: Call) -> list[Ref]:
+    """The references in a CALL's arguments (64 levels deep at most, as _resolve)."""
+    out: list[Ref] = []
+    _refs_in(call.args, out, 0)
+    _refs_in(call.kwargs, out, 0)
+    return out
+
+
+def _refs_in(value: Any, out: list[Ref], depth: int) -> None:
     t = type(value)
     if t is Ref:
-        if value.form == FORM_SENDER and value.id is not None:
-            out.append(value.id)
+        out.append(value)
     elif depth <= _MAX_DEPTH:
         if t is list:
             for v in value:
-                _sender_ids(v, out, depth + 1)
+                _refs_in(v, out, depth + 1)
         elif t is dict:
             for v in value.values():
-                _sender_ids(v, out, depth + 1)
-
-
-def _form3(value: Any, out: list[int], depth: int) -> None:
-    t = type(value)
-    if t is Ref:
-        if value.form == FORM_PROMISE and value.question is not None:
-            out.append(value.question)
-    elif depth <= _MAX_DEPTH:
-        if t is list:
-            for v in value:
-                _form3(v, out, depth + 1)
-        elif t is dict:
-            for v in value.values():
-                _form3(v, out, depth + 1)
+                _refs_in(v, out, depth + 1)
 
 
 def _unanswered(value: Any, questions: Mapping[int, _Question], depth: int = 0) -> _Question | None:
@@ -954,9 +949,7 @@ class Objects(Pattern):
         """A CALL that will not run: each crossing of the client's objects it carried goes
         back to the client (RELEASE), but those already made RemoteObjects (they give
         themselves back when dropped)."""
-        ids: list[bytes] = []
-        _sender_ids(call.args, ids, 0)
-        _sender_ids(call.kwargs, ids, 0)
+        ids = [r.id for r in _call_refs(call) if r.form == FORM_SENDER and r.id is not None]
         for robj in created:
             try:
                 ids.remove(robj._id)
