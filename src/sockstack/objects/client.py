@@ -755,15 +755,9 @@ class ObjectClient(_Held):
         for a in args:
             if type(a) is Promise:
                 return _SLOW
-        key = (target, method)
-        meta = self._metas.get(key)
+        meta = self._meta(target, method)
         if meta is None:
-            if len(self._metas) >= 1024:
-                self._metas.clear()
-            try:
-                meta = self._metas[key] = call_meta(target, method)
-            except LocalProtocolError:
-                return _SLOW  # (the general path says what is wrong)
+            return _SLOW  # (the general path says what is wrong)
         t = self.timeout
         budget = _budget(core, t)
         now = time.monotonic()
@@ -879,6 +873,19 @@ class ObjectClient(_Held):
             self._unsent.extend(releases)  # (not to this session)
         return Promise(self, ticket, iface)
 
+    def _meta(self, target: Target, method: str) -> bytes | None:
+        """``call_meta(target, method)``, kept (1,024 at most); None when it is refused."""
+        key = (target, method)
+        meta = self._metas.get(key)
+        if meta is None:
+            if len(self._metas) >= 1024:
+                self._metas.clear()
+            try:
+                meta = self._metas[key] = call_meta(target, method)
+            except LocalProtocolError:
+                return None
+        return meta
+
     def _keep_frame(
         self,
         target: Target,
@@ -892,24 +899,17 @@ class ObjectClient(_Held):
         :meth:`_quick`; else :meth:`_frame`."""
         if kwargs or any(type(a) is Promise for a in args):
             return self._frame(target, method, args, kwargs, budget, False, keep=True)
-        try:
-            if type(target) is AnswerTarget and not target.path:
-                name = self._names.get(method)
-                if name is None:
-                    call_meta(target, method)  # (checks the name: LocalProtocolError)
-                    if len(self._names) >= 1024:
-                        self._names.clear()
-                    name = self._names[method] = method.encode("utf-8")
-                meta = answer_meta(target.question, name)
-            else:
-                key = (target, method)
-                cached = self._metas.get(key)
-                if cached is None:
-                    if len(self._metas) >= 1024:
-                        self._metas.clear()
-                    cached = self._metas[key] = call_meta(target, method)
-                meta = cached
-        except LocalProtocolError:  # (the general path says what is wrong)
+        meta: bytes | None
+        if type(target) is AnswerTarget and not target.path:
+            name = self._names.get(method)
+            if name is None and self._meta(AnswerTarget(1), method) is not None:  # (checked)
+                if len(self._names) >= 1024:
+                    self._names.clear()
+                name = self._names[method] = method.encode("utf-8")
+            meta = None if name is None else answer_meta(target.question, name)
+        else:
+            meta = self._meta(target, method)
+        if meta is None:  # (the general path says what is wrong)
             return self._frame(target, method, args, kwargs, budget, False, keep=True)
         to_ref = self._to_ref
 

@@ -768,13 +768,7 @@ class Objects(Pattern):
         if q is None or q.done:
             return
         if not q.waiters:  # nothing waits for it (a chain's calls came after its answer)
-            q.done = True
-            if failure is not None:
-                q.failure = failure
-            elif type(value) not in _SCALARS:
-                _paths(value, (), q.refs)
-            if q.finished and not q.pins:
-                del questions[qid]
+            self._settle_one(peer, qid, value, failure)
             return
         pending: collections.deque[tuple[int, Any, tuple[int, str, str] | None]] | None = (
             peer.state.get(_SETTLING)
