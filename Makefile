@@ -2,12 +2,13 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-HOST_PORTS ?= --tcp 127.0.0.1:5050 --udp 127.0.0.1:5051
+HOST_PORTS ?= --tcp 127.0.0.1:5050 --udp 127.0.0.1:5051 --http 127.0.0.1:8080
 
 .PHONY: run test test-deps bench bench-quick bench-deps fuzz lint typecheck mutate clean help
 
 help:
-	@echo "make run   - create .venv, install, serve the demo and the broker on tcp 5050 / udp 5051,"
+	@echo "make run   - create .venv, install, serve the demo and the broker on tcp 5050 / udp 5051"
+	@echo "            and HTTP 8080 (the dashboard at http://127.0.0.1:8080/),"
 	@echo "            printing its methods and commands to try (Ctrl-C stops)"
 	@echo "make test  - create .venv, install dev dependencies, run the whole test suite"
 	@echo "make bench - install the peers (pyzmq, gRPC, NATS, Redis...) and run the benchmarks"
@@ -20,7 +21,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e '.[http]'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
@@ -30,15 +31,20 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/sockstack serve --broker $(HOST_PORTS)
 
-# Debian tools some tests use (tshark checks `sockstack inspect` against a real capture); the
-# tests that need them are skipped, saying why, where they cannot be installed (no root or apt).
+# Debian tools some tests use: tshark checks `sockstack inspect` against a real capture, chromium
+# runs the HTTP dashboard's browser test (Playwright drives Debian's browser: a browser download
+# of the test tool's own cannot work here). The tests that need them are skipped, saying why,
+# where they cannot be installed (no root or apt).
+TEST_DEBS := tshark chromium
 test-deps:
-	@command -v tshark >/dev/null || { \
+	@missing=""; for b in $(TEST_DEBS); do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tshark >/dev/null 2>&1 || \
-	    { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tshark >/dev/null 2>&1; } || \
-	    echo "tshark not installed: its capture test will be skipped"; \
-	  else echo "tshark not installed (needs root and apt): its capture test will be skipped"; fi; }
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1; } || \
+	    echo "not installed:$$missing (apt failed): the tests that need them will be skipped"; \
+	  else echo "not installed:$$missing (needs root and apt): the tests that need them will be skipped"; fi; \
+	fi
 
 test: $(VENV)/.installed-dev test-deps
 	PYTHONASYNCIODEBUG=1 $(BIN)/python -m pytest
@@ -50,10 +56,10 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 # Debian packages for the peer servers; skipped (and reported by the bench) where apt is absent
 # or we are not root. RUNLEVEL=1 keeps the packages' own services from starting.
 bench-deps: $(VENV)/.installed-bench
-	@missing=""; for b in redis-server nats-server mosquitto gcc; do command -v $$b >/dev/null || [ -x /usr/sbin/$$b ] || missing="$$missing $$b"; done; \
+	@missing=""; for b in redis-server nats-server mosquitto gcc wrk; do command -v $$b >/dev/null || [ -x /usr/sbin/$$b ] || missing="$$missing $$b"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && RUNLEVEL=1 apt-get install -y -qq --no-install-recommends redis-server nats-server mosquitto gcc >/dev/null; \
+	    apt-get update -qq && RUNLEVEL=1 apt-get install -y -qq --no-install-recommends redis-server nats-server mosquitto gcc wrk >/dev/null; \
 	  else echo "not installing$$missing (needs root and apt): the bench will skip them"; fi; \
 	fi
 

@@ -93,12 +93,12 @@ class Demo(Service):
         self._bytes = 0
         self._lock = threading.Lock()
 
-    @method(inline=True)
+    @method(inline=True, readonly=True)
     def echo(self, value: Any = None) -> Any:
         """Return the argument unchanged."""
         return value
 
-    @method(inline=True)
+    @method(inline=True, readonly=True)
     def add(self, a: Any, b: Any) -> Any:
         """a + b: two numbers (int or float), two strings or two arrays (concatenated)."""
         numbers = (int, float)
@@ -110,7 +110,7 @@ class Demo(Service):
             return a + b
         raise ServiceError(f"cannot add {_kind(a)} and {_kind(b)}")
 
-    @method(inline=True)
+    @method(inline=True, readonly=True)
     def time(self) -> float:
         """The server's wall-clock time (seconds since the epoch)."""
         return time.time()
@@ -157,7 +157,7 @@ class Demo(Service):
             self._bytes = used + cost
             return old is None
 
-    @method(inline=True)
+    @method(inline=True, readonly=True)
     def get(self, key: str, default: Any = None) -> Any:
         """The value stored under ``key``, or ``default``."""
         _check_key(key)
@@ -176,13 +176,13 @@ class Demo(Service):
             self._bytes -= entry[1]
             return True
 
-    @method(inline=True)
+    @method(inline=True, readonly=True)
     def keys(self) -> list[str]:
         """The stored keys, sorted."""
         with self._lock:
             return sorted(self._kv)
 
-    @method(inline=True)
+    @method(inline=True, readonly=True)
     def methods(self) -> list[str]:
         """The names of this service's methods."""
         return ["add", "count", "delete", "echo", "get", "keys", "methods", "set", "sleep", "time"]

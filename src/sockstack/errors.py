@@ -160,6 +160,17 @@ class ErrorCode(enum.IntEnum):
     PROMISE_ELSEWHERE = 2029
     """Remote objects: a pipelined call's target resolved to a reference this server does not
     host; the caller sends the call again to the reference's home."""
+    NOT_FOUND = 2030
+    """HTTP gateway: no resource at that path (a route, or a key of a resource); HTTP 404."""
+    METHOD_NOT_ALLOWED = 2031
+    """HTTP gateway: the path exists but does not answer that HTTP method (``Allow`` lists
+    those it does); HTTP 405."""
+    PRECONDITION_FAILED = 2032
+    """HTTP gateway: a conditional request's ``If-Match`` or ``If-None-Match`` did not hold
+    (the resource changed since the client read it); HTTP 412."""
+    HEADERS_TOO_LARGE = 2033
+    """HTTP gateway: the request line and headers are larger than the gateway's bound; HTTP
+    431, and the connection is closed."""
     UNAUTHENTICATED = 2009
     """A datagram without a valid MAC, outside the replay window, or replayed (UDP with a
     shared secret)."""

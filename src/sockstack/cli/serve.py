@@ -149,8 +149,15 @@ async def _serve(args: argparse.Namespace) -> int:
             patterns.append(objects)
     if args.command == "broker" or args.broker:
         patterns.append(PubSub())
+    if args.http:
+        from sockstack.gateway import Gateway
+
+        try:
+            patterns.append(Gateway(args.http, cors=args.cors or ()))
+        except ValueError as exc:
+            raise UsageError(f"--http: {exc}") from None
     tcp, udp, tls = args.tcp or [], args.udp or [], args.tls or []
-    if not tcp and not udp and not tls:
+    if not tcp and not udp and not tls and not args.http:
         if args.command == "broker":
             tcp, udp = (
                 [f"127.0.0.1:{DEFAULT_BROKER_TCP_PORT}"],
@@ -241,12 +248,14 @@ def _metrics(args: argparse.Namespace) -> tuple[Any, tuple[str, int]]:
 
 
 def _server_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
-    if not args.tls:
+    https = any(h.lower().startswith("https://") for h in args.http or ())
+    if not args.tls and not https:
         if args.cert or args.client_ca:
-            raise UsageError("--cert/--key/--client-ca need a --tls endpoint")
+            raise UsageError("--cert/--key/--client-ca need a --tls or --http https:// endpoint")
         return None
     if not args.cert:
-        raise UsageError("--tls needs --cert (and --key unless the key is in the cert file)")
+        which = "--tls" if args.tls else "--http https://"
+        raise UsageError(f"{which} needs --cert (and --key unless the key is in the cert file)")
     from sockstack.transport.tls import server_context
 
     files = (("--cert", args.cert), ("--key", args.key), ("--client-ca", args.client_ca))
@@ -265,7 +274,7 @@ def _serve_workers(args: argparse.Namespace) -> int:
         # Fail here, once, rather than in every worker; the workers create the service.
         load_service(args.service, create=False)
     tcp, udp, tls = args.tcp or [], args.udp or [], args.tls or []
-    if not tcp and not udp and not tls:
+    if not tcp and not udp and not tls and not args.http:
         tcp, udp = [f"127.0.0.1:{DEFAULT_TCP_PORT}"], [f"127.0.0.1:{DEFAULT_UDP_PORT}"]
     _server_tls(args)  # check the files once, here
     worker_args = ["--log-level", args.log_level, "serve"]
@@ -339,7 +348,8 @@ def banner(server: Server, args: argparse.Namespace) -> list[str]:
             doc = _first_sentence(inspect.getdoc(handlers[n].func) or "")
             lines.append(f"  {(n + shown[n]).ljust(width)}  {doc}".rstrip())
     extra = f" --secret-file {shlex.quote(args.secret_file)}" if args.secret_file else ""
-    plain = [ep for ep in server.endpoints if ep.scheme != "tls"]  # tls:// needs the CA: no guess
+    # tls:// needs the CA: no guess; http:// is for curl and the browser (below)
+    plain = [ep for ep in server.endpoints if ep.scheme in ("tcp", "udp")]
     stream = next((_local(ep) for ep in plain if ep.is_stream), None)
     dgram = next((_local(ep) for ep in plain if not ep.is_stream), None)
     object_lines, object_try = _objects_banner(server, stream, bool(args.secret_file))
@@ -366,6 +376,17 @@ def banner(server: Server, args: argparse.Namespace) -> list[str]:
             tries.append(f"sockstack call {stream} broker.stats{extra}")
     if object_try:
         tries.append(object_try)
+    web = next((_local(ep) for ep in server.endpoints if ep.scheme == "http"), None)
+    if web is not None:
+        auth = ' -H "authorization: Bearer $(cat SECRET_FILE)"' if args.secret_file else ""
+        lines.append(f"dashboard: {web}/   (OpenAPI: {web}/openapi.json, docs: {web}/docs)")
+        if isinstance(server.service, Demo) and not is_broker:
+            tries.append(
+                f"curl -s {web}/rpc/add -H 'content-type: application/json' "
+                f'-d \'{{"a": 2, "b": 3}}\'{auth}'
+            )
+        if server.broker is not None:
+            tries.append(f"curl -N {web}/topics/sensors.%3E/events{auth}")
     lines += [f"try: {t}" for t in tries]
     lines.append("Ctrl-C stops")
     return lines
@@ -462,6 +483,21 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         action="append",
         metavar="HOST:PORT",
         help="TLS-over-TCP endpoint, repeatable (needs --cert and --key)",
+    )
+    common.add_argument(
+        "--http",
+        action="append",
+        metavar="HOST:PORT",
+        help="HTTP endpoint of the gateway, repeatable: calls at /rpc/METHOD, the broker at "
+        "/topics, OpenAPI, /metrics and the dashboard (https://HOST:PORT: TLS with --cert and "
+        "--key; docs/HTTP.md)",
+    )
+    common.add_argument(
+        "--cors",
+        action="append",
+        metavar="ORIGIN",
+        help="a browser origin allowed to call the HTTP gateway (repeatable; '*' for any; "
+        "none by default)",
     )
     common.add_argument(
         "--metrics",

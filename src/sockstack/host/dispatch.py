@@ -511,6 +511,9 @@ class Handler:
     bare: bool = False
     """Inline and simple, no parameter and no result checked: the dispatcher's quickest path
     (arguments counted, the result sent as it is)."""
+    readonly: bool = False
+    """Marked read-only (``@method(readonly=True)``): it changes nothing, so the HTTP gateway
+    also answers it to ``GET`` (cacheable, safe to retry)."""
 
     def check_arguments(self, args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
         """None when the arguments fit the signature, else a message saying why not."""
@@ -605,6 +608,8 @@ def make_handler(
     func: Callable[..., Any],
     inline: bool,
     errors: tuple[type[BaseException], ...] = (),
+    *,
+    readonly: bool = False,
 ) -> Handler:
     try:  # resolve string annotations so error messages read "a: int", not "a: 'int'"
         sig = inspect.signature(func, eval_str=True)
@@ -685,6 +690,7 @@ def make_handler(
         errors=errors,
         streaming=streaming,
         upload=upload,
+        readonly=readonly,
     )
 
 

@@ -25,7 +25,8 @@ lives in ``peer.state[pattern.name]``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import ssl
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sockstack.protocol.events import PatternMessage
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from sockstack.protocol.events import Request
     from sockstack.rpc.context import CallContext
     from sockstack.transport.ratelog import RateLimitedLog
+    from sockstack.transport.urls import Endpoint
 
 __all__ = ["DatagramPeer", "HostContext", "Pattern", "Peer"]
 
@@ -101,6 +103,10 @@ class HostContext(Protocol):
     def draining(self) -> bool: ...
     @property
     def limits(self) -> ServerLimits: ...
+    @property
+    def secret(self) -> bytes | None: ...
+    @property
+    def tls_context(self) -> ssl.SSLContext | None: ...
 
 
 class Pattern:
@@ -144,3 +150,25 @@ class Pattern:
 
     def connection_writable(self, peer: Peer) -> None:
         """A connection's write buffer went below its high-water mark again."""
+
+    # A pattern with listeners of its own (the HTTP gateway) uses these three.
+
+    def interceptors(self, given: Sequence[object]) -> Sequence[object]:
+        """Interceptors the pattern adds to the host's (after ``given``, the host's own), asked
+        once when the host is made (the gateway's metrics, unless the host has some)."""
+        return ()
+
+    def endpoints(self) -> Sequence[Endpoint]:
+        """The endpoints it listens on, bound in :meth:`start` (they join ``Server.endpoints``);
+        a pattern that has them counts as an endpoint of the host."""
+        return ()
+
+    def connections(self) -> Mapping[str, int]:
+        """Connections open now on its own listeners, by transport (``{"http": 3}``)."""
+        return {}
+
+    def drain(self) -> None:
+        """The host began to drain: stop accepting, finish what was accepted."""
+
+    async def closed(self) -> None:
+        """After :meth:`stop`: wait (bounded by the pattern) until what it served has ended."""

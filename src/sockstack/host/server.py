@@ -1412,12 +1412,14 @@ class Server:
         broker: object = False,
         insecure: bool = False,
         interceptors: Iterable[object] = (),
+        http: Iterable[str | Endpoint] = (),
     ) -> None:
         self.limits = limits or ServerLimits()
         patterns = list(patterns)
         self.patterns: list[Pattern] = [
             *shorthand_patterns(service, broker, with_others=bool(patterns)),
             *patterns,
+            *gateway_pattern(http),
         ]
         if not self.patterns:
             raise ValueError("a server needs a service or at least one pattern")
@@ -1428,8 +1430,12 @@ class Server:
         self.datagram_auth = (
             DatagramAuth(secret, window=self.limits.replay_window) if secret is not None else None
         )
-        # Interceptors (sockstack.interceptors): hooks around every RPC call, in the dispatcher.
-        self.interceptors = tuple(interceptors)
+        # Interceptors (sockstack.interceptors): hooks around every RPC call, in the dispatcher;
+        # then those the patterns add (the gateway's metrics).
+        given = tuple(interceptors)
+        self.interceptors = given + tuple(
+            i for pattern in self.patterns for i in pattern.interceptors(given)
+        )
         self.dispatcher = Dispatcher(
             expose_errors=expose_errors,
             max_workers=self.limits.max_workers,
@@ -1448,11 +1454,12 @@ class Server:
         self._tcp = [e if isinstance(e, Endpoint) else parse_endpoint(e, "tcp") for e in tcp]
         self._udp = [e if isinstance(e, Endpoint) else parse_endpoint(e, "udp") for e in udp]
         self._tls = [e if isinstance(e, Endpoint) else parse_endpoint(e, "tls") for e in tls]
-        if not self._tcp and not self._udp and not self._tls:
-            raise ValueError("a server needs at least one TCP, TLS or UDP endpoint")
+        own = [e for pattern in self.patterns for e in pattern.endpoints()]
+        if not self._tcp and not self._udp and not self._tls and not own:
+            raise ValueError("a server needs at least one TCP, TLS, UDP or HTTP endpoint")
         if self._tls and tls_context is None:
             raise ValueError("TLS endpoints need tls_context (sockstack.tls.server_context)")
-        refuse_unprotected(self._tcp + self._udp, secret, insecure)
+        refuse_unprotected(self._tcp + self._udp + own, secret, insecure)
         self.tls_context = tls_context
         self.reuse_port = reuse_port
         self.endpoints: list[Endpoint] = []
@@ -1499,6 +1506,9 @@ class Server:
         counts = {"tcp": 0, "tls": 0}
         for stream in tuple(self._streams):
             counts[stream.kind] = counts.get(stream.kind, 0) + 1
+        for pattern in self.patterns:
+            for kind, n in pattern.connections().items():
+                counts[kind] = counts.get(kind, 0) + n
         return counts
 
     def _register(self, pattern: Pattern, names: set[str]) -> None:
@@ -1573,6 +1583,72 @@ class Server:
         if pending:
             log.warning("%d methods did not end when cancelled", len(pending))
 
+    async def call(
+        self,
+        req: Request,
+        transport: str,
+        peer: Any,
+        *,
+        handler: Handler | None = None,
+        stream: object = None,
+    ) -> tuple[Outcome, CallContext | None]:
+        """Run one call that arrived some other way than a session (the HTTP gateway) as the
+        host runs a REQUEST: refused while draining, its deadline (``req.budget_ms``), the
+        interceptors, ``current_context()``, the drain's count of calls in flight. ``handler``:
+        a pattern's own target instead of ``req.method``'s; ``stream``: the ItemSink of a
+        streamed call's items. Returns its outcome and context (None when it did not run). A
+        cancelled caller (its client went away) stops the call as a CANCEL does."""
+        if self.draining:
+            return _SHUTTING_DOWN, None
+        budget = req.budget_ms
+        if budget is not None and not budget:
+            return _LATE, None
+        deadline = None if budget is None else _monotonic() + budget / 1000.0
+        dispatch = (
+            self.dispatcher.dispatch
+            if handler is None
+            else functools.partial(self.dispatcher.dispatch_to, handler)
+        )
+        lazy = LazyContext()
+        lazy.request = req
+        lazy.transport = transport
+        lazy.peer = peer
+        lazy.deadline = deadline
+        lazy.ctx = None
+        if stream is not None:
+            lazy.context().stream = stream
+        token = _set_call(lazy)
+        try:
+            outcome = dispatch(req)
+        finally:
+            _reset_call(token)
+        ctx = lazy.context()
+        if isinstance(outcome, tuple):
+            return outcome, ctx
+        loop = self.loop
+        assert loop is not None
+        self._in_flight += 1
+        run = _Run(ctx)
+        token = _set_call(ctx)
+        try:
+            task: asyncio.Task[Outcome] = loop.create_task(run.outcome(outcome))
+            self._work.add(task)  # type: ignore[arg-type]
+            task.add_done_callback(self._work.discard)
+            run.task = task  # type: ignore[assignment]
+        finally:
+            _reset_call(token)
+        run.arm(loop)
+        try:
+            return await asyncio.shield(task), ctx
+        except asyncio.CancelledError:
+            run.abort(ErrorCode.CANCELLED)  # our caller is gone: stop the call too
+            raise
+        finally:
+            if task.done():
+                self._request_done()
+            else:
+                task.add_done_callback(lambda _: self._request_done())
+
     def _request_done(self) -> None:
         self._in_flight -= 1
         if self._in_flight == 0 and self._idle is not None:
@@ -1633,6 +1709,8 @@ class Server:
                 self._datagrams.append(proto)
                 host, port = transport.get_extra_info("sockname")[:2]
                 self.endpoints.append(Endpoint("udp", host, port))
+            for pattern in self.patterns:  # bound in their start()
+                self.endpoints.extend(pattern.endpoints())
         except BaseException:
             await self._close_endpoints()
             for pattern in self.patterns:
@@ -1707,6 +1785,8 @@ class Server:
         self.draining = True
         for srv in self._listeners:
             srv.close()  # no new connections; existing ones keep going
+        for pattern in self.patterns:
+            pattern.drain()  # (the gateway: its listeners too)
         if self._in_flight:
             log.info("draining %d requests in flight", self._in_flight)
             self._idle = asyncio.Event()
@@ -1722,6 +1802,8 @@ class Server:
         await self._cancel_work()  # what the drain left running: abandoned, not leaked
         for pattern in self.patterns:
             pattern.stop()
+        for pattern in self.patterns:
+            await pattern.closed()
         for dg in self._datagrams:
             if dg.transport is not None:
                 dg.transport.close()
@@ -1758,13 +1840,16 @@ class Server:
         await self.shutdown()
 
 
+_PROTECTED = ("tls", "https")
+
+
 def refuse_unprotected(
     endpoints: Iterable[Endpoint], secret: bytes | None, insecure: bool = False
 ) -> None:
     """Raise ``ValueError`` for plain TCP/UDP endpoints on an address other machines can reach
     when there is no secret (as Mosquitto 2 and Redis's protected mode: no silent open door).
     TLS endpoints, loopback addresses, a secret or ``insecure`` pass."""
-    exposed = [e for e in endpoints if e.scheme != "tls" and not is_loopback_host(e.host)]
+    exposed = [e for e in endpoints if e.scheme not in _PROTECTED and not is_loopback_host(e.host)]
     if exposed and secret is None and not insecure:
         raise ValueError(
             f"refusing to serve {', '.join(map(str, exposed))} without a secret: anyone who "
@@ -1794,6 +1879,16 @@ def shorthand_patterns(
 
         patterns.append(PubSub(broker if isinstance(broker, Broker) else None))
     return patterns
+
+
+def gateway_pattern(http: Iterable[str | Endpoint]) -> list[Pattern]:
+    """``Server(http=[...])``: the HTTP gateway on those endpoints (``[]`` without any)."""
+    endpoints = list(http)
+    if not endpoints:
+        return []
+    from sockstack.gateway.pattern import Gateway
+
+    return [Gateway(endpoints)]
 
 
 def serve(

@@ -54,7 +54,11 @@ class PubSub(Pattern):
         self._max_datagram = 65507
 
     def methods(self) -> Mapping[str, Handler]:
-        return {"broker.stats": make_handler("broker.stats", self.broker.stats, inline=True)}
+        return {
+            "broker.stats": make_handler(
+                "broker.stats", self.broker.stats, inline=True, readonly=True
+            )
+        }
 
     # ------------------------------------------------------------------ life
 

@@ -223,6 +223,7 @@ class Description:
                 "params": params,
                 "result": result,
                 "stream": stream,
+                "readonly": handler.readonly,
             }
         errors = tuple(getattr(cls, "errors", ()) or ())
         self.head: dict[str, Any] = {
@@ -260,4 +261,4 @@ def describe_handler(service: object, handlers: Mapping[str, Handler]) -> Handle
         of parameters and results, and the error types it declares."""
         return description.answer(methods)
 
-    return make_handler(DESCRIBE, describe, inline=True)
+    return make_handler(DESCRIBE, describe, inline=True, readonly=True)

@@ -45,26 +45,30 @@ _MARK = "__sockstack_method__"
 class _MethodOptions:
     name: str | None
     inline: bool
+    readonly: bool = False
 
 
 @overload
 def method(fn: F) -> F: ...
 @overload
-def method(*, name: str | None = None, inline: bool = False) -> Callable[[F], F]: ...
+def method(
+    *, name: str | None = None, inline: bool = False, readonly: bool = False
+) -> Callable[[F], F]: ...
 
 
 def method(
-    fn: F | None = None, *, name: str | None = None, inline: bool = False
+    fn: F | None = None, *, name: str | None = None, inline: bool = False, readonly: bool = False
 ) -> F | Callable[[F], F]:
     """Expose a method to clients, under its own name or ``name``.
 
     A plain ``def`` runs in the server's thread pool so it can block without stalling other
     clients; ``inline=True`` runs it on the event loop instead (faster, for methods that never
-    block). An ``async def`` always runs on the event loop.
+    block). An ``async def`` always runs on the event loop. ``readonly=True`` says it changes
+    nothing: the HTTP gateway then also answers it to ``GET /rpc/NAME?arg=value``.
     """
 
     def mark(f: F) -> F:
-        setattr(f, _MARK, _MethodOptions(name, inline))
+        setattr(f, _MARK, _MethodOptions(name, inline, readonly))
         return f
 
     return mark(fn) if fn is not None else mark
@@ -97,7 +101,7 @@ def collect_handlers(service: object, allow_empty: bool = False) -> dict[str, Ha
         wire = opts.name or attr
         if wire in handlers:
             raise ValueError(f"two methods are exposed as {wire!r}")
-        handlers[wire] = make_handler(wire, bound, opts.inline, errors)
+        handlers[wire] = make_handler(wire, bound, opts.inline, errors, readonly=opts.readonly)
     if not handlers and not allow_empty:
         raise ValueError(f"{type(service).__name__} exposes no @method")
     return handlers

@@ -1,0 +1,223 @@
+"""The few HTTP pieces every route uses: one request (:class:`HttpRequest`) over the raw ASGI
+``scope``/``receive``/``send``, its body read under a byte bound and a deadline, and answers
+(JSON, problem details, bytes). No framework: a route is an ``async def route(req)``; the
+gateway's own cost per call stays a few microseconds (docs/HTTP.md, "Speed")."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+from urllib.parse import parse_qsl
+
+from sockstack.errors import CodecError, ErrorCode
+from sockstack.gateway.problems import RETRY_AFTER, HttpProblem, problem_body, status_of
+from sockstack.protocol.codecs import JSON
+
+__all__ = ["HttpRequest", "Route"]
+
+Route = Callable[["HttpRequest"], Awaitable[None]]
+"""A route: answers one request (``await req.json(...)``, ``req.problem(...)``...)."""
+
+JSON_TYPE = b"application/json"
+PROBLEM_TYPE = b"application/problem+json"
+FORM_TYPE = b"application/x-www-form-urlencoded"
+_encode = JSON.encode
+
+
+class HttpRequest:
+    """One HTTP request as the routes see it: method, path, headers (lower-case names), query,
+    the client's address, and ways to answer it once."""
+
+    __slots__ = (
+        "_headers",
+        "cors",
+        "gateway",
+        "method",
+        "path",
+        "peer",
+        "receive",
+        "scope",
+        "send",
+        "started",
+    )
+
+    def __init__(self, gateway: Any, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.gateway = gateway
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        client = scope.get("client")
+        self.peer = tuple(client) if client else None
+        self._headers: dict[bytes, bytes] | None = None
+        self.cors: list[tuple[bytes, bytes]] = []
+        """Headers every answer carries (CORS, when the request's Origin is allowed)."""
+        self.started = False
+
+    # ---------------------------------------------------------------- reading
+
+    @property
+    def headers(self) -> dict[bytes, bytes]:
+        """Headers by lower-case name (the last of repeated ones)."""
+        h = self._headers
+        if h is None:
+            h = self._headers = dict(self.scope["headers"])
+        return h
+
+    def header(self, name: bytes) -> bytes | None:
+        return self.headers.get(name)
+
+    def query(self) -> list[tuple[str, str]]:
+        qs = self.scope.get("query_string") or b""
+        if not qs:
+            return []
+        try:
+            return parse_qsl(qs.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+        except UnicodeDecodeError:
+            raise HttpProblem(ErrorCode.DECODE_ERROR, "the query string is not UTF-8") from None
+
+    async def body(self, limit: int, timeout: float | None) -> bytes:
+        """The whole body, refused beyond ``limit`` bytes (413, before reading it when
+        Content-Length says so) and after ``timeout`` seconds (408: a client trickling it)."""
+        length = self.headers.get(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                raise HttpProblem(
+                    ErrorCode.DECODE_ERROR, "Content-Length is not a number"
+                ) from None
+            if n > limit:
+                raise HttpProblem(
+                    ErrorCode.PAYLOAD_TOO_LARGE,
+                    f"the body is {n} bytes; this server takes at most {limit}",
+                )
+        receive = self.receive
+        message = await receive()  # the common case: the whole body in the first message
+        body: bytes = message.get("body", b"")
+        if not message.get("more_body"):
+            if message["type"] == "http.disconnect":
+                raise asyncio.CancelledError  # nobody to answer
+            return body
+        parts = [body]
+        size = len(body)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise asyncio.CancelledError
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        raise HttpProblem(
+                            ErrorCode.PAYLOAD_TOO_LARGE,
+                            f"the body is over {limit} bytes, this server's bound",
+                        )
+                    parts.append(chunk)
+                    if not message.get("more_body"):
+                        return b"".join(parts)
+        except TimeoutError:
+            raise HttpProblem(
+                ErrorCode.FRAME_TIMEOUT,
+                f"the body did not arrive within {timeout} s",
+            ) from None
+
+    def json_body(self, data: bytes) -> Any:
+        """The body as JSON. A form (``application/x-www-form-urlencoded``) whose text starts
+        with ``{`` or ``[`` is read as JSON too (``curl -d '{...}'`` sends that type), any other
+        form as named fields (a JSON object of text values, each read as JSON where it is)."""
+        ctype = self.headers.get(b"content-type", b"application/json").split(b";")[0].strip()
+        if ctype == FORM_TYPE:
+            if data.lstrip()[:1] not in (b"{", b"["):
+                return form_fields(data)
+        elif ctype != JSON_TYPE and not ctype.endswith(b"+json"):
+            raise HttpProblem(
+                ErrorCode.UNSUPPORTED_CODEC,
+                f"the body is {ctype.decode('latin-1')!r}; send application/json",
+            )
+        if not data:
+            return None
+        try:
+            return JSON.decode(data)
+        except CodecError as exc:
+            raise HttpProblem(ErrorCode.DECODE_ERROR, str(exc)) from None
+
+    # ---------------------------------------------------------------- answering
+
+    async def start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        self.started = True
+        await self.send(
+            {"type": "http.response.start", "status": status, "headers": [*headers, *self.cors]}
+        )
+
+    async def respond(
+        self,
+        status: int,
+        body: bytes = b"",
+        content_type: bytes | None = JSON_TYPE,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+    ) -> None:
+        h = [*headers, *self.cors]
+        if content_type is not None:
+            h.append((b"content-type", content_type))
+        if status >= 200 and status not in (204, 304):
+            h.append((b"content-length", str(len(body)).encode()))
+        self.started = True
+        send = self.send
+        await send({"type": "http.response.start", "status": status, "headers": h})
+        await send({"type": "http.response.body", "body": b"" if self.method == "HEAD" else body})
+
+    async def json(
+        self, value: Any, status: int = 200, headers: Iterable[tuple[bytes, bytes]] = ()
+    ) -> None:
+        try:
+            body = _encode(value)
+        except CodecError as exc:
+            raise HttpProblem(ErrorCode.RESULT_NOT_ENCODABLE, str(exc)) from None
+        await self.respond(status, body, JSON_TYPE, headers)
+
+    async def problem(self, exc: HttpProblem) -> None:
+        body = problem_body(exc.code, exc.detail, type_name=exc.type_name, extra=exc.extra)
+        headers = list(exc.headers)
+        retry = RETRY_AFTER.get(exc.code)
+        if retry is not None:
+            headers.append((b"retry-after", retry.encode()))
+        if exc.code in (ErrorCode.AUTH_FAILED, ErrorCode.UNAUTHENTICATED):
+            headers.append((b"www-authenticate", b'Bearer realm="sockstack"'))
+        await self.respond(
+            status_of(exc.code),
+            json.dumps(body, separators=(",", ":")).encode(),
+            PROBLEM_TYPE,
+            headers,
+        )
+
+
+def form_fields(data: bytes) -> dict[str, Any]:
+    try:
+        pairs = parse_qsl(data.decode("utf-8"), keep_blank_values=True)
+    except UnicodeDecodeError:
+        raise HttpProblem(ErrorCode.DECODE_ERROR, "the form is not UTF-8") from None
+    out: dict[str, Any] = {}
+    for key, text in pairs:
+        try:
+            out[key] = json.loads(text)
+        except ValueError:
+            out[key] = text
+    return out
+
+
+def allow(methods: Iterable[str]) -> list[tuple[bytes, bytes]]:
+    return [(b"allow", ", ".join(methods).encode())]
+
+
+def not_allowed(req: HttpRequest, methods: Iterable[str]) -> HttpProblem:
+    methods = list(methods)
+    return HttpProblem(
+        ErrorCode.METHOD_NOT_ALLOWED,
+        f"{req.path} answers {', '.join(methods)}, not {req.method}",
+        headers=allow(methods),
+    )
