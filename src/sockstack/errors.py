@@ -171,6 +171,9 @@ class ErrorCode(enum.IntEnum):
     HEADERS_TOO_LARGE = 2033
     """HTTP gateway: the request line and headers are larger than the gateway's bound; HTTP
     431, and the connection is closed."""
+    REPLAY_GAP = 2034
+    """HTTP gateway: a reconnecting event stream asked (``Last-Event-ID``) for events no
+    longer in the replay buffer; the stream goes on from the oldest kept, after saying so."""
     UNAUTHENTICATED = 2009
     """A datagram without a valid MAC, outside the replay window, or replayed (UDP with a
     shared secret)."""
