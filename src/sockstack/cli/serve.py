@@ -385,8 +385,8 @@ def banner(server: Server, args: argparse.Namespace) -> list[str]:
                 f"curl -s {web}/rpc/add -H 'content-type: application/json' "
                 f'-d \'{{"a": 2, "b": 3}}\'{auth}'
             )
-        if server.broker is not None:
-            tries.append(f"curl -N {web}/topics/sensors.%3E/events{auth}")
+        if server.broker is not None:  # (not a try: line: it streams until Ctrl-C)
+            lines.append(f"broker events (SSE): curl -N {web}/topics/sensors.%3E/events{auth}")
     lines += [f"try: {t}" for t in tries]
     lines.append("Ctrl-C stops")
     return lines

@@ -105,10 +105,15 @@ def _budget(req: HttpRequest) -> int | None:
 
 def _query_arguments(req: HttpRequest, handler: Handler) -> dict[str, Any]:
     """GET's query as keyword arguments: text for a parameter declared ``str``, else the value
-    read as JSON (``?n=5`` is 5, ``?tags=["a"]`` a list) and as text when it is not JSON."""
+    read as JSON (``?n=5`` is 5, ``?tags=["a"]`` a list) and as text when it is not JSON.
+    With a secret, ``access_token`` is the credential (taken by the gateway), not an
+    argument."""
     params = handler.signature.parameters
     out: dict[str, Any] = {}
+    token = req.gateway.has_secret  # then ?access_token= is the credential, not an argument
     for key, text in req.query():
+        if token and key == "access_token":
+            continue
         if key in out:
             raise HttpProblem(ErrorCode.BAD_ARGUMENTS, f"argument {key!r} given twice")
         p = params.get(key)

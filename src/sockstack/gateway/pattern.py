@@ -292,6 +292,7 @@ class Gateway(Pattern):
                 await route(req)
             finally:
                 self.in_flight -= 1
+                self.body_bytes -= req.held
         except HttpProblem as exc:
             if req.started:
                 log.warning("%s %s: %s after the answer began", req.method, path, exc.detail)
@@ -300,6 +301,10 @@ class Gateway(Pattern):
                 "http %s: %s %s: %s", req.peer and req.peer[0], req.method, path, exc.detail
             )
             await req.problem(exc)
+
+    @property
+    def has_secret(self) -> bool:
+        return self._secret is not None
 
     def _authenticate(self, req: HttpRequest) -> None:
         """The host's secret as a bearer token (RFC 6750), checked before any work; also as
