@@ -101,6 +101,20 @@ async def test_named_and_positional_arguments_and_get_for_readonly() -> None:
         assert r.json() == 11
 
 
+async def test_named_arguments_with_defaults_unknown_and_missing_names() -> None:
+    async with gateway(Shop(), tcp=["127.0.0.1:0"]) as (_, port):
+        r = await arequest(port, "POST", "/rpc/move", {"p": {"x": 1, "y": 1}})
+        assert r.json() == {"x": 2, "y": 2}  # by's default
+        r = await arequest(port, "POST", "/rpc/move", {"by": 2, "p": {"x": 0, "y": 0}})
+        assert r.json() == {"x": 2, "y": 2}  # any order
+        r = await arequest(port, "POST", "/rpc/add", {"a": 1, "b": 2, "c": 3})
+        assert (r.status, r.problem["code"]) == (422, ErrorCode.BAD_ARGUMENTS)
+        assert "c" in r.problem["detail"]
+        r = await arequest(port, "POST", "/rpc/add", {"b": 2})
+        assert (r.status, r.problem["code"]) == (422, ErrorCode.BAD_ARGUMENTS)
+        assert "'a'" in r.problem["detail"]
+
+
 async def test_typed_values_travel_as_the_json_codec_carries_them() -> None:
     async with gateway(Shop(), tcp=["127.0.0.1:0"]) as (_, port):
         r = await arequest(port, "POST", "/rpc/move", {"p": {"x": 1, "y": 2}, "by": 3})

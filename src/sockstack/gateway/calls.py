@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import inspect
 import itertools
 import json
 import logging
@@ -48,9 +49,53 @@ _GET_POST = ("GET", "HEAD", "POST")
 _STREAM_WINDOW = 256 << 10  # bytes of items queued for a slow HTTP reader before the pump waits
 
 
+_MISSING = object()
+_EMPTY = inspect.Parameter.empty
+_Spec = tuple[tuple[str, Any], ...] | None
+
+
+def _spec(handler: Handler) -> _Spec:
+    """(name, default) of each parameter when all are positional-or-keyword; else None."""
+    params = handler.signature.parameters.values()
+    if handler.upload is not None or any(p.kind is not p.POSITIONAL_OR_KEYWORD for p in params):
+        return None
+    return tuple((p.name, p.default) for p in params)
+
+
+def _positional(
+    specs: dict[str, tuple[Handler, _Spec]], handler: Handler, kwargs: dict[str, Any]
+) -> list[Any] | None:
+    """Named arguments as positional ones, when that is the same call (every parameter
+    positional-or-keyword, every name known, every required one given): the dispatcher's fast
+    path then takes it, as for a TCP call (binding names costs ~3 us). None: leave them named
+    (the dispatcher says what is wrong)."""
+    known = specs.get(handler.name)
+    if known is not None and known[0] is handler:
+        spec = known[1]
+    else:  # bounded: one per method the host serves
+        spec = _spec(handler)
+        specs[handler.name] = (handler, spec)
+    if spec is None or len(kwargs) > len(spec):
+        return None
+    out = []
+    used = 0
+    for name, default in spec:
+        value = kwargs.get(name, _MISSING)
+        if value is _MISSING:
+            if default is _EMPTY:
+                return None
+            out.append(default)
+        else:
+            out.append(value)
+            used += 1
+    return out if used == len(kwargs) else None
+
+
 def install(gateway: Gateway) -> None:
+    specs: dict[str, tuple[Handler, _Spec]] = {}
+
     async def rpc(req: HttpRequest) -> None:
-        await _call(gateway, req)
+        await _call(gateway, req, specs)
 
     gateway.routes["rpc"] = rpc
 
@@ -142,7 +187,9 @@ def _trailers(ctx: CallContext | None) -> list[tuple[bytes, bytes]]:
     return out
 
 
-async def _call(gateway: Gateway, req: HttpRequest) -> None:
+async def _call(
+    gateway: Gateway, req: HttpRequest, specs: dict[str, tuple[Handler, _Spec]]
+) -> None:
     host = gateway.host
     assert host is not None
     name = req.path[5:]
@@ -160,7 +207,11 @@ async def _call(gateway: Gateway, req: HttpRequest) -> None:
             args: list[Any] = []
             kwargs: dict[str, Any] = {}
         elif type(value) is dict:
-            args, kwargs = [], value
+            positional = _positional(specs, handler, value)
+            if positional is None:
+                args, kwargs = [], value
+            else:
+                args, kwargs = positional, {}
         elif type(value) is list:
             args, kwargs = value, {}
         else:
