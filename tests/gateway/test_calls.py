@@ -109,7 +109,7 @@ async def test_named_arguments_with_defaults_unknown_and_missing_names() -> None
         assert r.json() == {"x": 2, "y": 2}  # any order
         r = await arequest(port, "POST", "/rpc/add", {"a": 1, "b": 2, "c": 3})
         assert (r.status, r.problem["code"]) == (422, ErrorCode.BAD_ARGUMENTS)
-        assert "c" in r.problem["detail"]
+        assert "3 keyword arguments" in r.problem["detail"]
         r = await arequest(port, "POST", "/rpc/add", {"b": 2})
         assert (r.status, r.problem["code"]) == (422, ErrorCode.BAD_ARGUMENTS)
         assert "'a'" in r.problem["detail"]
