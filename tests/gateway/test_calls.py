@@ -10,6 +10,8 @@ import datetime
 import json
 from collections.abc import AsyncIterator, Iterator
 
+import pytest
+
 from sockstack import Server, ServerLimits, Service, ServiceError, method
 from sockstack.demo import Demo
 from sockstack.errors import ErrorCode
@@ -196,7 +198,7 @@ async def test_overload_is_503_with_retry_after() -> None:
         assert (await slow).json() == 2
 
 
-async def test_draining_answers_503_shutting_down_and_readyz_says_so() -> None:
+async def test_a_call_accepted_before_the_drain_is_answered_and_then_the_port_closes() -> None:
     shop = Shop()
     server = Server(
         shop, tcp=["127.0.0.1:0"], http=["127.0.0.1:0"], limits=ServerLimits(drain_timeout=10)
@@ -211,6 +213,8 @@ async def test_draining_answers_503_shutting_down_and_readyz_says_so() -> None:
         # the call accepted before the drain gets its answer
         assert (await asyncio.wait_for(slow, timeout(10))).json() == 0.5
         await asyncio.wait_for(stopping, timeout(20))
+        with pytest.raises(ConnectionRefusedError):
+            await arequest(port, "GET", "/readyz")
     finally:
         await server.shutdown()
 
@@ -250,3 +254,19 @@ async def test_upgrade_h2c_keeps_the_body() -> None:
             },
         )
         assert (r.status, r.json()) == (200, 5)
+
+
+async def test_a_call_still_running_after_the_drain_timeout_is_answered_503() -> None:
+    shop = Shop()
+    limits = ServerLimits(drain_timeout=0.2, close_timeout=2)
+    server = Server(shop, tcp=["127.0.0.1:0"], http=["127.0.0.1:0"], limits=limits)
+    await server.start()
+    port = server.endpoint("http").port
+    try:
+        slow = asyncio.ensure_future(arequest(port, "POST", "/rpc/wait", {"seconds": 30}))
+        await asyncio.wait_for(shop.started.wait(), timeout(10))
+        await asyncio.wait_for(server.shutdown(), timeout(20))
+        r = await asyncio.wait_for(slow, timeout(10))
+        assert (r.status, r.problem["code"]) == (503, ErrorCode.SHUTTING_DOWN)
+    finally:
+        await server.shutdown()
