@@ -8,6 +8,7 @@ import base64
 import dataclasses
 import datetime
 import json
+import socket
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -35,6 +36,7 @@ class Shop(Service):
 
     def __init__(self) -> None:
         self.started = asyncio.Event()
+        self.cancelled = asyncio.Event()
 
     @method(readonly=True)
     def add(self, a: int, b: int) -> int:
@@ -63,7 +65,11 @@ class Shop(Service):
     @method
     async def wait(self, seconds: float) -> float:
         self.started.set()
-        await asyncio.sleep(seconds)
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
         return seconds
 
     @method
@@ -270,3 +276,19 @@ async def test_a_call_still_running_after_the_drain_timeout_is_answered_503() ->
         assert (r.status, r.problem["code"]) == (503, ErrorCode.SHUTTING_DOWN)
     finally:
         await server.shutdown()
+
+
+async def test_a_client_that_leaves_mid_call_stops_the_call() -> None:
+    shop = Shop()
+    async with gateway(shop, tcp=["127.0.0.1:0"]) as (_, port):
+        body = b'{"seconds": 30}'
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(
+            b"POST /rpc/wait HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await asyncio.wait_for(shop.started.wait(), timeout(10))
+        sock.close()
+        await asyncio.wait_for(shop.cancelled.wait(), timeout(10))
+        r = await arequest(port, "POST", "/rpc/add", [1, 2])
+        assert r.json() == 3

@@ -300,6 +300,12 @@ class _HttpItems:
         return data
 
 
+async def _gone(req: HttpRequest) -> None:
+    """Returns when the client has disconnected (a body not read yet is discarded)."""
+    while (await req.receive())["type"] != "http.disconnect":
+        pass  # bounded: the rest of a body, bounded by max_body, then only the disconnect
+
+
 async def _stream(gateway: Gateway, req: HttpRequest, call: Request) -> None:
     accept = req.header(b"accept") or b""
     sse = b"text/event-stream" in accept
@@ -307,13 +313,16 @@ async def _stream(gateway: Gateway, req: HttpRequest, call: Request) -> None:
     assert host is not None
     items = _HttpItems(sse, asyncio.get_running_loop())
     running = asyncio.ensure_future(host.call(call, "http", req.peer, stream=items))
+    gone = asyncio.ensure_future(_gone(req))
     send = req.send
     try:
         # The first item or the outcome, whichever comes first: an error before any item is
         # answered with its status, as for a call that does not stream.
         waiting = asyncio.ensure_future(items.event.wait())
-        await asyncio.wait((running, waiting), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((running, waiting, gone), return_when=asyncio.FIRST_COMPLETED)
         waiting.cancel()
+        if gone.done():
+            return  # nobody to answer (finally stops the method)
         if running.done() and not items.queued:
             outcome, ctx = running.result()
             if not outcome[0]:
@@ -321,15 +330,17 @@ async def _stream(gateway: Gateway, req: HttpRequest, call: Request) -> None:
                 raise HttpProblem(code, message, type_name=type_name, headers=_trailers(ctx))
         ctype = b"text/event-stream" if sse else b"application/x-ndjson"
         await req.start(200, [(b"content-type", ctype), (b"cache-control", b"no-store")])
-        while True:
+        while not gone.done():
             if items.queued:
                 await send({"type": "http.response.body", "body": items.take(), "more_body": True})
                 continue
             if running.done():
                 break
             waiting = asyncio.ensure_future(items.event.wait())
-            await asyncio.wait((running, waiting), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((running, waiting, gone), return_when=asyncio.FIRST_COMPLETED)
             waiting.cancel()
+        else:
+            return  # the client went away
         outcome, ctx = running.result()
         if outcome[0]:
             kind, last = b"result", outcome[1]
@@ -347,5 +358,6 @@ async def _stream(gateway: Gateway, req: HttpRequest, call: Request) -> None:
             tail = b'{"' + kind + b'":' + data + b"}\n"
         await send({"type": "http.response.body", "body": tail, "more_body": False})
     finally:
+        gone.cancel()
         if not running.done():
             running.cancel()  # the client went away: stop the method (Server.call cancels it)

@@ -268,6 +268,7 @@ class Gateway(Pattern):
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return  # (lifespan is off; no WebSocket protocol is configured)
+        scope["sockstack.task"] = asyncio.current_task()  # (cancelled if the client leaves)
         req = HttpRequest(self, scope, receive, send)
         path = req.path
         first, _, _ = path[1:].partition("/")
@@ -293,6 +294,10 @@ class Gateway(Pattern):
             finally:
                 self.in_flight -= 1
                 self.body_bytes -= req.held
+        except asyncio.CancelledError:
+            if scope.get("sockstack.gone"):
+                return  # the client left (GatewayProtocol.connection_lost): nobody to answer
+            raise
         except HttpProblem as exc:
             if req.started:
                 log.warning("%s %s: %s after the answer began", req.method, path, exc.detail)
