@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
     from sockstack.host.server import Server
 
-__all__ = ["Gateway", "HttpLimits"]
+__all__ = ["Gateway", "HttpLimits", "http_endpoint"]
 
 log = logging.getLogger("sockstack.gateway")
 
@@ -66,7 +66,8 @@ class HttpLimits:
     max_connections_per_address: int = 1_000
 
 
-def _http_endpoint(e: str | Endpoint) -> Endpoint:
+def http_endpoint(e: str | Endpoint) -> Endpoint:
+    """``HOST:PORT``, ``http://HOST:PORT`` or ``https://HOST:PORT`` as an Endpoint."""
     if isinstance(e, Endpoint):
         return e
     scheme, sep, rest = e.partition("://")
@@ -111,7 +112,7 @@ class Gateway(Pattern):
         metrics: bool = True,
         limits: HttpLimits | None = None,
     ) -> None:
-        self._configured = [_http_endpoint(e) for e in endpoints]
+        self._configured = [http_endpoint(e) for e in endpoints]
         if not self._configured:
             raise ValueError("a gateway needs at least one HTTP endpoint")
         self.limits = limits or HttpLimits()
@@ -192,6 +193,10 @@ class Gateway(Pattern):
 
     def _config(self, tls: bool) -> uvicorn.Config:
         import uvicorn
+
+        quiet = logging.getLogger("uvicorn.error")
+        if quiet.level == logging.NOTSET:  # its "Started server process" is not ours to say
+            quiet.setLevel(logging.WARNING)
 
         from sockstack.gateway.protocol import GatewayProtocol
 
