@@ -176,6 +176,11 @@ async def test_each_error_has_its_status_and_code() -> None:
         assert r.headers["allow"] == "POST"
         r = await arequest(port, "POST", "/rpc/add", "<a/>", headers={"content-type": "text/xml"})
         assert (r.status, r.problem["code"]) == (415, ErrorCode.UNSUPPORTED_CODEC)
+        # every problem answered is counted by code name, refusals before any call too
+        text = (await arequest(port, "GET", "/metrics")).body.decode()
+        assert 'sockstack_http_problems_total{code="NOT_FOUND"} 1.0' in text
+        assert 'sockstack_http_problems_total{code="UNSUPPORTED_CODEC"} 1.0' in text
+        assert 'sockstack_server_errors_total{code="UNKNOWN_METHOD"' not in text  # (no call)
 
 
 async def test_a_body_beyond_the_bound_is_413_unread() -> None:

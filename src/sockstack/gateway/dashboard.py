@@ -332,10 +332,12 @@ class Dashboard:
             with contextlib.suppress(Exception):  # (if it fails, the first sample says why)
                 self._prev = self._totals()
             failed = False
+            closing = self.gateway.closing
             while self.viewers:
-                await asyncio.sleep(self.interval)
+                with contextlib.suppress(TimeoutError):  # a tick, or the drain at once
+                    await asyncio.wait_for(closing.wait(), self.interval)
                 host = self.gateway.host
-                if host is None or host.draining:
+                if host is None or host.draining or closing.is_set():
                     self._end("the server is draining")
                     return
                 try:
@@ -411,6 +413,7 @@ class Dashboard:
             await req.respond(200, b"", None, headers)
             return
         viewer = self.join()
+        req.detach()  # long-lived: bounded by MAX_VIEWERS, not by the calls' max_in_flight
         gone = asyncio.ensure_future(_disconnected(req))
         send = req.send
         try:

@@ -33,6 +33,7 @@ class HttpRequest:
     __slots__ = (
         "_headers",
         "cors",
+        "counted",
         "gateway",
         "held",
         "method",
@@ -60,6 +61,14 @@ class HttpRequest:
         self.cors: list[tuple[bytes, bytes]] = []
         """Headers every answer carries (CORS, when the request's Origin is allowed)."""
         self.started = False
+        self.counted = False  # in the gateway's max_in_flight (until detach())
+
+    def detach(self) -> None:
+        """A long-lived answer (an event stream) leaves ``max_in_flight``, which bounds calls:
+        streams have bounds of their own (per route), and must not starve calls of slots."""
+        if self.counted:
+            self.counted = False
+            self.gateway.in_flight -= 1
 
     # ---------------------------------------------------------------- reading
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from sockstack.errors import ErrorCode
 from sockstack.gateway.http import HttpRequest, Route, allow
-from sockstack.gateway.problems import HttpProblem
+from sockstack.gateway.problems import HttpProblem, problem_name
 from sockstack.host.pattern import HostContext, Pattern
 from sockstack.transport.ratelog import RateLimitedLog
 from sockstack.transport.urls import Endpoint, parse_endpoint
@@ -119,6 +119,7 @@ class Gateway(Pattern):
         self.cors = frozenset(o.rstrip("/") for o in cors)
         self._metrics_wanted = metrics
         self.metrics: Any = None  # the ServerMetrics serving /metrics, once the host is made
+        self.problems: Any = None  # its Counter of problem answers by code name
         self.bad_log = RateLimitedLog(log)
         self.host: Server | None = None
         self.routes: dict[str, Route] = {}
@@ -134,6 +135,9 @@ class Gateway(Pattern):
         self.in_flight = 0
         self.body_bytes = 0  # bodies held now (all requests)
         self._secret: bytes | None = None
+        self.closing = asyncio.Event()
+        """Set when the host begins to drain: long-lived streams (events, the dashboard) end
+        on it at once."""
         from sockstack.gateway import routes
 
         routes.install(self)
@@ -147,12 +151,22 @@ class Gateway(Pattern):
             from sockstack.metrics import ServerMetrics
         except ImportError:  # prometheus-client not installed: /metrics says so
             return ()
-        for i in given:
-            if isinstance(i, ServerMetrics):
-                self.metrics = i
-                return ()
-        self.metrics = ServerMetrics()
-        return (self.metrics,)
+        added: tuple[object, ...] = ()
+        found = next((i for i in given if isinstance(i, ServerMetrics)), None)
+        if found is None:
+            found = ServerMetrics()
+            added = (found,)
+        self.metrics = found
+        from prometheus_client import Counter
+
+        self.problems = Counter(
+            "sockstack_http_problems",
+            "HTTP answers that were problem details (errors), by code name: calls that failed "
+            "and requests the gateway refused before any call (401, 404, 413...)",
+            ("code",),
+            registry=found.registry,
+        )
+        return added
 
     def endpoints(self) -> Sequence[Endpoint]:
         return self._bound if self._bound or self.host is not None else self._configured
@@ -221,6 +235,7 @@ class Gateway(Pattern):
         return config
 
     def drain(self) -> None:
+        self.closing.set()
         for uv, _ in self._servers:
             uv.should_exit = True  # stops accepting; open connections finish what they have
 
@@ -294,10 +309,12 @@ class Gateway(Pattern):
                     f"{self.in_flight} HTTP requests in flight (limit {self.limits.max_in_flight})",
                 )
             self.in_flight += 1
+            req.counted = True
             try:
                 await route(req)
             finally:
-                self.in_flight -= 1
+                if req.counted:
+                    self.in_flight -= 1
                 self.body_bytes -= req.held
         except asyncio.CancelledError:
             if scope.get("sockstack.gone"):
@@ -310,6 +327,8 @@ class Gateway(Pattern):
             self.bad_log.warning(
                 "http %s: %s %s: %s", req.peer and req.peer[0], req.method, path, exc.detail
             )
+            if self.problems is not None:
+                self.problems.labels(problem_name(exc.code)).inc()
             await req.problem(exc)
 
     @property
