@@ -182,7 +182,9 @@ class Gateway(Pattern):
             raise ValueError("https:// endpoints need the host's tls_context")
         for ep in self._configured:  # bound now: an error reaches Server.start
             family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on the connections it accepts
+            # only then (without, ~40 ms of Nagle + delayed ACK per keep-alive request)
+            sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if getattr(server, "reuse_port", False):
