@@ -177,7 +177,7 @@ class Gateway(Pattern):
     def start(self, host: HostContext) -> None:
         self.host = server = host  # type: ignore[assignment]
         secret = host.secret
-        self._secret = b"Bearer " + secret if secret is not None else None
+        self._secret = secret
         if any(e.scheme == "https" for e in self._configured) and host.tls_context is None:
             raise ValueError("https:// endpoints need the host's tls_context")
         for ep in self._configured:  # bound now: an error reaches Server.start
@@ -342,11 +342,16 @@ class Gateway(Pattern):
         ``?access_token=`` for the browser's EventSource, which cannot send headers."""
         expected = self._secret
         assert expected is not None
-        given = req.header(b"authorization")
-        if given is None and req.method == "GET":
+        given = None
+        header = req.header(b"authorization")
+        if header is not None:
+            scheme, _, token = header.partition(b" ")
+            if scheme.lower() == b"bearer":  # (a scheme is case-insensitive: RFC 9110 §11.1)
+                given = token.strip(b" ")
+        elif req.method == "GET":
             for k, v in req.query():
                 if k == "access_token":
-                    given = b"Bearer " + v.encode()
+                    given = v.encode()
         if given is None or not hmac.compare_digest(given, expected):
             raise HttpProblem(
                 ErrorCode.AUTH_FAILED,
