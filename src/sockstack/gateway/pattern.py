@@ -305,6 +305,9 @@ class Gateway(Pattern):
                 self._authenticate(req)
             if route is None:
                 raise HttpProblem(ErrorCode.NOT_FOUND, f"no resource at {path}")
+            if first in self.public:  # the probes: answered at once, even at the bound
+                await route(req)
+                return
             if self.in_flight >= self.limits.max_in_flight:
                 raise HttpProblem(
                     ErrorCode.OVERLOADED,
