@@ -430,6 +430,36 @@ async def test_a_gap_is_said_when_the_ring_no_longer_holds_it() -> None:
         await ahead.close()
 
 
+async def test_a_replay_the_ring_outruns_says_gap_then_goes_on_live() -> None:
+    """A replay goes a window at a time; when the ring lets go of what it had still to send,
+    a gap event says so, and the live messages follow, none lost."""
+    async with served(TopicsLimits(replay_count=2000, window=512)) as (server, port, _):
+        broker = broker_of(server)
+        sse = await Sse.open(port, "/topics/o.x/events")
+        broker.publish("o.x", b"start", 0)
+        start = await sse.message()
+        await sse.close()
+        for i in range(2000):
+            broker.publish("o.x", b"r%d" % i, 0)
+        again = await Sse.open(port, "/topics/o.x/events", {"Last-Event-ID": str(start.id)})
+        for i in range(2000):  # at once: the ring now holds only these
+            broker.publish("o.x", b"l%d" % i, 0)
+        events = []
+        for _ in range(4100):
+            ev = await again.message()
+            events.append(ev)
+            if ev.event == "message" and ev.json()["text"] == "l1999":
+                break
+        kinds = [e.event for e in events]
+        assert kinds.count("gap") == 1
+        g = kinds.index("gap")
+        replayed = [e.json()["text"] for e in events[:g]]
+        assert 0 < len(replayed) < 2000
+        assert replayed == [f"r{i}" for i in range(len(replayed))]
+        assert [e.json()["text"] for e in events[g + 1 :]] == [f"l{i}" for i in range(2000)]
+        await again.close()
+
+
 async def test_the_replay_ring_is_bounded_in_bytes() -> None:
     limits = TopicsLimits(replay_bytes=10 * (1000 + len("big.topic") + RING_OVERHEAD))
     async with served(limits) as (_, port, topics):
