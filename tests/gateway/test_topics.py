@@ -22,6 +22,7 @@ import pytest
 
 from sockstack import AsyncClient, Server, ServerLimits
 from sockstack.demo import Demo
+from sockstack.gateway import topics as topics_module
 from sockstack.gateway.pattern import Gateway
 from sockstack.gateway.topics import RING_OVERHEAD, Topics, TopicsLimits, configure, openapi_paths
 from sockstack.pubsub import Broker, BrokerError, BrokerLimits
@@ -227,6 +228,7 @@ async def test_publish_errors_are_problems_with_their_codes() -> None:
         assert (await publish(port, "a", b"x" * 1000, "application/octet-stream")).status == 202
         for body, ctype, query in (
             (b"{nope", "application/json", ""),
+            (b"[1e400]", "application/json", ""),  # (no float holds it)
             (b"\xc1", "application/msgpack", ""),
             (b"", "application/json", ""),  # no JSON value: refused by the broker
             (b"1", "application/json", "?qos=2"),
@@ -302,6 +304,37 @@ async def test_events_from_tcp_udp_and_http_publishers() -> None:
         assert all(e.event == "message" for e in got)
         ids = [int(e.id or 0) for e in got]
         assert ids == sorted(ids) and len(set(ids)) == 6 and ids[0] > 0
+        await sse.close()
+
+
+async def test_payloads_that_do_not_decode_are_sent_as_base64() -> None:
+    """The broker does not check payloads (a TCP publisher may send anything in any codec):
+    what does not decode reaches the stream as base64, and nothing breaks."""
+    async with served() as (server, port, _):
+        sse = await Sse.open(port, "/topics/odd/events")
+        broker = broker_of(server)
+        for payload, codec in ((b"{bad", 2), (b"[1e400]", 2), (b"\xc1", 1), (b"\xd4\x05\x00", 1)):
+            broker.publish("odd", payload, codec)
+            data = (await sse.message()).json()
+            assert base64.b64decode(data["base64"]) == payload, data
+        broker.publish("odd", b'{\n"multi": "line"\n}', 2)  # one data line all the same
+        assert (await sse.message()).json()["payload"] == {"multi": "line"}
+        await sse.close()
+
+
+async def test_an_unforeseen_formatting_error_does_not_fail_the_publish(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with served() as (server, port, _):
+        sse = await Sse.open(port, "/topics/odd/events")
+
+        def boom(data: bytes) -> Any:
+            raise TypeError("unforeseen")
+
+        monkeypatch.setattr(topics_module.MSGPACK, "decode", boom)
+        assert broker_of(server).publish("odd", b"\x01", 1) == 2  # the stream and the ring
+        data = (await sse.message()).json()
+        assert data == {"topic": "odd", "codec": "msgpack", "base64": "AQ=="}
         await sse.close()
 
 

@@ -60,6 +60,7 @@ entry beyond payloads held elsewhere (tests/gateway/test_topics.py)."""
 _EVENT_OVERHEAD = 64
 """Bytes charged per formatted event waiting for a stream's writer (its list slot and bytes
 header), beyond its length."""
+_UNDECODED = 0x100  # (_data's own flag, beyond a MSG's: send the payload as base64)
 _SCAN = 1024  # ring entries a replay looks at per turn of its stream's writer (loop latency)
 
 _MSGPACK_TYPES = (b"application/msgpack", b"application/x-msgpack", b"application/vnd.msgpack")
@@ -255,10 +256,12 @@ def _data(topic: bytes, payload: bytes, codec: int, flags: int) -> bytes:
     name = _CODEC_NAMES.get(codec, str(codec)).encode()
     head = b'{"topic":' + _json(topic.decode()) + b',"codec":"' + name
     tail = b',"retained":true}' if flags & FLAG_RETAIN else b"}"
-    if codec == 2:
+    if flags & _UNDECODED:
+        pass
+    elif codec == 2:
         try:
             msgspec.json.decode(payload)  # valid JSON: kept as the publisher wrote it
-        except (msgspec.DecodeError, RecursionError):
+        except (msgspec.MsgspecError, RecursionError):
             pass
         else:
             if b"\n" in payload or b"\r" in payload:  # one line: SSE splits data at newlines
@@ -563,7 +566,11 @@ class Topics:
         cached_seq, cached = self._cache
         if seq and seq == cached_seq:
             return cached
-        data = _data(topic, payload, codec, flags)
+        try:
+            data = _data(topic, payload, codec, flags)
+        except Exception as exc:  # (unforeseen: it must not fail the publish that called it)
+            self.gateway.bad_log.warning("event of topic %r: %r; sent as base64", topic, exc)
+            data = _data(topic, payload, codec, flags | _UNDECODED)
         if seq:
             event = b"id: %d\nevent: message\ndata: %b\n\n" % (seq, data)
             self._cache = (seq, event)
@@ -609,7 +616,7 @@ def _codec(req: HttpRequest, body: bytes) -> int:
         if body:  # (empty: the broker refuses it, or clears the retained message)
             try:
                 msgspec.json.decode(body)
-            except (msgspec.DecodeError, RecursionError) as exc:
+            except (msgspec.MsgspecError, RecursionError) as exc:
                 raise HttpProblem(ErrorCode.DECODE_ERROR, f"the body is not JSON: {exc}") from None
         return 2
     if ctype in _MSGPACK_TYPES:
@@ -622,7 +629,7 @@ def _codec(req: HttpRequest, body: bytes) -> int:
     if ctype == _FORM_TYPE and body:  # curl -d '{"t": 21.5}' sends this type
         try:
             msgspec.json.decode(body)
-        except (msgspec.DecodeError, RecursionError):
+        except (msgspec.MsgspecError, RecursionError):
             return 0
         return 2
     return 0
