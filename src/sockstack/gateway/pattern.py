@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from sockstack.errors import ErrorCode
 from sockstack.gateway.http import HttpRequest, Route, allow
-from sockstack.gateway.problems import HttpProblem
+from sockstack.gateway.problems import HttpProblem, problem_name
 from sockstack.host.pattern import HostContext, Pattern
 from sockstack.transport.ratelog import RateLimitedLog
 from sockstack.transport.urls import Endpoint, parse_endpoint
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
     from sockstack.host.server import Server
 
-__all__ = ["Gateway", "HttpLimits"]
+__all__ = ["Gateway", "HttpLimits", "http_endpoint"]
 
 log = logging.getLogger("sockstack.gateway")
 
@@ -66,7 +66,8 @@ class HttpLimits:
     max_connections_per_address: int = 1_000
 
 
-def _http_endpoint(e: str | Endpoint) -> Endpoint:
+def http_endpoint(e: str | Endpoint) -> Endpoint:
+    """``HOST:PORT``, ``http://HOST:PORT`` or ``https://HOST:PORT`` as an Endpoint."""
     if isinstance(e, Endpoint):
         return e
     scheme, sep, rest = e.partition("://")
@@ -111,13 +112,14 @@ class Gateway(Pattern):
         metrics: bool = True,
         limits: HttpLimits | None = None,
     ) -> None:
-        self._configured = [_http_endpoint(e) for e in endpoints]
+        self._configured = [http_endpoint(e) for e in endpoints]
         if not self._configured:
             raise ValueError("a gateway needs at least one HTTP endpoint")
         self.limits = limits or HttpLimits()
         self.cors = frozenset(o.rstrip("/") for o in cors)
         self._metrics_wanted = metrics
         self.metrics: Any = None  # the ServerMetrics serving /metrics, once the host is made
+        self.problems: Any = None  # its Counter of problem answers by code name
         self.bad_log = RateLimitedLog(log)
         self.host: Server | None = None
         self.routes: dict[str, Route] = {}
@@ -133,6 +135,9 @@ class Gateway(Pattern):
         self.in_flight = 0
         self.body_bytes = 0  # bodies held now (all requests)
         self._secret: bytes | None = None
+        self.closing = asyncio.Event()
+        """Set when the host begins to drain: long-lived streams (events, the dashboard) end
+        on it at once."""
         from sockstack.gateway import routes
 
         routes.install(self)
@@ -146,12 +151,22 @@ class Gateway(Pattern):
             from sockstack.metrics import ServerMetrics
         except ImportError:  # prometheus-client not installed: /metrics says so
             return ()
-        for i in given:
-            if isinstance(i, ServerMetrics):
-                self.metrics = i
-                return ()
-        self.metrics = ServerMetrics()
-        return (self.metrics,)
+        added: tuple[object, ...] = ()
+        found = next((i for i in given if isinstance(i, ServerMetrics)), None)
+        if found is None:
+            found = ServerMetrics()
+            added = (found,)
+        self.metrics = found
+        from prometheus_client import Counter
+
+        self.problems = Counter(
+            "sockstack_http_problems",
+            "HTTP answers that were problem details (errors), by code name: calls that failed "
+            "and requests the gateway refused before any call (401, 404, 413...)",
+            ("code",),
+            registry=found.registry,
+        )
+        return added
 
     def endpoints(self) -> Sequence[Endpoint]:
         return self._bound if self._bound or self.host is not None else self._configured
@@ -193,6 +208,10 @@ class Gateway(Pattern):
     def _config(self, tls: bool) -> uvicorn.Config:
         import uvicorn
 
+        quiet = logging.getLogger("uvicorn.error")
+        if quiet.level == logging.NOTSET:  # its "Started server process" is not ours to say
+            quiet.setLevel(logging.WARNING)
+
         from sockstack.gateway.protocol import GatewayProtocol
 
         protocol = type("GatewayProtocol", (GatewayProtocol,), {"gateway": self})
@@ -216,6 +235,7 @@ class Gateway(Pattern):
         return config
 
     def drain(self) -> None:
+        self.closing.set()
         for uv, _ in self._servers:
             uv.should_exit = True  # stops accepting; open connections finish what they have
 
@@ -268,6 +288,7 @@ class Gateway(Pattern):
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return  # (lifespan is off; no WebSocket protocol is configured)
+        scope["sockstack.task"] = asyncio.current_task()  # (cancelled if the client leaves)
         req = HttpRequest(self, scope, receive, send)
         path = req.path
         first, _, _ = path[1:].partition("/")
@@ -288,10 +309,17 @@ class Gateway(Pattern):
                     f"{self.in_flight} HTTP requests in flight (limit {self.limits.max_in_flight})",
                 )
             self.in_flight += 1
+            req.counted = True
             try:
                 await route(req)
             finally:
-                self.in_flight -= 1
+                if req.counted:
+                    self.in_flight -= 1
+                self.body_bytes -= req.held
+        except asyncio.CancelledError:
+            if scope.get("sockstack.gone"):
+                return  # the client left (GatewayProtocol.connection_lost): nobody to answer
+            raise
         except HttpProblem as exc:
             if req.started:
                 log.warning("%s %s: %s after the answer began", req.method, path, exc.detail)
@@ -299,7 +327,13 @@ class Gateway(Pattern):
             self.bad_log.warning(
                 "http %s: %s %s: %s", req.peer and req.peer[0], req.method, path, exc.detail
             )
+            if self.problems is not None:
+                self.problems.labels(problem_name(exc.code)).inc()
             await req.problem(exc)
+
+    @property
+    def has_secret(self) -> bool:
+        return self._secret is not None
 
     def _authenticate(self, req: HttpRequest) -> None:
         """The host's secret as a bearer token (RFC 6750), checked before any work; also as

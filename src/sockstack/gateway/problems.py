@@ -15,7 +15,7 @@ from typing import Any
 
 from sockstack.errors import ErrorCode
 
-__all__ = ["STATUS", "HttpProblem", "problem_body", "status_of"]
+__all__ = ["STATUS", "HttpProblem", "problem_body", "problem_name", "status_of"]
 
 STATUS: dict[int, int] = {
     ErrorCode.UNKNOWN_METHOD: 404,
@@ -57,7 +57,7 @@ def status_of(code: int) -> int:
     return STATUS.get(code, 500)
 
 
-def _name(code: int) -> str:
+def problem_name(code: int) -> str:
     try:
         return ErrorCode(code).name
     except ValueError:
@@ -69,7 +69,7 @@ def problem_body(
 ) -> dict[str, Any]:
     """The problem object of an error. ``type_name``: an APPLICATION_ERROR's declared error
     type (``"OutOfStock"``), kept under ``"error"``."""
-    name = _name(code)
+    name = problem_name(code)
     body: dict[str, Any] = {
         "type": f"urn:sockstack:error:{name}",
         "title": name,
