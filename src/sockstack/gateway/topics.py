@@ -43,8 +43,6 @@ from sockstack.pubsub.messages import FLAG_RETAIN
 from sockstack.pubsub.topics import matches
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from sockstack.gateway.pattern import Gateway
     from sockstack.pubsub.broker import Broker, Subscription
 
@@ -294,7 +292,7 @@ class Topics:
         self.slow_disconnects = 0
         self.gaps = 0
         self.events = 0
-        _on_drain(gateway, self.drain)
+        self._closing: asyncio.Task[None] | None = None  # waits for the gateway's drain
 
     @staticmethod
     def of(gateway: Gateway) -> Topics:
@@ -382,7 +380,7 @@ class Topics:
         broker = self.broker_of()
         gateway = self.gateway
         host = gateway.host
-        if host is None or host.draining:
+        if host is None or host.draining or gateway.closing.is_set():
             raise HttpProblem(ErrorCode.SHUTTING_DOWN, "the server is draining")
         limits = self.limits
         asked: int | None = None
@@ -419,8 +417,7 @@ class Topics:
         except BrokerError as exc:
             raise HttpProblem(exc.code, exc.message) from None
         self.streams.add(stream)
-        gateway.in_flight -= 1  # an open stream is not a request in flight (max_streams)
-        watch: asyncio.Future[None] | None = None
+        req.detach()  # long-lived: bounded by max_streams, not by the calls' max_in_flight
         try:
             # No await until this is set up: what is numbered up to `newest` comes from the
             # ring, what follows live (it waits in the broker's queue while the replay runs:
@@ -437,18 +434,13 @@ class Topics:
                 broker.deliver_retained(sub)
             if self._ticker is None:
                 self._ticker = loop.call_later(limits.keep_alive / 4, self._tick)
-            watch = asyncio.ensure_future(_until_disconnect(req.receive))
-            watch.add_done_callback(lambda _: stream.end())
             await req.start(200, _SSE_HEADERS)
             await self._pump(stream)
-        finally:
+        finally:  # (a client that leaves has this task cancelled by the gateway's protocol)
             stream.finished = True
-            if watch is not None:
-                watch.cancel()
             stream.end()
             self.streams.discard(stream)
             self.events += stream.events
-            gateway.in_flight += 1
 
     async def _pump(self, stream: _Stream) -> None:
         """Write the stream's events as they come, a keep-alive comment when idle, and the end
@@ -496,14 +488,25 @@ class Topics:
     # ---------------------------------------------------------------- replay
 
     def _ensure_ring(self, broker: Broker) -> _Ring | None:
-        """The replay ring, made on the first ``/topics`` request (None while draining)."""
+        """The replay ring, made on the first ``/topics`` request (None while draining), and
+        the task that ends everything when the gateway drains."""
         ring = self.ring
         if ring is None:
-            host = self.gateway.host
-            if host is None or host.draining:
+            gateway = self.gateway
+            host = gateway.host
+            if host is None or host.draining or gateway.closing.is_set():
                 return None
             ring = self.ring = _Ring(broker, self.limits)
+            if self._closing is None:
+                self._closing = asyncio.ensure_future(self._drain_on_closing())
         return ring
+
+    async def _drain_on_closing(self) -> None:
+        try:
+            await self.gateway.closing.wait()
+        finally:
+            self._closing = None
+        self.drain()
 
     def _gap(self, stream: _Stream, asked: int, ring: _Ring) -> None:
         """Tell the client that messages it asked for are gone, and go on from the oldest kept."""
@@ -591,14 +594,6 @@ class Topics:
             self.ring = None
 
 
-async def _until_disconnect(receive: Callable[[], Any]) -> None:
-    """Return when the client has gone (a request body, if any, is read and dropped)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
 def _segment(raw: bytes, what: str) -> str:
     """One path segment, percent-decoded (``sensors.%3E`` is ``sensors.>``; ``%2F`` a ``/`` of
     the topic, not a separator)."""
@@ -633,22 +628,6 @@ def _codec(req: HttpRequest, body: bytes) -> int:
             return 0
         return 2
     return 0
-
-
-def _on_drain(gateway: Gateway, hook: Callable[[], None]) -> None:
-    """Call ``hook`` when the gateway drains (its ``drain_hooks`` when it has them, else by
-    wrapping its ``drain``)."""
-    hooks = getattr(gateway, "drain_hooks", None)
-    if isinstance(hooks, list):
-        hooks.append(hook)
-        return
-    drain = gateway.drain
-
-    def drain_then_hook() -> None:
-        drain()
-        hook()
-
-    gateway.drain = drain_then_hook  # type: ignore[method-assign]
 
 
 def install(gateway: Gateway) -> None:
