@@ -40,6 +40,8 @@ STATUS: dict[int, int] = {
     ErrorCode.SHUTTING_DOWN: 503,
     ErrorCode.TOO_MANY_SUBSCRIPTIONS: 503,
     ErrorCode.RETAINED_STORE_FULL: 507,
+    ErrorCode.SLOW_CONSUMER: 503,
+    ErrorCode.REPLAY_GAP: 410,  # (inside an event stream: events the buffer no longer holds)
     ErrorCode.CANCELLED: 499,  # (nginx's "client closed request": nobody reads it)
     ErrorCode.FRAME_TIMEOUT: 408,
     ErrorCode.UNEXPECTED_ERROR: 500,
