@@ -178,6 +178,7 @@ def test_readme_section_runs_as_written(section: tuple[str, list[Block]], tmp_pa
 
 def _run_shell(block: Block, sub: Substitution, state: Section) -> None:
     subscribers: list[tuple[Proc, int]] = []
+    streams: list[tuple[Proc, int]] = []
     published: list[str] = []
     for raw in block.text.splitlines():
         if not raw.strip() or raw.lstrip().startswith("#"):
@@ -203,6 +204,15 @@ def _run_shell(block: Block, sub: Substitution, state: Section) -> None:
             proc = Proc(["bash", "-c", f"exec {command}"], cwd=ROOT, group=True)
             state.servers.append(proc)
             _wait_banner(proc, where)
+        elif command.startswith("curl -sN"):  # an event stream, ended by ?count=N
+            words = shlex.split(command)
+            url = next(w for w in words if "/topics/" in w)
+            base = "http://" + url.split("://")[-1].split("/")[0]
+            count = int(url.rsplit("count=", 1)[1])
+            before = _http_subscriptions(base)
+            proc = Proc(["bash", "-c", f"exec {command}"], cwd=ROOT, group=True)
+            streams.append((proc, count))
+            _wait_http_subscriptions(base, before + 1, proc, where)
         elif command.startswith("sockstack sub"):
             words = shlex.split(command)
             count = int(words[words.index("--count") + 1])
@@ -223,6 +233,32 @@ def _run_shell(block: Block, sub: Substitution, state: Section) -> None:
         lines = [proc.wait_line(r"^.+$").group(0) for _ in range(count)]
         assert proc.wait(20) == 0, proc.stderr()
         assert sorted(lines) == sorted(published[:count]), (lines, published)
+    for proc, count in streams:  # each ended by itself after its messages
+        events = [proc.wait_line(r"^event: message$").group(0) for _ in range(count)]
+        assert proc.wait(20) == 0, proc.stderr()
+        assert len(events) == count
+
+
+def _http_subscriptions(base: str) -> int:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"{base}/rpc/broker.stats", timeout=10) as r:
+        return int(json.load(r)["subscriptions"])
+
+
+def _wait_http_subscriptions(base: str, at_least: int, proc: Proc, where: str) -> None:
+    """Until the broker behind ``base`` counts ``at_least`` subscriptions (an event stream
+    prints nothing until a message comes), or the bounded deadline."""
+    import time
+
+    from tests.conftest import timeout
+
+    deadline = time.monotonic() + timeout(20)
+    while _http_subscriptions(base) < at_least:  # bounded by the deadline
+        assert proc.popen.poll() is None, f"{where}: curl exited: {proc.stderr()}"
+        assert time.monotonic() < deadline, f"{where}: the event stream never subscribed"
+        time.sleep(0.01)
 
 
 def _as_json(value: str) -> str:

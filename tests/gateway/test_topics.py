@@ -307,6 +307,23 @@ async def test_events_from_tcp_udp_and_http_publishers() -> None:
         await sse.close()
 
 
+async def test_count_ends_the_stream_after_that_many_messages() -> None:
+    async with served() as (server, port, _):
+        sse = await Sse.open(port, "/topics/sensors.%3E/events?count=2")
+        assert sse.status == 200
+        await publish(port, "sensors.a", b"1", "application/json")
+        await publish(port, "sensors.b", b"2", "application/json")
+        await publish(port, "sensors.c", b"3", "application/json")
+        got = [await sse.message(), await sse.message()]
+        assert [e.json()["payload"] for e in got] == [1, 2]
+        assert await sse.next() is None  # the end of the response: curl -N exits by itself
+        await eventually(lambda: server.broker.stats()["local_subscriptions"] == 1)  # the ring
+        await sse.close()
+        bad = await Sse.open(port, "/topics/sensors.%3E/events?count=0")
+        assert bad.status == 400
+        await bad.close()
+
+
 async def test_payloads_that_do_not_decode_are_sent_as_base64() -> None:
     """The broker does not check payloads (a TCP publisher may send anything in any codec):
     what does not decode reaches the stream as base64, and nothing breaks."""

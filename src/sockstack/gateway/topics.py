@@ -173,12 +173,21 @@ class _Stream:
         self.cursor = 0
         self.until = 0
         self.events = 0  # messages pushed (live, retained and replayed)
+        self.limit = 0  # ?count=N: the stream ends after N messages (0: never)
         self.last_sent = loop.time()  # (keep-alive comments when idle)
 
     # the broker's LocalPeer
     def message(self, seq: int, topic: bytes, payload: bytes, codec: int, flags: int) -> None:
+        self.deliver(self.topics.event(seq, topic, payload, codec, flags))
+
+    def deliver(self, event: bytes) -> None:
+        """A message's event; the stream ends after its ``?count=``-th."""
+        if self.ended:
+            return
         self.events += 1
-        self.push(self.topics.event(seq, topic, payload, codec, flags))
+        self.push(event)
+        if self.limit and self.events >= self.limit:
+            self.end()
 
     def writable(self) -> bool:
         return not self.replaying and self.size < self.window
@@ -389,11 +398,16 @@ class Topics:
             "max_bytes": min(limits.stream_bytes, broker.limits.max_bytes),
             "max_msgs": min(limits.stream_msgs, broker.limits.max_msgs),
         }
+        count = 0
         for key, value in req.query():
             if key == "last_event_id" and raw_id is None:
                 raw_id = value.encode()
             elif key == "policy":
                 options["policy"] = value
+            elif key == "count":
+                count = int(value) if value.isdigit() else 0
+                if not 1 <= count <= 2**31:
+                    raise HttpProblem(ErrorCode.DECODE_ERROR, "count is a number of messages, >= 1")
         if raw_id is not None and raw_id.strip():
             try:
                 asked = int(raw_id)
@@ -412,6 +426,7 @@ class Topics:
         assert ring is not None  # (not draining)
         loop = asyncio.get_running_loop()
         stream = _Stream(self, req, pattern, loop)
+        stream.limit = count
         try:
             sub = stream.sub = broker.subscribe_local(stream, pattern, options)
         except BrokerError as exc:
@@ -548,8 +563,9 @@ class Topics:
             if seq > until:
                 break
             if matches(pattern, topic.decode()):
-                stream.events += 1
-                stream.push(self.event(seq, topic, payload, codec, 0))
+                stream.deliver(self.event(seq, topic, payload, codec, 0))
+                if stream.ended:  # (its ?count= reached)
+                    return
             stream.cursor = seq
             i += 1
             if stream.size >= stream.window:
@@ -781,10 +797,17 @@ def openapi_paths(gateway: Gateway) -> dict[str, Any]:
                             "default": "drop-oldest",
                         },
                     },
+                    {
+                        "name": "count",
+                        "in": "query",
+                        "required": False,
+                        "description": "end the stream after this many messages",
+                        "schema": {"type": "integer", "minimum": 1},
+                    },
                 ],
                 "responses": {
                     "200": {
-                        "description": "the event stream (it does not end by itself)",
+                        "description": "the event stream (it ends by itself only with ?count=)",
                         "content": {"text/event-stream": {"schema": {"type": "string"}}},
                     },
                     "400": error("bad pattern (BAD_TOPIC), Last-Event-ID or policy"),
