@@ -215,7 +215,7 @@ async def test_the_document_has_what_a_client_needs() -> None:
         # a readonly method: GET with query parameters (text for str, JSON for others)
         price = paths["/rpc/price"]
         assert set(price) == {"get", "post"}
-        assert price["post"]["summary"] == "The price of ``qty`` of ``item``."
+        assert price["post"]["summary"] == "The price of `qty` of `item`."
         assert (
             "price(item: str, qty: int = 1, note: str | None = None) -> float"
             in (price["post"]["description"])
@@ -331,7 +331,7 @@ async def test_other_route_modules_add_their_own_paths(monkeypatch: pytest.Monke
         "openapi_paths",
         lambda gw: {
             "paths": {"/topics/stats": item},
-            "components": {"schemas": {"Event": {"type": "object"}}},
+            "components": {"schemas": {"Event": {"type": "object"}, "Problem": {}}},
             "tags": [{"name": "topics"}],
         },
         raising=False,
@@ -350,6 +350,19 @@ async def test_other_route_modules_add_their_own_paths(monkeypatch: pytest.Monke
         monkeypatch.setattr(kv, "openapi_paths", broken)
         doc = _doc_of(server)
         assert "/kv" not in doc["paths"] and "/topics/stats" in doc["paths"]
+
+
+async def test_a_server_without_a_service_describes_what_it_has() -> None:
+    """The broker alone: its ``broker.stats``, the gateway's routes, nothing of a service."""
+    async with gateway(broker=True, tcp=["127.0.0.1:0"]) as (_, port):
+        doc = (await arequest(port, "GET", "/openapi.json")).json()
+        validate_openapi(doc)
+        assert doc["info"]["title"] == "sockstack"
+        assert "base class" not in doc["info"]["description"]  # (object's docstring)
+        rpc = sorted(p for p in doc["paths"] if p.startswith("/rpc/"))
+        assert rpc == ["/rpc/broker.stats"]
+        r = await arequest(port, "GET", "/rpc/broker.stats")
+        assert r.status == 200 and isinstance(r.json(), dict)
 
 
 async def test_built_once_then_304_and_gzip() -> None:

@@ -34,6 +34,7 @@ import hashlib
 import inspect
 import json
 import logging
+import re
 import urllib.parse
 from collections.abc import Callable, Mapping
 from importlib import resources
@@ -127,7 +128,13 @@ def install(gateway: Gateway) -> None:
         if req.path != "/openapi.json":
             raise HttpProblem(ErrorCode.NOT_FOUND, f"no resource at {req.path}")
         if not built:
-            body = json.dumps(document(gateway), separators=(",", ":"), ensure_ascii=False)
+            try:
+                body = json.dumps(document(gateway), separators=(",", ":"), ensure_ascii=False)
+            except Exception as exc:  # a bug (ours, or a route module's): said, not cached
+                log.exception("openapi: the document could not be built")
+                raise HttpProblem(
+                    ErrorCode.UNEXPECTED_ERROR, f"the document could not be built: {exc!r}"
+                ) from None
             built.append(_Asset(body.encode("utf-8"), "application/json"))
         await built[0].send(req, b"no-cache")
 
@@ -274,27 +281,26 @@ def document(gateway: Gateway) -> dict[str, Any]:
         {"name": "operations", "description": "Probes and metrics."},
         {"name": "docs", "description": "This document and its page."},
     ]
-    more: dict[str, Any] = {}
+    components: dict[str, Any] = {
+        "schemas": {PROBLEM: PROBLEM_SCHEMA, **schemas},
+        "responses": _responses(),
+    }
     from sockstack.gateway import kv, topics
 
-    for module in (kv, topics):
+    for module in (kv, topics):  # what they add never replaces what is here (first one kept)
         extra = _module_paths(module, gateway)
         if extra is None:
             continue
         for path, item in extra.get("paths", {}).items():
-            if path in paths:
+            if paths.setdefault(path, item) is not item:
                 log.warning("openapi: %s describes %s again: kept the first", module, path)
-                continue
-            paths[path] = item
         for kind, entries in extra.get("components", {}).items():
-            more.setdefault(kind, {}).update(entries)
+            section = components.setdefault(kind, {})
+            for name, entry in entries.items():
+                if section.setdefault(name, entry) is not entry:
+                    log.warning("openapi: %s redefines %s/%s: kept the first", module, kind, name)
         tags += [t for t in extra.get("tags", ()) if t.get("name") not in {x["name"] for x in tags}]
 
-    components: dict[str, Any] = {
-        "schemas": {**schemas, **more.pop("schemas", {}), PROBLEM: PROBLEM_SCHEMA},
-        "responses": _responses(),
-        **more,
-    }
     doc: dict[str, Any] = {
         "openapi": OPENAPI_VERSION,
         "info": _info(service, description, secured),
@@ -397,6 +403,15 @@ PROBLEM_SCHEMA: dict[str, Any] = {
             "description": "An APPLICATION_ERROR's error type: a declared error's name.",
         },
     },
+    "examples": [
+        {
+            "type": "urn:sockstack:error:BAD_ARGUMENTS",
+            "title": "BAD_ARGUMENTS",
+            "status": 422,
+            "detail": "add(a: int, b: int) -> int: missing a required argument: 'b'",
+            "code": 2001,
+        }
+    ],
 }
 
 
@@ -414,7 +429,7 @@ def _responses() -> dict[str, Any]:
     out: dict[str, Any] = {}
     for status, name in RESPONSE_NAMES.items():
         response: dict[str, Any] = {
-            "description": f"{_WHEN[status].capitalize()}. Codes: "
+            "description": f"{_WHEN[status][:1].upper()}{_WHEN[status][1:]}. Codes: "
             + ", ".join(sorted(codes.get(status, ["UNEXPECTED_ERROR"])))
             + ".",
             "content": {
@@ -456,7 +471,7 @@ def _info(service: object, description: Description, secured: bool) -> dict[str,
     head = description.head
     title = str(head["service"]) if service is not None else "sockstack"
     errors = description.errors
-    text = [head["doc"]] if head["doc"] else []
+    text = [markdown(head["doc"])] if head["doc"] and service is not None else []
     text.append(
         "Served by sockstack's HTTP gateway (docs/HTTP.md): every method is `POST /rpc/NAME` "
         "with its arguments as a JSON object (by name) or array (by position); the result is "
@@ -469,7 +484,9 @@ def _info(service: object, description: Description, secured: bool) -> dict[str,
     if errors:
         text.append(
             "Declared error types (APPLICATION_ERROR, status 400, the type under `error`): "
-            + ", ".join(f"`{e['name']}`" + (f" ({e['doc']})" if e["doc"] else "") for e in errors)
+            + ", ".join(
+                f"`{e['name']}`" + (f" ({markdown(e['doc'])})" if e["doc"] else "") for e in errors
+            )
             + "."
         )
     if secured:
@@ -660,12 +677,12 @@ def _rpc_item(
 ) -> dict[str, Any]:
     """The path item of ``/rpc/NAME``: POST, and GET for a readonly method."""
     name = described["name"]
-    doc = described["doc"]
+    doc = markdown(described["doc"])
     errors = [wire_name(e) for e in handler.errors]
-    summary = doc.split("\n\n", 1)[0].replace("\n", " ").strip() or name
+    summary = _summary(doc) or name
     text = f"`{name}{described['signature']}`" + (f"\n\n{doc}" if doc else "")
     params = [p for p in described["params"] if not p["stream"]]
-    common = {"summary": summary[:200], "description": text, "tags": ["rpc"]}
+    common = {"summary": summary, "description": text, "tags": ["rpc"]}
     post: dict[str, Any] = {
         **common,
         "operationId": _operation_id(name, used_ids),
@@ -695,6 +712,24 @@ def _rpc_item(
             },
         }
     return item
+
+
+_ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`~?([^`<]*?)(?:\s*<[^>]*>)?`")
+
+
+def markdown(doc: str) -> str:
+    """A docstring as the CommonMark the document's descriptions are: reST's ``code`` and
+    roles (:class:`~a.B`, :func:`f`) as `code`; the rest as it is."""
+    return _ROLE.sub(lambda m: f"`{m.group(1).rsplit('.', 1)[-1]}`", doc).replace("``", "`")
+
+
+def _summary(doc: str) -> str:
+    """The first sentence of the first paragraph, on one line (at most 120 characters)."""
+    first = " ".join(doc.split("\n\n", 1)[0].split())
+    if len(first) > 120:
+        end = first.find(". ")
+        first = first[: end + 1] if 0 < end < 120 else first[:119].rstrip() + "…"
+    return first
 
 
 def _operation_id(wanted: str, used: set[str]) -> str:
