@@ -61,14 +61,14 @@ class Problem:
     what: str
 
 
-class OutOfStock(Exception):
+class SoldOut(Exception):
     """Nothing left of the item."""
 
 
 class Shop(Service):
     """A shop, described."""
 
-    errors = (OutOfStock,)
+    errors = (SoldOut,)
 
     @method(readonly=True)
     def price(self, item: str, qty: int = 1, note: str | None = None) -> float:
@@ -117,7 +117,7 @@ class Shop(Service):
 
     @method
     def buy(self, item: str) -> None:
-        raise OutOfStock(f"no {item} left")
+        raise SoldOut(f"no {item} left")
 
     @method
     def later(self, day: datetime.date, worry: Problem | None = None) -> datetime.date:
@@ -173,7 +173,7 @@ async def test_the_document_has_what_a_client_needs() -> None:
         assert doc["openapi"] == "3.1.0"
         assert doc["info"]["title"] == "Shop"
         assert "A shop, described." in doc["info"]["description"]
-        assert "`OutOfStock` (Nothing left of the item.)" in doc["info"]["description"]
+        assert "`SoldOut` (Nothing left of the item.)" in doc["info"]["description"]
         paths = doc["paths"]
         # every ref resolves, none is left pointing at describe's $defs
         for ref in _refs(doc):
@@ -241,7 +241,7 @@ async def test_the_document_has_what_a_client_needs() -> None:
 
         # declared errors, and the statuses the gateway answers, as problem details
         buy = paths["/rpc/buy"]["post"]
-        assert "OutOfStock" in buy["responses"]["200"]["description"]
+        assert "SoldOut" in buy["responses"]["200"]["description"]
         assert buy["responses"]["200"]["content"]["application/json"]["schema"] == {"type": "null"}
         statuses = set(buy["responses"])
         assert statuses == {"200", "400", "403", "408", "413", "415", "422", "500", "503", "504"}
@@ -292,7 +292,7 @@ async def test_the_document_works_for_the_calls_it_describes() -> None:
         r = await arequest(port, "GET", '/rpc/price?item=tea&note="5"')
         assert r.json() == 1.5
         r = await arequest(port, "POST", "/rpc/buy", {"item": "tea"})
-        assert (r.status, r.problem["error"]) == (400, "OutOfStock")
+        assert (r.status, r.problem["error"]) == (400, "SoldOut")
 
 
 async def test_with_a_secret_every_path_but_the_probes_needs_the_bearer() -> None:
