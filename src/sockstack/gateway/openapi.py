@@ -533,7 +533,8 @@ def _body_schema(
     params: list[dict[str, Any]], handler: Handler, fix: Callable[[Any], Any]
 ) -> dict[str, Any]:
     """The JSON body: an object of named arguments, or an array of positional ones (each form
-    only where every required parameter can be given that way)."""
+    only where every required parameter can be given that way), or, with none required,
+    ``null`` (the gateway reads it as an empty body)."""
     forms: list[dict[str, Any]] = []
     named = [p for p in params if p["kind"] in ("positional_or_keyword", "keyword_only")]
     positional = [p for p in params if p["kind"] in ("positional_only", "positional_or_keyword")]
@@ -559,6 +560,8 @@ def _body_schema(
         if least:
             arr["minItems"] = least
         forms.append(arr)
+    if not any(p["required"] for p in params):  # JSON null, as an empty body: no arguments
+        forms.append({"type": "null", "title": "no arguments"})
     return forms[0] if len(forms) == 1 else {"anyOf": forms}
 
 
