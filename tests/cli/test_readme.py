@@ -114,7 +114,7 @@ class Substitution:
                 self.ports[m.group(2)] = str(free_port_both())
             return m.group(1) + self.ports[m.group(2)]
 
-        text = re.sub(r"((?:127\.0\.0\.1|localhost|\]|0\.0\.0\.0):)(5\d\d\d)\b", port, text)
+        text = re.sub(r"((?:127\.0\.0\.1|localhost|\]|0\.0\.0\.0):)(5\d\d\d|8080)\b", port, text)
         return text.replace(TLS_DIR, str(self.tls_dir))
 
 
@@ -188,8 +188,12 @@ def _run_shell(block: Block, sub: Substitution, state: Section) -> None:
         if any(command.startswith(k) for k in SKIPPED):
             continue
         if command.startswith("make run"):
-            ports = [sub.ports.setdefault(p, str(free_port_both())) for p in ("5050", "5051")]
-            host_ports = f"--tcp 127.0.0.1:{ports[0]} --udp 127.0.0.1:{ports[1]}"
+            ports = [
+                sub.ports.setdefault(p, str(free_port_both())) for p in ("5050", "5051", "8080")
+            ]
+            host_ports = (
+                f"--tcp 127.0.0.1:{ports[0]} --udp 127.0.0.1:{ports[1]} --http 127.0.0.1:{ports[2]}"
+            )
             args = ["make", "-o", ".venv/.installed", "run", f"BIN={BIN}"]
             proc = Proc([*args, f"HOST_PORTS={host_ports}"], cwd=ROOT, group=True)
             state.servers.append(proc)

@@ -75,6 +75,7 @@ async def gateway(*args: Any, **kwargs: Any) -> AsyncIterator[tuple[Server, int]
     server = Server(*args, **kwargs)
     await server.start()
     try:
-        yield server, server.endpoint("http").port
+        web = next(e for e in server.endpoints if e.scheme in ("http", "https"))
+        yield server, web.port
     finally:
         await server.shutdown()

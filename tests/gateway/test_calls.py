@@ -8,7 +8,10 @@ import base64
 import dataclasses
 import datetime
 import json
+import socket
 from collections.abc import AsyncIterator, Iterator
+
+import pytest
 
 from sockstack import Server, ServerLimits, Service, ServiceError, method
 from sockstack.demo import Demo
@@ -33,6 +36,7 @@ class Shop(Service):
 
     def __init__(self) -> None:
         self.started = asyncio.Event()
+        self.cancelled = asyncio.Event()
 
     @method(readonly=True)
     def add(self, a: int, b: int) -> int:
@@ -61,7 +65,11 @@ class Shop(Service):
     @method
     async def wait(self, seconds: float) -> float:
         self.started.set()
-        await asyncio.sleep(seconds)
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
         return seconds
 
     @method
@@ -99,6 +107,20 @@ async def test_named_and_positional_arguments_and_get_for_readonly() -> None:
         assert r.json() == 2
         r = await arequest(port, "POST", "/rpc/add", "a=5&b=6", headers=form)
         assert r.json() == 11
+
+
+async def test_named_arguments_with_defaults_unknown_and_missing_names() -> None:
+    async with gateway(Shop(), tcp=["127.0.0.1:0"]) as (_, port):
+        r = await arequest(port, "POST", "/rpc/move", {"p": {"x": 1, "y": 1}})
+        assert r.json() == {"x": 2, "y": 2}  # by's default
+        r = await arequest(port, "POST", "/rpc/move", {"by": 2, "p": {"x": 0, "y": 0}})
+        assert r.json() == {"x": 2, "y": 2}  # any order
+        r = await arequest(port, "POST", "/rpc/add", {"a": 1, "b": 2, "c": 3})
+        assert (r.status, r.problem["code"]) == (422, ErrorCode.BAD_ARGUMENTS)
+        assert "3 keyword arguments" in r.problem["detail"]
+        r = await arequest(port, "POST", "/rpc/add", {"b": 2})
+        assert (r.status, r.problem["code"]) == (422, ErrorCode.BAD_ARGUMENTS)
+        assert "'a'" in r.problem["detail"]
 
 
 async def test_typed_values_travel_as_the_json_codec_carries_them() -> None:
@@ -182,7 +204,7 @@ async def test_overload_is_503_with_retry_after() -> None:
         assert (await slow).json() == 2
 
 
-async def test_draining_answers_503_shutting_down_and_readyz_says_so() -> None:
+async def test_a_call_accepted_before_the_drain_is_answered_and_then_the_port_closes() -> None:
     shop = Shop()
     server = Server(
         shop, tcp=["127.0.0.1:0"], http=["127.0.0.1:0"], limits=ServerLimits(drain_timeout=10)
@@ -197,6 +219,8 @@ async def test_draining_answers_503_shutting_down_and_readyz_says_so() -> None:
         # the call accepted before the drain gets its answer
         assert (await asyncio.wait_for(slow, timeout(10))).json() == 0.5
         await asyncio.wait_for(stopping, timeout(20))
+        with pytest.raises(ConnectionRefusedError):
+            await arequest(port, "GET", "/readyz")
     finally:
         await server.shutdown()
 
@@ -236,3 +260,35 @@ async def test_upgrade_h2c_keeps_the_body() -> None:
             },
         )
         assert (r.status, r.json()) == (200, 5)
+
+
+async def test_a_call_still_running_after_the_drain_timeout_is_answered_503() -> None:
+    shop = Shop()
+    limits = ServerLimits(drain_timeout=0.2, close_timeout=2)
+    server = Server(shop, tcp=["127.0.0.1:0"], http=["127.0.0.1:0"], limits=limits)
+    await server.start()
+    port = server.endpoint("http").port
+    try:
+        slow = asyncio.ensure_future(arequest(port, "POST", "/rpc/wait", {"seconds": 30}))
+        await asyncio.wait_for(shop.started.wait(), timeout(10))
+        await asyncio.wait_for(server.shutdown(), timeout(20))
+        r = await asyncio.wait_for(slow, timeout(10))
+        assert (r.status, r.problem["code"]) == (503, ErrorCode.SHUTTING_DOWN)
+    finally:
+        await server.shutdown()
+
+
+async def test_a_client_that_leaves_mid_call_stops_the_call() -> None:
+    shop = Shop()
+    async with gateway(shop, tcp=["127.0.0.1:0"]) as (_, port):
+        body = b'{"seconds": 30}'
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(
+            b"POST /rpc/wait HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await asyncio.wait_for(shop.started.wait(), timeout(10))
+        sock.close()
+        await asyncio.wait_for(shop.cancelled.wait(), timeout(10))
+        r = await arequest(port, "POST", "/rpc/add", [1, 2])
+        assert r.json() == 3

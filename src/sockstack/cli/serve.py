@@ -297,8 +297,12 @@ def _serve_workers(args: argparse.Namespace) -> int:
     ]
     # Checked once, here (workers read the same file or environment), and so is exposure.
     try:
+        from sockstack.gateway.pattern import http_endpoint
+
         refuse_unprotected(
-            [parse_endpoint(t, "tcp") for t in tcp] + [parse_endpoint(u, "udp") for u in udp],
+            [parse_endpoint(t, "tcp") for t in tcp]
+            + [parse_endpoint(u, "udp") for u in udp]
+            + [http_endpoint(h) for h in args.http or ()],
             load_secret(args),
             args.insecure,
         )
@@ -318,7 +322,9 @@ def _serve_workers(args: argparse.Namespace) -> int:
         worker_args.append("--insecure")
     if args.no_malloc_tuning:
         worker_args.append("--no-malloc-tuning")
-    return run_workers(worker_args, tcp, udp, args.workers, tls=tls)
+    if args.cors:
+        worker_args += [f"--cors={origin}" for origin in args.cors]
+    return run_workers(worker_args, tcp, udp, args.workers, tls=tls, http=args.http or ())
 
 
 # Calls of the built-in demo that work on a fresh server, in this order (`get room` reads what
@@ -385,8 +391,8 @@ def banner(server: Server, args: argparse.Namespace) -> list[str]:
                 f"curl -s {web}/rpc/add -H 'content-type: application/json' "
                 f'-d \'{{"a": 2, "b": 3}}\'{auth}'
             )
-        if server.broker is not None:
-            tries.append(f"curl -N {web}/topics/sensors.%3E/events{auth}")
+        if server.broker is not None:  # (not a try: line: it streams until Ctrl-C)
+            lines.append(f"broker events (SSE): curl -N {web}/topics/sensors.%3E/events{auth}")
     lines += [f"try: {t}" for t in tries]
     lines.append("Ctrl-C stops")
     return lines

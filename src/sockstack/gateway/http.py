@@ -34,6 +34,7 @@ class HttpRequest:
         "_headers",
         "cors",
         "gateway",
+        "held",
         "method",
         "path",
         "peer",
@@ -53,6 +54,9 @@ class HttpRequest:
         client = scope.get("client")
         self.peer = tuple(client) if client else None
         self._headers: dict[bytes, bytes] | None = None
+        self.held = 0
+        """Body bytes this request holds, counted in the gateway's total (``max_total_body``)
+        until it is answered."""
         self.cors: list[tuple[bytes, bytes]] = []
         """Headers every answer carries (CORS, when the request's Origin is allowed)."""
         self.started = False
@@ -79,9 +83,21 @@ class HttpRequest:
         except UnicodeDecodeError:
             raise HttpProblem(ErrorCode.DECODE_ERROR, "the query string is not UTF-8") from None
 
+    def _hold(self, n: int) -> None:
+        gw = self.gateway
+        total = gw.limits.max_total_body
+        if gw.body_bytes + n > total:
+            raise HttpProblem(
+                ErrorCode.OVERLOADED,
+                f"request bodies take {gw.body_bytes} bytes of the server's {total}; try later",
+            )
+        gw.body_bytes += n
+        self.held += n
+
     async def body(self, limit: int, timeout: float | None) -> bytes:
         """The whole body, refused beyond ``limit`` bytes (413, before reading it when
-        Content-Length says so) and after ``timeout`` seconds (408: a client trickling it)."""
+        Content-Length says so), beyond the gateway's ``max_total_body`` for all requests
+        together (503), and after ``timeout`` seconds (408: a client trickling it)."""
         length = self.headers.get(b"content-length")
         if length is not None:
             try:
@@ -95,12 +111,22 @@ class HttpRequest:
                     ErrorCode.PAYLOAD_TOO_LARGE,
                     f"the body is {n} bytes; this server takes at most {limit}",
                 )
+            self._hold(n)
+        else:
+            n = -1
         receive = self.receive
         message = await receive()  # the common case: the whole body in the first message
         body: bytes = message.get("body", b"")
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError  # nobody to answer
+        if n < 0:  # chunked: counted as it comes
+            if len(body) > limit:
+                raise HttpProblem(
+                    ErrorCode.PAYLOAD_TOO_LARGE,
+                    f"the body is over {limit} bytes, this server's bound",
+                )
+            self._hold(len(body))
         if not message.get("more_body"):
-            if message["type"] == "http.disconnect":
-                raise asyncio.CancelledError  # nobody to answer
             return body
         parts = [body]
         size = len(body)
@@ -117,6 +143,8 @@ class HttpRequest:
                             ErrorCode.PAYLOAD_TOO_LARGE,
                             f"the body is over {limit} bytes, this server's bound",
                         )
+                    if n < 0:
+                        self._hold(len(chunk))
                     parts.append(chunk)
                     if not message.get("more_body"):
                         return b"".join(parts)

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
     from sockstack.host.server import Server
 
-__all__ = ["Gateway", "HttpLimits"]
+__all__ = ["Gateway", "HttpLimits", "http_endpoint"]
 
 log = logging.getLogger("sockstack.gateway")
 
@@ -66,7 +66,8 @@ class HttpLimits:
     max_connections_per_address: int = 1_000
 
 
-def _http_endpoint(e: str | Endpoint) -> Endpoint:
+def http_endpoint(e: str | Endpoint) -> Endpoint:
+    """``HOST:PORT``, ``http://HOST:PORT`` or ``https://HOST:PORT`` as an Endpoint."""
     if isinstance(e, Endpoint):
         return e
     scheme, sep, rest = e.partition("://")
@@ -111,7 +112,7 @@ class Gateway(Pattern):
         metrics: bool = True,
         limits: HttpLimits | None = None,
     ) -> None:
-        self._configured = [_http_endpoint(e) for e in endpoints]
+        self._configured = [http_endpoint(e) for e in endpoints]
         if not self._configured:
             raise ValueError("a gateway needs at least one HTTP endpoint")
         self.limits = limits or HttpLimits()
@@ -193,6 +194,10 @@ class Gateway(Pattern):
     def _config(self, tls: bool) -> uvicorn.Config:
         import uvicorn
 
+        quiet = logging.getLogger("uvicorn.error")
+        if quiet.level == logging.NOTSET:  # its "Started server process" is not ours to say
+            quiet.setLevel(logging.WARNING)
+
         from sockstack.gateway.protocol import GatewayProtocol
 
         protocol = type("GatewayProtocol", (GatewayProtocol,), {"gateway": self})
@@ -268,6 +273,7 @@ class Gateway(Pattern):
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return  # (lifespan is off; no WebSocket protocol is configured)
+        scope["sockstack.task"] = asyncio.current_task()  # (cancelled if the client leaves)
         req = HttpRequest(self, scope, receive, send)
         path = req.path
         first, _, _ = path[1:].partition("/")
@@ -292,6 +298,11 @@ class Gateway(Pattern):
                 await route(req)
             finally:
                 self.in_flight -= 1
+                self.body_bytes -= req.held
+        except asyncio.CancelledError:
+            if scope.get("sockstack.gone"):
+                return  # the client left (GatewayProtocol.connection_lost): nobody to answer
+            raise
         except HttpProblem as exc:
             if req.started:
                 log.warning("%s %s: %s after the answer began", req.method, path, exc.detail)
@@ -300,6 +311,10 @@ class Gateway(Pattern):
                 "http %s: %s %s: %s", req.peer and req.peer[0], req.method, path, exc.detail
             )
             await req.problem(exc)
+
+    @property
+    def has_secret(self) -> bool:
+        return self._secret is not None
 
     def _authenticate(self, req: HttpRequest) -> None:
         """The host's secret as a bearer token (RFC 6750), checked before any work; also as

@@ -12,6 +12,8 @@
   HTTP/1.1, then the connection is closed (the parser cannot read past an upgrade). A chunked
   body with an upgrade is answered 400.
 - Connections are counted per transport for ``/metrics`` and the dashboard.
+- A client that disconnects mid-request has its request's task cancelled, so its call stops
+  (as a CANCEL does over TCP) instead of running on for nobody.
 """
 
 from __future__ import annotations
@@ -51,6 +53,15 @@ class GatewayProtocol(HttpToolsProtocol):
             transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # The client left mid-request: stop its work (a call is cancelled as by CANCEL).
+            # The app marks the scope with its task and ends quietly when "gone" is set.
+            scope: Any = cycle.scope
+            task = scope.get("sockstack.task")
+            if task is not None and not task.done():
+                scope["sockstack.gone"] = True
+                task.cancel()
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None

@@ -130,6 +130,16 @@ _SHUTTING_DOWN: Outcome = (
 )
 
 
+_ABANDONED: Outcome = (
+    False,
+    (
+        ErrorCode.SHUTTING_DOWN,
+        "SHUTTING_DOWN",
+        "the server stopped before the call finished (it ran past the drain timeout)",
+    ),
+)
+
+
 _STOPPED: dict[int, str] = {
     ErrorCode.WINDOW_EXCEEDED: "the client sent items beyond the upload's flow-control window "
     f"of {STREAM_WINDOW} bytes; the call was stopped and its items dropped",
@@ -1641,6 +1651,9 @@ class Server:
         try:
             return await asyncio.shield(task), ctx
         except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and (current is None or not current.cancelling()):
+                return _ABANDONED, ctx  # the shutdown cancelled it after the drain
             run.abort(ErrorCode.CANCELLED)  # our caller is gone: stop the call too
             raise
         finally:

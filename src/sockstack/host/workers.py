@@ -124,23 +124,35 @@ def run_workers(
     workers: int,
     ready_timeout: float = 30.0,
     tls: Sequence[str] = (),
+    http: Sequence[str] = (),
 ) -> int:
-    """Run ``workers`` copies of ``sockstack serve`` (``worker_args`` without endpoints)."""
+    """Run ``workers`` copies of ``sockstack serve`` (``worker_args`` without endpoints).
+    ``http``: the HTTP gateway's endpoints (``HOST:PORT``, ``http://`` or ``https://``)."""
     held: list[socket.socket] = []
     eps: list[Endpoint] = []
     for text, kind, scheme in (
         [(t, socket.SOCK_STREAM, "tcp") for t in tcp]
         + [(t, socket.SOCK_STREAM, "tls") for t in tls]
         + [(u, socket.SOCK_DGRAM, "udp") for u in udp]
+        + [(h, socket.SOCK_STREAM, "http") for h in http]
     ):
-        ep, sock = _reserve(parse_endpoint(text, scheme), kind)
+        if scheme == "http":
+            web, sep, rest = text.partition("://")
+            scheme, text = (web.lower(), rest) if sep else ("http", text)
+            ep = parse_endpoint(text, "tcp")
+            ep, sock = _reserve(Endpoint(scheme, ep.host, ep.port), kind)
+        else:
+            ep, sock = _reserve(parse_endpoint(text, scheme), kind)
         eps.append(ep)
         if sock is not None:
             held.append(sock)
     endpoint_args: list[str] = []
     for ep in eps:
         host = f"[{ep.host}]" if ep.is_ipv6 else ep.host
-        endpoint_args += [f"--{ep.scheme}", f"{host}:{ep.port}"]
+        if ep.scheme in ("http", "https"):
+            endpoint_args += ["--http", f"{ep.scheme}://{host}:{ep.port}"]
+        else:
+            endpoint_args += [f"--{ep.scheme}", f"{host}:{ep.port}"]
     cmd = [sys.executable, "-m", "sockstack.cli", *worker_args, *endpoint_args, "--reuse-port"]
     procs: list[subprocess.Popen[bytes]] = []
     ready_fds: dict[int, subprocess.Popen[bytes]] = {}
