@@ -416,7 +416,8 @@ def run_http(run: Run, budget: Budget, only: str) -> None:
         run.log(f"  skip the HTTP rows: {exc}")
         return
     for what, ratio, goal, higher in http_targets(run.results):
-        run.log(f"  {what}: {ratio} (goal {'>=' if higher else '<='} {goal})")
+        shown = "-" if ratio is None else f"{ratio:.2f}"
+        run.log(f"  {what}: {shown} (goal {'>=' if higher else '<='} {goal})")
 
 
 # ----------------------------------------------------------------------------- fan-out
