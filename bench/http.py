@@ -311,7 +311,8 @@ def _calls_round(system: HttpSystem, plan: CallsPlan, log: Callable[[str], None]
         for placement, connections in plan.cells:
             scpu0 = server.cpu_seconds()
             w = run_wrk(server.port, connections, plan.seconds, placement[2])
-            cpu = server.cpu_seconds() - scpu0 + w.cpu_s
+            scpu = server.cpu_seconds() - scpu0
+            cpu = scpu + w.cpu_s
             r = Result(
                 calls_scenario(connections),
                 system.name,
@@ -325,13 +326,17 @@ def _calls_round(system: HttpSystem, plan: CallsPlan, log: Callable[[str], None]
                 round(cpu / w.requests * 1e6, 1) if w.requests else None,
                 round(server.rss_bytes() / 2**20, 1),
             )
+            if w.requests:  # the server's own CPU per request: the figure least moved by load
+                r.extra["server_cpu_us_per_call"] = round(scpu / w.requests * 1e6, 1)
             if w.failed:
                 r.extra["errors"] = w.errors
                 r.note = f"{w.failed:,} errors: {w.errors}"
             out.append(r)
             log(
                 f"  {r.scenario} / {system.name} [{placement[0]}]: {r.rate:,.0f} req/s, "
-                f"p99 {w.p99_us / 1000:.2f} ms" + (f", {r.note}" if r.note else "")
+                f"p99 {w.p99_us / 1000:.2f} ms, server CPU "
+                f"{r.extra.get('server_cpu_us_per_call', '-')} µs/request"
+                + (f", {r.note}" if r.note else "")
             )
     finally:
         server.stop()
