@@ -52,12 +52,17 @@ if TYPE_CHECKING:
 __all__ = [
     "CALLS",
     "FANOUT",
+    "SYSTEMS",
+    "CallsPlan",
+    "FanoutPlan",
     "HttpSystem",
+    "calls_scenario",
     "http_targets",
     "measure_calls",
     "measure_fanout",
     "run_http",
     "run_sse_fanout",
+    "run_wrk",
 ]
 
 CALLS = "HTTP POST /rpc/add"
@@ -71,9 +76,12 @@ TCP_SUBS = "sockstack, TCP subscribers"
 CONNECTIONS = (1, 50)
 PLACEMENTS = (SAME, SPLIT)
 
-WRK_SCRIPT = """\
+WRK_SCRIPT = (
+    """\
 wrk.method = "POST"
-wrk.body = '{"a": 2, "b": 3}'
+wrk.body = '"""
+    + ADD_BODY.decode()
+    + """'
 wrk.headers["Content-Type"] = "application/json"
 
 done = function(summary, latency, requests)
@@ -85,6 +93,7 @@ done = function(summary, latency, requests)
     latency:percentile(99.9), latency.max, e.connect, e.read, e.write, e.status, e.timeout))
 end
 """
+)
 """wrk's Lua script: the request (the body is :data:`ADD_BODY`), and a ``done`` hook printing
 wrk's figures on one line (latencies in µs, as wrk keeps them)."""
 
