@@ -27,12 +27,12 @@ class Point:
     y: int
 
 
-class OutOfStock(Exception):
+class SoldOut(Exception):
     pass
 
 
 class Shop(Service):
-    errors = (OutOfStock,)
+    errors = (SoldOut,)
 
     def __init__(self) -> None:
         self.started = asyncio.Event()
@@ -52,7 +52,7 @@ class Shop(Service):
 
     @method
     def buy(self, item: str) -> None:
-        raise OutOfStock(f"no {item} left")
+        raise SoldOut(f"no {item} left")
 
     @method
     def broken(self) -> None:
@@ -171,11 +171,16 @@ async def test_each_error_has_its_status_and_code() -> None:
             r = await arequest(port, verb, path, body, headers=headers)
             assert (r.status, r.problem["code"]) == (status, code), (verb, path, r)
         r = await arequest(port, "POST", "/rpc/buy", {"item": "tea"})
-        assert r.problem["error"] == "OutOfStock" and "no tea left" in r.problem["detail"]
+        assert r.problem["error"] == "SoldOut" and "no tea left" in r.problem["detail"]
         r = await arequest(port, "GET", "/rpc/buy")
         assert r.headers["allow"] == "POST"
         r = await arequest(port, "POST", "/rpc/add", "<a/>", headers={"content-type": "text/xml"})
         assert (r.status, r.problem["code"]) == (415, ErrorCode.UNSUPPORTED_CODEC)
+        # every problem answered is counted by code name, refusals before any call too
+        text = (await arequest(port, "GET", "/metrics")).body.decode()
+        assert 'sockstack_http_problems_total{code="NOT_FOUND"} 1.0' in text
+        assert 'sockstack_http_problems_total{code="UNSUPPORTED_CODEC"} 1.0' in text
+        assert 'sockstack_server_errors_total{code="UNKNOWN_METHOD"' not in text  # (no call)
 
 
 async def test_a_body_beyond_the_bound_is_413_unread() -> None:
@@ -292,3 +297,29 @@ async def test_a_client_that_leaves_mid_call_stops_the_call() -> None:
         await asyncio.wait_for(shop.cancelled.wait(), timeout(10))
         r = await arequest(port, "POST", "/rpc/add", [1, 2])
         assert r.json() == 3
+
+
+async def test_accepted_connections_have_tcp_nodelay() -> None:
+    """Without it (a listening socket made with proto 0), asyncio leaves Nagle on and every
+    keep-alive request waits for the peer's delayed ACK (~40 ms)."""
+    seen: list[int] = []
+
+    class Probe(Service):
+        @method(inline=True)
+        def nothing(self) -> None:
+            pass
+
+    async with gateway(Probe(), tcp=["127.0.0.1:0"]) as (server, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            line = await asyncio.wait_for(reader.readline(), timeout(10))
+            assert line.startswith(b"HTTP/1.1 200")
+            gw = server.pattern("gateway")
+            for uv, _ in gw._servers:  # type: ignore[attr-defined]
+                for conn in uv.server_state.connections:
+                    s = conn.transport.get_extra_info("socket")
+                    seen.append(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        finally:
+            writer.close()
+    assert seen and all(seen), seen

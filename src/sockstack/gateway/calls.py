@@ -18,12 +18,11 @@ import base64
 import binascii
 import inspect
 import itertools
-import json
 import logging
 from typing import TYPE_CHECKING, Any
 
 from sockstack.errors import CodecError, ErrorCode
-from sockstack.gateway.http import JSON_TYPE, HttpRequest, not_allowed
+from sockstack.gateway.http import JSON_TYPE, HttpRequest, loads, not_allowed
 from sockstack.gateway.problems import HttpProblem, problem_body
 from sockstack.protocol.codecs import JSON
 from sockstack.protocol.events import Request
@@ -166,9 +165,13 @@ def _query_arguments(req: HttpRequest, handler: Handler) -> dict[str, Any]:
             out[key] = text
             continue
         try:
-            out[key] = json.loads(text)
+            out[key] = loads(text)
         except ValueError:
             out[key] = text
+        except RecursionError:
+            raise HttpProblem(
+                ErrorCode.DECODE_ERROR, f"argument {key!r}: nested too deep"
+            ) from None
     return out
 
 

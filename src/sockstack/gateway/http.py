@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qsl
@@ -15,7 +16,23 @@ from sockstack.errors import CodecError, ErrorCode
 from sockstack.gateway.problems import RETRY_AFTER, HttpProblem, problem_body, status_of
 from sockstack.protocol.codecs import JSON
 
-__all__ = ["HttpRequest", "Route"]
+__all__ = ["HttpRequest", "Route", "loads"]
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    f = float(text)
+    if math.isinf(f):
+        raise ValueError(f"{text} is out of range")
+    return f
+
+
+loads = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite).decode
+"""JSON text as RFC 8259 has it: no NaN or Infinity, no number beyond a float's range (the
+standard library takes them, and a method would get what no JSON answer can carry)."""
 
 Route = Callable[["HttpRequest"], Awaitable[None]]
 """A route: answers one request (``await req.json(...)``, ``req.problem(...)``...)."""
@@ -33,6 +50,7 @@ class HttpRequest:
     __slots__ = (
         "_headers",
         "cors",
+        "counted",
         "gateway",
         "held",
         "method",
@@ -60,6 +78,14 @@ class HttpRequest:
         self.cors: list[tuple[bytes, bytes]] = []
         """Headers every answer carries (CORS, when the request's Origin is allowed)."""
         self.started = False
+        self.counted = False  # in the gateway's max_in_flight (until detach())
+
+    def detach(self) -> None:
+        """A long-lived answer (an event stream) leaves ``max_in_flight``, which bounds calls:
+        streams have bounds of their own (per route), and must not starve calls of slots."""
+        if self.counted:
+            self.counted = False
+            self.gateway.in_flight -= 1
 
     # ---------------------------------------------------------------- reading
 
@@ -79,7 +105,9 @@ class HttpRequest:
         if not qs:
             return []
         try:
-            return parse_qsl(qs.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+            return parse_qsl(
+                qs.decode("utf-8"), keep_blank_values=True, strict_parsing=False, errors="strict"
+            )
         except UnicodeDecodeError:
             raise HttpProblem(ErrorCode.DECODE_ERROR, "the query string is not UTF-8") from None
 
@@ -115,23 +143,23 @@ class HttpRequest:
         else:
             n = -1
         receive = self.receive
-        message = await receive()  # the common case: the whole body in the first message
-        body: bytes = message.get("body", b"")
-        if message["type"] == "http.disconnect":
-            raise asyncio.CancelledError  # nobody to answer
-        if n < 0:  # chunked: counted as it comes
-            if len(body) > limit:
-                raise HttpProblem(
-                    ErrorCode.PAYLOAD_TOO_LARGE,
-                    f"the body is over {limit} bytes, this server's bound",
-                )
-            self._hold(len(body))
-        if not message.get("more_body"):
-            return body
-        parts = [body]
-        size = len(body)
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout):  # (from the first byte: a body never sent)
+                message = await receive()  # the common case: the whole body in one message
+                body: bytes = message.get("body", b"")
+                if message["type"] == "http.disconnect":
+                    raise asyncio.CancelledError  # nobody to answer
+                if n < 0:  # chunked: counted as it comes
+                    if len(body) > limit:
+                        raise HttpProblem(
+                            ErrorCode.PAYLOAD_TOO_LARGE,
+                            f"the body is over {limit} bytes, this server's bound",
+                        )
+                    self._hold(len(body))
+                if not message.get("more_body"):
+                    return body
+                parts = [body]
+                size = len(body)
                 while True:
                     message = await receive()
                     if message["type"] == "http.disconnect":
@@ -170,9 +198,11 @@ class HttpRequest:
         if not data:
             return None
         try:
-            return JSON.decode(data)
-        except CodecError as exc:
-            raise HttpProblem(ErrorCode.DECODE_ERROR, str(exc)) from None
+            return loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise HttpProblem(
+                ErrorCode.DECODE_ERROR, f"body is not valid UTF-8 JSON: {exc}"
+            ) from None
 
     # ---------------------------------------------------------------- answering
 
@@ -226,15 +256,17 @@ class HttpRequest:
 
 def form_fields(data: bytes) -> dict[str, Any]:
     try:
-        pairs = parse_qsl(data.decode("utf-8"), keep_blank_values=True)
+        pairs = parse_qsl(data.decode("utf-8"), keep_blank_values=True, errors="strict")
     except UnicodeDecodeError:
         raise HttpProblem(ErrorCode.DECODE_ERROR, "the form is not UTF-8") from None
     out: dict[str, Any] = {}
     for key, text in pairs:
         try:
-            out[key] = json.loads(text)
+            out[key] = loads(text)
         except ValueError:
             out[key] = text
+        except RecursionError:
+            raise HttpProblem(ErrorCode.DECODE_ERROR, f"field {key!r}: nested too deep") from None
     return out
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from sockstack.errors import ErrorCode
 from sockstack.gateway.http import HttpRequest, Route, allow
-from sockstack.gateway.problems import HttpProblem
+from sockstack.gateway.problems import HttpProblem, problem_name
 from sockstack.host.pattern import HostContext, Pattern
 from sockstack.transport.ratelog import RateLimitedLog
 from sockstack.transport.urls import Endpoint, parse_endpoint
@@ -119,6 +119,7 @@ class Gateway(Pattern):
         self.cors = frozenset(o.rstrip("/") for o in cors)
         self._metrics_wanted = metrics
         self.metrics: Any = None  # the ServerMetrics serving /metrics, once the host is made
+        self.problems: Any = None  # its Counter of problem answers by code name
         self.bad_log = RateLimitedLog(log)
         self.host: Server | None = None
         self.routes: dict[str, Route] = {}
@@ -134,6 +135,9 @@ class Gateway(Pattern):
         self.in_flight = 0
         self.body_bytes = 0  # bodies held now (all requests)
         self._secret: bytes | None = None
+        self.closing = asyncio.Event()
+        """Set when the host begins to drain: long-lived streams (events, the dashboard) end
+        on it at once."""
         from sockstack.gateway import routes
 
         routes.install(self)
@@ -147,12 +151,22 @@ class Gateway(Pattern):
             from sockstack.metrics import ServerMetrics
         except ImportError:  # prometheus-client not installed: /metrics says so
             return ()
-        for i in given:
-            if isinstance(i, ServerMetrics):
-                self.metrics = i
-                return ()
-        self.metrics = ServerMetrics()
-        return (self.metrics,)
+        added: tuple[object, ...] = ()
+        found = next((i for i in given if isinstance(i, ServerMetrics)), None)
+        if found is None:
+            found = ServerMetrics()
+            added = (found,)
+        self.metrics = found
+        from prometheus_client import Counter
+
+        self.problems = Counter(
+            "sockstack_http_problems",
+            "HTTP answers that were problem details (errors), by code name: calls that failed "
+            "and requests the gateway refused before any call (401, 404, 413...)",
+            ("code",),
+            registry=found.registry,
+        )
+        return added
 
     def endpoints(self) -> Sequence[Endpoint]:
         return self._bound if self._bound or self.host is not None else self._configured
@@ -163,12 +177,14 @@ class Gateway(Pattern):
     def start(self, host: HostContext) -> None:
         self.host = server = host  # type: ignore[assignment]
         secret = host.secret
-        self._secret = b"Bearer " + secret if secret is not None else None
+        self._secret = secret
         if any(e.scheme == "https" for e in self._configured) and host.tls_context is None:
             raise ValueError("https:// endpoints need the host's tls_context")
         for ep in self._configured:  # bound now: an error reaches Server.start
             family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on the connections it accepts
+            # only then (without, ~40 ms of Nagle + delayed ACK per keep-alive request)
+            sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if getattr(server, "reuse_port", False):
@@ -221,6 +237,7 @@ class Gateway(Pattern):
         return config
 
     def drain(self) -> None:
+        self.closing.set()
         for uv, _ in self._servers:
             uv.should_exit = True  # stops accepting; open connections finish what they have
 
@@ -288,16 +305,21 @@ class Gateway(Pattern):
                 self._authenticate(req)
             if route is None:
                 raise HttpProblem(ErrorCode.NOT_FOUND, f"no resource at {path}")
+            if first in self.public:  # the probes: answered at once, even at the bound
+                await route(req)
+                return
             if self.in_flight >= self.limits.max_in_flight:
                 raise HttpProblem(
                     ErrorCode.OVERLOADED,
                     f"{self.in_flight} HTTP requests in flight (limit {self.limits.max_in_flight})",
                 )
             self.in_flight += 1
+            req.counted = True
             try:
                 await route(req)
             finally:
-                self.in_flight -= 1
+                if req.counted:
+                    self.in_flight -= 1
                 self.body_bytes -= req.held
         except asyncio.CancelledError:
             if scope.get("sockstack.gone"):
@@ -310,6 +332,8 @@ class Gateway(Pattern):
             self.bad_log.warning(
                 "http %s: %s %s: %s", req.peer and req.peer[0], req.method, path, exc.detail
             )
+            if self.problems is not None:
+                self.problems.labels(problem_name(exc.code)).inc()
             await req.problem(exc)
 
     @property
@@ -321,11 +345,16 @@ class Gateway(Pattern):
         ``?access_token=`` for the browser's EventSource, which cannot send headers."""
         expected = self._secret
         assert expected is not None
-        given = req.header(b"authorization")
-        if given is None and req.method == "GET":
+        given = None
+        header = req.header(b"authorization")
+        if header is not None:
+            scheme, _, token = header.partition(b" ")
+            if scheme.lower() == b"bearer":  # (a scheme is case-insensitive: RFC 9110 §11.1)
+                given = token.strip(b" ")
+        elif req.method == "GET":
             for k, v in req.query():
                 if k == "access_token":
-                    given = b"Bearer " + v.encode()
+                    given = v.encode()
         if given is None or not hmac.compare_digest(given, expected):
             raise HttpProblem(
                 ErrorCode.AUTH_FAILED,

@@ -15,7 +15,7 @@ from typing import Any
 
 from sockstack.errors import ErrorCode
 
-__all__ = ["STATUS", "HttpProblem", "problem_body", "status_of"]
+__all__ = ["STATUS", "HttpProblem", "problem_body", "problem_name", "status_of"]
 
 STATUS: dict[int, int] = {
     ErrorCode.UNKNOWN_METHOD: 404,
@@ -40,6 +40,8 @@ STATUS: dict[int, int] = {
     ErrorCode.SHUTTING_DOWN: 503,
     ErrorCode.TOO_MANY_SUBSCRIPTIONS: 503,
     ErrorCode.RETAINED_STORE_FULL: 507,
+    ErrorCode.SLOW_CONSUMER: 503,
+    ErrorCode.REPLAY_GAP: 410,  # (inside an event stream: events the buffer no longer holds)
     ErrorCode.CANCELLED: 499,  # (nginx's "client closed request": nobody reads it)
     ErrorCode.FRAME_TIMEOUT: 408,
     ErrorCode.UNEXPECTED_ERROR: 500,
@@ -57,7 +59,7 @@ def status_of(code: int) -> int:
     return STATUS.get(code, 500)
 
 
-def _name(code: int) -> str:
+def problem_name(code: int) -> str:
     try:
         return ErrorCode(code).name
     except ValueError:
@@ -69,7 +71,7 @@ def problem_body(
 ) -> dict[str, Any]:
     """The problem object of an error. ``type_name``: an APPLICATION_ERROR's declared error
     type (``"OutOfStock"``), kept under ``"error"``."""
-    name = _name(code)
+    name = problem_name(code)
     body: dict[str, Any] = {
         "type": f"urn:sockstack:error:{name}",
         "title": name,

@@ -19,13 +19,25 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httptools
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from sockstack.errors import ErrorCode
+from sockstack.gateway.problems import problem_body, status_of
+
 __all__ = ["GatewayProtocol"]
+
+_SLICE = 16 << 10
+"""Bytes fed to the parser at a time: it stops between slices once a request waits behind the
+one in flight (pipelining), and counts the head of a request that spans reads."""
+_PER_HEADER = 100
+"""What one header costs in memory beyond its bytes (uvicorn's (name, value) tuple and two
+bytes objects): counted against ``max_header_bytes`` so that it bounds memory, not only bytes
+on the wire (64 KB of ``a:`` lines would otherwise hold ~1.2 MB)."""
 
 
 def _address(peer: Any) -> str:
@@ -44,6 +56,11 @@ class GatewayProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._upgraded_left: int | None = None  # body bytes still to take after an upgrade
         self._dead = False  # after an upgrade: nothing more is parsed on this connection
+        self._in_head = False
+        self._head_wire = 0  # bytes read while a head was incomplete (it spans reads)
+        self._backlog = bytearray()  # bytes read but not parsed: requests wait (pipelining)
+        self._refusal: tuple[int, str] | None = None  # answered after those in flight
+        self._lingering = -1  # after an answer given before its body: body bytes dropped
         self._address = _address(self.client)
         gw = self.gateway
         refused = gw.admit(self._address, transport.get_extra_info("sslcontext") is not None)
@@ -51,6 +68,10 @@ class GatewayProtocol(HttpToolsProtocol):
         if refused is not None:
             gw.bad_log.warning("http %s: %s", self._address, refused)
             transport.abort()
+            return
+        timeout = gw.limits.header_timeout
+        if timeout:  # the first head is timed from the connection (a client that sends nothing)
+            self._head_timer = self.loop.call_later(timeout, self._head_too_slow)
 
     def connection_lost(self, exc: Exception | None) -> None:
         cycle = self.cycle
@@ -75,6 +96,8 @@ class GatewayProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes = 0
+        self._head_wire = 0
+        self._in_head = True
         timeout = self.gateway.limits.header_timeout
         if timeout and self._head_timer is None:
             self._head_timer = self.loop.call_later(timeout, self._head_too_slow)
@@ -83,7 +106,7 @@ class GatewayProtocol(HttpToolsProtocol):
         self._head_timer = None
         self.gateway.bad_log.warning("http %s: headers not complete in time", self._address)
         if not self.transport.is_closing():
-            self.send_400_response("Request headers did not arrive in time.")
+            self._refuse(ErrorCode.FRAME_TIMEOUT, "the request's headers did not arrive in time")
 
     def _head_grew(self, n: int) -> None:
         self._head_bytes += n
@@ -95,10 +118,11 @@ class GatewayProtocol(HttpToolsProtocol):
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_grew(len(name) + len(value) + 4)
+        self._head_grew(len(name) + len(value) + _PER_HEADER)
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
@@ -136,7 +160,7 @@ class GatewayProtocol(HttpToolsProtocol):
             return
         if left < 0:
             self._upgraded_left = None
-            self.send_400_response("A chunked body cannot come with Upgrade; send it without.")
+            self._refuse(ErrorCode.DECODE_ERROR, "a chunked body cannot come with Upgrade")
             return
         part = data[:left]
         cycle.body += part
@@ -153,37 +177,116 @@ class GatewayProtocol(HttpToolsProtocol):
         if self._dead:
             self._take_upgraded(data)
             return
+        if self._lingering >= 0:  # an unread body after its answer: dropped, bounded
+            self._lingering += len(data)
+            if self._lingering > self.gateway.limits.max_body:
+                self.transport.close()
+            return
         self._unset_keepalive_if_required()
-        try:
-            self.parser.feed_data(data)
-        except _HeadTooLarge:
-            self.gateway.bad_log.warning("http %s: request headers too large", self._address)
-            self._send_431()
-        except httptools.HttpParserError:
-            self.logger.debug("invalid HTTP request from %s", self._address)
-            self.gateway.bad_log.warning("http %s: invalid HTTP request", self._address)
-            self.send_400_response("Invalid HTTP request received.")
-        except httptools.HttpParserUpgrade as exc:
-            if self._should_upgrade():
-                self.handle_websocket_upgrade()
-                return
-            self._dead = True
-            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
-            self._take_upgraded(data[offset:])
+        if self._backlog or self._refusal is not None:  # requests wait: keep the bytes raw
+            if self._refusal is None:
+                self._backlog += data
+            self.flow.pause_reading()
+            return
+        self._feed(data)
 
-    def _send_431(self) -> None:
+    def _feed(self, data: bytes | memoryview) -> None:
+        """Parse ``data`` a slice at a time: no further once a request waits behind the one in
+        flight (the rest kept raw, reading paused), and with a head that spans reads counted
+        in wire bytes (httptools holds a header until it ends, unseen by ``on_header``)."""
+        view = memoryview(data)
         limit = self.gateway.limits.max_header_bytes
-        body = (
-            b'{"type":"urn:sockstack:error:HEADERS_TOO_LARGE","title":"HEADERS_TOO_LARGE",'
-            b'"status":431,"detail":"the request line and headers exceed '
-            + str(limit).encode()
-            + b' bytes","code":2033}'
+        while view:
+            if self.pipeline:
+                self._backlog = bytearray(view)
+                self.flow.pause_reading()
+                return
+            part, view = view[:_SLICE], view[_SLICE:]
+            if self._in_head:
+                self._head_wire += len(part)
+            try:
+                self.parser.feed_data(part)
+                if self._in_head and self._head_wire > limit:
+                    raise _HeadTooLarge
+            except _HeadTooLarge:
+                self._head_too_large()
+                return
+            except httptools.HttpParserUpgrade as exc:
+                if self._should_upgrade():
+                    self.handle_websocket_upgrade()
+                    return
+                self._dead = True
+                offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(part)
+                self._take_upgraded(bytes(part[offset:]) + bytes(view))
+                return
+            except httptools.HttpParserError as exc:
+                if isinstance(exc.__context__, _HeadTooLarge):  # (raised in a callback)
+                    self._head_too_large()
+                    return
+                self.logger.debug("invalid HTTP request from %s", self._address)
+                self.gateway.bad_log.warning("http %s: invalid HTTP request", self._address)
+                self._refuse(ErrorCode.DECODE_ERROR, "invalid HTTP request")
+                return
+
+    def _head_too_large(self) -> None:
+        self.gateway.bad_log.warning("http %s: request headers too large", self._address)
+        limit = self.gateway.limits.max_header_bytes
+        self._refuse(
+            ErrorCode.HEADERS_TOO_LARGE, f"the request line and headers exceed {limit} bytes"
         )
+
+    def on_response_complete(self) -> None:
+        cycle = self.cycle
+        unread = cycle is not None and cycle.more_body and not self.pipeline
+        super().on_response_complete()
+        if self.transport.is_closing():
+            return
+        if unread:  # answered before its body was read: the rest is dropped, the connection ends
+            self._unset_keepalive_if_required()
+            self._lingering = 0
+            if self.transport.can_write_eof():
+                self.transport.write_eof()  # (the answer, then EOF: a close now could reset it)
+            self.loop.call_later(min(1.0, self.gateway.limits.keep_alive), self.transport.close)
+            return
+        if self.pipeline:
+            self.flow.pause_reading()
+        elif self._refusal is not None:
+            self._refuse(*self._refusal)
+        elif self._backlog:
+            self.loop.call_soon(self._resume_backlog)
+
+    def _resume_backlog(self) -> None:
+        if self.transport.is_closing() or self.pipeline or self._dead:
+            return
+        data, self._backlog = bytes(self._backlog), bytearray()
+        self.flow.resume_reading()
+        self._feed(data)
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(ErrorCode.DECODE_ERROR, msg)
+
+    def _refuse(self, code: int, detail: str) -> None:
+        """Answer a problem below the routes, then close; after the answers of the requests
+        already in flight (a pipelined bad request does not take a good one's answer)."""
+        cycle = self.cycle
+        waiting = cycle is not None and not cycle.response_complete and not cycle.more_body
+        if waiting or self.pipeline:
+            if self._refusal is None:
+                self._refusal = (code, detail)
+                self.flow.pause_reading()
+            return
+        self._refusal = None
+        status = status_of(code)
+        body = json.dumps(problem_body(code, detail), separators=(",", ":")).encode()
+        phrase = {
+            400: b"Bad Request",
+            408: b"Request Timeout",
+            431: b"Request Header Fields Too Large",
+        }
         self.transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-            b"content-type: application/problem+json\r\ncontent-length: "
-            + str(len(body)).encode()
-            + b"\r\nconnection: close\r\n\r\n"
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/problem+json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n"
+            % (status, phrase[status], len(body))
             + body
         )
         self.transport.close()

@@ -30,6 +30,14 @@ subscription's ``max_bytes`` and the broker's ``max_pending_total``, so these by
 the process's memory even for empty messages (500,000 queued empty messages are ~45 MB of
 objects, not ~2 MB of topics). The retained store is charged the same way (payload, topic twice,
 :data:`RETAINED_OVERHEAD`) against ``max_retained_bytes``.
+
+In-process subscribers (the HTTP gateway's event streams): :meth:`Broker.subscribe_local` takes a
+:class:`LocalPeer`, which receives each message whole (``message(seq, topic, payload, codec,
+flags)``) instead of a MSG frame, under the same queue bounds and slow-consumer policies as a
+connection (its ``writable()`` says when it takes more; :meth:`Broker.peer_writable` sends what
+waited; ``close_slow`` ends it under ``disconnect``). ``seq`` numbers the messages the broker
+routes (:attr:`Broker.last_seq`), also for a message that waited in the queue, so such a
+subscriber can give each message an id that orders it among all messages of the broker.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ __all__ = [
     "Broker",
     "BrokerError",
     "BrokerLimits",
+    "LocalPeer",
     "Peer",
     "SubOptions",
     "Subscription",
@@ -66,11 +75,12 @@ POLICIES = ("drop-oldest", "drop-newest", "disconnect")
 # the sys.getsizeof part, tests/integration/test_broker_memory.py the RSS). Rounded up: a bound
 # that undercounts is no bound.
 QUEUED_OVERHEAD = 192
-"""A queued message: its (topic, payload, codec, flags) tuple (72 B, 80 allocated), its deque
-slot (8 B), and the headers of its payload's and its topic's bytes objects when they are not
-shared with other entries (33 B each, up to 48 allocated; a topic's bytes are shared until the
-topic cache is renewed). Measured: 79-89 B per entry of RSS with shared payloads, 124 B with
-100-byte payloads of their own."""
+"""A queued message: its (topic, payload, codec, flags, seq) tuple (80 B; seq is the cached 0
+except for a local subscription, whose seq int, 32 B, is shared by every queue holding the
+message), its deque slot (8 B), and the headers of its payload's and its topic's bytes objects
+when they are not shared with other entries (33 B each, up to 48 allocated; a topic's bytes are
+shared until the topic cache is renewed). Measured: 79-89 B per entry of RSS with shared
+payloads, 124 B with 100-byte payloads of their own."""
 INFLIGHT_OVERHEAD = 256
 """A QoS 1 message waiting for its ACK: its MSG frame's bytes object header (33 B), the
 (frame, due, sends) tuple (64 B), the due time (a float, 24 B), the delivery id (an int, 32 B)
@@ -99,6 +109,16 @@ class Peer(Protocol):
     def write_soon(self, data: bytes) -> None: ...
     def writable(self) -> bool: ...
     def close_slow(self, code: int, reason: str) -> None: ...
+
+
+class LocalPeer(Peer, Protocol):
+    """An in-process subscriber (:meth:`Broker.subscribe_local`): it gets messages whole, never
+    frames (``write_soon`` is not called for it). ``seq`` is the message's number among all the
+    messages the broker routed (:attr:`Broker.last_seq` when it was published; 0 for a message
+    from the retained store, ``flags`` then has :data:`FLAG_RETAIN`). Called on the broker's
+    loop, inside ``publish`` or :meth:`Broker.peer_writable`: it must not block or publish."""
+
+    def message(self, seq: int, topic: bytes, payload: bytes, codec: int, flags: int) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,8 +195,9 @@ class Subscription:
     sid: int
     pattern: str
     options: SubOptions
-    pending: deque[tuple[bytes, bytes, int, int]] = field(default_factory=deque)
-    """Messages waiting for the peer to read: (topic, payload, codec, flags)."""
+    pending: deque[tuple[bytes, bytes, int, int, int]] = field(default_factory=deque)
+    """Messages waiting for the peer to read: (topic, payload, codec, flags, seq); seq is 0
+    unless the subscription is local (only a :class:`LocalPeer` is told it)."""
     pending_bytes: int = 0
     """Payload and topic bytes of the queued messages."""
     held: int = 0
@@ -188,6 +209,8 @@ class Subscription:
     dropped: int = 0
     redelivered: int = 0
     expired: int = 0
+    sink: LocalPeer | None = None
+    """The in-process subscriber of a local subscription (:meth:`Broker.subscribe_local`)."""
 
     def __hash__(self) -> int:
         return id(self)
@@ -239,11 +262,31 @@ class Broker:
         subs[sid] = sub
         return sub
 
+    def subscribe_local(
+        self, sink: LocalPeer, pattern: str, raw: dict[str, Any] | None = None
+    ) -> Subscription:
+        """Subscribe an in-process subscriber (one subscription per ``sink``, id 1): it gets
+        :meth:`LocalPeer.message` calls, bounded and dropped as a connection's MSG frames are
+        (``raw``: the SUB options, QoS 0 only). Ended by ``unsubscribe(sink, 1)`` or
+        ``peer_gone(sink)``; call :meth:`deliver_retained` for the retained messages."""
+        options = dict(raw or {})
+        if options.get("qos", 0) != 0:
+            raise BrokerError(ErrorCode.DECODE_ERROR, "a local subscription is QoS 0")
+        sub = self.subscribe(sink, 1, pattern, options)
+        sub.sink = sink
+        return sub
+
+    @property
+    def last_seq(self) -> int:
+        """The number of the last message published (1, 2, ...; a clear of a retained topic
+        takes a number too): what :meth:`LocalPeer.message` gets as ``seq``."""
+        return self.counters["published"]
+
     def deliver_retained(self, sub: Subscription) -> int:
         n = 0
         for topic, (topic_b, payload, codec) in list(self.retained.items()):
             if matches(sub.pattern, topic):
-                self._deliver(sub, topic_b, payload, codec, FLAG_RETAIN)
+                self._deliver(sub, topic_b, payload, codec, FLAG_RETAIN, 0)
                 n += 1
         return n
 
@@ -294,7 +337,8 @@ class Broker:
         tokens, topic_b = cached if cached is not None else self._topic(topic)
         if retain:
             self._retain(topic, topic_b, payload, codec)
-        self.counters["published"] += 1
+        counters = self.counters
+        seq = counters["published"] = counters["published"] + 1
         matched = self.index.match(tokens)
         if not matched:
             return 0
@@ -303,7 +347,7 @@ class Broker:
         for sub in matched:
             group = sub.options.group
             if group is None:
-                self._deliver(sub, topic_b, payload, codec, 0)
+                self._deliver(sub, topic_b, payload, codec, 0, seq)
                 n += 1
             else:
                 if groups is None:
@@ -318,7 +362,7 @@ class Broker:
                     if len(turns) >= 10_000:
                         turns.clear()  # bounded: names of groups long gone would pile up
                 turns[group] = turn + 1
-                self._deliver(members[turn % len(members)], topic_b, payload, codec, 0)
+                self._deliver(members[turn % len(members)], topic_b, payload, codec, 0, seq)
                 n += 1
         return n
 
@@ -373,12 +417,12 @@ class Broker:
         self.retained_bytes += cost - freed
 
     def _deliver(
-        self, sub: Subscription, topic_b: bytes, payload: bytes, codec: int, flags: int
+        self, sub: Subscription, topic_b: bytes, payload: bytes, codec: int, flags: int, seq: int
     ) -> None:
         opts = sub.options
         if not sub.pending and sub.peer.writable():
             if opts.qos == 0:
-                self._send(sub, topic_b, payload, codec, flags)
+                self._send(sub, topic_b, payload, codec, flags, seq)
                 return
             # QoS 1: in flight within the broker-wide byte bound, and within max_inflight and
             # the subscription's byte bound, except that one message may always be in flight
@@ -390,7 +434,7 @@ class Broker:
                 not inflight
                 or (len(inflight) < lim.max_inflight and sub.held + more <= opts.max_bytes)
             ):
-                self._send(sub, topic_b, payload, codec, flags)
+                self._send(sub, topic_b, payload, codec, flags, seq)
                 return
         size = len(payload) + len(topic_b)
         cost = size + QUEUED_OVERHEAD
@@ -424,7 +468,8 @@ class Broker:
                 # the newest goes.
                 self._drop(sub, 1)
                 return
-        sub.pending.append((topic_b, payload, codec, flags))
+        # Only a local subscriber is told the number (0 is a cached int: no memory per entry).
+        sub.pending.append((topic_b, payload, codec, flags, seq if sub.sink is not None else 0))
         sub.pending_bytes += size
         sub.held += cost
         self.held_total += cost
@@ -446,8 +491,13 @@ class Broker:
         )
 
     def _send(
-        self, sub: Subscription, topic_b: bytes, payload: bytes, codec: int, flags: int
+        self, sub: Subscription, topic_b: bytes, payload: bytes, codec: int, flags: int, seq: int
     ) -> None:
+        if sub.sink is not None:  # in process (always QoS 0): the message whole, no frame
+            sub.sink.message(seq, topic_b, payload, codec, flags)
+            sub.delivered += 1
+            self.counters["delivered"] += 1
+            return
         if sub.options.qos:
             did = next(self._ids)
             if did > 0xFFFFFFFF:
@@ -512,7 +562,7 @@ class Broker:
         pending = sub.pending
         qos = sub.options.qos
         while pending and peer.writable():
-            topic_b, payload, codec, flags = pending[0]
+            topic_b, payload, codec, flags, seq = pending[0]
             data = len(topic_b) + len(payload)
             if qos and not self._may_send(sub, data, data + QUEUED_OVERHEAD):
                 break
@@ -520,7 +570,7 @@ class Broker:
             sub.pending_bytes -= data
             sub.held -= data + QUEUED_OVERHEAD
             self.held_total -= data + QUEUED_OVERHEAD
-            self._send(sub, topic_b, payload, codec, flags)
+            self._send(sub, topic_b, payload, codec, flags, seq)
 
     def ack(self, peer: Peer, delivery_id: int) -> None:
         for sub in self._peers.get(peer, {}).values():
@@ -566,11 +616,14 @@ class Broker:
         payload and topic bytes of queued messages; ``inflight_bytes`` the QoS 1 frames waiting
         for an ACK, with their overhead; ``held_bytes`` both, as charged against
         ``max_pending_total`` (queued messages with their overhead); ``retained_bytes`` the
-        retained store, as charged against ``max_retained_bytes``."""
+        retained store, as charged against ``max_retained_bytes``. ``local_subscriptions``
+        counts the in-process ones (:meth:`subscribe_local`), which are in ``subscriptions``
+        too (and each of their subscribers in ``connections``)."""
         subs = [s for subs in self._peers.values() for s in subs.values()]
         return {
             **self.counters,
             "subscriptions": len(subs),
+            "local_subscriptions": sum(1 for s in subs if s.sink is not None),
             "connections": len(self._peers),
             "retained": len(self.retained),
             "retained_bytes": self.retained_bytes,
