@@ -10,6 +10,7 @@ from typing import Any
 
 from bench import scenarios as sc
 from bench.harness import Result, Server, SkipSystem, median_round, pin, stats
+from bench.http import run_http, run_sse_fanout
 from bench.peers import CHAIN_DEPTH
 
 __all__ = ["Run", "run_all"]
@@ -494,6 +495,8 @@ SCENARIOS: dict[str, Callable[[Run, sc.Budget, str], None]] = {
     "pubsub": pubsub,
     "objects": objects,
     "chain": chain,
+    "http": run_http,
+    "sse-fanout": run_sse_fanout,
 }
 
 
