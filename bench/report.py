@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import Result
+from bench.http import http_targets
 from bench.runner import CHAIN_SCENARIO, OBJECTS_SCENARIO, Run
 from bench.scenarios import CDF_POINTS
 
@@ -165,6 +166,7 @@ def targets(run: Run) -> list[Target]:
                 5.0,
             )
         )
+    out += [Target(what, ratio, goal, higher) for what, ratio, goal, higher in http_targets(res)]
     mem = _find(res, "idle-memory", SS)
     per = mem.extra.get("bytes_per_idle_connection") if mem else None
     out.append(
