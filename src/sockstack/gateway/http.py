@@ -8,13 +8,22 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 from collections.abc import Awaitable, Callable, Iterable
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl
 
 from sockstack.errors import CodecError, ErrorCode
 from sockstack.gateway.problems import RETRY_AFTER, HttpProblem, problem_body, status_of
 from sockstack.protocol.codecs import JSON
+
+STATUS_LINE = {
+    code: b"HTTP/1.1 %d %s\r\n" % (code, phrase.encode())
+    for code, phrase in ((s.value, s.phrase) for s in HTTPStatus)
+}
+STATUS_LINE.update({499: b"HTTP/1.1 499 Client Closed Request\r\n"})
+_BAD_VALUE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]").search
 
 __all__ = ["HttpRequest", "Route", "loads"]
 
@@ -143,10 +152,24 @@ class HttpRequest:
         else:
             n = -1
         receive = self.receive
+        cycle = self.scope.get("sockstack.cycle")
+        if cycle is not None and not cycle.more_body:  # all here already (the common case)
+            message = await receive()  # (returns at once: no timer needed)
+            body: bytes = message.get("body", b"")
+            if message["type"] == "http.disconnect":
+                raise asyncio.CancelledError  # nobody to answer
+            if n < 0 and len(body) > limit:
+                raise HttpProblem(
+                    ErrorCode.PAYLOAD_TOO_LARGE,
+                    f"the body is over {limit} bytes, this server's bound",
+                )
+            if n < 0:
+                self._hold(len(body))
+            return body
         try:
             async with asyncio.timeout(timeout):  # (from the first byte: a body never sent)
-                message = await receive()  # the common case: the whole body in one message
-                body: bytes = message.get("body", b"")
+                message = await receive()
+                body = message.get("body", b"")
                 if message["type"] == "http.disconnect":
                     raise asyncio.CancelledError  # nobody to answer
                 if n < 0:  # chunked: counted as it comes
@@ -219,6 +242,16 @@ class HttpRequest:
         content_type: bytes | None = JSON_TYPE,
         headers: Iterable[tuple[bytes, bytes]] = (),
     ) -> None:
+        cycle = self.scope.get("sockstack.cycle")
+        if (
+            cycle is not None
+            and not cycle.response_started
+            and not cycle.disconnected
+            and not cycle.flow.write_paused
+            and 200 <= status
+        ):
+            self._respond_at_once(cycle, status, body, content_type, headers)
+            return
         h = [*headers, *self.cors]
         if content_type is not None:
             h.append((b"content-type", content_type))
@@ -228,6 +261,48 @@ class HttpRequest:
         send = self.send
         await send({"type": "http.response.start", "status": status, "headers": h})
         await send({"type": "http.response.body", "body": b"" if self.method == "HEAD" else body})
+
+    def _respond_at_once(
+        self,
+        cycle: Any,
+        status: int,
+        body: bytes,
+        content_type: bytes | None,
+        headers: Iterable[tuple[bytes, bytes]],
+    ) -> None:
+        """A whole answer in one write (uvicorn's ``send`` writes the head and the body in two
+        system calls, and checks every header with two regular expressions: ~5 us of a call).
+        The cycle's state is set as its ``send`` would set it. Header values that come from
+        outside (trailers, keys) are checked for CR/LF as uvicorn checks them."""
+        self.started = True
+        parts = [STATUS_LINE[status]]
+        for name, value in cycle.default_headers:
+            parts += (name, b": ", value, b"\r\n")
+        for name, value in headers:
+            if _BAD_VALUE(value):
+                raise RuntimeError("Invalid HTTP header value.")
+            parts += (name, b": ", value, b"\r\n")
+        for name, value in self.cors:
+            parts += (name, b": ", value, b"\r\n")
+        if content_type is not None:
+            parts += (b"content-type: ", content_type, b"\r\n")
+        if status not in (204, 304):
+            parts += (b"content-length: ", b"%d" % len(body), b"\r\n")
+        keep_alive = cycle.keep_alive
+        if not keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        if self.method != "HEAD" and status not in (204, 304):
+            parts.append(body)
+        cycle.response_started = True
+        cycle.waiting_for_100_continue = False
+        transport = cycle.transport
+        transport.write(b"".join(parts))
+        cycle.response_complete = True
+        cycle.message_event.set()
+        if not keep_alive:
+            transport.close()
+        cycle.on_response()
 
     async def json(
         self, value: Any, status: int = 200, headers: Iterable[tuple[bytes, bytes]] = ()

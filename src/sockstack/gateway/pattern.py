@@ -135,6 +135,7 @@ class Gateway(Pattern):
         self.in_flight = 0
         self.body_bytes = 0  # bodies held now (all requests)
         self._secret: bytes | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.closing = asyncio.Event()
         """Set when the host begins to drain: long-lived streams (events, the dashboard) end
         on it at once."""
@@ -200,7 +201,7 @@ class Gateway(Pattern):
                 raise
             self._sockets.append(sock)
             self._bound.append(Endpoint(ep.scheme, *sock.getsockname()[:2]))
-        loop = host.loop
+        loop = self.loop = host.loop
         assert loop is not None
         for ep, sock in zip(self._bound, self._sockets, strict=True):
             uv = _Server.make(self._config(ep.scheme == "https"))
@@ -290,7 +291,8 @@ class Gateway(Pattern):
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return  # (lifespan is off; no WebSocket protocol is configured)
-        scope["sockstack.task"] = asyncio.current_task()  # (cancelled if the client leaves)
+        # (cancelled if the client leaves; given the loop: without, CPython 3.11 asks getpid())
+        scope["sockstack.task"] = asyncio.current_task(self.loop)
         req = HttpRequest(self, scope, receive, send)
         path = req.path
         first, _, _ = path[1:].partition("/")
