@@ -14,6 +14,8 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl
 
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
 from sockstack.errors import CodecError, ErrorCode
 from sockstack.gateway.problems import RETRY_AFTER, HttpProblem, problem_body, status_of
 from sockstack.protocol.codecs import JSON
@@ -23,6 +25,17 @@ STATUS_LINE = {
     for code, phrase in ((s.value, s.phrase) for s in HTTPStatus)
 }
 STATUS_LINE.update({499: b"HTTP/1.1 499 Client Closed Request\r\n"})
+
+
+def _cycle(send: Any) -> Any:
+    """uvicorn's request cycle behind ``send`` (its bound method), None under another server.
+    (Not kept in the scope: the cycle holds the scope, and that loop of references made
+    garbage for the cyclic collector at every request: its full passes stalled the loop for
+    milliseconds.)"""
+    cycle = getattr(send, "__self__", None)
+    return cycle if type(cycle) is RequestResponseCycle else None
+
+
 _BAD_VALUE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]").search
 
 __all__ = ["HttpRequest", "Route", "loads"]
@@ -152,7 +165,7 @@ class HttpRequest:
         else:
             n = -1
         receive = self.receive
-        cycle = self.scope.get("sockstack.cycle")
+        cycle = _cycle(self.send)
         if cycle is not None and not cycle.more_body:  # all here already (the common case)
             message = await receive()  # (returns at once: no timer needed)
             body: bytes = message.get("body", b"")
@@ -242,7 +255,7 @@ class HttpRequest:
         content_type: bytes | None = JSON_TYPE,
         headers: Iterable[tuple[bytes, bytes]] = (),
     ) -> None:
-        cycle = self.scope.get("sockstack.cycle")
+        cycle = _cycle(self.send)
         if (
             cycle is not None
             and not cycle.response_started

@@ -157,9 +157,6 @@ class GatewayProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         super().on_headers_complete()
-        cycle = self.cycle
-        if cycle is not None:  # (the app's one-write answer: HttpRequest.respond)
-            cycle.scope["sockstack.cycle"] = cycle  # type: ignore[typeddict-unknown-key]
         if self.parser.should_upgrade() and not self._should_upgrade():
             self._ignore_upgrade()
 
