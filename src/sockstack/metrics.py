@@ -33,13 +33,20 @@ from __future__ import annotations
 
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from sockstack.errors import ErrorCode
 from sockstack.interceptors import Failure, ServerInterceptor
@@ -83,28 +90,24 @@ class ServerMetrics(ServerInterceptor):
         self._servers: list[Server] = []
         self._known: frozenset[str] = frozenset()
         labels = ("transport", "method")
-        self.calls = Counter(
-            "sockstack_server_calls",
-            "RPC calls answered, successes and errors",
-            labels,
-            registry=self.registry,
-        )
+        # Calls and their latency: plain counters per (transport, method), updated on the loop
+        # with no lock, turned into Prometheus families when scraped (_CallsCollector): a
+        # prometheus_client Counter and Histogram took three locks per call (~1.5 us, 10 % of
+        # a call over HTTP).
+        self._bounds = tuple(sorted(float(b) for b in buckets))
+        self.calls = _CallsCollector(self, histogram=False)
+        self.latency = _CallsCollector(self, histogram=True)
+        self.registry.register(self.calls)
+        self.registry.register(self.latency)
         self.errors = Counter(
             "sockstack_server_errors",
             "RPC calls answered with an ERROR, by code name",
             (*labels, "code"),
             registry=self.registry,
         )
-        self.latency = Histogram(
-            "sockstack_server_call_seconds",
-            "Seconds from dispatch to the call's outcome",
-            labels,
-            buckets=tuple(buckets),
-            registry=self.registry,
-        )
         self.registry.register(_HostCollector(self._servers))
-        # (transport, method) -> its calls counter and latency histogram; bounded as the labels.
-        self._series: dict[tuple[str, str], tuple[Any, Any]] = {}
+        # (transport, method) -> its counts; bounded as the labels are.
+        self._series: dict[tuple[str, str], _Series] = {}
 
     def bind(self, server: Server) -> None:
         """Given to a server: count its traffic, know its methods."""
@@ -129,12 +132,14 @@ class ServerMetrics(ServerInterceptor):
     def _done(self, ctx: CallContext, method: str) -> None:
         key = (ctx.transport, method)
         series = self._series.get(key)
-        if series is None:  # labels() takes a lock and builds a key: once per pair, not call
-            series = self._series[key] = (self.calls.labels(*key), self.latency.labels(*key))
-        series[0].inc()
+        if series is None:
+            series = self._series[key] = _Series(len(self._bounds) + 1)
+        series.count += 1
         started = ctx.state.get("metrics")
         if started is not None:  # None: an interceptor before this one refused the call
-            series[1].observe(_clock() - started)
+            took = _clock() - started
+            series.sum += took
+            series.buckets[bisect_left(self._bounds, took)] += 1  # (le: first bound >= took)
 
     def serve(self, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
         """Serve ``/metrics`` over HTTP on ``host:port`` (0: any free port; the bound one is
@@ -142,6 +147,55 @@ class ServerMetrics(ServerInterceptor):
         scrape never runs on the event loop. Stop it with ``server.shutdown()``. It has no
         authentication: bind it to loopback or a private interface."""
         return start_http_server(port, addr=host, registry=self.registry)
+
+
+class _Series:
+    """One (transport, method)'s calls: how many, their total seconds, and how many fell in
+    each latency bucket (not cumulative; the last is +Inf)."""
+
+    __slots__ = ("buckets", "count", "sum")
+
+    def __init__(self, n: int) -> None:
+        self.count = 0
+        self.sum = 0.0
+        self.buckets = [0] * n
+
+
+class _CallsCollector(Collector):
+    """``sockstack_server_calls_total`` or ``sockstack_server_call_seconds`` (a histogram),
+    read from the plain counters when scraped (in the scraping thread: ints and floats read
+    under the GIL; a scrape may see a call counted and not yet timed, never a torn value)."""
+
+    def __init__(self, metrics: ServerMetrics, *, histogram: bool) -> None:
+        self._metrics = metrics
+        self._histogram = histogram
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        labels = ["transport", "method"]
+        series = sorted(m._series.items())
+        if not self._histogram:
+            calls = CounterMetricFamily(
+                "sockstack_server_calls", "RPC calls answered, successes and errors", labels=labels
+            )
+            for key, s in series:
+                calls.add_metric(list(key), s.count)
+            yield calls
+            return
+        hist = HistogramMetricFamily(
+            "sockstack_server_call_seconds",
+            "Seconds from dispatch to the call's outcome",
+            labels=labels,
+        )
+        bounds = [*(floatToGoString(b) for b in m._bounds), "+Inf"]  # type: ignore[no-untyped-call]
+        for key, s in series:
+            running = 0
+            cumulative = []
+            for bound, n in zip(bounds, list(s.buckets), strict=True):
+                running += n
+                cumulative.append((bound, running))
+            hist.add_metric(list(key), cumulative, s.sum)
+        yield hist
 
 
 class _HostCollector(Collector):
