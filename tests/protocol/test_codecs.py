@@ -161,3 +161,19 @@ def test_extension_types_on_the_wire_get_decode_error() -> None:
         server.receive_data(frame)
         (err,) = client.receive_data(server.data_to_send())
         assert isinstance(err, Error) and err.code == 2003, err  # DECODE_ERROR
+
+
+def test_json_refuses_what_json_cannot_carry_and_sends_lone_surrogates_escaped() -> None:
+    """RFC 8259 has no NaN or Infinity; a number beyond a float's range would decode as inf,
+    which no JSON answer can carry: all three are a CodecError (DECODE_ERROR), not a value
+    that fails later as the server's error. A lone surrogate escape is valid JSON text: it
+    goes back as the escape it came as."""
+    from sockstack.protocol.codecs import JSON as J
+
+    for text in (b"NaN", b"[Infinity]", b'{"a": -Infinity}', b"1e999"):
+        with pytest.raises(CodecError):
+            J.decode(text)
+    assert J.decode(b"1e300") == 1e300
+    value = J.decode(b'"a\\ud800"')
+    assert J.encode(value) == b'"a\\ud800"'
+    assert J.encode("é") == '"é"'.encode()  # (not escaped when it need not be)

@@ -135,10 +135,7 @@ def _budget(req: HttpRequest) -> int | None:
     raw = req.header(_TIMEOUT)
     if raw is None:
         return None
-    try:
-        ms = int(raw)
-    except ValueError:
-        ms = -1
+    ms = int(raw) if raw.isdigit() else -1  # (digits only: int() also takes "+5", "5_0")
     if not 0 <= ms <= _MAX_BUDGET_MS:
         raise HttpProblem(
             ErrorCode.DECODE_ERROR,

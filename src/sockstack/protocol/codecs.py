@@ -23,6 +23,7 @@ annotations); one that does not gets the plain value. Nothing on the wire names 
 from __future__ import annotations
 
 import json
+import math
 import threading
 from typing import Any, Protocol
 
@@ -268,6 +269,22 @@ def msgpack_parts(value: Any, is_array: bool) -> list[bytes] | None:
     return parts
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    f = float(text)
+    if f in (math.inf, -math.inf):
+        raise ValueError(f"{text} is beyond a float's range")
+    return f
+
+
+json_loads = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite).decode
+"""JSON text as RFC 8259 has it: no NaN or Infinity, no number beyond a float's range (the
+standard library takes them, and the receiver would get values no JSON answer can carry)."""
+
+
 class JsonCodec:
     id = 2
     name = "json"
@@ -276,16 +293,21 @@ class JsonCodec:
     _encoder = json.JSONEncoder(
         separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default
     )
+    _ascii = json.JSONEncoder(
+        separators=(",", ":"), ensure_ascii=True, allow_nan=False, default=_json_default
+    )
 
     def encode(self, value: Any) -> bytes:
         try:
             return self._encoder.encode(value).encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800", valid JSON): as an escape
+            return self._ascii.encode(value).encode("ascii")
         except (TypeError, ValueError, msgspec.MsgspecError) as exc:
             raise CodecError(f"JSON cannot encode this value: {exc}") from None
 
     def decode(self, data: bytes) -> Any:
         try:
-            return json.loads(data.decode("utf-8"))
+            return json_loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise CodecError(f"body is not valid UTF-8 JSON: {exc}") from None
 
