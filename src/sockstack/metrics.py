@@ -16,11 +16,18 @@
   to outcome (the method and the interceptors after this one);
 - ``sockstack_server_received_bytes_total{transport}``, ``..._sent_bytes_total{transport}``:
   protocol bytes read and written (TLS: before encryption; calls, pub/sub and handshakes alike);
-- ``sockstack_server_open_connections{transport}``: stream connections open now.
+- ``sockstack_server_open_connections{transport}``: stream connections open now (``http``
+  too: the gateway's);
+- publish/subscribe, when the server has a broker: ``sockstack_broker_published_total``,
+  ``..._delivered_total``, ``..._dropped_total``, ``..._redelivered_total``,
+  ``..._expired_total``, ``..._slow_consumers_disconnected_total``,
+  ``..._retained_refused_total``, and the gauges ``sockstack_broker_held_bytes`` and
+  ``sockstack_broker_retained_bytes``.
 
 Label cardinality is bounded by the server, never by its clients: ``method`` is one of the
-methods the server serves, and every other name a client sends (each an UNKNOWN_METHOD) counts
-as ``method="(unknown)"``, so a client calling random names cannot grow the series without
+methods the server serves (a remote object's methods, ``Counter.incr``, once one succeeded),
+and every other name a client sends (each an UNKNOWN_METHOD) counts as
+``method="(unknown)"``, so a client calling random names cannot grow the series without
 bound (each series costs memory in this process and in Prometheus, for ever). ``code`` is a
 name from the protocol's finite list. Bytes and connections are per transport only.
 
@@ -122,7 +129,13 @@ class ServerMetrics(ServerInterceptor):
         ctx.state["metrics"] = _clock()
 
     def after(self, ctx: CallContext, result: Any) -> None:
-        self._done(ctx, self._method(ctx))
+        method = ctx.method
+        if method not in self._known:
+            # A call that succeeded ran a method the server defines: a pattern's own target
+            # (a remote object's "Counter.incr"), not a name a client made up. Known from now
+            # on; bounded by the server's code, never by its clients.
+            self._known = self._known | {method}
+        self._done(ctx, method)
 
     def error(self, ctx: CallContext, failure: Failure) -> None:
         method = self._method(ctx)
@@ -237,3 +250,36 @@ class _HostCollector(Collector):
         yield received
         yield sent
         yield opened
+        yield from _broker_families(self._servers)
+
+
+_BROKER_COUNTERS = {
+    "published": "Messages published to the broker (every transport)",
+    "delivered": "Deliveries to subscribers (one per subscriber a message reached)",
+    "dropped": "Messages dropped for slow subscribers (policies drop-oldest, drop-newest)",
+    "redelivered": "QoS 1 messages sent again (no ACK in time, or after a reconnect)",
+    "expired": "Messages that expired before they could be delivered",
+    "slow_consumers_disconnected": "Subscribers cut off under the disconnect policy",
+    "retained_refused": "Retained publishes refused for want of room in the retained store",
+}
+
+
+def _broker_families(servers: list[Server]) -> Iterator[Metric]:
+    """Publish/subscribe: the broker's counters and what it holds (summed over the servers
+    bound; read without iterating the broker's tables: a scrape may run in another thread)."""
+    brokers = [b for b in (s.broker for s in tuple(servers)) if b is not None]
+    if not brokers:
+        return
+    for key, text in _BROKER_COUNTERS.items():
+        family = CounterMetricFamily(f"sockstack_broker_{key}", text)
+        family.add_metric([], sum(int(dict(b.counters).get(key, 0)) for b in brokers))
+        yield family
+    held = GaugeMetricFamily(
+        "sockstack_broker_held_bytes",
+        "Bytes the broker holds for subscribers (queued and awaiting ACK), as bounded",
+    )
+    held.add_metric([], sum(int(b.held_total) for b in brokers))
+    yield held
+    retained = GaugeMetricFamily("sockstack_broker_retained_bytes", "Bytes of retained messages")
+    retained.add_metric([], sum(int(b.retained_bytes) for b in brokers))
+    yield retained
