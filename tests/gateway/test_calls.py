@@ -27,12 +27,12 @@ class Point:
     y: int
 
 
-class SoldOut(Exception):
+class NoStockLeft(Exception):
     pass
 
 
 class Shop(Service):
-    errors = (SoldOut,)
+    errors = (NoStockLeft,)
 
     def __init__(self) -> None:
         self.started = asyncio.Event()
@@ -52,7 +52,7 @@ class Shop(Service):
 
     @method
     def buy(self, item: str) -> None:
-        raise SoldOut(f"no {item} left")
+        raise NoStockLeft(f"no {item} left")
 
     @method
     def broken(self) -> None:
@@ -171,7 +171,7 @@ async def test_each_error_has_its_status_and_code() -> None:
             r = await arequest(port, verb, path, body, headers=headers)
             assert (r.status, r.problem["code"]) == (status, code), (verb, path, r)
         r = await arequest(port, "POST", "/rpc/buy", {"item": "tea"})
-        assert r.problem["error"] == "SoldOut" and "no tea left" in r.problem["detail"]
+        assert r.problem["error"] == "NoStockLeft" and "no tea left" in r.problem["detail"]
         r = await arequest(port, "GET", "/rpc/buy")
         assert r.headers["allow"] == "POST"
         r = await arequest(port, "POST", "/rpc/add", "<a/>", headers={"content-type": "text/xml"})
