@@ -391,6 +391,8 @@ def banner(server: Server, args: argparse.Namespace) -> list[str]:
                 f"curl -s {web}/rpc/add -H 'content-type: application/json' "
                 f'-d \'{{"a": 2, "b": 3}}\'{auth}'
             )
+            if dgram:  # what `set room 21.5` stored over UDP, as a REST resource
+                tries.append(f"curl -s {web}/kv/room{auth}")
         if server.broker is not None:  # (not a try: line: it streams until Ctrl-C)
             lines.append(f"broker events (SSE): curl -N {web}/topics/sensors.%3E/events{auth}")
     lines += [f"try: {t}" for t in tries]
