@@ -16,29 +16,28 @@ if TYPE_CHECKING:
 _GET = ("GET", "HEAD")
 
 
+def _only_get(req: HttpRequest, path: str) -> None:
+    """The route answers GET and HEAD of ``path`` alone."""
+    if req.method not in _GET:
+        raise not_allowed(req, _GET)
+    if req.path != path:
+        raise HttpProblem(ErrorCode.NOT_FOUND, f"no resource at {req.path}")
+
+
 def install(gateway: Gateway) -> None:
     async def healthz(req: HttpRequest) -> None:
-        if req.method not in _GET:
-            raise not_allowed(req, _GET)
-        if req.path != "/healthz":
-            raise HttpProblem(ErrorCode.NOT_FOUND, f"no resource at {req.path}")
+        _only_get(req, "/healthz")
         await req.json({"status": "ok"})
 
     async def readyz(req: HttpRequest) -> None:
-        if req.method not in _GET:
-            raise not_allowed(req, _GET)
-        if req.path != "/readyz":
-            raise HttpProblem(ErrorCode.NOT_FOUND, f"no resource at {req.path}")
+        _only_get(req, "/readyz")
         host = gateway.host
         if host is None or host.draining:
             raise HttpProblem(ErrorCode.SHUTTING_DOWN, "the server is draining")
         await req.json({"status": "ready"})
 
     async def metrics(req: HttpRequest) -> None:
-        if req.method not in _GET:
-            raise not_allowed(req, _GET)
-        if req.path != "/metrics":
-            raise HttpProblem(ErrorCode.NOT_FOUND, f"no resource at {req.path}")
+        _only_get(req, "/metrics")
         m = gateway.metrics
         if m is None:
             raise HttpProblem(
