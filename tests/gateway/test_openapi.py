@@ -525,11 +525,6 @@ class Live:
         try:
             self.loop.run_until_complete(srv.start())
             self.server = srv
-            for sock in srv.pattern("gateway")._sockets:  # type: ignore[attr-defined]
-                # Until the gateway sets it (test_accepted_connections_have_nodelay), every
-                # keep-alive request on asyncio's loop waits ~40 ms for a delayed ACK;
-                # accepted sockets inherit it from the listener.
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         finally:
             self._started.set()
         self.loop.run_forever()
@@ -775,14 +770,9 @@ def test_schemathesis_with_a_secret_finds_nothing() -> None:
 # ---------------------------------------------------------------- found on the way
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="gateway bug: the listening socket is made with proto 0, so asyncio's loop does not "
-    "set TCP_NODELAY on accepted connections; each keep-alive request then waits ~40 ms for a "
-    "delayed ACK (uvloop sets it itself). Fix in pattern.py: see the report.",
-)
 async def test_accepted_connections_have_nodelay() -> None:
+    """Accepted connections have TCP_NODELAY (else each keep-alive request on asyncio's loop
+    waits ~40 ms for a delayed ACK)."""
     async with gateway(Demo(), tcp=["127.0.0.1:0"]) as (server, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
@@ -806,27 +796,17 @@ def test_module_paths_takes_both_shapes() -> None:
     assert openapi._module_paths(none, None) is None  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="codec bug: the JSON codec decodes 1e400 as inf and NaN/Infinity as floats (Python's "
-    "json.loads), which its encoder then refuses: bad input is a 500 RESULT_NOT_ENCODABLE, "
-    "not 400 DECODE_ERROR. Fix in protocol/codecs.py: see the report.",
-)
 async def test_a_non_finite_number_in_a_body_is_bad_input() -> None:
+    """NaN, Infinity and numbers beyond a float are not JSON (RFC 8259): 400 DECODE_ERROR, not a
+    500 when the answer cannot be encoded."""
     async with gateway(Demo(), tcp=["127.0.0.1:0"]) as (_, port):
         for text in (b'{"value": 1e400}', b'{"value": NaN}', b"[-Infinity]"):
             r = await arequest(port, "POST", "/rpc/echo", text)
             assert (r.status, r.problem["code"]) == (400, ErrorCode.DECODE_ERROR), text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="gateway bug: a GET's query values are read with json.loads, which takes NaN, "
-    "Infinity and 1e400: the call then fails to encode its result (500). Fix in calls.py.",
-)
 async def test_a_non_finite_number_in_a_query_is_not_a_server_error() -> None:
+    """A GET's query value that is no JSON number (NaN, Infinity, 1e400) is the text itself."""
     async with gateway(Demo(), tcp=["127.0.0.1:0"]) as (_, port):
         for value in ("NaN", "Infinity", "1e400"):
             r = await arequest(port, "GET", f"/rpc/echo?value={value}")
@@ -834,25 +814,15 @@ async def test_a_non_finite_number_in_a_query_is_not_a_server_error() -> None:
             assert r.json() == value  # not JSON: the text as it is, as documented
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason='codec bug: a lone surrogate escape (valid JSON text: "\\ud800") decodes, but the '
-    "encoder (ensure_ascii=False, then UTF-8) cannot send it back: 500. Fix in codecs.py.",
-)
 async def test_a_lone_surrogate_escape_goes_back_as_it_came() -> None:
+    """A lone surrogate escape (valid JSON text) goes back escaped, not as a 500."""
     async with gateway(Demo(), tcp=["127.0.0.1:0"]) as (_, port):
         r = await arequest(port, "POST", "/rpc/echo", b'{"value": "a\\ud800"}')
         assert (r.status, r.body) == (200, b'"a\\ud800"')
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="gateway bug: Sockstack-Timeout-Ms is read with int(), which also takes '5_0' "
-    "and '+5': not the integer the document (and docs/HTTP.md) says. Fix in calls.py.",
-)
 async def test_the_deadline_header_is_digits_only() -> None:
+    """Sockstack-Timeout-Ms is ASCII digits (what the document says), not whatever int() takes."""
     async with gateway(Demo(), tcp=["127.0.0.1:0"]) as (_, port):
         for value in ("5_0", "+5", "0x10"):
             headers = {"sockstack-timeout-ms": value}
@@ -860,14 +830,8 @@ async def test_the_deadline_header_is_digits_only() -> None:
             assert (r.status, r.problem["code"]) == (400, ErrorCode.DECODE_ERROR), value
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="gateway bug: a query whose percent-escapes are not UTF-8 (?value=%ff) is read "
-    "with U+FFFD in their place (parse_qsl's errors='replace'), though HttpRequest.query "
-    "means to refuse it (400 DECODE_ERROR). Fix in http.py.",
-)
 async def test_a_query_that_is_not_utf8_is_refused() -> None:
+    """Percent-escapes that are not UTF-8 are refused (400 DECODE_ERROR), not read as U+FFFD."""
     async with gateway(Demo(), tcp=["127.0.0.1:0"]) as (_, port):
         r = await arequest(port, "GET", "/rpc/echo?value=%ff")
         assert (r.status, r.problem["code"]) == (400, ErrorCode.DECODE_ERROR)
