@@ -30,7 +30,7 @@ from sockstack.rpc.service import ServiceError
 if TYPE_CHECKING:
     from sockstack.gateway.pattern import Gateway
 
-__all__ = ["Condition", "KeyValueStore", "install", "openapi_paths"]
+__all__ = ["CONDITION_GRAMMAR", "Condition", "KeyValueStore", "install", "openapi_paths"]
 
 Condition = Literal["*"] | Set[str] | None
 """A precondition a store checks under its lock: ``"*"`` (any current value), a set of entity
