@@ -9,6 +9,7 @@ import asyncio
 import gc
 import json
 import logging
+import re
 import threading
 import tracemalloc
 from typing import Any
@@ -197,7 +198,9 @@ async def test_400_for_bodies_and_headers_that_are_not_what_they_say() -> None:
             ("NaN", {}),  # (Python reads it; JSON has no NaN)
             ("1", {"if-match": "abc"}),  # not quoted
             ("1", {"if-none-match": '"a" "b"'}),  # no comma
-            ("1", {"if-match": ""}),
+            ("1", {"if-match": "*, *"}),  # "*" is no list element
+            ("1", {"if-match": 'w/"a"'}),  # "W/" is case-sensitive
+            ("1", {"if-none-match": '"a\x7f"'}),  # DEL is no etagc
         ):
             r = await arequest(port, "PUT", "/kv/k", body, headers=headers)
             assert (r.status, r.problem["code"]) == (400, ErrorCode.DECODE_ERROR), (body, headers)
@@ -357,6 +360,99 @@ async def test_a_store_filled_over_http_stays_within_its_byte_bound(value: bytes
     assert grown >= bound // 2, (stored, grown)  # (it measured the store)
 
 
+# --------------------------------------------------------------------------- RFC 9110 lists
+
+
+async def _raw(port: int, head: bytes) -> tuple[int, bytes]:
+    """One request written as given (header lines repeated, bytes beyond ASCII): its status and
+    the response's bytes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head + b"host: x\r\nconnection: close\r\n\r\n")
+        data = await asyncio.wait_for(reader.read(), timeout(10))
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return int(data.split(b" ", 2)[1]), data
+
+
+async def test_conditions_take_every_rfc_9110_list_form() -> None:
+    """``"*" / #entity-tag`` (RFC 9110 §13.1.1-2): OWS and tabs around commas and the value,
+    empty elements, weak tags, the empty tag ``""``, obs-text, several lines; an empty list
+    names no tag (If-Match then never holds; If-None-Match always does)."""
+    async with demo() as (_, port):
+        tag = (await arequest(port, "PUT", "/kv/k", "1")).headers["etag"]
+        for given, status in (
+            (f'"",\t  W/"0"\t \t\t ,\tW/"|"\t , \t{tag} \t', 200),  # listed (strong)
+            (f'"",\t  W/"0"\t ,\tW/"|"\t , \tW/{tag}', 412),  # weak: never for If-Match
+            (f",,{tag},,", 200),
+            ("", 412),  # no tag listed: nothing matches
+            (" , ,\t,", 412),
+            ("* ", 200),  # (OWS is no part of the value)
+            ('""', 412),  # the empty tag: valid, not this key's
+        ):
+            r = await arequest(port, "GET", "/kv/k", headers={"if-match": given})
+            assert r.status == status, (given, r)
+        for given, status in (
+            ("", 200),
+            (",", 200),
+            (f" {tag}\t,  ", 304),
+            (f"W/{tag}", 304),  # weak comparison
+            ("\t*\t", 304),
+        ):
+            r = await arequest(port, "GET", "/kv/k", headers={"if-none-match": given})
+            assert r.status == status, (given, r)
+        r = await arequest(port, "PUT", "/kv/new", "1", headers={"if-none-match": "* "})
+        assert r.status == 201
+        r = await arequest(port, "PUT", "/kv/new", "2", headers={"if-none-match": "* "})
+        assert (r.status, r.problem["code"]) == (412, ErrorCode.PRECONDITION_FAILED)
+        r = await arequest(port, "DELETE", "/kv/new", headers={"if-match": 'W/"x"'})
+        assert r.problem["detail"] == (
+            "key 'new': If-Match lists no strong entity tag: nothing matches it"
+        )
+        r = await arequest(port, "DELETE", "/kv/new", headers={"if-none-match": ""})
+        assert r.status == 204
+        # several lines are one list; obs-text (bytes 0x80-0xFF) is etagc
+        b = tag.encode()
+        status, _ = await _raw(
+            port, b'GET /kv/k HTTP/1.1\r\nif-match: "a"\r\nif-match: ' + b + b"\r\n"
+        )
+        assert status == 200
+        status, _ = await _raw(port, b'GET /kv/k HTTP/1.1\r\nif-match: "\xe9\xff"\r\n')
+        assert status == 412
+        status, data = await _raw(port, b"GET /kv/k HTTP/1.1\r\nif-match: *\r\nif-match: *\r\n")
+        assert status == 400 and b"DECODE_ERROR" in data
+
+
+async def test_a_long_bad_list_is_refused_without_backtracking() -> None:
+    """The grammar matches each character one way: a value of thousands of empty elements and
+    spaces that goes wrong at its end is refused at once, not after exponential backtracking
+    (this test would run into its timeout)."""
+    async with demo() as (_, port):
+        await arequest(port, "PUT", "/kv/k", "1")
+        for bad in (", \t" * 1500 + "x", ' "a" ,' * 1000 + " W/x", " " * 6000 + "* x"):
+            r = await arequest(port, "GET", "/kv/k", headers={"if-match": bad})
+            assert (r.status, r.problem["code"]) == (400, ErrorCode.DECODE_ERROR)
+
+
+async def test_the_document_s_header_pattern_is_what_the_server_takes() -> None:
+    """The ``If-Match`` pattern ``/openapi.json`` gives is the server's grammar: for each
+    value, the pattern matches exactly when the server does not answer 400."""
+    async with demo() as (server, port):
+        gw = next(p for p in server.patterns if isinstance(p, Gateway))
+        params = openapi_paths(gw)["/kv/{key}"]["get"]["parameters"]
+        pattern = re.compile(
+            next(p for p in params if p["name"] == "If-Match")["schema"]["pattern"]
+        )
+        tag = (await arequest(port, "PUT", "/kv/k", "1")).headers["etag"]
+        for value in (
+            "*", " * ", "", ",", tag, f"W/{tag}", f'"a", ,{tag}', '""', '"a"\t,\t"b"',
+            "**", "* ,", '"a" "b"', "a", 'W/ "a"', '"a', '"a"b', '"\x7f"', '"\\""', "\x00",
+        ):  # fmt: skip
+            r = await arequest(port, "GET", "/kv/k", headers={"if-match": value})
+            assert (r.status != 400) is bool(pattern.search(value.strip(" \t"))), (value, r)
+
+
 # --------------------------------------------------------------------------- OpenAPI
 
 
@@ -372,6 +468,10 @@ async def test_openapi_paths_document_every_answer() -> None:
     assert {"200", "304", "404", "412"} <= set(item["get"]["responses"])
     assert {"200", "201", "412", "413", "507"} <= set(item["put"]["responses"])
     assert {"204", "404", "412"} <= set(item["delete"]["responses"])
+    # a HEAD answers no body: none is described
+    for head in (item["head"], paths["/kv"]["head"]):
+        assert not any("content" in answer for answer in head["responses"].values())
+    assert "content" in item["get"]["responses"]["200"]
     assert item["put"]["responses"]["201"]["headers"].keys() >= {"ETag", "Location"}
     problem = item["put"]["responses"]["507"]["content"]["application/problem+json"]
     assert "code" in problem["schema"]["required"]

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import socket
 import sys
 import tracemalloc
@@ -19,15 +20,26 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from sockstack import AsyncClient, Server, ServerLimits
 from sockstack.demo import Demo
 from sockstack.gateway import topics as topics_module
 from sockstack.gateway.pattern import Gateway
-from sockstack.gateway.topics import RING_OVERHEAD, Topics, TopicsLimits, configure, openapi_paths
+from sockstack.gateway.topics import (
+    RING_OVERHEAD,
+    SUBJECT_PATTERN,
+    TOPIC_PATTERN,
+    Topics,
+    TopicsLimits,
+    configure,
+    openapi_paths,
+)
 from sockstack.pubsub import Broker, BrokerError, BrokerLimits
 from sockstack.pubsub.broker import QUEUED_OVERHEAD, Subscription
 from sockstack.pubsub.messages import FLAG_RETAIN
+from sockstack.pubsub.topics import TopicError, validate_pattern, validate_topic
 from tests.conftest import timeout
 from tests.gateway.support import arequest
 
@@ -233,6 +245,9 @@ async def test_publish_errors_are_problems_with_their_codes() -> None:
             (b"", "application/json", ""),  # no JSON value: refused by the broker
             (b"1", "application/json", "?qos=2"),
             (b"1", "application/json", "?retain=maybe"),
+            (b"1", "application/json", "?retain=true"),  # (the document's 0 or 1 only)
+            (b"1", "application/json", "?retain="),
+            (b"1", "application/json", "?qos=01"),
         ):
             answer = await publish(port, "a", body, ctype, query)
             assert answer.status == 400, (body, query)
@@ -388,6 +403,14 @@ async def test_stream_refusals() -> None:
             ("/topics/a/events?policy=drop-all", {}, "DECODE_ERROR"),
             ("/topics/a/events", {"Last-Event-ID": "yesterday"}, "DECODE_ERROR"),
             ("/topics/a/events?last_event_id=-1", {}, "DECODE_ERROR"),
+            # digits only, as documented (int() would take these)
+            ("/topics/a/events", {"Last-Event-ID": "+5"}, "DECODE_ERROR"),
+            ("/topics/a/events", {"Last-Event-ID": "1_0"}, "DECODE_ERROR"),
+            ("/topics/a/events?last_event_id=%D9%A1", {}, "DECODE_ERROR"),  # Arabic-Indic 1
+            (f"/topics/a/events?last_event_id={2**63}", {}, "DECODE_ERROR"),
+            ("/topics/a/events?count=%C2%B2", {}, "DECODE_ERROR"),  # (was a 500)
+            ("/topics/a/events?count=+1", {}, "DECODE_ERROR"),
+            (f"/topics/a/events?count={2**31 + 1}", {}, "DECODE_ERROR"),
         ):
             sse = await Sse.open(port, path, headers)
             assert sse.status == 400, path
@@ -696,9 +719,49 @@ def test_openapi_paths_describe_both_operations() -> None:
     post = paths["/topics/{topic}"]["post"]
     assert {"202", "200", "400", "404", "413"} <= set(post["responses"])
     assert [p["name"] for p in post["parameters"]] == ["topic", "qos", "retain"]
+    assert post["parameters"][0]["schema"]["pattern"] == TOPIC_PATTERN
+    for flag in post["parameters"][1:]:
+        assert flag["schema"] == {"type": "integer", "enum": [0, 1], "default": 0}
     get = paths["/topics/{pattern}/events"]["get"]
     assert "text/event-stream" in get["responses"]["200"]["content"]
     assert json.loads(json.dumps(paths)) == paths  # plain JSON
+
+
+def _valid(check: Callable[[str], Any], text: str) -> bool:
+    try:
+        check(text)
+    except TopicError:
+        return False
+    return True
+
+
+def _ecma(pattern: str) -> re.Pattern[str]:
+    """A JSON Schema pattern as it means (ECMA-262: ``$`` is the end of the text, where Python's
+    also matches before a last newline), as schemathesis reads it."""
+    assert pattern.endswith("$")
+    return re.compile(pattern[:-1] + r"\Z")
+
+
+_ECMA_TOPIC = _ecma(TOPIC_PATTERN)
+_ECMA_SUBJECT = _ecma(SUBJECT_PATTERN)
+_PIECES = st.sampled_from(["a", "é", "/", "%", ".", "*", ">", " ", "\t", "\r", "\n", "\x00", "𝄞"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_PIECES, max_size=40).map("".join))
+@example("a." * 31 + "a")  # 32 tokens
+@example("a." * 32 + "a")  # 33
+@example("*." * 31 + ">")
+@example("é" * 128)  # 256 bytes
+@example("é" * 128 + "a")  # 257: the one bound the pattern cannot count
+@example("a>")
+@example("a.>.b")
+def test_the_documented_patterns_are_the_broker_s_rules(text: str) -> None:
+    """``TOPIC_PATTERN`` and ``SUBJECT_PATTERN`` (with at most 256 bytes of UTF-8, which the
+    document says in words) take exactly what ``validate_topic`` and ``validate_pattern`` do."""
+    fits = len(text.encode()) <= 256
+    assert (bool(_ECMA_TOPIC.search(text)) and fits) is _valid(validate_topic, text)
+    assert (bool(_ECMA_SUBJECT.search(text)) and fits) is _valid(validate_pattern, text)
 
 
 # ---------------------------------------------------------------------------- the broker's part

@@ -30,7 +30,7 @@ from sockstack.rpc.service import ServiceError
 if TYPE_CHECKING:
     from sockstack.gateway.pattern import Gateway
 
-__all__ = ["Condition", "KeyValueStore", "install", "openapi_paths"]
+__all__ = ["CONDITION_GRAMMAR", "Condition", "KeyValueStore", "install", "openapi_paths"]
 
 Condition = Literal["*"] | Set[str] | None
 """A precondition a store checks under its lock: ``"*"`` (any current value), a set of entity
@@ -83,10 +83,18 @@ _LIST = ("GET", "HEAD")
 _ITEM = ("GET", "HEAD", "PUT", "DELETE")
 _IF_MATCH = b"if-match"
 _IF_NONE_MATCH = b"if-none-match"
-# RFC 9110 §8.8.3: entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE, in a #list (empty elements too).
-_ETAGC = r'"[\x21\x23-\x7e\x80-\xff]*"'
-_TAG_LIST = re.compile(rf"[ \t]*(?:(?:W/)?{_ETAGC}[ \t]*)?(?:,[ \t]*(?:(?:W/)?{_ETAGC}[ \t]*)?)*")
-_TAG = re.compile(rf"(W/)?({_ETAGC})")
+# RFC 9110 §13.1.1-2: If-Match / If-None-Match = "*" / #entity-tag; §8.8.3: entity-tag =
+# [ "W/" ] DQUOTE *etagc DQUOTE, etagc = %x21 / %x23-7E / obs-text; §5.6.1: a #list may be
+# empty, have empty elements and OWS around its commas; §5.5: OWS around a field value is not
+# part of it. Written so that each character has one way to match (no backtracking blow-up on
+# a long bad value); the document's header pattern is this same text.
+_QUOTED = r'"[\x21\x23-\x7e\x80-\xff]*"'
+_ETAG = rf"(?:W/)?{_QUOTED}[ \t]*"
+CONDITION_GRAMMAR = rf"[ \t]*(?:\*[ \t]*|(?:{_ETAG})?(?:,[ \t]*(?:{_ETAG})?)*)"
+"""What ``If-Match`` and ``If-None-Match`` accept (a Python and ECMA-262 regular expression
+for the whole field value): anything else is 400 ``DECODE_ERROR``."""
+_CONDITION = re.compile(CONDITION_GRAMMAR)
+_TAG = re.compile(rf"(W/)?({_QUOTED})")
 _NO_STORE = "no key-value store on this server"
 
 
@@ -129,21 +137,21 @@ def _key(req: HttpRequest) -> str | None:
 
 
 def _tags(req: HttpRequest, name: bytes) -> Literal["*"] | list[tuple[bool, str]] | None:
-    """The entity tags of ``If-Match``/``If-None-Match`` (all their lines): ``"*"``, a list of
-    (weak, quoted tag), or None without the header. A malformed one is a 400."""
+    """The entity tags of ``If-Match``/``If-None-Match`` (all their lines, one list): ``"*"``,
+    a list of (weak, quoted tag), or None without the header. An empty list (``If-Match:``,
+    ``,``) is a list of no tags: nothing matches it. A malformed value is a 400."""
     lines = [v for n, v in req.scope["headers"] if n == name]
     if not lines:
         return None
     text = b",".join(lines).decode("latin-1")
-    if text.strip(" \t") == "*":
-        return "*"
-    tags = _TAG_LIST.fullmatch(text) and [(bool(w), tag) for w, tag in _TAG.findall(text)]
-    if not tags:
+    if _CONDITION.fullmatch(text) is None:
         raise HttpProblem(
             ErrorCode.DECODE_ERROR,
-            f'{name.decode()}: not "*" or a list of entity tags (quoted: "tag" or W/"tag")',
+            f'{name.decode()}: not "*" nor a list of entity tags (quoted: "tag" or W/"tag")',
         )
-    return tags
+    if text.strip(" \t") == "*":
+        return "*"
+    return [(bool(w), tag) for w, tag in _TAG.findall(text)]
 
 
 def _conditions(req: HttpRequest) -> tuple[Condition, Condition]:
@@ -235,6 +243,8 @@ async def _serve(gateway: Gateway, req: HttpRequest, store: KeyValueStore) -> No
 
 
 def _why(if_match: Condition, if_none_match: Condition) -> str:
+    if if_match is not None and not if_match:  # (evaluated first, and never holds)
+        return "If-Match lists no strong entity tag: nothing matches it"
     if if_none_match == "*":
         return "If-None-Match: * but the key exists"
     if if_match == "*":
@@ -301,7 +311,6 @@ _ETAG_HEADER = {
     "description": "strong entity tag of the stored value (changes with every write)",
     "schema": {"type": "string"},
 }
-_TAGS_PATTERN = r'^[ \t]*(\*|(W/)?"[!#-~]*"([ \t]*,[ \t]*(W/)?"[!#-~]*")*)[ \t]*$'
 _WHERE_HEADER = {"description": "/kv/{key}, the key percent-encoded", "schema": {"type": "string"}}
 
 
@@ -327,12 +336,20 @@ def openapi_paths(gateway: Gateway) -> dict[str, Any]:
             "in": "header",
             "required": False,
             "description": text,
-            "schema": {"type": "string", "pattern": _TAGS_PATTERN},
+            "schema": {"type": "string", "pattern": f"^(?:{CONDITION_GRAMMAR})$"},
         }
 
-    if_match = header("If-Match", '"*" or entity tags: the key must be at one of them (412)')
+    tags = (
+        ' (RFC 9110: "*", or a comma-separated list of entity tags "x" or W/"x", empty elements '
+        "allowed; an empty list names no tag)"
+    )
+    if_match = header(
+        "If-Match", "the key must be at one of these tags, compared strongly (else 412)" + tags
+    )
     if_none_match = header(
-        "If-None-Match", '"*" or entity tags: the key must not be at one of them (304 or 412)'
+        "If-None-Match",
+        "the key must not be at one of these tags, compared weakly (else 304 for GET and HEAD, "
+        "412 otherwise)" + tags,
     )
     bad_header = _problem("malformed If-Match or If-None-Match, or key not UTF-8")
     no_key = _problem("no such key (or no key-value store on this server)")
@@ -355,6 +372,14 @@ def openapi_paths(gateway: Gateway) -> dict[str, Any]:
             },
         }
 
+    def head(operation: dict[str, Any]) -> dict[str, Any]:
+        """The HEAD of a GET: its answers' headers, no body (RFC 9110 §9.3.2)."""
+        answers = {
+            status: {k: v for k, v in answer.items() if k != "content"}
+            for status, answer in operation["responses"].items()
+        }
+        return {**operation, "responses": answers}
+
     keys = {
         "description": "the keys, sorted by code point",
         "content": {"application/json": {"schema": {"type": "array", "items": {"type": "string"}}}},
@@ -369,17 +394,19 @@ def openapi_paths(gateway: Gateway) -> dict[str, Any]:
                 "tags": ["kv"],
                 "responses": listing,
             },
-            "head": {
-                "summary": "List the keys (headers only)",
-                "operationId": "kv.list.head",
-                "tags": ["kv"],
-                "responses": listing,
-            },
+            "head": head(
+                {
+                    "summary": "List the keys (headers only)",
+                    "operationId": "kv.list.head",
+                    "tags": ["kv"],
+                    "responses": listing,
+                }
+            ),
         },
         "/kv/{key}": {
             "parameters": [key],
             "get": read("Read a value", "kv.get"),
-            "head": read("Read a value (headers only)", "kv.head"),
+            "head": head(read("Read a value (headers only)", "kv.head")),
             "put": {
                 "summary": "Store a value",
                 "operationId": "kv.put",

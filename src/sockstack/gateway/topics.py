@@ -40,13 +40,21 @@ from sockstack.gateway.problems import HttpProblem, problem_body
 from sockstack.protocol.codecs import JSON, MSGPACK
 from sockstack.pubsub.broker import BrokerError
 from sockstack.pubsub.messages import FLAG_RETAIN
-from sockstack.pubsub.topics import matches
+from sockstack.pubsub.topics import MAX_TOKENS, MAX_TOPIC_BYTES, matches
 
 if TYPE_CHECKING:
     from sockstack.gateway.pattern import Gateway
     from sockstack.pubsub.broker import Broker, Subscription
 
-__all__ = ["RING_OVERHEAD", "Topics", "TopicsLimits", "install", "openapi_paths"]
+__all__ = [
+    "RING_OVERHEAD",
+    "SUBJECT_PATTERN",
+    "TOPIC_PATTERN",
+    "Topics",
+    "TopicsLimits",
+    "install",
+    "openapi_paths",
+]
 
 log = logging.getLogger("sockstack.gateway")
 
@@ -72,7 +80,18 @@ _SSE_HEADERS = [
 ]
 _POST = ("POST",)
 _GET = ("GET",)
-_FLAGS = {"0": False, "1": True, "false": False, "true": True}
+_MAX_ID = 2**63 - 1  # (an event id a client may send: the broker numbers messages from 1)
+_MAX_COUNT = 2**31
+
+# pubsub/topics.py's rules as ECMA-262 / Python patterns (for the document): tokens joined by
+# '.', non-empty, no whitespace (space, tab, CR, LF) nor NUL; in a topic no '*' or '>'; in a
+# pattern '*' as a whole token, '>' as the whole last token; at most MAX_TOKENS tokens. (The
+# 256-byte bound is on UTF-8 bytes, which a pattern cannot count: maxLength bounds characters.)
+_TOKEN = r"[^.*> \t\r\n\x00]+"
+TOPIC_PATTERN = rf"^{_TOKEN}(?:\.{_TOKEN}){{0,{MAX_TOKENS - 1}}}$"
+"""What ``POST /topics/{topic}`` takes as a topic (and at most 256 bytes of UTF-8)."""
+SUBJECT_PATTERN = rf"^(?:(?:\*|{_TOKEN})\.){{0,{MAX_TOKENS - 1}}}(?:\*|>|{_TOKEN})$"
+"""What ``GET /topics/{pattern}/events`` takes as a pattern (and at most 256 bytes of UTF-8)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,10 +385,9 @@ class Topics:
                     raise HttpProblem(ErrorCode.DECODE_ERROR, "qos is 0 or 1")
                 qos = int(value)
             elif key == "retain":
-                flag = _FLAGS.get(value.lower())
-                if flag is None:
+                if value not in ("0", "1"):
                     raise HttpProblem(ErrorCode.DECODE_ERROR, "retain is 0 or 1")
-                retain = flag
+                retain = value == "1"
         limits = self.gateway.limits
         body = await req.body(min(limits.max_body, broker.limits.max_payload), limits.body_timeout)
         codec = _codec(req, body)
@@ -405,17 +423,17 @@ class Topics:
             elif key == "policy":
                 options["policy"] = value
             elif key == "count":
-                count = int(value) if value.isdigit() else 0
-                if not 1 <= count <= 2**31:
-                    raise HttpProblem(ErrorCode.DECODE_ERROR, "count is a number of messages, >= 1")
-        if raw_id is not None and raw_id.strip():
-            try:
-                asked = int(raw_id)
-            except ValueError:
-                asked = -1
+                count = _number(value.encode(), _MAX_COUNT)
+                if count < 1:
+                    raise HttpProblem(
+                        ErrorCode.DECODE_ERROR, f"count is a number of messages, 1 to {_MAX_COUNT}"
+                    )
+        if raw_id is not None and raw_id.strip(b" \t"):  # (empty: EventSource's "no id")
+            asked = _number(raw_id.strip(b" \t"), _MAX_ID)
             if asked < 0:
                 raise HttpProblem(
-                    ErrorCode.DECODE_ERROR, "Last-Event-ID is an event id of this server"
+                    ErrorCode.DECODE_ERROR,
+                    "Last-Event-ID is an event id of this server (digits, 0 to 2**63 - 1)",
                 )
         if len(self.streams) >= limits.max_streams:
             raise HttpProblem(
@@ -610,6 +628,15 @@ class Topics:
             self.ring = None
 
 
+def _number(text: bytes, most: int) -> int:
+    """``text`` as a number of ASCII digits from 0 to ``most``, or -1 (not ``int()``, which
+    takes signs, ``_`` and other scripts' digits)."""
+    if not text.isdigit() or len(text) > len(str(most)):  # (bytes: ASCII digits only)
+        return -1
+    n = int(text)
+    return n if n <= most else -1
+
+
 def _segment(raw: bytes, what: str) -> str:
     """One path segment, percent-decoded (``sensors.%3E`` is ``sensors.>``; ``%2F`` a ``/`` of
     the topic, not a separator)."""
@@ -695,19 +722,30 @@ def openapi_paths(gateway: Gateway) -> dict[str, Any]:
                         "name": "topic",
                         "in": "path",
                         "required": True,
-                        "description": "tokens separated by '.', no wildcards, percent-encoded",
-                        "schema": {"type": "string", "minLength": 1, "maxLength": 256},
+                        "description": (
+                            "tokens separated by '.': each non-empty, without whitespace, NUL, "
+                            f"'*' or '>'; at most {MAX_TOKENS} tokens and {MAX_TOPIC_BYTES} "
+                            "bytes of UTF-8 (else 400 BAD_TOPIC); percent-encoded ('/' as %2F)"
+                        ),
+                        "schema": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": MAX_TOPIC_BYTES,
+                            "pattern": TOPIC_PATTERN,
+                        },
                     },
                     {
                         "name": "qos",
                         "in": "query",
                         "required": False,
+                        "description": "1: answer 200 once the broker has routed it",
                         "schema": {"type": "integer", "enum": [0, 1], "default": 0},
                     },
                     {
                         "name": "retain",
                         "in": "query",
                         "required": False,
+                        "description": "1: keep it as the topic's retained message",
                         "schema": {"type": "integer", "enum": [0, 1], "default": 0},
                     },
                 ],
@@ -753,6 +791,7 @@ def openapi_paths(gateway: Gateway) -> dict[str, Any]:
                     "408": error("the body did not arrive in time (FRAME_TIMEOUT)"),
                     "413": error("the body is over the broker's max_payload (PAYLOAD_TOO_LARGE)"),
                     "507": error("the retained store is full (RETAINED_STORE_FULL)"),
+                    "default": error("an error (RFC 9457 problem details)"),
                 },
             }
         },
@@ -772,20 +811,31 @@ def openapi_paths(gateway: Gateway) -> dict[str, Any]:
                         "name": "pattern",
                         "in": "path",
                         "required": True,
-                        "description": "'*' one token, '>' the rest (percent-encoded: %3E)",
-                        "schema": {"type": "string", "minLength": 1, "maxLength": 256},
+                        "description": (
+                            "a topic whose tokens may be '*' (one token) and, last, '>' (one or "
+                            f"more); at most {MAX_TOKENS} tokens and {MAX_TOPIC_BYTES} bytes of "
+                            "UTF-8 (else 400 BAD_TOPIC); percent-encoded ('>' as %3E)"
+                        ),
+                        "schema": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": MAX_TOPIC_BYTES,
+                            "pattern": SUBJECT_PATTERN,
+                        },
                     },
                     {
                         "name": "Last-Event-ID",
                         "in": "header",
                         "required": False,
-                        "schema": {"type": "integer", "minimum": 0},
+                        "description": "resume after this event id (digits; empty: none)",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": _MAX_ID},
                     },
                     {
                         "name": "last_event_id",
                         "in": "query",
                         "required": False,
-                        "schema": {"type": "integer", "minimum": 0},
+                        "description": "the same, for clients that cannot set headers",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": _MAX_ID},
                     },
                     {
                         "name": "policy",
@@ -802,7 +852,7 @@ def openapi_paths(gateway: Gateway) -> dict[str, Any]:
                         "in": "query",
                         "required": False,
                         "description": "end the stream after this many messages",
-                        "schema": {"type": "integer", "minimum": 1},
+                        "schema": {"type": "integer", "minimum": 1, "maximum": _MAX_COUNT},
                     },
                 ],
                 "responses": {
@@ -810,10 +860,11 @@ def openapi_paths(gateway: Gateway) -> dict[str, Any]:
                         "description": "the event stream (it ends by itself only with ?count=)",
                         "content": {"text/event-stream": {"schema": {"type": "string"}}},
                     },
-                    "400": error("bad pattern (BAD_TOPIC), Last-Event-ID or policy"),
+                    "400": error("bad pattern (BAD_TOPIC), Last-Event-ID, policy or count"),
                     "404": error("the server has no broker (NOT_FOUND)"),
                     "405": error("not GET (METHOD_NOT_ALLOWED)"),
                     "503": error("too many streams (OVERLOADED) or draining (SHUTTING_DOWN)"),
+                    "default": error("an error (RFC 9457 problem details)"),
                 },
             }
         },
