@@ -23,7 +23,7 @@ from urllib.parse import quote, unquote_to_bytes
 
 from sockstack.errors import CodecError, ErrorCode, wire_name
 from sockstack.gateway.http import FORM_TYPE, JSON_TYPE, PROBLEM_TYPE, HttpRequest, not_allowed
-from sockstack.gateway.problems import HttpProblem, problem_body
+from sockstack.gateway.problems import PROBLEM_REF, HttpProblem, problem_body
 from sockstack.protocol.codecs import JSON
 from sockstack.rpc.service import ServiceError
 
@@ -289,23 +289,10 @@ async def _full(gateway: Gateway, req: HttpRequest, exc: ServiceError) -> None:
 def _problem(description: str) -> dict[str, Any]:
     return {
         "description": description,
-        "content": {"application/problem+json": {"schema": _PROBLEM_SCHEMA}},
+        "content": {"application/problem+json": {"schema": PROBLEM_REF}},
     }
 
 
-_PROBLEM_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "description": "RFC 9457 problem details with the sockstack error code",
-    "required": ["type", "title", "status", "detail", "code"],
-    "properties": {
-        "type": {"type": "string"},
-        "title": {"type": "string"},
-        "status": {"type": "integer"},
-        "detail": {"type": "string"},
-        "code": {"type": "integer"},
-        "error": {"type": "string"},
-    },
-}
 _VALUE: dict[str, Any] = {"description": "any JSON value"}
 _ETAG_HEADER = {
     "description": "strong entity tag of the stored value (changes with every write)",

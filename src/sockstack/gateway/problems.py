@@ -15,7 +15,7 @@ from typing import Any
 
 from sockstack.errors import ErrorCode
 
-__all__ = ["STATUS", "HttpProblem", "problem_body", "problem_name", "status_of"]
+__all__ = ["PROBLEM_REF", "STATUS", "HttpProblem", "problem_body", "problem_name", "status_of"]
 
 STATUS: dict[int, int] = {
     ErrorCode.UNKNOWN_METHOD: 404,
@@ -53,6 +53,11 @@ STATUS: dict[int, int] = {
 
 RETRY_AFTER: dict[int, str] = {ErrorCode.OVERLOADED: "1", ErrorCode.SHUTTING_DOWN: "5"}
 """Seconds in ``Retry-After`` for the codes that mean "later, or elsewhere"."""
+
+
+PROBLEM_REF: dict[str, str] = {"$ref": "#/components/schemas/Problem"}
+"""The problem object's schema in ``/openapi.json`` (``components/schemas/Problem``), for the
+route modules' own path items."""
 
 
 def status_of(code: int) -> int:

@@ -36,7 +36,7 @@ import msgspec
 
 from sockstack.errors import CodecError, ErrorCode
 from sockstack.gateway.http import JSON_TYPE, HttpRequest, not_allowed
-from sockstack.gateway.problems import HttpProblem, problem_body
+from sockstack.gateway.problems import PROBLEM_REF, HttpProblem, problem_body
 from sockstack.protocol.codecs import JSON, MSGPACK
 from sockstack.pubsub.broker import BrokerError
 from sockstack.pubsub.messages import FLAG_RETAIN
@@ -687,19 +687,7 @@ def configure(gateway: Gateway, limits: TopicsLimits) -> None:
 
 def openapi_paths(gateway: Gateway) -> dict[str, Any]:
     """OpenAPI 3.1 path items of ``/topics`` (merged by the gateway's ``/openapi.json``)."""
-    problem = {
-        "type": "object",
-        "description": "RFC 9457 problem details with the sockstack error code",
-        "required": ["type", "title", "status", "detail", "code"],
-        "properties": {
-            "type": {"type": "string"},
-            "title": {"type": "string"},
-            "status": {"type": "integer"},
-            "detail": {"type": "string"},
-            "code": {"type": "integer"},
-        },
-    }
-    problem_content = {"application/problem+json": {"schema": problem}}
+    problem_content = {"application/problem+json": {"schema": PROBLEM_REF}}
 
     def error(description: str) -> dict[str, Any]:
         return {"description": description, "content": problem_content}
