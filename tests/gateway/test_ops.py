@@ -9,7 +9,7 @@ import asyncio
 from sockstack import AsyncClient
 from sockstack.demo import Counter, Demo
 from sockstack.gateway import Gateway, HttpLimits
-from sockstack.objects import lookup
+from sockstack.objects import close, lookup
 from sockstack.objects.pattern import Objects
 from sockstack.rpc.pattern import RPC
 from tests.conftest import timeout
@@ -31,7 +31,10 @@ async def test_metrics_cover_every_pattern_and_transport() -> None:
 
         def remote() -> int:
             c = lookup(f"{server.endpoint('tcp')}/counter")
-            return int(c.incr(5))
+            try:
+                return int(c.incr(5))
+            finally:
+                close(c)  # (its lease keeper thread ends with it)
 
         assert await asyncio.to_thread(remote) == 5
         text = (await arequest(port, "GET", "/metrics")).body.decode()

@@ -38,6 +38,7 @@ Deadlines and cancel in a client (both flavours do the same)::
 from __future__ import annotations
 
 import heapq
+import os
 import random
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -221,6 +222,14 @@ def plan_call(
     return timeout, budget, md
 
 
+_rng = random.Random()
+if hasattr(os, "register_at_fork"):  # a forked child jitters apart from its parent
+    os.register_at_fork(after_in_child=_rng.seed)
+_jitter = _rng.uniform
+"""A generator of our own: the module ``random``'s shared state is the application's (a
+reconnect in a client's thread must not move it under a program, or a test, that seeded it)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Backoff:
     """Reconnect delays: ``initial * factor**attempt`` capped at ``max_delay``, each scaled by a
@@ -231,7 +240,7 @@ class Backoff:
     max_delay: float = 5.0
 
     def delay(self, attempt: int) -> float:
-        return min(self.initial * self.factor**attempt, self.max_delay) * random.uniform(0.5, 1.0)
+        return min(self.initial * self.factor**attempt, self.max_delay) * _jitter(0.5, 1.0)
 
 
 def remote_error(ev: Error) -> BaseException:
