@@ -524,15 +524,19 @@ def _dispatch_lazily(
     kind: str,
     peer: Any,
     deadline: float | None,
+    stream: object = None,
 ) -> tuple[Outcome | Awaitable[Outcome], CallContext]:
     """``dispatch(req)`` in a context of its own set in CURRENT_CALL (a LazyContext): for a
-    call dispatched while this thread's holder holds another (from inside a method)."""
+    call dispatched while this thread's holder holds another (from inside a method), and for
+    a call that came outside a session (:meth:`Server.call`; ``stream``: its items' sink)."""
     lazy = LazyContext()
     lazy.request = req
     lazy.transport = kind
     lazy.peer = peer
     lazy.deadline = deadline
     lazy.ctx = None
+    if stream is not None:
+        lazy.context().stream = stream
     token = _set_call(lazy)
     try:
         outcome = dispatch(req)
@@ -1619,20 +1623,7 @@ class Server:
             if handler is None
             else functools.partial(self.dispatcher.dispatch_to, handler)
         )
-        lazy = LazyContext()
-        lazy.request = req
-        lazy.transport = transport
-        lazy.peer = peer
-        lazy.deadline = deadline
-        lazy.ctx = None
-        if stream is not None:
-            lazy.context().stream = stream
-        token = _set_call(lazy)
-        try:
-            outcome = dispatch(req)
-        finally:
-            _reset_call(token)
-        ctx = lazy.context()
+        outcome, ctx = _dispatch_lazily(dispatch, req, transport, peer, deadline, stream)
         if isinstance(outcome, tuple):
             return outcome, ctx
         loop = self.loop
