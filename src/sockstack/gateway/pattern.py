@@ -21,12 +21,12 @@ import contextlib
 import hmac
 import logging
 import socket
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sockstack.errors import ErrorCode
-from sockstack.gateway.http import HttpRequest, Route, allow
+from sockstack.gateway.http import HttpRequest, Route
 from sockstack.gateway.problems import HttpProblem, problem_name
 from sockstack.host.pattern import HostContext, Pattern
 from sockstack.transport.ratelog import RateLimitedLog
@@ -382,10 +382,3 @@ class Gateway(Pattern):
             (b"access-control-max-age", b"600"),
         ]
         return True
-
-    def allowed(self, methods: Iterable[str]) -> list[tuple[bytes, bytes]]:
-        return allow(methods)
-
-    def methods_served(self) -> Iterator[str]:
-        assert self.host is not None
-        return iter(self.host.dispatcher.handlers)

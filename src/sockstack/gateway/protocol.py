@@ -47,7 +47,7 @@ def _address(peer: Any) -> str:
 
 class GatewayProtocol(HttpToolsProtocol):
     """One HTTP connection of the gateway (``gateway`` is set on the class made per
-    gateway: :meth:`Gateway._protocol_class`)."""
+    gateway: ``Gateway._config``)."""
 
     gateway: Any = None
 
