@@ -22,7 +22,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from sockstack.errors import CodecError, ErrorCode
-from sockstack.gateway.http import JSON_TYPE, HttpRequest, loads, not_allowed
+from sockstack.gateway.http import JSON_TYPE, HttpRequest, json_or_text, not_allowed
 from sockstack.gateway.problems import HttpProblem, problem_body
 from sockstack.protocol.codecs import JSON
 from sockstack.protocol.events import Request
@@ -161,14 +161,7 @@ def _query_arguments(req: HttpRequest, handler: Handler) -> dict[str, Any]:
         if p is not None and p.annotation in (str, "str"):
             out[key] = text
             continue
-        try:
-            out[key] = loads(text)
-        except ValueError:
-            out[key] = text
-        except RecursionError:
-            raise HttpProblem(
-                ErrorCode.DECODE_ERROR, f"argument {key!r}: nested too deep"
-            ) from None
+        out[key] = json_or_text(text, f"argument {key!r}")
     return out
 
 

@@ -334,15 +334,18 @@ def form_fields(data: bytes) -> dict[str, Any]:
         pairs = parse_qsl(data.decode("utf-8"), keep_blank_values=True, errors="strict")
     except UnicodeDecodeError:
         raise HttpProblem(ErrorCode.DECODE_ERROR, "the form is not UTF-8") from None
-    out: dict[str, Any] = {}
-    for key, text in pairs:
-        try:
-            out[key] = loads(text)
-        except ValueError:
-            out[key] = text
-        except RecursionError:
-            raise HttpProblem(ErrorCode.DECODE_ERROR, f"field {key!r}: nested too deep") from None
-    return out
+    return {key: json_or_text(text, f"field {key!r}") for key, text in pairs}
+
+
+def json_or_text(text: str, what: str) -> Any:
+    """A form field's or query value's text read as JSON where it is JSON (``5``, ``[1]``),
+    else the text itself; JSON nested too deep is a 400."""
+    try:
+        return loads(text)
+    except ValueError:
+        return text
+    except RecursionError:
+        raise HttpProblem(ErrorCode.DECODE_ERROR, f"{what}: nested too deep") from None
 
 
 def allow(methods: Iterable[str]) -> list[tuple[bytes, bytes]]:

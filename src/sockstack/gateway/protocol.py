@@ -27,6 +27,7 @@ from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from sockstack.errors import ErrorCode
+from sockstack.gateway.http import STATUS_LINE
 from sockstack.gateway.problems import problem_body, status_of
 
 __all__ = ["GatewayProtocol"]
@@ -315,16 +316,9 @@ class GatewayProtocol(HttpToolsProtocol):
         self._refusal = None
         status = status_of(code)
         body = json.dumps(problem_body(code, detail), separators=(",", ":")).encode()
-        phrase = {
-            400: b"Bad Request",
-            408: b"Request Timeout",
-            431: b"Request Header Fields Too Large",
-        }
         self.transport.write(
-            b"HTTP/1.1 %d %s\r\ncontent-type: application/problem+json\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n"
-            % (status, phrase[status], len(body))
-            + body
+            STATUS_LINE[status] + b"content-type: application/problem+json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body
         )
         self.transport.close()
 
