@@ -174,6 +174,12 @@ class ErrorCode(enum.IntEnum):
     REPLAY_GAP = 2034
     """HTTP gateway: a reconnecting event stream asked (``Last-Event-ID``) for events no
     longer in the replay buffer; the stream goes on from the oldest kept, after saying so."""
+    STORE_FULL = 2035
+    """Edge relay: its outbox is full (bytes or streams) and its policy is to refuse new input;
+    send again later (the relay drains as its upstream takes the backlog)."""
+    BAD_RECORD = 2036
+    """Edge relay or sink: a forwarded batch holds a row whose checksum does not match, or ids
+    that do not rise; nothing of the batch was stored."""
     UNAUTHENTICATED = 2009
     """A datagram without a valid MAC, outside the replay window, or replayed (UDP with a
     shared secret)."""

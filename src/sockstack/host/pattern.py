@@ -107,6 +107,9 @@ class HostContext(Protocol):
     def secret(self) -> bytes | None: ...
     @property
     def tls_context(self) -> ssl.SSLContext | None: ...
+    def adopt_stream(self, transport: asyncio.Transport, data: bytes) -> None:
+        """Serve a connection a pattern's listener accepted as a sockstack session, from the
+        bytes it already read."""
 
 
 class Pattern:

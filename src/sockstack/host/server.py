@@ -1725,6 +1725,16 @@ class Server:
         if READY_FD_ENV in os.environ:  # a worker of `serve --workers N`: tell the supervisor
             report_ready(self.name, self.endpoints)
 
+    def adopt_stream(self, transport: asyncio.Transport, data: bytes) -> None:
+        """A pattern's own listener found a sockstack session on a connection it accepted (an
+        edge relay's port takes lines and sessions): the host serves it from here on, from the
+        bytes ``data`` already read (the handshake, authentication and limits all apply)."""
+        proto = (_HostStream if self.traffic is None else _CountedStream)(self)
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        if data:
+            proto.data_received(data)
+
     @property
     def name(self) -> str:
         """What it serves, for logs: the service's class name, else the patterns' names."""

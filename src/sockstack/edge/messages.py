@@ -1,0 +1,121 @@
+"""The edge relays' message (type 0x30, in the range 0x30-0x3F docs/PROTOCOL.md reserves for
+them): DATA, one device reading, on a stream or in one datagram.
+
+Byte layout (docs/PROTOCOL.md §4.6):
+
+- header: type 0x30; ``request_id`` 0 = no acknowledgement wanted, else the relay answers with
+  RESPONSE (same id; result: the acknowledgement level achieved, a msgpack positive fixint:
+  1 memory, 2 disk, 3 forwarded) or ERROR; flags bits 0-1: the level wanted (0: the relay's
+  configured level for the stream, 1 memory, 2 disk, 3 forwarded); codec: the value's codec
+  (0 raw bytes, 1 msgpack, 2 JSON).
+- meta: ``epoch`` u32, ``seq`` u64, ``time`` f64 (event time, seconds since the epoch; NaN: the
+  relay's clock), all big-endian, then the stream name in UTF-8 (1-255 bytes).
+- body: the value in the header's codec.
+
+(epoch, seq) numbers a device's readings per stream: a relay takes a reading whose (epoch, seq)
+is not above the last it committed for the stream as a retransmission (acknowledged again, not
+stored twice). A device that restarts picks a new, larger epoch (its boot count, or its boot
+time in seconds) and may start its seq again at 1. seq 0 means "not numbered": never taken for
+a retransmission. The answer (RESPONSE, 17 bytes) is never larger than the DATA it answers (at
+least 37 bytes): no amplification over UDP.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import struct
+
+from sockstack.errors import ErrorCode, RemoteProtocolError
+from sockstack.protocol.codecs import CODECS
+from sockstack.protocol.events import PatternMessage, Role, message
+from sockstack.protocol.frames import Frame, pack_header
+from sockstack.protocol.registry import MessageSet, MessageSpec
+
+__all__ = [
+    "DATA",
+    "EDGE_MESSAGES",
+    "MAX_STREAM",
+    "AckLevel",
+    "Data",
+    "encode_data",
+]
+
+DATA = 0x30
+MAX_STREAM = 255  # bytes of a stream name
+_META = struct.Struct(">IQd")  # epoch, seq, time
+_LEVEL_MASK = 0x03
+
+
+class AckLevel(enum.IntEnum):
+    """What an acknowledgement says was achieved for a reading (docs/EDGE.md)."""
+
+    MEMORY = 1
+    """Accepted in the relay's memory: lost if the relay crashes before it commits."""
+    DISK = 2
+    """Committed to the relay's store and fsync'd: survives a crash or power loss of the relay."""
+    FORWARDED = 3
+    """What the reading made was acknowledged by the upstream as durable there."""
+
+
+@message
+class Data(PatternMessage):
+    request_id: int
+    stream: str
+    epoch: int
+    seq: int
+    time: float
+    value: bytes
+    codec: int = 1
+    level: int = 0
+    """The level the device asks for (0: the relay's for the stream)."""
+
+
+def encode_data(
+    request_id: int,
+    stream: str,
+    value: bytes,
+    *,
+    seq: int = 0,
+    epoch: int = 0,
+    time: float = math.nan,
+    codec: int = 1,
+    level: int = 0,
+) -> bytes:
+    """A DATA frame; ``value`` already in ``codec``."""
+    name = stream.encode()
+    if not 0 < len(name) <= MAX_STREAM:
+        raise ValueError(f"a stream name is 1-{MAX_STREAM} bytes of UTF-8, not {len(name)}")
+    meta = _META.pack(epoch, seq, time) + name
+    return (
+        pack_header(DATA, level & _LEVEL_MASK, codec, len(meta), request_id, len(value))
+        + meta
+        + value
+    )
+
+
+def _decode_data(f: Frame) -> Data:
+    if f.codec not in CODECS:
+        raise RemoteProtocolError(f"unknown codec id {f.codec}", ErrorCode.UNSUPPORTED_CODEC)
+    meta = f.meta
+    if not _META.size < len(meta) <= _META.size + MAX_STREAM:
+        raise RemoteProtocolError(
+            f"DATA meta is epoch, seq, time and a stream name of 1-{MAX_STREAM} bytes",
+            ErrorCode.DECODE_ERROR,
+        )
+    epoch, seq, time = _META.unpack_from(meta)
+    try:
+        stream = meta[_META.size :].decode()
+    except UnicodeDecodeError:
+        raise RemoteProtocolError("DATA stream name is not UTF-8", ErrorCode.DECODE_ERROR) from None
+    if math.isinf(time):
+        raise RemoteProtocolError("DATA time is infinite", ErrorCode.DECODE_ERROR)
+    return Data(f.request_id, stream, epoch, seq, time, f.body, f.codec, f.flags & _LEVEL_MASK)
+
+
+EDGE_MESSAGES = MessageSet(
+    "edge",
+    0x30,
+    0x3F,
+    (MessageSpec(DATA, "DATA", _decode_data, frozenset({Role.CLIENT}), cls=Data),),
+)

@@ -1,0 +1,787 @@
+"""Edge and fog relays, and the cloud sink, as patterns on the host (docs/EDGE.md).
+
+::
+
+    relay = Relay("./edge.db", build(), upstream=["tcp://127.0.0.1:5050"],
+                  listen=["udp://127.0.0.1:5060", "tcp://127.0.0.1:5061"])
+    Server(patterns=[relay], tcp=["127.0.0.1:5062"])        # the relay
+    Server(patterns=[Sink(open_sink("./cloud.db"))], tcp=["127.0.0.1:5050"])   # the cloud
+
+**A relay** takes readings from devices (DATA frames on the host's sessions and datagrams, and
+on its own listeners also JSON and raw lines), runs them through its pipeline, and stages what
+the pipeline makes, with the input's position and the pipeline's changed state, in its outbox
+(edge/store.py: one transaction per group commit). A device that asked for an acknowledgement
+gets the level achieved: MEMORY once staged, DISK once committed and fsync'd, FORWARDED once
+the upstream holds what its reading made. A :class:`~sockstack.edge.forward.Forwarder` sends the
+outbox upstream. A relay also serves ``edge.forward``: another relay's rows are its input (fog).
+
+**A sink** serves ``edge.forward`` into a :class:`~sockstack.edge.sink.SinkStore` (SQLite or
+PostgreSQL), which keeps each relay's rows exactly once.
+
+Both serve ``edge.stats``: what ``sockstack edge status`` and ``describe`` show.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import functools
+import logging
+import math
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from sockstack.edge.forward import Forwarder, ForwardSettings
+from sockstack.edge.ingest import FRAME_PREFIX, BadInput, LineDecoder, SourceStats, parse_line
+from sockstack.edge.messages import DATA, EDGE_MESSAGES, AckLevel, Data
+from sockstack.edge.records import Reading, Row, decode_value, encode_value
+from sockstack.edge.store import ROW_OVERHEAD, Batch, Outbox, StoreBusy, StoreFull, StoreLimits
+from sockstack.errors import ErrorCode, RemoteProtocolError
+from sockstack.host.dispatch import Handler, ServiceError, make_handler
+from sockstack.host.pattern import DatagramPeer, HostContext, Pattern, Peer
+from sockstack.protocol.codecs import CODECS, MSGPACK
+from sockstack.protocol.events import PatternMessage
+from sockstack.protocol.frames import parse_datagram
+from sockstack.protocol.messages import encode_error, encode_response
+from sockstack.protocol.registry import Registry
+from sockstack.transport.urls import Endpoint, format_peer, parse_endpoint
+
+__all__ = ["EdgeError", "Relay", "Sink"]
+
+log = logging.getLogger("sockstack.edge")
+_ONLY_EDGE = Registry([EDGE_MESSAGES], frozen=True)
+MAX_FORWARD_WAITS = 100_000
+"""Acknowledgements waiting for FORWARDED at most; past it a reading is acknowledged at DISK
+(what it has), so that a long uplink outage holds no unbounded memory."""
+MAX_LINE_CONNECTIONS = 1024
+
+
+class EdgeError(ServiceError):
+    """A relay's or sink's refusal, with its wire code (STORE_FULL, BAD_RECORD, OVERLOADED)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self._sockstack_code = code
+
+
+Reply = Callable[[int | tuple[int, str]], None]
+"""Answers a device: a level achieved, or (error code, message)."""
+
+
+def _reduction(stats: Mapping[str, int]) -> dict[str, float | None]:
+    def ratio(a: str, b: str) -> float | None:
+        return round(stats[a] / stats[b], 3) if stats.get(b) else None
+
+    return {"msgs": ratio("in_msgs", "out_msgs"), "bytes": ratio("in_bytes", "out_bytes")}
+
+
+class Relay(Pattern):
+    """An edge or fog relay: ingest, pipeline, outbox, forwarding (module docstring)."""
+
+    name = "edge"
+    messages = EDGE_MESSAGES
+    datagram_types = frozenset({DATA})
+
+    def __init__(
+        self,
+        store: str | Outbox,
+        pipeline: Any = None,
+        *,
+        upstream: str | Sequence[str] | None = None,
+        listen: Sequence[str | Endpoint] = (),
+        limits: StoreLimits | None = None,
+        ack: AckLevel = AckLevel.DISK,
+        ack_for: Mapping[str, AckLevel] | None = None,
+        forward: ForwardSettings | None = None,
+        upstream_secret: str | bytes | None = None,
+        max_line: int = 64 * 1024,
+    ) -> None:
+        self.store = store if isinstance(store, Outbox) else Outbox(store, limits)
+        self.pipeline = pipeline
+        if isinstance(upstream, str):
+            upstream = [u.strip() for u in upstream.split(",") if u.strip()]
+        self.upstream = list(upstream or [])
+        self.listen = [e if isinstance(e, Endpoint) else parse_endpoint(e) for e in listen]
+        for ep in self.listen:
+            if ep.scheme not in ("tcp", "udp"):
+                raise ValueError(f"--listen takes tcp:// or udp:// endpoints, not {ep}")
+        self.ack = AckLevel(ack)
+        self.ack_for = [(pattern, AckLevel(level)) for pattern, level in (ack_for or {}).items()]
+        self.forward_settings = forward or ForwardSettings()
+        self.upstream_secret = upstream_secret
+        self.max_line = max_line
+        self.sources: dict[str, SourceStats] = {}
+        self.totals = {"in_msgs": 0, "in_bytes": 0, "out_msgs": 0, "out_bytes": 0}
+        self.forwarder: Forwarder | None = None
+        self.host: HostContext | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._bound: list[Endpoint] = []
+        self._sockets: list[socket.socket] = []
+        self._servers: list[asyncio.AbstractServer] = []
+        self._transports: list[asyncio.BaseTransport] = []
+        self._lines: set[_LineStream] = set()
+        self._paused: set[_LineStream] = set()
+        self._forward_waits: deque[tuple[int, Reply]] = deque()
+        self._to_flush: set[Any] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._started = 0.0
+        self._async_lock: asyncio.Lock | None = None
+        self._opened = False
+
+    # ------------------------------------------------------------------ host hooks
+
+    def methods(self) -> Mapping[str, Handler]:
+        return {
+            "edge.forward": make_handler("edge.forward", self.forward_in, inline=False),
+            "edge.stats": make_handler("edge.stats", self.stats, inline=True, readonly=True),
+        }
+
+    def endpoints(self) -> Sequence[Endpoint]:
+        return self._bound if self._bound else self.listen
+
+    def open(self) -> None:
+        """Open the store and restore the pipeline's state (blocking; :meth:`start` does it
+        when it was not done before)."""
+        if self._opened:
+            return
+        self.store.open()
+        if self.pipeline is not None and self.store.state_rows:
+            self.pipeline.restore(self.store.state_rows)
+        self.store.state_rows = []
+        self._opened = True
+
+    def start(self, host: HostContext) -> None:
+        self.host = host
+        loop = self.loop = host.loop
+        assert loop is not None
+        self._started = time.time()
+        for ep in self.listen:  # bound now: an error reaches Server.start
+            family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
+            kind = socket.SOCK_STREAM if ep.scheme == "tcp" else socket.SOCK_DGRAM
+            sock = socket.socket(family, kind)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((ep.host, ep.port))
+                if ep.scheme == "tcp":
+                    sock.listen(host.limits.backlog)
+                sock.setblocking(False)
+            except BaseException:
+                sock.close()
+                for s in self._sockets:
+                    s.close()
+                self._sockets.clear()
+                raise
+            self._sockets.append(sock)
+            self._bound.append(Endpoint(ep.scheme, *sock.getsockname()[:2]))
+        self.open()
+        self.store.start(loop)
+        self.store.on_commit(self._committed)
+        if self.upstream:
+            self.forwarder = Forwarder(
+                self.store,
+                self.upstream,
+                self.forward_settings,
+                secret=self.upstream_secret,
+                stats=lambda: dict(self.totals),
+                acked=self._forwarded,
+            )
+            self.forwarder.start(loop)
+        if self.pipeline is not None and getattr(self.pipeline, "is_async", False):
+            self._async_lock = asyncio.Lock()
+        loop.create_task(self._serve_listeners(), name="sockstack-edge-listeners")
+        self._timer = loop.call_later(1.0, self._tick)
+
+    async def _serve_listeners(self) -> None:
+        loop = self.loop
+        assert loop is not None
+        for ep, sock in zip(self._bound, self._sockets, strict=True):
+            name = str(ep)
+            if ep.scheme == "tcp":
+                srv = await loop.create_server(
+                    functools.partial(_LineStream, self, name), sock=sock
+                )
+                self._servers.append(srv)
+            else:
+                transport, _ = await loop.create_datagram_endpoint(
+                    functools.partial(_Datagrams, self, name), sock=sock
+                )
+                self._transports.append(transport)
+
+    def _tick(self) -> None:
+        """Once a second: windows of quiet devices close (processing time), TTL expiry."""
+        host, loop = self.host, self.loop
+        if host is None or loop is None:
+            return
+        if self.pipeline is not None:
+            outputs = self.pipeline.tick(time.time())
+            if outputs:
+                rows, nbytes = self._rows(outputs)
+                self.store.stage(rows, nbytes, changes=self.pipeline.take_changes())
+        self.store.flush()
+        self._timer = loop.call_later(1.0, self._tick)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for srv in self._servers:
+            srv.close()
+        for line in list(self._lines):
+            line.close()
+        for t in self._transports:
+            t.close()
+
+    async def closed(self) -> None:
+        if self.forwarder is not None:
+            await self.forwarder.stop()
+        if self.pipeline is not None:
+            changes = self.pipeline.take_changes()
+            if changes:
+                self.store.stage((), 0, changes=changes)
+        await self.store.close()
+
+    # ------------------------------------------------------------------ ingest
+
+    def source(self, name: str) -> SourceStats:
+        stats = self.sources.get(name)
+        if stats is None:
+            if len(self.sources) >= 4096:
+                name = "other"
+                stats = self.sources.get(name)
+            if stats is None:
+                stats = self.sources[name] = SourceStats()
+        return stats
+
+    def _level_for(self, stream: str) -> AckLevel:
+        for pattern, level in self.ack_for:
+            if fnmatch.fnmatchcase(stream, pattern):
+                return level
+        return self.ack
+
+    def _rows(self, outputs: Sequence[Reading]) -> tuple[list[tuple[str, int, float, bytes]], int]:
+        rows = []
+        nbytes = 0
+        for r in outputs:
+            body = encode_value(r.value)
+            rows.append((r.stream, r.seq, float(r.time), body))
+            nbytes += len(r.stream) + len(body) + ROW_OVERHEAD
+        self.totals["out_msgs"] += len(rows)
+        self.totals["out_bytes"] += nbytes
+        return rows, nbytes
+
+    def take(
+        self,
+        reading: Reading,
+        epoch: int,
+        size: int,
+        stats: SourceStats,
+        reply: Reply | None = None,
+        wanted: int = 0,
+    ) -> bool:
+        """One reading from a device: deduplicated by its (epoch, seq), checked against the
+        store's room, run through the pipeline, staged. False when it was refused (counted,
+        ``reply`` told why)."""
+        store = self.store
+        seq = reading.seq
+        key = None
+        if seq:
+            key = "d:" + reading.stream
+            if (epoch, seq) <= store.position(key):
+                stats.duplicates += 1
+                if reply is not None:
+                    self._ack_again(key, (epoch, seq), reply)
+                return True
+        try:
+            store.room(size + ROW_OVERHEAD)
+        except StoreFull as exc:
+            stats.count_dropped("store full")
+            if reply is not None:
+                reply((ErrorCode.STORE_FULL, str(exc)))
+            return False
+        except StoreBusy as exc:
+            stats.count_dropped("busy")
+            if reply is not None:
+                reply((ErrorCode.OVERLOADED, str(exc)))
+            return False
+        if self._async_lock is not None:
+            self.loop.create_task(self._take_async(reading, key, epoch, size, stats, reply, wanted))  # type: ignore[union-attr]
+            return True
+        outputs = [reading] if self.pipeline is None else self.pipeline.push(reading, time.time())
+        self._stage(outputs, key, epoch, seq, size, stats, reply, wanted)
+        return True
+
+    async def _take_async(
+        self,
+        reading: Reading,
+        key: str | None,
+        epoch: int,
+        size: int,
+        stats: SourceStats,
+        reply: Reply | None,
+        wanted: int,
+    ) -> None:
+        assert self._async_lock is not None
+        async with self._async_lock:  # in order, one at a time: state and position agree
+            outputs = await self.pipeline.apush(reading, time.time())
+            self._stage(outputs, key, epoch, reading.seq, size, stats, reply, wanted)
+
+    def _stage(
+        self,
+        outputs: Sequence[Reading],
+        key: str | None,
+        epoch: int,
+        seq: int,
+        size: int,
+        stats: SourceStats,
+        reply: Reply | None,
+        wanted: int,
+    ) -> None:
+        rows, nbytes = self._rows(outputs)
+        self.totals["in_msgs"] += 1
+        self.totals["in_bytes"] += size
+        level = AckLevel(wanted) if wanted else self._level_for(key[2:] if key else "")
+        done = None
+        if reply is not None and level >= AckLevel.DISK:
+            done = functools.partial(self._acked, reply, level, bool(rows))
+        changes = self.pipeline.take_changes() if self.pipeline is not None else None
+        try:
+            self.store.stage(rows, nbytes, key, (epoch, seq) if key else None, changes, done)
+        except StoreFull as exc:  # too many streams
+            stats.count_dropped("store full")
+            if reply is not None:
+                reply((ErrorCode.STORE_FULL, str(exc)))
+            return
+        stats.accepted += 1
+        if reply is not None and level == AckLevel.MEMORY:
+            reply(AckLevel.MEMORY)
+
+    def _acked(
+        self, reply: Reply, level: AckLevel, produced: bool, batch: Batch, exc: BaseException | None
+    ) -> None:
+        if exc is not None:
+            reply((ErrorCode.UNEXPECTED_ERROR, f"the relay could not store it: {exc}"))
+        elif (
+            level == AckLevel.FORWARDED
+            and produced
+            and self.forwarder is not None
+            and len(self._forward_waits) < MAX_FORWARD_WAITS
+        ):
+            if self.forwarder.through >= batch.last_id:
+                reply(AckLevel.FORWARDED)
+            else:
+                self._forward_waits.append((batch.last_id, reply))
+        else:
+            reply(AckLevel.DISK)
+
+    def _ack_again(self, key: str, pos: tuple[int, int], reply: Reply) -> None:
+        """A retransmission: acknowledged at DISK once what it repeats is committed."""
+        if pos <= self.store.positions.get(key, (0, 0)):
+            reply(AckLevel.DISK)
+            return
+
+        def done(batch: Batch, exc: BaseException | None) -> None:
+            reply(AckLevel.DISK if exc is None else (ErrorCode.UNEXPECTED_ERROR, str(exc)))
+
+        self.store.pending.done.append(done)
+        self.store.flush()
+
+    def _forwarded(self, through: int) -> None:
+        waits = self._forward_waits
+        while waits and waits[0][0] <= through:
+            waits.popleft()[1](AckLevel.FORWARDED)
+        self._flush_peers()
+
+    def _committed(self, batch: Batch) -> None:
+        self._flush_peers()
+        for line in list(self._paused):
+            line.resume()
+
+    def _flush_peers(self) -> None:
+        peers, self._to_flush = self._to_flush, set()
+        for peer in peers:
+            with contextlib.suppress(Exception):
+                peer.flush()
+
+    # ------------------------------------------------------------------ DATA frames
+
+    def stream_message(self, peer: Peer, msg: PatternMessage) -> None:
+        assert isinstance(msg, Data)
+        stats = self.source("sessions")
+        stats.received += 1
+        stats.bytes += len(msg.value)
+        reply = self._stream_reply(peer, msg.request_id) if msg.request_id else None
+        self._take_data(msg, stats, reply)
+
+    def _stream_reply(self, peer: Peer, rid: int) -> Reply:
+        def reply(result: int | tuple[int, str]) -> None:
+            core = peer.core
+            if core is None:
+                return
+            if isinstance(result, tuple):
+                code, message = result
+                core.send_error(rid, code, ErrorCode(code).name, message)
+            else:
+                core.send_response(rid, int(result), MSGPACK)
+            self._to_flush.add(peer)
+
+        return reply
+
+    def _take_data(self, msg: Data, stats: SourceStats, reply: Reply | None) -> None:
+        try:
+            value = CODECS[msg.codec].decode(msg.value) if msg.codec else msg.value
+        except Exception:
+            stats.count_bad("value does not decode")
+            if reply is not None:
+                reply((ErrorCode.DECODE_ERROR, "the value does not decode in its codec"))
+            return
+        t = time.time() if math.isnan(msg.time) else msg.time
+        self.take(
+            Reading(msg.stream, t, value, msg.seq),
+            msg.epoch,
+            len(msg.value),
+            stats,
+            reply,
+            msg.level,
+        )
+
+    def datagram_received(self, endpoint: DatagramPeer, data: bytes, addr: Any) -> None:
+        """A DATA datagram on one of the host's UDP endpoints (its seal already checked)."""
+        self._datagram(data, addr, self.source("udp sessions"), endpoint.send_datagram, endpoint)
+
+    def _datagram(
+        self,
+        data: bytes,
+        addr: Any,
+        stats: SourceStats,
+        send: Callable[[bytes, Any], None],
+        endpoint: DatagramPeer | None = None,
+    ) -> None:
+        stats.received += 1
+        stats.bytes += len(data)
+        try:
+            msg = _ONLY_EDGE.decode(parse_datagram(data, 65507))
+        except RemoteProtocolError as exc:
+            stats.count_bad(ErrorCode.describe(exc.code))
+            if endpoint is not None:
+                endpoint.count_bad()
+            assert self.host is not None
+            self.host.bad_log.warning("edge: bad datagram from %s: %s", format_peer(addr), exc)
+            return
+        assert isinstance(msg, Data)
+        reply = None
+        if msg.request_id:
+            size = len(data)
+            rid = msg.request_id
+
+            def reply(result: int | tuple[int, str]) -> None:
+                if isinstance(result, tuple):
+                    answer = encode_error(rid, result[0])  # the code alone: no amplification
+                else:
+                    answer = encode_response(rid, int(result), MSGPACK)
+                if len(answer) <= size:
+                    with contextlib.suppress(OSError):
+                        send(answer, addr)
+
+        self._take_data(msg, stats, reply)
+
+    # ------------------------------------------------------------------ lines
+
+    def take_line(self, line: bytes, name: str, stats: SourceStats) -> None:
+        stats.received += 1
+        stats.bytes += len(line) + 1
+        try:
+            reading, epoch, _ = parse_line(line, time.time())
+        except BadInput as exc:
+            stats.count_bad(str(exc))
+            assert self.host is not None
+            self.host.bad_log.warning("edge %s: bad line: %s", name, exc)
+            return
+        self.take(reading, epoch, len(line), stats)
+
+    # ------------------------------------------------------------------ fog: rows from a relay
+
+    async def forward_in(
+        self, origin: str, rows: list[Any], stats: dict[str, int] | None = None
+    ) -> dict[str, int]:
+        """``edge.forward`` on a relay: a downstream relay's rows are this relay's input."""
+        checked = check_rows(origin, rows)
+        src = self.source("relay " + origin[:64])
+        key = "r:" + origin
+        _, position = self.store.position(key)
+        fresh = [r for r in checked if r.id > position]
+        src.received += len(checked)
+        src.duplicates += len(checked) - len(fresh)
+        if not fresh:
+            await self._committed_through(key, position)
+            return {"through": max(position, checked[-1].id if checked else 0), "level": 2}
+        size = sum(len(r.body) + ROW_OVERHEAD for r in fresh)
+        try:
+            self.store.room(size)
+        except StoreFull as exc:
+            raise EdgeError(ErrorCode.STORE_FULL, str(exc)) from None
+        except StoreBusy as exc:
+            raise EdgeError(ErrorCode.OVERLOADED, str(exc)) from None
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+
+        def done(batch: Batch, exc: BaseException | None) -> None:
+            if not waiter.done():
+                if exc is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(exc)
+
+        async def run() -> None:
+            outputs: list[Reading] = []
+            for r in fresh:
+                reading = Reading(r.stream, r.time, decode_value(r.body), r.seq)
+                if self.pipeline is None:
+                    outputs.append(reading)
+                elif self.pipeline.is_async:
+                    outputs.extend(await self.pipeline.apush(reading, time.time()))
+                else:
+                    outputs.extend(self.pipeline.push(reading, time.time()))
+            rows_out, nbytes = self._rows(outputs)
+            self.totals["in_msgs"] += len(fresh)
+            self.totals["in_bytes"] += size
+            changes = self.pipeline.take_changes() if self.pipeline is not None else None
+            self.store.stage(rows_out, nbytes, key, (0, fresh[-1].id), changes, done)
+            src.accepted += len(fresh)
+
+        if self._async_lock is not None:
+            async with self._async_lock:
+                await run()
+        else:
+            await run()
+        await waiter
+        return {"through": fresh[-1].id, "level": 2}
+
+    async def _committed_through(self, key: str, position: int) -> None:
+        if self.store.positions.get(key, (0, 0))[1] >= position:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def done(batch: Batch, exc: BaseException | None) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        self.store.pending.done.append(done)
+        self.store.flush()
+        await waiter
+
+    # ------------------------------------------------------------------ visibility
+
+    def stats(self) -> dict[str, Any]:
+        """What ``sockstack edge status`` shows: the outbox, forwarding, the pipeline, sources."""
+        store = self.store
+        fw = self.forwarder
+        c = store.counters
+        return {
+            "origin": store.origin,
+            "store": {
+                "path": store.path,
+                "rows": store.stored_rows,
+                "bytes": store.stored_bytes,
+                "max_bytes": store.limits.max_bytes,
+                "when_full": store.limits.when_full,
+                "oldest_age": store.oldest_age(),
+                "next_id": store.next_id,
+                "streams": len(store.positions),
+                "committed_rows": c.committed_rows,
+                "commits": c.commits,
+                "dropped_full": c.dropped_full,
+                "refused_full": c.refused_full,
+                "expired": c.expired,
+                "quarantined": c.quarantined,
+                "heals": c.heals,
+                "salvaged": c.salvaged,
+                "damaged_file": store.damaged_path,
+            },
+            "forward": None
+            if fw is None
+            else {
+                "upstream": fw.upstream,
+                "connected": fw.connected,
+                "through": fw.through,
+                "rows": fw.sent_rows,
+                "batches": fw.sent_batches,
+                "rate": fw.rate(),
+                "failures": fw.failures,
+                "last_error": fw.last_error,
+                "waiting_acks": len(self._forward_waits),
+            },
+            "totals": dict(self.totals),
+            "reduction": _reduction(self.totals),
+            "pipeline": None if self.pipeline is None else self.pipeline.stats(),
+            "sources": {name: s.as_dict() for name, s in self.sources.items()},
+            "listen": [str(e) for e in self.endpoints()],
+        }
+
+
+def check_rows(origin: str, rows: list[Any]) -> list[Row]:
+    """``edge.forward``'s rows as :class:`Row` (a relay's and a sink's input), refused whole
+    with BAD_RECORD when one is malformed, damaged (checksum) or out of order."""
+    if not isinstance(origin, str) or not 0 < len(origin) <= 64:
+        raise EdgeError(ErrorCode.BAD_RECORD, "origin must be 1-64 characters")
+    out: list[Row] = []
+    last = 0
+    for values in rows:
+        try:
+            i, stream, seq, t, body, crc = values
+            row = Row(int(i), str(stream), int(seq), float(t), bytes(body), int(crc))
+        except (TypeError, ValueError):
+            raise EdgeError(
+                ErrorCode.BAD_RECORD, "a row is [id, stream, seq, time, body, crc]"
+            ) from None
+        if not row.intact():
+            raise EdgeError(ErrorCode.BAD_RECORD, f"row {row.id}: checksum does not match")
+        if row.id <= last:
+            raise EdgeError(ErrorCode.BAD_RECORD, f"row ids must rise ({row.id} after {last})")
+        last = row.id
+        out.append(row)
+    return out
+
+
+class Sink(Pattern):
+    """The cloud side: ``edge.forward`` into a sink store (edge/sink.py), exactly once."""
+
+    name = "edge-sink"
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def methods(self) -> Mapping[str, Handler]:
+        return {
+            "edge.forward": make_handler("edge.forward", self.forward_in, inline=False),
+            "edge.stats": make_handler("edge.stats", self.stats, inline=False, readonly=True),
+        }
+
+    def forward_in(
+        self, origin: str, rows: list[Any], stats: dict[str, int] | None = None
+    ) -> dict[str, int]:
+        """Runs on a worker thread: the store's transaction is blocking."""
+        from sockstack.edge.sink import BadBatch
+
+        checked = check_rows(origin, rows)
+        try:
+            through = self.store.accept(origin, checked, stats)
+        except BadBatch as exc:
+            raise EdgeError(ErrorCode.BAD_RECORD, str(exc)) from None
+        return {"through": int(through), "level": 2}
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self.store.stats())
+
+    async def closed(self) -> None:
+        self.store.close()
+
+
+class _LineStream(asyncio.Protocol):
+    """A connection on a relay's TCP listener: a sockstack session (handed to the host) or
+    lines of readings."""
+
+    def __init__(self, relay: Relay, name: str) -> None:
+        self.relay = relay
+        self.name = name
+        self.transport: asyncio.Transport | None = None
+        self.first = b""
+        self.decoder = LineDecoder(relay.max_line)
+        self.stats_json = relay.source(f"{name} lines")
+        self.paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if len(self.relay._lines) >= MAX_LINE_CONNECTIONS:
+            self.stats_json.count_dropped("too many connections")
+            transport.close()
+            return
+        self.relay._lines.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.first is not None and len(self.first) < len(FRAME_PREFIX):
+            self.first += data
+            if len(self.first) < len(FRAME_PREFIX) and FRAME_PREFIX.startswith(self.first):
+                return
+            data, self.first = self.first, None  # type: ignore[assignment]
+            if data.startswith(FRAME_PREFIX):  # a sockstack session: the host's
+                self.relay._lines.discard(self)
+                adopt = getattr(self.relay.host, "adopt_stream", None)
+                assert self.transport is not None and adopt is not None
+                adopt(self.transport, data)
+                return
+            if self.relay.host is not None and self.relay.host.secret is not None:
+                self.stats_json.count_dropped("unauthenticated (the relay has a secret)")
+                assert self.transport is not None
+                self.transport.close()
+                return
+        relay = self.relay
+        stats = self.stats_json
+        for line in self.decoder.feed(data):
+            if line.strip():
+                relay.take_line(line, self.name, stats)
+        if self.decoder.too_long:
+            for _ in range(self.decoder.too_long):
+                stats.count_bad("line too long")
+            self.decoder.too_long = 0
+        store = relay.store
+        if store.pending.size >= store.limits.max_pending_bytes and not self.paused:
+            self.paused = True  # backpressure: read on once the commit under way is done
+            relay._paused.add(self)
+            assert self.transport is not None
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        self.relay._paused.discard(self)
+        if self.paused and self.transport is not None and not self.transport.is_closing():
+            self.paused = False
+            self.transport.resume_reading()
+
+    def eof_received(self) -> bool | None:
+        for line in self.decoder.end():
+            if line.strip():
+                self.relay.take_line(line, self.name, self.stats_json)
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay._lines.discard(self)
+        self.relay._paused.discard(self)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _Datagrams(asyncio.DatagramProtocol):
+    """A relay's UDP listener: DATA datagrams and lines (one or more per datagram)."""
+
+    def __init__(self, relay: Relay, name: str) -> None:
+        self.relay = relay
+        self.name = name
+        self.transport: asyncio.DatagramTransport | None = None
+        self.frames = relay.source(f"{name} frames")
+        self.lines = relay.source(f"{name} lines")
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        relay = self.relay
+        secret = relay.host.secret if relay.host is not None else None
+        if data.startswith(FRAME_PREFIX):
+            if secret is not None:
+                self.frames.count_dropped("unauthenticated (use the host's --udp endpoint)")
+                return
+            assert self.transport is not None
+            relay._datagram(data, addr, self.frames, self.transport.sendto)
+            return
+        if secret is not None:
+            self.lines.count_dropped("unauthenticated (the relay has a secret)")
+            return
+        for line in data.split(b"\n"):
+            if line.strip():
+                relay.take_line(line, self.name, self.lines)
