@@ -1,5 +1,6 @@
 """The ``sockstack`` command: ``serve``, ``broker``, ``pub``, ``sub``, ``call``, ``ping``,
-``describe``, ``inspect`` and ``names``; ``python -m sockstack`` is the same command.
+``describe``, ``inspect``, ``names``, ``edge`` and ``simulate``; ``python -m sockstack`` is the
+same command.
 
 Exit codes: 0 success; 1 the server answered with an error; 2 bad usage (including a service
 that cannot be loaded); 3 no connection, lost connection or timeout; 141 (128 + SIGPIPE) when
@@ -8,7 +9,8 @@ other Unix tools end. Errors are one line on stderr.
 
 One module per group of commands, each adding its own subcommands to the parser: ``serve``
 (serve, broker), ``pubsub`` (pub, sub), ``client`` (call, ping), ``describe`` (a server's
-methods), ``inspect`` (bytes per layer), ``names`` (remote objects' name service);
+methods), ``inspect`` (bytes per layer), ``names`` (remote objects' name service), ``edge``
+(relays: edge, edge status, edge verify, simulate);
 ``common`` holds what they share (exit codes, usage errors, the client options).
 """
 
@@ -19,7 +21,7 @@ import logging
 import os
 import sys
 
-from sockstack.cli import client, describe, names, pubsub, serve
+from sockstack.cli import client, describe, edge, names, pubsub, serve
 from sockstack.cli import inspect as inspect_command
 from sockstack.cli.common import (
     EXIT_CONNECTION,
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_parser(sub)
     inspect_command.add_parser(sub)
     names.add_parser(sub)
+    edge.add_parsers(sub)
     for subparser in sub.choices.values():  # --log-level after the subcommand too
         _add_log_level(subparser, None)
     return p
@@ -114,6 +117,10 @@ def _run(args: argparse.Namespace) -> int:
         return inspect_command.run_inspect(args)
     if args.command == "names":
         return names.run_names(args)
+    if args.command == "edge":
+        return edge.run_edge(args)
+    if args.command == "simulate":
+        return edge.run_simulate(args)
     if args.url:
         parse_endpoint(args.url)
     if args.command == "pub":

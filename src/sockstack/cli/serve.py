@@ -135,7 +135,15 @@ async def _serve(args: argparse.Namespace) -> int:
         tune_malloc()
     # The server is built as every server is: a host with the patterns it serves.
     patterns: list[Pattern] = []
-    if args.command != "broker":
+    if args.sink:  # the cloud side of edge relays (docs/EDGE.md)
+        from sockstack.edge.pattern import Sink
+        from sockstack.edge.sink import open_sink
+
+        try:
+            patterns.append(Sink(open_sink(args.sink)))
+        except Exception as exc:
+            raise UsageError(f"--sink {args.sink}: {exc}") from None
+    if args.command != "broker" and (args.service or not args.sink):
         if args.service:
             service = load_service(args.service)
         else:
@@ -467,6 +475,8 @@ def run_serve(args: argparse.Namespace) -> int:
             "--metrics counts one process's calls: not with --workers (each worker would need "
             "its own port)"
         )
+    if args.workers > 1 and args.sink:
+        raise UsageError("--sink keeps one store per process: no --workers with it")
     if args.workers > 1:
         return _serve_workers(args)
     if args.workers < 1:
@@ -659,6 +669,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         action="store_true",
         help="also host the publish/subscribe broker on the same ports (not with --workers)",
     )
+    s.add_argument(
+        "--sink",
+        metavar="FILE|postgresql://...",
+        help="be the cloud sink of edge relays: store what they forward, exactly once, in a "
+        "SQLite FILE or PostgreSQL (docs/EDGE.md); without a service, serve only the sink",
+    )
     # Not offered by `broker`: the broker keeps its subscriptions in one process.
     s.add_argument(
         "--workers",
@@ -676,4 +692,4 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         f"127.0.0.1:{DEFAULT_BROKER_UDP_PORT}. Subscribers need TCP (or TLS); UDP takes QoS 0 "
         "publishes.",
     )
-    k.set_defaults(service=None, broker=True, workers=1)
+    k.set_defaults(service=None, broker=True, workers=1, sink=None)

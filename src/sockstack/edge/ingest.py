@@ -58,6 +58,8 @@ class SourceStats:
     bytes: int = 0
     accepted: int = 0
     duplicates: int = 0
+    lost: int = 0
+    """Readings never received: gaps in a stream's seq (within one epoch)."""
     bad: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
 
@@ -73,6 +75,7 @@ class SourceStats:
             "bytes": self.bytes,
             "accepted": self.accepted,
             "duplicates": self.duplicates,
+            "lost": self.lost,
             "bad": dict(self.bad),
             "dropped": dict(self.dropped),
         }

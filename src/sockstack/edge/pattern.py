@@ -94,8 +94,8 @@ class Relay(Pattern):
         upstream: str | Sequence[str] | None = None,
         listen: Sequence[str | Endpoint] = (),
         limits: StoreLimits | None = None,
-        ack: AckLevel = AckLevel.DISK,
-        ack_for: Mapping[str, AckLevel] | None = None,
+        ack: int = AckLevel.DISK,
+        ack_for: Mapping[str, int] | None = None,
         forward: ForwardSettings | None = None,
         upstream_secret: str | bytes | None = None,
         max_line: int = 64 * 1024,
@@ -190,6 +190,7 @@ class Relay(Pattern):
                 acked=self._forwarded,
             )
             self.forwarder.start(loop)
+        self.store.live = self._live
         if self.pipeline is not None and getattr(self.pipeline, "is_async", False):
             self._async_lock = asyncio.Lock()
         loop.create_task(self._serve_listeners(), name="sockstack-edge-listeners")
@@ -288,13 +289,16 @@ class Relay(Pattern):
         store = self.store
         seq = reading.seq
         key = None
+        gap = 0
         if seq:
             key = "d:" + reading.stream
-            if (epoch, seq) <= store.position(key):
-                stats.duplicates += 1
+            last_epoch, last = store.position(key)
+            if (epoch, seq) <= (last_epoch, last):
+                stats.duplicates += 1  # (or a datagram overtaken by a later one: docs/EDGE.md)
                 if reply is not None:
                     self._ack_again(key, (epoch, seq), reply)
                 return True
+            gap = seq - last - 1 if epoch == last_epoch and last else 0
         try:
             store.room(size + ROW_OVERHEAD)
         except StoreFull as exc:
@@ -311,7 +315,8 @@ class Relay(Pattern):
             self.loop.create_task(self._take_async(reading, key, epoch, size, stats, reply, wanted))  # type: ignore[union-attr]
             return True
         outputs = [reading] if self.pipeline is None else self.pipeline.push(reading, time.time())
-        self._stage(outputs, key, epoch, seq, size, stats, reply, wanted)
+        if self._stage(outputs, key, epoch, seq, size, stats, reply, wanted) and gap > 0:
+            stats.lost += gap
         return True
 
     async def _take_async(
@@ -339,7 +344,7 @@ class Relay(Pattern):
         stats: SourceStats,
         reply: Reply | None,
         wanted: int,
-    ) -> None:
+    ) -> bool:
         rows, nbytes = self._rows(outputs)
         self.totals["in_msgs"] += 1
         self.totals["in_bytes"] += size
@@ -354,10 +359,11 @@ class Relay(Pattern):
             stats.count_dropped("store full")
             if reply is not None:
                 reply((ErrorCode.STORE_FULL, str(exc)))
-            return
+            return False
         stats.accepted += 1
         if reply is not None and level == AckLevel.MEMORY:
             reply(AckLevel.MEMORY)
+        return True
 
     def _acked(
         self, reply: Reply, level: AckLevel, produced: bool, batch: Batch, exc: BaseException | None
@@ -574,6 +580,12 @@ class Relay(Pattern):
         await waiter
 
     # ------------------------------------------------------------------ visibility
+
+    def _live(self) -> dict[str, Any]:
+        fw = self.forwarder
+        if fw is None:
+            return {}
+        return {"forward_rate": fw.rate(), "connected": fw.connected, "through": fw.through}
 
     def stats(self) -> dict[str, Any]:
         """What ``sockstack edge status`` shows: the outbox, forwarding, the pipeline, sources."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
@@ -52,6 +53,7 @@ __all__ = [
     "StoreBusy",
     "StoreFull",
     "StoreLimits",
+    "StoreLocked",
     "position_crc",
 ]
 
@@ -88,12 +90,16 @@ def _state_crc(stage: str, key: bytes, value: bytes) -> int:
     return zlib.crc32(b"S" + stage.encode() + b"\0" + _POS.pack(len(key), 0) + key + value)
 
 
-def _meta_crc(key: str, value: bytes) -> int:
+def meta_crc(key: str, value: bytes) -> int:
     return zlib.crc32(b"M" + key.encode() + b"\0" + value)
 
 
 class StoreFull(Exception):
     """The outbox is full and its policy is to refuse new input (STORE_FULL on the wire)."""
+
+
+class StoreLocked(Exception):
+    """Another process (a running relay) has the store open."""
 
 
 class StoreBusy(Exception):
@@ -207,18 +213,35 @@ class Outbox:
         self._listeners: list[Callable[[Batch], None]] = []
         self.damaged_path: str | None = None
         self.failed: BaseException | None = None
+        self.live: Callable[[], dict[str, Any]] = dict
+        """What the relay says of itself now (forward rate...), kept in meta at each commit
+        for ``sockstack edge status FILE``."""
+        self._lock_fd: int | None = None
 
     # ------------------------------------------------------------------ open
 
     def open(self) -> None:
         """Open (or create) the file, check it, heal it if damaged, and read what a relay
-        resumes from. Blocking: call it before serving, or in a thread."""
+        resumes from. Blocking: call it before serving, or in a thread. Raises
+        :class:`StoreLocked` when another process has it open."""
+        self._lock()
         try:
             self._open_checked()
         except sqlite3.DatabaseError as exc:
             log.error("edge store %s is damaged (%s): salvaging what is intact", self.path, exc)
             self._close_connections()
             self._heal()
+
+    def _lock(self) -> None:
+        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLocked(
+                f"{self.path} is in use by another process (a running relay)"
+            ) from None
+        self._lock_fd = fd
 
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
@@ -247,7 +270,7 @@ class Outbox:
         bad: list[tuple[str, str, bytes, int | None]] = []
         meta: dict[str, bytes] = {}
         for key, value, crc in con.execute("SELECT key, value, crc FROM meta"):
-            if isinstance(value, bytes) and _meta_crc(key, value) == crc:
+            if isinstance(value, bytes) and meta_crc(key, value) == crc:
                 meta[key] = value
             else:
                 bad.append(("meta", "checksum", _pack([key, value, crc]), None))
@@ -342,7 +365,7 @@ class Outbox:
                 elif isinstance(b, bytes) and isinstance(c, bytes) and _state_crc(a, b, c) == crc:
                     state[(a, b)] = c
             elif n == 3 and isinstance(values[0], str) and isinstance(values[1], bytes):
-                if _meta_crc(values[0], values[1]) == values[2]:
+                if meta_crc(values[0], values[1]) == values[2]:
                     meta[values[0]] = values[1]
         con = self._con = self._connect()
         for sql in _SCHEMA:
@@ -362,7 +385,7 @@ class Outbox:
             )
             con.executemany(
                 "INSERT INTO meta VALUES (?, ?, ?)",
-                [(k, v, _meta_crc(k, v)) for k, v in meta.items() if k in ("origin", "next_id")],
+                [(k, v, meta_crc(k, v)) for k, v in meta.items() if k in ("origin", "next_id")],
             )
         self._load()
         self.counters.heals += 1
@@ -628,10 +651,11 @@ class Outbox:
             "origin": self.origin.encode(),
             "next_id": _pack(self.next_id),
             "counters": _pack(self.counters),
+            "live": _pack({**self.live(), "updated": self.clock()}),
         }
         con.executemany(
             "INSERT OR REPLACE INTO meta VALUES (?, ?, ?)",
-            [(k, v, _meta_crc(k, v)) for k, v in items.items()],
+            [(k, v, meta_crc(k, v)) for k, v in items.items()],
         )
 
     # ------------------------------------------------------------------ read
@@ -668,6 +692,33 @@ class Outbox:
                 break
         cur.close()
         return good, bad
+
+    def verify_rows(self) -> tuple[int, int]:
+        """Check every row's checksum now (blocking, not while committing); move the bad ones
+        to quarantine. Returns (rows checked, rows bad)."""
+        con = self._con
+        assert con is not None
+        checked = 0
+        bad: list[tuple[Any, ...]] = []
+        for values in con.execute("SELECT id, stream, seq, time, body, crc FROM outbox"):
+            checked += 1
+            if not _is_row(values[0], (None, *values[1:], 0.0)):
+                bad.append(values)
+        if bad:
+            con.execute("BEGIN IMMEDIATE")
+            self._write_quarantine(con, [("row", "checksum", _pack(list(v)), v[0]) for v in bad])
+            freed = self._delete_ids(con, [(v[0],) for v in bad])
+            del freed
+            self.counters.quarantined += len(bad)
+            self._write_meta(con)
+            con.execute("COMMIT")
+        return checked, len(bad)
+
+    def integrity(self) -> str:
+        """SQLite's ``integrity_check``: "ok", or what it found."""
+        assert self._con is not None
+        result = self._con.execute("PRAGMA integrity_check").fetchall()
+        return "ok" if result == [("ok",)] else "; ".join(str(r[0]) for r in result[:10])
 
     def quarantined(self, limit: int = 100) -> list[tuple[int, str, str, float, bytes]]:
         """The newest quarantined rows: (qid, kind, reason, at, raw msgpack)."""
@@ -712,6 +763,9 @@ class Outbox:
                 self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._con.close()
             self._con = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # (closing the descriptor releases the lock)
+            self._lock_fd = None
 
 
 def staged_bytes(stream: str, body: bytes) -> int:
