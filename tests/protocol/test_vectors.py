@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from sockstack.edge.messages import EDGE_MESSAGES, Data, encode_data
 from sockstack.errors import ErrorCode, RemoteProtocolError
 from sockstack.objects.messages import FLAG_END as FLAG_RELEASE_END
 from sockstack.objects.messages import (
@@ -113,7 +114,7 @@ from sockstack.pubsub.messages import (
     encode_unsub,
 )
 
-REGISTRY = Registry([CORE_MESSAGES, PUBSUB_MESSAGES, OBJECTS_MESSAGES])
+REGISTRY = Registry([CORE_MESSAGES, PUBSUB_MESSAGES, OBJECTS_MESSAGES, EDGE_MESSAGES])
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "PROTOCOL.md"
@@ -500,6 +501,36 @@ TYPES: dict[str, TypeCodec] = {
         lambda h, f: Ack(f["delivery"]),
         lambda m, h: _with_codec(encode_ack, h["codec"], m.delivery_id),
         lambda m, fr: {"delivery": m.delivery_id},
+    ),
+    "DATA": TypeCodec(
+        lambda h, f: Data(
+            h["request_id"],
+            f["stream"],
+            f["epoch"],
+            f["seq"],
+            f["time"],
+            _payload(f["value"], h["codec"]),
+            h["codec"],
+            f["level"],
+        ),
+        lambda m, h: encode_data(
+            m.request_id,
+            m.stream,
+            m.value,
+            seq=m.seq,
+            epoch=m.epoch,
+            time=m.time,
+            codec=m.codec,
+            level=m.level,
+        ),
+        lambda m, fr: {
+            "stream": m.stream,
+            "epoch": m.epoch,
+            "seq": m.seq,
+            "time": m.time,
+            "value": CODECS[m.codec].decode(m.value),
+            "level": m.level,
+        },
     ),
     "CALL": TypeCodec(
         lambda h, f: Call(

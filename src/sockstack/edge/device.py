@@ -15,7 +15,6 @@ answer is acknowledged again and stored once.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from typing import Any
 
@@ -51,10 +50,9 @@ class Device:
         channel = self.client.stream_channel("DATA")
         body = encode_value(value)
         n = self.next_seq() if seq is None else seq
-        t = math.nan if time is None else time
         _, result = await channel.exchange(
             lambda rid: encode_data(
-                rid, self.stream, body, seq=n, epoch=self.epoch, time=t, level=int(level)
+                rid, self.stream, body, seq=n, epoch=self.epoch, time=time, level=int(level)
             ),
             "DATA",
             timeout,
@@ -70,6 +68,6 @@ class Device:
             encode_value(value),
             seq=self.next_seq(),
             epoch=self.epoch,
-            time=math.nan if time is None else time,
+            time=time,
         )
         return bool(channel.send_soon(frame))

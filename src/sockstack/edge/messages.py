@@ -5,9 +5,9 @@ Byte layout (docs/PROTOCOL.md §4.6):
 
 - header: type 0x30; ``request_id`` 0 = no acknowledgement wanted, else the relay answers with
   RESPONSE (same id; result: the acknowledgement level achieved, a msgpack positive fixint:
-  1 memory, 2 disk, 3 forwarded) or ERROR; flags bits 0-1: the level wanted (0: the relay's
-  configured level for the stream, 1 memory, 2 disk, 3 forwarded); codec: the value's codec
-  (0 raw bytes, 1 msgpack, 2 JSON).
+  1 memory, 2 disk, 3 forwarded) or ERROR; flags bits 2-3 (``level << 2``): the level
+  wanted (0: the relay's configured level for the stream, 1 memory, 2 disk, 3 forwarded);
+  codec: the value's codec (0 raw bytes, 1 msgpack, 2 JSON).
 - meta: ``epoch`` u32, ``seq`` u64, ``time`` f64 (event time, seconds since the epoch; NaN: the
   relay's clock), all big-endian, then the stream name in UTF-8 (1-255 bytes).
 - body: the value in the header's codec.
@@ -44,6 +44,7 @@ __all__ = [
 DATA = 0x30
 MAX_STREAM = 255  # bytes of a stream name
 _META = struct.Struct(">IQd")  # epoch, seq, time
+_LEVEL_SHIFT = 2  # flag bits 2-3 (bit 1 is AUTH on a sealed datagram, §6.1)
 _LEVEL_MASK = 0x03
 
 
@@ -64,7 +65,8 @@ class Data(PatternMessage):
     stream: str
     epoch: int
     seq: int
-    time: float
+    time: float | None
+    """Event time (None: NaN on the wire, the relay's clock)."""
     value: bytes
     codec: int = 1
     level: int = 0
@@ -78,7 +80,7 @@ def encode_data(
     *,
     seq: int = 0,
     epoch: int = 0,
-    time: float = math.nan,
+    time: float | None = None,
     codec: int = 1,
     level: int = 0,
 ) -> bytes:
@@ -86,9 +88,11 @@ def encode_data(
     name = stream.encode()
     if not 0 < len(name) <= MAX_STREAM:
         raise ValueError(f"a stream name is 1-{MAX_STREAM} bytes of UTF-8, not {len(name)}")
-    meta = _META.pack(epoch, seq, time) + name
+    meta = _META.pack(epoch, seq, math.nan if time is None else time) + name
     return (
-        pack_header(DATA, level & _LEVEL_MASK, codec, len(meta), request_id, len(value))
+        pack_header(
+            DATA, (level & _LEVEL_MASK) << _LEVEL_SHIFT, codec, len(meta), request_id, len(value)
+        )
         + meta
         + value
     )
@@ -110,7 +114,16 @@ def _decode_data(f: Frame) -> Data:
         raise RemoteProtocolError("DATA stream name is not UTF-8", ErrorCode.DECODE_ERROR) from None
     if math.isinf(time):
         raise RemoteProtocolError("DATA time is infinite", ErrorCode.DECODE_ERROR)
-    return Data(f.request_id, stream, epoch, seq, time, f.body, f.codec, f.flags & _LEVEL_MASK)
+    return Data(
+        f.request_id,
+        stream,
+        epoch,
+        seq,
+        None if math.isnan(time) else time,
+        f.body,
+        f.codec,
+        (f.flags >> _LEVEL_SHIFT) & _LEVEL_MASK,
+    )
 
 
 EDGE_MESSAGES = MessageSet(

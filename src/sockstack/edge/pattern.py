@@ -28,7 +28,6 @@ import contextlib
 import fnmatch
 import functools
 import logging
-import math
 import socket
 import time
 from collections import deque
@@ -444,7 +443,7 @@ class Relay(Pattern):
             if reply is not None:
                 reply((ErrorCode.DECODE_ERROR, "the value does not decode in its codec"))
             return
-        t = time.time() if math.isnan(msg.time) else msg.time
+        t = time.time() if msg.time is None else msg.time
         self.take(
             Reading(msg.stream, t, value, msg.seq),
             msg.epoch,
