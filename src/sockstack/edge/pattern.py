@@ -130,6 +130,8 @@ class Relay(Pattern):
         self._started = 0.0
         self._async_lock: asyncio.Lock | None = None
         self._opened = False
+        self._stopped = False
+        self._listening: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ host hooks
 
@@ -192,7 +194,7 @@ class Relay(Pattern):
         self.store.live = self._live
         if self.pipeline is not None and getattr(self.pipeline, "is_async", False):
             self._async_lock = asyncio.Lock()
-        loop.create_task(self._serve_listeners(), name="sockstack-edge-listeners")
+        self._listening = loop.create_task(self._serve_listeners(), name="sockstack-edge-listen")
         self._timer = loop.call_later(1.0, self._tick)
 
     async def _serve_listeners(self) -> None:
@@ -205,11 +207,15 @@ class Relay(Pattern):
                     functools.partial(_LineStream, self, name), sock=sock
                 )
                 self._servers.append(srv)
+                if self._stopped:
+                    srv.close()
             else:
                 transport, _ = await loop.create_datagram_endpoint(
                     functools.partial(_Datagrams, self, name), sock=sock
                 )
                 self._transports.append(transport)
+                if self._stopped:
+                    transport.close()
 
     def _tick(self) -> None:
         """Once a second: windows of quiet devices close (processing time), TTL expiry."""
@@ -225,6 +231,7 @@ class Relay(Pattern):
         self._timer = loop.call_later(1.0, self._tick)
 
     def stop(self) -> None:
+        self._stopped = True  # (listeners being set up close as they come)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -236,6 +243,10 @@ class Relay(Pattern):
             t.close()
 
     async def closed(self) -> None:
+        if self._listening is not None:
+            await self._listening
+            for srv in self._servers:
+                await srv.wait_closed()
         if self.forwarder is not None:
             await self.forwarder.stop()
         if self.pipeline is not None:
