@@ -23,6 +23,9 @@
   ``..._expired_total``, ``..._slow_consumers_disconnected_total``,
   ``..._retained_refused_total``, and the gauges ``sockstack_broker_held_bytes`` and
   ``sockstack_broker_retained_bytes``.
+- what the patterns report (``Pattern.metrics``): an edge relay's ``sockstack_edge_*``
+  (backlog rows and bytes, the oldest row's age, readings in and out, bad, dropped, lost,
+  forwarded, quarantined; docs/EDGE.md), a sink's ``sockstack_sink_*``.
 
 Label cardinality is bounded by the server, never by its clients: ``method`` is one of the
 methods the server serves (a remote object's methods, ``Counter.incr``, once one succeeded),
@@ -251,6 +254,24 @@ class _HostCollector(Collector):
         yield sent
         yield opened
         yield from _broker_families(self._servers)
+        yield from _pattern_families(self._servers)
+
+
+def _pattern_families(servers: list[Server]) -> Iterator[Metric]:
+    """What the patterns report of themselves (``Pattern.metrics``: an edge relay's backlog,
+    a sink's rows...), summed over the servers by name."""
+    kinds: dict[str, tuple[str, str]] = {}
+    values: dict[str, float] = {}
+    for server in tuple(servers):
+        for pattern in server.patterns:
+            for name, kind, text, value in pattern.metrics():
+                kinds.setdefault(name, (kind, text))
+                values[name] = values.get(name, 0.0) + value
+    for name, (kind, text) in sorted(kinds.items()):
+        cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+        family = cls(name.removesuffix("_total") if kind == "counter" else name, text)
+        family.add_metric([], values[name])
+        yield family
 
 
 _BROKER_COUNTERS = {

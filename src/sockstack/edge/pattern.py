@@ -597,6 +597,46 @@ class Relay(Pattern):
             return {}
         return {"forward_rate": fw.rate(), "connected": fw.connected, "through": fw.through}
 
+    def metrics(self) -> Sequence[tuple[str, str, str, float]]:
+        store, fw, c = self.store, self.forwarder, self.store.counters
+        sources = list(self.sources.values())
+        age = store.oldest_age()
+        out = [
+            ("sockstack_edge_backlog_rows", "gauge", "Rows in the outbox", store.stored_rows),
+            ("sockstack_edge_backlog_bytes", "gauge", "Bytes of rows in the outbox",
+             store.stored_bytes),
+            ("sockstack_edge_oldest_age_seconds", "gauge",
+             "Seconds the oldest row of the outbox has waited (0: empty)", age or 0.0),
+            ("sockstack_edge_received_total", "counter", "Readings and lines received",
+             sum(s.received for s in sources)),
+            ("sockstack_edge_bad_total", "counter", "Bad input: not a reading",
+             sum(sum(s.bad.values()) for s in sources)),
+            ("sockstack_edge_dropped_total", "counter",
+             "Readings dropped: store full, busy, unauthenticated...",
+             sum(sum(s.dropped.values()) for s in sources)),
+            ("sockstack_edge_lost_total", "counter", "Readings never received (gaps in seq)",
+             sum(s.lost for s in sources)),
+            ("sockstack_edge_duplicates_total", "counter", "Retransmissions taken once",
+             sum(s.duplicates for s in sources)),
+            ("sockstack_edge_in_messages_total", "counter", "Readings into the pipeline",
+             self.totals["in_msgs"]),
+            ("sockstack_edge_out_messages_total", "counter", "Rows the pipeline made",
+             self.totals["out_msgs"]),
+            ("sockstack_edge_committed_rows_total", "counter", "Rows committed to the outbox",
+             c.committed_rows),
+            ("sockstack_edge_forwarded_rows_total", "counter", "Rows the upstream acknowledged",
+             c.forwarded_rows),
+            ("sockstack_edge_quarantined_total", "counter", "Damaged rows quarantined",
+             c.quarantined),
+            ("sockstack_edge_expired_total", "counter", "Rows expired (max age)", c.expired),
+            ("sockstack_edge_dropped_full_total", "counter",
+             "Oldest rows dropped when full (drop_oldest)", c.dropped_full),
+        ]  # fmt: skip
+        if fw is not None:
+            out.append(("sockstack_edge_forward_failures_total", "counter",
+                        "Forwarding attempts that failed", fw.failures))  # fmt: skip
+        return out
+
     def stats(self) -> dict[str, Any]:
         """What ``sockstack edge status`` shows: the outbox, forwarding, the pipeline, sources."""
         store = self.store

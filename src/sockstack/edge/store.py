@@ -217,6 +217,8 @@ class Outbox:
         """What the relay says of itself now (forward rate...), kept in meta at each commit
         for ``sockstack edge status FILE``."""
         self._lock_fd: int | None = None
+        self.oldest_added: float | None = None
+        """When the oldest row was committed (kept up to date at each commit)."""
 
     # ------------------------------------------------------------------ open
 
@@ -312,6 +314,8 @@ class Outbox:
         ).fetchone()
         self.stored_rows = rows
         self.stored_bytes = nbytes + rows * ROW_OVERHEAD
+        first = con.execute("SELECT added FROM outbox ORDER BY id LIMIT 1").fetchone()
+        self.oldest_added = None if first is None else float(first[0])
         if bad or "origin" not in meta:
             with con:
                 con.execute("BEGIN IMMEDIATE")
@@ -582,6 +586,9 @@ class Outbox:
                 con.execute("ROLLBACK")
             raise
         b.first_id, b.last_id = first, first + len(out) - 1
+        if freed or self.oldest_added is None:  # by id: the primary key, not a scan
+            row = con.execute("SELECT added FROM outbox ORDER BY id LIMIT 1").fetchone()
+            self.oldest_added = None if row is None else float(row[0])
         if freed > 64 * 4096:  # give pages back to the file system as the outbox drains
             con.execute("PRAGMA incremental_vacuum")
 
@@ -728,10 +735,9 @@ class Outbox:
         ).fetchall()
 
     def oldest_age(self) -> float | None:
-        """Seconds the oldest row has waited (None: empty)."""
-        assert self._reader is not None
-        row = self._reader.execute("SELECT min(added) FROM outbox").fetchone()
-        return None if row[0] is None else max(0.0, self.clock() - row[0])
+        """Seconds the oldest row has waited (None: empty), as of the last commit."""
+        oldest = self.oldest_added
+        return None if oldest is None else max(0.0, self.clock() - oldest)
 
     # ------------------------------------------------------------------ close
 

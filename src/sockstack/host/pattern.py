@@ -154,6 +154,12 @@ class Pattern:
     def connection_writable(self, peer: Peer) -> None:
         """A connection's write buffer went below its high-water mark again."""
 
+    def metrics(self) -> Sequence[tuple[str, str, str, float]]:
+        """Figures for the Prometheus metrics (``sockstack.metrics``): ``(name, kind, help,
+        value)`` with kind ``"counter"`` or ``"gauge"``, read at each scrape, in the metrics
+        server's thread (read plain numbers; do not iterate what the loop changes)."""
+        return ()
+
     # A pattern with listeners of its own (the HTTP gateway) uses these three.
 
     def interceptors(self, given: Sequence[object]) -> Sequence[object]:
