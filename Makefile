@@ -4,12 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 HOST_PORTS ?= --tcp 127.0.0.1:5050 --udp 127.0.0.1:5051 --http 127.0.0.1:8080
 
-.PHONY: run test test-deps bench bench-quick bench-deps fuzz lint typecheck mutate clean help
+.PHONY: run edge-demo test test-deps bench bench-quick bench-deps fuzz lint typecheck mutate clean help
 
 help:
 	@echo "make run   - create .venv, install, serve the demo and the broker on tcp 5050 / udp 5051"
 	@echo "            and HTTP 8080 (the dashboard at http://127.0.0.1:8080/),"
 	@echo "            printing its methods and commands to try (Ctrl-C stops)"
+	@echo "make edge-demo - a cloud sink, an edge relay and simulated devices, with a status line"
 	@echo "make test  - create .venv, install dev dependencies, run the whole test suite"
 	@echo "make bench - install the peers (pyzmq, gRPC, NATS, Redis...) and run the benchmarks"
 	@echo "make fuzz  - fuzz the protocol core with atheris (FUZZ_RUNS=200000, bounded)"
@@ -30,6 +31,11 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 
 run: $(VENV)/.installed
 	$(BIN)/sockstack serve --broker $(HOST_PORTS)
+
+# Edge computing on one machine: a cloud sink, an edge relay with the example pipeline, and 50
+# simulated devices over UDP for 30 s, with the relay's status line (docs/EDGE.md).
+edge-demo: $(VENV)/.installed
+	examples/edge_demo.sh $(BIN)
 
 # Debian tools some tests use: tshark checks `sockstack inspect` against a real capture, chromium
 # runs the HTTP dashboard's browser test (Playwright drives Debian's browser: a browser download

@@ -10,7 +10,8 @@ The rules, all of them here:
 - A shell block runs line by line (``bash -c LINE``, cwd the repository root, the test's
   virtualenv first on PATH as after ``. .venv/bin/activate``), each bounded by a timeout. A
   line must exit 0; ``# prints X`` after it means its output is exactly X.
-- Lines starting a long-running command (``sockstack serve``/``broker``, ``make run``) start in
+- Lines starting a long-running command (``sockstack serve``/``broker``/``edge --...``, ``make
+  run``) start in
   the background, as in a second terminal, and the test waits for their banner; they keep
   running through the later blocks of the same README section (its python blocks call them)
   and are stopped with SIGINT (Ctrl-C) by their process group's PID when the section ends.
@@ -58,8 +59,15 @@ SKIPPED = {
     "make mutate": "mutation testing: hours",
     "make bench": "the benchmark suite: installs peer servers, many minutes",
 }
-BACKGROUND = ("sockstack serve", "sockstack broker", "sockstack sub", "make run")
+BACKGROUND = (
+    "sockstack serve",
+    "sockstack broker",
+    "sockstack edge --",
+    "sockstack sub",
+    "make run",
+)
 TLS_DIR = "/tmp/sockstack-tls"
+EDGE_DIR = "/tmp/sockstack-edge"
 
 
 @dataclass
@@ -107,6 +115,7 @@ class Substitution:
     def __init__(self, tmp: Path) -> None:
         self.ports: dict[str, str] = {}
         self.tls_dir = tmp / "tls"
+        self.edge_dir = tmp / "edge"
 
     def __call__(self, text: str) -> str:
         def port(m: re.Match[str]) -> str:
@@ -115,7 +124,7 @@ class Substitution:
             return m.group(1) + self.ports[m.group(2)]
 
         text = re.sub(r"((?:127\.0\.0\.1|localhost|\]|0\.0\.0\.0):)(5\d\d\d|8080)\b", port, text)
-        return text.replace(TLS_DIR, str(self.tls_dir))
+        return text.replace(TLS_DIR, str(self.tls_dir)).replace(EDGE_DIR, str(self.edge_dir))
 
 
 def test_every_block_is_shell_python_or_text() -> None:
@@ -200,7 +209,7 @@ def _run_shell(block: Block, sub: Substitution, state: Section) -> None:
             state.servers.append(proc)
             _wait_banner(proc, where)
             run_suggestions(proc.seen, where)
-        elif command.startswith(("sockstack serve", "sockstack broker")):
+        elif command.startswith(("sockstack serve", "sockstack broker", "sockstack edge --")):
             proc = Proc(["bash", "-c", f"exec {command}"], cwd=ROOT, group=True)
             state.servers.append(proc)
             _wait_banner(proc, where)
