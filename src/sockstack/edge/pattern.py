@@ -292,6 +292,7 @@ class Relay(Pattern):
         stats: SourceStats,
         reply: Reply | None = None,
         wanted: int = 0,
+        can_wait: bool = False,
     ) -> bool:
         """One reading from a device: deduplicated by its (epoch, seq), checked against the
         store's room, run through the pipeline, staged. False when it was refused (counted,
@@ -310,7 +311,7 @@ class Relay(Pattern):
                 return True
             gap = seq - last - 1 if epoch == last_epoch and last else 0
         try:
-            store.room(size + ROW_OVERHEAD)
+            store.room(size + ROW_OVERHEAD, can_wait)
         except StoreFull as exc:
             stats.count_dropped("store full")
             if reply is not None:
@@ -506,7 +507,7 @@ class Relay(Pattern):
 
     # ------------------------------------------------------------------ lines
 
-    def take_line(self, line: bytes, name: str, stats: SourceStats) -> None:
+    def take_line(self, line: bytes, name: str, stats: SourceStats, can_wait: bool = False) -> None:
         stats.received += 1
         stats.bytes += len(line) + 1
         try:
@@ -516,7 +517,7 @@ class Relay(Pattern):
             assert self.host is not None
             self.host.bad_log.warning("edge %s: bad line: %s", name, exc)
             return
-        self.take(reading, epoch, len(line), stats)
+        self.take(reading, epoch, len(line), stats, can_wait=can_wait)
 
     # ------------------------------------------------------------------ fog: rows from a relay
 
@@ -754,6 +755,9 @@ class _LineStream(asyncio.Protocol):
         self.decoder = LineDecoder(relay.max_line)
         self.stats_json = relay.source(f"{name} lines")
         self.paused = False
+        self.backlog: list[bytes] = []
+        """Lines read and not taken yet (at most one read's): the store's batch was full."""
+        self.ended = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -781,33 +785,58 @@ class _LineStream(asyncio.Protocol):
                 assert self.transport is not None
                 self.transport.close()
                 return
-        relay = self.relay
-        stats = self.stats_json
-        for line in self.decoder.feed(data):
-            if line.strip():
-                relay.take_line(line, self.name, stats)
+        self.backlog.extend(self.decoder.feed(data))
         if self.decoder.too_long:
             for _ in range(self.decoder.too_long):
-                stats.count_bad("line too long")
+                self.stats_json.count_bad("line too long")
             self.decoder.too_long = 0
+        self._take()
+
+    def _take(self) -> None:
+        """Take the lines read, until the staged bytes reach the store's bound: then stop
+        reading (backpressure) and keep the rest (at most one read) for after the commit."""
+        relay = self.relay
+        stats = self.stats_json
         store = relay.store
-        if store.pending.size >= store.limits.max_pending_bytes and not self.paused:
-            self.paused = True  # backpressure: read on once the commit under way is done
+        bound = store.limits.max_pending_bytes
+        lines = self.backlog
+        i = 0
+        n = len(lines)
+        while i < n:
+            if store.pending.size >= bound:
+                break
+            line = lines[i]
+            i += 1
+            if line.strip():
+                relay.take_line(line, self.name, stats, can_wait=True)
+        del lines[:i]
+        if lines and not self.paused and self.transport is not None:
+            self.paused = True  # read on once the commit under way is done
             relay._paused.add(self)
-            assert self.transport is not None
             self.transport.pause_reading()
+        if self.ended and not lines:
+            self._end()
 
     def resume(self) -> None:
         self.relay._paused.discard(self)
         if self.paused and self.transport is not None and not self.transport.is_closing():
             self.paused = False
             self.transport.resume_reading()
+            self._take()
 
     def eof_received(self) -> bool | None:
+        self.ended = True
+        if not self.backlog:
+            self._end()
+        return True  # (closed by us once the backlog is taken)
+
+    def _end(self) -> None:
         for line in self.decoder.end():
             if line.strip():
                 self.relay.take_line(line, self.name, self.stats_json)
-        return None
+        self.ended = False
+        if self.transport is not None:
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.relay._lines.discard(self)

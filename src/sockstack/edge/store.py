@@ -421,10 +421,16 @@ class Outbox:
         """Call ``listener(batch)`` on the loop after each batch is on disk."""
         self._listeners.append(listener)
 
-    def room(self, nbytes: int) -> None:
-        """Raise :class:`StoreFull` or :class:`StoreBusy` when ``nbytes`` more cannot be staged."""
+    def room(self, nbytes: int, can_wait: bool = False) -> None:
+        """Raise :class:`StoreFull` or :class:`StoreBusy` when ``nbytes`` more cannot be staged.
+        ``can_wait``: the caller stops reading its source while the staged bytes are over the
+        bound (a TCP connection of lines): no StoreBusy, the bound is passed by one read."""
         lim = self.limits
-        if self.pending.size + nbytes > lim.max_pending_bytes and self.pending.size:
+        if (
+            self.pending.size + nbytes > lim.max_pending_bytes
+            and self.pending.size
+            and not can_wait
+        ):
             raise StoreBusy("the relay's commit queue is full")
         if lim.when_full == "refuse":
             committing = self._committing.size if self._committing else 0
