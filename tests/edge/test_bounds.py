@@ -50,7 +50,7 @@ async def test_lines_that_never_end_hold_at_most_max_line_each(tmp_path: Path) -
         held = tracemalloc.get_traced_memory()[0] - base
         # 20 connections x 64 KiB of a line at most, plus their transports' read buffers
         assert held < 20 * 64 * 1024 + 6 * MiB, held
-        for line in relay._lines:  # noqa: SLF001 (the decoders themselves)
+        for line in relay._lines:  # (the decoders themselves)
             assert line.decoder.buffered <= relay.max_line
     finally:
         tracemalloc.stop()
