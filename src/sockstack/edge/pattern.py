@@ -129,6 +129,8 @@ class Relay(Pattern):
         self._timer: asyncio.TimerHandle | None = None
         self._started = 0.0
         self._async_lock: asyncio.Lock | None = None
+        self.waiting_bytes = 0
+        """Bytes of readings waiting for an async pipeline (bounded like the staged batch)."""
         self._opened = False
         self._stopped = False
         self._listening: asyncio.Task[None] | None = None
@@ -322,8 +324,15 @@ class Relay(Pattern):
             if reply is not None:
                 reply((ErrorCode.OVERLOADED, str(exc)))
             return False
-        if self._async_lock is not None:
-            self.loop.create_task(self._take_async(reading, key, epoch, size, stats, reply, wanted))  # type: ignore[union-attr]
+        if self._async_lock is not None:  # an async stage: in order, one at a time
+            if self.waiting_bytes >= store.limits.max_pending_bytes and not can_wait:
+                stats.count_dropped("busy")
+                if reply is not None:
+                    reply((ErrorCode.OVERLOADED, "the relay's pipeline is busy"))
+                return False
+            self.waiting_bytes += size + ROW_OVERHEAD
+            assert self.loop is not None
+            self.loop.create_task(self._take_async(reading, key, epoch, size, stats, reply, wanted))
             return True
         outputs = [reading] if self.pipeline is None else self.pipeline.push(reading, time.time())
         if self._stage(outputs, key, epoch, seq, size, stats, reply, wanted) and gap > 0:
@@ -341,9 +350,15 @@ class Relay(Pattern):
         wanted: int,
     ) -> None:
         assert self._async_lock is not None
-        async with self._async_lock:  # in order, one at a time: state and position agree
-            outputs = await self.pipeline.apush(reading, time.time())
-            self._stage(outputs, key, epoch, reading.seq, size, stats, reply, wanted)
+        try:
+            async with self._async_lock:  # in order, one at a time: state and position agree
+                outputs = await self.pipeline.apush(reading, time.time())
+                self._stage(outputs, key, epoch, reading.seq, size, stats, reply, wanted)
+        finally:
+            self.waiting_bytes -= size + ROW_OVERHEAD
+            if self._paused and not self.waiting_bytes:  # (nothing staged: no commit wakes them)
+                for line in list(self._paused):
+                    line.resume()
 
     def _stage(
         self,
@@ -803,7 +818,7 @@ class _LineStream(asyncio.Protocol):
         i = 0
         n = len(lines)
         while i < n:
-            if store.pending.size >= bound:
+            if store.pending.size + relay.waiting_bytes >= bound:
                 break
             line = lines[i]
             i += 1
