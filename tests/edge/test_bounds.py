@@ -16,9 +16,7 @@ MiB = 1 << 20
 
 
 async def _relay(tmp_path: Path, **limits: int) -> tuple[Relay, Server, int]:
-    relay = Relay(
-        tmp_path / "edge.db", listen=["tcp://127.0.0.1:0"], limits=StoreLimits(**limits)
-    )
+    relay = Relay(tmp_path / "edge.db", listen=["tcp://127.0.0.1:0"], limits=StoreLimits(**limits))
     server = Server(patterns=[relay])
     await server.start()
     return relay, server, relay.endpoints()[0].port

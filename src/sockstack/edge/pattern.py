@@ -32,7 +32,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from sockstack.edge.forward import Forwarder, ForwardSettings
 from sockstack.edge.ingest import FRAME_PREFIX, BadInput, LineDecoder, SourceStats, parse_line
@@ -775,11 +775,10 @@ class _LineStream(asyncio.Protocol):
         self.ended = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's: not a subclass)
         if len(self.relay._lines) >= MAX_LINE_CONNECTIONS:
             self.stats_json.count_dropped("too many connections")
-            transport.close()
+            self.transport.close()
             return
         self.relay._lines.add(self)
 
