@@ -39,15 +39,18 @@ edge-demo: $(VENV)/.installed
 
 # Debian tools some tests use: tshark checks `sockstack inspect` against a real capture, chromium
 # runs the HTTP dashboard's browser test (Playwright drives Debian's browser: a browser download
-# of the test tool's own cannot work here). The tests that need them are skipped, saying why,
-# where they cannot be installed (no root or apt).
+# of the test tool's own cannot work here), postgresql is the server tests/edge/pg.py starts for
+# the PostgreSQL sink's tests (its programs are under /usr/lib/postgresql/N/bin, not on PATH;
+# RUNLEVEL=1 keeps the package's own cluster from starting). The tests that need them are
+# skipped, saying why, where they cannot be installed (no root or apt).
 TEST_DEBS := tshark chromium
 test-deps:
 	@missing=""; for b in $(TEST_DEBS); do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1 || \
-	    { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1; } || \
+	    RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1; } || \
 	    echo "not installed:$$missing (apt failed): the tests that need them will be skipped"; \
 	  else echo "not installed:$$missing (needs root and apt): the tests that need them will be skipped"; fi; \
 	fi
