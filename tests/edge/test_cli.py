@@ -60,7 +60,7 @@ def test_simulate_status_and_verify(tmp_path: Path) -> None:
         report = json.loads(out.stdout)
         assert report["sent"] == 100 and report["acked"] == {"disk": 100}
         out = run(["sockstack", "simulate", "--to", udp, "--devices", "2", "--rate", "20",
-                   "--duration", "0.5", "--format", "json"])  # fmt: skip
+                   "--duration", "0.5", "--format", "json", "--json"])  # fmt: skip
         assert out.returncode == 0 and json.loads(out.stdout)["sent"] == 20
         second = run(["sockstack", "edge", "--store", str(store), "--listen", "tcp://127.0.0.1:0"])
         assert second.returncode == 2 and "in use by another process" in second.stderr

@@ -148,6 +148,8 @@ class Forwarder:
             await client.close()
 
     async def _send(self, client: Any, rows: list[Row]) -> int:
+        if client.channel is None:  # not connected yet (or never could be): try now
+            await client.connect()
         result = await client.call(
             "edge.forward",
             self.store.origin,
