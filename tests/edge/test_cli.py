@@ -53,7 +53,7 @@ def test_usage_errors(tmp_path: Path) -> None:
 
 def test_simulate_status_and_verify(tmp_path: Path) -> None:
     store = tmp_path / "edge.db"
-    with relay(store) as (proc, tcp, udp):
+    with relay(store) as (_, tcp, udp):
         out = run(["sockstack", "simulate", "--to", tcp, "--devices", "4", "--rate", "50",
                    "--duration", "0.5", "--ack", "disk", "--json"])  # fmt: skip
         assert out.returncode == 0, out.stderr

@@ -158,6 +158,7 @@ async def test_kill_9_at_random_moments_loses_and_repeats_nothing(tmp_path: Path
         flapper = asyncio.create_task(flap(proxy, rng, stop_flapping))
         for _ in range(KILLS):
             await devices.wait_for(devices.total + rng.randint(1, 40))
+            await asyncio.sleep(rng.uniform(0, 0.02))  # (a random moment, not a wait for one)
             await relay.kill()
             await relay.start()
         devices.stopping = True
