@@ -229,3 +229,31 @@ async def test_with_a_secret_sessions_authenticate_and_lines_are_refused(tmp_pat
         assert list(udp_lines["dropped"]) == ["unauthenticated (the relay has a secret)"]
         await committed(relay)
     assert {r[1] for r in rows(tmp_path / "edge.db")} == {"ok"}
+
+
+async def test_prometheus_metrics_of_a_relay(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+
+    from sockstack.metrics import ServerMetrics
+
+    metrics = ServerMetrics()
+    relay = Relay(tmp_path / "edge.db", listen=["tcp://127.0.0.1:0"])
+    server = Server(patterns=[relay], interceptors=[metrics])
+    await server.start()
+    try:
+        async with AsyncClient(str(relay.endpoints()[0])) as client:
+            device = Device(client, "m", epoch=1)
+            for i in (1, 2, 5):  # 3 and 4 never sent: lost
+                await device.send(i, seq=i)
+        text = generate_latest(metrics.registry).decode()
+    finally:
+        await server.shutdown()
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line.startswith("sockstack_edge_")
+    }
+    assert values["sockstack_edge_backlog_rows"] == 3
+    assert values["sockstack_edge_lost_total"] == 2
+    assert values["sockstack_edge_committed_rows_total"] == 3
+    assert values["sockstack_edge_oldest_age_seconds"] >= 0

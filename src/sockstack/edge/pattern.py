@@ -742,17 +742,34 @@ class Sink(Pattern):
         self, origin: str, rows: list[Any], stats: dict[str, int] | None = None
     ) -> dict[str, int]:
         """Runs on a worker thread: the store's transaction is blocking."""
-        from sockstack.edge.sink import BadBatch
+        from sockstack.edge.sink import BadBatch, SinkError
 
         checked = check_rows(origin, rows)
         try:
             through = self.store.accept(origin, checked, stats)
         except BadBatch as exc:
             raise EdgeError(ErrorCode.BAD_RECORD, str(exc)) from None
+        except SinkError as exc:
+            log.error("sink: %s", exc)
+            raise EdgeError(ErrorCode.UNAVAILABLE, str(exc)) from None
         return {"through": int(through), "level": 2}
 
     def stats(self) -> dict[str, Any]:
         return dict(self.store.stats())
+
+    def metrics(self) -> Sequence[tuple[str, str, str, float]]:
+        try:
+            totals = self.store.stats()["totals"]
+        except Exception:  # (the database is down: the scrape goes on without these)
+            return ()
+        return [
+            ("sockstack_sink_rows_total", "counter", "Rows stored, once each", totals["rows"]),
+            ("sockstack_sink_duplicates_total", "counter", "Rows sent again, skipped",
+             totals["duplicates"]),
+            ("sockstack_sink_missing_total", "counter",
+             "Ids never received (relays that dropped or quarantined rows)", totals["missing"]),
+            ("sockstack_sink_relays", "gauge", "Relays (origins) seen", totals["origins"]),
+        ]  # fmt: skip
 
     async def closed(self) -> None:
         self.store.close()
