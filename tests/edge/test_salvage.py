@@ -22,7 +22,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sockstack.edge.records import Row, row_crc
-from sockstack.edge.salvage import SalvageReport, salvage, salvage_index, salvage_report
+from sockstack.edge.salvage import (
+    SalvageReport,
+    salvage,
+    salvage_index,
+    salvage_report,
+    wal_report,
+)
 
 OUTBOX = (
     "CREATE TABLE outbox(id INTEGER PRIMARY KEY, stream TEXT NOT NULL, seq INTEGER NOT NULL,"
@@ -83,7 +89,9 @@ def _position_crc(source: str, epoch: int, seq: int) -> int:
     return zlib.crc32(struct.pack(">qq", epoch, seq) + source.encode())
 
 
-def _build(path: Path, n: int, *, page_size: int = 4096, seed: int = 1, big_every: int = 50) -> Rows:
+def _build(
+    path: Path, n: int, *, page_size: int = 4096, seed: int = 1, big_every: int = 50
+) -> Rows:
     """A store like the relay's: outbox rows, positions and meta rows (each with a crc)."""
     rows = _outbox_rows(n, seed, big_every)
     con = _connect(path, page_size)
@@ -132,6 +140,12 @@ def _outbox_of(found: Iterator[tuple[int, tuple[Any, ...]]]) -> list[tuple[int, 
     return [(rowid, v) for rowid, v in found if len(v) == 6 and v[0] is None]
 
 
+def _norm(v: tuple[Any, ...]) -> tuple[Any, ...]:
+    """An outbox row's values with its time as a float (SQLite stores a whole REAL as an
+    integer: it reads back as a float, and so does the relay)."""
+    return (None, v[1], v[2], float(v[3]), v[4], v[5])
+
+
 def _intact(rowid: int, v: tuple[Any, ...]) -> bool:
     _, stream, seq, t, body, crc = v
     if not (
@@ -152,7 +166,7 @@ def _check_damaged(path: Path, rows: Rows, pages: dict[int, set[int]], touched: 
     kept: dict[int, tuple[Any, ...]] = {}
     for rowid, v in _outbox_of(salvage(path, report=report)):
         if _intact(rowid, v):
-            assert rowid in rows and (None, v[1], v[2], float(v[3]), v[4], v[5]) == rows[rowid]
+            assert rowid in rows and _norm(v) == rows[rowid]
             kept[rowid] = v
     missing = [r for r, on in pages.items() if not on & touched and r not in kept]
     assert not missing, (touched, report)
@@ -177,7 +191,7 @@ def test_an_intact_store_gives_back_exactly_every_row(store: tuple[Path, Rows]) 
     found = list(salvage(path, report=report))
     outbox = _outbox_of(iter(found))
     assert len(outbox) == len(rows)  # each once
-    assert {rowid: (None, *v[1:3], float(v[3]), *v[4:]) for rowid, v in outbox} == rows
+    assert {rowid: _norm(v) for rowid, v in outbox} == rows
     assert all(_intact(rowid, v) for rowid, v in outbox)
     positions = {v[0]: v for _, v in found if len(v) == 4}
     assert len(positions) == 200
@@ -209,7 +223,7 @@ def test_every_serial_type_decodes_as_sqlite_reads_it(tmp_path: Path) -> None:
     values: list[Any] = [None, 0, 1, -1, 127, -128, 32767, -32768, 2**23 - 1, -(2**23)]
     values += [2**31 - 1, -(2**31), 2**47 - 1, -(2**47), 2**63 - 1, -(2**63), 1.5, -0.0, 1e308]
     values += ["", "é€😀", b"", b"\x00\xff", "x" * 5000, b"y" * 70000]
-    rowids = [-(2**63), -1, 0, 2**63 - 1] + list(range(1, len(values) - 3))
+    rowids = [-(2**63), -1, 0, 2**63 - 1, *range(1, len(values) - 3)]
     con.executemany("INSERT INTO t(rowid, v) VALUES (?, ?)", zip(rowids, values, strict=True))
     con.commit()
     truth = dict(con.execute("SELECT rowid, v FROM t"))
@@ -268,7 +282,9 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, Rows, dict[i
 
 @needs_dbstat
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)), max_size=40))
+@given(
+    flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)), max_size=40)
+)
 def test_any_flipped_bytes_keep_every_untouched_row(
     small: tuple[bytes, Rows, dict[int, set[int]]],
     tmp_path_factory: pytest.TempPathFactory,
@@ -493,6 +509,31 @@ def test_frames_of_a_transaction_that_never_committed_are_not_read(tmp_path: Pat
     assert dict(got) == truth and len(got) == len(truth)
 
 
+def test_frames_of_an_older_wal_generation_are_not_read(tmp_path: Path) -> None:
+    """After a checkpoint the next writer starts the WAL over (new salts) and overwrites it from
+    the start: the older frames left past its end are stale versions of pages, not read."""
+    live = tmp_path / "live.db"
+    con = _wal_store(live)
+    for batch in range(4):
+        _insert(con, _outbox_rows(400, 20 + batch, 30, first=1 + 400 * batch))
+    con.execute("PRAGMA wal_checkpoint(PASSIVE)")  # the WAL keeps its frames, all copied
+    size = os.path.getsize(f"{live}-wal")
+    stream, seq, t, body = con.execute("SELECT stream, seq, time, body FROM outbox").fetchone()
+    con.execute(
+        "UPDATE outbox SET seq = ?, crc = ? WHERE id = 1",
+        (seq + 1, row_crc(1, stream, seq + 1, t, body)),
+    )
+    assert os.path.getsize(f"{live}-wal") == size  # started over: the old frames are still there
+    truth = _read_back(live, tmp_path / "truth.db")
+    crashed = tmp_path / "crashed.db"
+    _snapshot(live, crashed)
+    con.close()
+    report = SalvageReport()
+    got = _outbox_of(salvage(crashed, report=report))
+    assert dict(got) == truth and len(got) == len(truth)
+    assert report.wal_frames_refused > 0  # the older generation's
+
+
 def test_a_damaged_wal_never_raises_and_keeps_only_committed_versions(tmp_path: Path) -> None:
     """Flipped bytes in the WAL's frames: every row read whose checksum holds is a version of
     that row some transaction committed (the newest, or an older one when the newest frame of
@@ -503,7 +544,9 @@ def test_a_damaged_wal_never_raises_and_keeps_only_committed_versions(tmp_path: 
     rng = random.Random(11)
     for batch in range(6):
         rows = _outbox_rows(300, 10 + batch, 20, first=1 + 300 * batch)
+        con.execute("BEGIN")
         _insert(con, rows)
+        con.execute("COMMIT")
         versions |= set(rows.items())
         changed = {}
         for i in rng.sample(sorted(rows), 50):
@@ -520,14 +563,24 @@ def test_a_damaged_wal_never_raises_and_keeps_only_committed_versions(tmp_path: 
     pristine_wal = Path(f"{crashed}-wal").read_bytes()
     for _ in range(8):
         wal = bytearray(pristine_wal)
-        for _ in range(rng.randrange(1, 20)):
-            wal[rng.randrange(len(wal))] ^= rng.randrange(1, 256)
+        spots = [rng.randrange(32, len(wal)) for _ in range(rng.randrange(1, 20))]
+        for at in spots:  # in the frames (a flip in the WAL header is tried below)
+            wal[at] ^= rng.randrange(1, 256)
         Path(f"{crashed}-wal").write_bytes(wal)
         report = SalvageReport()
         for rowid, v in _outbox_of(salvage(crashed, report=report)):
             if _intact(rowid, v):
-                assert (rowid, (None, v[1], v[2], float(v[3]), v[4], v[5])) in versions
+                assert (rowid, _norm(v)) in versions
         assert report.wal_frames_used + report.wal_frames_refused == report.wal_frames
+        assert report.wal_frames_refused >= 1  # each damaged frame fails its checksum
+    for at in (0, 9, 16, 24):  # magic, page size, salt, checksum of the WAL header
+        wal = bytearray(pristine_wal)
+        wal[at] ^= 0x40
+        Path(f"{crashed}-wal").write_bytes(wal)
+        report = SalvageReport()
+        for rowid, v in _outbox_of(salvage(crashed, report=report)):
+            assert not _intact(rowid, v) or (rowid, _norm(v)) in versions
+        assert report.wal_note or report.wal_frames_refused >= 1
 
 
 def test_the_wal_gives_the_page_size_when_the_header_is_gone(tmp_path: Path) -> None:
@@ -576,3 +629,38 @@ def test_memory_is_one_page_and_one_cell_not_the_file(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert n == 12_002 and biggest == 1_000_000
     assert peak < 2 * 1_000_000 + 64 * 1024, peak  # the row's payload, then its body
+
+
+def test_committed_transactions_after_a_damaged_wal_frame_are_kept(tmp_path: Path) -> None:
+    """SQLite's own recovery stops at the first frame whose checksum fails and drops every
+    transaction after it, committed or not; salvage checks each frame against the one before it
+    and keeps them, and wal_report counts them (the relay salvages instead of opening)."""
+    live = tmp_path / "live.db"
+    con = _wal_store(live)
+    batches = [_outbox_rows(300, 30 + b, 1000, first=1 + 300 * b) for b in range(6)]
+    frames_before = 0
+    for b, rows in enumerate(batches):
+        con.execute("BEGIN")
+        _insert(con, rows)
+        con.execute("COMMIT")
+        if b == 0:
+            frames_before = (os.path.getsize(f"{live}-wal") - 32) // (24 + 4096)
+    crashed = tmp_path / "crashed.db"
+    _snapshot(live, crashed)
+    con.close()
+    assert wal_report(crashed).wal_commits_after_damage == 0
+    wal = bytearray(Path(f"{crashed}-wal").read_bytes())
+    damaged_frame = frames_before + 1  # the second frame of the second transaction
+    wal[32 + damaged_frame * (24 + 4096) + 24 + 2000] ^= 0x55  # its page data
+    Path(f"{crashed}-wal").write_bytes(wal)
+    report = wal_report(crashed)
+    assert report.wal_commits_after_damage == 5 and report.wal_frames_refused == 1
+    copy = tmp_path / "sqlite-reads.db"
+    _snapshot(crashed, copy)
+    sqlite_reads = sqlite3.connect(copy)
+    kept_by_sqlite = {i for (i,) in sqlite_reads.execute("SELECT id FROM outbox")}
+    sqlite_reads.close()
+    assert kept_by_sqlite == set(batches[0])  # SQLite: the five later transactions are gone
+    got = {rowid for rowid, v in _outbox_of(salvage(crashed)) if _intact(rowid, v)}
+    assert set(batches[-1]) <= got  # salvage: the newest transactions are there
+    assert len(got) >= sum(map(len, batches)) - 300

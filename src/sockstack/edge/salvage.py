@@ -29,6 +29,7 @@ ordinary indexes (the indexed columns then the rowid).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from collections import Counter
@@ -36,7 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-__all__ = ["SalvageReport", "salvage", "salvage_index", "salvage_report"]
+__all__ = ["SalvageReport", "salvage", "salvage_index", "salvage_report", "wal_report"]
 
 _MAGIC = b"SQLite format 3\x00"
 _PAGE_SIZES = tuple(1 << n for n in range(9, 17))  # 512 .. 65536
@@ -96,6 +97,10 @@ class SalvageReport:
     """Committed frames with a good salt and checksum (older versions of a page included)."""
     wal_frames_refused: int = 0
     """Frames with a bad salt or checksum, or written by a transaction that never committed."""
+    wal_commits_after_damage: int = 0
+    """Committed transactions in the WAL that follow a damaged frame (or a damaged WAL header).
+    SQLite's own recovery stops at the first bad frame and would drop them without a word (and
+    its next checkpoint deletes them): salvage still reads them."""
     wal_note: str = ""
     """Why the WAL was not read, when it exists and was not."""
 
@@ -162,6 +167,18 @@ def salvage_report(
     report = SalvageReport()
     for _ in _Salvager(path, max_bytes, max_payload, wal, report).scan(tables=True, indexes=True):
         pass
+    return report
+
+
+def wal_report(path: str | os.PathLike[str], *, max_bytes: int = 1 << 34) -> SalvageReport:
+    """Check ``path``'s WAL (``path + "-wal"``) without reading the database's pages: its frames
+    used and refused, and :attr:`SalvageReport.wal_commits_after_damage`. Run it before SQLite
+    opens a store that has a WAL: when that count is not 0, opening normally would lose those
+    committed transactions, so salvage instead. Raises only OSError (the file cannot be read)."""
+    report = SalvageReport()
+    salvager = _Salvager(path, max_bytes, 1 << 30, True, report)
+    for _ in salvager.scan(tables=False, indexes=False, pages=False):
+        pass  # pragma: no cover - yields nothing
     return report
 
 
@@ -273,24 +290,24 @@ class _Salvager:
 
     # ------------------------------------------------------------------ the pass
 
-    def scan(self, *, tables: bool, indexes: bool) -> Iterator[tuple[int, int, tuple[Any, ...]]]:
-        """(page kind, rowid or 0, values) of every cell that decodes, page by page."""
-        with open(self.path, "rb", buffering=0) as db:
-            self.db = db
+    def scan(
+        self, *, tables: bool, indexes: bool, pages: bool = True
+    ) -> Iterator[tuple[int, int, tuple[Any, ...]]]:
+        """(page kind, rowid or 0, values) of every cell that decodes, page by page (none and no
+        page read unless ``pages``: the geometry and the WAL only)."""
+        with contextlib.ExitStack() as files:
+            self.db = files.enter_context(open(self.path, "rb", buffering=0))
             wal_path = self.path + "-wal"
-            wal: IO[bytes] | None = None
+            if self.use_wal and os.path.exists(wal_path):
+                try:
+                    self.wal = files.enter_context(open(wal_path, "rb", buffering=0))
+                except OSError as exc:
+                    self.report.wal_note = f"WAL not readable: {exc}"
             try:
-                if self.use_wal and os.path.exists(wal_path):
-                    try:
-                        wal = open(wal_path, "rb", buffering=0)  # noqa: SIM115 - closed below
-                    except OSError as exc:
-                        self.report.wal_note = f"WAL not readable: {exc}"
-                self.wal = wal
                 self._geometry()
-                yield from self._pages(tables, indexes)
+                if pages:
+                    yield from self._pages(tables, indexes)
             finally:
-                if wal is not None:
-                    wal.close()
                 self.db = self.wal = None
 
     def _pages(self, tables: bool, indexes: bool) -> Iterator[tuple[int, int, tuple[Any, ...]]]:
@@ -387,6 +404,8 @@ class _Salvager:
             local = least
         if pos + local + 4 > end:
             raise _Refused("cell past the end of the page")
+        if n - local > self.npages * (usable - 4):  # before allocating the payload
+            raise _Refused("payload larger than the file")
         head = page[pos : pos + local]
         if _record_header_fits(head, n) is False:  # None: the header itself spills; check later
             raise _Refused("record header does not match the payload size")
@@ -538,7 +557,8 @@ class _Salvager:
         the database size in pages the newest such commit states (0: the WAL adds nothing).
 
         A frame's checksum is checked from the stored checksum of the frame before it, so one
-        damaged frame costs that frame and the next, not the rest of the log. Every frame before
+        damaged frame costs that frame (and the next, when the damage is in its stored
+        checksum), not the rest of the log as in SQLite's own recovery. Every frame before
         a good commit frame was committed (a writer only appends after the last commit), so
         frames of a transaction whose own commit frame is damaged count from the next good
         commit on; frames after the last good commit are a transaction that never committed."""
@@ -562,6 +582,7 @@ class _Salvager:
         big = magic == _WAL_MAGIC[1]
         salts = header[16:24]
         prev = struct.unpack_from(">II", header, 24)
+        damaged = _wal_checksum(header[:24], 0, 0, big) != prev  # SQLite then ignores the WAL
         frame_size = _WAL_FRAME_HEADER + self.page_size
         nframes = min(wal_bytes, self.max_bytes) - _WAL_HEADER
         nframes = max(0, nframes // frame_size)
@@ -577,6 +598,7 @@ class _Salvager:
                 frame = b""
             if len(frame) < frame_size:
                 report.wal_frames_refused += 1
+                damaged = True
                 continue
             pgno, commit, _s1, _s2, c0, c1 = _frame_header(frame, 0)
             good = (
@@ -587,10 +609,12 @@ class _Salvager:
             prev = (c0, c1)
             if not good:
                 report.wal_frames_refused += 1
+                damaged = True  # SQLite's recovery ends here
                 continue
             pending[pgno] = at
             npending += 1
             if commit:
+                report.wal_commits_after_damage += damaged
                 self.frames.update(pending)
                 report.wal_frames_used += npending
                 pending.clear()
