@@ -664,3 +664,85 @@ def test_committed_transactions_after_a_damaged_wal_frame_are_kept(tmp_path: Pat
     got = {rowid for rowid, v in _outbox_of(salvage(crashed)) if _intact(rowid, v)}
     assert set(batches[-1]) <= got  # salvage: the newest transactions are there
     assert len(got) >= sum(map(len, batches)) - 300
+
+
+# ---------------------------------------------------------------------------- deletes, reserve
+
+
+@pytest.mark.parametrize("secure_delete", ["ON", "OFF"])
+def test_deleted_rows_stay_deleted_only_with_secure_delete(
+    tmp_path: Path, secure_delete: str
+) -> None:
+    """The relay deletes rows as they are forwarded. With secure_delete SQLite zeroes what it
+    frees, so salvage gives back exactly the remaining rows. Without it freed pages keep their
+    old cells, rows whose checksum still holds (they were good rows): salvage would resurrect
+    them, and no checksum can tell."""
+    path = tmp_path / "drained.db"
+    rows = _outbox_rows(4000, 40, 25)
+    con = _connect(path)
+    con.execute(f"PRAGMA secure_delete={secure_delete}")
+    con.execute(OUTBOX)
+    con.execute("BEGIN")
+    _insert(con, rows)
+    con.execute("COMMIT")
+    con.execute("DELETE FROM outbox WHERE id <= 3000")  # drained: whole pages freed
+    con.execute("DELETE FROM outbox WHERE id % 2 = 0")  # and cells freed inside pages
+    con.execute("PRAGMA incremental_vacuum(3)")  # a few pages given back, most still free
+    con.close()
+    remaining = {i: r for i, r in rows.items() if i > 3000 and i % 2}
+    report = SalvageReport()
+    got = dict(_outbox_of(salvage(path, report=report)))
+    assert report.usable_size == 4096
+    assert remaining.items() <= {i: _norm(v) for i, v in got.items()}.items()
+    ghosts = {i for i, v in got.items() if i not in remaining and _intact(i, v)}
+    if secure_delete == "ON":
+        assert got.keys() == remaining.keys()
+    else:
+        assert ghosts, "freed pages kept no old rows?"
+
+
+def _reserve_bytes(path: Path, n: int) -> bool:
+    """Rewrite ``path`` with ``n`` bytes reserved at the end of each page (SQLite's
+    SQLITE_FCNTL_RESERVE_BYTES then VACUUM, through the SQLite library itself: Python's module
+    has no call for it). False where the library cannot be loaded."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("sqlite3")
+    if name is None:
+        return False
+    try:
+        lib = ctypes.CDLL(name)
+    except OSError:
+        return False
+    db = ctypes.c_void_p()
+    if lib.sqlite3_open(os.fsencode(path), ctypes.byref(db)) != 0:
+        return False
+    try:
+        reserve = ctypes.c_int(n)
+        if lib.sqlite3_file_control(db, b"main", 38, ctypes.byref(reserve)) != 0:
+            return False
+        return bool(lib.sqlite3_exec(db, b"VACUUM", None, None, None) == 0)
+    finally:
+        lib.sqlite3_close(db)
+
+
+@pytest.mark.parametrize("damage", ["none", "reserve byte zeroed", "header zeroed"])
+def test_bytes_reserved_at_each_page_end(tmp_path: Path, damage: str) -> None:
+    """A database with 40 bytes reserved per page (as checksum or encryption extensions keep):
+    the usable size changes where overflowing payloads split; it is taken from the pages."""
+    path = tmp_path / "reserved.db"
+    rows = _build(path, 1500, big_every=9)
+    if not _reserve_bytes(path, 40):
+        pytest.skip("the SQLite library cannot be loaded to reserve bytes")
+    data = bytearray(path.read_bytes())
+    assert data[20] == 40
+    if damage == "reserve byte zeroed":
+        data[20] = 0
+    elif damage == "header zeroed":
+        data[:100] = bytes(100)
+    path.write_bytes(data)
+    report = SalvageReport()
+    got = dict(_outbox_of(salvage(path, report=report)))
+    assert report.usable_size == 4096 - 40
+    assert {i: _norm(v) for i, v in got.items()} == rows

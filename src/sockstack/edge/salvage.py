@@ -245,22 +245,55 @@ def _page_is_btree(head: bytes, offset: int, size: int) -> bool:
     return True
 
 
-def _small_cells_end(head: bytes, offset: int) -> int:
-    """The end of the furthest table-leaf cell among the first ones the page names whose payload
-    is too small ever to spill (0: none): the first cell SQLite puts on a page ends at the usable
-    size, so this tells the bytes reserved at the end of a page."""
-    ncells = _u16(head, offset + 3)[0]
-    furthest = 0
-    for i in range(min(ncells, _SAMPLE_POINTERS)):
-        try:
+def _leaf_usable(head: bytes, offset: int, page_size: int) -> list[int]:
+    """The usable sizes a table-leaf page accounts for (none: it cannot tell). Every byte from
+    the start of the content area to the end of the usable area is in a cell, a freeblock or a
+    fragment, whatever was deleted from the page, so their sum is the usable size; a cell that
+    spills keeps a part on the page whose size depends on the usable size, so each possible one
+    is tried."""
+    least = max(480, page_size - 255)
+    try:
+        freeblock, ncells, content, fragmented = struct.unpack_from(">HHHB", head, offset + 1)
+        fixed = (content or 65536) + fragmented
+        spilled: list[tuple[int, int]] = []  # (bytes before the payload, payload size)
+        for i in range(ncells):
             ptr = _u16(head, offset + 8 + 2 * i)[0]
-            n, pos = _varint(head, ptr, len(head))
-            _rowid, pos = _varint(head, pos, len(head))
-        except (_Refused, struct.error):
-            continue
-        if n <= _SMALL_PAYLOAD:
-            furthest = max(furthest, pos + n)
-    return furthest
+            n, pos = _varint(head, ptr, page_size)
+            _rowid, pos = _varint(head, pos, page_size)
+            if n <= least - 35:  # never spills, whatever the usable size
+                fixed += max(4, pos + n - ptr)
+            else:
+                spilled.append((pos - ptr, n))
+        for _ in range(page_size // 4):  # the freeblock chain, ascending
+            if not freeblock:
+                break
+            following, size = struct.unpack_from(">HH", head, freeblock)
+            if following and following <= freeblock + size:
+                return []
+            fixed += size
+            freeblock = following
+        else:
+            return []
+    except (_Refused, struct.error):
+        return []
+    if not spilled:
+        return [fixed] if least <= fixed <= page_size else []
+    return [u for u in range(least, page_size + 1) if fixed + _spilled_size(spilled, u) == u]
+
+
+def _spilled_size(cells: list[tuple[int, int]], usable: int) -> int:
+    """The bytes the cells of ``cells`` (head bytes, payload size) take on a table-leaf page of
+    ``usable`` bytes (fileformat2 §1.6, the local payload rule)."""
+    most = usable - 35
+    least = (usable - 12) * 32 // 255 - 23
+    total = 0
+    for head, n in cells:
+        if n <= most:
+            total += max(4, head + n)
+        else:
+            local = least + (n - least) % (usable - 4)
+            total += head + (local if local <= most else least) + 4
+    return total
 
 
 class _Salvager:
@@ -495,8 +528,8 @@ class _Salvager:
         return count
 
     def _usable(self, size: int, header: bytes | None) -> int:
-        """The page size less the bytes reserved at each page's end: the header's when the pages
-        do not clearly say otherwise (where the first cell put on a leaf page ends)."""
+        """The page size less the bytes reserved at each page's end: the header's unless the
+        leaf pages clearly account for another (:func:`_leaf_usable`)."""
         assert self.db is not None
         page_size = self.page_size
         votes: Counter[int] = Counter()
@@ -505,16 +538,15 @@ class _Salvager:
                 offset = 100 if at == 0 else 0
                 head = _pread(self.db, page_size, at)
                 if _page_is_btree(head, offset, page_size) and head[offset] == _TABLE_LEAF:
-                    end = _small_cells_end(head, offset)
-                    if page_size - 255 <= end <= page_size and end >= 480:
-                        votes[end] += 1
+                    votes.update(_leaf_usable(head, offset, page_size))
         stated = page_size - header[20] if header is not None else None
+        if stated is not None and stated < 480:
+            stated = None
         if votes:
             usable, n = votes.most_common(1)[0]
-            total = sum(votes.values())
-            if stated is None or (usable != stated and n >= 3 and 3 * n >= 2 * total):
+            if stated is None or (n >= 2 and votes[stated] * 2 < n):
                 return usable
-        return stated if stated is not None and stated >= 480 else page_size
+        return stated if stated is not None else page_size
 
     def _encoding(self, stated: int) -> str:
         """The text encoding: the one under which the schema's first row on page 1 reads as a
