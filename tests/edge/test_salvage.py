@@ -746,3 +746,31 @@ def test_bytes_reserved_at_each_page_end(tmp_path: Path, damage: str) -> None:
     got = dict(_outbox_of(salvage(path, report=report)))
     assert report.usable_size == 4096 - 40
     assert {i: _norm(v) for i, v in got.items()} == rows
+
+
+@needs_dbstat
+def test_many_copies_of_a_long_chain_spend_a_bounded_budget(tmp_path: Path) -> None:
+    """A leaf page whose row has a 100-page overflow chain, written over 40 other pages (as
+    misdirected writes would): each copy follows the chain, but all chains together read at
+    most twice the file's pages plus 64, then cells are refused, counted."""
+    path = tmp_path / "copies.db"
+    con = _connect(path)
+    con.execute(OUTBOX)
+    con.execute("BEGIN")
+    _insert(con, _outbox_rows(2000, 50, 10**9))
+    con.execute(
+        "INSERT INTO outbox VALUES (99999, 's', 0, 0.0, ?, 0)",
+        (random.Random(5).randbytes(400_000),),
+    )
+    con.execute("COMMIT")
+    con.close()
+    pages = _row_pages(path)
+    data = bytearray(path.read_bytes())
+    (leaf,) = (p for p in pages[99999] if data[(p - 1) * 4096] == 0x0D)  # the rest: overflow
+    others = sorted({p for r, on in pages.items() if r != 99999 for p in on} - {leaf})[:40]
+    for pgno in others:
+        data[(pgno - 1) * 4096 : pgno * 4096] = data[(leaf - 1) * 4096 : leaf * 4096]
+    path.write_bytes(data)
+    report = salvage_report(path)
+    assert report.overflow_pages_read <= 2 * report.pages + 64 < 40 * 100
+    assert report.refused["overflow budget spent"] > 0

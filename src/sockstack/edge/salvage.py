@@ -215,6 +215,14 @@ def _pread(f: IO[bytes], size: int, offset: int) -> bytes:
     return f.read(size)  # pragma: no cover
 
 
+def _read_or_nothing(f: IO[bytes], size: int, offset: int) -> bytes:
+    """What a damaged stretch (an I/O error) gives: nothing, so that it counts as bad bytes."""
+    try:
+        return _pread(f, size, offset)
+    except OSError:
+        return b""
+
+
 def _wal_checksum(data: bytes, s0: int, s1: int, big_endian: bool) -> tuple[int, int]:
     """The WAL's checksum (fileformat2 §4.3) of ``data`` (a multiple of 8 bytes) from (s0, s1)."""
     words = struct.unpack(f"{'>' if big_endian else '<'}{len(data) // 4}I", data)
@@ -479,7 +487,7 @@ class _Salvager:
         assert self.db is not None
         report = self.report
         size = os.fstat(self.db.fileno()).st_size
-        header = _pread(self.db, 100, 0)
+        header = _read_or_nothing(self.db, 100, 0)
         raw = _u16(header, 16)[0] if len(header) >= 18 else 0
         stated = 65536 if raw == 1 else raw
         report.header_ok = ok = (
@@ -523,7 +531,7 @@ class _Salvager:
         count = 0
         for start, stop in _windows(size):
             for at in range(start, stop, page_size):
-                head = _pread(self.db, 12 + 2 * _SAMPLE_POINTERS + (100 if at == 0 else 0), at)
+                head = _read_or_nothing(self.db, 12 + 2 * _SAMPLE_POINTERS + 100 * (at == 0), at)
                 count += _page_is_btree(head, 100 if at == 0 else 0, page_size)
         return count
 
@@ -536,7 +544,7 @@ class _Salvager:
         for start, stop in _windows(size):
             for at in range(start - start % page_size, stop, page_size):
                 offset = 100 if at == 0 else 0
-                head = _pread(self.db, page_size, at)
+                head = _read_or_nothing(self.db, page_size, at)
                 if _page_is_btree(head, offset, page_size) and head[offset] == _TABLE_LEAF:
                     votes.update(_leaf_usable(head, offset, page_size))
         stated = page_size - header[20] if header is not None else None
