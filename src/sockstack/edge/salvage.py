@@ -21,10 +21,12 @@ What it copes with:
 * the write-ahead log (``path + "-wal"``): the committed frames whose salt and checksum hold are
   read, the newest version of each page winning over the main file, as SQLite itself would.
 
-Memory is one page plus the payload of the cell being decoded (and a map of page numbers to WAL
-frames, one entry per page the WAL holds). Index b-tree pages (0x0A, 0x02) are read only by
-:func:`salvage_index`: they hold the rows of ``WITHOUT ROWID`` tables, and the entries of
-ordinary indexes (the indexed columns then the rowid).
+Memory is one page plus the payload of the cell being decoded (twice that while a value is copied
+out of it; a payload is at most ``max_payload`` and never more than the file holds), and a map of
+page numbers to WAL frames, one entry per page the WAL holds.
+
+Index b-tree pages (0x0A, 0x02) are read only by :func:`salvage_index`: they hold the rows of
+``WITHOUT ROWID`` tables, and the entries of ordinary indexes (the indexed columns then the rowid).
 """
 
 from __future__ import annotations
@@ -48,7 +50,6 @@ _WAL_HEADER = 32
 _WAL_FRAME_HEADER = 24
 _SAMPLE_WINDOW = 256 * 1024  # page-size guess: bytes of each sampled stretch of the file
 _SAMPLE_POINTERS = 64  # ...and cell pointers checked per page there
-_SMALL_PAYLOAD = 400  # a payload this small is never spilled, whatever the usable size (>= 480)
 _CONTENT_SIZES = (0, 1, 2, 3, 4, 6, 8, 8, 0, 0)  # bytes of serial types 0..9 (10, 11 reserved)
 _M32 = 0xFFFFFFFF
 _ENCODINGS = {1: "utf-8", 2: "utf-16-le", 3: "utf-16-be"}  # the header's text encoding field
@@ -122,7 +123,9 @@ def salvage(
     Rows of every table come out (the schema's own rows too), in page order, with no table name:
     the caller tells its tables apart by their shape and checksum. A column declared ``INTEGER
     PRIMARY KEY`` is the rowid: its value in the record is NULL (``None``), the rowid holds it.
-    The same rowid may come twice (a stale copy of a page); rows may be old versions.
+    A REAL column's whole value may be stored as an integer (SQLite does so to save room): it
+    comes back as an ``int``. The same rowid may come twice (a stale copy of a page) and a row
+    may be an older version of itself (when the newest copy of its page is damaged).
 
     Reads at most ``max_bytes`` of the file (and of its WAL), refuses a cell whose payload claims
     more than ``max_payload`` bytes, and reads ``path + "-wal"`` too unless ``wal`` is false.
