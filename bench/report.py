@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.edge import FORWARD, INGEST, REDUCTION, edge_targets
 from bench.harness import Result
 from bench.http import http_targets
 from bench.runner import CHAIN_SCENARIO, OBJECTS_SCENARIO, Run
@@ -21,6 +22,7 @@ from bench.scenarios import CDF_POINTS
 __all__ = ["Target", "targets", "write_all"]
 
 SS = "sockstack"
+EDGE = (INGEST, FORWARD, REDUCTION)
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,7 @@ def targets(run: Run) -> list[Target]:
             )
         )
     out += [Target(what, ratio, goal, higher) for what, ratio, goal, higher in http_targets(res)]
+    out += [Target(what, ratio, goal, higher) for what, ratio, goal, higher in edge_targets(res)]
     mem = _find(res, "idle-memory", SS)
     per = mem.extra.get("bytes_per_idle_connection") if mem else None
     out.append(
@@ -223,6 +226,16 @@ def _scenarios(run: Run) -> list[str]:
     return seen
 
 
+def _noted(run: Run, scenario: str) -> list[Result]:
+    """The rows of ``scenario`` whose note goes under its table: those that count a loss, and
+    every edge row (rows per commit, the device load's CPU, the pipeline's reduction)."""
+    return [
+        r
+        for r in run.results
+        if r.scenario == scenario and r.note and ("loss" in r.extra or r.scenario in EDGE)
+    ]
+
+
 def print_tables(run: Run) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -236,6 +249,8 @@ def print_tables(run: Run) -> None:
             if r.scenario == scenario:
                 table.add_row(*_row(r), style="bold green" if r.system.startswith(SS) else None)
         console.print(table)
+        for r in _noted(run, scenario) if scenario in EDGE else []:
+            console.print(f"  {r.system}: {r.note}", highlight=False)
     t = Table(title="targets (ratios in this run)", title_justify="left")
     for col in ("target", "measured", "goal", "met"):
         t.add_column(col)
@@ -285,7 +300,7 @@ def markdown(run: Run, scenarios: list[str] | None = None) -> str:
         for r in run.results:
             if r.scenario == scenario:
                 lines.append("| " + " | ".join(_row(r)) + " |")
-        notes = [r for r in run.results if r.scenario == scenario and "loss" in r.extra]
+        notes = _noted(run, scenario)
         if notes:
             lines += [""] + [f"- {r.system}: {r.note}" for r in notes]
     mem = _find(run.results, "idle-memory", SS)
