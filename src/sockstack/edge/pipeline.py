@@ -623,10 +623,17 @@ class SlidingWindow(Stage):
             if buckets is not None:
                 bk = _ceil(_log(x) * _MULT) << 1 if x > 0.0 else _bucket_key(x)
                 c = buckets.get(bk)
-                if c is None:  # a new bucket: charged
-                    self._add(k, key, x)
-                    return out
-                buckets[bk] = c + 1
+                if c is not None:
+                    buckets[bk] = c + 1
+                else:  # a new bucket: charged
+                    budget = self._budget
+                    if budget.live + COST_BUCKET > budget.limit:
+                        self._drop("state full")
+                        return out
+                    budget.live += COST_BUCKET
+                    buckets[bk] = 1
+                    if len(buckets) > _sk.MAX_BUCKETS:
+                        budget.live -= COST_BUCKET * _sk.collapse(buckets)
             acc.count += 1
             acc.total += x
             if x < acc.lo:
