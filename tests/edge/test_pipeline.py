@@ -481,6 +481,13 @@ def test_take_changes_is_incremental() -> None:
     assert ("2:window", False) in {(sid, s is None) for sid, _, s in rows}
     assert any(sid == "2:window" and s is None for sid, _, s in rows)
 
+    # dedupe keys go 64 to a row: a burst of 300 new keys rewrites a handful of rows
+    d = Pipeline(Dedupe(max_keys=10_000))
+    d.take_changes()
+    pushed(d, *(R(f"dev{i % 30}", 1.0, 1.0, i + 1) for i in range(300)))
+    rows = d.take_changes()
+    assert len(rows) == 1 + 5 and all(s is not None for _, _, s in rows)
+
 
 def test_restore_skips_what_it_cannot_use() -> None:
     p = build_stateful()

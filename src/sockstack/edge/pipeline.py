@@ -209,9 +209,9 @@ class _Fn(Stage):
         self.fn = fn
         name = getattr(fn, "__name__", None) or type(fn).__name__
         self.name = re.sub(r"[^\w.<>-]", "_", name)[:40] or "fn"
-        self.is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-            getattr(fn, "__call__", None)  # noqa: B004 - an object whose __call__ is async
-        )
+        # an async function, or an object whose __call__ is one
+        call = type(fn).__call__ if not inspect.isroutine(fn) else None
+        self.is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call)
 
     def _bind(self, index: int, budget: _Budget) -> None:
         super()._bind(index, budget)
