@@ -105,47 +105,60 @@ class Forwarder:
         attempt = 0
         try:
             while True:
-                rows = await self.store.read(self.through, s.batch_rows, s.batch_bytes)
-                if not rows:
-                    self._new.clear()
-                    rows = await self.store.read(self.through, s.batch_rows, s.batch_bytes)
-                    if not rows:
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(1.0):
-                                await self._new.wait()
-                        continue
-                started = time.monotonic()
                 try:
-                    through = await self._send(client, rows)
-                except (CallError, OSError) as exc:
-                    self.connected = not isinstance(exc, (OSError,)) and isinstance(
-                        exc, RemoteError
-                    )
+                    attempt = await self._once(client, attempt)
+                except Exception as exc:  # a bug or a store error: logged, never the end
                     self.failures += 1
                     self.last_error = f"{type(exc).__name__}: {exc}"
-                    if isinstance(exc, RemoteError) and exc.code == ErrorCode.BAD_RECORD:
-                        log.error("upstream refused a batch as damaged: %s", exc)
-                    else:
-                        log.info("upstream unavailable (%s): retrying", exc)
+                    log.exception("forwarding failed")
                     await asyncio.sleep(s.backoff.delay(attempt))
                     attempt += 1
-                    continue
-                attempt = 0
-                self.connected = True
-                self.last_error = ""
-                done = [r for r in rows if r.id <= through]
-                self.through = max(self.through, through, rows[-1].id)
-                self.sent_rows += len(done)
-                self.sent_batches += 1
-                self._rate.append((time.monotonic(), len(done)))
-                self.store.forwarded(self.through)
-                self._acked(self.through)
-                if s.max_rate and len(rows) >= s.batch_rows:  # a backlog: pace the drain
-                    wait = len(rows) / s.max_rate - (time.monotonic() - started)
-                    if wait > 0:
-                        await asyncio.sleep(wait)
         finally:
             await client.close()
+
+    async def _once(self, client: Any, attempt: int) -> int:
+        """One batch read and sent (or a wait for rows); returns the next attempt number."""
+        s = self.settings
+        rows, examined = await self.store.read(self.through, s.batch_rows, s.batch_bytes)
+        if not rows and examined > self.through:  # only damaged rows (quarantined): past them
+            self.through = examined
+            self.store.forwarded(examined)
+            return attempt
+        if not rows:
+            self._new.clear()
+            rows, _ = await self.store.read(self.through, s.batch_rows, s.batch_bytes)
+            if not rows:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await self._new.wait()
+                return attempt
+        started = time.monotonic()
+        try:
+            through = await self._send(client, rows)
+        except (CallError, OSError) as exc:
+            self.connected = isinstance(exc, RemoteError)  # (it answered: the link is up)
+            self.failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, RemoteError) and exc.code == ErrorCode.BAD_RECORD:
+                log.error("upstream refused a batch as damaged: %s", exc)
+            else:
+                log.info("upstream unavailable (%s): retrying", exc)
+            await asyncio.sleep(s.backoff.delay(attempt))
+            return attempt + 1
+        self.connected = True
+        self.last_error = ""
+        done = [r for r in rows if r.id <= through]
+        self.through = max(self.through, through, rows[-1].id)
+        self.sent_rows += len(done)
+        self.sent_batches += 1
+        self._rate.append((time.monotonic(), len(done)))
+        self.store.forwarded(self.through)
+        self._acked(self.through)
+        if s.max_rate and len(rows) >= s.batch_rows:  # a backlog: pace the drain
+            wait = len(rows) / s.max_rate - (time.monotonic() - started)
+            if wait > 0:
+                await asyncio.sleep(wait)
+        return 0
 
     async def _send(self, client: Any, rows: list[Row]) -> int:
         if client.channel is None:  # not connected yet (or never could be): try now

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import glob
 import logging
 import os
 import secrets
@@ -55,10 +56,13 @@ __all__ = [
     "StoreLimits",
     "StoreLocked",
     "position_crc",
+    "row_of",
 ]
 
 log = logging.getLogger("sockstack.edge.store")
 
+KEEP_DAMAGED = 3
+"""Damaged files kept beside the store after a heal (for inspection); older ones are removed."""
 ROW_OVERHEAD = 48
 """Bytes counted per row beyond its stream name and body (its integers, time and SQLite's
 record header): what ``max_bytes`` measures is close to what the rows take on disk."""
@@ -218,6 +222,8 @@ class Outbox:
         for ``sockstack edge status FILE``."""
         self._lock_fd: int | None = None
         self.oldest_added: float | None = None
+        self._quarantining: set[int] = set()
+        """Ids of rows staged for quarantine (bounded: cleared at each commit)."""
         """When the oldest row was committed (kept up to date at each commit)."""
 
     # ------------------------------------------------------------------ open
@@ -228,10 +234,20 @@ class Outbox:
         :class:`StoreLocked` when another process has it open."""
         self._lock()
         try:
+            if os.path.exists(self.path + "-wal"):
+                from sockstack.edge.salvage import wal_report
+
+                lost = wal_report(self.path).wal_commits_after_damage
+                if lost:  # SQLite's WAL recovery would silently drop them: salvage instead
+                    raise sqlite3.DatabaseError(
+                        f"the WAL has {lost} committed transactions past a damaged frame"
+                    )
             self._open_checked()
         except sqlite3.DatabaseError as exc:
             log.error("edge store %s is damaged (%s): salvaging what is intact", self.path, exc)
-            self._close_connections()
+            # Closed without a checkpoint (it would write what SQLite read of the damaged file
+            # back, and drop the WAL's frames past the damage), the lock kept.
+            self._close_connections(checkpoint=False, unlock=False)
             self._heal()
 
     def _lock(self) -> None:
@@ -348,7 +364,12 @@ class Outbox:
         reads whose checksum holds."""
         from sockstack.edge.salvage import salvage
 
-        aside = f"{self.path}.damaged"
+        aside = f"{self.path}.damaged-{int(self.clock())}"
+        kept = sorted(glob.glob(glob.escape(self.path) + ".damaged-*[0-9]"))
+        for old in kept[: max(0, len(kept) - (KEEP_DAMAGED - 1))]:  # bounded: the newest stay
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(old + suffix)
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.replace(self.path + suffix, aside + suffix)
@@ -517,6 +538,7 @@ class Outbox:
                     raise
                 continue
             self._committing = None
+            self._quarantining.difference_update(q[3] for q in batch.quarantine)
             for source, pos in batch.positions.items():
                 self.positions[source] = pos
                 if self.staged_positions.get(source) == pos:
@@ -673,38 +695,65 @@ class Outbox:
 
     # ------------------------------------------------------------------ read
 
-    async def read(self, after: int, max_rows: int, max_bytes: int) -> list[Row]:
+    async def read(self, after: int, max_rows: int, max_bytes: int) -> tuple[list[Row], int]:
         """The rows above id ``after``, oldest first, at most ``max_rows`` and about
-        ``max_bytes``; rows whose checksum fails are quarantined (next commit) and left out."""
+        ``max_bytes``, and the highest id examined; rows whose checksum fails are quarantined
+        (next commit) and left out (once: a row already on its way there is skipped)."""
         loop = asyncio.get_running_loop()
         rows, bad = await loop.run_in_executor(
             self._read_pool, self._read, after, max_rows, max_bytes
         )
-        for row in bad:
-            self.quarantine("row", "checksum", _pack(list(row)), row[0])
-        return rows
+        examined = max(rows[-1].id if rows else after, max((b[0] for b in bad), default=after))
+        for values in bad:
+            if values[0] not in self._quarantining:
+                self._quarantining.add(values[0])
+                self.quarantine("row", "checksum", _pack(list(values)), values[0])
+        return rows, examined
 
     def _read(self, after: int, max_rows: int, max_bytes: int) -> tuple[list[Row], list[Any]]:
         con = self._reader
         assert con is not None
+        try:
+            values = con.execute(
+                SELECT_ROWS + " WHERE id > ? ORDER BY id LIMIT ?", (after, max_rows)
+            ).fetchall()
+        except sqlite3.DatabaseError as exc:  # a page SQLite cannot read: row by row instead
+            log.error("edge store %s: reading rows after %d: %s", self.path, after, exc)
+            values = self._read_one_by_one(con, after, max_rows)
         good: list[Row] = []
         bad: list[Any] = []
         total = 0
-        cur = con.execute(
-            "SELECT id, stream, seq, time, body, crc FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
-            (after, max_rows),
-        )
-        for values in cur:
-            if not _is_row(values[0], (None, *values[1:], 0.0)):
-                bad.append(values)
+        for v in values:
+            row = row_of(v)
+            if row is None:
+                bad.append(v)
                 continue
-            row = Row(values[0], values[1], values[2], float(values[3]), values[4], values[5])
             good.append(row)
             total += len(row.body) + ROW_OVERHEAD
             if total >= max_bytes:
                 break
-        cur.close()
         return good, bad
+
+    def _read_one_by_one(
+        self, con: sqlite3.Connection, after: int, max_rows: int
+    ) -> list[tuple[Any, ...]]:
+        """The rows after ``after``, each read alone: a row that cannot be read comes back as
+        ``(id, None, ...)`` (quarantined, so the forwarder moves past it)."""
+        try:
+            ids = [i for (i,) in con.execute(
+                "SELECT id FROM outbox WHERE id > ? ORDER BY id LIMIT ?", (after, max_rows)
+            )]  # fmt: skip
+        except sqlite3.DatabaseError:  # even the ids: the next id alone, if that much reads
+            ids = [after + 1] if after + 1 < self.next_id else []
+        out: list[tuple[Any, ...]] = []
+        for i in ids:
+            try:
+                row = con.execute(SELECT_ROWS + " WHERE id = ?", (i,)).fetchone()
+            except sqlite3.DatabaseError:
+                row = (i, None, None, None, None, None)
+            if row is not None:
+                out.append(row)
+        return out
 
     def verify_rows(self) -> tuple[int, int]:
         """Check every row's checksum now (blocking, not while committing); move the bad ones
@@ -713,9 +762,9 @@ class Outbox:
         assert con is not None
         checked = 0
         bad: list[tuple[Any, ...]] = []
-        for values in con.execute("SELECT id, stream, seq, time, body, crc FROM outbox"):
+        for values in con.execute(SELECT_ROWS):
             checked += 1
-            if not _is_row(values[0], (None, *values[1:], 0.0)):
+            if row_of(values) is None:
                 bad.append(values)
         if bad:
             con.execute("BEGIN IMMEDIATE")
@@ -766,16 +815,17 @@ class Outbox:
         self._writer.shutdown(wait=False)
         self._read_pool.shutdown(wait=False)
 
-    def _close_connections(self) -> None:
+    def _close_connections(self, checkpoint: bool = True, unlock: bool = True) -> None:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
         if self._con is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            if checkpoint:
+                with contextlib.suppress(sqlite3.Error):
+                    self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._con.close()
             self._con = None
-        if self._lock_fd is not None:
+        if self._lock_fd is not None and unlock:
             os.close(self._lock_fd)  # (closing the descriptor releases the lock)
             self._lock_fd = None
 
@@ -783,6 +833,24 @@ class Outbox:
 def staged_bytes(stream: str, body: bytes) -> int:
     """What a staged row counts against the store's bounds."""
     return len(stream) + len(body) + ROW_OVERHEAD
+
+
+SELECT_ROWS = "SELECT id, CAST(stream AS BLOB), seq, time, body, crc FROM outbox"
+"""The stream as bytes: a damaged name that is not UTF-8 is a bad row, not a failed query."""
+
+
+def row_of(values: tuple[Any, ...]) -> Row | None:
+    """A row as :data:`SELECT_ROWS` reads it, if it is whole and its checksum holds."""
+    i, stream, seq, t, body, crc = values
+    if not isinstance(stream, bytes):
+        return None
+    try:
+        name = stream.decode()
+    except UnicodeDecodeError:
+        return None
+    if not _is_row(i, (None, name, seq, t, body, crc, 0.0)):
+        return None
+    return Row(i, name, seq, float(t), body, crc)
 
 
 def _is_row(rowid: Any, values: tuple[Any, ...]) -> bool:

@@ -18,8 +18,7 @@ from typing import Any
 
 import msgspec
 
-from sockstack.edge.records import Row
-from sockstack.edge.store import ROW_OVERHEAD, Outbox, StoreLocked, meta_crc
+from sockstack.edge.store import ROW_OVERHEAD, SELECT_ROWS, Outbox, StoreLocked, meta_crc, row_of
 
 __all__ = ["file_status", "verify"]
 
@@ -136,13 +135,9 @@ def _scan(con: sqlite3.Connection | None, report: dict[str, Any]) -> list[tuple[
     assert con is not None
     checked = 0
     bad: list[tuple[Any, ...]] = []
-    for values in con.execute("SELECT id, stream, seq, time, body, crc FROM outbox ORDER BY id"):
+    for values in con.execute(SELECT_ROWS + " ORDER BY id"):
         checked += 1
-        try:
-            ok = Row(*values).intact()
-        except (TypeError, ValueError, AttributeError, OverflowError):
-            ok = False
-        if not ok:
+        if row_of(values) is None:
             bad.append(values)
     report["rows_checked"] = checked
     report["rows_bad"] = len(bad)
