@@ -26,12 +26,14 @@ def test_edge_scenario_quick(tmp_path: Path) -> None:
         INGEST,
         PIPELINE,
         RAW_1000,
+        RAW_PACED,
         RAW_RELAY,
         REDUCTION,
         RELAY_DISK,
         RELAY_FORWARD,
         RELAY_MEMORY,
         RELAY_NONE,
+        RELAY_PACED,
     )
 
     out = run(
@@ -45,24 +47,34 @@ def test_edge_scenario_quick(tmp_path: Path) -> None:
         pytest.skip(data["skipped"]["edge ingest"])  # the repository is on a tmpfs
     assert {k: v for k, v in data["skipped"].items() if k != PIPELINE} == {}
     ingest = _rows(data, INGEST)
-    assert set(ingest) == {RELAY_DISK, RELAY_MEMORY, RELAY_NONE, RAW_RELAY, RAW_1000}
+    assert set(ingest) == {
+        RELAY_DISK,
+        RELAY_PACED,
+        RELAY_MEMORY,
+        RELAY_NONE,
+        RAW_RELAY,
+        RAW_PACED,
+        RAW_1000,
+    }
     for row in ingest.values():
         assert row["calls"] > 0 and row["calls_per_s"] > 0, row
         assert row["rows_per_commit"] >= 1, row
-    for name in (RELAY_DISK, RELAY_MEMORY):
+    for name in (RELAY_DISK, RELAY_PACED, RELAY_MEMORY):
         row = ingest[name]
         assert row["placement"] == "two cores" and row["p50_us"] > 0, row
         assert 0 < row["load_cpu_share"] and row["commits"] > 0, row
     assert ingest[RELAY_NONE]["loss"] == 0  # every reading sent was committed
     assert ingest[RAW_1000]["rows_per_commit"] == 1000
-    # The raw row the ratio uses has the batch size the relay's on-disk run reached.
-    assert ingest[RAW_RELAY]["rows_per_commit"] == max(
-        1, round(ingest[RELAY_DISK]["rows_per_commit"])
-    )
+    # Each raw row a ratio uses has the batch size the relay's on-disk run reached (one in
+    # flight per device: at most 100 rows a commit).
+    for relay, raw in ((RELAY_DISK, RAW_RELAY), (RELAY_PACED, RAW_PACED)):
+        assert ingest[raw]["rows_per_commit"] == max(1, round(ingest[relay]["rows_per_commit"]))
+    assert ingest[RELAY_PACED]["rows_per_commit"] <= 100
     (fwd,) = _rows(data, FORWARD).values()
     assert fwd["system"] == RELAY_FORWARD and fwd["calls"] == fwd["backlog"] > 0
-    (target,) = [t for t in data["targets"] if t["target"].startswith("edge ingest, on-disk ack")]
-    assert target["goal"] == 0.5 and target["measured"] > 0
+    targets = [t for t in data["targets"] if t["target"].startswith("edge ingest, on-disk ack")]
+    assert len(targets) == 2
+    assert all(t["goal"] == 0.5 and t["measured"] > 0 for t in targets)
     md = (tmp_path / "latest.md").read_text()
     assert f"## {INGEST}" in md and f"- {RELAY_DISK}: " in md and "rows per commit" in md
     example = (ROOT / "examples" / "edge_pipeline.py").exists()
