@@ -87,3 +87,23 @@ def test_simulate_status_and_verify(tmp_path: Path) -> None:
     status = json.loads(run(["sockstack", "edge", "status", str(store), "--json"]).stdout)
     assert status["quarantine_rows"] == 1 and status["counters"]["quarantined"] == 1
     assert status["running"] is False
+
+
+def test_make_edge_demo(tmp_path: Path) -> None:
+    from tests.cli.conftest import BIN, ROOT, free_port_both
+
+    ports = {f"EDGE_DEMO_{k}_PORT": str(free_port_both()) for k in ("SINK", "UDP", "TCP")}
+    out = run(
+        ["make", "-o", ".venv/.installed", "edge-demo", f"BIN={BIN}"],
+        cwd=ROOT,
+        seconds=60,
+        env={"EDGE_DEMO_SECONDS": "3", "EDGE_DEMO_DIR": str(tmp_path), **ports},
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    status = [line for line in lines if " | " in line and "backlog" in line]
+    assert status, out.stdout  # the relay's live status line
+    assert re.search(r"in [1-9]\d*", status[-1]), status
+    assert any(line.startswith("backlog") for line in lines)  # edge status of the store
+    assert "the cloud's view:" in out.stdout
+    assert (tmp_path / "edge.db").exists() and (tmp_path / "cloud.db").exists()

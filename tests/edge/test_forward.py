@@ -139,3 +139,37 @@ async def test_the_sink_refuses_damaged_batches_and_skips_repeats(tmp_path: Path
         assert [(r[0], r[1]) for r in got] == [("relay-a", 1), ("relay-a", 2), ("relay-a", 3)]
     finally:
         await cloud.server.shutdown()
+
+
+async def test_disk_space_comes_back_as_the_outbox_drains(tmp_path: Path) -> None:
+    path = tmp_path / "edge.db"
+
+    def size() -> int:
+        return sum(p.stat().st_size for p in tmp_path.glob("edge.db*") if p.suffix != ".lock")
+
+    relay = Relay(path, listen=["tcp://127.0.0.1:0"])  # no upstream yet: the backlog grows
+    server = Server(patterns=[relay])
+    await server.start()
+    try:
+        async with AsyncClient(str(relay.endpoints()[0])) as client:
+            devices = [Device(client, f"d{i}", epoch=1) for i in range(8)]
+            for n in range(150):
+                await asyncio.gather(*(d.send({"n": n, "pad": "x" * 1000}) for d in devices))
+    finally:
+        await server.shutdown()  # (checkpointed: the file holds it all)
+    full = size()
+    assert full > 1_200_000
+    cloud = Cloud(tmp_path / "cloud.db")
+    await cloud.server.start()
+    relay = Relay(path, upstream=cloud.url, listen=["tcp://127.0.0.1:0"], forward=FAST)
+    server = Server(patterns=[relay])
+    await server.start()
+    try:
+        assert len(await cloud.wait_rows(1200)) == 1200
+        async with asyncio.timeout(timeout(10)):
+            while relay.store.stored_rows:
+                await asyncio.sleep(0.01)  # (the deletion commits with the next batch)
+    finally:
+        await server.shutdown()
+        await cloud.server.shutdown()
+    assert size() < full / 4  # pages given back (auto_vacuum=INCREMENTAL), the WAL truncated

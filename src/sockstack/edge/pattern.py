@@ -152,7 +152,7 @@ class Relay(Pattern):
         if self._opened:
             return
         self.store.open()
-        if self.pipeline is not None and self.store.state_rows:
+        if self.pipeline is not None:  # (also with no rows: its change tracking starts here)
             self.pipeline.restore(self.store.state_rows)
         self.store.state_rows = []
         self._opened = True
@@ -225,12 +225,23 @@ class Relay(Pattern):
         if host is None or loop is None:
             return
         if self.pipeline is not None:
-            outputs = self.pipeline.tick(time.time())
-            if outputs:
-                rows, nbytes = self._rows(outputs)
-                self.store.stage(rows, nbytes, changes=self.pipeline.take_changes())
+            if self.pipeline.is_async:
+                loop.create_task(self._atick())
+            else:
+                self._ticked(self.pipeline.tick(time.time()))
         self.store.flush()
         self._timer = loop.call_later(1.0, self._tick)
+
+    async def _atick(self) -> None:
+        assert self._async_lock is not None
+        async with self._async_lock:  # (between readings, as they are taken one at a time)
+            self._ticked(await self.pipeline.atick(time.time()))
+
+    def _ticked(self, outputs: Sequence[Reading]) -> None:
+        changes = self.pipeline.take_changes()
+        if outputs or changes:
+            rows, nbytes = self._rows(outputs)
+            self.store.stage(rows, nbytes, changes=changes)
 
     def stop(self) -> None:
         self._stopped = True  # (listeners being set up close as they come)

@@ -618,7 +618,8 @@ class Outbox:
             row = con.execute("SELECT added FROM outbox ORDER BY id LIMIT 1").fetchone()
             self.oldest_added = None if row is None else float(row[0])
         if freed > 64 * 4096:  # give pages back to the file system as the outbox drains
-            con.execute("PRAGMA incremental_vacuum")
+            # (executescript: run to the end; execute() would free one page per step)
+            con.executescript("PRAGMA incremental_vacuum;")
 
     def _delete(self, con: sqlite3.Connection, where: str, args: tuple[Any, ...], what: str) -> int:
         n, nbytes = con.execute(

@@ -40,6 +40,9 @@ STATUS: dict[int, int] = {
     ErrorCode.SHUTTING_DOWN: 503,
     ErrorCode.TOO_MANY_SUBSCRIPTIONS: 503,
     ErrorCode.RETAINED_STORE_FULL: 507,
+    ErrorCode.STORE_FULL: 507,  # (an edge relay's outbox)
+    ErrorCode.BAD_RECORD: 422,
+    ErrorCode.UNAVAILABLE: 503,  # (an edge sink's database)
     ErrorCode.SLOW_CONSUMER: 503,
     ErrorCode.REPLAY_GAP: 410,  # (inside an event stream: events the buffer no longer holds)
     ErrorCode.CANCELLED: 499,  # (nginx's "client closed request": nobody reads it)
