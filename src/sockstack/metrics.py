@@ -23,7 +23,7 @@
   ``..._expired_total``, ``..._slow_consumers_disconnected_total``,
   ``..._retained_refused_total``, and the gauges ``sockstack_broker_held_bytes`` and
   ``sockstack_broker_retained_bytes``.
-- what the patterns report (``Pattern.metrics``): an edge relay's ``sockstack_edge_*``
+- what the patterns report (``Pattern.report_metrics``): an edge relay's ``sockstack_edge_*``
   (backlog rows and bytes, the oldest row's age, readings in and out, bad, dropped, lost,
   forwarded, quarantined; docs/EDGE.md), a sink's ``sockstack_sink_*``.
 
@@ -258,13 +258,13 @@ class _HostCollector(Collector):
 
 
 def _pattern_families(servers: list[Server]) -> Iterator[Metric]:
-    """What the patterns report of themselves (``Pattern.metrics``: an edge relay's backlog,
+    """What the patterns report of themselves (``Pattern.report_metrics``: an edge relay's backlog,
     a sink's rows...), summed over the servers by name."""
     kinds: dict[str, tuple[str, str]] = {}
     values: dict[str, float] = {}
     for server in tuple(servers):
         for pattern in server.patterns:
-            for name, kind, text, value in pattern.metrics():
+            for name, kind, text, value in pattern.report_metrics():
                 kinds.setdefault(name, (kind, text))
                 values[name] = values.get(name, 0.0) + value
     for name, (kind, text) in sorted(kinds.items()):

@@ -624,7 +624,7 @@ class Relay(Pattern):
             return {}
         return {"forward_rate": fw.rate(), "connected": fw.connected, "through": fw.through}
 
-    def metrics(self) -> Sequence[tuple[str, str, str, float]]:
+    def report_metrics(self) -> Sequence[tuple[str, str, str, float]]:
         store, fw, c = self.store, self.forwarder, self.store.counters
         sources = list(self.sources.values())
         age = store.oldest_age()
@@ -768,7 +768,7 @@ class Sink(Pattern):
     def stats(self) -> dict[str, Any]:
         return dict(self.store.stats())
 
-    def metrics(self) -> Sequence[tuple[str, str, str, float]]:
+    def report_metrics(self) -> Sequence[tuple[str, str, str, float]]:
         try:
             totals = self.store.stats()["totals"]
         except Exception:  # (the database is down: the scrape goes on without these)

@@ -154,7 +154,7 @@ class Pattern:
     def connection_writable(self, peer: Peer) -> None:
         """A connection's write buffer went below its high-water mark again."""
 
-    def metrics(self) -> Sequence[tuple[str, str, str, float]]:
+    def report_metrics(self) -> Sequence[tuple[str, str, str, float]]:
         """Figures for the Prometheus metrics (``sockstack.metrics``): ``(name, kind, help,
         value)`` with kind ``"counter"`` or ``"gauge"``, read at each scrape, in the metrics
         server's thread (read plain numbers; do not iterate what the loop changes)."""
