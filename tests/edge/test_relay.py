@@ -257,3 +257,38 @@ async def test_prometheus_metrics_of_a_relay(tmp_path: Path) -> None:
     assert values["sockstack_edge_lost_total"] == 2
     assert values["sockstack_edge_committed_rows_total"] == 3
     assert values["sockstack_edge_oldest_age_seconds"] >= 0
+
+
+async def test_readings_in_one_frame_one_answer(tmp_path: Path) -> None:
+    async with relay_at(tmp_path / "edge.db") as (relay, url, udp), AsyncClient(url) as client:
+        device = Device(client, "batch", epoch=1)
+        assert await device.send_many([1.0, 2.0, 3.0]) == AckLevel.DISK
+        assert await device.send_many([4.0, 5.0], level=AckLevel.MEMORY) == AckLevel.MEMORY
+        # The first frame again (its answer lost): taken as a retransmission, stored once.
+        again = Device(client, "batch", epoch=1)
+        assert await again.send_many([1.0, 2.0, 3.0]) == AckLevel.DISK
+        loop = asyncio.get_running_loop()
+        answers: asyncio.Queue[bytes] = asyncio.Queue()
+
+        class Proto(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: Any) -> None:
+                answers.put_nowait(data)
+
+        from sockstack.edge.messages import encode_readings
+
+        transport, _ = await loop.create_datagram_endpoint(Proto, remote_addr=udp)
+        try:
+            frame = encode_readings(9, [("u", 1, 1, None, 1), ("u", 1, 2, None, 2)], level=2)
+            transport.sendto(frame)
+            transport.sendto(b"SK\x01\x31" + frame[4:-3])  # a body cut short: refused, counted
+            async with asyncio.timeout(timeout(5)):
+                answer = await answers.get()
+        finally:
+            transport.close()
+        assert decode_message(parse_datagram(answer, 1024), CORE).result == AckLevel.DISK  # type: ignore[union-attr]
+        await committed(relay)
+        sessions = relay.stats()["sources"]["sessions"]
+        assert sessions["accepted"] == 5 and sessions["duplicates"] == 3
+    assert [(r[1], r[2]) for r in rows(tmp_path / "edge.db")] == [
+        ("batch", 1), ("batch", 2), ("batch", 3), ("batch", 4), ("batch", 5), ("u", 1), ("u", 2)
+    ]  # fmt: skip

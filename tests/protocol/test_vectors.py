@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
-from sockstack.edge.messages import EDGE_MESSAGES, Data, encode_data
+from sockstack.edge.messages import EDGE_MESSAGES, Data, Readings, encode_data, encode_readings
 from sockstack.errors import ErrorCode, RemoteProtocolError
 from sockstack.objects.messages import FLAG_END as FLAG_RELEASE_END
 from sockstack.objects.messages import (
@@ -529,6 +530,23 @@ TYPES: dict[str, TypeCodec] = {
             "seq": m.seq,
             "time": m.time,
             "value": CODECS[m.codec].decode(m.value),
+            "level": m.level,
+        },
+    ),
+    "READINGS": TypeCodec(
+        lambda h, f: Readings(
+            h["request_id"],
+            [(*r[:4], msgspec.Raw(CODECS[1].encode(r[4]))) for r in f["readings"]],
+            f["level"],
+            len(CODECS[1].encode(f["readings"])),
+        ),
+        lambda m, h: encode_readings(
+            m.request_id,
+            [(r[0], r[1], r[2], r[3], CODECS[1].decode(bytes(r[4]))) for r in m.items],
+            level=m.level,
+        ),
+        lambda m, fr: {
+            "readings": [[r[0], r[1], r[2], r[3], CODECS[1].decode(bytes(r[4]))] for r in m.items],
             "level": m.level,
         },
     ),

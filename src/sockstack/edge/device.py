@@ -18,7 +18,7 @@ import itertools
 import time
 from typing import Any
 
-from sockstack.edge.messages import AckLevel, encode_data
+from sockstack.edge.messages import AckLevel, encode_data, encode_readings
 from sockstack.edge.records import encode_value
 
 __all__ = ["Device"]
@@ -56,6 +56,30 @@ class Device:
             ),
             "DATA",
             timeout,
+        )
+        return AckLevel(result)
+
+    async def send_many(
+        self,
+        values: list[Any],
+        *,
+        times: list[float | None] | None = None,
+        level: AckLevel | int = 0,
+        timeout: float = 10.0,
+    ) -> AckLevel:
+        """Send readings in one READINGS frame (numbered one after another); returns the lowest
+        level the relay achieved over them (RemoteError when it refused them: all or none)."""
+        channel = self.client.stream_channel("READINGS")
+        first = next(self._seq)
+        for _ in range(len(values) - 1):
+            next(self._seq)
+        stamps = times if times is not None else [None] * len(values)
+        items = [
+            (self.stream, self.epoch, first + i, t, v)
+            for i, (v, t) in enumerate(zip(values, stamps, strict=True))
+        ]
+        _, result = await channel.exchange(
+            lambda rid: encode_readings(rid, items, level=int(level)), "READINGS", timeout
         )
         return AckLevel(result)
 

@@ -25,6 +25,9 @@ from __future__ import annotations
 import enum
 import math
 import struct
+from typing import Any
+
+import msgspec
 
 from sockstack.errors import ErrorCode, RemoteProtocolError
 from sockstack.protocol.codecs import CODECS
@@ -36,14 +39,20 @@ __all__ = [
     "DATA",
     "EDGE_MESSAGES",
     "MAX_STREAM",
+    "READINGS",
     "AckLevel",
     "Data",
+    "Readings",
     "encode_data",
+    "encode_readings",
 ]
 
 DATA = 0x30
+READINGS = 0x31
+MAX_READINGS = 65_536  # readings in one READINGS frame (the frame's size bounds them first)
 MAX_STREAM = 255  # bytes of a stream name
 _META = struct.Struct(">IQd")  # epoch, seq, time
+_U32 = 1 << 32
 _LEVEL_SHIFT = 2  # flag bits 2-3 (bit 1 is AUTH on a sealed datagram, §6.1)
 _LEVEL_MASK = 0x03
 
@@ -126,9 +135,72 @@ def _decode_data(f: Frame) -> Data:
     )
 
 
+@message
+class Readings(PatternMessage):
+    """READINGS: many readings in one frame (a device that batches, or a gateway for many)."""
+
+    request_id: int
+    items: list[tuple[str, int, int, float | None, msgspec.Raw]]
+    """(stream, epoch, seq, time or None, the value's msgpack bytes), in order."""
+    level: int = 0
+    size: int = 0
+    """Bytes of the body."""
+
+
+_ITEMS = msgspec.msgpack.Decoder(list[tuple[str, int, int, float | None, msgspec.Raw]])
+_encode_items = msgspec.msgpack.Encoder().encode
+_U64 = 1 << 64
+
+
+def encode_readings(
+    request_id: int,
+    items: list[tuple[str, int, int, float | None, Any]],
+    *,
+    level: int = 0,
+) -> bytes:
+    """A READINGS frame: ``items`` are (stream, epoch, seq, time or None, value)."""
+    body = _encode_items(items)
+    return (
+        pack_header(READINGS, (level & _LEVEL_MASK) << _LEVEL_SHIFT, 1, 0, request_id, len(body))
+        + body
+    )
+
+
+def _decode_readings(f: Frame) -> Readings:
+    if f.codec != 1:
+        raise RemoteProtocolError("READINGS is msgpack (codec 1)", ErrorCode.UNSUPPORTED_CODEC)
+    try:
+        items = _ITEMS.decode(f.body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise RemoteProtocolError(
+            f"READINGS body is an array of [stream, epoch, seq, time, value]: {exc}",
+            ErrorCode.DECODE_ERROR,
+        ) from None
+    if not 0 < len(items) <= MAX_READINGS:
+        raise RemoteProtocolError(
+            f"READINGS holds 1-{MAX_READINGS} readings", ErrorCode.DECODE_ERROR
+        )
+    for stream, epoch, seq, t, _ in items:
+        if (
+            not stream
+            or (len(stream) > 63 and len(stream.encode()) > MAX_STREAM)
+            or not 0 <= epoch < _U32
+            or not 0 <= seq < _U64
+            or (t is not None and not math.isfinite(t))
+        ):
+            raise RemoteProtocolError(
+                "a READINGS item: stream 1-255 bytes, epoch u32, seq u64, time finite or nil",
+                ErrorCode.DECODE_ERROR,
+            )
+    return Readings(f.request_id, items, (f.flags >> _LEVEL_SHIFT) & _LEVEL_MASK, len(f.body))
+
+
 EDGE_MESSAGES = MessageSet(
     "edge",
     0x30,
     0x3F,
-    (MessageSpec(DATA, "DATA", _decode_data, frozenset({Role.CLIENT}), cls=Data),),
+    (
+        MessageSpec(DATA, "DATA", _decode_data, frozenset({Role.CLIENT}), cls=Data),
+        MessageSpec(READINGS, "READINGS", _decode_readings, frozenset({Role.CLIENT}), cls=Readings),
+    ),
 )

@@ -32,20 +32,20 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from sockstack.edge.forward import Forwarder, ForwardSettings
 from sockstack.edge.ingest import FRAME_PREFIX, BadInput, LineDecoder, SourceStats, parse_line
-from sockstack.edge.messages import DATA, EDGE_MESSAGES, AckLevel, Data
+from sockstack.edge.messages import DATA, EDGE_MESSAGES, READINGS, AckLevel, Data, Readings
 from sockstack.edge.records import Reading, Row, decode_value, encode_value
 from sockstack.edge.store import ROW_OVERHEAD, Batch, Outbox, StoreBusy, StoreFull, StoreLimits
 from sockstack.errors import ErrorCode, RemoteProtocolError
 from sockstack.host.dispatch import Handler, ServiceError, make_handler
 from sockstack.host.pattern import DatagramPeer, HostContext, Pattern, Peer
-from sockstack.protocol.codecs import CODECS, MSGPACK
+from sockstack.protocol.codecs import CODECS
 from sockstack.protocol.events import PatternMessage
-from sockstack.protocol.frames import parse_datagram
-from sockstack.protocol.messages import encode_error, encode_response
+from sockstack.protocol.frames import pack_header, parse_datagram
+from sockstack.protocol.messages import encode_error
 from sockstack.protocol.registry import Registry
 from sockstack.transport.urls import Endpoint, format_peer, parse_endpoint
 
@@ -67,8 +67,79 @@ class EdgeError(ServiceError):
         self._sockstack_code = code
 
 
-Reply = Callable[[int | tuple[int, str]], None]
-"""Answers a device: a level achieved, or (error code, message)."""
+_NONE = (0, 0)
+_LEVEL_BODY = {1: b"\x01", 2: b"\x02", 3: b"\x03"}  # a RESPONSE's result: msgpack fixint
+_RESPONSE = 0x04
+
+
+class Answers(Protocol):
+    """Where a device's answers go (its connection, its address, or a READINGS frame's one)."""
+
+    def ok(self, rid: int, level: int) -> None: ...
+    def refuse(self, rid: int, code: int, message: str) -> None: ...
+
+
+class _StreamAnswers:
+    """A session's answers: RESPONSE frames queued on the connection (one write per loop turn)."""
+
+    __slots__ = ("peer",)
+
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+
+    def ok(self, rid: int, level: int) -> None:
+        self.peer.write_soon(pack_header(_RESPONSE, 0, 1, 0, rid, 1) + _LEVEL_BODY[level])
+
+    def refuse(self, rid: int, code: int, message: str) -> None:
+        core = self.peer.core
+        if core is not None:
+            core.send_error(rid, code, ErrorCode(code).name, message)
+            self.peer.flush()
+
+
+class _DatagramAnswers:
+    """A datagram's answer, never larger than the datagram (an ERROR carries the code alone)."""
+
+    __slots__ = ("addr", "send", "size")
+
+    def __init__(self, send: Callable[[bytes, Any], None], addr: Any, size: int) -> None:
+        self.send, self.addr, self.size = send, addr, size
+
+    def _out(self, answer: bytes) -> None:
+        if len(answer) <= self.size:
+            with contextlib.suppress(OSError):
+                self.send(answer, self.addr)
+
+    def ok(self, rid: int, level: int) -> None:
+        self._out(pack_header(_RESPONSE, 0, 1, 0, rid, 1) + _LEVEL_BODY[level])
+
+    def refuse(self, rid: int, code: int, message: str) -> None:
+        self._out(encode_error(rid, code))
+
+
+class _Group:
+    """The readings of one READINGS frame: one answer once each has its own, at the lowest
+    level achieved among them; the first refusal answers at once."""
+
+    __slots__ = ("answers", "done", "left", "level", "rid")
+
+    def __init__(self, answers: Answers, rid: int, count: int) -> None:
+        self.answers, self.rid, self.left = answers, rid, count
+        self.level = 3
+        self.done = False
+
+    def ok(self, rid: int, level: int) -> None:
+        self.left -= 1
+        self.level = min(self.level, level)
+        if not self.left and not self.done:
+            self.done = True
+            self.answers.ok(self.rid, self.level)
+
+    def refuse(self, rid: int, code: int, message: str) -> None:
+        self.left -= 1
+        if not self.done:
+            self.done = True
+            self.answers.refuse(self.rid, code, message)
 
 
 def _reduction(stats: Mapping[str, int]) -> dict[str, float | None]:
@@ -83,7 +154,7 @@ class Relay(Pattern):
 
     name = "edge"
     messages = EDGE_MESSAGES
-    datagram_types = frozenset({DATA})
+    datagram_types = frozenset({DATA, READINGS})
 
     def __init__(
         self,
@@ -124,8 +195,8 @@ class Relay(Pattern):
         self._transports: list[asyncio.BaseTransport] = []
         self._lines: set[_LineStream] = set()
         self._paused: set[_LineStream] = set()
-        self._forward_waits: deque[tuple[int, Reply]] = deque()
-        self._to_flush: set[Any] = set()
+        self._forward_waits: deque[tuple[int, Answers, int]] = deque()
+        self._sessions = self.source("sessions")
         self._timer: asyncio.TimerHandle | None = None
         self._started = 0.0
         self._async_lock: asyncio.Lock | None = None
@@ -196,6 +267,8 @@ class Relay(Pattern):
         self.store.live = self._live
         if self.pipeline is not None and getattr(self.pipeline, "is_async", False):
             self._async_lock = asyncio.Lock()
+        elif self.pipeline is not None:
+            self.store.before_commit = self._changes
         self._listening = loop.create_task(self._serve_listeners(), name="sockstack-edge-listen")
         self._timer = loop.call_later(1.0, self._tick)
 
@@ -238,10 +311,18 @@ class Relay(Pattern):
             self._ticked(await self.pipeline.atick(time.time()))
 
     def _ticked(self, outputs: Sequence[Reading]) -> None:
-        changes = self.pipeline.take_changes()
+        # (a sync pipeline's state changes join each batch as it goes to commit: _changes)
+        changes = self.pipeline.take_changes() if self._async_lock is not None else None
         if outputs or changes:
             rows, nbytes = self._rows(outputs)
             self.store.stage(rows, nbytes, changes=changes)
+
+    def _changes(self, batch: Batch) -> None:
+        """Before each commit: what a sync pipeline's state changed since the last one (the
+        readings staged in the batch made those changes: one transaction holds both)."""
+        changes = self.pipeline.take_changes()
+        if changes:
+            batch.changes.extend(changes)
 
     def stop(self) -> None:
         self._stopped = True  # (listeners being set up close as they come)
@@ -262,7 +343,7 @@ class Relay(Pattern):
                 await srv.wait_closed()
         if self.forwarder is not None:
             await self.forwarder.stop()
-        if self.pipeline is not None:
+        if self._async_lock is not None:  # (a sync pipeline's join the last commit: _changes)
             changes = self.pipeline.take_changes()
             if changes:
                 self.store.stage((), 0, changes=changes)
@@ -280,7 +361,7 @@ class Relay(Pattern):
                 stats = self.sources[name] = SourceStats()
         return stats
 
-    def _level_for(self, stream: str) -> AckLevel:
+    def _level_for(self, stream: str) -> int:
         for pattern, level in self.ack_for:
             if fnmatch.fnmatchcase(stream, pattern):
                 return level
@@ -297,56 +378,74 @@ class Relay(Pattern):
         self.totals["out_bytes"] += nbytes
         return rows, nbytes
 
+    def _refused(self, size: int, can_wait: bool) -> tuple[int, str] | None:
+        """Why ``size`` more bytes cannot be staged now (code, message), or None."""
+        try:
+            self.store.room(size, can_wait)
+        except StoreFull as exc:
+            return ErrorCode.STORE_FULL, str(exc)
+        except StoreBusy as exc:
+            return ErrorCode.OVERLOADED, str(exc)
+        if self._async_lock is not None and not can_wait:
+            if self.waiting_bytes >= self.store.limits.max_pending_bytes:
+                return ErrorCode.OVERLOADED, "the relay's pipeline is busy"
+        return None
+
     def take(
         self,
         reading: Reading,
         epoch: int,
         size: int,
         stats: SourceStats,
-        reply: Reply | None = None,
+        answers: Answers | None = None,
+        rid: int = 0,
         wanted: int = 0,
         can_wait: bool = False,
+        body: bytes | None = None,
     ) -> bool:
         """One reading from a device: deduplicated by its (epoch, seq), checked against the
-        store's room, run through the pipeline, staged. False when it was refused (counted,
-        ``reply`` told why)."""
+        store's room, run through the pipeline, staged; the device answered (``rid`` on
+        ``answers``) at the level achieved. ``body``: the value's msgpack bytes as received
+        (stored as they are when there is no pipeline). False when it was refused (counted,
+        the device told why)."""
         store = self.store
         seq = reading.seq
         key = None
         gap = 0
         if seq:
             key = "d:" + reading.stream
-            last_epoch, last = store.position(key)
-            if (epoch, seq) <= (last_epoch, last):
+            pos = (epoch, seq)
+            last = store.latest.get(key, _NONE)
+            if pos <= last:
                 stats.duplicates += 1  # (or a datagram overtaken by a later one: docs/EDGE.md)
-                if reply is not None:
-                    self._ack_again(key, (epoch, seq), reply)
+                if answers is not None:
+                    self._ack_again(key, pos, answers, rid)
                 return True
-            gap = seq - last - 1 if epoch == last_epoch and last else 0
-        try:
-            store.room(size + ROW_OVERHEAD, can_wait)
-        except StoreFull as exc:
-            stats.count_dropped("store full")
-            if reply is not None:
-                reply((ErrorCode.STORE_FULL, str(exc)))
-            return False
-        except StoreBusy as exc:
-            stats.count_dropped("busy")
-            if reply is not None:
-                reply((ErrorCode.OVERLOADED, str(exc)))
+            if epoch == last[0] and last[1]:
+                gap = seq - last[1] - 1
+        why = self._refused(size + ROW_OVERHEAD, can_wait)
+        if why is not None:
+            stats.count_dropped("store full" if why[0] == ErrorCode.STORE_FULL else "busy")
+            if answers is not None:
+                answers.refuse(rid, *why)
             return False
         if self._async_lock is not None:  # an async stage: in order, one at a time
-            if self.waiting_bytes >= store.limits.max_pending_bytes and not can_wait:
-                stats.count_dropped("busy")
-                if reply is not None:
-                    reply((ErrorCode.OVERLOADED, "the relay's pipeline is busy"))
-                return False
             self.waiting_bytes += size + ROW_OVERHEAD
             assert self.loop is not None
-            self.loop.create_task(self._take_async(reading, key, epoch, size, stats, reply, wanted))
+            self.loop.create_task(
+                self._take_async(reading, key, epoch, size, stats, answers, rid, wanted)
+            )
             return True
-        outputs = [reading] if self.pipeline is None else self.pipeline.push(reading, time.time())
-        if self._stage(outputs, key, epoch, seq, size, stats, reply, wanted) and gap > 0:
+        if self.pipeline is None:
+            if body is None:
+                body = encode_value(reading.value)
+            n = len(reading.stream) + len(body) + ROW_OVERHEAD
+            self.totals["out_msgs"] += 1
+            self.totals["out_bytes"] += n
+            rows = [(reading.stream, seq, float(reading.time), body)]
+        else:
+            rows, n = self._rows(self.pipeline.push(reading, time.time()))
+        if self._stage(rows, n, key, epoch, seq, size, stats, answers, rid, wanted) and gap > 0:
             stats.lost += gap
         return True
 
@@ -357,14 +456,17 @@ class Relay(Pattern):
         epoch: int,
         size: int,
         stats: SourceStats,
-        reply: Reply | None,
+        answers: Answers | None,
+        rid: int,
         wanted: int,
     ) -> None:
         assert self._async_lock is not None
         try:
             async with self._async_lock:  # in order, one at a time: state and position agree
-                outputs = await self.pipeline.apush(reading, time.time())
-                self._stage(outputs, key, epoch, reading.seq, size, stats, reply, wanted)
+                rows, n = self._rows(await self.pipeline.apush(reading, time.time()))
+                changes = self.pipeline.take_changes()
+                self._stage(rows, n, key, epoch, reading.seq, size, stats, answers, rid, wanted,
+                            changes)  # fmt: skip
         finally:
             self.waiting_bytes -= size + ROW_OVERHEAD
             if self._paused and not self.waiting_bytes:  # (nothing staged: no commit wakes them)
@@ -373,123 +475,134 @@ class Relay(Pattern):
 
     def _stage(
         self,
-        outputs: Sequence[Reading],
+        rows: list[tuple[str, int, float, bytes]],
+        nbytes: int,
         key: str | None,
         epoch: int,
         seq: int,
         size: int,
         stats: SourceStats,
-        reply: Reply | None,
+        answers: Answers | None,
+        rid: int,
         wanted: int,
+        changes: list[tuple[str, bytes, bytes | None]] | None = None,
     ) -> bool:
-        rows, nbytes = self._rows(outputs)
-        self.totals["in_msgs"] += 1
-        self.totals["in_bytes"] += size
-        level = AckLevel(wanted) if wanted else self._level_for(key[2:] if key else "")
-        done = None
-        if reply is not None and level >= AckLevel.DISK:
-            done = functools.partial(self._acked, reply, level, bool(rows))
-        changes = self.pipeline.take_changes() if self.pipeline is not None else None
         try:
-            self.store.stage(rows, nbytes, key, (epoch, seq) if key else None, changes, done)
+            batch = self.store.stage(rows, nbytes, key, (epoch, seq) if key else None, changes)
         except StoreFull as exc:  # too many streams
             stats.count_dropped("store full")
-            if reply is not None:
-                reply((ErrorCode.STORE_FULL, str(exc)))
+            if answers is not None:
+                answers.refuse(rid, ErrorCode.STORE_FULL, str(exc))
             return False
+        totals = self.totals
+        totals["in_msgs"] += 1
+        totals["in_bytes"] += size
         stats.accepted += 1
-        if reply is not None and level == AckLevel.MEMORY:
-            reply(AckLevel.MEMORY)
+        if answers is not None:
+            level = wanted or self._level_for(key[2:] if key else "")
+            if level == 1:
+                answers.ok(rid, 1)
+            else:
+                if not batch.acks:
+                    batch.done.append(self._answer)
+                batch.acks.append((answers, rid, level, bool(rows)))
         return True
 
-    def _acked(
-        self, reply: Reply, level: AckLevel, produced: bool, batch: Batch, exc: BaseException | None
-    ) -> None:
-        if exc is not None:
-            reply((ErrorCode.UNEXPECTED_ERROR, f"the relay could not store it: {exc}"))
-        elif (
-            level == AckLevel.FORWARDED
-            and produced
-            and self.forwarder is not None
-            and len(self._forward_waits) < MAX_FORWARD_WAITS
-        ):
-            if self.forwarder.through >= batch.last_id:
-                reply(AckLevel.FORWARDED)
+    def _answer(self, batch: Batch, exc: BaseException | None) -> None:
+        """A batch is on disk (or failed): answer the readings it holds."""
+        fw = self.forwarder
+        waits = self._forward_waits
+        for answers, rid, level, produced in batch.acks:
+            if exc is not None:
+                answers.refuse(
+                    rid, ErrorCode.UNEXPECTED_ERROR, f"the relay could not store it: {exc}"
+                )
+            elif level == 3 and produced and fw is not None and len(waits) < MAX_FORWARD_WAITS:
+                if fw.through >= batch.last_id:
+                    answers.ok(rid, 3)
+                else:
+                    waits.append((batch.last_id, answers, rid))
             else:
-                self._forward_waits.append((batch.last_id, reply))
-        else:
-            reply(AckLevel.DISK)
+                answers.ok(rid, 2)
 
-    def _ack_again(self, key: str, pos: tuple[int, int], reply: Reply) -> None:
+    def _ack_again(self, key: str, pos: tuple[int, int], answers: Answers, rid: int) -> None:
         """A retransmission: acknowledged at DISK once what it repeats is committed."""
-        if pos <= self.store.positions.get(key, (0, 0)):
-            reply(AckLevel.DISK)
+        if pos <= self.store.positions.get(key, _NONE):
+            answers.ok(rid, 2)
             return
-
-        def done(batch: Batch, exc: BaseException | None) -> None:
-            reply(AckLevel.DISK if exc is None else (ErrorCode.UNEXPECTED_ERROR, str(exc)))
-
-        self.store.pending.done.append(done)
+        batch = self.store.pending
+        if not batch.acks:
+            batch.done.append(self._answer)
+        batch.acks.append((answers, rid, 2, False))
         self.store.flush()
 
     def _forwarded(self, through: int) -> None:
         waits = self._forward_waits
         while waits and waits[0][0] <= through:
-            waits.popleft()[1](AckLevel.FORWARDED)
-        self._flush_peers()
+            _, answers, rid = waits.popleft()
+            answers.ok(rid, 3)
 
     def _committed(self, batch: Batch) -> None:
-        self._flush_peers()
         for line in list(self._paused):
             line.resume()
-
-    def _flush_peers(self) -> None:
-        peers, self._to_flush = self._to_flush, set()
-        for peer in peers:
-            with contextlib.suppress(Exception):
-                peer.flush()
 
     # ------------------------------------------------------------------ DATA frames
 
     def stream_message(self, peer: Peer, msg: PatternMessage) -> None:
-        assert isinstance(msg, Data)
-        stats = self.source("sessions")
-        stats.received += 1
-        stats.bytes += len(msg.value)
-        reply = self._stream_reply(peer, msg.request_id) if msg.request_id else None
-        self._take_data(msg, stats, reply)
+        assert isinstance(msg, Data | Readings)
+        answers: Answers | None = None
+        if msg.request_id:
+            answers = peer.state.get("edge")
+            if answers is None:
+                answers = peer.state["edge"] = _StreamAnswers(peer)
+        if type(msg) is Data:
+            stats = self._sessions
+            stats.received += 1
+            stats.bytes += len(msg.value)
+            self._take_data(msg, stats, answers)
+        else:
+            assert isinstance(msg, Readings)
+            self._take_readings(msg, self._sessions, answers)
 
-    def _stream_reply(self, peer: Peer, rid: int) -> Reply:
-        def reply(result: int | tuple[int, str]) -> None:
-            core = peer.core
-            if core is None:
-                return
-            if isinstance(result, tuple):
-                code, message = result
-                core.send_error(rid, code, ErrorCode(code).name, message)
-            else:
-                core.send_response(rid, int(result), MSGPACK)
-            self._to_flush.add(peer)
-
-        return reply
-
-    def _take_data(self, msg: Data, stats: SourceStats, reply: Reply | None) -> None:
+    def _take_data(self, msg: Data, stats: SourceStats, answers: Answers | None) -> None:
+        body = msg.value
+        codec = msg.codec
         try:
-            value = CODECS[msg.codec].decode(msg.value) if msg.codec else msg.value
+            if codec == 1:  # msgpack: checked, and stored as received
+                value = decode_value(body)
+            else:
+                value = CODECS[codec].decode(body) if codec else body
+                body = encode_value(value)
         except Exception:
             stats.count_bad("value does not decode")
-            if reply is not None:
-                reply((ErrorCode.DECODE_ERROR, "the value does not decode in its codec"))
+            if answers is not None:
+                answers.refuse(
+                    msg.request_id, ErrorCode.DECODE_ERROR, "the value does not decode in its codec"
+                )
             return
         t = time.time() if msg.time is None else msg.time
-        self.take(
-            Reading(msg.stream, t, value, msg.seq),
-            msg.epoch,
-            len(msg.value),
-            stats,
-            reply,
-            msg.level,
-        )
+        self.take(Reading(msg.stream, t, value, msg.seq), msg.epoch, len(msg.value), stats,
+                  answers, msg.request_id, msg.level, body=body)  # fmt: skip
+
+    def _take_readings(self, msg: Readings, stats: SourceStats, answers: Answers | None) -> None:
+        """READINGS: many readings, one answer: all of them staged, or none."""
+        items = msg.items
+        stats.received += len(items)
+        stats.bytes += msg.size
+        rid = msg.request_id
+        why = self._refused(msg.size + len(items) * ROW_OVERHEAD, False)
+        if why is not None:
+            stats.count_dropped("store full" if why[0] == ErrorCode.STORE_FULL else "busy")
+            if answers is not None:
+                answers.refuse(rid, *why)
+            return
+        group = _Group(answers, rid, len(items)) if answers is not None else None
+        now = time.time()
+        for stream, epoch, seq, t, raw in items:
+            body = bytes(raw)
+            value = None if self.pipeline is None else decode_value(body)
+            self.take(Reading(stream, now if t is None else t, value, seq), epoch, len(body),
+                      stats, group, 0, msg.level, can_wait=True, body=body)  # fmt: skip
 
     def datagram_received(self, endpoint: DatagramPeer, data: bytes, addr: Any) -> None:
         """A DATA datagram on one of the host's UDP endpoints (its seal already checked)."""
@@ -503,33 +616,26 @@ class Relay(Pattern):
         send: Callable[[bytes, Any], None],
         endpoint: DatagramPeer | None = None,
     ) -> None:
-        stats.received += 1
-        stats.bytes += len(data)
         try:
             msg = _ONLY_EDGE.decode(parse_datagram(data, 65507))
         except RemoteProtocolError as exc:
+            stats.received += 1
+            stats.bytes += len(data)
             stats.count_bad(ErrorCode.describe(exc.code))
             if endpoint is not None:
                 endpoint.count_bad()
             assert self.host is not None
             self.host.bad_log.warning("edge: bad datagram from %s: %s", format_peer(addr), exc)
             return
-        assert isinstance(msg, Data)
-        reply = None
-        if msg.request_id:
-            size = len(data)
-            rid = msg.request_id
-
-            def reply(result: int | tuple[int, str]) -> None:
-                if isinstance(result, tuple):
-                    answer = encode_error(rid, result[0])  # the code alone: no amplification
-                else:
-                    answer = encode_response(rid, int(result), MSGPACK)
-                if len(answer) <= size:
-                    with contextlib.suppress(OSError):
-                        send(answer, addr)
-
-        self._take_data(msg, stats, reply)
+        assert isinstance(msg, Data | Readings)
+        answers = _DatagramAnswers(send, addr, len(data)) if msg.request_id else None
+        if isinstance(msg, Data):
+            stats.received += 1
+            stats.bytes += len(data)
+            self._take_data(msg, stats, answers)
+        else:
+            assert isinstance(msg, Readings)
+            self._take_readings(msg, stats, answers)
 
     # ------------------------------------------------------------------ lines
 
@@ -591,7 +697,7 @@ class Relay(Pattern):
             rows_out, nbytes = self._rows(outputs)
             self.totals["in_msgs"] += len(fresh)
             self.totals["in_bytes"] += size
-            changes = self.pipeline.take_changes() if self.pipeline is not None else None
+            changes = self.pipeline.take_changes() if self._async_lock is not None else None
             self.store.stage(rows_out, nbytes, key, (0, fresh[-1].id), changes, done)
             src.accepted += len(fresh)
 

@@ -154,6 +154,8 @@ class Batch:
     quarantine: list[tuple[str, str, bytes, int | None]] = field(default_factory=list)
     """(kind, reason, raw, outbox id to delete or None)."""
     done: list[Done] = field(default_factory=list)
+    acks: list[Any] = field(default_factory=list)
+    """Whom to answer once it is on disk (the relay's: the store only carries them)."""
     first_id: int = 0
     last_id: int = 0
     """Ids given to ``rows`` at commit (last_id = first_id - 1: none)."""
@@ -200,8 +202,12 @@ class Outbox:
         self.stored_rows = 0
         self.positions: dict[str, tuple[int, int]] = {}
         """Committed input positions (source -> (epoch, seq))."""
-        self.staged_positions: dict[str, tuple[int, int]] = {}
-        """Positions staged in the open or committing batch, above the committed ones."""
+        self.latest: dict[str, tuple[int, int]] = {}
+        """The committed positions with those staged since (the open and committing batches)
+        over them: what a new reading is compared with."""
+        self.before_commit: Callable[[Batch], None] | None = None
+        """Called on the loop with the open batch just before it is taken to commit (the relay
+        adds its pipeline's state changes: one set per transaction)."""
         self.state_rows: list[tuple[str, bytes, bytes]] = []
         """The pipeline state read at open (for Pipeline.restore), then emptied."""
         self.counters = Counters()
@@ -287,6 +293,7 @@ class Outbox:
         assert con is not None
         bad: list[tuple[str, str, bytes, int | None]] = []
         meta: dict[str, bytes] = {}
+        self.positions, self.state_rows = {}, []
         for key, value, crc in con.execute("SELECT key, value, crc FROM meta"):
             if isinstance(value, bytes) and meta_crc(key, value) == crc:
                 meta[key] = value
@@ -324,6 +331,7 @@ class Outbox:
                 self.state_rows.append((stage, key, value))
             else:
                 bad.append(("state", "checksum", _pack([stage, key, value, crc]), None))
+        self.latest = dict(self.positions)
         rows, nbytes = con.execute(
             "SELECT count(*), coalesce(sum(length(CAST(stream AS BLOB)) + length(body)), 0)"
             " FROM outbox"
@@ -475,11 +483,10 @@ class Outbox:
         b.rows.extend(rows)
         b.size += nbytes
         if source is not None and position is not None:
-            if source not in self.positions and source not in self.staged_positions:
-                if len(self.positions) + len(self.staged_positions) >= self.limits.max_streams:
-                    raise StoreFull(f"the relay keeps at most {self.limits.max_streams} streams")
+            if source not in self.latest and len(self.latest) >= self.limits.max_streams:
+                raise StoreFull(f"the relay keeps at most {self.limits.max_streams} streams")
             b.positions[source] = position
-            self.staged_positions[source] = position
+            self.latest[source] = position
         if changes:
             b.changes.extend(changes)
         if done is not None:
@@ -490,10 +497,7 @@ class Outbox:
 
     def position(self, source: str) -> tuple[int, int]:
         """The last (epoch, seq) taken from ``source``, staged or committed ((0, 0): none)."""
-        p = self.staged_positions.get(source)
-        if p is not None:
-            return p
-        return self.positions.get(source, (0, 0))
+        return self.latest.get(source, (0, 0))
 
     def forwarded(self, through: int) -> None:
         """Rows up to ``through`` are durable upstream: delete them in the next commit."""
@@ -520,6 +524,8 @@ class Outbox:
         while True:
             await wake.wait()
             wake.clear()
+            if self.before_commit is not None:
+                self.before_commit(self.pending)
             batch, self.pending = self.pending, Batch()
             if batch.empty() and not batch.done and not (self._closing or self._expiry_due()):
                 continue
@@ -529,20 +535,21 @@ class Outbox:
             except BaseException as exc:
                 self.failed = exc if isinstance(exc, Exception) else None
                 log.error("edge store %s: commit failed: %s", self.path, exc)
-                for source in batch.positions:  # not taken: the devices send them again
-                    self.staged_positions.pop(source, None)
+                # Nothing of it was taken, nor of what was staged since (its positions may be
+                # above the lost ones': a device sending again must not be told "already
+                # have it"): both fail, and positions go back to the committed ones.
+                later, self.pending = self.pending, Batch()
+                self.latest = dict(self.positions)
                 self._committing = None
-                for cb in batch.done:
-                    cb(batch, exc)
+                for failed in (batch, later):
+                    for cb in failed.done:
+                        cb(failed, exc)
                 if not isinstance(exc, Exception):
                     raise
                 continue
             self._committing = None
             self._quarantining.difference_update(q[3] for q in batch.quarantine)
-            for source, pos in batch.positions.items():
-                self.positions[source] = pos
-                if self.staged_positions.get(source) == pos:
-                    del self.staged_positions[source]
+            self.positions.update(batch.positions)
             for cb in batch.done:
                 cb(batch, None)
             for listener in self._listeners:
