@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 __all__ = [
+    "FIXED",
     "Reading",
     "Row",
     "decode_value",
@@ -59,13 +60,14 @@ def decode_value(body: bytes) -> Any:
     return _decode(body)
 
 
-_FIXED = struct.Struct(">qqd")  # id, seq, time
+FIXED = struct.Struct(">qqd")
+"""A row checksum's first bytes: id, seq, time."""
 
 
 def row_crc(id: int, stream: str, seq: int, time: float, body: bytes) -> int:
     """CRC-32 of a row's fields: its id, seq and time (big-endian i64, i64, f64), the stream in
     UTF-8, a zero byte, then the body (docs/PROTOCOL.md gives the layout and a vector)."""
-    crc = zlib.crc32(_FIXED.pack(id, seq, time))
+    crc = zlib.crc32(FIXED.pack(id, seq, time))
     crc = zlib.crc32(stream.encode() + b"\0", crc)
     return zlib.crc32(body, crc)
 

@@ -46,7 +46,7 @@ from typing import Any
 
 import msgspec
 
-from sockstack.edge.records import Row, row_crc
+from sockstack.edge.records import FIXED, Row, row_crc
 
 __all__ = [
     "Batch",
@@ -81,6 +81,7 @@ _SCHEMA = (
     " reason TEXT NOT NULL, at REAL NOT NULL, raw BLOB NOT NULL)",
 )
 _pack = msgspec.msgpack.Encoder().encode
+_FIXED_PACK = FIXED.pack
 _unpack = msgspec.msgpack.Decoder().decode
 _POS = struct.Struct(">qQ")
 
@@ -156,6 +157,8 @@ class Batch:
     done: list[Done] = field(default_factory=list)
     acks: list[Any] = field(default_factory=list)
     """Whom to answer once it is on disk (the relay's: the store only carries them)."""
+    answered: bool = False
+    """The relay's callback for ``acks`` is in ``done`` (once per batch)."""
     first_id: int = 0
     last_id: int = 0
     """Ids given to ``rows`` at commit (last_id = first_id - 1: none)."""
@@ -495,6 +498,13 @@ class Outbox:
         self._wake.set()
         return b
 
+    def wake(self) -> None:
+        """The open batch has something new: the commit loop takes it when it is free."""
+        wake = self._wake
+        assert wake is not None
+        if not wake.is_set():
+            wake.set()
+
     def position(self, source: str) -> tuple[int, int]:
         """The last (epoch, seq) taken from ``source``, staged or committed ((0, 0): none)."""
         return self.latest.get(source, (0, 0))
@@ -570,8 +580,10 @@ class Outbox:
         now = self.clock()
         first = self.next_id
         out = []
+        pack, crc32 = _FIXED_PACK, zlib.crc32  # row_crc, inlined: the writer's inner loop
         for i, (stream, seq, t, body) in enumerate(b.rows, first):
-            out.append((i, stream, seq, t, body, row_crc(i, stream, seq, t, body), now))
+            crc = crc32(body, crc32(stream.encode() + b"\0", crc32(pack(i, seq, t))))
+            out.append((i, stream, seq, t, body, crc, now))
         c = self.counters
         con.execute("BEGIN IMMEDIATE")
         try:
