@@ -108,6 +108,9 @@ RAW_RELAY = "raw SQLite, batches as the relay's group commits"
 RAW_1000 = "raw SQLite, batches of 1000"
 RELAY_PACED = "sockstack relay, on-disk ack, one in flight per device"
 RAW_PACED = "raw SQLite, batches as the relay's group commits, one in flight per device"
+BATCH = 100
+RELAY_BATCHED = f"sockstack relay, on-disk ack, READINGS frames of {BATCH}"
+RAW_BATCHED = "raw SQLite, batches as the relay's group commits, READINGS frames"
 RELAY_FORWARD = "sockstack relay -> sink (SQLite)"
 PIPELINE = "examples/edge_pipeline.py"
 VALUE = {"temp": 21.5}
@@ -314,6 +317,8 @@ class _Devices(asyncio.Protocol):
         self.sent_at: dict[int, int] = {}
         self.latencies: list[int] = []
         self.closed: str | None = None
+        self.batch = 1
+        """Readings per frame: 1, DATA frames; more, READINGS frames of that many."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         from sockstack.protocol.events import Hello
@@ -336,9 +341,27 @@ class _Devices(asyncio.Protocol):
         self.writable.set()
 
     def frames(self, n: int, level: int, acked: bool) -> bytes:
-        """``n`` DATA frames, the next reading of each device in turn."""
-        from sockstack.edge.messages import encode_data
+        """``n`` DATA frames, the next reading of each device in turn (or ``n`` READINGS
+        frames of :attr:`batch` readings each)."""
+        from sockstack.edge.messages import encode_data, encode_readings
         from sockstack.edge.records import encode_value
+
+        if self.batch > 1:
+            now = time.time()
+            stamp = time.perf_counter_ns()
+            out = []
+            for _ in range(n):
+                rid = self.next_rid
+                self.next_rid = rid + 1
+                items = []
+                for j in range(self.batch):
+                    k = (rid * self.batch + j) % DEVICES
+                    self.seqs[k] += 1
+                    items.append((self.streams[k], self.epoch, self.seqs[k], now, VALUE))
+                if acked:
+                    self.sent_at[rid] = stamp
+                out.append(encode_readings(rid if acked else 0, items, level=level))
+            return b"".join(out)
 
         body = encode_value(VALUE)
         now = time.time()
@@ -450,19 +473,23 @@ class IngestRun:
     levels: dict[int, int] = field(default_factory=dict)
 
 
-def device_load(relay: Server, level: int | None, plan: EdgePlan) -> IngestRun:
-    """Warm up, then the timed readings: ``level`` 1 or 2 with a window, None for no ack."""
+def device_load(relay: Server, level: int | None, plan: EdgePlan, batch: int = 1) -> IngestRun:
+    """Warm up, then the timed readings: ``level`` 1 or 2 with a window, None for no ack;
+    ``batch`` readings a frame (READINGS when more than 1; totals and window in readings)."""
 
     async def go() -> IngestRun:
         transport, proto = await _session(relay.port)
+        proto.batch = batch
         try:
-            await proto.acked(plan.warmup, 2, plan.window, plan.cap)
+            await proto.acked(plan.warmup // batch, 2, max(1, plan.window // batch), plan.cap)
             before = await asyncio.to_thread(relay_stats, relay.port)
             cpu0, rcpu0, t0 = time.process_time(), relay.cpu_seconds(), time.perf_counter()
             if level is None:
                 await proto.blast(plan.readings, plan.cap)
             else:
-                await proto.acked(plan.readings, level, plan.window, plan.cap)
+                await proto.acked(
+                    plan.readings // batch, level, max(1, plan.window // batch), plan.cap
+                )
             seconds = time.perf_counter() - t0
             cpu, rcpu = time.process_time() - cpu0, relay.cpu_seconds() - rcpu0
             after = await asyncio.to_thread(relay_stats, relay.port)
@@ -558,6 +585,8 @@ class _Case:
     raws: tuple[tuple[str, int], ...] = ()
     """Raw SQLite rows measured right after it: (name, batch size; 0: the batch this run's group
     commits reached)."""
+    batch: int = 1
+    """Readings per frame (READINGS frames when more than 1)."""
 
 
 def measure_ingest(
@@ -567,6 +596,7 @@ def measure_ingest(
     cases = [
         _Case(RELAY_DISK, 2, plan.window, ((RAW_RELAY, 0), (RAW_1000, 1000))),
         _Case(RELAY_PACED, 2, DEVICES, ((RAW_PACED, 0),)),
+        _Case(RELAY_BATCHED, 2, plan.window, ((RAW_BATCHED, 0),), BATCH),
         _Case(RELAY_MEMORY, 1, plan.window),
         _Case(RELAY_NONE, None, plan.window),
     ]
@@ -585,7 +615,7 @@ def measure_ingest(
                 os.sync()
                 relay = start_relay(work / f"relay-{len(os.listdir(work))}.db", TWO[1])
                 try:
-                    run = device_load(relay, c.level, replace(plan, window=c.window))
+                    run = device_load(relay, c.level, replace(plan, window=c.window), c.batch)
                 except Exception as exc:  # a run that breaks must not end the whole suite
                     skipped[c.name] = f"failed: {type(exc).__name__}: {exc}"
                     log(f"  {c.name}: failed: {exc}")
@@ -790,4 +820,5 @@ def edge_targets(results: list[Result]) -> list[tuple[str, float | None, float, 
     return [
         (what, ratio(RELAY_DISK, RAW_RELAY), 0.5, True),
         (f"{what} (one reading in flight per device)", ratio(RELAY_PACED, RAW_PACED), 0.5, True),
+        (f"{what} (READINGS frames of {BATCH})", ratio(RELAY_BATCHED, RAW_BATCHED), 0.5, True),
     ]

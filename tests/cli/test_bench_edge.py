@@ -26,9 +26,11 @@ def test_edge_scenario_quick(tmp_path: Path) -> None:
         INGEST,
         PIPELINE,
         RAW_1000,
+        RAW_BATCHED,
         RAW_PACED,
         RAW_RELAY,
         REDUCTION,
+        RELAY_BATCHED,
         RELAY_DISK,
         RELAY_FORWARD,
         RELAY_MEMORY,
@@ -52,14 +54,16 @@ def test_edge_scenario_quick(tmp_path: Path) -> None:
         RELAY_PACED,
         RELAY_MEMORY,
         RELAY_NONE,
+        RELAY_BATCHED,
         RAW_RELAY,
         RAW_PACED,
+        RAW_BATCHED,
         RAW_1000,
     }
     for row in ingest.values():
         assert row["calls"] > 0 and row["calls_per_s"] > 0, row
         assert row["rows_per_commit"] >= 1, row
-    for name in (RELAY_DISK, RELAY_PACED, RELAY_MEMORY):
+    for name in (RELAY_DISK, RELAY_PACED, RELAY_MEMORY, RELAY_BATCHED):
         row = ingest[name]
         assert row["placement"] == "two cores" and row["p50_us"] > 0, row
         assert 0 < row["load_cpu_share"] and row["commits"] > 0, row
@@ -67,13 +71,17 @@ def test_edge_scenario_quick(tmp_path: Path) -> None:
     assert ingest[RAW_1000]["rows_per_commit"] == 1000
     # Each raw row a ratio uses has the batch size the relay's on-disk run reached (one in
     # flight per device: at most 100 rows a commit).
-    for relay, raw in ((RELAY_DISK, RAW_RELAY), (RELAY_PACED, RAW_PACED)):
+    for relay, raw in (
+        (RELAY_DISK, RAW_RELAY),
+        (RELAY_PACED, RAW_PACED),
+        (RELAY_BATCHED, RAW_BATCHED),
+    ):
         assert ingest[raw]["rows_per_commit"] == max(1, round(ingest[relay]["rows_per_commit"]))
     assert ingest[RELAY_PACED]["rows_per_commit"] <= 100
     (fwd,) = _rows(data, FORWARD).values()
     assert fwd["system"] == RELAY_FORWARD and fwd["calls"] == fwd["backlog"] > 0
     targets = [t for t in data["targets"] if t["target"].startswith("edge ingest, on-disk ack")]
-    assert len(targets) == 2
+    assert len(targets) == 3
     assert all(t["goal"] == 0.5 and t["measured"] > 0 for t in targets)
     md = (tmp_path / "latest.md").read_text()
     assert f"## {INGEST}" in md and f"- {RELAY_DISK}: " in md and "rows per commit" in md

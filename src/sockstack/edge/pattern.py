@@ -674,6 +674,9 @@ class Relay(Pattern):
             if answers is not None:
                 answers.refuse(rid, *why)
             return
+        if self.pipeline is None:
+            self._plain_readings(msg, stats, answers)
+            return
         group = _Group(answers, rid, len(items)) if answers is not None else None
         now = time.time()
         for stream, epoch, seq, t, raw in items:
@@ -681,6 +684,66 @@ class Relay(Pattern):
             value = None if self.pipeline is None else decode_value(body)
             self.take(Reading(stream, now if t is None else t, value, seq), epoch, len(body),
                       stats, group, 0, msg.level, can_wait=True, body=body)  # fmt: skip
+
+    def _plain_readings(self, msg: Readings, stats: SourceStats, answers: Answers | None) -> None:
+        """READINGS on a relay without a pipeline, its room checked: every reading staged as
+        received in one pass, one answer (:meth:`_plain_data`'s steps, per reading)."""
+        store = self.store
+        latest, committed = store.latest, store.positions
+        pending = store.pending
+        rows, positions = pending.rows, pending.positions
+        max_streams = store.limits.max_streams
+        now = time.time()
+        nbytes = accepted = dups = lost = 0
+        full = False
+        for stream, epoch, seq, t, raw in msg.items:
+            if seq:
+                key = "d:" + stream
+                pos = (epoch, seq)
+                last = latest.get(key, _NONE)
+                if pos <= last:
+                    dups += 1
+                    continue
+                if last is _NONE and key not in committed and len(latest) >= max_streams:
+                    full = True
+                    continue
+                if epoch == last[0] and last[1]:
+                    lost += seq - last[1] - 1
+                positions[key] = latest[key] = pos
+            body = bytes(raw)
+            rows.append((stream, seq, now if t is None else t, body))
+            nbytes += len(stream) + len(body) + ROW_OVERHEAD
+            accepted += 1
+        pending.size += nbytes
+        totals = self.totals
+        totals["in_msgs"] += accepted
+        totals["in_bytes"] += msg.size
+        totals["out_msgs"] += accepted
+        totals["out_bytes"] += nbytes
+        stats.accepted += accepted
+        stats.duplicates += dups
+        stats.lost += lost
+        if not pending.answered:
+            pending.answered = True
+            pending.done.append(self._answer)
+        store.wake()
+        if full:
+            stats.count_dropped("store full")
+        if answers is None:
+            return
+        rid = msg.request_id
+        if full:  # (the rest is staged: sent again, it is taken as a retransmission)
+            answers.refuse(
+                rid, ErrorCode.STORE_FULL, f"the relay keeps at most {max_streams} streams"
+            )
+            return
+        level = msg.level or (
+            self.ack if not self.ack_for else min(self._level_for(i[0]) for i in msg.items)
+        )
+        if level == 1:
+            answers.ok(rid, 1)
+        else:  # (duplicates staged and not committed yet are in this batch or one before it)
+            pending.acks.append((answers, rid, level, accepted > 0))
 
     def datagram_received(self, endpoint: DatagramPeer, data: bytes, addr: Any) -> None:
         """A DATA datagram on one of the host's UDP endpoints (its seal already checked)."""
