@@ -292,3 +292,20 @@ async def test_readings_in_one_frame_one_answer(tmp_path: Path) -> None:
     assert [(r[1], r[2]) for r in rows(tmp_path / "edge.db")] == [
         ("batch", 1), ("batch", 2), ("batch", 3), ("batch", 4), ("batch", 5), ("u", 1), ("u", 2)
     ]  # fmt: skip
+
+
+async def test_readings_through_a_pipeline(tmp_path: Path) -> None:
+    from sockstack.edge import Filter, Map, Pipeline, Reading
+
+    pipeline = Pipeline(
+        Filter(lambda r: r.value >= 0), Map(lambda r: Reading(r.stream, r.time, r.value * 10))
+    )
+    async with relay_at(tmp_path / "edge.db", pipeline=pipeline) as (relay, url, _):
+        async with AsyncClient(url) as client:
+            device = Device(client, "p", epoch=1)
+            assert await device.send_many([1, -5, 2]) == AckLevel.DISK
+            assert await device.send_many([1, -5, 2], level=AckLevel.MEMORY) == AckLevel.MEMORY
+        await committed(relay)
+        stats = relay.stats()
+    assert [r[3] for r in rows(tmp_path / "edge.db")] == [b"\x0a", b"\x14", b"\x0a", b"\x14"]
+    assert stats["pipeline"]["stages"]["0:filter"]["dropped"] == {"filtered": 2}
