@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 import math
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -154,7 +155,7 @@ _U64 = 1 << 64
 
 def encode_readings(
     request_id: int,
-    items: list[tuple[str, int, int, float | None, Any]],
+    items: Sequence[tuple[str, int, int, float | None, Any]],
     *,
     level: int = 0,
 ) -> bytes:

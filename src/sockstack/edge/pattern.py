@@ -47,6 +47,7 @@ from sockstack.protocol.events import PatternMessage
 from sockstack.protocol.frames import pack_header, parse_datagram
 from sockstack.protocol.messages import encode_error
 from sockstack.protocol.registry import Registry
+from sockstack.transport.listen import bind_all
 from sockstack.transport.urls import Endpoint, format_peer, parse_endpoint
 
 __all__ = ["EdgeError", "Relay", "Sink"]
@@ -233,24 +234,12 @@ class Relay(Pattern):
         loop = self.loop = host.loop
         assert loop is not None
         self._started = time.time()
-        for ep in self.listen:  # bound now: an error reaches Server.start
-            family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
-            kind = socket.SOCK_STREAM if ep.scheme == "tcp" else socket.SOCK_DGRAM
-            sock = socket.socket(family, kind)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind((ep.host, ep.port))
-                if ep.scheme == "tcp":
-                    sock.listen(host.limits.backlog)
-                sock.setblocking(False)
-            except BaseException:
-                sock.close()
-                for s in self._sockets:
-                    s.close()
-                self._sockets.clear()
-                raise
-            self._sockets.append(sock)
-            self._bound.append(Endpoint(ep.scheme, *sock.getsockname()[:2]))
+        # Bound now: an error (an address in use) reaches Server.start.
+        self._sockets = bind_all(self.listen, host.limits.backlog)
+        self._bound = [
+            Endpoint(ep.scheme, *sock.getsockname()[:2])
+            for ep, sock in zip(self.listen, self._sockets, strict=True)
+        ]
         self.open()
         self.store.start(loop)
         self.store.on_commit(self._committed)

@@ -314,13 +314,7 @@ class SQLiteSink:
     def accept(
         self, origin: str, rows: Sequence[Row], stats: Mapping[str, int] | None = None
     ) -> int:
-        try:
-            _check(origin, rows)
-        except BadBatch:
-            with self._count_lock:
-                self.refused += 1
-            raise
-        relay = _relay_stats(stats)
+        relay = _admit(self, origin, rows, stats)
         if not rows and relay is None:
             return self.position(origin)
         with self._lock:
@@ -449,6 +443,23 @@ def _filters(origin: str | None, stream: str | None, mark: str) -> tuple[str, tu
         clauses.append(f"stream = {mark}")
         args.append(stream)
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(args)
+
+
+def _admit(
+    sink: SQLiteSink | PostgresSink,
+    origin: str,
+    rows: Sequence[Row],
+    stats: Mapping[str, int] | None,
+) -> dict[str, int] | None:
+    """A batch's checks, both backends: BadBatch (counted as refused) unless it may be stored;
+    the relay's counters to keep, if it sent any."""
+    try:
+        _check(origin, rows)
+    except BadBatch:
+        with sink._count_lock:
+            sink.refused += 1
+        raise
+    return _relay_stats(stats)
 
 
 def _stats_dict(
@@ -607,13 +618,7 @@ class PostgresSink:
     def accept(
         self, origin: str, rows: Sequence[Row], stats: Mapping[str, int] | None = None
     ) -> int:
-        try:
-            _check(origin, rows)
-        except BadBatch:
-            with self._count_lock:
-                self.refused += 1
-            raise
-        relay = _relay_stats(stats)
+        relay = _admit(self, origin, rows, stats)
         if not rows and relay is None:
             return self.position(origin)
         pool = self._pool_open()

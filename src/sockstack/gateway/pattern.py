@@ -29,6 +29,7 @@ from sockstack.errors import ErrorCode
 from sockstack.gateway.http import HttpRequest, Route
 from sockstack.gateway.problems import HttpProblem, problem_name
 from sockstack.host.pattern import HostContext, Pattern
+from sockstack.transport.listen import bind_all
 from sockstack.transport.ratelog import RateLimitedLog
 from sockstack.transport.urls import Endpoint, parse_endpoint
 
@@ -181,26 +182,14 @@ class Gateway(Pattern):
         self._secret = secret
         if any(e.scheme == "https" for e in self._configured) and host.tls_context is None:
             raise ValueError("https:// endpoints need the host's tls_context")
-        for ep in self._configured:  # bound now: an error reaches Server.start
-            family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
-            # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on the connections it accepts
-            # only then (without, ~40 ms of Nagle + delayed ACK per keep-alive request)
-            sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if getattr(server, "reuse_port", False):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                sock.bind((ep.host, ep.port))
-                sock.listen(host.limits.backlog)
-                sock.setblocking(False)
-            except BaseException:
-                sock.close()
-                for s in self._sockets:
-                    s.close()
-                self._sockets.clear()
-                raise
-            self._sockets.append(sock)
-            self._bound.append(Endpoint(ep.scheme, *sock.getsockname()[:2]))
+        # Bound now: an error (an address in use) reaches Server.start.
+        self._sockets = bind_all(
+            self._configured, host.limits.backlog, bool(getattr(server, "reuse_port", False))
+        )
+        self._bound = [
+            Endpoint(ep.scheme, *sock.getsockname()[:2])
+            for ep, sock in zip(self._configured, self._sockets, strict=True)
+        ]
         loop = self.loop = host.loop
         assert loop is not None
         for ep, sock in zip(self._bound, self._sockets, strict=True):
