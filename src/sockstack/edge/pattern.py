@@ -401,6 +401,7 @@ class Relay(Pattern):
         seq = reading.seq
         key = None
         gap = 0
+        size += len(reading.stream)  # (a reading's bytes as a row would hold them)
         if seq:
             key = "d:" + reading.stream
             pos = (epoch, seq)
@@ -485,7 +486,7 @@ class Relay(Pattern):
             return False
         totals = self.totals
         totals["in_msgs"] += 1
-        totals["in_bytes"] += size
+        totals["in_bytes"] += size + ROW_OVERHEAD  # (as a row: what out_bytes counts too)
         stats.accepted += 1
         if answers is not None:
             level = wanted or self._level_for(key[2:] if key else "")
@@ -618,7 +619,7 @@ class Relay(Pattern):
             store.wake()
         totals = self.totals
         totals["in_msgs"] += 1
-        totals["in_bytes"] += size
+        totals["in_bytes"] += n
         totals["out_msgs"] += 1
         totals["out_bytes"] += n
         stats.accepted += 1
@@ -706,7 +707,7 @@ class Relay(Pattern):
         pending.size += nbytes
         totals = self.totals
         totals["in_msgs"] += accepted
-        totals["in_bytes"] += msg.size
+        totals["in_bytes"] += nbytes
         totals["out_msgs"] += accepted
         totals["out_bytes"] += nbytes
         stats.accepted += accepted
@@ -797,7 +798,7 @@ class Relay(Pattern):
         if not fresh:
             await self._committed_through(key, position)
             return {"through": max(position, checked[-1].id if checked else 0), "level": 2}
-        size = sum(len(r.body) + ROW_OVERHEAD for r in fresh)
+        size = sum(len(r.stream) + len(r.body) + ROW_OVERHEAD for r in fresh)
         try:
             self.store.room(size)
         except StoreFull as exc:
