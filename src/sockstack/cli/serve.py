@@ -347,7 +347,12 @@ def banner(server: Server, args: argparse.Namespace) -> list[str]:
     service of yours, whose arguments it cannot guess, it suggests ``ping`` and shows the form
     of a call."""
     is_broker = args.command == "broker"
-    name = "broker" if is_broker else type(server.service).__name__
+    if is_broker:
+        name = "broker"
+    elif server.service is None:  # (patterns alone: an edge sink)
+        name = server.name
+    else:
+        name = type(server.service).__name__
     if server.broker is not None and not is_broker:
         name += " and the broker"
     lines = [f"serving {name} on {ep}" for ep in server.endpoints]

@@ -989,7 +989,8 @@ class Sink(Pattern):
     def forward_in(
         self, origin: str, rows: list[Any], stats: dict[str, int] | None = None
     ) -> dict[str, int]:
-        """Runs on a worker thread: the store's transaction is blocking."""
+        """Store a relay's rows, each once; answers through which id they are durable
+        (docs/PROTOCOL.md §4.6). On a worker thread: the database's transaction blocks."""
         from sockstack.edge.sink import BadBatch, SinkError
 
         checked = check_rows(origin, rows)
@@ -1003,6 +1004,8 @@ class Sink(Pattern):
         return {"through": int(through), "level": 2}
 
     def stats(self) -> dict[str, Any]:
+        """What the sink holds: totals, and per relay its position, rows, duplicates, gaps and
+        how much it reduced its data."""
         return dict(self.store.stats())
 
     def report_metrics(self) -> Sequence[tuple[str, str, str, float]]:
