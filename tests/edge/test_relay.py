@@ -309,3 +309,12 @@ async def test_readings_through_a_pipeline(tmp_path: Path) -> None:
         stats = relay.stats()
     assert [r[3] for r in rows(tmp_path / "edge.db")] == [b"\x0a", b"\x14", b"\x0a", b"\x14"]
     assert stats["pipeline"]["stages"]["0:filter"]["dropped"] == {"filtered": 2}
+
+
+async def test_readings_posted_without_an_answer(tmp_path: Path) -> None:
+    async with relay_at(tmp_path / "edge.db") as (relay, url, _), AsyncClient(url) as client:
+        device = Device(client, "quiet", epoch=1)
+        assert all(device.post(i) for i in range(3))  # no answer asked: nothing waits
+        assert await device.send(3) == AckLevel.DISK  # after those, on the same connection
+        await committed(relay)
+    assert [r[2] for r in rows(tmp_path / "edge.db")] == [1, 2, 3, 4]
