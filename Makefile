@@ -41,11 +41,13 @@ edge-demo: $(VENV)/.installed
 # runs the HTTP dashboard's browser test (Playwright drives Debian's browser: a browser download
 # of the test tool's own cannot work here), postgresql is the server tests/edge/pg.py starts for
 # the PostgreSQL sink's tests (its programs are under /usr/lib/postgresql/N/bin, not on PATH;
-# RUNLEVEL=1 keeps the package's own cluster from starting). The tests that need them are
+# RUNLEVEL=1 keeps the package's own cluster from starting), nats-server runs the 3-node
+# cluster the scale tests start across network-namespace hosts (tests/helpers/netns.py; in
+# /usr/sbin, not on a user's PATH). The tests that need them are
 # skipped, saying why, where they cannot be installed (no root or apt).
-TEST_DEBS := tshark chromium
+TEST_DEBS := tshark chromium nats-server
 test-deps:
-	@missing=""; for b in $(TEST_DEBS); do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
+	@missing=""; for b in $(TEST_DEBS); do command -v $$b >/dev/null || [ -x /usr/sbin/$$b ] || missing="$$missing $$b"; done; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
