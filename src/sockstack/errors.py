@@ -181,8 +181,9 @@ class ErrorCode(enum.IntEnum):
     """Edge relay or sink: a forwarded batch holds a row whose checksum does not match, or ids
     that do not rise; nothing of the batch was stored."""
     UNAVAILABLE = 2037
-    """Edge sink: its database cannot be reached or failed the write; nothing of the batch was
-    stored; send it again later (a relay does, with backoff)."""
+    """Edge sink or relay: its store cannot be written (a sink's database is down; a relay whose
+    commit failed takes no input until it is restarted); nothing was stored; send it again
+    later (a relay does, with backoff)."""
     UNAUTHENTICATED = 2009
     """A datagram without a valid MAC, outside the replay window, or replayed (UDP with a
     shared secret)."""

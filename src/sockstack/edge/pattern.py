@@ -69,6 +69,11 @@ class EdgeError(ServiceError):
 
 
 _NONE = (0, 0)
+_FAILED = "the relay's store failed a commit: it takes no input until it is restarted"
+_DROPPED: dict[int, str] = {
+    ErrorCode.STORE_FULL: "store full",
+    ErrorCode.UNAVAILABLE: "store failed",
+}
 _LEVEL_BODY = {1: b"\x01", 2: b"\x02", 3: b"\x03"}  # a RESPONSE's result: msgpack fixint
 _RESPONSE = 0x04
 
@@ -286,13 +291,16 @@ class Relay(Pattern):
         host, loop = self.host, self.loop
         if host is None or loop is None:
             return
-        if self.pipeline is not None:
-            if self.pipeline.is_async:
-                loop.create_task(self._atick())
-            else:
-                self._ticked(self.pipeline.tick(time.time()))
-        self.store.flush()
-        self._timer = loop.call_later(1.0, self._tick)
+        self._timer = loop.call_later(1.0, self._tick)  # (first: nothing below stops the chain)
+        try:
+            if self.pipeline is not None:
+                if self.pipeline.is_async:
+                    loop.create_task(self._atick())
+                else:
+                    self._ticked(self.pipeline.tick(time.time()))
+            self.store.flush()
+        except Exception:
+            log.exception("edge relay: the once-a-second tick failed")
 
     async def _atick(self) -> None:
         assert self._async_lock is not None
@@ -360,15 +368,29 @@ class Relay(Pattern):
         rows = []
         nbytes = 0
         for r in outputs:
-            body = encode_value(r.value)
+            try:
+                body = encode_value(r.value)
+            except (TypeError, ValueError, OverflowError):  # a stage made what msgpack cannot hold
+                self.source("pipeline").count_dropped("output not encodable")
+                continue
             rows.append((r.stream, r.seq, float(r.time), body))
             nbytes += len(r.stream) + len(body) + ROW_OVERHEAD
         self.totals["out_msgs"] += len(rows)
         self.totals["out_bytes"] += nbytes
         return rows, nbytes
 
-    def _refused(self, size: int, can_wait: bool) -> tuple[int, str] | None:
-        """Why ``size`` more bytes cannot be staged now (code, message), or None."""
+    def _refused(self, size: int, can_wait: bool, key: str | None = None) -> tuple[int, str] | None:
+        """Why ``size`` more bytes (for input position ``key``) cannot be staged now (code,
+        message), or None."""
+        store = self.store
+        if store.failed is not None:
+            return ErrorCode.UNAVAILABLE, _FAILED
+        if key is not None and key not in store.latest:
+            if len(store.latest) >= store.limits.max_streams:
+                return (
+                    ErrorCode.STORE_FULL,
+                    f"the relay keeps at most {store.limits.max_streams} streams",
+                )
         try:
             self.store.room(size, can_wait)
         except StoreFull as exc:
@@ -413,13 +435,15 @@ class Relay(Pattern):
                 return True
             if epoch == last[0] and last[1]:
                 gap = seq - last[1] - 1
-        why = self._refused(size + ROW_OVERHEAD, can_wait)
+        why = self._refused(size + ROW_OVERHEAD, can_wait, key)
         if why is not None:
-            stats.count_dropped("store full" if why[0] == ErrorCode.STORE_FULL else "busy")
+            stats.count_dropped(_DROPPED.get(why[0], "busy"))
             if answers is not None:
                 answers.refuse(rid, *why)
             return False
         if self._async_lock is not None:  # an async stage: in order, one at a time
+            if key is not None:  # taken now: a copy arriving meanwhile is a retransmission
+                store.latest[key] = (epoch, seq)
             self.waiting_bytes += size + ROW_OVERHEAD
             assert self.loop is not None
             self.loop.create_task(
@@ -435,7 +459,10 @@ class Relay(Pattern):
             rows = [(reading.stream, seq, float(reading.time), body)]
         else:
             rows, n = self._rows(self.pipeline.push(reading, time.time()))
-        if self._stage(rows, n, key, epoch, seq, size, stats, answers, rid, wanted) and gap > 0:
+        staged = self._stage(
+            rows, n, key, epoch, seq, size, stats, answers, rid, wanted, stream=reading.stream
+        )
+        if staged and gap > 0:
             stats.lost += gap
         return True
 
@@ -456,7 +483,7 @@ class Relay(Pattern):
                 rows, n = self._rows(await self.pipeline.apush(reading, time.time()))
                 changes = self.pipeline.take_changes()
                 self._stage(rows, n, key, epoch, reading.seq, size, stats, answers, rid, wanted,
-                            changes)  # fmt: skip
+                            changes, stream=reading.stream)  # fmt: skip
         finally:
             self.waiting_bytes -= size + ROW_OVERHEAD
             if self._paused and not self.waiting_bytes:  # (nothing staged: no commit wakes them)
@@ -476,10 +503,18 @@ class Relay(Pattern):
         rid: int,
         wanted: int,
         changes: list[tuple[str, bytes, bytes | None]] | None = None,
+        stream: str = "",
     ) -> bool:
         try:
             batch = self.store.stage(rows, nbytes, key, (epoch, seq) if key else None, changes)
         except StoreFull as exc:  # too many streams
+            store = self.store
+            if key is not None and store.latest.get(key) == (epoch, seq):  # (taken early)
+                committed = store.positions.get(key)
+                if committed is None:
+                    store.latest.pop(key, None)
+                else:
+                    store.latest[key] = committed
             stats.count_dropped("store full")
             if answers is not None:
                 answers.refuse(rid, ErrorCode.STORE_FULL, str(exc))
@@ -489,7 +524,7 @@ class Relay(Pattern):
         totals["in_bytes"] += size + ROW_OVERHEAD  # (as a row: what out_bytes counts too)
         stats.accepted += 1
         if answers is not None:
-            level = wanted or self._level_for(key[2:] if key else "")
+            level = wanted or self._level_for(stream)
             if level == 1:
                 answers.ok(rid, 1)
             else:
@@ -597,14 +632,19 @@ class Relay(Pattern):
         pending = store.pending
         lim = store.limits
         why: tuple[int, str] | None = None
-        if pending.size + n > lim.max_pending_bytes and pending.size:
+        if store.failed is not None:
+            why = ErrorCode.UNAVAILABLE, _FAILED
+        elif pending.size + n > lim.max_pending_bytes and pending.size:
             why = ErrorCode.OVERLOADED, "the relay's commit queue is full"
         elif key is not None and key not in latest and len(latest) >= lim.max_streams:
             why = ErrorCode.STORE_FULL, f"the relay keeps at most {lim.max_streams} streams"
-        elif lim.when_full == "refuse" and store.stored_bytes + pending.size + n > lim.max_bytes:
-            why = self._refused(n, False)  # (counted there, with what is being committed)
+        elif (
+            lim.when_full == "refuse"
+            and store.stored_bytes + store.committing_bytes + pending.size + n > lim.max_bytes
+        ):
+            why = self._refused(n, False)  # (counted there)
         if why is not None:
-            stats.count_dropped("store full" if why[0] == ErrorCode.STORE_FULL else "busy")
+            stats.count_dropped(_DROPPED.get(why[0], "busy"))
             if answers is not None:
                 answers.refuse(rid, *why)
             return
@@ -660,7 +700,7 @@ class Relay(Pattern):
         rid = msg.request_id
         why = self._refused(msg.size + len(items) * ROW_OVERHEAD, False)
         if why is not None:
-            stats.count_dropped("store full" if why[0] == ErrorCode.STORE_FULL else "busy")
+            stats.count_dropped(_DROPPED.get(why[0], "busy"))
             if answers is not None:
                 answers.refuse(rid, *why)
             return
@@ -791,20 +831,7 @@ class Relay(Pattern):
         checked = check_rows(origin, rows)
         src = self.source("relay " + origin[:64])
         key = "r:" + origin
-        _, position = self.store.position(key)
-        fresh = [r for r in checked if r.id > position]
         src.received += len(checked)
-        src.duplicates += len(checked) - len(fresh)
-        if not fresh:
-            await self._committed_through(key, position)
-            return {"through": max(position, checked[-1].id if checked else 0), "level": 2}
-        size = sum(len(r.stream) + len(r.body) + ROW_OVERHEAD for r in fresh)
-        try:
-            self.store.room(size)
-        except StoreFull as exc:
-            raise EdgeError(ErrorCode.STORE_FULL, str(exc)) from None
-        except StoreBusy as exc:
-            raise EdgeError(ErrorCode.OVERLOADED, str(exc)) from None
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
 
@@ -815,7 +842,23 @@ class Relay(Pattern):
                 else:
                     waiter.set_exception(exc)
 
-        async def run() -> None:
+        def take() -> list[Row]:
+            """What is new in the batch, checked against the position now (under the lock
+            for an async pipeline: a copy of this batch sent meanwhile is not taken twice)."""
+            _, position = self.store.position(key)
+            fresh = [r for r in checked if r.id > position]
+            src.duplicates += len(checked) - len(fresh)
+            if fresh:
+                size = sum(len(r.stream) + len(r.body) + ROW_OVERHEAD for r in fresh)
+                why = self._refused(size, False, key)
+                if why is not None:
+                    raise EdgeError(*why)
+            return fresh
+
+        async def run() -> list[Row]:
+            fresh = take()
+            if not fresh:
+                return fresh
             outputs: list[Reading] = []
             for r in fresh:
                 reading = Reading(r.stream, r.time, decode_value(r.body), r.seq)
@@ -827,31 +870,51 @@ class Relay(Pattern):
                     outputs.extend(self.pipeline.push(reading, time.time()))
             rows_out, nbytes = self._rows(outputs)
             self.totals["in_msgs"] += len(fresh)
-            self.totals["in_bytes"] += size
+            self.totals["in_bytes"] += sum(
+                len(r.stream) + len(r.body) + ROW_OVERHEAD for r in fresh
+            )
             changes = self.pipeline.take_changes() if self._async_lock is not None else None
-            self.store.stage(rows_out, nbytes, key, (0, fresh[-1].id), changes, done)
+            try:
+                self.store.stage(rows_out, nbytes, key, (0, fresh[-1].id), changes, done)
+            except StoreFull as exc:
+                raise EdgeError(ErrorCode.STORE_FULL, str(exc)) from None
             src.accepted += len(fresh)
+            return fresh
 
         if self._async_lock is not None:
             async with self._async_lock:
-                await run()
+                fresh = await run()
         else:
-            await run()
-        await waiter
+            fresh = await run()
+        if not fresh:  # all sent before: answered once what holds them is on disk
+            position = await self._committed_through(key)
+            return {"through": max(position, checked[-1].id if checked else 0), "level": 2}
+        try:
+            await waiter
+        except Exception as exc:
+            raise EdgeError(
+                ErrorCode.UNAVAILABLE, f"the relay could not store them: {exc}"
+            ) from None
         return {"through": fresh[-1].id, "level": 2}
 
-    async def _committed_through(self, key: str, position: int) -> None:
-        if self.store.positions.get(key, (0, 0))[1] >= position:
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def _committed_through(self, key: str) -> int:
+        """The position of ``key`` once what is staged for it is committed (UNAVAILABLE when
+        that commit failed: then the rows are in neither store, and must be sent again)."""
+        staged = self.store.position(key)[1]
+        if self.store.positions.get(key, _NONE)[1] < staged:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-        def done(batch: Batch, exc: BaseException | None) -> None:
-            if not waiter.done():
-                waiter.set_result(None)
+            def done(batch: Batch, exc: BaseException | None) -> None:
+                if not waiter.done():
+                    waiter.set_result(None)
 
-        self.store.pending.done.append(done)
-        self.store.flush()
-        await waiter
+            self.store.pending.done.append(done)
+            self.store.flush()
+            await waiter
+        committed = self.store.positions.get(key, _NONE)[1]
+        if committed < staged:
+            raise EdgeError(ErrorCode.UNAVAILABLE, "the relay could not store them: send again")
+        return committed
 
     # ------------------------------------------------------------------ visibility
 

@@ -231,6 +231,8 @@ class Outbox:
         for ``sockstack edge status FILE``."""
         self._lock_fd: int | None = None
         self.oldest_added: float | None = None
+        self.committing_bytes = 0
+        """Bytes of the batch being committed now (0: none)."""
         self._quarantining: set[int] = set()
         """Ids of rows staged for quarantine (bounded: cleared at each commit)."""
         """When the oldest row was committed (kept up to date at each commit)."""
@@ -336,8 +338,7 @@ class Outbox:
                 bad.append(("state", "checksum", _pack([stage, key, value, crc]), None))
         self.latest = dict(self.positions)
         rows, nbytes = con.execute(
-            "SELECT count(*), coalesce(sum(length(CAST(stream AS BLOB)) + length(body)), 0)"
-            " FROM outbox"
+            "SELECT count(*), coalesce(sum(length(stream) + length(body)), 0) FROM outbox"
         ).fetchone()
         self.stored_rows = rows
         self.stored_bytes = nbytes + rows * ROW_OVERHEAD
@@ -465,7 +466,7 @@ class Outbox:
         ):
             raise StoreBusy("the relay's commit queue is full")
         if lim.when_full == "refuse":
-            committing = self._committing.size if self._committing else 0
+            committing = self.committing_bytes
             if self.stored_bytes + committing + self.pending.size + nbytes > lim.max_bytes:
                 self.counters.refused_full += 1
                 raise StoreFull(f"the relay's store is full ({lim.max_bytes} bytes)")
@@ -483,11 +484,12 @@ class Outbox:
         and state changes to the open batch, which the commit loop writes next. Check
         :meth:`room` first. Returns the batch (its ``done`` callbacks run when it is on disk)."""
         b = self.pending
+        if source is not None and position is not None:  # (checked before anything is added)
+            if source not in self.latest and len(self.latest) >= self.limits.max_streams:
+                raise StoreFull(f"the relay keeps at most {self.limits.max_streams} streams")
         b.rows.extend(rows)
         b.size += nbytes
         if source is not None and position is not None:
-            if source not in self.latest and len(self.latest) >= self.limits.max_streams:
-                raise StoreFull(f"the relay keeps at most {self.limits.max_streams} streams")
             b.positions[source] = position
             self.latest[source] = position
         if changes:
@@ -540,6 +542,7 @@ class Outbox:
             if batch.empty() and not batch.done and not (self._closing or self._expiry_due()):
                 continue
             self._committing = batch
+            self.committing_bytes = batch.size
             try:
                 await loop.run_in_executor(self._writer, self._commit, batch)
             except BaseException as exc:
@@ -551,19 +554,24 @@ class Outbox:
                 later, self.pending = self.pending, Batch()
                 self.latest = dict(self.positions)
                 self._committing = None
+                self.committing_bytes = 0
+                self._quarantining.clear()
                 for failed in (batch, later):
                     for cb in failed.done:
-                        cb(failed, exc)
-                if not isinstance(exc, Exception):
-                    raise
+                        _call(cb, failed, exc)
+                if not isinstance(exc, Exception) or self._closing:
+                    if not isinstance(exc, Exception):
+                        raise
+                    return
                 continue
             self._committing = None
+            self.committing_bytes = 0
             self._quarantining.difference_update(q[3] for q in batch.quarantine)
             self.positions.update(batch.positions)
-            for cb in batch.done:
-                cb(batch, None)
+            for cb in batch.done:  # (one that raises is logged: the loop must go on)
+                _call(cb, batch, None)
             for listener in self._listeners:
-                listener(batch)
+                _call(listener, batch)
             if self._closing and self.pending.empty() and not self.pending.done:
                 return
 
@@ -642,7 +650,7 @@ class Outbox:
 
     def _delete(self, con: sqlite3.Connection, where: str, args: tuple[Any, ...], what: str) -> int:
         n, nbytes = con.execute(
-            "SELECT count(*), coalesce(sum(length(CAST(stream AS BLOB)) + length(body)), 0)"
+            "SELECT count(*), coalesce(sum(length(stream) + length(body)), 0)"
             f" FROM outbox WHERE {where}",
             args,
         ).fetchone()
@@ -657,7 +665,7 @@ class Outbox:
         freed = 0
         for (i,) in ids:
             row = con.execute(
-                "SELECT length(CAST(stream AS BLOB)) + length(body) FROM outbox WHERE id = ?", (i,)
+                "SELECT length(stream) + length(body) FROM outbox WHERE id = ?", (i,)
             ).fetchone()
             if row is not None:
                 con.execute("DELETE FROM outbox WHERE id = ?", (i,))
@@ -670,8 +678,7 @@ class Outbox:
         freed = 0
         while freed < excess and self.stored_rows:
             sizes = con.execute(
-                "SELECT id, length(CAST(stream AS BLOB)) + length(body) FROM outbox"
-                " ORDER BY id LIMIT 512"
+                "SELECT id, length(stream) + length(body) FROM outbox ORDER BY id LIMIT 512"
             ).fetchall()
             if not sizes:
                 break
@@ -848,6 +855,13 @@ class Outbox:
         if self._lock_fd is not None and unlock:
             os.close(self._lock_fd)  # (closing the descriptor releases the lock)
             self._lock_fd = None
+
+
+def _call(fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("edge store: a commit callback raised")
 
 
 def staged_bytes(stream: str, body: bytes) -> int:

@@ -45,7 +45,7 @@ def file_status(path: str, now: float | None = None) -> dict[str, Any]:
     con = _read_only(path)
     try:
         rows, nbytes, oldest, first, last = con.execute(
-            "SELECT count(*), coalesce(sum(length(CAST(stream AS BLOB)) + length(body)), 0),"
+            "SELECT count(*), coalesce(sum(length(stream) + length(body)), 0),"
             " min(added), min(id), max(id) FROM outbox"
         ).fetchone()
         quarantined = con.execute("SELECT count(*) FROM quarantine").fetchone()[0]
