@@ -55,6 +55,8 @@ __all__ = [
     "StoreFull",
     "StoreLimits",
     "StoreLocked",
+    "bad_rows",
+    "integrity_of",
     "position_crc",
     "row_of",
 ]
@@ -787,12 +789,7 @@ class Outbox:
         to quarantine. Returns (rows checked, rows bad)."""
         con = self._con
         assert con is not None
-        checked = 0
-        bad: list[tuple[Any, ...]] = []
-        for values in con.execute(SELECT_ROWS):
-            checked += 1
-            if row_of(values) is None:
-                bad.append(values)
+        checked, bad = bad_rows(con)
         if bad:
             con.execute("BEGIN IMMEDIATE")
             self._write_quarantine(con, [("row", "checksum", _pack(list(v)), v[0]) for v in bad])
@@ -806,8 +803,7 @@ class Outbox:
     def integrity(self) -> str:
         """SQLite's ``integrity_check``: "ok", or what it found."""
         assert self._con is not None
-        result = self._con.execute("PRAGMA integrity_check").fetchall()
-        return "ok" if result == [("ok",)] else "; ".join(str(r[0]) for r in result[:10])
+        return integrity_of(self._con)
 
     def quarantined(self, limit: int = 100) -> list[tuple[int, str, str, float, bytes]]:
         """The newest quarantined rows: (qid, kind, reason, at, raw msgpack)."""
@@ -855,6 +851,23 @@ class Outbox:
         if self._lock_fd is not None and unlock:
             os.close(self._lock_fd)  # (closing the descriptor releases the lock)
             self._lock_fd = None
+
+
+def integrity_of(con: sqlite3.Connection) -> str:
+    """SQLite's ``integrity_check`` of a store's file: "ok", or (the first ten of) what it found."""
+    result = con.execute("PRAGMA integrity_check").fetchall()
+    return "ok" if result == [("ok",)] else "; ".join(str(r[0]) for r in result[:10])
+
+
+def bad_rows(con: sqlite3.Connection) -> tuple[int, list[tuple[Any, ...]]]:
+    """Every outbox row's checksum, in id order: (rows checked, the rows that are bad)."""
+    checked = 0
+    bad: list[tuple[Any, ...]] = []
+    for values in con.execute(SELECT_ROWS + " ORDER BY id"):
+        checked += 1
+        if row_of(values) is None:
+            bad.append(values)
+    return checked, bad
 
 
 def _call(fn: Callable[..., Any], *args: Any) -> None:

@@ -18,7 +18,14 @@ from typing import Any
 
 import msgspec
 
-from sockstack.edge.store import ROW_OVERHEAD, SELECT_ROWS, Outbox, StoreLocked, meta_crc, row_of
+from sockstack.edge.store import (
+    ROW_OVERHEAD,
+    Outbox,
+    StoreLocked,
+    bad_rows,
+    integrity_of,
+    meta_crc,
+)
 
 __all__ = ["file_status", "verify"]
 
@@ -113,32 +120,13 @@ def verify(path: str, repair: bool = True) -> dict[str, Any]:
             return report
     con = _read_only(path)
     try:
-        report["integrity"] = _integrity(con)
+        report["integrity"] = integrity_of(con)
         if report["integrity"] == "ok":
-            _scan(con, report)
+            report["rows_checked"], bad = bad_rows(con)
+            report["rows_bad"] = len(bad)
         report["quarantine_rows"] = con.execute("SELECT count(*) FROM quarantine").fetchone()[0]
     except sqlite3.DatabaseError as exc:
         report["integrity"] = str(exc)
     finally:
         con.close()
     return report
-
-
-def _integrity(con: sqlite3.Connection | None) -> str:
-    assert con is not None
-    result = con.execute("PRAGMA integrity_check").fetchall()
-    return "ok" if result == [("ok",)] else "; ".join(str(r[0]) for r in result[:10])
-
-
-def _scan(con: sqlite3.Connection | None, report: dict[str, Any]) -> list[tuple[Any, ...]]:
-    """Every outbox row's checksum: counts into ``report``, returns the bad rows."""
-    assert con is not None
-    checked = 0
-    bad: list[tuple[Any, ...]] = []
-    for values in con.execute(SELECT_ROWS + " ORDER BY id"):
-        checked += 1
-        if row_of(values) is None:
-            bad.append(values)
-    report["rows_checked"] = checked
-    report["rows_bad"] = len(bad)
-    return bad

@@ -28,7 +28,7 @@ import math
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -165,27 +165,23 @@ def _event(kind: bytes, value: Any) -> bytes:
     return b"event: %s\ndata: %s\n\n" % (kind, json.dumps(value, separators=(",", ":")).encode())
 
 
+def _summed(metric: Any, suffix: str, key: Callable[[dict[str, str]], Any]) -> dict[Any, float]:
+    """A metric's samples named ``*suffix``, summed by ``key(labels)`` over its series."""
+    out: dict[Any, float] = {}
+    for family in metric.collect():
+        for s in family.samples:
+            if s.name.endswith(suffix):
+                k = key(s.labels)
+                out[k] = out.get(k, 0.0) + s.value
+    return out
+
+
 def _read_metrics(metrics: Any) -> tuple[dict[str, float], dict[str, float], list[Any]]:
     """Calls by transport, errors by code and the latency buckets summed over every series of
     a :class:`~sockstack.metrics.ServerMetrics` (its own Prometheus metrics, not a scrape)."""
-    calls: dict[str, float] = {}
-    for family in metrics.calls.collect():
-        for s in family.samples:
-            if s.name.endswith("_total"):
-                t = s.labels["transport"]
-                calls[t] = calls.get(t, 0.0) + s.value
-    errors: dict[str, float] = {}
-    for family in metrics.errors.collect():
-        for s in family.samples:
-            if s.name.endswith("_total"):
-                c = s.labels["code"]
-                errors[c] = errors.get(c, 0.0) + s.value
-    by_bound: dict[float, float] = {}
-    for family in metrics.latency.collect():
-        for s in family.samples:
-            if s.name.endswith("_bucket"):
-                le = float(s.labels["le"])
-                by_bound[le] = by_bound.get(le, 0.0) + s.value
+    calls = _summed(metrics.calls, "_total", lambda labels: labels["transport"])
+    errors = _summed(metrics.errors, "_total", lambda labels: labels["code"])
+    by_bound = _summed(metrics.latency, "_bucket", lambda labels: float(labels["le"]))
     return calls, errors, sorted(by_bound.items())
 
 
