@@ -62,6 +62,7 @@ __all__ = [
     "Broker",
     "BrokerError",
     "BrokerLimits",
+    "BrokerLink",
     "LocalPeer",
     "Peer",
     "SubOptions",
@@ -119,6 +120,26 @@ class LocalPeer(Peer, Protocol):
     loop, inside ``publish`` or :meth:`Broker.peer_writable`: it must not block or publish."""
 
     def message(self, seq: int, topic: bytes, payload: bytes, codec: int, flags: int) -> None: ...
+
+
+class BrokerLink(Protocol):
+    """What joins a broker to others (:mod:`sockstack.pubsub.cluster`: NATS). Called on the
+    broker's loop; must not block.
+
+    - ``published``: a message published here (by a connection, a datagram, the gateway), once
+      it is accepted; an empty ``payload`` with ``retain`` is a clear of the topic's retained
+      message. Messages that came from the link (:meth:`Broker.deliver_remote`) are never
+      handed back to it, so nothing loops.
+    - ``interest``: the first local subscription with this (pattern, group) came
+      (``present``), or the last one went. The link subscribes on the other side to what its
+      broker's subscribers want, once per distinct (pattern, group).
+
+    With a link, a publish goes straight to the local subscriptions without a group; a queue
+    group spans every broker, so the link's side chooses its member (one across all brokers)
+    and hands the message back with :meth:`Broker.deliver_remote`."""
+
+    def published(self, topic: str, payload: bytes, codec: int, retain: bool) -> None: ...
+    def interest(self, pattern: str, group: str | None, present: bool) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,8 +251,14 @@ class Broker:
         self._topics: dict[str, tuple[list[str], bytes]] = {}  # validated topics
         self.held_total = 0  # bytes held for all subscriptions (queued + in flight, charged)
         self._ids = itertools.count(1)
+        self.link: BrokerLink | None = None
+        self._by_key: dict[tuple[str, str | None], dict[Subscription, None]] = {}
+        """Local subscriptions by (pattern, group): the link's interest, and the subscriptions
+        a message from the link is for."""
+        self._seq = 0  # messages routed: local publishes and clears, and those from the link
         self.counters = {
             "published": 0,
+            "from_link": 0,
             "delivered": 0,
             "dropped": 0,
             "redelivered": 0,
@@ -260,6 +287,13 @@ class Broker:
         except TopicError as exc:
             raise BrokerError(ErrorCode.BAD_TOPIC, str(exc)) from None
         subs[sid] = sub
+        key = (pattern, options.group)
+        same = self._by_key.get(key)
+        if same is None:
+            same = self._by_key[key] = {}
+            if self.link is not None:
+                self.link.interest(pattern, options.group, True)
+        same[sub] = None
         return sub
 
     def subscribe_local(
@@ -278,9 +312,22 @@ class Broker:
 
     @property
     def last_seq(self) -> int:
-        """The number of the last message published (1, 2, ...; a clear of a retained topic
-        takes a number too): what :meth:`LocalPeer.message` gets as ``seq``."""
-        return self.counters["published"]
+        """The number of the last message routed (1, 2, ...; a clear of a retained topic
+        takes a number too, and so does a message from the link): what
+        :meth:`LocalPeer.message` gets as ``seq``."""
+        return self._seq
+
+    def attach_link(self, link: BrokerLink | None) -> None:
+        """Join this broker to others through ``link`` (None: detach). The link is told at
+        once of every (pattern, group) the local subscriptions hold."""
+        self.link = link
+        if link is not None:
+            for pattern, group in list(self._by_key):
+                link.interest(pattern, group, True)
+
+    def interests(self) -> list[tuple[str, str | None]]:
+        """The distinct (pattern, group) of the local subscriptions."""
+        return list(self._by_key)
 
     def deliver_retained(self, sub: Subscription) -> int:
         n = 0
@@ -302,6 +349,14 @@ class Broker:
 
     def _forget(self, sub: Subscription) -> None:
         self.index.remove(sub)
+        key = (sub.pattern, sub.options.group)
+        same = self._by_key.get(key)
+        if same is not None:
+            same.pop(sub, None)
+            if not same:
+                del self._by_key[key]
+                if self.link is not None:
+                    self.link.interest(sub.pattern, sub.options.group, False)
         self.held_total -= sub.held
         sub.pending.clear()
         sub.inflight.clear()
@@ -337,8 +392,11 @@ class Broker:
         tokens, topic_b = cached if cached is not None else self._topic(topic)
         if retain:
             self._retain(topic, topic_b, payload, codec)
-        counters = self.counters
-        seq = counters["published"] = counters["published"] + 1
+        self.counters["published"] += 1
+        seq = self._seq = self._seq + 1
+        link = self.link
+        if link is not None:
+            link.published(topic, payload, codec, retain)
         matched = self.index.match(tokens)
         if not matched:
             return 0
@@ -349,6 +407,8 @@ class Broker:
             if group is None:
                 self._deliver(sub, topic_b, payload, codec, 0, seq)
                 n += 1
+            elif link is not None:
+                continue  # a group spans the brokers: the link's side chooses the member
             else:
                 if groups is None:
                     groups = {}
@@ -384,9 +444,60 @@ class Broker:
         published, delivered to no one."""
         self._topic(topic)  # a bad topic is refused, as for any publish
         self.counters["published"] += 1
+        self._seq += 1
+        self._unretain(topic)
+        if self.link is not None:
+            self.link.published(topic, b"", 0, True)
+
+    def _unretain(self, topic: str) -> None:
         old = self.retained.pop(topic, None)
         if old is not None:
             self.retained_bytes -= len(old[1]) + 2 * len(old[0]) + RETAINED_OVERHEAD
+
+    # ------------------------------------------------------------------ from the link
+
+    def deliver_remote(
+        self, pattern: str, group: str | None, topic: str, payload: bytes, codec: int
+    ) -> int:
+        """A message the link received for the local subscriptions with exactly this
+        (``pattern``, ``group``): every one of them without a group, one (in turn) of a group.
+        It is not handed back to the link. Returns how many subscriptions it went to; raises
+        :class:`BrokerError` for a topic or payload this broker would refuse from a client."""
+        same = self._by_key.get((pattern, group))
+        if not same:
+            return 0  # the last one went while the message was on its way
+        if len(payload) > self.limits.max_payload:
+            raise BrokerError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"payload of {len(payload)} bytes above the broker's {self.limits.max_payload}",
+            )
+        topic_b = self._topic(topic)[1]
+        self.counters["from_link"] += 1
+        seq = self._seq = self._seq + 1
+        if group is None:
+            for sub in list(same):
+                self._deliver(sub, topic_b, payload, codec, 0, seq)
+            return len(same)
+        turns = self._group_turn
+        key = group + "\x00" + pattern
+        turn = turns.get(key, 0)
+        if len(turns) >= 10_000 and key not in turns:
+            turns.clear()
+        turns[key] = turn + 1
+        members = list(same)
+        self._deliver(members[turn % len(members)], topic_b, payload, codec, 0, seq)
+        return 1
+
+    def retain_remote(self, topic: str, payload: bytes, codec: int) -> None:
+        """A retained message (or, empty, a clear) published at another broker: kept here too,
+        within this store's bounds (:class:`BrokerError` RETAINED_STORE_FULL beyond them), so
+        subscribers of every broker see it. Not delivered (the live copy comes through
+        :meth:`deliver_remote`) and not handed back to the link."""
+        if not payload:
+            self._topic(topic)
+            self._unretain(topic)
+            return
+        self._retain(topic, self._topic(topic)[1], payload, codec)
 
     def _retain(self, topic: str, topic_b: bytes, payload: bytes, codec: int) -> None:
         """Keep ``payload`` (not empty) as the topic's retained message, within the store's
