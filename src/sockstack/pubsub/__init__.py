@@ -2,6 +2,7 @@
 clients' subscribe/publish (in sockstack.asyncio.client and sockstack.sync.client)."""
 
 from sockstack.pubsub.broker import Broker, BrokerError, BrokerLimits, SubOptions
+from sockstack.pubsub.store import SQLiteStore
 from sockstack.pubsub.topics import (
     SubscriptionIndex,
     TopicError,
@@ -14,6 +15,7 @@ __all__ = [
     "Broker",
     "BrokerError",
     "BrokerLimits",
+    "SQLiteStore",
     "SubOptions",
     "SubscriptionIndex",
     "TopicError",

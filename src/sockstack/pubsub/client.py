@@ -142,13 +142,18 @@ class Subscription:
         self.max_pending = max_pending
         self.dropped = 0
         self.received = 0
-        self._queue: collections.deque[tuple[Message, int]] = collections.deque()
+        self._queue: collections.deque[tuple[Message, int, object]] = collections.deque()
+        """(message, delivery id, the connection it came on: its ACK goes there or nowhere)."""
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._tasks: set[asyncio.Future[Any]] = set()  # async callbacks running, kept till done
 
-    def _ack(self, delivery_id: int) -> None:
-        self._channel.send_soon(encode_ack(delivery_id))
+    def _ack(self, delivery_id: int, stream: object = None) -> None:
+        """ACK on the connection the message came on: after a reconnect its delivery id means
+        nothing (or another message) to the broker, which sends it again instead."""
+        channel = self._channel
+        if stream is None or channel.stream is stream:
+            channel.send_soon(encode_ack(delivery_id))
 
     def _arrive(self, msg: Msg) -> None:
         try:
@@ -173,10 +178,11 @@ class Subscription:
                 task.add_done_callback(self._tasks.discard)
                 if msg.delivery_id:
                     delivery_id = msg.delivery_id
+                    stream = self._channel.stream
 
                     def acked(done: asyncio.Future[Any]) -> None:
                         if not done.cancelled():
-                            self._ack(delivery_id)
+                            self._ack(delivery_id, stream)
 
                     task.add_done_callback(acked)
                 return
@@ -186,7 +192,7 @@ class Subscription:
         if len(self._queue) >= self.max_pending:
             self._queue.popleft()
             self.dropped += 1
-        self._queue.append((message, msg.delivery_id))
+        self._queue.append((message, msg.delivery_id, self._channel.stream))
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -203,9 +209,9 @@ class Subscription:
                 raise CallTimeout(f"messages on {self.pattern}", timeout or 0.0) from None
             finally:
                 self._waiter = None
-        message, delivery_id = self._queue.popleft()
+        message, delivery_id, stream = self._queue.popleft()
         if delivery_id:
-            self._ack(delivery_id)
+            self._ack(delivery_id, stream)
         return message
 
     def __aiter__(self) -> AsyncIterator[Message]:
@@ -375,13 +381,21 @@ class AsyncPubSub:
         policy: str | None = None,
         max_msgs: int | None = None,
         max_bytes: int | None = None,
+        durable: str | None = None,
+        max_age: float | None = None,
         callback: Callable[[Message], Any] | None = None,
         max_pending: int = 100_000,
         timeout: float | None = None,
     ) -> Subscription:
         """Subscribe to a pattern (``*`` one token, ``>`` the rest). Returns once the broker
-        has the subscription, so anything published after that is delivered to it."""
-        options = sub_options(group, qos, policy, max_msgs, max_bytes)
+        has the subscription, so anything published after that is delivered to it.
+
+        ``durable="name"``: a durable subscription (QoS 1): the broker keeps it, and the
+        messages not acknowledged, while this client is away (within ``max_msgs``,
+        ``max_bytes`` and ``max_age`` seconds), and across its restarts with ``--store``; the
+        next subscribe with the same name (after a reconnect, resubscribing, or from another
+        process) gets them, in order. ``unsubscribe()`` deletes it."""
+        options = sub_options(group, qos, policy, max_msgs, max_bytes, durable, max_age)
         channel = self.stream_channel("subscribe")
         sub = Subscription(channel, pattern, options, callback, max_pending, sub_codec(self.codec))
         await _AsyncState.of(channel).subscribe(sub, self.timeout if timeout is None else timeout)
@@ -461,11 +475,14 @@ class BlockingPubSub:
         policy: str | None = None,
         max_msgs: int | None = None,
         max_bytes: int | None = None,
+        durable: str | None = None,
+        max_age: float | None = None,
         timeout: float | None = None,
     ) -> BlockingSubscription:
         """Subscribe (``*`` one token, ``>`` the rest); returns once the broker has it. Read
-        with ``sub.get(timeout)`` or ``for msg in sub``."""
-        options = sub_options(group, qos, policy, max_msgs, max_bytes)
+        with ``sub.get(timeout)`` or ``for msg in sub``. ``durable``, ``max_age``: as for
+        :meth:`AsyncPubSub.subscribe` (a durable subscription outlives this connection)."""
+        options = sub_options(group, qos, policy, max_msgs, max_bytes, durable, max_age)
         codec = sub_codec(self.codec)
         conn = self.stream_connection("subscribe")
         inbox = _BlockingState.of(conn).inbox

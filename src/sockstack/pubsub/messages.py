@@ -128,6 +128,8 @@ def sub_options(
     policy: str | None = None,
     max_msgs: int | None = None,
     max_bytes: int | None = None,
+    durable: str | None = None,
+    max_age: float | None = None,
 ) -> dict[str, Any]:
     """The SUB options map, with only what differs from the broker's defaults."""
     options: dict[str, Any] = {}
@@ -137,6 +139,8 @@ def sub_options(
         ("policy", policy),
         ("max_msgs", max_msgs),
         ("max_bytes", max_bytes),
+        ("durable", durable),
+        ("max_age", max_age),
     ):
         if value is not None:
             options[key] = value

@@ -24,7 +24,7 @@ from typing import Any
 from sockstack.errors import ErrorCode, RemoteProtocolError
 from sockstack.host.dispatch import Handler, make_handler
 from sockstack.host.pattern import DatagramPeer, HostContext, Pattern, Peer
-from sockstack.protocol.codecs import CODECS, RAW
+from sockstack.protocol.codecs import CODECS, RAW, Codec
 from sockstack.protocol.events import PatternMessage
 from sockstack.protocol.frames import parse_datagram
 from sockstack.protocol.registry import Registry
@@ -67,6 +67,9 @@ class PubSub(Pattern):
         self._max_datagram = host.limits.max_datagram
         assert host.loop is not None
         self._timer = host.loop.call_later(TICK, self._tick)
+        store = self.broker.store
+        if store is not None:
+            store.start()
 
     def _tick(self) -> None:
         host = self._host
@@ -78,6 +81,11 @@ class PubSub(Pattern):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    async def closed(self) -> None:
+        store = self.broker.store
+        if store is not None:
+            await store.close()  # what is staged is committed first
 
     def connection_lost(self, peer: Peer) -> None:
         self.broker.peer_gone(peer)
@@ -102,7 +110,14 @@ class PubSub(Pattern):
             if isinstance(msg, Pub):
                 rid = msg.request_id
                 broker.publish(msg.topic, msg.payload, msg.codec, msg.retain)
-                core.send_response(rid, None, CODECS[msg.codec])  # QoS 1: accepted
+                store = broker.store
+                if store is not None and store.pending_commit():
+                    # QoS 1 with a store: accepted once what it changed there is committed
+                    # (fsync'd with sync=full), in the next group commit.
+                    codec = CODECS[msg.codec]
+                    store.after_commit(lambda: self._accepted(peer, rid, codec))
+                else:
+                    core.send_response(rid, None, CODECS[msg.codec])  # QoS 1: accepted
             elif isinstance(msg, Sub):
                 rid = msg.sid
                 sub = broker.subscribe(peer, msg.sid, msg.pattern, msg.options)
@@ -117,6 +132,12 @@ class PubSub(Pattern):
                 core.send_response(msg.sid, None, CODECS.get(msg.codec, RAW))
         except BrokerError as exc:
             self._refuse(peer, rid, exc)
+
+    def _accepted(self, peer: Peer, rid: int, codec: Codec) -> None:
+        core = peer.core
+        if core is not None:
+            core.send_response(rid, None, codec)
+            peer.flush()
 
     def _refuse(self, peer: Peer, rid: int, exc: BrokerError) -> None:
         if self._host is not None:
