@@ -230,7 +230,7 @@ def run(coro: Any) -> Any:
 
 async def committed(store: SQLiteStore) -> None:
     done = asyncio.Event()
-    store.after_commit(done.set)
+    store.after_commit(lambda ok: done.set())
     await asyncio.wait_for(done.wait(), 10)
 
 
@@ -331,3 +331,72 @@ def test_publish_is_refused_when_the_disk_is_behind(tmp_path: Any) -> None:
     assert store.staged_bytes <= 10_000 + 1000
     assert broker.publish("other.topic", b"x") == 0  # what the store does not hold goes on
     store.close_now()
+
+
+def test_with_a_store_memory_holds_the_window_not_the_backlog(tmp_path: Any) -> None:
+    """20 MB published to a durable subscription whose subscriber does not read: once
+    committed, the broker's memory grows by its entries and its window (1 MiB here), not by
+    the 20 MB, which wait on disk (tracemalloc, after the commit)."""
+    window = 1 << 20
+    n, size = 2000, 10_000
+
+    async def main() -> tuple[int, int]:
+        store = SQLiteStore(str(tmp_path / "b.db"))
+        broker = Broker(BrokerLimits(durable_window=window), store=store)
+        store.start()
+        a = FakePeer()
+        a.can_write = False
+        broker.subscribe(a, 1, "t", {"durable": "d"})
+        await committed(store)
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(n):
+            broker.publish("t", i.to_bytes(4, "big") * (size // 4))  # each its own bytes
+            if store.busy():
+                await committed(store)
+        await committed(store)
+        gc.collect()
+        used = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        pending = broker.stats()["durables"][0]["pending"]
+        a.can_write = True
+        broker.peer_writable(a)
+        got: list[bytes] = []
+        for _ in range(200):
+            got += ack_all(broker, a)
+            if len(got) == n:
+                break
+            await committed(store)
+        assert got == [i.to_bytes(4, "big") * (size // 4) for i in range(n)]
+        await store.close()
+        return used, pending
+
+    used, pending = run(main())
+    assert pending == n
+    assert used <= n * DURABLE_OVERHEAD + window + size + 256 * 1024, used
+
+
+async def test_a_failed_commit_answers_the_qos1_publish_with_an_error(tmp_path: Any) -> None:
+    """The disk refuses (a trigger makes SQLite abort the commit): a QoS 1 PUB the store was to
+    keep gets ERROR UNAVAILABLE, never the RESPONSE that would say it is kept."""
+    import sqlite3
+
+    from sockstack import AsyncClient, RemoteError, Server
+
+    path = str(tmp_path / "b.db")
+    broker = Broker(store=SQLiteStore(path))
+    async with Server(tcp=["127.0.0.1:0"], broker=broker) as srv:
+        async with AsyncClient(str(srv.endpoint("tcp")), timeout=10) as client:
+            await client.subscribe("t", durable="d")
+            await client.publish("t", 1, qos=1)  # kept
+            con = sqlite3.connect(path)
+            con.execute(
+                "CREATE TRIGGER no BEFORE INSERT ON messages BEGIN SELECT RAISE(ABORT, 'no'); END"
+            )
+            con.commit()
+            con.close()
+            with pytest.raises(RemoteError) as err:
+                await client.publish("t", 2, qos=1)
+            assert err.value.code == ErrorCode.UNAVAILABLE
+            assert "not kept" in str(err.value)

@@ -115,7 +115,7 @@ class PubSub(Pattern):
                     # QoS 1 with a store: accepted once what it changed there is committed
                     # (fsync'd with sync=full), in the next group commit.
                     codec = CODECS[msg.codec]
-                    store.after_commit(lambda: self._accepted(peer, rid, codec))
+                    store.after_commit(lambda ok: self._accepted(peer, rid, codec, ok))
                 else:
                     core.send_response(rid, None, CODECS[msg.codec])  # QoS 1: accepted
             elif isinstance(msg, Sub):
@@ -133,11 +133,21 @@ class PubSub(Pattern):
         except BrokerError as exc:
             self._refuse(peer, rid, exc)
 
-    def _accepted(self, peer: Peer, rid: int, codec: Codec) -> None:
+    def _accepted(self, peer: Peer, rid: int, codec: Codec, ok: bool) -> None:
         core = peer.core
-        if core is not None:
+        if core is None:
+            return
+        if ok:
             core.send_response(rid, None, codec)
-            peer.flush()
+        else:  # routed, maybe delivered, but not kept: the publisher may send it again
+            core.send_error(
+                rid,
+                ErrorCode.UNAVAILABLE,
+                ErrorCode.UNAVAILABLE.name,
+                "the broker's store failed to commit this message (see the broker's log): "
+                "it was routed to the subscribers connected now but is not kept",
+            )
+        peer.flush()
 
     def _refuse(self, peer: Peer, rid: int, exc: BrokerError) -> None:
         if self._host is not None:

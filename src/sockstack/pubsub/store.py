@@ -104,7 +104,7 @@ class SQLiteStore:
         self.staged: list[tuple[Any, ...]] = []
         self.staged_bytes = 0
         self.committing_bytes = 0
-        self._waiting: list[Callable[[], None]] = []  # after the staged ops are committed
+        self._waiting: list[Callable[[bool], None]] = []  # after the staged ops are committed
         self.committed_through = 0
         """Every message with an id up to this is committed (readable by :meth:`read`)."""
         self._staged_top = 0  # highest message id staged
@@ -223,11 +223,12 @@ class SQLiteStore:
         if ids:
             self._stage(("a", name, ids), len(name) + 40 * len(ids))
 
-    def after_commit(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` on the loop once everything staged so far is committed (at once
-        when nothing is staged or committing)."""
+    def after_commit(self, callback: Callable[[bool], None]) -> None:
+        """Call ``callback(ok)`` on the loop once everything staged so far is committed (at
+        once when nothing is staged or committing); ``ok`` is False when the commit failed
+        (what it held is not kept)."""
         if not self.staged and not self.committing_bytes:
-            callback()
+            callback(True)
             return
         self._waiting.append(callback)
 
@@ -266,24 +267,27 @@ class SQLiteStore:
             top = self._staged_top
             if not ops:
                 for cb in waiting:
-                    _call(cb)
+                    _call(cb, True)
                 if self._closing:
                     return
                 continue
             self.committing_bytes = self.staged_bytes
             self.staged_bytes = 0
+            ok = True
             try:
                 await loop.run_in_executor(self._writer, self._commit, ops)
             except Exception as exc:
+                ok = False
                 # The broker goes on in memory; what it was to keep is not kept. Said loudly,
-                # and callers waiting for the commit are answered (their publish was routed).
+                # and those waiting for the commit are told (a QoS 1 PUB gets an ERROR).
                 self.failed = exc
                 log.error("broker store %s: commit failed: %s", self.path, exc)
+            ops = []  # (not held while waiting for the next batch: they hold payloads)
             self.committing_bytes = 0
             self.committed_through = max(self.committed_through, top)
             self.commits += 1
             for cb in waiting:
-                _call(cb)
+                _call(cb, ok)
             if self.on_commit is not None:
                 _call(self.on_commit)
             if self._closing and not self.staged:
@@ -386,8 +390,8 @@ class SQLiteStore:
         }
 
 
-def _call(cb: Callable[[], None]) -> None:
+def _call(cb: Callable[..., None], *args: bool) -> None:
     try:
-        cb()
+        cb(*args)
     except Exception:  # one bad callback must not stop the commits
         log.exception("broker store: a commit callback raised")
