@@ -70,7 +70,12 @@ def run_sub(args: argparse.Namespace) -> int:
     if args.count < 0 or args.timeout < 0:
         raise UsageError("--count and --timeout must not be negative")
     with connect(args.url, **client_options(args)) as client:
-        sub = client.subscribe(args.pattern, group=args.group, qos=args.qos)
+        if args.durable and (args.group or args.qos == 0):
+            raise UsageError("--durable is QoS 1 and has no --group")
+        if args.durable:
+            sub = client.subscribe(args.pattern, durable=args.durable)
+        else:
+            sub = client.subscribe(args.pattern, group=args.group, qos=args.qos or 0)
         seen = 0
         while not args.count or seen < args.count:
             try:
@@ -118,7 +123,14 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     add_client_arguments(sb, udp=False)
     sb.add_argument("pattern")
     sb.add_argument("--group", help="queue group: members share the messages")
-    sb.add_argument("--qos", type=int, choices=[0, 1], default=0, help="0 (default) or 1")
+    sb.add_argument("--qos", type=int, choices=[0, 1], default=None, help="0 (default) or 1")
+    sb.add_argument(
+        "--durable",
+        metavar="NAME",
+        help="a durable subscription (QoS 1): the broker keeps NAME and the messages published "
+        "while nobody holds it, and gives them to the next `sub --durable NAME`, in order "
+        "(docs/SCALING.md); each is acknowledged once printed",
+    )
     sb.add_argument("--count", type=int, default=0, help="stop after N messages (0: never)")
     sb.add_argument(
         "--timeout", type=float, default=0.0, help="stop after this many seconds of silence"
