@@ -400,3 +400,63 @@ async def test_a_failed_commit_answers_the_qos1_publish_with_an_error(tmp_path: 
                 await client.publish("t", 2, qos=1)
             assert err.value.code == ErrorCode.UNAVAILABLE
             assert "not kept" in str(err.value)
+
+
+class KeepingLink:
+    """The broker's side of a link that keeps durable subscriptions (as JetStream does): it
+    records what the broker tells it, and feeds what the test gives it."""
+
+    holds_durables = True
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+
+    def published(self, topic: str, payload: bytes, codec: int, retain: bool) -> None:
+        pass
+
+    def interest(self, pattern: str, group: str | None, present: bool) -> None:
+        pass
+
+    def durable_attach(self, d: Any) -> None:
+        self.events.append(("attach", d.name))
+
+    def durable_more(self, d: Any) -> None:
+        self.events.append(("more", d.name))
+
+    def durable_ack(self, d: Any, token: object) -> None:
+        self.events.append(("ack", token))
+
+    def durable_detach(self, d: Any, unacked: list[object]) -> None:
+        self.events.append(("detach", sorted(unacked)))  # type: ignore[type-var]
+
+    def durable_delete(self, d: Any) -> None:
+        self.events.append(("delete", d.name))
+
+
+def test_a_link_that_keeps_durables_feeds_them_within_room_and_gets_acks_and_returns() -> None:
+    broker = Broker(BrokerLimits(max_inflight=2))
+    link = KeepingLink()
+    broker.attach_link(link)
+    a = FakePeer()
+    sub = broker.subscribe(a, 1, "t.>", {"durable": "d"})
+    d = sub.durable
+    assert d is not None and d.remote and link.events == [("attach", "d")]
+    assert broker.durable_room(d) == 2
+    broker.publish("t.x", b"live")  # not held by the broker: the link keeps durables
+    assert a.frames == [] and broker.durable_bytes == 0
+    assert broker.durable_feed(d, "t.1", b"1", 1, "tok1")
+    assert broker.durable_feed(d, "t.2", b"2", 1, "tok2", redelivered=True)
+    assert broker.durable_room(d) == 0
+    assert [(m.payload, m.redelivered) for m in a.frames] == [(b"1", False), (b"2", True)]
+    broker.ack(a, a.frames[0].delivery_id)
+    assert ("ack", "tok1") in link.events and link.events[-1] == ("more", "d")
+    assert broker.durable_room(d) == 1
+    assert broker.durable_feed(d, "t.3", b"3", 1, "tok3")
+    broker.peer_gone(a)  # away: what it did not acknowledge goes back to the link
+    assert link.events[-1] == ("detach", ["tok2", "tok3"])
+    assert broker.durable_bytes == 0 and not broker.durables
+    assert not broker.durable_feed(d, "t.4", b"4", 1, "tok4")  # (the link gives it back)
+    b = FakePeer()
+    broker.subscribe(b, 5, "t.>", {"durable": "d"})
+    broker.unsubscribe(b, 5)
+    assert link.events[-1] == ("delete", "d")

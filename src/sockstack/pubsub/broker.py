@@ -48,7 +48,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from sockstack.errors import ErrorCode, SockstackError, TopicError
 from sockstack.protocol.frames import with_flags
@@ -70,6 +70,7 @@ __all__ = [
     "BrokerLink",
     "BrokerStore",
     "Durable",
+    "DurableLink",
     "LocalPeer",
     "Peer",
     "SubOptions",
@@ -155,6 +156,33 @@ class BrokerLink(Protocol):
 
     def published(self, topic: str, payload: bytes, codec: int, retain: bool) -> None: ...
     def interest(self, pattern: str, group: str | None, present: bool) -> None: ...
+
+
+class DurableLink(BrokerLink, Protocol):
+    """A link that keeps durable subscriptions itself, for all the brokers it joins (NATS
+    JetStream: a durable consumer per name), so a durable subscriber may come back on any
+    broker. The broker holds only what it is about to send and what awaits its subscriber's
+    ACK; the link feeds it (:meth:`Broker.durable_feed`) within :meth:`Broker.durable_room`,
+    and is told of ACKs and of subscribers leaving (their unacknowledged messages go back to
+    the link, which gives them to the next subscriber, here or on another broker)."""
+
+    holds_durables: bool
+
+    def publish_confirmed(
+        self,
+        topic: str,
+        payload: bytes,
+        codec: int,
+        retain: bool,
+        confirm: Callable[[bool, str], None],
+    ) -> None:
+        """As ``published``, for a QoS 1 publish: call ``confirm`` once it is kept."""
+
+    def durable_attach(self, d: Durable) -> None: ...
+    def durable_more(self, d: Durable) -> None: ...
+    def durable_ack(self, d: Durable, token: object) -> None: ...
+    def durable_detach(self, d: Durable, unacked: list[object]) -> None: ...
+    def durable_delete(self, d: Durable) -> None: ...
 
 
 class BrokerStore(Protocol):
@@ -374,6 +402,10 @@ class Durable:
     dropped: int = 0
     expired: int = 0
     delivered: int = 0
+    remote: bool = False
+    """Kept by the link (:class:`DurableLink`), not by this broker."""
+    tokens: dict[int, object] = field(default_factory=dict)
+    """A remote durable's messages here: local id -> the link's token (to ACK it there)."""
 
     def __hash__(self) -> int:
         return id(self)
@@ -536,8 +568,20 @@ class Broker:
 
     # ------------------------------------------------------------------ publishing
 
-    def publish(self, topic: str, payload: bytes, codec: int = 1, retain: bool = False) -> int:
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        codec: int = 1,
+        retain: bool = False,
+        confirm: Callable[[bool, str], None] | None = None,
+    ) -> int:
         """Route one message; returns how many subscriptions it went to.
+
+        ``confirm`` (a QoS 1 publish): with a link that keeps durable subscriptions, the
+        message is handed to it with ``confirm``, which it calls once the message is kept
+        there (``True, ""``) or could not be (``False, why``); without one, ``confirm`` is
+        not called (the caller answers at once, or after the store's commit).
 
         An empty ``payload`` with ``retain`` clears the topic's retained message and goes to
         no subscriber (it is not a message). Without ``retain``, an empty payload is a message
@@ -578,7 +622,10 @@ class Broker:
         seq = self._seq = self._seq + 1
         link = self.link
         if link is not None:
-            link.published(topic, payload, codec, retain)
+            if confirm is not None and getattr(link, "holds_durables", False):
+                cast(DurableLink, link).publish_confirmed(topic, payload, codec, retain, confirm)
+            else:
+                link.published(topic, payload, codec, retain)
         if held:
             self._hold(held, topic_b, payload, codec)
         matched = self.index.match(tokens)
@@ -895,6 +942,9 @@ class Broker:
         name = options.durable
         assert name is not None
         d = self.durables.get(name)
+        link = self.link
+        if link is not None and getattr(link, "holds_durables", False):
+            return self._attach_remote(peer, sid, pattern, options, d)
         if d is None:
             if len(self.durables) >= self.limits.max_durables:
                 raise BrokerError(
@@ -937,6 +987,79 @@ class Broker:
         d.sub = sub
         return sub
 
+    def _attach_remote(
+        self, peer: Peer, sid: int, pattern: str, options: SubOptions, d: Durable | None
+    ) -> Subscription:
+        """A durable subscription the link keeps: attach here; the link feeds it."""
+        link = self.link
+        assert link is not None
+        if d is None:
+            if len(self.durables) >= self.limits.max_durables:
+                raise BrokerError(
+                    ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                    f"this broker has {len(self.durables)} durable subscriptions attached (its "
+                    "max_durables)",
+                )
+            d = self.durables[options.durable or ""] = Durable(
+                options.durable or "", pattern, options, remote=True
+            )
+        elif d.pattern != pattern:
+            raise BrokerError(
+                ErrorCode.BAD_TOPIC,
+                f"durable subscription {d.name!r} is on {d.pattern!r} here, not {pattern!r}",
+            )
+        if d.sub is not None:
+            old = d.sub
+            self._peers.get(old.peer, {}).pop(old.sid, None)
+            self._detach(old)
+            self.durables[d.name] = d
+        d.options = options
+        sub = Subscription(peer, sid, pattern, options, durable=d)
+        self._peers.setdefault(peer, {})[sid] = sub
+        d.sub = sub
+        cast(DurableLink, link).durable_attach(d)
+        return sub
+
+    def durable_room(self, d: Durable) -> int:
+        """How many more messages the link may feed ``d`` now (0 while it has no subscriber
+        here): up to ``max_inflight`` held, in flight and waiting, within the window."""
+        if d.sub is None or d.window >= self.limits.durable_window:
+            return 0
+        return max(0, self.limits.max_inflight - len(d.todo) - len(d.inflight))
+
+    def durable_feed(
+        self,
+        d: Durable,
+        topic: str,
+        payload: bytes,
+        codec: int,
+        token: object,
+        redelivered: bool = False,
+    ) -> bool:
+        """A message of remote durable ``d`` from the link: held and sent in turn; False when
+        ``d`` has no subscriber here any more (the link gives it to the next one). Raises
+        :class:`BrokerError` for a topic or payload this broker refuses (the link drops it)."""
+        if d.sub is None or self.durables.get(d.name) is not d:
+            return False
+        if len(payload) > self.limits.max_payload:
+            raise BrokerError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"payload of {len(payload)} bytes above the broker's {self.limits.max_payload}",
+            )
+        topic_b = self._topic(topic)[1]
+        size = len(topic_b) + len(payload)
+        cost = size + DURABLE_OVERHEAD
+        mid = self._mid = self._mid + 1
+        flags = FLAG_REDELIVERED if redelivered else 0
+        d.todo.append((mid, cost, self.wallclock(), (topic_b, payload, codec), flags))
+        d.tokens[mid] = token
+        d.window += size
+        d.bytes += cost
+        self.durable_bytes += cost
+        self.counters["from_link"] += 1
+        self._pump(d)
+        return True
+
     def _detach(self, sub: Subscription) -> None:
         """The subscriber of a durable subscription went: what it had in flight goes back to
         the front of the queue (sent again, flagged REDELIVERED, to the next subscriber)."""
@@ -946,7 +1069,22 @@ class Broker:
         sub.pending.clear()
         sub.inflight.clear()
         sub.pending_bytes = sub.held = 0
-        if d.sub is sub:
+        if d.sub is sub and d.remote:
+            # Its messages here go back to the link, which gives them to the next subscriber.
+            d.sub = None
+            held = (*d.inflight.values(), *d.todo)
+            unacked = [d.tokens[e[0]] for e in held if e[0] in d.tokens]
+            for e in d.inflight.values():
+                self._release(d, e, queued=False)
+            for e in d.todo:
+                self._release(d, e)
+            d.todo.clear()
+            d.inflight.clear()
+            d.tokens.clear()
+            self.durables.pop(d.name, None)
+            if self.link is not None:
+                cast(DurableLink, self.link).durable_detach(d, unacked)
+        elif d.sub is sub:
             d.sub = None
             back = sorted(d.inflight.values(), reverse=True)
             d.inflight.clear()
@@ -961,6 +1099,11 @@ class Broker:
             self._paging.discard(d)
 
     def _delete_durable(self, d: Durable) -> None:
+        if d.remote:
+            if self.link is not None:
+                cast(DurableLink, self.link).durable_delete(d)
+            self.durables.pop(d.name, None)
+            return
         self.durables.pop(d.name, None)
         self.durable_index.remove(d)
         key = (d.pattern, None)
@@ -1140,6 +1283,8 @@ class Broker:
         """Give up messages older than their durable subscription's ``max_age``."""
         now = self.wallclock()
         for d in list(self.durables.values()):
+            if d.remote:
+                continue  # (the link's own bounds apply)
             max_age = d.options.max_age or self.limits.durable_max_age
             todo = d.todo
             if not todo or todo[0][2] >= now - max_age:
@@ -1188,7 +1333,15 @@ class Broker:
                     held = d.inflight.pop(delivery_id, None)
                     if held is not None:
                         self._release(d, held, queued=False)
-                        if self.store is not None:
+                        if d.remote:
+                            token = d.tokens.pop(held[0], None)
+                            if self.link is not None and token is not None:
+                                link = cast(DurableLink, self.link)
+                                link.durable_ack(d, token)
+                                self._pump(d)
+                                link.durable_more(d)
+                                return
+                        elif self.store is not None:
                             self.store.remove(d.name, (held[0],))
                 if sub.pending:
                     self._flush(sub)
@@ -1259,6 +1412,7 @@ class Broker:
                     "name": d.name,
                     "pattern": d.pattern,
                     "attached": d.sub is not None,
+                    "kept_by": "link" if d.remote else "broker",
                     "pending": len(d.todo) + len(d.inflight),
                     "inflight": len(d.inflight),
                     "bytes": d.bytes,

@@ -109,15 +109,23 @@ class PubSub(Pattern):
         try:
             if isinstance(msg, Pub):
                 rid = msg.request_id
+                codec = CODECS[msg.codec]
+                link = broker.link
+                if link is not None and getattr(link, "holds_durables", False):
+                    # QoS 1 through a link that keeps messages (JetStream): accepted once
+                    # kept there, and committed to this broker's store if it has one.
+                    answer = _Answer(self, peer, rid, codec)
+                    broker.publish(msg.topic, msg.payload, msg.codec, msg.retain, answer.link)
+                    answer.after_store(broker.store)
+                    return
                 broker.publish(msg.topic, msg.payload, msg.codec, msg.retain)
                 store = broker.store
                 if store is not None and store.pending_commit():
                     # QoS 1 with a store: accepted once what it changed there is committed
                     # (fsync'd with sync=full), in the next group commit.
-                    codec = CODECS[msg.codec]
                     store.after_commit(lambda ok: self._accepted(peer, rid, codec, ok))
                 else:
-                    core.send_response(rid, None, CODECS[msg.codec])  # QoS 1: accepted
+                    core.send_response(rid, None, codec)  # QoS 1: accepted
             elif isinstance(msg, Sub):
                 rid = msg.sid
                 sub = broker.subscribe(peer, msg.sid, msg.pattern, msg.options)
@@ -133,7 +141,7 @@ class PubSub(Pattern):
         except BrokerError as exc:
             self._refuse(peer, rid, exc)
 
-    def _accepted(self, peer: Peer, rid: int, codec: Codec, ok: bool) -> None:
+    def _accepted(self, peer: Peer, rid: int, codec: Codec, ok: bool, why: str = "") -> None:
         core = peer.core
         if core is None:
             return
@@ -144,7 +152,8 @@ class PubSub(Pattern):
                 rid,
                 ErrorCode.UNAVAILABLE,
                 ErrorCode.UNAVAILABLE.name,
-                "the broker's store failed to commit this message (see the broker's log): "
+                why
+                or "the broker's store failed to commit this message (see the broker's log): "
                 "it was routed to the subscribers connected now but is not kept",
             )
         peer.flush()
@@ -166,3 +175,35 @@ class PubSub(Pattern):
         except (RemoteProtocolError, BrokerError) as exc:
             endpoint.count_bad()
             endpoint.bad_log.warning("udp server %s: PUB refused: %s", format_peer(addr), exc)
+
+
+class _Answer:
+    """A QoS 1 PUB's answer when two must agree: the link keeping it (JetStream) and this
+    broker's store committing it (when it has one and the publish changed it). RESPONSE once
+    both did, ERROR UNAVAILABLE as soon as one failed; exactly one answer."""
+
+    __slots__ = ("codec", "pattern", "peer", "rid", "waiting")
+
+    def __init__(self, pattern: PubSub, peer: Peer, rid: int, codec: Codec) -> None:
+        self.pattern, self.peer, self.rid, self.codec = pattern, peer, rid, codec
+        self.waiting = 2  # the link and the store
+
+    def link(self, ok: bool, why: str) -> None:
+        self._one(ok, why)
+
+    def after_store(self, store: Any) -> None:
+        if store is not None and store.pending_commit():
+            store.after_commit(lambda ok: self._one(ok, ""))
+        else:
+            self._one(True, "")
+
+    def _one(self, ok: bool, why: str) -> None:
+        if self.waiting <= 0:
+            return
+        if not ok:
+            self.waiting = 0
+            self.pattern._accepted(self.peer, self.rid, self.codec, False, why)
+            return
+        self.waiting -= 1
+        if not self.waiting:
+            self.pattern._accepted(self.peer, self.rid, self.codec, True)
