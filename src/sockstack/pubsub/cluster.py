@@ -312,6 +312,9 @@ class NatsLink:
         self._sync_task: asyncio.Task[int] | None = None
         self._drain_task: asyncio.Task[None] | None = None
         self.bad_log = RateLimitedLog(log)
+        self._last_error = ""
+        self._started = False
+        self._quiet = False  # a connection error was logged: the next ones go to DEBUG
         c = broker.counters
         for key in (
             "cluster_sent",
@@ -337,38 +340,39 @@ class NatsLink:
         """Connect (both connections), subscribe to the retained namespace, join the broker
         (its current interest is subscribed), fetch the retained store from a peer. Raises
         :class:`ConnectError` when no NATS server answers."""
-        import nats
-        from nats.errors import NoServersError
+        from nats.aio.client import Client
+        from nats.errors import Error as NatsError
 
         self._loop = asyncio.get_running_loop()
         opts: dict[str, Any] = {
             "servers": self.servers,
             "connect_timeout": self.connect_timeout,
             "reconnect_time_wait": self.reconnect_wait,
-            "max_reconnect_attempts": -1,
+            # Starting: each server tried twice, then a clear error. Once connected: for ever
+            # (set below; nats-py reads it at each reconnect).
+            "max_reconnect_attempts": 1,
             "ping_interval": self.ping_interval,
             "max_outstanding_pings": self.max_outstanding_pings,
             "error_cb": self._on_error,
+            "disconnected_cb": self._on_disconnected,
         }
+        self._p, self._q = Client(), Client()
         try:
-            self._p = await nats.connect(
-                name=self.name + "-p",
-                no_echo=True,
-                disconnected_cb=self._on_disconnected,
-                reconnected_cb=self._on_p_reconnected,
-                **opts,
+            await self._p.connect(
+                name=self.name + "-p", no_echo=True, reconnected_cb=self._on_p_reconnected, **opts
             )
-            self._q = await nats.connect(
-                name=self.name + "-q",
-                disconnected_cb=self._on_disconnected,
-                reconnected_cb=self._on_q_reconnected,
-                **opts,
+            await self._q.connect(
+                name=self.name + "-q", reconnected_cb=self._on_q_reconnected, **opts
             )
-        except (NoServersError, OSError, TimeoutError) as exc:
+        except (NatsError, OSError, TimeoutError) as exc:
             await self._close_connections()
             raise ConnectError(
-                f"cannot reach NATS at {', '.join(self.servers)}: {exc or type(exc).__name__}"
+                f"cannot reach NATS at {', '.join(self.servers)}: "
+                f"{self._last_error or exc or type(exc).__name__}"
             ) from None
+        for nc in (self._p, self._q):
+            nc.options["max_reconnect_attempts"] = -1
+        self._started = True
         self._c["cluster_connected"] = 2
         ctl = self.map.control
         await self._p.subscribe(
@@ -456,10 +460,15 @@ class NatsLink:
                 self.sub_pending_bytes,
             )
             return
-        self.bad_log.warning("NATS: %s", exc or type(exc).__name__)
+        self._last_error = str(exc) or type(exc).__name__
+        if isinstance(exc, OSError | TimeoutError) and self._quiet:
+            log.debug("NATS: %s", self._last_error)  # (while reconnecting: once is enough)
+            return
+        self._quiet = isinstance(exc, OSError | TimeoutError)
+        log.warning("NATS: %s", self._last_error)
 
     async def _on_disconnected(self) -> None:
-        if self._closed:
+        if self._closed or not self._started:
             return
         self._c["cluster_disconnects"] += 1
         self._c["cluster_connected"] = sum(
@@ -475,6 +484,7 @@ class NatsLink:
 
     async def _on_reconnected(self, is_p: bool) -> None:
         self._c["cluster_reconnects"] += 1
+        self._quiet = False
         self._c["cluster_connected"] = sum(
             1 for nc in (self._p, self._q) if nc is not None and nc.is_connected
         )
