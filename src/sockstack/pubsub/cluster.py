@@ -24,7 +24,8 @@ Two NATS connections, both on the broker's loop:
 Subjects (:class:`SubjectMap`): ``prefix`` + the topic, token for token (sockstack's topics
 and patterns are NATS tokens already: non-empty, no whitespace or NUL, ``*``/``>`` whole
 tokens), with ``%XX`` (the UTF-8 bytes, upper-case hex) for what NATS cannot carry or what
-would be ambiguous: ``%`` itself, control characters (C0, DEL, C1) and lone surrogates; with
+would be ambiguous: ``%`` itself, control characters (C0, DEL, C1), whitespace (Unicode's:
+ASCII whitespace is no topic's) and lone surrogates; with
 an empty prefix, also the ``_`` of a first token equal to the control namespace's.
 
 Payloads go as published. The codec travels in a ``Sockstack-Codec`` header, except for
@@ -63,7 +64,6 @@ import msgpack
 from sockstack.errors import ConnectError, ErrorCode
 from sockstack.protocol.codecs import CODECS
 from sockstack.pubsub.broker import RETAINED_OVERHEAD, Broker, BrokerError
-from sockstack.pubsub.topics import validate_pattern
 from sockstack.transport.ratelog import RateLimitedLog
 
 if TYPE_CHECKING:
@@ -114,7 +114,7 @@ def require_nats() -> None:
 
 def _needs_escape(c: str) -> bool:
     o = ord(c)
-    return c == "%" or o < 0x20 or 0x7F <= o <= 0x9F or 0xD800 <= o <= 0xDFFF
+    return c == "%" or o < 0x20 or 0x7F <= o <= 0x9F or 0xD800 <= o <= 0xDFFF or c.isspace()
 
 
 def _escape(text: str) -> str:
@@ -194,14 +194,15 @@ class SubjectMap:
         for what, value in (("prefix", prefix), ("control", control)):
             if value is None or value == "":
                 continue
-            if not value.endswith(".") or any(
-                c.isspace() or c in "*>" or _needs_escape(c) for c in value
+            if (
+                not value.endswith(".")
+                or any(c in "*>" or _needs_escape(c) for c in value)
+                or not all(value[:-1].split("."))
             ):
                 raise ValueError(
-                    f"cluster {what} {value!r}: tokens ending with '.', no whitespace, "
-                    "wildcards or control characters (e.g. 'sockstack.')"
+                    f"cluster {what} {value!r}: non-empty tokens each ending with '.', no "
+                    "whitespace, wildcards, '%' or control characters (e.g. 'sockstack.')"
                 )
-            validate_pattern(value[:-1])  # non-empty tokens
         self.prefix = prefix
         self.control = control if control else ("_" + prefix if prefix else "_sockstack.")
         if self.control == prefix:
@@ -234,14 +235,7 @@ class SubjectMap:
     @staticmethod
     def queue(group: str) -> str:
         """A NATS queue name for a group (whitespace escaped too: groups may hold it)."""
-        if not any(c.isspace() or _needs_escape(c) for c in group):
-            return group
-        return "".join(
-            "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
-            if c.isspace() or _needs_escape(c)
-            else c
-            for c in group
-        )
+        return _escape(group)
 
 
 # ------------------------------------------------------------------------------ the link
