@@ -265,7 +265,9 @@ def _cluster_link(pubsub: PubSub, args: argparse.Namespace) -> Any:
     except ImportError as exc:  # (the module itself needs nothing beyond sockstack)
         raise UsageError(f"--cluster: {exc}") from None
     try:
-        return NatsLink(pubsub.broker, urls, prefix=args.cluster_prefix)
+        return NatsLink(
+            pubsub.broker, urls, prefix=args.cluster_prefix, ping_interval=args.cluster_ping
+        )
     except (ImportError, ValueError) as exc:
         raise UsageError(f"--cluster: {exc}") from None
 
@@ -365,7 +367,11 @@ def _serve_workers(args: argparse.Namespace) -> int:
     if args.cors:
         worker_args += [f"--cors={origin}" for origin in args.cors]
     if args.broker:  # each worker's broker joins the others through NATS
-        worker_args += ["--broker", f"--cluster-prefix={args.cluster_prefix}"]
+        worker_args += [
+            "--broker",
+            f"--cluster-prefix={args.cluster_prefix}",
+            f"--cluster-ping={args.cluster_ping}",
+        ]
         worker_args += [f"--cluster={urls}" for urls in args.cluster]
     return run_workers(worker_args, tcp, udp, args.workers, tls=tls, http=args.http or ())
 
@@ -708,6 +714,14 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         metavar="PREFIX",
         help="NATS subjects of the topics: PREFIX + topic (default 'sockstack.'; '' for none); "
         "brokers with different prefixes do not share topics",
+    )
+    common.add_argument(
+        "--cluster-ping",
+        type=_positive_seconds,
+        default=2.0,
+        metavar="SECONDS",
+        help="PING the NATS server after this many seconds; two unanswered and the broker "
+        "moves to another server of --cluster (default 2)",
     )
     common.add_argument(
         "--hide-errors",

@@ -264,8 +264,8 @@ class NatsLink:
         sub_pending_bytes: int = 8 << 20,
         connect_timeout: float = 5.0,
         reconnect_wait: float = 0.5,
-        ping_interval: float = 5.0,
-        max_outstanding_pings: int = 3,
+        ping_interval: float = 2.0,
+        max_outstanding_pings: int = 2,
         snapshot_timeout: float = 2.0,
     ) -> None:
         require_nats()
