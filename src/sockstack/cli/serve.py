@@ -155,8 +155,12 @@ async def _serve(args: argparse.Namespace) -> int:
             objects = Objects()
             objects.register("counter", DemoCounter)  # one per client session
             patterns.append(objects)
+    link = None
     if args.command == "broker" or args.broker:
-        patterns.append(PubSub())
+        pubsub = PubSub()
+        patterns.append(pubsub)
+        if args.cluster:
+            link = _cluster_link(pubsub, args)
     if args.http:
         from sockstack.gateway import Gateway
 
@@ -209,11 +213,21 @@ async def _serve(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if link is not None:  # joined (retained messages fetched) before clients come
+        from sockstack.errors import ConnectError
+
+        try:
+            await link.start()
+        except ConnectError as exc:
+            print(f"sockstack: error: --cluster: {exc}", file=sys.stderr)
+            return EXIT_CONNECTION
     try:
         await server.start()
         http = metrics.serve(*metrics_at) if metrics is not None else None
     except OSError as exc:
         await server.shutdown()
+        if link is not None:
+            await link.close()
         print(f"sockstack: error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_CONNECTION
 
@@ -235,7 +249,27 @@ async def _serve(args: argparse.Namespace) -> int:
         if http is not None:
             http[0].shutdown()
             http[0].server_close()
+        if link is not None:
+            await link.close()
     return EXIT_OK
+
+
+def _cluster_link(pubsub: PubSub, args: argparse.Namespace) -> Any:
+    """``--cluster URL[,URL...]``: the NATS link of the broker (sockstack.pubsub.cluster)."""
+    urls = [u.strip() for text in args.cluster for u in text.split(",") if u.strip()]
+    for u in urls:
+        if not u.startswith(("nats://", "tls://")):
+            raise UsageError(f"--cluster {u!r}: expected nats://HOST:PORT (NATS's client port)")
+    try:
+        from sockstack.pubsub.cluster import NatsLink
+    except ImportError as exc:  # (the module itself needs nothing beyond sockstack)
+        raise UsageError(f"--cluster: {exc}") from None
+    try:
+        return NatsLink(
+            pubsub.broker, urls, prefix=args.cluster_prefix, ping_interval=args.cluster_ping
+        )
+    except (ImportError, ValueError) as exc:
+        raise UsageError(f"--cluster: {exc}") from None
 
 
 def _metrics(args: argparse.Namespace) -> tuple[Any, tuple[str, int]]:
@@ -332,6 +366,13 @@ def _serve_workers(args: argparse.Namespace) -> int:
         worker_args.append("--no-malloc-tuning")
     if args.cors:
         worker_args += [f"--cors={origin}" for origin in args.cors]
+    if args.broker:  # each worker's broker joins the others through NATS
+        worker_args += [
+            "--broker",
+            f"--cluster-prefix={args.cluster_prefix}",
+            f"--cluster-ping={args.cluster_ping}",
+        ]
+        worker_args += [f"--cluster={urls}" for urls in args.cluster]
     return run_workers(worker_args, tcp, udp, args.workers, tls=tls, http=args.http or ())
 
 
@@ -356,6 +397,10 @@ def banner(server: Server, args: argparse.Namespace) -> list[str]:
     if server.broker is not None and not is_broker:
         name += " and the broker"
     lines = [f"serving {name} on {ep}" for ep in server.endpoints]
+    if server.broker is not None and getattr(args, "cluster", None):
+        urls = ", ".join(args.cluster)
+        prefix = args.cluster_prefix
+        lines.append(f"broker joined to the others through NATS at {urls} (subjects {prefix}TOPIC)")
     # objects.attach and objects.describe are the remote-object session's (PROTOCOL.md §4.5),
     # not for `sockstack call`: the objects are listed on their own below.
     handlers = {n: h for n, h in server.dispatcher.handlers.items() if not n.startswith("objects.")}
@@ -473,8 +518,14 @@ def _local(ep: Endpoint) -> str:
 def run_serve(args: argparse.Namespace) -> int:
     """``serve`` or ``broker``: one process on the event loop, or ``--workers`` processes."""
     take_ready_fd()  # a worker: before the service loads, so its children do not inherit it
-    if args.broker and args.workers > 1:
-        raise UsageError("the broker keeps its subscriptions in one process: no --workers with it")
+    if args.cluster and not args.broker:
+        raise UsageError("--cluster joins a broker to others: add --broker (or run `broker`)")
+    if args.broker and args.workers > 1 and not args.cluster:
+        raise UsageError(
+            "the broker keeps its subscriptions in one process: no --workers with it, unless "
+            "the workers' brokers join through NATS: --cluster nats://HOST:4222 (a nats-server "
+            "reachable from here; docs/SCALING.md)"
+        )
     if args.workers > 1 and args.metrics:
         raise UsageError(
             "--metrics counts one process's calls: not with --workers (each worker would need "
@@ -649,6 +700,30 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "memory instead of fresh pages: faster, keeps up to 64 MiB of freed memory)",
     )
     common.add_argument(
+        "--cluster",
+        action="append",
+        metavar="nats://HOST:PORT[,...]",
+        help="join this broker to the other brokers on these NATS servers (a list: any of "
+        "them, the client moves to another when one goes; repeatable): publishes, "
+        "subscriptions' interest, queue groups and retained messages span every broker "
+        "(needs nats-py: pip install 'sockstack[nats]'; docs/SCALING.md)",
+    )
+    common.add_argument(
+        "--cluster-prefix",
+        default="sockstack.",
+        metavar="PREFIX",
+        help="NATS subjects of the topics: PREFIX + topic (default 'sockstack.'; '' for none); "
+        "brokers with different prefixes do not share topics",
+    )
+    common.add_argument(
+        "--cluster-ping",
+        type=_positive_seconds,
+        default=2.0,
+        metavar="SECONDS",
+        help="PING the NATS server after this many seconds; two unanswered and the broker "
+        "moves to another server of --cluster (default 2)",
+    )
+    common.add_argument(
         "--hide-errors",
         action="store_true",
         help="send clients only the type of unexpected exceptions, not their message",
@@ -672,7 +747,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     s.add_argument(
         "--broker",
         action="store_true",
-        help="also host the publish/subscribe broker on the same ports (not with --workers)",
+        help="also host the publish/subscribe broker on the same ports (with --workers, "
+        "only with --cluster: each worker's broker joins the others through NATS)",
     )
     s.add_argument(
         "--sink",
@@ -686,7 +762,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         type=int,
         default=1,
         help="server processes sharing the ports with SO_REUSEPORT, to use several cores "
-        "(default 1; not with --broker, whose subscriptions live in one process)",
+        "(default 1; with --broker, only with --cluster, the brokers joined through NATS)",
     )
     k = sub.add_parser(
         "broker",

@@ -1,0 +1,849 @@
+"""Brokers joined through NATS: :class:`NatsLink`, a :class:`~sockstack.pubsub.broker.BrokerLink`
+that carries a broker's publishes, interest and retained messages over core NATS (nats-py).
+
+::
+
+    link = NatsLink(broker, ["nats://n1:4222", "nats://n2:4222"])
+    await link.start()          # on the broker's loop; raises ConnectError if no server answers
+    ...
+    await link.close()
+
+Two NATS connections, both on the broker's loop:
+
+- **P** (``no_echo``): every local publish goes out on it, on the topic's subject; it holds one
+  plain subscription per distinct local pattern without a group (made when the first local
+  subscriber of the pattern comes, removed when the last goes). A message arriving there goes
+  to :meth:`Broker.deliver_remote` for exactly that pattern, so overlapping patterns each get
+  it once. ``no_echo``: NATS never hands P its own publishes back (Broker.publish delivered them
+  locally already), so nothing loops or doubles.
+- **Q** (echo on): one queue subscription (subject = the pattern, queue = the group) per
+  distinct local (pattern, group). With a link the broker leaves group members to it: NATS
+  chooses one member across all brokers, this one included (P and Q are different
+  connections), and the message comes back through ``deliver_remote(pattern, group, ...)``.
+
+Subjects (:class:`SubjectMap`): ``prefix`` + the topic, token for token (sockstack's topics
+and patterns are NATS tokens already: non-empty, no whitespace or NUL, ``*``/``>`` whole
+tokens), with ``%XX`` (the UTF-8 bytes, upper-case hex) for what NATS cannot carry or what
+would be ambiguous: ``%`` itself, control characters (C0, DEL, C1), whitespace (Unicode's:
+ASCII whitespace is no topic's) and lone surrogates; with
+an empty prefix, also the ``_`` of a first token equal to the control namespace's.
+
+Payloads go as published. The codec travels in a ``Sockstack-Codec`` header, except for
+msgpack (codec 1, the default), which has none: a message from a plain NATS client without the
+header is taken as msgpack (send ``Sockstack-Codec: 0`` for raw bytes, ``2`` for JSON).
+
+Retained messages: a retained publish (or a clear, empty) also goes to
+``<control>retain.<topic>``, to which every broker is subscribed whatever its interest
+(:meth:`Broker.retain_remote`). A starting broker (and one whose connection came back) asks a
+peer for the store it missed (``<control>snap``, a queue group of brokers that have theirs):
+chunk by chunk, bounded by its ``max_retained_bytes``; a topic that changed live meanwhile
+keeps the live value.
+
+Outgoing messages wait in one queue bounded in bytes (``max_outgoing_bytes``, each message
+charged its subject, payload and :data:`OUTGOING_OVERHEAD`), emptied by one task into nats-py
+(no task per message); while NATS is unreachable they wait there, and what would pass the
+bound is dropped (newest first) and counted (``cluster_dropped_out``).
+
+Counters go into :meth:`Broker.stats` (keys ``cluster_*``). JetStream (QoS 1 across brokers)
+is not used here: core NATS is at most once between brokers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from sockstack.errors import ConnectError, ErrorCode
+from sockstack.protocol.codecs import CODECS
+from sockstack.pubsub.broker import RETAINED_OVERHEAD, Broker, BrokerError
+from sockstack.transport.ratelog import RateLimitedLog
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
+    from nats.aio.msg import Msg as NatsMsg
+    from nats.aio.subscription import Subscription as NatsSubscription
+
+__all__ = [
+    "CODEC_HEADER",
+    "DEFAULT_PREFIX",
+    "OUTGOING_OVERHEAD",
+    "NatsLink",
+    "SubjectMap",
+    "require_nats",
+]
+
+log = logging.getLogger("sockstack.cluster")
+
+DEFAULT_PREFIX = "sockstack."
+"""Subjects of sockstack topics: JetStream can capture ``sockstack.>`` later, and other NATS
+traffic stays apart."""
+CODEC_HEADER = "Sockstack-Codec"
+"""The payload's codec (0 raw, 2 JSON); absent: msgpack (1)."""
+OUTGOING_OVERHEAD = 160
+"""What a message waiting to go to NATS costs beyond its subject and payload bytes: its tuple
+(72 B), its deque slot (8 B) and the payload's bytes header when it is not shared (33 B, up to
+48 allocated), rounded up; tests/pubsub/test_cluster.py measures it with tracemalloc."""
+SNAPSHOT_CHUNK = 256 << 10
+"""Bytes of retained messages per snapshot reply (below NATS's 1 MB max_payload)."""
+_SNAP_ENTRY_EXTRA = 16  # msgpack framing of one [topic, codec, payload] entry, at most
+
+_HEADERS: dict[int, dict[str, str] | None] = {c: {CODEC_HEADER: str(c)} for c in CODECS}
+_HEADERS[1] = None
+
+
+def require_nats() -> None:
+    """Raise ImportError with what to install when nats-py is missing."""
+    try:
+        import nats  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "joining brokers through NATS needs nats-py: pip install 'sockstack[nats]'"
+        ) from None
+
+
+# ------------------------------------------------------------------------------ subjects
+
+
+def _needs_escape(c: str) -> bool:
+    o = ord(c)
+    return c == "%" or o < 0x20 or 0x7F <= o <= 0x9F or 0xD800 <= o <= 0xDFFF or c.isspace()
+
+
+def _escape(text: str) -> str:
+    if not any(_needs_escape(c) for c in text):
+        return text
+    out = []
+    for c in text:
+        if _needs_escape(c):
+            out.append("".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass")))
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def _unescape(text: str) -> str:
+    """The inverse of :func:`_escape` on what it makes. A ``%`` that does not start an escape
+    :func:`_escape` would have written (of one character) stays as it is: a plain NATS
+    client's subject is taken literally."""
+    if "%" not in text:
+        return text
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "%":
+            decoded, used = _one_escape(text, i)
+            if decoded is not None:
+                out.append(decoded)
+                i += used
+                continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _hex_byte(text: str, i: int) -> int | None:
+    """The byte of a ``%XX`` (upper-case hex) at ``text[i]``, else None."""
+    if i + 3 > len(text) or text[i] != "%":
+        return None
+    two = text[i + 1 : i + 3]
+    if not all(ch in "0123456789ABCDEF" for ch in two):
+        return None
+    return int(two, 16)
+
+
+def _one_escape(text: str, i: int) -> tuple[str | None, int]:
+    """One escaped character at ``text[i]``: (it, characters used), or (None, 0) when
+    :func:`_escape` would not have written this."""
+    lead = _hex_byte(text, i)
+    if lead is None:
+        return None, 0
+    size = 1 if lead < 0x80 else 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4
+    raw = bytearray([lead])
+    for k in range(1, size):
+        b = _hex_byte(text, i + 3 * k)
+        if b is None:
+            return None, 0
+        raw.append(b)
+    try:
+        ch = bytes(raw).decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return None, 0
+    if len(ch) != 1 or not _needs_escape(ch):
+        return None, 0
+    return ch, 3 * size
+
+
+class SubjectMap:
+    """sockstack topics, patterns and groups <-> NATS subjects and queue names.
+
+    ``prefix`` ('' or tokens ending in ``.``) goes before every topic; ``control`` (default
+    ``"_" + prefix``, ``"_sockstack."`` with no prefix) before the link's own subjects. Each
+    token maps on its own (so ``*`` and ``>`` keep their meaning and the token count is kept);
+    see the module's notes for what is escaped."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX, control: str | None = None) -> None:
+        for what, value in (("prefix", prefix), ("control", control)):
+            if value is None or value == "":
+                continue
+            if (
+                not value.endswith(".")
+                or any(c in "*>" or _needs_escape(c) for c in value)
+                or not all(value[:-1].split("."))
+            ):
+                raise ValueError(
+                    f"cluster {what} {value!r}: non-empty tokens each ending with '.', no "
+                    "whitespace, wildcards, '%' or control characters (e.g. 'sockstack.')"
+                )
+        self.prefix = prefix
+        self.control = control if control else ("_" + prefix if prefix else "_sockstack.")
+        if self.control == prefix:
+            raise ValueError("the cluster's control namespace must differ from its prefix")
+        # With no prefix, a topic could land in the control namespace: its first token is
+        # escaped ('_' -> '%5F') when it equals the control namespace's first token.
+        first = self.control.split(".", 1)[0]
+        self._clash = first if not prefix else None
+        self._clash_escaped = "%" + f"{ord(first[0]):02X}" + first[1:] if first else ""
+
+    def subject(self, topic: str) -> str:
+        """The subject of a topic or pattern (already valid)."""
+        out = _escape(topic)
+        if self._clash is not None and (out == self._clash or out.startswith(self._clash + ".")):
+            out = self._clash_escaped + out[len(self._clash) :]
+        return self.prefix + out
+
+    def topic(self, subject: str) -> str | None:
+        """The topic of a subject under the prefix; None for one outside it (or in the
+        control namespace)."""
+        if not subject.startswith(self.prefix) or subject.startswith(self.control):
+            return None
+        body = subject[len(self.prefix) :]
+        if self._clash is not None and (
+            body == self._clash_escaped or body.startswith(self._clash_escaped + ".")
+        ):
+            body = self._clash + body[len(self._clash_escaped) :]
+        return _unescape(body)
+
+    @staticmethod
+    def queue(group: str) -> str:
+        """A NATS queue name for a group (whitespace escaped too: groups may hold it)."""
+        return _escape(group)
+
+
+# ------------------------------------------------------------------------------ the link
+
+
+class NatsLink:
+    """Joins ``broker`` to the brokers on the same NATS servers (module docstring).
+
+    ``servers``: NATS URLs (nats-py tries them in random order and moves to another when its
+    server goes). ``max_outgoing_bytes`` bounds what waits to go to NATS (while it is
+    unreachable, or slower than the publishers); ``sub_pending_bytes`` what waits in each of
+    nats-py's subscriptions for the loop (beyond it NATS counts a slow consumer, and the link
+    ``cluster_dropped_in``). ``ping_interval`` (seconds) and ``max_outstanding_pings`` decide
+    how soon a silent server is given up (NATS's default of two minutes is long for a broker).
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        servers: Sequence[str],
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        control: str | None = None,
+        name: str | None = None,
+        max_outgoing_bytes: int = 16 << 20,
+        sub_pending_bytes: int = 8 << 20,
+        connect_timeout: float = 5.0,
+        reconnect_wait: float = 0.5,
+        ping_interval: float = 2.0,
+        max_outstanding_pings: int = 2,
+        snapshot_timeout: float = 2.0,
+    ) -> None:
+        require_nats()
+        if not servers:
+            raise ValueError("a cluster needs at least one NATS URL (nats://host:4222)")
+        if max_outgoing_bytes < 1 or sub_pending_bytes < 1:
+            raise ValueError("max_outgoing_bytes and sub_pending_bytes must be positive")
+        self.broker = broker
+        self.servers = list(servers)
+        self.map = SubjectMap(prefix, control)
+        self.id = os.urandom(6).hex()
+        self.name = name or f"sockstack-broker-{self.id}"
+        self.max_outgoing_bytes = max_outgoing_bytes
+        self.sub_pending_bytes = sub_pending_bytes
+        self.connect_timeout = connect_timeout
+        self.reconnect_wait = reconnect_wait
+        self.ping_interval = ping_interval
+        self.max_outstanding_pings = max_outstanding_pings
+        self.snapshot_timeout = snapshot_timeout
+        self._p: NatsClient | None = None
+        self._q: NatsClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._out: deque[tuple[str, bytes, dict[str, str] | None, int]] = deque()
+        self._out_bytes = 0
+        self._draining = False
+        self._closed = False
+        self._subjects: dict[str, str] = {}  # topic -> subject, bounded
+        self._retain_subjects: dict[str, str] = {}
+        self._interest: dict[tuple[str, str | None], NatsSubscription] = {}
+        self._dirty: dict[tuple[str, str | None], bool] = {}
+        self._reconciling = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._syncing = False
+        self._live: set[str] = set()
+        self._live_overflow = False
+        self._sync_task: asyncio.Task[int] | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+        self.bad_log = RateLimitedLog(log)
+        self._last_error = ""
+        self._started = False
+        self._quiet = False  # a connection error was logged: the next ones go to DEBUG
+        c = broker.counters
+        for key in (
+            "cluster_sent",
+            "cluster_received",
+            "cluster_dropped_out",
+            "cluster_dropped_in",
+            "cluster_bad_in",
+            "cluster_disconnects",
+            "cluster_reconnects",
+            "cluster_interest_subscriptions",
+            "cluster_outgoing",
+            "cluster_outgoing_bytes",
+            "cluster_retained_in",
+            "cluster_snapshot_entries",
+            "cluster_connected",
+        ):
+            c.setdefault(key, 0)
+        self._c = c
+
+    # -------------------------------------------------------------------------- life
+
+    async def start(self) -> None:
+        """Connect (both connections), subscribe to the retained namespace, join the broker
+        (its current interest is subscribed), fetch the retained store from a peer. Raises
+        :class:`ConnectError` when no NATS server answers."""
+        from nats.aio.client import Client
+        from nats.errors import Error as NatsError
+
+        self._loop = asyncio.get_running_loop()
+        opts: dict[str, Any] = {
+            "servers": self.servers,
+            "connect_timeout": self.connect_timeout,
+            "reconnect_time_wait": self.reconnect_wait,
+            # Starting: each server tried twice, then a clear error. Once connected: for ever
+            # (set below; nats-py reads it at each reconnect).
+            "max_reconnect_attempts": 1,
+            "ping_interval": self.ping_interval,
+            "max_outstanding_pings": self.max_outstanding_pings,
+            "error_cb": self._on_error,
+            "disconnected_cb": self._on_disconnected,
+        }
+        self._p, self._q = Client(), Client()
+        try:
+            await self._p.connect(
+                name=self.name + "-p", no_echo=True, reconnected_cb=self._on_p_reconnected, **opts
+            )
+            await self._q.connect(
+                name=self.name + "-q", reconnected_cb=self._on_q_reconnected, **opts
+            )
+        except (NatsError, OSError, TimeoutError) as exc:
+            await self._close_connections()
+            raise ConnectError(
+                f"cannot reach NATS at {', '.join(self.servers)}: "
+                f"{self._last_error or exc or type(exc).__name__}"
+            ) from None
+        for nc in (self._p, self._q):
+            nc.options["max_reconnect_attempts"] = -1
+        self._started = True
+        self._c["cluster_connected"] = 2
+        ctl = self.map.control
+        await self._p.subscribe(
+            ctl + "retain.>", cb=self._on_retain, pending_bytes_limit=self.sub_pending_bytes
+        )
+        await self._p.subscribe(ctl + "snap." + self.id, cb=self._on_snapshot_request)
+        self.broker.attach_link(self)
+        await self.sync_retained()
+        await self._p.subscribe(ctl + "snap", queue="snap", cb=self._on_snapshot_request)
+        await self.flush()
+        log.info(
+            "broker joined the NATS cluster at %s (prefix %r, id %s)",
+            self._p.connected_url.netloc if self._p.connected_url else self.servers,
+            self.map.prefix,
+            self.id,
+        )
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Leave: detach from the broker, send what waits (within ``timeout`` seconds), close
+        both connections."""
+        if self._closed:
+            return
+        if self.broker.link is self:
+            self.broker.attach_link(None)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._send_waiting(), timeout)
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+        await self._close_connections()
+        self._c["cluster_connected"] = 0
+
+    async def _send_waiting(self) -> None:
+        if self._drain_task is not None and not self._drain_task.done():
+            await asyncio.shield(self._drain_task)
+        if self._out and self._p is not None and self._p.is_connected:
+            await self._drain()
+        if self._p is not None and self._p.is_connected:
+            await self._p.flush()
+
+    async def _close_connections(self) -> None:
+        for nc in (self._p, self._q):
+            if nc is not None and not nc.is_closed:
+                with contextlib.suppress(Exception):
+                    await nc.close()
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._p and self._q and self._p.is_connected and self._q.is_connected)
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        """Wait until the interest changes made so far are subscribed and both connections'
+        servers have seen everything sent (a PING/PONG each)."""
+        await asyncio.wait_for(self._idle.wait(), timeout)
+        if self._out:
+            await asyncio.wait_for(self._send_waiting(), timeout)
+        for nc in (self._p, self._q):
+            if nc is not None and nc.is_connected:
+                await nc.flush(max(1, round(timeout)))
+
+    def stats(self) -> dict[str, Any]:
+        """The link's counters (they are in :meth:`Broker.stats` too)."""
+        return {k: v for k, v in self._c.items() if k.startswith("cluster_")}
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -------------------------------------------------------------------------- NATS events
+
+    async def _on_error(self, exc: Exception) -> None:
+        from nats.errors import SlowConsumerError
+
+        if isinstance(exc, SlowConsumerError):
+            self._c["cluster_dropped_in"] += 1
+            self.bad_log.warning(
+                "NATS: slow consumer, a message on %s dropped (the loop is behind by %d bytes "
+                "for that subscription, sub_pending_bytes)",
+                exc.subject,
+                self.sub_pending_bytes,
+            )
+            return
+        self._last_error = str(exc) or type(exc).__name__
+        if isinstance(exc, OSError | TimeoutError) and self._quiet:
+            log.debug("NATS: %s", self._last_error)  # (while reconnecting: once is enough)
+            return
+        self._quiet = isinstance(exc, OSError | TimeoutError)
+        log.warning("NATS: %s", self._last_error)
+
+    async def _on_disconnected(self) -> None:
+        if self._closed or not self._started:
+            return
+        self._c["cluster_disconnects"] += 1
+        self._c["cluster_connected"] = sum(
+            1 for nc in (self._p, self._q) if nc is not None and nc.is_connected
+        )
+        log.warning("NATS connection lost; reconnecting (%d bytes wait to go)", self._out_bytes)
+
+    async def _on_p_reconnected(self) -> None:
+        await self._on_reconnected(True)
+
+    async def _on_q_reconnected(self) -> None:
+        await self._on_reconnected(False)
+
+    async def _on_reconnected(self, is_p: bool) -> None:
+        self._c["cluster_reconnects"] += 1
+        self._quiet = False
+        self._c["cluster_connected"] = sum(
+            1 for nc in (self._p, self._q) if nc is not None and nc.is_connected
+        )
+        nc = self._p if is_p else self._q
+        where = nc.connected_url.netloc if nc is not None and nc.connected_url else "?"
+        log.info("NATS connection back (%s)", where)
+        self._kick_reconcile()
+        if is_p:
+            self._kick_drain()
+            # Retained changes made while we were away: ask a peer again.
+            if self._sync_task is None or self._sync_task.done():
+                assert self._loop is not None
+                self._sync_task = self._loop.create_task(self.sync_retained())
+                self._tasks.add(self._sync_task)
+                self._sync_task.add_done_callback(self._tasks.discard)
+
+    # -------------------------------------------------------------------------- outgoing
+
+    def published(self, topic: str, payload: bytes, codec: int, retain: bool) -> None:
+        """BrokerLink: a local publish (or, empty with ``retain``, a clear) goes to NATS."""
+        subject = self._subjects.get(topic)
+        if subject is None:
+            subject = self.map.subject(topic)
+            if len(self._subjects) >= 10_000:
+                self._subjects.clear()  # bounded: topics repeat, the cache refills at once
+            self._subjects[topic] = subject
+        headers = _HEADERS.get(codec) if codec != 1 else None
+        if payload or not retain:
+            self._enqueue(subject, payload, headers)
+        if retain:
+            rsubject = self._retain_subjects.get(topic)
+            if rsubject is None:
+                rsubject = self.map.control + "retain." + subject[len(self.map.prefix) :]
+                if len(self._retain_subjects) >= 10_000:
+                    self._retain_subjects.clear()
+                self._retain_subjects[topic] = rsubject
+            self._enqueue(rsubject, payload, headers)
+            if self._syncing:
+                self._note_live(topic)
+
+    def _enqueue(self, subject: str, payload: bytes, headers: dict[str, str] | None) -> None:
+        if self._closed:
+            return
+        cost = len(subject) + len(payload) + OUTGOING_OVERHEAD
+        if self._out_bytes + cost > self.max_outgoing_bytes:
+            self._c["cluster_dropped_out"] += 1
+            self.bad_log.warning(
+                "NATS %s: %d bytes already wait to go (max_outgoing_bytes %d); a message to "
+                "%s dropped",
+                "unreachable" if not self.connected else "behind",
+                self._out_bytes,
+                self.max_outgoing_bytes,
+                subject,
+            )
+            return
+        self._out.append((subject, payload, headers, cost))
+        self._out_bytes += cost
+        c = self._c
+        c["cluster_outgoing_bytes"] = self._out_bytes
+        c["cluster_outgoing"] = len(self._out)
+        if not self._draining:
+            self._kick_drain()
+
+    def _kick_drain(self) -> None:
+        p = self._p
+        if self._draining or not self._out or p is None or not p.is_connected or self._closed:
+            return
+        self._draining = True
+        self._drain_task = self._spawn(self._drain())
+
+    async def _drain(self) -> None:
+        """Hand what waits to nats-py (whose flusher task writes it): one task for a whole
+        batch; it ends when the queue is empty or the connection is down (the reconnect
+        starts it again)."""
+        from nats.errors import (
+            ConnectionClosedError,
+            ConnectionDrainingError,
+            MaxPayloadError,
+            OutboundBufferLimitError,
+        )
+
+        self._draining = True
+        out, c = self._out, self._c
+        n = 0
+        try:
+            while out:
+                p = self._p
+                if p is None or not p.is_connected:
+                    return
+                subject, payload, headers, cost = out[0]
+                try:
+                    await p.publish(subject, payload, headers=headers)
+                except (OutboundBufferLimitError, ConnectionClosedError, ConnectionDrainingError):
+                    return  # kept: tried again once the connection is back
+                except MaxPayloadError:
+                    c["cluster_dropped_out"] += 1
+                    self.bad_log.warning(
+                        "NATS refuses a payload of %d bytes (its max_payload %d); a message to "
+                        "%s dropped",
+                        len(payload),
+                        p.max_payload,
+                        subject,
+                    )
+                else:
+                    c["cluster_sent"] += 1
+                out.popleft()  # (only this task takes from the left)
+                self._out_bytes -= cost
+                n += 1
+                if n % 512 == 0:
+                    c["cluster_outgoing_bytes"] = self._out_bytes
+                    c["cluster_outgoing"] = len(out)
+                    await asyncio.sleep(0)  # the loop's other work gets a turn
+        finally:
+            self._draining = False
+            c["cluster_outgoing_bytes"] = self._out_bytes
+            c["cluster_outgoing"] = len(out)
+
+    # -------------------------------------------------------------------------- interest
+
+    def interest(self, pattern: str, group: str | None, present: bool) -> None:
+        """BrokerLink: the first local subscriber of (pattern, group) came, or the last went:
+        subscribe or unsubscribe on NATS (in order, by one task; while a connection is down
+        the change waits and is made once it is back)."""
+        key = (pattern, group)
+        self._dirty.pop(key, None)
+        self._dirty[key] = present
+        self._kick_reconcile()
+
+    def _kick_reconcile(self) -> None:
+        if self._reconciling or not self._dirty or self._closed or self._loop is None:
+            return
+        self._reconciling = True
+        self._idle.clear()
+        self._spawn(self._reconcile())
+
+    async def _reconcile(self) -> None:
+        try:
+            progress = True
+            while self._dirty and progress:
+                progress = False
+                for key, present in list(self._dirty.items()):
+                    pattern, group = key
+                    nc = self._p if group is None else self._q
+                    if nc is None or not nc.is_connected:
+                        continue  # made once this connection is back
+                    if self._dirty.get(key) is not present:
+                        continue  # changed meanwhile: the next pass takes it
+                    del self._dirty[key]
+                    progress = True
+                    try:
+                        await self._apply(nc, pattern, group, present)
+                    except Exception as exc:
+                        what = "subscribe" if present else "unsubscribe"
+                        if nc.is_connected:  # refused for itself: not tried again
+                            log.error("NATS %s %s failed: %r", what, pattern, exc)
+                            continue
+                        if key not in self._dirty:
+                            self._dirty[key] = present
+                        log.warning(
+                            "NATS %s %s: %r (made when the connection is back)", what, pattern, exc
+                        )
+                        return
+        finally:
+            self._reconciling = False
+            self._c["cluster_interest_subscriptions"] = len(self._interest)
+            if not self._dirty or not self.connected:
+                self._idle.set()
+            if self._dirty and self.connected:
+                self._kick_reconcile()
+
+    async def _apply(self, nc: NatsClient, pattern: str, group: str | None, present: bool) -> None:
+        key = (pattern, group)
+        sub = self._interest.get(key)
+        if present and sub is None:
+            subject = self.map.subject(pattern)
+            cb = self._receiver(pattern, group)
+            if group is None:
+                sub = await nc.subscribe(subject, cb=cb, pending_bytes_limit=self.sub_pending_bytes)
+            else:
+                sub = await nc.subscribe(
+                    subject,
+                    queue=self.map.queue(group),
+                    cb=cb,
+                    pending_bytes_limit=self.sub_pending_bytes,
+                )
+            self._interest[key] = sub
+        elif not present and sub is not None:
+            del self._interest[key]
+            await sub.unsubscribe()
+        self._c["cluster_interest_subscriptions"] = len(self._interest)
+
+    # -------------------------------------------------------------------------- incoming
+
+    def _receiver(self, pattern: str, group: str | None) -> Callable[[NatsMsg], Awaitable[None]]:
+        topic_of = self.map.topic
+        deliver = self.broker.deliver_remote
+        c = self._c
+
+        async def on_message(msg: NatsMsg) -> None:
+            c["cluster_received"] += 1
+            topic = topic_of(msg.subject)
+            if topic is None:
+                return  # the link's own subjects (under an empty prefix, '>' sees them)
+            headers = msg.headers
+            codec = self._codec(headers, msg.subject) if headers else 1
+            if codec is None:
+                return
+            payload = msg.data
+            if not payload and codec:
+                self._bad(msg.subject, "an empty payload is a message only in the raw codec 0")
+                return
+            try:
+                deliver(pattern, group, topic, payload, codec)
+            except BrokerError as exc:
+                self._bad(msg.subject, f"{exc.message} [{ErrorCode.describe(exc.code)}]")
+
+        return on_message
+
+    def _codec(self, headers: dict[str, str], subject: str) -> int | None:
+        raw = headers.get(CODEC_HEADER)
+        if raw is None:
+            return 1
+        try:
+            codec = int(raw)
+        except ValueError:
+            codec = -1
+        if codec not in CODECS:
+            self._bad(subject, f"unknown codec {raw!r} in its {CODEC_HEADER} header")
+            return None
+        return codec
+
+    def _bad(self, subject: str, why: str) -> None:
+        self._c["cluster_bad_in"] += 1
+        self.bad_log.warning("NATS message on %s refused: %s", subject[:300], why)
+
+    # -------------------------------------------------------------------------- retained
+
+    def _note_live(self, topic: str) -> None:
+        """While a snapshot is being fetched: this topic changed live (the snapshot must not
+        overwrite it). Bounded by the broker's max_retained topics; beyond, snapshot entries
+        are taken only for topics with nothing retained here."""
+        if len(self._live) < self.broker.limits.max_retained:
+            self._live.add(topic)
+        else:
+            self._live_overflow = True
+
+    async def _on_retain(self, msg: NatsMsg) -> None:
+        """A retained message (or, empty, a clear) published at another broker."""
+        self._c["cluster_retained_in"] += 1
+        prefix = self.map.control + "retain."
+        subject = msg.subject
+        topic = self.map.topic(self.map.prefix + subject[len(prefix) :])
+        if topic is None:
+            self._bad(subject, "not a topic")
+            return
+        codec = self._codec(msg.headers, subject) if msg.headers else 1
+        if codec is None:
+            return
+        if self._syncing:
+            self._note_live(topic)
+        try:
+            self.broker.retain_remote(topic, msg.data, codec)
+        except BrokerError as exc:
+            self._bad(subject, f"{exc.message} [{ErrorCode.describe(exc.code)}]")
+
+    async def _on_snapshot_request(self, msg: NatsMsg) -> None:
+        """A peer asks for retained messages after a topic (sorted), one chunk."""
+        p = self._p
+        if not msg.reply or p is None:
+            return
+        try:
+            req = msgpack.unpackb(msg.data) if msg.data else {}
+            after = req.get("after")
+            if after is not None and not isinstance(after, str):
+                raise ValueError("'after' must be a topic")
+        except Exception as exc:
+            self._bad(msg.subject, f"bad snapshot request: {exc}")
+            return
+        retained = self.broker.retained
+        topics = sorted(retained)
+        start = 0 if after is None else bisect.bisect_right(topics, after)
+        room = min(SNAPSHOT_CHUNK, max(p.max_payload - 1024, 1024))
+        entries: list[list[Any]] = []
+        used = 0
+        more = False
+        for topic in topics[start:]:
+            topic_b, payload, codec = retained[topic]
+            size = len(topic_b) + len(payload) + _SNAP_ENTRY_EXTRA
+            if size > room:
+                if entries:
+                    more = True
+                    break
+                # Too big for one NATS message with the envelope: skipped (counted)
+                self._c["cluster_dropped_out"] += 1
+                self.bad_log.warning("retained %s too large for a snapshot chunk", topic)
+                continue
+            if used + size > room:
+                more = True
+                break
+            entries.append([topic, codec, payload])
+            used += size
+        if not more and entries and entries[-1][0] != topics[-1]:
+            more = True
+        reply = msgpack.packb({"id": self.id, "entries": entries, "more": more})
+        with contextlib.suppress(Exception):
+            await p.publish(msg.reply, reply)
+
+    async def sync_retained(self) -> int:
+        """Fetch the retained store from a peer (one that has its own), chunk by chunk, within
+        this broker's ``max_retained_bytes``; a topic that changes live meanwhile keeps its
+        live value. Returns the entries taken. No peer: nothing to fetch."""
+        from nats.errors import NoRespondersError
+        from nats.errors import TimeoutError as NatsTimeout
+
+        p = self._p
+        if p is None or self._syncing:
+            return 0
+        self._syncing = True
+        self._live.clear()
+        self._live_overflow = False
+        taken = 0
+        try:
+            target = self.map.control + "snap"
+            after: str | None = None
+            budget = self.broker.limits.max_retained_bytes
+            used = 0
+            while True:
+                try:
+                    reply = await p.request(
+                        target, msgpack.packb({"after": after}), timeout=self.snapshot_timeout
+                    )
+                    data = msgpack.unpackb(reply.data)
+                    entries = data["entries"]
+                    more = bool(data["more"])
+                    peer = str(data["id"])
+                except NoRespondersError:
+                    return taken  # no broker has a store to give: ours is the first
+                except (NatsTimeout, TimeoutError):
+                    log.warning("retained snapshot: no answer within %gs", self.snapshot_timeout)
+                    return taken
+                except Exception as exc:
+                    log.warning("retained snapshot: bad answer (%s)", exc)
+                    return taken
+                target = self.map.control + "snap." + peer  # the rest from the same peer
+                for entry in entries:
+                    topic, codec, payload = entry
+                    after = topic
+                    if topic in self._live or (
+                        self._live_overflow and topic in self.broker.retained
+                    ):
+                        continue
+                    cost = len(payload) + 2 * len(topic.encode()) + RETAINED_OVERHEAD
+                    if used + cost > budget:
+                        log.warning("retained snapshot: stopped at max_retained_bytes (%d)", budget)
+                        return taken
+                    try:
+                        self.broker.retain_remote(topic, payload, codec)
+                    except BrokerError as exc:
+                        self._bad(topic, f"snapshot entry: {exc.message}")
+                        continue
+                    used += cost
+                    taken += 1
+                    self._c["cluster_snapshot_entries"] += 1
+                if not more or not entries:
+                    return taken
+        finally:
+            self._syncing = False
+            self._live.clear()
