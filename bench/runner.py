@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench import scenarios as sc
+from bench.cluster import run_cluster
 from bench.edge import run_edge
 from bench.harness import Result, Server, SkipSystem, median_round, pin, stats
 from bench.http import run_http, run_sse_fanout
@@ -499,6 +500,7 @@ SCENARIOS: dict[str, Callable[[Run, sc.Budget, str], None]] = {
     "http": run_http,
     "sse-fanout": run_sse_fanout,
     "edge": run_edge,
+    "cluster": run_cluster,
 }
 
 
