@@ -157,7 +157,7 @@ async def _serve(args: argparse.Namespace) -> int:
             patterns.append(objects)
     link = None
     if args.command == "broker" or args.broker:
-        pubsub = PubSub()
+        pubsub = PubSub(_broker(args))
         patterns.append(pubsub)
         if args.cluster:
             link = _cluster_link(pubsub, args)
@@ -252,6 +252,19 @@ async def _serve(args: argparse.Namespace) -> int:
         if link is not None:
             await link.close()
     return EXIT_OK
+
+
+def _broker(args: argparse.Namespace) -> Any:
+    """The broker, with its store when ``--store FILE`` is given."""
+    from sockstack.pubsub import Broker, SQLiteStore
+    from sockstack.pubsub.store import StoreError
+
+    if not args.store:
+        return Broker()
+    try:
+        return Broker(store=SQLiteStore(args.store, sync=args.store_sync))
+    except (StoreError, OSError) as exc:
+        raise UsageError(f"--store {args.store}: {exc}") from None
 
 
 def _cluster_link(pubsub: PubSub, args: argparse.Namespace) -> Any:
@@ -520,6 +533,13 @@ def run_serve(args: argparse.Namespace) -> int:
     take_ready_fd()  # a worker: before the service loads, so its children do not inherit it
     if args.cluster and not args.broker:
         raise UsageError("--cluster joins a broker to others: add --broker (or run `broker`)")
+    if args.store and not args.broker:
+        raise UsageError("--store keeps a broker's messages: add --broker (or run `broker`)")
+    if args.store and args.workers > 1:
+        raise UsageError(
+            "--store is one broker's file: not with --workers (each worker's broker would "
+            "need its own; run brokers with their own --store joined by --cluster instead)"
+        )
     if args.broker and args.workers > 1 and not args.cluster:
         raise UsageError(
             "the broker keeps its subscriptions in one process: no --workers with it, unless "
@@ -707,6 +727,21 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "them, the client moves to another when one goes; repeatable): publishes, "
         "subscriptions' interest, queue groups and retained messages span every broker "
         "(needs nats-py: pip install 'sockstack[nats]'; docs/SCALING.md)",
+    )
+    common.add_argument(
+        "--store",
+        metavar="FILE",
+        help="keep the broker's retained messages and durable subscriptions (with the "
+        "messages they have not acknowledged) in this SQLite file, across restarts and "
+        "crashes; a QoS 1 publish is answered once it is committed (docs/SCALING.md)",
+    )
+    common.add_argument(
+        "--store-sync",
+        choices=["full", "normal", "off"],
+        default="full",
+        help="when the store's commits reach the disk: full (default: fsync each group "
+        "commit; an acknowledged publish survives a power cut), normal (at checkpoints; "
+        "survives a crash of the broker, not of the machine), off (never)",
     )
     common.add_argument(
         "--cluster-prefix",
