@@ -12,9 +12,10 @@ Any sockstack server announces this way (an RPC service, a broker, an object ser
 announcement is a URL, and what is served there is the server's business. The
 :class:`Announcer` holds a session with the name service (a blocking
 :class:`~sockstack.objects.ObjectClient` and its keeper thread, which renews it every third of
-the lease and reconnects); its entry lives as long as that session. When the session is lost
-(the name service restarted, or this process was cut off longer than the lease), the client
-attaches a new one and the announcer announces again. When the name service cannot be reached
+the lease and reconnects); its entry lives as long as that session, and as long as it is
+announced again within the lease (its thread does so every third of it). When the session is
+lost (the name service restarted, or this process was cut off longer than the lease), the
+client attaches a new one and the announcer announces again. When the name service cannot be reached
 at the start, it keeps trying in the background (backoff up to 5 s) and logs.
 
 The URL announced is the server's first TCP (or TLS) endpoint; an endpoint bound to every
@@ -36,6 +37,7 @@ from sockstack.discovery.common import names_url
 from sockstack.errors import SessionExpired
 from sockstack.host.server import Server
 from sockstack.protocol.calls import Backoff
+from sockstack.transport.ratelog import RateLimitedLog
 from sockstack.transport.urls import Endpoint, parse_endpoint
 
 __all__ = ["Announcer", "add_announce_arguments", "announce", "announce_from_args", "url_of"]
@@ -74,6 +76,7 @@ class Announcer:
         self._stop = threading.Event()
         self._announced = threading.Event()
         self._thread: threading.Thread | None = None
+        self._log = RateLimitedLog(log)
 
     @property
     def announced(self) -> bool:
@@ -85,12 +88,16 @@ class Announcer:
 
     def start(self) -> Announcer:
         """Announce now (blocking, within ``timeout``); if the name service cannot be reached,
-        log it and keep trying in a background thread."""
-        if not self._connect():
-            self._thread = threading.Thread(
-                target=self._retry, name=f"sockstack-announce-{self.service}", daemon=True
-            )
-            self._thread.start()
+        log it and keep trying in the background. A thread then announces again every third
+        of the name service's lease (an entry not announced within the lease goes)."""
+        connected = self._connect()
+        self._thread = threading.Thread(
+            target=self._run,
+            args=(connected,),
+            name=f"sockstack-announce-{self.service}",
+            daemon=True,
+        )
+        self._thread.start()
         return self
 
     def _connect(self) -> bool:
@@ -99,7 +106,7 @@ class Announcer:
         try:
             client = ObjectClient(self.names, timeout=self.timeout, **self._options)
         except Exception as exc:
-            log.warning("announce %s: name service %s: %s", self.service, self.names, exc)
+            self._log.warning("announce %s: name service %s: %s", self.service, self.names, exc)
             return False
         with self._lock:
             if self._stop.is_set():
@@ -110,15 +117,22 @@ class Announcer:
         self._again()
         return True
 
-    def _retry(self) -> None:
+    def _run(self, connected: bool) -> None:
         attempt = 0
-        while not self._stop.wait(self._backoff.delay(attempt)):  # the backoff's timer
-            if self._connect():
+        while not connected:
+            if self._stop.wait(self._backoff.delay(attempt)):  # the backoff's timer
                 return
+            connected = self._connect()
             attempt += 1
+        while True:
+            client = self._client
+            if client is None or self._stop.wait(client.lease / 3):  # the heartbeat's timer
+                return
+            self._again()
 
     def _again(self) -> None:
-        """Announce (again: after a new session, the old one's entry went with it)."""
+        """Announce (again: the entry's lease starts over; after a new session, the old
+        one's entry went with it)."""
         client = self._client
         if client is None or client.closed:
             return
@@ -127,11 +141,14 @@ class Announcer:
         except SessionExpired:
             return  # a new session: on_new_session announces again
         except Exception as exc:
+            if client.closed:
+                return
             self._announced.clear()
-            log.warning("announce %s at %s: %s", self.service, self.names, exc)
+            self._log.warning("announce %s at %s: %s", self.service, self.names, exc)
             return
+        if not self._announced.is_set():
+            log.info("announced %s as %s at %s", self.url, self.service, self.names)
         self._announced.set()
-        log.info("announced %s as %s at %s", self.url, self.service, self.names)
 
     def close(self) -> None:
         """End the session: the entry goes at once."""

@@ -14,7 +14,10 @@ was lost).
 
 **Services.** Beside one name for one URL, several servers may announce the same *service*
 (``announce("calc", url, meta)``): one entry per registrant session and URL, each going with
-its session as names do. ``servers("calc")`` lists the live ones; clients that balance calls
+its session as names do, and each also going one lease after it was last announced (an
+announcer announces again every third of the lease): a registrant whose host is cut off, whose
+connection therefore has not ended here, is gone within the lease all the same.
+``servers("calc")`` lists the live ones; clients that balance calls
 over them (``connect("name://calc")``, :mod:`sockstack.discovery`) read it. Everything the
 registry holds is bounded: names, entries per service and in all, meta per entry, and the
 bytes of all of it together.
@@ -23,6 +26,7 @@ bytes of all of it together.
 from __future__ import annotations
 
 import builtins
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,12 +61,14 @@ _MAX_META_TEXT = 256
 
 @dataclass(slots=True)
 class _Served:
-    """One server's entry under a service: its URL, its meta, its registrant, its size."""
+    """One server's entry under a service: its URL, its meta, its registrant, its size, and
+    when it was last announced (``time.monotonic()``)."""
 
     url: str
     meta: dict[str, str]
     token: bytes
     size: int
+    seen: float
 
 
 def _check_name(what: str, name: object) -> str:
@@ -117,8 +123,11 @@ class Names:
         max_servers: int = MAX_SERVERS,
         max_service_entries: int = MAX_SERVICE_ENTRIES,
         max_bytes: int = MAX_BYTES,
+        ttl: float | None = None,
     ) -> None:
         self._objects = objects
+        self.ttl = objects.limits.lease if ttl is None else ttl
+        """Seconds a service entry lives after it was last announced (default: the lease)."""
         self._max = max_names
         self._max_servers = max_servers
         self._max_service_entries = max_service_entries
@@ -190,6 +199,7 @@ class Names:
         url = _check_url(url)
         meta = _check_meta(meta)
         key = (session.token, url)
+        self._purge(service)
         entries = self._services.get(service)
         old = entries.get(key) if entries is not None else None
         if old is None:
@@ -208,7 +218,7 @@ class Names:
         else:
             self._service_entries += 1
             self._by_session.setdefault(session.token, set()).add((service, url))
-        entries[key] = _Served(url, meta, session.token, size)
+        entries[key] = _Served(url, meta, session.token, size, time.monotonic())
         self.bytes += size
 
     def withdraw(self, service: str, url: str | None = None) -> int:
@@ -227,6 +237,8 @@ class Names:
         """The live entries of ``service``, in the order they were announced: ``[{"url": ...,
         "meta": {...}}, ...]`` (empty when none: a service is not an error to ask for). The
         same URL announced by two registrants (workers sharing a port) is listed once."""
+        if type(service) is str:
+            self._purge(service)
         entries = self._services.get(service) if type(service) is str else None
         if not entries:
             return []
@@ -240,6 +252,8 @@ class Names:
 
     def services(self, prefix: str = "") -> dict[str, int]:
         """The services announced now whose names start with ``prefix``: {service: entries}."""
+        for name in [n for n in self._services if n.startswith(prefix)]:
+            self._purge(name)
         return {
             name: len(entries)
             for name, entries in sorted(self._services.items())
@@ -251,6 +265,15 @@ class Names:
     def _room(self, more: int) -> None:
         if more > 0 and self.bytes + more > self._max_bytes:
             raise ServiceError(f"the registry would exceed {self._max_bytes} bytes (limit)")
+
+    def _purge(self, service: str) -> None:
+        """Drop the entries of ``service`` not announced again within :attr:`ttl`."""
+        entries = self._services.get(service)
+        if not entries:
+            return
+        old = time.monotonic() - self.ttl
+        for token, url in [k for k, e in entries.items() if e.seen < old]:
+            self._drop_served(service, token, url)
 
     def _drop_name(self, name: str) -> None:
         del self._entries[name]
