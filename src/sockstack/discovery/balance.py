@@ -194,7 +194,9 @@ class Balancer:
 
     def next_retry(self) -> float | None:
         """When the first down member may be tried again (None: none is down)."""
-        times = [m.retry_at for m in self.members.values() if m.state == "down"]
+        times = [
+            m.retry_at for m in self.members.values() if m.state == "down" and not m.connecting
+        ]
         return min(times) if times else None
 
     def any_connecting(self, exclude: set[str] | frozenset[str] = frozenset()) -> bool:

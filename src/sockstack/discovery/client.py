@@ -207,9 +207,9 @@ class ServiceClient(Client):
             idle = [m for m in removed if m.in_flight == 0 and not m.connecting]
             self._cond.notify_all()
         for m in added:
-            log.info("%s: server %s listed", self.service, m.url)
+            log.debug("%s: server %s listed", self.service, m.url)
         for m in removed:
-            log.info("%s: server %s no longer listed", self.service, m.url)
+            log.debug("%s: server %s no longer listed", self.service, m.url)
         for m in idle:
             self._close_member(m)
 
@@ -616,9 +616,9 @@ class AsyncServiceClient(AsyncClient):
         keep = time.monotonic() < self._grace_until
         added, removed = self._balancer.update(listing, keep_unlisted=keep)
         for m in added:
-            log.info("%s: server %s listed", self.service, m.url)
+            log.debug("%s: server %s listed", self.service, m.url)
         for m in removed:
-            log.info("%s: server %s no longer listed", self.service, m.url)
+            log.debug("%s: server %s no longer listed", self.service, m.url)
             if m.in_flight == 0 and not m.connecting:
                 await self._close_member(m)
         self._notify()
