@@ -329,6 +329,8 @@ class ServiceClient(Client):
     def _lost(self, m: Member, conn: Any, exc: BaseException) -> None:
         """A call failed for ``m``'s connection (or ``m`` is draining): set it aside now, not
         waiting for the listing; unless another thread has connected it again meanwhile."""
+        if conn is None:
+            return
         with self._cond:
             draining = isinstance(exc, RemoteError)
             if m.state == "up" and m.conn is conn and (draining or not conn.connection.live):
@@ -352,6 +354,8 @@ class ServiceClient(Client):
             m = self._acquire(deadline, tried, errors)
             conn = m.conn
             try:
+                if conn is None:  # closed meanwhile (the client's close)
+                    raise ConnectError("the client is closed")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise CallTimeout(what, t)
@@ -656,6 +660,11 @@ class AsyncServiceClient(AsyncClient):
 
     async def _connect_member(self, m: Member, timeout: float) -> bool:
         old = m.conn
+        stream = getattr(old.channel, "stream", None) if old is not None else None
+        if stream is not None and stream.can_send():  # set aside while draining: still open
+            self._balancer.connected(m)
+            self._notify()
+            return True
         try:
             conn = AsyncClient(
                 m.url,
@@ -725,7 +734,7 @@ class AsyncServiceClient(AsyncClient):
             await self._close_member(m)
 
     def _lost(self, m: Member, conn: Any, exc: BaseException) -> None:
-        if m.state == "up" and m.conn is conn:
+        if conn is not None and m.state == "up" and m.conn is conn:
             stream = getattr(conn.channel, "stream", None)
             if isinstance(exc, RemoteError) or stream is None or not stream.can_send():
                 self._balancer.failed(m, time.monotonic())
@@ -749,6 +758,8 @@ class AsyncServiceClient(AsyncClient):
             m = await self._acquire(deadline, tried, errors)
             conn = m.conn
             try:
+                if conn is None:  # closed meanwhile (the client's close)
+                    raise ConnectError("the client is closed")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise CallTimeout(what, t)
