@@ -9,7 +9,7 @@ the one line a pattern adds on the client side, as ``Server(patterns=[...])`` is
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Self
 
 from sockstack.asyncio import client as _async
 from sockstack.pubsub.client import AsyncPubSub, BlockingPubSub
@@ -19,15 +19,46 @@ from sockstack.sync import client as _sync
 __all__ = ["AsyncClient", "Client", "connect"]
 
 
+_BY_NAME = "name://"
+
+
+def _by_name(url: object) -> bool:
+    return isinstance(url, str) and url.startswith(_BY_NAME)
+
+
 class AsyncClient(_async.AsyncClient, AsyncPubSub, AsyncProxies):
     __doc__ = _async.AsyncClient.__doc__
+
+    def __new__(cls, url: str | Sequence[str], *args: Any, **kwargs: Any) -> Self:
+        """``AsyncClient("name://calc", names=URL)`` is an
+        :class:`~sockstack.discovery.AsyncServiceClient` (a subclass): the servers announcing
+        the service, found at the name service (docs/SCALING.md)."""
+        if cls is AsyncClient and _by_name(url):
+            from sockstack.discovery.client import AsyncServiceClient
+
+            return object.__new__(AsyncServiceClient)  # type: ignore[return-value]
+        return object.__new__(cls)
 
 
 class Client(_sync.Client, BlockingPubSub, BlockingProxies):
     __doc__ = _sync.Client.__doc__
 
+    def __new__(cls, url: str | Sequence[str], *args: Any, **kwargs: Any) -> Self:
+        """``Client("name://calc", names=URL)`` is a
+        :class:`~sockstack.discovery.ServiceClient` (a subclass): see :func:`connect`."""
+        if cls is Client and _by_name(url):
+            from sockstack.discovery.client import ServiceClient
+
+            return object.__new__(ServiceClient)  # type: ignore[return-value]
+        return object.__new__(cls)
+
 
 def connect(url: str | Sequence[str], **options: Any) -> Client:
     """A blocking :class:`Client` for ``tcp://host:port`` or ``udp://host:port``; TCP connects
-    (and completes the handshake) now and raises :class:`ConnectError` if it cannot."""
+    (and completes the handshake) now and raises :class:`ConnectError` if it cannot.
+
+    ``name://SERVICE`` (with ``names="tcp://HOST:PORT"``, else ``$SOCKSTACK_NAMES``, else
+    ``tcp://127.0.0.1:5055``): a :class:`~sockstack.discovery.ServiceClient` spreading calls
+    over every server that announces SERVICE at that name service (docs/SCALING.md); it
+    connects to the name service now (:class:`ConnectError` if it cannot)."""
     return Client(url, **options)

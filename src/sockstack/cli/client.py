@@ -16,8 +16,10 @@ from sockstack.cli.common import (
     EXIT_OK,
     UsageError,
     add_client_arguments,
+    check_files,
     client_options,
     format_result,
+    load_secret,
     parse_value,
 )
 from sockstack.clients import connect
@@ -37,7 +39,7 @@ def run_call(args: argparse.Namespace) -> int:
     source = _open_items(args)  # before connecting: a file that cannot be read sends nothing
     deadline = time.monotonic() + args.timeout  # --timeout bounds the command: connect + call
     with connect(
-        args.url, timeout=args.timeout, codec=args.codec, **client_options(args)
+        args.url, timeout=args.timeout, codec=args.codec, **_client_options(args)
     ) as client:
         try:
             if source is not None:
@@ -173,7 +175,7 @@ def run_ping(args: argparse.Namespace) -> int:
         raise UsageError("--count must be at least 1")
     rtts: list[float] = []
     lost = 0
-    with connect(args.url, timeout=args.timeout, **client_options(args)) as client:
+    with connect(args.url, timeout=args.timeout, **_client_options(args)) as client:
         for _ in range(args.count):
             try:
                 rtts.append(client.ping())
@@ -194,6 +196,35 @@ def run_ping(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _client_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``client_options``, and for ``name://SERVICE`` URLs the name service (``--names``, else
+    $SOCKSTACK_NAMES, else 127.0.0.1:5055) and TLS when --ca/--cert is given (for servers
+    announced with tls:// URLs)."""
+    if not args.url.startswith("name://"):
+        return client_options(args)
+    options: dict[str, Any] = {"secret": load_secret(args), "names": args.names}
+    if args.ca or args.cert:
+        from sockstack.transport.tls import client_context
+
+        if args.key and not args.cert:
+            raise UsageError("--key needs --cert")
+        check_files(("--ca", args.ca), ("--cert", args.cert), ("--key", args.key))
+        try:
+            options["tls"] = client_context(args.ca, cert=args.cert, key=args.key)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"TLS files: {exc}") from None
+    return options
+
+
+def _add_names(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--names",
+        metavar="URL",
+        help="name://SERVICE URLs: the name service to find SERVICE's servers at (default "
+        "$SOCKSTACK_NAMES, else tcp://127.0.0.1:5055); each call goes to one of them",
+    )
+
+
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c = sub.add_parser(
         "call",
@@ -205,6 +236,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "takes an item stream gets FILE's lines with --items-from FILE.",
     )
     add_client_arguments(c)
+    _add_names(c)
     c.add_argument("method")
     c.add_argument("args", nargs="*", metavar="ARG")
     c.add_argument(
@@ -242,5 +274,6 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "time. Over UDP a lost ping is counted, not retried.",
     )
     add_client_arguments(g)
+    _add_names(g)
     g.add_argument("--count", type=int, default=10, help="number of pings (default 10)")
     g.add_argument("--timeout", type=float, default=2.0, help="seconds per ping (default 2)")
