@@ -121,8 +121,8 @@ def _run(args: argparse.Namespace) -> int:
         return edge.run_edge(args)
     if args.command == "simulate":
         return edge.run_simulate(args)
-    if args.url:
-        parse_endpoint(args.url)
+    if args.url and not (args.command in ("call", "ping") and args.url.startswith("name://")):
+        parse_endpoint(args.url)  # (name://SERVICE: a service found by name, docs/SCALING.md)
     if args.command == "pub":
         return pubsub.run_pub(args)
     if args.command == "sub":

@@ -4,6 +4,7 @@ UDP endpoints; ``--workers N`` processes sharing the ports."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import inspect
 import logging
@@ -231,7 +232,13 @@ async def _serve(args: argparse.Namespace) -> int:
         print(f"sockstack: error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_CONNECTION
 
+    announcer: list[Any] = []  # --announce: started once listening, closed after the stop
+
     def ready() -> None:  # after the signal handlers: Ctrl-C once the banner shows is graceful
+        if args.announce:
+            from sockstack.discovery.announce import announce_from_args
+
+            announcer.append(announce_from_args(server, args))
         lines = banner(server, args)
         if http is not None:  # the bound port (--metrics HOST:0 picks one), before "Ctrl-C"
             host, port = http[0].server_address[:2]
@@ -246,6 +253,8 @@ async def _serve(args: argparse.Namespace) -> int:
     try:
         await server.run(handle_signals=True, on_ready=ready)
     finally:
+        for a in announcer:  # its session ends: the entry goes at once
+            await asyncio.to_thread(a.close)
         if http is not None:
             http[0].shutdown()
             http[0].server_close()
@@ -386,6 +395,12 @@ def _serve_workers(args: argparse.Namespace) -> int:
             f"--cluster-ping={args.cluster_ping}",
         ]
         worker_args += [f"--cluster={urls}" for urls in args.cluster]
+    if args.announce:  # each worker announces the shared port (listed once, while one lives)
+        worker_args.append(f"--announce={args.announce}")
+        for flag, value in (("--names", args.names), ("--announce-url", args.announce_url)):
+            if value:
+                worker_args.append(f"{flag}={value}")
+        worker_args += [f"--meta={item}" for item in args.meta or ()]
     return run_workers(worker_args, tcp, udp, args.workers, tls=tls, http=args.http or ())
 
 
@@ -763,6 +778,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         action="store_true",
         help="send clients only the type of unexpected exceptions, not their message",
     )
+    from sockstack.discovery.announce import add_announce_arguments
+
+    add_announce_arguments(common)  # --announce NAME --names URL --announce-url --meta
 
     s = sub.add_parser(
         "serve",
