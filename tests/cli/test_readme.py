@@ -63,6 +63,7 @@ BACKGROUND = (
     "sockstack serve",
     "sockstack broker",
     "sockstack edge --",
+    "sockstack names serve",
     "sockstack sub",
     "make run",
 )
@@ -209,7 +210,9 @@ def _run_shell(block: Block, sub: Substitution, state: Section) -> None:
             state.servers.append(proc)
             _wait_banner(proc, where)
             run_suggestions(proc.seen, where)
-        elif command.startswith(("sockstack serve", "sockstack broker", "sockstack edge --")):
+        elif command.startswith(
+            ("sockstack serve", "sockstack broker", "sockstack edge --", "sockstack names serve")
+        ):
             proc = Proc(["bash", "-c", f"exec {command}"], cwd=ROOT, group=True)
             state.servers.append(proc)
             _wait_banner(proc, where)

@@ -268,4 +268,8 @@ def announce_from_args(server: Server, args: argparse.Namespace) -> Announcer | 
     threading.Thread(
         target=announcer.start, name=f"sockstack-announce-{service}", daemon=True
     ).start()
+    # The banner follows the first announce (bounded): a client started after it finds this
+    # server. A name service that does not answer yet is retried in the background.
+    if not announcer.wait_announced(5.0):
+        log.warning("announce %s: not announced yet at %s; retrying", service, names)
     return announcer
