@@ -183,7 +183,12 @@ class ErrorCode(enum.IntEnum):
     UNAVAILABLE = 2037
     """Edge sink or relay: its store cannot be written (a sink's database is down; a relay whose
     commit failed takes no input until it is restarted); nothing was stored; send it again
-    later (a relay does, with backoff)."""
+    later (a relay does, with backoff). A broker: its store or its link (JetStream) could not
+    keep a QoS 1 message (it may have been delivered to subscribers connected then)."""
+    ABANDONED = 2038
+    """The server stopped before the call finished: it ran past the drain timeout and was cut
+    off, so it may have run in part (unlike SHUTTING_DOWN: a call refused while draining, which
+    did not run and may go to another server)."""
     UNAUTHENTICATED = 2009
     """A datagram without a valid MAC, outside the replay window, or replayed (UDP with a
     shared secret)."""

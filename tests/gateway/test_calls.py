@@ -278,7 +278,7 @@ async def test_a_call_still_running_after_the_drain_timeout_is_answered_503() ->
         await asyncio.wait_for(shop.started.wait(), timeout(10))
         await asyncio.wait_for(server.shutdown(), timeout(20))
         r = await asyncio.wait_for(slow, timeout(10))
-        assert (r.status, r.problem["code"]) == (503, ErrorCode.SHUTTING_DOWN)
+        assert (r.status, r.problem["code"]) == (503, ErrorCode.ABANDONED)
     finally:
         await server.shutdown()
 

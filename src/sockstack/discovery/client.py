@@ -82,21 +82,13 @@ def _refresh_for(lease: float, refresh: float | None) -> float:
     return max(_MIN_REFRESH, min(_MAX_REFRESH, lease / 4))
 
 
-_ABANDONED = "before the call finished"
-"""In the host's SHUTTING_DOWN for a call cut off past the drain timeout (it ran, in part),
-unlike the refusal of a call that arrived while draining (it did not run). The one place
-that tells them apart by text: the lead is asked for a code of its own."""
-
-
 def _not_sent(exc: BaseException) -> bool:
     """The call did not run: it may go to another server."""
     if isinstance(exc, ConnectError):
         return True
-    return (
-        isinstance(exc, RemoteError)
-        and exc.code == ErrorCode.SHUTTING_DOWN
-        and _ABANDONED not in exc.message
-    )
+    # SHUTTING_DOWN: refused while draining, it did not run (a call cut off past the drain
+    # timeout, which may have run in part, is ABANDONED: not sent elsewhere).
+    return isinstance(exc, RemoteError) and exc.code == ErrorCode.SHUTTING_DOWN
 
 
 def _none_left(service: str, names: str, errors: list[str]) -> ConnectError:

@@ -38,6 +38,7 @@ STATUS: dict[int, int] = {
     ErrorCode.DEADLINE_EXCEEDED: 504,
     ErrorCode.OVERLOADED: 503,
     ErrorCode.SHUTTING_DOWN: 503,
+    ErrorCode.ABANDONED: 503,  # (cut off by the stop; no Retry-After: it may have run in part)
     ErrorCode.TOO_MANY_SUBSCRIPTIONS: 503,
     ErrorCode.RETAINED_STORE_FULL: 507,
     ErrorCode.STORE_FULL: 507,  # (an edge relay's outbox)

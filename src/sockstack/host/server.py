@@ -133,8 +133,8 @@ _SHUTTING_DOWN: Outcome = (
 _ABANDONED: Outcome = (
     False,
     (
-        ErrorCode.SHUTTING_DOWN,
-        "SHUTTING_DOWN",
+        ErrorCode.ABANDONED,
+        "ABANDONED",
         "the server stopped before the call finished (it ran past the drain timeout)",
     ),
 )
