@@ -238,7 +238,10 @@ async def _serve(args: argparse.Namespace) -> int:
         if args.announce:
             from sockstack.discovery.announce import announce_from_args
 
-            announcer.append(announce_from_args(server, args))
+            a = announce_from_args(server, args)
+            if a is not None:  # withdrawn as the stop begins, before the drain
+                announcer.append(a)
+                server.on_shutdown.append(a.aclose)
         lines = banner(server, args)
         if http is not None:  # the bound port (--metrics HOST:0 picks one), before "Ctrl-C"
             host, port = http[0].server_address[:2]
@@ -253,7 +256,7 @@ async def _serve(args: argparse.Namespace) -> int:
     try:
         await server.run(handle_signals=True, on_ready=ready)
     finally:
-        for a in announcer:  # its session ends: the entry goes at once
+        for a in announcer:  # (already withdrawn when the stop began; close is idempotent)
             await asyncio.to_thread(a.close)
         if http is not None:
             http[0].shutdown()

@@ -1497,6 +1497,9 @@ class Server:
         # running after the drain is cancelled and awaited by shutdown().
         self._work: set[asyncio.Task[None]] = set()
         self._stopped: asyncio.Event | None = None
+        self.on_shutdown: list[Callable[[], Awaitable[None]]] = []
+        """Awaited first when :meth:`shutdown` begins, before the drain: e.g. an announcer
+        withdraws (sockstack.discovery), so that clients stop sending calls it would refuse."""
         self.loop: asyncio.AbstractEventLoop | None = None
         self.features = FEATURES
         """The optional features the WELCOME of new connections announces (PROTOCOL.md §5.1,
@@ -1797,6 +1800,11 @@ class Server:
                 await self._stopped.wait()
             return
         self.draining = True
+        for hook in list(self.on_shutdown):
+            try:
+                await hook()
+            except Exception:
+                log.exception("an on_shutdown hook failed")
         for srv in self._listeners:
             srv.close()  # no new connections; existing ones keep going
         for pattern in self.patterns:
