@@ -9,12 +9,24 @@ from pathlib import Path
 from tests.cli.conftest import Proc, run, serving
 
 
+def attached(url: str, name: str) -> bool:
+    """The broker at ``url`` has the durable subscription ``name`` with a subscriber."""
+    done = run(["sockstack", "call", url, "broker.stats"])
+    durables = json.loads(done.stdout)["durables"] if done.returncode == 0 else []
+    return any(d["name"] == name and d["attached"] for d in durables)
+
+
 def test_durable_subscription_outlives_the_broker_process(tmp_path: Path) -> None:
     store = str(tmp_path / "broker.db")
     with serving("--store", store, command="broker") as broker:
         url = broker.urls[0]
         # Make the durable subscription (it gets the first message, then goes away).
         sub = Proc(["sockstack", "sub", url, "orders.>", "--durable", "billing", "--count", "1"])
+        for _ in range(100):  # (a PUB before its SUB would reach nobody)
+            if attached(url, "billing"):
+                break
+        else:
+            raise AssertionError(f"no subscriber attached to billing; sub said {sub.seen}")
         assert run(["sockstack", "pub", url, "orders.0", "0", "--qos", "1"]).returncode == 0
         sub.wait_line(r"^orders\.0 0$")
         assert sub.wait() == 0

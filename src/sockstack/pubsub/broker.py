@@ -191,7 +191,7 @@ class BrokerStore(Protocol):
     subscriptions that are on disk only."""
 
     committed_through: int
-    on_commit: Callable[[], None] | None
+    on_commit: Callable[[], bool] | None
 
     def load(self) -> Loaded: ...
     def busy(self) -> bool: ...
@@ -370,6 +370,8 @@ class Subscription:
     """The in-process subscriber of a local subscription (:meth:`Broker.subscribe_local`)."""
     durable: Durable | None = None
     """The durable subscription this connection's subscription is attached to."""
+    closed: bool = False
+    """Forgotten (unsubscribed, its peer gone or disconnected as slow): delivers nothing."""
 
     def __hash__(self) -> int:
         return id(self)
@@ -548,6 +550,7 @@ class Broker:
             self._forget(sub)
 
     def _forget(self, sub: Subscription) -> None:
+        sub.closed = True
         if sub.durable is not None:
             self._detach(sub)
             return
@@ -674,6 +677,13 @@ class Broker:
         """An empty retained publish: forget the topic's retained message (if any). Counted as
         published, delivered to no one."""
         self._topic(topic)  # a bad topic is refused, as for any publish
+        if self.store is not None and self.store.busy():
+            self.counters["store_refused"] += 1
+            raise BrokerError(
+                ErrorCode.STORE_FULL,
+                "the broker's store is behind: more than its max_staged_bytes wait for the "
+                "disk; publish again shortly",
+            )
         self.counters["published"] += 1
         self._seq += 1
         self._unretain(topic)
@@ -716,7 +726,14 @@ class Broker:
                     assert isinstance(sub, Subscription)
                     self._deliver(sub, topic_b, payload, codec, 0, seq)
             if durables:
-                self._hold(durables, topic_b, payload, codec)
+                if self.store is not None and self.store.busy():
+                    # The disk is behind (the link cannot be refused): counted, not held.
+                    self.counters["store_refused"] += 1
+                    for d in durables:
+                        d.dropped += 1
+                        self.counters["dropped"] += 1
+                else:
+                    self._hold(durables, topic_b, payload, codec)
             return len(same)
         turns = self._group_turn
         key = group + "\x00" + pattern
@@ -735,6 +752,9 @@ class Broker:
         within this store's bounds (:class:`BrokerError` RETAINED_STORE_FULL beyond them), so
         subscribers of every broker see it. Not delivered (the live copy comes through
         :meth:`deliver_remote`) and not handed back to the link."""
+        if self.store is not None and self.store.busy():
+            self.counters["store_refused"] += 1
+            raise BrokerError(ErrorCode.STORE_FULL, "the broker's store is behind the disk")
         if not payload:
             self._topic(topic)
             self._unretain(topic)
@@ -774,6 +794,8 @@ class Broker:
     def _deliver(
         self, sub: Subscription, topic_b: bytes, payload: bytes, codec: int, flags: int, seq: int
     ) -> None:
+        if sub.closed:  # (disconnected by an earlier delivery of the same publish or SUB)
+            return
         opts = sub.options
         if not sub.pending and sub.peer.writable():
             if opts.qos == 0:
@@ -917,9 +939,20 @@ class Broker:
                 self._retain(topic, self._topic(topic)[1], payload, codec)
             except BrokerError as exc:  # limits lowered since: said, not fatal
                 log.warning("stored retained message on %s not kept: %s", topic, exc.message)
+        lim = self.limits
+        caps = {
+            "max_msgs": lim.max_msgs,
+            "max_bytes": lim.max_bytes,
+            "max_age": lim.durable_max_age,
+        }
         for stored in loaded.durables:
+            raw = dict(stored.options)
+            for key, cap in caps.items():  # limits lowered since: kept, within the new ones
+                v = raw.get(key)
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and v > cap:
+                    raw[key] = cap
             try:
-                options = SubOptions.parse({"durable": stored.name, **stored.options}, self.limits)
+                options = SubOptions.parse({**raw, "durable": stored.name}, self.limits)
                 self.durable_index.add(
                     d := Durable(stored.name, stored.pattern, options), stored.pattern
                 )
@@ -1065,6 +1098,7 @@ class Broker:
         the front of the queue (sent again, flagged REDELIVERED, to the next subscriber)."""
         d = sub.durable
         assert d is not None
+        sub.closed = True
         self.held_total -= sub.held
         sub.pending.clear()
         sub.inflight.clear()
@@ -1244,13 +1278,19 @@ class Broker:
             self._paging.add(d)
             return False
         head: list[_Entry] = []
-        room = self.limits.durable_window
-        while todo and len(head) < 256 and room > 0:
+        room = self.limits.durable_window - d.window  # (the window may hold its tail already)
+        while todo and len(head) < 256 and (not head or room > 0):
             e = todo.popleft()
             head.append(e)
             room -= e[1]
         ids = [e[0] for e in head if e[3] is None and e[0] <= store.committed_through]
-        found = store.read(ids) if ids else {}
+        try:
+            found = store.read(ids) if ids else {}
+        except Exception as exc:  # sqlite3.Error: a damaged page, an I/O error
+            todo.extendleft(reversed(head))  # kept, in order: read again after the next commit
+            self._paging.add(d)
+            log.error("durable subscription %s: reading the store failed: %s", d.name, exc)
+            return False
         lost: list[int] = []
         for e in reversed(head):
             mid, cost, at, content, flags = e
@@ -1267,17 +1307,26 @@ class Broker:
                 "durable subscription %s: %d messages missing from the store", d.name, len(lost)
             )
             d.dropped += len(lost)
+            self.counters["dropped"] += len(lost)
             store.remove(d.name, lost)
         if todo and todo[0][3] is None:
             self._paging.add(d)
             return False
         return bool(todo)
 
-    def _committed(self) -> None:
-        """The store committed: durable subscriptions waiting for it read on."""
+    def _committed(self) -> bool:
+        """The store committed: durable subscriptions waiting for it read on, within a byte
+        budget per call (two windows: a few milliseconds of reading on the loop); True when
+        some still wait (the store calls again, on the next turn of the loop)."""
         waiting, self._paging = self._paging, set()
-        for d in waiting:
+        budget = 2 * self.limits.durable_window
+        while waiting and budget > 0:
+            d = waiting.pop()
+            before = d.window + len(d.inflight)
             self._pump(d)
+            budget -= max(1, d.window + len(d.inflight) - before) + d.window
+        self._paging |= waiting
+        return bool(waiting)
 
     def _expire_durables(self) -> None:
         """Give up messages older than their durable subscription's ``max_age``."""
@@ -1287,17 +1336,31 @@ class Broker:
                 continue  # (the link's own bounds apply)
             max_age = d.options.max_age or self.limits.durable_max_age
             todo = d.todo
-            if not todo or todo[0][2] >= now - max_age:
-                continue
             gone: list[int] = []
+            sub = d.sub
+            while d.inflight:  # in flight, oldest first (sent in order), never acknowledged
+                did, e = next(iter(d.inflight.items()))
+                if e[2] >= now - max_age:
+                    break
+                del d.inflight[did]
+                self._release(d, e, queued=False)
+                gone.append(e[0])
+                if sub is not None:
+                    sent = sub.inflight.pop(did, None)
+                    if sent is not None:
+                        self._settled(sub, sent[0])
+                d.expired += 1
+                self.counters["expired"] += 1
             while todo and todo[0][2] < now - max_age:
                 e = todo.popleft()
                 self._release(d, e)
                 gone.append(e[0])
                 d.expired += 1
                 self.counters["expired"] += 1
-            if self.store is not None:
+            if gone and self.store is not None:
                 self.store.remove(d.name, gone)
+            if gone and sub is not None:
+                self._pump(d)
 
     # ------------------------------------------------------------------ flow
 
@@ -1378,6 +1441,8 @@ class Broker:
                     self.counters["redelivered"] += 1
                 if sub.pending:
                     self._flush(sub)
+                    if sub.durable is not None:
+                        self._pump(sub.durable)  # (after the retained messages it sent)
         if self.durables:
             self._expire_durables()
 

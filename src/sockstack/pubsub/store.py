@@ -108,7 +108,7 @@ class SQLiteStore:
         self.committed_through = 0
         """Every message with an id up to this is committed (readable by :meth:`read`)."""
         self._staged_top = 0  # highest message id staged
-        self.on_commit: Callable[[], None] | None = None
+        self.on_commit: Callable[[], bool] | None = None
         """Called on the loop after each commit (the broker pages in what waited for it)."""
         self.commits = 0
         self.failed: BaseException | None = None
@@ -154,7 +154,10 @@ class SQLiteStore:
             ]
             durables: dict[str, StoredDurable] = {}
             for name, pattern, options in con.execute("SELECT * FROM durables ORDER BY 1"):
-                durables[name] = StoredDurable(name, pattern, msgpack.unpackb(options))
+                opts = msgpack.unpackb(options)
+                if not isinstance(opts, dict):
+                    raise ValueError(f"durable subscription {name!r}: options are not a map")
+                durables[name] = StoredDurable(name, pattern, opts)
             for name, mid, size, at in con.execute(
                 "SELECT p.name, p.id, length(m.topic) + length(m.payload), m.at"
                 " FROM pending p JOIN messages m ON m.id = p.id ORDER BY p.name, p.id"
@@ -169,7 +172,7 @@ class SQLiteStore:
             self._reader = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=5.0
             )
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, ValueError) as exc:  # (msgpack's errors are ValueErrors)
             self.close_now()
             raise StoreError(f"{self.path}: {exc}") from None
         except BaseException:
@@ -231,6 +234,8 @@ class SQLiteStore:
             callback(True)
             return
         self._waiting.append(callback)
+        if self._wake is not None:  # (with nothing staged, no _stage would wake the loop)
+            self._wake.set()
 
     def pending_commit(self) -> bool:
         """Something is staged or being committed."""
@@ -289,9 +294,21 @@ class SQLiteStore:
             for cb in waiting:
                 _call(cb, ok)
             if self.on_commit is not None:
-                _call(self.on_commit)
+                self._on_commit()
             if self._closing and not self.staged:
                 return
+
+    def _on_commit(self) -> None:
+        """Tell the broker; while it says more waits (a byte budget per turn), again on the
+        loop's next turn, so reading back from disk never holds the loop for long."""
+        assert self.on_commit is not None
+        try:
+            more = self.on_commit()
+        except Exception:
+            log.exception("broker store: the commit callback raised")
+            return
+        if more:
+            asyncio.get_running_loop().call_soon(self._on_commit)
 
     def _commit(self, ops: list[tuple[Any, ...]]) -> None:
         """On the writer thread: one transaction for ``ops``, in order."""
@@ -344,13 +361,17 @@ class SQLiteStore:
             if top:
                 # The id counter outlives its messages: ids are never reused after a restart.
                 con.execute("INSERT OR REPLACE INTO meta VALUES ('last_id', ?)", (top,))
+            # Free pages back to the OS in this transaction (no commit or fsync of its own).
+            # Python's execute() steps a PRAGMA once, and incremental_vacuum frees one page a
+            # step: one page per execute (executescript would commit the transaction first).
+            free = con.execute("PRAGMA freelist_count").fetchone()[0]
+            for _ in range(min(free, 1024)):
+                con.execute("PRAGMA incremental_vacuum(1)")
             con.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 con.execute("ROLLBACK")
             raise
-        with contextlib.suppress(sqlite3.Error):
-            con.execute("PRAGMA incremental_vacuum(256)")
 
     # ------------------------------------------------------------------ closing
 
