@@ -8,6 +8,7 @@ the one line a pattern adds on the client side, as ``Server(patterns=[...])`` is
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any, Self
 
@@ -51,6 +52,16 @@ class Client(_sync.Client, BlockingPubSub, BlockingProxies):
 
             return object.__new__(ServiceClient)  # type: ignore[return-value]
         return object.__new__(cls)
+
+
+# The signature a user (and help(), and an editor) sees is __init__'s, not __new__'s catch-all.
+def _init_signature(cls: type) -> inspect.Signature:
+    init = inspect.signature(cls.__init__)  # type: ignore[misc]
+    return init.replace(parameters=list(init.parameters.values())[1:])
+
+
+AsyncClient.__signature__ = _init_signature(AsyncClient)  # type: ignore[attr-defined]
+Client.__signature__ = _init_signature(Client)  # type: ignore[attr-defined]
 
 
 def connect(url: str | Sequence[str], **options: Any) -> Client:
