@@ -570,6 +570,7 @@ class NatsLink:
             try:
                 await self._setup_stream()
             except ConnectError:
+                self._started = False  # (closing is no lost connection to report)
                 await self._close_connections()
                 raise
             self._reply_prefix = self._p.new_inbox() + "."
@@ -1251,6 +1252,8 @@ class NatsLink:
             except NoRespondersError:
                 raise ConnectError(no_js) from None
             except (ServiceUnavailableError, NatsTimeout, TimeoutError) as exc:
+                if isinstance(exc, APIError) and not exc.description:
+                    raise ConnectError(no_js) from None  # (no responders: a 503 status)
                 if time.monotonic() > deadline:
                     if isinstance(exc, APIError):
                         raise ConnectError(f"JetStream unavailable: {exc.description}") from None
