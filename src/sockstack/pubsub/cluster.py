@@ -67,7 +67,9 @@ JetStream (``jetstream=True``): the link is a :class:`~sockstack.pubsub.broker.D
   ``Broker.durable_room`` messages and the durable window's bytes; messages go to
   ``Broker.durable_feed``; acks, naks (of what a leaving subscriber did not acknowledge) and
   progress marks (``+WPI`` every ``ack_wait / 2`` for what the broker holds, so JetStream does
-  not send it again while the broker lives) go out through one queue. A broker killed with
+  not send it again while the broker lives) go out through one queue. A leaving subscriber's
+  messages are nak'ed once this broker's pull request has ended (``pull_expires``, 2 s): while
+  it is open, JetStream would hand them straight back to it. A broker killed with
   messages in flight: JetStream sends them again after ``ack_wait``, to whichever broker the
   subscriber is on then.
 """
@@ -329,6 +331,7 @@ class _Pull:
         "d",
         "deadline",
         "filter",
+        "held",
         "inbox",
         "name",
         "next_try",
@@ -351,6 +354,7 @@ class _Pull:
         self.outstanding = 0
         self.deadline = 0.0
         self.next_try = 0.0
+        self.held: list[str] = []  # closed: tokens to nak once its request has ended
 
 
 class NatsLink:
@@ -370,7 +374,9 @@ class NatsLink:
     absences at high rates) and ``stream_max_age`` (the broker's ``durable_max_age``, 7 days, by
     default) make the stream; ``publish_timeout`` bounds a QoS 1 publish's wait for its PubAck,
     ``max_confirm_bytes`` what waiting PubAcks may hold, ``max_control_bytes`` the acks and naks
-    waiting to go, ``api_timeout`` each JetStream API call.
+    waiting to go, ``api_timeout`` each JetStream API call, ``pull_expires`` how long a pull
+    request waits for messages (a leaving subscriber's messages go back once its broker's
+    request has ended: at most this long).
     """
 
     holds_durables: bool
@@ -399,7 +405,7 @@ class NatsLink:
         max_confirm_bytes: int = 16 << 20,
         max_control_bytes: int = 4 << 20,
         api_timeout: float = 5.0,
-        pull_expires: float = 5.0,
+        pull_expires: float = 2.0,
     ) -> None:
         require_nats()
         if not servers:
@@ -462,6 +468,7 @@ class NatsLink:
         self._ops: deque[tuple[str, Any]] = deque()
         self._ops_running = False
         self._refused: set[Durable] = set()
+        self._closing: set[_Pull] = set()  # closed, waiting for their pull request to end
         self._timer: asyncio.TimerHandle | None = None
         self._next_progress = 0.0
         self._p: NatsClient | None = None
@@ -598,6 +605,11 @@ class NatsLink:
             return
         if self.broker.link is self:
             self.broker.attach_link(None)
+        if self.holds_durables:
+            # Durables whose subscribers left: their pull requests end (pull_expires at most),
+            # then what they did not acknowledge is nak'ed, for the next broker at once.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._quiesce(), min(timeout, self.pull_expires + 1.0))
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._send_waiting(), timeout)
         self._closed = True
@@ -614,6 +626,13 @@ class NatsLink:
             await asyncio.wait(list(self._tasks), timeout=timeout)
         await self._close_connections()
         self._c["cluster_connected"] = 0
+
+    async def _quiesce(self) -> None:
+        for pull in list(self._pulls.values()):
+            self._close_pull(pull)
+        self._pulls.clear()
+        while self._closing or self._ops or self._ops_running:
+            await asyncio.sleep(0.02)  # the poll's period (bounded by the caller's wait_for)
 
     async def _send_waiting(self) -> None:
         if self._drain_task is not None and not self._drain_task.done():
@@ -1320,6 +1339,9 @@ class NatsLink:
         if progress:
             self._next_progress = now + self.broker.limits.ack_wait / 2
         connected = self._p is not None and self._p.is_connected
+        for pull in list(self._closing):
+            if now > pull.deadline:
+                self._release(pull)
         for pull in list(self._pulls.values()):
             if not pull.ready:
                 if not pull.binding and now >= pull.next_try and connected:
@@ -1387,14 +1409,21 @@ class NatsLink:
         """DurableLink: the subscriber went: what it did not acknowledge is given back at once
         (a nak: the next subscriber, on any broker, gets it without waiting for ack_wait), and
         this broker stops pulling for it."""
-        for token in unacked:
-            if self._control(str(token), b"-NAK"):
-                self._c["cluster_js_naks"] += 1
+        tokens = [str(t) for t in unacked]
         pull = self._pulls.get(d.name)
         if pull is not None and pull.d is d:
             del self._pulls[d.name]
-            self._close_pull(pull)
+            # The naks wait for this broker's pull request to end (at most pull_expires):
+            # while it is open, JetStream hands what is nak'ed straight back to it.
+            self._close_pull(pull, tokens)
+        else:
+            self._nak(tokens)
         self._c["cluster_js_durables"] = len(self._pulls)
+
+    def _nak(self, tokens: list[str]) -> None:
+        for token in tokens:
+            if self._control(token, b"-NAK"):
+                self._c["cluster_js_naks"] += 1
 
     def durable_delete(self, d: Durable) -> None:
         """DurableLink: the subscriber unsubscribed: the consumer is deleted (for every
@@ -1404,12 +1433,26 @@ class NatsLink:
             return
         self._op("delete", consumer_name(d.name))
 
-    def _close_pull(self, pull: _Pull) -> None:
+    def _close_pull(self, pull: _Pull, naks: list[str] | None = None) -> None:
+        """Stop pulling for ``pull``; its inbox stays until its request has ended (what comes
+        meanwhile is nak'ed with ``naks`` then), then goes."""
         pull.closed = True
         pull.ready = False
+        pull.held.extend(naks or ())
+        if pull.sub is None:
+            self._nak(pull.held)
+            pull.held = []
+        elif not pull.outstanding:
+            self._release(pull)
+        else:
+            self._closing.add(pull)
+
+    def _release(self, pull: _Pull) -> None:
+        self._closing.discard(pull)
         if pull.sub is not None:
-            self._op("unsubscribe", pull.sub)
+            self._op("release", (pull.sub, pull.held))
             pull.sub = None
+            pull.held = []
 
     def _op(self, what: str, arg: Any) -> None:
         if what == "attach":
@@ -1429,9 +1472,13 @@ class NatsLink:
                         await self._bind(arg)
                     elif what == "delete":
                         await self._delete(arg)
-                    else:
+                    else:  # release: the inbox, then the naks
+                        sub, naks = arg
                         with contextlib.suppress(Exception):
-                            await arg.unsubscribe()
+                            await sub.unsubscribe()
+                            if self._p is not None and self._p.is_connected:
+                                await self._p.flush(max(1, round(self.api_timeout)))
+                        self._nak(naks)
                 except Exception as exc:  # said, the link goes on
                     log.warning("JetStream %s failed: %r", what, exc)
                     if what == "attach":
@@ -1499,7 +1546,7 @@ class NatsLink:
             pull.inbox, cb=self._puller(pull), pending_bytes_limit=self.sub_pending_bytes
         )
         if pull.closed:  # detached while subscribing
-            self._op("unsubscribe", pull.sub)
+            self._op("release", (pull.sub, []))
             pull.sub = None
             return
         pull.binding = False
@@ -1573,6 +1620,9 @@ class NatsLink:
                 if status == "100":
                     return
                 pull.outstanding = 0
+                if pull.closed:
+                    self._release(pull)
+                    return
                 if status not in ("404", "408", "409") and headers:
                     self.bad_log.warning(
                         "JetStream pull for %s: status %s %s",
@@ -1590,8 +1640,10 @@ class NatsLink:
                 return
             if pull.outstanding:
                 pull.outstanding -= 1
-            if pull.closed:
-                self._control(token, b"-NAK")
+            if pull.closed:  # given back once the request has ended
+                pull.held.append(token)
+                if not pull.outstanding:
+                    self._release(pull)
                 return
             topic = topic_of(msg.subject)
             codec = 1
@@ -1622,13 +1674,3 @@ class NatsLink:
                 self._pull_more(pull)
 
         return on_message
-
-    async def settled(self, timeout: float = 5.0) -> None:
-        """Wait until every attached durable's consumer is bound (or refused): for tests and
-        tools that want "subscribed" to mean "pulling" (a consumer made later delivers from
-        the SUB's time anyway)."""
-        deadline = time.monotonic() + timeout
-        while self._ops or self._ops_running or any(not p.ready for p in self._pulls.values()):
-            if time.monotonic() > deadline:
-                raise TimeoutError("JetStream consumers not bound in time")
-            await asyncio.sleep(0.02)  # the poll's period (bounded by the deadline)
