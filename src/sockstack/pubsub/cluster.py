@@ -1525,10 +1525,10 @@ class NatsLink:
             pull.binding = False
             pull.next_try = time.monotonic() + 1.0
             self.bad_log.warning(
-                "JetStream consumer %s for durable subscription %r not ready (%r); tried again",
+                "JetStream consumer %s for durable subscription %r not ready (%s); tried again",
                 pull.name,
                 pull.d.name,
-                exc,
+                getattr(exc, "description", None) or repr(exc),
             )
             return
         have = info.config.filter_subject or ">"
@@ -1542,9 +1542,10 @@ class NatsLink:
             return
         if pull.closed:
             return
-        pull.sub = await p.subscribe(
-            pull.inbox, cb=self._puller(pull), pending_bytes_limit=self.sub_pending_bytes
-        )
+        if pull.sub is None:
+            pull.sub = await p.subscribe(
+                pull.inbox, cb=self._puller(pull), pending_bytes_limit=self.sub_pending_bytes
+            )
         if pull.closed:  # detached while subscribing
             self._op("release", (pull.sub, []))
             pull.sub = None
@@ -1623,19 +1624,25 @@ class NatsLink:
                 if pull.closed:
                     self._release(pull)
                     return
-                if status not in ("404", "408", "409") and headers:
+                desc = str(headers.get("Description", "")) if headers else ""
+                if status == "503" or (status == "409" and "Deleted" in desc):
+                    # The consumer is gone (unsubscribed on another broker) while a subscriber
+                    # is attached here: made again by the tick, delivering from now.
                     self.bad_log.warning(
-                        "JetStream pull for %s: status %s %s",
+                        "JetStream consumer %s: %s %s; made again for the subscriber here",
                         pull.name,
                         status,
-                        headers.get("Description", ""),
+                        desc or "no responders",
                     )
-                    pull.deadline = time.monotonic() + 1.0  # (the tick pulls again)
+                    pull.ready = False
+                    pull.since = self.broker.wallclock()
+                    pull.next_try = time.monotonic() + 1.0
                     return
-                if status == "409" and headers:
-                    desc = str(headers.get("Description", ""))
-                    if "Deleted" in desc:
-                        log.warning("JetStream consumer %s deleted elsewhere", pull.name)
+                if status not in ("404", "408", "409"):
+                    self.bad_log.warning(
+                        "JetStream pull for %s: status %s %s", pull.name, status, desc
+                    )
+                    return  # (the tick pulls again)
                 self._pull_more(pull)
                 return
             if pull.outstanding:
@@ -1653,8 +1660,8 @@ class NatsLink:
                     self._control(token, b"+TERM")
                     return
                 codec = got
-            if topic is None:
-                self._bad(msg.subject, "not a topic")
+            if topic is None or (not msg.data and codec):
+                self._bad(msg.subject, "not a topic" if topic is None else "an empty payload")
                 self._control(token, b"+TERM")
                 return
             try:
