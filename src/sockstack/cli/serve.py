@@ -291,10 +291,23 @@ def _cluster_link(pubsub: PubSub, args: argparse.Namespace) -> Any:
         raise UsageError(f"--cluster: {exc}") from None
     try:
         return NatsLink(
-            pubsub.broker, urls, prefix=args.cluster_prefix, ping_interval=args.cluster_ping
+            pubsub.broker,
+            urls,
+            prefix=args.cluster_prefix,
+            ping_interval=args.cluster_ping,
+            jetstream=args.cluster_jetstream,
+            replicas=args.cluster_replicas,
+            stream_max_bytes=args.cluster_stream_bytes,
+            stream_max_age=args.cluster_stream_age,
         )
     except (ImportError, ValueError) as exc:
         raise UsageError(f"--cluster: {exc}") from None
+
+
+def _stream_name(prefix: str) -> str:
+    from sockstack.pubsub.cluster import stream_name
+
+    return stream_name(prefix)
 
 
 def _metrics(args: argparse.Namespace) -> tuple[Any, tuple[str, int]]:
@@ -396,7 +409,13 @@ def _serve_workers(args: argparse.Namespace) -> int:
             "--broker",
             f"--cluster-prefix={args.cluster_prefix}",
             f"--cluster-ping={args.cluster_ping}",
+            f"--cluster-replicas={args.cluster_replicas}",
+            f"--cluster-stream-bytes={args.cluster_stream_bytes}",
         ]
+        if args.cluster_stream_age is not None:
+            worker_args.append(f"--cluster-stream-age={args.cluster_stream_age}")
+        if args.cluster_jetstream:
+            worker_args.append("--cluster-jetstream")
         worker_args += [f"--cluster={urls}" for urls in args.cluster]
     if args.announce:  # each worker announces the shared port (listed once, while one lives)
         worker_args.append(f"--announce={args.announce}")
@@ -432,6 +451,11 @@ def banner(server: Server, args: argparse.Namespace) -> list[str]:
         urls = ", ".join(args.cluster)
         prefix = args.cluster_prefix
         lines.append(f"broker joined to the others through NATS at {urls} (subjects {prefix}TOPIC)")
+        if args.cluster_jetstream:
+            lines.append(
+                "QoS 1 publishes and durable subscriptions kept in JetStream (stream "
+                f"{_stream_name(prefix)}, {args.cluster_replicas} replicas)"
+            )
     # objects.attach and objects.describe are the remote-object session's (PROTOCOL.md §4.5),
     # not for `sockstack call`: the objects are listed on their own below.
     handlers = {n: h for n, h in server.dispatcher.handlers.items() if not n.startswith("objects.")}
@@ -551,6 +575,17 @@ def run_serve(args: argparse.Namespace) -> int:
     take_ready_fd()  # a worker: before the service loads, so its children do not inherit it
     if args.cluster and not args.broker:
         raise UsageError("--cluster joins a broker to others: add --broker (or run `broker`)")
+    if args.cluster_jetstream and not args.cluster:
+        raise UsageError(
+            "--cluster-jetstream keeps QoS 1 messages in the NATS servers' JetStream: add "
+            "--cluster nats://HOST:4222"
+        )
+    if args.cluster_jetstream and args.store:
+        raise UsageError(
+            "--cluster-jetstream keeps durable subscriptions in JetStream, --store in this "
+            "broker's file: choose one (the broker's retained messages are shared through "
+            "NATS either way)"
+        )
     if args.store and not args.broker:
         raise UsageError("--store keeps a broker's messages: add --broker (or run `broker`)")
     if args.store and args.workers > 1:
@@ -775,6 +810,39 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         metavar="SECONDS",
         help="PING the NATS server after this many seconds; two unanswered and the broker "
         "moves to another server of --cluster (default 2)",
+    )
+    common.add_argument(
+        "--cluster-jetstream",
+        action="store_true",
+        help="with --cluster: keep QoS 1 messages in NATS JetStream (nats-server -js): a QoS 1 "
+        "publish is answered once JetStream stored it, and durable subscriptions are "
+        "JetStream consumers, so a durable subscriber resumes on any broker, also after its "
+        "broker was killed (docs/SCALING.md)",
+    )
+    common.add_argument(
+        "--cluster-replicas",
+        type=int,
+        choices=range(1, 6),
+        default=1,
+        metavar="N",
+        help="copies of each stored message on the NATS nodes, 1-5 (default 1; 3 on a 3-node "
+        "cluster keeps them through a node's loss)",
+    )
+    common.add_argument(
+        "--cluster-stream-bytes",
+        type=int,
+        default=1 << 30,
+        metavar="BYTES",
+        help="bound of the JetStream stream on each node's disk; past it the oldest messages "
+        "go, also those an absent durable subscriber has not read (default 1 GiB)",
+    )
+    common.add_argument(
+        "--cluster-stream-age",
+        type=_positive_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="messages older than this leave the JetStream stream (default 7 days: the "
+        "broker's bound on what a durable subscription keeps)",
     )
     common.add_argument(
         "--hide-errors",
