@@ -150,6 +150,7 @@ _REQUEST_ID = struct.Struct(">I")
 _TYPE = 3  # offset of the message type in a frame
 _ERROR = int(MessageType.ERROR)
 _PONG = int(MessageType.PONG)
+_PACE_BYTES = 256 << 10  # send_paced writes once this much is queued (then waits for a drain)
 _MAX_HELD_BYTES = 1 << 20  # datagrams without answer held while a UDP client learns the epoch
 _rng = random.Random()
 _CURRENT_CALL = CURRENT_CALL
@@ -279,6 +280,7 @@ class StreamChannel:
         self.state: dict[str, Any] = {}
         self._reconnect_task: asyncio.Task[None] | None = None
         self._flush_scheduled = False
+        self._queued = 0  # bytes queued by send_soon since the last flush
         self._timer = CoreTimer(self.loop, self._on_timer)  # the earliest call deadline
         self.item_streams: dict[int, _Items] = {}  # streamed calls in flight, by request id
         self.uploads: dict[int, _Uploading] = {}  # uploads in flight, by request id (CREDIT)
@@ -473,6 +475,7 @@ class StreamChannel:
 
     def _flush(self, stream: _TCPStream) -> None:
         self._flush_scheduled = False
+        self._queued = 0
         stream.flush()
 
     # ------------------------------------------------------------------ streamed calls
@@ -736,9 +739,35 @@ class StreamChannel:
         core = stream.core
         assert core is not None
         core.send_message(frame)
+        self._queued += len(frame)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush, stream)
+        return True
+
+    async def send_paced(self, frame: bytes) -> bool:
+        """:meth:`send_soon`, with backpressure: once a batch's worth is queued it is written
+        now, and while the connection's write buffer is above its high-water mark (the server
+        reads slower than we send) this waits for it to drain. A sender in a tight loop (QoS 0
+        publishing) is slowed to what the peer takes, instead of queuing without bound until
+        the connection's hard limit resets it. False: no open stream (nothing queued)."""
+        stream = self.stream
+        if stream is None:
+            return False
+        if stream.write_paused:
+            try:
+                await stream.wait_drained()
+            except ConnectionResetError:
+                return False
+        if not self.send_soon(frame):
+            return False
+        if self._queued >= _PACE_BYTES:
+            self._flush(stream)
+            if stream.write_paused:
+                try:
+                    await stream.wait_drained()
+                except ConnectionResetError:
+                    pass  # (queued and written: the connection's loss is reported as usual)
         return True
 
     async def wait_connected(self, what: str, timeout: float) -> None:

@@ -68,6 +68,11 @@ class Peer(Protocol):
     def close_slow(self, code: int, reason: str) -> None:
         """Close a peer that does not read: CLOSE ``code``, then cut it off after a delay."""
 
+    def hold_reading(self, held: bool) -> None:
+        """Stop (``held``) or go on reading the connection, for the pattern's own reasons
+        (backpressure from further on: a broker whose link to others is behind); the host's
+        reasons to pause (requests in flight, unsent bytes) apply as well."""
+
     def submit(
         self,
         req: Request,

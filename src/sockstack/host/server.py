@@ -559,6 +559,7 @@ class _HostStream(StreamProtocol):
         self.in_flight = 0
         self._read_paused = False  # paused because too many requests are running
         self._bytes_paused = False  # paused because its requests in flight hold too many bytes
+        self._pattern_hold = False  # paused by a pattern (hold_reading)
         self.in_flight_bytes = 0  # frame bytes of its requests running (not uploads)
         self.refused = False  # over the connection limit: CLOSE sent, nothing read
         # Events of a read not handled yet (see _run), and where to go on from.
@@ -1175,6 +1176,10 @@ class _HostStream(StreamProtocol):
         for pattern in self.server._on_writable:
             pattern.connection_writable(self)
 
+    def hold_reading(self, held: bool) -> None:
+        self._pattern_hold = held
+        self._update_reading()
+
     def _update_reading(self) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -1183,6 +1188,7 @@ class _HostStream(StreamProtocol):
             self._read_paused
             or self._bytes_paused
             or self.write_paused
+            or self._pattern_hold
             or self._backlog is not None
         ):
             if transport.is_reading():

@@ -327,8 +327,9 @@ class AsyncPubSub:
         channel = self.channel
         if not qos and channel is not None and channel.kind == "stream":
             # QoS 0 while connected, the bulk of publishing: queued for this loop iteration's
-            # write, without another coroutine.
-            if cast("StreamChannel", channel).send_soon(
+            # write, without another coroutine; paced to what the broker reads (a publisher
+            # in a tight loop waits for the write buffer to drain rather than overrun it).
+            if await cast("StreamChannel", channel).send_paced(
                 encode_pub(topic, payload, 0, codec, retain)
             ):
                 return
@@ -357,7 +358,7 @@ class AsyncPubSub:
         if not qos and channel is not None:
             frame = encode_pub(topic, payload, 0, codec, retain)
             if channel.kind == "stream":
-                if cast("StreamChannel", channel).send_soon(frame):
+                if await cast("StreamChannel", channel).send_paced(frame):
                     return  # QoS 0 while connected: queued for this loop iteration's write
             else:
                 cast("DatagramChannel", channel).send_datagram(frame)

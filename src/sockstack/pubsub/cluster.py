@@ -477,6 +477,11 @@ class NatsLink:
         # (subject, payload, headers, cost, confirm id: 0, or a QoS 1 publish's PubAck's)
         self._out: deque[tuple[str, bytes, dict[str, str] | None, int, int]] = deque()
         self._out_bytes = 0
+        self.backlogged = False
+        """More than half of ``max_outgoing_bytes`` waits to go: the broker's pattern stops
+        reading the connections that publish until it is back under a quarter (backpressure
+        to the publishers, instead of dropping what they send)."""
+        self._drained_callbacks: list[Callable[[], None]] = []
         self._draining = False
         self._closed = False
         self._subjects: dict[str, str] = {}  # topic -> subject, bounded
@@ -603,6 +608,7 @@ class NatsLink:
         both connections."""
         if self._closed:
             return
+        self._release_backlog()  # (publishers held for this link are read again)
         if self.broker.link is self:
             self.broker.attach_link(None)
         if self.holds_durables:
@@ -702,6 +708,9 @@ class NatsLink:
             1 for nc in (self._p, self._q) if nc is not None and nc.is_connected
         )
         log.warning("NATS connection lost; reconnecting (%d bytes wait to go)", self._out_bytes)
+        # Unreachable is not "behind": publishers are read again (local delivery goes on;
+        # what does not fit the outgoing queue is dropped for the other brokers, counted).
+        self._release_backlog()
 
     async def _on_p_reconnected(self) -> None:
         await self._on_reconnected(True)
@@ -873,6 +882,13 @@ class NatsLink:
             return False
         self._out.append((subject, payload, headers, cost, cid))
         self._out_bytes += cost
+        if (
+            not self.backlogged
+            and self._out_bytes > self.max_outgoing_bytes // 2
+            and self._p is not None
+            and self._p.is_connected
+        ):  # NATS is there but behind: the broker stops reading its publishers until drained
+            self.backlogged = True
         c = self._c
         c["cluster_outgoing_bytes"] = self._out_bytes
         c["cluster_outgoing"] = len(self._out)
@@ -959,11 +975,35 @@ class NatsLink:
                 if n % 512 == 0:
                     c["cluster_outgoing_bytes"] = self._out_bytes
                     c["cluster_outgoing"] = len(out)
+                    self._check_drained()
                     await asyncio.sleep(0)  # the loop's other work gets a turn
         finally:
             self._draining = False
             c["cluster_outgoing_bytes"] = self._out_bytes
             c["cluster_outgoing"] = len(out)
+            self._check_drained()
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the outgoing queue is back under a quarter of its bound
+        (after :attr:`backlogged` was set); at once when it is not backlogged."""
+        if not self.backlogged:
+            callback()
+            return
+        self._drained_callbacks.append(callback)
+
+    def _check_drained(self) -> None:
+        if self.backlogged and self._out_bytes <= self.max_outgoing_bytes // 4:
+            self._release_backlog()
+
+    def _release_backlog(self) -> None:
+        if self.backlogged or self._drained_callbacks:
+            self.backlogged = False
+            callbacks, self._drained_callbacks = self._drained_callbacks, []
+            for cb in callbacks:
+                try:
+                    cb()
+                except Exception:
+                    log.exception("a drained callback raised")
 
     # -------------------------------------------------------------------------- interest
 

@@ -51,6 +51,7 @@ class PubSub(Pattern):
         self.broker = broker if broker is not None else Broker()
         self._host: HostContext | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._held: set[Peer] = set()  # publishers not read while the link is behind
         self._max_datagram = 65507
 
     def methods(self) -> Mapping[str, Handler]:
@@ -89,6 +90,7 @@ class PubSub(Pattern):
 
     def connection_lost(self, peer: Peer) -> None:
         self.broker.peer_gone(peer)
+        self._held.discard(peer)
 
     def connection_writable(self, peer: Peer) -> None:
         self.broker.peer_writable(peer)
@@ -102,6 +104,9 @@ class PubSub(Pattern):
                 broker.publish(msg.topic, msg.payload, msg.codec, msg.retain)
             except BrokerError as exc:
                 self._refuse(peer, 0, exc)
+            link = broker.link
+            if link is not None and getattr(link, "backlogged", False):
+                self._hold(peer, link)
             return
         core = peer.core
         assert core is not None
@@ -140,6 +145,22 @@ class PubSub(Pattern):
                 core.send_response(msg.sid, None, CODECS.get(msg.codec, RAW))
         except BrokerError as exc:
             self._refuse(peer, rid, exc)
+
+    def _hold(self, peer: Peer, link: Any) -> None:
+        """The link to other brokers is behind: read no more from this publisher until it
+        caught up (TCP backpressure to the publisher, rather than dropping its messages)."""
+        if peer in self._held:
+            return
+        first = not self._held
+        self._held.add(peer)
+        peer.hold_reading(True)
+        if first:
+            link.when_drained(self._release_held)
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, set()
+        for peer in held:
+            peer.hold_reading(False)
 
     def _accepted(self, peer: Peer, rid: int, codec: Codec, ok: bool, why: str = "") -> None:
         core = peer.core
