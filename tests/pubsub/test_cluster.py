@@ -211,9 +211,12 @@ class Node:
 
 
 @contextlib.asynccontextmanager
-async def node(nats: NatsServer | list[str], **link_options: Any) -> AsyncIterator[Node]:
+async def node(nats: Any, **link_options: Any) -> AsyncIterator[Node]:
+    """A broker on loopback joined through ``nats`` (a server with a ``url``, or a list of
+    URLs); ``broker=`` one of the test's (e.g. with a store), else ``limits=`` for a new one;
+    the other options are the link's (``jetstream=True``...)."""
     limits = link_options.pop("limits", None)
-    broker = Broker(limits)
+    broker = link_options.pop("broker", None) or Broker(limits)
     urls = nats if isinstance(nats, list) else [nats.url]
     link = NatsLink(broker, urls, reconnect_wait=0.1, **link_options)
     await link.start()

@@ -4,29 +4,18 @@ its broker; its interest stays on NATS while nobody is attached."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
-from sockstack import AsyncClient, Server
+from sockstack import AsyncClient
 from sockstack.pubsub import Broker, SQLiteStore
-from sockstack.pubsub.cluster import NatsLink
-from sockstack.pubsub.pattern import PubSub
-from tests.pubsub.test_cluster import Inbox, NatsServer, Node, nats_server, node, wait_for
+from tests.pubsub.test_cluster import Inbox, NatsServer, nats_server, node, wait_for
 
 __all__ = ["nats_server"]  # (the fixture, imported for this module's tests)
 
 
-@contextlib.asynccontextmanager
-async def stored_node(nats: NatsServer, path: Path) -> AsyncIterator[Node]:
-    broker = Broker(store=SQLiteStore(str(path)))
-    link = NatsLink(broker, [nats.url], reconnect_wait=0.1)
-    await link.start()
-    try:
-        async with Server(patterns=[PubSub(broker)], tcp=["127.0.0.1:0"]) as server:
-            yield Node(server, broker, link)
-    finally:
-        await link.close()
+def stored_node(nats: NatsServer, path: Path) -> Any:
+    return node(nats, broker=Broker(store=SQLiteStore(str(path))))
 
 
 async def test_a_durable_holds_what_other_brokers_publish_while_away_and_over_a_restart(

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from sockstack import AsyncClient, Server
+from sockstack import AsyncClient
 from sockstack.errors import ConnectError, ErrorCode, RemoteError
 from sockstack.protocol.calls import Backoff
 from sockstack.protocol.codecs import CODECS
@@ -40,7 +40,8 @@ from sockstack.pubsub.cluster import (
 )
 from sockstack.pubsub.pattern import PubSub, _Answer
 from tests.conftest import timeout
-from tests.pubsub.test_cluster import _free_port, _nats_server, _sockstack, wait_for
+from tests.pubsub.test_cluster import Node, _free_port, _nats_server, _sockstack, wait_for
+from tests.pubsub.test_cluster import node as cluster_node
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -92,27 +93,10 @@ def js(tmp_path: Path) -> Iterator[JsServer]:
         srv.kill()
 
 
-@dataclass
-class Node:
-    server: Server
-    broker: Broker
-    link: NatsLink
-
-    @property
-    def url(self) -> str:
-        return str(self.server.endpoint("tcp"))
-
-
 @contextlib.asynccontextmanager
 async def node(js: JsServer, **options: Any) -> AsyncIterator[Node]:
-    broker = Broker(options.pop("limits", None))
-    link = NatsLink(broker, [js.url], reconnect_wait=0.1, jetstream=True, **options)
-    await link.start()
-    try:
-        async with Server(patterns=[PubSub(broker)], tcp=["127.0.0.1:0"]) as server:
-            yield Node(server, broker, link)
-    finally:
-        await link.close()
+    async with cluster_node(js, jetstream=True, **options) as n:
+        yield n
 
 
 @contextlib.asynccontextmanager
