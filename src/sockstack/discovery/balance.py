@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sockstack.protocol.calls import Backoff
+from sockstack.transport.urls import parse_endpoint
 
 __all__ = ["MAX_MEMBERS", "POLICIES", "Balancer", "Member"]
 
@@ -111,6 +112,10 @@ class Balancer:
             url = entry.get("url") if isinstance(entry, Mapping) else None
             meta = entry.get("meta") if isinstance(entry, Mapping) else None
             if not isinstance(url, str) or not url.startswith(_SCHEMES) or url in seen:
+                continue
+            try:
+                parse_endpoint(url)  # (announced by anyone: one a client cannot use is left out)
+            except ValueError:
                 continue
             meta = (
                 {k: v for k, v in meta.items() if isinstance(k, str) and isinstance(v, str)}

@@ -673,6 +673,10 @@ class AsyncServiceClient(AsyncClient):
             if not m.listed and m.in_flight == 0:
                 await self._close_member(m)
             return False
+        except BaseException:  # cancelled (its caller gave up): tried again later, never wedged
+            self._balancer.failed(m, time.monotonic())
+            self._notify()
+            raise
         m.conn = conn
         self._balancer.connected(m)
         self._notify()

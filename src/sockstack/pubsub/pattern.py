@@ -52,6 +52,7 @@ class PubSub(Pattern):
         self._host: HostContext | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._held: set[Peer] = set()  # publishers not read while the link is behind
+        self._release_pending = False  # a when_drained callback is registered
         self._max_datagram = 65507
 
     def methods(self) -> Mapping[str, Handler]:
@@ -116,7 +117,11 @@ class PubSub(Pattern):
                 rid = msg.request_id
                 codec = CODECS[msg.codec]
                 link = broker.link
-                if link is not None and getattr(link, "holds_durables", False):
+                if (
+                    link is not None
+                    and getattr(link, "holds_durables", False)
+                    and (msg.payload or not msg.retain)  # (a clear: nothing to keep there)
+                ):
                     # QoS 1 through a link that keeps messages (JetStream): accepted once
                     # kept there, and committed to this broker's store if it has one.
                     answer = _Answer(self, peer, rid, codec)
@@ -151,13 +156,14 @@ class PubSub(Pattern):
         caught up (TCP backpressure to the publisher, rather than dropping its messages)."""
         if peer in self._held:
             return
-        first = not self._held
         self._held.add(peer)
         peer.hold_reading(True)
-        if first:
+        if not self._release_pending:
+            self._release_pending = True
             link.when_drained(self._release_held)
 
     def _release_held(self) -> None:
+        self._release_pending = False
         held, self._held = self._held, set()
         for peer in held:
             peer.hold_reading(False)
