@@ -483,14 +483,36 @@ class Broker:
         except TopicError as exc:
             raise BrokerError(ErrorCode.BAD_TOPIC, str(exc)) from None
         subs[sid] = sub
-        key = (pattern, options.group)
-        same = self._by_key.get(key)
-        if same is None:
-            same = self._by_key[key] = {}
-            if self.link is not None:
-                self.link.interest(pattern, options.group, True)
-        same[sub] = None
+        self._interested(pattern, options.group, sub)
         return sub
+
+    def _interested(self, pattern: str, group: str | None, member: Subscription | Durable) -> None:
+        """``member`` holds (pattern, group): the link is told when it is the first."""
+        same = self._by_key.get((pattern, group))
+        if same is None:
+            same = self._by_key[(pattern, group)] = {}
+            if self.link is not None:
+                self.link.interest(pattern, group, True)
+        same[member] = None
+
+    def _uninterested(
+        self, pattern: str, group: str | None, member: Subscription | Durable
+    ) -> None:
+        """``member`` no longer holds (pattern, group): the link is told when it was the last."""
+        same = self._by_key.get((pattern, group))
+        if same is not None:
+            same.pop(member, None)
+            if not same:
+                del self._by_key[(pattern, group)]
+                if self.link is not None:
+                    self.link.interest(pattern, group, False)
+
+    def _check_payload(self, payload: bytes) -> None:
+        if len(payload) > self.limits.max_payload:
+            raise BrokerError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"payload of {len(payload)} bytes above the broker's {self.limits.max_payload}",
+            )
 
     def subscribe_local(
         self, sink: LocalPeer, pattern: str, raw: dict[str, Any] | None = None
@@ -555,14 +577,7 @@ class Broker:
             self._detach(sub)
             return
         self.index.remove(sub)
-        key = (sub.pattern, sub.options.group)
-        same = self._by_key.get(key)
-        if same is not None:
-            same.pop(sub, None)
-            if not same:
-                del self._by_key[key]
-                if self.link is not None:
-                    self.link.interest(sub.pattern, sub.options.group, False)
+        self._uninterested(sub.pattern, sub.options.group, sub)
         self.held_total -= sub.held
         sub.pending.clear()
         sub.inflight.clear()
@@ -602,10 +617,7 @@ class Broker:
                     "message only in the raw codec 0; with RETAIN it clears the topic)",
                 )
         elif len(payload) > self.limits.max_payload:
-            raise BrokerError(
-                ErrorCode.PAYLOAD_TOO_LARGE,
-                f"payload of {len(payload)} bytes above the broker's {self.limits.max_payload}",
-            )
+            self._check_payload(payload)
         cached = self._topics.get(topic)  # the common case inline: no call per publish
         tokens, topic_b = cached if cached is not None else self._topic(topic)
         store = self.store
@@ -709,11 +721,7 @@ class Broker:
         same = self._by_key.get((pattern, group))
         if not same:
             return 0  # the last one went while the message was on its way
-        if len(payload) > self.limits.max_payload:
-            raise BrokerError(
-                ErrorCode.PAYLOAD_TOO_LARGE,
-                f"payload of {len(payload)} bytes above the broker's {self.limits.max_payload}",
-            )
+        self._check_payload(payload)
         topic_b = self._topic(topic)[1]
         self.counters["from_link"] += 1
         seq = self._seq = self._seq + 1
@@ -961,7 +969,7 @@ class Broker:
                 store.delete_durable(stored.name)
                 continue
             self.durables[d.name] = d
-            self._by_key.setdefault((d.pattern, None), {})[d] = None
+            self._interested(d.pattern, None, d)
             for mid, size, at in stored.pending:
                 cost = size + DURABLE_OVERHEAD
                 d.todo.append((mid, cost, at, None, 0))
@@ -991,13 +999,7 @@ class Broker:
             except TopicError as exc:
                 raise BrokerError(ErrorCode.BAD_TOPIC, str(exc)) from None
             self.durables[name] = d
-            key = (pattern, None)
-            same = self._by_key.get(key)
-            if same is None:
-                same = self._by_key[key] = {}
-                if self.link is not None:
-                    self.link.interest(pattern, None, True)
-            same[d] = None
+            self._interested(pattern, None, d)
             if self.store is not None:
                 self.store.save_durable(name, pattern, options.stored())
         elif d.pattern != pattern:
@@ -1074,11 +1076,7 @@ class Broker:
         :class:`BrokerError` for a topic or payload this broker refuses (the link drops it)."""
         if d.sub is None or self.durables.get(d.name) is not d:
             return False
-        if len(payload) > self.limits.max_payload:
-            raise BrokerError(
-                ErrorCode.PAYLOAD_TOO_LARGE,
-                f"payload of {len(payload)} bytes above the broker's {self.limits.max_payload}",
-            )
+        self._check_payload(payload)
         topic_b = self._topic(topic)[1]
         size = len(topic_b) + len(payload)
         cost = size + DURABLE_OVERHEAD
@@ -1140,14 +1138,7 @@ class Broker:
             return
         self.durables.pop(d.name, None)
         self.durable_index.remove(d)
-        key = (d.pattern, None)
-        same = self._by_key.get(key)
-        if same is not None:
-            same.pop(d, None)
-            if not same:
-                del self._by_key[key]
-                if self.link is not None:
-                    self.link.interest(d.pattern, None, False)
+        self._uninterested(d.pattern, None, d)
         self.durable_bytes -= d.bytes
         d.bytes = d.window = 0
         d.todo.clear()
