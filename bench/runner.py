@@ -307,10 +307,31 @@ def pipelined(run: Run, budget: sc.Budget, only: str, window: int = 1000) -> Non
             lambda s: sc._pipelined_zmq(s.port, payload, budget.pipelined, window),
         ),
         (
+            "asyncio+uvloop client, a future per call (minimal)",
+            lambda c: sc.start_peer("uvloop-echo", c),
+            lambda s: sc.run_async(
+                sc._pipelined_futures(s.port, payload, budget.pipelined, window)
+            ),
+        ),
+        (
             "sockstack",
             sc.start_sockstack,
             lambda s: sc.run_async(
                 sc._pipelined_sockstack(_ss_url(s), payload, budget.pipelined, window)
+            ),
+        ),
+        (
+            "sockstack call_many (BATCH requests)",
+            sc.start_sockstack,
+            lambda s: sc.run_async(
+                sc._pipelined_batch(_ss_url(s), payload, budget.pipelined * 4, window)
+            ),
+        ),
+        (
+            "sockstack call_many, blocking client",
+            sc.start_sockstack,
+            lambda s: sc._pipelined_batch_blocking(
+                _ss_url(s), payload, budget.pipelined * 4, window
             ),
         ),
     ]

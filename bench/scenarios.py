@@ -19,7 +19,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -662,6 +662,129 @@ async def _pipelined_sockstack(
         start = now()
         await asyncio.gather(*(worker() for _ in range(window)))
         return lat, (now() - start) / 1e9
+
+
+def _timed_calls(payload: bytes, total: int, sent: list[int]) -> Iterator[tuple[bytes]]:
+    """``total`` calls' arguments for call_many/iter_many, each stamped as it is taken (taken =
+    encoded and sent with its batch's refill)."""
+    now = time.perf_counter_ns
+    args = (payload,)
+    for _ in range(total):
+        sent.append(now())
+        yield args
+
+
+async def _pipelined_batch(
+    url: str, payload: bytes, total: int, window: int
+) -> tuple[list[int], float]:
+    """AsyncClient.iter_many (BATCH requests, PROTOCOL.md §4.7) with ``window`` calls in flight;
+    a call's latency is from its batch's write to its result's arrival in order."""
+    from sockstack import AsyncClient
+
+    async with AsyncClient(url, timeout=60) as c:
+        await c.call_many("echo", [(payload,)] * window, window=window)  # warm-up
+        sent: list[int] = []
+        lat: list[int] = []
+        now = time.perf_counter_ns
+        i = 0
+        start = now()
+        async for _ in c.iter_many("echo", _timed_calls(payload, total, sent), window=window):
+            lat.append(now() - sent[i])
+            i += 1
+        seconds = (now() - start) / 1e9
+    if i != total:
+        raise RuntimeError(f"call_many: {i} answers of {total}")
+    return lat, seconds
+
+
+def _pipelined_batch_blocking(
+    url: str, payload: bytes, total: int, window: int
+) -> tuple[list[int], float]:
+    """:func:`_pipelined_batch` with the blocking client (Client.iter_many)."""
+    from sockstack import connect
+
+    with connect(url, timeout=60) as c:
+        c.call_many("echo", [(payload,)] * window, window=window)  # warm-up
+        sent: list[int] = []
+        lat: list[int] = []
+        now = time.perf_counter_ns
+        i = 0
+        start = now()
+        for _ in c.iter_many("echo", _timed_calls(payload, total, sent), window=window):
+            lat.append(now() - sent[i])
+            i += 1
+        seconds = (now() - start) / 1e9
+    if i != total:
+        raise RuntimeError(f"call_many: {i} answers of {total}")
+    return lat, seconds
+
+
+class _FutureClient(asyncio.Protocol):
+    """The least an asyncio client with a future per call can do: frames of ``[u32 length]
+    [u32 request id][payload]`` to the framed echo server, each answer matched to its future by
+    its request id (a dict), no other feature. The ceiling of gather-style pipelining."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.pending: dict[int, asyncio.Future[bytes]] = {}
+        self.next_id = 0
+        self.loop = asyncio.get_running_loop()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        pos, n, pending = 0, len(buf), self.pending
+        while n - pos >= 8:
+            size, rid = _LEN_ID.unpack_from(buf, pos)
+            end = pos + 4 + size
+            if end > n:
+                break
+            fut = pending.pop(rid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(bytes(buf[pos + 8 : end]))
+            pos = end
+        del buf[:pos]
+
+    def call(self, payload: bytes) -> asyncio.Future[bytes]:
+        self.next_id = rid = (self.next_id + 1) & 0xFFFFFFFF
+        fut = self.loop.create_future()
+        self.pending[rid] = fut
+        self.transport.write(_LEN_ID.pack(4 + len(payload), rid) + payload)
+        return fut
+
+
+_LEN_ID = struct.Struct("!II")
+
+
+async def _pipelined_futures(
+    port: int, payload: bytes, total: int, window: int
+) -> tuple[list[int], float]:
+    """:func:`_pipelined_sockstack`'s shape (``window`` workers each awaiting one call after
+    another) on :class:`_FutureClient`."""
+    loop = asyncio.get_running_loop()
+    transport, client = await loop.create_connection(_FutureClient, "127.0.0.1", port)
+    try:
+        await asyncio.gather(*(client.call(payload) for _ in range(window)))  # warm-up
+        lat: list[int] = []
+        remaining = total
+        now = time.perf_counter_ns
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                t = now()
+                await client.call(payload)
+                lat.append(now() - t)
+
+        start = now()
+        await asyncio.gather(*(worker() for _ in range(window)))
+        return lat, (now() - start) / 1e9
+    finally:
+        transport.close()
 
 
 async def _streamed(port: int, method: str, total: int) -> tuple[list[int], float]:

@@ -529,7 +529,8 @@ async def test_a_server_that_announces_the_features_says_so_in_welcome(
     try:
         raw.send(encode_ping(1))
         await raw.answer()
-        assert raw.core.peer_features == 0b11111  # DEADLINE, METADATA, CANCEL, STREAM, UPLOAD
+        # DEADLINE, METADATA, CANCEL, STREAM, UPLOAD, BATCH
+        assert raw.core.peer_features == 0b111111
     finally:
         await raw.close()
 

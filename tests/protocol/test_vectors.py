@@ -66,6 +66,7 @@ from sockstack.protocol.codecs import CODECS
 from sockstack.protocol.frames import Frame, FrameDecoder, MessageType, parse_datagram
 from sockstack.protocol.messages import (
     CORE_MESSAGES,
+    FLAG_BATCH,
     FLAG_DEADLINE,
     FLAG_END,
     FLAG_KWARGS,
@@ -236,6 +237,7 @@ FLAG_NAMES: dict[str, dict[int, str]] = {
         FLAG_METADATA: "METADATA",
         FLAG_STREAM: "STREAM",
         FLAG_UPLOAD: "UPLOAD",
+        FLAG_BATCH: "BATCH",
     },
     "ITEM": {FLAG_END: "END"},
     "RESPONSE": {FLAG_METADATA: "METADATA"},
@@ -376,6 +378,8 @@ TYPES: dict[str, TypeCodec] = {
             f.get("metadata"),
             bool(h["flags"] & FLAG_STREAM),
             bool(h["flags"] & FLAG_UPLOAD),
+            0,
+            bool(h["flags"] & FLAG_BATCH),
         ),
         lambda m, h: encode_request(
             m.request_id,
@@ -387,6 +391,7 @@ TYPES: dict[str, TypeCodec] = {
             metadata=m.metadata,
             stream=m.stream,
             upload=m.upload,
+            batch=m.batch,
         ),
         lambda m, fr: {
             "method": m.method,

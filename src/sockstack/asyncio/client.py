@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import random
@@ -39,12 +40,16 @@ import ssl
 import struct
 import time
 import weakref
+from collections import deque
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterable,
+    AsyncIterator,
     Awaitable,
     Callable,
     Coroutine,
     Iterable,
+    Iterator,
     Mapping,
     Sequence,
 )
@@ -56,6 +61,7 @@ from sockstack.asyncio.timer import CoreTimer
 from sockstack.errors import (
     CallError,
     CallTimeout,
+    CodecError,
     ConnectError,
     ConnectionClosed,
     ConnectionLost,
@@ -79,6 +85,7 @@ from sockstack.protocol.auth import (
 )
 from sockstack.protocol.calls import (
     CURRENT_CALL,
+    DEFAULT_WINDOW,
     INLINE_CALLS,
     Backoff,
     Calls,
@@ -87,6 +94,8 @@ from sockstack.protocol.calls import (
     ItemUpload,
     PendingCall,
     Reply,
+    batch_answers,
+    batch_plan,
     budget_ms,
     deadline_passed,
     inherited_timeout,
@@ -94,7 +103,7 @@ from sockstack.protocol.calls import (
     outcome,
 )
 from sockstack.protocol.codecs import Codec
-from sockstack.protocol.connection import State
+from sockstack.protocol.connection import Connection, State
 from sockstack.protocol.datagram import DEFAULT_MAX_DATAGRAM, RetryPolicy
 from sockstack.protocol.events import (
     ConnectionTerminated,
@@ -112,6 +121,7 @@ from sockstack.protocol.events import (
 )
 from sockstack.protocol.frames import MessageType
 from sockstack.protocol.messages import (
+    FEATURE_BATCH,
     FEATURE_DEADLINE,
     FEATURE_METADATA,
     FEATURE_STREAM,
@@ -180,6 +190,112 @@ def _settle(call: PendingCall[Waiter] | None, ev: Response | Error | Pong) -> No
             if type(ev) is Error and ev.code == _DEADLINE_EXCEEDED:  # as our own timer would
                 value = deadline_passed(call.method, call.timeout)
             call.waiter.set_exception(value)
+
+
+class _Batch:
+    """The answers of one :meth:`StreamChannel.many`: the calls sent and not yet handed out,
+    in order, and one future that wakes the batch's coroutine when the window has room or the
+    next answer in order has come (one wake-up for many answers, not a future per call)."""
+
+    __slots__ = ("base", "chunk", "left", "low", "values", "waiting", "wake", "window")
+
+    def __init__(self, window: int, low: int, chunk: int) -> None:
+        self.window = window  # calls in flight at most
+        self.chunk = chunk  # calls per BATCH request at most
+        self.base = 0  # index (in the batch) of values[0]
+        self.values: list[Any] = []  # answer (or _Failed) per call sent, from ``base`` on
+        self.left = 0  # calls sent and not answered
+        self.low = low  # wake the sender when ``left`` falls to this
+        self.waiting = False  # the coroutine waits for values[0]
+        self.wake: asyncio.Future[None] | None = None
+
+    def answered(self, n: int = 1) -> None:
+        self.left -= n
+        wake = self.wake
+        if wake is not None and (self.left <= self.low or self.waiting) and not wake.done():
+            wake.set_result(None)
+
+
+class _FrameSlot:
+    """:class:`_Slot` for a BATCH request (PROTOCOL.md §4.5): ``count`` calls from ``index``
+    on, answered by one RESPONSE ``[results, errors]`` (or all failed by one ERROR)."""
+
+    __slots__ = ("batch", "count", "index", "method", "settled", "timeout")
+
+    def __init__(self, batch: _Batch, index: int, count: int, method: str, timeout: float) -> None:
+        self.batch = batch
+        self.index = index
+        self.count = count
+        self.method = method
+        self.timeout = timeout
+        self.settled = False
+
+    def done(self) -> bool:
+        return self.settled
+
+    def set_result(self, value: Any) -> None:
+        self.settled = True
+        batch, count = self.batch, self.count
+        start = self.index - batch.base
+        try:
+            results, failed = batch_answers(
+                value.result if type(value) is Reply else value, count, self.method, self.timeout
+            )
+        except RemoteProtocolError as exc:
+            batch.values[start : start + count] = [_Failed(exc)] * count
+        else:
+            values = batch.values
+            values[start : start + count] = results
+            for i, error in failed.items():
+                values[start + i] = _Failed(error)
+        batch.answered(count)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.settled = True
+        batch, count = self.batch, self.count
+        start = self.index - batch.base
+        batch.values[start : start + count] = [_Failed(exc)] * count
+        batch.answered(count)
+
+
+class _Failed:
+    """A call of a batch that failed: its exception (answers are msgpack values, never this)."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+_UNANSWERED: Any = object()
+
+
+class _Slot:
+    """What a batched call's :class:`PendingCall` holds in place of a future: the three
+    methods the channel's answer, timer and loss paths use (``done``, ``set_result``,
+    ``set_exception``), writing into the batch's list."""
+
+    __slots__ = ("batch", "index", "settled")
+
+    def __init__(self, batch: _Batch, index: int) -> None:
+        self.batch = batch
+        self.index = index
+        self.settled = False
+
+    def done(self) -> bool:
+        return self.settled
+
+    def set_result(self, value: Any) -> None:
+        self.settled = True
+        batch = self.batch
+        batch.values[self.index - batch.base] = value.result if type(value) is Reply else value
+        batch.answered()
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.settled = True
+        batch = self.batch
+        batch.values[self.index - batch.base] = _Failed(exc)
+        batch.answered()
 
 
 class _TCPStream(StreamProtocol):
@@ -472,6 +588,199 @@ class StreamChannel:
         if type(result) is Reply:  # the RESPONSE carried trailers
             return result if with_metadata else result.result
         return Reply(result, {}) if with_metadata else result
+
+    async def many(
+        self,
+        method: str,
+        calls: Iterable[Sequence[Any]],
+        timeout: float,
+        codec: Codec,
+        metadata: Metadata | None,
+        window: int,
+        eager: bool,
+    ) -> AsyncGenerator[list[Any], None]:
+        """Calls of ``method``, one per argument sequence in ``calls`` (read as they are sent),
+        pipelined: up to ``window`` in flight, each refill encoded and written in one go, the
+        answers written into one list by the read path (no future, task or wake-up per call).
+        Yields the answers in call order, as runs of consecutive ones; a failed call is a
+        :class:`_Failed`. ``eager``: yield each run as soon as it comes (else when the window
+        is half empty or all is answered). Closing the generator forgets the calls still in
+        flight and sends CANCEL for each (the server stops them). Each call has ``timeout``
+        from when it is sent, as :meth:`call`'s."""
+        loop = self.loop
+        chunk, low = batch_plan(window)
+        batch = _Batch(window, low, chunk)
+        values = batch.values
+        rids: list[int] = []  # the request id of each call in ``values`` (0: never sent)
+        pending = self.calls.pending
+        it = iter(calls)
+        exhausted = False
+        if _CURRENT_CALL.get() is not None or _INLINE_CALLS:  # inside a served call
+            timeout = inherited_timeout(timeout, _monotonic())
+        try:
+            while True:
+                if not exhausted and batch.left <= batch.low:
+                    exhausted = await self._refill(
+                        batch, rids, it, method, timeout, codec, metadata, window
+                    )
+                    if exhausted:
+                        batch.low = 0  # no more to send: wake when all is answered
+                k = 0
+                n = len(values)
+                while k < n and values[k] is not _UNANSWERED:
+                    k += 1
+                if k:
+                    run = values[:k]
+                    del values[:k], rids[:k]
+                    batch.base += k
+                    yield run
+                    continue
+                if exhausted and not values:
+                    return
+                if not exhausted and batch.left <= batch.low:
+                    continue  # answers came while connecting or draining: room to send more
+                batch.waiting = eager
+                batch.wake = wake = loop.create_future()
+                await wake
+        finally:
+            for rid, value in zip(rids, values, strict=True):
+                if value is _UNANSWERED:
+                    call = pending.get(rid)
+                    slot: Any = call.waiter if call is not None else None
+                    if type(slot) in (_Slot, _FrameSlot) and slot.batch is batch:
+                        self.calls.forget(rid)
+                        self._cancel(rid)
+
+    async def _refill(
+        self,
+        batch: _Batch,
+        rids: list[int],
+        it: Iterator[Sequence[Any]],
+        method: str,
+        timeout: float,
+        codec: Codec,
+        metadata: Metadata | None,
+        window: int,
+    ) -> bool:
+        """Send the next calls of a batch, up to ``window`` in flight, in one write; True once
+        ``it`` is exhausted. Waits for a connection, and while the write buffer is over its
+        high-water mark (the bytes of a batch in the client are bounded as a call's are)."""
+        loop = self.loop
+        stream = self.stream
+        if stream is None or not stream.can_send():
+            stream = await self._wait_connected(method, timeout, loop.time() + timeout)
+        if stream.write_paused:
+            await stream.wait_drained()
+            if stream is not self.stream or not stream.can_send():
+                return False  # lost meanwhile: the next refill reconnects
+        core = stream.core
+        assert core is not None
+        features = core.peer_features
+        budget = budget_ms(timeout) if features & FEATURE_DEADLINE else None
+        md = None
+        defaults = self.client.metadata
+        if (metadata or defaults) and features & FEATURE_METADATA:
+            md = merge_metadata(defaults, metadata)
+        now = loop.time()
+        exhausted = False
+        if features & FEATURE_BATCH and codec.structured:
+            # BATCH requests (§4.5): up to ``chunk`` calls a frame, several frames in flight
+            # (the server runs one while the next comes and this side reads the last answer).
+            room = window - batch.left
+            while room > 0:
+                want = min(batch.chunk, room)
+                group = list(itertools.islice(it, want))
+                if group:
+                    self._send_group(core, batch, rids, group, method, timeout, codec, budget, md)
+                    room -= len(group)
+                if len(group) < want:
+                    exhausted = True
+                    break
+        else:
+            exhausted = self._send_each(core, batch, rids, it, method, timeout, codec, budget, md)
+        stream.flush()
+        deadline = now + timeout
+        when = self._timer.when
+        if batch.left and (when is None or deadline < when):
+            self._timer.set(deadline)
+        return exhausted
+
+    def _send_group(
+        self,
+        core: Connection,
+        batch: _Batch,
+        rids: list[int],
+        group: list[Sequence[Any]],
+        method: str,
+        timeout: float,
+        codec: Codec,
+        budget: int | None,
+        md: Metadata | None,
+    ) -> None:
+        """One BATCH request for ``group``; halved while over the server's frame limit, and
+        sent call by call if an argument does not encode (that call alone fails)."""
+        calls = self.calls
+        rid = calls.new_id()
+        try:
+            core.send_request(
+                rid, method, group, None, codec, budget_ms=budget, metadata=md, batch=True
+            )
+        except (CodecError, LocalProtocolError) as exc:
+            if len(group) > 1 and getattr(exc, "code", None) == ErrorCode.FRAME_TOO_LARGE:
+                half = len(group) // 2
+                self._send_group(
+                    core, batch, rids, group[:half], method, timeout, codec, budget, md
+                )
+                self._send_group(
+                    core, batch, rids, group[half:], method, timeout, codec, budget, md
+                )
+            else:
+                self._send_each(core, batch, rids, iter(group), method, timeout, codec, budget, md)
+            return
+        n = len(group)
+        index = batch.base + len(batch.values)
+        batch.values += [_UNANSWERED] * n
+        rids.append(rid)
+        rids += [0] * (n - 1)
+        slot = _FrameSlot(batch, index, n, method, timeout)
+        calls.start(method, timeout, self.loop.time(), cast(Waiter, slot), rid)
+        batch.left += n
+
+    def _send_each(
+        self,
+        core: Connection,
+        batch: _Batch,
+        rids: list[int],
+        it: Iterator[Sequence[Any]],
+        method: str,
+        timeout: float,
+        codec: Codec,
+        budget: int | None,
+        md: Metadata | None,
+    ) -> bool:
+        """A REQUEST per call of a batch (a server without BATCH), up to the window; True once
+        ``it`` is exhausted."""
+        calls = self.calls
+        start, new_id, send = calls.start, calls.new_id, core.send_request
+        values = batch.values
+        now = self.loop.time()
+        for _ in range(max(0, batch.window - batch.left)):
+            args = next(it, _UNANSWERED)
+            if args is _UNANSWERED:
+                return True
+            index = batch.base + len(values)
+            rid = new_id()
+            try:
+                send(rid, method, args, None, codec, budget_ms=budget, metadata=md)
+            except (CodecError, LocalProtocolError) as exc:  # this call is not sent
+                values.append(_Failed(exc))
+                rids.append(0)
+                continue
+            values.append(_UNANSWERED)
+            rids.append(rid)
+            start(method, timeout, now, cast(Waiter, _Slot(batch, index)), rid)
+            batch.left += 1
+        return False
 
     def _flush(self, stream: _TCPStream) -> None:
         self._flush_scheduled = False
@@ -1659,6 +1968,118 @@ class AsyncClient(ClientSettings):
             metadata,
             with_metadata,
         )
+
+    async def call_many(
+        self,
+        method: str,
+        calls: Iterable[Sequence[Any]],
+        *,
+        timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+        window: int = DEFAULT_WINDOW,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """Call ``method`` once per argument sequence of ``calls`` (positional arguments: ``[(1,
+        2), (3, 4)]``), pipelined on one connection, and return the results in order. Far
+        cheaper than ``gather`` of :meth:`call`: the calls are encoded and written together,
+        up to ``window`` in flight, and their answers go into one list (no future or task per
+        call). ``calls`` is read as calls are sent, so a generator of any length works in
+        bounded memory (``window`` calls and their answers).
+
+        Each call has ``timeout`` from when it is sent. A call that fails raises its error
+        once the calls before it are answered; the calls after it still in flight are then
+        cancelled (CANCEL: the server stops them; some may have run). With
+        ``return_exceptions=True`` a failed call's exception takes its place in the list
+        instead, as with :func:`asyncio.gather`."""
+        out: list[Any] = []
+        async for run in self._many(method, calls, timeout, metadata, window, False):
+            for value in run:
+                if type(value) is _Failed:
+                    if not return_exceptions:
+                        raise value.exc
+                    value = value.exc
+                out.append(value)
+        return out
+
+    async def iter_many(
+        self,
+        method: str,
+        calls: Iterable[Sequence[Any]],
+        *,
+        timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+        window: int = DEFAULT_WINDOW,
+        return_exceptions: bool = False,
+    ) -> AsyncIterator[Any]:
+        """:meth:`call_many` as an async iterator: each result in call order as soon as it
+        and those before it are in (``async for result in client.iter_many("add", pairs)``).
+        Leaving the loop early cancels the calls still in flight."""
+        gen = self._many(method, calls, timeout, metadata, window, True)
+        try:
+            async for run in gen:
+                for value in run:
+                    if type(value) is _Failed:
+                        if not return_exceptions:
+                            raise value.exc
+                        value = value.exc
+                    yield value
+        finally:
+            await gen.aclose()
+
+    def _many(
+        self,
+        method: str,
+        calls: Iterable[Sequence[Any]],
+        timeout: float | None,
+        metadata: Mapping[str, str | bytes] | None,
+        window: int,
+        eager: bool,
+    ) -> AsyncGenerator[list[Any], None]:
+        batch_plan(window)  # ValueError for a window out of range
+        channel = self._channel
+        if channel is None:
+            raise self._not_connected()
+        t = self.timeout if timeout is None else timeout
+        if self.hooks is not None or not isinstance(channel, StreamChannel):
+            # Interceptors see each call; UDP sends a datagram per call: calls one by one,
+            # ``window`` of them in flight.
+            return self._many_calls(method, calls, t, metadata, window)
+        md = merge_metadata(metadata, None)  # checked now, as the client's defaults are
+        return channel.many(method, calls, t, self.codec, md, window, eager)
+
+    async def _many_calls(
+        self,
+        method: str,
+        calls: Iterable[Sequence[Any]],
+        timeout: float,
+        metadata: Mapping[str, str | bytes] | None,
+        window: int,
+    ) -> AsyncGenerator[list[Any], None]:
+        loop = asyncio.get_running_loop()
+        running: deque[asyncio.Future[Any]] = deque()
+        it = iter(calls)
+        try:
+            while True:
+                while len(running) < window:
+                    args = next(it, _UNANSWERED)
+                    if args is _UNANSWERED:
+                        break
+                    running.append(
+                        loop.create_task(
+                            self.request(method, tuple(args), timeout=timeout, metadata=metadata)
+                        )
+                    )
+                if not running:
+                    return
+                first = running.popleft()
+                try:
+                    value = await first
+                except Exception as exc:  # the call's outcome, as call_many's fast path
+                    value = _Failed(exc)
+                yield [value]
+        finally:
+            for task in running:
+                task.cancel()
 
     async def _intercepted(
         self,

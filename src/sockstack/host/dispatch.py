@@ -46,6 +46,7 @@ import inspect
 import itertools
 import logging
 import threading
+import time
 import typing
 from collections.abc import (
     AsyncIterator,
@@ -56,7 +57,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import msgspec
 
@@ -81,6 +82,29 @@ __all__ = [
 ]
 
 log = logging.getLogger("sockstack.server")
+_monotonic = time.monotonic
+
+
+def _one(req: Request, args: Any) -> Request:
+    """The request of one call of a batch: the batch's, with that call's arguments."""
+    return Request(
+        req.request_id, req.method, args, {}, req.codec, req.budget_ms, req.metadata, False, False
+    )
+
+
+def _batch_error(i: int, detail: tuple[int, str, str]) -> list[Any]:
+    """A failed call's entry in a batch's errors: ``[index, code, name, message]``."""
+    return [i, int(detail[0]), detail[1], detail[2]]
+
+
+def _batch_late(errors: list[list[Any]], i: int, n: int) -> None:
+    """The calls ``i..n-1`` of a batch, not run: its deadline passed."""
+    errors.extend(
+        [j, int(ErrorCode.DEADLINE_EXCEEDED), "DEADLINE_EXCEEDED", "the batch's deadline passed"]
+        for j in range(i, n)
+    )
+
+
 _JSON_CODEC = 2  # JSON maps have text keys: decode_as converts them to the declared key type
 Outcome = tuple[bool, Any]
 DEFAULT_MAX_WORKERS = 32
@@ -823,6 +847,105 @@ class Dispatcher:
                 except Exception as exc:
                     return self._failure(req, exc)
         return self._dispatch_handler(handler, req)
+
+    def dispatch_batch(self, req: Request) -> Outcome | Awaitable[Outcome]:
+        """A BATCH request (PROTOCOL.md §4.5): its calls one after the other, each exactly as a
+        REQUEST with its arguments runs (interceptors, argument checks and conversion, result
+        check); the outcome ``[results, errors]``, ``errors`` the ``[index, code, name,
+        message]`` of each call that failed. Inline methods run in one loop here; an ``async
+        def`` or threaded one makes the rest run in the call's task, one call at a time. Past
+        the deadline the calls not yet run fail with DEADLINE_EXCEEDED and do not run."""
+        handler = self.handlers.get(req.method)
+        if handler is None:
+            return False, (ErrorCode.UNKNOWN_METHOD, "UNKNOWN_METHOD", f"no method {req.method!r}")
+        if handler.streaming or handler.upload is not None:
+            return False, (
+                ErrorCode.STREAM_MISMATCH,
+                "STREAM_MISMATCH",
+                f"method {req.method!r} streams: it cannot be called in a batch",
+            )
+        calls = req.args
+        results: list[Any] = [None] * len(calls)
+        errors: list[list[Any]] = []
+        call = served_call()
+        deadline = call.deadline if call is not None else None
+        if handler.bare and not self.hooks:
+            # The quickest (as dispatch's): plain arguments, counted, called, kept as they are.
+            func, low, high = handler.func, handler.min_positional, handler.max_positional
+            for i, args in enumerate(calls):
+                if deadline is not None and not i & 63 and _monotonic() >= deadline:
+                    _batch_late(errors, i, len(calls))
+                    break
+                if low <= len(args) <= high:
+                    try:
+                        results[i] = func(*args)
+                        continue
+                    except Exception as exc:
+                        outcome = self._failure(req, exc)
+                else:
+                    # BAD_ARGUMENTS, worded as usual (a tuple: a bare method is inline)
+                    outcome = cast(Outcome, self.dispatch(_one(req, args)))
+                    if outcome[0]:
+                        results[i] = outcome[1]
+                        continue
+                errors.append(_batch_error(i, outcome[1]))
+            return True, [results, errors]
+        return self._batch_from(req, 0, results, errors, deadline)
+
+    def _batch_from(
+        self,
+        req: Request,
+        i: int,
+        results: list[Any],
+        errors: list[list[Any]],
+        deadline: float | None,
+    ) -> Outcome | Awaitable[Outcome]:
+        """The calls of a batch from ``i`` on, inline while they answer at once."""
+        calls = req.args
+        dispatch = self.dispatch
+        n = len(calls)
+        while i < n:
+            if deadline is not None and not i & 63 and _monotonic() >= deadline:
+                _batch_late(errors, i, n)
+                break
+            outcome = dispatch(_one(req, calls[i]))
+            if not isinstance(outcome, tuple):
+                return self._batch_later(req, i, outcome, results, errors, deadline)
+            if outcome[0]:
+                results[i] = outcome[1]
+            else:
+                errors.append(_batch_error(i, outcome[1]))
+            i += 1
+        return True, [results, errors]
+
+    async def _batch_later(
+        self,
+        req: Request,
+        i: int,
+        pending: Awaitable[Outcome],
+        results: list[Any],
+        errors: list[list[Any]],
+        deadline: float | None,
+    ) -> Outcome:
+        """The rest of a batch, in the call's task: awaits each call that does not answer at
+        once (cancelling the task, by CANCEL or the deadline, stops the batch there)."""
+        calls = req.args
+        dispatch = self.dispatch
+        n = len(calls)
+        next_one: Outcome | Awaitable[Outcome] = pending
+        while True:
+            outcome = next_one if isinstance(next_one, tuple) else await next_one
+            if outcome[0]:
+                results[i] = outcome[1]
+            else:
+                errors.append(_batch_error(i, outcome[1]))
+            i += 1
+            if i >= n:
+                return True, [results, errors]
+            if deadline is not None and _monotonic() >= deadline:
+                _batch_late(errors, i, n)
+                return True, [results, errors]
+            next_one = dispatch(_one(req, calls[i]))
 
     def dispatch_to(self, handler: Handler, req: Request) -> Outcome | Awaitable[Outcome]:
         """:meth:`dispatch` with the handler given instead of looked up by ``req.method``: a

@@ -772,7 +772,7 @@ class _HostStream(StreamProtocol):
             if type(ev) is Request and not draining:
                 # _dispatch and _outcome, inlined for the common case (a call that is not
                 # streamed, answered at once without trailers): no tuple between them.
-                if ev.stream or ev.upload:
+                if ev.stream or ev.upload or ev.batch:
                     outcome, ctx = self._dispatch(ev)
                     self._outcome(ev, outcome, ctx)
                 else:
@@ -855,7 +855,10 @@ class _HostStream(StreamProtocol):
             self._item_outs[req.request_id] = out
         token = _set_call(ctx)
         try:
-            outcome = self.dispatcher.dispatch(req)
+            if req.batch:  # PROTOCOL.md §4.5: its calls, one after the other
+                outcome = self.dispatcher.dispatch_batch(req)
+            else:
+                outcome = self.dispatcher.dispatch(req)
         finally:
             _reset_call(token)
         if req.stream and isinstance(outcome, tuple):  # answered at once: no items

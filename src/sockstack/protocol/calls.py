@@ -53,6 +53,7 @@ from sockstack.errors import (
     ErrorCode,
     LocalProtocolError,
     RemoteError,
+    RemoteProtocolError,
     typed_error,
 )
 from sockstack.protocol.events import Error, Item, Metadata, Pong, Response
@@ -60,6 +61,7 @@ from sockstack.protocol.messages import (
     FEATURE_DEADLINE,
     FEATURE_METADATA,
     FEATURES,
+    MAX_BATCH_CALLS,
     MAX_BUDGET_MS,
     STREAM_WINDOW,
     check_metadata,
@@ -67,8 +69,10 @@ from sockstack.protocol.messages import (
 
 __all__ = [
     "CURRENT_CALL",
+    "DEFAULT_WINDOW",
     "FEATURES",
     "INLINE_CALLS",
+    "MAX_WINDOW",
     "Answer",
     "Backoff",
     "Calls",
@@ -80,6 +84,8 @@ __all__ = [
     "PendingCall",
     "Reply",
     "ServedCall",
+    "batch_answers",
+    "batch_plan",
     "budget_ms",
     "deadline_passed",
     "inherited_timeout",
@@ -96,6 +102,7 @@ Answer = Response | Error | Pong
 """The messages that end a call."""
 
 _MAX_ID = 0xFFFFFFFF
+_DEADLINE_EXCEEDED = int(ErrorCode.DEADLINE_EXCEEDED)
 _NOT_AN_ANSWER = int(ErrorCode.UNKNOWN_DELIVERY)  # refuses an ACK, answers no request
 
 
@@ -249,6 +256,63 @@ def remote_error(ev: Error) -> BaseException:
     return typed_error(
         RemoteError(ev.type or ErrorCode.describe(ev.code), ev.message, ev.code, ev.metadata)
     )
+
+
+DEFAULT_WINDOW = 1000
+"""Calls of a ``call_many`` in flight at once, by default."""
+MAX_WINDOW = 65536
+
+
+def batch_plan(window: int) -> tuple[int, int]:
+    """For ``call_many``'s ``window`` (calls in flight at most): the calls per BATCH request
+    (a quarter of the window: several requests in flight, so that the server runs one while
+    the next comes and the client reads the last answer) and the calls in flight below which
+    the client sends more (half the window). Raises ValueError for a window out of range."""
+    if not 1 <= window <= MAX_WINDOW:
+        raise ValueError(f"window {window} is not in 1..{MAX_WINDOW}")
+    return max(1, min(MAX_BATCH_CALLS, window // 4)), window // 2
+
+
+def batch_answers(
+    value: Any, count: int, method: str, timeout: float
+) -> tuple[list[Any], dict[int, BaseException]]:
+    """A BATCH RESPONSE's body ``[results, errors]`` (PROTOCOL.md §4.5) for ``count`` calls:
+    the results by position, and the exception of each call that failed, by its index (as its
+    own ERROR answer would raise: DEADLINE_EXCEEDED as the call's timeout). Raises
+    :class:`RemoteProtocolError` for a body that is not the answer to ``count`` calls."""
+    if not (
+        type(value) is list
+        and len(value) == 2
+        and type(value[0]) is list
+        and len(value[0]) == count
+        and type(value[1]) is list
+    ):
+        raise RemoteProtocolError(
+            f"the answer to a batch of {count} calls is not [results, errors] (§4.5)",
+            ErrorCode.DECODE_ERROR,
+        )
+    results, errors = value
+    failed: dict[int, BaseException] = {}
+    for entry in errors:
+        if not (
+            type(entry) is list
+            and len(entry) == 4
+            and type(entry[0]) is int
+            and 0 <= entry[0] < count
+            and type(entry[1]) is int
+            and type(entry[2]) is str
+            and type(entry[3]) is str
+        ):
+            raise RemoteProtocolError(
+                f"a batch's error entry is not [index, code, name, message]: {entry!r:.100}",
+                ErrorCode.DECODE_ERROR,
+            )
+        i, code, name, message = entry
+        if code == _DEADLINE_EXCEEDED:
+            failed[i] = deadline_passed(method, timeout)
+        else:
+            failed[i] = remote_error(Error(0, code, name, message))
+    return results, failed
 
 
 def deadline_passed(method: str, timeout: float) -> CallTimeout:

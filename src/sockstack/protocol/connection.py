@@ -74,6 +74,7 @@ from sockstack.protocol.messages import (
     FEATURE_STREAM,
     FEATURE_UPLOAD,
     FEATURES,
+    FLAG_BATCH,
     FLAG_DEADLINE,
     FLAG_KWARGS,
     FLAG_METADATA,
@@ -137,7 +138,7 @@ _unpack_header = read_header
 _CORE_REGISTRY = Registry([CORE_MESSAGES], frozen=True)
 _DEADLINE = FLAG_DEADLINE
 # A REQUEST's flags the fast path leaves to the general one (which reads them all)
-_CALL_FLAGS = FLAG_KWARGS | FLAG_DEADLINE | FLAG_METADATA | FLAG_STREAM | FLAG_UPLOAD
+_CALL_FLAGS = FLAG_KWARGS | FLAG_DEADLINE | FLAG_METADATA | FLAG_STREAM | FLAG_UPLOAD | FLAG_BATCH
 _ITEM_T = int(MessageType.ITEM)
 _budget = struct.Struct(">I")
 _pack_budget = _budget.pack
@@ -302,10 +303,11 @@ class Connection:
         metadata: Metadata | None = None,
         stream: bool = False,
         upload: bool = False,
+        batch: bool = False,
     ) -> None:
         """Queue a REQUEST; ``budget_ms`` sets DEADLINE, ``metadata`` METADATA, ``stream``
-        STREAM, ``upload`` UPLOAD (send them only to a server whose WELCOME announced them:
-        :attr:`peer_features`)."""
+        STREAM, ``upload`` UPLOAD, ``batch`` BATCH (``args``: the calls' argument arrays)
+        (send them only to a server whose WELCOME announced them: :attr:`peer_features`)."""
         if self.role is not Role.CLIENT:
             raise LocalProtocolError("only a client sends REQUEST")
         if self.state is not State.OPEN and not self._check_can_send():
@@ -318,6 +320,7 @@ class Connection:
             or metadata is not None
             or stream
             or upload
+            or batch
         ):
             self._out.append(
                 self._fit(
@@ -331,6 +334,7 @@ class Connection:
                         metadata=metadata,
                         stream=stream,
                         upload=upload,
+                        batch=batch,
                     )
                 )
             )
@@ -715,7 +719,13 @@ class Connection:
             # Fast path for the bulk of the traffic: a msgpack REQUEST (server) or RESPONSE
             # (client) on an open session. Anything unusual falls through to the general path,
             # which decodes again and reports the exact error.
-            if t == fast and frame.codec == 1 and frame.request_id and self.state is State.OPEN:
+            if (
+                t == fast
+                and frame.codec == 1
+                and frame.request_id
+                and not frame.flags & _CALL_FLAGS  # (decoded once, by the general path)
+                and self.state is State.OPEN
+            ):
                 try:
                     value = _unpackb(
                         frame.body,

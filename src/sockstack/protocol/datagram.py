@@ -563,14 +563,18 @@ class DatagramServer:
             return [violation]
         assert msg is not None  # no violation: the datagram decoded
         if isinstance(msg, Request):
-            if msg.stream or msg.upload:  # refused before anything runs: they need a session
+            if msg.stream or msg.upload or msg.batch:  # refused before anything runs
                 if self._request(msg, addr, now):  # (a copy is answered from the cache)
                     self.send_error(
                         addr,
                         msg.request_id,
                         ErrorCode.STREAM_MISMATCH,
                         "STREAM_MISMATCH",
-                        "streams need TCP or TLS" if msg.stream else "uploads need TCP or TLS",
+                        "streams need TCP or TLS"
+                        if msg.stream
+                        else "uploads need TCP or TLS"
+                        if msg.upload
+                        else "batches need TCP or TLS",
                         now,
                     )
                 return []

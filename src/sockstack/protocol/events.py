@@ -147,6 +147,8 @@ class Request:
     size: int = field(default=0, compare=False)
     """The frame's size (meta + body bytes, §2; 0 when not known): what the host counts for the
     bytes of requests in flight."""
+    batch: bool = False
+    """Flag BATCH (§4.5): ``args`` holds the argument arrays of the calls of a batch."""
 
 
 @message

@@ -44,17 +44,20 @@ __all__ = [
     "CORE_MESSAGES",
     "EXT_FEATURES",
     "FEATURES",
+    "FEATURE_BATCH",
     "FEATURE_CANCEL",
     "FEATURE_DEADLINE",
     "FEATURE_METADATA",
     "FEATURE_STREAM",
     "FEATURE_UPLOAD",
+    "FLAG_BATCH",
     "FLAG_DEADLINE",
     "FLAG_END",
     "FLAG_KWARGS",
     "FLAG_METADATA",
     "FLAG_STREAM",
     "FLAG_UPLOAD",
+    "MAX_BATCH_CALLS",
     "MAX_HELLO_EXTENSIONS",
     "MAX_HELLO_SIZE",
     "MAX_METADATA_ENTRIES",
@@ -111,6 +114,11 @@ one RESPONSE or ERROR). TCP and TLS only."""
 FLAG_UPLOAD = 0x20
 """REQUEST flag: an argument of the call follows as ITEMs from the client, under flow control,
 ended by an ITEM with flag END (PROTOCOL.md §4.4). TCP and TLS only."""
+FLAG_BATCH = 0x80
+"""REQUEST flag: a batch of calls of one method (PROTOCOL.md §4.5): the body is an array of
+argument arrays, one per call; the RESPONSE's body is ``[results, errors]``. TCP and TLS only."""
+MAX_BATCH_CALLS = 10_000
+"""The most calls one BATCH request carries."""
 FLAG_END = 0x01
 """ITEM flag (client -> server, an upload's): no more items; the body is empty."""
 STREAM_WINDOW = 262_144
@@ -124,7 +132,15 @@ FEATURE_METADATA = 1 << 1
 FEATURE_CANCEL = 1 << 2
 FEATURE_STREAM = 1 << 3
 FEATURE_UPLOAD = 1 << 4
-FEATURES = FEATURE_DEADLINE | FEATURE_METADATA | FEATURE_CANCEL | FEATURE_STREAM | FEATURE_UPLOAD
+FEATURE_BATCH = 1 << 5
+FEATURES = (
+    FEATURE_DEADLINE
+    | FEATURE_METADATA
+    | FEATURE_CANCEL
+    | FEATURE_STREAM
+    | FEATURE_UPLOAD
+    | FEATURE_BATCH
+)
 """What this implementation understands (announced by its servers)."""
 
 MAX_METADATA_ENTRIES = 64
@@ -299,11 +315,13 @@ def encode_request(
     metadata: Metadata | None = None,
     stream: bool = False,
     upload: bool = False,
+    batch: bool = False,
 ) -> bytes:
     """REQUEST bytes. Raises :class:`CodecError` (nothing is sent) if the arguments don't
     encode, :class:`LocalProtocolError` for bad metadata or a meta section over 4,096 bytes.
     ``budget_ms``: the DEADLINE flag's budget; ``metadata``: the METADATA map; ``stream``: the
-    STREAM flag; ``upload``: the UPLOAD flag (its items follow as ITEMs, §4.4)."""
+    STREAM flag; ``upload``: the UPLOAD flag (its items follow as ITEMs, §4.4); ``batch``: the
+    BATCH flag, ``args`` then being the calls' argument arrays (§4.5)."""
     name = _utf8(method, "method name")
     if 0 in name:
         raise LocalProtocolError("a method name never contains a NUL character")
@@ -312,6 +330,17 @@ def encode_request(
         flags |= FLAG_STREAM
     if upload:
         flags |= FLAG_UPLOAD
+    if batch:
+        if kwargs or stream or upload or not codec.structured:
+            raise LocalProtocolError(
+                "a BATCH request carries positional arguments only, with a structured codec, "
+                "and no STREAM or UPLOAD"
+            )
+        if len(args) > MAX_BATCH_CALLS:
+            raise LocalProtocolError(
+                f"a BATCH request carries at most {MAX_BATCH_CALLS} calls, not {len(args)}"
+            )
+        flags |= FLAG_BATCH
     if codec.structured:
         if kwargs:
             body = codec.encode([list(args), kwargs])
@@ -496,6 +525,34 @@ def split_meta(
     return meta, metadata, budget
 
 
+def _decode_batch(
+    f: Frame, codec: Codec, method: str, budget: int | None, metadata: Metadata | None, size: int
+) -> Request:
+    """A REQUEST with flag BATCH (§4.5): the body an array of at most MAX_BATCH_CALLS argument
+    arrays; KWARGS, STREAM and UPLOAD not with it, a structured codec."""
+    if f.flags & (FLAG_KWARGS | FLAG_STREAM | FLAG_UPLOAD) or not codec.structured:
+        raise RemoteProtocolError(
+            "a BATCH request has no KWARGS, STREAM or UPLOAD flag and a structured codec",
+            ErrorCode.DECODE_ERROR,
+        )
+    try:
+        value = codec.decode(f.body)
+    except CodecError as exc:
+        raise RemoteProtocolError(str(exc), ErrorCode.DECODE_ERROR) from None
+    if not isinstance(value, list) or not all(isinstance(a, list) for a in value):
+        raise RemoteProtocolError(
+            "a BATCH request's body is an array of argument arrays", ErrorCode.DECODE_ERROR
+        )
+    if len(value) > MAX_BATCH_CALLS:
+        raise RemoteProtocolError(
+            f"a BATCH request carries at most {MAX_BATCH_CALLS} calls, not {len(value)}",
+            ErrorCode.DECODE_ERROR,
+        )
+    return Request(
+        f.request_id, method, value, {}, codec.id, budget, metadata, False, False, size, True
+    )
+
+
 def _decode_request(f: Frame) -> Request:
     if not f.request_id:  # 0 names no request: its answer could not be matched to a call
         raise RemoteProtocolError(
@@ -510,6 +567,8 @@ def _decode_request(f: Frame) -> Request:
     stream = bool(f.flags & FLAG_STREAM)
     upload = bool(f.flags & FLAG_UPLOAD)
     size = len(f.meta) + len(f.body)
+    if f.flags & FLAG_BATCH:
+        return _decode_batch(f, codec, method, budget, metadata, size)
     if not codec.structured:
         return Request(
             f.request_id, method, (f.body,), {}, codec.id, budget, metadata, stream, upload, size

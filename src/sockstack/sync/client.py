@@ -46,6 +46,7 @@ themselves check nothing.
 from __future__ import annotations
 
 import errno
+import itertools
 import math
 import os
 import random
@@ -56,7 +57,8 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, Self, cast, overload
 
 from sockstack.errors import (
@@ -82,6 +84,7 @@ from sockstack.protocol.auth import (
 )
 from sockstack.protocol.calls import (
     CURRENT_CALL,
+    DEFAULT_WINDOW,
     FEATURES,
     INLINE_CALLS,
     Backoff,
@@ -91,6 +94,8 @@ from sockstack.protocol.calls import (
     ItemUpload,
     PendingCall,
     Reply,
+    batch_answers,
+    batch_plan,
     budget_ms,
     deadline_passed,
     inherited_timeout,
@@ -116,6 +121,7 @@ from sockstack.protocol.events import (
 )
 from sockstack.protocol.frames import DEFAULT_MAX_FRAME, HEADER_SIZE, MessageType, declared_size
 from sockstack.protocol.messages import (
+    FEATURE_BATCH,
     FEATURE_DEADLINE,
     FEATURE_STREAM,
     FEATURE_UPLOAD,
@@ -123,6 +129,7 @@ from sockstack.protocol.messages import (
     MIN_MAX_FRAME,
     encode_item_end,
     encode_ping,
+    encode_request,
 )
 from sockstack.transport.settings import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -2313,6 +2320,105 @@ class ResultStream:
             pass
 
 
+def _many(
+    client: Client,
+    conn: StreamConnection,
+    method: str,
+    calls: Iterable[Sequence[Any]],
+    timeout: float,
+    metadata: Mapping[str, str | bytes] | None,
+    window: int,
+    chunk: int,
+    return_exceptions: bool,
+) -> Iterator[Any]:
+    """:meth:`Client.iter_many` over TCP/TLS: BATCH requests of ``chunk`` calls (a request
+    per call to a server without BATCH), ``window`` calls in flight, answers in order."""
+    it = iter(calls)
+    flight: deque[tuple[Ticket, int]] = deque()  # (ticket, calls it answers: 0 for one call)
+    in_flight = 0
+    exhausted = False
+    while True:
+        if not exhausted and in_flight <= window // 2:
+            now = _monotonic()
+            conn.ensure(now + timeout, method, timeout)
+            core = conn.core
+            features = core.peer_features if core is not None else 0
+            t, budget, md = plan_call(timeout, features, client.metadata, metadata, now)
+            use_batch = bool(features & FEATURE_BATCH) and client.codec.structured
+            size = chunk if use_batch else 1
+            frames: list[Callable[[int], bytes]] = []
+            counts: list[int] = []
+            while in_flight < window:
+                want = min(size, window - in_flight)
+                group = list(itertools.islice(it, want))
+                if group:
+                    frames.append(
+                        _batch_frame(conn, method, group, client.codec, budget, md, use_batch)
+                    )
+                    counts.append(len(group) if use_batch else 0)
+                    in_flight += len(group)
+                if len(group) < want:
+                    exhausted = True
+                    break
+            if frames:
+                tickets = conn.start_exchanges(frames, method, t)
+                flight.extend(zip(tickets, counts, strict=True))
+        if not flight:
+            return
+        ticket, count = flight.popleft()
+        in_flight -= max(count, 1)
+        try:
+            value = ticket.result()
+        except Exception as exc:  # every call of the ticket failed with it
+            if not return_exceptions:
+                raise
+            yield from [exc] * max(count, 1)
+            continue
+        if not count:
+            yield value
+            continue
+        results, failed = batch_answers(value, count, method, timeout)
+        if not failed:
+            yield from results
+            continue
+        for i, result in enumerate(results):
+            error = failed.get(i)
+            if error is None:
+                yield result
+            elif return_exceptions:
+                yield error
+            else:
+                raise error
+
+
+def _batch_frame(
+    conn: StreamConnection,
+    method: str,
+    group: list[Sequence[Any]],
+    codec: Codec,
+    budget: int | None,
+    metadata: Metadata | None,
+    batch: bool,
+) -> Callable[[int], bytes]:
+    """The builder of a batch's request for ``group`` (one call's, when not ``batch``)."""
+
+    def frame(rid: int) -> bytes:
+        core = conn.core
+        if batch and (core is None or not core.peer_features & FEATURE_BATCH):
+            raise LocalProtocolError(  # reconnected meanwhile to a server without BATCH
+                "the server no longer takes BATCH requests; nothing was sent"
+            )
+        if batch:
+            return encode_request(
+                rid, method, group, None, codec, budget_ms=budget, metadata=metadata, batch=True
+            )
+        return encode_request(
+            rid, method, group[0], None, codec, budget_ms=budget, metadata=metadata
+        )
+
+    return frame
+
+
 class Client(ClientSettings):
     """A blocking client. Create it with :func:`connect`. ``sockstack.Client`` adds the
     patterns' client methods (``publish``, ``subscribe``).
@@ -2462,6 +2568,63 @@ class Client(ClientSettings):
 
         reply = run_sync(hooks, call, send)
         return reply if with_metadata else reply.result
+
+    def call_many(
+        self,
+        method: str,
+        calls: Iterable[Sequence[Any]],
+        *,
+        timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+        window: int = DEFAULT_WINDOW,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """Call ``method`` once per argument sequence of ``calls`` (positional arguments:
+        ``[(1, 2), (3, 4)]``), pipelined on the connection, and return the results in order:
+        the calls go in BATCH requests (PROTOCOL.md §4.5; a request per call to a server
+        without them), up to ``window`` in flight, so many calls cost about one round trip.
+        ``calls`` is read as calls are sent (a generator of any length works in bounded
+        memory). Each call has ``timeout`` from when it is sent. A call that fails raises its
+        error once the calls before it are answered (the calls after it already sent still run
+        and their answers are dropped); ``return_exceptions=True`` puts the exception in its
+        place instead."""
+        return list(
+            self.iter_many(
+                method,
+                calls,
+                timeout=timeout,
+                metadata=metadata,
+                window=window,
+                return_exceptions=return_exceptions,
+            )
+        )
+
+    def iter_many(
+        self,
+        method: str,
+        calls: Iterable[Sequence[Any]],
+        *,
+        timeout: float | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+        window: int = DEFAULT_WINDOW,
+        return_exceptions: bool = False,
+    ) -> Iterator[Any]:
+        """:meth:`call_many` as an iterator: each result in call order as soon as it and those
+        before it are in (``for result in client.iter_many("add", pairs)``)."""
+        chunk, _ = batch_plan(window)
+        t = self.timeout if timeout is None else timeout
+        conn = self.connection
+        if self.hooks is not None or not isinstance(conn, StreamConnection):
+            # Interceptors see each call; over UDP a datagram per call: one by one.
+            for args in calls:
+                try:
+                    yield self.request(method, tuple(args), timeout=t, metadata=metadata)
+                except Exception as exc:  # the call's outcome
+                    if not return_exceptions:
+                        raise
+                    yield exc
+            return
+        yield from _many(self, conn, method, calls, t, metadata, window, chunk, return_exceptions)
 
     def _request(
         self,
