@@ -452,6 +452,34 @@ def hints(run: Run, budget: sc.Budget, only: str) -> None:
         run.log(f"  {scenario} / {name}: {ns / 1000:.2f} µs per call")
 
 
+def features(run: Run, budget: sc.Budget, only: str) -> None:
+    """What the RPC features cost a call when used (issue 17; bench/features.py): metadata,
+    client and server interceptors, validation, each against the plain call of the same round
+    (sequential blocking calls, client and server on one core; median of the rounds)."""
+    if only and only not in "sockstack":
+        return
+    from bench.features import live_rows
+
+    count = 5_000 if budget.rounds == 1 else 20_000
+    scenario = "RPC features, sequential TCP same core (4 arguments)"
+    rounds: dict[str, list[float]] = {}
+    for _ in range(budget.rounds):
+        for label, ns in live_rows(count):
+            rounds.setdefault(label, []).append(ns)
+    for label, values in rounds.items():
+        ns = sorted(values)[len(values) // 2]
+        r = Result(
+            scenario,
+            f"sockstack, {label}",
+            "same core",
+            count,
+            count * ns / 1e9,
+            note="µs per call = 1e6 / calls/s",
+        )
+        run.results.append(r)
+        run.log(f"  {scenario} / {label}: {ns / 1000:.2f} µs per call")
+
+
 def concurrency(run: Run, budget: sc.Budget, only: str, clients: int = 100) -> None:
     if only and only not in "sockstack":
         return
@@ -512,6 +540,7 @@ SCENARIOS: dict[str, Callable[[Run, sc.Budget, str], None]] = {
     "pipelined": pipelined,
     "stream": stream,
     "hints": hints,
+    "features": features,
     "concurrency": concurrency,
     "payload": payloads,
     "memory": memory,

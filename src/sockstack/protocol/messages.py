@@ -220,6 +220,12 @@ def features_extension(features: int = FEATURES) -> tuple[int, bytes]:
     return (EXT_FEATURES, _BUDGET.pack(features))
 
 
+_GOOD_KEYS: set[str] = set()
+"""Metadata keys found to keep the rules (at most _MAX_GOOD_KEYS: a bound in bytes, as keys are
+at most 64 bytes)."""
+_MAX_GOOD_KEYS = 1024
+
+
 def _bad_key(key: object) -> str | None:
     if not isinstance(key, str):
         return f"metadata key {key!r} is not a string"
@@ -234,10 +240,14 @@ def check_metadata(metadata: Metadata) -> str | None:
     bytes of ``[a-z0-9._-]``, values str or bytes), else what is wrong."""
     if len(metadata) > MAX_METADATA_ENTRIES:
         return f"{len(metadata)} metadata entries (at most {MAX_METADATA_ENTRIES})"
+    good = _GOOD_KEYS
     for key, value in metadata.items():
-        problem = _bad_key(key)
-        if problem is not None:
-            return problem
+        if type(key) is not str or key not in good:
+            problem = _bad_key(key)
+            if problem is not None:
+                return problem
+            if len(good) < _MAX_GOOD_KEYS:  # keys repeat (tenant, traceparent): checked once
+                good.add(key)
         if type(value) is not str and type(value) is not bytes:
             return f"metadata {key!r}: value of type {type(value).__name__} (str or bytes only)"
     return None
