@@ -176,3 +176,25 @@ def test_inspect_without_rich(args: list[str]) -> None:
     for label in labels:
         if label.strip("- "):
             assert label.strip() in rich.stdout
+
+
+def test_bench_batch_and_feature_rows(tmp_path: Path) -> None:
+    # Issue 17's rows: call_many in both clients (pipelined), the RPC features' cost per call.
+    data = _bench(
+        tmp_path, "--scenario", "pipelined", "--scenario", "features", "--only", "sockstack"
+    )
+    for system in ("sockstack call_many (BATCH requests)", "sockstack call_many, blocking client"):
+        (row,) = _rows(data, "pipelined", system)
+        assert row["calls"] > 0 and row["calls_per_s"] > 0 and row["p99_us"] > 0
+        assert row["cpu_s_per_million"] > 0
+    features = [r for r in data["results"] if r["scenario"].startswith("RPC features")]
+    assert {r["system"] for r in features} == {
+        "sockstack, plain call",
+        "sockstack, metadata on the call (1 entry)",
+        "sockstack, client interceptor (no-op)",
+        "sockstack, server interceptor (no-op)",
+        "sockstack, plain hints (validated)",
+        "sockstack, dataclass hint (converted)",
+        "sockstack, plain call (again)",
+    }
+    assert all(r["calls_per_s"] > 0 for r in features)
