@@ -427,41 +427,39 @@ def hints(run: Run, budget: sc.Budget, only: str) -> None:
     calls, client and server pinned to the same core, to inline methods without hints, with
     plain hints (str, int, float, bytes) and with a dataclass parameter (bench/codec_choice.py's
     live rows, median of the rounds)."""
-    if only and only not in "sockstack":
-        return
     from bench.codec_choice import live_rows
 
-    count = 5_000 if budget.rounds == 1 else 20_000
-    scenario = "type hints, sequential TCP same core (4 arguments)"
-    rounds: dict[str, list[float]] = {}
-    for _ in range(budget.rounds):
-        for label, ns in live_rows(count):
-            rounds.setdefault(label, []).append(ns)
-    for label, values in rounds.items():
-        ns = sorted(values)[len(values) // 2]
-        name = label.removeprefix("live call, ")
-        r = Result(
-            scenario,
-            f"sockstack, {name}",
-            "same core",
-            count,
-            count * ns / 1e9,
-            note="µs per call = 1e6 / calls/s",
-        )
-        run.results.append(r)
-        run.log(f"  {scenario} / {name}: {ns / 1000:.2f} µs per call")
+    _live_table(
+        run,
+        budget,
+        only,
+        "type hints, sequential TCP same core (4 arguments)",
+        lambda count: [(k.removeprefix("live call, "), ns) for k, ns in live_rows(count)],
+    )
 
 
 def features(run: Run, budget: sc.Budget, only: str) -> None:
     """What the RPC features cost a call when used (issue 17; bench/features.py): metadata,
     client and server interceptors, validation, each against the plain call of the same round
     (sequential blocking calls, client and server on one core; median of the rounds)."""
-    if only and only not in "sockstack":
-        return
     from bench.features import live_rows
 
+    _live_table(
+        run, budget, only, "RPC features, sequential TCP same core (4 arguments)", live_rows
+    )
+
+
+def _live_table(
+    run: Run,
+    budget: sc.Budget,
+    only: str,
+    scenario: str,
+    live_rows: Callable[[int], list[tuple[str, float]]],
+) -> None:
+    """A table of ``live_rows(count)``'s (row, ns per call), median of the rounds."""
+    if only and only not in "sockstack":
+        return
     count = 5_000 if budget.rounds == 1 else 20_000
-    scenario = "RPC features, sequential TCP same core (4 arguments)"
     rounds: dict[str, list[float]] = {}
     for _ in range(budget.rounds):
         for label, ns in live_rows(count):

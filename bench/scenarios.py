@@ -664,16 +664,6 @@ async def _pipelined_sockstack(
         return lat, (now() - start) / 1e9
 
 
-def _timed_calls(payload: bytes, total: int, sent: list[int]) -> Iterator[tuple[bytes]]:
-    """``total`` calls' arguments for call_many/iter_many, each stamped as it is taken (taken =
-    encoded and sent with its batch's refill)."""
-    now = time.perf_counter_ns
-    args = (payload,)
-    for _ in range(total):
-        sent.append(now())
-        yield args
-
-
 async def _pipelined_batch(
     url: str, payload: bytes, total: int, window: int
 ) -> tuple[list[int], float]:
@@ -683,18 +673,10 @@ async def _pipelined_batch(
 
     async with AsyncClient(url, timeout=60) as c:
         await c.call_many("echo", [(payload,)] * window, window=window)  # warm-up
-        sent: list[int] = []
-        lat: list[int] = []
-        now = time.perf_counter_ns
-        i = 0
-        start = now()
-        async for _ in c.iter_many("echo", _timed_calls(payload, total, sent), window=window):
-            lat.append(now() - sent[i])
-            i += 1
-        seconds = (now() - start) / 1e9
-    if i != total:
-        raise RuntimeError(f"call_many: {i} answers of {total}")
-    return lat, seconds
+        timed = _Timed(payload, total)
+        async for _ in c.iter_many("echo", timed.calls(), window=window):
+            timed.answered()
+        return timed.result()
 
 
 def _pipelined_batch_blocking(
@@ -705,18 +687,36 @@ def _pipelined_batch_blocking(
 
     with connect(url, timeout=60) as c:
         c.call_many("echo", [(payload,)] * window, window=window)  # warm-up
-        sent: list[int] = []
-        lat: list[int] = []
-        now = time.perf_counter_ns
-        i = 0
-        start = now()
-        for _ in c.iter_many("echo", _timed_calls(payload, total, sent), window=window):
-            lat.append(now() - sent[i])
-            i += 1
-        seconds = (now() - start) / 1e9
-    if i != total:
-        raise RuntimeError(f"call_many: {i} answers of {total}")
-    return lat, seconds
+        timed = _Timed(payload, total)
+        for _ in c.iter_many("echo", timed.calls(), window=window):
+            timed.answered()
+        return timed.result()
+
+
+class _Timed:
+    """``total`` calls' arguments for call_many/iter_many, each stamped as it is taken (taken =
+    encoded and sent with its batch's refill), and each answer's latency from that stamp."""
+
+    def __init__(self, payload: bytes, total: int) -> None:
+        self.args, self.total = (payload,), total
+        self.sent: list[int] = []
+        self.lat: list[int] = []
+        self.start = time.perf_counter_ns()
+
+    def calls(self) -> Iterator[tuple[bytes]]:
+        now, sent, args = time.perf_counter_ns, self.sent, self.args
+        for _ in range(self.total):
+            sent.append(now())
+            yield args
+
+    def answered(self) -> None:
+        lat = self.lat
+        lat.append(time.perf_counter_ns() - self.sent[len(lat)])
+
+    def result(self) -> tuple[list[int], float]:
+        if len(self.lat) != self.total:
+            raise RuntimeError(f"call_many: {len(self.lat)} answers of {self.total}")
+        return self.lat, (time.perf_counter_ns() - self.start) / 1e9
 
 
 class _FutureClient(asyncio.Protocol):
