@@ -265,12 +265,15 @@ MAX_WINDOW = 65536
 
 def batch_plan(window: int) -> tuple[int, int]:
     """For ``call_many``'s ``window`` (calls in flight at most): the calls per BATCH request
-    (a quarter of the window: several requests in flight, so that the server runs one while
-    the next comes and the client reads the last answer) and the calls in flight below which
-    the client sends more (half the window). Raises ValueError for a window out of range."""
+    (half the window: two requests in flight, so that the server runs one while the client
+    reads the answer to the other and sends the next) and the calls in flight at or below
+    which the client sends more (half the window: one request's worth answered). Measured
+    against a quarter and a third of the window, and against refills at three quarters:
+    this pair was the fastest (docs/PERFORMANCE.md §18). Raises ValueError for a window out of
+    range."""
     if not 1 <= window <= MAX_WINDOW:
         raise ValueError(f"window {window} is not in 1..{MAX_WINDOW}")
-    return max(1, min(MAX_BATCH_CALLS, window // 4)), window // 2
+    return max(1, min(MAX_BATCH_CALLS, window // 2)), window // 2
 
 
 def batch_answers(
