@@ -169,6 +169,7 @@ _BUDGET_CAP_S = MAX_BUDGET_MS / 1000  # budget_ms's bound, in seconds
 _DEADLINE_EXCEEDED = int(ErrorCode.DEADLINE_EXCEEDED)
 _DECODE = int(ErrorCode.DECODE_ERROR)
 _monotonic = time.monotonic
+_SEQUENCES = frozenset((tuple, list))  # a call's arguments as they go in a BATCH body
 
 
 async def _fail(exc: Exception) -> Any:
@@ -217,7 +218,7 @@ class _Batch:
 
 
 class _FrameSlot:
-    """:class:`_Slot` for a BATCH request (PROTOCOL.md §4.5): ``count`` calls from ``index``
+    """:class:`_Slot` for a BATCH request (PROTOCOL.md §4.7): ``count`` calls from ``index``
     on, answered by one RESPONSE ``[results, errors]`` (or all failed by one ERROR)."""
 
     __slots__ = ("batch", "count", "index", "method", "settled", "timeout")
@@ -619,7 +620,7 @@ class StreamChannel:
             timeout = inherited_timeout(timeout, _monotonic())
         try:
             while True:
-                if not exhausted and batch.left <= batch.low:
+                if not exhausted and len(values) <= batch.low:
                     exhausted = await self._refill(
                         batch, rids, it, method, timeout, codec, metadata, window
                     )
@@ -637,9 +638,11 @@ class StreamChannel:
                     continue
                 if exhausted and not values:
                     return
-                if not exhausted and batch.left <= batch.low:
+                if not exhausted and len(values) <= batch.low:
                     continue  # answers came while connecting or draining: room to send more
-                batch.waiting = eager
+                # The window counts the calls not handed out yet, answered or not: while the
+                # first of them is unanswered, only its answer makes room (wake at each one).
+                batch.waiting = eager or batch.left <= batch.low
                 batch.wake = wake = loop.create_future()
                 await wake
         finally:
@@ -684,13 +687,20 @@ class StreamChannel:
         now = loop.time()
         exhausted = False
         if features & FEATURE_BATCH and codec.structured:
-            # BATCH requests (§4.5): up to ``chunk`` calls a frame, several frames in flight
+            # BATCH requests (§4.7): up to ``chunk`` calls a frame, several frames in flight
             # (the server runs one while the next comes and this side reads the last answer).
-            room = window - batch.left
+            room = window - len(batch.values)
             while room > 0:
                 want = min(batch.chunk, room)
                 group = list(itertools.islice(it, want))
                 if group:
+                    if not _SEQUENCES.issuperset(map(type, group)):
+                        # f(*args) for any other iterable (a call that is not one: TypeError,
+                        # as call() would raise), never put in the body as it is: the server
+                        # would refuse the whole request (§4.7), the good calls too
+                        group = [
+                            a if type(a) is tuple or type(a) is list else tuple(a) for a in group
+                        ]
                     self._send_group(core, batch, rids, group, method, timeout, codec, budget, md)
                     room -= len(group)
                 if len(group) < want:
@@ -764,7 +774,7 @@ class StreamChannel:
         start, new_id, send = calls.start, calls.new_id, core.send_request
         values = batch.values
         now = self.loop.time()
-        for _ in range(max(0, batch.window - batch.left)):
+        for _ in range(max(0, batch.window - len(values))):
             args = next(it, _UNANSWERED)
             if args is _UNANSWERED:
                 return True

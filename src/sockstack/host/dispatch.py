@@ -849,7 +849,7 @@ class Dispatcher:
         return self._dispatch_handler(handler, req)
 
     def dispatch_batch(self, req: Request) -> Outcome | Awaitable[Outcome]:
-        """A BATCH request (PROTOCOL.md §4.5): its calls one after the other, each exactly as a
+        """A BATCH request (PROTOCOL.md §4.7): its calls one after the other, each exactly as a
         REQUEST with its arguments runs (interceptors, argument checks and conversion, result
         check); the outcome ``[results, errors]``, ``errors`` the ``[index, code, name,
         message]`` of each call that failed. Inline methods run in one loop here; an ``async
@@ -928,7 +928,7 @@ class Dispatcher:
         dispatch = self.dispatch
         n = len(calls)
         while i < n:
-            if deadline is not None and not i & 63 and _monotonic() >= deadline:
+            if deadline is not None and _monotonic() >= deadline:  # before each call here
                 _batch_late(errors, i, n)
                 break
             outcome = dispatch(_one(req, calls[i]))

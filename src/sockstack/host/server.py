@@ -86,11 +86,18 @@ from sockstack.protocol.events import (
     Request,
     Role,
 )
-from sockstack.protocol.frames import HEADER_SIZE, peek_request_id, peek_type
+from sockstack.protocol.frames import (
+    HEADER_SIZE,
+    MessageType,
+    encode_frame,
+    peek_request_id,
+    peek_type,
+)
 from sockstack.protocol.messages import (
     CORE_MESSAGES,
     FEATURES,
     STREAM_WINDOW,
+    encode_batch_answer,
     encode_close,
     encode_error,
 )
@@ -855,7 +862,7 @@ class _HostStream(StreamProtocol):
             self._item_outs[req.request_id] = out
         token = _set_call(ctx)
         try:
-            if req.batch:  # PROTOCOL.md §4.5: its calls, one after the other
+            if req.batch:  # PROTOCOL.md §4.7: its calls, one after the other
                 outcome = self.dispatcher.dispatch_batch(req)
             else:
                 outcome = self.dispatcher.dispatch(req)
@@ -941,7 +948,7 @@ class _HostStream(StreamProtocol):
     ) -> None:
         """Queue the answer to a dispatched request, or start the method that will give it."""
         if isinstance(outcome, tuple):
-            if outcome[0] and (ctx is None or ctx.trailers is None):
+            if outcome[0] and (ctx is None or ctx.trailers is None) and not req.batch:
                 core = self.core
                 assert core is not None
                 try:
@@ -1208,6 +1215,13 @@ class _HostStream(StreamProtocol):
         trailers = _trailers(req, ctx)
         if ok:
             try:
+                if req.batch and trailers is None:  # §4.7: built within the client's limit
+                    codec = CODECS[req.codec]
+                    body = encode_batch_answer(value[0], value[1], codec, core.peer_max_frame)
+                    core.send_message(
+                        encode_frame(MessageType.RESPONSE, req.request_id, b"", body, 0, codec.id)
+                    )
+                    return
                 core.send_response(req.request_id, value, CODECS[req.codec], metadata=trailers)
                 return
             except CodecError as exc:

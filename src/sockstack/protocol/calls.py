@@ -279,7 +279,7 @@ def batch_plan(window: int) -> tuple[int, int]:
 def batch_answers(
     value: Any, count: int, method: str, timeout: float
 ) -> tuple[list[Any], dict[int, BaseException]]:
-    """A BATCH RESPONSE's body ``[results, errors]`` (PROTOCOL.md §4.5) for ``count`` calls:
+    """A BATCH RESPONSE's body ``[results, errors]`` (PROTOCOL.md §4.7) for ``count`` calls:
     the results by position, and the exception of each call that failed, by its index (as its
     own ERROR answer would raise: DEADLINE_EXCEEDED as the call's timeout). Raises
     :class:`RemoteProtocolError` for a body that is not the answer to ``count`` calls."""
@@ -291,7 +291,7 @@ def batch_answers(
         and type(value[1]) is list
     ):
         raise RemoteProtocolError(
-            f"the answer to a batch of {count} calls is not [results, errors] (§4.5)",
+            f"the answer to a batch of {count} calls is not [results, errors] (§4.7)",
             ErrorCode.DECODE_ERROR,
         )
     results, errors = value

@@ -148,7 +148,7 @@ class Request:
     """The frame's size (meta + body bytes, §2; 0 when not known): what the host counts for the
     bytes of requests in flight."""
     batch: bool = False
-    """Flag BATCH (§4.5): ``args`` holds the argument arrays of the calls of a batch."""
+    """Flag BATCH (§4.7): ``args`` holds the argument arrays of the calls of a batch."""
 
 
 @message

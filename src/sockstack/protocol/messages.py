@@ -80,6 +80,7 @@ __all__ = [
     "check_metadata",
     "decode_message",
     "decode_metadata",
+    "encode_batch_answer",
     "encode_cancel",
     "encode_close",
     "encode_credit",
@@ -115,7 +116,7 @@ FLAG_UPLOAD = 0x20
 """REQUEST flag: an argument of the call follows as ITEMs from the client, under flow control,
 ended by an ITEM with flag END (PROTOCOL.md §4.4). TCP and TLS only."""
 FLAG_BATCH = 0x80
-"""REQUEST flag: a batch of calls of one method (PROTOCOL.md §4.5): the body is an array of
+"""REQUEST flag: a batch of calls of one method (PROTOCOL.md §4.7): the body is an array of
 argument arrays, one per call; the RESPONSE's body is ``[results, errors]``. TCP and TLS only."""
 MAX_BATCH_CALLS = 10_000
 """The most calls one BATCH request carries."""
@@ -331,7 +332,7 @@ def encode_request(
     encode, :class:`LocalProtocolError` for bad metadata or a meta section over 4,096 bytes.
     ``budget_ms``: the DEADLINE flag's budget; ``metadata``: the METADATA map; ``stream``: the
     STREAM flag; ``upload``: the UPLOAD flag (its items follow as ITEMs, §4.4); ``batch``: the
-    BATCH flag, ``args`` then being the calls' argument arrays (§4.5)."""
+    BATCH flag, ``args`` then being the calls' argument arrays (§4.7)."""
     name = _utf8(method, "method name")
     if 0 in name:
         raise LocalProtocolError("a method name never contains a NUL character")
@@ -535,10 +536,66 @@ def split_meta(
     return meta, metadata, budget
 
 
+def _msgpack_array_head(n: int) -> bytes:
+    return bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
+
+
+def encode_batch_answer(
+    results: list[Any], errors: list[list[Any]], codec: Codec, limit: int
+) -> bytes:
+    """A BATCH RESPONSE's body ``[results, errors]`` (§4.7), encoded 256 results at a time:
+    a result that does not encode fails its call alone (RESULT_NOT_ENCODABLE in ``errors``,
+    which this extends), and the encoding stops as soon as the body passes ``limit`` bytes
+    (:class:`LocalProtocolError` FRAME_TOO_LARGE): never built whole only to be refused."""
+    msgpack_ = codec.id == MSGPACK.id
+    parts: list[bytes | memoryview] = []
+    size = 0
+    failed = False
+    start, n, step = 0, len(results), 16
+    while start < n:
+        chunk = results[start : start + step]
+        try:
+            data = codec.encode(chunk)
+        except CodecError:
+            for j, result in enumerate(chunk):
+                try:
+                    codec.encode(result)
+                except CodecError as exc:
+                    chunk[j] = None
+                    code = int(ErrorCode.RESULT_NOT_ENCODABLE)
+                    errors.append([start + j, code, "RESULT_NOT_ENCODABLE", str(exc)])
+                    failed = True
+            data = codec.encode(chunk)
+        size += len(data)
+        if size > limit:
+            raise LocalProtocolError(
+                f"the answer to a batch of {n} calls exceeds the peer's limit of {limit} bytes",
+                ErrorCode.FRAME_TOO_LARGE,
+            )
+        view = memoryview(data)
+        parts.append(view[1 if len(chunk) < 16 else 3 :] if msgpack_ else view[1:-1])
+        start += len(chunk)
+        # the next chunk about an eighth of the limit at this chunk's bytes per result
+        step = max(1, min(256, limit * len(chunk) // (8 * len(data))))
+    if failed:
+        errors.sort(key=lambda e: int(e[0]))
+    tail = codec.encode(errors)
+    if msgpack_:
+        body = b"\x92" + _msgpack_array_head(len(results)) + b"".join(parts) + tail
+    else:
+        body = b"[[" + b",".join(parts) + b"]," + tail + b"]"
+    if len(body) > limit:
+        raise LocalProtocolError(
+            f"the answer to a batch of {n} calls exceeds the peer's limit of {limit} bytes",
+            ErrorCode.FRAME_TOO_LARGE,
+        )
+    return body
+
+
 def _decode_batch(
     f: Frame, codec: Codec, method: str, budget: int | None, metadata: Metadata | None, size: int
 ) -> Request:
-    """A REQUEST with flag BATCH (§4.5): the body an array of at most MAX_BATCH_CALLS argument
+    """A REQUEST with flag BATCH (§4.7): the body an array of at most MAX_BATCH_CALLS argument
     arrays; KWARGS, STREAM and UPLOAD not with it, a structured codec."""
     if f.flags & (FLAG_KWARGS | FLAG_STREAM | FLAG_UPLOAD) or not codec.structured:
         raise RemoteProtocolError(

@@ -172,6 +172,7 @@ _DECODE = int(ErrorCode.DECODE_ERROR)
 _FEATURE_DEADLINE = FEATURE_DEADLINE
 _BUDGET_CAP_S = MAX_BUDGET_MS / 1000  # budget_ms's bound, in seconds
 _monotonic = time.monotonic
+_SEQUENCES = frozenset((tuple, list))  # a call's arguments as they go in a BATCH body
 _FRESH_S = 0.0002
 """A call that begins within this long of the start of the previous call answered on the fast
 path does not look for data that came while idle (a poll() system call): in a loop of calls
@@ -436,6 +437,14 @@ class Ticket:
             return self._conn._wait(slot, self._deadline, self._what, self._timeout)
         finally:
             self._conn._leave(slot)
+
+    def cancel(self) -> None:
+        """Stop waiting for the answer: a later one is nobody's, and a call still running is
+        cancelled on the server (CANCEL, when it announced it). Nothing once answered."""
+        slot = self._slot
+        if isinstance(self._conn, StreamConnection):
+            slot.track = True  # a REQUEST given up on: its _leave sends CANCEL
+        self._conn._leave(slot)
 
 
 class StreamConnection(_Pipeline):
@@ -2337,58 +2346,68 @@ def _many(
     flight: deque[tuple[Ticket, int]] = deque()  # (ticket, calls it answers: 0 for one call)
     in_flight = 0
     exhausted = False
-    while True:
-        if not exhausted and in_flight <= window // 2:
-            now = _monotonic()
-            conn.ensure(now + timeout, method, timeout)
-            core = conn.core
-            features = core.peer_features if core is not None else 0
-            t, budget, md = plan_call(timeout, features, client.metadata, metadata, now)
-            use_batch = bool(features & FEATURE_BATCH) and client.codec.structured
-            size = chunk if use_batch else 1
-            frames: list[Callable[[int], bytes]] = []
-            counts: list[int] = []
-            while in_flight < window:
-                want = min(size, window - in_flight)
-                group = list(itertools.islice(it, want))
-                if group:
-                    frames.append(
-                        _batch_frame(conn, method, group, client.codec, budget, md, use_batch)
-                    )
-                    counts.append(len(group) if use_batch else 0)
-                    in_flight += len(group)
-                if len(group) < want:
-                    exhausted = True
-                    break
-            if frames:
-                tickets = conn.start_exchanges(frames, method, t)
-                flight.extend(zip(tickets, counts, strict=True))
-        if not flight:
-            return
-        ticket, count = flight.popleft()
-        in_flight -= max(count, 1)
-        try:
-            value = ticket.result()
-        except Exception as exc:  # every call of the ticket failed with it
-            if not return_exceptions:
-                raise
-            yield from [exc] * max(count, 1)
-            continue
-        if not count:
-            yield value
-            continue
-        results, failed = batch_answers(value, count, method, timeout)
-        if not failed:
-            yield from results
-            continue
-        for i, result in enumerate(results):
-            error = failed.get(i)
-            if error is None:
-                yield result
-            elif return_exceptions:
-                yield error
-            else:
-                raise error
+    try:
+        while True:
+            if not exhausted and in_flight <= window // 2:
+                now = _monotonic()
+                conn.ensure(now + timeout, method, timeout)
+                core = conn.core
+                features = core.peer_features if core is not None else 0
+                t, budget, md = plan_call(timeout, features, client.metadata, metadata, now)
+                use_batch = bool(features & FEATURE_BATCH) and client.codec.structured
+                size = chunk if use_batch else 1
+                frames: list[Callable[[int], bytes]] = []
+                counts: list[int] = []
+                while in_flight < window:
+                    want = min(size, window - in_flight)
+                    group = list(itertools.islice(it, want))
+                    if group and not _SEQUENCES.issuperset(map(type, group)):
+                        # f(*args) for any other iterable, never put in a BATCH body as it is (the
+                        # server would refuse the whole request, the good calls too)
+                        group = [
+                            a if type(a) is tuple or type(a) is list else tuple(a) for a in group
+                        ]
+                    if group:
+                        frames.append(
+                            _batch_frame(conn, method, group, client.codec, budget, md, use_batch)
+                        )
+                        counts.append(len(group) if use_batch else 0)
+                        in_flight += len(group)
+                    if len(group) < want:
+                        exhausted = True
+                        break
+                if frames:
+                    tickets = conn.start_exchanges(frames, method, t)
+                    flight.extend(zip(tickets, counts, strict=True))
+            if not flight:
+                return
+            ticket, count = flight.popleft()
+            in_flight -= max(count, 1)
+            try:
+                value = ticket.result()
+            except Exception as exc:  # every call of the ticket failed with it
+                if not return_exceptions:
+                    raise
+                yield from [exc] * max(count, 1)
+                continue
+            if not count:
+                yield value
+                continue
+            results, failed = batch_answers(value, count, method, timeout)
+            if not failed:
+                yield from results
+                continue
+            for i, result in enumerate(results):
+                error = failed.get(i)
+                if error is None:
+                    yield result
+                elif return_exceptions:
+                    yield error
+                else:
+                    raise error
+    finally:  # left early (a call raised, or the caller stopped): the rest are cancelled
+        for ticket, _ in flight:
+            ticket.cancel()
 
 
 def _batch_frame(
@@ -2581,13 +2600,13 @@ class Client(ClientSettings):
     ) -> list[Any]:
         """Call ``method`` once per argument sequence of ``calls`` (positional arguments:
         ``[(1, 2), (3, 4)]``), pipelined on the connection, and return the results in order:
-        the calls go in BATCH requests (PROTOCOL.md §4.5; a request per call to a server
+        the calls go in BATCH requests (PROTOCOL.md §4.7; a request per call to a server
         without them), up to ``window`` in flight, so many calls cost about one round trip.
         ``calls`` is read as calls are sent (a generator of any length works in bounded
         memory). Each call has ``timeout`` from when it is sent. A call that fails raises its
-        error once the calls before it are answered (the calls after it already sent still run
-        and their answers are dropped); ``return_exceptions=True`` puts the exception in its
-        place instead."""
+        error once the calls before it are answered (the calls after it still in flight are
+        then cancelled: CANCEL, the server stops them; some may have run);
+        ``return_exceptions=True`` puts the exception in its place instead."""
         return list(
             self.iter_many(
                 method,
