@@ -31,7 +31,7 @@ from typing import Any
 from sockstack.errors import CodecError, ErrorCode, RemoteProtocolError
 from sockstack.protocol.codecs import CODECS
 from sockstack.protocol.events import PatternMessage, Role, message
-from sockstack.protocol.frames import Frame, pack_header
+from sockstack.protocol.frames import HEADER, MAGIC, PROTOCOL_VERSION, Frame, pack_header
 from sockstack.protocol.registry import MessageSet, MessageSpec
 
 __all__ = [
@@ -67,6 +67,7 @@ FLAG_RETAIN = 0x04
 """PUB: keep as the topic's retained message. MSG: delivered from the retained store."""
 FLAG_REDELIVERED = 0x08
 _SID = struct.Struct(">I")
+_MSG_HEAD = struct.Struct(HEADER.format + "I")  # a MSG's header, then its subscription id
 _FAST_FLAGS = FLAG_RETAIN | FLAG_REDELIVERED  # frames with other flags take the general path
 _SUB, _UNSUB, _PUB, _MSG, _ACK = (
     int(PubSubType.SUB),
@@ -179,8 +180,21 @@ def encode_msg(
     flags: int = 0,
 ) -> bytes:
     """``topic`` already UTF-8 (the broker encodes it once per publish, not per subscriber)."""
-    meta = _SID.pack(sid) + topic
-    return pack_header(_MSG, flags, codec, len(meta), delivery_id, len(payload)) + (meta + payload)
+    return (
+        _MSG_HEAD.pack(
+            MAGIC,
+            PROTOCOL_VERSION,
+            _MSG,
+            flags,
+            codec,
+            4 + len(topic),
+            delivery_id,
+            len(payload),
+            sid,
+        )
+        + topic
+        + payload
+    )
 
 
 def encode_ack(delivery_id: int) -> bytes:
