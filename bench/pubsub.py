@@ -5,11 +5,13 @@
 Each subscriber prints ``ready`` once its subscription is in place (sockstack, NATS, Redis and
 MQTT confirm it; ZeroMQ cannot, so its publisher waits half a second: the "slow joiner"), then
 counts messages until it has them all or hears nothing for 2 s, and prints its count and the
-time of its last message. Delivered messages/s = all messages received / (last receipt - start
-of publishing); loss = published x subscribers - received. CPU per million delivered messages
-is the CPU time (user + system, os.times: all threads) of the publisher from its first publish
-to its last, of each subscriber from ``ready`` to its last message, and of the server's processes
-(psutil) over the same span, together, divided by the messages delivered.
+time of its last message. Every publisher connects (ZeroMQ's binds), says ``bound`` and waits
+for the bench's go, so no system's process start-up is in its time. Delivered messages/s = all
+messages received / (last receipt - go); loss = published x subscribers - received. CPU per
+million delivered messages is the CPU time (user + system, os.times: all threads) of the
+publisher from go to its last publish, of each subscriber from ``ready`` to its last message,
+and of the server's processes (psutil) from go to the end, together, divided by the messages
+delivered.
 
 Latency at a fixed rate (``--rate``, 10,000 and 100,000 msg/s, 1 publisher to 1 subscriber,
 sockstack, NATS and Redis): the publisher sends a batch every millisecond, as many as the rate
@@ -111,6 +113,14 @@ class _Sink:
         print("result " + json.dumps(out), flush=True)
 
 
+def _go() -> float:
+    """A publisher is connected (ZeroMQ: bound): say so and wait for the bench's go, so that
+    no system's start-up counts in its time; returns the CPU clock at the start."""
+    print("bound", flush=True)
+    sys.stdin.readline()
+    return _cpu()
+
+
 def _published(cpu0: float, sent: int, seconds: float) -> None:
     out = {"cpu": _cpu() - cpu0, "sent": sent, "seconds": seconds}
     print("published " + json.dumps(out), flush=True)
@@ -166,7 +176,7 @@ async def _ss_pub(port: int, count: int, rate: int) -> None:
     from sockstack import AsyncClient
 
     async with AsyncClient(f"tcp://127.0.0.1:{port}", timeout=30) as c:
-        cpu0 = _cpu()
+        cpu0 = _go()
         t0 = time.perf_counter()
         if rate:
             seconds = await _pace(lambda data: c.publish(TOPIC, data), count, rate)
@@ -206,7 +216,7 @@ async def _nats_pub(port: int, count: int, rate: int) -> None:
     import nats
 
     nc = await nats.connect(f"nats://127.0.0.1:{port}")
-    cpu0 = _cpu()
+    cpu0 = _go()
     t0 = time.perf_counter()
     if rate:
         seconds = await _pace(lambda data: nc.publish(TOPIC, data), count, rate)
@@ -250,7 +260,8 @@ def _redis_pub(port: int, count: int, rate: int) -> None:
 
     r = redis.Redis(port=port)
     pipe = r.pipeline(transaction=False)
-    cpu0 = _cpu()
+    r.ping()  # connected
+    cpu0 = _go()
     t0 = time.perf_counter()
     if rate:  # a pipeline per millisecond's batch: what a redis-py publisher at this rate does
         sent = 0
@@ -307,9 +318,7 @@ def _zmq_pub(port: int, count: int, rate: int) -> None:
     sock = ctx.socket(zmq.PUB)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.bind(f"tcp://127.0.0.1:{port}")
-    print("bound", flush=True)
-    sys.stdin.readline()  # the bench says go once the subscribers had time to join
-    cpu0 = _cpu()
+    cpu0 = _go()  # (the bench says go once the subscribers had time to join)
     t0 = time.perf_counter()
     msg = TOPIC.encode() + b" " + PAYLOAD
     for _ in range(count):
@@ -358,7 +367,7 @@ def _mqtt_pub(port: int, count: int, rate: int) -> None:
     client.max_queued_messages_set(0)
     client.connect("127.0.0.1", port)
     client.loop_start()
-    cpu0 = _cpu()
+    cpu0 = _go()
     t0 = time.perf_counter()
     info = None
     for _ in range(count):
@@ -512,17 +521,18 @@ def _run(
         procs += subscribers
         for s in subscribers:
             _read_line(s, "ready", 30)
-        server_cpu0 = server.cpu_seconds()
-        began = time.time()
         if publisher is None:
             publisher = _client("pub", system, server.port, count, rate)
             procs.append(publisher)
+            _read_line(publisher, "bound", 30)
         else:
             time.sleep(0.5)  # ZeroMQ cannot confirm subscriptions (the "slow joiner")
-            began = time.time()
-            assert publisher.stdin is not None
-            publisher.stdin.write("go\n")
-            publisher.stdin.flush()
+        # Every publisher is connected and waits: its start-up is not counted (the same for all).
+        server_cpu0 = server.cpu_seconds()
+        began = time.time()
+        assert publisher.stdin is not None
+        publisher.stdin.write("go\n")
+        publisher.stdin.flush()
         results = [json.loads(_read_line(s, "result", 120)[7:]) for s in subscribers]
         published = json.loads(_read_line(publisher, "published", 60)[10:])
         server_cpu = server.cpu_seconds() - server_cpu0
