@@ -262,10 +262,10 @@ def _fast_pub(
     if flags & ~_FAST_FLAGS or codec > 2:
         return None
     try:
-        topic = str(data[meta:body], "utf-8")
+        topic = data[meta:body].decode()  # (UTF-8: str(..., "utf-8") looks the codec up)
     except UnicodeDecodeError:
         return None
-    return Pub(rid, topic, data[body:end], codec, bool(flags & FLAG_RETAIN))
+    return Pub(rid, topic, data[body:end], codec, bool(flags & FLAG_RETAIN) if flags else False)
 
 
 def _fast_msg(
@@ -275,10 +275,12 @@ def _fast_msg(
     if flags & ~_FAST_FLAGS or codec > 2 or body - meta < 4:
         return None
     try:
-        topic = str(data[meta + 4 : body], "utf-8")
+        topic = data[meta + 4 : body].decode()
     except UnicodeDecodeError:
         return None
     sid: int = _SID.unpack_from(data, meta)[0]
+    if not flags:
+        return Msg(rid, sid, topic, data[body:end], codec, False, False)
     return Msg(
         rid,
         sid,
