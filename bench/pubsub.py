@@ -85,7 +85,7 @@ class _Sink:
         self.count = count
         self.rate = rate
         self.received = 0
-        self.last = 0.0
+        self.first = self.last = 0.0
         self.lat: list[int] = []
         self.cpu0 = 0.0
 
@@ -99,11 +99,14 @@ class _Sink:
             self.lat.append(time.perf_counter_ns() - _STAMP.unpack_from(data)[0])
         self.received += 1
         self.last = time.time()
+        if not self.first:
+            self.first = self.last
         return self.received >= self.count
 
     def report(self) -> None:
         out: dict[str, Any] = {
             "received": self.received,
+            "first": self.first,
             "last": self.last,
             "cpu": _cpu() - self.cpu0,
         }

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from sockstack.errors import ErrorCode, SockstackError, TopicError
 from sockstack.protocol.frames import with_flags
-from sockstack.pubsub.messages import FLAG_REDELIVERED, FLAG_RETAIN, encode_msg
+from sockstack.pubsub.messages import FLAG_REDELIVERED, FLAG_RETAIN, encode_msg, msg_head
 from sockstack.pubsub.topics import SubscriptionIndex, matches, validate_topic
 
 if TYPE_CHECKING:
@@ -108,6 +108,7 @@ objects 84 B, the deque slot 8 B) and, once sent, its in-flight record. The entr
 memory while the message is on disk (``--store``): its content does not (the durable window).
 Measured in tests/pubsub/test_durable.py."""
 _MSG_EXTRA = 20  # a MSG frame beyond topic + payload: the 16-byte header and the 4-byte sid
+_FLUSH_CHUNK = 16 << 10  # bytes of queued MSG frames written per writable() check
 _ROUTES_MAX = 10_000  # topics whose matched subscriptions are cached
 _ROUTE_REFS_MAX = 100_000  # subscription references in that cache, all topics together (~1 MB)
 _INFLIGHT_EXTRA = _MSG_EXTRA + INFLIGHT_OVERHEAD  # charged for a message in flight, beyond its data
@@ -1432,6 +1433,9 @@ class Broker:
         peer = sub.peer
         pending = sub.pending
         qos = sub.options.qos
+        if not qos and sub.sink is None:
+            self._flush_frames(sub)
+            return
         while pending and peer.writable():
             topic_b, payload, codec, flags, seq = pending[0]
             data = len(topic_b) + len(payload)
@@ -1442,6 +1446,52 @@ class Broker:
             sub.held -= data + QUEUED_OVERHEAD
             self.held_total -= data + QUEUED_OVERHEAD
             self._send(sub, topic_b, payload, codec, flags, seq)
+
+    def _flush_frames(self, sub: Subscription) -> None:
+        """:meth:`_flush` for QoS 0 to a connection (what a subscriber that fell behind gets
+        when its connection drains): MSG frames written in chunks of about ``_FLUSH_CHUNK``
+        bytes (the peer's ``writable()`` asked once a chunk, so its unsent bytes pass its
+        high-water mark by at most a chunk and a message), a run of messages with the same
+        topic, codec, flags and size sharing one header, the counters settled once."""
+        peer = sub.peer
+        pending = sub.pending
+        write = peer.write_soon
+        sid = sub.sid
+        n = freed = 0
+        head = last_topic = b""
+        last_len = last_codec = last_flags = -1
+        while pending and peer.writable():
+            chunk: list[bytes] = []
+            size = 0
+            while pending and size < _FLUSH_CHUNK:
+                topic_b, payload, codec, flags, _ = pending.popleft()
+                data = len(topic_b) + len(payload)
+                freed += data
+                size += data + _MSG_EXTRA
+                if (
+                    len(payload) != last_len
+                    or topic_b is not last_topic
+                    or codec != last_codec
+                    or flags != last_flags
+                ):
+                    last_topic, last_len, last_codec, last_flags = (
+                        topic_b,
+                        len(payload),
+                        codec,
+                        flags,
+                    )
+                    head = msg_head(0, sid, topic_b, last_len, codec, flags)
+                chunk.append(head)
+                chunk.append(payload)
+            write(b"".join(chunk))
+            n += len(chunk) >> 1
+        if n:
+            charged = freed + n * QUEUED_OVERHEAD
+            sub.pending_bytes -= freed
+            sub.held -= charged
+            self.held_total -= charged
+            sub.delivered += n
+            self.counters["delivered"] += n
 
     def ack(self, peer: Peer, delivery_id: int) -> None:
         for sub in self._peers.get(peer, {}).values():

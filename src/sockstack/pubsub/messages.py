@@ -49,6 +49,7 @@ __all__ = [
     "encode_pub",
     "encode_sub",
     "encode_unsub",
+    "msg_head",
     "sub_options",
 ]
 
@@ -194,6 +195,27 @@ def encode_msg(
         )
         + topic
         + payload
+    )
+
+
+def msg_head(
+    delivery_id: int, sid: int, topic: bytes, payload_len: int, codec: int = 1, flags: int = 0
+) -> bytes:
+    """A MSG frame without its payload (``msg_head(...) + payload`` is
+    :func:`encode_msg`): the broker reuses it for a run of messages of the same topic and size."""
+    return (
+        _MSG_HEAD.pack(
+            MAGIC,
+            PROTOCOL_VERSION,
+            _MSG,
+            flags,
+            codec,
+            4 + len(topic),
+            delivery_id,
+            payload_len,
+            sid,
+        )
+        + topic
     )
 
 
