@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from sockstack.errors import CodecError, ErrorCode, RemoteProtocolError
@@ -166,10 +167,35 @@ def encode_unsub(sid: int) -> bytes:
     return _frame(_UNSUB, sid, b"", b"")
 
 
+_PUB_TOPICS: dict[str, tuple[Callable[..., bytes], bytes]] = {}
+"""A published topic -> a packer of a PUB's header with that topic after it, and the topic's
+UTF-8 (publishers repeat their topics; bounded, emptied when full)."""
+
+
 def encode_pub(
     topic: str, payload: bytes, request_id: int = 0, codec: int = 1, retain: bool = False
 ) -> bytes:
-    return _frame(_PUB, request_id, topic.encode(), payload, FLAG_RETAIN if retain else 0, codec)
+    cached = _PUB_TOPICS.get(topic)
+    if cached is None:
+        meta = topic.encode()
+        if len(_PUB_TOPICS) >= 10_000:
+            _PUB_TOPICS.clear()
+        cached = _PUB_TOPICS[topic] = (struct.Struct(f"{HEADER.format}{len(meta)}s").pack, meta)
+    pack, meta = cached
+    return (
+        pack(
+            MAGIC,
+            PROTOCOL_VERSION,
+            _PUB,
+            FLAG_RETAIN if retain else 0,
+            codec,
+            len(meta),
+            request_id,
+            len(payload),
+            meta,
+        )
+        + payload
+    )
 
 
 def encode_msg(
