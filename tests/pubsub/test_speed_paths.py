@@ -279,3 +279,27 @@ async def test_blocking_publish_many_is_publish_per_value(server: Server) -> Non
             return [sub.get().value for _ in range(2501)]
 
     assert await asyncio.to_thread(scenario) == [*values, "after"]
+
+
+def test_fast_msg_meta_cache_gives_what_decoding_gives() -> None:
+    from sockstack.pubsub.messages import _MSG_METAS, _fast_msg
+
+    def parse(frame: bytes) -> Msg | None:
+        meta_len = int.from_bytes(frame[6:8], "big")
+        rid = int.from_bytes(frame[8:12], "big")
+        body = 16 + meta_len
+        return _fast_msg(frame, 16, body, len(frame), frame[4], frame[5], rid)
+
+    long_topic = ("x" * 300 + ".y").encode()  # longer than the broker allows: not cached
+    for _ in range(2):  # the second time from the cache
+        for sid, topic, flags in [
+            (1, b"a.b", 0),
+            (2, b"a.b", FLAG_RETAIN),
+            (1, "\u00e9.t".encode(), 0x08),
+            (3, long_topic, 0),
+        ]:
+            m = parse(encode_msg(5, sid, topic, b"pay", 1, flags))
+            assert m == Msg(5, sid, topic.decode(), b"pay", 1, bool(flags & 4), bool(flags & 8))
+        assert parse(encode_msg(0, 1, b"\xff\xfe", b"p", 1)) is None  # not UTF-8: general path
+    assert len(_MSG_METAS) <= 4096
+    assert all(len(k) <= 260 for k in _MSG_METAS)
