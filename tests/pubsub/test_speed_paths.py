@@ -67,6 +67,8 @@ def test_encoders_match_the_general_layout() -> None:
         ("a.b", b"x", 0, 1, False),
         ("h\u00e9llo.w\u00f6rld", b"", 7, 0, True),
         ("a.b", b"y" * 70_000, 1, 2, True),
+        ("z" * 300, b"q", 0, 1, False),  # longer than a broker takes: not cached
+        ("a.b", b"x", 0, 1, False),  # the second time: from the cache
     ]:
         meta = topic.encode()
         flags = FLAG_RETAIN if retain else 0

@@ -168,8 +168,10 @@ def encode_unsub(sid: int) -> bytes:
 
 
 _PUB_TOPICS: dict[str, tuple[Callable[..., bytes], bytes]] = {}
-"""A published topic -> a packer of a PUB's header with that topic after it, and the topic's
-UTF-8 (publishers repeat their topics; bounded, emptied when full)."""
+"""A published topic -> a packer of a PUB's header with a topic of its length after it, and the
+topic's UTF-8 (publishers repeat their topics). Bounded: topics up to 256 bytes (the longest
+a broker takes), 4,096 of them, emptied when full (under 3 MB); one packer per length."""
+_PUB_PACKS: dict[int, Callable[..., bytes]] = {}
 
 
 def encode_pub(
@@ -178,9 +180,14 @@ def encode_pub(
     cached = _PUB_TOPICS.get(topic)
     if cached is None:
         meta = topic.encode()
-        if len(_PUB_TOPICS) >= 10_000:
+        if len(meta) > 256:
+            return _frame(_PUB, request_id, meta, payload, FLAG_RETAIN if retain else 0, codec)
+        pack = _PUB_PACKS.get(len(meta))
+        if pack is None:
+            pack = _PUB_PACKS[len(meta)] = struct.Struct(f"{HEADER.format}{len(meta)}s").pack
+        if len(_PUB_TOPICS) >= 4096:
             _PUB_TOPICS.clear()
-        cached = _PUB_TOPICS[topic] = (struct.Struct(f"{HEADER.format}{len(meta)}s").pack, meta)
+        cached = _PUB_TOPICS[topic] = (pack, meta)
     pack, meta = cached
     return (
         pack(
@@ -319,7 +326,7 @@ def _fast_pub(
 _MSG_METAS: dict[bytes, tuple[int, str]] = {}
 """A MSG's meta (subscription id, topic) -> both decoded: a subscriber sees the same few again
 and again. Bounded: metas up to 260 bytes (a topic of the broker's 256 at most), 4,096 of
-them, emptied when full (under 2 MB)."""
+them, emptied when full (under 3 MB)."""
 
 
 def _fast_msg(
