@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from sockstack.errors import ErrorCode, SockstackError, TopicError
 from sockstack.protocol.frames import with_flags
-from sockstack.pubsub.messages import FLAG_REDELIVERED, FLAG_RETAIN, encode_msg
+from sockstack.pubsub.messages import FLAG_REDELIVERED, FLAG_RETAIN, encode_msg, msg_head
 from sockstack.pubsub.topics import SubscriptionIndex, matches, validate_topic
 
 if TYPE_CHECKING:
@@ -108,6 +108,9 @@ objects 84 B, the deque slot 8 B) and, once sent, its in-flight record. The entr
 memory while the message is on disk (``--store``): its content does not (the durable window).
 Measured in tests/pubsub/test_durable.py."""
 _MSG_EXTRA = 20  # a MSG frame beyond topic + payload: the 16-byte header and the 4-byte sid
+_FLUSH_CHUNK = 16 << 10  # bytes of queued MSG frames written per writable() check
+_ROUTES_MAX = 10_000  # topics whose matched subscriptions are cached
+_ROUTE_REFS_MAX = 100_000  # subscription references in that cache, all topics together (~1 MB)
 _INFLIGHT_EXTRA = _MSG_EXTRA + INFLIGHT_OVERHEAD  # charged for a message in flight, beyond its data
 
 
@@ -377,6 +380,12 @@ class Subscription:
         return id(self)
 
 
+# A published topic's route (Broker._route): tokens, UTF-8 bytes, and the matched subscriptions
+# (direct: QoS 0 to a connection; others: the rest without a group; grouped: queue groups).
+_Route = tuple[
+    list[str], bytes, tuple[Subscription, ...], tuple[Subscription, ...], tuple[Subscription, ...]
+]
+
 # A durable subscription's message: (id, cost, published at (wall clock), content or None when
 # it is on disk only, MSG flags). content: (topic bytes, payload, codec).
 _Entry = tuple[int, int, float, "tuple[bytes, bytes, int] | None", int]
@@ -440,6 +449,11 @@ class Broker:
         self._peers: dict[Peer, dict[int, Subscription]] = {}
         self._group_turn: dict[str, int] = {}
         self._topics: dict[str, tuple[list[str], bytes]] = {}  # validated topics
+        self._routes: dict[str, _Route] = {}
+        """Published topics -> their tokens, bytes and matched subscriptions, split by how
+        they are delivered (:meth:`_route`); emptied whenever a subscription comes or goes,
+        bounded by ``_ROUTES_MAX`` topics and ``_ROUTE_REFS_MAX`` references."""
+        self._route_refs = 0
         self.held_total = 0  # bytes held for all subscriptions (queued + in flight, charged)
         self._ids = itertools.count(1)
         self.link: BrokerLink | None = None
@@ -482,6 +496,7 @@ class Broker:
             self.index.add(sub, pattern)
         except TopicError as exc:
             raise BrokerError(ErrorCode.BAD_TOPIC, str(exc)) from None
+        self._routes_changed()
         subs[sid] = sub
         self._interested(pattern, options.group, sub)
         return sub
@@ -526,6 +541,7 @@ class Broker:
             raise BrokerError(ErrorCode.DECODE_ERROR, "a local subscription is QoS 0")
         sub = self.subscribe(sink, 1, pattern, options)
         sub.sink = sink
+        self._routes_changed()  # (a local subscription is delivered to another way)
         return sub
 
     @property
@@ -577,6 +593,7 @@ class Broker:
             self._detach(sub)
             return
         self.index.remove(sub)
+        self._routes_changed()
         self._uninterested(sub.pattern, sub.options.group, sub)
         self.held_total -= sub.held
         sub.pending.clear()
@@ -618,8 +635,10 @@ class Broker:
                 )
         elif len(payload) > self.limits.max_payload:
             self._check_payload(payload)
-        cached = self._topics.get(topic)  # the common case inline: no call per publish
-        tokens, topic_b = cached if cached is not None else self._topic(topic)
+        route = self._routes.get(topic)  # the common case inline: no call per publish
+        tokens, topic_b, direct, others, grouped = (
+            route if route is not None else self._route(topic)
+        )
         store = self.store
         held = self.durable_index.match(tokens) if self.durables else None
         if store is not None and (retain or held) and store.busy():
@@ -643,22 +662,37 @@ class Broker:
                 link.published(topic, payload, codec, retain)
         if held:
             self._hold(held, topic_b, payload, codec)
-        matched = self.index.match(tokens)
-        if not matched:
-            return 0
+        if direct:
+            # QoS 0 to connections, the bulk of the traffic: one MSG frame for every
+            # subscription with the same id (subscribers of a fan-out usually have id 1),
+            # written at once while the connection takes it, queued otherwise (_deliver).
+            frame = b""
+            frame_sid = -1
+            sent = 0
+            for sub in direct:
+                if sub.pending or sub.closed or not sub.peer.writable():
+                    self._deliver(sub, topic_b, payload, codec, 0, seq)
+                    continue
+                if sub.sid != frame_sid:
+                    frame_sid = sub.sid
+                    frame = encode_msg(0, frame_sid, topic_b, payload, codec)
+                sub.peer.write_soon(frame)
+                sub.delivered += 1
+                sent += 1
+            if sent:
+                self.counters["delivered"] += sent
+        for sub in others:
+            self._deliver(sub, topic_b, payload, codec, 0, seq)
+        n = len(direct) + len(others)
+        if not grouped or link is not None:
+            return n  # with a link, a group spans the brokers: the link's side chooses the member
         groups: dict[str, list[Subscription]] | None = None
-        n = 0
-        for sub in matched:
+        for sub in grouped:
             group = sub.options.group
-            if group is None:
-                self._deliver(sub, topic_b, payload, codec, 0, seq)
-                n += 1
-            elif link is not None:
-                continue  # a group spans the brokers: the link's side chooses the member
-            else:
-                if groups is None:
-                    groups = {}
-                groups.setdefault(group, []).append(sub)
+            assert group is not None
+            if groups is None:
+                groups = {}
+            groups.setdefault(group, []).append(sub)
         if groups:
             turns = self._group_turn
             for group, members in groups.items():
@@ -671,6 +705,39 @@ class Broker:
                 self._deliver(members[turn % len(members)], topic_b, payload, codec, 0, seq)
                 n += 1
         return n
+
+    def _route(self, topic: str) -> _Route:
+        """A published topic's tokens, UTF-8 bytes and matched subscriptions (validated, the
+        subscription index matched once, and cached until a subscription comes or goes):
+        ``direct`` QoS 0 to a connection, without group or durable (the fast path of
+        :meth:`publish`), ``others`` the rest without a group (QoS 1, local, durable),
+        ``grouped`` the members of queue groups, each in match order."""
+        tokens, topic_b = self._topic(topic)
+        direct: list[Subscription] = []
+        others: list[Subscription] = []
+        grouped: list[Subscription] = []
+        for sub in self.index.match(tokens):
+            opts = sub.options
+            if opts.group is not None:
+                grouped.append(sub)
+            elif opts.qos == 0 and sub.sink is None and sub.durable is None:
+                direct.append(sub)
+            else:
+                others.append(sub)
+        route = (tokens, topic_b, tuple(direct), tuple(others), tuple(grouped))
+        refs = 1 + len(direct) + len(others) + len(grouped)
+        if len(self._routes) >= _ROUTES_MAX or self._route_refs + refs > _ROUTE_REFS_MAX:
+            self._routes_changed()  # bounded: topics repeat, so the cache refills at once
+        if refs <= _ROUTE_REFS_MAX:
+            self._routes[topic] = route
+            self._route_refs += refs
+        return route
+
+    def _routes_changed(self) -> None:
+        """A subscription came or went: matches cached for topics are stale."""
+        if self._routes:
+            self._routes.clear()
+        self._route_refs = 0
 
     def _topic(self, topic: str) -> tuple[list[str], bytes]:
         """A published topic's tokens and UTF-8 bytes, validated once and cached."""
@@ -1366,6 +1433,9 @@ class Broker:
         peer = sub.peer
         pending = sub.pending
         qos = sub.options.qos
+        if not qos and sub.sink is None:
+            self._flush_frames(sub)
+            return
         while pending and peer.writable():
             topic_b, payload, codec, flags, seq = pending[0]
             data = len(topic_b) + len(payload)
@@ -1376,6 +1446,52 @@ class Broker:
             sub.held -= data + QUEUED_OVERHEAD
             self.held_total -= data + QUEUED_OVERHEAD
             self._send(sub, topic_b, payload, codec, flags, seq)
+
+    def _flush_frames(self, sub: Subscription) -> None:
+        """:meth:`_flush` for QoS 0 to a connection (what a subscriber that fell behind gets
+        when its connection drains): MSG frames written in chunks of about ``_FLUSH_CHUNK``
+        bytes (the peer's ``writable()`` asked once a chunk, so its unsent bytes pass its
+        high-water mark by at most a chunk and a message), a run of messages with the same
+        topic, codec, flags and size sharing one header, the counters settled once."""
+        peer = sub.peer
+        pending = sub.pending
+        write = peer.write_soon
+        sid = sub.sid
+        n = freed = 0
+        head = last_topic = b""
+        last_len = last_codec = last_flags = -1
+        while pending and peer.writable():
+            chunk: list[bytes] = []
+            size = 0
+            while pending and size < _FLUSH_CHUNK:
+                topic_b, payload, codec, flags, _ = pending.popleft()
+                data = len(topic_b) + len(payload)
+                freed += data
+                size += data + _MSG_EXTRA
+                if (
+                    len(payload) != last_len
+                    or topic_b is not last_topic
+                    or codec != last_codec
+                    or flags != last_flags
+                ):
+                    last_topic, last_len, last_codec, last_flags = (
+                        topic_b,
+                        len(payload),
+                        codec,
+                        flags,
+                    )
+                    head = msg_head(0, sid, topic_b, last_len, codec, flags)
+                chunk.append(head)
+                chunk.append(payload)
+            write(b"".join(chunk))
+            n += len(chunk) >> 1
+        if n:
+            charged = freed + n * QUEUED_OVERHEAD
+            sub.pending_bytes -= freed
+            sub.held -= charged
+            self.held_total -= charged
+            sub.delivered += n
+            self.counters["delivered"] += n
 
     def ack(self, peer: Peer, delivery_id: int) -> None:
         for sub in self._peers.get(peer, {}).values():

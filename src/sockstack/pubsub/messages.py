@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from sockstack.errors import CodecError, ErrorCode, RemoteProtocolError
 from sockstack.protocol.codecs import CODECS
 from sockstack.protocol.events import PatternMessage, Role, message
-from sockstack.protocol.frames import Frame, pack_header
+from sockstack.protocol.frames import HEADER, MAGIC, PROTOCOL_VERSION, Frame, pack_header
 from sockstack.protocol.registry import MessageSet, MessageSpec
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "encode_pub",
     "encode_sub",
     "encode_unsub",
+    "msg_head",
     "sub_options",
 ]
 
@@ -67,6 +69,7 @@ FLAG_RETAIN = 0x04
 """PUB: keep as the topic's retained message. MSG: delivered from the retained store."""
 FLAG_REDELIVERED = 0x08
 _SID = struct.Struct(">I")
+_MSG_HEAD = struct.Struct(HEADER.format + "I")  # a MSG's header, then its subscription id
 _FAST_FLAGS = FLAG_RETAIN | FLAG_REDELIVERED  # frames with other flags take the general path
 _SUB, _UNSUB, _PUB, _MSG, _ACK = (
     int(PubSubType.SUB),
@@ -164,10 +167,42 @@ def encode_unsub(sid: int) -> bytes:
     return _frame(_UNSUB, sid, b"", b"")
 
 
+_PUB_TOPICS: dict[str, tuple[Callable[..., bytes], bytes]] = {}
+"""A published topic -> a packer of a PUB's header with a topic of its length after it, and the
+topic's UTF-8 (publishers repeat their topics). Bounded: topics up to 256 bytes (the longest
+a broker takes), 4,096 of them, emptied when full (under 3 MB); one packer per length."""
+_PUB_PACKS: dict[int, Callable[..., bytes]] = {}
+
+
 def encode_pub(
     topic: str, payload: bytes, request_id: int = 0, codec: int = 1, retain: bool = False
 ) -> bytes:
-    return _frame(_PUB, request_id, topic.encode(), payload, FLAG_RETAIN if retain else 0, codec)
+    cached = _PUB_TOPICS.get(topic)
+    if cached is None:
+        meta = topic.encode()
+        if len(meta) > 256:
+            return _frame(_PUB, request_id, meta, payload, FLAG_RETAIN if retain else 0, codec)
+        pack = _PUB_PACKS.get(len(meta))
+        if pack is None:
+            pack = _PUB_PACKS[len(meta)] = struct.Struct(f"{HEADER.format}{len(meta)}s").pack
+        if len(_PUB_TOPICS) >= 4096:
+            _PUB_TOPICS.clear()
+        cached = _PUB_TOPICS[topic] = (pack, meta)
+    pack, meta = cached
+    return (
+        pack(
+            MAGIC,
+            PROTOCOL_VERSION,
+            _PUB,
+            FLAG_RETAIN if retain else 0,
+            codec,
+            len(meta),
+            request_id,
+            len(payload),
+            meta,
+        )
+        + payload
+    )
 
 
 def encode_msg(
@@ -179,8 +214,42 @@ def encode_msg(
     flags: int = 0,
 ) -> bytes:
     """``topic`` already UTF-8 (the broker encodes it once per publish, not per subscriber)."""
-    meta = _SID.pack(sid) + topic
-    return pack_header(_MSG, flags, codec, len(meta), delivery_id, len(payload)) + (meta + payload)
+    return (
+        _MSG_HEAD.pack(
+            MAGIC,
+            PROTOCOL_VERSION,
+            _MSG,
+            flags,
+            codec,
+            4 + len(topic),
+            delivery_id,
+            len(payload),
+            sid,
+        )
+        + topic
+        + payload
+    )
+
+
+def msg_head(
+    delivery_id: int, sid: int, topic: bytes, payload_len: int, codec: int = 1, flags: int = 0
+) -> bytes:
+    """A MSG frame without its payload (``msg_head(...) + payload`` is
+    :func:`encode_msg`): the broker reuses it for a run of messages of the same topic and size."""
+    return (
+        _MSG_HEAD.pack(
+            MAGIC,
+            PROTOCOL_VERSION,
+            _MSG,
+            flags,
+            codec,
+            4 + len(topic),
+            delivery_id,
+            payload_len,
+            sid,
+        )
+        + topic
+    )
 
 
 def encode_ack(delivery_id: int) -> bytes:
@@ -248,10 +317,16 @@ def _fast_pub(
     if flags & ~_FAST_FLAGS or codec > 2:
         return None
     try:
-        topic = str(data[meta:body], "utf-8")
+        topic = data[meta:body].decode()  # (UTF-8: str(..., "utf-8") looks the codec up)
     except UnicodeDecodeError:
         return None
-    return Pub(rid, topic, data[body:end], codec, bool(flags & FLAG_RETAIN))
+    return Pub(rid, topic, data[body:end], codec, bool(flags & FLAG_RETAIN) if flags else False)
+
+
+_MSG_METAS: dict[bytes, tuple[int, str]] = {}
+"""A MSG's meta (subscription id, topic) -> both decoded: a subscriber sees the same few again
+and again. Bounded: metas up to 260 bytes (a topic of the broker's 256 at most), 4,096 of
+them, emptied when full (under 3 MB)."""
 
 
 def _fast_msg(
@@ -260,15 +335,24 @@ def _fast_msg(
     """MSG straight from the receive buffer (the bulk of a subscriber's input)."""
     if flags & ~_FAST_FLAGS or codec > 2 or body - meta < 4:
         return None
-    try:
-        topic = str(data[meta + 4 : body], "utf-8")
-    except UnicodeDecodeError:
-        return None
-    sid: int = _SID.unpack_from(data, meta)[0]
+    key = data[meta:body]
+    known = _MSG_METAS.get(key)
+    if known is None:
+        try:
+            topic = key[4:].decode()
+        except UnicodeDecodeError:
+            return None
+        known = (_SID.unpack_from(key)[0], topic)
+        if len(key) <= 260:
+            if len(_MSG_METAS) >= 4096:
+                _MSG_METAS.clear()
+            _MSG_METAS[key] = known
+    if not flags:
+        return Msg(rid, known[0], known[1], data[body:end], codec, False, False)
     return Msg(
         rid,
-        sid,
-        topic,
+        known[0],
+        known[1],
         data[body:end],
         codec,
         bool(flags & FLAG_RETAIN),
