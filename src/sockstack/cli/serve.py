@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib
 import inspect
 import logging
@@ -249,6 +250,10 @@ async def _serve(args: argparse.Namespace) -> int:
             lines.insert(len(lines) - 1, f"metrics on {where}/metrics")
         for line in lines:
             print(line, flush=True)
+        # What start-up made lives as long as the process: out of the collector's sight, so
+        # that its full collections, which a flood of messages or calls triggers, do not walk
+        # it again and again (measured: 0.3 us of a broker's ~1.9 per message in a 1:1 flood).
+        gc.freeze()
         # A worker of `serve --workers N`: tell the supervisor (now a SIGTERM it forwards is
         # handled gracefully). Elsewhere, nothing.
         report_ready(server.name, server.endpoints)

@@ -60,7 +60,9 @@ class Peer(Protocol):
         """Write what the core queued now (otherwise it leaves with the current batch)."""
 
     def write_soon(self, data: bytes) -> None:
-        """Queue encoded frames; everything queued in one loop iteration leaves in one write."""
+        """Queue encoded frames; everything queued in one loop iteration leaves in one write
+        (a burst leaves in 16 KiB writes as it is queued, so the peer reads while the rest is
+        made)."""
 
     def writable(self) -> bool:
         """True while the connection's unsent bytes are below its high-water mark."""

@@ -244,6 +244,8 @@ class _Run:
 StreamRoute = Callable[[Any, Any], None]
 """A pattern's ``stream_message``, called with (connection, message) for its message classes."""
 
+_SOON_BATCH = 16 << 10  # bytes a pattern queues for a peer before they are written at once
+
 log = logging.getLogger("sockstack.server")
 
 
@@ -1024,6 +1026,14 @@ class _HostStream(StreamProtocol):
     def write_soon(self, data: bytes) -> None:
         self._soon.append(data)
         self._soon_bytes += len(data)
+        if self._soon_bytes >= _SOON_BATCH:
+            # A batch's worth (a long read fanned out): written now, so that the peer reads
+            # while the rest of the read is handled, rather than all of it at the end (no
+            # pattern is called back from here: that waits for the scheduled write).
+            out, self._soon, self._soon_bytes = self._soon, [], 0
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(b"".join(out))
         if not self._soon_scheduled:
             # Frames for this peer in the same loop iteration leave in one write.
             self._soon_scheduled = True
