@@ -117,6 +117,7 @@ def targets(run: Run) -> list[Target]:
     pipe = next((r.scenario for r in res if r.scenario.startswith("pipelined")), "pipelined")
     gather = _find(res, pipe, SS)
     batch = _find(res, pipe, BATCH)
+    timed = _find(res, pipe, "sockstack iter_many, each result timed")
     out += [
         Target(
             f"{pipe}: sockstack / pyzmq DEALER/ROUTER",
@@ -139,8 +140,8 @@ def targets(run: Run) -> list[Target]:
             4.0,
         ),
         Target(
-            f"{pipe}: sockstack call_many p99 inside the window, ms",
-            None if batch is None or batch.p99_us is None else round(batch.p99_us / 1000, 2),
+            f"{pipe}: sockstack iter_many p99 inside the window, ms",
+            None if timed is None or timed.p99_us is None else round(timed.p99_us / 1000, 2),
             5.0,
             higher_is_better=False,
         ),

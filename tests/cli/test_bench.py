@@ -185,8 +185,10 @@ def test_bench_batch_and_feature_rows(tmp_path: Path) -> None:
     )
     for system in ("sockstack call_many (BATCH requests)", "sockstack call_many, blocking client"):
         (row,) = _rows(data, "pipelined", system)
-        assert row["calls"] > 0 and row["calls_per_s"] > 0 and row["p99_us"] > 0
+        assert row["calls"] > 0 and row["calls_per_s"] > 0
         assert row["cpu_s_per_million"] > 0
+    (timed,) = _rows(data, "pipelined", "sockstack iter_many, each result timed")
+    assert timed["p99_us"] > 0
     features = [r for r in data["results"] if r["scenario"].startswith("RPC features")]
     assert {r["system"] for r in features} == {
         "sockstack, plain call",
