@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CALL = re.compile(r"^([A-Za-z_][\w.]*)\((.*)\)$")
 KEYWORD = re.compile(r"^([a-z_]\w*)=\S*$")
 # Client methods a row may name by themselves: `call(..., timeout=)`, `subscribe(max_msgs=)`.
-CLIENT_METHODS = ("call", "subscribe")
+CLIENT_METHODS = ("call", "call_many", "subscribe")
 WITH_KEYWORDS = (sockstack.Server, sockstack.AsyncClient, sockstack.Client)
 
 
