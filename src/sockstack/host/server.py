@@ -1033,7 +1033,11 @@ class _HostStream(StreamProtocol):
             out, self._soon, self._soon_bytes = self._soon, [], 0
             transport = self.transport
             if transport is not None and not transport.is_closing():
-                transport.write(b"".join(out))
+                # What the session queued first leaves first (a SUB's answer before the
+                # retained messages that follow it), as at the end of the read.
+                core = self.core
+                first = core.buffers_to_send() if core is not None else []
+                transport.write(b"".join([*first, *out] if first else out))
         if not self._soon_scheduled:
             # Frames for this peer in the same loop iteration leave in one write.
             self._soon_scheduled = True
