@@ -11,6 +11,7 @@ virtual machines, so sequential scenarios run under both placements and report t
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import importlib.util
 import itertools
@@ -647,22 +648,30 @@ async def _pipelined_sockstack(
     from sockstack import AsyncClient
 
     async with AsyncClient(url, timeout=60) as c:
-        await asyncio.gather(*(c.call("echo", payload) for _ in range(window)))  # warm-up
-        lat: list[int] = []
-        remaining = total
-        now = time.perf_counter_ns
+        return await _in_flight(functools.partial(c.call, "echo", payload), total, window)
 
-        async def worker() -> None:
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
-                t = now()
-                await c.call("echo", payload)
-                lat.append(now() - t)
 
-        start = now()
-        await asyncio.gather(*(worker() for _ in range(window)))
-        return lat, (now() - start) / 1e9
+async def _in_flight(
+    call: Callable[[], Awaitable[Any]], total: int, window: int
+) -> tuple[list[int], float]:
+    """``window`` workers, each awaiting one ``call()`` after another, ``total`` calls in all
+    (after a warm-up of ``window``): each call's latency, and the seconds they took."""
+    await asyncio.gather(*(call() for _ in range(window)))  # warm-up
+    lat: list[int] = []
+    remaining = total
+    now = time.perf_counter_ns
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            t = now()
+            await call()
+            lat.append(now() - t)
+
+    start = now()
+    await asyncio.gather(*(worker() for _ in range(window)))
+    return lat, (now() - start) / 1e9
 
 
 async def _pipelined_batch(
@@ -789,22 +798,7 @@ async def _pipelined_futures(
     loop = asyncio.get_running_loop()
     transport, client = await loop.create_connection(_FutureClient, "127.0.0.1", port)
     try:
-        await asyncio.gather(*(client.call(payload) for _ in range(window)))  # warm-up
-        lat: list[int] = []
-        remaining = total
-        now = time.perf_counter_ns
-
-        async def worker() -> None:
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
-                t = now()
-                await client.call(payload)
-                lat.append(now() - t)
-
-        start = now()
-        await asyncio.gather(*(worker() for _ in range(window)))
-        return lat, (now() - start) / 1e9
+        return await _in_flight(functools.partial(client.call, payload), total, window)
     finally:
         transport.close()
 
